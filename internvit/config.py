@@ -1,0 +1,238 @@
+"""Model configurations in the Hugging Face vocabulary, and named presets for every released model.
+
+A config is plain data: it can be built from a preset name, a dict (e.g. a parsed ``config.json``, extra
+keys ignored) or a path to a ``config.json``, and written back as ``config.json``.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Union
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+ConfigLike = Union[str, os.PathLike, Mapping[str, Any], "InternViTConfig", "InternVLConfig", None]
+
+
+def _from_fields(cls, data: Mapping[str, Any]):
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: copy.deepcopy(v) for k, v in data.items() if k in names})
+
+
+@dataclass
+class InternViTConfig:
+    """Architecture of one InternViT (field names as in the HF ``config.json``, ``model_type: intern_vit_6b``)."""
+
+    hidden_size: int = 3200
+    num_attention_heads: int = 25
+    intermediate_size: int = 12800
+    num_hidden_layers: int = 48
+    patch_size: int = 14
+    image_size: int = 224
+    num_channels: int = 3
+    qkv_bias: bool = False
+    qk_normalization: bool = True
+    norm_type: str = "rms_norm"  # 'rms_norm' | 'layer_norm'
+    layer_norm_eps: float = 1e-6
+    initializer_factor: float = 0.1  # LayerScale init (only matters for random init)
+    initializer_range: float = 0.02
+    drop_path_rate: float = 0.0
+    hidden_act: str = "gelu"
+    # preprocessing defaults (bicubic resize of the short side, centre crop, ImageNet statistics)
+    image_mean: tuple = IMAGENET_MEAN
+    image_std: tuple = IMAGENET_STD
+    interpolation: str = "bicubic"
+
+    model_type = "intern_vit_6b"
+
+    def __post_init__(self) -> None:
+        if self.norm_type in ("rms", "rmsnorm"):
+            self.norm_type = "rms_norm"
+        elif self.norm_type in ("ln", "layernorm"):
+            self.norm_type = "layer_norm"
+        if self.norm_type not in ("rms_norm", "layer_norm"):
+            raise ValueError(f"config: norm_type must be 'rms_norm' or 'layer_norm', got {self.norm_type!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"config: hidden_size {self.hidden_size} is not divisible by "
+                f"num_attention_heads {self.num_attention_heads}"
+            )
+        if self.hidden_act != "gelu":
+            raise ValueError(f"config: only hidden_act='gelu' is supported, got {self.hidden_act!r}")
+        self.image_mean = tuple(self.image_mean)
+        self.image_std = tuple(self.image_std)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "InternViTConfig":
+        data = dict(data)
+        if "vision_config" in data:  # a composite (InternVL / chat) config
+            data = dict(data["vision_config"])
+        return _from_fields(cls, data)
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["image_mean"], out["image_std"] = list(self.image_mean), list(self.image_std)
+        out["model_type"] = self.model_type
+        out["architectures"] = ["InternVisionModel"]
+        return out
+
+
+@dataclass
+class QLLaMAConfig:
+    """The QLLaMA text/query decoder of InternVL-C/G (LLaMA with query cross-attention)."""
+
+    vocab_size: int = 49954
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    cross_attention_frequency: int = 2
+    vision_hidden_size: int = 3200
+    num_query_token: int = 96
+    pad_token_id: int = 0
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "QLLaMAConfig":
+        return _from_fields(cls, data)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self) | {"model_type": "llama"}
+
+
+@dataclass
+class InternVLConfig:
+    """InternVL-C / InternVL-G (``model_type: internvl``): an InternViT, QLLaMA and two attention-pooling projectors."""
+
+    vision_config: InternViTConfig = field(default_factory=InternViTConfig)
+    qllama_config: QLLaMAConfig = field(default_factory=QLLaMAConfig)
+    clip_embed_dim: int = 768
+    attn_pool_num_heads: int = 16
+    num_query_token: int = 96
+    force_image_size: int | None = None
+    max_txt_len: int = 80
+
+    model_type = "internvl"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.vision_config, Mapping):
+            self.vision_config = InternViTConfig.from_dict(self.vision_config)
+        if isinstance(self.qllama_config, Mapping):
+            q = dict(self.qllama_config)
+            q.setdefault("vision_hidden_size", self.vision_config.hidden_size)
+            q.setdefault("num_query_token", self.num_query_token)
+            self.qllama_config = QLLaMAConfig.from_dict(q)
+        if self.force_image_size:
+            self.vision_config.image_size = int(self.force_image_size)
+
+    @property
+    def image_size(self) -> int:
+        return self.vision_config.image_size
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "InternVLConfig":
+        return _from_fields(cls, data)
+
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["vision_config"] = self.vision_config.to_dict()
+        out["qllama_config"] = self.qllama_config.to_dict()
+        out["model_type"] = self.model_type
+        out["architectures"] = ["InternVLModel"]
+        return out
+
+
+_6B = dict(hidden_size=3200, num_attention_heads=25, intermediate_size=12800, qkv_bias=False,
+           qk_normalization=True, norm_type="rms_norm", initializer_factor=0.1)
+_300M = dict(hidden_size=1024, num_attention_heads=16, intermediate_size=4096, num_hidden_layers=24,
+             qkv_bias=True, qk_normalization=False, norm_type="layer_norm", initializer_factor=1.0,
+             image_size=448)
+
+#: Named presets. Keys are lower-case; lookup ignores case and treats '_' like '-'.
+VISION_PRESETS: dict[str, dict] = {
+    "internvit-6b-224px": dict(_6B, num_hidden_layers=48, image_size=224),
+    "internvit-6b-448px-v1-0": dict(_6B, num_hidden_layers=45, image_size=448),
+    "internvit-6b-448px-v1-2": dict(_6B, num_hidden_layers=45, image_size=448),
+    "internvit-6b-448px-v1-5": dict(_6B, num_hidden_layers=45, image_size=448),
+    "internvit-6b-448px-v2-5": dict(_6B, num_hidden_layers=45, image_size=448),
+    "internvit-300m-448px": dict(_300M),
+    "internvit-300m-448px-v2-5": dict(_300M),
+    # tiny presets (tests, demos): the real architectures at toy widths
+    "internvit-6b-tiny": dict(_6B, hidden_size=64, num_attention_heads=4, intermediate_size=256,
+                              num_hidden_layers=3, image_size=56),
+    "internvit-300m-tiny": dict(_300M, hidden_size=64, num_attention_heads=4, intermediate_size=256,
+                                num_hidden_layers=3, image_size=56),
+}
+
+INTERNVL_PRESETS: dict[str, dict] = {
+    "internvl-14b-224px": dict(vision_config=VISION_PRESETS["internvit-6b-224px"], qllama_config={}),
+    "internvl-tiny": dict(
+        vision_config=VISION_PRESETS["internvit-6b-tiny"],
+        qllama_config=dict(vocab_size=49954, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                           num_attention_heads=4, num_query_token=8, vision_hidden_size=64),
+        clip_embed_dim=32, attn_pool_num_heads=4, num_query_token=8),
+}
+
+
+def _canon(name: str) -> str:
+    return name.strip().lower().replace("_", "-")
+
+
+def list_presets() -> list[str]:
+    """Names accepted wherever a preset is expected."""
+    return sorted(VISION_PRESETS) + sorted(INTERNVL_PRESETS)
+
+
+def is_preset(name: Any) -> bool:
+    return isinstance(name, str) and _canon(name) in (VISION_PRESETS.keys() | INTERNVL_PRESETS.keys())
+
+
+def read_config_json(path: str | os.PathLike) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return data
+
+
+def get_config(config: ConfigLike) -> InternViTConfig | InternVLConfig:
+    """Resolve a preset name, dict, ``config.json`` path (or directory holding one) or config object."""
+    if isinstance(config, (InternViTConfig, InternVLConfig)):
+        return copy.deepcopy(config)
+    if isinstance(config, (str, os.PathLike)):
+        s = str(config)
+        if is_preset(s):
+            key = _canon(s)
+            if key in VISION_PRESETS:
+                return InternViTConfig(**VISION_PRESETS[key])
+            return InternVLConfig(**copy.deepcopy(INTERNVL_PRESETS[key]))
+        path = os.path.join(s, "config.json") if os.path.isdir(s) else s
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"config {s!r} is neither a preset ({', '.join(list_presets())}) nor an existing config.json"
+            )
+        config = read_config_json(path)
+    if isinstance(config, Mapping):
+        if config.get("model_type") == "internvl" or "qllama_config" in config:
+            return InternVLConfig.from_dict(config)
+        return InternViTConfig.from_dict(config)
+    raise TypeError(f"config must be a preset name, dict, path or config object, got {type(config).__name__}")

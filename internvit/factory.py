@@ -1,0 +1,178 @@
+"""``load_model`` / ``save_model`` / ``build_model``: from presets, Hugging Face directories and weight files."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from .checkpoints import (
+    WEIGHT_SUFFIXES, CheckpointError, LoadReport, TensorSource, load_into, materialize_meta, open_weights,
+)
+from .config import (
+    VISION_PRESETS, ConfigLike, InternViTConfig, InternVLConfig, get_config, is_preset, read_config_json,
+)
+from .models.vit import InternViT, interpolate_pos_embed
+
+logger = logging.getLogger("internvit")
+
+SourceLike = Union[str, os.PathLike]
+
+
+def _model_class(config):
+    if isinstance(config, InternVLConfig):
+        from .models.internvl import InternVLModel
+
+        return InternVLModel
+    return InternViT
+
+
+def build_model(config: ConfigLike, *, device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.float32, init: bool = True) -> nn.Module:
+    """A randomly initialised model for a preset / dict / ``config.json`` (``init=False`` skips init)."""
+    cfg = get_config(config)
+    model = _model_class(cfg)(cfg)
+    if init:
+        model.init_weights()
+    return model.to(device=device, dtype=dtype)
+
+
+def infer_vision_config(source: TensorSource) -> InternViTConfig:
+    """Read the architecture off the tensor shapes; the head count comes from the preset of that width."""
+    mapping, _, _ = InternViT.checkpoint_key_map(source.keys())
+    shapes = {model_key: source.shape(ck) for ck, model_key in mapping.items()}
+    try:
+        c = shapes["embeddings.class_embedding"][-1]
+        layers = 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("encoder.layers."))
+        patch = shapes["embeddings.patch_embedding.weight"][-1]
+        grid = int(round((shapes["embeddings.position_embedding"][1] - 1) ** 0.5))
+        ffn = shapes["encoder.layers.0.mlp.fc1.weight"][0]
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"cannot infer the architecture from the checkpoint (missing {e}); pass config=")
+    same_width = [p for p in VISION_PRESETS.values() if p["hidden_size"] == c]
+    if not same_width:
+        raise CheckpointError(f"checkpoint width {c} matches no preset, so the head count is unknown: pass "
+                              f"config= (a preset name, dict or config.json)")
+    base = dict(same_width[0])
+    base.update(hidden_size=c, num_hidden_layers=layers, patch_size=patch, image_size=grid * patch,
+                intermediate_size=ffn, qkv_bias="encoder.layers.0.attn.qkv.bias" in shapes,
+                qk_normalization="encoder.layers.0.attn.q_norm.weight" in shapes,
+                norm_type="layer_norm" if "encoder.layers.0.norm1.bias" in shapes else "rms_norm")
+    return InternViTConfig(**base)
+
+
+def _pos_embed_resizer(model: nn.Module, key: str):
+    """Resize a checkpoint's square position grid to the model's (as the reference does at load time)."""
+    def resize(t: torch.Tensor, shape: tuple) -> torch.Tensor:
+        n_new = shape[1] - 1
+        side = int(round(n_new ** 0.5))
+        return interpolate_pos_embed(t, (side, side))
+    return resize
+
+
+def load_model(
+    source: SourceLike,
+    config: ConfigLike = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    freeze: bool = False,
+) -> nn.Module:
+    """Load an InternViT or InternVL model.
+
+    ``source`` is a Hugging Face directory (``config.json`` + single / sharded safetensors or
+    ``pytorch_model.bin``), a single weight file in either key family (``config`` then gives the
+    architecture: a preset name, dict or ``config.json`` path; inferred from the shapes when omitted), or a
+    preset name (random weights). A checkpoint that does not match raises :class:`CheckpointError` naming
+    the missing, unexpected and mis-shaped keys; known extra heads are logged, not fatal.
+    """
+    src = os.fspath(source) if isinstance(source, os.PathLike) else source
+    if not isinstance(src, str):
+        raise TypeError(f"source must be a path or preset name, got {type(source).__name__}")
+    if not os.path.exists(src):
+        if is_preset(src):
+            model = build_model(config if config is not None else src, device=device, dtype=dtype)
+            model.load_report = LoadReport(family="random-init")
+            return model.freeze() if freeze else model
+        raise FileNotFoundError(f"{src}: no such file or directory, and not a preset name")
+
+    if os.path.isdir(src):
+        cfg_path = os.path.join(src, "config.json")
+        if config is None:
+            if not os.path.isfile(cfg_path):
+                raise CheckpointError(f"{src}: directory has no config.json (pass config=)")
+            config = read_config_json(cfg_path)
+    elif not src.endswith(WEIGHT_SUFFIXES):
+        raise CheckpointError(f"{src}: unknown weight file type (expected {', '.join(WEIGHT_SUFFIXES)})")
+
+    tensors = open_weights(src)
+    cfg = get_config(config) if config is not None else infer_vision_config(tensors)
+    cls = _model_class(cfg)
+    mapping, family, ignored = cls.checkpoint_key_map(tensors.keys())
+    with torch.device("meta"):
+        model = cls(cfg)
+    pos_keys = [k for k in model.state_dict() if k.endswith("embeddings.position_embedding")]
+    resized = load_into(model, tensors.rekey(mapping), dtype=dtype, device=device,
+                        resizers={k: _pos_embed_resizer(model, k) for k in pos_keys}, origin=src)
+    materialize_meta(model, device)
+    model.post_load() if hasattr(model, "post_load") else None
+    report = LoadReport(family=family, ignored=ignored, resized=resized, files=tensors.files)
+    model.load_report = report
+    if ignored or resized:
+        logger.info("%s: %s", src, report.summary())
+    model.eval()
+    return model.freeze() if freeze else model
+
+
+def save_model(model: nn.Module, directory: SourceLike, *, max_shard_bytes: int = 5 * 1024**3,
+               dtype: Optional[torch.dtype] = None) -> str:
+    """Write an HF-style directory (``config.json`` + safetensors, sharded past ``max_shard_bytes``).
+
+    Written into a temporary folder next to ``directory`` and renamed into place, so a crash leaves no
+    half-written model behind. Returns the directory.
+    """
+    from safetensors.torch import save_file
+
+    directory = os.fspath(directory)
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-save-", dir=parent)
+    try:
+        sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+              for k, v in model.state_dict().items()}
+        shards, cur, size = [], {}, 0
+        for k, v in sd.items():
+            nbytes = v.numel() * v.element_size()
+            if cur and size + nbytes > max_shard_bytes:
+                shards.append(cur)
+                cur, size = {}, 0
+            cur[k] = v
+            size += nbytes
+        shards.append(cur)
+        if len(shards) == 1:
+            save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            total = sum(v.numel() * v.element_size() for v in sd.values())
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(model.config.to_dict(), f, indent=2)
+        for extra in getattr(model, "extra_files", ()):  # e.g. a tokenizer next to an InternVL model
+            shutil.copy(extra, tmp)
+        if os.path.isdir(directory):
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory

@@ -1,0 +1,318 @@
+"""InternViT: the block math, once, for every released variant (6B RMSNorm/QK-norm and 300M LayerNorm/qkv-bias).
+
+Module and parameter names follow the Hugging Face ``InternVisionModel`` layout, so HF checkpoints load
+as they are; other key families are mapped in :mod:`internvit.checkpoints`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+
+from ..checkpoints import vision_key_map
+from ..config import InternViTConfig
+
+
+class RMSNorm(nn.Module):
+    """``w * cast_to_input_dtype(x * rsqrt(mean(x^2) + eps))`` with the normalisation done in fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 (also for bf16/fp16 models), cast back to the input dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return super().forward(x)
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+def build_norm(config: InternViTConfig) -> nn.Module:
+    if config.norm_type == "rms_norm":
+        return RMSNorm(config.hidden_size, config.layer_norm_eps)
+    return LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth per sample, rescaled by 1/keep."""
+    if p == 0.0 or not training:
+        return x
+    keep = 1.0 - p
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    return x * mask / keep
+
+
+def interpolate_pos_embed(pos_embed: torch.Tensor, new_hw: tuple[int, int],
+                          old_hw: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    """Resize a ``(1, 1 + h*w, C)`` table to another grid: class row kept, bicubic (align_corners=False) in fp32."""
+    n = pos_embed.shape[1] - 1
+    if old_hw is None:
+        side = int(round(n ** 0.5))
+        if side * side != n:
+            raise ValueError(f"position embedding with {n} patch rows is not a square grid; pass old_hw")
+        old_hw = (side, side)
+    if tuple(old_hw) == tuple(new_hw):
+        return pos_embed
+    cls_row, grid = pos_embed[:, :1], pos_embed[:, 1:]
+    c = grid.shape[-1]
+    grid = grid.float().reshape(1, old_hw[0], old_hw[1], c).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=tuple(new_hw), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_hw[0] * new_hw[1], c).to(pos_embed.dtype)
+    return torch.cat([cls_row, grid], dim=1)
+
+
+class Embeddings(nn.Module):
+    def __init__(self, config: InternViTConfig) -> None:
+        super().__init__()
+        c = config.hidden_size
+        self.patch_size = config.patch_size
+        self.grid = (config.grid_size, config.grid_size)
+        self.class_embedding = nn.Parameter(torch.zeros(1, 1, c))
+        self.patch_embedding = nn.Conv2d(config.num_channels, c, kernel_size=config.patch_size,
+                                         stride=config.patch_size)
+        self.position_embedding = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1] + 1, c))
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        w = self.patch_embedding.weight
+        x = self.patch_embedding(pixel_values.to(w.dtype))  # B, C, h, w
+        hw = (x.shape[2], x.shape[3])
+        x = x.flatten(2).transpose(1, 2)
+        cls = self.class_embedding.to(w.dtype).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        pos = interpolate_pos_embed(self.position_embedding, hw, self.grid).to(w.dtype)
+        return x + pos, hw
+
+
+class Attention(nn.Module):
+    """Fused qkv (``[3][H][D]`` channel layout), optional QK RMSNorm over the full width, SDPA."""
+
+    def __init__(self, config: InternViTConfig) -> None:
+        super().__init__()
+        c = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.qkv = nn.Linear(c, 3 * c, bias=config.qkv_bias)
+        self.qk_normalization = config.qk_normalization
+        if self.qk_normalization:
+            # always RMSNorm (HF code), over all heads jointly, before the head split
+            self.q_norm = RMSNorm(c, config.layer_norm_eps)
+            self.k_norm = RMSNorm(c, config.layer_norm_eps)
+        self.proj = nn.Linear(c, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x)
+        if self.qk_normalization:
+            q, k, v = qkv.chunk(3, dim=-1)
+            q, k = self.q_norm(q), self.k_norm(k)
+            q, k, v = (t.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        else:
+            q, k, v = qkv.reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: InternViTConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """``x + DropPath(ls1 * Attn(norm1(x)))`` then ``x + DropPath(ls2 * MLP(norm2(x)))``."""
+
+    def __init__(self, config: InternViTConfig, drop_path_rate: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = build_norm(config)
+        self.attn = Attention(config)
+        self.ls1 = nn.Parameter(config.initializer_factor * torch.ones(config.hidden_size))
+        self.norm2 = build_norm(config)
+        self.mlp = MLP(config)
+        self.ls2 = nn.Parameter(config.initializer_factor * torch.ones(config.hidden_size))
+        self.drop_path_rate = drop_path_rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + drop_path(self.attn(self.norm1(x).to(x.dtype)) * self.ls1, self.drop_path_rate, self.training)
+        x = x + drop_path(self.mlp(self.norm2(x).to(x.dtype)) * self.ls2, self.drop_path_rate, self.training)
+        return x
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: InternViTConfig) -> None:
+        super().__init__()
+        n = config.num_hidden_layers
+        rates = [config.drop_path_rate * i / max(n - 1, 1) for i in range(n)]  # linspace(0, rate, n)
+        self.layers = nn.ModuleList(Block(config, r) for r in rates)
+
+
+@dataclass
+class InternViTOutput:
+    """What :meth:`InternViT.forward` returns (HF ``BaseModelOutputWithPooling`` fields)."""
+
+    last_hidden_state: torch.Tensor
+    pooler_output: torch.Tensor
+    hidden_states: Optional[tuple[torch.Tensor, ...]] = None
+
+    def __getitem__(self, i: int):  # tuple-style access, as HF outputs allow
+        return (self.last_hidden_state, self.pooler_output, self.hidden_states)[i]
+
+
+class InternViT(nn.Module):
+    """InternViT-6B / -300M vision transformer. Any input height × width (multiples of the patch size).
+
+    ``forward`` returns :class:`InternViTOutput`; ``forward_features`` the ``(B, 1 + h*w, C)`` tokens;
+    ``forward_intermediates`` per-block outputs in timm's sense.
+    """
+
+    #: maps checkpoint keys (either key family, common prefixes) onto this module's names
+    checkpoint_key_map = staticmethod(vision_key_map)
+
+    def __init__(self, config: InternViTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embeddings = Embeddings(config)
+        self.encoder = Encoder(config)
+        self.grad_checkpointing = False
+        self.num_prefix_tokens = 1
+        self.embed_dim = config.hidden_size
+        self.patch_size = config.patch_size
+
+    # -- set-up helpers ------------------------------------------------------------------------------
+    def init_weights(self) -> None:
+        """Random initialisation (used for presets without weights): trunc-normal linears, zero biases."""
+        std = self.config.initializer_range
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(m.weight, std=std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (RMSNorm, nn.LayerNorm)):
+                nn.init.ones_(m.weight)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.embeddings.position_embedding, std=std)
+        nn.init.trunc_normal_(self.embeddings.class_embedding, std=std)
+        for blk in self.encoder.layers:
+            nn.init.constant_(blk.ls1, self.config.initializer_factor)
+            nn.init.constant_(blk.ls2, self.config.initializer_factor)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> "InternViT":
+        """Recompute each block in the backward pass (training memory only; no numeric effect)."""
+        self.grad_checkpointing = enable
+        return self
+
+    def freeze(self, frozen: bool = True) -> "InternViT":
+        """Stop (or restart) gradients for every parameter."""
+        for p in self.parameters():
+            p.requires_grad_(not frozen)
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embeddings.patch_embedding.weight.dtype
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.encoder.layers)
+
+    # -- forward -------------------------------------------------------------------------------------
+    def _run_block(self, blk: Block, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+        return blk(x)
+
+    def _blocks(self, x: torch.Tensor, last: Optional[int] = None):
+        """Yield ``(index, output)`` after each block (up to and including ``last``)."""
+        for i, blk in enumerate(self.encoder.layers):
+            x = self._run_block(blk, x)
+            yield i, x
+            if last is not None and i >= last:
+                return
+
+    def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x, _ = self.embeddings(pixel_values)
+        for _, x in self._blocks(x):
+            pass
+        return x
+
+    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False) -> InternViTOutput:
+        x, _ = self.embeddings(pixel_values)
+        hidden = [x] if output_hidden_states else None
+        for _, x in self._blocks(x):
+            if hidden is not None:
+                hidden.append(x)
+        return InternViTOutput(x, x[:, 0], tuple(hidden) if hidden is not None else None)
+
+    def resolve_indices(self, indices: Union[int, Sequence[int], None]) -> list[int]:
+        """timm convention: an int ``n`` means the last ``n`` blocks; a sequence lists blocks (negatives allowed)."""
+        n = self.num_layers
+        if indices is None:
+            return [n - 1]
+        if isinstance(indices, int):
+            if not 0 < indices <= n:
+                raise ValueError(f"indices={indices}: must be between 1 and the number of blocks ({n})")
+            return list(range(n - indices, n))
+        out = []
+        for i in indices:
+            j = i + n if i < 0 else i
+            if not 0 <= j < n:
+                raise ValueError(f"block index {i} out of range for a model with {n} blocks")
+            out.append(j)
+        return out
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Union[int, Sequence[int], None] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        return_prefix_tokens: bool = False,
+    ):
+        """Outputs of chosen blocks, as in timm's ViT.
+
+        ``output_fmt='NCHW'`` gives ``(B, C, h, w)`` patch maps, ``'NLC'`` ``(B, h*w, C)`` tokens; with
+        ``return_prefix_tokens`` each entry is ``(map, cls_token (B, 1, C))``. InternViT has no final norm,
+        so ``norm`` is accepted for timm compatibility and has no effect. Returns ``intermediates`` if
+        ``intermediates_only`` else ``(final_tokens, intermediates)``.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        wanted = self.resolve_indices(indices)
+        last = max(wanted) if (stop_early or intermediates_only) else None
+        b = x.shape[0]
+        x, (h, w) = self.embeddings(x)
+        picked = {}
+        for i, x in self._blocks(x, last):
+            if i in wanted:
+                picked[i] = x
+        intermediates = []
+        for i in wanted:
+            t = picked[i]
+            prefix, patches = t[:, :1], t[:, 1:]
+            if output_fmt == "NCHW":
+                patches = patches.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous()
+            intermediates.append((patches, prefix) if return_prefix_tokens else patches)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
