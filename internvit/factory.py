@@ -12,10 +12,22 @@ import torch
 from torch import nn
 
 from .checkpoints import (
-    WEIGHT_SUFFIXES, CheckpointError, LoadReport, TensorSource, load_into, materialize_meta, open_weights,
+    WEIGHT_SUFFIXES,
+    CheckpointError,
+    LoadReport,
+    TensorSource,
+    load_into,
+    materialize_meta,
+    open_weights,
 )
 from .config import (
-    VISION_PRESETS, ConfigLike, InternViTConfig, InternVLConfig, get_config, is_preset, read_config_json,
+    VISION_PRESETS,
+    ConfigLike,
+    InternViTConfig,
+    InternVLConfig,
+    get_config,
+    is_preset,
+    read_config_json,
 )
 from .models.vit import InternViT, interpolate_pos_embed
 
@@ -53,7 +65,8 @@ def infer_vision_config(source: TensorSource) -> InternViTConfig:
         grid = int(round((shapes["embeddings.position_embedding"][1] - 1) ** 0.5))
         ffn = shapes["encoder.layers.0.mlp.fc1.weight"][0]
     except (KeyError, ValueError) as e:
-        raise CheckpointError(f"cannot infer the architecture from the checkpoint (missing {e}); pass config=")
+        msg = f"cannot infer the architecture from the checkpoint (missing {e}); pass config="
+        raise CheckpointError(msg) from None
     same_width = [p for p in VISION_PRESETS.values() if p["hidden_size"] == c]
     if not same_width:
         raise CheckpointError(f"checkpoint width {c} matches no preset, so the head count is unknown: pass "

@@ -250,16 +250,17 @@ class InternViT(nn.Module):
 
     def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x, _ = self.embeddings(pixel_values)
-        for _, x in self._blocks(x):
-            pass
+        for _, out in self._blocks(x):
+            x = out
         return x
 
     def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False) -> InternViTOutput:
         x, _ = self.embeddings(pixel_values)
         hidden = [x] if output_hidden_states else None
-        for _, x in self._blocks(x):
+        for _, out in self._blocks(x):
             if hidden is not None:
-                hidden.append(x)
+                hidden.append(out)
+            x = out
         return InternViTOutput(x, x[:, 0], tuple(hidden) if hidden is not None else None)
 
     def resolve_indices(self, indices: Union[int, Sequence[int], None]) -> list[int]:
@@ -303,9 +304,10 @@ class InternViT(nn.Module):
         b = x.shape[0]
         x, (h, w) = self.embeddings(x)
         picked = {}
-        for i, x in self._blocks(x, last):
+        for i, out in self._blocks(x, last):
             if i in wanted:
-                picked[i] = x
+                picked[i] = out
+            x = out
         intermediates = []
         for i in wanted:
             t = picked[i]
