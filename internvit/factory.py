@@ -189,3 +189,37 @@ def save_model(model: nn.Module, directory: SourceLike, *, max_shard_bytes: int 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def convert_checkpoint(src: SourceLike, dst: SourceLike, *, to: str = "hf", config: ConfigLike = None) -> str:
+    """Convert a vision checkpoint between key families.
+
+    ``to='hf'`` writes a Hugging Face directory (``config.json`` + safetensors); ``to='original'`` writes the
+    original InternVL family (``cls_token``, ``blocks.N.*``, ``ls1.gamma``) as ``{'module': state_dict}`` to a
+    ``.pth`` file (or a flat ``.safetensors`` file). Written atomically.
+    """
+    from .checkpoints import hf_to_original_key
+
+    if to not in ("hf", "original"):
+        raise ValueError(f"to must be 'hf' or 'original', got {to!r}")
+    model = load_model(src, config)
+    if not isinstance(model, InternViT):
+        raise CheckpointError(f"{src}: only vision (InternViT) checkpoints can be converted between families")
+    if to == "hf":
+        return save_model(model, dst)
+    dst = os.fspath(dst)
+    sd = {hf_to_original_key(k): v.contiguous() for k, v in model.state_dict().items()}
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+    tmp = dst + ".tmp"
+    try:
+        if dst.endswith(".safetensors"):
+            from safetensors.torch import save_file
+
+            save_file(sd, tmp, metadata={"format": "pt"})
+        else:
+            torch.save({"module": sd}, tmp)
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return dst
