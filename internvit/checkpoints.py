@@ -30,6 +30,8 @@ VIT_KEY_TABLE: list[tuple[str, str]] = [
     ("blocks.{i}.ls1.gamma", "encoder.layers.{i}.ls1"),
     ("blocks.{i}.ls2.gamma", "encoder.layers.{i}.ls2"),
     ("blocks.{i}.{rest}", "encoder.layers.{i}.{rest}"),
+    # text tower of the PyTorch InternVL-C checkpoint (a HF LlamaModel) ↔ the QLLaMA decoder of InternVL-14B
+    ("transformer.{rest}", "qllama.model.{rest}"),
 ]
 
 #: Known heads that may sit next to the ViT in a vision checkpoint: reported, never fatal.
@@ -344,3 +346,40 @@ def materialize_meta(model: nn.Module, device: str | torch.device = "cpu") -> No
         for name, b in list(mod._buffers.items()):
             if b is not None and b.is_meta:
                 mod._buffers[name] = torch.zeros(b.shape, dtype=b.dtype, device=device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# InternVL-C / InternVL-G (vision + QLLaMA text tower + projectors)
+# ---------------------------------------------------------------------------------------------------
+#: InternVL keys that keep their name in every family (besides ``vision_model.*`` and ``qllama.model.*``).
+INTERNVL_OWN_PREFIXES: tuple[str, ...] = (
+    "clip_projector.", "clip_projector2.", "query_tokens", "text_projection", "logit_scale",
+)
+#: InternVL keys that are read but not used for embeddings (generation / matching heads, rotary caches).
+INTERNVL_IGNORED = re.compile(r"^(qllama\.lm_head\.|lm_head\.|itm_head\.)|\.rotary_emb\.inv_freq$")
+
+
+def internvl_key_map(keys: Iterable[str]) -> tuple[dict[str, str], str, list[str]]:
+    """Map InternVL checkpoint keys onto :class:`internvit.models.internvl.InternVLModel` names.
+
+    Two families: the Hugging Face InternVL-14B layout (``vision_model.*``, ``qllama.model.*``, projectors,
+    ``query_tokens``, ``text_projection``, ``logit_scale``) and the PyTorch ``internvl_c_13b_224px.pth``
+    layout (original-family ViT keys at top level, ``clip_projector.*``, a LLaMA ``transformer.*`` text tower,
+    ``text_projection``, ``logit_scale``). The ViT part goes through :func:`vision_key_map`, the text tower
+    through :data:`VIT_KEY_TABLE`. Returns ``(mapping ckpt_key → model_key, family, ignored_keys)``;
+    unknown keys are mapped to themselves so that loading reports them as unexpected.
+    """
+    keys = list(keys)
+    stripped = strip_prefix(keys, ("module.",))
+    unprefixed = {v: k for k, v in stripped.items()}  # key without ``module.`` → checkpoint key
+    vis, vfamily, rest = vision_key_map(list(unprefixed), prefix="vision_model.")
+    mapping = {unprefixed[k]: v for k, v in vis.items()}
+    ignored = [k for k in keys if k not in stripped]
+    for k in rest:
+        ck = unprefixed[k]
+        if INTERNVL_IGNORED.search(k):
+            ignored.append(ck)
+            continue
+        mapping[ck] = original_to_hf_key(k) if k.startswith("transformer.") else k
+    family = "internvl-hf" if any(k.startswith("vision_model.") for k in unprefixed) else f"internvl-{vfamily}"
+    return mapping, family, ignored

@@ -182,6 +182,9 @@ VISION_PRESETS: dict[str, dict] = {
 
 INTERNVL_PRESETS: dict[str, dict] = {
     "internvl-14b-224px": dict(vision_config=VISION_PRESETS["internvit-6b-224px"], qllama_config={}),
+    # the PyTorch InternVL-C release (internvl_c_13b_224px.pth): plain LLaMA text tower, no query tokens
+    "internvl-c-13b-224px": dict(vision_config=VISION_PRESETS["internvit-6b-224px"],
+                                 qllama_config=dict(num_query_token=0), num_query_token=0),
     "internvl-tiny": dict(
         vision_config=VISION_PRESETS["internvit-6b-tiny"],
         qllama_config=dict(vocab_size=49954, hidden_size=64, intermediate_size=128, num_hidden_layers=4,

@@ -1,0 +1,406 @@
+"""Zero-shot classification (reference-spec §8): class-name metadata, template-ensembled classifiers, evaluation.
+
+Works with InternVL-C/G models (``mode=`` picks the image embedding) and with any open_clip-style model
+(``encode_image`` / ``encode_text`` plus a tokenizer callable returning token ids).
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+from typing import Callable, Iterable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+METADATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metadata")
+#: languages of the published multilingual ImageNet table, and the CLIP_benchmark spellings accepted too
+LANGUAGES = ("en", "zh", "ja", "ar", "it")
+_LANG_ALIASES = {"cn": "zh", "jp": "ja"}
+#: zero-shot logits are ``100 * image @ classifier`` (not ``exp(logit_scale)``)
+ZERO_SHOT_SCALE = 100.0
+
+Template = Union[str, Callable[[str], str]]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Metadata
+# ---------------------------------------------------------------------------------------------------
+def _lang(lang: str) -> str:
+    key = _LANG_ALIASES.get(lang.lower(), lang.lower())
+    if key not in LANGUAGES:
+        raise ValueError(f"lang must be one of {', '.join(LANGUAGES)} (or cn/jp), got {lang!r}")
+    return key
+
+
+def _read_json(name: str):
+    with open(os.path.join(METADATA_DIR, name), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _canon_dataset(dataset: str) -> str:
+    return dataset.strip().lower().replace("imagenet_a", "imagenet-a").replace("imagenet_r", "imagenet-r") \
+        .replace("imagenet_o", "imagenet-o")
+
+
+def list_datasets(lang: str = "en") -> list[str]:
+    """Dataset keys :func:`load_classnames` accepts for ``lang``."""
+    variants = _read_json("imagenet_variants.json")
+    own = _read_json(f"{_lang(lang)}_classnames.json")
+    return sorted(set(own) | set(variants["subsets"]) | set(variants["same_classes_as_imagenet1k"]))
+
+
+def load_classnames(lang: str = "en", dataset: str = "imagenet1k") -> list[str]:
+    """Class names shipped for ``dataset`` in ``lang`` (en, zh, ja, ar, it).
+
+    ImageNet-A / -R / -O give their 200-class subsets of the ImageNet-1k names (in ImageNet index order);
+    ImageNet-V2 / -Sketch / -ReaL share the 1000 ImageNet-1k names.
+    """
+    names = _read_json(f"{_lang(lang)}_classnames.json")
+    variants = _read_json("imagenet_variants.json")
+    key = _canon_dataset(dataset)
+    if key in names:
+        return list(names[key])
+    if key in variants["same_classes_as_imagenet1k"]:
+        return list(names["imagenet1k"])
+    if key in variants["subsets"]:
+        keep = set(variants["subsets"][key])
+        return [c for c, w in zip(names["imagenet1k"], variants["imagenet1k_wnids"]) if w in keep]
+    known = ", ".join(list_datasets(lang))
+    raise ValueError(f"no class names for dataset {dataset!r} in lang {lang!r}; known: {known}")
+
+
+def load_templates(lang: str = "en", dataset: str = "imagenet1k") -> list[str]:
+    """Prompt templates (format strings with ``{c}``); datasets without their own list use ImageNet-1k's."""
+    templates = _read_json(f"{_lang(lang)}_templates.json")
+    return list(templates.get(_canon_dataset(dataset), templates["imagenet1k"]))
+
+
+def imagenet_wnids(dataset: str = "imagenet1k") -> list[str]:
+    """WordNet ids of the classes of ``dataset`` in label order (the ImageFolder order of the ImageNet sets)."""
+    variants = _read_json("imagenet_variants.json")
+    key = _canon_dataset(dataset)
+    if key in variants["subsets"]:
+        return list(variants["subsets"][key])
+    return list(variants["imagenet1k_wnids"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Classifier
+# ---------------------------------------------------------------------------------------------------
+def _format(template: Template, classname: str) -> str:
+    # "{c}" (CLIP_benchmark JSON) and "{}" (open_clip strings) both work
+    return template(classname) if callable(template) else template.format(classname, c=classname)
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
+
+
+def _accepts(fn, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def encode_texts(model, tokenizer, texts: Sequence[str], *, batch_size: int = 256,
+                 device: Optional[Union[str, torch.device]] = None,
+                 groups: Optional[Sequence[Sequence[int]]] = None) -> torch.Tensor:
+    """L2-normalised ``(N, D)`` fp32 text embeddings, in batches of at most ``batch_size`` texts.
+
+    Texts are tokenised once. Batches never mix ``groups`` (lists of text indices; default: one group), and
+    inside a group texts are taken in order of token length, so a batch holds similar lengths (little
+    padding) and, when a group is one template filled with many class names, a long shared token prefix,
+    which InternVL's text tower computes once per batch. The result is in the input order.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = torch.device(device) if device is not None else _model_device(model)
+    ids = tokenizer(list(texts))
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"tokenizer must return a tensor of token ids, got {type(ids).__name__}")
+    lengths = (ids != 0).sum(1)
+    groups = [list(range(len(ids)))] if groups is None else groups
+    out = None
+    with torch.no_grad():
+        for group in groups:
+            group = torch.as_tensor(list(group), dtype=torch.long)
+            group = group[torch.argsort(lengths[group], stable=True)]
+            for start in range(0, len(group), batch_size):
+                idx = group[start:start + batch_size]
+                emb = F.normalize(model.encode_text(ids[idx].to(device)).float(), dim=-1)
+                if out is None:
+                    out = torch.zeros(len(ids), emb.shape[-1], device=emb.device)
+                out[idx.to(emb.device)] = emb
+    return out
+
+
+def build_zero_shot_classifier(
+    model,
+    tokenizer: Callable,
+    classnames: Sequence[str],
+    templates: Sequence[Template],
+    batch_size: int = 256,
+    device: Optional[Union[str, torch.device]] = None,
+    num_classes_per_batch: Optional[int] = None,
+    use_tqdm: bool = False,
+) -> torch.Tensor:
+    """``(embed_dim, num_classes)`` fp32 zero-shot weights, as open_clip's function of the same name.
+
+    Every template (a format string with ``{c}`` or a callable) is filled with every class name; all texts
+    are encoded in batches of ``batch_size`` across classes and templates; each embedding is L2-normalised,
+    averaged over the templates of its class and renormalised. ``num_classes_per_batch`` (open_clip's
+    argument) sets ``batch_size = num_classes_per_batch * len(templates)``. ``use_tqdm`` is accepted for
+    signature compatibility.
+    """
+    del use_tqdm
+    classnames, templates = list(classnames), list(templates)
+    if not classnames:
+        raise ValueError("classnames is empty")
+    if not templates:
+        raise ValueError("templates is empty")
+    if num_classes_per_batch:
+        batch_size = num_classes_per_batch * len(templates)
+    texts = [_format(t, c) for c in classnames for t in templates]
+    n_t = len(templates)
+    by_template = [range(j, len(texts), n_t) for j in range(n_t)]  # one template, every class: shared prefix
+    emb = encode_texts(model, tokenizer, texts, batch_size=batch_size, device=device, groups=by_template)
+    emb = emb.reshape(len(classnames), len(templates), -1).mean(dim=1)
+    return F.normalize(emb, dim=-1).t().contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------------
+def encode_images(model, images: torch.Tensor, mode: Optional[str] = None) -> torch.Tensor:
+    """``model.encode_image`` (with ``mode=`` for models that take it), L2-normalised, fp32."""
+    if mode is not None and _accepts(model.encode_image, "mode"):
+        feats = model.encode_image(images, mode=mode)
+    else:
+        feats = model.encode_image(images)
+    return F.normalize(feats.float(), dim=-1)
+
+
+def classification_metrics(logits: torch.Tensor, target: torch.Tensor) -> dict:
+    """``acc1``, ``acc5`` (top-min(5, C)) and ``mean_per_class_recall`` (over classes present in ``target``)."""
+    n, c = logits.shape
+    top = logits.topk(min(5, c), dim=1).indices
+    hit = top == target[:, None]
+    pred = top[:, 0]
+    present = torch.unique(target)
+    recalls = torch.stack([(pred[target == k] == k).float().mean() for k in present])
+    return dict(acc1=hit[:, :1].any(1).float().mean().item(), acc5=hit.any(1).float().mean().item(),
+                mean_per_class_recall=recalls.mean().item())
+
+
+def _split_batch(batch) -> tuple[Optional[torch.Tensor], torch.Tensor, list]:
+    if isinstance(batch, dict):
+        images = batch.get("pixel_values", batch.get("inputs", batch.get("images")))
+        return images, torch.as_tensor(batch["labels"] if "labels" in batch else batch["target"]), []
+    images, target = batch[0], batch[1]
+    errors = list(batch[2]) if len(batch) > 2 and isinstance(batch[2], (list, tuple)) else []
+    return images, torch.as_tensor(target), errors
+
+
+def zero_shot_evaluate(
+    model,
+    classifier: torch.Tensor,
+    dataloader: Iterable,
+    *,
+    mode: Optional[str] = "InternVL-C",
+    device: Optional[Union[str, torch.device]] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> dict:
+    """Top-1 / top-5 accuracy and mean per-class recall (fractions in [0, 1]) of a zero-shot classifier.
+
+    ``dataloader`` yields ``(images, targets)`` (an optional third element, a list of per-item errors, is
+    counted in ``num_failed``) or dicts with ``pixel_values``/``inputs`` and ``labels``. Image embeddings are
+    L2-normalised and scored as ``100 * feat @ classifier``. ``dtype`` is the dtype the images are cast to
+    (default: the model's).
+    """
+    device = torch.device(device) if device is not None else _model_device(model)
+    if dtype is None:
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    classifier = classifier.to(device=device, dtype=torch.float32)
+    all_logits, all_target, failed = [], [], 0
+    with torch.no_grad():
+        for batch in dataloader:
+            images, target, errors = _split_batch(batch)
+            failed += len(errors)
+            if images is None or len(target) == 0:
+                continue
+            feats = encode_images(model, images.to(device=device, dtype=dtype), mode)
+            all_logits.append((ZERO_SHOT_SCALE * feats @ classifier).cpu())
+            all_target.append(target.cpu().long())
+    if not all_logits:
+        raise ValueError("zero_shot_evaluate: the dataloader yielded no images")
+    logits, target = torch.cat(all_logits), torch.cat(all_target)
+    if int(target.max()) >= classifier.shape[1] or int(target.min()) < 0:
+        raise ValueError(f"label {int(target.max())} out of range for a classifier of {classifier.shape[1]} classes")
+    out = classification_metrics(logits, target)
+    out.update(num_samples=int(len(target)), num_failed=failed, num_classes=int(classifier.shape[1]))
+    return out
+
+
+
+# ---------------------------------------------------------------------------------------------------
+# Folder / CSV evaluation (tools/zeroshot_eval.py)
+# ---------------------------------------------------------------------------------------------------
+_WNID = re.compile(r"^n\d{8}$")
+
+
+def _read_list(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        if path.lower().endswith(".json"):
+            data = json.load(f)
+            if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
+                raise ValueError(f"{path}: expected a JSON list of strings")
+            return data
+        return [line.rstrip("\n") for line in f if line.strip()]
+
+
+def resolve_classnames(spec: Optional[Union[str, Sequence[str]]], data_classes: Sequence[str],
+                       lang: str = "en") -> list[str]:
+    """Class names for the classes of a dataset, in label order.
+
+    ``spec`` is a list, a ``.txt`` (one per line) / ``.json`` file, a shipped dataset key (``imagenet1k``,
+    ``imagenet-a``, ...) or None: ImageNet WordNet-id folders (``n01440764``) then get their shipped names in
+    ``lang``, other folder names are used with ``_`` read as a space.
+    """
+    if spec is None:
+        wnids = imagenet_wnids("imagenet1k")
+        if data_classes and all(_WNID.match(c) for c in data_classes):
+            by_wnid = dict(zip(wnids, load_classnames(lang, "imagenet1k")))
+            unknown = [c for c in data_classes if c not in by_wnid]
+            if unknown:
+                raise ValueError(f"folder classes {unknown[:3]} are not ImageNet-1k WordNet ids; pass --classnames")
+            return [by_wnid[c] for c in data_classes]
+        return [c.replace("_", " ") for c in data_classes]
+    if isinstance(spec, str):
+        names = _read_list(spec) if os.path.isfile(spec) else load_classnames(lang, spec)
+    else:
+        names = list(spec)
+    if len(names) != len(data_classes):
+        raise ValueError(f"{len(names)} class names given but the data has {len(data_classes)} classes")
+    return names
+
+
+def resolve_templates(spec: Optional[Union[str, Sequence[Template]]], lang: str = "en",
+                      dataset: str = "imagenet1k") -> list[Template]:
+    """Templates from a list, a ``.txt`` / ``.json`` file or a shipped dataset key (default: ``dataset``'s)."""
+    if spec is None:
+        return load_templates(lang, dataset)
+    if isinstance(spec, str):
+        templates = _read_list(spec) if os.path.isfile(spec) else load_templates(lang, spec)
+    else:
+        templates = list(spec)
+    bad = [t for t in templates if isinstance(t, str) and "{c}" not in t and "{}" not in t]
+    if bad:
+        raise ValueError(f"template {bad[0]!r} has no '{{c}}' placeholder")
+    return templates
+
+
+def _load_labeled(data: str, classnames) -> tuple[list[str], list[int], list[str]]:
+    from .datasets import read_csv, scan_folder
+
+    if os.path.isdir(data):
+        samples, classes = scan_folder(data)
+    elif os.path.isfile(data) and data.lower().endswith(".csv"):
+        names = None
+        if classnames is not None:  # CSV labels may be names or indices into the given class list
+            names = classnames if not isinstance(classnames, str) else (
+                _read_list(classnames) if os.path.isfile(classnames) else None)
+        samples, classes = read_csv(data, classes=names)
+    else:
+        raise FileNotFoundError(f"{data}: not an image folder (<root>/<class>/<image>) or a .csv of path,label")
+    return [p for p, _ in samples], [label for _, label in samples], classes
+
+
+class _LabeledImages(torch.utils.data.Dataset):
+    def __init__(self, paths, labels, transform) -> None:
+        from internvit.data import ImageDataset
+
+        self.images, self.labels = ImageDataset(paths, transform), labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return self.images[i]
+
+    def collate(self, batch):
+        from internvit.data import collate_images
+
+        pixels, ids, errors = collate_images(batch)
+        return pixels, torch.tensor([self.labels[i] for i in ids], dtype=torch.long), errors
+
+
+def run_zero_shot(
+    model,
+    data: str,
+    *,
+    classnames: Optional[Union[str, Sequence[str]]] = None,
+    templates: Optional[Union[str, Sequence[Template]]] = None,
+    lang: str = "en",
+    dataset: str = "imagenet1k",
+    mode: str = "InternVL-C",
+    tokenizer=None,
+    batch_size: int = 64,
+    text_batch_size: int = 256,
+    dtype: torch.dtype = torch.float32,
+    device: Union[str, torch.device] = "cpu",
+    num_workers: int = 2,
+    output: Optional[str] = None,
+) -> dict:
+    """Zero-shot classify an image folder (``<root>/<class>/<image>``) or a ``path,label`` CSV.
+
+    ``model`` is an InternVL directory / weight file / preset or a loaded model; the tokenizer defaults to
+    the one in the model directory. Images get the classification preprocessing (short-side resize, centre
+    crop). Returns (and, with ``output``, writes atomically as JSON) ``acc1``, ``acc5``,
+    ``mean_per_class_recall`` plus the settings used.
+    """
+    import internvit
+    from internvit.data import collate_images  # noqa: F401 - fail early if the data module is missing
+
+    model_name = os.fspath(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
+    paths, labels, data_classes = _load_labeled(data, classnames)
+    names = resolve_classnames(classnames, data_classes, lang)
+    temps = resolve_templates(templates, lang, dataset)
+    if isinstance(model, (str, os.PathLike)):
+        if tokenizer is None:
+            tokenizer = internvit.get_tokenizer(model) if os.path.isdir(model) else None
+        model = internvit.load_model(model, dtype=dtype, device=device)
+    if tokenizer is None:
+        raise ValueError("no tokenizer: the model is not a directory with tokenizer.model; pass tokenizer=")
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = internvit.get_tokenizer(tokenizer)
+    model.eval()
+    classifier = build_zero_shot_classifier(model, tokenizer, names, temps, batch_size=text_batch_size,
+                                            device=device)
+    ds = _LabeledImages(paths, labels, internvit.build_transform(model.config, resize_mode="crop"))
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers,
+                                         collate_fn=ds.collate)
+    result = zero_shot_evaluate(model, classifier, loader, mode=mode, device=device, dtype=dtype)
+    result.update(model=model_name, data=os.fspath(data), mode=mode, lang=lang, num_templates=len(temps),
+                  logit_scale_used=ZERO_SHOT_SCALE)
+    if output:
+        out_dir = os.path.dirname(os.path.abspath(output))
+        os.makedirs(out_dir, exist_ok=True)
+        tmp = f"{output}.tmp{os.getpid()}"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(result, f, indent=2, ensure_ascii=False)
+            os.replace(tmp, output)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return result
+
+__all__ = ["LANGUAGES", "ZERO_SHOT_SCALE", "build_zero_shot_classifier", "classification_metrics",
+           "encode_images", "encode_texts", "imagenet_wnids", "list_datasets", "load_classnames",
+           "load_templates", "resolve_classnames", "resolve_templates", "run_zero_shot", "zero_shot_evaluate"]
