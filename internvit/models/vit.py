@@ -151,9 +151,12 @@ class Block(nn.Module):
         self.drop_path_rate = drop_path_rate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + drop_path(self.attn(self.norm1(x).to(x.dtype)) * self.ls1, self.drop_path_rate, self.training)
-        x = x + drop_path(self.mlp(self.norm2(x).to(x.dtype)) * self.ls2, self.drop_path_rate, self.training)
-        return x
+        if self.training and self.drop_path_rate > 0:
+            x = x + drop_path(self.attn(self.norm1(x).to(x.dtype)) * self.ls1, self.drop_path_rate, True)
+            return x + drop_path(self.mlp(self.norm2(x).to(x.dtype)) * self.ls2, self.drop_path_rate, True)
+        # x + ls * f(x) in one pass (addcmul): one fewer full-size temporary per residual branch
+        x = torch.addcmul(x, self.attn(self.norm1(x).to(x.dtype)), self.ls1)
+        return torch.addcmul(x, self.mlp(self.norm2(x).to(x.dtype)), self.ls2)
 
 
 class Encoder(nn.Module):

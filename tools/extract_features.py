@@ -1,0 +1,64 @@
+#!/usr/bin/env python
+"""Extract InternViT features of a folder / list of images into resumable shards.
+
+  python tools/extract_features.py --model internvit-300m-448px-v2-5 --images photos/ --out feats/
+  python tools/extract_features.py --model ckpt.pth --config internvit-6b-224px --images list.txt --out feats/ \\
+      --layers 11 23 -1 --pool grid --image-size 448 --dtype bf16 --device cuda
+
+Rerunning the same command after an interruption continues where it stopped.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="HF directory, weight file (.safetensors/.pth/.bin) or preset")
+    p.add_argument("--config", default=None, help="preset name or config.json for a bare weight file")
+    p.add_argument("--images", required=True, help="image folder (recursive) or .txt/.lst list of paths")
+    p.add_argument("--out", required=True, help="output folder (resumed if it holds a run with the same arguments)")
+    p.add_argument("--layers", type=int, nargs="+", default=None, help="block indices, e.g. 11 23 -1 (default: last)")
+    p.add_argument("--pool", default="cls", choices=["cls", "mean", "cls_mean", "grid"])
+    p.add_argument("--image-size", type=int, default=None, help="override the preset's input size")
+    p.add_argument("--resize-mode", default="crop", choices=["crop", "squash"])
+    p.add_argument("--normalize", action="store_true", help="L2-normalise the feature vectors")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--metadata-format", default="parquet", choices=["parquet", "jsonl"])
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        import internvit
+        from internvit.data import list_images
+        from internvit.features import FeatureExtractor, parse_dtype
+
+        images = list_images(args.images)  # fail fast on a missing folder, before loading the model
+        model = internvit.load_model(args.model, args.config, dtype=parse_dtype(args.dtype))
+        fx = FeatureExtractor(model, dict(image_size=args.image_size, resize_mode=args.resize_mode),
+                              pool=args.pool, layers=args.layers, batch_size=args.batch_size,
+                              num_workers=args.num_workers, device=args.device, dtype=args.dtype,
+                              normalize=args.normalize, progress=not args.no_progress, model_name=args.model)
+        m = fx.write(images, args.out, shard_size=args.shard_size, metadata_format=args.metadata_format,
+                     metadata_pattern="metadata/part-{shard:05d}." + args.metadata_format)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    speed = m["timing"].get("images_per_s")
+    print(f"wrote {m['count']} features of shape {tuple(m['feature_shape'])} to {args.out} "
+          f"({len(m['shards'])} shards, {m['num_errors']} errors, "
+          f"{f'{speed:.1f} images/s' if speed else 'nothing left to compute'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
