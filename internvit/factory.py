@@ -111,6 +111,7 @@ def load_model(
         if is_preset(src):
             model = build_model(config if config is not None else src, device=device, dtype=dtype)
             model.load_report = LoadReport(family="random-init")
+            model.name_or_path = src
             return model.freeze() if freeze else model
         raise FileNotFoundError(f"{src}: no such file or directory, and not a preset name")
 
@@ -133,9 +134,11 @@ def load_model(
     resized = load_into(model, tensors.rekey(mapping), dtype=dtype, device=device,
                         resizers={k: _pos_embed_resizer(model, k) for k in pos_keys}, origin=src)
     materialize_meta(model, device)
-    model.post_load() if hasattr(model, "post_load") else None
+    if hasattr(model, "post_load"):
+        model.post_load()
     report = LoadReport(family=family, ignored=ignored, resized=resized, files=tensors.files)
     model.load_report = report
+    model.name_or_path = src
     if ignored or resized:
         logger.info("%s: %s", src, report.summary())
     model.eval()
