@@ -134,8 +134,6 @@ def load_model(
     resized = load_into(model, tensors.rekey(mapping), dtype=dtype, device=device,
                         resizers={k: _pos_embed_resizer(model, k) for k in pos_keys}, origin=src)
     materialize_meta(model, device)
-    if hasattr(model, "post_load"):
-        model.post_load()
     report = LoadReport(family=family, ignored=ignored, resized=resized, files=tensors.files)
     model.load_report = report
     model.name_or_path = src
