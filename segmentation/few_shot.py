@@ -1,0 +1,97 @@
+"""Reproducible few-shot subsets (the reference's 1/16 … 1/2 ADE20K splits) and the hook that records them.
+
+The reference shuffles the training list with an unseeded ``random.shuffle`` and keeps ``len // k`` images,
+so its subsets cannot be reproduced. Here the shuffle is seeded (``subset_seed``) over the sorted list, the
+chosen files are written to ``<work_dir>/few_shot_subset.txt`` by :class:`SaveSubsetListHook`, and passing that
+file back as ``subset_file=`` reproduces the run exactly.
+"""
+from __future__ import annotations
+
+import os
+import random
+from typing import Optional
+
+from mmengine.hooks import Hook
+from mmseg.datasets import ADE20KDataset, BaseSegDataset
+from mmseg.registry import DATASETS, HOOKS
+
+SUBSET_LIST_NAME = "few_shot_subset.txt"
+
+
+def choose_subset(n: int, divisor: int, seed: int) -> list[int]:
+    """Indices of a seeded ``n // divisor`` subset of ``range(n)`` (sorted)."""
+    if divisor < 1:
+        raise ValueError(f"subset_divisor must be >= 1, got {divisor}")
+    idx = list(range(n))
+    if divisor == 1:
+        return idx
+    random.Random(seed).shuffle(idx)
+    return sorted(idx[: n // divisor])
+
+
+class FewShotMixin:
+    """Keeps a seeded ``1/subset_divisor`` of the data list, or exactly the files listed in ``subset_file``."""
+
+    def __init__(self, *args, subset_divisor: int = 1, subset_seed: int = 0, subset_file: Optional[str] = None,
+                 **kwargs) -> None:
+        self.subset_divisor = int(subset_divisor)
+        self.subset_seed = int(subset_seed)
+        self.subset_file = subset_file
+        self.subset_files: list[str] = []
+        super().__init__(*args, **kwargs)
+
+    def _rel(self, info: dict) -> str:
+        return os.path.relpath(info["img_path"], self.data_prefix.get("img_path", ""))
+
+    def load_data_list(self) -> list[dict]:
+        data_list = sorted(super().load_data_list(), key=lambda d: d["img_path"])
+        if self.subset_file:
+            with open(self.subset_file, encoding="utf-8") as f:
+                wanted = [line.strip() for line in f if line.strip()]
+            by_name = {self._rel(d): d for d in data_list}
+            missing = [w for w in wanted if w not in by_name]
+            if missing:
+                raise FileNotFoundError(f"{self.subset_file}: {len(missing)} listed images are not in the dataset "
+                                        f"(first: {missing[0]})")
+            data_list = [by_name[w] for w in wanted]
+        else:
+            data_list = [data_list[i] for i in choose_subset(len(data_list), self.subset_divisor, self.subset_seed)]
+        self.subset_files = [self._rel(d) for d in data_list]
+        return data_list
+
+
+@DATASETS.register_module()
+class FewShotADE20KDataset(FewShotMixin, ADE20KDataset):
+    """ADE20K (150 classes, ``reduce_zero_label``) restricted to a reproducible few-shot subset."""
+
+
+@DATASETS.register_module()
+class FewShotSegDataset(FewShotMixin, BaseSegDataset):
+    """Any :class:`BaseSegDataset` layout (give ``metainfo``) restricted to a reproducible few-shot subset."""
+
+
+def _find_subset_dataset(dataset):
+    while dataset is not None:
+        if isinstance(dataset, FewShotMixin):
+            return dataset
+        dataset = getattr(dataset, "dataset", None)
+    return None
+
+
+@HOOKS.register_module()
+class SaveSubsetListHook(Hook):
+    """Writes the training subset's file list to ``<work_dir>/few_shot_subset.txt`` (atomically) before training."""
+
+    priority = "VERY_LOW"
+
+    def before_train(self, runner) -> None:
+        ds = _find_subset_dataset(getattr(runner.train_dataloader, "dataset", None))
+        if ds is None or runner.rank != 0:
+            return
+        path = os.path.join(runner.work_dir, SUBSET_LIST_NAME)
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("\n".join(ds.subset_files) + "\n")
+        os.replace(tmp, path)
+        runner.logger.info(f"few-shot subset: {len(ds.subset_files)} images (divisor {ds.subset_divisor}, "
+                           f"seed {ds.subset_seed}) listed in {path}")

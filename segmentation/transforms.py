@@ -1,0 +1,57 @@
+"""Data transforms of the published InternViT segmentation pipelines (mmseg 1.x ``TRANSFORMS``)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import mmcv
+import numpy as np
+from mmcv.transforms import BaseTransform
+from mmseg.registry import TRANSFORMS
+
+
+def setr_resize_shape(h: int, w: int, short_side: int) -> tuple[int, int]:
+    """``(new_h, new_w)``: short side to ``short_side``, long side proportional (rounded half up, as mmcv)."""
+    scale = short_side / min(h, w)
+    return int(h * scale + 0.5), int(w * scale + 0.5)
+
+
+@TRANSFORMS.register_module()
+class SETRResize(BaseTransform):
+    """The reference's test-time resize: short side to the crop size, long side proportional (no cap), then
+    (``size_divisor``) up to the next multiple of the patch size — two bilinear resizes, as the reference's
+    ``SETR_Resize`` + ``ResizeToMultiple``. Segmentation maps (if already loaded) use nearest.
+
+    Modified keys: ``img``, ``img_shape``, ``pad_shape``, ``scale_factor``, ``keep_ratio`` and ``seg_fields``.
+    """
+
+    def __init__(self, short_side: int = 504, size_divisor: Optional[int] = 14,
+                 interpolation: str = "bilinear") -> None:
+        if short_side <= 0:
+            raise ValueError(f"SETRResize: short_side must be positive, got {short_side}")
+        self.short_side = int(short_side)
+        self.size_divisor = size_divisor
+        self.interpolation = interpolation
+
+    def _resize(self, img: np.ndarray, interpolation: str) -> np.ndarray:
+        new_h, new_w = setr_resize_shape(img.shape[0], img.shape[1], self.short_side)
+        img = mmcv.imresize(img, (new_w, new_h), interpolation=interpolation, backend="cv2")
+        if self.size_divisor:
+            img = mmcv.imresize_to_multiple(img, self.size_divisor, scale_factor=1, interpolation=interpolation)
+        return img
+
+    def transform(self, results: dict) -> dict:
+        img = results["img"]
+        h, w = img.shape[:2]
+        img = self._resize(img, self.interpolation)
+        results["img"] = img
+        results["img_shape"] = img.shape[:2]
+        results["pad_shape"] = img.shape[:2]
+        results["scale_factor"] = (img.shape[1] / w, img.shape[0] / h)
+        results["keep_ratio"] = True
+        for key in results.get("seg_fields", []):
+            results[key] = self._resize(results[key], "nearest")
+        return results
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__name__}(short_side={self.short_side}, size_divisor={self.size_divisor}, "
+                f"interpolation={self.interpolation!r})")
