@@ -1,0 +1,262 @@
+"""Image-classification datasets for mmengine (folder or CSV layout) and the bundled toy digits set.
+
+``ImageFolderDataset`` reads ``root/<class>/<image>`` folders (torchvision ``ImageFolder`` layout) or a CSV of
+``path,label`` rows. Images are opened by :func:`internvit.data.load_image` and preprocessed by
+:func:`internvit.transforms.build_transform` (the same preprocessing as every other task). Items are
+``dict(inputs=CHW tensor, data_samples=dict(gt_label=int, index=int))`` so mmengine's ``default_collate``
+stacks them into a batch.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import tempfile
+from typing import Callable, Optional, Sequence, Union
+
+from torch.utils.data import Dataset
+
+from internvit.data import is_image_file, list_images, load_image
+from internvit.transforms import build_transform, preprocess_config
+
+from .registry import DATASETS
+
+TransformLike = Union[dict, Callable, None]
+
+
+def build_cls_transform(transform: TransformLike) -> Callable:
+    """A dict of :func:`internvit.transforms.preprocess_config` fields plus ``train`` → a torchvision transform.
+
+    ``None`` means the eval transform at 224 px; a callable is used as it is.
+    """
+    if callable(transform):
+        return transform
+    cfg = dict(transform or {})
+    train = bool(cfg.pop("train", False))
+    unknown = set(cfg) - {"image_size", "mean", "std", "interpolation", "resize_mode"}
+    if unknown:
+        raise ValueError(f"transform: unknown keys {sorted(unknown)} (expected image_size, mean, std, "
+                         f"interpolation, resize_mode, train)")
+    return build_transform(preprocess_config(None, **cfg), train=train)
+
+
+def _read_classes(classes: Union[str, Sequence[str], None]) -> Optional[list[str]]:
+    if classes is None:
+        return None
+    if isinstance(classes, (str, os.PathLike)):
+        path = os.fspath(classes)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"classes file {path}: not found")
+        with open(path, encoding="utf-8") as f:
+            names = [line.strip() for line in f if line.strip()]
+    else:
+        names = [str(c) for c in classes]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"classes: duplicate names {dup[:5]}")
+    return names
+
+
+def scan_folder(root: str, classes: Optional[Sequence[str]] = None) -> tuple[list[tuple[str, int]], list[str]]:
+    """``(samples [(path, label)], classes)`` of a ``root/<class>/<image>`` tree (sorted, recursive per class)."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{root}: no such directory (expected <root>/<class>/<image> folders)")
+    found = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+    if classes is None:
+        classes = found
+    else:
+        missing = [c for c in classes if c not in found]
+        if missing:
+            raise ValueError(f"{root}: no folder for classes {missing[:5]}")
+    if not classes:
+        raise ValueError(f"{root}: no class folders found (expected <root>/<class>/<image>)")
+    samples = [(p, label) for label, name in enumerate(classes) for p in list_images(os.path.join(root, name))]
+    if not samples:
+        raise ValueError(f"{root}: no images found in {len(classes)} class folders")
+    return samples, list(classes)
+
+
+def read_csv(path: str, classes: Optional[Sequence[str]] = None,
+             image_root: Optional[str] = None) -> tuple[list[tuple[str, int]], list[str]]:
+    """``(samples, classes)`` of a ``path,label`` CSV (optional header ``path,label``).
+
+    Labels are class names (looked up in ``classes``, else the sorted set of names found) or, when every
+    label is an integer and no ``classes`` are given, class indices. Relative paths resolve against
+    ``image_root`` (default: the CSV's folder).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: annotation CSV not found")
+    base = image_root if image_root is not None else os.path.dirname(os.path.abspath(path))
+    rows = []
+    with open(path, newline="", encoding="utf-8") as f:
+        for lineno, row in enumerate(csv.reader(f), 1):
+            if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
+                continue
+            if len(row) < 2:
+                raise ValueError(f"{path}:{lineno}: expected 'path,label', got {','.join(row)!r}")
+            p, label = row[0].strip(), row[1].strip()
+            if lineno == 1 and (p.lower(), label.lower()) in {("path", "label"), ("filepath", "label"),
+                                                                ("image", "label")}:
+                continue
+            rows.append((lineno, p if os.path.isabs(p) else os.path.join(base, p), label))
+    if not rows:
+        raise ValueError(f"{path}: no 'path,label' rows")
+    if classes is None:
+        if all(label.lstrip("-").isdigit() for _, _, label in rows):
+            ids = [int(label) for _, _, label in rows]
+            if min(ids) < 0:
+                raise ValueError(f"{path}: negative class index {min(ids)}")
+            classes = [str(i) for i in range(max(ids) + 1)]
+            return [(p, int(label)) for _, p, label in rows], classes
+        classes = sorted({label for _, _, label in rows})
+    index = {c: i for i, c in enumerate(classes)}
+    samples = []
+    for lineno, p, label in rows:
+        if label in index:
+            samples.append((p, index[label]))
+        elif label.isdigit() and int(label) < len(classes):
+            samples.append((p, int(label)))
+        else:
+            raise ValueError(f"{path}:{lineno}: unknown label {label!r} (not one of the {len(classes)} classes)")
+    return samples, list(classes)
+
+
+@DATASETS.register_module()
+class ImageFolderDataset(Dataset):
+    """Single-label classification images from a folder tree or a ``path,label`` CSV.
+
+    Args:
+        data_root: dataset folder.
+        split: sub-folder of ``data_root`` holding ``<class>/<image>`` (e.g. ``'train'``); ignored with
+            ``ann_file``.
+        ann_file: CSV of ``path,label`` rows (relative to ``data_root``); relative image paths resolve
+            against ``data_root``.
+        classes: class names in label order (a list or a text file, one per line); default: sorted folder
+            names / CSV labels.
+        transform: dict for :func:`build_cls_transform` (``image_size``, ``train``, ``mean``, ``std``,
+            ``interpolation``, ``resize_mode``) or a callable.
+        check_files: verify that every listed image exists when the dataset is built.
+    """
+
+    def __init__(self, data_root: str, split: Optional[str] = None, ann_file: Optional[str] = None,
+                 classes: Union[str, Sequence[str], None] = None, transform: TransformLike = None,
+                 check_files: bool = True) -> None:
+        data_root = os.path.expanduser(os.fspath(data_root))
+        names = _read_classes(classes)
+        if ann_file is not None:
+            csv_path = ann_file if os.path.isabs(ann_file) else os.path.join(data_root, ann_file)
+            self.samples, self.classes = read_csv(csv_path, names, image_root=data_root)
+        else:
+            root = os.path.join(data_root, split) if split else data_root
+            self.samples, self.classes = scan_folder(root, names)
+        if check_files:
+            for p, _ in self.samples:
+                if not os.path.isfile(p):
+                    raise FileNotFoundError(f"{p}: image listed in the dataset not found")
+                if not is_image_file(p):
+                    raise ValueError(f"{p}: not an image file")
+        self.transform_cfg = transform if not callable(transform) else None
+        self.transform = build_cls_transform(transform)
+        self.data_root = data_root
+
+    @property
+    def metainfo(self) -> dict:
+        return {"classes": tuple(self.classes)}
+
+    @property
+    def paths(self) -> list[str]:
+        return [p for p, _ in self.samples]
+
+    @property
+    def labels(self) -> list[int]:
+        return [label for _, label in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, idx: int) -> dict:
+        path, label = self.samples[idx]
+        try:
+            img = load_image(path)
+        except Exception as e:  # noqa: BLE001 - name the file
+            raise RuntimeError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
+        return dict(inputs=self.transform(img), data_samples=dict(gt_label=label, index=idx))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Toy data: scikit-learn's bundled handwritten digits, rendered as RGB images
+# ---------------------------------------------------------------------------------------------------
+TOY_MANIFEST = "dataset.json"
+
+
+def make_toy_digits(out_dir: str, *, image_size: int = 32, val_fraction: float = 0.2, seed: int = 0,
+                    overwrite: bool = False) -> dict:
+    """Render scikit-learn's digits (1797 8×8 images, 10 classes) into ``out_dir`` (no download).
+
+    Layout: ``train/<digit>/<id>.png``, ``val/<digit>/<id>.png``, ``train.csv`` / ``val.csv`` (``path,label``)
+    and ``classes.txt``; the split is stratified and deterministic (``seed``). The folder is written into a
+    temporary sibling and renamed into place. If ``out_dir`` already holds the same dataset (same
+    ``dataset.json``) it is kept; any other existing folder needs ``overwrite=True``. Returns the manifest.
+    """
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    if not 8 <= image_size <= 1024:
+        raise ValueError(f"image_size must be between 8 and 1024, got {image_size}")
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    manifest = dict(name="sklearn-digits", image_size=image_size, val_fraction=val_fraction, seed=seed,
+                    classes=[str(i) for i in range(10)])
+    out_dir = os.path.abspath(os.path.expanduser(out_dir))
+    if os.path.exists(out_dir):
+        try:
+            with open(os.path.join(out_dir, TOY_MANIFEST), encoding="utf-8") as f:
+                old = json.load(f)
+        except (OSError, ValueError):
+            old = None
+        if old is not None and {k: old.get(k) for k in manifest} == manifest and not overwrite:
+            return old
+        if not overwrite:
+            raise FileExistsError(f"{out_dir}: exists and is not this toy dataset (pass overwrite=True)")
+
+    digits = load_digits()
+    images, targets = digits.images, digits.target
+    rng = np.random.RandomState(seed)
+    split = np.zeros(len(targets), dtype=bool)  # True = val
+    for c in range(10):
+        idx = np.flatnonzero(targets == c)
+        idx = idx[rng.permutation(len(idx))]
+        split[idx[: int(round(len(idx) * val_fraction))]] = True
+
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-digits-", dir=parent)
+    try:
+        rows = {"train": [], "val": []}
+        for i, (img, y) in enumerate(zip(images, targets)):
+            name = "val" if split[i] else "train"
+            rel = os.path.join(name, str(y), f"{i:04d}.png")
+            os.makedirs(os.path.join(tmp, name, str(y)), exist_ok=True)
+            grey = (img * (255.0 / 16.0)).round().astype(np.uint8)
+            pil = Image.fromarray(grey).resize((image_size, image_size), Image.Resampling.BILINEAR)
+            pil.convert("RGB").save(os.path.join(tmp, rel))
+            rows[name].append((rel, str(y)))
+        for name, items in rows.items():
+            with open(os.path.join(tmp, f"{name}.csv"), "w", newline="", encoding="utf-8") as f:
+                w = csv.writer(f)
+                w.writerow(["path", "label"])
+                w.writerows(items)
+        with open(os.path.join(tmp, "classes.txt"), "w", encoding="utf-8") as f:
+            f.write("\n".join(manifest["classes"]) + "\n")
+        manifest.update(num_train=len(rows["train"]), num_val=len(rows["val"]))
+        with open(os.path.join(tmp, TOY_MANIFEST), "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
