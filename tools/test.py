@@ -29,7 +29,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from segmentation.tools_lib import test
+    from internvit.runner import test
 
     try:
         metrics = test(args.config, args.checkpoint, work_dir=args.work_dir, show_dir=args.show_dir, out=args.out,

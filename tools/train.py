@@ -28,7 +28,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from segmentation.tools_lib import train
+    from internvit.runner import train
 
     try:
         train(args.config, work_dir=args.work_dir, resume=args.resume, amp=args.amp, cfg_options=args.cfg_options,

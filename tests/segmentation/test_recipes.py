@@ -31,7 +31,7 @@ def test_every_recipe_is_in_the_table():
 def test_recipe_settings_and_build(name):
     from mmengine.optim import build_optim_wrapper
 
-    from segmentation.tools_lib import load_config
+    from internvit.runner import load_config
 
     cfg = load_config(os.path.join(RECIPES, name))
     out_idx, frozen, dpr, wd, decay, iters, warm, aux = TABLE[name]

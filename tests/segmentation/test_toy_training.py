@@ -1,4 +1,4 @@
-"""End to end on the toy dataset through tools_lib (the code behind tools/train.py and tools/test.py):
+"""End to end on the toy dataset through internvit.runner (the code behind tools/train.py and tools/test.py):
 real learning, overlays, resume, frozen backbone, few-shot list, MMSegInferencer."""
 import glob
 import os
@@ -37,7 +37,7 @@ class SnapshotBeforeTrainHook(Hook):
 
 @pytest.fixture(scope="module")
 def uper_run(toy_data, tmp_path_factory):
-    from segmentation.tools_lib import train
+    from internvit.runner import train
 
     work_dir = str(tmp_path_factory.mktemp("uper"))
     opts = toy_options(toy_data, work_dir, **{"train_cfg.max_iters": ITERS, "train_cfg.val_interval": 1000,
@@ -47,7 +47,7 @@ def uper_run(toy_data, tmp_path_factory):
 
 
 def test_toy_upernet_learns_and_writes_overlays(uper_run, toy_data):
-    from segmentation.tools_lib import test
+    from internvit.runner import test
 
     work_dir, opts = uper_run
     ckpt = os.path.join(work_dir, f"iter_{ITERS}.pth")
@@ -61,7 +61,7 @@ def test_toy_upernet_learns_and_writes_overlays(uper_run, toy_data):
 
 
 def test_resume_continues_iteration_count(uper_run):
-    from segmentation.tools_lib import train
+    from internvit.runner import train
 
     work_dir, opts = uper_run
     RecordTrainItersHook.seen.clear()
@@ -72,8 +72,8 @@ def test_resume_continues_iteration_count(uper_run):
 
 
 def test_frozen_backbone_unchanged_and_few_shot_list(toy_data, tmp_path):
+    from internvit.runner import train
     from segmentation.few_shot import SUBSET_LIST_NAME
-    from segmentation.tools_lib import train
 
     opts = toy_options(toy_data, str(tmp_path), **{
         "train_cfg.max_iters": 3, "train_cfg.val_interval": 1000, "default_hooks.checkpoint.interval": 1000,

@@ -24,6 +24,9 @@ def load_config(config: str, *, cfg_options: Optional[dict] = None, work_dir: Op
     from mmengine.config import Config
 
     cfg = Config.fromfile(config)  # imports cfg.custom_imports (e.g. 'segmentation', 'classification')
+    # mmengine 0.10 re-formats the whole config text with yapf on every dump/checkpoint (seconds each);
+    # Config.fromfile ignores format_python_code=False, so switch it off on the instance.
+    object.__setattr__(cfg, "_format_python_code", False)
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
     cfg.launcher = launcher
