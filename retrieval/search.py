@@ -1,0 +1,177 @@
+"""Search a built index by text, image or embedding: :class:`Retriever`."""
+from __future__ import annotations
+
+import bisect
+import os
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+from .index import IndexMismatchError, RetrievalError, open_index
+
+
+@dataclass
+class SearchResult:
+    """Top-``k`` hits per query: ``ids`` / ``scores`` ``(Q, k)`` (id -1 = no hit) and ``rows[q]``, the
+    metadata dicts of the hits (``id``, ``score`` and the stored columns: ``path``, ``caption``, ...)."""
+
+    ids: np.ndarray
+    scores: np.ndarray
+    rows: list[list[dict]] = field(default_factory=list)
+    queries: list = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def to_records(self) -> list[dict]:
+        """Flat list of ``{'query', 'rank', 'id', 'score', ...metadata}``."""
+        out = []
+        for q, hits in enumerate(self.rows):
+            for rank, row in enumerate(hits, 1):
+                out.append({"query": self.queries[q] if q < len(self.queries) else q, "rank": rank, **row})
+        return out
+
+
+class Retriever:
+    """A loaded index folder plus (lazily) the encoder it was built with.
+
+    >>> r = Retriever.load("index/")
+    >>> res = r.search_text(["a dog on a beach"], k=5)
+    >>> res.rows[0][0]["path"], res.scores[0, 0]
+    """
+
+    def __init__(self, index, manifest: dict, index_dir: str, encoder=None, *, device="cpu", dtype=None) -> None:
+        self.index = index
+        self.manifest = manifest
+        self.index_dir = index_dir
+        self.device, self.dtype = device, dtype
+        self._encoder = encoder
+        self._tables: dict[str, object] = {}
+        files = sorted(manifest.get("metadata_files", []), key=lambda e: e["first_id"])
+        self._meta_starts = [e["first_id"] for e in files]
+        self._meta_files = files
+        if encoder is not None:
+            encoder.check_compatible(manifest, index_dir)
+
+    @classmethod
+    def load(cls, index_dir: Union[str, os.PathLike], encoder=None, *, device="cpu", dtype=None,
+             mmap: bool = False, search_params: Optional[str] = None) -> "Retriever":
+        """Open ``index_dir``. ``encoder``: an :class:`~retrieval.encoders.Encoder` (checked against the
+        manifest: same model and dim, else :class:`IndexMismatchError`), or ``None`` to rebuild the recorded
+        one on the first text / image query. ``search_params`` overrides the tuned ones (e.g. ``'nprobe=64'``).
+        ``mmap`` maps the index file instead of reading it (IVF indexes)."""
+        index_dir = os.fspath(index_dir)
+        index, manifest = open_index(index_dir, mmap=mmap)
+        if search_params:
+            from .index import set_search_params
+
+            set_search_params(index, search_params)
+        return cls(index, manifest, index_dir, encoder, device=device, dtype=dtype)
+
+    # -- encoder ------------------------------------------------------------------------------------------
+    @property
+    def encoder(self):
+        if self._encoder is None:
+            import torch
+
+            from .encoders import encoder_from_info
+
+            enc = encoder_from_info(self.manifest.get("encoder") or {}, device=self.device,
+                                    dtype=self.dtype or torch.float32)
+            enc.check_compatible(self.manifest, self.index_dir)
+            self._encoder = enc
+        return self._encoder
+
+    # -- search -------------------------------------------------------------------------------------------
+    def search_embedding(self, embeddings, k: int = 10, *, queries: Optional[list] = None) -> SearchResult:
+        """Nearest ids of ``(Q, D)`` (or ``(D,)``) query vectors, with metadata rows."""
+        q = np.asarray(embeddings, dtype=np.float32)
+        if q.ndim == 1:
+            q = q[None]
+        if q.ndim != 2 or q.shape[0] == 0:
+            raise ValueError(f"query embeddings must be a non-empty (Q, D) array, got shape {q.shape}")
+        if q.shape[1] != self.manifest["dim"]:
+            raise IndexMismatchError(f"{self.index_dir}: query dim {q.shape[1]} != index dim {self.manifest['dim']}")
+        if not np.isfinite(q).all():
+            raise ValueError("query embeddings contain NaN or inf")
+        if int(k) < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        k = int(k)
+        scores, ids = self.index.search(np.ascontiguousarray(q), k)
+        rows = [[dict(self.metadata(int(i)), id=int(i), score=float(s)) for i, s in zip(id_row, s_row) if i >= 0]
+                for id_row, s_row in zip(ids, scores)]
+        return SearchResult(ids=ids, scores=scores, rows=rows, queries=list(queries or range(len(q))))
+
+    def search_text(self, texts: Union[str, Sequence[str]], k: int = 10) -> SearchResult:
+        """Text queries (text → image over an image index, text → text over a caption index)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
+            raise ValueError("empty text query")
+        return self.search_embedding(self.encoder.encode_texts(texts), k, queries=texts)
+
+    def search_image(self, images, k: int = 10) -> SearchResult:
+        """Image queries: paths (or PIL images), read through the encoder's preprocessing
+        (image → image over an image index, image → text over a caption index)."""
+        if isinstance(images, (str, os.PathLike)):
+            images = [images]
+        images = list(images)
+        if not images:
+            raise ValueError("empty image query")
+        for p in images:
+            if isinstance(p, (str, os.PathLike)) and not os.path.isfile(p):
+                raise FileNotFoundError(f"{os.fspath(p)}: no such image file")
+        res = self.encoder.embed_images(images, strict=True)
+        labels = [os.fspath(p) if isinstance(p, (str, os.PathLike)) else f"image[{i}]" for i, p in enumerate(images)]
+        return self.search_embedding(res.features, k, queries=labels)
+
+    # -- metadata -----------------------------------------------------------------------------------------
+    def _table(self, entry: dict):
+        t = self._tables.get(entry["file"])
+        if t is None:
+            import pyarrow.parquet as pq
+
+            path = os.path.join(self.index_dir, entry["file"])
+            if not os.path.isfile(path):
+                raise RetrievalError(f"{self.index_dir}: metadata file {entry['file']} is missing")
+            t = self._tables[entry["file"]] = pq.read_table(path, memory_map=True)
+        return t
+
+    def metadata(self, id_: int) -> dict:
+        """The stored metadata row of an id (empty dict when the index has no metadata for it)."""
+        j = bisect.bisect_right(self._meta_starts, id_) - 1
+        if j < 0:
+            return {}
+        entry = self._meta_files[j]
+        if id_ >= entry["first_id"] + entry["count"]:
+            return {}
+        table = self._table(entry)
+        return table.slice(id_ - entry["first_id"], 1).to_pylist()[0]
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return (f"Retriever({self.index_dir!r}, {m['index_key']}, ntotal={m['ntotal']}, dim={m['dim']}, "
+                f"params={m.get('search_params')!r})")
+
+
+def format_table(result: SearchResult, columns: Sequence[str] = ("path", "caption"), width: int = 60) -> str:
+    """A plain-text table of a :class:`SearchResult` (what ``tools/search.py`` prints)."""
+    lines = []
+    for q, hits in enumerate(result.rows):
+        label = result.queries[q] if q < len(result.queries) else q
+        lines.append(f"query {q}: {label}")
+        present = [c for c in columns if any(c in h and h[c] not in (None, "") for h in hits)]
+        lines.append("  " + "  ".join([f"{'rank':>4}", f"{'id':>8}", f"{'score':>7}"] + [c for c in present]))
+        for rank, h in enumerate(hits, 1):
+            cells = [f"{rank:>4}", f"{h['id']:>8}", f"{h['score']:7.4f}"]
+            for c in present:
+                v = str(h.get(c, "") or "")
+                cells.append(v if len(v) <= width else "…" + v[-(width - 1):])
+            lines.append("  " + "  ".join(cells))
+        if not hits:
+            lines.append("  (no results)")
+    return "\n".join(lines)
