@@ -2,18 +2,35 @@
 
 Configs select it with ``default_scope='classification'``; mmengine then imports this module by name
 (``<scope>.registry``) and builds ``type=...`` entries from these registries, falling back to mmengine's
-own modules (``EMAHook``, ``SGD``, ``CosineAnnealingLR``, ...) through the parents.
+own modules (``EMAHook``, ``SGD``, ``CosineAnnealingLR``, ...) through the parents. Every registry a Runner
+builds from has a child here, so nothing falls back with a "failed to search registry" warning.
 """
-from mmengine.registry import DATASETS as MMENGINE_DATASETS
-from mmengine.registry import METRICS as MMENGINE_METRICS
-from mmengine.registry import MODELS as MMENGINE_MODELS
+from mmengine import registry as root
 from mmengine.registry import Registry
 
-MODELS = Registry("model", parent=MMENGINE_MODELS, scope="classification",
-                  locations=["classification.probes"])
-DATASETS = Registry("dataset", parent=MMENGINE_DATASETS, scope="classification",
-                    locations=["classification.datasets", "classification.feature_cache"])
-METRICS = Registry("metric", parent=MMENGINE_METRICS, scope="classification",
-                   locations=["classification.metrics"])
 
-__all__ = ["DATASETS", "METRICS", "MODELS"]
+def _child(parent: Registry, locations=()) -> Registry:
+    return Registry(parent.name, parent=parent, scope="classification", locations=list(locations))
+
+
+MODELS = _child(root.MODELS, ["classification.probes"])
+DATASETS = _child(root.DATASETS, ["classification.datasets", "classification.feature_cache"])
+METRICS = _child(root.METRICS, ["classification.metrics"])
+DATA_SAMPLERS = _child(root.DATA_SAMPLERS)
+TRANSFORMS = _child(root.TRANSFORMS)
+HOOKS = _child(root.HOOKS)
+LOOPS = _child(root.LOOPS)
+OPTIMIZERS = _child(root.OPTIMIZERS)
+OPTIM_WRAPPERS = _child(root.OPTIM_WRAPPERS)
+OPTIM_WRAPPER_CONSTRUCTORS = _child(root.OPTIM_WRAPPER_CONSTRUCTORS)
+PARAM_SCHEDULERS = _child(root.PARAM_SCHEDULERS)
+EVALUATOR = _child(root.EVALUATOR)
+VISUALIZERS = _child(root.VISUALIZERS)
+VISBACKENDS = _child(root.VISBACKENDS)
+LOG_PROCESSORS = _child(root.LOG_PROCESSORS)
+WEIGHT_INITIALIZERS = _child(root.WEIGHT_INITIALIZERS)
+FUNCTIONS = _child(root.FUNCTIONS)
+
+__all__ = ["DATASETS", "DATA_SAMPLERS", "EVALUATOR", "FUNCTIONS", "HOOKS", "LOG_PROCESSORS", "LOOPS", "METRICS",
+           "MODELS", "OPTIMIZERS", "OPTIM_WRAPPERS", "OPTIM_WRAPPER_CONSTRUCTORS", "PARAM_SCHEDULERS",
+           "TRANSFORMS", "VISBACKENDS", "VISUALIZERS", "WEIGHT_INITIALIZERS"]
