@@ -3,6 +3,7 @@ import copy
 import os
 
 import pytest
+from mmengine.registry import DefaultScope
 
 import segmentation  # noqa: F401  (applies internvit.compat and registers the plugin)
 
@@ -13,6 +14,13 @@ TOY_LINEAR = os.path.join(ROOT, "configs", "toy", "linear_internvit_tiny_toy.py"
 #: the architecture of the shared fixture internvit-6b-style-tiny, in the config vocabulary
 TINY_ARCH = dict(hidden_size=64, num_attention_heads=4, intermediate_size=256, num_hidden_layers=3, patch_size=14,
                  qkv_bias=False, qk_normalization=True, norm_type="rms_norm")
+
+
+@pytest.fixture(autouse=True)
+def _mmseg_scope():
+    """Build in the mmseg scope, whatever scope an earlier Runner (e.g. a classification test) left current."""
+    with DefaultScope.overwrite_default_scope("mmseg"):
+        yield
 
 
 def segmentor_cfg(head: str = "uper", img_size: int = 56, **backbone) -> dict:
