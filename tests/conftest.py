@@ -3,6 +3,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.environ.get("INTERNVIT_FIXTURES", os.path.join(os.path.dirname(ROOT), "shared", "fixtures"))
@@ -25,3 +26,13 @@ def vit_fixture() -> str:
 @pytest.fixture
 def internvl_fixture() -> str:
     return fixture_dir("internvl-cg-tiny")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """One intra-op thread: the tests use tiny models, for which one thread is as fast on an idle machine and far
+    faster on a shared, loaded one (OpenMP threads contending with other processes spin-wait on each other)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

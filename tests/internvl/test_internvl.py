@@ -15,15 +15,6 @@ from internvit.models.vit import InternViT
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread avoids thread contention on shared CI cores (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def fx(internvl_fixture_dir):
     return internvl_fixture_dir

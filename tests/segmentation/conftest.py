@@ -70,18 +70,6 @@ def toy_data(tmp_path_factory):
     return make_toy_seg_dataset(str(tmp_path_factory.mktemp("toy") / "toy_seg"), num_train=48, num_val=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast when idle and far faster on a shared, loaded 2-core box
-    (two OpenMP threads contending with other processes spin-wait on each other)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def toy_options(root: str, work_dir: str, **extra) -> dict:
     """``--cfg-options`` that point a toy config at ``root`` and keep the run short and quiet."""
     opts = {f"{split}_dataloader.dataset.data_root": root for split in ("train", "val", "test")}

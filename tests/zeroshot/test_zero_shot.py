@@ -26,14 +26,6 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 import zeroshot_eval  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def fx():
     from tests.conftest import fixture_dir
