@@ -11,13 +11,12 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
-import tempfile
 from typing import Callable, Optional, Sequence, Union
 
 from torch.utils.data import Dataset
 
 from internvit.data import is_image_file, list_images, load_image
+from internvit.fileio import atomic_write
 from internvit.transforms import build_transform, preprocess_config
 
 from .registry import DATASETS
@@ -230,10 +229,7 @@ def make_toy_digits(out_dir: str, *, image_size: int = 32, val_fraction: float =
         idx = idx[rng.permutation(len(idx))]
         split[idx[: int(round(len(idx) * val_fraction))]] = True
 
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-digits-", dir=parent)
-    try:
+    with atomic_write(out_dir, is_dir=True) as tmp:
         rows = {"train": [], "val": []}
         for i, (img, y) in enumerate(zip(images, targets)):
             name = "val" if split[i] else "train"
@@ -253,10 +249,4 @@ def make_toy_digits(out_dir: str, *, image_size: int = 32, val_fraction: float =
         manifest.update(num_train=len(rows["train"]), num_val=len(rows["val"]))
         with open(os.path.join(tmp, TOY_MANIFEST), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest

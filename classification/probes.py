@@ -26,6 +26,7 @@ from mmengine.model import BaseDataPreprocessor, BaseModel, BaseModule, Exponent
 from torch import nn
 
 from internvit.config import InternViTConfig, InternVLConfig, get_config
+from internvit.fileio import atomic_write
 
 from .registry import MODELS
 
@@ -442,14 +443,8 @@ def convert_head_checkpoint(src: str, dst: str, ema: bool = False) -> str:
     ``tools/test.py`` / ``load_from``. Read with ``weights_only=True``; written to a temporary file and renamed."""
     mapped = {k: v.contiguous() for k, v in read_head_checkpoint(src, ema=ema).items()}
     dst = os.fspath(dst)
-    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    tmp = dst + ".partial"
-    try:
+    with atomic_write(dst) as tmp:
         torch.save({"state_dict": mapped, "meta": {"converted_from": os.fspath(src), "ema": ema}}, tmp)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return dst
 
 

@@ -366,6 +366,7 @@ def run_zero_shot(
     """
     import internvit
     from internvit.data import collate_images  # noqa: F401 - fail early if the data module is missing
+    from internvit.fileio import atomic_write
 
     model_name = os.fspath(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
     paths, labels, data_classes = _load_labeled(data, classnames)
@@ -389,16 +390,8 @@ def run_zero_shot(
     result.update(model=model_name, data=os.fspath(data), mode=mode, lang=lang, num_templates=len(temps),
                   logit_scale_used=ZERO_SHOT_SCALE)
     if output:
-        out_dir = os.path.dirname(os.path.abspath(output))
-        os.makedirs(out_dir, exist_ok=True)
-        tmp = f"{output}.tmp{os.getpid()}"
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(result, f, indent=2, ensure_ascii=False)
-            os.replace(tmp, output)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with atomic_write(output) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2, ensure_ascii=False)
     return result
 
 __all__ = ["LANGUAGES", "ZERO_SHOT_SCALE", "build_zero_shot_classifier", "classification_metrics",

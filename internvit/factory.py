@@ -5,7 +5,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from typing import Optional, Union
 
 import torch
@@ -29,6 +28,7 @@ from .config import (
     is_preset,
     read_config_json,
 )
+from .fileio import atomic_write
 from .models.vit import InternViT, interpolate_pos_embed
 
 logger = logging.getLogger("internvit")
@@ -153,10 +153,7 @@ def save_model(model: nn.Module, directory: SourceLike, *, max_shard_bytes: int 
     from safetensors.torch import save_file
 
     directory = os.fspath(directory)
-    parent = os.path.dirname(os.path.abspath(directory))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-save-", dir=parent)
-    try:
+    with atomic_write(directory, is_dir=True) as tmp:
         sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
               for k, v in model.state_dict().items()}
         shards, cur, size = [], {}, 0
@@ -183,12 +180,6 @@ def save_model(model: nn.Module, directory: SourceLike, *, max_shard_bytes: int 
             json.dump(model.config.to_dict(), f, indent=2)
         for extra in getattr(model, "extra_files", ()):  # e.g. a tokenizer next to an InternVL model
             shutil.copy(extra, tmp)
-        if os.path.isdir(directory):
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 
@@ -210,17 +201,11 @@ def convert_checkpoint(src: SourceLike, dst: SourceLike, *, to: str = "hf", conf
         return save_model(model, dst)
     dst = os.fspath(dst)
     sd = {hf_to_original_key(k): v.contiguous() for k, v in model.state_dict().items()}
-    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    tmp = dst + ".tmp"
-    try:
+    with atomic_write(dst) as tmp:
         if dst.endswith(".safetensors"):
             from safetensors.torch import save_file
 
             save_file(sd, tmp, metadata={"format": "pt"})
         else:
             torch.save({"module": sd}, tmp)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return dst

@@ -15,8 +15,7 @@ import hashlib
 import json
 import os
 import re
-import tempfile
-from typing import Iterator, Mapping, Optional, Sequence, Union
+from typing import ContextManager, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -29,21 +28,20 @@ class EmbeddingError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------- file helpers
+def atomic_write(path: str, *, is_dir: bool = False) -> ContextManager[str]:
+    """:func:`internvit.fileio.atomic_write`, imported on first use: ``import internvit`` loads torch, and
+    the embedding / index modules stay torch-free until something is written."""
+    from internvit.fileio import atomic_write as _atomic_write
+
+    return _atomic_write(path, is_dir=is_dir)
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_write_json(path: str, obj) -> None:
@@ -51,33 +49,15 @@ def atomic_write_json(path: str, obj) -> None:
 
 
 def atomic_save_npy(path: str, array: np.ndarray) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, np.ascontiguousarray(array))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, np.ascontiguousarray(array))
 
 
 def atomic_write_parquet(path: str, table) -> None:
     import pyarrow.parquet as pq
 
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".parquet", dir=folder)
-    os.close(fd)
-    try:
+    with atomic_write(path) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def shard_number(path: str) -> int:

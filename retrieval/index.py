@@ -31,6 +31,7 @@ import numpy as np
 from .embeddings import (
     EmbeddingError,
     EmbeddingSource,
+    atomic_write,
     atomic_write_json,
     atomic_write_parquet,
     to_table,
@@ -233,13 +234,8 @@ def read_index(path: str, mmap: bool = False):
 
 def write_index_atomic(index, path: str) -> None:
     faiss = _faiss()
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
+    with atomic_write(path) as tmp:
         faiss.write_index(index, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _hnsw_of(index):

@@ -14,6 +14,7 @@ from typing import Union
 import torch
 
 from internvit.checkpoints import CheckpointError, torch_load_weights, unwrap_state_dict, vision_key_map
+from internvit.fileio import atomic_write
 
 HEAD_PREFIXES = ("decode_head.", "auxiliary_head.")
 
@@ -50,12 +51,6 @@ def convert_mmseg0x(src: Union[str, os.PathLike], dst: Union[str, os.PathLike]) 
     ckpt = {"meta": {"converted_from": os.path.basename(src), "source_format": "mmseg 0.x (InternVL release)",
                      "converter": "segmentation.convert_0x.convert_mmseg0x"},
             "state_dict": {k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in out.items()}}
-    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    tmp = dst + ".tmp"
-    try:
+    with atomic_write(dst) as tmp:
         torch.save(ckpt, tmp)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return dst

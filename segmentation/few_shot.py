@@ -15,6 +15,8 @@ from mmengine.hooks import Hook
 from mmseg.datasets import ADE20KDataset, BaseSegDataset
 from mmseg.registry import DATASETS, HOOKS
 
+from internvit.fileio import atomic_write
+
 SUBSET_LIST_NAME = "few_shot_subset.txt"
 
 
@@ -89,9 +91,7 @@ class SaveSubsetListHook(Hook):
         if ds is None or runner.rank != 0:
             return
         path = os.path.join(runner.work_dir, SUBSET_LIST_NAME)
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             f.write("\n".join(ds.subset_files) + "\n")
-        os.replace(tmp, path)
         runner.logger.info(f"few-shot subset: {len(ds.subset_files)} images (divisor {ds.subset_divisor}, "
                            f"seed {ds.subset_seed}) listed in {path}")

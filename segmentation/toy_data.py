@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 from PIL import Image
+
+from internvit.fileio import atomic_write
 
 TOY_CLASSES = ("background", "disc", "square", "triangle")
 TOY_PALETTE = ((0, 0, 0), (220, 60, 60), (60, 200, 80), (70, 90, 230))
@@ -66,9 +66,7 @@ def make_toy_seg_dataset(root: str, *, num_train: int = 96, num_val: int = 16, t
         raise FileExistsError(f"{root} exists (pass overwrite=True)")
     if num_train < 1 or num_val < 1:
         raise ValueError(f"num_train and num_val must be >= 1, got {num_train}, {num_val}")
-    os.makedirs(os.path.dirname(root), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-toy-", dir=os.path.dirname(root))
-    try:
+    with atomic_write(root, is_dir=True) as tmp:
         rng = np.random.default_rng(seed)
         for split, n, (h, w) in (("training", num_train, train_size), ("validation", num_val, val_size)):
             os.makedirs(os.path.join(tmp, "images", split))
@@ -81,10 +79,4 @@ def make_toy_seg_dataset(root: str, *, num_train: int = 96, num_val: int = 16, t
                     num_val=num_val, train_size=list(train_size), val_size=list(val_size), seed=seed)
         with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
-        if os.path.exists(root):
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return root

@@ -230,7 +230,7 @@ def test_toy_dataset_is_deterministic_and_guarded(toy_digits, tmp_path):
     assert cli.main([str(copy)]) == 0  # the same dataset is kept
     assert cli.main([str(copy), "--seed", "1"]) == 2  # a different one is refused without --overwrite
     assert cli.main([str(tmp_path / "x"), "--val-fraction", "1.5"]) == 2
-    assert not (tmp_path / "x").exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
+    assert not (tmp_path / "x").exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".")]
     with pytest.raises(FileExistsError):
         make_toy_digits(str(copy), seed=1)
 
