@@ -14,6 +14,8 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from internvit.text import encode_texts, model_device
+
 METADATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metadata")
 #: languages of the published multilingual ImageNet table, and the CLIP_benchmark spellings accepted too
 LANGUAGES = ("en", "zh", "ja", "ar", "it")
@@ -94,50 +96,11 @@ def _format(template: Template, classname: str) -> str:
     return template(classname) if callable(template) else template.format(classname, c=classname)
 
 
-def _model_device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (StopIteration, AttributeError):
-        return torch.device("cpu")
-
-
 def _accepts(fn, name: str) -> bool:
     try:
         return name in inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
-
-
-def encode_texts(model, tokenizer, texts: Sequence[str], *, batch_size: int = 256,
-                 device: Optional[Union[str, torch.device]] = None,
-                 groups: Optional[Sequence[Sequence[int]]] = None) -> torch.Tensor:
-    """L2-normalised ``(N, D)`` fp32 text embeddings, in batches of at most ``batch_size`` texts.
-
-    Texts are tokenised once. Batches never mix ``groups`` (lists of text indices; default: one group), and
-    inside a group texts are taken in order of token length, so a batch holds similar lengths (little
-    padding) and, when a group is one template filled with many class names, a long shared token prefix,
-    which InternVL's text tower computes once per batch. The result is in the input order.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = torch.device(device) if device is not None else _model_device(model)
-    ids = tokenizer(list(texts))
-    if not isinstance(ids, torch.Tensor):
-        raise TypeError(f"tokenizer must return a tensor of token ids, got {type(ids).__name__}")
-    lengths = (ids != 0).sum(1)
-    groups = [list(range(len(ids)))] if groups is None else groups
-    out = None
-    with torch.no_grad():
-        for group in groups:
-            group = torch.as_tensor(list(group), dtype=torch.long)
-            group = group[torch.argsort(lengths[group], stable=True)]
-            for start in range(0, len(group), batch_size):
-                idx = group[start:start + batch_size]
-                emb = F.normalize(model.encode_text(ids[idx].to(device)).float(), dim=-1)
-                if out is None:
-                    out = torch.zeros(len(ids), emb.shape[-1], device=emb.device)
-                out[idx.to(emb.device)] = emb
-    return out
 
 
 def build_zero_shot_classifier(
@@ -223,7 +186,7 @@ def zero_shot_evaluate(
     L2-normalised and scored as ``100 * feat @ classifier``. ``dtype`` is the dtype the images are cast to
     (default: the model's).
     """
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     if dtype is None:
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     classifier = classifier.to(device=device, dtype=torch.float32)

@@ -1,0 +1,48 @@
+"""Batched text encoding shared by zero-shot classification and retrieval (any model with ``encode_text``)."""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+
+def model_device(model) -> torch.device:
+    """The device of the first parameter (CPU for parameter-less callables)."""
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
+
+
+
+def encode_texts(model, tokenizer, texts: Sequence[str], *, batch_size: int = 256,
+                 device: Optional[Union[str, torch.device]] = None,
+                 groups: Optional[Sequence[Sequence[int]]] = None) -> torch.Tensor:
+    """L2-normalised ``(N, D)`` fp32 text embeddings, in batches of at most ``batch_size`` texts.
+
+    Texts are tokenised once. Batches never mix ``groups`` (lists of text indices; default: one group), and
+    inside a group texts are taken in order of token length, so a batch holds similar lengths (little
+    padding) and, when a group is one template filled with many class names, a long shared token prefix,
+    which InternVL's text tower computes once per batch. The result is in the input order.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = torch.device(device) if device is not None else model_device(model)
+    ids = tokenizer(list(texts))
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"tokenizer must return a tensor of token ids, got {type(ids).__name__}")
+    lengths = (ids != 0).sum(1)
+    groups = [list(range(len(ids)))] if groups is None else groups
+    out = None
+    with torch.no_grad():
+        for group in groups:
+            group = torch.as_tensor(list(group), dtype=torch.long)
+            group = group[torch.argsort(lengths[group], stable=True)]
+            for start in range(0, len(group), batch_size):
+                idx = group[start:start + batch_size]
+                emb = F.normalize(model.encode_text(ids[idx].to(device)).float(), dim=-1)
+                if out is None:
+                    out = torch.zeros(len(ids), emb.shape[-1], device=emb.device)
+                out[idx.to(emb.device)] = emb
+    return out
