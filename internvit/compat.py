@@ -6,18 +6,23 @@
 * mmseg 1.2.2 asserts ``mmcv < 2.2.0`` at import; with mmcv 2.2.x the check is passed by presenting a
   compatible version string during ``import mmseg`` only.
 * torch >= 2.6 defaults ``torch.load(weights_only=True)``, which cannot read the checkpoints mmengine's
-  Runner writes (they pickle a ``message_hub``). mmengine's local-file loader is re-registered to allow
-  full unpickling — ONLY for files of the user's own training runs (``--resume``, ``load_from``).
-  Pretrained weights never go through it: they load via :mod:`internvit.checkpoints`.
+  Runner writes (they pickle a ``message_hub`` and numpy values), while older torch unpickles anything.
+  mmengine's local-file loader is replaced by :func:`load_runner_checkpoint`: ``weights_only=True`` plus,
+  for Runner checkpoints only, an allow-list of mmengine/numpy types vetted from the pickle's opcodes before
+  loading — on every torch version. Pretrained weights load via :mod:`internvit.checkpoints`.
 
-Every fix is a no-op where it is not needed (full mmcv present, torch < 2.6). :func:`apply` is idempotent.
+The mmcv fixes are no-ops where they are not needed (full mmcv present). :func:`apply` is idempotent.
 """
 from __future__ import annotations
 
 import importlib
 import os
+import pickletools
+import re
 import sys
 import types
+import zipfile
+from typing import Optional
 
 _applied: set[str] = set()
 
@@ -68,12 +73,74 @@ def _import_mmseg_with_version_window() -> None:
         mmcv.__version__ = real
 
 
-def _trust_runner_checkpoints() -> bool:
-    import torch
-    from packaging.version import parse
+#: Globals an mmengine Runner checkpoint pickles (message hub history, numpy meta values), beyond what
+#: ``torch.load(weights_only=True)`` accepts by default. Nothing here can run arbitrary code.
+_RUNNER_GLOBALS = re.compile(
+    r"^(mmengine\.logging\.[\w.]+ \w+"
+    r"|numpy(\._core|\.core)?(\.multiarray)? (dtype|ndarray|_reconstruct|scalar)"
+    r"|(__builtin__|builtins) getattr)$"
+)
+_TORCH_DEFAULT_GLOBALS = re.compile(r"^(torch[\w.]* \w+|collections OrderedDict|_codecs encode)$")
 
-    if parse(torch.__version__.split("+")[0]) < parse("2.6"):
-        return False
+
+def _pickled_globals(path: str) -> Optional[set]:
+    """The ``module name`` globals a torch zip checkpoint references, read without unpickling (or None)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            data = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+        found = set()
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in ("GLOBAL", "INST"):
+                found.add(arg)
+            elif op.name == "STACK_GLOBAL":  # not written by torch.save's protocol 2; cannot be vetted
+                return None
+        return found
+    except (zipfile.BadZipFile, StopIteration, ValueError, OSError):
+        return None
+
+
+def _resolve_global(spec: str):
+    module, name = spec.split(" ")
+    module = {"__builtin__": "builtins"}.get(module, module)
+    obj = importlib.import_module(module)
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def load_runner_checkpoint(filename: str, map_location=None):
+    """Load a checkpoint for mmengine (``load_from``, ``--resume``, ``tools/test.py CKPT``) without running code.
+
+    ``torch.load(weights_only=True)`` first. Checkpoints that an mmengine Runner wrote also pickle its message
+    hub and numpy values; those load with exactly that extra allow-list, after checking (by reading the
+    pickle's opcodes, not executing them) that the file references nothing else. Anything else is refused
+    with a one-line error, unless ``INTERNVIT_TRUST_CHECKPOINTS=1`` is set for files you trust.
+    """
+    import pickle
+
+    import numpy as np
+    import torch
+
+    try:
+        return torch.load(filename, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        pass
+    if os.environ.get("INTERNVIT_TRUST_CHECKPOINTS") == "1":
+        # explicit opt-in by the user for a file they trust (e.g. their own older training runs)
+        return torch.load(filename, map_location=map_location, weights_only=False)
+    found = _pickled_globals(filename)
+    extra = None if found is None else sorted(g for g in found if not _TORCH_DEFAULT_GLOBALS.match(g))
+    unsafe = [g for g in extra or [] if not _RUNNER_GLOBALS.match(g)] if extra is not None else ["<unreadable>"]
+    if unsafe:
+        raise RuntimeError(f"{filename}: refusing to unpickle objects outside the checkpoint allow-list "
+                           f"({', '.join(unsafe[:5])}); set INTERNVIT_TRUST_CHECKPOINTS=1 only if you trust it")
+    allowed = [_resolve_global(g) for g in extra]
+    allowed += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")] if hasattr(np, "dtypes") else []
+    torch.serialization.add_safe_globals(allowed)
+    return torch.load(filename, map_location=map_location, weights_only=True)
+
+
+def _register_safe_checkpoint_loader() -> None:
     from mmengine.runner import CheckpointLoader
 
     @CheckpointLoader.register_scheme(prefixes="", force=True)
@@ -81,18 +148,14 @@ def _trust_runner_checkpoints() -> bool:
         filename = os.path.expanduser(filename)
         if not os.path.isfile(filename):
             raise FileNotFoundError(f"{filename} can not be found.")
-        # Trusted path: checkpoints written by the user's own mmengine training runs (they pickle
-        # mmengine/numpy objects). Pretrained weights are read by internvit.checkpoints, weights_only=True.
-        return torch.load(filename, map_location=map_location, weights_only=False)
-
-    return True
+        return load_runner_checkpoint(filename, map_location)
 
 
 def apply(mmseg: bool = True) -> None:
     """Apply every fix (idempotent). ``mmseg=False`` skips importing mmseg (classification-only use)."""
     if "base" not in _applied:
         _install_mmcv_ops_shim()
-        _trust_runner_checkpoints()
+        _register_safe_checkpoint_loader()
         _applied.add("base")
     if mmseg and "mmseg" not in _applied:
         _import_mmseg_with_version_window()
