@@ -287,7 +287,8 @@ def load_into(
 ) -> list[str]:
     """Assign ``source`` (already in model key names) to ``model`` (usually on the meta device), strictly.
 
-    Tensors are read one at a time, cast and moved, then assigned without a further copy. A key listed in
+    Tensors are read one at a time, cast to ``dtype`` (``None``: kept as stored) and moved, then assigned
+    without a further copy. A key listed in
     ``resizers`` whose shape differs is passed through its function (e.g. position-embedding
     interpolation). Raises :class:`CheckpointError` naming every missing, unexpected and mis-shaped key.
     Returns the keys that were resized.
@@ -304,21 +305,21 @@ def load_into(
             else:
                 mis_shaped.append(f"{k} (checkpoint {list(source.shape(k))} vs model {list(expected[k].shape)})")
     if missing or unexpected or mis_shaped:
-        msg = [f"{origin} does not match the model config:"]
+        msg = []
         if missing:
             msg.append(f"missing keys: {_fmt_keys(missing)}")
         if unexpected:
             msg.append(f"unexpected keys: {_fmt_keys(unexpected)}")
         if mis_shaped:
             msg.append(f"mis-shaped keys: {_fmt_keys(sorted(mis_shaped))}")
-        raise CheckpointError("; ".join(msg))
+        raise CheckpointError(f"{origin} does not match the model config: " + "; ".join(msg))
 
     for name, target in expected.items():
         t = source[name]
         if name in resized:
             t = resizers[name](t, tuple(target.shape))
         if t.is_floating_point():
-            t = t.to(device=device, dtype=dtype or target.dtype)
+            t = t.to(device=device, dtype=dtype if dtype is not None else t.dtype)
         else:
             t = t.to(device=device)
         _assign(model, name, t)

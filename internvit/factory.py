@@ -79,6 +79,16 @@ def infer_vision_config(source: TensorSource) -> InternViTConfig:
     return InternViTConfig(**base)
 
 
+def infer_config(source: TensorSource) -> InternViTConfig | InternVLConfig:
+    """Config of a bare weight file: a released InternVL layout (text tower keys present) or an InternViT."""
+    keys = [k[len("module."):] if k.startswith("module.") else k for k in source.keys()]
+    if any(k.startswith("transformer.") for k in keys):
+        return get_config("internvl-c-13b-224px")  # internvl_c_13b_224px.pth; strict loading checks the shapes
+    if any(k.startswith("qllama.") or k == "query_tokens" for k in keys):
+        return get_config("internvl-14b-224px")
+    return infer_vision_config(source)
+
+
 def _pos_embed_resizer(model: nn.Module, key: str):
     """Resize a checkpoint's square position grid to the model's (as the reference does at load time)."""
     def resize(t: torch.Tensor, shape: tuple) -> torch.Tensor:
@@ -92,7 +102,7 @@ def load_model(
     source: SourceLike,
     config: ConfigLike = None,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: Optional[torch.dtype] = torch.float32,
     device: str | torch.device = "cpu",
     freeze: bool = False,
 ) -> nn.Module:
@@ -102,14 +112,17 @@ def load_model(
     ``pytorch_model.bin``), a single weight file in either key family (``config`` then gives the
     architecture: a preset name, dict or ``config.json`` path; inferred from the shapes when omitted), or a
     preset name (random weights). A checkpoint that does not match raises :class:`CheckpointError` naming
-    the missing, unexpected and mis-shaped keys; known extra heads are logged, not fatal.
+    the missing, unexpected and mis-shaped keys; known extra heads are logged, not fatal. A weight file
+    holding a text tower (``internvl_c_13b_224px.pth``, InternVL-14B weights) gives an InternVL model.
+    ``dtype=None`` keeps the dtypes stored in the checkpoint.
     """
     src = os.fspath(source) if isinstance(source, os.PathLike) else source
     if not isinstance(src, str):
         raise TypeError(f"source must be a path or preset name, got {type(source).__name__}")
     if not os.path.exists(src):
         if is_preset(src):
-            model = build_model(config if config is not None else src, device=device, dtype=dtype)
+            model = build_model(config if config is not None else src, device=device,
+                                dtype=dtype or torch.float32)
             model.load_report = LoadReport(family="random-init")
             model.name_or_path = src
             return model.freeze() if freeze else model
@@ -125,7 +138,7 @@ def load_model(
         raise CheckpointError(f"{src}: unknown weight file type (expected {', '.join(WEIGHT_SUFFIXES)})")
 
     tensors = open_weights(src)
-    cfg = get_config(config) if config is not None else infer_vision_config(tensors)
+    cfg = get_config(config) if config is not None else infer_config(tensors)
     cls = _model_class(cfg)
     mapping, family, ignored = cls.checkpoint_key_map(tensors.keys())
     with torch.device("meta"):
@@ -154,26 +167,34 @@ def save_model(model: nn.Module, directory: SourceLike, *, max_shard_bytes: int 
 
     directory = os.fspath(directory)
     with atomic_write(directory, is_dir=True) as tmp:
-        sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
-              for k, v in model.state_dict().items()}
-        shards, cur, size = [], {}, 0
+        sd = model.state_dict()
+        itemsize = torch.empty((), dtype=dtype).element_size() if dtype is not None else None
+
+        def nbytes(v: torch.Tensor) -> int:
+            return v.numel() * (itemsize if itemsize and v.is_floating_point() else v.element_size())
+
+        shards, cur, size = [], [], 0  # plan by key; tensors are moved/cast one shard at a time
         for k, v in sd.items():
-            nbytes = v.numel() * v.element_size()
-            if cur and size + nbytes > max_shard_bytes:
+            if cur and size + nbytes(v) > max_shard_bytes:
                 shards.append(cur)
-                cur, size = {}, 0
-            cur[k] = v
-            size += nbytes
+                cur, size = [], 0
+            cur.append(k)
+            size += nbytes(v)
         shards.append(cur)
+
+        def materialise(names: list[str]) -> dict:
+            return {k: (sd[k].to(dtype) if dtype is not None and sd[k].is_floating_point() else sd[k])
+                    .detach().cpu().contiguous() for k in names}
+
         if len(shards) == 1:
-            save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+            save_file(materialise(shards[0]), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         else:
             weight_map = {}
-            for i, shard in enumerate(shards, 1):
+            for i, names in enumerate(shards, 1):
                 name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
-                weight_map.update({k: name for k in shard})
-            total = sum(v.numel() * v.element_size() for v in sd.values())
+                save_file(materialise(names), os.path.join(tmp, name), metadata={"format": "pt"})
+                weight_map.update({k: name for k in names})
+            total = sum(nbytes(v) for v in sd.values())
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
@@ -190,17 +211,24 @@ def convert_checkpoint(src: SourceLike, dst: SourceLike, *, to: str = "hf", conf
     original InternVL family (``cls_token``, ``blocks.N.*``, ``ls1.gamma``) as ``{'module': state_dict}`` to a
     ``.pth`` file (or a flat ``.safetensors`` file). Written atomically.
     """
-    from .checkpoints import hf_to_original_key
+    from .checkpoints import hf_to_original_key, strip_prefix
 
     if to not in ("hf", "original"):
         raise ValueError(f"to must be 'hf' or 'original', got {to!r}")
-    model = load_model(src, config)
+    model = load_model(src, config, dtype=None)  # keep the stored dtypes (16-bit releases stay 16-bit)
     if not isinstance(model, InternViT):
         raise CheckpointError(f"{src}: only vision (InternViT) checkpoints can be converted between families")
-    if to == "hf":
+    if to == "hf":  # an HF InternVisionModel directory has no place for extra heads: they are reported
+        if model.load_report.ignored:
+            logger.warning("%s: not carried into the HF directory: %s", src, model.load_report.summary())
         return save_model(model, dst)
     dst = os.fspath(dst)
     sd = {hf_to_original_key(k): v.contiguous() for k, v in model.state_dict().items()}
+    # known heads next to the ViT (e.g. clip_projector.* in intern_vit_6b_224px.pth) keep their names
+    extras = strip_prefix(model.load_report.ignored, ("module.",))
+    if extras:
+        source = open_weights(src)
+        sd.update({name: source[key].contiguous() for key, name in extras.items()})
     with atomic_write(dst) as tmp:
         if dst.endswith(".safetensors"):
             from safetensors.torch import save_file

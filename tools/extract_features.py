@@ -43,7 +43,7 @@ def main(argv=None) -> int:
         from internvit.features import FeatureExtractor, parse_dtype
 
         images = list_images(args.images)  # fail fast on a missing folder, before loading the model
-        model = internvit.load_model(args.model, args.config, dtype=parse_dtype(args.dtype))
+        model = internvit.load_model(args.model, args.config, dtype=parse_dtype(args.dtype), device=args.device)
         fx = FeatureExtractor(model, dict(image_size=args.image_size, resize_mode=args.resize_mode),
                               pool=args.pool, layers=args.layers, batch_size=args.batch_size,
                               num_workers=args.num_workers, device=args.device, dtype=args.dtype,

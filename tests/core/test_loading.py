@@ -121,6 +121,16 @@ def test_convert_cli_round_trip(tmp_path, vit_fixture):
     x = torch.randn(1, 3, 56, 56)
     torch.testing.assert_close(_out(internvit.load_model(hf), x), _out(internvit.load_model(vit_fixture), x),
                                atol=0, rtol=0)
+    # 16-bit checkpoints stay 16-bit, and known heads (clip_projector.*) are carried into the original family
+    sd16 = {k: v.to(torch.bfloat16) for k, v in sd.items()}
+    sd16["clip_projector.cross_attn.q.weight"] = torch.ones(4, 4, dtype=torch.bfloat16)
+    torch.save({"module": sd16}, tmp_path / "orig16.pth")
+    subprocess.run([sys.executable, tool, "to-original", str(tmp_path / "orig16.pth"), str(tmp_path / "o2.pth"),
+                    "--config", "internvit-6b-tiny"], check=True, capture_output=True)
+    back = torch.load(tmp_path / "o2.pth", weights_only=True)["module"]
+    assert back.keys() == sd16.keys() and all(back[k].dtype == torch.bfloat16 for k in back)
+    assert torch.equal(back["blocks.1.mlp.fc1.weight"], sd16["blocks.1.mlp.fc1.weight"])
+    assert torch.equal(back["clip_projector.cross_attn.q.weight"], sd16["clip_projector.cross_attn.q.weight"])
     bad = subprocess.run([sys.executable, tool, "to-hf", str(tmp_path / "missing.pth"), str(hf)],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
