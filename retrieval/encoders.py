@@ -8,6 +8,8 @@ string, which is what index manifests record so a search can rebuild the same en
 """
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 from typing import Callable, Optional, Sequence, Union
 
@@ -18,7 +20,29 @@ from torch import nn
 
 from .index import IndexMismatchError, RetrievalError
 
+logger = logging.getLogger("retrieval")
+
 SPEC_PREFIXES = ("internvl-c:", "internvl-g:", "internvit:", "open_clip:")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` → ``'bfloat16'`` (what manifests record)."""
+    return str(dtype).replace("torch.", "")
+
+
+def weights_fingerprint(model: nn.Module, dtype: Optional[torch.dtype] = None) -> str:
+    """:func:`internvit.features.weights_fingerprint` of the weights as ``dtype`` holds them (``None``: as they
+    are). Only the sampled values are cast, so an fp32 model gives the fingerprint of its bf16 / fp16 copy."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            flat = t.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 64)][:64]
+            if dtype is not None and sample.is_floating_point():
+                sample = sample.to(dtype)
+            h.update(f"{name}{tuple(t.shape)}".encode())
+            h.update(sample.float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 class Encoder:
@@ -52,6 +76,11 @@ class Encoder:
         raise RetrievalError(f"encoder {self.name!r} is image-only: it cannot embed text queries "
                              f"(use an InternVL-C/G or open_clip model)")
 
+    def _embed_texts(self, texts: list[str]) -> torch.Tensor:
+        """``(N, D)`` L2-normalised float32; by default ``_text_features`` in batches of ``text_batch_size``."""
+        return torch.cat([F.normalize(self._text_features(texts[i:i + self.text_batch_size]).float(), dim=-1)
+                          for i in range(0, len(texts), self.text_batch_size)])
+
     @torch.inference_mode()
     def encode_images(self, batch) -> torch.Tensor:
         """``(B, 3, H, W)`` preprocessed pixels → ``(B, D)`` L2-normalised float32 (on the model's device).
@@ -71,11 +100,7 @@ class Encoder:
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             return np.zeros((0, self.dim), np.float32)
-        out = []
-        for i in range(0, len(texts), self.text_batch_size):
-            feats = self._text_features([str(t) for t in texts[i:i + self.text_batch_size]])
-            out.append(F.normalize(feats.float(), dim=-1).cpu().numpy())
-        return np.concatenate(out).astype(np.float32, copy=False)
+        return self._embed_texts([str(t) for t in texts]).float().cpu().numpy()
 
     # -- images through the shared feature extractor ---------------------------------------------------
     def feature_extractor(self, *, batch_size: int = 32, num_workers: int = 0, progress: bool = False):
@@ -121,14 +146,25 @@ class Encoder:
     def info(self) -> dict:
         """What an index manifest records: enough to rebuild this encoder and to refuse a different one."""
         if self._info is None:
-            from internvit.features import weights_fingerprint
-
             pre = self.preprocess if isinstance(self.preprocess, dict) else \
                 {"transform": " ".join(repr(self.preprocess).split())}
             self._info = {"name": self.name, "kind": self.kind, "dim": self.dim, "spec": self.spec,
                           "tokenizer": self.tokenizer_path, "preprocess": pre,
+                          "dtype": dtype_name(self.dtype), "device": self.device.type,
                           "weights_fingerprint": weights_fingerprint(self.model) if self.model is not None else None}
         return dict(self._info)
+
+    def fingerprint_as(self, dtype: Optional[str]) -> Optional[str]:
+        """The weights fingerprint of this model held in ``dtype`` (a recorded dtype name; ``None``: this
+        encoder's), or ``None`` when it cannot be known: a copy in a higher or other precision than this one."""
+        if self.model is None:
+            return None
+        if dtype is None or dtype == dtype_name(self.dtype):
+            return self.info()["weights_fingerprint"]
+        target = getattr(torch, str(dtype), None)
+        if self.dtype != torch.float32 or not isinstance(target, torch.dtype) or not target.is_floating_point:
+            return None
+        return weights_fingerprint(self.model, target)
 
     def check_compatible(self, manifest: dict, where: str = "index") -> None:
         """Raise :class:`IndexMismatchError` if an index was built with another model or dimension."""
@@ -138,8 +174,14 @@ class Encoder:
         enc = manifest.get("encoder") or {}
         if enc.get("name") and enc["name"] != self.name:
             raise IndexMismatchError(f"{where}: index was built with encoder {enc['name']!r}, not {self.name!r}")
-        fp, mine = enc.get("weights_fingerprint"), self.info()["weights_fingerprint"]
-        if fp and mine and fp != mine:
+        fp = enc.get("weights_fingerprint")
+        if not fp or self.model is None:
+            return
+        mine = self.fingerprint_as(enc.get("dtype"))  # compared in the dtype the index was built in
+        if mine is None:
+            logger.warning("%s: index was built in %s, encoder %r runs in %s: its weights cannot be checked",
+                           where, enc.get("dtype"), self.name, dtype_name(self.dtype))
+        elif fp != mine:
             raise IndexMismatchError(f"{where}: encoder {self.name!r} has different weights than the ones the "
                                      f"index was built with")
 
@@ -163,8 +205,6 @@ class _PILDataset(torch.utils.data.Dataset):
 class InternVLEncoder(Encoder):
     """InternVL-C (attention-pooled InternViT) or InternVL-G (+ QLLaMA queries) image embeddings, QLLaMA text."""
 
-    supports_text = True
-
     def __init__(self, model: nn.Module, tokenizer=None, mode: str = "InternVL-C", *, spec: Optional[str] = None,
                  device="cpu", dtype=torch.float32, tokenizer_path: Optional[str] = None) -> None:
         from internvit.models.internvl import check_mode
@@ -179,14 +219,18 @@ class InternVLEncoder(Encoder):
                          dtype=dtype, tokenizer_path=tokenizer_path)
         self.tokenizer = tokenizer
 
+    @property
+    def supports_text(self) -> bool:  # a weight file without tokenizer= embeds images only
+        return self.tokenizer is not None
+
     def _image_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(x, mode=self.mode)
 
-    def _text_features(self, texts: list[str]) -> torch.Tensor:
+    def _embed_texts(self, texts: list[str]) -> torch.Tensor:
         if self.tokenizer is None:
-            raise RetrievalError(f"encoder {self.name!r} has no tokenizer: pass tokenizer= (a tokenizer.model "
-                                 f"file or a folder holding one)")
-        return self.model.encode_text(self.tokenizer(texts).to(self.device))
+            raise RetrievalError(f"encoder {self.name!r} has no tokenizer, so it cannot embed text: pass "
+                                 f"--tokenizer (tokenizer= in Python), a tokenizer.model file or its folder")
+        return _core_encode_texts(self, texts)
 
 
 class InternViTEncoder(Encoder):
@@ -226,8 +270,16 @@ class OpenCLIPEncoder(Encoder):
     def _image_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(x)
 
-    def _text_features(self, texts: list[str]) -> torch.Tensor:
-        return self.model.encode_text(self.tokenizer(texts).to(self.device))
+    def _embed_texts(self, texts: list[str]) -> torch.Tensor:
+        return _core_encode_texts(self, texts)
+
+
+def _core_encode_texts(encoder: Encoder, texts: list[str]) -> torch.Tensor:
+    """Tokenise, encode in length-sorted batches and L2-normalise with :func:`internvit.text.encode_texts`."""
+    from internvit.text import encode_texts
+
+    return encode_texts(encoder.model, encoder.tokenizer, texts, batch_size=encoder.text_batch_size,
+                        device=encoder.device)
 
 
 def _seeded(fn, seed: int = 0):
@@ -241,14 +293,16 @@ def load_encoder(spec: str, *, mode: Optional[str] = None, tokenizer: Optional[s
                  device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32) -> Encoder:
     """Build an encoder from a spec string.
 
-    * ``internvl-c:SRC`` / ``internvl-g:SRC`` — an InternVL directory (or preset such as ``internvl-tiny``);
-      the tokenizer comes from ``tokenizer=`` or ``SRC/tokenizer.model``.
+    * ``internvl-c:SRC`` / ``internvl-g:SRC`` — an InternVL directory, weight file (such as the PyTorch
+      ``internvl_c_13b_224px.pth``) or preset (such as ``internvl-tiny``); the tokenizer comes from
+      ``tokenizer=`` or ``SRC/tokenizer.model`` (a weight file needs ``tokenizer=`` for text).
     * ``internvit:SRC`` — an InternViT directory / weight file / preset (class token; image-only).
     * ``open_clip:NAME`` or ``open_clip:NAME@/path/to/weights`` — an open_clip architecture, random init or
       local weights (no download).
     * a bare ``SRC`` — InternVL (mode ``mode`` or InternVL-C) or InternViT, whichever ``SRC`` holds.
 
-    Presets (random weights) are built with a fixed seed, so the same spec gives the same weights everywhere.
+    The model is loaded straight into ``dtype`` on ``device``. Presets (random weights) are built with a fixed
+    seed, so the same spec gives the same weights everywhere.
     """
     import internvit
     from internvit.config import is_preset
@@ -280,13 +334,19 @@ def load_encoder(spec: str, *, mode: Optional[str] = None, tokenizer: Optional[s
         src = os.path.abspath(src)
     elif not is_preset(src):
         raise FileNotFoundError(f"{src}: no such model directory / weight file, and not a preset name")
-    model = _seeded(lambda: internvit.load_model(src)) if is_preset(src) and not os.path.exists(src) else \
-        internvit.load_model(src)
+
+    def load():  # built directly in dtype on device: a 14B model never exists in fp32 on the host
+        return internvit.load_model(src, dtype=dtype, device=device)
+
+    # presets are initialised in fp32 on the CPU with a fixed seed, then cast: the same weights everywhere
+    model = _seeded(load) if is_preset(src) and not os.path.exists(src) else load()
     if isinstance(model, InternVLModel):
         if prefix == "internvit":
             raise ValueError(f"{src} is an InternVL model; use internvl-c:/internvl-g: (or an InternViT)")
         mode = mode or {"internvl-g": "InternVL-G", "internvl-c": "InternVL-C"}.get(prefix, "InternVL-C")
-        tok_path = tokenizer or (src if os.path.isfile(os.path.join(src, "tokenizer.model")) else None)
+        # a model folder may hold its tokenizer; a weight file (e.g. internvl_c_13b_224px.pth) needs tokenizer=
+        tok_path = tokenizer or (src if os.path.isdir(src) and os.path.isfile(os.path.join(src, "tokenizer.model"))
+                                 else None)
         tok = internvit.get_tokenizer(tok_path) if tok_path else None
         kind = mode.lower()
         return InternVLEncoder(model, tok, mode, spec=f"{kind}:{src}", device=device, dtype=dtype,
@@ -296,12 +356,30 @@ def load_encoder(spec: str, *, mode: Optional[str] = None, tokenizer: Optional[s
     return InternViTEncoder(model, spec=f"internvit:{src}", device=device, dtype=dtype)
 
 
-def encoder_from_info(info: dict, *, device: Union[str, torch.device] = "cpu",
-                      dtype: torch.dtype = torch.float32) -> Encoder:
-    """Rebuild the encoder an index manifest recorded (same spec, tokenizer and mode)."""
+def recorded_device_dtype(info: Optional[dict], device=None, dtype=None) -> tuple[str, torch.dtype]:
+    """``(device, dtype)`` to rebuild a recorded encoder with: the given ones, else the recorded ones (a
+    recorded ``cuda`` only when CUDA is available), else ``cpu`` / float32."""
+    from internvit.features import parse_dtype
+
+    info = info or {}
+    if device is None:
+        device = info.get("device") or "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            device = "cpu"
+    if dtype is None:
+        dtype = getattr(torch, str(info.get("dtype")), None)
+        dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
+    return str(device), parse_dtype(dtype)
+
+
+def encoder_from_info(info: dict, *, device: Optional[Union[str, torch.device]] = None,
+                      dtype: Optional[torch.dtype] = None, tokenizer: Optional[str] = None) -> Encoder:
+    """Rebuild the encoder an index manifest recorded (same spec, tokenizer, mode and, unless given, dtype
+    and device; see :func:`recorded_device_dtype`). ``tokenizer`` overrides the recorded one."""
     if not info or not info.get("spec"):
         raise RetrievalError("the index records no encoder (built from bare embeddings): pass encoder= to "
                              "Retriever.load, or query with search_embedding")
     spec = info["spec"]
     mode = {"internvl-c": "InternVL-C", "internvl-g": "InternVL-G"}.get(info.get("kind", ""))
-    return load_encoder(spec, mode=mode, tokenizer=info.get("tokenizer"), device=device, dtype=dtype)
+    device, dtype = recorded_device_dtype(info, device, dtype)
+    return load_encoder(spec, mode=mode, tokenizer=tokenizer or info.get("tokenizer"), device=device, dtype=dtype)

@@ -275,6 +275,22 @@ def _gpu_count() -> int:
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
 
+def _pretransforms(index) -> tuple[list, object]:
+    """``(the IndexPreTransform wrappers of index, outermost first; the index they wrap)``."""
+    faiss = _faiss()
+    wrappers, inner = [], faiss.downcast_index(index)
+    while isinstance(inner, faiss.IndexPreTransform):
+        wrappers.append(inner)
+        inner = faiss.downcast_index(inner.index)
+    return wrappers, inner
+
+
+def _sync_ntotal(wrappers, inner) -> None:
+    """After adding straight into ``inner`` (``add_core``), make its IndexPreTransform wrappers count the rows."""
+    for w in wrappers:
+        w.ntotal = inner.ntotal
+
+
 class _GpuHelper:
     """Train IVF k-means and assign vectors to lists on the GPU(s); the index itself stays a CPU index."""
 
@@ -284,6 +300,9 @@ class _GpuHelper:
         self.ivf = faiss.try_extract_index_ivf(index)
         self.index = index
         self._assigner = None
+        # GPU assignment + add_core is used when the index is an IVF, bare or under pre-transforms (OPQ, PCA)
+        self._wrappers, inner = _pretransforms(index)
+        self._direct = inner if isinstance(inner, faiss.IndexIVF) else None
 
     def train(self, x: np.ndarray) -> None:
         faiss = self.faiss
@@ -295,21 +314,25 @@ class _GpuHelper:
 
     def add_with_ids(self, x: np.ndarray, ids: np.ndarray) -> None:
         faiss = self.faiss
-        if self.ivf is None:
+        ivf = self._direct
+        if ivf is None:
             self.index.add_with_ids(x, ids)
             return
         if self._assigner is None:
-            centroids = self.ivf.quantizer.reconstruct_n(0, self.ivf.nlist)
-            flat = faiss.IndexFlat(self.ivf.d, self.ivf.quantizer.metric_type)
+            centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+            flat = faiss.IndexFlat(ivf.d, ivf.quantizer.metric_type)
             flat.add(centroids)
             self._assigner = faiss.index_cpu_to_all_gpus(flat)
         xt = x
-        if isinstance(self.index, faiss.IndexPreTransform):
-            for i in range(self.index.chain.size()):
-                xt = faiss.downcast_VectorTransform(self.index.chain.at(i)).apply(xt)
-        _, assign = self._assigner.search(np.ascontiguousarray(xt, dtype=np.float32), 1)
-        self.ivf.add_core(len(xt), faiss.swig_ptr(np.ascontiguousarray(xt)), faiss.swig_ptr(ids),
-                          faiss.swig_ptr(np.ascontiguousarray(assign.ravel(), dtype=np.int64)))
+        for w in self._wrappers:
+            for i in range(w.chain.size()):
+                xt = faiss.downcast_VectorTransform(w.chain.at(i)).apply(xt)
+        xt = np.ascontiguousarray(xt, dtype=np.float32)
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        _, assign = self._assigner.search(xt, 1)
+        ivf.add_core(len(xt), faiss.swig_ptr(xt), faiss.swig_ptr(ids),
+                     faiss.swig_ptr(np.ascontiguousarray(assign.ravel(), dtype=np.int64)))
+        _sync_ntotal(self._wrappers, ivf)  # add_core bypasses the wrappers' ntotal
 
 
 # --------------------------------------------------------------------------------------------- exact search
@@ -474,8 +497,17 @@ class _Job:
         atomic_write_json(self.state_path, self.state)
 
     def checkpoint(self, index, name: str, **updates) -> None:
+        """Write ``index`` as ``name``, then point ``state.json`` at it, then delete the checkpoint it replaces:
+        a kill at any point leaves a state whose ``rows_done`` matches the checkpoint it names."""
+        old = self.state.get("checkpoint")
         write_index_atomic(index, self.path(name))
-        self.save(**updates)
+        self.save(checkpoint=name, **updates)
+        if old and old != name and os.path.exists(self.path(old)):
+            os.remove(self.path(old))
+
+    def resume_path(self, default: str) -> str:
+        """The checkpoint to continue adding from: the one ``state.json`` names once rows were added."""
+        return self.path(self.state.get("checkpoint", "partial.index")) if self.state.get("rows_done") else default
 
     def finish(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -491,6 +523,11 @@ def read_manifest(index_dir: str) -> dict:
         raise RetrievalError(f"{index_dir}: no {MANIFEST}, not a finished index{hint}")
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def _without_device(encoder: Optional[dict]) -> Optional[dict]:
+    """Encoder info without the device it ran on (which does not change the embeddings' identity)."""
+    return {k: v for k, v in encoder.items() if k != "device"} if encoder else encoder
 
 
 def _encoder_of(source: EmbeddingSource, encoder_info: Optional[dict]) -> Optional[dict]:
@@ -523,7 +560,7 @@ def _populate(job: _Job, index, source: EmbeddingSource, *, first_id: int, batch
             index.add_with_ids(batch, ids)
         done = end
         if done < source.count and time.monotonic() - last >= checkpoint_every_s:
-            job.checkpoint(index, "partial.index", rows_done=done)
+            job.checkpoint(index, f"partial-{done:012d}.index", rows_done=done)
             last = time.monotonic()
 
 
@@ -639,7 +676,7 @@ def build_index(
     tq_sig = None if tune_queries is None else EmbeddingSource.from_array(tune_queries).checksum()
     signature = _signature(dict(op="build", checksum=checksum, key=plan.key, train=plan.train_size,
                                 target=target_recall, k=k, nq=n_tune_queries, tq=tq_sig, seed=seed,
-                                batch=rows_per_batch, kind=kind, encoder=encoder))
+                                batch=rows_per_batch, kind=kind, encoder=_without_device(encoder)))
     index_file = INDEX_FILES.get(kind, "image.index")
 
     if os.path.isfile(os.path.join(out_dir, MANIFEST)):
@@ -677,7 +714,7 @@ def build_index(
     if job.state["stage"] == "add":
         t0 = time.perf_counter()
         if index is None:
-            index = read_index(job.path("partial.index" if job.state["rows_done"] else "trained.index"))
+            index = read_index(job.resume_path(job.path("trained.index")))
             helper = _GpuHelper(index) if use_gpu else None
         _populate(job, index, source, first_id=0, batch_rows=rows_per_batch, skip=held,
                   checkpoint_every_s=checkpoint_every_s, helper=helper, progress=progress)
@@ -762,8 +799,7 @@ def add_to_index(out_dir: str, embeddings, metadata=None, *, kind: str = "img",
     if job.state["stage"] == "train":  # nothing to train when adding
         job.save(stage="add", rows_done=0)
     if job.state["stage"] == "add":
-        rows_done = job.state["rows_done"]
-        index = read_index(job.path("partial.index") if rows_done else os.path.join(out_dir, manifest["index_file"]))
+        index = read_index(job.resume_path(os.path.join(out_dir, manifest["index_file"])))
         helper = _GpuHelper(index) if use_gpu and _gpu_count() > 0 else None
         _populate(job, index, source, first_id=first_id, batch_rows=rows_per_batch,
                   checkpoint_every_s=checkpoint_every_s, helper=helper, progress=progress)

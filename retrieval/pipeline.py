@@ -46,6 +46,9 @@ def embed_collection(encoder: Encoder, images, out_dir: str, *, captions: Option
     if os.path.isfile(enc_path):
         with open(enc_path, encoding="utf-8") as f:
             old = json.load(f)
+        if old.get("name") == info["name"] and old.get("dtype", info["dtype"]) != info["dtype"]:
+            raise IndexMismatchError(f"{out_dir} holds embeddings made in {old['dtype']}, not {info['dtype']}: "
+                                     f"use that dtype or another folder")
         if (old.get("name"), old.get("weights_fingerprint")) != (info["name"], info["weights_fingerprint"]):
             raise IndexMismatchError(f"{out_dir} holds embeddings of encoder {old.get('name')!r}, not "
                                      f"{info['name']!r}; use another folder")
@@ -110,7 +113,8 @@ def index_images(
     out_dir = os.fspath(out_dir)
     images, captions = image_inputs(source, path_column=path_column, caption_column=caption_column)
     if kind == "text" and not encoder.supports_text:
-        raise ValueError(f"kind='text' needs an encoder with a text tower; {encoder.name!r} is image-only")
+        raise ValueError(f"kind='text' needs an encoder that embeds text; {encoder.name!r} cannot (image-only, "
+                         f"or no tokenizer: pass --tokenizer)")
     if kind == "text" and captions is None:
         raise ValueError(f"{source}: kind='text' needs captions (.txt files next to the images, a caption "
                          f"column or .txt tar members), none found")

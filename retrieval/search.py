@@ -41,11 +41,12 @@ class Retriever:
     >>> res.rows[0][0]["path"], res.scores[0, 0]
     """
 
-    def __init__(self, index, manifest: dict, index_dir: str, encoder=None, *, device="cpu", dtype=None) -> None:
+    def __init__(self, index, manifest: dict, index_dir: str, encoder=None, *, device=None, dtype=None,
+                 tokenizer: Optional[str] = None) -> None:
         self.index = index
         self.manifest = manifest
         self.index_dir = index_dir
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype, self.tokenizer = device, dtype, tokenizer
         self._encoder = encoder
         self._tables: dict[str, object] = {}
         files = sorted(manifest.get("metadata_files", []), key=lambda e: e["first_id"])
@@ -55,11 +56,14 @@ class Retriever:
             encoder.check_compatible(manifest, index_dir)
 
     @classmethod
-    def load(cls, index_dir: Union[str, os.PathLike], encoder=None, *, device="cpu", dtype=None,
-             mmap: bool = False, search_params: Optional[str] = None) -> "Retriever":
+    def load(cls, index_dir: Union[str, os.PathLike], encoder=None, *, device=None, dtype=None,
+             tokenizer: Optional[str] = None, mmap: bool = False,
+             search_params: Optional[str] = None) -> "Retriever":
         """Open ``index_dir``. ``encoder``: an :class:`~retrieval.encoders.Encoder` (checked against the
         manifest: same model and dim, else :class:`IndexMismatchError`), or ``None`` to rebuild the recorded
-        one on the first text / image query. ``search_params`` overrides the tuned ones (e.g. ``'nprobe=64'``).
+        one on the first text / image query, in the recorded dtype and device unless ``dtype`` / ``device``
+        are given (a recorded ``cuda`` falls back to the CPU where there is none); ``tokenizer`` overrides the
+        recorded tokenizer. ``search_params`` overrides the tuned ones (e.g. ``'nprobe=64'``).
         ``mmap`` maps the index file instead of reading it (IVF indexes)."""
         index_dir = os.fspath(index_dir)
         index, manifest = open_index(index_dir, mmap=mmap)
@@ -67,18 +71,16 @@ class Retriever:
             from .index import set_search_params
 
             set_search_params(index, search_params)
-        return cls(index, manifest, index_dir, encoder, device=device, dtype=dtype)
+        return cls(index, manifest, index_dir, encoder, device=device, dtype=dtype, tokenizer=tokenizer)
 
     # -- encoder ------------------------------------------------------------------------------------------
     @property
     def encoder(self):
         if self._encoder is None:
-            import torch
-
             from .encoders import encoder_from_info
 
-            enc = encoder_from_info(self.manifest.get("encoder") or {}, device=self.device,
-                                    dtype=self.dtype or torch.float32)
+            enc = encoder_from_info(self.manifest.get("encoder") or {}, device=self.device, dtype=self.dtype,
+                                    tokenizer=self.tokenizer)
             enc.check_compatible(self.manifest, self.index_dir)
             self._encoder = enc
         return self._encoder

@@ -5,8 +5,10 @@
   python tools/search.py out/index --image query.jpg -k 10 --html results.html
   python tools/search.py out/index --embedding queries.npy --json
 
-The query encoder is the one the index was built with (recorded in its manifest); --model overrides it
-(it must be the same model and dimension, or the search stops with an error).
+The query encoder is the one the index was built with (recorded in its manifest), rebuilt in the recorded
+dtype and device unless --dtype / --device are given; --model overrides it (it must be the same model and
+dimension, or the search stops with an error). --tokenizer also serves an index built from a weight file
+without one (e.g. internvl_c_13b_224px.pth).
 """
 import argparse
 import json
@@ -28,10 +30,11 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print JSON records instead of a table")
     p.add_argument("--model", default=None, help="encoder spec (default: the one in the index manifest)")
     p.add_argument("--mode", default=None, choices=["InternVL-C", "InternVL-G"])
-    p.add_argument("--tokenizer", default=None)
+    p.add_argument("--tokenizer", default=None, help="tokenizer.model (or its folder) for InternVL text queries")
     p.add_argument("--params", default=None, help="faiss search parameters overriding the tuned ones, "
                                                   "e.g. nprobe=64 or efSearch=128")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default=None, help="default: the one the index was built on (cpu without CUDA)")
+    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: the one the index was built in)")
     args = p.parse_args(argv)
 
     from retrieval.embeddings import EmbeddingError
@@ -40,14 +43,19 @@ def main(argv=None) -> int:
     try:
         import numpy as np
 
+        from internvit.features import parse_dtype
         from retrieval.search import Retriever, format_table
 
+        dtype = parse_dtype(args.dtype) if args.dtype else None
         encoder = None
         if args.model:
-            from retrieval.encoders import load_encoder
+            from retrieval.encoders import load_encoder, recorded_device_dtype
+            from retrieval.index import read_manifest
 
-            encoder = load_encoder(args.model, mode=args.mode, tokenizer=args.tokenizer, device=args.device)
-        retriever = Retriever.load(args.index_dir, encoder, device=args.device, search_params=args.params)
+            device, dt = recorded_device_dtype(read_manifest(args.index_dir).get("encoder"), args.device, dtype)
+            encoder = load_encoder(args.model, mode=args.mode, tokenizer=args.tokenizer, device=device, dtype=dt)
+        retriever = Retriever.load(args.index_dir, encoder, device=args.device, dtype=dtype,
+                                   tokenizer=args.tokenizer, search_params=args.params)
         if args.text is not None:
             result = retriever.search_text(args.text, args.k)
         elif args.image is not None:

@@ -166,3 +166,87 @@ def test_inputs_parquet_and_webdataset(tmp_path, images):
     with pytest.raises(ValueError, match="no image path column"):
         pq.write_table(pa.table({"x": [1]}), tmp_path / "bad.parquet")
         image_inputs(str(tmp_path / "bad.parquet"))
+
+
+def test_model_is_loaded_in_the_requested_dtype_and_device(monkeypatch, internvl_fixture_module):
+    import internvit
+
+    calls = []
+    load = internvit.load_model
+
+    def spy(src, *args, **kwargs):
+        calls.append(kwargs)
+        return load(src, *args, **kwargs)
+
+    monkeypatch.setattr(internvit, "load_model", spy)
+    enc = load_encoder(f"internvl-c:{internvl_fixture_module}", dtype=torch.bfloat16)
+    assert calls == [{"dtype": torch.bfloat16, "device": "cpu"}]  # never materialised in fp32 first
+    assert {p.dtype for p in enc.model.parameters()} == {torch.bfloat16}
+    assert enc.info()["dtype"] == "bfloat16" and enc.info()["device"] == "cpu"
+
+
+def test_index_built_in_bf16_is_searched_in_bf16_and_accepts_fp32(tmp_path, images, caplog):
+    from internvit.features import weights_fingerprint as core_fingerprint
+    from retrieval.encoders import weights_fingerprint
+
+    enc16 = load_encoder("internvit:internvit-6b-tiny", dtype=torch.bfloat16)
+    assert weights_fingerprint(enc16.model) == core_fingerprint(enc16.model)
+    m = index_images(images, tmp_path / "idx", enc16, progress=False)
+    assert m["encoder"]["dtype"] == "bfloat16"
+    q = [os.path.join(images, "img_004.png")]
+    r = Retriever.load(tmp_path / "idx")
+    assert r.search_image(q, k=1).ids[0, 0] == 4
+    assert r.encoder.dtype == torch.bfloat16  # rebuilt in the recorded dtype, not fp32
+    r32 = Retriever.load(tmp_path / "idx", dtype=torch.float32)  # fingerprint compared in bf16: accepted
+    assert r32.search_image(q, k=1).ids[0, 0] == 4 and r32.encoder.dtype == torch.float32
+    enc32 = load_encoder("internvit:internvit-6b-tiny")
+    Retriever.load(tmp_path / "idx", encoder=enc32)
+    other = load_encoder("internvit:internvit-300m-tiny")  # other weights, same dim: still refused in fp32
+    with pytest.raises(IndexMismatchError, match="built with encoder"):
+        Retriever.load(tmp_path / "idx", encoder=other)
+    # fp32 index, bf16 query encoder: the bf16 copy cannot prove the fp32 weights, so a warning, no refusal
+    index_images(images, tmp_path / "idx32", enc32, progress=False)
+    Retriever.load(tmp_path / "idx32", encoder=enc16)
+    assert "cannot be checked" in caplog.text
+
+
+def test_text_through_core_encode_texts(internvl_encoder):
+    import torch.nn.functional as F
+
+    texts = ["a red pattern", "Picture number 3: a grey pattern with a long caption", "x"]
+    internvl_encoder.text_batch_size = 2
+    try:
+        out = internvl_encoder.encode_texts(texts)
+    finally:
+        internvl_encoder.text_batch_size = 64
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32 and out.shape == (3, 32)
+    with torch.no_grad():
+        ref = torch.cat([F.normalize(internvl_encoder.model.encode_text(internvl_encoder.tokenizer([t])), dim=-1)
+                         for t in texts])
+    np.testing.assert_allclose(out, ref.numpy(), rtol=1e-4, atol=1e-5)
+    assert internvl_encoder.encode_texts("x").shape == (1, 32)
+    assert internvl_encoder.encode_texts([]).shape == (0, 32)
+
+
+def test_weight_file_without_tokenizer(tmp_path, images, internvl_fixture_module, capsys):
+    """A model given as weights without a tokenizer (like internvl_c_13b_224px.pth) indexes images; a text
+    query then fails with one line naming --tokenizer, and works once a tokenizer is given."""
+    from tests.retrieval.test_cli import _main
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        os.symlink(os.path.join(internvl_fixture_module, f), bare / f)
+    enc = load_encoder(f"internvl-c:{bare}")
+    assert enc.tokenizer is None and not enc.supports_text
+    with pytest.raises(RetrievalError, match="no tokenizer") as e:
+        enc.encode_texts(["a dog"])
+    assert "\n" not in str(e.value) and "--tokenizer" in str(e.value)
+    index_images(images, tmp_path / "idx", enc, progress=False)  # captions stay metadata only
+    assert _main("search")([str(tmp_path / "idx"), "--text", "a dog"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "no tokenizer" in err and "\n" not in err
+    tok = os.path.join(internvl_fixture_module, "tokenizer.model")
+    assert _main("search")([str(tmp_path / "idx"), "--text", "a dog", "--tokenizer", tok, "--dtype", "bf16",
+                            "-k", "3", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 3

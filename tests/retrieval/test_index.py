@@ -251,3 +251,59 @@ def test_kill_and_resume_ends_identical(tmp_path, key):
         assert m[field] == ref[field], field
     assert (out / "image.index").read_bytes() == (tmp_path / "ref" / "image.index").read_bytes()
     assert not (out / ".work").exists()
+
+
+def test_crash_between_checkpoint_and_state_resumes_identical(tmp_path, monkeypatch):
+    """A kill after a newer checkpoint is written but before state.json names it must not re-add rows."""
+    from retrieval import index as rindex
+
+    x = mixture(3000)
+    write_embeddings(tmp_path / "emb", x, shard_size=1000)
+    common = dict(index_key="IVF16,Flat", batch_rows=250, checkpoint_every_s=0, progress=False)
+    build_index(str(tmp_path / "emb"), tmp_path / "ref", **common)
+
+    save = rindex._Job.save
+
+    def crash_before_state(self, **updates):  # the third add checkpoint is on disk, its state is not
+        if updates.get("rows_done", 0) >= 750:
+            raise KeyboardInterrupt("killed")
+        save(self, **updates)
+
+    monkeypatch.setattr(rindex._Job, "save", crash_before_state)
+    out = tmp_path / "crashed"
+    with pytest.raises(KeyboardInterrupt):
+        build_index(str(tmp_path / "emb"), out, **common)
+    state = json.loads((out / ".work" / "state.json").read_text())
+    assert state["rows_done"] == 500 and (out / ".work" / "partial-000000000750.index").exists()
+    monkeypatch.setattr(rindex._Job, "save", save)
+
+    m = build_index(str(tmp_path / "emb"), out, **common)
+    assert m["ntotal"] == 3000 and open_index(out)[0].ntotal == 3000
+    assert (out / "image.index").read_bytes() == (tmp_path / "ref" / "image.index").read_bytes()
+
+
+@pytest.mark.parametrize("key", ["IVF16,Flat", "PCA16,IVF16,Flat", "OPQ4_16,IVF16,PQ4"])
+def test_gpu_add_path_keeps_wrapper_ntotal(tmp_path, monkeypatch, key):
+    """The GPU helper's assign + add_core path, run on the CPU (GPU cloning replaced by the identity):
+    the index equals a plain add, including the ntotal of an IndexPreTransform around the IVF."""
+    from retrieval import index as rindex
+
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", lambda index: index, raising=False)
+    x = mixture(2000)
+    ids = np.arange(len(x), dtype=np.int64)
+    ref = rindex.new_index(key, x.shape[1])
+    ref.train(x)
+    mine = faiss.deserialize_index(faiss.serialize_index(ref))
+    ref.add_with_ids(x, ids)
+    helper = rindex._GpuHelper(mine)
+    helper.add_with_ids(x[:1200], ids[:1200])
+    helper.add_with_ids(x[1200:], ids[1200:])
+    assert mine.ntotal == ref.ntotal == len(x)
+    assert faiss.serialize_index(mine).tobytes() == faiss.serialize_index(ref).tobytes()
+
+    monkeypatch.setattr(rindex, "_gpu_count", lambda: 1)  # and through a whole build / add
+    write_embeddings(tmp_path / "a", x[:1500])
+    write_embeddings(tmp_path / "b", x[1500:])
+    build_index(str(tmp_path / "a"), tmp_path / "idx", index_key=key, use_gpu=True, progress=False)
+    m = add_to_index(tmp_path / "idx", str(tmp_path / "b"), use_gpu=True, progress=False)
+    assert m["ntotal"] == len(x) and open_index(tmp_path / "idx")[0].ntotal == len(x)
