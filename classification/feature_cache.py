@@ -106,7 +106,7 @@ class CachedFeatureDataset(Dataset):
     def __init__(self, dataset: Union[dict, ImageFolderDataset], backbone: Union[dict, str], cache_dir: str,
                  feature: str = "cls_mean", batch_size: int = 64, num_workers: int = 0, device: str = "auto",
                  progress: bool = True) -> None:
-        from mmengine.dist import barrier, get_rank
+        from mmengine.dist import get_world_size
 
         if feature not in CACHE_FEATURES:
             raise ValueError(f"feature must be one of {CACHE_FEATURES}, got {feature!r}")
@@ -119,14 +119,17 @@ class CachedFeatureDataset(Dataset):
         cache_dir = os.path.expanduser(os.fspath(cache_dir))
         key = cache_key(spec, feature, dataset)
         self.extracted = False
-        if get_rank() == 0 and not self._is_valid(cache_dir, key):
+        if not self._is_valid(cache_dir, key):
+            if get_world_size() > 1:  # rank 0 alone would extract while the other ranks time out at a barrier
+                raise RuntimeError(f"CachedFeatureDataset: {cache_dir} is missing or stale; distributed runs do not "
+                                   f"extract features: fill the cache with one single-process run of the same "
+                                   f"config first (python tools/train.py CONFIG), then relaunch")
             self._prepare(cache_dir)
             extract_features(spec, dataset, cache_dir, feature, batch_size=batch_size, num_workers=num_workers,
                              device=device, progress=progress)
             with open(os.path.join(cache_dir, CACHE_INFO), "w", encoding="utf-8") as f:
                 json.dump(key, f, indent=2)
             self.extracted = True
-        barrier()
         self.features, self.labels = self._read(cache_dir, feature)
         if len(self.labels) != len(dataset):
             raise RuntimeError(f"{cache_dir}: {len(self.labels)} cached rows for {len(dataset)} images")

@@ -26,13 +26,17 @@ from mmengine.model import BaseDataPreprocessor, BaseModel, BaseModule, Exponent
 from torch import nn
 
 from internvit.config import InternViTConfig, InternVLConfig, get_config
+from internvit.features import parse_dtype
 from internvit.fileio import atomic_write
 
 from .registry import MODELS
 
 BACKBONE_KEYS = ("arch", "pretrained", "dtype", "frozen", "grad_checkpointing", "init_seed")
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+
+
+def _parse_dtype(dtype) -> torch.dtype:
+    """``internvit.features.parse_dtype``, also accepting ``'torch.bfloat16'`` (``str(torch.bfloat16)``)."""
+    return parse_dtype(dtype if isinstance(dtype, torch.dtype) else str(dtype).replace("torch.", ""))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -53,8 +57,10 @@ def backbone_spec(spec: Union[dict, str]) -> dict:
     out.update(spec)
     if out["arch"] is None and out["pretrained"] is None:
         raise ValueError("backbone: give arch= (a preset name, e.g. 'internvit-6b-224px') and/or pretrained=")
-    if str(out["dtype"]).replace("torch.", "") not in _DTYPES:
-        raise ValueError(f"backbone: dtype must be one of {sorted(_DTYPES)}, got {out['dtype']!r}")
+    try:
+        _parse_dtype(out["dtype"])
+    except ValueError as e:
+        raise ValueError(f"backbone: {e}") from None
     if out["pretrained"] is not None:
         out["pretrained"] = os.path.expanduser(os.fspath(out["pretrained"]))
     return out
@@ -85,7 +91,7 @@ def build_backbone(spec: Union[dict, str]) -> nn.Module:
     import internvit
 
     spec = backbone_spec(spec)
-    dtype = _DTYPES[str(spec["dtype"]).replace("torch.", "")]
+    dtype = _parse_dtype(spec["dtype"])
     config = backbone_config(spec)  # the vision config: only the ViT of an InternVL checkpoint is read
     if spec["pretrained"] is not None:
         model = internvit.load_model(spec["pretrained"], config, dtype=dtype)

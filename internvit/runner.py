@@ -57,9 +57,17 @@ def _set_local_rank(local_rank: Optional[int]) -> None:
         os.environ["LOCAL_RANK"] = str(local_rank)
 
 
-def train(config: str, *, work_dir: Optional[str] = None, resume: Optional[str] = None, amp: bool = False,
-          cfg_options: Optional[dict] = None, launcher: str = "none", local_rank: Optional[int] = None):
-    """Train with mmengine; returns the runner after training.
+def train(config: str, **kwargs):
+    """Train with mmengine (arguments of :func:`build_train_runner`); returns the runner after training."""
+    runner = build_train_runner(config, **kwargs)
+    runner.train()
+    return runner
+
+
+def build_train_runner(config: str, *, work_dir: Optional[str] = None, resume: Optional[str] = None,
+                       amp: bool = False, cfg_options: Optional[dict] = None, launcher: str = "none",
+                       local_rank: Optional[int] = None):
+    """The training runner of ``config``, built (config, model, checkpoint paths checked) but not started.
 
     ``resume='auto'`` continues from the latest checkpoint in ``work_dir``; a path resumes from that
     checkpoint (the user's own training checkpoint: read with full unpickling). ``amp`` switches an
@@ -84,9 +92,7 @@ def train(config: str, *, work_dir: Optional[str] = None, resume: Optional[str] 
         if not osp.isfile(resume):
             raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
         cfg.resume, cfg.load_from = True, resume
-    runner = build_runner(cfg)
-    runner.train()
-    return runner
+    return build_runner(cfg)
 
 
 def _enable_visualization(cfg, show_dir: str) -> None:
@@ -104,10 +110,39 @@ def _enable_visualization(cfg, show_dir: str) -> None:
     cfg.visualizer["name"] = f"visualizer_show_{len(show_dir)}_{abs(hash(show_dir))}"
 
 
-def test(config: str, checkpoint: str, *, work_dir: Optional[str] = None, show_dir: Optional[str] = None,
-         out: Optional[str] = None, cfg_options: Optional[dict] = None, launcher: str = "none",
-         local_rank: Optional[int] = None) -> dict[str, Any]:
-    """Evaluate ``checkpoint`` with the config's test loop; returns the metrics.
+def test(config: str, checkpoint: str, **kwargs) -> dict[str, Any]:
+    """Evaluate ``checkpoint`` with the config's test loop (arguments of :func:`build_test_runner`); returns
+    the metrics."""
+    return build_test_runner(config, checkpoint, **kwargs).test()
+
+
+#: strategies that need a process group; ``--launcher none`` tests their configs with a plain ``Runner``
+_DISTRIBUTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "DDPStrategy", "ColossalAIStrategy")
+
+
+def _single_process_runner(cfg) -> None:
+    """``--launcher none`` on a ``FlexibleRunner`` config with a distributed strategy: evaluate with a plain
+    ``Runner`` instead (a full checkpoint loads the same; sharding is only for training memory)."""
+    from mmengine.logging import print_log
+
+    strategy = cfg.get("strategy") or {}
+    if cfg.get("runner_type") != "FlexibleRunner" or strategy.get("type") not in _DISTRIBUTED_STRATEGIES:
+        return
+    print_log(f"--launcher none: testing with a single-process Runner instead of FlexibleRunner + "
+              f"{strategy['type']}", logger="current", level=logging.WARNING)
+    for key in ("runner_type", "strategy"):
+        cfg.pop(key)
+    if cfg.get("model", {}).get("backbone", {}).get("out_dtype") is not None:  # DeepSpeed bf16 heads
+        cfg.model.backbone.pop("out_dtype")
+
+
+def build_test_runner(config: str, checkpoint: str, *, work_dir: Optional[str] = None,
+                      show_dir: Optional[str] = None, out: Optional[str] = None, cfg_options: Optional[dict] = None,
+                      launcher: str = "none", local_rank: Optional[int] = None):
+    """The test runner of ``config`` evaluating ``checkpoint``, built but not started.
+
+    With ``launcher='none'`` a config for ``FlexibleRunner`` with a distributed strategy (FSDP, DeepSpeed)
+    is tested with a plain single-process ``Runner``.
 
     ``show_dir`` writes prediction overlays (mmseg's ``SegVisualizationHook``); ``out`` stores the raw
     predictions: for mmseg configs a directory of label PNGs (``IoUMetric(output_dir=...)``), otherwise a
@@ -118,6 +153,8 @@ def test(config: str, checkpoint: str, *, work_dir: Optional[str] = None, show_d
         raise FileNotFoundError(f"{checkpoint}: no such checkpoint file")
     cfg = load_config(config, cfg_options=cfg_options, work_dir=work_dir, launcher=launcher)
     cfg.load_from = checkpoint
+    if launcher == "none":
+        _single_process_runner(cfg)
     if show_dir:
         _enable_visualization(cfg, osp.abspath(show_dir))
     if out:
@@ -127,5 +164,4 @@ def test(config: str, checkpoint: str, *, work_dir: Optional[str] = None, show_d
         else:
             evaluators = cfg.test_evaluator if isinstance(cfg.test_evaluator, list) else [cfg.test_evaluator]
             cfg.test_evaluator = [*evaluators, dict(type="DumpResults", out_file_path=out)]
-    runner = build_runner(cfg)
-    return runner.test()
+    return build_runner(cfg)

@@ -16,11 +16,10 @@ from torch import nn
 
 from internvit.checkpoints import CheckpointError, load_into, materialize_meta, open_weights
 from internvit.config import InternViTConfig, get_config
+from internvit.features import parse_dtype
 from internvit.models.vit import InternViT, LayerNorm, interpolate_pos_embed
 
 ArchLike = Union[str, Mapping, InternViTConfig]
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
 
 
 def resolve_arch(arch: ArchLike, **overrides) -> InternViTConfig:
@@ -36,13 +35,8 @@ def resolve_arch(arch: ArchLike, **overrides) -> InternViTConfig:
 
 
 def resolve_dtype(dtype: Union[str, torch.dtype, None]) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    return _DTYPES[dtype]
+    """``None`` → fp32, else :func:`internvit.features.parse_dtype` (``'bf16'``, ``torch.bfloat16``, ...)."""
+    return torch.float32 if dtype is None else parse_dtype(dtype)
 
 
 class LayerNorm2d(LayerNorm):
@@ -88,7 +82,9 @@ class InternViTBackbone(InternViT, BaseModule):
         freeze_vit: no gradients for the ViT; the pyramid stays trainable (as in the reference).
         with_cp: gradient checkpointing per block.
         drop_path_rate: stochastic depth, ``linspace(0, rate, L)``.
-        dtype: storage / compute dtype of the whole backbone (``'bfloat16'`` as the reference); outputs are fp32.
+        dtype: storage / compute dtype of the whole backbone (``'bfloat16'`` as the reference).
+        out_dtype: dtype of the returned maps, fp32 by default (the reference's heads are fp32). DeepSpeed bf16
+            casts the heads too: its config sets ``'bfloat16'``.
         pretrained: a weight file (either key family: original ``.pth`` or HF safetensors) or HF directory,
             loaded at construction with the position grid resized to ``img_size`` (reference behaviour).
         init_cfg: ``dict(type='Pretrained', checkpoint=...)`` loads the same way, but in :meth:`init_weights`
@@ -99,7 +95,8 @@ class InternViTBackbone(InternViT, BaseModule):
                  out_indices: Sequence[int] = (7, 11, 15, 23), with_fpn: bool = False,
                  with_final_norm: bool = False, freeze_vit: bool = False, with_cp: bool = False,
                  drop_path_rate: float = 0.0, dtype: Union[str, torch.dtype, None] = None,
-                 pretrained: Optional[str] = None, init_cfg: Optional[dict] = None) -> None:
+                 out_dtype: Union[str, torch.dtype, None] = None, pretrained: Optional[str] = None,
+                 init_cfg: Optional[dict] = None) -> None:
         if isinstance(img_size, (tuple, list)):
             if img_size[0] != img_size[1]:
                 raise ValueError(f"img_size must be square, got {tuple(img_size)}")
@@ -110,7 +107,7 @@ class InternViTBackbone(InternViT, BaseModule):
         if init_cfg is not None and init_cfg.get("type") != "Pretrained":
             raise ValueError(f"InternViTBackbone: only init_cfg=dict(type='Pretrained', checkpoint=...) is "
                              f"supported, got {init_cfg!r}")
-        self.out_dtype = torch.float32
+        self.out_dtype = resolve_dtype(out_dtype)
         self._target_dtype = resolve_dtype(dtype)
         if pretrained is not None:  # build the ViT on the meta device: no wasted random init, no 2nd copy
             with torch.device("meta"):
@@ -182,6 +179,7 @@ class InternViTBackbone(InternViT, BaseModule):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         feats = self.forward_intermediates(x, indices=self.out_indices, intermediates_only=True,
                                            output_fmt="NCHW")
-        if self.with_fpn:
-            feats = [up(f) for up, f in zip((self.up1, self.up2, self.up3, self.up4), feats)]
+        if self.with_fpn:  # in the pyramid's dtype: under FSDP only the blocks compute in bf16
+            dtype = self.up1[0].weight.dtype
+            feats = [up(f.to(dtype)) for up, f in zip((self.up1, self.up2, self.up3, self.up4), feats)]
         return tuple(f.contiguous().to(self.out_dtype) for f in feats)

@@ -29,14 +29,17 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from internvit.runner import test
+    from internvit.runner import build_test_runner
 
     try:
-        metrics = test(args.config, args.checkpoint, work_dir=args.work_dir, show_dir=args.show_dir, out=args.out,
-                       cfg_options=args.cfg_options, launcher=args.launcher, local_rank=args.local_rank)
+        # only config / checkpoint problems are one-line errors; failures while testing keep their traceback
+        runner = build_test_runner(args.config, args.checkpoint, work_dir=args.work_dir, show_dir=args.show_dir,
+                                   out=args.out, cfg_options=args.cfg_options, launcher=args.launcher,
+                                   local_rank=args.local_rank)
     except (OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    metrics = runner.test()
     print(json.dumps({k: round(float(v), 4) if isinstance(v, (int, float)) or hasattr(v, "item") else str(v)
                       for k, v in metrics.items()}))
     return 0

@@ -28,14 +28,16 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from internvit.runner import train
+    from internvit.runner import build_train_runner
 
     try:
-        train(args.config, work_dir=args.work_dir, resume=args.resume, amp=args.amp, cfg_options=args.cfg_options,
-              launcher=args.launcher, local_rank=args.local_rank)
+        # only config / checkpoint problems are one-line errors; failures while training keep their traceback
+        runner = build_train_runner(args.config, work_dir=args.work_dir, resume=args.resume, amp=args.amp,
+                                    cfg_options=args.cfg_options, launcher=args.launcher, local_rank=args.local_rank)
     except (OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    runner.train()
     return 0
 
 

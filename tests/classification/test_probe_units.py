@@ -298,3 +298,24 @@ def test_published_head_checkpoint_loads(tmp_path):
 
     with pytest.raises(CheckpointError, match="mis-shaped head weights: .*head.fc.weight"):
         load_head_weights(model, str(path))
+
+
+def test_cached_features_refuse_to_extract_in_a_distributed_run(toy_digits, tmp_path, monkeypatch):
+    """A cold cache under torchrun is an error on every rank (rank 0 alone would extract while the others
+    time out at a barrier); a warm cache is read by every rank."""
+    import mmengine.dist
+
+    from classification.feature_cache import CachedFeatureDataset
+
+    images = ImageFolderDataset(toy_digits, split="val", transform=dict(image_size=28))
+    images.samples = images.samples[:4]
+    cache = str(tmp_path / "cache")
+    monkeypatch.setattr(mmengine.dist, "get_world_size", lambda *a, **k: 2)
+    with pytest.raises(RuntimeError, match="single-process run"):
+        CachedFeatureDataset(images, dict(arch=TINY), cache, progress=False)
+    assert not os.path.exists(cache)
+    monkeypatch.undo()
+    assert CachedFeatureDataset(images, dict(arch=TINY), cache, progress=False).extracted
+    monkeypatch.setattr(mmengine.dist, "get_world_size", lambda *a, **k: 2)
+    warm = CachedFeatureDataset(images, dict(arch=TINY), cache, progress=False)
+    assert not warm.extracted and len(warm.labels) == 4

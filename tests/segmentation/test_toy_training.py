@@ -102,3 +102,43 @@ def test_mmseg_inferencer_with_our_config_and_checkpoint(uper_run, toy_data, tmp
     assert result.pred_sem_seg.data.shape[-2:] == (120, 150)
     pngs = glob.glob(str(tmp_path / "vis" / "**" / "*.png"), recursive=True)
     assert pngs, "no overlay written"
+
+
+def test_fsdp_config_tests_in_one_process_with_launcher_none(uper_run):
+    """tools/test.py --launcher none on a FlexibleRunner + FSDPStrategy config: a plain Runner evaluates."""
+    from mmengine.config import Config
+    from mmengine.runner import FlexibleRunner
+
+    from internvit.runner import build_test_runner
+
+    from .conftest import ROOT
+
+    work_dir, opts = uper_run
+    fsdp = Config.fromfile(os.path.join(ROOT, "configs", "segmentation", "_base_", "fsdp_bf16.py"))
+    opts = dict(opts, runner_type=fsdp.runner_type, strategy=fsdp.strategy.to_dict())
+    runner = build_test_runner(TOY_UPER, os.path.join(work_dir, f"iter_{ITERS}.pth"), work_dir=work_dir,
+                               cfg_options=opts)
+    assert not isinstance(runner, FlexibleRunner)
+    assert runner.test()["mIoU"] >= 60.0
+
+
+def test_tools_train_reports_config_errors_but_not_runtime_errors(uper_run, monkeypatch, capsys):
+    import importlib.util
+
+    from mmengine.runner import Runner
+
+    from .conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("tools_train", os.path.join(ROOT, "tools", "train.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(["no/such/config.py"]) == 2 and "no such config" in capsys.readouterr().err
+
+    def boom(self):
+        raise ValueError("mid-training failure")
+
+    monkeypatch.setattr(Runner, "train", boom)
+    work_dir, opts = uper_run
+    with pytest.raises(ValueError, match="mid-training"):
+        tool.main([TOY_UPER, "--work-dir", work_dir + "_boom", "--cfg-options",
+                   *[f"{k}={v}" for k, v in opts.items()]])
