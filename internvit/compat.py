@@ -126,8 +126,9 @@ def load_runner_checkpoint(filename: str, map_location=None):
     except pickle.UnpicklingError:
         pass
     if os.environ.get("INTERNVIT_TRUST_CHECKPOINTS") == "1":
-        # explicit opt-in by the user for a file they trust (e.g. their own older training runs)
-        return torch.load(filename, map_location=map_location, weights_only=False)
+        # Trusted path, explicit opt-in only: for checkpoints the user's own training runs wrote (e.g. with
+        # objects outside the allow-list). Pretrained weights never come here (internvit.checkpoints).
+        return torch.load(filename, map_location=map_location, weights_only=False)  # user's own training run
     found = _pickled_globals(filename)
     extra = None if found is None else sorted(g for g in found if not _TORCH_DEFAULT_GLOBALS.match(g))
     unsafe = [g for g in extra or [] if not _RUNNER_GLOBALS.match(g)] if extra is not None else ["<unreadable>"]

@@ -3,15 +3,12 @@
 # Subset: a seeded 1/4 of the training list, written to <work_dir>/few_shot_subset.txt.
 # Expects ./pretrained/intern_vit_6b_224px.pth (or the HF directory via model.backbone.pretrained).
 _base_ = [
-    '../_base_/models/linear_internvit_6b.py', '../_base_/datasets/ade20k_504x504_few_shot.py',
-    '../_base_/default_runtime.py', '../_base_/schedules/schedule_80k.py', '../_base_/fsdp_bf16.py',
+    '../_base_/few_shot_finetune.py', '../_base_/datasets/ade20k_504x504_few_shot.py',
+    '../_base_/default_runtime.py', '../_base_/fsdp_bf16.py',
 ]
 train_dataloader = dict(dataset=dict(subset_divisor=4, subset_seed=0))
 max_iters = 20000
 warmup_iters = 400
-model = dict(backbone=dict(out_indices=[47], freeze_vit=False, drop_path_rate=0.4, dtype='float32', with_cp=False,
-                           pretrained='./pretrained/intern_vit_6b_224px.pth'))
-optim_wrapper = dict(optimizer=dict(weight_decay=0.05), paramwise_cfg=dict(num_layers=48, layer_decay_rate=0.95))
 param_scheduler = [
     dict(type='LinearLR', start_factor=1e-6, by_epoch=False, begin=0, end=warmup_iters + 1),
     dict(type='PolyLR', power=1.0, eta_min=0.0, by_epoch=False, begin=0, end=max_iters + 1),
