@@ -6,6 +6,7 @@ from typing import Optional, Sequence
 from torchvision import transforms as T
 
 from .config import IMAGENET_MEAN, IMAGENET_STD, InternViTConfig, InternVLConfig
+from .tiling import dynamic_tiles, tile_grid  # noqa: F401 - public here (issue 13)
 
 _MODES = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR,
           "nearest": T.InterpolationMode.NEAREST}

@@ -1,0 +1,365 @@
+"""Dynamic high-resolution tiling (the InternVL-Chat 1.5 / 2 / 2.5 preprocessing), for feature extraction.
+
+An image of ``W × H`` pixels is resized to the allowed grid of ``S × S`` tiles (``S`` = ``image_size``, 448 for
+the 448-px InternViT releases) whose aspect ratio ``cols / rows`` is closest to ``W / H``, cut into ``cols·rows``
+tiles in row-major order, and, when the grid has more than one tile and ``use_thumbnail`` is on, followed by a
+thumbnail: the whole image squashed to ``S × S`` (reference-spec-2 §1.2–1.4).
+
+Pieces, each usable alone:
+
+* :func:`tile_grid` / :func:`candidate_grids` — the grid selection rule, bit-for-bit the upstream one;
+* :func:`dynamic_tiles` — PIL image → list of PIL tiles in upstream order; :func:`tile_layout` — the same
+  plan as numbers (grid, canvas, boxes) without touching pixels;
+* :class:`TileDataset` — one item per image: its tiles as one tensor plus per-tile metadata (image id,
+  tile index, grid cols/rows, thumbnail flag); unreadable images become per-image errors;
+* :func:`pack_batches` — batches of image ids whose tiles fill up to ``max_tiles`` (tiles of several
+  images share one forward pass); :func:`collate_tiles` — the matching ``collate_fn``;
+* :func:`pool_tiles` — per-image pooling of per-tile features (``'mean'`` over all tiles, ``'thumbnail'``);
+* :func:`pixel_shuffle` — the MLLM projector's input form (``downsample_ratio`` 0.5: ``(N, 1024, C)`` patch
+  tokens → ``(N, 256, 4C)``), as InternVL-Chat's ``extract_feature`` with ``ps_version='v2'``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+__all__ = ["TILE_POOLS", "TileLayout", "TileDataset", "candidate_grids", "collate_tiles", "dynamic_tiles",
+           "pack_batches", "pixel_shuffle", "pool_tiles", "tile_counts", "tile_grid", "tile_layout",
+           "validate_tile_args"]
+
+#: per-image pooling of tile features: one row per tile (``None``), the mean over every tile of an image
+#: (grid tiles and thumbnail), or the whole-image view alone (the thumbnail; the single tile of a 1×1 grid)
+TILE_POOLS = (None, "mean", "thumbnail")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Grid rule
+# ---------------------------------------------------------------------------------------------------
+def validate_tile_args(min_num: int = 1, max_num: int = 12, image_size: int = 448) -> None:
+    """Raise ``ValueError`` naming the argument unless ``1 <= min_num <= max_num`` and ``image_size > 0``."""
+    for name, v in (("min_num", min_num), ("max_num", max_num), ("image_size", image_size)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"{name} must be an integer, got {v!r}")
+    if min_num < 1:
+        raise ValueError(f"min_num must be >= 1, got {min_num}")
+    if max_num < min_num:
+        raise ValueError(f"max_num must be >= min_num ({min_num}), got {max_num}")
+    if image_size <= 0:
+        raise ValueError(f"image_size must be > 0, got {image_size}")
+
+
+def candidate_grids(min_num: int = 1, max_num: int = 12) -> list[tuple[int, int]]:
+    """Every ``(cols, rows)`` with ``min_num <= cols·rows <= max_num``, by ascending tile count.
+
+    Within one tile count the order is by ``cols`` (upstream's order there comes from set iteration; it never
+    changes the selected grid, reference-spec-2 §1.2).
+    """
+    validate_tile_args(min_num, max_num, 1)
+    grids = [(c, r) for c in range(1, max_num + 1) for r in range(1, max_num // c + 1) if min_num <= c * r]
+    return sorted(grids, key=lambda g: (g[0] * g[1], g[0]))
+
+
+def tile_grid(width: int, height: int, *, min_num: int = 1, max_num: int = 12,
+              image_size: int = 448) -> tuple[int, int]:
+    """The tile grid ``(cols, rows)`` InternVL-Chat picks for a ``width × height`` image.
+
+    Rule (reference-spec-2 §1.3): walk :func:`candidate_grids` in order, keep the grid whose ratio
+    ``cols/rows`` is closest (float64 ``|W/H − cols/rows|``) to the image's; on an exactly equal distance,
+    a later (larger) grid replaces the kept one only if the image has more than half the grid canvas'
+    pixels (``W·H > 0.5·S²·cols·rows``). Raises ``ValueError`` for a non-positive size or bad arguments.
+    """
+    validate_tile_args(min_num, max_num, image_size)
+    if int(width) <= 0 or int(height) <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    aspect = width / height
+    area = width * height
+    best, best_diff = (1, 1), float("inf")
+    for c, r in candidate_grids(min_num, max_num):
+        diff = abs(aspect - c / r)
+        if diff < best_diff:
+            best, best_diff = (c, r), diff
+        elif diff == best_diff and area > 0.5 * image_size * image_size * c * r:
+            best = (c, r)
+    return best
+
+
+@dataclass(frozen=True)
+class TileLayout:
+    """How one image is tiled: the grid, the canvas it is resized to and every tile's box.
+
+    ``boxes[k]`` is tile ``k``'s ``(left, top, right, bottom)`` on the canvas (pixels); ``source_boxes[k]`` the
+    same box in the original image's pixels (floats). The thumbnail, when present, is image index
+    ``num_tiles`` (the last) and covers the whole image.
+    """
+
+    width: int
+    height: int
+    cols: int
+    rows: int
+    image_size: int
+    has_thumbnail: bool
+
+    @property
+    def num_tiles(self) -> int:
+        """Grid tiles, without the thumbnail."""
+        return self.cols * self.rows
+
+    @property
+    def num_images(self) -> int:
+        """Images :func:`dynamic_tiles` returns: the grid tiles plus the thumbnail if any."""
+        return self.num_tiles + int(self.has_thumbnail)
+
+    @property
+    def canvas_size(self) -> tuple[int, int]:
+        """``(width, height)`` of the resized image the tiles are cut from."""
+        return self.cols * self.image_size, self.rows * self.image_size
+
+    @property
+    def boxes(self) -> list[tuple[int, int, int, int]]:
+        s = self.image_size
+        return [((k % self.cols) * s, (k // self.cols) * s, (k % self.cols + 1) * s, (k // self.cols + 1) * s)
+                for k in range(self.num_tiles)]
+
+    @property
+    def source_boxes(self) -> list[tuple[float, float, float, float]]:
+        cw, ch = self.canvas_size
+        sx, sy = self.width / cw, self.height / ch
+        return [(a * sx, b * sy, c * sx, d * sy) for a, b, c, d in self.boxes]
+
+
+def tile_layout(width: int, height: int, *, min_num: int = 1, max_num: int = 12, image_size: int = 448,
+                use_thumbnail: bool = True) -> TileLayout:
+    """The :class:`TileLayout` of a ``width × height`` image (no pixels touched)."""
+    cols, rows = tile_grid(width, height, min_num=min_num, max_num=max_num, image_size=image_size)
+    return TileLayout(int(width), int(height), cols, rows, int(image_size),
+                      bool(use_thumbnail) and cols * rows > 1)
+
+
+def dynamic_tiles(image, *, min_num: int = 1, max_num: int = 12, image_size: int = 448,
+                  use_thumbnail: bool = True) -> list:
+    """Cut a PIL image into InternVL-Chat's dynamic-resolution tiles, in upstream order.
+
+    The image is resized (PIL's default filter: bicubic for RGB/L, as upstream) to the canvas of
+    :func:`tile_grid`'s grid and cut into ``cols·rows`` ``image_size``-square tiles, row-major (left to
+    right, rows top to bottom); when the grid has more than one tile and ``use_thumbnail`` is on, the
+    original image squashed to ``image_size × image_size`` follows as the last item. Returns a list of PIL
+    images (mode as given; upstream converts to RGB first).
+    """
+    layout = tile_layout(image.width, image.height, min_num=min_num, max_num=max_num, image_size=image_size,
+                         use_thumbnail=use_thumbnail)
+    canvas = image.resize(layout.canvas_size)
+    tiles = [canvas.crop(box) for box in layout.boxes]
+    if layout.has_thumbnail:
+        tiles.append(image.resize((image_size, image_size)))
+    return tiles
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dataset, packing, collate
+# ---------------------------------------------------------------------------------------------------
+def _image_size(path: str) -> Optional[tuple[int, int]]:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:  # reads the header only
+            return img.size
+    except Exception:  # noqa: BLE001 - an unreadable file is reported when it is read, not here
+        return None
+
+
+def tile_counts(paths: Sequence[str], *, min_num: int = 1, max_num: int = 12, image_size: int = 448,
+                use_thumbnail: bool = True) -> list[int]:
+    """Tiles per image (thumbnail included) from the image headers (no decoding); 1 for an unreadable file."""
+    out = []
+    for p in paths:
+        size = _image_size(p)
+        out.append(1 if size is None else tile_layout(*size, min_num=min_num, max_num=max_num,
+                                                      image_size=image_size,
+                                                      use_thumbnail=use_thumbnail).num_images)
+    return out
+
+
+class TileDataset(Dataset):
+    """Images expanded into their dynamic-resolution tiles; one item per image.
+
+    Item ``i`` is ``(tiles, i, None)`` with ``tiles`` a dict: ``pixel_values`` ``(T, 3, S, S)`` (every tile
+    through ``transform``, a PIL → tensor callable; default ``ToTensor``), ``tile_index`` ``(T,)``,
+    ``is_thumbnail`` ``(T,)`` bool, ``cols``, ``rows``, ``width``, ``height`` (ints). A missing, non-image or
+    corrupt file gives ``(None, i, 'ErrorType: message')``. ``num_tiles`` lists the tile counts from the
+    image headers (computed lazily, for :func:`pack_batches`).
+    """
+
+    def __init__(self, paths: Sequence[str], transform: Optional[Callable] = None, *, min_num: int = 1,
+                 max_num: int = 12, image_size: int = 448, use_thumbnail: bool = True) -> None:
+        validate_tile_args(min_num, max_num, image_size)
+        self.paths = [os.fspath(p) for p in paths]
+        self.transform = transform
+        self.min_num, self.max_num, self.image_size = min_num, max_num, image_size
+        self.use_thumbnail = bool(use_thumbnail)
+        self._counts: Optional[list[int]] = None
+
+    def params(self) -> dict:
+        """The tiling parameters (JSON-ready), e.g. for a manifest."""
+        return {"min_num": self.min_num, "max_num": self.max_num, "image_size": self.image_size,
+                "use_thumbnail": self.use_thumbnail}
+
+    @property
+    def num_tiles(self) -> list[int]:
+        if self._counts is None:
+            self._counts = tile_counts(self.paths, min_num=self.min_num, max_num=self.max_num,
+                                       image_size=self.image_size, use_thumbnail=self.use_thumbnail)
+        return self._counts
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        from .data import _error_text, load_image
+
+        try:
+            img = load_image(self.paths[i])
+            layout = tile_layout(img.width, img.height, min_num=self.min_num, max_num=self.max_num,
+                                 image_size=self.image_size, use_thumbnail=self.use_thumbnail)
+            tiles = dynamic_tiles(img, min_num=self.min_num, max_num=self.max_num, image_size=self.image_size,
+                                  use_thumbnail=self.use_thumbnail)
+            tf = self.transform or _to_tensor
+            pixels = torch.stack([tf(t) for t in tiles])
+        except Exception as e:  # noqa: BLE001 - any bad file is reported, never fatal
+            return None, i, _error_text(e)
+        n = len(tiles)
+        return {"pixel_values": pixels, "tile_index": torch.arange(n),
+                "is_thumbnail": torch.arange(n) >= layout.num_tiles, "cols": layout.cols, "rows": layout.rows,
+                "width": layout.width, "height": layout.height}, i, None
+
+    @staticmethod
+    def collate(batch):
+        return collate_tiles(batch)
+
+
+def _to_tensor(img):
+    from torchvision.transforms.functional import to_tensor
+
+    return to_tensor(img.convert("RGB") if img.mode != "RGB" else img)
+
+
+def pack_batches(num_tiles: Sequence[int], max_tiles: int, *, start: int = 0,
+                 end: Optional[int] = None) -> list[list[int]]:
+    """Batches of consecutive image ids in ``[start, end)`` holding at most ``max_tiles`` tiles each.
+
+    Images are never split across batches and keep their order; an image with more tiles than
+    ``max_tiles`` gets a batch of its own. Use as a DataLoader ``batch_sampler``.
+    """
+    if int(max_tiles) < 1:
+        raise ValueError(f"max_tiles must be >= 1, got {max_tiles}")
+    end = len(num_tiles) if end is None else end
+    batches, cur, used = [], [], 0
+    for i in range(start, end):
+        n = max(1, int(num_tiles[i]))
+        if cur and used + n > max_tiles:
+            batches.append(cur)
+            cur, used = [], 0
+        cur.append(i)
+        used += n
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def collate_tiles(batch):
+    """``(pixel_values (T, 3, S, S) or None, ids, errors, tile_meta)`` for a batch of :class:`TileDataset` items.
+
+    ``tile_meta`` holds one entry per tile row: ``image_id``, ``tile_index``, ``cols``, ``rows`` (int64
+    tensors) and ``is_thumbnail`` (bool); ``ids`` the images that could be read, ``errors`` ``[(id, message)]``.
+    """
+    ok = [(x, i) for x, i, err in batch if x is not None]
+    errors = [(i, err) for x, i, err in batch if x is None]
+    if not ok:
+        return None, [], errors, None
+    counts = [x["pixel_values"].shape[0] for x, _ in ok]
+    meta = {
+        "image_id": torch.repeat_interleave(torch.tensor([i for _, i in ok]), torch.tensor(counts)),
+        "tile_index": torch.cat([x["tile_index"] for x, _ in ok]),
+        "is_thumbnail": torch.cat([x["is_thumbnail"] for x, _ in ok]),
+        "cols": torch.repeat_interleave(torch.tensor([x["cols"] for x, _ in ok]), torch.tensor(counts)),
+        "rows": torch.repeat_interleave(torch.tensor([x["rows"] for x, _ in ok]), torch.tensor(counts)),
+    }
+    return torch.cat([x["pixel_values"] for x, _ in ok]), [i for _, i in ok], errors, meta
+
+
+# ---------------------------------------------------------------------------------------------------
+# Per-image pooling, pixel shuffle
+# ---------------------------------------------------------------------------------------------------
+def pool_tiles(features: torch.Tensor, image_id: torch.Tensor, is_thumbnail: torch.Tensor,
+               how: Optional[str]) -> tuple[torch.Tensor, list[int]]:
+    """Per-image features from per-tile features (rows of one image must be contiguous).
+
+    ``how``: ``None`` returns the rows unchanged (one per tile); ``'mean'`` the mean over every tile of an
+    image, thumbnail included; ``'thumbnail'`` the whole-image view: the thumbnail row, or the single tile of
+    a 1×1 grid (which is the whole image squashed to ``S × S``, i.e. what the thumbnail would be). Raises
+    ``ValueError`` for ``'thumbnail'`` when a multi-tile image has no thumbnail row. Returns
+    ``(features (N_out, ...), image ids of the rows)``; features keep their dtype (means in float32).
+    """
+    if how not in TILE_POOLS:
+        raise ValueError(f"tile_pool must be one of {TILE_POOLS}, got {how!r}")
+    ids = image_id.tolist()
+    if how is None:
+        return features, ids
+    # contiguous runs of one image id
+    starts = [k for k in range(len(ids)) if k == 0 or ids[k] != ids[k - 1]]
+    bounds = list(zip(starts, starts[1:] + [len(ids)]))
+    if len({ids[a] for a, _ in bounds}) != len(bounds):
+        raise ValueError("pool_tiles: the tiles of one image must be contiguous")
+    out = []
+    for a, b in bounds:
+        if how == "mean":
+            out.append(features[a:b].float().mean(0))
+            continue
+        thumb = [k for k in range(a, b) if bool(is_thumbnail[k])]
+        if thumb:
+            out.append(features[thumb[-1]])
+        elif b - a == 1:
+            out.append(features[a])
+        else:
+            raise ValueError(f"tile_pool='thumbnail' but image {ids[a]} has {b - a} tiles and no thumbnail "
+                             f"(use_thumbnail=False)")
+    return torch.stack(out), [ids[a] for a, _ in bounds]
+
+
+def pixel_shuffle(tokens: torch.Tensor, downsample_ratio: float = 0.5) -> torch.Tensor:
+    """Patch tokens → the MLLM projector's input form (InternVL-Chat ``pixel_shuffle``, ``ps_version='v2'``).
+
+    ``tokens``: ``(N, L, C)`` patch tokens without the class token, ``L = G²`` on a square ``G × G`` grid
+    (row-major), or ``(N, G, G, C)``. With ``f = 1 / downsample_ratio`` (2 for the upstream 0.5), output
+    token ``(i, j)`` is the concatenation of the input tokens ``x[f·i + m, f·j + k]`` for ``m`` (row offset,
+    outer) and ``k`` (column offset, inner) in ``0…f−1``; tokens are flattened row-major. Returns
+    ``(N, (G/f)², f²·C)``: ``(N, 256, 4C)`` for a 448-px tile. Raises ``ValueError`` if the grid is not
+    square or not divisible by ``f``.
+    """
+    if not 0 < downsample_ratio <= 1:
+        raise ValueError(f"downsample_ratio must be in (0, 1], got {downsample_ratio}")
+    f = round(1 / downsample_ratio)
+    if abs(f * downsample_ratio - 1) > 1e-9:
+        raise ValueError(f"1 / downsample_ratio must be an integer, got downsample_ratio={downsample_ratio}")
+    if tokens.ndim == 3:
+        n, length, c = tokens.shape
+        g = int(round(length ** 0.5))
+        if g * g != length:
+            raise ValueError(f"pixel_shuffle needs a square token grid (no class token), got {length} tokens")
+        x = tokens.reshape(n, g, g, c)
+    elif tokens.ndim == 4:
+        x = tokens
+        n, g, g2, c = x.shape
+        if g != g2:
+            raise ValueError(f"pixel_shuffle needs a square grid, got {g}x{g2}")
+    else:
+        raise ValueError(f"tokens must be (N, L, C) or (N, G, G, C), got shape {tuple(tokens.shape)}")
+    if g % f:
+        raise ValueError(f"grid side {g} is not divisible by 1/downsample_ratio = {f}")
+    h = g // f
+    x = x.reshape(n, h, f, h, f, c).permute(0, 1, 3, 2, 4, 5)  # (n, i, j, m, k, c)
+    return x.reshape(n, h * h, f * f * c)
+
