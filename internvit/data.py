@@ -36,25 +36,88 @@ def _read_list_file(path: str) -> list[str]:
     return out
 
 
+def _walk_images(top: str) -> list[str]:
+    """Image files under ``top``, each real file once, on any symlink layout.
+
+    Symlinked folders and files are followed, but each folder is entered once per ``(st_dev, st_ino)`` (so
+    ``self -> .`` or ``sub/up -> ..`` loops end) and a file reached through several paths is listed once.
+    Real (non-link) folders and files are visited before symlinks, so a file is listed under its own path
+    when it lies inside ``top`` and under a link's path only when it is reached through links alone. Hidden
+    names (``.x``) are skipped; broken links are listed like any other path (they become per-image read
+    errors when read).
+    """
+    found: list[str] = []
+    seen_dirs: set[tuple[int, int]] = set()
+    seen_files: set[tuple[int, int]] = set()
+    real_dirs, linked_dirs, linked_files = [top], [], []
+
+    def add_file(path: str, st: Optional[os.stat_result]) -> None:
+        if st is not None:
+            key = (st.st_dev, st.st_ino)
+            if key in seen_files:
+                return
+            seen_files.add(key)
+        found.append(path)
+
+    while real_dirs or linked_dirs:
+        folder = real_dirs.pop() if real_dirs else linked_dirs.pop(0)
+        try:
+            st = os.stat(folder)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in seen_dirs:
+            continue
+        seen_dirs.add((st.st_dev, st.st_ino))
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            continue
+        subdirs = []
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            try:
+                is_link, is_dir = e.is_symlink(), e.is_dir()  # is_dir follows links
+            except OSError:
+                is_link, is_dir = True, False
+            if is_dir:
+                (linked_dirs if is_link else subdirs).append(e.path)
+            elif is_image_file(e.name):
+                if is_link:
+                    linked_files.append(e.path)
+                else:
+                    add_file(e.path, e.stat(follow_symlinks=False))
+        real_dirs.extend(reversed(subdirs))  # depth first, in name order
+    for path in linked_files:
+        try:
+            st = os.stat(path)
+        except OSError:  # a broken link: keep it, reading it reports the error
+            st = None
+        add_file(path, st)
+    return found
+
+
 def list_images(source: ImagesLike) -> list[str]:
     """Image paths of a folder (recursive, sorted), a ``.txt`` / ``.lst`` list file, or a list of paths.
 
-    In a list file, one path per line; relative paths resolve against the file's folder; blank lines and
-    ``#`` comments are skipped. Listed paths are not checked here: a missing or unreadable file becomes a
-    per-image error when it is read (see :class:`ImageDataset`). A missing folder / list file raises
-    ``FileNotFoundError`` naming it.
+    A folder is walked recursively following symlinks, visiting each real folder and each real file once
+    (by device and inode), so any symlink layout terminates and gives each image once. In a list file, one
+    path per line; relative paths resolve against the file's folder; blank lines and ``#`` comments are
+    skipped. Listed paths are not checked here: a missing or unreadable file becomes a per-image error when
+    it is read (see :class:`ImageDataset`). A missing folder / list file raises ``FileNotFoundError`` naming
+    it; anything that is not a path or list of paths raises ``TypeError``.
     """
     if isinstance(source, (list, tuple)):
+        bad = next((p for p in source if not isinstance(p, (str, os.PathLike))), None)
+        if bad is not None:
+            raise TypeError(f"image paths must be str or os.PathLike, got {type(bad).__name__}")
         return [os.fspath(p) for p in source]
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"images must be a folder, a list file or a list of paths, got {type(source).__name__}")
     src = os.path.expanduser(os.fspath(source))
     if os.path.isdir(src):
-        found = []
-        for root, dirs, files in os.walk(src, followlinks=True):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-            found.extend(os.path.join(root, f) for f in files if is_image_file(f) and not f.startswith("."))
-        return sorted(found)
+        return sorted(_walk_images(src))
     if os.path.isfile(src):
         if src.lower().endswith(LIST_EXTENSIONS):
             return _read_list_file(src)
@@ -64,13 +127,76 @@ def list_images(source: ImagesLike) -> list[str]:
     raise FileNotFoundError(f"{src}: no such folder or list file")
 
 
-def load_image(path: str):
-    """Open an image fully (decoding errors surface here, not later) as RGB."""
+_EXIF_ORIENTATION = 0x0112
+
+#: the colour transparent pixels are composited onto (white, as browsers and image viewers show them)
+ALPHA_BACKGROUND: tuple[int, int, int] = (255, 255, 255)
+
+
+def _scale_to_uint8(a, *, integer: bool):
+    """Map a high-bit-depth single-channel array to uint8.
+
+    Integers: the 16-bit range ``0..65535`` maps linearly onto ``0..255`` (``round(v / 257)``); integer data
+    outside that range (32-bit) is min-max scaled. Floats: ``[0, 1]`` maps onto ``0..255``; float data
+    outside ``[0, 1]`` is min-max scaled; NaN becomes 0.
+    """
+    import numpy as np
+
+    a = np.asarray(a, dtype=np.float64)
+    finite = np.isfinite(a)
+    a = np.where(finite, a, 0.0)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    full = 65535.0 if integer else 1.0
+    if lo < 0 or hi > full:
+        a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+    else:
+        a = a / full
+    return np.clip(np.rint(a * 255.0), 0, 255).astype(np.uint8)
+
+
+def to_rgb(img):
+    """Any PIL image → 8-bit ``RGB``, with the same rules everywhere (``load_image``, the transforms).
+
+    * 16-bit and 32-bit integer modes (``I;16``, ``I;16B``, ``I;16L``, ``I``) and float ``F``: scaled to
+      8 bits by :func:`_scale_to_uint8` (``65535`` → ``255``; float ``1.0`` → ``255``), not clipped at 255.
+    * Transparency (``RGBA``, ``LA``, ``PA``, premultiplied ``RGBa``/``La``, palette or ``L``/``RGB`` images
+      with a ``transparency`` colour): composited onto :data:`ALPHA_BACKGROUND` (white), so transparent
+      pixels look as a viewer shows them, whatever colour they store.
+    * Everything else (``1``, ``L``, ``P``, ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``, ``RGBX``): PIL's
+      ``convert('RGB')``.
+    """
     from PIL import Image
+
+    mode = img.mode
+    if mode == "RGB" and "transparency" not in img.info:
+        return img
+    if mode.startswith("I") or mode == "F":
+        grey = Image.fromarray(_scale_to_uint8(img, integer=mode != "F"), mode="L")
+        return grey.convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+    if has_alpha:
+        rgba = (img.convert("LA") if mode == "La" else img).convert("RGBA")  # PIL has no La -> RGBA
+        background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(path):
+    """Open an image fully (decoding errors surface here, not later) as an 8-bit ``RGB`` PIL image.
+
+    ``path`` is a path or a binary file object. The EXIF orientation tag is applied (a phone photo stored
+    sideways with orientation 6 comes out upright), animated images give their first frame, and every PIL
+    mode is converted by :func:`to_rgb` (16-bit / float scaled to 8 bits, transparency composited onto
+    white). Raises what PIL raises for a missing, truncated or non-image file (``OSError``,
+    ``PIL.UnidentifiedImageError``, ``ValueError``).
+    """
+    from PIL import Image, ImageOps
 
     with Image.open(path) as img:
         img.load()
-        return img.convert("RGB")
+        if img.getexif().get(_EXIF_ORIENTATION, 1) not in (1, None):
+            img = ImageOps.exif_transpose(img)
+        return to_rgb(img)
 
 
 def _error_text(e: BaseException) -> str:

@@ -54,4 +54,6 @@ def build_transform(config=None, *, train: bool = False, **overrides) -> T.Compo
 
 
 def _to_rgb(img):
-    return img.convert("RGB") if img.mode != "RGB" else img
+    from .data import to_rgb  # one conversion rule for files and in-memory images (16-bit, alpha, ...)
+
+    return to_rgb(img)
