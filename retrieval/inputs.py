@@ -13,6 +13,7 @@ import itertools
 import os
 import re
 import tarfile
+from collections import OrderedDict
 from typing import Callable, Optional, Sequence, Union
 
 from torch.utils.data import Dataset
@@ -55,9 +56,16 @@ class TarImages(Dataset):
     """Images stored in webdataset tars (``key.jpg`` + optional ``key.txt`` caption), read by byte offset.
 
     Item ``i`` is ``transform(image)``; ``paths[i]`` is ``'shard.tar::member'``; ``captions[i]`` the text or None.
+    At most ``max_open_files`` tars are open at a time (per process: each DataLoader worker has its own
+    handles); the least recently read one is closed when another is needed, so any number of shards reads
+    under a low open-files limit (``ulimit -n``).
     """
 
-    def __init__(self, tar_files: Sequence[str], transform: Optional[Callable] = None) -> None:
+    def __init__(self, tar_files: Sequence[str], transform: Optional[Callable] = None, *,
+                 max_open_files: int = 8) -> None:
+        if int(max_open_files) < 1:
+            raise ValueError(f"max_open_files must be >= 1, got {max_open_files}")
+        self.max_open_files = int(max_open_files)
         self.tar_files = [os.path.abspath(f) for f in tar_files]
         self.transform = transform
         self.members: list[tuple[int, int, int]] = []  # (tar index, data offset, size)
@@ -83,18 +91,43 @@ class TarImages(Dataset):
                 self.members.append((t, offset, size))
                 self.paths.append(f"{path}::{name}")
                 self.captions.append(texts.get(key))
-        self._handles: dict[int, object] = {}
+        self._handles: OrderedDict[int, io.BufferedReader] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self.members)
 
-    def read_bytes(self, i: int) -> bytes:
-        t, offset, size = self.members[i]
+    def _handle(self, t: int) -> io.BufferedReader:
         f = self._handles.get(t)
-        if f is None:
-            f = self._handles[t] = open(self.tar_files[t], "rb")  # noqa: SIM115 - kept open per worker
+        if f is not None:
+            self._handles.move_to_end(t)
+            return f
+        while len(self._handles) >= self.max_open_files:
+            _, old = self._handles.popitem(last=False)
+            old.close()
+        f = self._handles[t] = open(self.tar_files[t], "rb")  # noqa: SIM115 - an LRU of open tars
+        return f
+
+    def read_bytes(self, i: int) -> bytes:
+        """The raw bytes of image ``i`` (raises ``OSError`` if its tar cannot be opened or is short)."""
+        t, offset, size = self.members[i]
+        f = self._handle(t)
         f.seek(offset)
-        return f.read(size)
+        data = f.read(size)
+        if len(data) != size:
+            raise OSError(f"{self.tar_files[t]}: truncated at member {self.paths[i]} "
+                          f"({len(data)} of {size} bytes)")
+        return data
+
+    def close(self) -> None:
+        """Close every open tar (reading again reopens them)."""
+        while self._handles:
+            self._handles.popitem(last=False)[1].close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
     def __getitem__(self, i: int):
         img = load_image(io.BytesIO(self.read_bytes(i)))
@@ -102,7 +135,7 @@ class TarImages(Dataset):
 
     def __getstate__(self):  # DataLoader workers open their own handles
         state = dict(self.__dict__)
-        state["_handles"] = {}
+        state["_handles"] = OrderedDict()
         return state
 
 
