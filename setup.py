@@ -15,7 +15,8 @@ EXTRAS = {
     "retrieval": ["faiss-cpu>=1.8"],
     "openclip": ["open_clip_torch>=2.24", "timm>=1.0"],
     "classification": SEG + ["scikit-learn>=1.3"],
-    "test": ["pytest>=7", "ruff"],
+    "serve": ["fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9"],
+    "test": ["pytest>=7", "ruff", "selenium>=4.20"],
 }
 EXTRAS["all"] = sorted({d for k, v in EXTRAS.items() if k != "test" for d in v})
 
@@ -27,7 +28,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["internvit*", "segmentation*", "classification*", "retrieval*"]),
-    package_data={"classification": ["metadata/*.json"]},
+    package_data={"classification": ["metadata/*.json"], "retrieval": ["static/*"]},
     include_package_data=True,
     install_requires=BASE,
     extras_require=EXTRAS,

@@ -1,0 +1,105 @@
+#!/usr/bin/env python
+"""Serve one or more retrieval indexes over HTTP: a search page at /, a JSON API, and clip-retrieval's
+back-end API (/indices-list, /knn-service, /metadata), so clip-retrieval's front end and ClipClient work.
+
+  python tools/serve.py out/index                        # http://127.0.0.1:1234/
+  python tools/serve.py photos=out/img_index captions=out/cap_index --port 8080
+  python tools/serve.py out/index --host 0.0.0.0 --allow-remote     # other machines too (no authentication!)
+
+Indexes are named by their folder's base name, or NAME=DIR. An index folder that a later
+`tools/build_index.py --add` (or a rebuild) commits to is reloaded in the background without a restart.
+See docs/serve.md for the API, the limits and the hot-reload rules.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from internvit.cli import ArgumentParser, UsageError, device, memory_size, nonnegative_int, positive_int, run  # noqa: E402
+
+
+def _nonneg_float(value: str) -> float:
+    import argparse
+
+    try:
+        v = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}") from None
+    if not 0 <= v < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
+    return v
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("index_dirs", nargs="+", metavar="INDEX_DIR", help="index folders (or NAME=DIR)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=nonnegative_int, default=1234, help="port (default 1234; 0 = any free port)")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="allow a --host that is not loopback (the service has no authentication)")
+    p.add_argument("--device", type=device, default=None,
+                   help="device of the query encoders (default: the one each index was built on, cpu without CUDA)")
+    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: the one each index was built in)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.model for InternVL text queries (overrides the "
+                                                     "recorded one)")
+    p.add_argument("--image-root", default=None, help="base folder of relative image paths in the metadata "
+                                                      "(default: the current folder)")
+    p.add_argument("--max-k", type=positive_int, default=1000, help="most results per query (default 1000)")
+    p.add_argument("--max-text-chars", type=positive_int, default=2000, help="longest text query (default 2000)")
+    p.add_argument("--max-upload", type=memory_size, default=16 * 1024**2,
+                   help="largest query image, in bytes (default 16M)")
+    p.add_argument("--max-pixels", type=positive_int, default=40_000_000,
+                   help="most decoded pixels of a query image (default 40000000)")
+    p.add_argument("--batch-wait-ms", type=_nonneg_float, default=2.0,
+                   help="under load, how long a batch waits for more queries (default 2 ms; 0 = never)")
+    p.add_argument("--max-batch", type=positive_int, default=32, help="most queries encoded together (default 32)")
+    p.add_argument("--threads", type=positive_int, default=2, help="worker threads for encoding and search")
+    p.add_argument("--reload-interval", type=_nonneg_float, default=1.0,
+                   help="seconds between checks of the index manifests (0 = no hot reload)")
+    p.add_argument("--max-connections", type=positive_int, default=256,
+                   help="concurrent connections before the server answers 503 (default 256)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    args = p.parse_args(argv)
+
+    from retrieval.serve import check_host
+
+    warning = check_host(args.host, args.allow_remote)  # ValueError -> one error line, exit 2
+    for d in args.index_dirs:
+        path = d.partition("=")[2] if "=" in d and not os.path.exists(d) else d
+        if not os.path.isfile(os.path.join(path, "manifest.json")):
+            raise UsageError(f"{path}: not an index folder (no manifest.json)" if os.path.isdir(path)
+                             else f"{path}: no such folder")
+    if args.image_root and not os.path.isdir(args.image_root):
+        raise UsageError(f"--image-root {args.image_root}: no such folder")
+    dtype = None
+    if args.dtype:
+        from internvit.features import parse_dtype
+
+        dtype = parse_dtype(args.dtype)
+    if warning:
+        print(warning, file=sys.stderr)
+
+    import uvicorn
+
+    from retrieval.serve import ServeLimits, create_app
+
+    limits = ServeLimits(max_k=args.max_k, max_text_chars=args.max_text_chars, max_upload_bytes=args.max_upload,
+                         max_pixels=args.max_pixels)
+    app = create_app(args.index_dirs, device=args.device, dtype=dtype, tokenizer=args.tokenizer, limits=limits,
+                     batch_wait_ms=args.batch_wait_ms, max_batch=args.max_batch, threads=args.threads,
+                     reload_interval_s=args.reload_interval, image_root=args.image_root)
+    if args.port == 0:
+        from retrieval.serve import free_port
+
+        args.port = free_port(args.host)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"serving {', '.join(app.state.served)} on http://{host}:{args.port}/", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                limit_concurrency=args.max_connections, timeout_keep_alive=5, server_header=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))
