@@ -7,7 +7,6 @@ positives is in the top k. ``image_retrieval_recall@k`` is text → image, ``tex
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import tempfile
@@ -20,15 +19,59 @@ from .embeddings import EmbeddingSource
 from .index import _drop_self, build_index, exact_search, open_index, recall_at_k, set_search_params
 
 _PUNCT = re.compile(r"[.!\"()*#:;~]")
+_RUNS = re.compile(r"\s{2,}")
 
 
 def pre_caption(caption: str, max_words: int = 50) -> str:
-    """The protocol's caption clean-up: lower-case, ``. ! " ( ) * # : ; ~`` → space, collapse whitespace,
-    strip, keep at most ``max_words`` words."""
+    """The protocol's caption clean-up, exactly as reference-spec-2 §2.4 / reference-spec §8 state it.
+
+    In order: lower-case; each of ``. ! " ( ) * # : ; ~`` becomes a space; every run of two or more
+    whitespace characters becomes one space (a single tab or newline is kept); a trailing newline, then
+    surrounding spaces, are removed; only the first ``max_words`` space-separated words are kept.
+    """
     caption = _PUNCT.sub(" ", str(caption).lower())
-    caption = re.sub(r"\s+", " ", caption).strip()
+    caption = _RUNS.sub(" ", caption)
+    caption = caption.rstrip("\n").strip(" ")
     words = caption.split(" ")
     return " ".join(words[:max_words]) if len(words) > max_words else caption
+
+
+def _entries_json(path: str, data, split: Optional[str]) -> list[tuple[str, list]]:
+    if isinstance(data, dict) and isinstance(data.get("images"), list):
+        entries = []
+        for n, im in enumerate(data["images"]):
+            if not isinstance(im, dict) or "filename" not in im:
+                raise ValueError(f"{path}: images[{n}] has no 'filename'")
+            if split is not None and im.get("split", split) != split:
+                continue
+            rel = os.path.join(im.get("filepath", ""), im["filename"])
+            entries.append((rel, [s["raw"] if isinstance(s, dict) else s for s in im.get("sentences", [])]))
+        return entries
+    if isinstance(data, list):
+        entries = []
+        for n, e in enumerate(data):
+            if not isinstance(e, dict) or "image" not in e or "caption" not in e:
+                raise ValueError(f"{path}: entry {n} is not an {{'image', 'caption'}} object")
+            caps = e["caption"] if isinstance(e["caption"], list) else [e["caption"]]
+            entries.append((e["image"], caps))
+        return entries
+    raise ValueError(f"{path}: unknown annotation format (expected Karpathy's {{'images': [...]}} or a list "
+                     f"of {{'image', 'caption'}})")
+
+
+def _entries_txt(path: str) -> list[tuple[str, list]]:
+    """clip_benchmark's Flickr30K text format (reference-spec-2 §2.4): a header line, then one
+    ``<id>.jpg,<caption>`` line per caption, split at the first ``.jpg,``."""
+    entries = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if lineno == 1 or not line.strip():
+                continue
+            image, sep, caption = line.partition(".jpg,")
+            if not sep:
+                raise ValueError(f"{path}:{lineno}: expected '<id>.jpg,<caption>'")
+            entries.append((image + ".jpg", [caption]))
+    return entries
 
 
 def load_annotations(path: str, image_root: Optional[str] = None, *, split: Optional[str] = "test",
@@ -36,30 +79,32 @@ def load_annotations(path: str, image_root: Optional[str] = None, *, split: Opti
     """``(image_paths, captions, text_to_image)`` from a retrieval annotation file.
 
     Accepted: Karpathy's ``dataset_{flickr30k,coco}.json`` (``{'images': [{'filename', 'filepath'?, 'split',
-    'sentences': [{'raw'}]}]}``, filtered to ``split``) or the BLIP / CLIP_benchmark list
-    ``[{'image': path, 'caption': [..] or str}]``. Paths resolve against ``image_root`` (default: the JSON's
-    folder). Captions go through :func:`pre_caption`.
+    'sentences': [{'raw'}]}]}``, filtered to ``split``), the BLIP / CLIP_benchmark list ``[{'image': path,
+    'caption': [..] or str}]`` (one entry per image, or one per caption), or clip_benchmark's Flickr30K
+    ``.txt`` (``<id>.jpg,<caption>`` lines after a header). Entries are grouped by image as CLIP_benchmark
+    does: an image listed several times is one gallery item holding all its captions (images keep the order
+    of their first appearance, captions their file order). Paths resolve against ``image_root`` (default:
+    the annotation file's folder). Captions go through :func:`pre_caption`. Raises ``ValueError`` naming
+    the file for an unknown format, a malformed entry or no captioned images.
     """
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    root = image_root or os.path.dirname(os.path.abspath(path))
-    images, captions, t2i = [], [], []
-    if isinstance(data, dict) and "images" in data:
-        entries = []
-        for im in data["images"]:
-            if split is not None and im.get("split", split) != split:
-                continue
-            rel = os.path.join(im.get("filepath", ""), im["filename"])
-            entries.append((rel, [s["raw"] if isinstance(s, dict) else s for s in im.get("sentences", [])]))
-    elif isinstance(data, list):
-        entries = [(e["image"], e["caption"] if isinstance(e["caption"], list) else [e["caption"]]) for e in data]
+    from internvit.cli import read_json
+
+    if path.lower().endswith(".txt"):
+        entries = _entries_txt(path)
     else:
-        raise ValueError(f"{path}: unknown annotation format (expected Karpathy's {{'images': [...]}} or a list "
-                         f"of {{'image', 'caption'}})")
+        entries = _entries_json(path, read_json(path), split)
+    root = image_root or os.path.dirname(os.path.abspath(path))
+    by_image: dict[str, list[str]] = {}
     for rel, caps in entries:
+        if not isinstance(rel, str):
+            raise ValueError(f"{path}: image path {rel!r} is not a string")
+        full = os.path.normpath(rel if os.path.isabs(rel) else os.path.join(root, rel))
+        by_image.setdefault(full, []).extend(str(c) for c in caps)
+    images, captions, t2i = [], [], []
+    for full, caps in by_image.items():
         if not caps:
             continue
-        images.append(rel if os.path.isabs(rel) else os.path.join(root, rel))
+        images.append(full)
         for c in caps:
             captions.append(pre_caption(c, max_words))
             t2i.append(len(images) - 1)

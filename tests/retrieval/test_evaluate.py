@@ -80,3 +80,91 @@ def build_search(index_dir, q):
     from retrieval.search import Retriever
 
     return Retriever.load(index_dir).search_embedding(q, 10).ids
+
+
+def test_pre_caption_exact_rules():
+    """reference-spec-2 §2.4: runs of >= 2 whitespace collapse, a single tab/newline stays, only a trailing
+    newline and surrounding spaces are stripped, truncation splits on single spaces."""
+    assert pre_caption("a\tb") == "a\tb"
+    assert pre_caption("a \t b") == "a b"
+    assert pre_caption("a\n\nb") == "a b"
+    assert pre_caption("  A man.\n") == "a man"
+    assert pre_caption("\tx") == "\tx"
+    assert pre_caption("x.\n") == "x"
+    assert pre_caption("Hello;World") == "hello world"
+    assert pre_caption("ÄÖ Ü") == "äö ü"
+    assert pre_caption(" ".join(["w"] * 3), max_words=2) == "w w"
+    assert pre_caption("a\tb c", max_words=1) == "a\tb"   # words are space-separated only
+
+
+class _OneHotEncoder:
+    """Maps image ``.../img_K.jpg`` and every caption ``'image K, view J'`` onto the unit vector ``e_K``: a
+    perfect encoder, so every recall must be 1.0."""
+
+    name = "one-hot"
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def _vec(self, k: int) -> np.ndarray:
+        v = np.zeros(self.n, np.float32)
+        v[k] = 1.0
+        return v
+
+    def embed_images(self, images, **_):
+        from types import SimpleNamespace
+
+        ks = [int(os.path.basename(p).split("_")[1].split(".")[0]) for p in images]
+        return SimpleNamespace(features=np.stack([self._vec(k) for k in ks]), ids=np.arange(len(ks)), errors=[])
+
+    def encode_texts(self, texts):
+        return np.stack([self._vec(int(t.split()[1].rstrip(","))) for t in texts])
+
+    def info(self) -> dict:
+        return {"name": self.name, "kind": "test", "dim": self.n}
+
+
+def test_one_entry_per_caption_is_grouped_by_image(tmp_path):
+    """The reported case: 20 images x 5 captions as one list entry per caption gave recall@1 0.2."""
+    from retrieval.evaluate import evaluate_retrieval
+
+    entries = [{"image": f"imgs/img_{k:02d}.jpg", "caption": f"Image {k}, view {j}."}
+               for j in range(5) for k in range(20)]   # interleaved: captions of an image are not adjacent
+    (tmp_path / "ann.json").write_text(json.dumps(entries))
+    imgs, caps, t2i = load_annotations(str(tmp_path / "ann.json"))
+    assert len(imgs) == 20 and len(caps) == 100
+    assert imgs[3] == str(tmp_path / "imgs" / "img_03.jpg")
+    assert [c for c, i in zip(caps, t2i) if i == 3] == [f"image 3, view {j}" for j in range(5)]
+    res = evaluate_retrieval(_OneHotEncoder(20), str(tmp_path / "ann.json"), progress=False,
+                             work_dir=str(tmp_path / "work"))
+    assert res["n_images"] == 20 and res["n_texts"] == 100
+    for which in ("exact", "index"):
+        assert res[which]["image_retrieval_recall@1"] == 1.0, res[which]
+        assert res[which]["text_retrieval_recall@1"] == 1.0, res[which]
+
+
+def test_grouping_same_image_written_differently(tmp_path):
+    """Karpathy entries repeated, and paths that differ only in spelling (./, //), are one image."""
+    (tmp_path / "a.json").write_text(json.dumps([{"image": "x/1.jpg", "caption": "one"},
+                                                 {"image": "./x//1.jpg", "caption": ["two", "three"]},
+                                                 {"image": "x/2.jpg", "caption": "four"}]))
+    imgs, caps, t2i = load_annotations(str(tmp_path / "a.json"))
+    assert imgs == [str(tmp_path / "x" / "1.jpg"), str(tmp_path / "x" / "2.jpg")]
+    assert caps == ["one", "two", "three", "four"] and t2i == [0, 0, 0, 1]
+
+
+def test_flickr_txt_format(tmp_path):
+    (tmp_path / "flickr30k_test_karpathy.txt").write_text(
+        "image,caption\n1000.jpg,A dog runs.\n1000.jpg,A dog, running\n2000.jpg,Two cats: sleeping\n")
+    imgs, caps, t2i = load_annotations(str(tmp_path / "flickr30k_test_karpathy.txt"), "/data/Images")
+    assert imgs == ["/data/Images/1000.jpg", "/data/Images/2000.jpg"]
+    assert caps == ["a dog runs", "a dog, running", "two cats sleeping"] and t2i == [0, 0, 1]
+
+
+def test_malformed_annotations_name_the_file(tmp_path):
+    (tmp_path / "broken.json").write_text('[{"image": "a.jpg", "caption": "x"},')
+    with pytest.raises(ValueError, match=r"broken\.json: invalid JSON at line 1"):
+        load_annotations(str(tmp_path / "broken.json"))
+    (tmp_path / "noimg.json").write_text('[{"caption": "x"}]')
+    with pytest.raises(ValueError, match=r"noimg\.json: entry 0"):
+        load_annotations(str(tmp_path / "noimg.json"))
