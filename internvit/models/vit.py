@@ -5,6 +5,7 @@ as they are; other key families are mapped in :mod:`internvit.checkpoints`.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -32,10 +33,16 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in fp32 (also for bf16/fp16 models), cast back to the input dtype."""
+    """LayerNorm with fp32 statistics and affine for every input dtype, output in the input dtype.
+
+    Same-dtype input and weights go straight to ``F.layer_norm`` (its CPU and CUDA kernels compute in fp32 and
+    round once, as upstream's bf16 ``nn.LayerNorm``); mixed dtypes are computed in fp32 and cast back.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+        if self.weight is None or x.dtype == self.weight.dtype:
+            # fp32 as is; bf16/fp16 with same-dtype weights: the CPU and CUDA kernels accumulate in fp32 and
+            # round once (upstream's nn.LayerNorm in bf16), without the fp32 copy in and out
             return super().forward(x)
         w = self.weight.float() if self.weight is not None else None
         b = self.bias.float() if self.bias is not None else None
@@ -98,14 +105,56 @@ class Embeddings(nn.Module):
         return x + pos, hw
 
 
+#: attention implementations: ``'sdpa'`` (``F.scaled_dot_product_attention``: flash/efficient/cuDNN kernels on
+#: CUDA, the fused flash kernel on CPU) or ``'gemm'`` (upstream's naive path: ``softmax((q * scale) @ kᵀ) @ v`` as
+#: two batched matmuls in the input dtype). ``'auto'`` picks per call, see :func:`attention_impl_for`.
+ATTENTION_IMPLS = ("auto", "sdpa", "gemm")
+#: ``'auto'`` uses ``'gemm'`` for CPU bf16/fp16 sequences of at least this many tokens (``None``: never). Measured
+#: under load on a 2-core AVX-512 CPU without native bf16, the CPU flash kernel beat the GEMM path at 257 and
+#: 1,025 tokens in fp32 and bf16 (``bench/bench_forward.py --attn-ab`` measures it on your machine).
+GEMM_ATTENTION_MIN_TOKENS: Optional[int] = None
+
+
+def attention_impl_for(device: torch.device, dtype: torch.dtype, tokens: int, impl: str = "auto") -> str:
+    """The attention implementation used for one call (``impl`` other than ``'auto'`` is returned as is).
+
+    The environment variable ``INTERNVIT_ATTENTION`` (``sdpa`` / ``gemm``) overrides ``'auto'``.
+    """
+    if impl != "auto":
+        return impl
+    env = os.environ.get("INTERNVIT_ATTENTION", "").strip().lower()
+    if env in ("sdpa", "gemm"):
+        return env
+    if (device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and GEMM_ATTENTION_MIN_TOKENS is not None
+            and tokens >= GEMM_ATTENTION_MIN_TOKENS):
+        return "gemm"
+    return "sdpa"
+
+
+def gemm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """``softmax((q * scale) @ kᵀ) @ v`` for ``(B, H, N, D)`` tensors, every step in the input dtype.
+
+    The reference's non-flash path, operation for operation (scores and probabilities rounded to the input
+    dtype; ``softmax`` accumulates in fp32 internally). Memory: one ``(B, H, N, N)`` score tensor.
+    """
+    scores = torch.matmul(q * scale, k.transpose(-2, -1))
+    return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+
 class Attention(nn.Module):
-    """Fused qkv (``[3][H][D]`` channel layout), optional QK RMSNorm over the full width, SDPA."""
+    """Fused qkv (``[3][H][D]`` channel layout), optional QK RMSNorm over the full width, SDPA or GEMM attention.
+
+    ``attn_impl`` (``'auto'`` | ``'sdpa'`` | ``'gemm'``) chooses the kernel; all give the same math
+    (:func:`attention_impl_for`).
+    """
 
     def __init__(self, config: InternViTConfig) -> None:
         super().__init__()
         c = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
+        self.scale = self.head_dim ** -0.5
+        self.attn_impl = "auto"
         self.qkv = nn.Linear(c, 3 * c, bias=config.qkv_bias)
         self.qk_normalization = config.qk_normalization
         if self.qk_normalization:
@@ -116,14 +165,19 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
+        h, d = self.num_heads, self.head_dim
         qkv = self.qkv(x)
         if self.qk_normalization:
-            q, k, v = qkv.chunk(3, dim=-1)
-            q, k = self.q_norm(q), self.k_norm(k)
-            q, k, v = (t.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+            q, k, v = qkv.chunk(3, dim=-1)  # views; the norms write fresh q, k
+            q, k, v = (t.reshape(b, n, h, d).transpose(1, 2) for t in (self.q_norm(q), self.k_norm(k), v))
         else:
-            q, k, v = qkv.reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v)
+            # (B, N, 3, H, D) -> 3 x (B, H, N, D) views, no copies
+            q, k, v = qkv.view(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+        if attention_impl_for(x.device, x.dtype, n, self.attn_impl) == "gemm":
+            out = gemm_attention(q, k, v, self.scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
+        # (B, H, N, D) -> (B, N, C); a view when the kernel wrote (B, N, H, D) memory (CPU flash kernel)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
@@ -134,7 +188,120 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.fc1, PackedLinear):
+            return self.fc2(self.fc1(x, gelu=True))  # GELU fused into the GEMM (fp32, before rounding)
         return self.fc2(F.gelu(self.fc1(x)))
+
+
+class PackedLinear(nn.Module):
+    """Inference-only ``nn.Linear`` whose weight is stored pre-packed in oneDNN's blocked layout (CPU).
+
+    Made by :func:`compile_model` (``mode='pack'``); the dense weight is dropped, so weights stay at one copy.
+    Same math as ``F.linear`` (fp32 accumulation; for bf16 one rounding of the output). ``state_dict`` gives
+    the dense weight under the usual key, and loading a state dict repacks it. No autograd through the
+    weight; inputs must have the packed dtype.
+    """
+
+    def __init__(self, linear: nn.Linear, rows_hint: Optional[int] = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.rows_hint = rows_hint
+        self.bias = linear.bias
+        self._pack(linear.weight.detach())
+
+    def _pack(self, weight: torch.Tensor) -> None:
+        self.packed_dtype = weight.dtype
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), self.rows_hint)
+
+    def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+        if x.dtype != self.packed_dtype or x.device.type != "cpu":
+            raise RuntimeError(f"PackedLinear holds a {self.packed_dtype} CPU weight; got a {x.dtype} input on "
+                               f"{x.device} (pack after moving/casting the model)")
+        bias = self.bias.detach() if self.bias is not None else None
+        if gelu:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, bias, "gelu", [], "none")
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, bias, "none", [], "")
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.packed_weight.to_dense()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "weight"
+        if key not in state_dict:
+            missing_keys.append(key)
+        else:
+            w = state_dict[key]
+            if tuple(w.shape) != (self.out_features, self.in_features):
+                error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(w.shape)}, the "
+                                  f"shape in current model is {(self.out_features, self.in_features)}.")
+            else:
+                self._pack(w.detach().to(device="cpu", dtype=self.packed_dtype))
+        rest = {k: v for k, v in state_dict.items() if k != key}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, dtype={self.packed_dtype}")
+
+
+COMPILE_MODES = ("pack", "inductor")
+
+
+def pack_support(dtype: torch.dtype) -> Optional[str]:
+    """``None`` if oneDNN weight packing works here for ``dtype``, else the reason it does not."""
+    if not torch.backends.mkldnn.is_available():
+        return "this torch build has no oneDNN (mkldnn)"
+    if not (hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return "this torch build lacks torch.ops.mkldnn._reorder_linear_weight / _linear_pointwise"
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "this CPU has no oneDNN bf16 support"
+    if dtype not in (torch.float32, torch.bfloat16):
+        return f"packing supports float32 and bfloat16 weights, not {dtype}"
+    return None
+
+
+def compile_model(model: nn.Module, mode: str = "pack", *, rows_hint: Optional[int] = None) -> nn.Module:
+    """Speed an InternViT (or a model with a ``vision_model``) up for inference; returns the same object.
+
+    ``mode='pack'`` (CPU, fp32/bf16): the four linears of every block get their weights pre-packed for oneDNN
+    (no per-call weight reordering) and fc1 gets GELU fused in; layer by layer, so peak memory grows by one
+    layer's weights at most. Inference only (no gradients through the packed weights); cast or move the
+    model before packing. ``rows_hint``: the expected ``batch * tokens`` (oneDNN may pick its layout from it).
+    ``mode='inductor'``: every block is wrapped in ``torch.compile`` (any device; needs a C++ compiler on CPU;
+    the first call of each new shape compiles). Raises ``ValueError`` for an unknown mode, a non-CPU or
+    unsupported-dtype model with ``'pack'``, or a model without InternViT blocks.
+    """
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    vit = model if isinstance(model, InternViT) else getattr(model, "vision_model", None)
+    if not isinstance(vit, InternViT):
+        raise ValueError(f"compile_model needs an InternViT (or a model with .vision_model), got "
+                         f"{type(model).__name__}")
+    blocks = list(vit.encoder.layers)
+    if mode == "inductor":
+        for blk in blocks:
+            blk.compile()  # in place: parameter names and state_dict keys stay as they are
+        vit.compiled = mode
+        return model
+    w = blocks[0].attn.qkv.weight if isinstance(blocks[0].attn.qkv, nn.Linear) else None
+    if w is not None:
+        if w.device.type != "cpu":
+            raise ValueError(f"compile mode 'pack' is for CPU models; this one is on {w.device}")
+        reason = pack_support(w.dtype)
+        if reason:
+            raise ValueError(f"compile mode 'pack' is not available: {reason}")
+    with torch.no_grad():
+        for blk in blocks:
+            for parent, name in ((blk.attn, "qkv"), (blk.attn, "proj"), (blk.mlp, "fc1"), (blk.mlp, "fc2")):
+                lin = getattr(parent, name)
+                if isinstance(lin, nn.Linear):
+                    setattr(parent, name, PackedLinear(lin, rows_hint))
+                    del lin
+    vit.compiled = mode
+    return model
 
 
 class Block(nn.Module):
@@ -195,6 +362,7 @@ class InternViT(nn.Module):
         self.embeddings = Embeddings(config)
         self.encoder = Encoder(config)
         self.grad_checkpointing = False
+        self.compiled: Optional[str] = None  # set by compile_model
         self.num_prefix_tokens = 1
         self.embed_dim = config.hidden_size
         self.patch_size = config.patch_size
@@ -227,6 +395,15 @@ class InternViT(nn.Module):
         """Stop (or restart) gradients for every parameter."""
         for p in self.parameters():
             p.requires_grad_(not frozen)
+        return self
+
+    def set_attention(self, impl: str = "auto") -> "InternViT":
+        """Choose the attention kernel of every block: ``'auto'``, ``'sdpa'`` or ``'gemm'`` (same math)."""
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention impl must be one of {', '.join(ATTENTION_IMPLS)}, got {impl!r}")
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.attn_impl = impl
         return self
 
     @property
