@@ -5,6 +5,9 @@
   ``mask_token``, ``visual_embed``); block ``i`` (``encoder.layers.i`` / ``blocks.i`` / ``layers.i``): ``i + 1``;
   everything else (decode / auxiliary heads, the backbone pyramid ``up1…up4``): ``num_layers - 1``.
 * lr scale ``layer_decay_rate ** (num_layers - layer_id - 1)``.
+* ``paramwise_cfg['num_layers']`` must equal the backbone's block count (counted from the parameter names):
+  a smaller value would give the last blocks an lr above the head's, a larger one shrinks every scale, so a
+  mismatch raises ``ValueError`` at optimizer construction.
 * weight decay 0 only for 1-D parameters and names ending in ``.bias`` (so the 3-D position embedding and
   class token *are* decayed, as in the reference); frozen parameters are skipped.
 """
@@ -31,6 +34,17 @@ def clean_param_name(name: str) -> str:
     return name[len("module."):] if name.startswith("module.") else name
 
 
+def count_blocks(module: nn.Module) -> int:
+    """Number of backbone blocks (highest block index + 1) among all parameter names, frozen ones included;
+    0 when no name looks like a block (a backbone with other names is not checked)."""
+    top = -1
+    for name, _ in module.named_parameters():
+        m = _BLOCK.match(clean_param_name(name))
+        if m:
+            top = max(top, int(m.group(1)))
+    return top + 1
+
+
 def get_layer_id(name: str, num_layers: int) -> int:
     """Layer id of a segmentor parameter name (``num_layers`` already includes the +2)."""
     name = clean_param_name(name)
@@ -55,6 +69,10 @@ class InternViTLayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
         if "num_layers" not in cfg or "layer_decay_rate" not in cfg:
             raise KeyError("InternViTLayerDecayOptimizerConstructor needs paramwise_cfg=dict(num_layers=..., "
                            "layer_decay_rate=...)")
+        blocks = count_blocks(module)
+        if blocks and int(cfg["num_layers"]) != blocks:
+            raise ValueError(f"paramwise_cfg.num_layers={cfg['num_layers']} but the backbone has {blocks} blocks; "
+                             f"set num_layers={blocks} (layer-wise lr decay counts one layer per block)")
         num_layers = int(cfg["num_layers"]) + 2
         rate = float(cfg["layer_decay_rate"])
         weight_decay = self.base_wd if self.base_wd is not None else 0.0

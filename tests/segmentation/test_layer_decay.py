@@ -93,3 +93,27 @@ def test_warmup_poly_chain_matches_mmcv_formula():
         opt.step()
         for s in scheds:
             s.step()
+
+
+@pytest.mark.parametrize("num_layers", [2, 4, 48])
+def test_num_layers_must_match_the_backbone(num_layers):
+    """The reported case: num_layers=2 on a 3-block backbone gave the last block lr_scale 1/0.9 = 1.11 (above the
+    head's 1.0). Any mismatch is refused at optimizer construction, naming both numbers."""
+    from mmengine.optim import build_optim_wrapper
+
+    model = build_segmentor(segmentor_cfg("linear"))
+    assert len(model.backbone.encoder.layers) == 3
+    with pytest.raises(ValueError, match=rf"num_layers={num_layers} but the backbone has 3 blocks"):
+        build_optim_wrapper(model, dict(optimizer=dict(type="AdamW", lr=1e-3),
+                                        constructor="InternViTLayerDecayOptimizerConstructor",
+                                        paramwise_cfg=dict(num_layers=num_layers, layer_decay_rate=0.9)))
+
+
+def test_matching_num_layers_keeps_every_scale_at_most_one():
+    from mmengine.optim import build_optim_wrapper
+
+    model = build_segmentor(segmentor_cfg("linear", freeze_vit=True))  # frozen blocks still count
+    wrapper = build_optim_wrapper(model, dict(optimizer=dict(type="AdamW", lr=1e-3),
+                                              constructor="InternViTLayerDecayOptimizerConstructor",
+                                              paramwise_cfg=dict(num_layers=3, layer_decay_rate=0.9)))
+    assert max(g["lr_scale"] for g in wrapper.optimizer.param_groups) == 1.0
