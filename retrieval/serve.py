@@ -325,6 +325,7 @@ class Batcher:
         self.last_batch = 0
         self.batches = 0
         self.queries = 0
+        self.largest_batch = 0
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._run())
@@ -362,6 +363,7 @@ class Batcher:
                 results = [ApiError(500, f"search failed: {type(e).__name__}")] * len(batch)
             self.batches += 1
             self.queries += len(batch)
+            self.largest_batch = max(self.largest_batch, len(batch))
             for q, r in zip(batch, results):
                 if q.future.done():
                     continue

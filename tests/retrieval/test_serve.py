@@ -1,0 +1,348 @@
+"""The search service over real HTTP (uvicorn on a loopback port): our API, clip-retrieval's back-end schema,
+limits, image files, micro-batching and hot reload. Every answer is compared with Retriever in-process."""
+import base64
+import io
+import json
+import os
+import shutil
+import threading
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from retrieval.serve import ServeLimits, background_server, create_app, decode_image  # noqa: E402
+
+from .serve_util import EVIL_CAPTIONS, build_index, get, multipart, post  # noqa: E402
+
+VIT = "internvit:internvit-6b-tiny"
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("serve")
+
+
+@pytest.fixture(scope="module")
+def vit_index(root):
+    return build_index(str(root), "vit", VIT)
+
+
+@pytest.fixture(scope="module")
+def server(vit_index):
+    app = create_app([vit_index], limits=ServeLimits(max_k=50, max_text_chars=100, max_upload_bytes=200_000,
+                                                     max_pixels=1_000_000, max_ids=20))
+    with background_server(app) as url:
+        yield url, app
+
+
+@pytest.fixture(scope="module")
+def retriever(vit_index):
+    from retrieval import Retriever
+
+    return Retriever.load(vit_index)
+
+
+def _img(vit_index, i):
+    return os.path.join(os.path.dirname(vit_index), "vit_imgs", f"img_{i:03d}.png")
+
+
+def _b64(path):
+    with open(path, "rb") as f:
+        return base64.b64encode(f.read()).decode()
+
+
+def _same(results, expected_rows):
+    assert [r["id"] for r in results] == [r["id"] for r in expected_rows]
+    np.testing.assert_allclose([r["score"] for r in results], [r["score"] for r in expected_rows], rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_health_and_indices(server):
+    url, _ = server
+    status, body, _ = get(url + "/health")
+    assert status == 200 and body["status"] == "ok" and body["indices"] == {"vit": 1}
+    status, body, _ = get(url + "/indices")
+    (ix,) = body["indices"]
+    assert (ix["name"], ix["kind"], ix["model"], ix["dim"], ix["ntotal"], ix["index_key"]) == \
+        ("vit", "image", VIT, 64, 12, "Flat")
+    assert ix["image_queries"] and not ix["text_queries"]
+
+
+def test_image_query_json_and_upload_match_retriever(server, retriever, vit_index):
+    url, _ = server
+    q = _img(vit_index, 3)
+    expected = retriever.search_image([q], k=5).rows[0]
+    status, body, _ = post(url + "/search", {"image": _b64(q), "k": 5})
+    assert status == 200, body
+    _same(body["results"], expected)
+    assert body["results"][0]["id"] == 3 and body["results"][0]["image_url"] == "/image/vit/3"
+    assert body["results"][0]["caption"] == "Picture number 3: a grey pattern."
+    with open(q, "rb") as f:
+        data, ctype = multipart({"k": "5", "index": "vit"}, {"image": ("q.png", f.read())})
+    status, body, _ = post(url + "/search", data, headers={"Content-Type": ctype})
+    assert status == 200, body
+    _same(body["results"], expected)
+    # a data: URL works as base64 too
+    status, body, _ = post(url + "/search", {"image": "data:image/png;base64," + _b64(q), "k": 5})
+    _same(body["results"], expected)
+
+
+def test_embedding_and_id_queries(server, retriever):
+    url, _ = server
+    v = np.random.default_rng(0).standard_normal(64).astype(np.float32)
+    status, body, _ = post(url + "/search", {"embedding": v.tolist(), "k": 4})
+    assert status == 200
+    _same(body["results"], retriever.search_embedding(v, 4).rows[0])
+    stored = retriever.index.index.reconstruct(7)  # Flat inside IDMap: position = id here
+    status, body, _ = post(url + "/search", {"id": 7, "k": 4})
+    assert status == 200
+    _same(body["results"], retriever.search_embedding(stored, 4).rows[0])
+    assert body["results"][0]["id"] == 7
+    assert post(url + "/search", {"id": 99, "k": 4})[0] == 404
+    status, body, _ = post(url + "/search", {"embedding": [0.1] * 63, "k": 4})
+    assert status == 422 and "dim 64" in body["error"]
+
+
+@pytest.mark.parametrize("payload,status,message", [
+    ({"k": 3}, 422, "exactly one of"),
+    ({"id": 1, "text": "x", "k": 3}, 422, "exactly one of"),
+    ({"id": 1, "k": 0}, 422, "k must be between 1 and 50"),
+    ({"id": 1, "k": 51}, 422, "k must be between 1 and 50"),
+    ({"id": 1, "k": "many"}, 422, "k must be an integer"),
+    ({"id": -1, "k": 3}, 422, "id must be a non-negative integer"),
+    ({"id": 1, "index": "nope"}, 404, "no index named 'nope'"),
+    ({"text": "x" * 101}, 413, "over the limit of 100"),
+    ({"text": "a red pattern"}, 422, "image-only"),
+    ({"image": "not base64!!"}, 422, "not valid base64"),
+    ({"image": base64.b64encode(b"garbage" * 10).decode()}, 422, "not a readable image"),
+    ({"image": base64.b64encode(b"x" * 200_001).decode()}, 413, "over the limit of 200000"),
+    ({"embedding": [1.0, float("nan")]}, 422, "NaN or inf"),
+    ({"embedding": [1.0, "a"]}, 422, "list of numbers"),
+    ([1, 2], 422, "JSON object"),
+])
+def test_bad_queries_are_refused_with_json_errors(server, payload, status, message):
+    url, _ = server
+    body = json.dumps(payload, allow_nan=True).encode()
+    got, answer, headers = post(url + "/search", body, headers={"Content-Type": "application/json"})
+    assert (got, headers["content-type"]) == (status, "application/json"), answer
+    assert message in answer["error"]
+
+
+def test_size_and_pixel_limits(server):
+    url, _ = server
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (2000, 1000), (10, 20, 30)).save(buf, format="PNG")  # 2 Mpx in a few kB
+    assert len(buf.getvalue()) < 200_000
+    status, body, _ = post(url + "/search", {"image": base64.b64encode(buf.getvalue()).decode()})
+    assert status == 413 and "2000x1000" in body["error"]
+    big = b"{" + b" " * 400_000 + b"}"  # over the body limit (derived from the upload limit)
+    status, body, _ = post(url + "/search", big, headers={"Content-Type": "application/json"})
+    assert status == 413 and "request body" in body["error"]
+    assert post(url + "/search", b"{not json", headers={"Content-Type": "application/json"})[0] == 400
+    assert post(url + "/metadata", {"ids": list(range(21)), "indice_name": "vit"})[0] == 413
+    with pytest.raises(Exception) as e:
+        decode_image(buf.getvalue(), 1_000_000)
+    assert e.value.status == 413
+
+
+def test_image_files_only_from_metadata(server, vit_index):
+    url, _ = server
+    status, raw, headers = get(url + "/image/vit/4")
+    with open(_img(vit_index, 4), "rb") as f:
+        assert status == 200 and raw == f.read() and headers["content-type"] == "image/png"
+    status, raw, headers = get(url + "/thumb/vit/4")
+    assert status == 200 and headers["content-type"] == "image/jpeg" and raw[:2] == b"\xff\xd8"
+    for path in ("/image/vit/99", "/image/vit/-1", "/image/nope/1"):
+        assert get(url + path)[0] == 404
+    for path in ("/image/vit/..%2F..%2Fetc%2Fpasswd", "/image/vit/1.5", "/image/vit/%2e%2e"):
+        assert get(url + path)[0] in (404, 422)
+    assert get(url + "/image/vit/1/../../../../etc/passwd")[0] == 404
+
+
+def test_page_is_served_without_external_resources(server):
+    url, _ = server
+    status, raw, headers = get(url + "/")
+    page = raw.decode()
+    assert status == 200 and "<select id=\"index\"" in page and "type=\"file\"" in page
+    assert "http://" not in page and "https://" not in page
+    assert "default-src 'self'" in headers["content-security-policy"]
+    js = get(url + "/static/app.js")[1].decode()
+    assert "innerHTML" not in js and "textContent" in js
+
+
+def test_clip_retrieval_back_end_schema(server, retriever, vit_index):
+    """The fields clip-retrieval's back end reads and returns (clip_back.py): /indices-list is a list of names;
+    /knn-service takes text/image/image_url/embedding_input/modality/num_images/num_result_ids/indice_name/... and
+    returns [{...metadata, id, similarity}]; /metadata takes {ids, indice_name} and returns [{id, metadata}]."""
+    url, _ = server
+    assert get(url + "/indices-list")[1] == ["vit"]
+    q = _img(vit_index, 5)
+    req = {"text": None, "image": _b64(q), "image_url": None, "embedding_input": None, "deduplicate": False,
+           "use_safety_model": True, "use_violence_detector": True, "indice_name": "vit", "use_mclip": False,
+           "aesthetic_score": 9, "aesthetic_weight": 0.5, "modality": "image", "num_images": 4,
+           "num_result_ids": 4}
+    # clip-retrieval's ClipClient posts the JSON without a Content-Type header
+    status, body, _ = post(url + "/knn-service", json.dumps(req).encode(), headers={"Content-Type": ""})
+    assert status == 200
+    expected = retriever.search_image([q], k=4).rows[0]
+    assert [r["id"] for r in body] == [r["id"] for r in expected]
+    np.testing.assert_allclose([r["similarity"] for r in body], [r["score"] for r in expected], rtol=1e-5)
+    assert body[0]["caption"] == "Picture number 5: a green pattern." and body[0]["url"].endswith("/image/vit/5")
+    assert get(body[0]["url"])[0] == 200
+    # deduplicate=True drops results closer than 0.94 to a better one (the tiny model's images are all close)
+    status, dedup, _ = post(url + "/knn-service", dict(req, deduplicate=True))
+    assert status == 200 and [r["id"] for r in dedup] == [5]
+    status, body, _ = post(url + "/knn-service", dict(req, image=None, embedding_input=[0.0] * 63 + [1.0]))
+    assert status == 200 and len(body) == 4
+    for bad, msg in [(dict(req, image=None, image_url="http://127.0.0.1:9/x.png"), "never fetches URLs"),
+                     (dict(req, modality="text"), "modality='image'"),
+                     (dict(req, image=None), "must fill one of"),
+                     (dict(req, use_mclip=True), "use_mclip")]:
+        status, body, _ = post(url + "/knn-service", bad)
+        assert status == 422 and msg in body["error"], body
+    status, body, _ = post(url + "/metadata", {"ids": [1, 0], "indice_name": "vit"})
+    assert status == 200 and [b["id"] for b in body] == [1, 0]
+    assert body[1]["metadata"]["caption"] == EVIL_CAPTIONS[0]
+    assert body[0]["metadata"]["path"].endswith("img_001.png")
+
+
+def test_concurrent_queries_are_micro_batched(vit_index, retriever):
+    app = create_app([vit_index], batch_wait_ms=20.0)
+    paths = [_img(vit_index, i % 12) for i in range(32)]
+    expected = {p: retriever.search_image([p], k=3).rows[0] for p in set(paths)}
+    answers, errors = {}, []
+
+    def client(i):
+        try:
+            status, body, _ = post(url + "/search", {"image": _b64(paths[i]), "k": 3})
+            assert status == 200, body
+            answers[i] = body["results"]
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    with background_server(app) as url:
+        post(url + "/search", {"image": _b64(paths[0]), "k": 3})  # warm-up
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(paths))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors
+    for i, p in enumerate(paths):
+        _same(answers[i], expected[p])
+    b = app.state.batchers["vit"]
+    assert b.queries == len(paths) + 1 and b.largest_batch > 1 and b.batches < b.queries
+
+
+def test_hot_reload_serves_each_commit_whole(tmp_path, vit_index):
+    from retrieval.encoders import load_encoder
+    from retrieval.pipeline import index_images
+
+    from .helpers import make_images
+
+    idx = str(tmp_path / "idx")
+    shutil.copytree(vit_index, idx)
+    app = create_app({"live": idx}, reload_interval_s=0.1)
+    new_imgs = str(tmp_path / "more")
+    make_images(new_imgs, 4, seed=7)
+    seen, stop, errors = [], threading.Event(), []
+
+    def poller():
+        while not stop.is_set():
+            status, body, _ = post(url + "/search", {"embedding": [0.125] * 64, "k": 50, "index": "live"})
+            if status != 200:
+                errors.append(body)
+                continue
+            seen.append((body["generation"], len(body["results"]), max(r["id"] for r in body["results"])))
+
+    with background_server(app) as url:
+        assert post(url + "/search", {"id": 13, "index": "live"})[0] == 404
+        t = threading.Thread(target=poller)
+        t.start()
+        index_images(new_imgs, idx, load_encoder(VIT), add=True, progress=False)
+        deadline = time.monotonic() + 30
+        while get(url + "/health")[1]["indices"]["live"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        stop.set()
+        t.join()
+        assert get(url + "/health")[1]["indices"]["live"] == 2
+        status, body, _ = post(url + "/search", {"id": 13, "k": 1, "index": "live"})
+        assert status == 200 and body["results"][0]["id"] == 13 and body["generation"] == 2
+        assert body["results"][0]["path"].endswith("more/img_001.png")
+        # each answer is one commit: 12 vectors in generation 1, 16 in generation 2, never a mix
+        assert not errors and {(g, n, m) for g, n, m in seen} <= {(1, 12, 11), (2, 16, 15)}
+        assert (2, 16, 15) in seen
+
+        # a commit whose files are missing is not served; the service keeps the last good state
+        manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+        broken = dict(manifest, index_file="missing.index", ntotal=99)
+        (tmp_path / "idx" / "manifest.json").write_text(json.dumps(broken))
+        deadline = time.monotonic() + 10
+        while get(url + "/indices")[1]["indices"][0]["reload_error"] is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ix = get(url + "/indices")[1]["indices"][0]
+        assert ix["generation"] == 2 and ix["ntotal"] == 16 and "missing" in ix["reload_error"]
+        assert post(url + "/search", {"id": 13, "k": 1, "index": "live"})[0] == 200
+        # the next commit is picked up again
+        (tmp_path / "idx" / "manifest.json").write_text(json.dumps(manifest))
+        deadline = time.monotonic() + 10
+        while get(url + "/health")[1]["indices"]["live"] < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ix = get(url + "/indices")[1]["indices"][0]
+        assert ix["generation"] == 3 and ix["ntotal"] == 16 and ix["reload_error"] is None
+
+
+def test_relative_image_paths_and_several_indexes(tmp_path, monkeypatch, vit_index):
+    """Paths recorded relative to the build folder resolve against --image-root; two indexes are served by name."""
+    from retrieval.encoders import load_encoder
+    from retrieval.pipeline import index_images
+
+    from .helpers import make_images
+
+    make_images(str(tmp_path / "data" / "pics"), 3)
+    monkeypatch.chdir(tmp_path / "data")
+    index_images("pics", str(tmp_path / "rel"), load_encoder(VIT), progress=False)
+    monkeypatch.chdir(tmp_path)
+    app = create_app([str(tmp_path / "rel"), f"other={vit_index}"], image_root=str(tmp_path / "data"))
+    with background_server(app) as url:
+        assert get(url + "/indices-list")[1] == ["rel", "other"]
+        status, raw, _ = get(url + "/image/rel/2")
+        assert status == 200 and raw == (tmp_path / "data" / "pics" / "img_002.png").read_bytes()
+        status, body, _ = post(url + "/search", {"id": 2, "k": 1})
+        assert status == 422 and "several indexes" in body["error"]
+        assert post(url + "/search", {"id": 2, "k": 1, "index": "other"})[0] == 200
+
+
+def test_serve_cli_refuses_remote_host_and_bad_folders(tmp_path, capsys, vit_index):
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    spec = importlib.util.spec_from_file_location("serve_cli", os.path.join(root, "tools", "serve.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    from internvit.cli import run
+
+    for argv, msg in [([vit_index, "--host", "0.0.0.0"], "--allow-remote"),
+                      ([str(tmp_path / "none")], "no such folder"),
+                      ([str(tmp_path)], "no manifest.json"),
+                      ([vit_index, "--max-k", "0"], "argument --max-k")]:
+        with pytest.raises(SystemExit) if "argument" in msg else _noop():
+            rc = run(mod.main, argv)
+            assert rc == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:") and msg in err[0], err
+
+
+class _noop:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
