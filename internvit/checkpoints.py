@@ -1,7 +1,9 @@
 """Checkpoint reading, key families and loading — the only place that knows checkpoint formats.
 
-* Reading never executes code: safetensors (memory-mapped, one tensor at a time) or
-  ``torch.load(weights_only=True, mmap=True)`` for ``.pth`` / ``.bin``.
+* Reading never executes code: safetensors (read tensor by tensor into memory), or for ``.pth`` / ``.bin`` a
+  pickle whose globals are vetted from its opcodes before ``torch.load(weights_only=True, mmap=True)``, and
+  whose result is checked to be plain data (:func:`safe_torch_load`). Loaded tensors own their memory: the
+  file may be overwritten afterwards.
 * :data:`VIT_KEY_TABLE` is THE rename table between the original InternVL key family and ours (the
   Hugging Face names). A new family is a new row plus a detection rule in :func:`detect_family`.
 * :func:`load_into` fills a model built on the ``meta`` device tensor by tensor, so loading never
@@ -9,9 +11,14 @@
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
+import mmap as mmap_module
 import os
 import re
+import sys
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Mapping, Optional
 
@@ -90,10 +97,277 @@ def detect_family(keys: Iterable[str]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Reading
+# Reading: never runs code, never leaves weights tied to the file
 # ---------------------------------------------------------------------------------------------------
+#: ``module name`` globals that a weight file written by ``torch.save`` of tensors / parameters / dicts
+#: references, besides the ``torch`` dtypes (``torch float16``). Checked in the pickle's opcodes *before*
+#: anything is unpickled; ``torch.load(weights_only=True)`` is the second line of defence.
+_TENSOR_GLOBALS = re.compile(
+    r"^(collections OrderedDict|_codecs encode|torch Size"
+    r"|torch\._utils _rebuild_(tensor|tensor_v2|tensor_v3|parameter)"
+    r"|torch(\.cuda)? \w+Storage)$"
+)
+#: opcodes whose global cannot be read off the opcode itself (torch.save never writes them)
+_UNVETTABLE_OPCODES = ("STACK_GLOBAL", "EXT1", "EXT2", "EXT4")
+
+
+def is_tensor_global(spec: str) -> bool:
+    """Whether a pickled global (``'module name'``, as the GLOBAL opcode spells it) is tensor plumbing."""
+    if _TENSOR_GLOBALS.match(spec):
+        return True
+    module, _, name = spec.partition(" ")
+    return module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+
+
+def _globals_of_pickle(ops, path: str, found: list) -> None:
+    for op, arg, _ in ops:
+        if op.name in ("GLOBAL", "INST"):
+            found.append(arg)
+        elif op.name in _UNVETTABLE_OPCODES:
+            raise CheckpointError(f"{path}: refusing to load: its pickle uses {op.name}, whose target cannot be "
+                                  f"checked before loading (torch.save never writes it)")
+
+
+def pickled_globals(path: str) -> tuple[list[str], bool]:
+    """The ``'module name'`` globals a torch checkpoint's pickles reference, read without unpickling.
+
+    Returns ``(globals, is_zip)``. Zip checkpoints (``torch.save`` since 1.6): every ``*.pkl`` entry; legacy
+    files: the five pickles before the raw storage bytes. Raises :class:`CheckpointError` for files that are
+    neither, for the legacy tar format and for pickles that cannot be vetted.
+    """
+    import pickletools
+    import zipfile
+
+    found: list[str] = []
+    try:
+        with open(path, "rb") as f:
+            is_zip = f.read(4) == b"PK\x03\x04"
+            if not is_zip:
+                f.seek(0)
+                for _ in range(5):  # magic number, protocol, system info, the object, storage keys
+                    _globals_of_pickle(pickletools.genops(f), path, found)
+                return found, False
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+            pkls = [n for n in names if n.endswith(".pkl")]
+            if len(names) != len(set(names)) or not pkls:
+                raise CheckpointError(f"{path}: not a torch checkpoint (zip archive "
+                                      f"{'with duplicate entries' if pkls else 'without data.pkl'})")
+            for name in pkls:
+                _globals_of_pickle(pickletools.genops(z.read(name)), path, found)
+        return found, True
+    except CheckpointError:
+        raise
+    except (ValueError, EOFError, OSError, zipfile.BadZipFile, UnicodeDecodeError) as e:
+        if isinstance(e, OSError) and not os.path.isfile(path):
+            raise CheckpointError(f"{path}: no such weight file") from None
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: "
+                              f"{_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+
+
+def refuse_globals(path: str, globals_: Iterable[str], allowed: Callable[[str], bool]) -> None:
+    """Raise :class:`CheckpointError` naming the first global that ``allowed`` refuses."""
+    refused = sorted({g for g in globals_ if not allowed(g)})
+    if refused:
+        names = ", ".join(g.replace(" ", ".") for g in refused[:3])
+        more = f" and {len(refused) - 3} more" if len(refused) > 3 else ""
+        raise CheckpointError(f"{path}: refusing to load: it references {names}{more}, which is not tensor or "
+                              f"array data (unpickling it could run code)")
+
+
+@contextlib.contextmanager
+def only_safe_globals(objects: Iterable = ()):
+    """``torch.load(weights_only=True)`` accepts exactly torch's defaults plus ``objects`` inside the block.
+
+    Globals that anything else added process-wide (``torch.serialization.add_safe_globals``) are set aside
+    for the block and restored afterwards, and ``objects`` are gone again after it: nothing outlives the
+    one load. (torch keeps this list per process, so a ``torch.load`` in another thread during the block
+    sees the same list.) Uses ``torch.serialization.safe_globals`` where it exists (torch >= 2.5).
+    """
+    ser = torch.serialization
+    unpickler = getattr(torch, "_weights_only_unpickler", None)
+    get = getattr(ser, "get_safe_globals", None) or unpickler._get_safe_globals
+    clear = getattr(ser, "clear_safe_globals", None) or unpickler._clear_safe_globals
+    add = getattr(ser, "add_safe_globals", None) or unpickler._add_safe_globals
+    before = list(get())
+    clear()
+    try:
+        if hasattr(ser, "safe_globals"):
+            with ser.safe_globals(list(objects)):
+                yield
+        else:  # torch 2.4
+            add(list(objects))
+            yield
+    finally:
+        clear()
+        add(before)
+
+
+_PLAIN = (str, bytes, int, float, complex, bool, type(None), torch.dtype, torch.Size)
+
+
+def check_plain_data(obj, path: str, allowed_types: tuple = ()) -> None:
+    """Raise :class:`CheckpointError` unless ``obj`` is made only of plain data.
+
+    Plain data: dicts (``OrderedDict`` with at most a ``_metadata`` attribute), lists, tuples, strings, numbers,
+    ``None``, torch dtypes / sizes, tensors and parameters without hooks or attributes, numpy arrays, scalars
+    and dtypes without Python objects inside, and instances of ``allowed_types`` (vetted by the caller).
+    """
+    import numpy as np
+
+    stack, seen = [(obj, "")], set()
+    while stack:
+        o, where = stack.pop()
+        if isinstance(o, _PLAIN) or id(o) in seen:
+            continue
+        seen.add(id(o))
+        kind = type(o)
+        if kind in (dict, OrderedDict):
+            extra = vars(o) if kind is OrderedDict else {}
+            if set(extra) - {"_metadata"} or not all(isinstance(k, _PLAIN) for k in o):
+                bad = "attributes" if set(extra) - {"_metadata"} else "keys"
+                raise CheckpointError(f"{path}: refusing to load: {where or 'the top level'} is a mapping with "
+                                      f"non-data {bad}")
+            stack.extend((v, f"{where}/{k}") for k, v in o.items())
+            stack.extend((v, f"{where}/{k}") for k, v in extra.items())
+        elif kind in (list, tuple):
+            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(o))
+        elif kind in (torch.Tensor, torch.nn.Parameter):
+            if o._backward_hooks or vars(o):
+                raise CheckpointError(f"{path}: refusing to load: tensor {where} carries hooks or attributes")
+        elif kind is np.ndarray or isinstance(o, (np.generic, np.dtype)):
+            if (o if isinstance(o, np.dtype) else o.dtype).hasobject:
+                raise CheckpointError(f"{path}: refusing to load: numpy value {where} holds Python objects")
+        elif not (allowed_types and isinstance(o, allowed_types)):
+            raise CheckpointError(f"{path}: refusing to load: {where or 'the top level'} is a "
+                                  f"{kind.__module__}.{kind.__qualname__}, not tensor or array data")
+
+
+def safe_torch_load(path: str, *, map_location="cpu", mmap: bool = False,
+                    allowed: Callable[[str], bool] = is_tensor_global, safe_globals: Iterable = (),
+                    allowed_types: tuple = ()):
+    """``torch.load`` that never runs code: the pickle's globals are vetted first (``allowed``), then
+    ``weights_only=True`` with torch's default allow-list plus ``safe_globals`` for this one load, then the
+    result is checked to be plain data (:func:`check_plain_data`).
+
+    ``mmap=True`` memory-maps zip checkpoints (ignored for the legacy format). Raises :class:`CheckpointError`
+    with one line naming the file and what was refused or unreadable.
+    """
+    path = os.fspath(path)
+    found, is_zip = pickled_globals(path)
+    refuse_globals(path, found, allowed)
+    try:
+        with only_safe_globals(safe_globals):
+            obj = torch.load(path, map_location=map_location, weights_only=True, mmap=bool(mmap and is_zip))
+    except Exception as e:  # noqa: BLE001 - whatever torch raises, the user gets one line naming the file
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if "WeightsUnpickler error" in ln), lines[0] if lines else "")
+        raise CheckpointError(f"{path}: cannot read as a torch checkpoint ({type(e).__name__}: {detail})") from None
+    check_plain_data(obj, path, allowed_types)
+    return obj
+
+
+def torch_load_weights(path: str, *, mmap: bool = True) -> dict:
+    """A weight file's contents, read without running code (:func:`safe_torch_load`): tensors, dicts and
+    numbers only. Zip checkpoints are memory-mapped (``mmap=True``): copy what you keep (``TensorSource``
+    does) before the file may change."""
+    return safe_torch_load(path, map_location="cpu", mmap=mmap)
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "C64": torch.complex64,
+    **{k: getattr(torch, v) for k, v in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
+                                          ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"))
+       if hasattr(torch, v)},
+}
+
+
+def read_safetensors_header(path: str) -> tuple[dict, int]:
+    """``({key: {dtype, shape, data_offsets}}, offset of the data section)`` of a safetensors file, checked
+    against the file size (a truncated file is refused here, not at the first tensor access)."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= min(size - 8, 100 * 1024**2):
+                raise ValueError(f"header length {n} does not fit a {size}-byte file")
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        header.pop("__metadata__", None)
+        data_size = size - 8 - n
+        for key, info in header.items():
+            dtype = _SAFETENSORS_DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
+            shape, (begin, end) = info["shape"], info["data_offsets"]
+            if dtype is None:
+                raise ValueError(f"tensor {key}: unsupported dtype ({info!r:.60})")
+            numel = 1
+            for d in shape:
+                numel *= int(d)
+            if not 0 <= begin <= end <= data_size or end - begin != numel * dtype.itemsize:
+                raise ValueError(f"tensor {key}: bytes {begin}..{end} do not fit shape {shape} / the "
+                                 f"{data_size}-byte data section (truncated file?)")
+            info["torch_dtype"] = dtype
+        return header, 8 + n
+    except (ValueError, KeyError, TypeError, OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+
+
+def _read_safetensors_tensor(path: str, data_start: int, info: dict) -> torch.Tensor:
+    """One tensor read with ``readinto`` into its own memory (no memory map stays behind)."""
+    t = torch.empty(info["shape"], dtype=info["torch_dtype"])
+    buf = memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+    with open(path, "rb") as f:
+        f.seek(data_start + info["data_offsets"][0])
+        got = 0
+        while got < len(buf):
+            n = f.readinto(buf[got:])
+            if not n:
+                raise CheckpointError(f"{path}: file ends inside tensor data (truncated?)")
+            got += n
+    return t
+
+
+def _release_pages(t: torch.Tensor) -> None:
+    """Drop the resident pages of a memory-mapped tensor from this process (Linux); they are re-read from
+    the file on the next access. Only whole pages inside the tensor's own bytes are released."""
+    if not sys.platform.startswith("linux") or t.numel() == 0:
+        return
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+        _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    storage = t.untyped_storage()
+    start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    page = mmap_module.PAGESIZE
+    lo, hi = -(-start // page) * page, end // page * page
+    if hi > lo:
+        _LIBC.madvise(lo, hi - lo, mmap_module.MADV_DONTNEED)
+
+
+_LIBC = None
+
+
+def _owned_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of a memory-mapped tensor in its own memory; the mapped pages are released after copying, so
+    reading a whole file this way peaks at about one copy of the weights."""
+    out = t.clone(memory_format=torch.contiguous_format)
+    _release_pages(t)
+    return out
+
+
 class TensorSource(Mapping):
-    """Read-only, lazy ``{key: tensor}`` view over one or more weight files; tensors load on access."""
+    """Read-only, lazy ``{key: tensor}`` view over one or more weight files; tensors load on access.
+
+    Every tensor it hands out lives in its own memory (never a memory map of the file): the file may be
+    overwritten or deleted afterwards.
+    """
 
     def __init__(self) -> None:
         self._where: dict[str, Callable[[], torch.Tensor]] = {}
@@ -131,40 +405,29 @@ class TensorSource(Mapping):
         return out
 
     def _add_safetensors(self, path: str) -> None:
-        from safetensors import safe_open
-
-        try:
-            handle = safe_open(path, framework="pt", device="cpu")
-        except Exception as e:  # noqa: BLE001 - report which file is broken
-            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-        for k in handle.keys():
-            self._where[k] = (lambda k=k, h=handle: h.get_tensor(k))
-            self._shapes[k] = tuple(handle.get_slice(k).get_shape())
+        header, data_start = read_safetensors_header(path)
+        for k, info in header.items():
+            if sys.byteorder == "little":
+                self._where[k] = (lambda info=info: _read_safetensors_tensor(path, data_start, info))
+            else:  # the format is little-endian: let safetensors swap the bytes, then copy
+                self._where[k] = (lambda k=k: _safetensors_swapped(path, k))
+            self._shapes[k] = tuple(info["shape"])
         self.files.append(path)
 
     def _add_torch(self, path: str) -> None:
-        sd = torch_load_weights(path)
-        sd = unwrap_state_dict(sd, path)
+        sd = unwrap_state_dict(torch_load_weights(path, mmap=True), path)
         for k, v in sd.items():
             if isinstance(v, torch.Tensor):
-                self._where[k] = (lambda v=v: v)
+                self._where[k] = (lambda v=v: _owned_copy(v))
                 self._shapes[k] = tuple(v.shape)
         self.files.append(path)
 
 
-def torch_load_weights(path: str) -> dict:
-    """``torch.load`` with ``weights_only=True`` (never unpickles code), memory-mapped when the format allows."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:
-        if "mmap" not in str(e) and "zip" not in str(e).lower():
-            raise CheckpointError(f"{path}: cannot read as a torch checkpoint ({e})") from None
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{path}: cannot read with weights_only=True ({type(e).__name__}: {e})") from None
-    try:  # legacy (non-zip) serialisation cannot be memory-mapped
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{path}: cannot read with weights_only=True ({type(e).__name__}: {e})") from None
+def _safetensors_swapped(path: str, key: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt", device="cpu") as handle:
+        return handle.get_tensor(key).clone()
 
 
 def unwrap_state_dict(obj, path: str = "checkpoint") -> dict:
