@@ -15,6 +15,7 @@ EXTRAS = {
     "retrieval": ["faiss-cpu>=1.8"],
     "openclip": ["open_clip_torch>=2.24", "timm>=1.0"],
     "classification": SEG + ["scikit-learn>=1.3"],
+    "video": ["av>=10"],  # zero-shot video classification (classification/video.py)
     "serve": ["fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9"],
     "test": ["pytest>=7", "ruff", "selenium>=4.20"],
 }

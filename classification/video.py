@@ -1,0 +1,417 @@
+"""Zero-shot video classification with InternVL-C/G (or any CLIP-style model), e.g. Kinetics-400/600/700.
+
+The InternVL repository has no video evaluation (reference-spec-2 §3), so the protocol is defined here:
+
+1. **Frames.** ``num_frames`` frame indices by InternVL-Chat's segment-midpoint rule (``get_index``,
+   reference-spec-2 §1.9): the span ``[0, last frame]`` is cut into ``num_frames`` equal segments and the frame
+   nearest each segment's centre is taken; ``num_frames=1`` takes the middle frame, a video shorter than
+   ``num_frames`` frames repeats frames. Only those frames are decoded into images (PyAV; frames before the
+   last sampled one are decoded and dropped one by one), so a batch of long videos never holds more than
+   ``batch_size × num_frames`` frames.
+2. **Frame embeddings.** Each frame gets the image preprocessing of zero-shot classification (short-side resize
+   + centre crop; ``resize_mode='squash'`` to squash) and the model's image path (``encode_image``, with
+   ``mode`` for InternVL-C/G).
+3. **Video embedding.** Each frame embedding is L2-normalised, the ``num_frames`` of a video are averaged and
+   the mean is L2-normalised again.
+4. **Scores.** ``100 · video @ classifier`` with the text classifier of
+   :func:`classification.zero_shot.build_zero_shot_classifier` (templates averaged per class). Reported: top-1
+   (``acc1``), top-5 (``acc5``), their mean (``acc_mean``, the Kinetics convention of EVA-CLIP/CLIP) and the
+   mean per-class recall, all fractions in [0, 1].
+
+Videos that cannot be opened or decoded, or hold no frame, are skipped, counted (``num_failed``) and listed
+(``failed``: path and error).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from internvit.text import model_device
+
+from .zero_shot import (
+    METADATA_DIR,
+    ZERO_SHOT_SCALE,
+    Template,
+    build_zero_shot_classifier,
+    classification_metrics,
+    encode_images,
+    resolve_templates,
+)
+
+VIDEO_EXTENSIONS: tuple[str, ...] = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv",
+                                     ".wmv", ".3gp", ".ts", ".gif")
+KINETICS = ("kinetics400", "kinetics600", "kinetics700")
+FRAME_SAMPLING = "segment midpoints (InternVL-Chat get_index)"
+FRAME_COMBINATION = "mean of L2-normalised frame embeddings, L2-normalised"
+
+__all__ = ["FRAME_COMBINATION", "FRAME_SAMPLING", "KINETICS", "VIDEO_EXTENSIONS", "VideoFrameDataset",
+           "encode_videos", "list_labeled_videos", "load_video_classnames", "load_video_templates",
+           "read_video_frames", "run_video_zero_shot", "sample_frame_indices", "video_zero_shot_evaluate"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Metadata
+# ---------------------------------------------------------------------------------------------------
+def _canon(dataset: str) -> str:
+    key = dataset.strip().lower().replace("-", "").replace("_", "")
+    return {"k400": "kinetics400", "k600": "kinetics600", "k700": "kinetics700"}.get(key, key)
+
+
+def _read_metadata(name: str) -> dict:
+    with open(os.path.join(METADATA_DIR, name), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def load_video_classnames(dataset: str = "kinetics400") -> list[str]:
+    """Shipped class names of ``kinetics400`` / ``kinetics600`` / ``kinetics700`` (also ``k400``,
+    ``kinetics-400``, ...), in the datasets' label order. Sources and licences:
+    ``classification/metadata/KINETICS_SOURCES.md``."""
+    key = _canon(dataset)
+    names = _read_metadata("kinetics_classnames.json")
+    if key not in names:
+        raise ValueError(f"no shipped video class names for {dataset!r}; known: {', '.join(KINETICS)}")
+    return list(names[key])
+
+
+def load_video_templates(dataset: str = "kinetics400") -> list[str]:
+    """The prompt templates shipped for a Kinetics dataset (CLIP's 28 Kinetics templates, ``{c}`` placeholder)."""
+    key = _canon(dataset)
+    templates = _read_metadata("kinetics_templates.json")
+    if key not in templates:
+        raise ValueError(f"no shipped video templates for {dataset!r}; known: {', '.join(KINETICS)}")
+    return list(templates[key])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Frames
+# ---------------------------------------------------------------------------------------------------
+def sample_frame_indices(num_frames: int, num_segments: int, *, fps: Optional[float] = None,
+                         bound: Optional[tuple[float, float]] = None, first_idx: int = 0) -> list[int]:
+    """Indices of ``num_segments`` frames of a ``num_frames``-frame video (reference-spec-2 §1.9).
+
+    ``start = max(first_idx, round(t0·fps))``, ``end = min(round(t1·fps), num_frames − 1)`` for a ``bound``
+    ``(t0, t1)`` in seconds (Python ``round``), else ``first_idx`` and the last frame; ``seg = (end − start) /
+    num_segments``; frame ``k`` is ``int(start + seg/2 + np.round(seg·k))``. ``num_segments=1`` gives the middle
+    frame; with fewer frames than segments indices repeat. Raises ``ValueError`` for ``num_frames < 1``,
+    ``num_segments < 1``, a bound without a positive ``fps`` or a bound that selects no frame.
+    """
+    if int(num_frames) < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    if int(num_segments) < 1:
+        raise ValueError(f"num_segments must be >= 1, got {num_segments}")
+    max_frame = int(num_frames) - 1
+    if bound is None:  # upstream uses ±100000 s, which clamps to the whole video
+        start_idx, end_idx = first_idx, max_frame
+    else:
+        if not fps or fps <= 0:
+            raise ValueError("a time bound needs the video's fps (> 0)")
+        start_idx = max(first_idx, round(bound[0] * fps))
+        end_idx = min(round(bound[1] * fps), max_frame)
+        if end_idx < start_idx:
+            raise ValueError(f"bound {tuple(bound)} s selects no frame of a {num_frames}-frame video at {fps} fps")
+    seg = (end_idx - start_idx) / num_segments
+    return [int(start_idx + seg / 2 + np.round(seg * k)) for k in range(num_segments)]
+
+
+def _open(path: str):
+    import av
+
+    container = av.open(path)
+    if not container.streams.video:
+        container.close()
+        raise ValueError("no video stream")
+    return container
+
+
+def _decode_frames(path: str, wanted: set) -> tuple[dict, int]:
+    """``({index: RGB PIL image}, frames decoded)``: decodes in order up to the last wanted index."""
+    last = max(wanted)
+    keep, count = {}, 0
+    with _open(path) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        for frame in container.decode(stream):
+            if count in wanted:
+                keep[count] = frame.to_image()  # only the sampled frames become images
+            count += 1
+            if count > last:
+                break
+    return keep, count
+
+
+def read_video_frames(path: str, num_segments: int, *, bound: Optional[tuple[float, float]] = None
+                      ) -> tuple[list, dict]:
+    """The ``num_segments`` sampled frames of a video as RGB PIL images, and ``{num_frames, fps, indices}``.
+
+    The frame count comes from the container header, else from counting the stream's packets (no decoding);
+    if fewer frames decode than that count says, the indices are recomputed from the frames that exist.
+    Raises (``ValueError``, ``OSError`` or PyAV's errors) for a file that cannot be opened or decoded, has no
+    video stream or no frame.
+    """
+    with _open(path) as container:
+        stream = container.streams.video[0]
+        n = int(stream.frames or 0)
+        fps = float(stream.average_rate) if stream.average_rate else None
+        if n <= 0:
+            n = sum(1 for packet in container.demux(stream) if packet.size)
+    if n <= 0:
+        raise ValueError("the video has no frames")
+    indices = sample_frame_indices(n, num_segments, fps=fps, bound=bound)
+    frames, decoded = _decode_frames(path, set(indices))
+    if len(frames) < len(set(indices)):  # the header over-counted: resample from what decodes
+        if decoded == 0:
+            raise ValueError("no frame could be decoded")
+        n = decoded
+        indices = sample_frame_indices(n, num_segments, fps=fps, bound=bound)
+        frames, _ = _decode_frames(path, set(indices))
+    return [frames[i] for i in indices], {"num_frames": n, "fps": fps, "indices": indices}
+
+
+class VideoFrameDataset(Dataset):
+    """Videos as stacks of sampled frames: item ``i`` is ``(frames (num_frames, 3, S, S), i, None)``.
+
+    ``transform`` maps a PIL image to a ``(3, S, S)`` tensor. An unreadable, corrupt or empty video gives
+    ``(None, i, 'ErrorType: message')``; use :func:`internvit.data.collate_images` as ``collate_fn``, which
+    drops such items and keeps their errors (batches are ``(B, num_frames, 3, S, S)``).
+    """
+
+    def __init__(self, paths: Sequence[str], num_frames: int, transform: Callable, *,
+                 bound: Optional[tuple[float, float]] = None) -> None:
+        if int(num_frames) < 1:
+            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        self.paths = [os.fspath(p) for p in paths]
+        self.num_frames, self.transform, self.bound = int(num_frames), transform, bound
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        from internvit.data import _error_text
+
+        try:
+            frames, _ = read_video_frames(self.paths[i], self.num_frames, bound=self.bound)
+            x = torch.stack([self.transform(f) for f in frames])
+        except Exception as e:  # noqa: BLE001 - a bad video is reported, never fatal
+            return None, i, _error_text(e)
+        return x, i, None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------------
+def encode_videos(model, frames: torch.Tensor, mode: Optional[str] = None) -> torch.Tensor:
+    """``(B, T, 3, H, W)`` frames → ``(B, D)`` fp32 video embeddings: every frame through ``encode_image``,
+    L2-normalised, averaged over the ``T`` frames, L2-normalised again."""
+    if frames.ndim != 5:
+        raise ValueError(f"frames must be (B, T, 3, H, W), got shape {tuple(frames.shape)}")
+    b, t = frames.shape[:2]
+    feats = encode_images(model, frames.flatten(0, 1), mode)
+    return F.normalize(feats.reshape(b, t, -1).mean(dim=1), dim=-1)
+
+
+def video_zero_shot_evaluate(model, classifier: torch.Tensor, dataloader, *, mode: Optional[str] = "InternVL-C",
+                             device: Optional[Union[str, torch.device]] = None,
+                             dtype: Optional[torch.dtype] = None,
+                             paths: Optional[Sequence[str]] = None) -> dict:
+    """Zero-shot metrics over a loader of ``(frames (B, T, 3, H, W), labels, errors)``.
+
+    ``errors`` is a list of ``(index, message)`` for skipped videos (``paths[index]`` names them in
+    ``failed``). Returns ``acc1``, ``acc5``, ``acc_mean`` (their mean), ``mean_per_class_recall`` (fractions),
+    ``num_samples``, ``num_failed``, ``failed`` (``[{'path', 'error'}]``) and ``num_classes``. Raises
+    ``ValueError`` when no video could be read or a label is out of range.
+    """
+    device = torch.device(device) if device is not None else model_device(model)
+    if dtype is None:
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    classifier = classifier.to(device=device, dtype=torch.float32)
+    all_logits, all_target, failed = [], [], []
+    with torch.no_grad():
+        for frames, target, errors in dataloader:
+            failed.extend({"path": paths[i] if paths is not None else str(i), "error": e} for i, e in errors)
+            if frames is None or len(target) == 0:
+                continue
+            feats = encode_videos(model, frames.to(device=device, dtype=dtype), mode)
+            all_logits.append((ZERO_SHOT_SCALE * feats @ classifier).cpu())
+            all_target.append(torch.as_tensor(target).cpu().long())
+    if not all_logits:
+        raise ValueError(f"no video could be read ({len(failed)} failed; first: "
+                         f"{failed[0]['path'] + ': ' + failed[0]['error'] if failed else 'none given'})")
+    logits, target = torch.cat(all_logits), torch.cat(all_target)
+    if int(target.max()) >= classifier.shape[1] or int(target.min()) < 0:
+        raise ValueError(f"label {int(target.max())} out of range for a classifier of {classifier.shape[1]} classes")
+    out = classification_metrics(logits, target)
+    out["acc_mean"] = (out["acc1"] + out["acc5"]) / 2
+    out.update(num_samples=int(len(target)), num_failed=len(failed), failed=failed,
+               num_classes=int(classifier.shape[1]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Folder / CSV evaluation (tools/zeroshot_eval.py --video)
+# ---------------------------------------------------------------------------------------------------
+def _norm(name: str) -> str:
+    return " ".join(name.replace("_", " ").split()).lower()
+
+
+def _is_video(name: str) -> bool:
+    return name.lower().endswith(VIDEO_EXTENSIONS) and not name.startswith(".")
+
+
+def list_labeled_videos(data: str) -> tuple[list[str], list[str]]:
+    """``(paths, raw labels)`` of a ``<root>/<class>/<video>`` folder (recursive per class, sorted) or a
+    ``path,label`` CSV (relative paths against the CSV's folder; optional header). Raises ``ValueError`` /
+    ``FileNotFoundError`` naming the problem."""
+    if os.path.isdir(data):
+        classes = sorted(d for d in os.listdir(data) if os.path.isdir(os.path.join(data, d)) and d[0] != ".")
+        paths, labels = [], []
+        for c in classes:
+            found = []
+            for root, dirs, files in os.walk(os.path.join(data, c)):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                found.extend(os.path.join(root, f) for f in files if _is_video(f))
+            paths.extend(sorted(found))
+            labels.extend([c] * len(found))
+        if not paths:
+            raise ValueError(f"{data}: no videos ({'/'.join(VIDEO_EXTENSIONS)}) in <root>/<class>/ folders")
+        return paths, labels
+    if os.path.isfile(data) and data.lower().endswith(".csv"):
+        import csv
+
+        base = os.path.dirname(os.path.abspath(data))
+        paths, labels = [], []
+        with open(data, newline="", encoding="utf-8") as f:
+            for lineno, row in enumerate(csv.reader(f), 1):
+                if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
+                    continue
+                if len(row) < 2:
+                    raise ValueError(f"{data}:{lineno}: expected 'path,label', got {','.join(row)!r}")
+                p, label = row[0].strip(), row[1].strip()
+                if lineno == 1 and p.lower() in ("path", "video", "filepath") and label.lower() == "label":
+                    continue
+                paths.append(p if os.path.isabs(p) else os.path.join(base, p))
+                labels.append(label)
+        if not paths:
+            raise ValueError(f"{data}: no 'path,label' rows")
+        return paths, labels
+    raise FileNotFoundError(f"{data}: not a video folder (<root>/<class>/<video>) or a .csv of path,label")
+
+
+def _resolve_video_classnames(spec, raw_labels: Sequence[str]) -> tuple[list[str], list[int]]:
+    """Class names (label order) and the label index of every row."""
+    if spec is None:
+        if all(label.isdigit() for label in raw_labels):
+            raise ValueError("integer labels need class names: pass classnames= (a Kinetics key, a list or a file)")
+        found = sorted(set(raw_labels))
+        names = [c.replace("_", " ") for c in found]
+        index = {c: i for i, c in enumerate(found)}
+        return names, [index[label] for label in raw_labels]
+    if isinstance(spec, str):
+        if os.path.isfile(spec):
+            from .zero_shot import _read_list
+
+            names = _read_list(spec)
+        else:
+            names = load_video_classnames(spec)
+    else:
+        names = [str(n) for n in spec]
+    by_name = {}
+    for i, n in enumerate(names):
+        by_name.setdefault(_norm(n), i)
+    out = []
+    for label in raw_labels:
+        if _norm(label) in by_name:
+            out.append(by_name[_norm(label)])
+        elif label.isdigit() and int(label) < len(names):
+            out.append(int(label))
+        else:
+            raise ValueError(f"label {label!r} is not one of the {len(names)} class names (nor an index)")
+    return names, out
+
+
+def _resolve_video_templates(spec, dataset: str) -> list[Template]:
+    if spec is None:
+        return load_video_templates(dataset if _canon(dataset) in KINETICS else "kinetics400")
+    if isinstance(spec, str) and not os.path.isfile(spec) and _canon(spec) in KINETICS:
+        return load_video_templates(spec)
+    return resolve_templates(spec)
+
+
+def run_video_zero_shot(
+    model,
+    data: str,
+    *,
+    num_frames: int = 8,
+    classnames: Optional[Union[str, Sequence[str]]] = None,
+    templates: Optional[Union[str, Sequence[Template]]] = None,
+    dataset: str = "kinetics400",
+    mode: Optional[str] = "InternVL-C",
+    tokenizer=None,
+    batch_size: int = 8,
+    text_batch_size: int = 256,
+    dtype: torch.dtype = torch.float32,
+    device: Union[str, torch.device] = "cpu",
+    num_workers: int = 2,
+    resize_mode: str = "crop",
+    transform: Optional[Callable] = None,
+    bound: Optional[tuple[float, float]] = None,
+    output: Optional[str] = None,
+) -> dict:
+    """Zero-shot classify a video folder (``<root>/<class>/<video>``) or a ``path,label`` CSV.
+
+    ``model``: an InternVL directory / weight file / preset or a loaded model (anything with ``encode_image``
+    and ``encode_text``); the tokenizer defaults to the model directory's. ``classnames``: ``None`` (folder /
+    CSV label names, ``_`` read as a space), a Kinetics key (``kinetics400``/``600``/``700``; folder or CSV
+    labels are matched to it case-insensitively with ``_`` as a space, or are class indices), a list or a
+    ``.txt``/``.json`` file. ``templates``: ``None`` = ``dataset``'s shipped Kinetics templates. ``batch_size``
+    counts videos (a forward pass sees ``batch_size × num_frames`` frames). Returns (and with ``output`` writes
+    atomically as JSON) the metrics of :func:`video_zero_shot_evaluate` plus the settings used.
+    """
+    import internvit
+    from internvit.data import collate_images
+    from internvit.fileio import atomic_write
+
+    if int(num_frames) < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    model_name = os.fspath(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
+    paths, raw_labels = list_labeled_videos(os.fspath(data))
+    names, labels = _resolve_video_classnames(classnames, raw_labels)
+    temps = _resolve_video_templates(templates, dataset)
+    if isinstance(model, (str, os.PathLike)):
+        if tokenizer is None:
+            tokenizer = internvit.get_tokenizer(model) if os.path.isdir(model) else None
+        model = internvit.load_model(model, dtype=dtype, device=device)
+    if tokenizer is None:
+        raise ValueError("no tokenizer: the model is not a directory with tokenizer.model; pass tokenizer=")
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = internvit.get_tokenizer(tokenizer)
+    if hasattr(model, "eval"):
+        model.eval()
+    classifier = build_zero_shot_classifier(model, tokenizer, names, temps, batch_size=text_batch_size,
+                                            device=device)
+    if transform is None:
+        transform = internvit.build_transform(model.config, resize_mode=resize_mode)
+    ds = VideoFrameDataset(paths, num_frames, transform, bound=bound)
+
+    def collate(batch):
+        frames, ids, errors = collate_images(batch)
+        return frames, torch.tensor([labels[i] for i in ids], dtype=torch.long), errors
+
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+    result = video_zero_shot_evaluate(model, classifier, loader, mode=mode, device=device, dtype=dtype,
+                                      paths=paths)
+    result.update(model=model_name, data=os.fspath(data), mode=mode, num_frames=int(num_frames),
+                  frame_sampling=FRAME_SAMPLING, frame_combination=FRAME_COMBINATION,
+                  num_templates=len(temps), logit_scale_used=ZERO_SHOT_SCALE, resize_mode=resize_mode,
+                  num_videos=len(paths))
+    if output:
+        with atomic_write(output) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2, ensure_ascii=False)
+    return result
