@@ -76,13 +76,24 @@ def scan_folder(root: str, classes: Optional[Sequence[str]] = None) -> tuple[lis
     return samples, list(classes)
 
 
+#: a class list beside a CSV that names no classes fixes its label set (make_toy_cls_dataset writes one)
+CLASSES_FILE = "classes.txt"
+
+
+def _is_index(label: str) -> bool:
+    return label.isdigit() or (label.startswith("-") and label[1:].isdigit())
+
+
 def read_csv(path: str, classes: Optional[Sequence[str]] = None,
              image_root: Optional[str] = None) -> tuple[list[tuple[str, int]], list[str]]:
     """``(samples, classes)`` of a ``path,label`` CSV (optional header ``path,label``).
 
-    Labels are class names (looked up in ``classes``, else the sorted set of names found) or, when every
-    label is an integer and no ``classes`` are given, class indices. Relative paths resolve against
-    ``image_root`` (default: the CSV's folder).
+    The label set comes from ``classes``, else from a ``classes.txt`` beside the CSV (one name per line),
+    else from the labels themselves: all integers are class indices ``0..max``, all non-integers are class
+    names (sorted). A label outside the set, a negative index, or a name among index labels raises
+    ``ValueError('<file>:<line>: unknown label ...')``; an unknown label never becomes an extra class.
+    Labels may be class names or indices into ``classes``. Relative paths resolve against ``image_root``
+    (default: the CSV's folder).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: annotation CSV not found")
@@ -101,13 +112,25 @@ def read_csv(path: str, classes: Optional[Sequence[str]] = None,
             rows.append((lineno, p if os.path.isabs(p) else os.path.join(base, p), label))
     if not rows:
         raise ValueError(f"{path}: no 'path,label' rows")
+    where = ""
     if classes is None:
-        if all(label.lstrip("-").isdigit() for _, _, label in rows):
-            ids = [int(label) for _, _, label in rows]
-            if min(ids) < 0:
-                raise ValueError(f"{path}: negative class index {min(ids)}")
-            classes = [str(i) for i in range(max(ids) + 1)]
+        beside = os.path.join(os.path.dirname(os.path.abspath(path)), CLASSES_FILE)
+        if os.path.isfile(beside):
+            classes, where = _read_classes(beside), f" listed in {beside}"
+    if classes is None:
+        is_index = [_is_index(label) for _, _, label in rows]
+        if all(is_index):
+            lineno, _, label = min(rows, key=lambda r: int(r[2]))
+            if int(label) < 0:
+                raise ValueError(f"{path}:{lineno}: unknown label {label!r} (negative class index)")
+            classes = [str(i) for i in range(max(int(r[2]) for r in rows) + 1)]
             return [(p, int(label)) for _, p, label in rows], classes
+        if any(is_index):  # indices and names mixed: the minority kind is the odd one out
+            odd = not (sum(is_index) * 2 >= len(rows))
+            lineno, _, label = next(r for r, k in zip(rows, is_index) if k == odd)
+            kind = "class indices" if not odd else "class names"
+            raise ValueError(f"{path}:{lineno}: unknown label {label!r} (the other labels are {kind}; "
+                             f"pass classes= or write {CLASSES_FILE} beside the CSV to fix the class list)")
         classes = sorted({label for _, _, label in rows})
     index = {c: i for i, c in enumerate(classes)}
     samples = []
@@ -117,7 +140,8 @@ def read_csv(path: str, classes: Optional[Sequence[str]] = None,
         elif label.isdigit() and int(label) < len(classes):
             samples.append((p, int(label)))
         else:
-            raise ValueError(f"{path}:{lineno}: unknown label {label!r} (not one of the {len(classes)} classes)")
+            raise ValueError(f"{path}:{lineno}: unknown label {label!r} (not one of the {len(classes)} "
+                             f"classes{where})")
     return samples, list(classes)
 
 
@@ -196,7 +220,9 @@ def make_toy_digits(out_dir: str, *, image_size: int = 32, val_fraction: float =
     Layout: ``train/<digit>/<id>.png``, ``val/<digit>/<id>.png``, ``train.csv`` / ``val.csv`` (``path,label``)
     and ``classes.txt``; the split is stratified and deterministic (``seed``). The folder is written into a
     temporary sibling and renamed into place. If ``out_dir`` already holds the same dataset (same
-    ``dataset.json``) it is kept; any other existing folder needs ``overwrite=True``. Returns the manifest.
+    ``dataset.json``) it is kept; a missing or empty folder is written; anything else (another toy dataset,
+    any other non-empty folder, a file) raises ``FileExistsError`` unless ``overwrite=True``, which replaces
+    it. Returns the manifest.
     """
     import numpy as np
     from PIL import Image
@@ -209,7 +235,8 @@ def make_toy_digits(out_dir: str, *, image_size: int = 32, val_fraction: float =
     manifest = dict(name="sklearn-digits", image_size=image_size, val_fraction=val_fraction, seed=seed,
                     classes=[str(i) for i in range(10)])
     out_dir = os.path.abspath(os.path.expanduser(out_dir))
-    if os.path.exists(out_dir):
+    is_empty_dir = os.path.isdir(out_dir) and not os.path.islink(out_dir) and not os.listdir(out_dir)
+    if os.path.lexists(out_dir) and not is_empty_dir:
         try:
             with open(os.path.join(out_dir, TOY_MANIFEST), encoding="utf-8") as f:
                 old = json.load(f)
@@ -218,7 +245,8 @@ def make_toy_digits(out_dir: str, *, image_size: int = 32, val_fraction: float =
         if old is not None and {k: old.get(k) for k in manifest} == manifest and not overwrite:
             return old
         if not overwrite:
-            raise FileExistsError(f"{out_dir}: exists and is not this toy dataset (pass overwrite=True)")
+            raise FileExistsError(f"{out_dir}: exists and is not this toy dataset; refusing to replace it "
+                                  f"(pass --overwrite / overwrite=True)")
 
     digits = load_digits()
     images, targets = digits.images, digits.target
