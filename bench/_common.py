@@ -129,3 +129,53 @@ def rel_error(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 def optional_float(v: Optional[float], fmt: str = "{:.3f}") -> str:
     return "-" if v is None else fmt.format(v)
+
+
+@torch.no_grad()
+def upstream_style_forward(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Last hidden state computed the way the upstream reference code does it in the model's dtype (bf16).
+
+    Written from reference-spec §1 (not from upstream code), using ``model``'s parameters: patch conv and
+    class/position rows in the model dtype; RMSNorm normalising in fp32, casting back, then multiplying by the
+    weight in the model dtype; LayerNorm as ``nn.LayerNorm`` in the model dtype; the naive attention path
+    ``softmax((q * scale) @ kᵀ) @ v`` in the model dtype; exact GELU; ``x + branch * ls`` with a separate
+    multiply and add. Used to measure how far upstream's low-precision path is from the fp32 reference.
+    """
+    import torch.nn.functional as F
+
+    from internvit.models.vit import interpolate_pos_embed
+
+    cfg = model.config
+    dt = model.dtype
+    emb = model.embeddings
+
+    def rms(x, w, eps):
+        xf = x.float()
+        return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+    def norm(mod, x):
+        if cfg.norm_type == "rms_norm":
+            return rms(x, mod.weight, mod.eps)
+        return F.layer_norm(x, mod.normalized_shape, mod.weight, mod.bias, mod.eps)
+
+    x = F.conv2d(pixel_values.to(dt), emb.patch_embedding.weight, emb.patch_embedding.bias, stride=cfg.patch_size)
+    b, c, h, w = x.shape
+    x = x.flatten(2).transpose(1, 2)
+    x = torch.cat([emb.class_embedding.to(dt).expand(b, -1, -1), x], dim=1)
+    x = x + interpolate_pos_embed(emb.position_embedding, (h, w), emb.grid).to(dt)
+    heads, d = cfg.num_attention_heads, cfg.head_dim
+    for blk in model.encoder.layers:
+        a = blk.attn
+        y = norm(blk.norm1, x)
+        qkv = F.linear(y, a.qkv.weight, a.qkv.bias)
+        q, k, v = qkv.chunk(3, dim=-1)
+        if a.qk_normalization:
+            q, k = rms(q, a.q_norm.weight, a.q_norm.eps), rms(k, a.k_norm.weight, a.k_norm.eps)
+        q, k, v = (t.reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
+        attn = ((q * d ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+        y = F.linear((attn @ v).transpose(1, 2).reshape(b, -1, c), a.proj.weight, a.proj.bias)
+        x = x + y * blk.ls1
+        y = norm(blk.norm2, x)
+        y = F.linear(F.gelu(F.linear(y, blk.mlp.fc1.weight, blk.mlp.fc1.bias)), blk.mlp.fc2.weight, blk.mlp.fc2.bias)
+        x = x + y * blk.ls2
+    return x

@@ -79,3 +79,31 @@ def test_intermediate_index_errors():
         model.resolve_indices([3])
     with pytest.raises(ValueError, match="output_fmt"):
         model.forward_intermediates(torch.randn(1, 3, 56, 56), output_fmt="NHWC")
+
+
+def test_attention_choice_and_compile_errors(monkeypatch):
+    from internvit.models.vit import PackedLinear, attention_impl_for, compile_model, pack_support
+
+    model = internvit.load_model("internvit-300m-tiny")
+    with pytest.raises(ValueError, match="attention impl"):
+        model.set_attention("flash")
+    with pytest.raises(ValueError, match="compile mode"):
+        compile_model(model, "fast")
+    with pytest.raises(ValueError, match="InternViT"):
+        compile_model(torch.nn.Linear(2, 2))
+    cpu = torch.device("cpu")
+    assert attention_impl_for(cpu, torch.bfloat16, 4096, "sdpa") == "sdpa"
+    monkeypatch.setenv("INTERNVIT_ATTENTION", "gemm")
+    assert attention_impl_for(cpu, torch.float32, 10) == "gemm"
+    monkeypatch.delenv("INTERNVIT_ATTENTION")
+    assert attention_impl_for(cpu, torch.float32, 10) == "sdpa"
+    if pack_support(torch.float32) is not None:
+        pytest.skip(pack_support(torch.float32))
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        ref = model(x).last_hidden_state
+        compile_model(model, "pack")
+        assert isinstance(model.encoder.layers[0].mlp.fc1, PackedLinear)
+        torch.testing.assert_close(model(x).last_hidden_state, ref, atol=1e-5, rtol=1e-5)
+        with pytest.raises(RuntimeError, match="PackedLinear holds a torch.float32"):
+            model.encoder.layers[0].mlp.fc1(torch.randn(1, 64, dtype=torch.float64))
