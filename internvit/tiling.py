@@ -363,3 +363,45 @@ def pixel_shuffle(tokens: torch.Tensor, downsample_ratio: float = 0.5) -> torch.
     x = x.reshape(n, h, f, h, f, c).permute(0, 1, 3, 2, 4, 5)  # (n, i, j, m, k, c)
     return x.reshape(n, h * h, f * f * c)
 
+
+
+# ---------------------------------------------------------------------------------------------------
+# Feature extraction over tiles (used by FeatureExtractor(tiles=...))
+# ---------------------------------------------------------------------------------------------------
+#: per-row metadata columns of tile features: one row per tile, or one per image when pooled
+TILE_COLUMNS = ("tile_index", "cols", "rows", "is_thumbnail")
+POOLED_COLUMNS = ("cols", "rows", "num_tiles")
+
+
+def projector_encoder(backbone, *, layer: int = -1, downsample_ratio: float = 0.5) -> Callable:
+    """``pixels (T, 3, S, S) → (T, (G·r)², C/r²)`` float32: block ``layer``'s patch tokens (class token
+    dropped) through :func:`pixel_shuffle` — the input of InternVL-Chat's ``mlp1`` projector (``(T, 256, 4C)``
+    at 448 px with ``downsample_ratio`` 0.5; ``select_layer=-1`` upstream = the last block)."""
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
+        (patches,) = backbone.forward_intermediates(pixels, indices=[layer], output_fmt="NLC",
+                                                    intermediates_only=True, stop_early=True)
+        return pixel_shuffle(patches, downsample_ratio).float()
+
+    return encode
+
+
+def encode_tile_batch(encode: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor, meta: dict,
+                      tile_pool: Optional[str]) -> tuple[torch.Tensor, list[int], dict]:
+    """Features of one packed batch (:func:`collate_tiles` output) and their per-row metadata.
+
+    Returns ``(features, image id per row, columns)``. Without pooling a row is a tile and ``columns`` holds
+    :data:`TILE_COLUMNS` (lists, one value per row); with ``tile_pool`` a row is an image and ``columns`` holds
+    :data:`POOLED_COLUMNS`.
+    """
+    feats = encode(pixels)
+    out, ids = pool_tiles(feats, meta["image_id"], meta["is_thumbnail"], tile_pool)
+    if tile_pool is None:
+        cols = {k: meta[k].tolist() for k in TILE_COLUMNS}
+    else:
+        image_ids = meta["image_id"].tolist()
+        first = {}
+        for k, i in enumerate(image_ids):
+            first.setdefault(i, k)
+        cols = {"cols": [int(meta["cols"][first[i]]) for i in ids], "rows": [int(meta["rows"][first[i]]) for i in ids],
+                "num_tiles": [image_ids.count(i) for i in ids]}
+    return out, ids, cols

@@ -285,3 +285,78 @@ def test_tile_counts_match_dynamic_tiles(tile_images):
             assert n == 1
             continue
         assert n == len(dynamic_tiles(img, max_num=4, image_size=28))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tile features with a real (tiny) InternViT
+# ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny():
+    import internvit
+
+    torch.manual_seed(0)
+    return internvit.load_model("internvit-6b-tiny").eval()  # 56 px, patch 14: a 4x4 token grid
+
+
+def test_projector_encoder_is_pixel_shuffle_of_last_hidden_state(tiny):
+    x = torch.randn(3, 3, 56, 56)
+    with torch.no_grad():
+        got = tiling.projector_encoder(tiny)(x)
+        ref = tiling.pixel_shuffle(tiny(x).last_hidden_state[:, 1:], 0.5)  # upstream: drop class token, shuffle
+    assert got.shape == (3, 4, 4 * 64) and got.dtype == torch.float32
+    assert torch.allclose(got, ref, atol=1e-6)
+
+
+@pytest.fixture
+def tiny_tile_images(tmp_path):
+    rng = np.random.default_rng(2)
+    paths = []
+    for k, (w, h) in enumerate([(120, 60), (56, 56), (150, 50), (50, 100)]):  # 2x1+t, 1x1, 3x1+t, 1x2+t
+        p = tmp_path / f"t{k}.png"
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(p)
+        paths.append(str(p))
+    return paths
+
+
+@pytest.mark.parametrize("tile_pool", [None, "mean", "thumbnail"])
+def test_packed_tile_features_equal_per_image_features(tiny, tiny_tile_images, tile_pool):
+    import internvit
+
+    tf = internvit.build_transform(tiny.config)
+    ds = tiling.TileDataset(tiny_tile_images, tf, max_num=4, image_size=56)
+    assert ds.num_tiles == [3, 1, 4, 3]
+
+    def encode(x):
+        return tiny(x).last_hidden_state[:, 0]
+
+    rows, ids, columns = [], [], {}
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=tiling.pack_batches(ds.num_tiles, 5),
+                                         collate_fn=tiling.collate_tiles)
+    with torch.no_grad():
+        for pixels, b_ids, errors, meta in loader:
+            assert not errors and b_ids
+            f, i, c = tiling.encode_tile_batch(encode, pixels, meta, tile_pool)
+            rows.append(f)
+            ids += i
+            for k, v in c.items():
+                columns.setdefault(k, []).extend(v)
+        feats = torch.cat(rows)
+        # reference: each image alone, its tiles from dynamic_tiles
+        ref_rows, ref_ids = [], []
+        for i, p in enumerate(tiny_tile_images):
+            t = torch.stack([tf(x) for x in dynamic_tiles(Image.open(p).convert("RGB"), max_num=4, image_size=56)])
+            f = encode(t)
+            if tile_pool is None:
+                ref_rows.append(f)
+                ref_ids += [i] * len(f)
+            else:
+                ref_rows.append((f.mean(0) if tile_pool == "mean" else f[-1])[None])
+                ref_ids.append(i)
+    assert ids == ref_ids
+    assert torch.allclose(feats, torch.cat(ref_rows), atol=1e-5)
+    if tile_pool is None:
+        assert columns["tile_index"] == [0, 1, 2, 0, 0, 1, 2, 3, 0, 1, 2]
+        assert columns["is_thumbnail"] == [False, False, True, False, False, False, False, True, False, False, True]
+        assert columns["cols"][:4] == [2, 2, 2, 1] and columns["rows"][-1] == 2
+    else:
+        assert columns == {"cols": [2, 1, 3, 1], "rows": [1, 1, 1, 2], "num_tiles": [3, 1, 4, 3]}
