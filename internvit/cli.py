@@ -1,0 +1,198 @@
+"""What every command-line tool in ``tools/`` shares: one-line errors, argument types, the exit-status contract.
+
+The contract (DEVELOPERS.md): bad input gets exactly one ``error: ...`` line on stderr naming the problem and
+exit status 2, before any work is done and with nothing half-written.
+
+    from internvit.cli import ArgumentParser, UsageError, positive_int, run
+
+    def main(argv=None) -> int:
+        p = ArgumentParser(description=__doc__)
+        p.add_argument("-k", type=positive_int, default=10)
+        args = p.parse_args(argv)
+        ...                       # raise UsageError("...") (or ValueError/OSError/...) for bad input
+        return 0
+
+    if __name__ == "__main__":
+        sys.exit(run(main))
+
+This module imports nothing heavy (no torch) so ``--help`` and argument errors stay fast.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from typing import Any, Callable, Optional, Sequence
+
+__all__ = ["ArgumentParser", "UsageError", "run", "one_line", "positive_int", "nonnegative_int",
+           "positive_float", "fraction", "existing_path", "existing_file", "existing_dir", "device", "check_device",
+           "memory_size", "read_json"]
+
+EXIT_USAGE = 2
+
+
+class UsageError(ValueError):
+    """Bad input from the user (an argument, a file, a folder): reported as one ``error:`` line, exit 2."""
+
+
+def one_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (its type name when it has none)."""
+    text = str(exc)
+    if isinstance(exc, KeyError) and len(exc.args) == 1:  # KeyError('model') prints as "'model'"
+        text = f"missing key {exc.args[0]!r}"
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose errors are one ``error: ...`` line (no usage block), exit status 2."""
+
+    def error(self, message: str) -> None:  # noqa: D102 - argparse API
+        self.exit(EXIT_USAGE, f"error: {message.splitlines()[0] if message else 'bad arguments'}\n")
+
+
+#: exceptions that mean "the input is bad", reported as one line; anything else is a bug and keeps its traceback
+USER_ERRORS: tuple = (UsageError, ValueError, OSError, KeyError, TypeError, RuntimeError, EOFError)
+
+
+def run(main: Callable[..., int], argv: Optional[Sequence[str]] = None,
+        user_errors: tuple = USER_ERRORS) -> int:
+    """Call ``main(argv)`` and turn user errors into one ``error:`` line with exit status 2.
+
+    Output that a library prints on stderr in the meantime (warnings) is left alone; the error itself is a
+    single line. ``KeyboardInterrupt`` exits 130 with ``error: interrupted``.
+    """
+    try:
+        return int(main(argv) or 0) if argv is not None else int(main() or 0)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except user_errors as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+# -- argument types (argparse calls them; ArgumentTypeError becomes "argument -k: ...") -----------------------
+def _number(value: str, cast, what: str):
+    try:
+        return cast(value)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}") from None
+
+
+def positive_int(value: str) -> int:
+    """An integer >= 1."""
+    v = _number(value, int, "an integer >= 1")
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def nonnegative_int(value: str) -> int:
+    """An integer >= 0."""
+    v = _number(value, int, "an integer >= 0")
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def positive_float(value: str) -> float:
+    """A finite number > 0."""
+    v = _number(value, float, "a number > 0")
+    if not (v > 0 and v != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
+    return v
+
+
+def fraction(value: str) -> float:
+    """A number in (0, 1]."""
+    v = _number(value, float, "a number in (0, 1]")
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return v
+
+
+def existing_path(value: str) -> str:
+    """A path that exists (file or folder)."""
+    if not os.path.exists(value):
+        raise argparse.ArgumentTypeError(f"{value}: no such file or folder")
+    return value
+
+
+def existing_file(value: str) -> str:
+    """A path to an existing file."""
+    if not os.path.isfile(value):
+        raise argparse.ArgumentTypeError(f"{value}: no such file" if not os.path.exists(value)
+                                         else f"{value}: not a file")
+    return value
+
+
+def existing_dir(value: str) -> str:
+    """A path to an existing folder."""
+    if not os.path.isdir(value):
+        raise argparse.ArgumentTypeError(f"{value}: no such folder" if not os.path.exists(value)
+                                         else f"{value}: not a folder")
+    return value
+
+
+_DEVICE = re.compile(r"^(cpu|cuda|cuda:\d+|mps|xpu|xpu:\d+)$")
+
+
+def check_device(value: Any) -> str:
+    """Validate a device string now (not at the first tensor move): ``cpu``, ``cuda``, ``cuda:N`` (N < device
+    count), ``mps``, ``xpu[:N]``. Raises :class:`UsageError` naming the device and why it is unusable."""
+    s = str(value)
+    if not _DEVICE.match(s):
+        raise UsageError(f"device {s!r}: expected cpu, cuda, cuda:N, mps or xpu")
+    if s == "cpu":
+        return s
+    import torch  # only for a non-CPU device
+
+    kind, _, num = s.partition(":")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"device {s!r}: CUDA is not available on this machine (use --device cpu)")
+        if num and int(num) >= torch.cuda.device_count():
+            raise UsageError(f"device {s!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+    elif kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError(f"device {s!r}: MPS is not available on this machine")
+    elif kind == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise UsageError(f"device {s!r}: XPU is not available on this machine")
+    return s
+
+
+def device(value: str) -> str:
+    """argparse type for ``--device`` (see :func:`check_device`)."""
+    try:
+        return check_device(value)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+_MEM = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+
+
+def memory_size(value: str) -> int:
+    """``'4G'``, ``'512M'``, ``'1.5T'``, ``'1000000'`` → bytes (binary units); must be > 0."""
+    m = _MEM.match(str(value))
+    if not m:
+        raise argparse.ArgumentTypeError(f"expected a size such as 4G, 512M or 1000000, got {value!r}")
+    n = float(m.group(1)) * 1024 ** "_kmgt".index((m.group(2) or "_").lower())
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value!r}")
+    return int(n)
+
+
+def read_json(path: str) -> Any:
+    """``json.load`` of a file; a syntax error becomes a :class:`UsageError` naming the file, line and column."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: not UTF-8 text ({e.reason})") from None
