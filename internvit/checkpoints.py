@@ -173,7 +173,7 @@ def refuse_globals(path: str, globals_: Iterable[str], allowed: Callable[[str], 
     """Raise :class:`CheckpointError` naming the first global that ``allowed`` refuses."""
     refused = sorted({g for g in globals_ if not allowed(g)})
     if refused:
-        names = ", ".join(g.replace(" ", ".") for g in refused[:3])
+        names = ", ".join(g.replace(" ", ".").replace("__builtin__.", "builtins.") for g in refused[:3])
         more = f" and {len(refused) - 3} more" if len(refused) > 3 else ""
         raise CheckpointError(f"{path}: refusing to load: it references {names}{more}, which is not tensor or "
                               f"array data (unpickling it could run code)")

@@ -7,22 +7,22 @@
   compatible version string during ``import mmseg`` only.
 * torch >= 2.6 defaults ``torch.load(weights_only=True)``, which cannot read the checkpoints mmengine's
   Runner writes (they pickle a ``message_hub`` and numpy values), while older torch unpickles anything.
-  mmengine's local-file loader is replaced by :func:`load_runner_checkpoint`: ``weights_only=True`` plus,
-  for Runner checkpoints only, an allow-list of mmengine/numpy types vetted from the pickle's opcodes before
-  loading — on every torch version. Pretrained weights load via :mod:`internvit.checkpoints`.
+  :func:`load_runner_checkpoint` reads them without running code on every torch version;
+  :func:`safe_checkpoint_loading` makes mmengine's ``CheckpointLoader`` use it *inside a block only*
+  (``internvit.runner`` runs its Runners in that block). Pretrained weights load via :mod:`internvit.checkpoints`.
 
-The mmcv fixes are no-ops where they are not needed (full mmcv present). :func:`apply` is idempotent.
+:func:`apply` (what ``import segmentation`` runs) installs only the mmcv fixes, and they are no-ops where they
+are not needed (full mmcv present). It is idempotent.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
-import pickletools
+import pickle
 import re
 import sys
 import types
-import zipfile
-from typing import Optional
 
 _applied: set[str] = set()
 
@@ -73,90 +73,171 @@ def _import_mmseg_with_version_window() -> None:
         mmcv.__version__ = real
 
 
-#: Globals an mmengine Runner checkpoint pickles (message hub history, numpy meta values), beyond what
-#: ``torch.load(weights_only=True)`` accepts by default. Nothing here can run arbitrary code.
+#: Globals an mmengine Runner checkpoint pickles beyond tensor plumbing: numpy values (meta, message hub) and
+#: the message hub's ``HistoryBuffer`` whose state names its statistics methods as ``getattr(HistoryBuffer,
+#: 'mean')``. The last two are unpickled as inert stand-ins (:class:`_HistoryBufferState`,
+#: :func:`_history_buffer_getattr`) and rebuilt from plain data; nothing else of ``mmengine`` is admitted.
 _RUNNER_GLOBALS = re.compile(
-    r"^(mmengine\.logging\.[\w.]+ \w+"
-    r"|numpy(\._core|\.core)?(\.multiarray)? (dtype|ndarray|_reconstruct|scalar)"
-    r"|(__builtin__|builtins) getattr)$"
+    r"^(numpy(\._core|\.core)\.multiarray (_reconstruct|scalar)|numpy (ndarray|dtype)"
+    r"|mmengine\.logging\.history_buffer HistoryBuffer|(__builtin__|builtins) getattr)$"
 )
-_TORCH_DEFAULT_GLOBALS = re.compile(r"^(torch[\w.]* \w+|collections OrderedDict|_codecs encode)$")
+_STATISTICS = ("mean", "max", "min", "current")
 
 
-def _pickled_globals(path: str) -> Optional[set]:
-    """The ``module name`` globals a torch zip checkpoint references, read without unpickling (or None)."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            data = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
-        found = set()
-        for op, arg, _ in pickletools.genops(data):
-            if op.name in ("GLOBAL", "INST"):
-                found.add(arg)
-            elif op.name == "STACK_GLOBAL":  # not written by torch.save's protocol 2; cannot be vetted
-                return None
-        return found
-    except (zipfile.BadZipFile, StopIteration, ValueError, OSError):
-        return None
+def is_runner_global(spec: str) -> bool:
+    """Whether a pickled global (``'module name'``) may appear in an mmengine Runner checkpoint."""
+    from internvit.checkpoints import is_tensor_global
+
+    return is_tensor_global(spec) or bool(_RUNNER_GLOBALS.match(spec))
 
 
-def _resolve_global(spec: str):
-    module, name = spec.split(" ")
-    module = {"__builtin__": "builtins"}.get(module, module)
-    obj = importlib.import_module(module)
-    for part in name.split("."):
-        obj = getattr(obj, part)
+class _HistoryBufferState:
+    """Stands in for ``mmengine.logging.HistoryBuffer`` while unpickling: keeps the pickled state as data.
+
+    The real class's ``__setstate__`` writes the pickled statistics methods into a class-wide registry; this
+    one stores the state, which :func:`_rebuild_history_buffers` checks and turns into a fresh HistoryBuffer.
+    """
+
+    def __setstate__(self, state) -> None:
+        self.state = state
+
+
+class _StatisticName(str):
+    """What ``getattr(HistoryBuffer, 'mean')`` unpickles to: the name of a built-in statistic."""
+
+
+def _history_buffer_getattr(obj, name):
+    """Stands in for ``getattr`` while unpickling: resolves only ``HistoryBuffer.<built-in statistic>``."""
+    if obj is _HistoryBufferState and name in _STATISTICS:
+        return _StatisticName(name)
+    raise pickle.UnpicklingError(f"getattr({getattr(obj, '__name__', type(obj).__name__)}, {name!r}) is not a "
+                                 f"history-buffer statistic")
+
+
+# torch.load(weights_only=True) looks user-allowed globals up by ``module.qualname``: the stand-ins answer to the
+# names an mmengine checkpoint uses (the tuple form of add_safe_globals does the same on torch >= 2.6 only)
+_HistoryBufferState.__module__ = "mmengine.logging.history_buffer"
+_HistoryBufferState.__name__ = _HistoryBufferState.__qualname__ = "HistoryBuffer"
+_history_buffer_getattr.__module__ = "builtins"
+_history_buffer_getattr.__name__ = _history_buffer_getattr.__qualname__ = "getattr"
+
+
+def _runner_safe_globals() -> list:
+    import numpy as np
+
+    multiarray = (getattr(np, "_core", None) or np.core).multiarray
+    dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")] if hasattr(np, "dtypes") else []
+    return [_HistoryBufferState, _history_buffer_getattr, np.ndarray, np.dtype, multiarray._reconstruct,
+            multiarray.scalar, *dtypes]
+
+
+def _history_buffer(state, filename: str, where: str):
+    import numpy as np
+    from mmengine.logging import HistoryBuffer
+
+    from internvit.checkpoints import CheckpointError
+
+    def bad(why: str):
+        return CheckpointError(f"{filename}: refusing to load: history buffer {where} {why}")
+
+    if not isinstance(state, dict) or set(state) - {"max_length", "_log_history", "_count_history",
+                                                     "statistics_methods"}:
+        raise bad("has unexpected fields")
+    methods = state.get("statistics_methods", {})
+    if not isinstance(methods, dict) or not all(type(v) is _StatisticName for v in methods.values()):
+        raise bad("names statistics methods that are not mmengine's built-in ones")
+    log, count, max_length = state.get("_log_history"), state.get("_count_history"), state.get("max_length")
+    for arr in (log, count):
+        if not (type(arr) is np.ndarray and arr.ndim == 1 and arr.dtype.kind in "biuf"):
+            raise bad("holds a history that is not a 1-D numeric array")
+    if len(log) != len(count) or type(max_length) is not int or max_length < 1:
+        raise bad("has inconsistent lengths")
+    return HistoryBuffer(log, count, max_length)
+
+
+def _rebuild_history_buffers(obj, filename: str):
+    """Replace every :class:`_HistoryBufferState` (in dicts and lists) by a HistoryBuffer built from its data."""
+    from internvit.checkpoints import CheckpointError
+
+    stack = [(obj, "")]
+    while stack:
+        o, where = stack.pop()
+        items = o.items() if isinstance(o, dict) else enumerate(o) if isinstance(o, list) else ()
+        for k, v in list(items):
+            if isinstance(v, _HistoryBufferState):
+                o[k] = _history_buffer(v.state, filename, f"{where}/{k}")
+            elif isinstance(v, (dict, list, tuple)):
+                if isinstance(v, tuple) and any(isinstance(x, _HistoryBufferState) for x in v):
+                    raise CheckpointError(f"{filename}: refusing to load: history buffer inside a tuple at {where}/{k}")
+                stack.append((v, f"{where}/{k}"))
+    if isinstance(obj, _HistoryBufferState):
+        raise CheckpointError(f"{filename}: refusing to load: the checkpoint is a bare history buffer")
     return obj
 
 
-def load_runner_checkpoint(filename: str, map_location=None):
+def load_runner_checkpoint(filename: str, map_location=None, *, mmap: bool = False):
     """Load a checkpoint for mmengine (``load_from``, ``--resume``, ``tools/test.py CKPT``) without running code.
 
-    ``torch.load(weights_only=True)`` first. Checkpoints that an mmengine Runner wrote also pickle its message
-    hub and numpy values; those load with exactly that extra allow-list, after checking (by reading the
-    pickle's opcodes, not executing them) that the file references nothing else. Anything else is refused
-    with a one-line error, unless ``INTERNVIT_TRUST_CHECKPOINTS=1`` is set for files you trust.
+    The pickle's globals are vetted from its opcodes: tensor plumbing, numpy arrays / scalars / dtypes and
+    mmengine's history buffers (the message hub's state) only. It is then read with
+    ``torch.load(weights_only=True)`` and exactly those extra globals, for this one load (the numpy ones
+    as themselves, the history buffer and its ``getattr`` as inert stand-ins); the result must be plain data,
+    and each history buffer is rebuilt by its constructor from checked arrays. Anything else raises
+    :class:`internvit.CheckpointError` with one line naming the file and the refused global.
     """
-    import pickle
+    from internvit.checkpoints import safe_torch_load
 
-    import numpy as np
+    obj = safe_torch_load(filename, map_location=map_location, mmap=mmap, allowed=is_runner_global,
+                          safe_globals=_runner_safe_globals(), allowed_types=(_HistoryBufferState,))
+    return _rebuild_history_buffers(obj, filename)
+
+
+def _load_local(filename, map_location=None):
+    filename = os.path.expanduser(filename)
+    if not os.path.isfile(filename):
+        raise FileNotFoundError(f"{filename}: no such checkpoint file")
+    return load_runner_checkpoint(filename, map_location)
+
+
+def _load_url(filename, map_location=None, model_dir=None, progress=False):
+    """http(s) checkpoints: downloaded into torch's hub cache as mmengine does, then read as a local file."""
     import torch
+    from mmengine.dist import barrier, get_dist_info
 
-    try:
-        return torch.load(filename, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        pass
-    if os.environ.get("INTERNVIT_TRUST_CHECKPOINTS") == "1":
-        # Trusted path, explicit opt-in only: for checkpoints the user's own training runs wrote (e.g. with
-        # objects outside the allow-list). Pretrained weights never come here (internvit.checkpoints).
-        return torch.load(filename, map_location=map_location, weights_only=False)  # user's own training run
-    found = _pickled_globals(filename)
-    extra = None if found is None else sorted(g for g in found if not _TORCH_DEFAULT_GLOBALS.match(g))
-    unsafe = [g for g in extra or [] if not _RUNNER_GLOBALS.match(g)] if extra is not None else ["<unreadable>"]
-    if unsafe:
-        raise RuntimeError(f"{filename}: refusing to unpickle objects outside the checkpoint allow-list "
-                           f"({', '.join(unsafe[:5])}); set INTERNVIT_TRUST_CHECKPOINTS=1 only if you trust it")
-    allowed = [_resolve_global(g) for g in extra]
-    allowed += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")] if hasattr(np, "dtypes") else []
-    torch.serialization.add_safe_globals(allowed)
-    return torch.load(filename, map_location=map_location, weights_only=True)
+    model_dir = model_dir or os.path.join(torch.hub.get_dir(), "checkpoints")
+    cached = os.path.join(model_dir, os.path.basename(filename.split("?")[0]))
+    rank, world_size = get_dist_info()
+    if rank == 0 and not os.path.isfile(cached):
+        os.makedirs(model_dir, exist_ok=True)
+        torch.hub.download_url_to_file(filename, cached, progress=progress)
+    if world_size > 1:
+        barrier()
+    return load_runner_checkpoint(cached, map_location)
 
 
-def _register_safe_checkpoint_loader() -> None:
+@contextlib.contextmanager
+def safe_checkpoint_loading():
+    """Inside the block, mmengine's ``CheckpointLoader`` reads local and http(s) checkpoints with
+    :func:`load_runner_checkpoint`; its previous loaders are back afterwards (nothing changes process-wide).
+    ``internvit.runner`` runs every Runner it builds inside this block."""
     from mmengine.runner import CheckpointLoader
 
-    @CheckpointLoader.register_scheme(prefixes="", force=True)
-    def load_from_local(filename, map_location):
-        filename = os.path.expanduser(filename)
-        if not os.path.isfile(filename):
-            raise FileNotFoundError(f"{filename} can not be found.")
-        return load_runner_checkpoint(filename, map_location)
+    saved = CheckpointLoader._schemes
+    CheckpointLoader._schemes = type(saved)(saved)  # register into a copy, restore the original object after
+    try:
+        CheckpointLoader.register_scheme(prefixes="", loader=_load_local, force=True)
+        CheckpointLoader.register_scheme(prefixes=("http://", "https://"), loader=_load_url, force=True)
+        yield
+    finally:
+        CheckpointLoader._schemes = saved
 
 
 def apply(mmseg: bool = True) -> None:
-    """Apply every fix (idempotent). ``mmseg=False`` skips importing mmseg (classification-only use)."""
+    """Apply the import-time fixes (idempotent): the ``mmcv.ops`` shim where compiled ops are absent, and
+    ``import mmseg`` inside the version window. ``mmseg=False`` skips importing mmseg (classification-only use).
+    Nothing else changes process-wide; safe checkpoint loading is scoped (:func:`safe_checkpoint_loading`)."""
     if "base" not in _applied:
         _install_mmcv_ops_shim()
-        _register_safe_checkpoint_loader()
         _applied.add("base")
     if mmseg and "mmseg" not in _applied:
         _import_mmseg_with_version_window()

@@ -1,9 +1,14 @@
 #!/usr/bin/env python
 """Convert InternViT checkpoints between key families, and released mmseg 0.x segmentors to mmseg 1.x.
 
-  python tools/convert_checkpoint.py to-hf       SRC DST_DIR  [--config PRESET|config.json]
-  python tools/convert_checkpoint.py to-original SRC DST.pth  [--config PRESET|config.json]
-  python tools/convert_checkpoint.py mmseg0x     SRC.pth DST.pth
+  python tools/convert_checkpoint.py to-hf       SRC DST_DIR  [--config PRESET|config.json] [--overwrite]
+  python tools/convert_checkpoint.py to-original SRC DST.pth  [--config PRESET|config.json] [--overwrite]
+  python tools/convert_checkpoint.py mmseg0x     SRC.pth DST.pth [--overwrite]
+
+The source is read without running code. The destination is written to a temporary name and renamed into
+place, so a failure leaves nothing behind; an existing destination is replaced only with ``--overwrite``.
+Bad input (a missing, corrupt, truncated or refused file, a checkpoint of another family) is one
+``error: ...`` line and exit status 2.
 """
 import argparse
 import os
@@ -11,36 +16,39 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from internvit.cli import ArgumentParser, UsageError, existing_path, run  # noqa: E402
+
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_ in (("to-hf", "write a Hugging Face directory (config.json + safetensors)"),
                         ("to-original", "write the original InternVL key family as {'module': state_dict}")):
         p = sub.add_parser(name, help=help_)
-        p.add_argument("src", help="HF directory or weight file (.pth/.bin/.safetensors), either key family")
+        p.add_argument("src", type=existing_path,
+                       help="HF directory or weight file (.pth/.bin/.safetensors), either key family")
         p.add_argument("dst")
         p.add_argument("--config", default=None, help="preset name or config.json (needed for bare weight files "
                                                       "whose architecture cannot be inferred)")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     p = sub.add_parser("mmseg0x", help="released InternVL mmseg 0.x segmentor checkpoint -> mmengine checkpoint")
-    p.add_argument("src")
+    p.add_argument("src", type=existing_path)
     p.add_argument("dst")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     args = parser.parse_args(argv)
-    try:
-        if args.command == "mmseg0x":
-            from segmentation.convert_0x import convert_mmseg0x
+    if os.path.lexists(args.dst) and not args.overwrite:
+        raise UsageError(f"{args.dst}: already exists (pass --overwrite to replace it)")
+    if args.command == "mmseg0x":
+        from segmentation.convert_0x import convert_mmseg0x
 
-            out = convert_mmseg0x(args.src, args.dst)
-        else:
-            from internvit.factory import convert_checkpoint
+        out = convert_mmseg0x(args.src, args.dst)
+    else:
+        from internvit.factory import convert_checkpoint
 
-            out = convert_checkpoint(args.src, args.dst, to=args.command[3:], config=args.config)
-    except (OSError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        out = convert_checkpoint(args.src, args.dst, to=args.command[3:], config=args.config)
     print(f"wrote {out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main, user_errors=(UsageError, OSError, ValueError, KeyError)))

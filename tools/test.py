@@ -3,6 +3,10 @@
 
   python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--show-dir DIR] [--out PATH]
                                          [--cfg-options k=v ...] [--launcher none|pytorch|slurm|mpi]
+
+The checkpoint is read without running code and must fit the config's model (missing, unexpected or
+mis-shaped keys are an error). Set-up problems are one ``error: ...`` line and exit status 2; a failure while
+testing keeps its traceback. Prints the metrics as one JSON line.
 """
 import argparse
 import json
@@ -11,33 +15,36 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from internvit.cli import ArgumentParser, UsageError, nonnegative_int, run  # noqa: E402
+
 
 def parse_args(argv=None):
-    from mmengine.config import DictAction
+    from internvit.runner import cfg_options_action
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="test config file path")
     parser.add_argument("checkpoint", help="checkpoint file (our training runs, or tools/convert_checkpoint.py)")
     parser.add_argument("--work-dir", help="the dir to save logs and metrics")
     parser.add_argument("--show-dir", help="write prediction overlays (image | prediction) to this dir")
     parser.add_argument("--out", help="save predictions: a dir of label PNGs (mmseg configs) or a .pkl file")
-    parser.add_argument("--cfg-options", nargs="+", action=DictAction, help="override config settings, key=value")
+    parser.add_argument("--cfg-options", nargs="+", action=cfg_options_action(),
+                        help="override config settings, key=value")
     parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
+    parser.add_argument("--local_rank", "--local-rank", type=nonnegative_int, default=0)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from internvit.runner import build_test_runner
+    from internvit.cli import one_line
+    from internvit.runner import SETUP_ERRORS, build_test_runner
 
     try:
-        # only config / checkpoint problems are one-line errors; failures while testing keep their traceback
         runner = build_test_runner(args.config, args.checkpoint, work_dir=args.work_dir, show_dir=args.show_dir,
                                    out=args.out, cfg_options=args.cfg_options, launcher=args.launcher,
                                    local_rank=args.local_rank)
-    except (OSError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except SETUP_ERRORS as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     metrics = runner.test()
     print(json.dumps({k: round(float(v), 4) if isinstance(v, (int, float)) or hasattr(v, "item") else str(v)
@@ -46,4 +53,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main, user_errors=(UsageError,)))

@@ -3,6 +3,9 @@
 
   python tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT]] [--amp] [--cfg-options k=v ...]
                                [--launcher none|pytorch|slurm|mpi] [--local_rank N]
+
+Set-up problems (a missing or broken config, a checkpoint that is refused or does not fit the model) are one
+``error: ...`` line and exit status 2; a failure while training keeps its traceback.
 """
 import argparse
 import os
@@ -10,36 +13,39 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from internvit.cli import ArgumentParser, UsageError, nonnegative_int, run  # noqa: E402
+
 
 def parse_args(argv=None):
-    from mmengine.config import DictAction
+    from internvit.runner import cfg_options_action
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="train config file path")
     parser.add_argument("--work-dir", help="the dir to save logs and models (default ./work_dirs/<config name>)")
     parser.add_argument("--resume", nargs="?", const="auto", default=None,
                         help="resume: alone, from the latest checkpoint in the work dir; or from the given checkpoint")
     parser.add_argument("--amp", action="store_true", help="automatic mixed precision (AmpOptimWrapper)")
-    parser.add_argument("--cfg-options", nargs="+", action=DictAction, help="override config settings, key=value")
+    parser.add_argument("--cfg-options", nargs="+", action=cfg_options_action(),
+                        help="override config settings, key=value")
     parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=0)
+    parser.add_argument("--local_rank", "--local-rank", type=nonnegative_int, default=0)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from internvit.runner import build_train_runner
+    from internvit.cli import one_line
+    from internvit.runner import SETUP_ERRORS, build_train_runner
 
     try:
-        # only config / checkpoint problems are one-line errors; failures while training keep their traceback
         runner = build_train_runner(args.config, work_dir=args.work_dir, resume=args.resume, amp=args.amp,
                                     cfg_options=args.cfg_options, launcher=args.launcher, local_rank=args.local_rank)
-    except (OSError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except SETUP_ERRORS as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     runner.train()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main, user_errors=(UsageError,)))
