@@ -1,0 +1,131 @@
+"""What identifies a model's weights and an image preprocessing: one implementation for features and retrieval.
+
+* :func:`weights_fingerprint` — a streamed SHA-256 over **every byte** of every tensor of the state dict (in
+  ``state_dict`` order), with each tensor's name, shape and dtype hashed before its bytes. Two models share a
+  fingerprint only if they hold the same tensors bit for bit.
+* :func:`preprocessing_fingerprint` — a JSON-able description of the full preprocessing: a config dict as it
+  is, a torchvision transform as its ``repr`` (which lists every parameter), with each ``Lambda``'s function
+  named. An arbitrary callable cannot be described by its parameters: it is recorded by its qualified name and
+  a warning says so (pass a preprocessing dict to make the identity exact).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import warnings
+from typing import Any, Callable, Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+__all__ = ["weights_fingerprint", "preprocessing_fingerprint", "PreprocessingFingerprintWarning"]
+
+#: bytes hashed per step (a tensor is cast / copied to the CPU at most this much at a time)
+CHUNK_BYTES = 64 * 1024 * 1024
+_VERSION = b"internvit-weights-sha256-v2\0"
+
+
+class PreprocessingFingerprintWarning(UserWarning):
+    """A preprocessing callable whose parameters cannot be read: only its name identifies it."""
+
+
+def weights_fingerprint(model: Union[nn.Module, Mapping[str, torch.Tensor]],
+                        dtype: Optional[torch.dtype] = None, *, chunk_bytes: int = CHUNK_BYTES) -> str:
+    """SHA-256 (64 hex digits) of all weights of ``model`` (a module or a state dict).
+
+    For each tensor, in ``state_dict`` order: its name, shape and dtype, then its raw bytes (C order, native
+    little-endian), streamed in chunks of at most ``chunk_bytes`` so no full copy is made. ``dtype`` gives
+    the fingerprint of the weights as that dtype would hold them (floating tensors are cast chunk by chunk;
+    e.g. an fp32 model gives the fingerprint of its bf16 copy); ``None`` hashes them as they are.
+
+    Cost: one read of every weight byte (about the speed of SHA-256, ~1-2 GB/s per core). Raises
+    ``ValueError`` for tensors without data (``meta`` device).
+    """
+    sd = model.state_dict() if isinstance(model, nn.Module) else model
+    h = hashlib.sha256(_VERSION)
+    with torch.no_grad():
+        for name, t in sd.items():
+            t = t.detach()
+            if t.device.type == "meta":
+                raise ValueError(f"weights_fingerprint: {name} has no data (meta tensor)")
+            target = dtype if dtype is not None and t.is_floating_point() else t.dtype
+            header = json.dumps([name, list(t.shape), str(target).replace("torch.", "")])
+            h.update(header.encode("utf-8") + b"\0")
+            flat = t.reshape(-1)
+            n = flat.numel()
+            itemsize = torch.empty((), dtype=target).element_size()
+            step = max(1, int(chunk_bytes) // max(itemsize, t.element_size()))
+            for s in range(0, n, step):
+                part = flat[s:s + step]
+                if part.dtype != target:
+                    part = part.to(target)
+                part = part.cpu().contiguous()
+                h.update(memoryview(part.view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+_DEFAULT_REPR = re.compile(r"^<[\w.]+ object>$")
+
+
+def _qualname(fn: Any) -> str:
+    obj = fn if hasattr(fn, "__qualname__") else type(fn)
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(fn).__name__)}"
+
+
+def _is_ours(fn: Any) -> bool:
+    return _qualname(fn).startswith(("internvit.", "classification.", "segmentation.", "retrieval."))
+
+
+def _describe(transform: Callable, unknown: list) -> Any:
+    """A JSON-able description; appends to ``unknown`` the callables known only by name."""
+    from_tv = type(transform).__module__.startswith("torchvision.")
+    inner = getattr(transform, "transforms", None)
+    if from_tv and isinstance(inner, (list, tuple)):  # Compose / RandomApply / RandomChoice / ...
+        text = " ".join(_ADDRESS.sub("", repr(transform)).split())
+        return {"transform": text, "steps": [_describe(t, unknown) for t in inner]}
+    if from_tv and type(transform).__name__ == "Lambda":
+        fn = getattr(transform, "lambd", None)
+        if fn is not None and not _is_ours(fn):
+            unknown.append(_qualname(fn))
+        return {"lambda": _qualname(fn)}
+    if isinstance(transform, nn.Module) and not from_tv:
+        unknown.append(_qualname(transform))
+        return {"callable": _qualname(transform)}
+    text = " ".join(_ADDRESS.sub("", repr(transform)).split())
+    if from_tv:
+        return text
+    if hasattr(transform, "__code__") or _DEFAULT_REPR.match(text) or text.startswith("<"):
+        if not _is_ours(transform):
+            unknown.append(_qualname(transform))
+        return {"callable": _qualname(transform)}
+    return {"callable": _qualname(transform), "repr": text}  # a class with its own repr: trusted to list its state
+
+
+def preprocessing_fingerprint(preprocess: Union[Mapping[str, Any], Callable]) -> dict:
+    """A JSON-able dict that identifies ``preprocess`` (what manifests record and resumes compare).
+
+    * a dict (as made by :func:`internvit.preprocess_config`): its JSON-normalised copy;
+    * a torchvision transform (``Compose`` of ``Resize``, ``Normalize``, ...): ``{'transform': repr}`` (the repr
+      lists every parameter), plus ``'steps'`` naming each ``Lambda``'s function;
+    * any other callable: ``{'transform': ..., 'callable': 'module.qualname'}`` and a
+      :class:`PreprocessingFingerprintWarning`: its parameters cannot be read, so two such callables with the
+      same name but different behaviour are not told apart (pass a preprocessing dict instead).
+    """
+    if isinstance(preprocess, Mapping):
+        return json.loads(json.dumps(dict(preprocess), sort_keys=True, default=str))
+    if not callable(preprocess):
+        raise TypeError(f"preprocess must be a dict or a callable, got {type(preprocess).__name__}")
+    unknown: list = []
+    desc = _describe(preprocess, unknown)
+    out = desc if isinstance(desc, dict) else {"transform": desc}
+    if "transform" not in out:
+        out = {"transform": " ".join(_ADDRESS.sub("", repr(preprocess)).split()), **out}
+    if unknown:
+        out["unverified_callables"] = sorted(set(unknown))
+        warnings.warn(f"preprocessing includes callables whose parameters cannot be recorded "
+                      f"({', '.join(sorted(set(unknown)))}): resumes and index checks identify them by name "
+                      f"only; pass a preprocessing dict to identify them exactly",
+                      PreprocessingFingerprintWarning, stacklevel=2)
+    return json.loads(json.dumps(out, default=str))
