@@ -179,3 +179,25 @@ def upstream_style_forward(model, pixel_values: torch.Tensor) -> torch.Tensor:
         y = F.linear(F.gelu(F.linear(y, blk.mlp.fc1.weight, blk.mlp.fc1.bias)), blk.mlp.fc2.weight, blk.mlp.fc2.bias)
         x = x + y * blk.ls2
     return x
+
+
+def make_jpegs(folder: str, n: int, unique: int = 64, size=(640, 480)) -> None:
+    """``n`` JPEGs (``unique`` distinct photo-like images, the rest copies) of ``size`` pixels, quality 90."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    first = []
+    for i in range(min(unique, n)):
+        f = rng.uniform(0.005, 0.05, 3)
+        img = np.stack([127 + 100 * np.sin(xx * f[c] + yy * f[(c + 1) % 3] + i) for c in range(3)], -1)
+        img += rng.normal(0, 12, img.shape)  # texture, so JPEG decoding does real work
+        p = os.path.join(folder, f"img_{i:05d}.jpg")
+        Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(p, quality=90)
+        first.append(p)
+    for i in range(len(first), n):
+        shutil.copyfile(first[i % len(first)], os.path.join(folder, f"img_{i:05d}.jpg"))

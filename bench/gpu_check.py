@@ -50,7 +50,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-from _common import interleaved, matmul_peak, rel_error, sync, vit_flops  # noqa: E402
+from _common import interleaved, make_jpegs, matmul_peak, rel_error, sync, vit_flops  # noqa: E402
 
 
 def import_core():
@@ -221,28 +221,6 @@ def check_forward(model, device: str, sizes: dict, iters: int, deadline: float, 
 
 
 # -- 3. feature extraction ---------------------------------------------------------------------------------------
-def make_jpegs(folder: str, n: int, unique: int = 64, size=(640, 480)) -> None:
-    """``n`` JPEGs (``unique`` distinct photo-like images, the rest copies) of ``size`` pixels, quality 90."""
-    import shutil
-
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    w, h = size
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    first = []
-    for i in range(min(unique, n)):
-        f = rng.uniform(0.005, 0.05, 3)
-        img = np.stack([127 + 100 * np.sin(xx * f[c] + yy * f[(c + 1) % 3] + i) for c in range(3)], -1)
-        img += rng.normal(0, 12, img.shape)  # texture, so JPEG decoding does real work
-        p = os.path.join(folder, f"img_{i:05d}.jpg")
-        Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(p, quality=90)
-        first.append(p)
-    for i in range(len(first), n):
-        shutil.copyfile(first[i % len(first)], os.path.join(folder, f"img_{i:05d}.jpg"))
-
-
 def check_extract(model, device: str, n_images: int, batch: int, workers: int, rounds: int, rep: Report) -> dict:
     from internvit.features import FeatureExtractor
 
