@@ -5,6 +5,7 @@ Works with InternVL-C/G models (``mode=`` picks the image embedding) and with an
 """
 from __future__ import annotations
 
+import difflib
 import inspect
 import json
 import os
@@ -73,10 +74,29 @@ def load_classnames(lang: str = "en", dataset: str = "imagenet1k") -> list[str]:
     raise ValueError(f"no class names for dataset {dataset!r} in lang {lang!r}; known: {known}")
 
 
+def _known_datasets() -> set[str]:
+    """Every dataset key the shipped metadata names, in any language."""
+    variants = _read_json("imagenet_variants.json")
+    keys = set(variants["subsets"]) | set(variants["same_classes_as_imagenet1k"])
+    for lang in LANGUAGES:
+        keys |= set(_read_json(f"{lang}_templates.json")) | set(_read_json(f"{lang}_classnames.json"))
+    return keys
+
+
 def load_templates(lang: str = "en", dataset: str = "imagenet1k") -> list[str]:
-    """Prompt templates (format strings with ``{c}``); datasets without their own list use ImageNet-1k's."""
+    """Prompt templates (format strings with ``{c}``) of a known ``dataset``; known datasets without their own
+    list in ``lang`` use ImageNet-1k's (CLIP_benchmark's rule). Raises ``ValueError`` for a dataset key the
+    shipped metadata does not know (a typo never silently gives the ImageNet templates)."""
     templates = _read_json(f"{_lang(lang)}_templates.json")
-    return list(templates.get(_canon_dataset(dataset), templates["imagenet1k"]))
+    key = _canon_dataset(dataset)
+    if key in templates:
+        return list(templates[key])
+    if key not in _known_datasets():
+        near = difflib.get_close_matches(key, sorted(_known_datasets()), n=3)
+        raise ValueError(f"unknown template set / dataset {dataset!r}"
+                         + (f" (did you mean {', '.join(near)}?)" if near else "")
+                         + "; give a known key or a .txt/.json file of templates")
+    return list(templates["imagenet1k"])
 
 
 def imagenet_wnids(dataset: str = "imagenet1k") -> list[str]:
@@ -217,14 +237,37 @@ def zero_shot_evaluate(
 _WNID = re.compile(r"^n\d{8}$")
 
 
+_LIST_SUFFIXES = (".txt", ".json")
+
+
 def _read_list(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        if path.lower().endswith(".json"):
-            data = json.load(f)
-            if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
-                raise ValueError(f"{path}: expected a JSON list of strings")
-            return data
-        return [line.rstrip("\n") for line in f if line.strip()]
+    """Lines of a ``.txt`` (blank lines skipped) or a JSON list of strings; an empty list is an error."""
+    if path.lower().endswith(".json"):
+        from internvit.cli import read_json
+
+        data = read_json(path)
+        if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
+            raise ValueError(f"{path}: expected a JSON list of strings")
+    else:
+        with open(path, encoding="utf-8") as f:
+            data = [line.rstrip("\n") for line in f if line.strip()]
+    if not data:
+        raise ValueError(f"{path}: empty (no entries)")
+    return data
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.lower().endswith(_LIST_SUFFIXES) or os.sep in spec or (os.altsep or os.sep) in spec
+
+
+def _list_or_key(spec: str, what: str, by_key: Callable[[str], list]) -> list:
+    """A file's entries when ``spec`` names an existing file, a shipped key's otherwise; a path that does not
+    exist is ``FileNotFoundError``, never read as a key."""
+    if os.path.isfile(spec):
+        return _read_list(spec)
+    if _looks_like_path(spec):
+        raise FileNotFoundError(f"{what} file {spec}: not found")
+    return by_key(spec)
 
 
 def resolve_classnames(spec: Optional[Union[str, Sequence[str]]], data_classes: Sequence[str],
@@ -245,7 +288,7 @@ def resolve_classnames(spec: Optional[Union[str, Sequence[str]]], data_classes: 
             return [by_wnid[c] for c in data_classes]
         return [c.replace("_", " ") for c in data_classes]
     if isinstance(spec, str):
-        names = _read_list(spec) if os.path.isfile(spec) else load_classnames(lang, spec)
+        names = _list_or_key(spec, "class names", lambda key: load_classnames(lang, key))
     else:
         names = list(spec)
     if len(names) != len(data_classes):
@@ -255,13 +298,24 @@ def resolve_classnames(spec: Optional[Union[str, Sequence[str]]], data_classes: 
 
 def resolve_templates(spec: Optional[Union[str, Sequence[Template]]], lang: str = "en",
                       dataset: str = "imagenet1k") -> list[Template]:
-    """Templates from a list, a ``.txt`` / ``.json`` file or a shipped dataset key (default: ``dataset``'s)."""
+    """Templates from a list, a ``.txt`` / ``.json`` file or a shipped dataset key (default: ``dataset``'s).
+
+    Raises ``FileNotFoundError`` for a path that does not exist, ``ValueError`` for an unknown key, an empty
+    list or a template without a ``{c}`` placeholder, ``TypeError`` for anything else.
+    """
     if spec is None:
         return load_templates(lang, dataset)
     if isinstance(spec, str):
-        templates = _read_list(spec) if os.path.isfile(spec) else load_templates(lang, spec)
-    else:
+        templates = _list_or_key(spec, "templates", lambda key: load_templates(lang, key))
+    elif isinstance(spec, (list, tuple)):
         templates = list(spec)
+    else:
+        raise TypeError(f"templates must be a key, a file or a list, got {type(spec).__name__}")
+    if not templates:
+        raise ValueError("templates is empty")
+    odd = next((t for t in templates if not (isinstance(t, str) or callable(t))), None)
+    if odd is not None:
+        raise TypeError(f"a template must be a format string or a callable, got {type(odd).__name__}")
     bad = [t for t in templates if isinstance(t, str) and "{c}" not in t and "{}" not in t]
     if bad:
         raise ValueError(f"template {bad[0]!r} has no '{{c}}' placeholder")

@@ -15,7 +15,6 @@ def model_device(model) -> torch.device:
         return torch.device("cpu")
 
 
-
 def encode_texts(model, tokenizer, texts: Sequence[str], *, batch_size: int = 256,
                  device: Optional[Union[str, torch.device]] = None,
                  groups: Optional[Sequence[Sequence[int]]] = None) -> torch.Tensor:
@@ -25,11 +24,18 @@ def encode_texts(model, tokenizer, texts: Sequence[str], *, batch_size: int = 25
     inside a group texts are taken in order of token length, so a batch holds similar lengths (little
     padding) and, when a group is one template filled with many class names, a long shared token prefix,
     which InternVL's text tower computes once per batch. The result is in the input order.
+    ``texts`` is a ``str`` or a list/tuple of ``str`` (``TypeError`` otherwise, e.g. for a dict);
+    an empty list raises ``ValueError``.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    from .tokenizer import check_texts
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    texts = check_texts(texts)
+    if not texts:
+        raise ValueError("no texts to encode")
     device = torch.device(device) if device is not None else model_device(model)
-    ids = tokenizer(list(texts))
+    ids = tokenizer(texts)
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"tokenizer must return a tensor of token ids, got {type(ids).__name__}")
     lengths = (ids != 0).sum(1)

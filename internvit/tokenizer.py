@@ -16,6 +16,22 @@ DEFAULT_PREFIX = "summarize:"
 DEFAULT_MAX_LENGTH = 80
 
 
+def check_texts(texts) -> list[str]:
+    """``texts`` as a list of ``str``: one ``str`` becomes a list of one; a list or tuple must hold only ``str``.
+
+    Raises ``TypeError`` naming the offending type (and position) for anything else, e.g. a dict, whose
+    iteration would silently give its keys.
+    """
+    if isinstance(texts, str):
+        return [texts]
+    if not isinstance(texts, (list, tuple)):
+        raise TypeError(f"texts must be a str or a list/tuple of str, got {type(texts).__name__}")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"texts[{i}] is a {type(t).__name__}, expected str")
+    return list(texts)
+
+
 class InternVLTokenizer:
     """Callable: ``tokenizer(texts) -> LongTensor (B, max_length)`` (open_clip tokenizer convention).
 
@@ -28,6 +44,8 @@ class InternVLTokenizer:
                  add_bos: bool = True, add_eos: bool = True) -> None:
         import sentencepiece as spm
 
+        if isinstance(max_length, bool) or not isinstance(max_length, int):
+            raise TypeError(f"max_length must be an int, got {type(max_length).__name__}")
         if max_length < int(add_bos) + int(add_eos) + 1:
             raise ValueError(f"max_length={max_length} leaves no room for text tokens")
         self.model_file = model_file
@@ -84,9 +102,17 @@ class InternVLTokenizer:
         return ids[: max_length - len(tail)] + tail
 
     def __call__(self, texts: Union[str, Sequence[str]], context_length: int | None = None) -> torch.Tensor:
-        if isinstance(texts, str):
-            texts = [texts]
-        length = int(context_length or self.max_length)
+        """``(len(texts), context_length)`` int64 ids of a text or a list/tuple of texts.
+
+        Raises ``TypeError`` for anything but a ``str`` or a list/tuple of ``str`` (a dict, bytes, numbers),
+        ``ValueError`` for a ``context_length`` too short to hold BOS, EOS and one token.
+        """
+        texts = check_texts(texts)
+        length = self.max_length if context_length is None else context_length
+        if isinstance(length, bool) or not isinstance(length, int):
+            raise TypeError(f"context_length must be an int, got {type(length).__name__}")
+        if length < int(self.add_bos) + int(self.add_eos) + 1:
+            raise ValueError(f"context_length={length} leaves no room for text tokens")
         out = torch.zeros(len(texts), length, dtype=torch.long)  # pad id 0, right padding
         for i, text in enumerate(texts):
             ids = self.truncate(self.encode(text), length)

@@ -1,6 +1,8 @@
 """Preprocessing presets shared by every task (feature extraction, zero-shot, retrieval, probes)."""
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional, Sequence
 
 from torchvision import transforms as T
@@ -15,22 +17,49 @@ _MODES = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMod
 def preprocess_config(config=None, *, image_size: Optional[int] = None, mean: Optional[Sequence[float]] = None,
                       std: Optional[Sequence[float]] = None, interpolation: Optional[str] = None,
                       resize_mode: str = "crop") -> dict:
-    """The preprocessing of a model (from its config), with any field overridden. Plain data, JSON-ready."""
+    """The preprocessing of a model (from its config), with any field overridden. Plain data, JSON-ready.
+
+    ``None`` keeps the config's value (224 px, ImageNet mean/std, bicubic without a config); any value given
+    is used as it is and checked by :func:`check_preprocess` (``image_size=0`` is an error, not the default).
+    """
     vc = config.vision_config if isinstance(config, InternVLConfig) else config
     if vc is not None and not isinstance(vc, InternViTConfig):
         raise TypeError(f"expected a model config, got {type(config).__name__}")
     out = dict(
-        image_size=int(image_size or (vc.image_size if vc else 224)),
-        mean=list(mean or (vc.image_mean if vc else IMAGENET_MEAN)),
-        std=list(std or (vc.image_std if vc else IMAGENET_STD)),
-        interpolation=interpolation or (vc.interpolation if vc else "bicubic"),
+        image_size=image_size if image_size is not None else (vc.image_size if vc else 224),
+        mean=mean if mean is not None else (vc.image_mean if vc else IMAGENET_MEAN),
+        std=std if std is not None else (vc.image_std if vc else IMAGENET_STD),
+        interpolation=interpolation if interpolation is not None else (vc.interpolation if vc else "bicubic"),
         resize_mode=resize_mode,
     )
-    if out["interpolation"] not in _MODES:
-        raise ValueError(f"interpolation must be one of {sorted(_MODES)}, got {out['interpolation']!r}")
-    if resize_mode not in ("crop", "squash"):
-        raise ValueError(f"resize_mode must be 'crop' (short side + centre crop) or 'squash', got {resize_mode!r}")
-    return out
+    return check_preprocess(out)
+
+
+def check_preprocess(p: dict) -> dict:
+    """Validate (and normalise to plain ints / float lists) a preprocessing dict; returns it.
+
+    Raises ``ValueError`` naming the field: ``image_size`` an integer >= 1, ``mean`` three finite numbers,
+    ``std`` three finite numbers > 0, ``interpolation`` one of bicubic/bilinear/nearest, ``resize_mode``
+    crop/squash.
+    """
+    p = dict(p)
+    size = p.get("image_size")
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+        raise ValueError(f"image_size must be an integer >= 1, got {size!r}")
+    p["image_size"] = int(size)
+    for key in ("mean", "std"):
+        v = p.get(key)
+        ok = isinstance(v, (list, tuple)) and len(v) == 3 and all(
+            isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+        if not ok or (key == "std" and min(v) <= 0):
+            raise ValueError(f"{key} must be 3 finite numbers{' > 0' if key == 'std' else ''}, got {v!r}")
+        p[key] = [float(x) for x in v]
+    if p.get("interpolation") not in _MODES:
+        raise ValueError(f"interpolation must be one of {sorted(_MODES)}, got {p.get('interpolation')!r}")
+    if p.get("resize_mode", "crop") not in ("crop", "squash"):
+        raise ValueError(f"resize_mode must be 'crop' (short side + centre crop) or 'squash', "
+                         f"got {p.get('resize_mode')!r}")
+    return p
 
 
 def build_transform(config=None, *, train: bool = False, **overrides) -> T.Compose:
@@ -41,8 +70,8 @@ def build_transform(config=None, *, train: bool = False, **overrides) -> T.Compo
     ``config`` may be a model config or a dict made by :func:`preprocess_config`.
     """
     p = dict(config) if isinstance(config, dict) else preprocess_config(config, **overrides)
-    if isinstance(config, dict) and overrides:
-        p.update({k: v for k, v in overrides.items() if v is not None})
+    if isinstance(config, dict):
+        p = check_preprocess({**p, **{k: v for k, v in overrides.items() if v is not None}})
     size, mode = p["image_size"], _MODES[p["interpolation"]]
     norm = [T.ToTensor(), T.Normalize(p["mean"], p["std"])]
     rgb = T.Lambda(_to_rgb)

@@ -16,7 +16,17 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from .embeddings import EmbeddingSource
-from .index import _drop_self, build_index, exact_search, open_index, recall_at_k, set_search_params
+from .index import (
+    _drop_self,
+    _parse_key,
+    build_index,
+    exact_search,
+    new_index,
+    open_index,
+    parse_memory,
+    recall_at_k,
+    set_search_params,
+)
 
 _PUNCT = re.compile(r"[.!\"()*#:;~]")
 _RUNS = re.compile(r"\s{2,}")
@@ -145,6 +155,30 @@ def retrieval_recall(image_emb: np.ndarray, text_emb: np.ndarray, text_to_image:
     return out
 
 
+def check_eval_settings(encoder, n_images: int, n_texts: int, *, ks: Sequence[int] = (1, 5, 10),
+                        index_key: Optional[str] = None, max_index_memory: Union[str, int] = "4G",
+                        target_recall: float = 0.95, batch_size: int = 32, num_workers: int = 0) -> None:
+    """Every setting of :func:`evaluate_retrieval` checked before anything is embedded; ``ValueError`` names
+    the bad one (an ``index_key`` faiss cannot build at the encoder's dim, or with more inverted lists than
+    the image or caption index has vectors)."""
+    if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+        raise ValueError(f"ks must be integers >= 1, got {list(ks)}")
+    for name, v, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+    if not 0 < float(target_recall) <= 1:
+        raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
+    parse_memory(max_index_memory)
+    if index_key:
+        new_index(index_key, int(encoder.dim))  # ValueError naming the key when faiss cannot build it
+        nlist = _parse_key(index_key)["nlist"]
+        smallest = min(n_images, n_texts)
+        if nlist > smallest:
+            raise ValueError(f"index_key {index_key!r} has {nlist} inverted lists but the "
+                             f"{'image' if n_images <= n_texts else 'caption'} index would hold only {smallest} "
+                             f"vectors (use fewer lists, e.g. IVF{max(1, smallest // 39)},Flat, or Flat)")
+
+
 def evaluate_retrieval(
     encoder,
     annotations: str,
@@ -167,6 +201,9 @@ def evaluate_retrieval(
     'index_keys': {...}, 'n_images', 'n_texts'}``; the gap between the two shows what the ANN index costs.
     """
     images, captions, t2i = load_annotations(annotations, image_root, split=split)
+    check_eval_settings(encoder, len(images), len(captions), ks=ks, index_key=index_key,
+                        max_index_memory=max_index_memory, target_recall=target_recall, batch_size=batch_size,
+                        num_workers=num_workers)
     res = encoder.embed_images(images, batch_size=batch_size, num_workers=num_workers, progress=progress,
                                strict=True)
     img = res.features

@@ -14,23 +14,35 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from internvit.cli import (  # noqa: E402
+    ArgumentParser,
+    UsageError,
+    device,
+    fraction,
+    memory_size,
+    nonnegative_int,
+    positive_int,
+    run,
+)
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     r = sub.add_parser("recall", help="image<->text recall@k on an annotation file")
     r.add_argument("--model", required=True, help="encoder spec with a text tower (InternVL-C/G, open_clip)")
     r.add_argument("--mode", default=None, choices=["InternVL-C", "InternVL-G"])
     r.add_argument("--tokenizer", default=None)
-    r.add_argument("--annotations", required=True, help="Karpathy dataset_*.json or [{'image','caption'}] JSON")
+    r.add_argument("--annotations", required=True,
+                   help="Karpathy dataset_*.json, [{'image','caption'}] JSON or clip_benchmark's Flickr30K .txt")
     r.add_argument("--images", default=None, help="image root (default: the annotation file's folder)")
     r.add_argument("--split", default="test", help="Karpathy split to evaluate ('none' = all)")
     r.add_argument("--index-key", default=None, help="faiss index_factory string (default: automatic)")
-    r.add_argument("--max-index-memory", default="4G")
-    r.add_argument("--target-recall", type=float, default=0.95)
-    r.add_argument("--batch-size", type=int, default=32)
-    r.add_argument("--num-workers", type=int, default=0)
-    r.add_argument("--device", default="cpu")
+    r.add_argument("--max-index-memory", type=memory_size, default="4G")
+    r.add_argument("--target-recall", type=fraction, default=0.95)
+    r.add_argument("--batch-size", type=positive_int, default=32)
+    r.add_argument("--num-workers", type=nonnegative_int, default=0)
+    r.add_argument("--device", type=device, default="cpu")
     r.add_argument("--dtype", default="fp32")
     r.add_argument("--out", default=None, help="also write the results as JSON here")
     q = sub.add_parser("index", help="index-quality report of a built index")
@@ -39,41 +51,66 @@ def main(argv=None) -> int:
                                                       "(default: the folder recorded in its manifest)")
     q.add_argument("--query-embeddings", default=None, help=".npy of query vectors not in the index "
                                                             "(default: indexed rows, leave-one-out)")
-    q.add_argument("-k", type=int, default=10)
-    q.add_argument("--queries", type=int, default=1000)
+    q.add_argument("-k", type=positive_int, default=10)
+    q.add_argument("--queries", type=positive_int, default=1000)
     q.add_argument("--params", default=None, help="search parameters to score instead of the tuned ones")
     q.add_argument("--out", default=None)
-    args = p.parse_args(argv)
+    return p
 
-    from retrieval.embeddings import EmbeddingError, atomic_write_json
-    from retrieval.index import RetrievalError
 
-    try:
-        if args.command == "recall":
-            from internvit.features import parse_dtype
-            from retrieval.encoders import load_encoder
-            from retrieval.evaluate import evaluate_retrieval
+def _check_out(path) -> None:
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise UsageError(f"--out {path}: is a folder (give a .json file path)")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(f"--out {path}: folder {parent} does not exist")
 
-            encoder = load_encoder(args.model, mode=args.mode, tokenizer=args.tokenizer, device=args.device,
-                                   dtype=parse_dtype(args.dtype))
-            result = evaluate_retrieval(encoder, args.annotations, args.images,
-                                        split=None if args.split.lower() == "none" else args.split,
-                                        index_key=args.index_key, max_index_memory=args.max_index_memory,
-                                        target_recall=args.target_recall, batch_size=args.batch_size,
-                                        num_workers=args.num_workers)
-        else:
-            from retrieval.evaluate import index_quality
 
-            result = index_quality(args.index_dir, args.embeddings, queries=args.query_embeddings, k=args.k,
-                                   n_queries=args.queries,
-                                   search_params=args.params)
-        if args.out:
-            atomic_write_json(args.out, result)
-    except (OSError, ValueError, KeyError, RetrievalError, EmbeddingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def _main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    _check_out(args.out)
+    from retrieval.embeddings import atomic_write_json
+
+    if args.command == "recall":
+        if not os.path.isfile(args.annotations):
+            raise UsageError(f"--annotations {args.annotations}: no such file")
+        if args.images is not None and not os.path.isdir(args.images):
+            raise UsageError(f"--images {args.images}: no such folder")
+        from internvit.features import parse_dtype
+        from retrieval.encoders import load_encoder
+        from retrieval.evaluate import evaluate_retrieval, load_annotations
+
+        dtype = parse_dtype(args.dtype)
+        split = None if args.split.lower() == "none" else args.split
+        load_annotations(args.annotations, args.images, split=split)  # a bad file fails before the model loads
+        encoder = load_encoder(args.model, mode=args.mode, tokenizer=args.tokenizer, device=args.device,
+                               dtype=dtype)
+        result = evaluate_retrieval(encoder, args.annotations, args.images, split=split,
+                                    index_key=args.index_key, max_index_memory=args.max_index_memory,
+                                    target_recall=args.target_recall, batch_size=args.batch_size,
+                                    num_workers=args.num_workers)
+    else:
+        if not os.path.isdir(args.index_dir):
+            raise UsageError(f"{args.index_dir}: index folder does not exist")
+        for name in ("embeddings", "query_embeddings"):
+            path = getattr(args, name)
+            if path is not None and not os.path.exists(path):
+                raise UsageError(f"--{name.replace('_', '-')} {path}: does not exist")
+        from retrieval.evaluate import index_quality
+
+        result = index_quality(args.index_dir, args.embeddings, queries=args.query_embeddings, k=args.k,
+                               n_queries=args.queries, search_params=args.params)
+    if args.out:
+        atomic_write_json(args.out, result)
     print(json.dumps(result, indent=2))
     return 0
+
+
+def main(argv=None) -> int:
+    """The exit status: 0, or 2 after one ``error:`` line (argument errors exit 2 from argparse)."""
+    return run(_main, argv)
 
 
 if __name__ == "__main__":

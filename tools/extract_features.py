@@ -13,51 +13,81 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from internvit.cli import ArgumentParser, UsageError, device, nonnegative_int, positive_int, run  # noqa: E402
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="HF directory, weight file (.safetensors/.pth/.bin) or preset")
     p.add_argument("--config", default=None, help="preset name or config.json for a bare weight file")
     p.add_argument("--images", required=True, help="image folder (recursive) or .txt/.lst list of paths")
     p.add_argument("--out", required=True, help="output folder (resumed if it holds a run with the same arguments)")
     p.add_argument("--layers", type=int, nargs="+", default=None, help="block indices, e.g. 11 23 -1 (default: last)")
     p.add_argument("--pool", default="cls", choices=["cls", "mean", "cls_mean", "grid"])
-    p.add_argument("--image-size", type=int, default=None, help="override the preset's input size")
+    p.add_argument("--image-size", type=positive_int, default=None, help="override the preset's input size")
     p.add_argument("--resize-mode", default="crop", choices=["crop", "squash"])
     p.add_argument("--normalize", action="store_true", help="L2-normalise the feature vectors")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--num-workers", type=nonnegative_int, default=0)
+    p.add_argument("--shard-size", type=positive_int, default=1000)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--device", type=device, default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--metadata-format", default="parquet", choices=["parquet", "jsonl"])
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        import internvit
-        from internvit.data import list_images
-        from internvit.features import FeatureExtractor, parse_dtype
+def _check_model_spec(value: str, what: str) -> None:
+    """A weight file / folder that exists, or a preset name (checked before anything is loaded)."""
+    if os.path.exists(value):
+        return
+    import internvit
 
-        images = list_images(args.images)  # fail fast on a missing folder, before loading the model
-        model = internvit.load_model(args.model, args.config, dtype=parse_dtype(args.dtype), device=args.device)
-        fx = FeatureExtractor(model, dict(image_size=args.image_size, resize_mode=args.resize_mode),
-                              pool=args.pool, layers=args.layers, batch_size=args.batch_size,
-                              num_workers=args.num_workers, device=args.device, dtype=args.dtype,
-                              normalize=args.normalize, progress=not args.no_progress, model_name=args.model)
-        m = fx.write(images, args.out, shard_size=args.shard_size, metadata_format=args.metadata_format,
-                     metadata_pattern="metadata/part-{shard:05d}." + args.metadata_format)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return 2
+    if value not in internvit.list_presets():
+        looks_like_path = os.sep in value or value.endswith((".json", ".pth", ".pt", ".bin", ".safetensors"))
+        raise UsageError(f"{what} {value}: no such file or folder" if looks_like_path else
+                         f"{what} {value!r}: not a file, a folder or a preset "
+                         f"(presets: {', '.join(internvit.list_presets())})")
+
+
+def _main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    import internvit
+    from internvit.data import list_images
+    from internvit.features import FeatureExtractor, parse_dtype
+
+    # every check before the model is loaded or anything is written
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out}: exists and is not a folder")
+    _check_model_spec(args.model, "--model")
+    if args.config is not None:
+        _check_model_spec(args.config, "--config")
+    images = list_images(args.images)
+    if not images:
+        raise UsageError(f"--images {args.images}: no images found (looked for {', '.join(_extensions())})")
+    model = internvit.load_model(args.model, args.config, dtype=parse_dtype(args.dtype), device=args.device)
+    fx = FeatureExtractor(model, dict(image_size=args.image_size, resize_mode=args.resize_mode),
+                          pool=args.pool, layers=args.layers, batch_size=args.batch_size,
+                          num_workers=args.num_workers, device=args.device, dtype=args.dtype,
+                          normalize=args.normalize, progress=not args.no_progress, model_name=args.model)
+    m = fx.write(images, args.out, shard_size=args.shard_size, metadata_format=args.metadata_format,
+                 metadata_pattern="metadata/part-{shard:05d}." + args.metadata_format)
     speed = m["timing"].get("images_per_s")
     print(f"wrote {m['count']} features of shape {tuple(m['feature_shape'])} to {args.out} "
           f"({len(m['shards'])} shards, {m['num_errors']} errors, "
           f"{f'{speed:.1f} images/s' if speed else 'nothing left to compute'})")
     return 0
+
+
+def _extensions() -> list:
+    from internvit.data import IMAGE_EXTENSIONS
+
+    return list(IMAGE_EXTENSIONS)
+
+
+def main(argv=None) -> int:
+    """The exit status: 0, or 2 after one ``error:`` line (argument errors exit 2 from argparse)."""
+    return run(_main, argv)
 
 
 if __name__ == "__main__":

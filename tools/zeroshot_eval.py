@@ -18,11 +18,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from internvit.cli import ArgumentParser, UsageError, device, nonnegative_int, positive_int, run  # noqa: E402
+
 DTYPES = ("float32", "float16", "bfloat16")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="InternVL directory (config.json + weights + tokenizer.model)")
     p.add_argument("--data", required=True, help="image folder <root>/<class>/<image> or a CSV of path,label")
     p.add_argument("--classnames", default=None,
@@ -34,24 +36,44 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mode", default="InternVL-C", choices=("InternVL-C", "InternVL-G"))
     p.add_argument("--lang", default="en", help="en, zh, ja, ar or it")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model or folder (default: the model folder)")
-    p.add_argument("--batch-size", type=int, default=None, help="images per batch (default 64); with --video, "
+    p.add_argument("--batch-size", type=positive_int, default=None, help="images per batch (default 64); with --video, "
                    "videos per batch (default 8; a forward pass sees batch-size x num-frames frames)")
-    p.add_argument("--text-batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--text-batch-size", type=positive_int, default=256)
+    p.add_argument("--workers", type=nonnegative_int, default=2)
     p.add_argument("--dtype", default="float32", choices=DTYPES)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device, default="cpu")
     p.add_argument("--output", default="zeroshot_results.json", help="JSON file to write (atomically)")
     v = p.add_argument_group("video (docs/classification.md, 'Zero-shot video classification')")
     v.add_argument("--video", action="store_true", help="--data holds videos: <root>/<class>/<video> or a CSV of "
                    "path,label; --classnames may be kinetics400/kinetics600/kinetics700")
-    v.add_argument("--num-frames", type=int, default=8, help="frames sampled per video (default 8; 1 = middle)")
+    v.add_argument("--num-frames", type=positive_int, default=8,
+                   help="frames sampled per video (default 8; 1 = middle)")
     v.add_argument("--resize-mode", default="crop", choices=("crop", "squash"),
                    help="frame preprocessing: short-side resize + centre crop (default) or squash")
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
+def _check_output(path: str) -> None:
+    if os.path.isdir(path):
+        raise UsageError(f"--output {path}: is a folder (give a .json file path)")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(parent):  # the nearest existing folder must be writable (folders are created)
+        if os.path.lexists(parent):
+            raise UsageError(f"--output {path}: {parent} is not a folder")
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"--output {path}: {parent} is not writable")
+
+
+def _main(argv=None) -> int:
     args = parse_args(argv)
+    if not os.path.exists(args.data):
+        raise UsageError(f"--data {args.data}: no such folder or CSV file")
+    _check_output(args.output)
+    if not os.path.exists(args.model) and os.sep in args.model:
+        raise UsageError(f"--model {args.model}: no such file or folder")
+    if args.tokenizer is not None and not os.path.exists(args.tokenizer):
+        raise UsageError(f"--tokenizer {args.tokenizer}: no such file or folder")
     import torch
 
     from classification.zero_shot import run_zero_shot
@@ -60,17 +82,18 @@ def main(argv=None) -> int:
         return _video(args)
     args.dataset = args.dataset or "imagenet1k"
     args.batch_size = args.batch_size or 64
-    try:
-        result = run_zero_shot(
-            args.model, args.data, classnames=args.classnames, templates=args.templates, lang=args.lang,
-            dataset=args.dataset, mode=args.mode, tokenizer=args.tokenizer, batch_size=args.batch_size,
-            text_batch_size=args.text_batch_size, dtype=getattr(torch, args.dtype), device=args.device,
-            num_workers=args.workers, output=args.output)
-    except (OSError, ValueError, KeyError) as e:
-        print(f"zeroshot_eval: error: {e}", file=sys.stderr)
-        return 2
+    result = run_zero_shot(
+        args.model, args.data, classnames=args.classnames, templates=args.templates, lang=args.lang,
+        dataset=args.dataset, mode=args.mode, tokenizer=args.tokenizer, batch_size=args.batch_size,
+        text_batch_size=args.text_batch_size, dtype=getattr(torch, args.dtype), device=args.device,
+        num_workers=args.workers, output=args.output)
     print(json.dumps(result, indent=2, ensure_ascii=False))
     return 0
+
+
+def main(argv=None) -> int:
+    """The exit status: 0, or 2 after one ``error:`` line (argument errors exit 2 from argparse)."""
+    return run(_main, argv)
 
 
 def _video(args) -> int:
@@ -78,18 +101,11 @@ def _video(args) -> int:
 
     from classification.video import run_video_zero_shot
 
-    if args.num_frames < 1 or (args.batch_size is not None and args.batch_size < 1):
-        print("zeroshot_eval: error: --num-frames and --batch-size must be >= 1", file=sys.stderr)
-        return 2
-    try:
-        result = run_video_zero_shot(
-            args.model, args.data, num_frames=args.num_frames, classnames=args.classnames, templates=args.templates,
-            dataset=args.dataset or "kinetics400", mode=args.mode, tokenizer=args.tokenizer,
-            batch_size=args.batch_size or 8, text_batch_size=args.text_batch_size, dtype=getattr(torch, args.dtype),
-            device=args.device, num_workers=args.workers, resize_mode=args.resize_mode, output=args.output)
-    except (OSError, ValueError, KeyError) as e:
-        print(f"zeroshot_eval: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return 2
+    result = run_video_zero_shot(
+        args.model, args.data, num_frames=args.num_frames, classnames=args.classnames, templates=args.templates,
+        dataset=args.dataset or "kinetics400", mode=args.mode, tokenizer=args.tokenizer,
+        batch_size=args.batch_size or 8, text_batch_size=args.text_batch_size, dtype=getattr(torch, args.dtype),
+        device=args.device, num_workers=args.workers, resize_mode=args.resize_mode, output=args.output)
     print(json.dumps({k: v for k, v in result.items() if k != "failed"}, indent=2, ensure_ascii=False))
     for f in result["failed"]:
         print(f"skipped {f['path']}: {f['error']}", file=sys.stderr)
