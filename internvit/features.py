@@ -1,15 +1,16 @@
 """Feature extraction: pooled, multi-layer or dense features of an InternViT (or any image encoder).
 
 :class:`FeatureExtractor` reads images through the model's own preprocessing and a ``DataLoader``;
-``extract`` returns the features in memory, ``write`` stores them as shards that are written atomically and
-resumed after an interruption (byte-identical to an uninterrupted run), with a ``manifest.json`` describing
-how they were made. :func:`read_features` loads such a folder back.
+``extract`` returns the features in memory, ``write`` stores them as shards committed through the durable
+store (:mod:`internvit.store`: resumed after a kill, byte-identical to an uninterrupted run), with a
+``manifest.json`` describing how they were made. :func:`read_features` loads such a folder back,
+:func:`open_features` memory-maps it.
 """
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -24,18 +25,21 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .data import ImageDataset, ImagesLike, IndexedDataset, collate_images, list_images
+from .fingerprint import preprocessing_fingerprint, weights_fingerprint
 from .transforms import build_transform, preprocess_config
+
+__all__ = ["FeatureExtractor", "FeatureResult", "read_features", "open_features", "MappedFeatures", "parse_dtype",
+           "weights_fingerprint", "inputs_checksum"]
+
+logger = logging.getLogger("internvit")
 
 POOLS = ("cls", "mean", "cls_mean", "grid")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 MANIFEST = "manifest.json"
-PROGRESS = "progress.json"
 ERRORS = "errors.jsonl"
-PARTIAL_SUFFIX = ".partial"
-#: manifest fields that must match for a resumed run to continue an output folder
-SIGNATURE_KEYS = ("model", "embed_fn", "preprocessing", "pool", "layers", "dtype", "normalize", "shard_size",
-                  "num_inputs", "inputs_checksum", "features_pattern", "metadata_pattern", "metadata_format")
+#: the ``error`` of a row whose features hold NaN or infinity (not stored; listed in ``errors.jsonl``)
+NONFINITE_ERROR = "non-finite features (NaN or infinity"
 
 
 @dataclass
@@ -43,7 +47,7 @@ class FeatureResult:
     """Features of the images that could be read, in input order.
 
     ``ids[j]`` is the input row of ``features[j]``; ``errors`` lists the skipped inputs as
-    ``{'id', 'path', 'error'}``.
+    ``{'id', 'path', 'error'}`` (unreadable images and rows with non-finite features).
     """
 
     features: np.ndarray
@@ -60,18 +64,6 @@ def parse_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
         return DTYPES[str(dtype).lower()]
     except KeyError:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}") from None
-
-
-def weights_fingerprint(model: nn.Module) -> str:
-    """A cheap identity of the weights: a hash over names, shapes and a strided sample of every tensor."""
-    h = hashlib.sha256()
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            flat = t.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // 64)][:64]
-            h.update(f"{name}{tuple(t.shape)}".encode())
-            h.update(sample.float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def _stable_repr(obj: Any) -> str:
@@ -147,7 +139,7 @@ class FeatureExtractor:
     # -- set-up ----------------------------------------------------------------------------------------
     def _resolve_preprocess(self, preprocess) -> tuple[Callable, dict]:
         if preprocess is not None and callable(preprocess) and not isinstance(preprocess, Mapping):
-            return preprocess, {"transform": _stable_repr(preprocess)}
+            return preprocess, preprocessing_fingerprint(preprocess)
         config = getattr(self.model, "config", None)
         p = preprocess_config(config)
         if preprocess is not None:
@@ -223,17 +215,29 @@ class FeatureExtractor:
 
         loader = DataLoader(dataset, batch_sampler=batches, num_workers=self.num_workers,
                             collate_fn=collate_images, pin_memory=self.device.type == "cuda")
-        start, done = time.perf_counter(), 0
+        start, done, nonfinite = time.perf_counter(), 0, 0
         with tqdm(total=total, unit="img", desc="features", disable=not self.progress, smoothing=0.1) as bar:
             for pixels, ids, errors in loader:
                 feats = self.encode(pixels).cpu().numpy() if pixels is not None else None
+                if feats is not None:
+                    finite = np.isfinite(feats.reshape(len(feats), -1)).all(axis=1)
+                    if not finite.all():  # e.g. fp16 overflow: never stored as features, listed as errors
+                        reason = (f"{NONFINITE_ERROR} in dtype {str(self.dtype).replace('torch.', '')}; "
+                                  f"try bf16 or fp32)")
+                        errors = sorted(list(errors) + [(ids[j], reason) for j in np.flatnonzero(~finite)])
+                        ids = [ids[j] for j in np.flatnonzero(finite)]
+                        feats = feats[finite]
+                        nonfinite += int((~finite).sum())
                 done += len(ids) + len(errors)
                 bar.update(len(ids) + len(errors))
                 if errors:
                     bar.set_postfix(errors=len(errors), refresh=False)
                 yield ids, feats, errors
         seconds = time.perf_counter() - start
-        self.last_stats = {"seconds": round(seconds, 3), "images": done,
+        if nonfinite:
+            logger.warning("%d of %d images gave non-finite features in %s (not stored, listed as errors)",
+                           nonfinite, done, self.dtype)
+        self.last_stats = {"seconds": round(seconds, 3), "images": done, "nonfinite": nonfinite,
                            "images_per_s": round(done / seconds, 2) if seconds > 0 else None}
 
     def _batches(self, start: int, end: int) -> list[list[int]]:
@@ -253,6 +257,36 @@ class FeatureExtractor:
         return FeatureResult(features.astype(np.float32, copy=False), ids, [paths[i] for i in ids], errors)
 
     # -- write -----------------------------------------------------------------------------------------
+    def signature(self, paths: Sequence[str], extra_columns: Optional[Mapping[str, Sequence]], *,
+                  shard_size: int, features_pattern: str, metadata_pattern: str, metadata_format: str,
+                  manifest_extra: Optional[Mapping[str, Any]] = None, model_info: Optional[dict] = None) -> dict:
+        """The job identity of :meth:`write` (JSON-normalised): everything that decides the output's bytes.
+
+        The model is identified by class, config and :func:`~internvit.fingerprint.weights_fingerprint` (all
+        weight bytes), not by its name or path; the inputs by a streamed SHA-256 of every path and extra value.
+        """
+        model = model_info if model_info is not None else self.model_info()
+        if model is not None:
+            model = {k: v for k, v in model.items() if k != "name"}
+        sig = {
+            "model": model,
+            "embed_fn": None if self.embed_fn is None else getattr(self.embed_fn, "__qualname__",
+                                                                  _stable_repr(self.embed_fn)),
+            "preprocessing": self.preprocessing,
+            "pool": "embed_fn" if self.embed_fn is not None else self.pool,
+            "layers": self.layers,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "normalize": self.normalize,
+            "shard_size": int(shard_size),
+            "num_inputs": len(paths),
+            "inputs_checksum": inputs_checksum(paths, extra_columns),
+            "features_pattern": features_pattern,
+            "metadata_pattern": metadata_pattern,
+            "metadata_format": metadata_format,
+            "extra": dict(manifest_extra or {}),
+        }
+        return json.loads(json.dumps(sig, default=str))
+
     def write(
         self,
         images: Union[ImagesLike, Dataset],
@@ -264,16 +298,29 @@ class FeatureExtractor:
         metadata_format: str = "parquet",
         extra_columns: Optional[Mapping[str, Sequence]] = None,
         manifest_extra: Optional[Mapping[str, Any]] = None,
+        overwrite: bool = False,
+        discard_pending: bool = False,
     ) -> dict:
-        """Write features as shards of ``shard_size`` input rows, resumably; returns the manifest.
+        """Write features as shards of ``shard_size`` input rows through the durable store; returns the manifest.
 
-        Shard ``k`` covers input rows ``[k*shard_size, (k+1)*shard_size)``: a ``.npy`` of the kept rows and a
-        metadata table (``id`` = input row, ``path``, and every ``extra_columns`` entry), each written to a
-        temporary file and renamed. Unreadable images are listed in ``errors.jsonl``. Rerunning with the same
-        arguments keeps finished shards and computes the rest; the result is byte-identical to an
-        uninterrupted run. A folder made with other arguments raises ``ValueError``. ``manifest.json`` is
-        written last.
+        Shard ``k`` covers input rows ``[k*shard_size, (k+1)*shard_size)``: a float32 ``.npy`` of the kept rows
+        ``(count, *feature_shape)`` and a metadata table (``id`` = input row (int64), ``path``, and every
+        ``extra_columns`` entry). Rows that could not be read, or whose features are not finite (e.g. fp16
+        overflow), are not stored: they are listed in ``errors.jsonl`` (``{'id', 'path', 'error'}``).
+        Everything commits through :class:`internvit.store.Store`: shards and ``errors.jsonl`` are data files,
+        ``manifest.json`` is the commit point, and readers (:func:`read_features`) only ever see a committed
+        state. After a kill, rerunning the same call keeps the finished shards and computes the rest; the
+        folder ends byte-identical to an uninterrupted run. The returned dict is the committed manifest plus a
+        ``timing`` entry that is *not* stored (timings would make reruns differ).
+
+        Raises ``ValueError`` when the folder holds committed features of another job (naming the first field
+        that differs; ``overwrite=True`` replaces them with a new generation), and
+        :class:`~internvit.store.PendingJobError` when an interrupted *different* job is pending
+        (``discard_pending=True`` drops it), :class:`~internvit.store.StoreBusyError` when another process
+        writes the folder.
         """
+        from .store import Store, generation_name, read_manifest
+
         out_dir = os.fspath(out_dir)
         if int(shard_size) < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
@@ -285,111 +332,158 @@ class FeatureExtractor:
                 a, b = pattern.format(shard=0), pattern.format(shard=1)
             except (KeyError, IndexError, ValueError) as e:
                 raise ValueError(f"{name} {pattern!r}: must use only the field {{shard}} ({e})") from None
-            if a == b or os.path.isabs(a) or ".." in a.split("/"):
+            if a == b or os.path.isabs(a) or ".." in a.split("/") or a.split("/")[0] in (".store", ERRORS):
                 raise ValueError(f"{name} {pattern!r}: must be a relative path containing {{shard}}")
+        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+            raise ValueError(f"{out_dir}: exists and is not a folder")
 
         ds = self._dataset(images)
         paths, n = ds.paths, len(ds)
         columns = _extra_columns(extra_columns, n)
-        checksum = hashlib.sha256("\n".join(paths).encode())
-        checksum.update(json.dumps({k: list(v) for k, v in (extra_columns or {}).items()}, sort_keys=True,
-                                   default=str).encode())
-        signature = {
-            "model": self.model_info(),
-            "embed_fn": None if self.embed_fn is None else getattr(self.embed_fn, "__qualname__",
-                                                                  _stable_repr(self.embed_fn)),
-            "preprocessing": self.preprocessing,
-            "pool": "embed_fn" if self.embed_fn is not None else self.pool,
-            "layers": self.layers,
-            "dtype": str(self.dtype).replace("torch.", ""),
-            "normalize": self.normalize,
-            "shard_size": shard_size,
-            "num_inputs": n,
-            "inputs_checksum": checksum.hexdigest(),
-            "features_pattern": features_pattern,
-            "metadata_pattern": metadata_pattern,
-            "metadata_format": metadata_format,
-        }
-        signature = json.loads(json.dumps(signature, default=str))  # JSON-normalised, comparable with a file
+        info = self.model_info()  # hashes every weight byte: once per write
+        job = self.signature(paths, columns, shard_size=shard_size, features_pattern=features_pattern,
+                             metadata_pattern=metadata_pattern, metadata_format=metadata_format,
+                             manifest_extra=manifest_extra, model_info=info)
+        done_stats = {"seconds": 0.0, "images": 0, "images_per_s": None}
+        old = read_manifest(out_dir) if os.path.isdir(out_dir) else None
+        if old is not None and _same_job(old, job):
+            return dict(old, timing=done_stats)  # finished: nothing is rewritten
+        if old is not None and not overwrite:
+            _refuse_other(out_dir, old, job)
 
-        os.makedirs(out_dir, exist_ok=True)
-        _check_resume(out_dir, signature)
-        _remove_partials(out_dir)
-        _write_json(os.path.join(out_dir, PROGRESS), {"signature": signature})
+        with Store(out_dir, job=job, discard_pending=discard_pending, description="feature folder") as st:
+            if st.manifest is not None and _same_job(st.manifest, job):
+                return dict(st.manifest, timing=done_stats)  # another process finished it meanwhile
+            if st.manifest is not None and not overwrite:
+                _refuse_other(out_dir, st.manifest, job)
+            gen = st.generation
 
-        errors = {r["id"]: r for r in _read_errors(os.path.join(out_dir, ERRORS)) if r["id"] < n}
-        shards = []
-        for k in range(math.ceil(n / shard_size)):
-            start, end = k * shard_size, min((k + 1) * shard_size, n)
-            shards.append({"index": k, "start": start, "end": end,
-                           "features": features_pattern.format(shard=k),
-                           "metadata": metadata_pattern.format(shard=k)})
-        feature_shape, counts, pending = None, {}, []
-        for s in shards:
-            fpath, mpath = (os.path.join(out_dir, s[key]) for key in ("features", "metadata"))
-            if os.path.isfile(fpath) and os.path.isfile(mpath):
-                arr = np.load(fpath, mmap_mode="r")
-                counts[s["index"]] = arr.shape[0]
-                if arr.shape[0] > 0 or arr.shape[1:] != (0,):
-                    feature_shape = feature_shape or tuple(arr.shape[1:])
-            else:
-                pending.append(s)
+            def named(pattern: str, k: int) -> str:  # generation 1 keeps the plain names
+                rel = pattern.format(shard=k)
+                return rel if gen == 1 else generation_name(rel, gen)
 
-        def finish(s: dict, feats: list, ids: list, errs: list, shape: tuple) -> None:
-            for i, e in errs:  # errors first: a shard counts as done only once its errors are recorded
-                errors[i] = {"id": i, "path": paths[i], "error": e}
-            if errs:
-                _write_errors(os.path.join(out_dir, ERRORS), errors)
-            arr = np.concatenate(feats) if feats else np.zeros((0, *shape), np.float32)
-            _write_npy(os.path.join(out_dir, s["features"]), arr.astype(np.float32, copy=False))
-            _write_metadata(os.path.join(out_dir, s["metadata"]), metadata_format, ids,
-                            [paths[i] for i in ids], columns)
-            counts[s["index"]] = len(ids)
+            shards = [{"index": k, "start": k * shard_size, "end": min((k + 1) * shard_size, n),
+                       "features": named(features_pattern, k), "metadata": named(metadata_pattern, k)}
+                      for k in range(math.ceil(n / shard_size))]
+            records: dict[int, dict] = {}
+            for s in shards:  # shards an interrupted run of this job finished (files complete, record saved)
+                rec = st.state.get(f"shard-{s['index']}")
+                if rec is not None and {s["features"], s["metadata"]} <= st.pending_files:
+                    records[s["index"]] = rec
+            feature_shape = _known_shape(records.values())
+            arrow_columns = _arrow_columns(columns) if metadata_format == "parquet" else None
 
-        # batches never cross a shard boundary, so a shard's numbers do not depend on what else is pending
-        batches = [b for s in pending for b in self._batches(s["start"], s["end"])]
-        bufs = {s["index"]: ([], [], [], 0) for s in pending}
-        waiting = []  # finished shards with no readable image, written once the feature shape is known
-        by_index = {s["index"]: s for s in shards}
-        for ids, feats, errs in self._run(ds, batches, sum(s["end"] - s["start"] for s in pending)):
-            k = (ids[0] if ids else errs[0][0]) // shard_size
-            f_list, id_list, err_list, seen = bufs[k]
-            if feats is not None:
-                f_list.append(feats)
-                feature_shape = feature_shape or tuple(feats.shape[1:])
-            id_list.extend(ids)
-            err_list.extend(errs)
-            bufs[k] = (f_list, id_list, err_list, seen + len(ids) + len(errs))
-            s = by_index[k]
-            if bufs[k][3] == s["end"] - s["start"]:
-                waiting.append(k)
-                if feature_shape is not None:
-                    for j in waiting:
-                        finish(by_index[j], *bufs.pop(j)[:3], feature_shape)
-                    waiting = []
-        for j in waiting:
-            finish(by_index[j], *bufs.pop(j)[:3], feature_shape or (0,))
-        _write_errors(os.path.join(out_dir, ERRORS), errors)  # also when empty: same files on every run
+            def finish(s: dict, feats: list, ids: list, errs: list, shape: tuple) -> None:
+                arr = np.concatenate(feats) if feats else np.zeros((0, *shape), np.float32)
+                arr = np.ascontiguousarray(arr, dtype=np.float32)
+                with st.open_file(s["features"]) as tmp, open(tmp, "wb") as f:
+                    np.save(f, arr)
+                with st.open_file(s["metadata"]) as tmp:
+                    _write_metadata(tmp, metadata_format, ids, paths, columns, arrow_columns)
+                rec = {"count": len(ids), "shape": list(arr.shape[1:]), "errors": sorted([int(i), e] for i, e in errs)}
+                st.save_state(**{f"shard-{s['index']}": rec})  # the shard is done once this is durable
+                records[s["index"]] = json.loads(json.dumps(rec))
 
-        feature_shape = list(feature_shape or (0,))
-        manifest = dict(signature)
-        manifest.update({
-            "feature_shape": feature_shape,
-            "dim": feature_shape[0],
-            "count": int(sum(counts.values())),
-            "num_errors": len(errors),
-            "shards": [dict(s, count=int(counts[s["index"]])) for s in shards],
-            "timing": dict(self.last_stats, finished_at=datetime.datetime.now().isoformat(timespec="seconds")),
-        })
-        manifest.update(manifest_extra or {})
-        _write_json(os.path.join(out_dir, MANIFEST), manifest)
-        os.remove(os.path.join(out_dir, PROGRESS))
-        return manifest
+            pending = [s for s in shards if s["index"] not in records]
+            # batches never cross a shard boundary, so a shard's numbers do not depend on what else is pending
+            batches = [b for s in pending for b in self._batches(s["start"], s["end"])]
+            bufs = {s["index"]: ([], [], [], 0) for s in pending}
+            waiting = []  # finished shards with no readable image, written once the feature shape is known
+            by_index = {s["index"]: s for s in shards}
+            for ids, feats, errs in self._run(ds, batches, sum(s["end"] - s["start"] for s in pending)):
+                k = (ids[0] if ids else errs[0][0]) // shard_size
+                f_list, id_list, err_list, seen = bufs[k]
+                if feats is not None:
+                    f_list.append(feats)
+                    feature_shape = feature_shape or tuple(feats.shape[1:])
+                id_list.extend(ids)
+                err_list.extend(errs)
+                bufs[k] = (f_list, id_list, err_list, seen + len(ids) + len(errs))
+                s = by_index[k]
+                if bufs[k][3] == s["end"] - s["start"]:
+                    waiting.append(k)
+                    if feature_shape is not None:
+                        for j in waiting:
+                            finish(by_index[j], *bufs.pop(j)[:3], feature_shape)
+                        waiting = []
+            for j in waiting:
+                finish(by_index[j], *bufs.pop(j)[:3], feature_shape or (0,))
+            stats = dict(self.last_stats) if pending else done_stats
+
+            errors = sorted((i, e) for rec in records.values() for i, e in rec["errors"])
+            errors_file = ERRORS if gen == 1 else generation_name(ERRORS, gen)
+            st.write_bytes(errors_file, "".join(
+                json.dumps({"id": i, "path": paths[i], "error": e}, ensure_ascii=False) + "\n"
+                for i, e in errors).encode("utf-8"))  # also when empty: same files on every run
+
+            feature_shape = list(feature_shape or (0,))
+            manifest = {k: v for k, v in job.items() if k != "extra"}
+            manifest["model"] = info  # with its name (not part of the job identity)
+            manifest.update({
+                "feature_shape": feature_shape,
+                "dim": feature_shape[0],
+                "count": int(sum(int(r["count"]) for r in records.values())),
+                "num_errors": len(errors),
+                "num_nonfinite": sum(1 for _, e in errors if e.startswith(NONFINITE_ERROR)),
+                "errors_file": errors_file,
+                "shards": [dict(s, count=int(records[s["index"]]["count"])) for s in shards],
+            })
+            manifest.update(job["extra"])
+            files = [errors_file] + [s[key] for s in shards for key in ("features", "metadata")]
+            committed = st.commit(manifest, files)
+        return dict(committed, timing=stats)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------------
+def inputs_checksum(paths: Sequence[str], extra_columns: Optional[Mapping[str, Sequence]] = None) -> str:
+    """SHA-256 of every input path and extra-column value, streamed (memory does not grow with the inputs)."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(os.fspath(p).encode("utf-8", "surrogateescape"))
+        h.update(b"\n")
+    for name in sorted(extra_columns or {}):
+        h.update(json.dumps(name).encode("utf-8") + b"\n")
+        for v in (extra_columns or {})[name]:
+            h.update(json.dumps(_to_json_value(v), default=str, ensure_ascii=False).encode("utf-8", "surrogateescape"))
+            h.update(b"\n")
+    return h.hexdigest()
+
+
+def _same_job(manifest: Mapping[str, Any], job: Mapping[str, Any]) -> bool:
+    from .store import job_id
+
+    return (manifest.get("_store") or {}).get("job_id") == job_id(job)
+
+
+def _refuse_other(out_dir: str, manifest: Mapping[str, Any], job: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` naming the first field in which committed features differ from ``job``."""
+    for key, b in job.items():
+        if key == "extra":
+            a = {k: manifest.get(k) for k in b}
+        else:
+            a = manifest.get(key)
+        if key == "model" and isinstance(a, dict) and isinstance(b, dict):
+            a = {k: v for k, v in a.items() if k != "name"}
+            if a != b:
+                diff = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+                raise ValueError(f"{out_dir} holds features made with a different model ({diff} differs); "
+                                 f"use another output folder or delete it")
+        elif a != b:
+            raise ValueError(f"{out_dir} holds features made with different arguments ({key}: "
+                             f"{_short(a)} there, {_short(b)} now); use another output folder or delete it")
+    raise ValueError(f"{out_dir} holds features of another job (written by another version?); use another "
+                     f"output folder or delete it")
+
+
+def _known_shape(records) -> Optional[tuple]:
+    for rec in records:
+        if rec["count"] > 0 or rec["shape"] != [0]:
+            return tuple(rec["shape"])
+    return None
+
+
 def _extra_columns(extra_columns: Optional[Mapping[str, Sequence]], n: int) -> dict:
     out = {}
     for name, values in (extra_columns or {}).items():
@@ -402,109 +496,36 @@ def _extra_columns(extra_columns: Optional[Mapping[str, Sequence]], n: int) -> d
     return out
 
 
-def _atomic(path: str, write: Callable[[str], None]) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + PARTIAL_SUFFIX
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def _arrow_columns(columns: dict) -> dict:
+    """Each extra column converted to Arrow once (per shard only the rows are taken: linear in total)."""
+    import pyarrow as pa
 
-
-def _write_npy(path: str, arr: np.ndarray) -> None:
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.save(f, arr)
-    _atomic(path, write)
-
-
-def _write_json(path: str, obj: Any) -> None:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, default=str)
-            f.write("\n")
-    _atomic(path, write)
+    return {k: pa.array(v) for k, v in columns.items()}
 
 
 def _to_json_value(v: Any) -> Any:
     return v.item() if isinstance(v, np.generic) else v
 
 
-def _write_metadata(path: str, fmt: str, ids: list[int], paths: list[str], columns: dict) -> None:
+def _write_metadata(path: str, fmt: str, ids: list[int], paths: Sequence[str], columns: dict,
+                    arrow_columns: Optional[dict] = None) -> None:
+    """Write the metadata rows ``ids`` (input rows) to ``path`` (exactly that file)."""
     if fmt == "jsonl":
-        def write(tmp):
-            with open(tmp, "w", encoding="utf-8") as f:
-                for j, i in enumerate(ids):
-                    row = {"id": int(i), "path": paths[j]}
-                    row.update({k: _to_json_value(v[i]) for k, v in columns.items()})
-                    f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
-        return _atomic(path, write)
-
+        with open(path, "w", encoding="utf-8") as f:
+            for i in ids:
+                row = {"id": int(i), "path": paths[i]}
+                row.update({k: _to_json_value(v[i]) for k, v in columns.items()})
+                f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+        return
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    data = {"id": pa.array(ids, pa.int64()), "path": pa.array(paths, pa.string())}
-    for k, v in columns.items():
-        full = pa.array(v)
-        data[k] = full.take(pa.array(ids, pa.int64()))
-    table = pa.table(data)
-    _atomic(path, lambda tmp: pq.write_table(table, tmp))
-
-
-def _read_errors(path: str) -> list[dict]:
-    if not os.path.isfile(path):
-        return []
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-                out.append({"id": int(rec["id"]), "path": rec.get("path"), "error": rec.get("error")})
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                continue  # a foreign or damaged line; rewritten from the records we keep
-    return out
-
-
-def _write_errors(path: str, errors: Mapping[int, dict]) -> None:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            for i in sorted(errors):
-                f.write(json.dumps(errors[i], ensure_ascii=False) + "\n")
-    _atomic(path, write)
-
-
-def _remove_partials(out_dir: str) -> None:
-    for root, _, files in os.walk(out_dir):
-        for f in files:
-            if f.endswith(PARTIAL_SUFFIX):
-                os.remove(os.path.join(root, f))
-
-
-def _check_resume(out_dir: str, signature: dict) -> None:
-    """Refuse to continue a folder made with other arguments (naming the first field that differs)."""
-    for name in (MANIFEST, PROGRESS):
-        path = os.path.join(out_dir, name)
-        if not os.path.isfile(path):
-            continue
-        try:
-            with open(path, encoding="utf-8") as f:
-                old = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: unreadable ({e}); delete it or use another output folder") from None
-        old = old.get("signature", old)
-        for key in SIGNATURE_KEYS:
-            a, b = old.get(key), signature.get(key)
-            if key == "model" and isinstance(a, dict) and isinstance(b, dict):
-                a, b = ({k: v for k, v in m.items() if k != "name"} for m in (a, b))
-                if a != b:
-                    diff = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
-                    raise ValueError(f"{out_dir} holds features made with a different model ({diff} differs); "
-                                     f"use another output folder or delete it")
-            elif a != b:
-                raise ValueError(f"{out_dir} holds features made with different arguments ({key}: "
-                                 f"{_short(a)} there, {_short(b)} now); use another output folder or delete it")
+    arrow_columns = arrow_columns if arrow_columns is not None else _arrow_columns(columns)
+    take = pa.array(ids, pa.int64())
+    data = {"id": take, "path": pa.array([paths[i] for i in ids], pa.string())}
+    for k, full in arrow_columns.items():
+        data[k] = full.take(take)
+    pq.write_table(pa.table(data), path)
 
 
 def _short(v: Any, limit: int = 60) -> str:
@@ -512,25 +533,91 @@ def _short(v: Any, limit: int = 60) -> str:
     return s if len(s) <= limit else s[:limit] + "..."
 
 
-def read_features(out_dir: Union[str, os.PathLike]) -> tuple[np.ndarray, list[dict]]:
-    """Load a folder written by :meth:`FeatureExtractor.write`: ``(features, metadata rows)`` in input order."""
-    out_dir = os.fspath(out_dir)
-    path = os.path.join(out_dir, MANIFEST)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no manifest (not a finished feature folder)")
-    with open(path, encoding="utf-8") as f:
-        manifest = json.load(f)
-    feats, rows = [], []
+def _read_rows(out_dir: str, manifest: dict, columns: Optional[Sequence[str]] = None) -> list[dict]:
+    rows = []
     for s in manifest["shards"]:
-        feats.append(np.load(os.path.join(out_dir, s["features"])))
         mpath = os.path.join(out_dir, s["metadata"])
         if manifest.get("metadata_format", "parquet") == "jsonl":
             with open(mpath, encoding="utf-8") as f:
-                rows.extend(json.loads(line) for line in f if line.strip())
+                part = [json.loads(line) for line in f if line.strip()]
+            rows.extend(part if columns is None else [{c: r.get(c) for c in columns} for r in part])
         else:
             import pyarrow.parquet as pq
 
-            rows.extend(pq.read_table(mpath).to_pylist())
-    shape = tuple(manifest.get("feature_shape") or (0,))
-    features = np.concatenate(feats) if feats else np.zeros((0, *shape), np.float32)
-    return features, rows
+            rows.extend(pq.read_table(mpath, columns=list(columns) if columns else None).to_pylist())
+    return rows
+
+
+def _committed(out_dir: str) -> dict:
+    from .store import read_manifest
+
+    manifest = read_manifest(out_dir)
+    if manifest is None:
+        raise FileNotFoundError(f"{os.path.join(out_dir, MANIFEST)}: no manifest (not a finished feature folder)")
+    if "shards" not in manifest:
+        raise ValueError(f"{os.path.join(out_dir, MANIFEST)}: not a feature folder manifest (no 'shards')")
+    return manifest
+
+
+def read_features(out_dir: Union[str, os.PathLike]) -> tuple[np.ndarray, list[dict]]:
+    """Load a folder written by :meth:`FeatureExtractor.write`: ``(features, metadata rows)`` in input order.
+
+    ``features`` is float32 ``(count, *feature_shape)``; only the files of the committed manifest are read
+    (one consistent state, even while a writer works on the folder). Raises ``FileNotFoundError`` when
+    nothing was committed.
+    """
+    from .store import read_consistent
+
+    out_dir = os.fspath(out_dir)
+    _committed(out_dir)
+
+    def read(manifest: dict):
+        feats = [np.load(os.path.join(out_dir, s["features"])) for s in manifest["shards"]]
+        rows = _read_rows(out_dir, manifest)
+        shape = tuple(manifest.get("feature_shape") or (0,))
+        return (np.concatenate(feats) if feats else np.zeros((0, *shape), np.float32)), rows
+
+    return read_consistent(out_dir, read)
+
+
+class MappedFeatures:
+    """Read-only, memory-mapped features of a committed feature folder (no copy in RAM).
+
+    ``len(m)`` rows; ``m[i]`` is row ``i`` (an ``np.ndarray`` view of ``feature_shape``, float32);
+    ``m.shape`` / ``m.dtype``; ``np.asarray(m)`` materialises all rows. Each shard ``.npy`` is mapped with
+    ``np.load(mmap_mode='r')``; the files stay readable even if a later writer replaces the folder's content.
+    """
+
+    def __init__(self, out_dir: str, manifest: dict) -> None:
+        self.out_dir, self.manifest = out_dir, manifest
+        self.parts = [np.load(os.path.join(out_dir, s["features"]), mmap_mode="r") for s in manifest["shards"]]
+        self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
+        self.shape = (int(self.offsets[-1]), *tuple(manifest.get("feature_shape") or (0,)))
+        self.dtype = np.dtype(np.float32)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        i = int(i)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"row {i} out of range for {len(self)} features")
+        k = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return self.parts[k][i - self.offsets[k]]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = np.concatenate(self.parts) if self.parts else np.zeros(self.shape, np.float32)
+        return out if dtype is None else out.astype(dtype)
+
+
+def open_features(out_dir: Union[str, os.PathLike], columns: Optional[Sequence[str]] = None
+                  ) -> tuple[MappedFeatures, list[dict]]:
+    """Like :func:`read_features`, but the features are memory-mapped (:class:`MappedFeatures`) and only the
+    metadata ``columns`` (all when ``None``) are read."""
+    from .store import read_consistent
+
+    out_dir = os.fspath(out_dir)
+    _committed(out_dir)
+    return read_consistent(out_dir, lambda m: (MappedFeatures(out_dir, m), _read_rows(out_dir, m, columns)))

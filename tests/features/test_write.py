@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import internvit
-from internvit.features import FeatureExtractor, read_features
+from internvit.features import FeatureExtractor, open_features, read_features
+from internvit.store import read_manifest
 
 from .images import make_bad_files, make_images
 
@@ -29,8 +30,10 @@ def _cli():
 
 
 def _files(folder):
+    """Every file of the folder except the store's private ``.store/`` (lock, journal)."""
     out = {}
-    for root, _, files in os.walk(folder):
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if d != ".store"]
         for f in files:
             path = os.path.join(root, f)
             with open(path, "rb") as fh:
@@ -40,7 +43,7 @@ def _files(folder):
 
 def _manifest(raw: bytes) -> dict:
     m = json.loads(raw)
-    m.pop("timing")
+    assert "timing" not in m  # volatile: returned by write(), never committed
     return m
 
 
@@ -60,7 +63,11 @@ def test_write_read_back(tiny_model, image_dir, tmp_path, fmt):
     assert m["model"]["config"]["hidden_size"] == 64 and m["preprocessing"]["image_size"] == 56
     assert sorted(_files(out)) == sorted(["manifest.json", "errors.jsonl"] + [s["features"] for s in m["shards"]]
                                          + [s["metadata"] for s in m["shards"]])
+    timing = m.pop("timing")
+    assert timing["images"] == 8 and timing["nonfinite"] == 0
     assert json.loads((out / "manifest.json").read_text()) == m
+    assert m["_store"]["files"] == sorted(["errors.jsonl"] + [s[k] for s in m["shards"] for k in ("features",
+                                                                                                 "metadata")])
 
     feats, rows = read_features(out)
     kept = [0, 1, 3, 4, 5, 6]
@@ -68,6 +75,10 @@ def test_write_read_back(tiny_model, image_dir, tmp_path, fmt):
     assert [r["path"] for r in rows] == [paths[i] for i in kept]
     assert [r["label"] for r in rows] == [labels[i] for i in kept]
     np.testing.assert_allclose(feats, fx.extract([paths[i] for i in kept]).features, atol=1e-6)
+    mapped, label_rows = open_features(out, columns=["label"])
+    assert len(mapped) == 6 and mapped.shape == (6, 64) and label_rows == [{"label": labels[i]} for i in kept]
+    assert all(np.array_equal(mapped[j], feats[j]) for j in range(6)) and np.array_equal(np.asarray(mapped), feats)
+    assert isinstance(mapped.parts[0], np.memmap)
     if fmt == "parquet":
         table = pq.read_table(out / m["shards"][0]["metadata"])
         assert str(table.schema.field("id").type) == "int64" and table.column_names == ["id", "path", "label"]
@@ -75,17 +86,36 @@ def test_write_read_back(tiny_model, image_dir, tmp_path, fmt):
     errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
     assert [(e["id"], e["path"]) for e in errors] == [(2, paths[2]), (7, paths[7])]
 
-    # resume after losing a shard's metadata (crash between the two renames) and a left-over temp file
+    # a rerun of the finished job returns the committed manifest and rewrites nothing
     before = _files(out)
-    os.remove(out / m["shards"][1]["metadata"])
-    (out / "features" / "part-00000.npy.partial").write_bytes(b"half")  # shard 0 is not recomputed
+    mtimes = {k: os.stat(out / k).st_mtime_ns for k in before}
     m2 = fx.write(paths, out, shard_size=3, metadata_format=fmt, metadata_pattern="metadata/part-{shard:05d}." + fmt,
                   extra_columns={"label": labels}, manifest_extra={"note": "hello"})
-    after = _files(out)
-    assert sorted(after) == sorted(before)
-    assert all(after[k] == before[k] for k in before if k != "manifest.json")
-    assert _manifest(after["manifest.json"]) == _manifest(before["manifest.json"])
-    assert m2["timing"]["images"] == 3  # only the lost shard was recomputed
+    assert m2.pop("timing")["images"] == 0 and m2 == m
+    assert _files(out) == before and {k: os.stat(out / k).st_mtime_ns for k in before} == mtimes
+
+
+def test_overwrite_writes_a_new_generation(tiny_model, image_dir, tmp_path):
+    out = tmp_path / "out"
+    m1 = FeatureExtractor(tiny_model, pool="cls", progress=False).write(image_dir["good"], out, shard_size=4)
+    m1.pop("timing")
+    old = read_features(out)
+    fx2 = FeatureExtractor(tiny_model, pool="mean", progress=False)
+    with pytest.raises(ValueError, match="pool"):
+        fx2.write(image_dir["good"], out, shard_size=4)
+    assert read_features(out)[0].tobytes() == old[0].tobytes()
+    m2 = fx2.write(image_dir["good"], out, shard_size=4, overwrite=True)
+    assert m2["_store"]["generation"] == 2 and m2["shards"][0]["features"] == "features/part-00000.g0002.npy"
+    assert m2["errors_file"] == "errors.g0002.jsonl"
+    np.testing.assert_allclose(read_features(out)[0], fx2.extract(image_dir["good"]).features, atol=1e-6)
+    # the first generation's files stay until the next writer opens the folder (a reader may still use them)
+    assert (out / "features" / "part-00000.npy").exists()
+    fx2.write(image_dir["good"], out, shard_size=4)  # same job: returns, but a writer opened nothing
+    FeatureExtractor(tiny_model, pool="cls", progress=False).write(image_dir["good"], out, shard_size=4,
+                                                                   overwrite=True)
+    # generation 1 was retired by generation 2 and removed when the third writer opened the folder
+    assert not (out / "features" / "part-00000.npy").exists()
+    assert (out / "features" / "part-00000.g0002.npy").exists() and read_manifest(out)["_store"]["generation"] == 3
 
 
 def test_write_refuses_other_arguments(tiny_model, image_dir, tmp_path):
@@ -139,7 +169,7 @@ def test_cli_resume_after_sigkill_is_byte_identical(tiny_model, tmp_path):
         os.remove(blocked)
         shutil.move(str(tmp_path / "aside"), blocked)
     partial = _files(tmp_path / "run")
-    assert "manifest.json" not in partial and "progress.json" in partial
+    assert "manifest.json" not in partial and (tmp_path / "run" / ".store" / "journal.jsonl").exists()
     assert not any("part-00001" in k for k in partial)
     assert partial["features/part-00000.npy"] == ref["features/part-00000.npy"]
 
@@ -149,9 +179,8 @@ def test_cli_resume_after_sigkill_is_byte_identical(tiny_model, tmp_path):
 
     assert main(args + ["--out", str(tmp_path / "run")]) == 0
     done = _files(tmp_path / "run")
-    assert sorted(done) == sorted(ref)
-    assert all(done[k] == ref[k] for k in ref if k != "manifest.json")
-    assert _manifest(done["manifest.json"]) == _manifest(ref["manifest.json"])
+    assert done == ref  # byte-identical, manifest included (timing is never committed)
+    _manifest(done["manifest.json"])
     errors = [json.loads(line) for line in done["errors.jsonl"].decode().splitlines()]
     assert [e["id"] for e in errors] == [2, 9]
     feats, meta = read_features(tmp_path / "run")
