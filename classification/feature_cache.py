@@ -2,9 +2,12 @@
 
 :class:`CachedFeatureDataset` wraps an image dataset (e.g. :class:`~classification.datasets.ImageFolderDataset`
 with its eval transform). On first use it runs :class:`internvit.FeatureExtractor` over the images and
-writes the features with :meth:`~internvit.features.FeatureExtractor.write` (sharded, atomic, resumable);
-later runs read them back with :func:`internvit.features.read_features`. What is cached is exactly what
-the probe head consumes from the frozen backbone:
+writes the features with :meth:`~internvit.features.FeatureExtractor.write`, which commits through the durable
+store (:mod:`internvit.store`): the cache key (:func:`cache_key`) is part of the committed manifest, so the cache
+is valid exactly when its manifest is committed with this key; a run killed at any point is finished by the
+next run, never refused. Later runs memory-map the features (:func:`internvit.features.open_features`): every
+rank shares the page cache instead of holding its own copy. What is cached is exactly what the probe head
+consumes from the frozen backbone:
 
 * ``feature='cls_mean'`` (linear probe): ``concat(class token, mean patch token)`` of the last block,
   ``(2C,)`` per image — the FeatureExtractor's ``pool='cls_mean'``, the same float32 op as
@@ -20,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from typing import Optional, Union
 
 import numpy as np
@@ -32,7 +34,8 @@ from .probes import backbone_config, backbone_spec, build_backbone
 from .registry import DATASETS
 
 CACHE_FEATURES = ("cls_mean", "tokens")
-CACHE_INFO = "probe_cache.json"
+#: the manifest field that holds the cache key
+CACHE_KEY = "probe_cache"
 
 
 def _weights_stamp(path: Optional[str]) -> Optional[list]:
@@ -45,7 +48,10 @@ def _weights_stamp(path: Optional[str]) -> Optional[list]:
 
 def cache_key(spec: dict, feature: str, dataset: ImageFolderDataset) -> dict:
     """What the cached features depend on: backbone spec and weight files, feature kind, preprocessing, images."""
-    paths = hashlib.sha256("\n".join(f"{p}\t{y}" for p, y in dataset.samples).encode()).hexdigest()
+    h = hashlib.sha256()
+    for p, y in dataset.samples:  # streamed: memory does not grow with the number of images
+        h.update(f"{p}\t{y}\n".encode("utf-8", "surrogateescape"))
+    paths = h.hexdigest()
     return json.loads(json.dumps(dict(
         backbone=spec, weights=_weights_stamp(spec["pretrained"]), feature=feature,
         transform=dataset.transform_cfg, num_images=len(dataset), images_checksum=paths), default=str))
@@ -53,11 +59,14 @@ def cache_key(spec: dict, feature: str, dataset: ImageFolderDataset) -> dict:
 
 def extract_features(spec: Union[dict, str], dataset: ImageFolderDataset, out_dir: str, feature: str = "cls_mean",
                      *, batch_size: int = 64, num_workers: int = 0, device: str = "auto",
-                     progress: bool = True) -> dict:
+                     progress: bool = True, key: Optional[dict] = None, replace: bool = False) -> dict:
     """Write the probe features of ``dataset``'s images to ``out_dir`` (FeatureExtractor layout + labels).
 
-    Returns the FeatureExtractor manifest. Raises if an image cannot be read (naming it): a probe trained
-    on silently fewer images would not be comparable.
+    Returns the FeatureExtractor manifest (``probe_feature`` and, when given, the cache ``key`` under
+    ``probe_cache`` are part of it and of the job identity). ``replace=True`` lets a stale committed cache or an
+    interrupted job of other arguments be replaced (only for folders known to be caches). Raises if an image
+    cannot be read or gives non-finite features (naming it): a probe trained on silently fewer images would not
+    be comparable.
     """
     from internvit.features import FeatureExtractor
 
@@ -79,15 +88,46 @@ def extract_features(spec: Union[dict, str], dataset: ImageFolderDataset, out_di
             return model.forward_features(x).flatten(1)
 
         extractor = FeatureExtractor(model, preprocess, embed_fn=tokens_flat, **kwargs)
+    extra = {"probe_feature": feature}
+    if key is not None:
+        extra[CACHE_KEY] = key
     with torch.random.fork_rng(devices=[]):  # the DataLoader draws a seed: leave the training RNG untouched
         manifest = extractor.write(dataset.paths, out_dir, extra_columns={"label": dataset.labels},
-                                   manifest_extra={"probe_feature": feature})
-    if manifest["num_errors"]:
-        with open(os.path.join(out_dir, "errors.jsonl"), encoding="utf-8") as f:
-            first = json.loads(f.readline())
-        raise RuntimeError(f"{manifest['num_errors']} images could not be read (first: {first['path']}: "
-                           f"{first['error']}); fix or remove them, then delete {out_dir}")
+                                   manifest_extra=extra, overwrite=replace, discard_pending=replace)
+    _check_errors(out_dir, manifest)
     return manifest
+
+
+def _check_errors(out_dir: str, manifest: dict) -> None:
+    if manifest.get("num_errors"):
+        with open(os.path.join(out_dir, manifest.get("errors_file", "errors.jsonl")), encoding="utf-8") as f:
+            first = json.loads(f.readline())
+        raise RuntimeError(f"{manifest['num_errors']} images could not be read or gave non-finite features "
+                           f"(first: {first['path']}: {first['error']}); fix or remove them, then rerun")
+
+
+def _pending_job(cache_dir: str) -> Optional[dict]:
+    """The job of an interrupted write in ``cache_dir`` (the store journal's first record), if any."""
+    from internvit.store import JOURNAL
+
+    try:
+        with open(os.path.join(cache_dir, JOURNAL), encoding="utf-8") as f:
+            rec = json.loads(f.readline())
+    except (OSError, ValueError):
+        return None
+    return rec.get("job") if isinstance(rec, dict) and rec.get("op") == "begin" else None
+
+
+def _is_cache(cache_dir: str, manifest: Optional[dict]) -> bool:
+    """Whether ``cache_dir`` is missing/empty or holds (committed or pending) probe feature caches only."""
+    if not os.path.exists(cache_dir):
+        return True
+    if manifest is not None:
+        return CACHE_KEY in manifest
+    pending = _pending_job(cache_dir)
+    if pending is not None:
+        return CACHE_KEY in (pending.get("extra") or {})
+    return not [e for e in os.listdir(cache_dir) if e != ".store"]
 
 
 @DATASETS.register_module()
@@ -97,16 +137,22 @@ class CachedFeatureDataset(Dataset):
     Args:
         dataset: the image dataset (config dict or instance), with an eval (``train=False``) transform.
         backbone: the backbone spec of the model (same dict as ``model.backbone``).
-        cache_dir: where the features live; a folder made for other inputs (see :func:`cache_key`) is
-            re-extracted, a non-cache folder is never touched.
+        cache_dir: where the features live; a cache made for other inputs (see :func:`cache_key`) is
+            re-extracted as a new generation of the folder, a folder that is not a cache is never touched
+            (``FileExistsError``).
         feature: ``'cls_mean'`` (linear probe) or ``'tokens'`` (attention pooling).
         batch_size, num_workers, device: for the extraction.
+
+    ``features`` is a memory-mapped :class:`internvit.features.MappedFeatures` (``len``, ``shape``, row
+    indexing; ``np.asarray`` copies it into RAM), ``labels`` an int64 array.
     """
 
     def __init__(self, dataset: Union[dict, ImageFolderDataset], backbone: Union[dict, str], cache_dir: str,
                  feature: str = "cls_mean", batch_size: int = 64, num_workers: int = 0, device: str = "auto",
                  progress: bool = True) -> None:
         from mmengine.dist import get_world_size
+
+        from internvit.store import read_manifest
 
         if feature not in CACHE_FEATURES:
             raise ValueError(f"feature must be one of {CACHE_FEATURES}, got {feature!r}")
@@ -119,54 +165,33 @@ class CachedFeatureDataset(Dataset):
         cache_dir = os.path.expanduser(os.fspath(cache_dir))
         key = cache_key(spec, feature, dataset)
         self.extracted = False
-        if not self._is_valid(cache_dir, key):
+        manifest = read_manifest(cache_dir) if os.path.isdir(cache_dir) else None
+        if manifest is None or manifest.get(CACHE_KEY) != key:
+            if not _is_cache(cache_dir, manifest):
+                raise FileExistsError(f"{cache_dir}: exists and is not a probe feature cache; choose another "
+                                      f"cache_dir")
             if get_world_size() > 1:  # rank 0 alone would extract while the other ranks time out at a barrier
                 raise RuntimeError(f"CachedFeatureDataset: {cache_dir} is missing or stale; distributed runs do not "
                                    f"extract features: fill the cache with one single-process run of the same "
                                    f"config first (python tools/train.py CONFIG), then relaunch")
-            self._prepare(cache_dir)
-            extract_features(spec, dataset, cache_dir, feature, batch_size=batch_size, num_workers=num_workers,
-                             device=device, progress=progress)
-            with open(os.path.join(cache_dir, CACHE_INFO), "w", encoding="utf-8") as f:
-                json.dump(key, f, indent=2)
+            manifest = extract_features(spec, dataset, cache_dir, feature, batch_size=batch_size,
+                                        num_workers=num_workers, device=device, progress=progress, key=key,
+                                        replace=True)
             self.extracted = True
-        self.features, self.labels = self._read(cache_dir, feature)
+        _check_errors(cache_dir, manifest)
+        self.features, self.labels = self._read(cache_dir, spec, feature)
         if len(self.labels) != len(dataset):
             raise RuntimeError(f"{cache_dir}: {len(self.labels)} cached rows for {len(dataset)} images")
         self.cache_dir = cache_dir
 
     @staticmethod
-    def _is_valid(cache_dir: str, key: dict) -> bool:
-        info = os.path.join(cache_dir, CACHE_INFO)
-        if not (os.path.isfile(info) and os.path.isfile(os.path.join(cache_dir, "manifest.json"))):
-            return False
-        with open(info, encoding="utf-8") as f:
-            try:
-                return json.load(f) == key
-            except json.JSONDecodeError:
-                return False
+    def _read(cache_dir: str, spec: dict, feature: str):
+        from internvit.features import open_features
 
-    @staticmethod
-    def _prepare(cache_dir: str) -> None:
-        """Remove a stale cache (only a folder this class made); refuse to touch anything else."""
-        if not os.path.exists(cache_dir):
-            return
-        ours = os.path.isfile(os.path.join(cache_dir, CACHE_INFO))
-        if ours:
-            shutil.rmtree(cache_dir)
-        elif os.listdir(cache_dir) and not os.path.isfile(os.path.join(cache_dir, "progress.json")):
-            raise FileExistsError(f"{cache_dir}: exists and is not a probe feature cache; choose another cache_dir")
-
-    @staticmethod
-    def _read(cache_dir: str, feature: str) -> tuple[np.ndarray, np.ndarray]:
-        from internvit.features import read_features
-
-        feats, rows = read_features(cache_dir)
+        feats, rows = open_features(cache_dir, columns=["label"])
         labels = np.asarray([r["label"] for r in rows], dtype=np.int64)
         if feature == "tokens":
-            with open(os.path.join(cache_dir, CACHE_INFO), encoding="utf-8") as f:
-                c = backbone_config(json.load(f)["backbone"]).hidden_size
-            feats = feats.reshape(len(feats), -1, c)
+            feats.reshape_rows((-1, backbone_config(spec).hidden_size))
         return feats, labels
 
     @property
@@ -177,5 +202,6 @@ class CachedFeatureDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, idx: int) -> dict:
-        return dict(inputs=torch.from_numpy(np.ascontiguousarray(self.features[idx])),
+        row = self.features[idx]  # a view of the mapped file: copied into a tensor
+        return dict(inputs=torch.from_numpy(np.array(row, dtype=np.float32)),
                     data_samples=dict(gt_label=int(self.labels[idx]), index=idx))

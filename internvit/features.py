@@ -54,6 +54,7 @@ class FeatureResult:
     ids: list[int] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
     errors: list[dict] = field(default_factory=list)
+    tiles: Optional[dict] = None  # tiles=...: per-row tile metadata (internvit.tiling.encode_tile_batch columns)
 
 
 def parse_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
@@ -84,6 +85,10 @@ class FeatureExtractor:
             last block.
         embed_fn: ``callable(pixel_values) -> (B, D)``, replaces pooling (e.g. ``InternVL.encode_image``).
         normalize: L2-normalise each output vector (for ``'grid'``: each position's channel vector).
+        tiles, min_tiles, use_thumbnail, tile_pool, projector_input, downsample_ratio: dynamic-resolution tiles
+            (InternVL-Chat preprocessing, :mod:`internvit.tiling`): ``tiles=MAX_NUM`` turns them on; rows are
+            then tiles (or images with ``tile_pool='mean'``/``'thumbnail'``) and ``batch_size`` counts tiles.
+            See docs/features.md.
     """
 
     def __init__(
@@ -101,6 +106,12 @@ class FeatureExtractor:
         normalize: bool = False,
         progress: bool = True,
         model_name: Optional[str] = None,
+        tiles: Optional[int] = None,
+        min_tiles: int = 1,
+        use_thumbnail: bool = True,
+        tile_pool: Optional[str] = None,
+        projector_input: bool = False,
+        downsample_ratio: float = 0.5,
     ) -> None:
         if pool not in POOLS:
             raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
@@ -135,6 +146,13 @@ class FeatureExtractor:
         self.model_name = model_name
         self.transform, self.preprocessing = self._resolve_preprocess(preprocess)
         self.last_stats: dict = {}
+        self.tiling = None  # -- dynamic-resolution tiles (internvit.tiling) --
+        if tiles is not None or projector_input:
+            from .tiling import tile_settings
+
+            self.tiling = tile_settings(self, tiles, min_tiles=min_tiles, use_thumbnail=use_thumbnail,
+                                        tile_pool=tile_pool, projector_input=projector_input,
+                                        downsample_ratio=downsample_ratio)
 
     # -- set-up ----------------------------------------------------------------------------------------
     def _resolve_preprocess(self, preprocess) -> tuple[Callable, dict]:
@@ -169,6 +187,8 @@ class FeatureExtractor:
         }
 
     def _dataset(self, images: Union[ImagesLike, Dataset]) -> Dataset:
+        if self.tiling is not None:
+            return self.tiling.dataset(images, self.transform)
         if isinstance(images, ImageDataset):
             return images if images.transform is not None else ImageDataset(images.paths, self.transform)
         if isinstance(images, Dataset):
@@ -211,6 +231,9 @@ class FeatureExtractor:
     def _run(self, dataset: Dataset, batches: list[list[int]], total: int
              ) -> Iterator[tuple[list[int], np.ndarray, list[tuple[int, str]]]]:
         """Yield ``(ids, features, errors)`` per batch; batches are lists of dataset indices."""
+        if self.tiling is not None:  # yields (ids, features, errors, per-row tile columns)
+            yield from self.tiling.run(self, dataset, batches, total)
+            return
         from tqdm.auto import tqdm
 
         loader = DataLoader(dataset, batch_sampler=batches, num_workers=self.num_workers,
@@ -240,21 +263,26 @@ class FeatureExtractor:
         self.last_stats = {"seconds": round(seconds, 3), "images": done, "nonfinite": nonfinite,
                            "images_per_s": round(done / seconds, 2) if seconds > 0 else None}
 
-    def _batches(self, start: int, end: int) -> list[list[int]]:
+    def _batches(self, start: int, end: int, dataset: Optional[Dataset] = None) -> list[list[int]]:
+        if self.tiling is not None:  # tiles of several images packed up to batch_size tiles
+            return self.tiling.batches(dataset, start, end, self.batch_size)
         return [list(range(s, min(s + self.batch_size, end))) for s in range(start, end, self.batch_size)]
 
     def extract(self, images: Union[ImagesLike, Dataset]) -> FeatureResult:
         """Features of a folder / list file / list of paths / ``Dataset``, in memory (unreadable images skipped)."""
         ds = self._dataset(images)
         paths = ds.paths
-        feats, ids, errors = [], [], []
-        for b_ids, b_feats, b_errors in self._run(ds, self._batches(0, len(ds)), len(ds)):
+        feats, ids, errors, tiles = [], [], [], {}
+        for b_ids, b_feats, b_errors, *b_tiles in self._run(ds, self._batches(0, len(ds), ds), len(ds)):
             if b_feats is not None:
                 feats.append(b_feats)
                 ids.extend(b_ids)
+            for k, v in (b_tiles[0] if b_tiles else {}).items():
+                tiles.setdefault(k, []).extend(v)
             errors.extend({"id": i, "path": paths[i], "error": e} for i, e in b_errors)
         features = np.concatenate(feats) if feats else np.zeros((0, 0), np.float32)
-        return FeatureResult(features.astype(np.float32, copy=False), ids, [paths[i] for i in ids], errors)
+        return FeatureResult(features.astype(np.float32, copy=False), ids, [paths[i] for i in ids], errors,
+                             tiles if self.tiling is not None else None)
 
     # -- write -----------------------------------------------------------------------------------------
     def signature(self, paths: Sequence[str], extra_columns: Optional[Mapping[str, Sequence]], *,
@@ -285,6 +313,8 @@ class FeatureExtractor:
             "metadata_format": metadata_format,
             "extra": dict(manifest_extra or {}),
         }
+        if self.tiling is not None:  # only with tiles, so whole-image job ids are unchanged
+            sig["tiling"] = self.tiling.params()
         return json.loads(json.dumps(sig, default=str))
 
     def write(
@@ -373,41 +403,44 @@ class FeatureExtractor:
             feature_shape = _known_shape(records.values())
             arrow_columns = _arrow_columns(columns) if metadata_format == "parquet" else None
 
-            def finish(s: dict, feats: list, ids: list, errs: list, shape: tuple) -> None:
+            def finish(s: dict, feats: list, ids: list, errs: list, shape: tuple, row_cols=None) -> None:
                 arr = np.concatenate(feats) if feats else np.zeros((0, *shape), np.float32)
                 arr = np.ascontiguousarray(arr, dtype=np.float32)
                 with st.open_file(s["features"]) as tmp, open(tmp, "wb") as f:
                     np.save(f, arr)
                 with st.open_file(s["metadata"]) as tmp:
-                    _write_metadata(tmp, metadata_format, ids, paths, columns, arrow_columns)
+                    _write_metadata(tmp, metadata_format, ids, paths, columns, arrow_columns, row_cols)
                 rec = {"count": len(ids), "shape": list(arr.shape[1:]), "errors": sorted([int(i), e] for i, e in errs)}
                 st.save_state(**{f"shard-{s['index']}": rec})  # the shard is done once this is durable
                 records[s["index"]] = json.loads(json.dumps(rec))
 
             pending = [s for s in shards if s["index"] not in records]
             # batches never cross a shard boundary, so a shard's numbers do not depend on what else is pending
-            batches = [b for s in pending for b in self._batches(s["start"], s["end"])]
+            batches = [b for s in pending for b in self._batches(s["start"], s["end"], ds)]
             bufs = {s["index"]: ([], [], [], 0) for s in pending}
+            tile_cols: dict[int, dict] = {}  # tiles: per-row metadata columns of each pending shard
             waiting = []  # finished shards with no readable image, written once the feature shape is known
             by_index = {s["index"]: s for s in shards}
-            for ids, feats, errs in self._run(ds, batches, sum(s["end"] - s["start"] for s in pending)):
+            for ids, feats, errs, *b_tiles in self._run(ds, batches, sum(s["end"] - s["start"] for s in pending)):
                 k = (ids[0] if ids else errs[0][0]) // shard_size
+                for key, v in (b_tiles[0] if b_tiles else {}).items():
+                    tile_cols.setdefault(k, {}).setdefault(key, []).extend(v)
                 f_list, id_list, err_list, seen = bufs[k]
                 if feats is not None:
                     f_list.append(feats)
                     feature_shape = feature_shape or tuple(feats.shape[1:])
                 id_list.extend(ids)
                 err_list.extend(errs)
-                bufs[k] = (f_list, id_list, err_list, seen + len(ids) + len(errs))
+                bufs[k] = (f_list, id_list, err_list, seen + len(set(ids)) + len(errs))  # images (a tile row each)
                 s = by_index[k]
                 if bufs[k][3] == s["end"] - s["start"]:
                     waiting.append(k)
                     if feature_shape is not None:
                         for j in waiting:
-                            finish(by_index[j], *bufs.pop(j)[:3], feature_shape)
+                            finish(by_index[j], *bufs.pop(j)[:3], feature_shape, _tile_cols(self, tile_cols, j))
                         waiting = []
             for j in waiting:
-                finish(by_index[j], *bufs.pop(j)[:3], feature_shape or (0,))
+                finish(by_index[j], *bufs.pop(j)[:3], feature_shape or (0,), _tile_cols(self, tile_cols, j))
             stats = dict(self.last_stats) if pending else done_stats
 
             errors = sorted((i, e) for rec in records.values() for i, e in rec["errors"])
@@ -508,13 +541,18 @@ def _to_json_value(v: Any) -> Any:
 
 
 def _write_metadata(path: str, fmt: str, ids: list[int], paths: Sequence[str], columns: dict,
-                    arrow_columns: Optional[dict] = None) -> None:
-    """Write the metadata rows ``ids`` (input rows) to ``path`` (exactly that file)."""
+                    arrow_columns: Optional[dict] = None, row_columns: Optional[dict] = None) -> None:
+    """Write the metadata rows ``ids`` (input rows) to ``path`` (exactly that file).
+
+    ``row_columns`` (tiles): more columns given per written row (aligned with ``ids``), after the others.
+    """
+    row_columns = row_columns or {}
     if fmt == "jsonl":
         with open(path, "w", encoding="utf-8") as f:
-            for i in ids:
+            for j, i in enumerate(ids):
                 row = {"id": int(i), "path": paths[i]}
                 row.update({k: _to_json_value(v[i]) for k, v in columns.items()})
+                row.update({k: _to_json_value(v[j]) for k, v in row_columns.items()})
                 f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
         return
     import pyarrow as pa
@@ -525,7 +563,18 @@ def _write_metadata(path: str, fmt: str, ids: list[int], paths: Sequence[str], c
     data = {"id": take, "path": pa.array([paths[i] for i in ids], pa.string())}
     for k, full in arrow_columns.items():
         data[k] = full.take(take)
+    for k, v in row_columns.items():
+        data[k] = pa.array(v)
     pq.write_table(pa.table(data), path)
+
+
+def _tile_cols(fx: "FeatureExtractor", tile_cols: dict, shard: int) -> Optional[dict]:
+    """The per-row tile columns of a finished shard (``None`` without tiles; empty lists for an empty shard)."""
+    if fx.tiling is None:
+        return None
+    from .tiling import row_columns
+
+    return tile_cols.pop(shard, None) or {k: [] for k in row_columns(fx.tiling)}
 
 
 def _short(v: Any, limit: int = 60) -> str:
@@ -594,6 +643,14 @@ class MappedFeatures:
         self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
         self.shape = (int(self.offsets[-1]), *tuple(manifest.get("feature_shape") or (0,)))
         self.dtype = np.dtype(np.float32)
+        self.row_shape: Optional[tuple] = None
+
+    def reshape_rows(self, row_shape: Sequence[int]) -> "MappedFeatures":
+        """View every row as ``row_shape`` (one ``-1`` allowed), e.g. flattened tokens as ``(L, C)``; returns self."""
+        row = np.empty(self.shape[1:], np.uint8).reshape(tuple(row_shape))  # raises if the sizes do not fit
+        self.row_shape = row.shape
+        self.shape = (self.shape[0], *row.shape)
+        return self
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -605,10 +662,12 @@ class MappedFeatures:
         if not 0 <= i < len(self):
             raise IndexError(f"row {i} out of range for {len(self)} features")
         k = int(np.searchsorted(self.offsets, i, side="right")) - 1
-        return self.parts[k][i - self.offsets[k]]
+        row = self.parts[k][i - self.offsets[k]]
+        return row if self.row_shape is None else row.reshape(self.row_shape)
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         out = np.concatenate(self.parts) if self.parts else np.zeros(self.shape, np.float32)
+        out = out.reshape(self.shape)
         return out if dtype is None else out.astype(dtype)
 
 
