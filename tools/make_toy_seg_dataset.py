@@ -26,9 +26,14 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
+def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from segmentation.toy_data import make_toy_seg_dataset
+    import warnings
+
+    with warnings.catch_warnings():  # importing the mmseg plugin: mmcv-lite's notice is handled by the ops shim
+        warnings.filterwarnings("ignore", message="Fail to import ``MultiScaleDeformableAttention``",
+                                category=UserWarning)
+        from segmentation.toy_data import make_toy_seg_dataset
 
     out = make_toy_seg_dataset(args.out, num_train=args.num_train, num_val=args.num_val, seed=args.seed,
                                overwrite=args.overwrite)
@@ -36,5 +41,10 @@ def main(argv=None) -> int:
     return 0
 
 
+def main(argv=None) -> int:
+    """The exit status: 0, or 2 after one ``error:`` line (argument errors exit 2 from argparse)."""
+    return run(_main, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(run(main))
+    sys.exit(main())

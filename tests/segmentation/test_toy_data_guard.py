@@ -16,9 +16,7 @@ def _cli(argv):
     spec = importlib.util.spec_from_file_location("make_toy_seg_dataset", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    from internvit.cli import run
-
-    return run(mod.main, argv)
+    return mod.main(argv)
 
 
 def test_existing_user_folder_is_refused_and_kept(tmp_path, capsys):
