@@ -8,7 +8,8 @@ BASE = [
 # mmcv is deliberately NOT required here: mmcv-lite and full mmcv install the same `mmcv` package, so a user
 # with full mmcv (compiled ops) must not get mmcv-lite forced on top. Pick one: the `mmcv-lite` extra, or
 # your own full mmcv build.
-SEG = ["mmengine>=0.10,<1.0", "mmsegmentation>=1.2,<1.3", "ftfy", "regex", "prettytable", "scipy"]
+# setuptools < 82: mmengine resolves `mmseg::` base configs through pkg_resources, which setuptools 82 removed
+SEG = ["mmengine>=0.10,<1.0", "mmsegmentation>=1.2,<1.3", "ftfy", "regex", "prettytable", "scipy", "setuptools<82"]
 EXTRAS = {
     "seg": SEG,
     "mmcv-lite": ["mmcv-lite>=2.0.0rc4,<2.3"],
