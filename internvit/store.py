@@ -443,6 +443,17 @@ class Store:
         """Write the data file ``rel`` as indented JSON (see :meth:`open_file`)."""
         self.write_bytes(rel, (json.dumps(obj, indent=2, default=str) + "\n").encode("utf-8"))
 
+    def discard(self, rel: str) -> None:
+        """Remove a data file this job wrote and no longer needs (e.g. a superseded checkpoint) before the
+        commit; files of the committed state cannot be discarded (:class:`StoreError`)."""
+        rel = os.path.relpath(self._path(rel), self.folder)
+        if rel in committed_files(self.manifest):
+            raise StoreError(f"{self.folder}: {rel} belongs to the committed state and cannot be discarded")
+        if rel not in self._intents:
+            raise StoreError(f"{self.folder}: {rel} was not written by this job; refusing to remove it")
+        self._remove(rel)
+        self.pending_files.discard(rel)
+
     def save_state(self, **state: Any) -> None:
         """Durably record progress of the pending job (merged into :attr:`state` of a resumed run)."""
         self._append({"op": "state", "state": state})

@@ -1,16 +1,20 @@
-"""Embedding collections in clip-retrieval's layout: streaming reads, atomic writes, checksums.
+"""Embedding collections in clip-retrieval's layout: streaming reads, store-committed writes, checksums.
 
 Layout (what ``clip-retrieval inference`` writes and ``autofaiss`` / ``clip-retrieval index`` read)::
 
     out/img_emb/img_emb_{N}.npy          float32 (rows, dim), one file per shard
     out/text_emb/text_emb_{N}.npy        (optional) caption embeddings, row-aligned with img_emb
     out/metadata/metadata_{N}.parquet    one row per embedding: id, path / image_path, caption, ...
+    out/manifest.json                    (ours) the committed state: count, dims, checksums, files
 
-Shards are ordered by the number in their name (zero-padded or not). Rows are read shard by shard through
-``np.load(mmap_mode='r')``, so memory stays bounded by the batch size, never by the collection size.
+Folders we write commit through :class:`internvit.store.Store` (the manifest is the commit point; a reader
+only sees the shards the committed manifest lists). Folders written by other tools (clip-retrieval) have no
+store manifest and are read as listed. Shards are ordered by the number in their name (zero-padded or not).
+Rows are read shard by shard through ``np.load(mmap_mode='r')``, so memory stays bounded by the batch size.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -19,8 +23,12 @@ from typing import ContextManager, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from internvit.store import Store, StoreError, committed_files, job_id, read_manifest
+
 KINDS = {"img": ("img_emb", "img_emb_"), "text": ("text_emb", "text_emb_")}
 METADATA_DIR = "metadata"
+#: a vector counts as unit length when its L2 norm is within this of 1
+UNIT_TOLERANCE = 1e-3
 
 
 class EmbeddingError(ValueError):
@@ -29,15 +37,14 @@ class EmbeddingError(ValueError):
 
 # --------------------------------------------------------------------------------------------- file helpers
 def atomic_write(path: str, *, is_dir: bool = False) -> ContextManager[str]:
-    """:func:`internvit.fileio.atomic_write`, imported on first use: ``import internvit`` loads torch, and
-    the embedding / index modules stay torch-free until something is written."""
+    """:func:`internvit.fileio.atomic_write` (single result files outside store folders, e.g. an HTML page)."""
     from internvit.fileio import atomic_write as _atomic_write
 
     return _atomic_write(path, is_dir=is_dir)
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    """Write one stand-alone file ``path`` via a temporary file in the same folder and ``os.replace``."""
     with atomic_write(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -48,16 +55,10 @@ def atomic_write_json(path: str, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8"))
 
 
-def atomic_save_npy(path: str, array: np.ndarray) -> None:
-    with atomic_write(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, np.ascontiguousarray(array))
-
-
-def atomic_write_parquet(path: str, table) -> None:
-    import pyarrow.parquet as pq
-
-    with atomic_write(path) as tmp:
-        pq.write_table(table, tmp)
+def save_npy(path: str, array: np.ndarray) -> None:
+    """``np.save`` to exactly ``path`` (no ``.npy`` appended to a temporary name)."""
+    with open(path, "wb") as f:
+        np.save(f, np.ascontiguousarray(array), allow_pickle=False)
 
 
 def shard_number(path: str) -> int:
@@ -65,10 +66,30 @@ def shard_number(path: str) -> int:
     return int(m.group(1)) if m else -1
 
 
-def _sorted_files(folder: str, prefix: str, suffix: str) -> list[str]:
+def store_files(folder: str) -> Optional[set]:
+    """The data files (relative paths) the committed store manifest of ``folder`` lists, or ``None`` when the
+    folder was not written through the store (e.g. clip-retrieval's own output)."""
+    try:
+        m = read_manifest(folder)
+    except StoreError as e:
+        raise EmbeddingError(str(e)) from None
+    if not m or "_store" not in m:
+        return None
+    return set(committed_files(m))
+
+
+def _sorted_files(folder: str, prefix: str, suffix: str, root: Optional[str] = None) -> list[str]:
     if not os.path.isdir(folder):
         return []
     names = [n for n in os.listdir(folder) if n.startswith(prefix) and n.endswith(suffix) and not n.startswith(".")]
+    for base in (folder, root):  # a store folder: only what its committed manifest lists
+        if base is None:
+            continue
+        listed = store_files(base)
+        if listed is not None:
+            rel = os.path.relpath(folder, base)
+            names = [n for n in names if os.path.normpath(os.path.join(rel, n)) in listed]
+            break
     return [os.path.join(folder, n) for n in sorted(names, key=lambda n: (shard_number(n), n))]
 
 
@@ -79,15 +100,17 @@ def find_shards(folder: str, kind: str = "img") -> list[str]:
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
+    folder = os.fspath(folder)
     sub, prefix = KINDS[kind]
-    files = _sorted_files(os.path.join(folder, sub), prefix, ".npy")
+    files = _sorted_files(os.path.join(folder, sub), prefix, ".npy", root=folder)
     if not files and kind == "img":
         files = _sorted_files(folder, "", ".npy")
     return files
 
 
 def find_metadata(folder: str) -> list[str]:
-    return _sorted_files(os.path.join(folder, METADATA_DIR), "", ".parquet")
+    folder = os.fspath(folder)
+    return _sorted_files(os.path.join(folder, METADATA_DIR), "", ".parquet", root=folder)
 
 
 # --------------------------------------------------------------------------------------------- the reader
@@ -95,7 +118,10 @@ class EmbeddingSource:
     """A read-only, shard-streamed view of an embedding collection (clip-retrieval folder or in-memory array).
 
     ``count``/``dim`` come from the ``.npy`` headers; rows are read with ``mmap_mode='r'`` one batch at a time.
+    With :attr:`normalize` set (see :meth:`normalized`) every row read is L2-normalised.
     """
+
+    normalize: bool = False
 
     def __init__(self, shards: Sequence[Union[str, np.ndarray]], *, root: Optional[str] = None,
                  metadata_files: Sequence[str] = ()) -> None:
@@ -122,9 +148,26 @@ class EmbeddingSource:
         if self.count == 0:
             raise EmbeddingError(f"{root or 'embeddings'}: the collection has no rows")
 
-    @staticmethod
-    def _name(s) -> str:
-        return s if isinstance(s, str) else "array"
+    def _name(self, s) -> str:
+        if not isinstance(s, str):
+            i = next(j for j, x in enumerate(self.shards) if x is s)
+            return "array" if len(self.shards) == 1 else f"array shard {i}"
+        return os.path.relpath(s, self.root) if self.root and os.path.isdir(self.root) else s
+
+    def shard_name(self, i: int) -> str:
+        """How messages name shard ``i`` (its path relative to the collection)."""
+        return self._name(self.shards[i])
+
+    def locate(self, row: int) -> tuple[int, int]:
+        """``(shard, row within the shard)`` of a global row."""
+        i = int(np.searchsorted(self.offsets, row, side="right") - 1)
+        return i, int(row - self.offsets[i])
+
+    def normalized(self, normalize: bool = True) -> "EmbeddingSource":
+        """A view of the same collection whose rows are read L2-normalised (``normalize=True``)."""
+        out = copy.copy(self)
+        out.normalize = bool(normalize)
+        return out
 
     @staticmethod
     def _open(s) -> np.ndarray:
@@ -194,7 +237,12 @@ class EmbeddingSource:
             start = int(self.offsets[i] + hi)
             i += 1
         out = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        return np.ascontiguousarray(out, dtype=np.float32)
+        return self._finish(np.ascontiguousarray(out, dtype=np.float32))
+
+    def _finish(self, x: np.ndarray) -> np.ndarray:
+        if self.normalize and len(x):
+            x = x / np.linalg.norm(x, axis=1, keepdims=True).astype(np.float32)
+        return np.ascontiguousarray(x, dtype=np.float32)
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         """Rows by global index (any order), gathered shard by shard."""
@@ -207,15 +255,33 @@ class EmbeddingSource:
             sel = np.nonzero(shard_of == i)[0]
             local = sorted_rows[sel] - self.offsets[i]
             out[order[sel]] = np.asarray(self.shard(int(i))[local], dtype=np.float32)
-        return out
+        return self._finish(out)
 
     def checksum(self, batch_rows: int = 65536) -> str:
-        """sha256 over the float32 little-endian rows, streamed; identical for identical collections."""
+        """sha256 over the float32 little-endian rows as stored, streamed; identical for identical collections."""
+        return self.scan(batch_rows)["checksum"]
+
+    def scan(self, batch_rows: int = 65536) -> dict:
+        """One streamed pass over the rows as stored: ``{'checksum', 'min_norm', 'max_norm', 'nonfinite',
+        'zero'}``; ``nonfinite`` / ``zero`` are the first ``(shard name, row in shard)`` holding a NaN / inf
+        or an all-zero vector (``None`` when there is none)."""
+        raw = self.normalized(False)
         h = hashlib.sha256()
         h.update(f"{self.count}x{self.dim}:".encode())
-        for _, batch in self.iter_batches(batch_rows):
+        lo, hi, bad, zero = np.inf, 0.0, None, None
+        for start, batch in raw.iter_batches(batch_rows):
             h.update(batch.astype("<f4", copy=False).tobytes())
-        return "sha256:" + h.hexdigest()
+            finite = np.isfinite(batch).all(axis=1)
+            if bad is None and not finite.all():
+                bad = self.locate(start + int(np.argmin(finite)))
+            norms = np.linalg.norm(np.where(finite[:, None], batch, 0), axis=1)
+            if zero is None and (norms == 0).any():
+                zero = self.locate(start + int(np.argmax(norms == 0)))
+            if finite.any():
+                lo, hi = min(lo, float(norms[finite].min())), max(hi, float(norms[finite].max()))
+        name = (lambda loc: None if loc is None else (self.shard_name(loc[0]), loc[1]))
+        return {"checksum": "sha256:" + h.hexdigest(), "min_norm": float(lo), "max_norm": float(hi),
+                "nonfinite": name(bad), "zero": name(zero)}
 
     # -- metadata
     def metadata_table(self):
@@ -238,10 +304,10 @@ class EmbeddingSource:
     def manifest(self) -> Optional[dict]:
         """The collection's ``manifest.json`` (written by the embedding job), if any."""
         if self.root and os.path.isdir(self.root):
-            path = os.path.join(self.root, "manifest.json")
-            if os.path.isfile(path):
-                with open(path, encoding="utf-8") as f:
-                    return json.load(f)
+            try:
+                return read_manifest(self.root)
+            except StoreError as e:
+                raise EmbeddingError(str(e)) from None
         return None
 
 
@@ -268,29 +334,70 @@ def to_table(metadata, n: Optional[int] = None):
     return table
 
 
+def _table_digest(table) -> Optional[str]:
+    if table is None:
+        return None
+    import pyarrow as pa
+
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()
+
+
 def write_embeddings(out_dir: str, img: Optional[np.ndarray] = None, text: Optional[np.ndarray] = None,
                      metadata=None, *, shard_size: int = 100_000, manifest_extra: Optional[dict] = None) -> dict:
-    """Write arrays (and metadata) in clip-retrieval's layout, every file atomically. Returns the manifest."""
+    """Write ``(N, D)`` arrays (and ``N`` metadata rows) in clip-retrieval's layout through the store; returns
+    the committed manifest.
+
+    Rerunning with the same data after a kill finishes the job (same files); with the same data after it
+    finished it is a no-op. A folder that already holds other embeddings raises ``FileExistsError``.
+    Raises ``ValueError`` for bad shapes or ``shard_size``.
+    """
+    out_dir = os.fspath(out_dir)
+    if isinstance(shard_size, bool) or int(shard_size) < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     arrays = {k: np.asarray(v, dtype=np.float32) for k, v in (("img", img), ("text", text)) if v is not None}
     if not arrays:
         raise ValueError("nothing to write: give img and/or text embeddings")
+    for k, a in arrays.items():
+        if a.ndim != 2:
+            raise EmbeddingError(f"{k} embeddings must be a 2-D (rows, dim) array, got shape {a.shape}")
     n = {a.shape[0] for a in arrays.values()}
     if len(n) != 1:
         raise EmbeddingError(f"img and text embeddings have different row counts {sorted(n)}")
     n = n.pop()
     table = to_table(metadata, n)
-    n_shards = max(1, -(-n // shard_size))
+    checksums = {k: EmbeddingSource.from_array(a).checksum() for k, a in arrays.items()}
+    job = {"op": "write_embeddings", "checksums": checksums, "metadata": _table_digest(table),
+           "shard_size": int(shard_size), "extra": manifest_extra or {}}
+    existing = store_files(out_dir) is not None and read_manifest(out_dir)
+    if existing:
+        if existing["_store"].get("job_id") == job_id(job):
+            return existing
+        raise FileExistsError(f"{out_dir}: already holds other embeddings; write to a new folder")
+    n_shards = max(1, -(-n // int(shard_size)))
     width = len(str(n_shards - 1))
-    for s in range(n_shards):
-        lo, hi = s * shard_size, min(n, (s + 1) * shard_size)
-        for kind, arr in arrays.items():
-            sub, prefix = KINDS[kind]
-            atomic_save_npy(os.path.join(out_dir, sub, f"{prefix}{s:0{width}d}.npy"), arr[lo:hi])
-        if table is not None:
-            atomic_write_parquet(os.path.join(out_dir, METADATA_DIR, f"metadata_{s:0{width}d}.parquet"),
-                                 table.slice(lo, hi - lo))
-    manifest = {"count": n, "dims": {k: int(a.shape[1]) for k, a in arrays.items()}, "shards": n_shards,
-                "checksums": {k: EmbeddingSource.from_array(a).checksum() for k, a in arrays.items()}}
-    manifest.update(manifest_extra or {})
-    atomic_write_json(os.path.join(out_dir, "manifest.json"), manifest)
-    return manifest
+    files = []
+    with Store(out_dir, job=job, description="embeddings folder") as st:
+        for s in range(n_shards):
+            lo, hi = s * shard_size, min(n, (s + 1) * shard_size)
+            for kind, arr in arrays.items():
+                sub, prefix = KINDS[kind]
+                name = f"{sub}/{prefix}{s:0{width}d}.npy"
+                files.append(name)
+                if name not in st.pending_files:
+                    with st.open_file(name) as tmp:
+                        save_npy(tmp, arr[lo:hi])
+            if table is not None:
+                import pyarrow.parquet as pq
+
+                name = f"{METADATA_DIR}/metadata_{s:0{width}d}.parquet"
+                files.append(name)
+                if name not in st.pending_files:
+                    with st.open_file(name) as tmp:
+                        pq.write_table(table.slice(lo, hi - lo), tmp)
+        manifest = {"count": n, "dims": {k: int(a.shape[1]) for k, a in arrays.items()}, "shards": n_shards,
+                    "checksums": checksums}
+        manifest.update(manifest_extra or {})
+        return st.commit(manifest, files)

@@ -8,7 +8,6 @@ string, which is what index manifests record so a search can rebuild the same en
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from typing import Callable, Optional, Sequence, Union
@@ -18,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .index import IndexMismatchError, RetrievalError
+from internvit.fingerprint import weights_fingerprint  # noqa: F401 - one implementation (full streamed hash)
+
+from .faiss_ops import IndexMismatchError, RetrievalError
 
 logger = logging.getLogger("retrieval")
 
@@ -28,21 +29,6 @@ SPEC_PREFIXES = ("internvl-c:", "internvl-g:", "internvit:", "open_clip:")
 def dtype_name(dtype: torch.dtype) -> str:
     """``torch.bfloat16`` → ``'bfloat16'`` (what manifests record)."""
     return str(dtype).replace("torch.", "")
-
-
-def weights_fingerprint(model: nn.Module, dtype: Optional[torch.dtype] = None) -> str:
-    """:func:`internvit.features.weights_fingerprint` of the weights as ``dtype`` holds them (``None``: as they
-    are). Only the sampled values are cast, so an fp32 model gives the fingerprint of its bf16 / fp16 copy."""
-    h = hashlib.sha256()
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            flat = t.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // 64)][:64]
-            if dtype is not None and sample.is_floating_point():
-                sample = sample.to(dtype)
-            h.update(f"{name}{tuple(t.shape)}".encode())
-            h.update(sample.float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 class Encoder:

@@ -1,11 +1,14 @@
 """A static HTML page of search results: one row per query, a grid of thumbnails with score and caption.
 
-Images are referenced by relative path (the browser scales them); nothing is decoded or copied here.
+Images are linked by ``file://`` URI (:meth:`pathlib.Path.as_uri`: absolute and percent-encoded, so names with
+``#``, ``?``, ``%`` or spaces resolve, wherever the page is written); nothing is decoded or copied here.
+Relative paths in the metadata are resolved against ``image_root`` (default: the current folder).
 """
 from __future__ import annotations
 
 import html
 import os
+import pathlib
 from typing import Optional
 
 from .embeddings import atomic_write_bytes
@@ -24,19 +27,17 @@ h2{font-size:1.05em;margin:1.4em 0 .4em}
 
 
 def _src(path: Optional[str], base: str) -> Optional[str]:
+    """The ``file://`` URI of an image path (relative paths resolved against ``base``), HTML-escaped."""
     if not path or "::" in path:  # tar members cannot be linked
         return None
-    if os.path.isabs(path):
-        try:
-            return html.escape(os.path.relpath(path, base))
-        except ValueError:  # another drive (Windows)
-            return html.escape(path)
-    return html.escape(path)
+    return html.escape(pathlib.Path(os.path.abspath(os.path.join(base, path))).as_uri(), quote=True)
 
 
-def write_html(result: SearchResult, path: str, *, title: str = "search results") -> str:
-    """Write ``result`` as an HTML grid to ``path`` (atomically); returns the path."""
-    base = os.path.dirname(os.path.abspath(path))
+def write_html(result: SearchResult, path: str, *, title: str = "search results",
+               image_root: Optional[str] = None) -> str:
+    """Write ``result`` as an HTML grid to ``path`` (atomically); returns the path. ``image_root``: the folder
+    relative image paths are relative to (default: the current folder)."""
+    base = os.path.abspath(image_root or os.getcwd())
     parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_CSS}</style>",
              f"<h1>{html.escape(title)}</h1>"]
     for q, hits in enumerate(result.rows):

@@ -2,22 +2,74 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
+import shutil
 from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from .embeddings import KINDS, atomic_save_npy, atomic_write_json
+from internvit.store import Store, job_id, read_manifest
+
+from .embeddings import KINDS, save_npy
 from .encoders import Encoder
-from .index import IndexMismatchError, add_to_index, build_index
+from .index_build import add_to_index, build_index, check_build_args, check_kind
+from .index_folder import read_manifest as read_index_manifest
+from .index_plan import plan_index
 from .inputs import TarImages, image_inputs
 
 logger = logging.getLogger("retrieval")
 
-ENCODER_FILE = "encoder.json"
+
+def _committed(folder: str) -> Optional[dict]:
+    try:
+        return read_manifest(folder)
+    except Exception:  # noqa: BLE001 - an unreadable manifest is reported by the writer that opens it
+        return None
+
+
+def _check_encoder(out_dir: str, info: dict) -> None:
+    """Refuse an embeddings folder that holds another encoder's (or dtype's) embeddings, before any work."""
+    from .faiss_ops import IndexMismatchError
+
+    old = (_committed(out_dir) or {}).get("encoder")
+    if not old:
+        return
+    if old.get("name") == info["name"] and old.get("dtype", info["dtype"]) != info["dtype"]:
+        raise IndexMismatchError(f"{out_dir} holds embeddings made in {old['dtype']}, not {info['dtype']}: "
+                                 f"use that dtype or another folder")
+    if (old.get("name"), old.get("weights_fingerprint")) != (info["name"], info["weights_fingerprint"]):
+        raise IndexMismatchError(f"{out_dir} holds embeddings of encoder {old.get('name')!r}, not "
+                                 f"{info['name']!r}; use another folder")
+
+
+def _write_text_embeddings(encoder: Encoder, out_dir: str, manifest: dict, width: int) -> dict:
+    """Caption embeddings, row-aligned with the image shards, in ``text_emb/`` (its own store folder, so the
+    image folder's committed state is never rewritten). Returns the text folder's manifest."""
+    import pyarrow.parquet as pq
+
+    sub, prefix = KINDS["text"]
+    folder = os.path.join(out_dir, sub)
+    info = encoder.info()
+    job = {"op": "text_emb", "features": (manifest.get("_store") or {}).get("job_id") or manifest.get("count"),
+           "encoder": info["name"], "weights": info["weights_fingerprint"], "dtype": info["dtype"]}
+    done = _committed(folder)
+    if done and (done.get("_store") or {}).get("job_id") == job_id(job):
+        return done
+    files = []
+    with Store(folder, job=job, discard_pending=True, description="caption embeddings folder") as st:
+        for shard in manifest["shards"]:
+            name = f"{prefix}{shard['index']:0{width}d}.npy"
+            files.append(name)
+            if name in st.pending_files:
+                continue
+            texts = pq.read_table(os.path.join(out_dir, shard["metadata"]), columns=["caption"])
+            texts = texts.column("caption").to_pylist()
+            emb = encoder.encode_texts(texts) if texts else np.zeros((0, encoder.dim), np.float32)
+            with st.open_file(name) as tmp:
+                save_npy(tmp, emb)
+        return st.commit({"dim": encoder.dim, "count": manifest["count"], "encoder": info}, files)
 
 
 def embed_collection(encoder: Encoder, images, out_dir: str, *, captions: Optional[Sequence[Optional[str]]] = None,
@@ -25,12 +77,12 @@ def embed_collection(encoder: Encoder, images, out_dir: str, *, captions: Option
                      progress: bool = True) -> dict:
     """Embed ``images`` (and ``captions``) into ``out_dir`` in clip-retrieval's layout; returns the manifest.
 
-    Image shards come from :meth:`internvit.FeatureExtractor.write` (atomic, resumable, ``errors.jsonl``
-    for unreadable files); caption embeddings are written per shard next to them, row-aligned with the images
-    that could be read (``text_emb/text_emb_{N}.npy``). Metadata columns: ``id`` (input row), ``path``,
-    ``image_path`` and ``caption`` (text embeddings only for encoders with a text tower). Rerunning with the
-    same arguments finishes an interrupted job; a folder made by another encoder raises
-    :class:`IndexMismatchError`.
+    Image shards come from :meth:`internvit.FeatureExtractor.write` (committed through the store, resumable,
+    ``errors.jsonl`` for unreadable files); caption embeddings go to ``text_emb/text_emb_{N}.npy`` (its own
+    store folder), row-aligned with the images that could be read. Metadata columns: ``id`` (input row),
+    ``path``, ``image_path`` and ``caption`` (text embeddings only for encoders with a text tower). Rerunning
+    with the same arguments finishes an interrupted job; a folder made by another encoder raises
+    :class:`IndexMismatchError` before anything is embedded.
     """
     out_dir = os.fspath(out_dir)
     if isinstance(images, TarImages) and images.transform is None:
@@ -42,18 +94,7 @@ def embed_collection(encoder: Encoder, images, out_dir: str, *, captions: Option
     if captions is not None and len(captions) != n:
         raise ValueError(f"{len(captions)} captions for {n} images")
     info = encoder.info()
-    enc_path = os.path.join(out_dir, ENCODER_FILE)
-    if os.path.isfile(enc_path):
-        with open(enc_path, encoding="utf-8") as f:
-            old = json.load(f)
-        if old.get("name") == info["name"] and old.get("dtype", info["dtype"]) != info["dtype"]:
-            raise IndexMismatchError(f"{out_dir} holds embeddings made in {old['dtype']}, not {info['dtype']}: "
-                                     f"use that dtype or another folder")
-        if (old.get("name"), old.get("weights_fingerprint")) != (info["name"], info["weights_fingerprint"]):
-            raise IndexMismatchError(f"{out_dir} holds embeddings of encoder {old.get('name')!r}, not "
-                                     f"{info['name']!r}; use another folder")
-    else:
-        atomic_write_json(enc_path, info)
+    _check_encoder(out_dir, info)
     n_shards = math.ceil(n / shard_size)
     width = len(str(max(n_shards - 1, 0)))
     extra = {"image_path": list(paths)}
@@ -64,25 +105,25 @@ def embed_collection(encoder: Encoder, images, out_dir: str, *, captions: Option
                         features_pattern=f"img_emb/img_emb_{{shard:0{width}d}}.npy",
                         metadata_pattern=f"metadata/metadata_{{shard:0{width}d}}.parquet",
                         extra_columns=extra, manifest_extra={"encoder": info})
-    if captions is not None and encoder.supports_text:  # image-only encoders keep captions as metadata only
-        import pyarrow.parquet as pq
-
-        sub, prefix = KINDS["text"]
-        for shard in manifest["shards"]:
-            out = os.path.join(out_dir, sub, f"{prefix}{shard['index']:0{width}d}.npy")
-            if os.path.isfile(out):
-                continue
-            texts = pq.read_table(os.path.join(out_dir, shard["metadata"]), columns=["caption"])
-            texts = texts.column("caption").to_pylist()
-            emb = encoder.encode_texts(texts) if texts else np.zeros((0, encoder.dim), np.float32)
-            atomic_save_npy(out, emb)
-        manifest["text_emb"] = {"dim": encoder.dim, "count": manifest["count"]}
-        atomic_write_json(os.path.join(out_dir, "manifest.json"), manifest)
+    if captions is not None and encoder.supports_text and manifest.get("count"):
+        text = _write_text_embeddings(encoder, out_dir, manifest, width)
+        manifest = dict(manifest, text_emb={"dim": text["dim"], "count": text["count"]})
     return manifest
 
 
 def _inputs_tag(paths: Sequence[str]) -> str:
-    return hashlib.sha256("\n".join(paths).encode()).hexdigest()[:10]
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(os.fspath(p).encode("utf-8", "surrogateescape") + b"\n")
+    return h.hexdigest()[:10]
+
+
+def _absolute(images):
+    """File paths made absolute (so metadata, and HTML pages made from it, resolve from anywhere); tar members
+    and datasets are left as they are."""
+    if isinstance(images, (list, tuple)):
+        return [p if "::" in os.fspath(p) else os.path.abspath(os.fspath(p)) for p in images]
+    return images
 
 
 def index_images(
@@ -91,7 +132,7 @@ def index_images(
     encoder: Encoder,
     *,
     add: bool = False,
-    kind: str = "img",
+    kind: Optional[str] = None,
     embeddings_dir: Optional[str] = None,
     index_key: Optional[str] = None,
     max_index_memory: Union[str, int] = "4G",
@@ -108,23 +149,76 @@ def index_images(
 
     Embeddings go to ``embeddings_dir`` (default ``OUT/embeddings``, or ``OUT/embeddings-add-<hash>`` for an
     add) and are kept, so an interrupted run resumes and the index can be rebuilt without re-encoding.
-    ``kind='text'`` indexes the captions instead (image → text search). Returns the index manifest.
+    ``kind='text'`` indexes the captions instead (image → text search); ``None``: ``'img'`` for a build, the
+    index's kind for an add. Everything that can be checked without embedding is checked first (arguments,
+    index key against the number of inputs, the index's model / dim / kind for an add, an output folder that
+    holds another index), so a refused run writes nothing. Returns the index manifest.
     """
     out_dir = os.fspath(out_dir)
+    budget = check_build_args(kind=kind or "img", target_recall=target_recall, max_index_memory=max_index_memory)
+    for name, v, low in (("batch_size", batch_size, 1), ("shard_size", shard_size, 1), ("num_workers", num_workers, 0)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
     images, captions = image_inputs(source, path_column=path_column, caption_column=caption_column)
+    images = _absolute(images)
+    paths = images.paths if hasattr(images, "paths") else images
+    if add:
+        manifest = read_index_manifest(out_dir)
+        kind = check_kind(manifest, kind, out_dir)
+        encoder.check_compatible(manifest, out_dir)  # before embedding anything
+    else:
+        kind = kind or "img"
+        plan_index(len(paths), encoder.dim, index_key, budget)  # e.g. IVF1024 on 300 images: refused now
     if kind == "text" and not encoder.supports_text:
         raise ValueError(f"kind='text' needs an encoder that embeds text; {encoder.name!r} cannot (image-only, "
                          f"or no tokenizer: pass --tokenizer)")
     if kind == "text" and captions is None:
         raise ValueError(f"{source}: kind='text' needs captions (.txt files next to the images, a caption "
                          f"column or .txt tar members), none found")
-    paths = images.paths if hasattr(images, "paths") else images
     if embeddings_dir is None:
         embeddings_dir = os.path.join(out_dir, f"embeddings-add-{_inputs_tag(paths)}" if add else "embeddings")
-    embed_collection(encoder, images, embeddings_dir, captions=captions, batch_size=batch_size,
-                     shard_size=shard_size, num_workers=num_workers, progress=progress)
+    embeddings_dir = os.fspath(embeddings_dir)
+    if not add:
+        existing = _committed(out_dir)
+        if existing and "index_file" in existing:
+            recorded = [e.get("source") for e in existing.get("embeddings", [])]
+            if os.path.abspath(embeddings_dir) not in recorded:
+                raise FileExistsError(f"{out_dir}: already holds an index built from other embeddings (use --add "
+                                      f"to extend it, or another folder)")
+    _check_encoder(embeddings_dir, encoder.info())
+    created = [d for d in (out_dir, embeddings_dir) if not os.path.exists(d)]
+    try:
+        emb = embed_collection(encoder, images, embeddings_dir, captions=captions, batch_size=batch_size,
+                               shard_size=shard_size, num_workers=num_workers, progress=progress)
+        if not emb.get("count"):
+            raise ValueError(f"{source}: none of the {len(paths)} images could be read{_first_error(embeddings_dir)}")
+    except (ValueError, LookupError):  # refused input (kills and crashes keep their work for the rerun)
+        _remove_if_empty(created)
+        raise
     if add:
         return add_to_index(out_dir, embeddings_dir, kind=kind, encoder_info=encoder.info(), use_gpu=use_gpu,
                             progress=progress)
-    return build_index(embeddings_dir, out_dir, kind=kind, index_key=index_key, max_index_memory=max_index_memory,
+    return build_index(embeddings_dir, out_dir, kind=kind, index_key=index_key, max_index_memory=budget,
                        target_recall=target_recall, encoder_info=encoder.info(), use_gpu=use_gpu, progress=progress)
+
+
+def _first_error(folder: str) -> str:
+    import json
+
+    try:
+        with open(os.path.join(folder, "errors.jsonl"), encoding="utf-8") as f:
+            e = json.loads(f.readline())
+        return f" (first: {e['path']}: {e['error']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
+def _remove_if_empty(created: list) -> None:
+    """Remove the folders this call created when the run failed before any embedding was committed (a
+    refused run leaves nothing behind; a committed embedding stays for the rerun)."""
+    for d in reversed(created):
+        if not os.path.isdir(d):
+            continue
+        committed = [r for r, _, fs in os.walk(d) if "manifest.json" in fs and (_committed(r) or {}).get("count")]
+        if not committed:
+            shutil.rmtree(d, ignore_errors=True)

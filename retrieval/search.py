@@ -8,7 +8,8 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from .index import IndexMismatchError, RetrievalError, open_index
+from .faiss_ops import IndexMismatchError, RetrievalError, set_search_params
+from .index_folder import open_index
 
 
 @dataclass
@@ -63,13 +64,13 @@ class Retriever:
         manifest: same model and dim, else :class:`IndexMismatchError`), or ``None`` to rebuild the recorded
         one on the first text / image query, in the recorded dtype and device unless ``dtype`` / ``device``
         are given (a recorded ``cuda`` falls back to the CPU where there is none); ``tokenizer`` overrides the
-        recorded tokenizer. ``search_params`` overrides the tuned ones (e.g. ``'nprobe=64'``).
-        ``mmap`` maps the index file instead of reading it (IVF indexes)."""
+        recorded tokenizer. ``search_params`` overrides the tuned ones (e.g. ``'nprobe=64'``; a parameter the
+        index does not have, or a bad value, raises ``ValueError``). ``mmap`` maps the index file instead of
+        reading it (IVF indexes). Raises :class:`RetrievalError` (one line) for a missing, unfinished,
+        truncated or corrupt index folder (index file or metadata)."""
         index_dir = os.fspath(index_dir)
         index, manifest = open_index(index_dir, mmap=mmap)
         if search_params:
-            from .index import set_search_params
-
             set_search_params(index, search_params)
         return cls(index, manifest, index_dir, encoder, device=device, dtype=dtype, tokenizer=tokenizer)
 
@@ -87,7 +88,11 @@ class Retriever:
 
     # -- search -------------------------------------------------------------------------------------------
     def search_embedding(self, embeddings, k: int = 10, *, queries: Optional[list] = None) -> SearchResult:
-        """Nearest ids of ``(Q, D)`` (or ``(D,)``) query vectors, with metadata rows."""
+        """Nearest ids of ``(Q, D)`` (or ``(D,)``) query vectors, with metadata rows.
+
+        When the index normalised its vectors at build time (manifest ``normalize``), queries are L2-normalised
+        too. Raises ``ValueError`` for an empty, non-finite or all-zero query or ``k < 1``,
+        :class:`IndexMismatchError` for another dim."""
         q = np.asarray(embeddings, dtype=np.float32)
         if q.ndim == 1:
             q = q[None]
@@ -97,9 +102,14 @@ class Retriever:
             raise IndexMismatchError(f"{self.index_dir}: query dim {q.shape[1]} != index dim {self.manifest['dim']}")
         if not np.isfinite(q).all():
             raise ValueError("query embeddings contain NaN or inf")
-        if int(k) < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+        if isinstance(k, bool) or int(k) != k or int(k) < 1:
+            raise ValueError(f"k must be an integer >= 1, got {k}")
         k = int(k)
+        if self.manifest.get("normalize"):
+            norms = np.linalg.norm(q, axis=1, keepdims=True)
+            if (norms == 0).any():
+                raise ValueError("a query embedding is all zeros: it has no direction to search for")
+            q = q / norms
         scores, ids = self.index.search(np.ascontiguousarray(q), k)
         rows = [[dict(self.metadata(int(i)), id=int(i), score=float(s)) for i, s in zip(id_row, s_row) if i >= 0]
                 for id_row, s_row in zip(ids, scores)]

@@ -10,6 +10,7 @@
   # existing embeddings in clip-retrieval's layout (img_emb/, text_emb/, metadata/): no model needed
   python tools/build_index.py embeddings/ out/index --max-index-memory 4G --target-recall 0.95
 
+Every argument is checked before any work (bad input: one `error:` line, exit status 2, nothing written).
 Rerunning an interrupted command with the same arguments resumes it.
 """
 import argparse
@@ -20,9 +21,22 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from internvit.cli import (  # noqa: E402
+    ArgumentParser,
+    UsageError,
+    device,
+    fraction,
+    memory_size,
+    nonnegative_int,
+    positive_int,
+    run,
+)
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+DTYPES = ("fp32", "bf16", "fp16", "float32", "bfloat16", "float16")
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="image folder, .txt/.lst list, .parquet, tar pattern, or an embeddings folder "
                                   "(when --model is not given)")
     p.add_argument("out_dir", help="index folder")
@@ -30,65 +44,87 @@ def main(argv=None) -> int:
                                                  "open_clip:NAME[@weights], or a model dir / preset")
     p.add_argument("--mode", default=None, choices=["InternVL-C", "InternVL-G"], help="InternVL image embedding")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model (or its folder) for InternVL text")
-    p.add_argument("--kind", default="img", choices=["img", "text"], help="index images or captions")
+    p.add_argument("--kind", default=None, choices=["img", "text"],
+                   help="index images or captions (default: img; with --add, the index's kind)")
     p.add_argument("--add", action="store_true", help="add to the existing index in out_dir (no rebuild)")
     p.add_argument("--index-key", default=None, help="faiss index_factory string (default: automatic)")
-    p.add_argument("--max-index-memory", default="4G", help="memory budget of the index, e.g. 4G, 512M")
-    p.add_argument("--target-recall", type=float, default=0.95, help="recall@10 vs exact search to tune for")
+    p.add_argument("--max-index-memory", type=memory_size, default="4G",
+                   help="memory budget of the index, e.g. 4G, 512M")
+    p.add_argument("--target-recall", type=fraction, default=0.95, help="recall@10 vs exact search to tune for")
     p.add_argument("--embeddings", default=None, help="where to keep the embeddings (default OUT/embeddings)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--shard-size", type=int, default=10_000, help="images per embedding shard")
-    p.add_argument("--num-workers", type=int, default=0, help="image-reading worker processes")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--shard-size", type=positive_int, default=10_000, help="images per embedding shard")
+    p.add_argument("--num-workers", type=nonnegative_int, default=0, help="image-reading worker processes")
+    p.add_argument("--device", type=device, default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=DTYPES, help="fp32, bf16 or fp16")
     p.add_argument("--path-column", default=None, help="parquet column holding image paths")
     p.add_argument("--caption-column", default=None, help="parquet column holding captions")
     p.add_argument("--gpu", action="store_true", help="train / add with faiss-gpu when a GPU is present")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = p.parse_args(argv)
+    return p
+
+
+def _check_embeddings_source(args) -> None:
+    """Without --model: the source must be an embeddings folder; the index key, kind and dim are checked
+    against it (and against the index for --add) before anything is written."""
+    from retrieval.embeddings import EmbeddingSource, find_shards
+    from retrieval.index import check_kind, plan_index, read_manifest
+
+    if not os.path.isdir(args.source) or not find_shards(args.source, args.kind or "img"):
+        raise UsageError(f"{args.source}: without --model the source must be an embeddings folder "
+                         f"(img_emb/, text_emb/, metadata/)")
+    if args.add:
+        manifest = read_manifest(args.out_dir)
+        args.kind = check_kind(manifest, args.kind, args.out_dir)
+        if not find_shards(args.source, args.kind):
+            raise UsageError(f"{args.source}: holds no {args.kind}_emb/ shards to add to a {args.kind} index")
+    else:
+        args.kind = args.kind or "img"
+        src = EmbeddingSource.from_folder(args.source, args.kind)
+        plan_index(src.count, src.dim, args.index_key, args.max_index_memory)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    if args.add and args.index_key:
+        raise UsageError("--index-key cannot be used with --add (the index keeps its key)")
 
-    from retrieval.embeddings import EmbeddingError
-    from retrieval.index import RetrievalError
+    if args.model is None:
+        from retrieval.index import add_to_index, build_index
 
-    try:
-        if args.model is None:
-            from retrieval.embeddings import find_shards
-            from retrieval.index import add_to_index, build_index
-
-            if not os.path.isdir(args.source) or not find_shards(args.source, args.kind):
-                raise ValueError(f"{args.source}: without --model the source must be an embeddings folder "
-                                 f"(img_emb/, text_emb/, metadata/)")
-
-            if args.add:
-                manifest = add_to_index(args.out_dir, args.source, kind=args.kind, use_gpu=args.gpu,
-                                        progress=not args.quiet)
-            else:
-                manifest = build_index(args.source, args.out_dir, kind=args.kind, index_key=args.index_key,
-                                       max_index_memory=args.max_index_memory, target_recall=args.target_recall,
-                                       use_gpu=args.gpu, progress=not args.quiet)
-        else:
-            from internvit.features import parse_dtype
-            from retrieval.encoders import load_encoder
-            from retrieval.pipeline import index_images
-
-            encoder = load_encoder(args.model, mode=args.mode, tokenizer=args.tokenizer, device=args.device,
-                                   dtype=parse_dtype(args.dtype))
-            manifest = index_images(args.source, args.out_dir, encoder, add=args.add, kind=args.kind,
-                                    embeddings_dir=args.embeddings, index_key=args.index_key,
-                                    max_index_memory=args.max_index_memory, target_recall=args.target_recall,
-                                    batch_size=args.batch_size, shard_size=args.shard_size,
-                                    num_workers=args.num_workers, path_column=args.path_column,
-                                    caption_column=args.caption_column, use_gpu=args.gpu,
+        _check_embeddings_source(args)
+        if args.add:
+            manifest = add_to_index(args.out_dir, args.source, kind=args.kind, use_gpu=args.gpu,
                                     progress=not args.quiet)
-    except (OSError, ValueError, KeyError, RetrievalError, EmbeddingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    summary = {k: manifest.get(k) for k in ("index_key", "search_params", "ntotal", "dim", "bytes_per_vector")}
+        else:
+            manifest = build_index(args.source, args.out_dir, kind=args.kind, index_key=args.index_key,
+                                   max_index_memory=args.max_index_memory, target_recall=args.target_recall,
+                                   use_gpu=args.gpu, progress=not args.quiet)
+    else:
+        from internvit.features import parse_dtype
+        from retrieval.encoders import load_encoder
+        from retrieval.pipeline import index_images
+
+        if args.add:
+            from retrieval.index import read_manifest
+
+            read_manifest(args.out_dir)  # a missing / unfinished index is reported before the model loads
+        encoder = load_encoder(args.model, mode=args.mode, tokenizer=args.tokenizer, device=args.device,
+                               dtype=parse_dtype(args.dtype))
+        manifest = index_images(args.source, args.out_dir, encoder, add=args.add, kind=args.kind,
+                                embeddings_dir=args.embeddings, index_key=args.index_key,
+                                max_index_memory=args.max_index_memory, target_recall=args.target_recall,
+                                batch_size=args.batch_size, shard_size=args.shard_size,
+                                num_workers=args.num_workers, path_column=args.path_column,
+                                caption_column=args.caption_column, use_gpu=args.gpu,
+                                progress=not args.quiet)
+    summary = {k: manifest.get(k) for k in ("index_key", "search_params", "ntotal", "dim", "bytes_per_vector",
+                                            "normalize", "skipped")}
     summary["tuned_recall@10"] = manifest.get("tuning", {}).get("recall")
     print(json.dumps({"index": os.path.abspath(args.out_dir), **summary}))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

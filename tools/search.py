@@ -8,7 +8,7 @@
 The query encoder is the one the index was built with (recorded in its manifest), rebuilt in the recorded
 dtype and device unless --dtype / --device are given; --model overrides it (it must be the same model and
 dimension, or the search stops with an error). --tokenizer also serves an index built from a weight file
-without one (e.g. internvl_c_13b_224px.pth).
+without one (e.g. internvl_c_13b_224px.pth). Bad input: one `error:` line, exit status 2, nothing written.
 """
 import argparse
 import json
@@ -17,15 +17,19 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from internvit.cli import ArgumentParser, UsageError, device, existing_file, positive_int, run  # noqa: E402
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+DTYPES = ("fp32", "bf16", "fp16", "float32", "bfloat16", "float16")
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("index_dir")
     q = p.add_mutually_exclusive_group(required=True)
     q.add_argument("--text", nargs="+", help="text queries")
     q.add_argument("--image", nargs="+", help="image files")
-    q.add_argument("--embedding", help=".npy file of (Q, D) query vectors")
-    p.add_argument("-k", type=int, default=10, help="results per query")
+    q.add_argument("--embedding", type=existing_file, help=".npy file of (Q, D) query vectors")
+    p.add_argument("-k", type=positive_int, default=10, help="results per query")
     p.add_argument("--html", default=None, help="write a result grid with thumbnails to this file")
     p.add_argument("--json", action="store_true", help="print JSON records instead of a table")
     p.add_argument("--model", default=None, help="encoder spec (default: the one in the index manifest)")
@@ -33,42 +37,51 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer", default=None, help="tokenizer.model (or its folder) for InternVL text queries")
     p.add_argument("--params", default=None, help="faiss search parameters overriding the tuned ones, "
                                                   "e.g. nprobe=64 or efSearch=128")
-    p.add_argument("--device", default=None, help="default: the one the index was built on (cpu without CUDA)")
-    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: the one the index was built in)")
-    args = p.parse_args(argv)
+    p.add_argument("--device", type=device, default=None,
+                   help="default: the one the index was built on (cpu without CUDA)")
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="default: the one the index was built in")
+    return p
 
-    from retrieval.embeddings import EmbeddingError
-    from retrieval.index import RetrievalError
 
-    try:
-        import numpy as np
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.text is not None and any(not t.strip() for t in args.text):
+        raise UsageError("empty text query")
+    if args.html and os.path.isdir(args.html):
+        raise UsageError(f"--html {args.html}: is a folder; give a file name")
 
-        from internvit.features import parse_dtype
-        from retrieval.search import Retriever, format_table
+    import numpy as np
 
-        dtype = parse_dtype(args.dtype) if args.dtype else None
-        encoder = None
-        if args.model:
-            from retrieval.encoders import load_encoder, recorded_device_dtype
-            from retrieval.index import read_manifest
+    from internvit.features import parse_dtype
+    from retrieval.search import Retriever, format_table
 
-            device, dt = recorded_device_dtype(read_manifest(args.index_dir).get("encoder"), args.device, dtype)
-            encoder = load_encoder(args.model, mode=args.mode, tokenizer=args.tokenizer, device=device, dtype=dt)
-        retriever = Retriever.load(args.index_dir, encoder, device=args.device, dtype=dtype,
-                                   tokenizer=args.tokenizer, search_params=args.params)
-        if args.text is not None:
-            result = retriever.search_text(args.text, args.k)
-        elif args.image is not None:
-            result = retriever.search_image(args.image, args.k)
-        else:
-            result = retriever.search_embedding(np.load(args.embedding, allow_pickle=False), args.k)
-        if args.html:
-            from retrieval.html import write_html
+    query = None
+    if args.embedding is not None:
+        try:
+            query = np.load(args.embedding, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"{args.embedding}: not a readable .npy file ({str(e).splitlines()[0]})") from None
+    dtype = parse_dtype(args.dtype) if args.dtype else None
+    # the index (file, metadata, search params) is opened and checked before any model is loaded
+    retriever = Retriever.load(args.index_dir, None, device=args.device, dtype=dtype, tokenizer=args.tokenizer,
+                               search_params=args.params)
+    if args.model:
+        from retrieval.encoders import load_encoder, recorded_device_dtype
 
-            write_html(result, args.html, title=f"{args.index_dir}: top {args.k}")
-    except (OSError, ValueError, KeyError, RetrievalError, EmbeddingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        dev, dt = recorded_device_dtype(retriever.manifest.get("encoder"), args.device, dtype)
+        encoder = load_encoder(args.model, mode=args.mode, tokenizer=args.tokenizer, device=dev, dtype=dt)
+        encoder.check_compatible(retriever.manifest, args.index_dir)
+        retriever._encoder = encoder
+    if args.text is not None:
+        result = retriever.search_text(args.text, args.k)
+    elif args.image is not None:
+        result = retriever.search_image(args.image, args.k)
+    else:
+        result = retriever.search_embedding(query, args.k)
+    if args.html:
+        from retrieval.html import write_html
+
+        write_html(result, args.html, title=f"{args.index_dir}: top {args.k}")
     if args.json:
         print(json.dumps(result.to_records(), default=str, ensure_ascii=False))
     else:
@@ -79,4 +92,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

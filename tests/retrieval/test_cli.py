@@ -16,7 +16,14 @@ def _main(name):
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.main
+
+    def call(argv):
+        try:
+            return mod.run(mod.main, argv)
+        except SystemExit as e:  # argparse errors
+            return e.code
+
+    return call
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +42,7 @@ def test_build_search_html(built, capsys):
     out = capsys.readouterr().out
     assert "img_002.png" in out.splitlines()[2]  # rank 1 is the query image itself
     page = (built / "r.html").read_text()
-    assert page.count("<img src='imgs/img_") == 4  # the query + 3 hits, linked relative to the page
+    assert page.count(f"<img src='{(built / 'imgs').as_uri()}/img_") == 4  # the query + 3 hits, file:// URIs
     assert _main("search")([str(built / "idx"), "--image", q, "-k", "2", "--json"]) == 0
     recs = json.loads(capsys.readouterr().out)
     assert [r["rank"] for r in recs] == [1, 2] and recs[0]["path"] == q

@@ -22,7 +22,7 @@ from retrieval import (
     remove_from_index,
     write_embeddings,
 )
-from retrieval.index import estimate_index_bytes, parse_memory
+from retrieval.index import estimate_index_bytes, parse_memory, split_rows
 from retrieval.search import Retriever
 
 from .helpers import exact_topk, mixture
@@ -97,7 +97,8 @@ def test_save_load_round_trip_is_identical_to_direct_faiss(tmp_path):
     np.testing.assert_array_equal(r1.ids, r2.ids)
     np.testing.assert_array_equal(r1.scores, r2.scores)
     # the same index made with plain faiss (same training rows, same parameters) answers identically
-    rows = np.sort(np.random.default_rng(0).choice(len(base), size=m["index_choice"]["train_size"], replace=False))
+    rows, held = split_rows(len(base), m["index_choice"]["train_size"], 1000, seed=0)
+    assert not set(rows) & set(held) and len(held) == 400  # tuning queries never trained the quantizer
     direct = faiss.index_factory(32, "IVF32,Flat", faiss.METRIC_INNER_PRODUCT)
     direct.train(base[rows])
     direct.add(base)
@@ -152,13 +153,14 @@ def test_remove_ids(tmp_path):
 def test_rerun_is_a_noop_and_other_arguments_are_refused(tmp_path):
     x = mixture(1000)
     m1 = build_index(x, tmp_path, index_key="Flat", progress=False)
-    mtime = os.path.getmtime(tmp_path / "image.index")
+    mtime = os.path.getmtime(tmp_path / m1["index_file"])
     assert build_index(x, tmp_path, index_key="Flat", progress=False) == m1
-    assert os.path.getmtime(tmp_path / "image.index") == mtime
+    assert os.path.getmtime(tmp_path / m1["index_file"]) == mtime
     with pytest.raises(FileExistsError, match="add_to_index"):
         build_index(mixture(1000, seed=4), tmp_path, index_key="Flat", progress=False)
     m2 = build_index(mixture(1000, seed=4), tmp_path, index_key="Flat", progress=False, overwrite=True)
     assert m2["embeddings"][0]["checksum"] != m1["embeddings"][0]["checksum"]
+    assert m2["index_file"] != m1["index_file"]  # a new generation; the old file goes at the next writer's open
 
 
 def test_reads_clip_retrieval_layout_in_numeric_shard_order(tmp_path):
@@ -228,13 +230,10 @@ def test_kill_and_resume_ends_identical(tmp_path, key):
     out = tmp_path / "killed"
     code = _CHILD.format(root=ROOT, emb=str(tmp_path / "emb"), out=str(out), key=key)
     proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
-    state, rows_done = out / ".work" / "state.json", 0
+    journal, rows_done = out / ".store" / "journal.jsonl", 0
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            rows_done = json.loads(state.read_text()).get("rows_done", 0)
-        except (OSError, ValueError):
-            rows_done = 0
+        rows_done = _journal_rows_done(journal)
         if rows_done >= 2000:
             break
         time.sleep(0.02)
@@ -249,37 +248,59 @@ def test_kill_and_resume_ends_identical(tmp_path, key):
     ref = json.loads((tmp_path / "ref" / "manifest.json").read_text())
     for field in ("index_key", "search_params", "ntotal", "embeddings", "tuning", "metadata_files"):
         assert m[field] == ref[field], field
-    assert (out / "image.index").read_bytes() == (tmp_path / "ref" / "image.index").read_bytes()
-    assert not (out / ".work").exists()
+    assert (out / m["index_file"]).read_bytes() == (tmp_path / "ref" / ref["index_file"]).read_bytes()
+    assert _files(out) == _files(tmp_path / "ref")  # no checkpoint left behind
+
+
+def _journal_rows_done(journal) -> int:
+    done = 0
+    try:
+        lines = journal.read_text().splitlines()
+    except OSError:
+        return 0
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        done = (rec.get("state") or {}).get("rows_done", done) if rec.get("op") == "state" else done
+    return done
+
+
+def _files(folder) -> set:
+    return {os.path.relpath(os.path.join(r, f), folder) for r, _, fs in os.walk(folder) for f in fs
+            if ".store" not in r}
 
 
 def test_crash_between_checkpoint_and_state_resumes_identical(tmp_path, monkeypatch):
-    """A kill after a newer checkpoint is written but before state.json names it must not re-add rows."""
-    from retrieval import index as rindex
+    """A kill after a newer checkpoint is written but before the journal names it must not re-add rows."""
+    from internvit.store import Store
 
     x = mixture(3000)
     write_embeddings(tmp_path / "emb", x, shard_size=1000)
     common = dict(index_key="IVF16,Flat", batch_rows=250, checkpoint_every_s=0, progress=False)
-    build_index(str(tmp_path / "emb"), tmp_path / "ref", **common)
+    ref = build_index(str(tmp_path / "emb"), tmp_path / "ref", **common)
 
-    save = rindex._Job.save
+    save = Store.save_state
 
     def crash_before_state(self, **updates):  # the third add checkpoint is on disk, its state is not
         if updates.get("rows_done", 0) >= 750:
             raise KeyboardInterrupt("killed")
         save(self, **updates)
 
-    monkeypatch.setattr(rindex._Job, "save", crash_before_state)
+    monkeypatch.setattr(Store, "save_state", crash_before_state)
     out = tmp_path / "crashed"
     with pytest.raises(KeyboardInterrupt):
         build_index(str(tmp_path / "emb"), out, **common)
-    state = json.loads((out / ".work" / "state.json").read_text())
-    assert state["rows_done"] == 500 and (out / ".work" / "partial-000000000750.index").exists()
-    monkeypatch.setattr(rindex._Job, "save", save)
+    assert _journal_rows_done(out / ".store" / "journal.jsonl") == 500
+    assert (out / "image.g0001.partial-000000000750.index").exists()
+    assert not (out / "image.g0001.partial-000000000250.index").exists()  # superseded checkpoints go at once
+    monkeypatch.setattr(Store, "save_state", save)
 
     m = build_index(str(tmp_path / "emb"), out, **common)
     assert m["ntotal"] == 3000 and open_index(out)[0].ntotal == 3000
-    assert (out / "image.index").read_bytes() == (tmp_path / "ref" / "image.index").read_bytes()
+    assert (out / m["index_file"]).read_bytes() == (tmp_path / "ref" / ref["index_file"]).read_bytes()
+    assert _files(out) == _files(tmp_path / "ref")
 
 
 @pytest.mark.parametrize("key", ["IVF16,Flat", "PCA16,IVF16,Flat", "OPQ4_16,IVF16,PQ4"])
@@ -301,7 +322,10 @@ def test_gpu_add_path_keeps_wrapper_ntotal(tmp_path, monkeypatch, key):
     assert mine.ntotal == ref.ntotal == len(x)
     assert faiss.serialize_index(mine).tobytes() == faiss.serialize_index(ref).tobytes()
 
-    monkeypatch.setattr(rindex, "_gpu_count", lambda: 1)  # and through a whole build / add
+    from retrieval import faiss_ops, index_build
+
+    monkeypatch.setattr(faiss_ops, "gpu_count", lambda: 1)  # and through a whole build / add
+    monkeypatch.setattr(index_build, "gpu_count", lambda: 1)
     write_embeddings(tmp_path / "a", x[:1500])
     write_embeddings(tmp_path / "b", x[1500:])
     build_index(str(tmp_path / "a"), tmp_path / "idx", index_key=key, use_gpu=True, progress=False)

@@ -1,0 +1,253 @@
+"""The one place retrieval imports faiss, and the small faiss operations the index modules share.
+
+faiss's loader logs which SIMD build it tried ("Could not load library with AVX512 support ...") at import;
+that notice is about faiss's packaging, not the user's input, so :func:`faiss_module` silences the
+``faiss.loader`` logger around the import.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from typing import Optional
+
+import numpy as np
+
+_FAISS = None
+
+
+class RetrievalError(RuntimeError):
+    """An index folder that cannot be used: missing, half-written, corrupt, or an unsupported operation."""
+
+
+class IndexMismatchError(RetrievalError):
+    """The index and the query encoder / new embeddings disagree (model, dimension or kind)."""
+
+
+def faiss_module():
+    """``import faiss`` with its loader's SIMD notices silenced; ``ImportError`` says how to install it."""
+    global _FAISS
+    if _FAISS is None:
+        loader = logging.getLogger("faiss.loader")
+        level, propagate = loader.level, loader.propagate
+        loader.setLevel(logging.ERROR)
+        loader.propagate = False
+        try:
+            import faiss
+        except ImportError as e:  # pragma: no cover - faiss is a declared extra
+            raise ImportError("retrieval needs faiss: pip install faiss-cpu (or faiss-gpu)") from e
+        finally:
+            loader.setLevel(level)
+            loader.propagate = propagate
+        _FAISS = faiss
+    return _FAISS
+
+
+def new_index(key: str, dim: int):
+    """An empty inner-product index for ``key``, with sequential-id support (IVF natively, others IDMap).
+
+    Raises ``ValueError`` naming the key when faiss cannot build it at ``dim``."""
+    faiss = faiss_module()
+    try:
+        index = faiss.index_factory(int(dim), str(key), faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise ValueError(f"invalid index_key {key!r} for dim {dim}: {_faiss_message(e)}") from None
+    ivf = faiss.try_extract_index_ivf(index)
+    inner = faiss.downcast_index(ivf if ivf is not None else index)
+    if hasattr(inner, "do_polysemous_training"):
+        inner.do_polysemous_training = False  # search never uses Hamming thresholds; this training is slow
+    return faiss.IndexIDMap(index) if ivf is None else index
+
+
+def _faiss_message(e: BaseException) -> str:
+    """The useful part of a faiss C++ exception (``Error in ... at file:line: message`` → ``message``)."""
+    text = " ".join(str(e).split())
+    m = re.search(r"(?:Error: )?'[^']*' failed: (.*)$", text) or re.search(r"\.cpp:\d+: (.*)$", text)
+    return (m.group(1) if m else text).strip()
+
+
+def serialize(index) -> bytes:
+    return faiss_module().serialize_index(index).tobytes()
+
+
+def deserialize(data: bytes, where: str = "index"):
+    """An index from its serialized bytes; ``RetrievalError`` (one line) when they are not a faiss index."""
+    faiss = faiss_module()
+    try:
+        return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    except RuntimeError as e:
+        raise RetrievalError(f"{where}: not a readable faiss index, truncated or corrupt "
+                             f"({_faiss_message(e)[:120]})") from None
+
+
+def read_index(path: str, mmap: bool = False):
+    """Read an index file; ``RetrievalError`` (one line) when it is truncated or not a faiss index."""
+    faiss = faiss_module()
+    flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+    try:
+        return faiss.read_index(path, flags)
+    except RuntimeError as e:
+        raise RetrievalError(f"{path}: not a readable faiss index, truncated or corrupt "
+                             f"({_faiss_message(e)[:120]})") from None
+
+
+def write_index(index, path: str) -> None:
+    faiss_module().write_index(index, path)
+
+
+def index_bytes(index) -> int:
+    """Serialized size of an index (what it occupies on disk, close to its RAM)."""
+    return int(faiss_module().serialize_index(index).nbytes)
+
+
+def search_param_names(index) -> list[str]:
+    """The search parameters ``index`` accepts (``nprobe``, ``efSearch``, ``quantizer_efSearch``, ...)."""
+    faiss = faiss_module()
+    names = []
+    if faiss.try_extract_index_ivf(index) is not None:
+        names += ["nprobe", "max_codes"]
+        ivf = faiss.try_extract_index_ivf(index)
+        if hnsw_of(ivf.quantizer) is not None:
+            names.append("quantizer_efSearch")
+    if hnsw_of(index) is not None:
+        names += ["efSearch"]
+    return names
+
+
+def check_search_params(index, params: str) -> str:
+    """Validate a ``name=value,...`` string against ``index``; ``ValueError`` naming the bad part."""
+    params = (params or "").strip()
+    if not params:
+        return ""
+    allowed = search_param_names(index)
+    for part in params.split(","):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ValueError(f"search params {params!r}: expected name=value[,name=value...], got {part!r}")
+        if name not in allowed:
+            hint = ", ".join(allowed) if allowed else "none: it is searched exhaustively"
+            raise ValueError(f"search params {params!r}: this index does not have {name!r} (it accepts {hint})")
+        try:
+            v = float(value)
+        except ValueError:
+            raise ValueError(f"search params {params!r}: {name} must be a number, got {value!r}") from None
+        if v < 1 or v != int(v):
+            raise ValueError(f"search params {params!r}: {name} must be an integer >= 1, got {value!r}")
+    return params
+
+
+def set_search_params(index, params: str) -> None:
+    """Apply ``'nprobe=16'`` / ``'efSearch=64'`` style parameters (validated: ``ValueError`` names a bad one)."""
+    params = check_search_params(index, params)
+    if params:
+        faiss_module().ParameterSpace().set_index_parameters(index, params)
+
+
+def hnsw_of(index):
+    """The ``HNSW`` structure of an HNSW index (under an IDMap), else ``None``."""
+    faiss = faiss_module()
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, faiss.IndexIDMap):
+        inner = faiss.downcast_index(inner.index)
+    return getattr(inner, "hnsw", None)
+
+
+def seed_levels(index, value: int) -> None:
+    """Reseed the HNSW level generator from the first id of a batch: faiss does not save that generator, so
+    without this a resumed build would draw other levels than an uninterrupted one."""
+    hnsw = hnsw_of(index)
+    if hnsw is not None:
+        hnsw.rng = faiss_module().RandomGenerator(int(value) % (2**31 - 1))
+
+
+def supports_remove(index) -> bool:
+    faiss = faiss_module()
+    if faiss.try_extract_index_ivf(index) is not None:
+        return True
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, faiss.IndexIDMap):
+        return isinstance(faiss.downcast_index(inner.index), faiss.IndexFlat)
+    return isinstance(inner, faiss.IndexFlat)
+
+
+def stored_ids(index) -> np.ndarray:
+    """Every id ``index`` holds (sorted int64): from the id map, or from the inverted lists
+    (``faiss.contrib.inspect_tools.get_invlist``). ``None`` for index types that keep no ids."""
+    faiss = faiss_module()
+    from faiss.contrib.inspect_tools import get_invlist
+
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        parts = [get_invlist(ivf.invlists, lst)[0] for lst in range(ivf.nlist)]
+        return np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, faiss.IndexIDMap):
+        return np.sort(faiss.vector_to_array(inner.id_map).astype(np.int64))
+    return None
+
+
+def gpu_count() -> int:
+    faiss = faiss_module()
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+def _pretransforms(index) -> tuple[list, object]:
+    """``(the IndexPreTransform wrappers of index, outermost first; the index they wrap)``."""
+    faiss = faiss_module()
+    wrappers, inner = [], faiss.downcast_index(index)
+    while isinstance(inner, faiss.IndexPreTransform):
+        wrappers.append(inner)
+        inner = faiss.downcast_index(inner.index)
+    return wrappers, inner
+
+
+class GpuHelper:
+    """Train IVF k-means and assign vectors to lists on the GPU(s); the index itself stays a CPU index.
+
+    Vectors are added with :func:`faiss.contrib.ivf_tools.add_preassigned` straight into the IVF (also under
+    OPQ / PCA pre-transforms, whose ``ntotal`` is kept in step); other indexes add through themselves."""
+
+    def __init__(self, index) -> None:
+        faiss = faiss_module()
+        self.faiss = faiss
+        self.ivf = faiss.try_extract_index_ivf(index)
+        self.index = index
+        self._assigner = None
+        self._wrappers, inner = _pretransforms(index)
+        self._direct = inner if isinstance(inner, faiss.IndexIVF) else None
+
+    def train(self, x: np.ndarray) -> None:
+        faiss = self.faiss
+        if self.ivf is not None:
+            d = self.ivf.d
+            flat = faiss.IndexFlatIP(d) if self.ivf.metric_type == faiss.METRIC_INNER_PRODUCT else faiss.IndexFlatL2(d)
+            self.ivf.clustering_index = faiss.index_cpu_to_all_gpus(flat)
+        self.index.train(x)
+
+    def add_with_ids(self, x: np.ndarray, ids: np.ndarray) -> None:
+        from faiss.contrib.ivf_tools import add_preassigned
+
+        faiss = self.faiss
+        ivf = self._direct
+        if ivf is None:
+            self.index.add_with_ids(x, ids)
+            return
+        if self._assigner is None:
+            centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+            flat = faiss.IndexFlat(ivf.d, ivf.quantizer.metric_type)
+            flat.add(centroids)
+            self._assigner = faiss.index_cpu_to_all_gpus(flat)
+        xt = x
+        for w in self._wrappers:
+            for i in range(w.chain.size()):
+                xt = faiss.downcast_VectorTransform(w.chain.at(i)).apply(xt)
+        xt = np.ascontiguousarray(xt, dtype=np.float32)
+        _, assign = self._assigner.search(xt, 1)
+        add_preassigned(ivf, xt, np.ascontiguousarray(assign.ravel(), dtype=np.int64),
+                        np.ascontiguousarray(ids, dtype=np.int64))
+        for w in self._wrappers:  # add_core bypasses the wrappers' ntotal
+            w.ntotal = ivf.ntotal
+
+
+def maybe_gpu(index, use_gpu: bool) -> Optional[GpuHelper]:
+    return GpuHelper(index) if use_gpu and gpu_count() > 0 else None

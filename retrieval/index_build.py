@@ -1,0 +1,539 @@
+"""Building, extending and shrinking an index folder, every change committed through :mod:`internvit.store`.
+
+* :func:`build_index` trains the planned index on a sample, adds the collection in batches (checkpointing the
+  partial index as a data file every ``checkpoint_every_s``), tunes the search parameters on held-out rows
+  (disjoint from the training sample), adds those rows, and commits ``manifest.json``.
+* :func:`add_to_index` appends vectors under new ids (``next_id`` onwards) into a new generation of the index
+  file; :func:`remove_from_index` removes ids into a new generation.
+
+Crash safety (what a kill at any point leaves): the committed manifest keeps naming the previous generation's
+files, so readers see the old state; the job is pending in the store's journal. Rerunning the same call
+resumes it (from the last checkpoint) and ends byte-identical to an uninterrupted run (HNSW graphs with one
+OpenMP thread, since faiss inserts HNSW vertices in parallel); a different build / add / remove is refused
+with :class:`internvit.store.PendingJobError` naming the field that differs. Rerunning the call that was
+committed last is a no-op. A second concurrent writer gets :class:`internvit.store.StoreBusyError`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from dataclasses import asdict
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+from internvit.store import Store, generation_name, job_id
+
+from .embeddings import UNIT_TOLERANCE, EmbeddingError, EmbeddingSource, _table_digest, to_table
+from .faiss_ops import (
+    IndexMismatchError,
+    RetrievalError,
+    faiss_module,
+    gpu_count,
+    maybe_gpu,
+    new_index,
+    read_index,
+    seed_levels,
+    set_search_params,
+    stored_ids,
+    supports_remove,
+    write_index,
+)
+from .index_folder import FORMAT_VERSION, INDEX_FILES, read_manifest
+from .index_plan import format_bytes, needs_training, parse_memory, plan_index
+from .index_tune import _progress, split_rows, tune_index
+
+logger = logging.getLogger("retrieval")
+
+__all__ = ["build_index", "add_to_index", "remove_from_index", "check_build_args"]
+
+
+# --------------------------------------------------------------------------------------------- checks
+def check_build_args(*, kind: str = "img", target_recall: float = 0.95, k: int = 10, n_tune_queries: int = 1000,
+                     checkpoint_every_s: float = 300.0, batch_rows: Optional[int] = None,
+                     max_index_memory: Union[str, int] = "4G") -> int:
+    """Validate the scalar arguments of :func:`build_index` (``ValueError`` naming the bad one); returns the
+    memory budget in bytes."""
+    if kind not in INDEX_FILES:
+        raise ValueError(f"kind must be one of {sorted(INDEX_FILES)}, got {kind!r}")
+    if isinstance(target_recall, bool) or not 0.0 < float(target_recall) <= 1.0:
+        raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
+    for name, v, low in (("k", k, 1), ("n_tune_queries", n_tune_queries, 0)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+    if batch_rows is not None and (isinstance(batch_rows, bool) or int(batch_rows) < 1):
+        raise ValueError(f"batch_rows must be >= 1, got {batch_rows!r}")
+    if not float(checkpoint_every_s) >= 0:
+        raise ValueError(f"checkpoint_every_s must be >= 0, got {checkpoint_every_s!r}")
+    return parse_memory(max_index_memory)
+
+
+def _batch_rows(dim: int, budget: int, batch_rows: Optional[int]) -> int:
+    if batch_rows:
+        return int(batch_rows)
+    return int(max(1024, min(262_144, min(budget // 10, 1 << 30) // (4 * dim))))
+
+
+def _metadata_parts(source: EmbeddingSource, metadata):
+    """Metadata as a list of loaders (one per parquet shard, or one in-memory table), row-count checked."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if metadata is not None:
+        table = to_table(metadata, source.count)
+        return [lambda: table]
+    if not source.metadata_files:
+        return []
+    rows = 0
+    for f in source.metadata_files:
+        try:
+            rows += pq.ParquetFile(f).metadata.num_rows
+        except (pa.ArrowException, OSError) as e:
+            raise EmbeddingError(f"{f}: not a readable parquet file ({str(e).splitlines()[0][:100]})") from None
+    if rows != source.count:
+        raise EmbeddingError(f"{source.root}: metadata has {rows} rows but the embeddings have {source.count}")
+    return [lambda f=f: pq.read_table(f) for f in source.metadata_files]
+
+
+def _empty_caption_rows(parts, kind: str) -> np.ndarray:
+    """Rows of a caption (``text``) collection whose caption is missing or blank: their text embedding is the
+    embedding of ``""``, not of a caption, so they are not indexed (sorted int64)."""
+    if kind != "text" or not parts:
+        return np.zeros(0, np.int64)
+    out, start = [], 0
+    for load in parts:
+        table = load()
+        if "caption" in table.column_names:
+            caps = table.column("caption").to_pylist()
+            out.extend(start + i for i, c in enumerate(caps) if c is None or not str(c).strip())
+        start += table.num_rows
+    return np.asarray(out, dtype=np.int64)
+
+
+def _scan(source: EmbeddingSource, normalize: Optional[bool], where: str) -> tuple[dict, bool]:
+    """Checksum + norms in one pass; refuse non-finite rows; decide normalisation (``None``: when the vectors
+    are not unit length). Returns ``(scan, normalize)``."""
+    scan = source.scan()
+    if scan["nonfinite"] is not None:
+        shard, row = scan["nonfinite"]
+        raise EmbeddingError(f"{shard}: row {row} is not finite (NaN or inf); an index cannot hold it (extract "
+                             f"again in fp32 / bf16, or drop the row)")
+    unit = abs(scan["min_norm"] - 1) <= UNIT_TOLERANCE and abs(scan["max_norm"] - 1) <= UNIT_TOLERANCE
+    if normalize is None:
+        normalize = not unit
+        if normalize:
+            logger.warning("%s: vectors are not unit length (L2 norms %.3g to %.3g): normalising them, so inner "
+                           "product = cosine similarity (queries are normalised too; normalize=False keeps "
+                           "raw inner products)", where, scan["min_norm"], scan["max_norm"])
+    if normalize and scan["zero"] is not None:
+        shard, row = scan["zero"]
+        raise EmbeddingError(f"{shard}: row {row} is all zeros and cannot be normalised; drop it")
+    return scan, bool(normalize)
+
+
+def _without_device(encoder: Optional[dict]) -> Optional[dict]:
+    """Encoder info without the device it ran on (which does not change the embeddings' identity)."""
+    return {k: v for k, v in encoder.items() if k != "device"} if encoder else encoder
+
+
+def _encoder_of(source: EmbeddingSource, encoder_info: Optional[dict]) -> Optional[dict]:
+    if encoder_info is not None:
+        return encoder_info
+    m = source.manifest() or {}
+    return m.get("encoder") or (m.get("extra") or {}).get("encoder")
+
+
+# --------------------------------------------------------------------------------------------- adding rows
+def _checkpoint(st: Store, index, name: str, **state) -> None:
+    """Write ``index`` as the data file ``name``, then record it in the journal, then discard the checkpoint it
+    supersedes: a kill at any point leaves a state whose ``rows_done`` matches the checkpoint it names."""
+    old = st.state.get("checkpoint")
+    with st.open_file(name) as tmp:
+        write_index(index, tmp)
+    st.save_state(checkpoint=name, **state)
+    if old and old != name and old in st.pending_files:
+        st.discard(old)
+
+
+def _populate(st: Store, index, source: EmbeddingSource, *, first_id: int, batch_rows: int, stem: str,
+              checkpoint_every_s: float, helper, progress: bool, skip: Optional[np.ndarray] = None) -> None:
+    """Add ``source`` (but not the sorted rows ``skip``) to ``index`` with ids ``first_id + row``,
+    checkpointing into data files of ``st`` (resumable from ``st.state['rows_done']``)."""
+    done = int(st.state.get("rows_done", 0))
+    if done:
+        logger.info("resuming from row %d of %d", done, source.count)
+    skip = np.zeros(0, np.int64) if skip is None else skip
+    last = time.monotonic()
+    bar = _progress(source.iter_batches(batch_rows, start=done), progress, "adding",
+                    total=-(-source.count // batch_rows) - done // batch_rows)
+    for start, batch in bar:
+        end = start + len(batch)
+        rows = np.arange(start, end, dtype=np.int64)
+        lo, hi = np.searchsorted(skip, [start, end])
+        if hi > lo:
+            keep = ~np.isin(rows, skip[lo:hi])
+            batch, rows = np.ascontiguousarray(batch[keep]), rows[keep]
+        seed_levels(index, first_id + start)
+        if len(rows):
+            (helper or index).add_with_ids(batch, rows + first_id)
+        done = end
+        if done < source.count and time.monotonic() - last >= checkpoint_every_s:
+            _checkpoint(st, index, f"{stem}.partial-{done:012d}.index", rows_done=done)
+            last = time.monotonic()
+
+
+def _write_final(st: Store, index, name: str) -> int:
+    with st.open_file(name) as tmp:
+        write_index(index, tmp)
+    return os.path.getsize(os.path.join(st.folder, name))
+
+
+def _store_metadata(st: Store, parts, first_id: int, generation: int) -> list[dict]:
+    """Write metadata shards ``metadata/metadata_g{generation}_{i}.parquet`` with an ``id`` column (the index
+    id; a source ``id`` column is kept as ``source_id``). Sorted file names = id order (clip-back style)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    entries, next_id = [], first_id
+    for i, load in enumerate(parts):
+        table = load()
+        if "id" in table.column_names:
+            table = table.rename_columns(["source_id" if c == "id" else c for c in table.column_names])
+        ids = np.arange(next_id, next_id + table.num_rows, dtype=np.int64)
+        table = table.add_column(0, "id", pa.array(ids))
+        name = f"metadata/metadata_g{generation:04d}_{i:05d}.parquet"
+        with st.open_file(name) as tmp:
+            pq.write_table(table, tmp)
+        entries.append({"file": name, "first_id": next_id, "count": table.num_rows})
+        next_id += table.num_rows
+    return entries
+
+
+def _source_record(source: EmbeddingSource, checksum: str, first_id: int) -> dict:
+    root = os.path.abspath(source.root) if source.root else "array"
+    return {"source": root, "checksum": checksum, "count": source.count, "first_id": first_id}
+
+
+def _committed_or_none(out_dir: str) -> Optional[dict]:
+    try:
+        return read_manifest(out_dir)
+    except RetrievalError:
+        return None
+
+
+# --------------------------------------------------------------------------------------------- build
+def build_index(
+    embeddings,
+    out_dir: str,
+    *,
+    index_key: Optional[str] = None,
+    max_index_memory: Union[str, int] = "4G",
+    target_recall: float = 0.95,
+    metadata=None,
+    kind: str = "img",
+    k: int = 10,
+    tune_queries: Optional[np.ndarray] = None,
+    n_tune_queries: int = 1000,
+    encoder_info: Optional[dict] = None,
+    use_gpu: bool = False,
+    overwrite: bool = False,
+    checkpoint_every_s: float = 300.0,
+    batch_rows: Optional[int] = None,
+    seed: int = 0,
+    normalize: Optional[bool] = None,
+    progress: bool = True,
+) -> dict:
+    """Build a tuned inner-product index over ``embeddings`` into ``out_dir``; returns the committed manifest.
+
+    ``embeddings``: a clip-retrieval folder (``img_emb/`` or, with ``kind='text'``, ``text_emb/``; its
+    ``metadata/`` parquet is kept with the index) or a float32 ``(N, D)`` array (then ``metadata`` may be a
+    pyarrow Table, dict of columns or list of dicts). ``index_key`` is any faiss ``index_factory`` string,
+    checked against N and D before any work (e.g. ``IVF1024`` needs ≥ 1024 vectors); ``None`` chooses one
+    from N, D and ``max_index_memory``. Search parameters are tuned to reach ``target_recall`` recall@``k``
+    against exact search, on held-out rows disjoint from the training sample.
+
+    ``normalize``: ``None`` L2-normalises the vectors when they are not unit length (recorded in the manifest;
+    :class:`~retrieval.search.Retriever` then normalises queries too), ``True`` always, ``False`` never.
+    A caption index (``kind='text'``) skips rows whose caption is empty (counted in ``skipped``).
+
+    Raises ``EmbeddingError`` naming shard and row for a NaN / inf vector, ``ValueError`` for a bad argument
+    or index key, ``FileExistsError`` when ``out_dir`` holds another index (``overwrite=True`` replaces it, as
+    a new generation), ``PendingJobError`` / ``StoreBusyError`` from the store (see module docstring).
+    """
+    faiss = faiss_module()
+    out_dir = os.fspath(out_dir)
+    budget = check_build_args(kind=kind, target_recall=target_recall, k=k, n_tune_queries=n_tune_queries,
+                              checkpoint_every_s=checkpoint_every_s, batch_rows=batch_rows,
+                              max_index_memory=max_index_memory)
+    source = EmbeddingSource.open(embeddings, kind)
+    n, dim = source.count, source.dim
+    parts = _metadata_parts(source, metadata)
+    excluded = _empty_caption_rows(parts, kind)
+    indexed = n - len(excluded)
+    if indexed == 0:
+        raise EmbeddingError(f"{source.root or 'embeddings'}: all {n} captions are empty: nothing to index")
+    if tune_queries is not None:
+        tune_queries = np.ascontiguousarray(tune_queries, dtype=np.float32)
+        if tune_queries.ndim != 2 or tune_queries.shape[1] != dim or not len(tune_queries):
+            raise ValueError(f"tune_queries must be a non-empty (Q, {dim}) array, got shape {tune_queries.shape}")
+    # plan on the rows that can train: a non-exact index holds out its tuning queries first
+    plan = plan_index(indexed, dim, index_key, budget)
+    exact = plan.key == "Flat"
+    n_held = 0 if exact or tune_queries is not None else min(n_tune_queries, max(indexed // 10, 1))
+    if n_held:
+        plan = plan_index(indexed - n_held, dim, plan.key, budget) if index_key else plan
+    if plan.estimated_bytes > budget:
+        logger.warning("index %s for %d×%d needs about %s, more than max_index_memory=%s", plan.key, n, dim,
+                       format_bytes(plan.estimated_bytes), format_bytes(budget))
+    rows_per_batch = _batch_rows(dim, budget, batch_rows)
+    existing = _committed_or_none(out_dir)
+    scan, normalize_ = _scan(source, normalize, source.root or "embeddings")
+    checksum = scan["checksum"]
+    encoder = _encoder_of(source, encoder_info)
+    job = dict(op="build", checksum=checksum, key=plan.key, train=plan.train_size, target=target_recall, k=k,
+               nq=n_tune_queries, tq=None if tune_queries is None else EmbeddingSource.from_array(tune_queries)
+               .checksum(), seed=seed, batch=rows_per_batch, kind=kind, normalize=normalize_,
+               normalize_arg=normalize, skipped=int(len(excluded)), encoder=_without_device(encoder))
+    signature = job_id(job)
+    if existing is not None and not overwrite:
+        if existing.get("build", {}).get("signature") == signature:
+            logger.info("%s: index already built with these arguments", out_dir)
+            return existing
+        raise FileExistsError(f"{out_dir}: already holds an index built from other embeddings or arguments "
+                              f"(use add_to_index / --add to extend it, or overwrite=True / another folder)")
+    if use_gpu and gpu_count() == 0:
+        warnings.warn("use_gpu=True but faiss sees no GPU (faiss-gpu not installed or no device): using the CPU",
+                      stacklevel=2)
+        use_gpu = False
+    src = source.normalized(normalize_)
+    with Store(out_dir, job=job, discard_pending=overwrite, description="index") as st:
+        gen = st.generation
+        index_file = generation_name(INDEX_FILES[kind], gen)
+        stem = os.path.splitext(index_file)[0]
+        state = st.state
+        timings = dict(state.get("timings", {}))
+        train_rows, held = split_rows(n, plan.train_size if needs_training(plan.key) else 0,
+                                      n_held, seed, excluded)
+        index = helper = None
+        if state.get("stage", "train") == "train":
+            t0 = time.perf_counter()
+            index = new_index(plan.key, dim)
+            helper = maybe_gpu(index, use_gpu)
+            if not index.is_trained:
+                logger.info("training %s on %d vectors", plan.key, len(train_rows))
+                (helper or index).train(src.take(train_rows))
+            timings["train_s"] = time.perf_counter() - t0
+            _checkpoint(st, index, f"{stem}.trained.index", stage="add", rows_done=0, timings=timings)
+        if st.state.get("stage") == "add":
+            t0 = time.perf_counter()
+            if index is None:
+                index = read_index(os.path.join(st.folder, st.state["checkpoint"]))
+                helper = maybe_gpu(index, use_gpu)
+            skip = np.union1d(held, excluded).astype(np.int64)
+            _populate(st, index, src, first_id=0, batch_rows=rows_per_batch, stem=stem, skip=skip,
+                      checkpoint_every_s=checkpoint_every_s, helper=helper, progress=progress)
+            timings["add_s"] = timings.get("add_s", 0.0) + time.perf_counter() - t0
+            t0 = time.perf_counter()
+            if exact:
+                tuning = {"search_params": "", "recall": 1.0, "k": k, "n_queries": 0, "curve": []}
+            else:
+                if tune_queries is None:
+                    queries = src.take(held)
+                else:
+                    queries = _unit(tune_queries) if normalize_ else tune_queries
+                tuning = tune_index(index, plan.key, src, queries, exclude=skip, target_recall=target_recall, k=k,
+                                    batch_rows=rows_per_batch, progress=progress)
+                tuning["queries"] = ("held-out collection rows (disjoint from the training sample)"
+                                     if tune_queries is None else "tune_queries")
+                if len(held):  # the held-out rows join the index now, under their own ids
+                    seed_levels(index, n)
+                    index.add_with_ids(queries, held)
+            timings["tune_s"] = time.perf_counter() - t0
+            size = _write_final(st, index, index_file)
+            st.save_state(stage="commit", tuning=tuning, timings=timings, index_bytes=size,
+                          ntotal=int(index.ntotal))
+        s = st.state
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "kind": kind,
+            "index_file": index_file,
+            "metric": "inner_product",
+            "normalize": normalize_,
+            "normalize_mode": "auto" if normalize is None else "explicit",
+            "norms": {"min": scan["min_norm"], "max": scan["max_norm"]},
+            "dim": dim,
+            "index_key": plan.key,
+            "index_choice": asdict(plan),
+            "max_index_memory": budget,
+            "search_params": s["tuning"]["search_params"],
+            "tuning": {**{k_: v for k_, v in s["tuning"].items() if k_ != "search_params"},
+                       "target_recall": target_recall},
+            "ntotal": s["ntotal"],
+            "next_id": n,
+            "removed": 0,
+            "skipped": {"empty_caption": int(len(excluded))},
+            "index_bytes": s["index_bytes"],
+            "bytes_per_vector": s["index_bytes"] / max(s["ntotal"], 1),
+            "encoder": encoder,
+            "embeddings": [_source_record(source, checksum, 0)],
+            "metadata_files": [],
+            "build": {"signature": signature, "timings": s["timings"], "faiss_version": faiss.__version__},
+        }
+        entries = _store_metadata(st, parts, 0, gen)
+        manifest["metadata_files"] = entries
+        return st.commit(manifest, [index_file] + [e["file"] for e in entries])
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x / np.linalg.norm(x, axis=1, keepdims=True), dtype=np.float32)
+
+
+# --------------------------------------------------------------------------------------------- add
+def _check_compatible(manifest: dict, source: EmbeddingSource, encoder_info: Optional[dict], where: str) -> None:
+    if source.dim != manifest["dim"]:
+        raise IndexMismatchError(f"{where}: index dim is {manifest['dim']} but the new embeddings have dim "
+                                 f"{source.dim}")
+    enc_new, enc_old = _encoder_of(source, encoder_info), manifest.get("encoder")
+    if enc_new and enc_old:
+        if enc_new.get("name") != enc_old.get("name"):
+            raise IndexMismatchError(f"{where}: index was built with encoder {enc_old.get('name')!r} but the new "
+                                     f"embeddings come from {enc_new.get('name')!r}")
+        fa, fb = enc_old.get("weights_fingerprint"), enc_new.get("weights_fingerprint")
+        if fa and fb and fa != fb and enc_old.get("dtype") == enc_new.get("dtype"):
+            raise IndexMismatchError(f"{where}: the new embeddings come from encoder {enc_new.get('name')!r} with "
+                                     f"other weights than the index was built with")
+
+
+def check_kind(manifest: dict, kind: Optional[str], where: str) -> str:
+    """The kind to add to an index (``None``: the index's); :class:`IndexMismatchError` when it differs."""
+    have = manifest.get("kind", "img")
+    if kind is not None and kind != have:
+        names = {"img": "image", "text": "caption (text)"}
+        raise IndexMismatchError(f"{where} is a {names.get(have, have)} index (kind={have!r}): refusing to add "
+                                 f"{names.get(kind, kind)} embeddings (kind={kind!r}) to it")
+    return have
+
+
+def _last_added(manifest: dict, job: dict, checksum: str) -> bool:
+    """Whether the committed state already ends with this add (rerun after a commit: nothing to do)."""
+    if (manifest.get("_store") or {}).get("job_id") == job_id(job):
+        return True
+    last = (manifest.get("embeddings") or [{}])[-1]
+    return len(manifest.get("embeddings") or []) > 1 and last.get("checksum") == checksum
+
+
+def add_to_index(out_dir: str, embeddings, metadata=None, *, kind: Optional[str] = None,
+                 encoder_info: Optional[dict] = None, checkpoint_every_s: float = 300.0,
+                 batch_rows: Optional[int] = None, use_gpu: bool = False, progress: bool = True) -> dict:
+    """Append ``embeddings`` (folder or array, same dim, kind and encoder) to an existing index without
+    rebuilding; returns the committed manifest.
+
+    New ids continue after the largest id ever assigned, so ids stay unique and stable (also after removals).
+    The tuned search parameters are kept; the index's normalisation is applied to the new vectors. ``kind``
+    defaults to the index's (``'img'`` / ``'text'``); another kind raises :class:`IndexMismatchError`, as do
+    another dim or encoder. Non-finite vectors raise ``EmbeddingError`` naming shard and row. Resumable and
+    crash-safe like :func:`build_index`; rerunning the add that was committed last is a no-op, and a different
+    add while one is pending raises ``PendingJobError``.
+    """
+    out_dir = os.fspath(out_dir)
+    manifest = read_manifest(out_dir)
+    kind = check_kind(manifest, kind, out_dir)
+    if batch_rows is not None and (isinstance(batch_rows, bool) or int(batch_rows) < 1):
+        raise ValueError(f"batch_rows must be >= 1, got {batch_rows!r}")
+    source = EmbeddingSource.open(embeddings, kind)
+    _check_compatible(manifest, source, encoder_info, out_dir)
+    parts = _metadata_parts(source, metadata)
+    excluded = _empty_caption_rows(parts, kind)
+    explicit = manifest.get("normalize_mode") == "explicit"
+    scan, normalize = _scan(source, manifest.get("normalize", False) if explicit or manifest.get("normalize")
+                            else None, source.root or "embeddings")
+    checksum = scan["checksum"]
+    rows_per_batch = _batch_rows(source.dim, manifest.get("max_index_memory", parse_memory("4G")), batch_rows)
+    job = dict(op="add", checksum=checksum, kind=kind, batch=rows_per_batch, normalize=normalize,
+               metadata=None if metadata is None else _table_digest(to_table(metadata, source.count)),
+               skipped=int(len(excluded)))
+    if _last_added(manifest, job, checksum):
+        logger.info("%s: these embeddings were the last ones added; nothing to do", out_dir)
+        return manifest
+    with Store(out_dir, job=job, description="index") as st:
+        manifest = st.manifest
+        if _last_added(manifest, job, checksum):
+            return manifest
+        gen, first_id = st.generation, int(manifest["next_id"])
+        index_file = generation_name(INDEX_FILES[kind], gen)
+        stem = os.path.splitext(index_file)[0]
+        if st.state.get("stage", "add") == "add":
+            ckpt = st.state.get("checkpoint") if st.state.get("rows_done") else None
+            index = read_index(os.path.join(st.folder, ckpt or manifest["index_file"]))
+            helper = maybe_gpu(index, use_gpu)
+            _populate(st, index, source.normalized(normalize), first_id=first_id, batch_rows=rows_per_batch,
+                      stem=stem, skip=excluded, checkpoint_every_s=checkpoint_every_s, helper=helper,
+                      progress=progress)
+            set_search_params(index, manifest.get("search_params", ""))
+            size = _write_final(st, index, index_file)
+            st.save_state(stage="commit", index_bytes=size, ntotal=int(index.ntotal))
+        new = dict(manifest)
+        new.update(index_file=index_file, ntotal=st.state["ntotal"], next_id=first_id + source.count,
+                   normalize=bool(manifest.get("normalize")) or normalize,
+                   index_bytes=st.state["index_bytes"],
+                   bytes_per_vector=st.state["index_bytes"] / max(st.state["ntotal"], 1))
+        new["skipped"] = {"empty_caption": int((manifest.get("skipped") or {}).get("empty_caption", 0))
+                          + int(len(excluded))}
+        new["embeddings"] = manifest["embeddings"] + [_source_record(source, checksum, first_id)]
+        entries = _store_metadata(st, parts, first_id, gen)
+        new["metadata_files"] = list(manifest.get("metadata_files", [])) + entries
+        return st.commit(new, [index_file] + [e["file"] for e in new["metadata_files"]])
+
+
+# --------------------------------------------------------------------------------------------- remove
+def remove_from_index(out_dir: str, ids: Sequence[int]) -> dict:
+    """Remove ``ids`` from the index (IVF and Flat indexes; HNSW graphs cannot delete); returns the committed
+    manifest. Ids are never reused; their metadata rows stay on disk but are never returned.
+
+    Raises ``ValueError`` naming ids that are not in the index (never assigned, already removed, or skipped
+    at build), :class:`RetrievalError` for an index type that cannot delete. Crash-safe like
+    :func:`build_index`: a kill leaves the old state, rerunning finishes it with every id removed exactly
+    once; rerunning the remove that was committed last is a no-op.
+    """
+    import hashlib
+
+    out_dir = os.fspath(out_dir)
+    manifest = read_manifest(out_dir)
+    try:
+        arr = np.asarray(list(ids), dtype=np.int64)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"ids must be integers, got {list(ids)[:5]!r}") from None
+    ids = np.unique(arr)
+    if not len(ids):
+        raise ValueError("no ids to remove")
+    job = dict(op="remove", ids=hashlib.sha256(ids.tobytes()).hexdigest(), count=int(len(ids)))
+    if (manifest.get("_store") or {}).get("job_id") == job_id(job):
+        logger.info("%s: these ids were removed by the last commit; nothing to do", out_dir)
+        return manifest
+    with Store(out_dir, job=job, description="index") as st:
+        manifest = st.manifest
+        if (manifest.get("_store") or {}).get("job_id") == job_id(job):
+            return manifest
+        index_file = generation_name(INDEX_FILES[manifest.get("kind", "img")], st.generation)
+        if st.state.get("stage") != "commit":
+            index = read_index(os.path.join(st.folder, manifest["index_file"]))
+            if not supports_remove(index):
+                raise RetrievalError(f"{out_dir}: index {manifest['index_key']} does not support removing ids "
+                                     f"(HNSW graphs cannot delete); rebuild without those rows")
+            present = stored_ids(index)
+            missing = np.setdiff1d(ids, present)
+            if len(missing):
+                shown = ", ".join(str(int(i)) for i in missing[:10]) + (", ..." if len(missing) > 10 else "")
+                raise ValueError(f"{out_dir}: {len(missing)} of the {len(ids)} ids to remove are not in the index "
+                                 f"(never assigned, already removed or skipped): {shown}")
+            removed = int(index.remove_ids(ids))
+            size = _write_final(st, index, index_file)
+            st.save_state(stage="commit", removed=removed, index_bytes=size, ntotal=int(index.ntotal))
+        s = st.state
+        new = dict(manifest, index_file=index_file, ntotal=s["ntotal"],
+                   removed=int(manifest.get("removed", 0)) + s["removed"], index_bytes=s["index_bytes"],
+                   bytes_per_vector=s["index_bytes"] / max(s["ntotal"], 1))
+        return st.commit(new, [index_file] + [e["file"] for e in manifest.get("metadata_files", [])])
+
