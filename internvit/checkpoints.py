@@ -264,8 +264,10 @@ def safe_torch_load(path: str, *, map_location="cpu", mmap: bool = False,
         with only_safe_globals(safe_globals):
             obj = torch.load(path, map_location=map_location, weights_only=True, mmap=bool(mmap and is_zip))
     except Exception as e:  # noqa: BLE001 - whatever torch raises, the user gets one line naming the file
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        detail = next((ln for ln in lines if "WeightsUnpickler error" in ln), lines[0] if lines else "")
+        text = str(e)
+        if "WeightsUnpickler error:" in text:  # torch's refusal: keep its reason, not its advice
+            text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation of torch.load")[0]
+        detail = " ".join(ln.strip() for ln in text.splitlines() if ln.strip())[:300]
         raise CheckpointError(f"{path}: cannot read as a torch checkpoint ({type(e).__name__}: {detail})") from None
     check_plain_data(obj, path, allowed_types)
     return obj
