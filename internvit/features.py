@@ -506,6 +506,10 @@ def _refuse_other(out_dir: str, manifest: Mapping[str, Any], job: Mapping[str, A
         elif a != b:
             raise ValueError(f"{out_dir} holds features made with different arguments ({key}: "
                              f"{_short(a)} there, {_short(b)} now); use another output folder or delete it")
+    if manifest.get("tiling") != job.get("tiling"):  # tiles vs whole images (only tile jobs carry the key)
+        raise ValueError(f"{out_dir} holds features made with different arguments (tiling: "
+                         f"{_short(manifest.get('tiling'))} there, {_short(job.get('tiling'))} now); use another "
+                         f"output folder or delete it")
     raise ValueError(f"{out_dir} holds features of another job (written by another version?); use another "
                      f"output folder or delete it")
 

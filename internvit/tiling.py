@@ -405,3 +405,133 @@ def encode_tile_batch(encode: Callable[[torch.Tensor], torch.Tensor], pixels: to
         cols = {"cols": [int(meta["cols"][first[i]]) for i in ids], "rows": [int(meta["rows"][first[i]]) for i in ids],
                 "num_tiles": [image_ids.count(i) for i in ids]}
     return out, ids, cols
+
+
+@dataclass(frozen=True)
+class TileSettings:
+    """Tiling settings of a :class:`~internvit.features.FeatureExtractor` (``tiles=`` etc.); see docs/features.md.
+
+    ``image_size`` is the tile side (the extractor's preprocessing size). :meth:`params` is what the manifest
+    records (and a resumed run must match).
+    """
+
+    max_num: int
+    min_num: int = 1
+    image_size: int = 448
+    use_thumbnail: bool = True
+    tile_pool: Optional[str] = None
+    projector_input: bool = False
+    downsample_ratio: float = 0.5
+
+    def __post_init__(self) -> None:
+        validate_tile_args(self.min_num, self.max_num, self.image_size)
+        if self.tile_pool not in TILE_POOLS:
+            raise ValueError(f"tile_pool must be None, 'mean' or 'thumbnail', got {self.tile_pool!r}")
+        if self.tile_pool == "thumbnail" and not self.use_thumbnail and self.max_num > 1:
+            raise ValueError("tile_pool='thumbnail' needs use_thumbnail=True (multi-tile images have no other "
+                             "whole-image view)")
+        r = self.downsample_ratio
+        if not 0 < r <= 1 or abs(round(1 / r) * r - 1) > 1e-9:
+            raise ValueError(f"downsample_ratio must be 1/k for an integer k >= 1, got {self.downsample_ratio}")
+
+    def params(self) -> dict:
+        return {"rule": "InternVL-Chat dynamic_preprocess", "max_num": self.max_num, "min_num": self.min_num,
+                "image_size": self.image_size, "use_thumbnail": self.use_thumbnail, "tile_pool": self.tile_pool,
+                "projector_input": self.projector_input,
+                "downsample_ratio": self.downsample_ratio if self.projector_input else None}
+
+    def dataset(self, images, transform: Callable) -> "TileDataset":
+        """A :class:`TileDataset` over a folder / list file / list of paths / ``ImageDataset``."""
+        from torch.utils.data import Dataset as _Dataset
+
+        from .data import ImageDataset, list_images
+
+        if isinstance(images, ImageDataset):
+            paths = images.paths
+        elif isinstance(images, _Dataset):
+            raise ValueError("tiles need image files (a folder, a list file or paths), not a Dataset")
+        else:
+            paths = list_images(images)
+        return TileDataset(paths, transform, min_num=self.min_num, max_num=self.max_num,
+                           image_size=self.image_size, use_thumbnail=self.use_thumbnail)
+
+    def batches(self, dataset: "TileDataset", start: int, end: int, max_tiles: int) -> list[list[int]]:
+        return pack_batches(dataset.num_tiles, max_tiles, start=start, end=end)
+
+    def run(self, fx, dataset: "TileDataset", batches: list[list[int]], total: int):
+        """Yield ``(ids, features, errors, columns)`` per packed batch for a FeatureExtractor ``fx``.
+
+        ``ids`` holds the input row (image) of every output row; ``columns`` the per-row metadata (see
+        :func:`encode_tile_batch`). An image with any non-finite tile feature is dropped whole and listed in
+        ``errors``. ``fx.last_stats`` counts images.
+        """
+        import time
+
+        import numpy as np
+        from torch.utils.data import DataLoader
+        from tqdm.auto import tqdm
+
+        encode = fx.encode
+        if self.projector_input:
+            proj = projector_encoder(fx.backbone, layer=(fx.layers or [-1])[0], downsample_ratio=self.downsample_ratio)
+
+            def encode(pixels):
+                with torch.inference_mode():
+                    x = pixels.to(fx.device, non_blocking=True).to(fx.dtype)
+                    return proj(x)
+
+        loader = DataLoader(dataset, batch_sampler=batches, num_workers=fx.num_workers, collate_fn=collate_tiles,
+                            pin_memory=fx.device.type == "cuda")
+        start, done, nonfinite = time.perf_counter(), 0, 0
+        with tqdm(total=total, unit="img", desc="tile features", disable=not fx.progress, smoothing=0.1) as bar:
+            for pixels, images, errors, meta in loader:
+                ids, feats, columns = [], None, {}
+                if pixels is not None:
+                    out, ids, columns = encode_tile_batch(encode, pixels, meta, self.tile_pool)
+                    feats = out.float().cpu().numpy()
+                    finite = np.isfinite(feats.reshape(len(feats), -1)).all(axis=1)
+                    bad = sorted({ids[j] for j in np.flatnonzero(~finite)})
+                    if bad:  # an image is kept whole or not at all
+                        keep = [j for j, i in enumerate(ids) if i not in set(bad)]
+                        errors = sorted(list(errors) + [(i, f"non-finite features (NaN or infinity in dtype "
+                                                            f"{str(fx.dtype).replace('torch.', '')}; try bf16 or fp32)")
+                                                        for i in bad])
+                        ids, feats = [ids[j] for j in keep], feats[keep]
+                        columns = {k: [v[j] for j in keep] for k, v in columns.items()}
+                        nonfinite += len(bad)
+                n_images = len(set(images) | {i for i, _ in errors})
+                done += n_images
+                bar.update(n_images)
+                yield ids, feats, errors, columns
+        seconds = time.perf_counter() - start
+        fx.last_stats = {"seconds": round(seconds, 3), "images": done, "nonfinite": nonfinite,
+                         "images_per_s": round(done / seconds, 2) if seconds > 0 else None}
+
+
+
+def tile_settings(fx, tiles: Optional[int], *, min_tiles: int = 1, use_thumbnail: bool = True,
+                  tile_pool: Optional[str] = None, projector_input: bool = False,
+                  downsample_ratio: float = 0.5) -> TileSettings:
+    """Validated :class:`TileSettings` for a FeatureExtractor ``fx`` (tile side = its preprocessing size)."""
+    if tiles is None:
+        raise ValueError("projector_input needs tiles=MAX_NUM (tiles=1: one squashed tile per image, as upstream "
+                         "without dynamic tiling)")
+    size = fx.preprocessing.get("image_size") if isinstance(fx.preprocessing, dict) else None
+    if size is None:
+        size = getattr(getattr(fx.model, "config", None), "image_size", None)
+    if size is None:
+        raise ValueError("tiles: the tile size is unknown (pass preprocess as a dict with image_size)")
+    if projector_input:
+        if fx.backbone is None:
+            raise ValueError("projector_input needs an InternViT (not embed_fn): it reshapes the patch tokens")
+        if fx.layers is not None and len(fx.layers) != 1:
+            raise ValueError(f"projector_input takes one block (InternVL-Chat's select_layer), got layers={fx.layers}")
+        if fx.normalize:
+            raise ValueError("projector_input with normalize=True: the projector takes the raw tokens")
+    return TileSettings(max_num=tiles, min_num=min_tiles, image_size=int(size), use_thumbnail=use_thumbnail,
+                        tile_pool=tile_pool, projector_input=projector_input, downsample_ratio=downsample_ratio)
+
+
+def row_columns(settings: TileSettings) -> tuple[str, ...]:
+    """Metadata columns a tile feature folder adds to ``id`` and ``path``."""
+    return TILE_COLUMNS if settings.tile_pool is None else POOLED_COLUMNS

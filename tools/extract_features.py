@@ -5,6 +5,10 @@
   python tools/extract_features.py --model ckpt.pth --config internvit-6b-224px --images list.txt --out feats/ \\
       --layers 11 23 -1 --pool grid --image-size 448 --dtype bf16 --device cuda
 
+Dynamic-resolution tiles (InternVL-Chat preprocessing; docs/features.md):
+  python tools/extract_features.py --model /models/InternViT-300M-448px --images scans/ --out feats/ --tiles 12
+      [--no-thumbnail] [--tile-pool mean|thumbnail] [--projector-input]
+
 Rerunning the same command after an interruption continues where it stopped.
 """
 import argparse
@@ -34,7 +38,38 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--device", type=device, default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--metadata-format", default="parquet", choices=["parquet", "jsonl"])
     p.add_argument("--no-progress", action="store_true")
+    t = p.add_argument_group("dynamic-resolution tiles (docs/features.md); --batch-size then counts tiles")
+    t.add_argument("--tiles", type=positive_int, default=None, metavar="MAX_NUM",
+                   help="cut each image into at most MAX_NUM tiles of --image-size (InternVL-Chat rule)")
+    t.add_argument("--min-tiles", type=positive_int, default=1, metavar="MIN_NUM", help="default 1")
+    t.add_argument("--no-thumbnail", action="store_true", help="no whole-image thumbnail after multi-tile grids")
+    t.add_argument("--tile-pool", default=None, choices=["mean", "thumbnail"],
+                   help="one row per image (mean over its tiles, or the thumbnail) instead of one row per tile")
+    t.add_argument("--projector-input", action="store_true",
+                   help="per tile, the MLLM projector's input: patch tokens pixel-shuffled to (256, 4C) at 448 px")
+    t.add_argument("--downsample-ratio", type=float, default=0.5, help="pixel-shuffle ratio (default 0.5)")
     return p
+
+
+def _check_tiles(args) -> None:
+    """Tile arguments, checked before the model is loaded."""
+    if args.tiles is None:
+        used = [f for f, on in (("--min-tiles", args.min_tiles != 1), ("--no-thumbnail", args.no_thumbnail),
+                                ("--tile-pool", args.tile_pool), ("--projector-input", args.projector_input))
+                if on]
+        if used:
+            raise UsageError(f"{used[0]} needs --tiles MAX_NUM")
+        return
+    from internvit.tiling import TileSettings
+
+    try:
+        TileSettings(max_num=args.tiles, min_num=args.min_tiles, image_size=1, use_thumbnail=not args.no_thumbnail,
+                     tile_pool=args.tile_pool, projector_input=args.projector_input,
+                     downsample_ratio=args.downsample_ratio)
+    except ValueError as e:
+        raise UsageError(str(e).replace("max_num", "--tiles").replace("min_num", "--min-tiles")) from None
+    if args.projector_input and (args.normalize or (args.layers is not None and len(args.layers) != 1)):
+        raise UsageError("--projector-input takes raw tokens of one block: no --normalize, at most one --layers")
 
 
 def _check_model_spec(value: str, what: str) -> None:
@@ -62,6 +97,7 @@ def _main(argv=None) -> int:
     _check_model_spec(args.model, "--model")
     if args.config is not None:
         _check_model_spec(args.config, "--config")
+    _check_tiles(args)
     images = list_images(args.images)
     if not images:
         raise UsageError(f"--images {args.images}: no images found (looked for {', '.join(_extensions())})")
@@ -69,11 +105,15 @@ def _main(argv=None) -> int:
     fx = FeatureExtractor(model, dict(image_size=args.image_size, resize_mode=args.resize_mode),
                           pool=args.pool, layers=args.layers, batch_size=args.batch_size,
                           num_workers=args.num_workers, device=args.device, dtype=args.dtype,
-                          normalize=args.normalize, progress=not args.no_progress, model_name=args.model)
+                          normalize=args.normalize, progress=not args.no_progress, model_name=args.model,
+                          tiles=args.tiles, min_tiles=args.min_tiles, use_thumbnail=not args.no_thumbnail,
+                          tile_pool=args.tile_pool, projector_input=args.projector_input,
+                          downsample_ratio=args.downsample_ratio)
     m = fx.write(images, args.out, shard_size=args.shard_size, metadata_format=args.metadata_format,
                  metadata_pattern="metadata/part-{shard:05d}." + args.metadata_format)
     speed = m["timing"].get("images_per_s")
-    print(f"wrote {m['count']} features of shape {tuple(m['feature_shape'])} to {args.out} "
+    rows = "" if args.tiles is None else (" (one per tile)" if args.tile_pool is None else " (one per image)")
+    print(f"wrote {m['count']} features{rows} of shape {tuple(m['feature_shape'])} to {args.out} "
           f"({len(m['shards'])} shards, {m['num_errors']} errors, "
           f"{f'{speed:.1f} images/s' if speed else 'nothing left to compute'})")
     return 0
