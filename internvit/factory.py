@@ -1,6 +1,7 @@
 """``load_model`` / ``save_model`` / ``build_model``: from presets, Hugging Face directories and weight files."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ from .config import (
 )
 from .fileio import atomic_write
 from .models.vit import InternViT, interpolate_pos_embed
+from .store import replace_folder
 
 logger = logging.getLogger("internvit")
 
@@ -44,13 +46,32 @@ def _model_class(config):
     return InternViT
 
 
+def preset_seed(name: str) -> int:
+    """The fixed seed a preset's random weights are drawn with (from its name: the same in every process)."""
+    return int.from_bytes(hashlib.sha256(f"internvit-preset:{name}".encode("utf-8")).digest()[:4], "little") >> 1
+
+
 def build_model(config: ConfigLike, *, device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.float32, init: bool = True) -> nn.Module:
-    """A randomly initialised model for a preset / dict / ``config.json`` (``init=False`` skips init)."""
+                dtype: torch.dtype = torch.float32, init: bool = True, seed: Optional[int] = None) -> nn.Module:
+    """A randomly initialised model for a preset / dict / ``config.json`` (``init=False`` skips init).
+
+    ``seed``: draw the weights from ``torch.manual_seed(seed)`` on a forked RNG (the global RNG state is left
+    untouched). A preset name defaults to :func:`preset_seed` of the name, so a preset gives the same weights
+    in every process; other configs default to ``None`` (the global RNG).
+    """
+    if seed is None and isinstance(config, str) and is_preset(config) and not os.path.exists(config):
+        seed = preset_seed(config)
     cfg = get_config(config)
-    model = _model_class(cfg)(cfg)
-    if init:
-        model.init_weights()
+    if seed is None:
+        model = _model_class(cfg)(cfg)
+        if init:
+            model.init_weights()
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            model = _model_class(cfg)(cfg)
+            if init:
+                model.init_weights()
     return model.to(device=device, dtype=dtype)
 
 
@@ -114,7 +135,8 @@ def load_model(
     preset name (random weights). A checkpoint that does not match raises :class:`CheckpointError` naming
     the missing, unexpected and mis-shaped keys; known extra heads are logged, not fatal. A weight file
     holding a text tower (``internvl_c_13b_224px.pth``, InternVL-14B weights) gives an InternVL model.
-    ``dtype=None`` keeps the dtypes stored in the checkpoint.
+    ``dtype=None`` keeps the dtypes stored in the checkpoint. A preset's random weights are drawn with
+    :func:`preset_seed` of its name (the same in every process; the global RNG is left untouched).
     """
     src = os.fspath(source) if isinstance(source, os.PathLike) else source
     if not isinstance(src, str):
@@ -122,7 +144,7 @@ def load_model(
     if not os.path.exists(src):
         if is_preset(src):
             model = build_model(config if config is not None else src, device=device,
-                                dtype=dtype or torch.float32)
+                                dtype=dtype or torch.float32, seed=preset_seed(src))
             model.load_report = LoadReport(family="random-init")
             model.name_or_path = src
             return model.freeze() if freeze else model
@@ -160,13 +182,15 @@ def save_model(model: nn.Module, directory: SourceLike, *, max_shard_bytes: int 
                dtype: Optional[torch.dtype] = None) -> str:
     """Write an HF-style directory (``config.json`` + safetensors, sharded past ``max_shard_bytes``).
 
-    Written into a temporary folder next to ``directory`` and renamed into place, so a crash leaves no
-    half-written model behind. Returns the directory.
+    Built in a temporary folder next to ``directory`` and swapped in with
+    :func:`internvit.store.replace_folder`: a kill at any point leaves the complete old model or the complete
+    new one, never neither, never a mix. Returns the directory. Raises
+    :class:`~internvit.store.StoreBusyError` if another process is replacing the same directory.
     """
     from safetensors.torch import save_file
 
     directory = os.fspath(directory)
-    with atomic_write(directory, is_dir=True) as tmp:
+    with replace_folder(directory, description="model directory") as tmp:
         sd = model.state_dict()
         itemsize = torch.empty((), dtype=dtype).element_size() if dtype is not None else None
 

@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 import internvit
 from internvit.features import FeatureExtractor, open_features, read_features
@@ -128,7 +129,10 @@ def test_write_refuses_other_arguments(tiny_model, image_dir, tmp_path):
         fx.write(image_dir["good"], tmp_path, shard_size=5)
     with pytest.raises(ValueError, match="inputs_checksum"):
         fx.write(image_dir["good"][::-1], tmp_path, shard_size=4)
-    other = internvit.load_model("internvit-6b-tiny")  # same config, other random weights
+    other = internvit.load_model("internvit-6b-tiny")
+    with torch.no_grad():  # same config, one weight differs in its last bit: a different model
+        w = other.state_dict()["encoder.layers.1.mlp.fc2.bias"]
+        w.view(torch.int32)[-1] ^= 1
     with pytest.raises(ValueError, match="weights_fingerprint"):
         FeatureExtractor(other, pool="cls", progress=False).write(image_dir["good"], tmp_path, shard_size=4)
     with pytest.raises(ValueError, match="shard"):
@@ -210,3 +214,82 @@ def test_cli_bad_input(image_dir, tmp_path, case):
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
     assert {"missing_folder": "nope", "unknown_preset": "internvit-9b-nonexistent", "bad_layer": "5"}[case] in err
     assert not (tmp_path / "out").exists()
+
+
+def test_preset_weights_are_the_same_in_every_process(tmp_path):
+    """Issue 9: a preset's random weights come from a seed of its name (not the global RNG), so running
+    extract_features twice on the same --out resumes/returns instead of refusing 'a different model'."""
+    import torch
+
+    from internvit.fingerprint import weights_fingerprint
+
+    code = ("import internvit; from internvit.fingerprint import weights_fingerprint; "
+            "print(weights_fingerprint(internvit.load_model('internvit-6b-tiny')))")
+    fps = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=ROOT)).stdout.strip() for _ in range(2)}
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    here = weights_fingerprint(internvit.load_model("internvit-6b-tiny"))
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is untouched
+    assert fps == {here}
+    assert weights_fingerprint(internvit.build_model("internvit-6b-tiny")) == here
+    img = tmp_path / "imgs"
+    make_images(str(img), 3)
+    args = ["--model", "internvit-6b-tiny", "--images", str(img), "--out", str(tmp_path / "out"), "--no-progress"]
+    for _ in range(2):
+        r = subprocess.run([sys.executable, CLI, *args], capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 0, r.stderr
+
+
+def test_fp16_overflow_rows_are_errors_not_features(tmp_path):
+    """Issue 9: features that overflow fp16 (NaN/inf) are counted and listed as errors with the reason, never
+    stored as features; fp32 stores them all. The 6B-style fixture with its last MLP scaled up so that its
+    activations exceed fp16's range (65504) but not fp32's."""
+    model_dir = _six_b_fixture("/work/shared/fixtures")
+    if model_dir is None:
+        pytest.skip("6B-style tiny fixture not available")
+
+    def overflowing():
+        model = internvit.load_model(model_dir)
+        with torch.no_grad():
+            model.state_dict()["encoder.layers.2.mlp.fc2.weight"].mul_(3e4)
+        return model
+
+    img = tmp_path / "imgs"
+    paths = make_images(str(img), 4)
+    fx16 = FeatureExtractor(overflowing(), dtype="fp16", pool="mean", progress=False)
+    res = fx16.extract(paths)
+    assert res.ids == [] and [e["id"] for e in res.errors] == [0, 1, 2, 3]
+    m = fx16.write(paths, tmp_path / "out16", shard_size=2)
+    assert m["num_nonfinite"] == 4 and m["num_errors"] == 4 and m["count"] == 0
+    errors = [json.loads(line) for line in (tmp_path / "out16" / "errors.jsonl").read_text().splitlines()]
+    assert all("non-finite" in e["error"] and "float16" in e["error"] for e in errors)
+    m32 = FeatureExtractor(overflowing(), pool="mean", progress=False).write(paths, tmp_path / "out32")
+    assert m32["count"] == 4 and m32["num_errors"] == 0
+    assert np.isfinite(read_features(tmp_path / "out32")[0]).all()
+
+
+def test_nonfinite_rows_are_dropped_row_by_row(image_dir, tmp_path):
+    """Within a batch only the non-finite rows are dropped (odd positions here); the rest keep their ids."""
+    def embed(x):
+        feats = x.flatten(1)[:, :4].float()
+        odd = (torch.arange(len(x)) % 2 == 1)[:, None]
+        return torch.where(odd, torch.full_like(feats, float("inf")), feats)
+
+    paths = image_dir["good"]
+    fx = FeatureExtractor(None, dict(image_size=28), embed_fn=embed, batch_size=2, progress=False)
+    m = fx.write(paths, tmp_path / "out", shard_size=4)
+    feats, rows = read_features(tmp_path / "out")
+    assert [r["id"] for r in rows] == [0, 2, 4] and np.isfinite(feats).all() and m["num_nonfinite"] == 3
+    assert [s["count"] for s in m["shards"]] == [2, 1]
+
+
+def _six_b_fixture(root):
+    """A folder / weight file of the 6B-style tiny parity fixture (config + weights), if present."""
+    if not os.path.isdir(root):
+        return None
+    for dirpath, _, files in os.walk(root):
+        if "config.json" in files and any(f.endswith((".safetensors", ".bin")) for f in files) and \
+                "6b" in dirpath.lower():
+            return dirpath
+    return None
