@@ -457,26 +457,47 @@ def _index_names(index_dirs) -> dict:
     return names
 
 
-class _BodyLimit:
-    """ASGI middleware: refuse a request body larger than ``max_bytes`` (from Content-Length before reading,
-    and while streaming for chunked bodies) with 413 and a JSON error."""
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"content-security-policy", b"default-src 'self'; img-src 'self' blob: data:; object-src 'none'; "
+                                 b"base-uri 'none'; frame-ancestors 'none'"),
+    (b"referrer-policy", b"no-referrer"),
+]
 
-    def __init__(self, app, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, int(max_bytes)
+
+class _Guard:
+    """ASGI middleware: bound the request head (``max_header_bytes``: 431) and body (``max_bytes``: 413, from
+    Content-Length before reading, and while streaming a chunked body), and add the security headers to every
+    response. Errors are JSON ``{"error": ...}``."""
+
+    def __init__(self, app, max_bytes: int, max_header_bytes: int = 16 * 1024) -> None:
+        self.app, self.max_bytes, self.max_header_bytes = app, int(max_bytes), int(max_header_bytes)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        for k, v in scope.get("headers", []):
+        headers = scope.get("headers", [])
+        started = False
+
+        async def guarded_send(msg):
+            nonlocal started
+            if msg["type"] == "http.response.start":
+                started = True
+                msg = dict(msg, headers=list(msg.get("headers", [])) + SECURITY_HEADERS)
+            await send(msg)
+
+        if sum(len(k) + len(v) for k, v in headers) + len(scope.get("raw_path") or b"") > self.max_header_bytes:
+            return await _send_json(guarded_send, 431, {"error": f"request head over {self.max_header_bytes} bytes"})
+        for k, v in headers:
             if k == b"content-length":
                 try:
                     n = int(v)
                 except ValueError:
-                    return await _send_json(send, 400, {"error": "invalid Content-Length"})
+                    return await _send_json(guarded_send, 400, {"error": "invalid Content-Length"})
                 if n > self.max_bytes:
-                    return await _send_json(send, 413, {"error": f"request body of {n} bytes is over the limit "
-                                                                 f"of {self.max_bytes} bytes"})
-        seen, started = 0, False
+                    return await _send_json(guarded_send, 413, {"error": f"request body of {n} bytes is over the "
+                                                                         f"limit of {self.max_bytes} bytes"})
+        seen = 0
 
         async def limited_receive():
             nonlocal seen
@@ -487,17 +508,11 @@ class _BodyLimit:
                     raise ApiError(413, f"request body is over the limit of {self.max_bytes} bytes")
             return msg
 
-        async def tracking_send(msg):
-            nonlocal started
-            if msg["type"] == "http.response.start":
-                started = True
-            await send(msg)
-
         try:
-            await self.app(scope, limited_receive, tracking_send)
+            await self.app(scope, limited_receive, guarded_send)
         except ApiError as e:
             if not started:
-                await _send_json(send, e.status, {"error": e.message})
+                await _send_json(guarded_send, e.status, {"error": e.message})
 
 
 async def _send_json(send, status: int, obj: dict) -> None:
@@ -584,15 +599,6 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
     async def _unexpected(request, e):
         logger.exception("unexpected error")
         return err(500, f"internal error ({type(e).__name__})")
-
-    @app.middleware("http")
-    async def _headers(request, call_next):
-        response = await call_next(request)
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        response.headers["Content-Security-Policy"] = ("default-src 'self'; img-src 'self' blob: data:; "
-                                                       "object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
-        response.headers["Referrer-Policy"] = "no-referrer"
-        return response
 
     # -- helpers --------------------------------------------------------------------------------------
     def get_index(name: Optional[str]) -> ServedIndex:
@@ -850,7 +856,7 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
         return FileResponse(os.path.join(STATIC_DIR, "index.html"), media_type="text/html")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    app.add_middleware(_BodyLimit, max_bytes=limits.body_bytes())
+    app.add_middleware(_Guard, max_bytes=limits.body_bytes())
     return app
 
 
