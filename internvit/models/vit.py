@@ -311,10 +311,10 @@ class Block(nn.Module):
         super().__init__()
         self.norm1 = build_norm(config)
         self.attn = Attention(config)
-        self.ls1 = nn.Parameter(config.initializer_factor * torch.ones(config.hidden_size))
+        self.ls1 = nn.Parameter(torch.full((config.hidden_size,), float(config.initializer_factor)))
         self.norm2 = build_norm(config)
         self.mlp = MLP(config)
-        self.ls2 = nn.Parameter(config.initializer_factor * torch.ones(config.hidden_size))
+        self.ls2 = nn.Parameter(torch.full((config.hidden_size,), float(config.initializer_factor)))
         self.drop_path_rate = drop_path_rate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
