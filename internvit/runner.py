@@ -91,13 +91,13 @@ def build_runner(cfg, checkpoint: Optional[str] = None):
 
     ckpt = _read_checkpoint(checkpoint) if checkpoint else None
     work_dir = osp.abspath(cfg.work_dir)
-    new_work_dir = not osp.exists(work_dir)
+    existing = set(os.listdir(work_dir)) if osp.isdir(work_dir) else None
     runner = RUNNERS.build(cfg) if "runner_type" in cfg else Runner.from_cfg(cfg)
     if ckpt is not None:
         try:
             check_fits(runner.model, ckpt, checkpoint)
         except Exception:
-            _discard_run_files(runner, work_dir if new_work_dir else None)
+            _discard_run_files(runner, work_dir, existing)
             raise
     _scope_checkpoint_loading(runner)
     return runner
@@ -158,17 +158,28 @@ def check_fits(model, ckpt, path: str) -> None:
         raise CheckpointError(f"{path} does not fit the config's model: " + "; ".join(problems))
 
 
-def _discard_run_files(runner, created_work_dir: Optional[str]) -> None:
-    """Remove what a runner wrote while being built (its timestamped log folder; the work dir if it made it)."""
+def _discard_run_files(runner, work_dir: str, existing: Optional[set]) -> None:
+    """Remove what a runner wrote while being built: the work dir if it made it, else the entries it added
+    (its timestamped log folder, the dumped config)."""
     for handler in list(getattr(runner.logger, "handlers", [])):
         if isinstance(handler, logging.FileHandler):
             handler.close()
             runner.logger.removeHandler(handler)
-    log_dir = getattr(runner, "log_dir", None)
-    if log_dir and osp.isdir(log_dir):
-        shutil.rmtree(log_dir, ignore_errors=True)
-    if created_work_dir and osp.isdir(created_work_dir) and not os.listdir(created_work_dir):
-        os.rmdir(created_work_dir)
+    # mmengine keeps the logger and visualizer as named per-process instances: forget these two, or the next
+    # runner of that name (same config, same second) would reuse them and write into the removed folder
+    for instance in (getattr(runner, "logger", None), getattr(runner, "visualizer", None)):
+        registry = getattr(type(instance), "_instance_dict", None)
+        if registry is not None and registry.get(getattr(instance, "instance_name", None)) is instance:
+            registry.pop(instance.instance_name)
+    if existing is None:
+        shutil.rmtree(work_dir, ignore_errors=True)
+        return
+    for name in set(os.listdir(work_dir)) - existing if osp.isdir(work_dir) else ():
+        path = osp.join(work_dir, name)
+        if osp.isdir(path) and not osp.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)
 
 
 def _scope_checkpoint_loading(runner) -> None:

@@ -38,14 +38,21 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if os.path.lexists(args.dst) and not args.overwrite:
         raise UsageError(f"{args.dst}: already exists (pass --overwrite to replace it)")
-    if args.command == "mmseg0x":
-        from segmentation.convert_0x import convert_mmseg0x
+    from internvit import CheckpointError
 
-        out = convert_mmseg0x(args.src, args.dst)
-    else:
-        from internvit.factory import convert_checkpoint
+    try:
+        if args.command == "mmseg0x":
+            from segmentation.convert_0x import convert_mmseg0x
 
-        out = convert_checkpoint(args.src, args.dst, to=args.command[3:], config=args.config)
+            out = convert_mmseg0x(args.src, args.dst)
+        else:
+            from internvit.factory import convert_checkpoint
+
+            out = convert_checkpoint(args.src, args.dst, to=args.command[3:], config=args.config)
+    except CheckpointError as e:  # name the source file in every message
+        if args.src not in str(e):
+            raise CheckpointError(f"{args.src}: {e}") from None
+        raise
     print(f"wrote {out}")
     return 0
 

@@ -1,0 +1,183 @@
+"""tools/train.py, tools/test.py, tools/convert_checkpoint.py and tools/dist_train.sh on bad input: one
+``error:`` line naming the file or key, exit status 2, nothing written; a checkpoint that does not fit the
+config's model is an error (issue 9)."""
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+
+import pytest
+import torch
+
+import internvit
+from internvit import CheckpointError
+from internvit.cli import run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CLS_TOY = os.path.join(ROOT, "configs", "classification", "toy", "digits_linear_probe.py")
+SEG_TOY = os.path.join(ROOT, "configs", "toy", "linear_internvit_tiny_toy.py")
+
+
+def _tool(name):
+    spec = importlib.util.spec_from_file_location(f"tools_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fails(name: str, argv: list, capsys, *must: str) -> str:
+    """Run a tool in-process the way its ``__main__`` does; expect exit 2 and one ``error:`` line with ``must``."""
+    from internvit.cli import UsageError
+
+    capsys.readouterr()
+    try:
+        user_errors = (UsageError, OSError, ValueError, KeyError) if name == "convert_checkpoint" else (UsageError,)
+        rc = run(_tool(name).main, argv, user_errors=user_errors)
+    except SystemExit as e:  # argparse
+        rc = e.code
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: "), (rc, err)
+    for text in must:
+        assert text in lines[0], (text, lines[0])
+    return lines[0]
+
+
+@pytest.fixture
+def configs(tmp_path):
+    broken = tmp_path / "broken.py"
+    broken.write_text("model = dict(type='X'\nx = 1\n")
+    no_model = tmp_path / "no_model.py"
+    no_model.write_text("x = 1\n")
+    no_optim = tmp_path / "no_optim.py"
+    no_optim.write_text(f"_base_ = [{CLS_TOY!r}]\noptim_wrapper = None\n")
+    return dict(broken=str(broken), no_model=str(no_model), no_optim=str(no_optim))
+
+
+@pytest.mark.parametrize("tool", ["train", "test"])
+def test_config_errors(tool, configs, tmp_path, capsys):
+    work = str(tmp_path / "work")
+    extra = [str(tmp_path / "x.pth")] if tool == "test" else []
+    if tool == "test":
+        torch.save({"state_dict": {"w": torch.zeros(1)}}, extra[0])
+    common = ["--work-dir", work]
+    _fails(tool, [configs["broken"], *extra, *common], capsys, configs["broken"], "syntax error", "line 1")
+    _fails(tool, [configs["no_model"], *extra, *common], capsys, configs["no_model"], "'model'")
+    missing = str(tmp_path / "nope.py")
+    _fails(tool, [missing, *extra, *common], capsys, missing)
+    _fails(tool, [CLS_TOY, *extra, "--launcher", "foo"], capsys, "--launcher")
+    _fails(tool, [CLS_TOY, *extra, "--local_rank", "-1"], capsys, "--local_rank")
+    _fails(tool, [CLS_TOY, *extra, "--cfg-options", "foo"], capsys, "--cfg-options", "'foo'")
+    if tool == "train":
+        _fails(tool, [configs["no_optim"], *common], capsys, "optim_wrapper")
+        _fails(tool, [CLS_TOY, "--resume", str(tmp_path / "none.pth"), *common], capsys, "none.pth")
+        _fails(tool, [CLS_TOY, *common, "--cfg-options", f"load_from={tmp_path / 'none.pth'}"], capsys, "none.pth")
+    else:
+        _fails(tool, [CLS_TOY, str(tmp_path / "none.pth"), *common], capsys, "none.pth")
+        _fails(tool, [CLS_TOY, *extra, *common, "--out", str(tmp_path / "preds.json")], capsys, "preds.json")
+    assert not os.path.exists(work)
+
+
+def _probe_state_dict(**head) -> dict:
+    """The linear-probe toy model's own state dict (what its training run saves)."""
+    from classification import MODELS
+    from internvit.runner import load_config
+
+    cfg = load_config(CLS_TOY)
+    cfg.model.update(head)
+    return MODELS.build(cfg.model).state_dict()
+
+
+def test_checkpoint_of_another_model_is_an_error(tmp_path, capsys):
+    """tools/test.py and load_from with a checkpoint that does not fit: one line naming the keys, nothing left
+    in a work dir the tool created; a fitting one builds."""
+    from internvit.runner import build_test_runner
+
+    work = str(tmp_path / "work")
+    good = str(tmp_path / "good.pth")
+    torch.save({"meta": {"epoch": 10}, "state_dict": _probe_state_dict()}, good)
+    other = str(tmp_path / "other.pth")  # a segmentor's keys
+    torch.save({"state_dict": {"backbone.embeddings.class_embedding": torch.zeros(1, 1, 64),
+                               "decode_head.conv_seg.weight": torch.zeros(4, 64, 1, 1)}}, other)
+    fewer_classes = str(tmp_path / "five_classes.pth")
+    torch.save({"state_dict": _probe_state_dict(head=dict(type="ClsPatchConcatHead", num_classes=5))},
+               fewer_classes)
+
+    line = _fails("test", [CLS_TOY, other, "--work-dir", work], capsys, other, "does not fit",
+                  "missing keys: ", "unexpected keys: decode_head.conv_seg.weight")
+    assert "head." in line
+    _fails("test", [CLS_TOY, fewer_classes, "--work-dir", work], capsys, "mis-shaped keys: head.",
+           "checkpoint [5")
+    _fails("train", [CLS_TOY, "--work-dir", work, "--cfg-options", f"load_from={other}"], capsys, "does not fit")
+    _fails("train", [CLS_TOY, "--work-dir", work, "--resume", fewer_classes], capsys, "mis-shaped keys")
+    assert not os.path.exists(work)  # the runner's log folder and the work dir it created are gone again
+
+    runner = build_test_runner(CLS_TOY, good, work_dir=work)  # a fitting checkpoint builds
+    assert runner.model is not None
+    with pytest.raises(CheckpointError, match="does not fit"):
+        build_test_runner(CLS_TOY, other, work_dir=work)
+    assert sorted(os.listdir(work)) == sorted([runner.timestamp, "digits_linear_probe.py"])  # the first runner's
+
+
+def _corrupt_inputs(tmp_path, vit_fixture) -> dict:
+    st = open(os.path.join(vit_fixture, "model.safetensors"), "rb").read()
+    pth = open(os.path.join(vit_fixture, "original_format.pth"), "rb").read()
+    files = {
+        "random.pth": os.urandom(2000),
+        "empty.pth": b"",
+        "truncated.pth": pth[: len(pth) // 2],
+        "truncated.safetensors": st[: len(st) - 100],
+        "header.safetensors": b"\xff" * 8 + b"{}",
+    }
+    out = {}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        out[name] = str(tmp_path / name)
+    head = tmp_path / "head.pth"  # wrong family: a probe head, not an InternViT
+    torch.save({"model": {"head.weight": torch.zeros(10, 64), "head.bias": torch.zeros(10)}}, head)
+    out["head.pth"] = str(head)
+    out["missing.pth"] = str(tmp_path / "missing.pth")
+    return out
+
+
+@pytest.mark.parametrize("command", ["to-hf", "to-original", "mmseg0x"])
+def test_convert_bad_inputs(command, tmp_path, capsys, vit_fixture):
+    inputs = _corrupt_inputs(tmp_path, vit_fixture)
+    for name, src in inputs.items():
+        dst = str(tmp_path / f"out-{command}-{name}" / ("dst" if command == "to-hf" else "dst.pth"))
+        extra = ["--config", "internvit-6b-tiny"] if command != "mmseg0x" and "head" not in name else []
+        _fails("convert_checkpoint", [command, src, dst, *extra], capsys, src)
+        assert not os.path.exists(os.path.dirname(dst)), name  # nothing written, not even the folder
+
+
+def test_convert_does_not_overwrite(tmp_path, capsys, vit_fixture):
+    dst = tmp_path / "existing.pth"
+    dst.write_bytes(b"mine")
+    _fails("convert_checkpoint", ["to-original", vit_fixture, str(dst)], capsys, str(dst), "--overwrite")
+    assert dst.read_bytes() == b"mine"
+    assert run(_tool("convert_checkpoint").main, ["to-original", vit_fixture, str(dst), "--overwrite"]) == 0
+    sd = torch.load(dst, weights_only=True)["module"]
+    assert "cls_token" in sd and not any(f.name.startswith(".existing") for f in tmp_path.iterdir())
+    model = internvit.load_model(str(dst), "internvit-6b-tiny")
+    assert model.load_report.family == "original"
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(ROOT, ".venv", "bin", "python")), reason="no .venv")
+def test_dist_train_finds_the_venv_python(tmp_path):
+    """With no python on PATH and PYTHON unset, tools/dist_train.sh uses the repository's .venv."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "VIRTUAL_ENV")}
+    env.update(PATH=os.pathsep.join(p for p in ("/usr/bin", "/bin") if os.path.isdir(p)), PORT=str(port),
+               OMP_NUM_THREADS="1")
+    assert shutil.which("python", path=env["PATH"]) is None or subprocess.run(
+        ["python", "-c", "import torch"], env=env, capture_output=True).returncode != 0  # no usable python on PATH
+    proc = subprocess.run(["bash", os.path.join(ROOT, "tools", "dist_train.sh"), CLS_TOY, "1", "--help"], env=env,
+                          cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--resume" in proc.stdout
+    bad = subprocess.run(["bash", os.path.join(ROOT, "tools", "dist_train.sh")], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: usage")
