@@ -200,19 +200,24 @@ class TileDataset(Dataset):
         self.transform = transform
         self.min_num, self.max_num, self.image_size = min_num, max_num, image_size
         self.use_thumbnail = bool(use_thumbnail)
-        self._counts: Optional[list[int]] = None
+        self._counts: dict[int, int] = {}
 
     def params(self) -> dict:
         """The tiling parameters (JSON-ready), e.g. for a manifest."""
         return {"min_num": self.min_num, "max_num": self.max_num, "image_size": self.image_size,
                 "use_thumbnail": self.use_thumbnail}
 
+    def tile_count(self, i: int) -> int:
+        """Tiles of image ``i`` (thumbnail included) from its header; 1 for an unreadable file. Cached."""
+        if i not in self._counts:
+            self._counts[i] = tile_counts([self.paths[i]], min_num=self.min_num, max_num=self.max_num,
+                                          image_size=self.image_size, use_thumbnail=self.use_thumbnail)[0]
+        return self._counts[i]
+
     @property
     def num_tiles(self) -> list[int]:
-        if self._counts is None:
-            self._counts = tile_counts(self.paths, min_num=self.min_num, max_num=self.max_num,
-                                       image_size=self.image_size, use_thumbnail=self.use_thumbnail)
-        return self._counts
+        """:meth:`tile_count` of every image (reads every header once)."""
+        return [self.tile_count(i) for i in range(len(self.paths))]
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -456,7 +461,10 @@ class TileSettings:
                            image_size=self.image_size, use_thumbnail=self.use_thumbnail)
 
     def batches(self, dataset: "TileDataset", start: int, end: int, max_tiles: int) -> list[list[int]]:
-        return pack_batches(dataset.num_tiles, max_tiles, start=start, end=end)
+        """Packed batches of images ``[start, end)`` (only those headers are read: a resumed run reads the
+        headers of the pending shards only)."""
+        counts = _LazyCounts(dataset)
+        return pack_batches(counts, max_tiles, start=start, end=end)
 
     def run(self, fx, dataset: "TileDataset", batches: list[list[int]], total: int):
         """Yield ``(ids, features, errors, columns)`` per packed batch for a FeatureExtractor ``fx``.
@@ -507,6 +515,19 @@ class TileSettings:
         fx.last_stats = {"seconds": round(seconds, 3), "images": done, "nonfinite": nonfinite,
                          "images_per_s": round(done / seconds, 2) if seconds > 0 else None}
 
+
+
+class _LazyCounts:
+    """``dataset.tile_count`` as a sequence (headers read on access)."""
+
+    def __init__(self, dataset: "TileDataset") -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> int:
+        return self.dataset.tile_count(i)
 
 
 def tile_settings(fx, tiles: Optional[int], *, min_tiles: int = 1, use_thumbnail: bool = True,
