@@ -166,7 +166,9 @@ def _image_size(path: str) -> Optional[tuple[int, int]]:
 
     try:
         with Image.open(path) as img:  # reads the header only
-            return img.size
+            w, h = img.size
+            # EXIF orientations 5-8 rotate by 90 degrees: load_image returns the image upright
+            return (h, w) if img.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (w, h)
     except Exception:  # noqa: BLE001 - an unreadable file is reported when it is read, not here
         return None
 

@@ -360,3 +360,23 @@ def test_packed_tile_features_equal_per_image_features(tiny, tiny_tile_images, t
         assert columns["cols"][:4] == [2, 2, 2, 1] and columns["rows"][-1] == 2
     else:
         assert columns == {"cols": [2, 1, 3, 1], "rows": [1, 1, 1, 2], "num_tiles": [3, 1, 4, 3]}
+
+
+def test_tile_counts_follow_exif_orientation(tmp_path):
+    """A sideways phone photo (EXIF orientation 6) is tiled upright (1x3, not 3x1); the count read from the
+    header (used for packing) equals the tiles made."""
+    from internvit.data import load_image
+
+    img = Image.new("RGB", (100, 30), (1, 2, 3))  # stored 100x30, displayed 30x100
+    exif = img.getexif()
+    exif[0x0112] = 6
+    path = tmp_path / "rot.jpg"
+    img.save(path, exif=exif)
+    upright = load_image(str(path))
+    assert upright.size == (30, 100)
+    n = len(dynamic_tiles(upright, max_num=6, image_size=28))
+    assert tiling.tile_counts([str(path)], max_num=6, image_size=28) == [n]
+    ds = tiling.TileDataset([str(path)], max_num=6, image_size=28)
+    x, _, err = ds[0]
+    assert err is None and x["pixel_values"].shape[0] == n and (x["cols"], x["rows"]) == tile_grid(30, 100, max_num=6,
+                                                                                                 image_size=28)
