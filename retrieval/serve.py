@@ -217,7 +217,7 @@ class ServedIndex:
     # -- loading --------------------------------------------------------------------------------------
     def _load(self, previous: Optional[IndexState]) -> IndexState:
         """Load the committed state; raise ``RuntimeError`` if the manifest changed while loading (retry)."""
-        from .index import IndexMismatchError
+        from . import IndexMismatchError
 
         before = manifest_signature(self.dir)
         if before is None:
@@ -576,7 +576,7 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
     folder). ``threads``: worker threads for encoding and search. Raises ``RetrievalError`` / ``OSError`` for
     an unusable index folder, ``ValueError`` for bad arguments.
     """
-    from .search import Retriever
+    from . import Retriever
 
     limits = limits or ServeLimits()
     if loader is None:
