@@ -346,3 +346,28 @@ class _noop:
 
     def __exit__(self, *a):
         return False
+
+
+@pytest.mark.parametrize("key", ["HNSW8", "IVF4,Flat", "OPQ4,IVF4,PQ4"])
+def test_more_like_this_on_every_index_type(tmp_path, key):
+    """Search by id reconstructs the stored vector from HNSW (inside IDMap), IVF and OPQ+IVF-PQ indexes."""
+    from retrieval import Retriever, build_index
+
+    from .helpers import mixture
+
+    x = mixture(300, d=16, seed=1)
+    build_index(x, str(tmp_path / "ix"), index_key=key, metadata={"caption": [f"row {i}" for i in range(300)]},
+                progress=False)
+    r = Retriever.load(str(tmp_path / "ix"))
+    if "PQ" in key:  # a lossy code: the stored vector is what faiss decodes
+        import faiss
+
+        faiss.extract_index_ivf(r.index).make_direct_map(True)
+    with background_server(create_app([str(tmp_path / "ix")])) as url:
+        for id_ in (0, 17, 299):
+            status, body, _ = post(url + "/search", {"id": id_, "k": 5})
+            assert status == 200, body
+            stored = r.index.reconstruct(id_) if "PQ" in key else x[id_]  # Flat storage: the vector itself
+            _same(body["results"], r.search_embedding(stored, 5).rows[0])
+            assert body["results"][0]["caption"] == f"row {body['results'][0]['id']}"
+        assert post(url + "/search", {"id": 300, "k": 5})[0] == 404
