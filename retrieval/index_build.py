@@ -24,7 +24,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from internvit.store import Store, generation_name, job_id
+from internvit.store import JOURNAL, PendingJobError, Store, StoreBusyError, generation_name, job_id
 
 from .embeddings import UNIT_TOLERANCE, EmbeddingError, EmbeddingSource, _table_digest, to_table
 from .faiss_ops import (
@@ -216,6 +216,17 @@ def _source_record(source: EmbeddingSource, checksum: str, first_id: int) -> dic
     return {"source": root, "checksum": checksum, "count": source.count, "first_id": first_id}
 
 
+def _tidy(out_dir: str, job: dict) -> None:
+    """On a no-op rerun (the job was committed), let the store finish the clean-up a kill right after the
+    commit interrupted (superseded checkpoints); skipped while another writer is busy or a job is pending."""
+    if os.path.exists(os.path.join(out_dir, JOURNAL)):
+        try:
+            with Store(out_dir, job=job, description="index"):
+                pass
+        except (StoreBusyError, PendingJobError):
+            pass
+
+
 def _committed_or_none(out_dir: str) -> Optional[dict]:
     try:
         return read_manifest(out_dir)
@@ -300,6 +311,7 @@ def build_index(
     if existing is not None and not overwrite:
         if existing.get("build", {}).get("signature") == signature:
             logger.info("%s: index already built with these arguments", out_dir)
+            _tidy(out_dir, job)
             return existing
         raise FileExistsError(f"{out_dir}: already holds an index built from other embeddings or arguments "
                               f"(use add_to_index / --add to extend it, or overwrite=True / another folder)")
@@ -456,6 +468,7 @@ def add_to_index(out_dir: str, embeddings, metadata=None, *, kind: Optional[str]
                skipped=int(len(excluded)))
     if _last_added(manifest, job, checksum):
         logger.info("%s: these embeddings were the last ones added; nothing to do", out_dir)
+        _tidy(out_dir, job)
         return manifest
     with Store(out_dir, job=job, description="index") as st:
         manifest = st.manifest
@@ -511,6 +524,7 @@ def remove_from_index(out_dir: str, ids: Sequence[int]) -> dict:
     job = dict(op="remove", ids=hashlib.sha256(ids.tobytes()).hexdigest(), count=int(len(ids)))
     if (manifest.get("_store") or {}).get("job_id") == job_id(job):
         logger.info("%s: these ids were removed by the last commit; nothing to do", out_dir)
+        _tidy(out_dir, job)
         return manifest
     with Store(out_dir, job=job, description="index") as st:
         manifest = st.manifest
