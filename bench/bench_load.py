@@ -10,8 +10,12 @@ and with the bare readers ``safetensors.torch.load_file`` / ``torch.load(weights
 ``loader peak`` = peak RSS minus the RSS after ``import torch, internvit`` (what the load itself costs).
 The temporary folder is removed at the end.
 
+The loaded model owns its memory (safetensors are read, ``.pth`` tensors copied out of the memory map with the
+mapped pages released as it goes), so peak RSS stays near one copy of the parameters.
+
   python bench/bench_load.py              # 4 blocks ≈ 1.98 GB of parameters, ~1-2 min
   python bench/bench_load.py --layers 8 --tmp /scratch
+  python bench/bench_load.py --quick      # the tiny 6B-style preset: checks the script runs (numbers meaningless)
 """
 import argparse
 import json
@@ -59,9 +63,9 @@ print(json.dumps(dict(seconds=dt, touched=time.perf_counter() - t0, base=base, h
 """
 
 
-def make_checkpoint(folder: str, layers: int) -> tuple[str, str, int]:
+def make_checkpoint(folder: str, layers: int, preset: str = "internvit-6b-224px") -> tuple[str, str, int]:
     """Write the HF directory and the original-family .pth; returns (hf_dir, pth, parameter bytes)."""
-    cfg = internvit.get_config("internvit-6b-224px")
+    cfg = internvit.get_config(preset)
     cfg.num_hidden_layers = layers
     torch.manual_seed(0)
     model = internvit.build_model(cfg, init=False)  # values do not matter; skip the slow trunc-normal init
@@ -87,10 +91,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=4, help="blocks of width 3200 (~0.49 GB each in fp32)")
     p.add_argument("--tmp", default=None, help="where to write the temporary checkpoint")
+    p.add_argument("--quick", action="store_true", help="tiny preset instead of width 3200 (a smoke test)")
     args = p.parse_args(argv)
+    if args.layers < 1:
+        p.error(f"--layers must be >= 1, got {args.layers}")
     folder = tempfile.mkdtemp(prefix="internvit-bench-load-", dir=args.tmp)
     try:
-        hf_dir, pth, nbytes = make_checkpoint(folder, args.layers)
+        preset = "internvit-6b-tiny" if args.quick else "internvit-6b-224px"
+        hf_dir, pth, nbytes = make_checkpoint(folder, args.layers, preset)
         cfg_json = os.path.join(hf_dir, "config.json")
         st = os.path.join(hf_dir, "model.safetensors")
         runs = [
@@ -100,7 +108,7 @@ def main(argv=None) -> int:
             ("torch.load(weights_only)     [peer]", "torch.load", pth, ""),
         ]
         gb = 1024 ** 3
-        print(f"parameters: {nbytes / gb:.2f} GiB fp32 ({args.layers} blocks of width 3200); "
+        print(f"parameters: {nbytes / gb:.2f} GiB fp32 ({args.layers} blocks of {preset}); "
               f"safetensors file {os.path.getsize(st) / gb:.2f} GiB, .pth {os.path.getsize(pth) / gb:.2f} GiB")
         print(f"{'what':38s} {'wall s':>7s} {'+read s':>8s} {'peak RSS':>9s} {'loader peak':>12s} {'peak/params':>12s} "
               f"{'loader/params':>14s}")

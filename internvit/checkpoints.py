@@ -336,31 +336,40 @@ def _read_safetensors_tensor(path: str, data_start: int, info: dict) -> torch.Te
     return t
 
 
-def _release_pages(t: torch.Tensor) -> None:
-    """Drop the resident pages of a memory-mapped tensor from this process (Linux); they are re-read from
-    the file on the next access. Only whole pages inside the tensor's own bytes are released."""
-    if not sys.platform.startswith("linux") or t.numel() == 0:
-        return
+def _release_pages(start: int, nbytes: int) -> None:
+    """Drop the resident pages of ``[start, start + nbytes)`` of a memory-mapped file from this process (Linux);
+    they are re-read from the file on the next access. Only whole pages inside the range are released."""
     global _LIBC
+    if not sys.platform.startswith("linux") or nbytes <= 0:
+        return
     if _LIBC is None:
         _LIBC = ctypes.CDLL(None, use_errno=True)
         _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    storage = t.untyped_storage()
-    start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
     page = mmap_module.PAGESIZE
-    lo, hi = -(-start // page) * page, end // page * page
+    lo, hi = -(-start // page) * page, (start + nbytes) // page * page
     if hi > lo:
         _LIBC.madvise(lo, hi - lo, mmap_module.MADV_DONTNEED)
 
 
 _LIBC = None
+_COPY_CHUNK_BYTES = 16 * 1024**2
 
 
 def _owned_copy(t: torch.Tensor) -> torch.Tensor:
-    """A copy of a memory-mapped tensor in its own memory; the mapped pages are released after copying, so
-    reading a whole file this way peaks at about one copy of the weights."""
-    out = t.clone(memory_format=torch.contiguous_format)
-    _release_pages(t)
+    """A copy of a memory-mapped tensor in its own memory, copied in chunks whose mapped pages are released
+    right after: reading a whole file this way peaks at about one copy of the weights plus one chunk."""
+    if not t.is_contiguous() or t.numel() == 0:
+        out = t.clone(memory_format=torch.contiguous_format)
+        storage = t.untyped_storage()
+        _release_pages(storage.data_ptr(), storage.nbytes())
+        return out
+    out = torch.empty_like(t, memory_format=torch.contiguous_format)
+    src, dst = t.reshape(-1), out.reshape(-1)
+    step = max(1, _COPY_CHUNK_BYTES // t.element_size())
+    for a in range(0, src.numel(), step):
+        b = min(a + step, src.numel())
+        dst[a:b].copy_(src[a:b])
+        _release_pages(src.data_ptr() + a * t.element_size(), (b - a) * t.element_size())
     return out
 
 
