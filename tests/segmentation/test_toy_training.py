@@ -94,9 +94,12 @@ def test_frozen_backbone_unchanged_and_few_shot_list(toy_data, tmp_path):
 def test_mmseg_inferencer_with_our_config_and_checkpoint(uper_run, toy_data, tmp_path):
     from mmseg.apis import MMSegInferencer
 
+    from internvit import compat
 
     work_dir, _ = uper_run
-    inferencer = MMSegInferencer(model=TOY_UPER, weights=os.path.join(work_dir, f"iter_{ITERS}.pth"), device="cpu")
+    with compat.safe_checkpoint_loading():  # a Runner checkpoint (message hub, numpy values): read without code
+        inferencer = MMSegInferencer(model=TOY_UPER, weights=os.path.join(work_dir, f"iter_{ITERS}.pth"),
+                                     device="cpu")
     image = os.path.join(toy_data, "images", "validation", "toy_0000.png")
     result = inferencer(image, out_dir=str(tmp_path / "vis"), return_datasamples=True)
     assert result.pred_sem_seg.data.shape[-2:] == (120, 150)
