@@ -71,6 +71,14 @@ def main(argv=None) -> int:
         if not os.path.isfile(os.path.join(path, "manifest.json")):
             raise UsageError(f"{path}: not an index folder (no manifest.json)" if os.path.isdir(path)
                              else f"{path}: no such folder")
+    if args.port:  # a taken port is reported now, before the indexes are loaded
+        import socket
+
+        with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as sock:
+            try:
+                sock.bind((args.host, args.port))
+            except OSError as e:
+                raise UsageError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     if args.image_root and not os.path.isdir(args.image_root):
         raise UsageError(f"--image-root {args.image_root}: no such folder")
     dtype = None

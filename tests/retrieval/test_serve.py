@@ -327,9 +327,15 @@ def test_serve_cli_refuses_remote_host_and_bad_folders(tmp_path, capsys, vit_ind
     spec = importlib.util.spec_from_file_location("serve_cli", os.path.join(root, "tools", "serve.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    import socket
+
     from internvit.cli import run
 
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
     for argv, msg in [([vit_index, "--host", "0.0.0.0"], "--allow-remote"),
+                      ([vit_index, "--port", str(taken.getsockname()[1])], "cannot listen on 127.0.0.1"),
                       ([str(tmp_path / "none")], "no such folder"),
                       ([str(tmp_path)], "no manifest.json"),
                       ([vit_index, "--max-k", "0"], "argument --max-k")]:
@@ -338,6 +344,7 @@ def test_serve_cli_refuses_remote_host_and_bad_folders(tmp_path, capsys, vit_ind
             assert rc == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error:") and msg in err[0], err
+    taken.close()
 
 
 class _noop:
