@@ -189,6 +189,10 @@ class IndexState:
                 raise KeyError(id_) from None
 
 
+class _ChangedWhileLoading(RuntimeError):
+    """The manifest changed during a load: the loaded pieces may belong to two commits; discard and retry."""
+
+
 def manifest_signature(index_dir: str) -> Optional[tuple]:
     """``(inode, size, mtime_ns)`` of the committed manifest (``None`` when absent). Every commit replaces the
     file by an atomic rename, so a new commit always changes the inode."""
@@ -216,7 +220,7 @@ class ServedIndex:
 
     # -- loading --------------------------------------------------------------------------------------
     def _load(self, previous: Optional[IndexState]) -> IndexState:
-        """Load the committed state; raise ``RuntimeError`` if the manifest changed while loading (retry)."""
+        """Load the committed state; raises ``_ChangedWhileLoading`` if the manifest changed meanwhile."""
         from . import IndexMismatchError
 
         before = manifest_signature(self.dir)
@@ -240,7 +244,7 @@ class ServedIndex:
                 error = str(e).splitlines()[0] if str(e) else type(e).__name__
                 logger.warning("%s: no query encoder (%s); text and image queries are refused", self.name, error)
         if manifest_signature(self.dir) != before:
-            raise RuntimeError(f"{self.dir}: the index changed while it was being loaded")
+            raise _ChangedWhileLoading(f"{self.dir}: the index changed while it was being loaded")
         self._generation += 1
         return IndexState(retriever, before, self._generation, encoder, error)
 
@@ -253,12 +257,9 @@ class ServedIndex:
             return False
         try:
             new = self._load(self.state)
-        except RuntimeError as e:
-            if "changed while it was being loaded" in str(e):
-                return False
-            self._fail(sig, e)
-            return False
-        except (OSError, ValueError, KeyError) as e:
+        except _ChangedWhileLoading:
+            return False  # retried at the next check, against the newer commit
+        except Exception as e:  # noqa: BLE001 - missing files, a half-written folder, a bad manifest: keep serving
             self._fail(sig, e)
             return False
         with self._swap:
@@ -585,15 +586,15 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
     names = _index_names(index_dirs)
     served = {n: ServedIndex(n, d, loader=loader, device=device, dtype=dtype, tokenizer=tokenizer,
                              image_root=image_root, preload=preload) for n, d in names.items()}
-    executor = ThreadPoolExecutor(max_workers=max(1, int(threads)), thread_name_prefix="search")
     batchers: dict[str, Batcher] = {}
     decode_slots = threading.BoundedSemaphore(max(1, int(threads)))
-    decode_pool = ThreadPoolExecutor(max_workers=max(1, int(threads)), thread_name_prefix="decode")
     thumbs: OrderedDict = OrderedDict()
     thumbs_lock = threading.Lock()
 
     @contextlib.asynccontextmanager
-    async def lifespan(app):
+    async def lifespan(app):  # worker threads live as long as the server (an app can be served again)
+        executor = ThreadPoolExecutor(max_workers=max(1, int(threads)), thread_name_prefix="search")
+        decode_pool = ThreadPoolExecutor(max_workers=max(1, int(threads)), thread_name_prefix="decode")
         for n, s in served.items():
             batchers[n] = Batcher(s, executor, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
                                   max_queue=limits.max_queue, max_pixels=limits.max_pixels,
