@@ -1,0 +1,476 @@
+"""The pieces behind the search service (:mod:`retrieval.serve`): request limits and errors, query-image
+decoding, one index folder's committed state with hot reload (:class:`ServedIndex`), and the per-index
+micro-batching worker (:class:`Batcher`). No web framework is imported here."""
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import math
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+logger = logging.getLogger("retrieval.serve")
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+IMAGE_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp",
+               ".gif": "image/gif", ".bmp": "image/bmp", ".tif": "image/tiff", ".tiff": "image/tiff"}
+#: formats an uploaded query image may have (PIL decoders we accept; nothing exotic)
+UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+DEDUP_THRESHOLD = 0.94  # clip-retrieval's back end: results closer than this (cosine) are duplicates
+
+
+@dataclass
+class ServeLimits:
+    """Per-request bounds. Exceeding a size answers 413, a bad value 422, both with ``{"error": ...}``.
+
+    ``max_k``: results per query; ``max_text_chars``: characters in a text query; ``max_upload_bytes``: bytes of
+    an uploaded / base64 image (decoded); ``max_body_bytes``: bytes of a request body (default: room for a
+    base64 upload); ``max_pixels``: decoded pixels of a query image (width × height, checked from the header
+    before decoding); ``max_ids``: ids in one ``/metadata`` request; ``max_queue``: queries waiting per index
+    (beyond it: 503).
+    """
+
+    max_k: int = 1000
+    max_text_chars: int = 2000
+    max_upload_bytes: int = 16 * 1024 * 1024
+    max_body_bytes: Optional[int] = None
+    max_pixels: int = 40_000_000
+    max_ids: int = 1000
+    max_queue: int = 1024
+
+    def body_bytes(self) -> int:
+        return self.max_body_bytes or (self.max_upload_bytes * 4) // 3 + 64 * 1024
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": message}`` with HTTP ``status``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+# ------------------------------------------------------------------------------------------ host / images
+def check_host(host: str, allow_remote: bool) -> Optional[str]:
+    """Refuse a non-loopback ``host`` unless ``allow_remote``; returns a warning line for an allowed one."""
+    if host in LOOPBACK:
+        return None
+    if not allow_remote:
+        raise ValueError(f"--host {host} is not a loopback address: the service has no authentication; pass "
+                         f"--allow-remote to expose it anyway")
+    return (f"warning: serving on {host}: anyone who can reach this address can query the index and read the "
+            f"images its metadata references")
+
+
+def decode_image(data: bytes, max_pixels: int):
+    """Bytes → RGB ``PIL.Image`` read as the index builder reads files (:func:`internvit.data.load_image`: EXIF
+    orientation applied, first frame, every mode to 8-bit RGB), refusing more than ``max_pixels`` decoded pixels
+    (checked from the header, before any pixel is decoded, without changing PIL's process-wide limit). Raises
+    :class:`ApiError` (413 too many pixels, 422 not an image)."""
+    import warnings
+
+    from PIL import Image, ImageOps
+
+    from internvit.data import to_rgb
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS)
+            w, h = im.size
+            if w * h > max_pixels:
+                raise ApiError(413, f"image is {w}x{h} = {w * h} pixels, more than the limit of {max_pixels}")
+            if w < 1 or h < 1:
+                raise ApiError(422, "image has no pixels")
+            im.seek(0)
+            im.load()
+            if im.getexif().get(0x0112, 1) not in (1, None):  # EXIF orientation
+                im = ImageOps.exif_transpose(im)
+            return to_rgb(im)
+    except ApiError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ApiError(413, f"image too large: {e}") from None
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError, Image.UnidentifiedImageError) as e:
+        raise ApiError(422, f"not a readable image ({type(e).__name__})") from None
+
+
+def _jsonable(v: Any) -> Any:
+    if v is None or isinstance(v, (bool, int, str)):
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, (np.generic,)):
+        return _jsonable(v.item())
+    if isinstance(v, bytes):
+        return None
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    return str(v)
+
+
+# ------------------------------------------------------------------------------------------ index state
+@dataclass
+class IndexState:
+    """One committed state of an index folder: its Retriever and the manifest signature it was loaded from."""
+
+    retriever: Any
+    signature: tuple
+    generation: int
+    encoder: Any = None
+    encoder_error: Optional[str] = None
+    transform: Any = None
+    loaded_at: float = field(default_factory=time.time)
+    _id_pos: Optional[np.ndarray] = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def manifest(self) -> dict:
+        return self.retriever.manifest
+
+    def stored_vector(self, id_: int) -> np.ndarray:
+        """The indexed vector of ``id_`` ``(D,)`` float32, reconstructed from the faiss index (exact for Flat
+        and HNSW-Flat storage, the decoded code for PQ/SQ). Raises ``KeyError`` for an unknown id."""
+        import faiss
+
+        index = self.retriever.index
+        top = faiss.downcast_index(index)
+        with self._lock:
+            if isinstance(top, faiss.IndexIDMap):
+                if self._id_pos is None:
+                    ids = faiss.vector_to_array(top.id_map)
+                    order = np.argsort(ids, kind="stable")
+                    self._id_pos = np.stack([ids[order], order])
+                ids, order = self._id_pos
+                j = int(np.searchsorted(ids, id_))
+                if j >= len(ids) or ids[j] != id_:
+                    raise KeyError(id_)
+                return np.asarray(faiss.downcast_index(top.index).reconstruct(int(order[j])), np.float32)
+            ivf = faiss.try_extract_index_ivf(index)
+            if ivf is not None and ivf.direct_map.type == faiss.DirectMap.NoMap:
+                ivf.make_direct_map(True)  # hash map: ids need not be contiguous
+            try:
+                return np.asarray(index.reconstruct(int(id_)), np.float32)
+            except RuntimeError:
+                raise KeyError(id_) from None
+
+
+class _ChangedWhileLoading(RuntimeError):
+    """The manifest changed during a load: the loaded pieces may belong to two commits; discard and retry."""
+
+
+def manifest_signature(index_dir: str) -> Optional[tuple]:
+    """``(inode, size, mtime_ns)`` of the committed manifest (``None`` when absent). Every commit replaces the
+    file by an atomic rename, so a new commit always changes the inode."""
+    try:
+        st = os.stat(os.path.join(index_dir, "manifest.json"))
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class ServedIndex:
+    """An index folder behind the service: its current :class:`IndexState`, hot reload, image files."""
+
+    def __init__(self, name: str, index_dir: str, *, loader: Callable[..., Any], device=None, dtype=None,
+                 tokenizer: Optional[str] = None, image_root: Optional[str] = None, preload: bool = True) -> None:
+        self.name, self.dir = name, os.path.abspath(index_dir)
+        self._loader, self.device, self.dtype, self.tokenizer = loader, device, dtype, tokenizer
+        self.image_root = os.path.abspath(image_root) if image_root else os.getcwd()
+        self.preload = preload
+        self._swap = threading.Lock()
+        self._generation = 0
+        self.reload_error: Optional[str] = None
+        self._failed_signature: Optional[tuple] = None
+        self.state = self._load(None)
+
+    # -- loading --------------------------------------------------------------------------------------
+    def _load(self, previous: Optional[IndexState]) -> IndexState:
+        """Load the committed state; raises ``_ChangedWhileLoading`` if the manifest changed meanwhile."""
+        from . import IndexMismatchError
+
+        before = manifest_signature(self.dir)
+        if before is None:
+            raise FileNotFoundError(f"{self.dir}: no manifest.json (not a finished index)")
+        kw = dict(device=self.device, dtype=self.dtype, tokenizer=self.tokenizer)
+        encoder = previous.encoder if previous is not None else None
+        try:
+            retriever = self._loader(self.dir, encoder, **kw)
+        except IndexMismatchError:  # rebuilt with another encoder: load that one
+            encoder = None
+            retriever = self._loader(self.dir, None, **kw)
+        for entry in retriever.manifest.get("metadata_files", []):  # open every metadata file of this commit now
+            if entry.get("count"):
+                retriever.metadata(entry["first_id"])
+        error = None
+        if self.preload and encoder is None:
+            try:
+                encoder = retriever.encoder
+            except Exception as e:  # noqa: BLE001 - an index without a usable encoder still serves ids/vectors
+                error = str(e).splitlines()[0] if str(e) else type(e).__name__
+                logger.warning("%s: no query encoder (%s); text and image queries are refused", self.name, error)
+        if manifest_signature(self.dir) != before:
+            raise _ChangedWhileLoading(f"{self.dir}: the index changed while it was being loaded")
+        self._generation += 1
+        return IndexState(retriever, before, self._generation, encoder, error)
+
+    def reload_if_changed(self) -> bool:
+        """Load and swap in a new committed state if the manifest changed; ``True`` when swapped. A failed load
+        (files of the commit missing, a commit in progress) keeps the current state and is retried once the
+        manifest changes again (a load that raced a commit is retried at the next check)."""
+        sig = manifest_signature(self.dir)
+        if sig is None or sig == self.state.signature or sig == self._failed_signature:
+            return False
+        try:
+            new = self._load(self.state)
+        except _ChangedWhileLoading:
+            return False  # retried at the next check, against the newer commit
+        except Exception as e:  # noqa: BLE001 - missing files, a half-written folder, a bad manifest: keep serving
+            self._fail(sig, e)
+            return False
+        with self._swap:
+            self.state = new
+        self.reload_error, self._failed_signature = None, None
+        logger.info("%s: reloaded (generation %d, %d vectors)", self.name, new.generation, new.retriever.ntotal)
+        return True
+
+    def _fail(self, sig: tuple, e: BaseException) -> None:
+        self._failed_signature = sig
+        self.reload_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        logger.warning("%s: could not load the new commit (%s); still serving generation %d", self.name,
+                       self.reload_error, self.state.generation)
+
+    def current(self) -> IndexState:
+        with self._swap:
+            return self.state
+
+    # -- description / files --------------------------------------------------------------------------
+    def describe(self) -> dict:
+        st = self.current()
+        m = st.manifest
+        enc = m.get("encoder") or {}
+        text_ok = st.encoder is not None and bool(getattr(st.encoder, "supports_text", False))
+        return {"name": self.name, "kind": {"img": "image"}.get(m.get("kind", "img"), m.get("kind")),
+                "model": enc.get("name"), "dim": m.get("dim"), "ntotal": m.get("ntotal"),
+                "index_key": m.get("index_key"), "text_queries": text_ok,
+                "image_queries": st.encoder is not None, "generation": st.generation,
+                "encoder_error": st.encoder_error, "reload_error": self.reload_error}
+
+    def image_file(self, st: IndexState, id_: int) -> str:
+        """The image file that id ``id_``'s metadata names, resolved (absolute, or relative to the image root,
+        then the index folder, then its parent). Raises :class:`ApiError` 404 when there is none."""
+        row = st.retriever.metadata(int(id_))
+        if not row:
+            raise ApiError(404, f"index {self.name!r} has no id {id_}")
+        path = row.get("image_path") or row.get("path")
+        if not isinstance(path, str) or not path:
+            raise ApiError(404, f"id {id_} has no image path in the metadata")
+        if "::" in path:
+            raise ApiError(404, f"id {id_} is a tar member; tar members are not served")
+        candidates = [path] if os.path.isabs(path) else \
+            [os.path.join(b, path) for b in (self.image_root, self.dir, os.path.dirname(self.dir))]
+        for c in candidates:
+            if os.path.splitext(c)[1].lower() in IMAGE_TYPES and os.path.isfile(c):
+                return c
+        raise ApiError(404, f"image of id {id_} not found ({os.path.basename(path)})")
+
+
+# ------------------------------------------------------------------------------------------ batching
+@dataclass
+class _Query:
+    kind: str  # 'text' | 'image' | 'vector' | 'id'
+    payload: Any
+    k: int
+    future: asyncio.Future
+    state: Optional[IndexState] = None
+
+
+class Batcher:
+    """One queue and one worker per index: queries are encoded together (texts, images) and searched grouped
+    by ``k`` in a worker thread; each caller's future gets ``(rows, state)``."""
+
+    def __init__(self, served: ServedIndex, executor: ThreadPoolExecutor, *, max_batch: int = 32,
+                 batch_wait_ms: float = 2.0, max_queue: int = 1024, max_pixels: int = 40_000_000,
+                 decode_pool: Optional[ThreadPoolExecutor] = None) -> None:
+        self.served, self.executor = served, executor
+        self.max_pixels, self.decode_pool = max_pixels, decode_pool
+        self.max_batch, self.wait_s = max(1, int(max_batch)), max(0.0, batch_wait_ms) / 1000.0
+        self.queue: asyncio.Queue = asyncio.Queue(maxsize=max_queue)
+        self.task: Optional[asyncio.Task] = None
+        self.last_batch = 0
+        self.batches = 0
+        self.queries = 0
+        self.largest_batch = 0
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def submit(self, kind: str, payload: Any, k: int) -> tuple:
+        fut = asyncio.get_running_loop().create_future()
+        try:
+            self.queue.put_nowait(_Query(kind, payload, k, fut))
+        except asyncio.QueueFull:
+            raise ApiError(503, f"index {self.served.name!r} is overloaded ({self.queue.maxsize} queries "
+                                f"waiting); retry later") from None
+        return await fut
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            if self.last_batch > 1 and self.wait_s > 0:  # under load: let a batch fill for a few ms
+                deadline = loop.time() + self.wait_s
+                while len(batch) < self.max_batch:
+                    try:
+                        batch.append(await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time())))
+                    except asyncio.TimeoutError:
+                        break
+            while len(batch) < self.max_batch and not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            batch = [q for q in batch if not q.future.done()]  # the client went away
+            self.last_batch = len(batch)
+            if not batch:
+                continue
+            try:
+                results = await loop.run_in_executor(self.executor, self._work, batch)
+            except Exception as e:  # noqa: BLE001 - never let the worker die
+                logger.exception("%s: batch failed", self.served.name)
+                results = [ApiError(500, f"search failed: {type(e).__name__}")] * len(batch)
+            self.batches += 1
+            self.queries += len(batch)
+            self.largest_batch = max(self.largest_batch, len(batch))
+            for q, r in zip(batch, results):
+                if q.future.done():
+                    continue
+                if isinstance(r, BaseException):
+                    q.future.set_exception(r)
+                else:
+                    q.future.set_result(r)
+
+    def _work(self, batch: list) -> list:
+        """Encode + search one batch against one state (never a mix): a result or an ApiError per query."""
+        st = self.served.current()
+        out: list = [None] * len(batch)
+        vecs: dict[int, np.ndarray] = {}
+        self._decode(batch, out)
+        for kind in ("text", "image"):
+            rows = [i for i, q in enumerate(batch) if q.kind == kind and out[i] is None]
+            if not rows:
+                continue
+            if st.encoder is None and st.encoder_error is None:  # preload=False: build it on first use
+                try:
+                    st.encoder = st.retriever.encoder
+                except Exception as e:  # noqa: BLE001
+                    st.encoder_error = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if st.encoder is None:
+                msg = st.encoder_error or "the index records no encoder"
+                for i in rows:
+                    out[i] = ApiError(422, f"index {self.served.name!r} cannot encode {kind} queries: {msg}")
+                continue
+            if kind == "text" and not getattr(st.encoder, "supports_text", False):
+                for i in rows:
+                    out[i] = ApiError(422, f"index {self.served.name!r}: encoder {st.encoder.name!r} is image-only "
+                                           f"(no text queries)")
+                continue
+            try:
+                emb = self._encode(st, kind, [batch[i].payload for i in rows])
+                vecs.update({i: emb[j] for j, i in enumerate(rows)})
+            except Exception:  # noqa: BLE001 - isolate the query that fails
+                for i in rows:
+                    try:
+                        vecs[i] = self._encode(st, kind, [batch[i].payload])[0]
+                    except Exception as e:  # noqa: BLE001
+                        out[i] = ApiError(422, f"could not encode the {kind} query: {str(e).splitlines()[0]}")
+        dim = st.manifest["dim"]
+        for i, q in enumerate(batch):
+            if q.kind == "vector":
+                v = q.payload
+                if v.shape != (dim,):
+                    out[i] = ApiError(422, f"embedding has {v.shape[0]} values; index {self.served.name!r} has "
+                                           f"dim {dim}")
+                else:
+                    vecs[i] = v
+            elif q.kind == "id":
+                try:
+                    vecs[i] = st.stored_vector(q.payload)
+                except KeyError:
+                    out[i] = ApiError(404, f"index {self.served.name!r} has no id {q.payload}")
+                except Exception as e:  # noqa: BLE001
+                    out[i] = ApiError(422, f"index {self.served.name!r} cannot return stored vectors: {e}")
+        for k in sorted({batch[i].k for i in vecs}):
+            rows = [i for i in vecs if batch[i].k == k]
+            res = st.retriever.search_embedding(np.stack([vecs[i] for i in rows]), k)
+            for j, i in enumerate(rows):
+                out[i] = (res.rows[j], st)
+        return out
+
+    def _decode(self, batch: list, out: list) -> None:
+        """Decode the image queries' bytes in place (in parallel when there are several); a bad one gets its
+        ApiError in ``out``. Decoding here, not in the event loop, saves a thread hop per query."""
+        rows = [i for i, q in enumerate(batch) if q.kind == "image" and isinstance(q.payload, bytes)]
+
+        def dec(i):
+            try:
+                return decode_image(batch[i].payload, self.max_pixels)
+            except ApiError as e:
+                return e
+
+        if len(rows) > 1 and self.decode_pool is not None:
+            images = list(self.decode_pool.map(dec, rows))
+        else:
+            images = [dec(i) for i in rows]
+        for i, im in zip(rows, images):
+            if isinstance(im, ApiError):
+                out[i] = im
+            else:
+                batch[i].payload = im
+
+    @staticmethod
+    def _encode(st: IndexState, kind: str, payloads: list) -> np.ndarray:
+        if kind == "text":
+            return np.asarray(st.encoder.encode_texts(payloads), np.float32)
+        import torch
+
+        if st.transform is None:  # the encoder's own preprocessing, built once per state
+            pre = st.encoder.preprocess
+            if callable(pre) and not isinstance(pre, dict):
+                st.transform = pre
+            else:
+                from internvit.transforms import build_transform
+
+                st.transform = build_transform(pre)
+        x = torch.stack([st.transform(im) for im in payloads])
+        return st.encoder.encode_images(x).float().cpu().numpy()
+
+
+def _dedup(st: IndexState, rows: list) -> list:
+    """clip-retrieval's deduplication: results whose stored vectors are within cosine ``DEDUP_THRESHOLD`` form
+    connected groups; each group keeps its best-ranked member."""
+    try:
+        vecs = np.stack([st.stored_vector(int(r["id"])) for r in rows])
+    except Exception:  # noqa: BLE001 - an index that cannot return vectors is not deduplicated
+        return rows
+    vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+    close = vecs @ vecs.T >= DEDUP_THRESHOLD
+    group = list(range(len(rows)))
+
+    def root(i):
+        while group[i] != i:
+            group[i] = group[group[i]]
+            i = group[i]
+        return i
+
+    for i, j in zip(*np.nonzero(np.triu(close, 1))):
+        a, b = root(int(i)), root(int(j))
+        if a != b:
+            group[max(a, b)] = min(a, b)
+    return [r for i, r in enumerate(rows) if root(i) == i]
