@@ -21,6 +21,7 @@ from .index import (
     _parse_key,
     build_index,
     exact_search,
+    indexed_source,
     new_index,
     open_index,
     parse_memory,
@@ -249,29 +250,31 @@ def index_quality(index_dir: str, embeddings=None, *, queries=None, k: int = 10,
     index, manifest = open_index(index_dir)
     if search_params:
         set_search_params(index, search_params)
-    if embeddings is None:
-        srcs = [e["source"] for e in manifest.get("embeddings", [])]
-        if len(srcs) != 1 or not os.path.isdir(srcs[0]):
-            raise ValueError(f"{index_dir}: pass embeddings= (the index was not built from one embeddings "
-                             f"folder that still exists)")
-        embeddings = srcs[0]
-    source = EmbeddingSource.open(embeddings, kind or manifest.get("kind", "img"))
-    if source.count != manifest["ntotal"] or manifest.get("removed"):
-        raise ValueError(f"{index_dir}: the index holds {manifest['ntotal']} vectors but the embeddings have "
-                         f"{source.count}; give the embeddings of exactly the indexed rows")
+    normalize = bool(manifest.get("normalize"))
+    if embeddings is None:  # every folder the manifest records (build + adds), without removed / skipped ids
+        source, absent = indexed_source(manifest, index, kind)
+    else:
+        source = EmbeddingSource.open(embeddings, kind or manifest.get("kind", "img")).normalized(normalize)
+        absent = np.zeros(0, np.int64)
+        if source.count != manifest["ntotal"] or manifest.get("removed"):
+            raise ValueError(f"{index_dir}: the index holds {manifest['ntotal']} vectors but the embeddings have "
+                             f"{source.count}; give the embeddings of exactly the indexed rows")
     if queries is not None:
         q = np.load(queries, allow_pickle=False) if isinstance(queries, (str, os.PathLike)) else queries
         q = np.ascontiguousarray(q, dtype=np.float32)
         if q.ndim != 2 or q.shape[1] != source.dim:
             raise ValueError(f"queries must be (Q, {source.dim}), got shape {q.shape}")
+        if normalize:  # the index normalised its vectors, and normalises queries
+            q = np.ascontiguousarray(q / np.linalg.norm(q, axis=1, keepdims=True), dtype=np.float32)
         rows, mode = None, "given queries (not in the index)"
     else:
-        rows = np.sort(np.random.default_rng(seed).choice(source.count, size=min(n_queries, source.count),
+        present = np.setdiff1d(np.arange(source.count), absent)
+        rows = np.sort(np.random.default_rng(seed).choice(present, size=min(n_queries, len(present)),
                                                           replace=False))
         q, mode = source.take(rows), "indexed rows, leave-one-out (optimistic for HNSW graphs)"
     extra = 0 if rows is None else 1
-    kk = min(k + extra, source.count)
-    _, truth = exact_search(source, q, kk)
+    kk = min(k + extra, source.count - len(absent))
+    _, truth = exact_search(source, q, kk, exclude=absent)
     t0 = time.perf_counter()
     _, found = index.search(q, kk)
     batch_s = time.perf_counter() - t0

@@ -70,6 +70,7 @@ from .index_tune import (  # noqa: F401
     _params_str,
     exact_search,
     holdout_rows,
+    indexed_source,
     recall_at_k,
     split_rows,
     tune_index,

@@ -179,3 +179,31 @@ def tune_index(index, key: str, source: EmbeddingSource, queries: np.ndarray, *,
         warnings.warn(f"index {key}: recall@{k} reaches only {best[1]:.3f} < target {target_recall} "
                       f"(at {params}); give a larger max_index_memory or an explicit index_key", stacklevel=2)
     return {"search_params": params, "recall": best[1], "k": k, "n_queries": len(queries), "curve": curve}
+
+
+def indexed_source(manifest: dict, index, kind: Optional[str] = None) -> tuple[EmbeddingSource, np.ndarray]:
+    """The collection behind an index for exact ground truth: every embeddings folder its manifest records
+    (build, then each add), concatenated in id order (row ``r`` = id ``r``) and normalised as the index was,
+    plus the sorted ids that are not in ``index`` (removed, or skipped empty captions) to exclude.
+
+    Raises ``ValueError`` when a part was added from an in-memory array or its folder no longer holds the
+    recorded number of rows (then pass the embeddings explicitly)."""
+    import os
+
+    from .faiss_ops import stored_ids
+
+    kind = kind or manifest.get("kind", "img")
+    shards: list = []
+    for e in manifest.get("embeddings", []):
+        where = e.get("source")
+        if not where or where == "array" or not os.path.exists(where):
+            raise ValueError(f"ids {e.get('first_id')}..: added from {where or 'an array'}, which is not a folder "
+                             f"that still exists; pass the embeddings explicitly")
+        part = EmbeddingSource.open(where, kind)
+        if part.count != e["count"]:
+            raise ValueError(f"{where}: holds {part.count} rows but {e['count']} were indexed from it")
+        shards += part.shards
+    source = EmbeddingSource(shards).normalized(bool(manifest.get("normalize")))
+    present = stored_ids(index)
+    absent = np.zeros(0, np.int64) if present is None else np.setdiff1d(np.arange(source.count), present)
+    return source, absent

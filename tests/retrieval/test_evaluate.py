@@ -70,7 +70,8 @@ def test_index_quality_report(tmp_path):
     expect = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth)])
     assert rep["recall@10"] == pytest.approx(expect)
     assert rep["ntotal"] == 5000 and rep["queries"].startswith("given")
-    assert rep["bytes_per_vector"] == pytest.approx(os.path.getsize(tmp_path / "idx" / "image.index") / 5000)
+    index_file = json.loads((tmp_path / "idx" / "manifest.json").read_text())["index_file"]  # generation-named
+    assert rep["bytes_per_vector"] == pytest.approx(os.path.getsize(tmp_path / "idx" / index_file) / 5000)
     assert rep["latency_ms_p99"] >= rep["latency_ms_p50"] > 0 and rep["batch_qps"] > 0
     loo = index_quality(str(tmp_path / "idx"))  # embeddings folder found through the manifest
     assert loo["queries"].startswith("indexed rows") and 0 < loo["recall@10"] <= 1

@@ -193,6 +193,22 @@ def test_documented_ivf_example_and_quality_after_add(tmp_path):
     assert m["ntotal"] == m["next_id"] == 20_100
 
 
+def test_index_quality_right_after_add_and_remove(tmp_path):
+    """docs: build from a folder, add_to_index a second folder, remove ids, then index_quality works as written."""
+    from retrieval import index_quality
+
+    a, b = mixture(3000, seed=1) * 3, mixture(1000, seed=2) * 3  # not unit length: normalised by the index
+    write_embeddings(tmp_path / "emb", a)
+    write_embeddings(tmp_path / "more", b)
+    build_index(str(tmp_path / "emb"), tmp_path / "idx", index_key="IVF16,Flat", progress=False)
+    add_to_index(tmp_path / "idx", str(tmp_path / "more"), progress=False)
+    remove_from_index(tmp_path / "idx", [5, 3500])
+    rep = index_quality(tmp_path / "idx", queries=mixture(50, seed=9), n_latency=5, search_params="nprobe=16")
+    assert rep["ntotal"] == 3998 and rep["recall@10"] == 1.0  # all lists probed: IVF-Flat is exact
+    rep = index_quality(tmp_path / "idx", n_queries=50, n_latency=5, search_params="nprobe=16")
+    assert rep["recall@10"] == 1.0
+
+
 # --------------------------------------------------------------------------------------- the CLIs
 @pytest.fixture(scope="module")
 def flat(tmp_path_factory):
