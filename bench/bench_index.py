@@ -174,7 +174,9 @@ def main():
         x = np.concatenate([source.shard(i) for i in range(len(source.shards))])
         direct = faiss.index_factory(args.dim, m["index_key"], faiss.METRIC_INNER_PRODUCT)
         if not direct.is_trained:
-            rows_ = np.sort(np.random.default_rng(0).choice(len(x), m["index_choice"]["train_size"], replace=False))
+            from retrieval.index import split_rows  # the same training sample (disjoint from the tuning rows)
+
+            rows_ = split_rows(len(x), m["index_choice"]["train_size"], 1000, seed=0)[0]
             direct.train(x[rows_])
         direct.add(x)
         faiss.write_index(direct, os.path.join(work, "direct.index"))
