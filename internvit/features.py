@@ -349,7 +349,7 @@ class FeatureExtractor:
         (``discard_pending=True`` drops it), :class:`~internvit.store.StoreBusyError` when another process
         writes the folder.
         """
-        from .store import Store, generation_name, read_manifest
+        from .store import Store, read_manifest
 
         out_dir = os.fspath(out_dir)
         if int(shard_size) < 1:
@@ -374,97 +374,161 @@ class FeatureExtractor:
         job = self.signature(paths, columns, shard_size=shard_size, features_pattern=features_pattern,
                              metadata_pattern=metadata_pattern, metadata_format=metadata_format,
                              manifest_extra=manifest_extra, model_info=info)
-        done_stats = {"seconds": 0.0, "images": 0, "images_per_s": None}
         old = read_manifest(out_dir) if os.path.isdir(out_dir) else None
-        if old is not None and _same_job(old, job):
-            return dict(old, timing=done_stats)  # finished: nothing is rewritten
-        if old is not None and not overwrite:
+        leftover_parts = os.path.isdir(os.path.join(out_dir, PARTS))
+        if old is not None and _same_job(old, job) and not leftover_parts:
+            return dict(old, timing=dict(DONE_STATS))  # finished: nothing is rewritten
+        if old is not None and not overwrite and not _same_job(old, job):
             _refuse_other(out_dir, old, job)
+        plan = dict(out_dir=out_dir, ds=ds, paths=paths, columns=columns, info=info, job=job, shard_size=shard_size,
+                    features_pattern=features_pattern, metadata_pattern=metadata_pattern,
+                    metadata_format=metadata_format, overwrite=overwrite, discard_pending=discard_pending)
+        rank, world = _dist_rank_world()
+        if world > 1:
+            from .distributed_features import write_distributed
+
+            return write_distributed(self, plan, rank, world)
 
         with Store(out_dir, job=job, discard_pending=discard_pending, description="feature folder") as st:
             if st.manifest is not None and _same_job(st.manifest, job):
-                return dict(st.manifest, timing=done_stats)  # another process finished it meanwhile
+                _remove_parts(out_dir)
+                return dict(st.manifest, timing=dict(DONE_STATS))  # another process finished it meanwhile
             if st.manifest is not None and not overwrite:
                 _refuse_other(out_dir, st.manifest, job)
-            gen = st.generation
-
-            def named(pattern: str, k: int) -> str:  # generation 1 keeps the plain names
-                rel = pattern.format(shard=k)
-                return rel if gen == 1 else generation_name(rel, gen)
-
-            shards = [{"index": k, "start": k * shard_size, "end": min((k + 1) * shard_size, n),
-                       "features": named(features_pattern, k), "metadata": named(metadata_pattern, k)}
-                      for k in range(math.ceil(n / shard_size))]
-            records: dict[int, dict] = {}
-            for s in shards:  # shards an interrupted run of this job finished (files complete, record saved)
-                rec = st.state.get(f"shard-{s['index']}")
-                if rec is not None and {s["features"], s["metadata"]} <= st.pending_files:
-                    records[s["index"]] = rec
-            feature_shape = _known_shape(records.values())
-            arrow_columns = _arrow_columns(columns) if metadata_format == "parquet" else None
-
-            def finish(s: dict, feats: list, ids: list, errs: list, shape: tuple, row_cols=None) -> None:
-                arr = np.concatenate(feats) if feats else np.zeros((0, *shape), np.float32)
-                arr = np.ascontiguousarray(arr, dtype=np.float32)
-                with st.open_file(s["features"]) as tmp, open(tmp, "wb") as f:
-                    np.save(f, arr)
-                with st.open_file(s["metadata"]) as tmp:
-                    _write_metadata(tmp, metadata_format, ids, paths, columns, arrow_columns, row_cols)
-                rec = {"count": len(ids), "shape": list(arr.shape[1:]), "errors": sorted([int(i), e] for i, e in errs)}
-                st.save_state(**{f"shard-{s['index']}": rec})  # the shard is done once this is durable
-                records[s["index"]] = json.loads(json.dumps(rec))
-
-            pending = [s for s in shards if s["index"] not in records]
-            # batches never cross a shard boundary, so a shard's numbers do not depend on what else is pending
-            batches = [b for s in pending for b in self._batches(s["start"], s["end"], ds)]
-            bufs = {s["index"]: ([], [], [], 0) for s in pending}
-            tile_cols: dict[int, dict] = {}  # tiles: per-row metadata columns of each pending shard
-            waiting = []  # finished shards with no readable image, written once the feature shape is known
-            by_index = {s["index"]: s for s in shards}
-            for ids, feats, errs, *b_tiles in self._run(ds, batches, sum(s["end"] - s["start"] for s in pending)):
-                k = (ids[0] if ids else errs[0][0]) // shard_size
-                for key, v in (b_tiles[0] if b_tiles else {}).items():
-                    tile_cols.setdefault(k, {}).setdefault(key, []).extend(v)
-                f_list, id_list, err_list, seen = bufs[k]
-                if feats is not None:
-                    f_list.append(feats)
-                    feature_shape = feature_shape or tuple(feats.shape[1:])
-                id_list.extend(ids)
-                err_list.extend(errs)
-                bufs[k] = (f_list, id_list, err_list, seen + len(set(ids)) + len(errs))  # images (a tile row each)
-                s = by_index[k]
-                if bufs[k][3] == s["end"] - s["start"]:
-                    waiting.append(k)
-                    if feature_shape is not None:
-                        for j in waiting:
-                            finish(by_index[j], *bufs.pop(j)[:3], feature_shape, _tile_cols(self, tile_cols, j))
-                        waiting = []
-            for j in waiting:
-                finish(by_index[j], *bufs.pop(j)[:3], feature_shape or (0,), _tile_cols(self, tile_cols, j))
-            stats = dict(self.last_stats) if pending else done_stats
-
-            errors = sorted((i, e) for rec in records.values() for i, e in rec["errors"])
-            errors_file = ERRORS if gen == 1 else generation_name(ERRORS, gen)
-            st.write_bytes(errors_file, "".join(
-                json.dumps({"id": i, "path": paths[i], "error": e}, ensure_ascii=False) + "\n"
-                for i, e in errors).encode("utf-8"))  # also when empty: same files on every run
-
-            feature_shape = list(feature_shape or (0,))
-            manifest = {k: v for k, v in job.items() if k != "extra"}
-            manifest["model"] = info  # with its name (not part of the job identity)
-            manifest.update({
-                "feature_shape": feature_shape,
-                "dim": feature_shape[0],
-                "count": int(sum(int(r["count"]) for r in records.values())),
-                "num_errors": len(errors),
-                "num_nonfinite": sum(1 for _, e in errors if e.startswith(NONFINITE_ERROR)),
-                "errors_file": errors_file,
-                "shards": [dict(s, count=int(records[s["index"]]["count"])) for s in shards],
-            })
-            manifest.update(job["extra"])
-            files = [errors_file] + [s[key] for s in shards for key in ("features", "metadata")]
-            committed = st.commit(manifest, files)
+            shards = _plan_shards(plan, st.generation)
+            records, stats = self._write_shards(st, plan, shards)
+            committed = _commit_features(st, plan, shards, records)
         return dict(committed, timing=stats)
+
+    def _write_shards(self, st, plan: dict, shards: list[dict]) -> tuple[dict, dict]:
+        """Compute and write ``shards`` (those a resumed job has not finished) as data files of the store ``st``.
+
+        Returns ``({shard index: record}, timing)``; a record (``count``, ``shape``, ``errors``) is saved in the
+        store's journal once both files of its shard are durable.
+        """
+        ds, paths, columns = plan["ds"], plan["paths"], plan["columns"]
+        shard_size, metadata_format = plan["shard_size"], plan["metadata_format"]
+        records: dict[int, dict] = {}
+        for s in shards:  # shards an interrupted run of this job finished (files complete, record saved)
+            rec = st.state.get(f"shard-{s['index']}")
+            if rec is not None and {s["features"], s["metadata"]} <= st.pending_files:
+                records[s["index"]] = rec
+        feature_shape = _known_shape(records.values())
+        arrow_columns = _arrow_columns(columns) if metadata_format == "parquet" else None
+
+        def finish(s: dict, feats: list, ids: list, errs: list, shape: tuple, row_cols=None) -> None:
+            arr = np.concatenate(feats) if feats else np.zeros((0, *shape), np.float32)
+            arr = np.ascontiguousarray(arr, dtype=np.float32)
+            with st.open_file(s["features"]) as tmp, open(tmp, "wb") as f:
+                np.save(f, arr)
+            with st.open_file(s["metadata"]) as tmp:
+                _write_metadata(tmp, metadata_format, ids, paths, columns, arrow_columns, row_cols)
+            rec = {"count": len(ids), "shape": list(arr.shape[1:]), "errors": sorted([int(i), e] for i, e in errs)}
+            st.save_state(**{f"shard-{s['index']}": rec})  # the shard is done once this is durable
+            records[s["index"]] = json.loads(json.dumps(rec))
+
+        pending = [s for s in shards if s["index"] not in records]
+        # batches never cross a shard boundary, so a shard's numbers do not depend on what else is pending
+        batches = [b for s in pending for b in self._batches(s["start"], s["end"], ds)]
+        bufs = {s["index"]: ([], [], [], 0) for s in pending}
+        tile_cols: dict[int, dict] = {}  # tiles: per-row metadata columns of each pending shard
+        waiting = []  # finished shards with no readable image, written once the feature shape is known
+        by_index = {s["index"]: s for s in shards}
+        for ids, feats, errs, *b_tiles in self._run(ds, batches, sum(s["end"] - s["start"] for s in pending)):
+            k = (ids[0] if ids else errs[0][0]) // shard_size
+            for key, v in (b_tiles[0] if b_tiles else {}).items():
+                tile_cols.setdefault(k, {}).setdefault(key, []).extend(v)
+            f_list, id_list, err_list, seen = bufs[k]
+            if feats is not None:
+                f_list.append(feats)
+                feature_shape = feature_shape or tuple(feats.shape[1:])
+            id_list.extend(ids)
+            err_list.extend(errs)
+            bufs[k] = (f_list, id_list, err_list, seen + len(set(ids)) + len(errs))  # images (a tile row each)
+            s = by_index[k]
+            if bufs[k][3] == s["end"] - s["start"]:
+                waiting.append(k)
+                if feature_shape is not None:
+                    for j in waiting:
+                        finish(by_index[j], *bufs.pop(j)[:3], feature_shape, _tile_cols(self, tile_cols, j))
+                    waiting = []
+        for j in waiting:
+            finish(by_index[j], *bufs.pop(j)[:3], feature_shape or (0,), _tile_cols(self, tile_cols, j))
+        return records, (dict(self.last_stats) if pending else dict(DONE_STATS))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Committing
+# ---------------------------------------------------------------------------------------------------
+#: timing of a call that computed nothing
+DONE_STATS = {"seconds": 0.0, "images": 0, "images_per_s": None}
+#: where the ranks of a distributed write keep their parts until rank 0 commits the folder
+PARTS = ".parts"
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    """``(rank, world size)`` of an initialised ``torch.distributed`` group, else ``(0, 1)``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _remove_parts(out_dir: str) -> None:
+    import shutil
+
+    from .store import fsync_dir
+
+    parts = os.path.join(out_dir, PARTS)
+    if os.path.isdir(parts):
+        shutil.rmtree(parts)
+        fsync_dir(out_dir)
+
+
+def _plan_shards(plan: dict, generation: int) -> list[dict]:
+    """The shards of a write, their rows and their file names (generation 1 keeps the plain names)."""
+    from .store import generation_name
+
+    n, size = len(plan["paths"]), plan["shard_size"]
+
+    def named(pattern: str, k: int) -> str:
+        rel = pattern.format(shard=k)
+        return rel if generation == 1 else generation_name(rel, generation)
+
+    return [{"index": k, "start": k * size, "end": min((k + 1) * size, n),
+             "features": named(plan["features_pattern"], k), "metadata": named(plan["metadata_pattern"], k)}
+            for k in range(math.ceil(n / size))]
+
+
+def _commit_features(st, plan: dict, shards: list[dict], records: dict) -> dict:
+    """Write ``errors.jsonl`` and commit the manifest of a feature folder (every shard written)."""
+    from .store import generation_name
+
+    paths, job = plan["paths"], plan["job"]
+    gen = st.generation
+    errors = sorted((i, e) for rec in records.values() for i, e in rec["errors"])
+    errors_file = ERRORS if gen == 1 else generation_name(ERRORS, gen)
+    st.write_bytes(errors_file, "".join(
+        json.dumps({"id": i, "path": paths[i], "error": e}, ensure_ascii=False) + "\n"
+        for i, e in errors).encode("utf-8"))  # also when empty: same files on every run
+    feature_shape = list(_known_shape(records[s["index"]] for s in shards) or (0,))
+    manifest = {k: v for k, v in job.items() if k != "extra"}
+    manifest["model"] = plan["info"]  # with its name (not part of the job identity)
+    manifest.update({
+        "feature_shape": feature_shape,
+        "dim": feature_shape[0],
+        "count": int(sum(int(r["count"]) for r in records.values())),
+        "num_errors": len(errors),
+        "num_nonfinite": sum(1 for _, e in errors if e.startswith(NONFINITE_ERROR)),
+        "errors_file": errors_file,
+        "shards": [dict(s, count=int(records[s["index"]]["count"])) for s in shards],
+    })
+    manifest.update(job["extra"])
+    files = [errors_file] + [s[key] for s in shards for key in ("features", "metadata")]
+    committed = st.commit(manifest, files)
+    _remove_parts(plan["out_dir"])
+    return committed
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -9,7 +9,9 @@ Dynamic-resolution tiles (InternVL-Chat preprocessing; docs/features.md):
   python tools/extract_features.py --model /models/InternViT-300M-448px --images scans/ --out feats/ --tiles 12
       [--no-thumbnail] [--tile-pool mean|thumbnail] [--projector-input]
 
-Rerunning the same command after an interruption continues where it stopped.
+Rerunning the same command after an interruption continues where it stopped. Under
+``torchrun --nproc_per_node N tools/extract_features.py ...`` each rank extracts whole shards and rank 0
+commits the folder (byte-identical to a single-process run).
 """
 import argparse
 import os
@@ -85,6 +87,23 @@ def _check_model_spec(value: str, what: str) -> None:
                          f"(presets: {', '.join(internvit.list_presets())})")
 
 
+def _init_distributed(args):
+    """Join the ``torchrun`` process group (``WORLD_SIZE`` > 1): gloo on CPU, NCCL on ``cuda:LOCAL_RANK``."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    import torch.distributed as dist
+
+    if str(args.device).startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        args.device = f"cuda:{local}"
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    return dist
+
+
 def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import internvit
@@ -101,6 +120,7 @@ def _main(argv=None) -> int:
     images = list_images(args.images)
     if not images:
         raise UsageError(f"--images {args.images}: no images found (looked for {', '.join(_extensions())})")
+    dist = _init_distributed(args)  # under torchrun: each rank writes whole shards, rank 0 commits
     model = internvit.load_model(args.model, args.config, dtype=parse_dtype(args.dtype), device=args.device)
     fx = FeatureExtractor(model, dict(image_size=args.image_size, resize_mode=args.resize_mode),
                           pool=args.pool, layers=args.layers, batch_size=args.batch_size,
@@ -111,6 +131,10 @@ def _main(argv=None) -> int:
                           downsample_ratio=args.downsample_ratio)
     m = fx.write(images, args.out, shard_size=args.shard_size, metadata_format=args.metadata_format,
                  metadata_pattern="metadata/part-{shard:05d}." + args.metadata_format)
+    if dist is not None:
+        dist.destroy_process_group()
+        if int(os.environ.get("RANK", "0")) != 0:
+            return 0
     speed = m["timing"].get("images_per_s")
     rows = "" if args.tiles is None else (" (one per tile)" if args.tile_pool is None else " (one per image)")
     print(f"wrote {m['count']} features{rows} of shape {tuple(m['feature_shape'])} to {args.out} "

@@ -1,0 +1,127 @@
+"""``FeatureExtractor.write`` across the ranks of a ``torch.distributed`` group (``torchrun``).
+
+Rank 0 opens the output folder's :class:`~internvit.store.Store` first (its lock, the recovery of an interrupted
+job, the refusal of a different one) and holds it to the end, so no other writer can interleave. Every rank then
+writes the whole shards ``k`` with ``k % world == rank`` into its own sub-store ``OUT/.parts/rank-R-of-W`` (the
+same durable protocol: a killed rank resumes its part, finished parts are committed and kept). Once every part
+is committed, rank 0 hard-links each part's files into the folder through its store (``open_file``: the part
+files stay intact, so a kill during the merge loses nothing), writes ``errors.jsonl``, commits the manifest and
+removes ``.parts``. The folder is byte-identical to a single-process run with the same arguments: the same
+shards, rows, metadata and manifest (the world size is not part of the job).
+
+A failure on any rank is reported on every rank (``RuntimeError`` naming the rank and its error; the failing
+rank raises its own error); a rank that dies is reported by ``torchrun``. Rerunning the same command finishes
+the job.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from contextlib import ExitStack
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from . import features as F
+
+
+def _agree(fn: Callable[[], Any], rank: int, world: int) -> list:
+    """Run ``fn`` on this rank; gather ``(result, error)`` from all ranks; raise on every rank if one failed."""
+    import torch.distributed as dist
+
+    err: Optional[BaseException] = None
+    try:
+        res = fn()
+    except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks have been told
+        res, err = None, e
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, (res, None if err is None else f"{type(err).__name__}: {err}"))
+    if err is not None:
+        raise err
+    bad = [(r, msg) for r, (_, msg) in enumerate(gathered) if msg]
+    if bad:
+        raise RuntimeError(f"rank {bad[0][0]} of {world} failed: {bad[0][1]}")
+    return [g[0] for g in gathered]
+
+
+def _part_dir(out_dir: str, rank: int, world: int) -> str:
+    return os.path.join(out_dir, F.PARTS, f"rank-{rank}-of-{world}")
+
+
+def _write_part(fx: "F.FeatureExtractor", plan: dict, rank: int, world: int) -> dict:
+    """Write this rank's shards into its sub-store (resumed after a kill); returns ``{index: record}``."""
+    from .store import Store, read_manifest
+
+    folder = _part_dir(plan["out_dir"], rank, world)
+    job = dict(plan["job"], part={"rank": rank, "world": world})
+    old = read_manifest(folder) if os.path.isdir(folder) else None
+    if old is not None and not F._same_job(old, job):
+        shutil.rmtree(folder)  # a part of another job (scratch space of this folder): replaced
+    shards = [s for s in F._plan_shards(plan, 1) if s["index"] % world == rank]
+    with Store(folder, job=job, discard_pending=True, description="feature part") as st:
+        if st.manifest is not None:
+            return {int(k): v for k, v in st.manifest["records"].items()}
+        records, _ = fx._write_shards(st, plan, shards)
+        files = [s[key] for s in shards for key in ("features", "metadata")]
+        st.commit({"records": {str(k): v for k, v in sorted(records.items())}}, files)
+    return records
+
+
+def _merge(st, plan: dict, world: int, records: dict) -> dict:
+    """Rank 0: link every part's files into the folder's store, then commit (see the module docstring)."""
+    shards = F._plan_shards(plan, st.generation)
+    parts = F._plan_shards(plan, 1)  # names inside the part folders
+    shape = F._known_shape(records[s["index"]] for s in shards)
+    for s, p in zip(shards, parts):
+        src_dir = _part_dir(plan["out_dir"], s["index"] % world, world)
+        rec = records[s["index"]]
+        for key in ("features", "metadata"):
+            if s[key] in st.pending_files:
+                continue  # linked before an interruption
+            with st.open_file(s[key]) as tmp:
+                if key == "features" and rec["count"] == 0 and shape is not None and rec["shape"] != list(shape):
+                    with open(tmp, "wb") as f:  # a rank that saw no image did not know the feature shape
+                        np.save(f, np.zeros((0, *shape), np.float32))
+                    continue
+                os.remove(tmp)
+                try:
+                    os.link(os.path.join(src_dir, p[key]), tmp)
+                except OSError:  # a file system without hard links
+                    shutil.copyfile(os.path.join(src_dir, p[key]), tmp)
+        if shape is not None and rec["count"] == 0:
+            records[s["index"]] = dict(rec, shape=list(shape))
+    return F._commit_features(st, plan, shards, records)
+
+
+def write_distributed(fx: "F.FeatureExtractor", plan: dict, rank: int, world: int) -> dict:
+    """The distributed :meth:`FeatureExtractor.write` (every rank calls it with the same arguments)."""
+    from .store import Store, read_manifest
+
+    out_dir, job = plan["out_dir"], plan["job"]
+    if rank != 0:
+        fx.progress = False
+    fx.last_stats = {}
+    with ExitStack() as stack:
+        def open_main() -> bool:  # rank 0: lock, recover, refuse a different job; True when already done
+            if rank != 0:
+                return False
+            st = stack.enter_context(Store(out_dir, job=job, discard_pending=plan["discard_pending"],
+                                           description="feature folder"))
+            if st.manifest is not None and F._same_job(st.manifest, job):
+                F._remove_parts(out_dir)
+                return True
+            if st.manifest is not None and not plan["overwrite"]:
+                F._refuse_other(out_dir, st.manifest, job)
+            stack.st = st
+            return False
+
+        done = _agree(open_main, rank, world)[0]
+        if not done:
+            parts = _agree(lambda: _write_part(fx, plan, rank, world), rank, world)
+            stats = dict(fx.last_stats) if fx.last_stats else dict(F.DONE_STATS)
+            records = {k: json.loads(json.dumps(v)) for part in parts for k, v in part.items()}
+            _agree(lambda: _merge(stack.st, plan, world, records) if rank == 0 else None, rank, world)
+        else:
+            stats = dict(F.DONE_STATS)
+    return dict(read_manifest(out_dir), timing=stats)
