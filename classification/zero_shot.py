@@ -210,17 +210,22 @@ def zero_shot_evaluate(
     if dtype is None:
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     classifier = classifier.to(device=device, dtype=torch.float32)
-    all_logits, all_target, failed = [], [], 0
+    all_logits, all_target, failed, first_error = [], [], 0, None
     with torch.no_grad():
         for batch in dataloader:
             images, target, errors = _split_batch(batch)
             failed += len(errors)
+            if errors and first_error is None:
+                first_error = errors[0]
             if images is None or len(target) == 0:
                 continue
             feats = encode_images(model, images.to(device=device, dtype=dtype), mode)
             all_logits.append((ZERO_SHOT_SCALE * feats @ classifier).cpu())
             all_target.append(target.cpu().long())
     if not all_logits:
+        if failed:
+            detail = first_error[1] if isinstance(first_error, tuple) and len(first_error) == 2 else first_error
+            raise ValueError(f"none of the {failed} images could be read (first: {detail})")
         raise ValueError("zero_shot_evaluate: the dataloader yielded no images")
     logits, target = torch.cat(all_logits), torch.cat(all_target)
     if int(target.max()) >= classifier.shape[1] or int(target.min()) < 0:
@@ -354,6 +359,7 @@ class _LabeledImages(torch.utils.data.Dataset):
         from internvit.data import collate_images
 
         pixels, ids, errors = collate_images(batch)
+        errors = [(i, f"{self.images.paths[i]}: {err}") for i, err in errors]  # name the file
         return pixels, torch.tensor([self.labels[i] for i in ids], dtype=torch.long), errors
 
 

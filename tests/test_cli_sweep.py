@@ -127,7 +127,7 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("missing_index", ["{W}/nope", "--text", "a dog"]),
         ("truncated_index", ["{W}/idx_trunc", "--embedding", "{W}/q16.npy"]),
         ("empty_index_file", ["{W}/idx_empty", "--embedding", "{W}/q16.npy"]),
-        ("shortened_metadata", ["{W}/idx_meta", "--embedding", "{W}/q16.npy"]),
+        ("shortened_metadata", ["{W}/idx_meta", "--image", "{W}/imgs/img_000.png"]),
         ("empty_query", ["{W}/idx_model", "--text", " "]),
         ("wrong_dims", ["{W}/idx", "--embedding", "{W}/q7.npy"]),
         ("unreadable_image", ["{W}/idx_model", "--image", "{W}/bad_imgs/0.png"]),
@@ -181,6 +181,24 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("config_syntax_error", ["{W}/syntax_error.py", "{W}/other_ckpt.pth", "--work-dir", "{out}"]),
         ("config_without_model", ["{W}/no_model.py", "{W}/other_ckpt.pth", "--work-dir", "{out}"]),
     ],
+    "demo_serve": [
+        ("missing_index", ["{W}/nope", "--out", "{out}"]),
+        ("not_an_index_folder", ["{W}/imgs", "--out", "{out}"]),
+        ("k_0", ["{W}/idx", "-k", "0", "--out", "{out}"]),
+        ("missing_image", ["{W}/idx", "--image", "{W}/nope.png", "--out", "{out}"]),
+    ],
+    "demo_retrieval_report": [
+        ("missing_model", ["--model", "{W}/nope", "--data", "{W}/imgs", "--index", "{W}/idx", "--json", "{out}.json"]),
+        ("missing_index", ["--model", "{W}/model", "--data", "{W}/imgs", "--index", "{W}/nope", "--json", "{out}.j"]),
+        ("data_not_made_by_the_demo", ["--model", "{W}/model", "--data", "{W}/imgs", "--index", "{W}/idx",
+                                       "--json", "{out}.json"]),
+    ],
+    "make_demo_retrieval_data": [
+        ("existing_user_folder", ["{W}/imgs"]),
+        ("out_of_range_image_size", ["{out}", "--image-size", "0"]),
+        ("out_of_range_val_fraction", ["{out}", "--val-fraction", "1"]),
+        ("out_of_range_per_class", ["{out}", "--per-class", "0"]),
+    ],
     "serve": [
         ("missing_index", ["{W}/nope"]),
         ("not_an_index_folder", ["{W}/imgs"]),
@@ -197,7 +215,17 @@ GENERIC = [("unknown_option", ["--no-such-option-xyz"])]
 
 #: (tool, case) pairs that still fail, in files this test's author does not own; strict=False so a fix shows
 #: up as XPASS. Each entry says what is wrong.
-XFAIL: dict[tuple[str, str], str] = {}
+XFAIL: dict[tuple[str, str], str] = {
+    ("convert_checkpoint", "not_a_mmseg_checkpoint"): "importing segmentation prints mmcv-lite's "
+        "'Fail to import MultiScaleDeformableAttention' UserWarning before the error (internvit/compat.py: the "
+        "shim that handles it could silence it)",
+    ("test", "other_models_checkpoint"): "mmseg prints three UserWarnings while building the model before the "
+        "one-line error (internvit/runner.py / compat.py)",
+    ("train", "csv_unknown_label"): "the dataset is built inside runner.train(), whose errors keep their "
+        "traceback (tools/train.py, internvit/runner.py: build the dataloaders as part of set-up)",
+    ("serve", "port_out_of_range"): "--port 70000 is accepted and fails later with OverflowError "
+        "(tools/serve.py: bound --port to 0..65535)",
+}
 
 
 def _params():
@@ -293,14 +321,6 @@ def W(tmp_path_factory) -> str:  # noqa: N802 - the placeholder's name
         shutil.copytree(f"{w}/idx", f"{w}/{name}")
         for n in index_files:
             damage(f"{w}/{name}/{n}")
-    shutil.copytree(f"{w}/idx", f"{w}/idx_meta")
-    for dirpath, _, files in os.walk(f"{w}/idx_meta"):
-        for n in files:
-            if n.endswith(".parquet"):
-                import pyarrow.parquet as pq
-
-                table = pq.read_table(os.path.join(dirpath, n))
-                pq.write_table(table.slice(0, max(0, table.num_rows - 3)), os.path.join(dirpath, n))
     np.save(f"{w}/q16.npy", x[:2])
     np.save(f"{w}/q7.npy", rng.standard_normal((2, 7)).astype(np.float32))
     return w
@@ -313,6 +333,18 @@ def model_index(W) -> str:  # noqa: N803
     from retrieval.pipeline import index_images
 
     index_images(f"{W}/imgs", f"{W}/idx_model", load_encoder("internvit:internvit-6b-tiny"), progress=False)
+    # a copy whose metadata parquet lost its last rows (the index holds more ids than the metadata)
+    import pyarrow.parquet as pq
+
+    shutil.copytree(f"{W}/idx_model", f"{W}/idx_meta", ignore=shutil.ignore_patterns("embeddings"))
+    shortened = 0
+    for dirpath, _, files in os.walk(f"{W}/idx_meta"):
+        for n in files:
+            if n.endswith(".parquet"):
+                table = pq.read_table(os.path.join(dirpath, n))
+                pq.write_table(table.slice(0, max(0, table.num_rows - 2)), os.path.join(dirpath, n))
+                shortened += 1
+    assert shortened, "the model index has no metadata parquet to shorten"
     return f"{W}/idx_model"
 
 
@@ -373,7 +405,7 @@ def test_bad_input(tool, argv, W, tmp_path, monkeypatch, capfd, no_server, reque
     from tests.conftest import fixture_dir
 
     fx = fixture_dir("internvl-cg-tiny") if any("{fx}" in a for a in argv) else ""
-    if any("idx_model" in a for a in argv):
+    if any("idx_model" in a or "idx_meta" in a for a in argv):
         request.getfixturevalue("model_index")
     cwd = tmp_path / "cwd"
     cwd.mkdir()
@@ -388,6 +420,7 @@ def test_bad_input(tool, argv, W, tmp_path, monkeypatch, capfd, no_server, reque
     assert not glob.glob(out + "*"), f"created {glob.glob(out + '*')}"
     assert not os.listdir(cwd), f"created in the current folder: {os.listdir(cwd)}"
     assert _snapshot(W) == before, "changed the shared inputs"
+    print(lines[0])  # shown with -rA: what the user reads
 
 
 def test_every_tool_has_its_own_cases():
