@@ -27,9 +27,16 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _HAS_RMS_NORM:
+            # one fused op (fp32 inside for bf16/fp16, one rounding): the same values as the three-step form
+            # below, bit for bit on CPU, with fewer passes and no fp32 copy of the activations
+            return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
+
+
+_HAS_RMS_NORM = hasattr(F, "rms_norm")
 
 
 class LayerNorm(nn.LayerNorm):

@@ -107,3 +107,15 @@ def test_attention_choice_and_compile_errors(monkeypatch):
         torch.testing.assert_close(model(x).last_hidden_state, ref, atol=1e-5, rtol=1e-5)
         with pytest.raises(RuntimeError, match="PackedLinear holds a torch.float32"):
             model.encoder.layers[0].mlp.fc1(torch.randn(1, 64, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_fused_path_equals_reference_formula(dtype):
+    """The fused F.rms_norm path gives the spec's values: normalise in fp32, cast, then multiply by the weight."""
+    norm = RMSNorm(96).to(dtype)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = (torch.randn(3, 7, 96) * 50).to(dtype)
+    xf = x.float()
+    expected = norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+    torch.testing.assert_close(norm(x), expected, atol=0, rtol=0)
