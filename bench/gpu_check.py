@@ -12,6 +12,8 @@ raised):
 2. **forward**: an InternViT-6B (48 blocks, width 3200, random weights, bf16) at 224 and 448 px with a batch
    sweep: images/s, TFLOP/s and the fraction of the bf16 matmul peak (8192^3 ``torch.mm``, timed in the same
    interleaved rounds); goal >= 0.55 at 448 px.
+2b. **compile**: the same 6B, eager against ``compile_model(model, 'inductor')`` at 448 px batch 16 (interleaved;
+   compile time reported; skipped if less than 150 s of the budget is left).
 3. **extract**: ``FeatureExtractor`` over a folder of generated 640x480 JPEGs (decode, resize, normalise,
    batch, model) against the same model's ``encode`` on pre-made device batches; goal >= 0.90 of bare.
    Models: the 6B at 224 px and InternViT-300M at 448 px, bf16.
@@ -300,6 +302,9 @@ def summarize(data: dict) -> None:
     for preset, v in (s.get("extract") or {}).items():
         if isinstance(v, dict) and "ratio_of_medians" in v:
             out[f"extract_{preset}"] = dict(ratio=v["ratio_of_medians"], goal=0.90, met=v["ratio_of_medians"] >= 0.9)
+    comp = s.get("compile") or {}
+    if "speedup_ratio_of_medians" in comp:
+        out["compile_inductor_vs_eager"] = dict(speed=comp["speedup_ratio_of_medians"], compile_s=comp["compile_s"])
     seg = s.get("seg") or {}
     for k in ("no_checkpointing", "checkpointing"):
         if isinstance(seg.get(k), dict):
@@ -318,12 +323,13 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny models and sizes (checks that the script runs)")
     p.add_argument("--out", default=os.environ.get("OUT"), help="folder for gpu_check.json (default $OUT)")
     p.add_argument("--budget-s", type=float, default=420.0, help="stop starting forward sweeps after this long")
-    p.add_argument("--sections", default="parity,forward,extract,seg")
+    p.add_argument("--sections", default=None, help="comma list (default: all) of "
+                   "parity, forward, compile, extract, seg")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but CUDA is not available (use --device cpu --quick here)", file=sys.stderr)
         return 2
-    sections = args.sections.split(",")
+    sections = (args.sections or "parity,forward,compile,extract,seg").split(",")
     t_start = time.perf_counter()
     rep = Report(args.out)
     iv, full = import_core()
@@ -340,12 +346,14 @@ def main(argv=None) -> int:
         sizes, iters, peak_n = {56: [1, 2], 112: [1]}, 3, 256
         ext = [("internvit-6b-tiny", 8, 4, 0), ("internvit-300m-tiny", 8, 4, 0)]
         seg = dict(size=56, batch=1, iters=2)
+        comp_case = (56, 2)
     else:
         big, big_over = "internvit-6b-224px", {}
         sizes, iters, peak_n = {224: [16, 64, 128], 448: [8, 16, 32]}, 5, 8192
         workers = max(1, min(14, (os.cpu_count() or 2) - 2))
         ext = [("internvit-6b-224px", 1024, 64, workers), ("internvit-300m-448px", 4096, 128, workers)]
         seg = dict(size=504, batch=2, iters=5)
+        comp_case = (448, 16)
 
     def run_section(name, fn):
         if name not in sections:
@@ -370,6 +378,37 @@ def main(argv=None) -> int:
         return check_forward(holder["model"], args.device, sizes, iters, t_start + args.budget_s, peak_n, rep)
 
     run_section("forward", forward)
+
+    def compiled():
+        """Eager vs compile_model(mode='inductor') on the same weights, interleaved (6B, 448 px)."""
+        import copy
+
+        from internvit.models.vit import compile_model
+
+        if time.perf_counter() - t_start > args.budget_s - 150:
+            return {"skipped": "time budget"}
+        if args.quick and args.device == "cpu" and not args.sections:
+            return {"skipped": "--quick on CPU (compiling takes minutes here); name it in --sections to run it"}
+        eager = holder["model"]
+        comp = compile_model(copy.deepcopy(eager), "inductor")
+        size, b = comp_case
+        x = torch.randn(b, 3, size, size, device=args.device, dtype=torch.bfloat16)
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            out = comp.forward_features(x)
+            compile_s = time.perf_counter() - t0
+            err = rel_error(out, eager.forward_features(x))
+            t = interleaved({"eager": lambda: eager.forward_features(x), "inductor": lambda: comp.forward_features(x)},
+                            iters, 1, args.device)
+        ratio = statistics.median(t["eager"]) / statistics.median(t["inductor"])
+        log(f"compile {size}px batch {b}: first call {compile_s:.0f} s; inductor/eager speed {ratio:.3f} "
+            f"(rel. diff {err:.2e})")
+        if err > 2e-2:
+            rep.failure(f"compile: inductor output differs from eager by {err:.2e} (relative L2)")
+        return dict(image_size=size, batch=b, compile_s=compile_s, speedup_ratio_of_medians=ratio, rel_diff=err,
+                    eager_s=t["eager"], inductor_s=t["inductor"])
+
+    run_section("compile", compiled)
 
     def extract():
         if not full:
