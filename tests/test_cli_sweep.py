@@ -87,6 +87,7 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("shard_size_0", [*EXTRACT, "--shard-size", "0"]),
         ("image_size_0", [*EXTRACT, "--image-size", "0"]),
         ("out_is_a_file", _with(EXTRACT, out="{W}/ann.json")),
+        ("out_is_a_user_folder", _with(EXTRACT, out="{W}/imgs")),
         *[(n, [*EXTRACT, *a]) for n, a in DEVICE_CASES + NO_CUDA_CASES],
     ],
     "zeroshot_eval": [
@@ -101,6 +102,7 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("batch_size_0", [*ZEROSHOT, "--batch-size", "0"]),
         ("workers_negative", _with(ZEROSHOT, workers="-1")),
         ("output_is_a_folder", _with(ZEROSHOT, output="{W}/imgs")),
+        ("output_is_a_user_file", _with(ZEROSHOT, output="{W}/ann.json")),
         *[(n, [*ZEROSHOT, *a]) for n, a in DEVICE_CASES + NO_CUDA_CASES],
     ],
     "eval_retrieval": [
@@ -114,6 +116,7 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("target_recall_1_5", [*RECALL, "--target-recall", "1.5"]),
         ("batch_size_0", [*RECALL, "--batch-size", "0"]),
         ("max_index_memory_0", [*RECALL, "--max-index-memory", "0"]),
+        ("out_is_a_user_file", _with(RECALL, out="{W}/ann.json")),
         *[(n, [*RECALL, *a]) for n, a in DEVICE_CASES + NO_CUDA_CASES],
         ("index_missing", ["index", "{W}/nope", "--out", "{out}.json"]),
         ("index_truncated", ["index", "{W}/idx_trunc", "--out", "{out}.json"]),
@@ -446,3 +449,17 @@ def test_fresh_process_prints_one_line(W, tmp_path):  # noqa: N803
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-2000:]
     assert not os.path.exists(out)
+
+
+def test_own_previous_output_is_replaced_without_overwrite(W, tmp_path, capfd):  # noqa: N803
+    """What a tool wrote itself may be replaced by a rerun; a user's file needs --overwrite."""
+    out = str(tmp_path / "report.json")
+    for _ in range(2):
+        assert run_tool("eval_retrieval", ["index", f"{W}/idx", "--out", out, "--queries", "4", "-k", "2"]) == 0
+    user = tmp_path / "user.json"
+    user.write_text('{"mine": 1}')
+    assert run_tool("eval_retrieval", ["index", f"{W}/idx", "--out", str(user)]) == 2
+    assert user.read_text() == '{"mine": 1}'
+    assert run_tool("eval_retrieval", ["index", f"{W}/idx", "--out", str(user), "--overwrite"]) == 0
+    assert "ntotal" in user.read_text()
+    capfd.readouterr()

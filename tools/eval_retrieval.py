@@ -45,6 +45,7 @@ def build_parser() -> ArgumentParser:
     r.add_argument("--device", type=device, default="cpu")
     r.add_argument("--dtype", default="fp32")
     r.add_argument("--out", default=None, help="also write the results as JSON here")
+    r.add_argument("--overwrite", action="store_true", help="replace --out even if it is not one of our reports")
     q = sub.add_parser("index", help="index-quality report of a built index")
     q.add_argument("index_dir")
     q.add_argument("--embeddings", default=None, help="the embeddings the index was built from "
@@ -54,15 +55,30 @@ def build_parser() -> ArgumentParser:
     q.add_argument("-k", type=positive_int, default=10)
     q.add_argument("--queries", type=positive_int, default=1000)
     q.add_argument("--params", default=None, help="search parameters to score instead of the tuned ones")
-    q.add_argument("--out", default=None)
+    q.add_argument("--out", default=None, help="also write the report as JSON here")
+    q.add_argument("--overwrite", action="store_true", help="replace --out even if it is not one of our reports")
     return p
 
 
-def _check_out(path) -> None:
+def _is_own_result(path: str) -> bool:
+    """Whether ``path`` holds a report this tool wrote (so replacing it needs no --overwrite)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and ({"exact", "index", "n_images"} <= set(data)
+                                       or {"index_key", "ntotal", "bytes_per_vector"} <= set(data))
+
+
+def _check_out(path, overwrite: bool = False) -> None:
     if path is None:
         return
     if os.path.isdir(path):
         raise UsageError(f"--out {path}: is a folder (give a .json file path)")
+    if os.path.lexists(path) and not overwrite and not _is_own_result(path):
+        raise UsageError(f"--out {path}: exists and is not an eval_retrieval report; refusing to replace it "
+                         f"(pass --overwrite)")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise UsageError(f"--out {path}: folder {parent} does not exist")
@@ -70,7 +86,7 @@ def _check_out(path) -> None:
 
 def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    _check_out(args.out)
+    _check_out(args.out, args.overwrite)
     from retrieval.embeddings import atomic_write_json
 
     if args.command == "recall":

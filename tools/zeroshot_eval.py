@@ -42,7 +42,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=nonnegative_int, default=2)
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--device", type=device, default="cpu")
-    p.add_argument("--output", default="zeroshot_results.json", help="JSON file to write (atomically)")
+    p.add_argument("--output", default="zeroshot_results.json",
+                   help="JSON file to write (atomically; an existing file that is not a zero-shot result needs "
+                        "--overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace --output whatever it holds")
     v = p.add_argument_group("video (docs/classification.md, 'Zero-shot video classification')")
     v.add_argument("--video", action="store_true", help="--data holds videos: <root>/<class>/<video> or a CSV of "
                    "path,label; --classnames may be kinetics400/kinetics600/kinetics700")
@@ -53,9 +56,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _check_output(path: str) -> None:
+def _is_own_result(path: str) -> bool:
+    """Whether ``path`` holds a result this tool wrote (so replacing it needs no --overwrite)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"acc1", "acc5", "num_samples", "model"} <= set(data)
+
+
+def _check_output(path: str, overwrite: bool = False) -> None:
     if os.path.isdir(path):
         raise UsageError(f"--output {path}: is a folder (give a .json file path)")
+    if os.path.lexists(path) and not overwrite and not _is_own_result(path):
+        raise UsageError(f"--output {path}: exists and is not a zero-shot result; refusing to replace it "
+                         f"(pass --overwrite)")
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.isdir(parent):  # the nearest existing folder must be writable (folders are created)
         if os.path.lexists(parent):
@@ -69,7 +85,7 @@ def _main(argv=None) -> int:
     args = parse_args(argv)
     if not os.path.exists(args.data):
         raise UsageError(f"--data {args.data}: no such folder or CSV file")
-    _check_output(args.output)
+    _check_output(args.output, args.overwrite)
     if not os.path.exists(args.model) and os.sep in args.model:
         raise UsageError(f"--model {args.model}: no such file or folder")
     if args.tokenizer is not None and not os.path.exists(args.tokenizer):
