@@ -17,7 +17,8 @@ EXTRAS = {
     "openclip": ["open_clip_torch>=2.24", "timm>=1.0"],
     "classification": SEG + ["scikit-learn>=1.3"],
     "video": ["av>=10"],  # zero-shot video classification (classification/video.py)
-    "serve": ["fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9"],
+    "serve": ["fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9", "httptools>=0.6",
+              "uvloop>=0.19; sys_platform != 'win32'"],
     "test": ["pytest>=7", "ruff", "selenium>=4.20"],
 }
 EXTRAS["all"] = sorted({d for k, v in EXTRAS.items() if k != "test" for d in v})
