@@ -300,6 +300,11 @@ def build_index(
                        format_bytes(plan.estimated_bytes), format_bytes(budget))
     rows_per_batch = _batch_rows(dim, budget, batch_rows)
     existing = _committed_or_none(out_dir)
+    if existing is not None and not overwrite and (
+            existing.get("kind") != kind or existing.get("index_key") != plan.key
+            or [e.get("count") for e in existing.get("embeddings", [])[:1]] != [n]):
+        raise FileExistsError(f"{out_dir}: already holds an index built from other embeddings or arguments "
+                              f"(use add_to_index / --add to extend it, or overwrite=True / another folder)")
     scan, normalize_ = _scan(source, normalize, source.root or "embeddings")
     checksum = scan["checksum"]
     encoder = _encoder_of(source, encoder_info)
