@@ -90,7 +90,14 @@ def _open(index_dir: str, manifest: dict, mmap: bool, metadata: bool):
     size, want = os.path.getsize(path), manifest.get("index_bytes")
     if want is not None and size != want:
         raise RetrievalError(f"{path}: {size} bytes but the manifest says {want} (truncated or modified)")
-    index = read_index(path, mmap=mmap)
+    on_disk = manifest.get("on_disk")
+    if on_disk:  # IVF lists in their own memory-mapped file (retrieval.ondisk)
+        from .ondisk import read_ondisk_index
+
+        index = read_ondisk_index(path, os.path.join(index_dir, on_disk["ivfdata_file"]),
+                                  expect_bytes=on_disk.get("ivfdata_bytes"))
+    else:
+        index = read_index(path, mmap=mmap)
     if index.ntotal != manifest["ntotal"] or index.d != manifest["dim"]:
         raise RetrievalError(f"{path}: holds {index.ntotal}×{index.d} vectors but the manifest says "
                              f"{manifest['ntotal']}×{manifest['dim']} (modified outside retrieval)")
