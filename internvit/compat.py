@@ -114,12 +114,20 @@ def _history_buffer_getattr(obj, name):
                                  f"history-buffer statistic")
 
 
-# torch.load(weights_only=True) looks user-allowed globals up by ``module.qualname``: the stand-ins answer to the
-# names an mmengine checkpoint uses (the tuple form of add_safe_globals does the same on torch >= 2.6 only)
+# torch.load(weights_only=True) looks user-allowed globals up by ``module.qualname`` (``module.name`` on torch 2.4):
+# the stand-ins answer to the names an mmengine checkpoint uses (the tuple form of add_safe_globals does the same,
+# but only on torch >= 2.6)
 _HistoryBufferState.__module__ = "mmengine.logging.history_buffer"
 _HistoryBufferState.__name__ = _HistoryBufferState.__qualname__ = "HistoryBuffer"
-_history_buffer_getattr.__module__ = "builtins"
-_history_buffer_getattr.__name__ = _history_buffer_getattr.__qualname__ = "getattr"
+
+
+def _alias(func, module: str, name: str):
+    """``func`` under the global name ``module.name`` (for the weights-only unpickler's look-up)."""
+    def alias(*args):
+        return func(*args)
+
+    alias.__module__, alias.__name__, alias.__qualname__ = module, name, name
+    return alias
 
 
 def _runner_safe_globals() -> list:
@@ -127,8 +135,12 @@ def _runner_safe_globals() -> list:
 
     multiarray = (getattr(np, "_core", None) or np.core).multiarray
     dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")] if hasattr(np, "dtypes") else []
-    return [_HistoryBufferState, _history_buffer_getattr, np.ndarray, np.dtype, multiarray._reconstruct,
-            multiarray.scalar, *dtypes]
+    # getattr as pickled by protocol 2 (``__builtin__``, mapped to ``builtins`` by newer torch); numpy's array
+    # functions under both numpy 1 (``numpy.core``) and numpy 2 (``numpy._core``) names
+    aliases = [_alias(_history_buffer_getattr, m, "getattr") for m in ("builtins", "__builtin__")]
+    aliases += [_alias(getattr(multiarray, f), f"numpy.{core}.multiarray", f)
+                for f in ("_reconstruct", "scalar") for core in ("core", "_core")]
+    return [_HistoryBufferState, np.ndarray, np.dtype, *aliases, *dtypes]
 
 
 def _history_buffer(state, filename: str, where: str):

@@ -386,3 +386,26 @@ def test_truncated_weight_files_named(tmp_path, vit_fixture):
         with pytest.raises(CheckpointError) as e:
             internvit.load_model(cut, "internvit-6b-tiny")
         assert str(cut) in str(e.value) and len(str(e.value).splitlines()) == 1
+
+
+def test_runner_checkpoint_with_numpy1_names_loads(tmp_path):
+    """A Runner checkpoint written under numpy 1 (``numpy.core.multiarray``) loads under numpy 2, and back."""
+    import zipfile
+
+    from mmengine.logging import HistoryBuffer
+
+    src, dst = str(tmp_path / "np2.pth"), str(tmp_path / "np1.pth")
+    torch.save(_runner_checkpoint("plain text"), src)
+    core = "numpy._core" if hasattr(np, "_core") else "numpy.core"
+    other = "numpy.core" if core == "numpy._core" else "numpy._core"
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            if item.filename.endswith("data.pkl"):
+                assert f"{core}.multiarray".encode() in data
+                data = data.replace(f"{core}.multiarray".encode(), f"{other}.multiarray".encode())
+            zout.writestr(item, data)
+    ckpt = compat.load_runner_checkpoint(dst, "cpu")
+    buffer = ckpt["message_hub"]["log_scalars"]["train/loss"]
+    assert type(buffer) is HistoryBuffer and buffer.mean() == 0.375 and buffer.current() == 0.25
+    assert ckpt["meta"]["seed"] == 0 and ckpt["message_hub"]["runtime_info"]["eta"] == 0.0
