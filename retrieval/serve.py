@@ -13,6 +13,7 @@ images together in a worker thread, searches, and fans the rows back out. When t
 than one query (the service is under load) the worker also waits up to ``batch_wait_ms`` for more; an idle
 service answers at once. Index folders are watched through their committed ``manifest.json``: a new commit
 is loaded in the background and swapped in whole; a query sees either the old state or the new one.
+The index state, limits, image decoding and the batching worker live in :mod:`retrieval.serve_core`.
 """
 from __future__ import annotations
 
