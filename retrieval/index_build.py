@@ -423,6 +423,12 @@ def _check_compatible(manifest: dict, source: EmbeddingSource, encoder_info: Opt
                                      f"other weights than the index was built with")
 
 
+def _check_format(manifest: dict, where: str) -> None:
+    if int(manifest.get("format_version", 1)) < FORMAT_VERSION or "_store" not in manifest:
+        raise RetrievalError(f"{where}: index written by an older version (format {manifest.get('format_version', 1)},"
+                             f" before the durable store); rebuild it with build_index to add or remove ids")
+
+
 def check_kind(manifest: dict, kind: Optional[str], where: str) -> str:
     """The kind to add to an index (``None``: the index's); :class:`IndexMismatchError` when it differs."""
     have = manifest.get("kind", "img")
@@ -456,6 +462,7 @@ def add_to_index(out_dir: str, embeddings, metadata=None, *, kind: Optional[str]
     """
     out_dir = os.fspath(out_dir)
     manifest = read_manifest(out_dir)
+    _check_format(manifest, out_dir)
     kind = check_kind(manifest, kind, out_dir)
     if batch_rows is not None and (isinstance(batch_rows, bool) or int(batch_rows) < 1):
         raise ValueError(f"batch_rows must be >= 1, got {batch_rows!r}")
@@ -519,6 +526,7 @@ def remove_from_index(out_dir: str, ids: Sequence[int]) -> dict:
 
     out_dir = os.fspath(out_dir)
     manifest = read_manifest(out_dir)
+    _check_format(manifest, out_dir)
     try:
         arr = np.asarray(list(ids), dtype=np.int64)
     except (TypeError, ValueError, OverflowError):

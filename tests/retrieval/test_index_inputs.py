@@ -341,3 +341,19 @@ def test_html_links_resolve_for_awkward_file_names(tmp_path):
         u = urllib.parse.urlparse(s)
         assert u.scheme == "file" and not u.query and not u.fragment
         assert urllib.request.url2pathname(u.path) == str(tmp_path / "imgs" / n)
+
+
+def test_index_of_an_older_format_is_read_but_not_extended(tmp_path):
+    from retrieval.index import RetrievalError
+
+    build_index(mixture(300), tmp_path / "idx", index_key="Flat", progress=False)
+    path = tmp_path / "idx" / "manifest.json"
+    m = json.loads(path.read_text())
+    m.pop("_store")
+    m["format_version"] = 1
+    path.write_text(json.dumps(m))
+    assert Retriever.load(tmp_path / "idx").ntotal == 300  # still searchable
+    with pytest.raises(RetrievalError, match="older version"):
+        add_to_index(tmp_path / "idx", mixture(10, seed=3), progress=False)
+    with pytest.raises(RetrievalError, match="older version"):
+        remove_from_index(tmp_path / "idx", [1])
