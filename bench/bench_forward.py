@@ -12,8 +12,10 @@ Variants (``--variants``) are timed in the same rounds: ``pack`` = ``compile_mod
 pre-packed weights, GELU fused into fc1), ``gemm`` = ``set_attention('gemm')`` (matmul-softmax-matmul
 attention), ``inductor`` = ``compile_model(model, 'inductor')`` (compiles during warm-up; slow to start).
 
-Correctness first (non-zero exit if it fails): fp32 tokens of ours (and every variant) within 1e-4 of timm's;
-in bf16, ours' relative L2 error against our fp32 output is at most 1.5x timm's bf16 error (printed).
+Correctness (non-zero exit if it fails, after the table): fp32 tokens of ours (and every variant) within 1e-4
+of timm's; in bf16, the relative L2 error of ours (and every variant) against our fp32 output is at most 1.05x
+that of upstream's bf16 path (``_common.upstream_style_forward``: naive attention, bf16 LayerNorm, separate
+LayerScale multiply and residual add); timm's bf16 error is printed too.
 
   python bench/bench_forward.py                    # the README table: fp32+bf16, 224 px x4 and 448 px x1, 4 blocks
   python bench/bench_forward.py --quick            # tiny check that it runs (1 block, 56/112 px, 3 rounds)
@@ -42,6 +44,7 @@ from _common import (  # noqa: E402
     ratio_of_medians,
     rel_error,
     table,
+    upstream_style_forward,
     vit_flops,
 )
 
@@ -90,7 +93,8 @@ def make_variant(ours, name: str, dtype: torch.dtype):
 
 
 @torch.inference_mode()
-def run_case(image_size: int, batch: int, depth: int, dtypes, variants, iters: int, warmup: int, label: str):
+def run_case(image_size: int, batch: int, depth: int, dtypes, variants, iters: int, warmup: int, label: str,
+             failures: list):
     cfg = internvit.get_config("internvit-300m-448px")
     ours32, timm32 = build_pair(depth, image_size)
     x32 = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(1))
@@ -116,19 +120,22 @@ def run_case(image_size: int, batch: int, depth: int, dtypes, variants, iters: i
                 notes.append(f"variant {v} skipped: {reason}")
             else:
                 models[f"ours+{v}"] = m
-        # correctness of every contender
-        err_timm = rel_error(peer.forward_features(x), ref_tokens)
+        # correctness of every contender (failures are collected; the table is still printed)
+        if dtype != torch.float32:
+            err_up = rel_error(upstream_style_forward(ours, x), ref_tokens)
+            notes.append(f"{dname} rel. L2 error vs our fp32 output: upstream-style {dname} path {err_up:.2e}")
         for name, m in models.items():
             out = m.forward_features(x)
             if dtype == torch.float32:
                 d = (out - ref_tokens).abs().max().item()
                 if d > 1e-4:
-                    fail(f"{image_size}px fp32: {name} differs from ours by {d:.2e} > 1e-4")
+                    failures.append(f"{image_size}px fp32: {name} differs from ours by {d:.2e} > 1e-4")
             else:
                 e = rel_error(out, ref_tokens)
                 notes.append(f"{dname} rel. L2 error vs our fp32 output: {name} {e:.2e}")
-                if name != "timm" and e > 1.5 * err_timm:
-                    fail(f"{image_size}px {dname}: {name} error {e:.2e} > 1.5 x timm's {err_timm:.2e}")
+                if name != "timm" and e > 1.05 * err_up:
+                    failures.append(f"{image_size}px {dname}: {name} error {e:.2e} > 1.05 x upstream-style "
+                                    f"{err_up:.2e}")
         peak_fn, peak_flops = matmul_peak(dtype)
         fns = {"matmul": peak_fn}
         fns.update({k: (lambda m=m, x=x: m.forward_features(x)) for k, m in models.items()})
@@ -175,9 +182,9 @@ def main(argv=None) -> int:
     for label, spec in (("small", args.small), ("large", args.large)):
         size, batch = (int(v) for v in spec.lower().split("x"))
         cases.append((label, size, batch))
-    results = []
+    results, failures = [], []
     for label, size, batch in cases:
-        results += run_case(size, batch, args.depth, dtypes, variants, args.iters, args.warmup, label)
+        results += run_case(size, batch, args.depth, dtypes, variants, args.iters, args.warmup, label, failures)
 
     print(f"\n{machine()}, timm {timm.__version__}; InternViT-300M shape, {args.depth} blocks, same weights; "
           f"{args.iters} interleaved rounds (order rotating), statistic: median [min-max] over rounds")
@@ -200,8 +207,11 @@ def main(argv=None) -> int:
                        "speed vs timm (ratio of medians [per-round min-max])", "goal"]))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(machine=machine(), depth=args.depth, iters=args.iters, results=results), f, indent=1)
-    return 0
+            json.dump(dict(machine=machine(), depth=args.depth, iters=args.iters, results=results,
+                           failures=failures), f, indent=1)
+    for msg in failures:
+        print(f"FAIL: {msg}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
