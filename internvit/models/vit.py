@@ -118,7 +118,7 @@ class Embeddings(nn.Module):
 ATTENTION_IMPLS = ("auto", "sdpa", "gemm")
 #: ``'auto'`` uses ``'gemm'`` for CPU bf16/fp16 sequences of at least this many tokens (``None``: never). Measured
 #: under load on a 2-core AVX-512 CPU without native bf16, the CPU flash kernel beat the GEMM path at 257 and
-#: 1,025 tokens in fp32 and bf16 (``bench/bench_forward.py --attn-ab`` measures it on your machine).
+#: 1,025 tokens in fp32 and bf16 (``bench/bench_forward.py`` times the ``gemm`` variant next to the default).
 GEMM_ATTENTION_MIN_TOKENS: Optional[int] = None
 #: on CPU, q/k/v are copied into contiguous ``(B, H, N, D)`` tensors before the flash kernel from this many tokens
 #: on (``None``: never): the strided views span ``3C`` per token, which costs the kernel cache/TLB locality on
@@ -183,7 +183,7 @@ class Attention(nn.Module):
             q, k, v = (t.reshape(b, n, h, d).transpose(1, 2) for t in (self.q_norm(q), self.k_norm(k), v))
         else:
             # (B, N, 3, H, D) -> 3 x (B, H, N, D) views, no copies
-            q, k, v = qkv.view(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k, v = qkv.reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
         if attention_impl_for(x.device, x.dtype, n, self.attn_impl) == "gemm":
             out = gemm_attention(q, k, v, self.scale)
         else:
