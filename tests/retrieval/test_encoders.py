@@ -91,6 +91,19 @@ def test_internvl_text_and_caption_index(tmp_path, images, internvl_encoder):
     assert len(res.rows[0]) == 2 and all("caption" in h for h in res.rows[0])
 
 
+def test_caption_index_skips_images_without_a_caption(tmp_path, images, internvl_encoder):
+    import shutil
+
+    folder = tmp_path / "imgs"
+    shutil.copytree(images, folder)
+    for i in (1, 4, 8):
+        os.remove(folder / f"img_{i:03d}.txt")  # no caption: its text embedding would be the one of ""
+    m = index_images(str(folder), tmp_path / "cap", internvl_encoder, kind="text", progress=False)
+    assert m["ntotal"] == 7 and m["skipped"] == {"empty_caption": 3}
+    res = Retriever.load(tmp_path / "cap").search_image([str(folder / "img_004.png")], k=10)
+    assert len(res.rows[0]) == 7 and all(h["caption"] for h in res.rows[0])
+
+
 def test_incremental_add_through_images(tmp_path, images, vit_encoder):
     more = tmp_path / "more"
     make_images(str(more), 3, seed=5)
