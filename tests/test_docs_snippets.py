@@ -129,6 +129,12 @@ NOT_RUN = {
     "docs/retrieval.md: python3 -m venv /tmp/af": "a benchmark: installs autofaiss into another venv, runs for "
         "minutes",
     "docs/segmentation.md: python tools/convert_checkpoint.py mmseg0x": CKPT + " (a released mmseg 0.x segmentor)",
+    "docs/finetune.md: bash tools/dist_train.sh": "needs 8 GPUs, Flickr30K and the 14B checkpoint",
+    "docs/finetune.md: python tools/build_index.py my_images/": "needs a fine-tuned model and the user's images",
+    "docs/serve.md: pip install -e": "installs packages (the extras are checked against setup.py)",
+    "docs/serve.md: from retrieval.serve import": "needs an index at out/index (tests/retrieval/test_serve.py runs "
+        "the same calls)",
+    "docs/serve.md: python -m pytest": "runs test files and a benchmark (the files and options are checked)",
     "docs/segmentation.md: OMP_NUM_THREADS=1 python tools/make_toy_seg_dataset.py data/toy_seg": TRAINS,
 }
 
@@ -162,10 +168,12 @@ def test_every_block_has_one_decision():
 # --------------------------------------------------------------------------------------------------------------
 def commands(text: str) -> list[list[str]]:
     """The commands of a bash block: continuation lines joined, comments dropped, split at ``&&`` / ``;``,
-    leading ``VAR=value`` assignments removed."""
+    leading ``VAR=value`` assignments removed, ``[...]`` optional-argument brackets dropped."""
     out = []
     for line in text.replace("\\\n", " ").splitlines():
-        tokens = shlex.split(line, comments=True)
+        # `[--opt VALUE]`: the docs' mark for optional arguments, checked as if given
+        tokens = [t[1:] if t.startswith("[") and "]" not in t[1:-1] else t for t in shlex.split(line, comments=True)]
+        tokens = [t[:-1] if t.endswith("]") and "[" not in t else t for t in tokens]
         cmd: list[str] = []
         for tok in tokens + ["&&"]:
             if tok in ("&&", ";", "||"):
@@ -276,6 +284,10 @@ def check_command(cmd: list[str]) -> None:
                 assert not unknown, f"pip install extras {sorted(unknown)} are not in setup.py"
     elif head in PYTHONS and rest[:2] == ["-m", "venv"]:
         pass
+    elif head in PYTHONS and rest[:2] == ["-m", "pytest"]:
+        for a in rest[2:]:
+            if not a.startswith("-"):
+                assert os.path.exists(os.path.join(ROOT, a.split("::")[0])), f"{a}: no such test file"
     elif head == "bash" and rest and rest[0].startswith("tools/") and rest[0].endswith(".sh"):
         if rest[0] == "tools/dist_train.sh":
             assert len(rest) >= 3 and rest[2].isdigit(), "dist_train.sh CONFIG NUM_GPUS [options]"
