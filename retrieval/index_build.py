@@ -293,8 +293,12 @@ def build_index(
     plan = plan_index(indexed, dim, index_key, budget)
     exact = plan.key == "Flat"
     n_held = 0 if exact or tune_queries is not None else min(n_tune_queries, max(indexed // 10, 1))
-    if n_held:
-        plan = plan_index(indexed - n_held, dim, plan.key, budget) if index_key else plan
+    if n_held and index_key:
+        try:
+            plan = plan_index(indexed - n_held, dim, plan.key, budget)
+        except ValueError as e:
+            raise ValueError(f"{e} ({n_held} of the {indexed} vectors are held out to tune the search "
+                             f"parameters)") from None
     if plan.estimated_bytes > budget:
         logger.warning("index %s for %d×%d needs about %s, more than max_index_memory=%s", plan.key, n, dim,
                        format_bytes(plan.estimated_bytes), format_bytes(budget))

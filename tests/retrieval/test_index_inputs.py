@@ -173,6 +173,7 @@ def test_remove_names_ids_that_are_not_in_the_index(tmp_path):
     (200, "IVF4,PQ8", "needs at least 256 training vectors"),
     (500, "HNSW1", "M >= 2"),
     (500, "IVFbogus", "invalid index_key"),
+    (1100, "IVF1024,Flat", "110 of the 1100 vectors are held out to tune"),
 ])
 def test_impossible_index_keys_are_refused_before_any_work(tmp_path, capsys, n, key, message):
     x = mixture(n, d=16)
