@@ -57,8 +57,8 @@ class Retriever:
             encoder.check_compatible(manifest, index_dir)
 
     @classmethod
-    def load(cls, index_dir: Union[str, os.PathLike], encoder=None, *, device=None, dtype=None,
-             tokenizer: Optional[str] = None, mmap: bool = False,
+    def load(cls, index_dir: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]], encoder=None, *,
+             device=None, dtype=None, tokenizer: Optional[str] = None, mmap: bool = False,
              search_params: Optional[str] = None) -> "Retriever":
         """Open ``index_dir``. ``encoder``: an :class:`~retrieval.encoders.Encoder` (checked against the
         manifest: same model and dim, else :class:`IndexMismatchError`), or ``None`` to rebuild the recorded
@@ -67,7 +67,15 @@ class Retriever:
         recorded tokenizer. ``search_params`` overrides the tuned ones (e.g. ``'nprobe=64'``; a parameter the
         index does not have, or a bad value, raises ``ValueError``). ``mmap`` maps the index file instead of
         reading it (IVF indexes). Raises :class:`RetrievalError` (one line) for a missing, unfinished,
-        truncated or corrupt index folder (index file or metadata)."""
+        truncated or corrupt index folder (index file or metadata).
+
+        A list of folders opens them as one collection (:class:`~retrieval.sharded.ShardedRetriever`: global
+        ids from each manifest's ``id_offset``, results merged by score)."""
+        if isinstance(index_dir, (list, tuple)):
+            from .sharded import ShardedRetriever
+
+            return ShardedRetriever.load(index_dir, encoder, device=device, dtype=dtype, tokenizer=tokenizer,
+                                         mmap=mmap, search_params=search_params)
         index_dir = os.fspath(index_dir)
         index, manifest = open_index(index_dir, mmap=mmap)
         if search_params:

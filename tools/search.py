@@ -4,6 +4,7 @@
   python tools/search.py out/index --text "a dog on a beach" "a red car" -k 5
   python tools/search.py out/index --image query.jpg -k 10 --html results.html
   python tools/search.py out/index --embedding queries.npy --json
+  python tools/search.py part0/ part1/ part2/ --text "a red car"   # several folders searched as one
 
 The query encoder is the one the index was built with (recorded in its manifest), rebuilt in the recorded
 dtype and device unless --dtype / --device are given; --model overrides it (it must be the same model and
@@ -24,7 +25,8 @@ DTYPES = ("fp32", "bf16", "fp16", "float32", "bfloat16", "float16")
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("index_dir")
+    p.add_argument("index_dir", nargs="+", help="index folder(s); several are searched as one collection "
+                                                "(global ids from each manifest's id_offset)")
     q = p.add_mutually_exclusive_group(required=True)
     q.add_argument("--text", nargs="+", help="text queries")
     q.add_argument("--image", nargs="+", help="image files")
@@ -63,14 +65,17 @@ def main(argv=None) -> int:
             raise UsageError(f"{args.embedding}: not a readable .npy file ({str(e).splitlines()[0]})") from None
     dtype = parse_dtype(args.dtype) if args.dtype else None
     # the index (file, metadata, search params) is opened and checked before any model is loaded
-    retriever = Retriever.load(args.index_dir, None, device=args.device, dtype=dtype, tokenizer=args.tokenizer,
+    dirs = args.index_dir[0] if len(args.index_dir) == 1 else args.index_dir
+    retriever = Retriever.load(dirs, None, device=args.device, dtype=dtype, tokenizer=args.tokenizer,
                                search_params=args.params)
     if args.model:
         from retrieval.encoders import load_encoder, recorded_device_dtype
 
         dev, dt = recorded_device_dtype(retriever.manifest.get("encoder"), args.device, dtype)
         encoder = load_encoder(args.model, mode=args.mode, tokenizer=args.tokenizer, device=dev, dtype=dt)
-        encoder.check_compatible(retriever.manifest, args.index_dir)
+        for r in getattr(retriever, "retrievers", [retriever]):
+            encoder.check_compatible(r.manifest, r.index_dir)
+            r._encoder = encoder
         retriever._encoder = encoder
     if args.text is not None:
         result = retriever.search_text(args.text, args.k)
@@ -81,7 +86,7 @@ def main(argv=None) -> int:
     if args.html:
         from retrieval.html import write_html
 
-        write_html(result, args.html, title=f"{args.index_dir}: top {args.k}")
+        write_html(result, args.html, title=f"{' '.join(args.index_dir)}: top {args.k}")
     if args.json:
         print(json.dumps(result.to_records(), default=str, ensure_ascii=False))
     else:

@@ -1,0 +1,252 @@
+"""Search several index folders as one collection: :class:`ShardedRetriever`.
+
+A collection too large for one machine is indexed as several folders (one per machine or disk), each built
+from a disjoint part of the collection. Their ids are made globally unique by the ``id_offset`` each folder's
+manifest records (:func:`~retrieval.ondisk.build_ondisk_index` ``id_offset=``, or :func:`set_id_offset`
+on an existing folder): the global id of a folder's id ``i`` is ``id_offset + i``, and the folders' ranges
+``[id_offset, id_offset + next_id)`` must not overlap (refused otherwise, before any search).
+
+Every query is searched in every folder (each with its own tuned search parameters; threads run the folders
+in parallel, faiss releases the GIL), and the per-folder top-k lists are merged by score with
+``faiss.ResultHeap`` (inner product: the largest scores are kept). With exact or exhaustive per-folder search
+the result equals a single index over the union (same ids, same scores).
+
+The folders must agree on what a query means: same dimension, metric, kind, normalisation and encoder
+(model name and, when recorded in the same dtype, weights fingerprint); otherwise
+:class:`~retrieval.faiss_ops.IndexMismatchError` names the first difference in one line.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+from internvit.store import Store, committed_files
+
+from .faiss_ops import IndexMismatchError, faiss_module, search_param_names, set_search_params
+from .index_folder import read_manifest
+from .search import Retriever, SearchResult
+
+__all__ = ["ShardedRetriever", "check_shards", "set_id_offset", "id_range"]
+
+
+def id_range(manifest: dict) -> tuple[int, int]:
+    """``[first, end)`` of the global ids a folder can hold: ``id_offset`` to ``id_offset + next_id``."""
+    off = int(manifest.get("id_offset", 0))
+    return off, off + int(manifest["next_id"])
+
+
+def check_shards(manifests: Sequence[dict], dirs: Sequence[str]) -> None:
+    """Raise :class:`IndexMismatchError` (one line) unless the folders can be searched as one collection:
+    same dim, metric, kind, normalisation, encoder; disjoint global id ranges; no folder twice."""
+    if not manifests:
+        raise ValueError("no index folders to search")
+    real = [os.path.realpath(d) for d in dirs]
+    for i, r in enumerate(real):
+        if r in real[:i]:
+            raise ValueError(f"{dirs[i]}: the same index folder is given twice")
+    first, where = manifests[0], dirs[0]
+    for m, d in zip(manifests[1:], dirs[1:]):
+        for field, what in (("dim", "dimension"), ("metric", "metric"), ("kind", "kind"),
+                            ("normalize", "query normalisation")):
+            a, b = first.get(field, "img" if field == "kind" else None), m.get(field, "img" if field == "kind"
+                                                                                else None)
+            if a != b:
+                raise IndexMismatchError(f"{d}: {what} {b!r} differs from {where}'s {a!r}; folders searched "
+                                         f"together must answer the same queries")
+        ea, eb = first.get("encoder") or {}, m.get("encoder") or {}
+        if ea.get("name") != eb.get("name"):
+            raise IndexMismatchError(f"{d}: built with encoder {eb.get('name')!r}, {where} with "
+                                     f"{ea.get('name')!r}; folders searched together need the same model")
+        fa, fb = ea.get("weights_fingerprint"), eb.get("weights_fingerprint")
+        if fa and fb and fa != fb and ea.get("dtype") == eb.get("dtype"):
+            raise IndexMismatchError(f"{d}: built with other weights of encoder {eb.get('name')!r} than {where}")
+    ranges = sorted((id_range(m), d) for m, d in zip(manifests, dirs))
+    for ((a0, a1), da), ((b0, b1), db) in zip(ranges, ranges[1:]):
+        if b0 < a1:
+            raise IndexMismatchError(f"{db}: ids {b0}..{b1 - 1} overlap {da}'s {a0}..{a1 - 1}; give each folder "
+                                     f"its own id range (set_id_offset / --id-offset, e.g. the first row of its "
+                                     f"part of the collection)")
+
+
+def set_id_offset(index_dir: Union[str, os.PathLike], id_offset: int) -> dict:
+    """Record ``id_offset`` (the global id of the folder's id 0) in an index folder's manifest, as a new
+    committed generation (same data files); returns the manifest. ``ValueError`` for a negative offset."""
+    if isinstance(id_offset, bool) or not isinstance(id_offset, (int, np.integer)) or id_offset < 0:
+        raise ValueError(f"id_offset must be an integer >= 0, got {id_offset!r}")
+    index_dir = os.fspath(index_dir)
+    manifest = read_manifest(index_dir)
+    if int(manifest.get("id_offset", 0)) == int(id_offset):
+        return manifest
+    with Store(index_dir, job={"op": "set_id_offset", "id_offset": int(id_offset)}, description="index") as st:
+        new = dict(st.manifest, id_offset=int(id_offset))
+        return st.commit(new, committed_files(st.manifest))
+
+
+def _apply_params(retrievers: Sequence[Retriever], params: str) -> None:
+    """Apply each ``name=value`` of ``params`` to the folders whose index has that parameter (an IVF folder
+    takes ``nprobe``, an HNSW one ``efSearch``, a flat one neither); ``ValueError`` for one none of them has."""
+    parts = [p.strip() for p in params.split(",") if p.strip()]
+    used = set()
+    for r in retrievers:
+        names = search_param_names(r.index)
+        mine = [p for p in parts if p.partition("=")[0].strip() in names]
+        if mine:
+            set_search_params(r.index, ",".join(mine))
+            used.update(mine)
+    unused = [p for p in parts if p not in used]
+    if unused:
+        raise ValueError(f"search params {params!r}: no index folder has {unused[0].partition('=')[0]!r}")
+
+
+class ShardedRetriever:
+    """Several :class:`~retrieval.search.Retriever` folders searched as one collection (same API:
+    ``search_embedding`` / ``search_text`` / ``search_image`` / ``metadata``; ids are global).
+
+    >>> r = ShardedRetriever.load(["index_a/", "index_b/"])   # or Retriever.load([...])
+    >>> r.search_text("a dog on a beach", k=5).ids
+    """
+
+    def __init__(self, retrievers: Sequence[Retriever]) -> None:
+        self.retrievers = list(retrievers)
+        dirs = [r.index_dir for r in self.retrievers]
+        check_shards([r.manifest for r in self.retrievers], dirs)
+        self.offsets = [int(r.manifest.get("id_offset", 0)) for r in self.retrievers]
+        self.index_dirs = dirs
+        self._order = sorted(range(len(dirs)), key=lambda i: self.offsets[i])
+        self._encoder = None
+        self._pool = ThreadPoolExecutor(max_workers=min(8, len(dirs))) if len(dirs) > 1 else None
+
+    @classmethod
+    def load(cls, index_dirs: Sequence[Union[str, os.PathLike]], encoder=None, *, device=None, dtype=None,
+             tokenizer: Optional[str] = None, mmap: bool = False,
+             search_params: Optional[str] = None) -> "ShardedRetriever":
+        """Open every folder of ``index_dirs`` (arguments as :meth:`Retriever.load`, applied to each;
+        ``search_params`` parameters go to the folders whose index has them). The
+        manifests are checked against each other before any index file is read (one-line
+        :class:`IndexMismatchError` / ``ValueError``); a folder that cannot be opened raises
+        :class:`~retrieval.faiss_ops.RetrievalError` naming it."""
+        dirs = [os.fspath(d) for d in index_dirs]
+        check_shards([read_manifest(d) for d in dirs], dirs)
+        retrievers = [Retriever.load(d, encoder, device=device, dtype=dtype, tokenizer=tokenizer, mmap=mmap)
+                      for d in dirs]
+        if search_params:
+            _apply_params(retrievers, search_params)
+        return cls(retrievers)
+
+    # -- what the collection is -------------------------------------------------------------------------
+    @property
+    def manifest(self) -> dict:
+        """The first folder's manifest with the collection's totals (``ntotal``, ``shards``)."""
+        m = dict(self.retrievers[0].manifest)
+        m.update(ntotal=self.ntotal, shards=[{"index_dir": d, "id_offset": o, "ntotal": r.ntotal}
+                                             for d, o, r in zip(self.index_dirs, self.offsets, self.retrievers)],
+                 metadata_files=[], index_key=",".join(sorted({r.manifest["index_key"] for r in self.retrievers})))
+        return m
+
+    @property
+    def ntotal(self) -> int:
+        return sum(r.ntotal for r in self.retrievers)
+
+    @property
+    def index_dir(self) -> str:
+        return os.pathsep.join(self.index_dirs)
+
+    @property
+    def encoder(self):
+        """The query encoder (the first folder's, checked against every folder's manifest)."""
+        if self._encoder is None:
+            enc = self.retrievers[0].encoder
+            for r in self.retrievers[1:]:
+                enc.check_compatible(r.manifest, r.index_dir)
+                r._encoder = enc
+            self._encoder = enc
+        return self._encoder
+
+    # -- search -------------------------------------------------------------------------------------------
+    def _prepare(self, embeddings, k) -> tuple[np.ndarray, int]:
+        q = np.asarray(embeddings, dtype=np.float32)
+        if q.ndim == 1:
+            q = q[None]
+        if q.ndim != 2 or q.shape[0] == 0:
+            raise ValueError(f"query embeddings must be a non-empty (Q, D) array, got shape {q.shape}")
+        dim = self.retrievers[0].manifest["dim"]
+        if q.shape[1] != dim:
+            raise IndexMismatchError(f"{self.index_dirs[0]}: query dim {q.shape[1]} != index dim {dim}")
+        if not np.isfinite(q).all():
+            raise ValueError("query embeddings contain NaN or inf")
+        if isinstance(k, bool) or int(k) != k or int(k) < 1:
+            raise ValueError(f"k must be an integer >= 1, got {k}")
+        if self.retrievers[0].manifest.get("normalize"):
+            norms = np.linalg.norm(q, axis=1, keepdims=True)
+            if (norms == 0).any():
+                raise ValueError("a query embedding is all zeros: it has no direction to search for")
+            q = q / norms
+        return np.ascontiguousarray(q, dtype=np.float32), int(k)
+
+    def search_embedding(self, embeddings, k: int = 10, *, queries: Optional[list] = None) -> SearchResult:
+        """Top-``k`` over all folders for ``(Q, D)`` (or ``(D,)``) query vectors: global ids and scores
+        ``(Q, k)`` (id -1 = fewer than ``k`` hits) and metadata rows. Errors as :meth:`Retriever.search_embedding`."""
+        q, k = self._prepare(embeddings, k)
+        faiss = faiss_module()
+
+        def one(i):
+            scores, ids = self.retrievers[i].index.search(q, k)
+            return scores, np.where(ids >= 0, ids + self.offsets[i], -1)
+
+        parts = list(self._pool.map(one, self._order)) if self._pool else [one(i) for i in self._order]
+        heap = faiss.ResultHeap(len(q), k, keep_max=True)
+        for scores, ids in parts:
+            heap.add_result(np.ascontiguousarray(scores, dtype=np.float32), np.ascontiguousarray(ids, np.int64))
+        heap.finalize()
+        scores, ids = heap.D, heap.I
+        rows = [[dict(self.metadata(int(i)), id=int(i), score=float(s)) for i, s in zip(id_row, s_row) if i >= 0]
+                for id_row, s_row in zip(ids, scores)]
+        return SearchResult(ids=ids, scores=scores, rows=rows, queries=list(queries or range(len(q))))
+
+    def search_text(self, texts: Union[str, Sequence[str]], k: int = 10) -> SearchResult:
+        """Text queries, encoded once and searched in every folder."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
+            raise ValueError("empty text query")
+        return self.search_embedding(self.encoder.encode_texts(texts), k, queries=texts)
+
+    def search_image(self, images, k: int = 10) -> SearchResult:
+        """Image queries (paths or PIL images), encoded once and searched in every folder."""
+        if isinstance(images, (str, os.PathLike)):
+            images = [images]
+        images = list(images)
+        if not images:
+            raise ValueError("empty image query")
+        for p in images:
+            if isinstance(p, (str, os.PathLike)) and not os.path.isfile(p):
+                raise FileNotFoundError(f"{os.fspath(p)}: no such image file")
+        res = self.encoder.embed_images(images, strict=True)
+        labels = [os.fspath(p) if isinstance(p, (str, os.PathLike)) else f"image[{i}]" for i, p in enumerate(images)]
+        return self.search_embedding(res.features, k, queries=labels)
+
+    def shard_of(self, id_: int) -> tuple[Retriever, int]:
+        """``(the folder's Retriever, its local id)`` of a global id; ``KeyError`` when no folder holds it."""
+        for i in self._order:
+            lo, hi = id_range(self.retrievers[i].manifest)
+            if lo <= id_ < hi:
+                return self.retrievers[i], id_ - lo
+        raise KeyError(f"id {id_} is in none of the folders' id ranges")
+
+    def metadata(self, id_: int) -> dict:
+        """The stored metadata row of a global id (empty dict when there is none)."""
+        try:
+            r, local = self.shard_of(int(id_))
+        except KeyError:
+            return {}
+        return r.metadata(local)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+
+    def __repr__(self) -> str:
+        return f"ShardedRetriever({self.index_dirs!r}, ntotal={self.ntotal})"
