@@ -336,11 +336,12 @@ def _read_safetensors_tensor(path: str, data_start: int, info: dict) -> torch.Te
     return t
 
 
-def _release_pages(start: int, nbytes: int) -> None:
-    """Drop the resident pages of ``[start, start + nbytes)`` of a memory-mapped file from this process (Linux);
-    they are re-read from the file on the next access. Only whole pages inside the range are released."""
+def _release_pages(start: int, nbytes: int, mapped: list[tuple[int, int]]) -> None:
+    """Drop the resident pages of ``[start, start + nbytes)`` from this process (Linux) when that range lies in
+    one of the ``mapped`` file mappings; they are re-read from the file on the next access. Only whole pages
+    inside the range are released, and never memory outside a file mapping (that would lose its contents)."""
     global _LIBC
-    if not sys.platform.startswith("linux") or nbytes <= 0:
+    if nbytes <= 0 or not any(lo <= start and start + nbytes <= hi for lo, hi in mapped):
         return
     if _LIBC is None:
         _LIBC = ctypes.CDLL(None, use_errno=True)
@@ -351,17 +352,35 @@ def _release_pages(start: int, nbytes: int) -> None:
         _LIBC.madvise(lo, hi - lo, mmap_module.MADV_DONTNEED)
 
 
+def _file_mappings(path: str) -> list[tuple[int, int]]:
+    """Address ranges at which this process maps ``path`` (Linux ``/proc/self/maps``; empty elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return []
+    real, out = os.path.realpath(path), []
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                parts = line.rstrip("\n").split(None, 5)
+                if len(parts) == 6 and parts[5] == real:
+                    lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                    out.append((lo, hi))
+    except OSError:
+        return []
+    return out
+
+
 _LIBC = None
 _COPY_CHUNK_BYTES = 16 * 1024**2
 
 
-def _owned_copy(t: torch.Tensor) -> torch.Tensor:
-    """A copy of a memory-mapped tensor in its own memory, copied in chunks whose mapped pages are released
-    right after: reading a whole file this way peaks at about one copy of the weights plus one chunk."""
+def _owned_copy(t: torch.Tensor, mapped: list[tuple[int, int]]) -> torch.Tensor:
+    """A copy of a memory-mapped tensor in its own memory, copied in chunks whose mapped pages (inside the
+    ``mapped`` ranges) are released right after: reading a whole file this way peaks at about one copy of the
+    weights plus one chunk."""
     if not t.is_contiguous() or t.numel() == 0:
         out = t.clone(memory_format=torch.contiguous_format)
         storage = t.untyped_storage()
-        _release_pages(storage.data_ptr(), storage.nbytes())
+        _release_pages(storage.data_ptr(), storage.nbytes(), mapped)
         return out
     out = torch.empty_like(t, memory_format=torch.contiguous_format)
     src, dst = t.reshape(-1), out.reshape(-1)
@@ -369,7 +388,7 @@ def _owned_copy(t: torch.Tensor) -> torch.Tensor:
     for a in range(0, src.numel(), step):
         b = min(a + step, src.numel())
         dst[a:b].copy_(src[a:b])
-        _release_pages(src.data_ptr() + a * t.element_size(), (b - a) * t.element_size())
+        _release_pages(src.data_ptr() + a * t.element_size(), (b - a) * t.element_size(), mapped)
     return out
 
 
@@ -427,9 +446,13 @@ class TensorSource(Mapping):
 
     def _add_torch(self, path: str) -> None:
         sd = unwrap_state_dict(torch_load_weights(path, mmap=True), path)
+        mapped = _file_mappings(path)  # empty for the legacy format (read into memory, nothing to release)
         for k, v in sd.items():
             if isinstance(v, torch.Tensor):
-                self._where[k] = (lambda v=v: _owned_copy(v))
+                # a memory-mapped tensor is copied out of the map; one read into memory is already its own
+                storage = v.untyped_storage()
+                in_map = any(lo <= storage.data_ptr() < hi for lo, hi in mapped)
+                self._where[k] = (lambda v=v: _owned_copy(v, mapped)) if in_map else (lambda v=v: v)
                 self._shapes[k] = tuple(v.shape)
         self.files.append(path)
 

@@ -409,3 +409,18 @@ def test_runner_checkpoint_with_numpy1_names_loads(tmp_path):
     buffer = ckpt["message_hub"]["log_scalars"]["train/loss"]
     assert type(buffer) is HistoryBuffer and buffer.mean() == 0.375 and buffer.current() == 0.25
     assert ckpt["meta"]["seed"] == 0 and ckpt["message_hub"]["runtime_info"]["eta"] == 0.0
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_pth_formats_load_exact_weights(tmp_path, zip_format):
+    """Zip (memory-mapped, copied out with the mapped pages released) and legacy (read into memory) .pth files
+    give exactly the saved weights."""
+    from internvit.checkpoints import hf_to_original_key
+
+    src = internvit.build_model("internvit-6b-tiny")
+    path = str(tmp_path / "w.pth")
+    torch.save({"module": {hf_to_original_key(k): v for k, v in src.state_dict().items()}}, path,
+               _use_new_zipfile_serialization=zip_format)
+    loaded = internvit.load_model(path, "internvit-6b-tiny").state_dict()
+    assert loaded.keys() == src.state_dict().keys()
+    assert all(torch.equal(loaded[k], v) for k, v in src.state_dict().items())
