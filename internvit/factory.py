@@ -160,9 +160,12 @@ def load_model(
         raise CheckpointError(f"{src}: unknown weight file type (expected {', '.join(WEIGHT_SUFFIXES)})")
 
     tensors = open_weights(src)
-    cfg = get_config(config) if config is not None else infer_config(tensors)
-    cls = _model_class(cfg)
-    mapping, family, ignored = cls.checkpoint_key_map(tensors.keys())
+    try:
+        cfg = get_config(config) if config is not None else infer_config(tensors)
+        cls = _model_class(cfg)
+        mapping, family, ignored = cls.checkpoint_key_map(tensors.keys())
+    except CheckpointError as e:  # every message names the file
+        raise (e if src in str(e) else CheckpointError(f"{src}: {e}")) from None
     with torch.device("meta"):
         model = cls(cfg)
     pos_keys = [k for k in model.state_dict() if k.endswith("embeddings.position_embedding")]
