@@ -563,6 +563,9 @@ def vision_key_map(keys: Iterable[str], prefix: str = "") -> tuple[dict[str, str
             ignored.append(ck)
         else:
             vit_keys[ck] = k
+    if not vit_keys:
+        raise CheckpointError(f"no InternViT keys found (neither embeddings.*/encoder.layers.* nor "
+                              f"cls_token/blocks.*); its keys: {_fmt_keys(sorted(keys), 5)}")
     family = detect_family(vit_keys.values())
     rename = original_to_hf_key if family == "original" else (lambda k: k)
     return {ck: prefix + rename(k) for ck, k in vit_keys.items()}, family, ignored
