@@ -17,7 +17,7 @@ LOGS=$OUT/logs
 MARK=$OUT/.made-by-make-demo
 # demo_out/ and work_dirs/demo_* are this script's own outputs: replaced on every run, never a user's folder
 if [ -e "$OUT" ] && [ ! -f "$MARK" ]; then
-  echo "error: $OUT exists and was not made by make demo; move it away first" >&2
+  echo "error: $OUT exists and was not made by make demo (or by an older one): move it away, or run make clean" >&2
   exit 2
 fi
 rm -rf "$OUT" work_dirs/demo_*
@@ -41,7 +41,7 @@ last() { grep -a -E "$2" "$LOGS/$1.log" | tail -n 1 | sed -E 's/^[0-9\/]+ [0-9:]
 step "1. toy data (segmentation scenes, rendered digits, digits with captions + tokenizer)"
 run data_seg $PY tools/make_toy_seg_dataset.py data/toy_seg
 run data_cls $PY tools/make_toy_cls_dataset.py data/toy_digits
-run data_pairs $PY tools/make_demo_retrieval_data.py data/digits_pairs
+run data_pairs $PY tools/make_demo_retrieval_data.py data/digits_pairs --image-ids digit --overwrite
 echo "   $(tail -n 1 "$LOGS/data_pairs.log")"
 
 step "2. feature extraction (tiny InternViT-6B-style model, cls+mean of two blocks, sharded + manifest)"

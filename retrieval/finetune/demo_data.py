@@ -17,10 +17,11 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 from typing import Optional
 
 import numpy as np
+
+from internvit.fileio import atomic_write
 
 NUMBERS = {
     "en": ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"],
@@ -112,18 +113,20 @@ def make_digit_pairs(out: str, *, image_size: int = 56, val_fraction: float = 0.
             raise FileExistsError(f"{out} exists and was not made by this tool: not replacing it")
         with open(marker, encoding="utf-8") as f:
             previous = json.load(f)
-        if previous.get("params") == params and not overwrite:
-            return previous  # the same set, made before
+        if previous.get("params") == params:
+            return previous  # the same set, made before (deterministic: nothing to replace)
         if not overwrite:
             raise FileExistsError(f"{out} holds a digits set made with other settings (pass --overwrite to "
                                   f"replace it)")
-        shutil.rmtree(out)
     digits = load_digits()
     rng = np.random.default_rng(seed)
     crng = random.Random(seed)
+    with atomic_write(out, is_dir=True) as tmp:  # replaces a previous set only once the new one is complete
+        return _write(tmp, digits, rng, crng, image_size, val_fraction, per_class, image_ids, vocab_size, params)
+
+
+def _write(tmp, digits, rng, crng, image_size, val_fraction, per_class, image_ids, vocab_size, params) -> dict:
     train_items, val_items, val_10 = [], [], {}
-    tmp = out + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
     for d in range(10):
         idx = np.flatnonzero(digits.target == d)
         rng.shuffle(idx)
@@ -157,7 +160,6 @@ def make_digit_pairs(out: str, *, image_size: int = 56, val_fraction: float = 0.
                 .GetPieceSize())
     with open(os.path.join(tmp, MARKER), "w", encoding="utf-8") as f:
         json.dump(meta, f, ensure_ascii=False, indent=2)
-    os.replace(tmp, out)
     return meta
 
 

@@ -281,3 +281,45 @@ def test_force_image_size_is_saved_and_reloaded(tmp_path):
     assert load_model(str(tmp_path / "b")).image_size == 42
     with torch.no_grad():
         assert np.isfinite(bigger(torch.randn(2, 3, 42, 42))["InternVL-G"].numpy()).all()
+
+
+# -- the published recipes --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("recipe,size,drop,batch,epochs,dataset", [
+    ("full", 364, 0.3, 32, 10, "flickr30k_en"), ("full", 364, 0.3, 32, 10, "flickr30k_cn"),
+    ("full", 364, 0.3, 32, 5, "coco"), ("head", 224, 0.0, 32, 10, "flickr30k_en"),
+    ("head", 224, 0.0, 32, 10, "flickr30k_cn"), ("head", 224, 0.0, 32, 5, "coco")])
+def test_published_recipe_configs(recipe, size, drop, batch, epochs, dataset):
+    import glob
+
+    from mmengine.config import Config
+    from mmengine.registry import MODELS
+
+    from retrieval.finetune import internvl_layer_check_fn, internvl_layer_wrap_policy
+
+    root = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "retrieval", recipe)
+    (path,) = glob.glob(os.path.join(root, f"internvl_14b_{recipe}_{dataset}_*.py"))
+    cfg = Config.fromfile(path)
+    m = cfg.model
+    assert (m.recipe, m.image_size, m.drop_path_rate, m.itm) == (recipe, size, drop, True)
+    assert m.pretrained == m.tokenizer == "./pretrained/InternVL-14B-224px"
+    assert cfg.train_dataloader.batch_size == batch and cfg.train_cfg.max_epochs == epochs
+    assert cfg.param_scheduler[0]["end"] == epochs and cfg.param_scheduler[0]["warmup"] == 100
+    ann = cfg.train_dataloader.dataset.annotation
+    assert {"flickr30k_en": "flickr30k_train_karpathy.txt", "flickr30k_cn": "flickr30k_cn_train.txt",
+            "coco": "coco_karpathy_train.json"}[dataset] in ann
+    assert cfg.train_dataloader.dataset.image_size == cfg.val_dataloader.dataset.image_size == size
+    opt = cfg.optim_wrapper
+    assert (opt.optimizer.lr, opt.optimizer.weight_decay, opt.clip_grad.max_norm) == (1e-6, 0.05, 1.0)
+    assert opt.paramwise_cfg.flat_decay_mult == 0.0
+    assert cfg.runner_type == "FlexibleRunner" and cfg.strategy.type == "FSDPStrategy"
+    mp = cfg.strategy.model_wrapper.mixed_precision
+    assert (mp.param_dtype, mp.reduce_dtype) == ("bfloat16", "float32")
+    # the recipe's model, on a tiny architecture: its trainable split, and one FSDP unit per layer
+    model = MODELS.build(dict(m, pretrained="internvl-tiny", config=TINY, tokenizer=None, image_size=28))
+    names = model.trainable_parameter_names()
+    if recipe == "head":
+        assert names == ["model.text_projection"]
+    else:
+        assert len(names) == len(list(model.parameters()))
+    units = [mod for mod in model.modules() if internvl_layer_wrap_policy(mod, recurse=False)]
+    assert len(units) == 2 + 2 and all(internvl_layer_check_fn(u) for u in units)

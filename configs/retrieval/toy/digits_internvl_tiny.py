@@ -2,8 +2,10 @@
 # French and Chinese, with the recipe's losses (ITC on the C and G paths with multiple positives per image, ITM,
 # learned logit scale) and schedule shape (log warm-up + linear decay, AdamW, no decay on 1-D weights, grad clip
 # 1.0). The model is a tiny InternVL-C/G trained from random weights, so the learning rate is far above the
-# recipe's 1e-6 (which fine-tunes a trained 14B model). Make the data first:
-#   python tools/make_demo_retrieval_data.py data/digits_pairs
+# recipe's 1e-6 (which fine-tunes a trained 14B model). The captions name only the digit, so all scans of a
+# digit share one image id (--image-ids digit): the multi-positive targets then treat every scan of a digit as
+# a positive of every caption of it. About 160 steps of 128 pairs (about 1.5 CPU-minutes). Make the data first:
+#   python tools/make_demo_retrieval_data.py data/digits_pairs --image-ids digit
 #   python tools/train.py configs/retrieval/toy/digits_internvl_tiny.py --work-dir work_dirs/digits_retrieval
 # The fine-tuned model is written to <work-dir>/hf_model (tokenizer included): every tool reads it, e.g.
 #   python tools/build_index.py data/digits_pairs/images/val OUT --model internvl-g:work_dirs/digits_retrieval/hf_model
@@ -11,7 +13,7 @@ custom_imports = dict(imports=['retrieval.finetune'], allow_failed_imports=False
 
 data_root = 'data/digits_pairs'
 tokenizer = data_root + '/tokenizer.model'
-image_size = 56
+image_size = 28  # the 56 px PNGs squashed to 2x2 patches of 14 px (each a 4x4 block of the 8x8 scan)
 max_length = 24  # the captions are short; the recipe's 80 only adds padding here
 
 model = dict(
@@ -21,10 +23,10 @@ model = dict(
         vision_config=dict(hidden_size=64, num_attention_heads=4, intermediate_size=256, num_hidden_layers=3,
                            image_size=image_size, patch_size=14, qkv_bias=False, qk_normalization=True,
                            norm_type='rms_norm', initializer_factor=0.1),
-        qllama_config=dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_query_token=8, vision_hidden_size=64,
+        qllama_config=dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                           num_attention_heads=4, num_query_token=4, vision_hidden_size=64,
                            cross_attention_frequency=2),
-        clip_embed_dim=32, attn_pool_num_heads=4, num_query_token=8, max_txt_len=max_length),
+        clip_embed_dim=32, attn_pool_num_heads=4, num_query_token=4, max_txt_len=max_length),
     recipe='full',
     drop_path_rate=0.0,
     itm=True,
@@ -33,7 +35,7 @@ model = dict(
 )
 
 train_dataloader = dict(
-    batch_size=64, num_workers=0, persistent_workers=False, drop_last=False,
+    batch_size=128, num_workers=0, persistent_workers=False, drop_last=False,
     sampler=dict(type='DefaultSampler', shuffle=True),
     collate_fn=dict(type='default_collate'),
     dataset=dict(type='ImageTextPairs', annotation=data_root + '/train.json', tokenizer=tokenizer,
@@ -50,13 +52,13 @@ test_dataloader = val_dataloader
 val_evaluator = dict(type='RetrievalRecall', ks=(1, 5, 10))
 test_evaluator = val_evaluator
 
-max_epochs = 3
+max_epochs = 5
 optim_wrapper = dict(
     type='OptimWrapper',
     optimizer=dict(type='AdamW', lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05),
     paramwise_cfg=dict(flat_decay_mult=0.0),  # no decay for 1-D weights and biases, as the recipe
     clip_grad=dict(max_norm=1.0))
-param_scheduler = [dict(type='WarmupDecayLR', warmup=20, warmup_type='log', by_epoch=True, begin=0,
+param_scheduler = [dict(type='WarmupDecayLR', warmup=10, warmup_type='log', by_epoch=True, begin=0,
                         end=max_epochs, convert_to_iter_based=True)]
 train_cfg = dict(by_epoch=True, max_epochs=max_epochs, val_interval=max_epochs)
 val_cfg = dict()
