@@ -255,6 +255,8 @@ def build_index(
     seed: int = 0,
     normalize: Optional[bool] = None,
     progress: bool = True,
+    on_disk: Optional[bool] = None,
+    workers: int = 1,
 ) -> dict:
     """Build a tuned inner-product index over ``embeddings`` into ``out_dir``; returns the committed manifest.
 
@@ -268,6 +270,10 @@ def build_index(
     ``normalize``: ``None`` L2-normalises the vectors when they are not unit length (recorded in the manifest;
     :class:`~retrieval.search.Retriever` then normalises queries too), ``True`` always, ``False`` never.
     A caption index (``kind='text'``) skips rows whose caption is empty (counted in ``skipped``).
+
+    ``on_disk``: build an IVF index whose inverted lists live on disk (:mod:`retrieval.ondisk`; ``workers``
+    processes add its partitions); ``None`` chooses it when the codes exceed ``max_index_memory`` (an explicit
+    IVF ``index_key`` too large for it, or no in-memory index fits), ``False`` never.
 
     Raises ``EmbeddingError`` naming shard and row for a NaN / inf vector, ``ValueError`` for a bad argument
     or index key, ``FileExistsError`` when ``out_dir`` holds another index (``overwrite=True`` replaces it, as
@@ -289,6 +295,17 @@ def build_index(
         tune_queries = np.ascontiguousarray(tune_queries, dtype=np.float32)
         if tune_queries.ndim != 2 or tune_queries.shape[1] != dim or not len(tune_queries):
             raise ValueError(f"tune_queries must be a non-empty (Q, {dim}) array, got shape {tune_queries.shape}")
+    from .ondisk import build_ondisk_index, wants_on_disk
+
+    if on_disk or (on_disk is None and wants_on_disk(indexed, dim, index_key, budget)):
+        if tune_queries is not None or use_gpu:
+            raise ValueError("an on-disk build tunes on held-out rows on the CPU: tune_queries and use_gpu are "
+                             "not supported with it")
+        return build_ondisk_index(source, out_dir, index_key=index_key, max_index_memory=budget,
+                                  target_recall=target_recall, metadata=metadata, kind=kind, k=k,
+                                  n_tune_queries=n_tune_queries, encoder_info=encoder_info, overwrite=overwrite,
+                                  batch_rows=batch_rows, seed=seed, normalize=normalize, workers=workers,
+                                  progress=progress)
     # plan on the rows that can train: a non-exact index holds out its tuning queries first
     plan = plan_index(indexed, dim, index_key, budget)
     exact = plan.key == "Flat"
@@ -433,6 +450,12 @@ def _check_format(manifest: dict, where: str) -> None:
                              f" before the durable store); rebuild it with build_index to add or remove ids")
 
 
+def _refuse_on_disk(manifest: dict, where: str, what: str) -> None:
+    if manifest.get("on_disk"):
+        raise RetrievalError(f"{where}: an on-disk index (lists in {manifest['on_disk']['ivfdata_file']}) cannot be "
+                             f"{what} in place; rebuild it from the whole collection")
+
+
 def check_kind(manifest: dict, kind: Optional[str], where: str) -> str:
     """The kind to add to an index (``None``: the index's); :class:`IndexMismatchError` when it differs."""
     have = manifest.get("kind", "img")
@@ -467,6 +490,7 @@ def add_to_index(out_dir: str, embeddings, metadata=None, *, kind: Optional[str]
     out_dir = os.fspath(out_dir)
     manifest = read_manifest(out_dir)
     _check_format(manifest, out_dir)
+    _refuse_on_disk(manifest, out_dir, "extended")
     kind = check_kind(manifest, kind, out_dir)
     if batch_rows is not None and (isinstance(batch_rows, bool) or int(batch_rows) < 1):
         raise ValueError(f"batch_rows must be >= 1, got {batch_rows!r}")
@@ -531,6 +555,7 @@ def remove_from_index(out_dir: str, ids: Sequence[int]) -> dict:
     out_dir = os.fspath(out_dir)
     manifest = read_manifest(out_dir)
     _check_format(manifest, out_dir)
+    _refuse_on_disk(manifest, out_dir, "shrunk")
     try:
         arr = np.asarray(list(ids), dtype=np.int64)
     except (TypeError, ValueError, OverflowError):

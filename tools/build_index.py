@@ -60,6 +60,13 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--path-column", default=None, help="parquet column holding image paths")
     p.add_argument("--caption-column", default=None, help="parquet column holding captions")
     p.add_argument("--gpu", action="store_true", help="train / add with faiss-gpu when a GPU is present")
+    p.add_argument("--on-disk", action="store_const", const=True, default=None,
+                   help="IVF index with its inverted lists on disk, memory-mapped (default: when the codes exceed "
+                        "--max-index-memory); embeddings folders only")
+    p.add_argument("--workers", type=positive_int, default=1, help="processes adding the partitions of an "
+                                                                   "on-disk build")
+    p.add_argument("--id-offset", type=nonnegative_int, default=0, help="global id of this folder's first row, "
+                   "for searching several folders as one collection (tools/search.py DIR1 DIR2 ...)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -81,7 +88,14 @@ def _check_embeddings_source(args) -> None:
     else:
         args.kind = args.kind or "img"
         src = EmbeddingSource.from_folder(args.source, args.kind)
-        plan_index(src.count, src.dim, args.index_key, args.max_index_memory)
+        from retrieval.ondisk import plan_ondisk, wants_on_disk
+
+        if args.on_disk or wants_on_disk(src.count, src.dim, args.index_key, args.max_index_memory):
+            if args.gpu:
+                raise UsageError("--gpu cannot be used with an on-disk build")
+            plan_ondisk(src.count, src.dim, args.index_key, args.max_index_memory)
+        else:
+            plan_index(src.count, src.dim, args.index_key, args.max_index_memory)
 
 
 def main(argv=None) -> int:
@@ -89,6 +103,11 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     if args.add and args.index_key:
         raise UsageError("--index-key cannot be used with --add (the index keeps its key)")
+    if args.add and (args.on_disk or args.workers > 1):
+        raise UsageError("--on-disk / --workers cannot be used with --add (an on-disk index is rebuilt, not extended)")
+    if args.model is not None and (args.on_disk or args.workers > 1):
+        raise UsageError("--on-disk / --workers build from an embeddings folder: extract the features first "
+                         "(tools/extract_features.py), then build from that folder")
 
     if args.model is None:
         from retrieval.index import add_to_index, build_index
@@ -100,7 +119,8 @@ def main(argv=None) -> int:
         else:
             manifest = build_index(args.source, args.out_dir, kind=args.kind, index_key=args.index_key,
                                    max_index_memory=args.max_index_memory, target_recall=args.target_recall,
-                                   use_gpu=args.gpu, progress=not args.quiet)
+                                   use_gpu=args.gpu, progress=not args.quiet, on_disk=args.on_disk,
+                                   workers=args.workers)
     else:
         from internvit.features import parse_dtype
         from retrieval.encoders import load_encoder
@@ -119,6 +139,10 @@ def main(argv=None) -> int:
                                 num_workers=args.num_workers, path_column=args.path_column,
                                 caption_column=args.caption_column, use_gpu=args.gpu,
                                 progress=not args.quiet)
+    if args.id_offset or manifest.get("id_offset"):
+        from retrieval.sharded import set_id_offset
+
+        manifest = set_id_offset(args.out_dir, args.id_offset)
     summary = {k: manifest.get(k) for k in ("index_key", "search_params", "ntotal", "dim", "bytes_per_vector",
                                             "normalize", "skipped")}
     summary["tuned_recall@10"] = manifest.get("tuning", {}).get("recall")

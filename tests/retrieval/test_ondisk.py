@@ -38,7 +38,7 @@ def test_on_disk_equals_in_memory_build_with_the_same_training(tmp_path, key, bu
     x = mixture(20_000, 32, seed=3)
     q = mixture(200, 32, seed=4)
     kw = dict(index_key=key, max_index_memory=budget, n_tune_queries=200, progress=False)
-    mem = build_index(x, tmp_path / "mem", **kw)
+    mem = build_index(x, tmp_path / "mem", on_disk=False, **kw)
     disk = build_ondisk_index(x, tmp_path / "disk", **kw)
     assert disk["on_disk"]["partitions"] > 1  # several partitions were merged
     assert disk["search_params"] == mem["search_params"] and disk["ntotal"] == mem["ntotal"] == 20_000
@@ -189,3 +189,27 @@ def test_kill_at_every_partition_point_resumes_identical(tmp_path):
         for f in (ref["index_file"], ref["on_disk"]["ivfdata_file"]):
             assert (out / f).read_bytes() == (tmp_path / "ref" / f).read_bytes()
         assert m["build"]["signature"] == ref["build"]["signature"]
+
+
+def test_cli_builds_on_disk_and_refuses_to_extend_it(tmp_path):
+    x = mixture(4000, 16, seed=14)
+    src = _shards(tmp_path / "emb", x, rows=1500)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    tool = os.path.join(ROOT, "tools", "build_index.py")
+    out = subprocess.run([sys.executable, tool, src, str(tmp_path / "idx"), "--on-disk", "--index-key", "IVF16,SQ8",
+                          "--max-index-memory", "256K", "--id-offset", "100000", "--quiet"], capture_output=True,
+                         text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])  # faiss's "resizing" notices stay off stdout
+    assert summary["ntotal"] == 4000
+    m = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+    assert m["on_disk"]["ivfdata_file"] == "image.g0001.ivfdata" and m["id_offset"] == 100000
+    res = Retriever.load([tmp_path / "idx"]).search_embedding(x[:2], 3)  # a one-folder group: global ids
+    assert res.ids[0, 0] == 100000
+    bad = subprocess.run([sys.executable, tool, src, str(tmp_path / "idx"), "--add", "--on-disk"],
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1
+    from retrieval import add_to_index
+
+    with pytest.raises(Exception, match="on-disk index .* cannot be extended"):
+        add_to_index(tmp_path / "idx", x[:10], progress=False)
