@@ -55,7 +55,18 @@ def new_index(key: str, dim: int):
     inner = faiss.downcast_index(ivf if ivf is not None else index)
     if hasattr(inner, "do_polysemous_training"):
         inner.do_polysemous_training = False  # search never uses Hamming thresholds; this training is slow
-    return faiss.IndexIDMap(index) if ivf is None else index
+    return index if _native_ids(index) else faiss.IndexIDMap(index)
+
+
+def _native_ids(index) -> bool:
+    """Whether ``index`` stores given ids itself: an IVF, bare or under pre-transforms only."""
+    faiss = faiss_module()
+    for layer in _layers(index):
+        if isinstance(layer, faiss.IndexIVF):
+            return True
+        if not isinstance(layer, faiss.IndexPreTransform):
+            return False
+    return False
 
 
 def _faiss_message(e: BaseException) -> str:
@@ -99,17 +110,33 @@ def index_bytes(index) -> int:
     return int(faiss_module().serialize_index(index).nbytes)
 
 
+def _layers(index):
+    """``index`` and the indexes it wraps (IDMap, pre-transforms, refinement), outermost first."""
+    faiss = faiss_module()
+    inner = faiss.downcast_index(index)
+    while inner is not None:
+        yield inner
+        if isinstance(inner, (faiss.IndexIDMap, faiss.IndexPreTransform)):
+            inner = faiss.downcast_index(inner.index)
+        elif isinstance(inner, faiss.IndexRefine):
+            inner = faiss.downcast_index(inner.base_index)
+        else:
+            inner = None
+
+
 def search_param_names(index) -> list[str]:
     """The search parameters ``index`` accepts (``nprobe``, ``efSearch``, ``quantizer_efSearch``, ...)."""
     faiss = faiss_module()
     names = []
-    if faiss.try_extract_index_ivf(index) is not None:
-        names += ["nprobe", "max_codes"]
-        ivf = faiss.try_extract_index_ivf(index)
-        if hnsw_of(ivf.quantizer) is not None:
-            names.append("quantizer_efSearch")
-    if hnsw_of(index) is not None:
-        names += ["efSearch"]
+    for layer in _layers(index):
+        if isinstance(layer, faiss.IndexRefine):
+            names.append("k_factor")
+        if isinstance(layer, faiss.IndexIVF):
+            names += ["nprobe", "max_codes"]
+            if hnsw_of(layer.quantizer) is not None:
+                names.append("quantizer_efSearch")
+        if getattr(layer, "hnsw", None) is not None:
+            names.append("efSearch")
     return names
 
 
@@ -144,12 +171,8 @@ def set_search_params(index, params: str) -> None:
 
 
 def hnsw_of(index):
-    """The ``HNSW`` structure of an HNSW index (under an IDMap), else ``None``."""
-    faiss = faiss_module()
-    inner = faiss.downcast_index(index)
-    if isinstance(inner, faiss.IndexIDMap):
-        inner = faiss.downcast_index(inner.index)
-    return getattr(inner, "hnsw", None)
+    """The ``HNSW`` structure of an HNSW index (under an IDMap / pre-transform), else ``None``."""
+    return next((layer.hnsw for layer in _layers(index) if getattr(layer, "hnsw", None) is not None), None)
 
 
 def seed_levels(index, value: int) -> None:
@@ -161,8 +184,9 @@ def seed_levels(index, value: int) -> None:
 
 
 def supports_remove(index) -> bool:
+    """IVF indexes (bare or under pre-transforms) and Flat indexes under an id map can remove ids."""
     faiss = faiss_module()
-    if faiss.try_extract_index_ivf(index) is not None:
+    if _native_ids(index):
         return True
     inner = faiss.downcast_index(index)
     if isinstance(inner, faiss.IndexIDMap):
@@ -176,13 +200,13 @@ def stored_ids(index) -> np.ndarray:
     faiss = faiss_module()
     from faiss.contrib.inspect_tools import get_invlist
 
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None:
-        parts = [get_invlist(ivf.invlists, lst)[0] for lst in range(ivf.nlist)]
-        return np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
     inner = faiss.downcast_index(index)
     if isinstance(inner, faiss.IndexIDMap):
         return np.sort(faiss.vector_to_array(inner.id_map).astype(np.int64))
+    if _native_ids(index):
+        ivf = faiss.try_extract_index_ivf(index)
+        parts = [get_invlist(ivf.invlists, lst)[0] for lst in range(ivf.nlist)]
+        return np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
     return None
 
 

@@ -358,3 +358,15 @@ def test_index_of_an_older_format_is_read_but_not_extended(tmp_path):
         add_to_index(tmp_path / "idx", mixture(10, seed=3), progress=False)
     with pytest.raises(RetrievalError, match="older version"):
         remove_from_index(tmp_path / "idx", [1])
+
+
+@pytest.mark.parametrize("key, param", [("PCA16,HNSW8", "efSearch"), ("IVF8,SQ8,RFlat", "nprobe"),
+                                        ("PCA16,IVF8,Flat", "nprobe")])
+def test_wrapped_indexes_build_tune_and_add(tmp_path, key, param):
+    """Keys whose IVF / HNSW sits under a pre-transform or a refinement: ids, tuning and adds still work."""
+    x = mixture(1500)
+    m = build_index(x, tmp_path / "idx", index_key=key, target_recall=0.5, progress=False)
+    assert m["search_params"].startswith(param + "=")
+    m = add_to_index(tmp_path / "idx", mixture(20, seed=7), progress=False)
+    r = Retriever.load(tmp_path / "idx")
+    assert r.ntotal == 1520 and r.search_embedding(x[:3], 1).ids[:, 0].tolist() == [0, 1, 2]
