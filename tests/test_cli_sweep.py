@@ -440,15 +440,35 @@ def test_help_exits_0(tool, capfd):
     assert "usage" in capfd.readouterr().out.lower()
 
 
-def test_fresh_process_prints_one_line(W, tmp_path):  # noqa: N803
-    """In a new process (imports included): no import-time notices (faiss' AVX512 loader message) on stderr."""
+#: cases also run in a fresh process: import-time output (faiss' AVX512 loader notice, mmcv-lite's warnings when
+#: mmseg is imported) happens once per process, so the in-process sweep sees it only for the first tool to import
+FRESH = [("build_index", "bad_index_key"), ("make_toy_seg_dataset", "existing_user_folder"),
+         ("convert_checkpoint", "not_a_mmseg_checkpoint"), ("train", "config_without_model")]
+
+
+def _fresh_params():
+    out = []
+    for tool, name in FRESH:
+        argv = dict(CASES[tool])[name]
+        reason = XFAIL.get((tool, name))
+        marks = [pytest.mark.xfail(reason=reason, strict=False)] if reason else []
+        out.append(pytest.param(tool, argv, id=f"{tool}-{name}", marks=marks))
+    return out
+
+
+@pytest.mark.parametrize("tool,argv", _fresh_params())
+def test_fresh_process_prints_one_line(tool, argv, W, tmp_path):  # noqa: N803
+    """``python tools/X.py ...`` in a new process, imports included: still one line, exit 2, nothing written."""
     out = str(tmp_path / "out")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "build_index.py"), f"{W}/emb", out,
-                        "--index-key", "Foo"], capture_output=True, text=True, cwd=tmp_path, timeout=300,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    before = _snapshot(W)
+    args = _fill(argv, W=W, out=out, fx="", seg=TOY_SEG, cls=TOY_CLS)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", f"{tool}.py"), *args], capture_output=True,
+                       text=True, cwd=cwd, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-2000:]
-    assert not os.path.exists(out)
+    assert not glob.glob(out + "*") and not os.listdir(cwd) and _snapshot(W) == before
 
 
 def test_own_previous_output_is_replaced_without_overwrite(W, tmp_path, capfd):  # noqa: N803
