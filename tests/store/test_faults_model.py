@@ -1,7 +1,11 @@
 """save_model into an existing directory killed at every write point: the old or the new model, never neither."""
 import os
 
+import pytest
+
 from tests.faults import kill_sweep, python_cmd, run
+
+from .zygote import Zygote
 
 SAVE = """
 import sys, torch, internvit
@@ -20,11 +24,17 @@ def _read(folder):
     return weights_fingerprint(internvit.load_model(str(folder)))
 
 
-def test_save_model_over_an_existing_model_survives_every_kill(tmp_path):
-    def prepare(d):
-        assert run(python_cmd(SAVE) + [str(d / "model"), "1"]).returncode == 0
+@pytest.fixture(scope="module")
+def zygote():
+    with Zygote(["torch", "safetensors.torch", "internvit.factory"]) as z:
+        yield z
 
-    names = kill_sweep(tmp_path, prepare=prepare, command=lambda d: python_cmd(SAVE) + [str(d / "model"), "2"],
+
+def test_save_model_over_an_existing_model_survives_every_kill(tmp_path, zygote):
+    def prepare(d):
+        assert run(zygote.cmd(["-c", SAVE, d / "model", "1"])).returncode == 0
+
+    names = kill_sweep(tmp_path, prepare=prepare, command=lambda d: zygote.cmd(["-c", SAVE, d / "model", "2"]),
                        read=lambda d: _read(d / "model"), output=lambda d: d / "model", min_points=3)
     assert "folder:exchanged" in names  # the atomic exchange: there is no point between delete and rename
 
