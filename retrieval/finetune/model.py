@@ -171,6 +171,11 @@ class InternVLRetrievalFinetune(BaseModel):
             self.tokenizer_path = tok.model_file
         if grad_checkpointing:
             self.model.vision_model.set_grad_checkpointing(True)
+        # FSDP cannot shard a 0-dim parameter: hold the scale as shape (1,) while training (same arithmetic,
+        # broadcast); save_pretrained writes it back as the scalar the checkpoints use
+        scale = self.model.logit_scale
+        if scale.ndim == 0:
+            self.model.logit_scale = nn.Parameter(scale.detach().reshape(1).clone())
         self.apply_recipe()
 
     # -- trainable / frozen --------------------------------------------------------------------------------
@@ -325,7 +330,9 @@ class InternVLRetrievalFinetune(BaseModel):
         sd = self.state_dict() if state_dict is None else state_dict
         out = {}
         for k, v in sd.items():
-            if k.startswith("model."):
+            if k == "model.logit_scale":
+                out["logit_scale"] = v.reshape(())
+            elif k.startswith("model."):
                 out[k[len("model."):]] = v
             elif k.startswith("itm_head."):
                 out[k] = v

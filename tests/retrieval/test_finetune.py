@@ -323,3 +323,75 @@ def test_published_recipe_configs(recipe, size, drop, batch, epochs, dataset):
         assert len(names) == len(list(model.parameters()))
     units = [mod for mod in model.modules() if internvl_layer_wrap_policy(mod, recurse=False)]
     assert len(units) == 2 + 2 and all(internvl_layer_check_fn(u) for u in units)
+    if recipe == "full":  # weight decay as upstream: none on 1-D weights and biases, but on logit_scale
+        from mmengine.optim import build_optim_wrapper
+
+        wd = {}
+        for group in build_optim_wrapper(model, cfg.optim_wrapper.to_dict()).optimizer.param_groups:
+            for p in group["params"]:
+                wd[id(p)] = group["weight_decay"]
+        named = dict(model.named_parameters())
+        assert wd[id(named["model.logit_scale"])] == 0.05
+        assert wd[id(named["model.text_projection"])] == wd[id(named["model.query_tokens"])] == 0.05
+        assert wd[id(named["itm_head.bias"])] == wd[id(named["model.vision_model.encoder.layers.0.ls1"])] == 0.0
+
+
+# -- FSDP (the published recipes' strategy) on CPU --------------------------------------------------------------
+def test_fsdp_bf16_recipe_loss_backward_and_full_state_dict_export(tmp_path):
+    """The strategy of configs/retrieval/_base_/fsdp_bf16.py on one gloo process: one FSDP unit per ViT block and
+    QLLaMA layer, bf16 compute, activation checkpointing; one loss + backward; the export hook gathers the full
+    state dict and load_model reads it back."""
+    import copy
+
+    import torch.distributed as dist
+    from mmengine.config import Config
+    from mmengine.model import MMFullyShardedDataParallel
+    from mmengine.registry import FUNCTIONS, MODEL_WRAPPERS
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    from internvit import load_model
+    from retrieval.finetune import SaveHFModelHook
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    own_group = not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        root = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "retrieval", "_base_", "fsdp_bf16.py")
+        strategy = Config.fromfile(root).strategy
+        torch.manual_seed(0)
+        model = tiny_model()
+        reference = copy.deepcopy(model.state_dict())
+        wrapper = copy.deepcopy(strategy.model_wrapper.to_dict())
+        fsdp = MODEL_WRAPPERS.build(wrapper, default_args=dict(module=model, device_id=torch.device("cpu")))
+        apply_activation_checkpointing(fsdp, check_fn=FUNCTIONS.get(strategy.activation_checkpointing.check_fn))
+        units = [m for m in fsdp.modules() if isinstance(m, MMFullyShardedDataParallel.__mro__[1])]
+        assert len(units) == 1 + 2 + 2  # root, 2 ViT blocks, 2 QLLaMA layers
+        fsdp.train()
+        x, s = fake_batch(4)
+        losses = fsdp(x, s, mode="loss")
+        total = sum(v for k, v in losses.items() if k.startswith("loss"))
+        assert torch.isfinite(total)
+        total.backward()
+        grads = [p.grad for p in fsdp.parameters() if p.requires_grad]
+        assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+        class _Runner:
+            work_dir = str(tmp_path / "work")
+            iter = 1
+            logger = __import__("logging").getLogger("test")
+
+        _Runner.model = fsdp
+        hook = SaveHFModelHook()
+        hook.before_train(_Runner)
+        hook.after_train(_Runner)
+        loaded = load_model(str(tmp_path / "work" / "hf_model")).state_dict()
+        for k, v in reference.items():
+            if k.startswith("model."):
+                got = loaded[k[len("model."):]]
+                torch.testing.assert_close(got, v.reshape(got.shape), msg=k)  # logit_scale: back to a scalar
+        assert loaded["logit_scale"].ndim == 0
+    finally:
+        if own_group:
+            dist.destroy_process_group()

@@ -56,7 +56,8 @@ max_epochs = 5
 optim_wrapper = dict(
     type='OptimWrapper',
     optimizer=dict(type='AdamW', lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05),
-    paramwise_cfg=dict(flat_decay_mult=0.0),  # no decay for 1-D weights and biases, as the recipe
+    # no decay for 1-D weights and biases, as the recipe (logit_scale, a scalar upstream, keeps it)
+    paramwise_cfg=dict(flat_decay_mult=0.0, custom_keys={'logit_scale': dict(decay_mult=1.0)}),
     clip_grad=dict(max_norm=1.0))
 param_scheduler = [dict(type='WarmupDecayLR', warmup=10, warmup_type='log', by_epoch=True, begin=0,
                         end=max_epochs, convert_to_iter_based=True)]
