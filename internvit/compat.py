@@ -23,8 +23,10 @@ import pickle
 import re
 import sys
 import types
+import warnings
 
 _applied: set[str] = set()
+_shimmed: set[str] = set()
 
 
 def _install_mmcv_ops_shim() -> bool:
@@ -55,6 +57,7 @@ def _install_mmcv_ops_shim() -> bool:
         raise ModuleNotFoundError(f"mmcv.ops.{name} needs full mmcv (compiled mmcv._ext), not mmcv-lite")
 
     ops.__getattr__ = __getattr__
+    _shimmed.add("mmcv.ops")
     return True
 
 
@@ -68,7 +71,13 @@ def _import_mmseg_with_version_window() -> None:
     if parse(real) >= parse("2.2.0"):
         mmcv.__version__ = "2.1.0"
     try:
-        importlib.import_module("mmseg")
+        with warnings.catch_warnings():  # scoped: the process's warning filters are unchanged afterwards
+            # with the mmcv.ops shim, mmcv's transformer bricks announce that the compiled deformable attention is
+            # missing; no InternViT model uses it (mmseg's heads that need compiled ops fail when built instead)
+            warnings.filterwarnings("ignore", message=r"Fail to import ``MultiScaleDeformableAttention``")
+            importlib.import_module("mmseg")
+            if "mmcv.ops" in _shimmed:
+                importlib.import_module("mmcv.cnn.bricks.transformer")
     finally:
         mmcv.__version__ = real
 

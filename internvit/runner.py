@@ -14,11 +14,13 @@ Set-up problems raise ``OSError`` / ``ValueError`` (``CheckpointError``) / ``Key
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import os.path as osp
 import re
 import shutil
+import warnings
 from typing import Any, Optional
 
 from internvit import compat
@@ -26,6 +28,16 @@ from internvit import compat
 #: what building a runner raises for bad input (configs, checkpoints, model arguments): the tools report these
 #: as one ``error:`` line; anything else, and anything raised once training / testing runs, keeps its traceback
 SETUP_ERRORS = (OSError, ValueError, KeyError, TypeError, ImportError)
+
+
+@contextlib.contextmanager
+def held_back_warnings():
+    """Warnings raised inside the block (libraries announcing things while a runner is built) are shown when
+    the block succeeds and dropped when it raises, so a set-up error is the only line the user sees."""
+    with warnings.catch_warnings(record=True) as caught:
+        yield
+    for w in caught:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
 
 
 def cfg_options_action():
@@ -77,14 +89,16 @@ def load_config(config: str, *, cfg_options: Optional[dict] = None, work_dir: Op
     return cfg
 
 
-def build_runner(cfg, checkpoint: Optional[str] = None):
+def build_runner(cfg, checkpoint: Optional[str] = None, dataloaders: tuple = ()):
     """``Runner.from_cfg``, or the registry's ``runner_type`` (``FlexibleRunner`` for FSDP / DeepSpeed).
 
     Its ``train`` / ``val`` / ``test`` load checkpoints only through :func:`internvit.compat.load_runner_checkpoint`
     (:func:`internvit.compat.safe_checkpoint_loading` around each call). ``checkpoint`` (a local file) is read
     without running code *before* the runner is built and checked against the built model afterwards; when it
     does not fit, the files the runner has written (its log folder, a work dir it created) are removed and
-    :class:`internvit.CheckpointError` names the keys.
+    :class:`internvit.CheckpointError` names the keys. ``dataloaders`` (``'train'``, ``'val'``, ``'test'``) are
+    built now rather than when the loop starts, so that a dataset's bad input (a missing folder, an unknown
+    label) is a set-up error too (a plain ``Runner`` only; the same call its loops make).
     """
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
@@ -93,14 +107,28 @@ def build_runner(cfg, checkpoint: Optional[str] = None):
     work_dir = osp.abspath(cfg.work_dir)
     existing = set(os.listdir(work_dir)) if osp.isdir(work_dir) else None
     runner = RUNNERS.build(cfg) if "runner_type" in cfg else Runner.from_cfg(cfg)
-    if ckpt is not None:
-        try:
+    try:
+        if ckpt is not None:
             check_fits(runner.model, ckpt, checkpoint)
-        except Exception:
-            _discard_run_files(runner, work_dir, existing)
-            raise
+        _build_dataloaders(runner, dataloaders)
+    except Exception:
+        _discard_run_files(runner, work_dir, existing)
+        raise
     _scope_checkpoint_loading(runner)
     return runner
+
+
+def _build_dataloaders(runner, names: tuple) -> None:
+    from mmengine.runner import Runner
+
+    if type(runner).build_dataloader is not Runner.build_dataloader or not isinstance(runner, Runner):
+        return
+    diff_rank_seed = runner._randomness_cfg.get("diff_rank_seed", False)
+    for name in names:
+        attr = f"_{name}_dataloader"
+        loader = getattr(runner, attr, None)
+        if isinstance(loader, dict):
+            setattr(runner, attr, runner.build_dataloader(loader, seed=runner.seed, diff_rank_seed=diff_rank_seed))
 
 
 def _is_local(path: str) -> bool:
@@ -247,7 +275,7 @@ def build_train_runner(config: str, *, work_dir: Optional[str] = None, resume: O
             raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
         cfg.resume, cfg.load_from = True, resume
         checkpoint = resume
-    return build_runner(cfg, checkpoint)
+    return build_runner(cfg, checkpoint, dataloaders=("train", "val"))
 
 
 def _require(cfg, config: str, keys: tuple, what: str) -> None:
@@ -328,4 +356,4 @@ def build_test_runner(config: str, checkpoint: str, *, work_dir: Optional[str] =
                 raise ValueError(f"--out {out}: predictions of this config are saved as a pickle; use a .pkl name")
             evaluators = cfg.test_evaluator if isinstance(cfg.test_evaluator, list) else [cfg.test_evaluator]
             cfg.test_evaluator = [*evaluators, dict(type="DumpResults", out_file_path=out)]
-    return build_runner(cfg, checkpoint)
+    return build_runner(cfg, checkpoint, dataloaders=("test",))

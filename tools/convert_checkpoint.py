@@ -39,22 +39,27 @@ def main(argv=None) -> int:
     if os.path.lexists(args.dst) and not args.overwrite:
         raise UsageError(f"{args.dst}: already exists (pass --overwrite to replace it)")
     from internvit import CheckpointError
+    from internvit.runner import held_back_warnings
 
     try:
-        if args.command == "mmseg0x":
-            from segmentation.convert_0x import convert_mmseg0x
-
-            out = convert_mmseg0x(args.src, args.dst)
-        else:
-            from internvit.factory import convert_checkpoint
-
-            out = convert_checkpoint(args.src, args.dst, to=args.command[3:], config=args.config)
+        with held_back_warnings():  # library notices while importing / reading: shown only if the conversion works
+            out = _convert(args)
     except CheckpointError as e:  # name the source file in every message
         if args.src not in str(e):
             raise CheckpointError(f"{args.src}: {e}") from None
         raise
     print(f"wrote {out}")
     return 0
+
+
+def _convert(args) -> str:
+    if args.command == "mmseg0x":
+        from segmentation.convert_0x import convert_mmseg0x
+
+        return convert_mmseg0x(args.src, args.dst)
+    from internvit.factory import convert_checkpoint
+
+    return convert_checkpoint(args.src, args.dst, to=args.command[3:], config=args.config)
 
 
 if __name__ == "__main__":

@@ -35,11 +35,13 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from internvit.cli import one_line
-    from internvit.runner import SETUP_ERRORS, build_train_runner
+    from internvit.runner import SETUP_ERRORS, build_train_runner, held_back_warnings
 
     try:
-        runner = build_train_runner(args.config, work_dir=args.work_dir, resume=args.resume, amp=args.amp,
-                                    cfg_options=args.cfg_options, launcher=args.launcher, local_rank=args.local_rank)
+        with held_back_warnings():  # a set-up error is the only line the user sees
+            runner = build_train_runner(args.config, work_dir=args.work_dir, resume=args.resume, amp=args.amp,
+                                        cfg_options=args.cfg_options, launcher=args.launcher,
+                                        local_rank=args.local_rank)
     except SETUP_ERRORS as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
