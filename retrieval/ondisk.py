@@ -335,6 +335,11 @@ def build_ondisk_index(
     csize = code_size(plan.key, dim)
     part_rows = partition_rows(csize, budget, workers, rows_per_batch, n)
     existing = ib._committed_or_none(out_dir)
+    if existing is not None and not overwrite and (
+            not existing.get("on_disk") or existing.get("kind") != kind or existing.get("index_key") != plan.key
+            or [e.get("count") for e in existing.get("embeddings", [])[:1]] != [n]):  # before the checksum pass
+        raise FileExistsError(f"{out_dir}: already holds an index built from other embeddings or arguments "
+                              f"(use another folder, or overwrite=True)")
     scan, normalize_ = ib._scan(source, normalize, source.root or "embeddings")
     checksum = scan["checksum"]
     encoder = ib._encoder_of(source, encoder_info)
@@ -468,6 +473,9 @@ def _add_partitions(st: Store, trained_path: str, src: EmbeddingSource, ranges, 
         lo, hi = np.searchsorted(skip, ranges[i])
         return skip[lo:hi]
 
+    if workers > 1 and not all(isinstance(x, str) for x in src.shards):
+        logger.info("in-memory embeddings: partitions are added in this process (workers read shard files)")
+        workers = 1
     if workers <= 1 or len(todo) <= 1:
         for i in todo:
             with st.open_file(names[i]) as tmp:
