@@ -24,7 +24,7 @@ all queries. Ratios are printed as ours / peer (build time: lower is better; QPS
 
 Two comparisons are reported separately (issue 12 §3), both at equal-or-better recall@10:
 (a) **automatic vs automatic** under the same ``--budget`` (each picks its own key: rows 1-2 of the table);
-(b) **the same index key in both** (``--same-key``, default on with autofaiss): ours built with autofaiss'
+(b) **the same index key in both** (with autofaiss; ``--no-same-key`` skips it): ours built with autofaiss'
 key, and, when our automatic key differs, autofaiss built with ours (``index_key=``), so a build-time ratio
 never compares an IVF with an HNSW.
 """
