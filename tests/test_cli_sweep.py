@@ -219,13 +219,6 @@ GENERIC = [("unknown_option", ["--no-such-option-xyz"])]
 #: (tool, case) pairs that still fail, in files this test's author does not own; strict=False so a fix shows
 #: up as XPASS. Each entry says what is wrong.
 XFAIL: dict[tuple[str, str], str] = {
-    ("convert_checkpoint", "not_a_mmseg_checkpoint"): "importing segmentation prints mmcv-lite's "
-        "'Fail to import MultiScaleDeformableAttention' UserWarning before the error (internvit/compat.py: the "
-        "shim that handles it could silence it)",
-    ("test", "other_models_checkpoint"): "mmseg prints three UserWarnings while building the model before the "
-        "one-line error (internvit/runner.py / compat.py)",
-    ("train", "csv_unknown_label"): "the dataset is built inside runner.train(), whose errors keep their "
-        "traceback (tools/train.py, internvit/runner.py: build the dataloaders as part of set-up)",
     ("serve", "port_out_of_range"): "--port 70000 is accepted and fails later with OverflowError "
         "(tools/serve.py: bound --port to 0..65535)",
 }

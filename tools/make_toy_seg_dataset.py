@@ -28,12 +28,7 @@ def build_parser() -> ArgumentParser:
 
 def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    import warnings
-
-    with warnings.catch_warnings():  # importing the mmseg plugin: mmcv-lite's notice is handled by the ops shim
-        warnings.filterwarnings("ignore", message="Fail to import ``MultiScaleDeformableAttention``",
-                                category=UserWarning)
-        from segmentation.toy_data import make_toy_seg_dataset
+    from segmentation.toy_data import make_toy_seg_dataset
 
     out = make_toy_seg_dataset(args.out, num_train=args.num_train, num_val=args.num_val, seed=args.seed,
                                overwrite=args.overwrite)
