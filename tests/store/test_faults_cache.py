@@ -4,7 +4,7 @@ import json
 import pytest
 
 from internvit.store import FAULT_EXIT_CODE, read_manifest
-from tests.faults import kill_sweep, python_cmd, run
+from tests.faults import kill_sweep, run
 
 from ..features.images import make_images
 from .zygote import Zygote
@@ -50,18 +50,18 @@ def test_cache_survives_a_kill_at_every_write_point(tmp_path, zygote):
                read=lambda d: _read(d / "cache"), output=lambda d: d / "cache", min_points=10)
 
 
-def test_killed_after_extraction_before_the_commit_is_finished_by_the_next_run(tmp_path):
+def test_killed_after_extraction_before_the_commit_is_finished_by_the_next_run(tmp_path, zygote):
     """The listed case: the old cache was killed after extraction but before its marker file and was then
     refused forever. Now the last step is the manifest commit; killed just before it, the next run finishes
     the pending job (its shards are kept, not recomputed) and the cache is used."""
     from tests.faults import write_points
 
     _dataset(tmp_path / "data")
-    cmd = python_cmd(CODE) + [str(tmp_path / "data"), str(tmp_path / "ref")]
+    cmd = zygote.cmd(["-c", CODE, tmp_path / "data", tmp_path / "ref"])
     names = write_points(cmd, tmp_path)
     at = names.index("manifest:written") + 1
     cache = tmp_path / "cache"
-    cmd = python_cmd(CODE) + [str(tmp_path / "data"), str(cache)]
+    cmd = zygote.cmd(["-c", CODE, tmp_path / "data", cache])
     assert run(cmd, fault_at=at).returncode == FAULT_EXIT_CODE
     assert read_manifest(cache) is None and (cache / ".store" / "journal.jsonl").exists()
     r = run(cmd, env={"INTERNVIT_STORE_TRACE": str(tmp_path / "trace2")})
@@ -74,18 +74,18 @@ def test_killed_after_extraction_before_the_commit_is_finished_by_the_next_run(t
 
 
 @pytest.mark.parametrize("stale", ["committed", "pending"])
-def test_stale_cache_is_replaced(tmp_path, stale):
+def test_stale_cache_is_replaced(tmp_path, stale, zygote):
     """Another backbone: a committed cache is replaced by a new generation; a pending one is discarded."""
     _dataset(tmp_path / "data")
     cache = tmp_path / "cache"
-    cmd = python_cmd(CODE) + [str(tmp_path / "data"), str(cache)]
-    other = python_cmd(CODE.replace('dict(arch="internvit-6b-tiny")', 'dict(arch="internvit-6b-tiny", init_seed=7)')
-                       ) + [str(tmp_path / "data"), str(cache)]
+    cmd = zygote.cmd(["-c", CODE, tmp_path / "data", cache])
+    other = zygote.cmd(["-c", CODE.replace('dict(arch="internvit-6b-tiny")',
+                                           'dict(arch="internvit-6b-tiny", init_seed=7)'), tmp_path / "data", cache])
     if stale == "committed":
         assert run(other).returncode == 0
     else:
         assert run(other, fault_at=5).returncode == FAULT_EXIT_CODE
     r = run(cmd)
     assert r.returncode == 0 and r.stdout.split() == ["4", "True"], r.stderr[-2000:]
-    assert run(python_cmd(CODE) + [str(tmp_path / "data"), str(tmp_path / "ref")]).returncode == 0
+    assert run(zygote.cmd(["-c", CODE, tmp_path / "data", tmp_path / "ref"])).returncode == 0
     assert _read(cache)[:2] == _read(tmp_path / "ref")[:2]

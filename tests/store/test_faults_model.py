@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from tests.faults import kill_sweep, python_cmd, run
+from tests.faults import kill_sweep, run
 
 from .zygote import Zygote
 
@@ -39,15 +39,15 @@ def test_save_model_over_an_existing_model_survives_every_kill(tmp_path, zygote)
     assert "folder:exchanged" in names  # the atomic exchange: there is no point between delete and rename
 
 
-def test_listed_case_kill_between_delete_and_rename_keeps_a_model(tmp_path):
+def test_listed_case_kill_between_delete_and_rename_keeps_a_model(tmp_path, zygote):
     """Formerly: the old folder was deleted, then the new one renamed in; killed between the two, neither
     existed. Every point of the replacement now leaves one complete model at the path."""
     model = tmp_path / "model"
-    assert run(python_cmd(SAVE) + [str(model), "1"]).returncode == 0
+    assert run(zygote.cmd(["-c", SAVE, model, "1"])).returncode == 0
     old = _read(model)
     for n in (1, 2):  # folder:written (before the swap), folder:exchanged (after it, before the old is removed)
-        r = run(python_cmd(SAVE) + [str(model), "2"], fault_at=n)
+        r = run(zygote.cmd(["-c", SAVE, model, "2"]), fault_at=n)
         assert r.returncode != 0 and _read(model) is not None
-    assert run(python_cmd(SAVE) + [str(model), "2"]).returncode == 0
+    assert run(zygote.cmd(["-c", SAVE, model, "2"])).returncode == 0
     new = _read(model)
     assert new != old and sorted(e for e in os.listdir(tmp_path) if not e.endswith(".lock")) == ["model"]
