@@ -213,3 +213,18 @@ def test_cli_builds_on_disk_and_refuses_to_extend_it(tmp_path):
 
     with pytest.raises(Exception, match="on-disk index .* cannot be extended"):
         add_to_index(tmp_path / "idx", x[:10], progress=False)
+
+
+def test_rebuild_is_a_new_generation_and_an_open_reader_keeps_its_lists(tmp_path):
+    x, y = mixture(3000, 16, seed=15), mixture(3000, 16, seed=16)
+    kw = dict(index_key="IVF8,Flat", max_index_memory="256K", n_tune_queries=50, progress=False)
+    build_ondisk_index(x, tmp_path / "idx", **kw)
+    old = Retriever.load(tmp_path / "idx", search_params="nprobe=8")
+    m = build_ondisk_index(y, tmp_path / "idx", overwrite=True, **kw)
+    assert (m["index_file"], m["on_disk"]["ivfdata_file"]) == ("image.g0002.index", "image.g0002.ivfdata")
+    assert old.search_embedding(x[:5], 1).ids[:, 0].tolist() == [0, 1, 2, 3, 4]  # still the first generation
+    new = Retriever.load(tmp_path / "idx", search_params="nprobe=8")
+    assert new.search_embedding(y[:5], 1).ids[:, 0].tolist() == [0, 1, 2, 3, 4]
+    build_ondisk_index(x, tmp_path / "idx", overwrite=True, **kw)  # the next writer removes generation 1
+    assert sorted(f for f in os.listdir(tmp_path / "idx") if f.startswith("image.")) == [
+        "image.g0002.index", "image.g0002.ivfdata", "image.g0003.index", "image.g0003.ivfdata"]
