@@ -131,6 +131,11 @@ NOT_RUN = {
     "docs/segmentation.md: python tools/convert_checkpoint.py mmseg0x": CKPT + " (a released mmseg 0.x segmentor)",
     "docs/finetune.md: bash tools/dist_train.sh": "needs 8 GPUs, Flickr30K and the 14B checkpoint",
     "docs/finetune.md: python tools/build_index.py my_images/": "needs a fine-tuned model and the user's images",
+    "docs/scale.md: python tools/build_index.py embeddings/": "needs a user's embeddings folder larger than memory",
+    "docs/scale.md: from retrieval import build_index": "needs a user's embeddings folder larger than memory",
+    "docs/scale.md: python tools/build_index.py part0/": "needs two parts of a user's collection",
+    "docs/scale.md: from retrieval.search import Retriever": "continues the block above (indexes idx0, idx1)",
+    "docs/scale.md: python tools/build_index.py /data/emb_part$k": "a billion-scale build on M machines",
     "docs/serve.md: pip install -e": "installs packages (the extras are checked against setup.py)",
     "docs/serve.md: from retrieval.serve import": "needs an index at out/index (tests/retrieval/test_serve.py runs "
         "the same calls)",
@@ -168,8 +173,10 @@ def test_every_block_has_one_decision():
 # --------------------------------------------------------------------------------------------------------------
 def commands(text: str) -> list[list[str]]:
     """The commands of a bash block: continuation lines joined, comments dropped, split at ``&&`` / ``;``,
-    leading ``VAR=value`` assignments removed, ``[...]`` optional-argument brackets dropped."""
+    leading ``VAR=value`` assignments removed, ``[...]`` optional-argument brackets dropped, shell expansions
+    (``$k``, ``$(nproc)``, ``$((k * N))``) replaced by ``1``."""
     out = []
+    text = re.sub(r"\$\(\([^)]*\)\)|\$\([^)]*\)|\$\{?\w+\}?", "1", text)  # shell expansions: a value
     for line in text.replace("\\\n", " ").splitlines():
         # `[--opt VALUE]`: the docs' mark for optional arguments, checked as if given
         tokens = [t[1:] if t.startswith("[") and "]" not in t[1:-1] else t for t in shlex.split(line, comments=True)]
@@ -354,12 +361,13 @@ def sandbox(tmp_path_factory) -> str:
                "python tools/make_toy_cls_dataset.py data/toy_digits\n", str(repo))
     assert demo.returncode == 0, demo.stderr[-3000:]
 
+    import importlib
+
+    importlib.import_module("segmentation")  # before any mmseg import: registers InternViT, applies compat
     from mmengine.config import Config
     from mmengine.registry import DefaultScope
     from mmseg.registry import MODELS
     from mmseg.utils import register_all_modules
-
-    import segmentation  # noqa: F401 - registers the InternViT modules (and applies internvit.compat)
 
     register_all_modules(init_default_scope=False)
     cfg = Config.fromfile(os.path.join(ROOT, "configs", "toy", "upernet_internvit_tiny_toy.py"))
