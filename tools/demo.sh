@@ -81,7 +81,7 @@ run ret_search $PY tools/search.py "$OUT/index_digits" --text "a handwritten dig
     "le nombre cinq" -k 5 --json --html "$OUT/search.html"
 $PY - "$LOGS/ret_search.log" <<'EOF'
 import json, os, sys
-rows = [json.loads(line) for line in open(sys.argv[1], encoding="utf-8") if line.startswith("{")]
+rows = [r for line in open(sys.argv[1], encoding="utf-8") if line.startswith("[") for r in json.loads(line)]
 by_query = {}
 for r in rows:
     by_query.setdefault(r.get("query"), []).append(os.path.basename(os.path.dirname(r.get("path", ""))))
@@ -93,6 +93,10 @@ echo "   result page: $OUT/search.html"
 if [ -f tools/demo_serve.py ]; then
   step "6. search service on the fine-tuned index (loopback, stopped afterwards)"
   run serve $PY tools/demo_serve.py "$OUT/index_digits" --out "$OUT" --text "a handwritten digit seven"
-  grep -a -E "^(text|image|screenshot)|http|saved" "$LOGS/serve.log" | head -n 4 | sed 's/^/   /' || true
+  # the service's answers, each hit shown as the digit folder of its image
+  awk '/^(serving|text query|image query|wrote|server stopped)/ { if (hits) print "     top digits:" hits; hits="";
+         print "   " $0; next }
+       /^ +[0-9]+ +id / { n = split($NF, parts, "/"); hits = hits " " (n > 1 ? parts[n-1] : $NF) }
+       END { if (hits) print "     top digits:" hits }' "$LOGS/serve.log"
 fi
 step "demo done: outputs in $OUT/ (logs in $LOGS/) and work_dirs/demo_*"

@@ -4,7 +4,7 @@
 # 1.0). The model is a tiny InternVL-C/G trained from random weights, so the learning rate is far above the
 # recipe's 1e-6 (which fine-tunes a trained 14B model). The captions name only the digit, so all scans of a
 # digit share one image id (--image-ids digit): the multi-positive targets then treat every scan of a digit as
-# a positive of every caption of it. About 160 steps of 128 pairs (about 1.5 CPU-minutes). Make the data first:
+# a positive of every caption of it. About 190 steps of 128 pairs (about 2 CPU-minutes). Make the data first:
 #   python tools/make_demo_retrieval_data.py data/digits_pairs --image-ids digit
 #   python tools/train.py configs/retrieval/toy/digits_internvl_tiny.py --work-dir work_dirs/digits_retrieval
 # The fine-tuned model is written to <work-dir>/hf_model (tokenizer included): every tool reads it, e.g.
@@ -34,8 +34,9 @@ model = dict(
     init_seed=0,
 )
 
+# one loader process: reading and augmenting the next batch runs on the second core while the model trains
 train_dataloader = dict(
-    batch_size=128, num_workers=0, persistent_workers=False, drop_last=False,
+    batch_size=128, num_workers=1, persistent_workers=True, drop_last=False,
     sampler=dict(type='DefaultSampler', shuffle=True),
     collate_fn=dict(type='default_collate'),
     dataset=dict(type='ImageTextPairs', annotation=data_root + '/train.json', tokenizer=tokenizer,
@@ -52,7 +53,7 @@ test_dataloader = val_dataloader
 val_evaluator = dict(type='RetrievalRecall', ks=(1, 5, 10))
 test_evaluator = val_evaluator
 
-max_epochs = 5
+max_epochs = 6
 optim_wrapper = dict(
     type='OptimWrapper',
     optimizer=dict(type='AdamW', lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05),
