@@ -51,9 +51,8 @@ def _walk_images(top: str) -> list[str]:
     seen_files: set[tuple[int, int]] = set()
     real_dirs, linked_dirs, linked_files = [top], [], []
 
-    def add_file(path: str, st: Optional[os.stat_result]) -> None:
-        if st is not None:
-            key = (st.st_dev, st.st_ino)
+    def add_file(path: str, key: Optional[tuple[int, int]]) -> None:
+        if key is not None:
             if key in seen_files:
                 return
             seen_files.add(key)
@@ -86,15 +85,16 @@ def _walk_images(top: str) -> list[str]:
             elif is_image_file(e.name):
                 if is_link:
                     linked_files.append(e.path)
-                else:
-                    add_file(e.path, e.stat(follow_symlinks=False))
+                else:  # a file lives on its folder's device; DirEntry.inode() needs no extra system call
+                    add_file(e.path, (st.st_dev, e.inode()))
         real_dirs.extend(reversed(subdirs))  # depth first, in name order
     for path in linked_files:
         try:
-            st = os.stat(path)
+            target = os.stat(path)
+            key: Optional[tuple[int, int]] = (target.st_dev, target.st_ino)
         except OSError:  # a broken link: keep it, reading it reports the error
-            st = None
-        add_file(path, st)
+            key = None
+        add_file(path, key)
     return found
 
 
