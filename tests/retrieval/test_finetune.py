@@ -223,14 +223,15 @@ def test_tiny_finetune_raises_recall_and_saves_a_model_load_model_reads(tmp_path
                    f"data_root = {str(data)!r}\n"
                    f"tokenizer = data_root + '/tokenizer.model'\n"
                    f"model = dict(tokenizer=tokenizer, config={TINY!r})\n"
-                   "train_dataloader = dict(batch_size=30, dataset=dict(annotation=data_root + '/train.json', "
+                   "train_dataloader = dict(batch_size=30, num_workers=0, persistent_workers=False, "
+                   "dataset=dict(annotation=data_root + '/train.json', "
                    "tokenizer=tokenizer, image_size=28))\n"
                    "val_dataloader = dict(dataset=dict(annotation=data_root + '/val_10.json', tokenizer=tokenizer, "
                    "image_size=28))\n"
                    "test_dataloader = val_dataloader\n"
                    "optim_wrapper = dict(optimizer=dict(lr=3e-3))\n"
-                   "param_scheduler = [dict(type='WarmupDecayLR', warmup=5, by_epoch=False, begin=0, end=40)]\n"
-                   "train_cfg = dict(_delete_=True, type='IterBasedTrainLoop', max_iters=40, val_interval=1000)\n"
+                   "param_scheduler = [dict(type='WarmupDecayLR', warmup=5, by_epoch=False, begin=0, end=60)]\n"
+                   "train_cfg = dict(by_epoch=True, max_epochs=60, val_interval=1000)\n"  # one batch per epoch
                    "default_hooks = dict(logger=dict(interval=1000), checkpoint=dict(interval=1000))\n",
                    encoding="utf-8")
     runner = build_train_runner(str(cfg), work_dir=str(tmp_path / "work"))
@@ -245,7 +246,7 @@ def test_tiny_finetune_raises_recall_and_saves_a_model_load_model_reads(tmp_path
     for path in ("G", "C"):
         assert after[f"{path}/mean_recall"] > before[f"{path}/mean_recall"] + 0.2, (before, after)
         key = f"{path}/image_retrieval_recall@1"  # text -> image; chance is 0.1
-        assert after[key] >= before[key] + 0.2, (before, after)
+        assert after[key] >= before[key] + 0.3, (before, after)
 
     saved = tmp_path / "work" / "hf_model"
     assert (saved / "tokenizer.model").is_file() and (saved / "config.json").is_file()
