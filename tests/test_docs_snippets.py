@@ -102,6 +102,8 @@ NOT_RUN = {
     "README.md: python tools/extract_features.py --model /models/": CKPT,
     "README.md: bash tools/dist_train.sh": "needs 8 GPUs, ADE20K and the 6B checkpoint",
     "README.md: python tools/build_index.py images/ out/index --model internvl-g:/models/": CKPT,
+    "README.md: python tools/serve.py out/index": "starts a server that runs until stopped (the demo's "
+        "tools/demo_serve.py runs it against the demo index)",
     "docs/classification.md: python tools/make_toy_cls_dataset.py data/toy_digits": TRAINS,
     "docs/classification.md: bash tools/dist_train.sh": "needs 8 GPUs, ImageNet and the 6B checkpoint",
     "docs/classification.md: from classification import convert_head_checkpoint": CKPT,
