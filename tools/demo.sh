@@ -41,7 +41,7 @@ last() { grep -a -E "$2" "$LOGS/$1.log" | tail -n 1 | sed -E 's/^[0-9\/]+ [0-9:]
 step "1. toy data (segmentation scenes, rendered digits, digits with captions + tokenizer)"
 run data_seg $PY tools/make_toy_seg_dataset.py data/toy_seg
 run data_cls $PY tools/make_toy_cls_dataset.py data/toy_digits
-run data_pairs $PY tools/make_demo_retrieval_data.py data/digits_pairs --image-ids digit --overwrite
+run data_pairs $PY tools/make_demo_retrieval_data.py data/toy_digits_pairs --image-ids digit --overwrite
 echo "   $(tail -n 1 "$LOGS/data_pairs.log")"
 
 step "2. feature extraction (tiny InternViT-6B-style model, cls+mean of two blocks, sharded + manifest)"
@@ -70,13 +70,13 @@ echo "   first: $(last ret_train 'Epoch\(train\) +\[1\]\[' | grep -o 'loss: [0-9
      "last: $(last ret_train 'Epoch\(train\)' | grep -o 'loss: [0-9.]*' | head -1)"
 echo "   $(last ret_train 'fine-tuned model saved')"
 MODEL=work_dirs/demo_retrieval/hf_model
-run ret_index $PY tools/build_index.py data/digits_pairs/images/val "$OUT/index_digits" \
+run ret_index $PY tools/build_index.py data/toy_digits_pairs/images/val "$OUT/index_digits" \
     --model "internvl-g:$MODEL" --quiet
-echo "   index of the $(find data/digits_pairs/images/val -name '*.png' | wc -l) held-out digits: $OUT/index_digits"
+echo "   index of the $(find data/toy_digits_pairs/images/val -name '*.png' | wc -l) held-out digits: $OUT/index_digits"
 echo "   held-out results:"
-run ret_report $PY tools/demo_retrieval_report.py --model "$MODEL" --data data/digits_pairs \
+run ret_report $PY tools/demo_retrieval_report.py --model "$MODEL" --data data/toy_digits_pairs \
     --index "$OUT/index_digits" --json "$OUT/retrieval_report.json"
-cat "$LOGS/ret_report.log"
+sed "s/^ */   /" "$LOGS/ret_report.log"
 run ret_search $PY tools/search.py "$OUT/index_digits" --text "a handwritten digit seven" "手写数字三" \
     "le nombre cinq" -k 5 --json --html "$OUT/search.html"
 $PY - "$LOGS/ret_search.log" <<'EOF'

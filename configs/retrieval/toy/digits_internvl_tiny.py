@@ -5,13 +5,14 @@
 # recipe's 1e-6 (which fine-tunes a trained 14B model). The captions name only the digit, so all scans of a
 # digit share one image id (--image-ids digit): the multi-positive targets then treat every scan of a digit as
 # a positive of every caption of it. About 190 steps of 128 pairs (about 2 CPU-minutes). Make the data first:
-#   python tools/make_demo_retrieval_data.py data/digits_pairs --image-ids digit
+#   python tools/make_demo_retrieval_data.py data/toy_digits_pairs --image-ids digit
 #   python tools/train.py configs/retrieval/toy/digits_internvl_tiny.py --work-dir work_dirs/digits_retrieval
 # The fine-tuned model is written to <work-dir>/hf_model (tokenizer included): every tool reads it, e.g.
-#   python tools/build_index.py data/digits_pairs/images/val OUT --model internvl-g:work_dirs/digits_retrieval/hf_model
+#   python tools/build_index.py data/toy_digits_pairs/images/val OUT \
+#       --model internvl-g:work_dirs/digits_retrieval/hf_model
 custom_imports = dict(imports=['retrieval.finetune'], allow_failed_imports=False)
 
-data_root = 'data/digits_pairs'
+data_root = 'data/toy_digits_pairs'
 tokenizer = data_root + '/tokenizer.model'
 image_size = 28  # the 56 px PNGs squashed to 2x2 patches of 14 px (each a 4x4 block of the 8x8 scan)
 max_length = 24  # the captions are short; the recipe's 80 only adds padding here
