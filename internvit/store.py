@@ -17,8 +17,9 @@ Guarantees (what a kill, a second writer and a reader see):
   explicitly). Files that neither the committed manifest nor the pending journal reference, and temporary
   files, are removed when the next writer opens the folder. Files the store did not create are never removed
   or overwritten (:class:`StoreError`).
-* **One writer at a time.** A writer holds an exclusive lock (``.store/lock``, ``filelock``); a second writer
-  gets :class:`StoreBusyError` at once, never interleaved writes.
+* **One writer at a time.** A writer holds an exclusive lock (``.store/lock``, ``filelock``; a whole-folder
+  replacement locks the folders themselves with ``flock``); a second writer gets :class:`StoreBusyError` at once,
+  never interleaved writes.
 * **Whole-folder replacement** (:func:`replace_folder`, used by ``save_model``): the new folder is built beside
   the old one and swapped in with one ``renameat2(RENAME_EXCHANGE)`` (or, where that is missing, two renames
   with a recoverable backup), so there is never a moment in which neither the old nor the new copy exists.
@@ -527,6 +528,19 @@ def _fsync_tree(root: str) -> None:
         fsync_dir(dirpath)
 
 
+def _lock_dir(path: str) -> Optional[int]:
+    """An exclusive ``flock`` on a folder's own inode (no lock file); ``None`` if another process holds it."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
 @contextmanager
 def replace_folder(path: PathLike, *, description: str = "folder") -> Iterator[str]:
     """Build a folder's new content in a temporary folder beside it, then swap it in atomically.
@@ -535,34 +549,48 @@ def replace_folder(path: PathLike, *, description: str = "folder") -> Iterator[s
     ``path``'s place in one atomic exchange (the old copy is then removed); when it raises, the temporary folder
     is removed and ``path`` is untouched. At every instant ``path`` holds the complete old or the complete new
     copy (on file systems without ``renameat2`` the old copy is moved to a backup name for an instant; the next
-    :func:`replace_folder` of the same path restores or removes it). A second concurrent replacement of the
-    same path gets :class:`StoreBusyError`.
-    """
-    from filelock import FileLock, Timeout
+    :func:`replace_folder` of the same path restores or removes it).
 
+    Locking uses ``flock`` on the folders themselves (the existing ``path`` and the temporary folder), so no lock
+    file is left behind: a second concurrent replacement of the same path gets :class:`StoreBusyError`, and the
+    clean-up of an interrupted replacement never touches a temporary folder that a live process is building.
+    """
     path = os.path.abspath(os.fspath(path))
     parent, name = os.path.split(path)
     os.makedirs(parent, exist_ok=True)
-    if os.path.exists(path) and not os.path.isdir(path):
+    if os.path.lexists(path) and not os.path.isdir(path):
         raise StoreError(f"{path}: exists and is not a folder")
-    lock = FileLock(os.path.join(parent, f".{name}.lock"), timeout=0)
+    busy = StoreBusyError(f"{path}: another process is writing this {description}")
+    held: list[int] = []
+
+    def lock(p: str) -> Optional[int]:
+        fd = _lock_dir(p)
+        if fd is not None:
+            held.append(fd)
+        return fd
+
     try:
-        lock.acquire()
-    except Timeout:
-        raise StoreBusyError(f"{path}: another process is writing this {description}") from None
-    try:
+        existed = os.path.isdir(path)
+        if existed and lock(path) is None:
+            raise busy
         backup = os.path.join(parent, f".{name}.old{TMP_SUFFIX}")
         if os.path.isdir(backup):  # an interrupted two-rename swap: restore or finish it
+            if lock(backup) is None:
+                raise busy
             if os.path.isdir(path):
                 shutil.rmtree(backup)
             else:
                 os.replace(backup, path)
+                existed = True
             fsync_dir(parent)
-        for entry in os.listdir(parent):  # temporary folders of interrupted replacements
-            if entry.startswith(f".{name}.") and entry.endswith(TMP_SUFFIX) and entry != os.path.basename(backup):
-                shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+        for entry in os.listdir(parent):  # temporary folders of interrupted replacements (not of live ones)
+            full = os.path.join(parent, entry)
+            if (entry.startswith(f".{name}.") and entry.endswith(TMP_SUFFIX) and full != backup
+                    and os.path.isdir(full) and lock(full) is not None):
+                shutil.rmtree(full, ignore_errors=True)
         tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=TMP_SUFFIX)
         os.chmod(tmp, 0o777 & ~_umask())
+        lock(tmp)
         try:
             yield tmp
             _fsync_tree(tmp)
@@ -570,7 +598,7 @@ def replace_folder(path: PathLike, *, description: str = "folder") -> Iterator[s
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        if os.path.isdir(path):
+        if existed:
             if _exchange(tmp, path):
                 fsync_dir(parent)
                 _point("folder:exchanged")
@@ -581,11 +609,16 @@ def replace_folder(path: PathLike, *, description: str = "folder") -> Iterator[s
                 fsync_dir(parent)
                 _point("folder:renamed")
                 tmp = backup
-            shutil.rmtree(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
             _point("folder:old-removed")
         else:
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except OSError:  # another process created `path` meanwhile
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise busy from None
             fsync_dir(parent)
             _point("folder:renamed")
     finally:
-        lock.release()
+        for fd in held:
+            os.close(fd)

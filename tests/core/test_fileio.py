@@ -35,7 +35,7 @@ def test_replaces_existing_folder(tmp_path):
             f.write("{}")
         assert (target / "stale.bin").exists()
     assert sorted(os.listdir(target)) == ["config.json"]
-    assert sorted(os.listdir(tmp_path)) == [".model.lock", "model"]  # replace_folder's lock stays beside it
+    assert sorted(os.listdir(tmp_path)) == ["model"]  # no lock or temporary file left beside it
 
 
 @pytest.mark.parametrize("is_dir", [False, True])
@@ -55,7 +55,7 @@ def test_error_keeps_old_target_and_removes_temp(tmp_path, is_dir):
                 with open(tmp, "wb") as f:
                     f.write(b"half")
             raise RuntimeError("boom")
-    assert sorted(e for e in os.listdir(tmp_path) if not e.endswith(".lock")) == [target.name]
+    assert sorted(os.listdir(tmp_path)) == [target.name]
     if is_dir:
         assert sorted(os.listdir(target)) == ["keep.txt"] and (target / "keep.txt").read_text() == "old"
     else:

@@ -131,7 +131,7 @@ def test_replace_folder(tmp_path):
             open(os.path.join(tmp, "config.json"), "w").write("3")
             raise RuntimeError("boom")
     assert (dst / "config.json").read_text() == "2"
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.lock", "model"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no lock or temporary files left
 
 
 PROGRAM = """
@@ -188,3 +188,26 @@ def test_replace_folder_survives_every_kill(tmp_path):
 
     kill_sweep(tmp_path, prepare=prepare, command=lambda d: python_cmd(code) + [str(d / "m"), "new"],
                read=lambda d: (d / "m" / "w.bin").read_text(), output=lambda d: d / "m", min_points=3)
+
+
+def test_replace_folder_second_writer_busy_and_live_builds_untouched(tmp_path):
+    dst = tmp_path / "model"
+    with replace_folder(dst) as tmp:
+        open(os.path.join(tmp, "a"), "w").write("1")
+    with replace_folder(dst) as outer:
+        with pytest.raises(StoreBusyError, match="another process is writing"):
+            with replace_folder(dst):
+                pass
+        open(os.path.join(outer, "a"), "w").write("2")
+    assert (dst / "a").read_text() == "2"
+    # a first-time build in progress is not mistaken for an interrupted one by a concurrent replacement;
+    # whichever finishes first wins, the other gets StoreBusyError instead of replacing it
+    new = tmp_path / "new"
+    with pytest.raises(StoreBusyError):
+        with replace_folder(new) as building:
+            open(os.path.join(building, "a"), "w").write("x")
+            with replace_folder(new) as other:
+                open(os.path.join(other, "a"), "w").write("y")
+            assert os.path.isfile(os.path.join(building, "a"))
+    assert (new / "a").read_text() == "y"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "new"]
