@@ -185,7 +185,9 @@ class _PILDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         img = self.images[i]
-        return self.transform(img.convert("RGB") if getattr(img, "mode", "RGB") != "RGB" else img)
+        from internvit.data import to_rgb
+
+        return self.transform(to_rgb(img) if hasattr(img, "mode") else img)
 
 
 class InternVLEncoder(Encoder):

@@ -225,10 +225,7 @@ GENERIC = [("unknown_option", ["--no-such-option-xyz"])]
 
 #: (tool, case) pairs that still fail, in files this test's author does not own; strict=False so a fix shows
 #: up as XPASS. Each entry says what is wrong.
-XFAIL: dict[tuple[str, str], str] = {
-    ("serve", "port_out_of_range"): "--port 70000 is accepted and fails later with OverflowError "
-        "(tools/serve.py: bound --port to 0..65535)",
-}
+XFAIL: dict[tuple[str, str], str] = {}
 
 
 def _params():

@@ -30,13 +30,22 @@ def _nonneg_float(value: str) -> float:
     return v
 
 
+def _port(value: str) -> int:
+    import argparse
+
+    v = nonnegative_int(value)
+    if v > 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port 0..65535, got {v}")
+    return v
+
+
 def main(argv=None) -> int:
     import argparse
 
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("index_dirs", nargs="+", metavar="INDEX_DIR", help="index folders (or NAME=DIR)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
-    p.add_argument("--port", type=nonnegative_int, default=1234, help="port (default 1234; 0 = any free port)")
+    p.add_argument("--port", type=_port, default=1234, help="port (default 1234; 0 = any free port)")
     p.add_argument("--allow-remote", action="store_true",
                    help="allow a --host that is not loopback (the service has no authentication)")
     p.add_argument("--device", type=device, default=None,
