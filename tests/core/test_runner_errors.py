@@ -89,7 +89,18 @@ def _probe_state_dict(**head) -> dict:
     return MODELS.build(cfg.model).state_dict()
 
 
-def test_checkpoint_of_another_model_is_an_error(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def toy_digits_root(tmp_path_factory) -> str:
+    """A folder holding ``data/toy_digits`` (the toy configs' relative data_root), generated once."""
+    from classification.datasets import make_toy_digits
+
+    root = tmp_path_factory.mktemp("runner_errors")
+    make_toy_digits(str(root / "data" / "toy_digits"))
+    return str(root)
+
+
+def test_checkpoint_of_another_model_is_an_error(tmp_path, capsys, monkeypatch, toy_digits_root):
+    monkeypatch.chdir(toy_digits_root)  # the toy config reads data/toy_digits relative to the working folder
     """tools/test.py and load_from with a checkpoint that does not fit: one line naming the keys, nothing left
     in a work dir the tool created; a fitting one builds."""
     from internvit.runner import build_test_runner
