@@ -84,7 +84,6 @@ BLOCKS = extract_blocks()
 # --------------------------------------------------------------------------------------------------------------
 RUN = [
     "docs/features.md: python tools/make_toy_seg_dataset.py data/toy_seg",
-    "docs/retrieval.md: python tools/make_toy_cls_dataset.py data/toy_digits",
 ]
 EXECUTE = [
     "docs/segmentation.md: backbone = dict(",
@@ -128,6 +127,7 @@ NOT_RUN = {
     "docs/internvl.md: python tools/zeroshot_eval.py --model /models/": CKPT + "; also needs ImageNet",
     "docs/retrieval.md: python tools/build_index.py images/ out/index --model internvl-g:/models/": CKPT,
     "docs/retrieval.md: import retrieval": CKPT + "; also needs Flickr30K",
+    "docs/retrieval.md: python tools/make_demo_retrieval_data.py data/toy_digits_pairs": TRAINS,
     "docs/retrieval.md: python3 -m venv /tmp/af": "a benchmark: installs autofaiss into another venv, runs for "
         "minutes",
     "docs/segmentation.md: python tools/convert_checkpoint.py mmseg0x": CKPT + " (a released mmseg 0.x segmentor)",
