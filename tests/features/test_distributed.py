@@ -58,6 +58,8 @@ def test_killed_ranks_resume_to_the_same_folder(reference, tmp_path, fault_at, p
     r = _torchrun(root / "imgs", out)
     assert r.returncode == 0, r.stderr[-3000:]
     assert tree_digest(out) == ref
+    if phase == "merge":
+        return
     # and one process can finish what two started
     shutil.rmtree(out)
     assert _torchrun(root / "imgs", out, fault_at=6).returncode != 0
