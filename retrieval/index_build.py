@@ -279,7 +279,7 @@ def build_index(
     or index key, ``FileExistsError`` when ``out_dir`` holds another index (``overwrite=True`` replaces it, as
     a new generation), ``PendingJobError`` / ``StoreBusyError`` from the store (see module docstring).
     """
-    faiss = faiss_module()
+    faiss_module()
     out_dir = os.fspath(out_dir)
     budget = check_build_args(kind=kind, target_recall=target_recall, k=k, n_tune_queries=n_tune_queries,
                               checkpoint_every_s=checkpoint_every_s, batch_rows=batch_rows,
@@ -392,36 +392,55 @@ def build_index(
             size = _write_final(st, index, index_file)
             st.save_state(stage="commit", tuning=tuning, timings=timings, index_bytes=size,
                           ntotal=int(index.ntotal))
-        s = st.state
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "kind": kind,
-            "index_file": index_file,
-            "metric": "inner_product",
-            "normalize": normalize_,
-            "normalize_mode": "auto" if normalize is None else "explicit",
-            "norms": {"min": scan["min_norm"], "max": scan["max_norm"]},
-            "dim": dim,
-            "index_key": plan.key,
-            "index_choice": asdict(plan),
-            "max_index_memory": budget,
-            "search_params": s["tuning"]["search_params"],
-            "tuning": {**{k_: v for k_, v in s["tuning"].items() if k_ != "search_params"},
-                       "target_recall": target_recall},
-            "ntotal": s["ntotal"],
-            "next_id": n,
-            "removed": 0,
-            "skipped": {"empty_caption": int(len(excluded))},
-            "index_bytes": s["index_bytes"],
-            "bytes_per_vector": s["index_bytes"] / max(s["ntotal"], 1),
-            "encoder": encoder,
-            "embeddings": [_source_record(source, checksum, 0)],
-            "metadata_files": [],
-            "build": {"signature": signature, "timings": s["timings"], "faiss_version": faiss.__version__},
-        }
+        manifest = build_manifest(st.state, kind=kind, index_file=index_file, normalize_=normalize_,
+                                  normalize=normalize, scan=scan, dim=dim, plan=plan, budget=budget,
+                                  target_recall=target_recall, n=n, excluded=excluded, encoder=encoder,
+                                  source=record_source(source, checksum), signature=signature)
         entries = _store_metadata(st, parts, 0, gen)
         manifest["metadata_files"] = entries
         return st.commit(manifest, [index_file] + [e["file"] for e in entries])
+
+
+def record_source(source, checksum) -> dict:
+    """The manifest's record of the embeddings a build read (first id 0)."""
+    return _source_record(source, checksum, 0)
+
+
+def build_manifest(s: dict, *, kind: str, index_file: str, normalize_: bool, normalize, scan: dict, dim: int, plan,
+                   budget: int, target_recall: float, n: int, excluded, encoder, source: dict,
+                   signature: str) -> dict:
+    """The manifest of a finished build from the job's saved state ``s`` (tuning, timings, sizes, ntotal); shared
+    by the in-memory and the on-disk builds, which add their own fields."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "index_file": index_file,
+        "metric": "inner_product",
+        "normalize": normalize_,
+        "normalize_mode": "auto" if normalize is None else "explicit",
+        "norms": {"min": scan["min_norm"], "max": scan["max_norm"]},
+        "dim": dim,
+        "index_key": plan.key,
+        "index_choice": asdict(plan),
+        "max_index_memory": budget,
+        "search_params": s["tuning"]["search_params"],
+        "tuning": {**{k_: v for k_, v in s["tuning"].items() if k_ != "search_params"},
+                   "target_recall": target_recall},
+        "ntotal": s["ntotal"],
+        "next_id": n,
+        "removed": 0,
+        "skipped": {"empty_caption": int(len(excluded))},
+        "index_bytes": s["index_bytes"],
+        "bytes_per_vector": s["index_bytes"] / max(s["ntotal"], 1),
+        "encoder": encoder,
+        "embeddings": [source],
+        "metadata_files": [],
+        "build": {"signature": signature, "timings": s["timings"], "faiss_version": _faiss_version()},
+    }
+
+
+def _faiss_version() -> str:
+    return faiss_module().__version__
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

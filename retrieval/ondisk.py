@@ -40,7 +40,6 @@ import os
 import struct
 import sys
 import time
-from dataclasses import asdict
 from typing import Optional, Union
 
 import numpy as np
@@ -312,10 +311,10 @@ def build_ondisk_index(
     are kept); rerunning a finished one returns its manifest.
     """
     from . import index_build as ib
-    from .index_folder import FORMAT_VERSION, INDEX_FILES
+    from .index_folder import INDEX_FILES
     from .index_tune import split_rows, tune_index
 
-    faiss = faiss_module()
+    faiss_module()
     out_dir = os.fspath(out_dir)
     budget = ib.check_build_args(kind=kind, target_recall=target_recall, k=k, n_tune_queries=n_tune_queries,
                                  batch_rows=batch_rows, max_index_memory=max_index_memory)
@@ -427,36 +426,14 @@ def build_ondisk_index(
                           index_bytes=os.path.getsize(os.path.join(st.folder, index_file)),
                           ivfdata_bytes=os.path.getsize(os.path.join(st.folder, data_file)))
         s = st.state
-        total = s["index_bytes"] + s["ivfdata_bytes"]
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "kind": kind,
-            "index_file": index_file,
-            "metric": "inner_product",
-            "normalize": normalize_,
-            "normalize_mode": "auto" if normalize is None else "explicit",
-            "norms": {"min": scan["min_norm"], "max": scan["max_norm"]},
-            "dim": dim,
-            "index_key": plan.key,
-            "index_choice": asdict(plan),
-            "max_index_memory": budget,
-            "search_params": s["tuning"]["search_params"],
-            "tuning": {**{k_: v for k_, v in s["tuning"].items() if k_ != "search_params"},
-                       "target_recall": target_recall},
-            "ntotal": s["ntotal"],
-            "next_id": n,
-            "id_offset": int(id_offset),
-            "removed": 0,
-            "skipped": {"empty_caption": int(len(excluded))},
-            "index_bytes": s["index_bytes"],
-            "on_disk": {"ivfdata_file": data_file, "ivfdata_bytes": s["ivfdata_bytes"], "code_size": csize,
-                        "partitions": len(ranges), "partition_rows": part_rows},
-            "bytes_per_vector": total / max(s["ntotal"], 1),
-            "encoder": encoder,
-            "embeddings": [ib._source_record(source, checksum, 0)],
-            "metadata_files": [],
-            "build": {"signature": signature, "timings": s["timings"], "faiss_version": faiss.__version__},
-        }
+        manifest = ib.build_manifest(s, kind=kind, index_file=index_file, normalize_=normalize_,
+                                     normalize=normalize, scan=scan, dim=dim, plan=plan, budget=budget,
+                                     target_recall=target_recall, n=n, excluded=excluded, encoder=encoder,
+                                     source=ib.record_source(source, checksum), signature=signature)
+        manifest["id_offset"] = int(id_offset)
+        manifest["on_disk"] = {"ivfdata_file": data_file, "ivfdata_bytes": s["ivfdata_bytes"], "code_size": csize,
+                               "partitions": len(ranges), "partition_rows": part_rows}
+        manifest["bytes_per_vector"] = (s["index_bytes"] + s["ivfdata_bytes"]) / max(s["ntotal"], 1)
         entries = ib._store_metadata(st, parts, 0, gen)
         manifest["metadata_files"] = entries
         return st.commit(manifest, [index_file, data_file] + [e["file"] for e in entries])
