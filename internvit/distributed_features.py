@@ -15,6 +15,7 @@ the job.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -25,9 +26,50 @@ import numpy as np
 
 from . import features as F
 
+#: how long a rank waits for the others at a collective. A resumed job can leave one rank computing its whole
+#: part while the others, done, wait (torch's 30-minute default would time out); a rank that dies is reported
+#: by ``torchrun``, which then stops the others, so a long wait never hides a dead rank.
+TIMEOUT = datetime.timedelta(hours=24)
 
-def _agree(fn: Callable[[], Any], rank: int, world: int) -> list:
-    """Run ``fn`` on this rank; gather ``(result, error)`` from all ranks; raise on every rank if one failed."""
+
+def init_from_env(device: str) -> tuple[int, int, str]:
+    """Join the ``torchrun`` process group when ``WORLD_SIZE`` > 1: gloo on CPU, NCCL on ``cuda:LOCAL_RANK``.
+
+    Returns ``(rank, world size, device)``: ``(0, 1, device)`` unchanged without torchrun, else the rank's
+    device (``cuda:LOCAL_RANK`` when ``device`` is a CUDA device). Every tool that runs under torchrun joins
+    through this function; :func:`leave` ends the membership.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, device
+    import torch
+    import torch.distributed as dist
+
+    if str(device).startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+        dist.init_process_group("nccl", timeout=TIMEOUT)
+    else:
+        dist.init_process_group("gloo", timeout=TIMEOUT)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def leave() -> None:
+    """Leave the process group joined by :func:`init_from_env` (no-op without one)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def agree(fn: Callable[[], Any], rank: int, world: int) -> list:
+    """Run ``fn`` on this rank; gather ``(result, error)`` from all ranks; raise on every rank if one failed.
+
+    Returns every rank's result (picklable), in rank order. The failing rank raises its own exception, the
+    others ``RuntimeError('rank R of W failed: ...')``. With ``world == 1`` it is ``[fn()]``.
+    """
+    if world <= 1:
+        return [fn()]
     import torch.distributed as dist
 
     err: Optional[BaseException] = None
@@ -43,6 +85,9 @@ def _agree(fn: Callable[[], Any], rank: int, world: int) -> list:
     if bad:
         raise RuntimeError(f"rank {bad[0][0]} of {world} failed: {bad[0][1]}")
     return [g[0] for g in gathered]
+
+
+_agree = agree
 
 
 def _part_dir(out_dir: str, rank: int, world: int) -> str:

@@ -10,6 +10,8 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from internvit.distributed_features import agree as _agree
+from internvit.features import _dist_rank_world as _rank_world
 from internvit.store import Store, job_id, read_manifest
 
 from .embeddings import KINDS, save_npy
@@ -83,6 +85,11 @@ def embed_collection(encoder: Encoder, images, out_dir: str, *, captions: Option
     ``path``, ``image_path`` and ``caption`` (text embeddings only for encoders with a text tower). Rerunning
     with the same arguments finishes an interrupted job; a folder made by another encoder raises
     :class:`IndexMismatchError` before anything is embedded.
+
+    Under ``torch.distributed`` (``torchrun``) every rank calls it with the same arguments: the image shards
+    are split across the ranks as in distributed feature extraction (:mod:`internvit.distributed_features`,
+    byte-identical to one process); the caption embeddings are then written by rank 0 alone, and only rank 0's
+    manifest carries ``text_emb``.
     """
     out_dir = os.fspath(out_dir)
     if isinstance(images, TarImages) and images.transform is None:
@@ -105,7 +112,7 @@ def embed_collection(encoder: Encoder, images, out_dir: str, *, captions: Option
                         features_pattern=f"img_emb/img_emb_{{shard:0{width}d}}.npy",
                         metadata_pattern=f"metadata/metadata_{{shard:0{width}d}}.parquet",
                         extra_columns=extra, manifest_extra={"encoder": info})
-    if captions is not None and encoder.supports_text and manifest.get("count"):
+    if captions is not None and encoder.supports_text and manifest.get("count") and _rank_world()[0] == 0:
         text = _write_text_embeddings(encoder, out_dir, manifest, width)
         manifest = dict(manifest, text_emb={"dim": text["dim"], "count": text["count"]})
     return manifest
@@ -144,7 +151,7 @@ def index_images(
     caption_column: Optional[str] = None,
     use_gpu: bool = False,
     progress: bool = True,
-) -> dict:
+) -> Optional[dict]:
     """Embed a folder / list / parquet / tars of images with ``encoder`` and build (or ``add`` to) an index.
 
     Embeddings go to ``embeddings_dir`` (default ``OUT/embeddings``, or ``OUT/embeddings-add-<hash>`` for an
@@ -153,8 +160,55 @@ def index_images(
     index's kind for an add. Everything that can be checked without embedding is checked first (arguments,
     index key against the number of inputs, the index's model / dim / kind for an add, an output folder that
     holds another index), so a refused run writes nothing. Returns the index manifest.
+
+    Under ``torch.distributed`` (``torchrun``; every rank calls it with the same arguments) the checks run on
+    every rank (a refusal is raised on each), the images are embedded across the ranks (whole shards per rank,
+    resumable; rank 0 commits the embeddings folder, byte-identical to one process), then rank 0 alone builds
+    (or adds to) the index and returns its manifest, while the other ranks return ``None`` as soon as the
+    embeddings are committed (they do not wait for the index, so a long build meets no collective timeout).
     """
     out_dir = os.fspath(out_dir)
+    rank, world = _rank_world()
+    prepared: dict = {}
+
+    def prepare() -> None:  # every check, on every rank, before anything is embedded
+        prepared.update(_prepare(source, out_dir, encoder, add=add, kind=kind, embeddings_dir=embeddings_dir,
+                                 index_key=index_key, max_index_memory=max_index_memory,
+                                 target_recall=target_recall, batch_size=batch_size, shard_size=shard_size,
+                                 num_workers=num_workers, path_column=path_column, caption_column=caption_column))
+
+    _agree(prepare, rank, world)  # a refusal is raised on every rank (the same check fails on each)
+    images, captions, paths = prepared["images"], prepared["captions"], prepared["paths"]
+    kind, budget, embeddings_dir = prepared["kind"], prepared["budget"], prepared["embeddings_dir"]
+    created = [d for d in (out_dir, embeddings_dir) if not os.path.exists(d)] if rank == 0 else []
+    try:
+        emb = embed_collection(encoder, images, embeddings_dir, captions=captions, batch_size=batch_size,
+                               shard_size=shard_size, num_workers=num_workers, progress=progress)
+    except (ValueError, LookupError):  # refused input (kills and crashes keep their work for the rerun)
+        _remove_if_empty(created)
+        raise
+    if not emb.get("count"):  # the same committed manifest on every rank
+        message = f"{source}: none of the {len(paths)} images could be read{_first_error(embeddings_dir)}"
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()  # every rank has read errors.jsonl before rank 0 removes the folder
+        _remove_if_empty(created)
+        raise ValueError(message)
+    if rank != 0:
+        return None  # the embeddings are committed; rank 0 builds the index alone
+    if add:
+        return add_to_index(out_dir, embeddings_dir, kind=kind, encoder_info=encoder.info(), use_gpu=use_gpu,
+                            progress=progress)
+    return build_index(embeddings_dir, out_dir, kind=kind, index_key=index_key, max_index_memory=budget,
+                       target_recall=target_recall, encoder_info=encoder.info(), use_gpu=use_gpu, progress=progress)
+
+
+def _prepare(source, out_dir: str, encoder: Encoder, *, add: bool, kind: Optional[str],
+             embeddings_dir: Optional[str], index_key: Optional[str], max_index_memory, target_recall: float,
+             batch_size: int, shard_size: int, num_workers: int, path_column: Optional[str],
+             caption_column: Optional[str]) -> dict:
+    """The checks of :func:`index_images` that need no embedding; returns the inputs and resolved settings."""
     budget = check_build_args(kind=kind or "img", target_recall=target_recall, max_index_memory=max_index_memory)
     for name, v, low in (("batch_size", batch_size, 1), ("shard_size", shard_size, 1), ("num_workers", num_workers, 0)):
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
@@ -186,20 +240,8 @@ def index_images(
                 raise FileExistsError(f"{out_dir}: already holds an index built from other embeddings (use --add "
                                       f"to extend it, or another folder)")
     _check_encoder(embeddings_dir, encoder.info())
-    created = [d for d in (out_dir, embeddings_dir) if not os.path.exists(d)]
-    try:
-        emb = embed_collection(encoder, images, embeddings_dir, captions=captions, batch_size=batch_size,
-                               shard_size=shard_size, num_workers=num_workers, progress=progress)
-        if not emb.get("count"):
-            raise ValueError(f"{source}: none of the {len(paths)} images could be read{_first_error(embeddings_dir)}")
-    except (ValueError, LookupError):  # refused input (kills and crashes keep their work for the rerun)
-        _remove_if_empty(created)
-        raise
-    if add:
-        return add_to_index(out_dir, embeddings_dir, kind=kind, encoder_info=encoder.info(), use_gpu=use_gpu,
-                            progress=progress)
-    return build_index(embeddings_dir, out_dir, kind=kind, index_key=index_key, max_index_memory=budget,
-                       target_recall=target_recall, encoder_info=encoder.info(), use_gpu=use_gpu, progress=progress)
+    return dict(images=images, captions=captions, paths=paths, kind=kind, budget=budget,
+                embeddings_dir=embeddings_dir)
 
 
 def _first_error(folder: str) -> str:

@@ -12,6 +12,10 @@
 
 Every argument is checked before any work (bad input: one `error:` line, exit status 2, nothing written).
 Rerunning an interrupted command with the same arguments resumes it.
+
+  # the embedding stage across processes / machines (gloo on CPU, NCCL with --device cuda): each rank embeds
+  # whole shards, rank 0 commits the embeddings and builds the index; the same result as one process
+  torchrun --nproc_per_node 8 tools/build_index.py images/ out/index --model ... --device cuda
 """
 import argparse
 import json
@@ -113,6 +117,8 @@ def main(argv=None) -> int:
         from retrieval.index import add_to_index, build_index
 
         _check_embeddings_source(args)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return 0  # under torchrun: an embeddings folder is indexed once, by rank 0 (--workers adds in parallel)
         if args.add:
             manifest = add_to_index(args.out_dir, args.source, kind=args.kind, use_gpu=args.gpu,
                                     progress=not args.quiet)
@@ -122,6 +128,7 @@ def main(argv=None) -> int:
                                    use_gpu=args.gpu, progress=not args.quiet, on_disk=args.on_disk,
                                    workers=args.workers)
     else:
+        from internvit.distributed_features import agree, init_from_env, leave
         from internvit.features import parse_dtype
         from retrieval.encoders import load_encoder
         from retrieval.pipeline import index_images
@@ -130,8 +137,12 @@ def main(argv=None) -> int:
             from retrieval.index import read_manifest
 
             read_manifest(args.out_dir)  # a missing / unfinished index is reported before the model loads
-        encoder = load_encoder(args.model, mode=args.mode, tokenizer=args.tokenizer, device=args.device,
-                               dtype=parse_dtype(args.dtype))
+        # under torchrun (WORLD_SIZE > 1): join the group; every rank embeds whole shards, rank 0 builds the index
+        rank, world, args.device = init_from_env(args.device)
+        loaded: list = []  # a model that cannot be loaded is reported on every rank
+        agree(lambda: loaded.append(load_encoder(args.model, mode=args.mode, tokenizer=args.tokenizer,
+                                                 device=args.device, dtype=parse_dtype(args.dtype))), rank, world)
+        encoder = loaded[0]
         manifest = index_images(args.source, args.out_dir, encoder, add=args.add, kind=args.kind,
                                 embeddings_dir=args.embeddings, index_key=args.index_key,
                                 max_index_memory=args.max_index_memory, target_recall=args.target_recall,
@@ -139,6 +150,9 @@ def main(argv=None) -> int:
                                 num_workers=args.num_workers, path_column=args.path_column,
                                 caption_column=args.caption_column, use_gpu=args.gpu,
                                 progress=not args.quiet)
+        leave()
+        if manifest is None:
+            return 0  # a rank > 0 under torchrun: the embeddings are committed, rank 0 builds the index
     if args.id_offset or manifest.get("id_offset"):
         from retrieval.sharded import set_id_offset
 

@@ -89,18 +89,13 @@ def _check_model_spec(value: str, what: str) -> None:
 
 def _init_distributed(args):
     """Join the ``torchrun`` process group (``WORLD_SIZE`` > 1): gloo on CPU, NCCL on ``cuda:LOCAL_RANK``."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    from internvit.distributed_features import init_from_env
+
+    _, world, args.device = init_from_env(args.device)
+    if world <= 1:
         return None
-    import torch
     import torch.distributed as dist
 
-    if str(args.device).startswith("cuda"):
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        args.device = f"cuda:{local}"
-        dist.init_process_group("nccl")
-    else:
-        dist.init_process_group("gloo")
     return dist
 
 
