@@ -2,7 +2,8 @@
 
 * :func:`weights_fingerprint` — a streamed SHA-256 over **every byte** of every tensor of the state dict (per
   tensor: name, shape, dtype, then its bytes; then the digests in ``state_dict`` order). Two models share a
-  fingerprint only if they hold the same tensors bit for bit.
+  fingerprint only if they hold the same tensors bit for bit. For a module it is computed once and reused
+  while the weights are unchanged (see :func:`weights_fingerprint` for what counts as a change).
 * :func:`preprocessing_fingerprint` — a JSON-able description of the full preprocessing: a config dict as it
   is, a torchvision transform as its ``repr`` (which lists every parameter), with each ``Lambda``'s function
   named. An arbitrary callable cannot be described by its parameters: it is recorded by its qualified name and
@@ -14,17 +15,23 @@ import hashlib
 import json
 import os
 import re
+import threading
 import warnings
+import weakref
 from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
-__all__ = ["weights_fingerprint", "preprocessing_fingerprint", "PreprocessingFingerprintWarning"]
+__all__ = ["weights_fingerprint", "preprocessing_fingerprint", "PreprocessingFingerprintWarning",
+           "clear_fingerprint_cache"]
 
 #: bytes hashed per step (a tensor is cast / copied to the CPU at most this much at a time)
 CHUNK_BYTES = 64 * 1024 * 1024
 _VERSION = b"internvit-weights-sha256-v3\0"
+#: elements read from each tensor (evenly spaced) into the cache key, to notice writes that bypass the version
+#: counter (``p.data.copy_(...)``, writes through a NumPy view)
+PROBE_ELEMENTS = 16
 
 
 class PreprocessingFingerprintWarning(UserWarning):
@@ -50,23 +57,10 @@ def _tensor_digest(name: str, t: torch.Tensor, dtype: Optional[torch.dtype], chu
     return h.digest()
 
 
-def weights_fingerprint(model: Union[nn.Module, Mapping[str, torch.Tensor]],
-                        dtype: Optional[torch.dtype] = None, *, chunk_bytes: int = CHUNK_BYTES,
-                        workers: Optional[int] = None) -> str:
-    """SHA-256 (64 hex digits) of all weights of ``model`` (a module or a state dict).
-
-    Each tensor's digest covers its name, shape and dtype and then **all** of its raw bytes (C order, native
-    little-endian), streamed in chunks of at most ``chunk_bytes`` (no full copy is made); the fingerprint is the
-    SHA-256 of those digests in ``state_dict`` order. Tensors are hashed by ``workers`` threads (default: up to
-    8 of the CPUs), so the cost is one pass of SHA-256 over the weight bytes spread over the cores. ``dtype``
-    gives the fingerprint of the weights as that dtype would hold them (floating tensors are cast chunk by
-    chunk: an fp32 model gives the fingerprint of its bf16 copy); ``None`` hashes them as they are.
-
-    Raises ``ValueError`` for tensors without data (``meta`` device).
-    """
+def _hash_state_dict(sd: Mapping[str, torch.Tensor], dtype: Optional[torch.dtype], chunk_bytes: int,
+                     workers: Optional[int]) -> str:
     from concurrent.futures import ThreadPoolExecutor
 
-    sd = model.state_dict() if isinstance(model, nn.Module) else model
     items = list(sd.items())
     workers = workers or max(1, min(8, os.cpu_count() or 1))
     with torch.no_grad():
@@ -79,6 +73,88 @@ def weights_fingerprint(model: Union[nn.Module, Mapping[str, torch.Tensor]],
     for d in digests:
         h.update(d)
     return h.hexdigest()
+
+
+# -- cache: one fingerprint per (module, dtype) while its tensors are unchanged --------------------------
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+_CACHE_LOCK = threading.Lock()
+
+
+def _probe(t: torch.Tensor) -> bytes:
+    """The bytes of up to :data:`PROBE_ELEMENTS` evenly spaced elements of ``t`` (a tiny copy)."""
+    flat = t.detach().reshape(-1)
+    if flat.numel() == 0:
+        return b""
+    step = max(1, flat.numel() // PROBE_ELEMENTS)
+    idx = torch.arange(0, flat.numel(), step, device=flat.device)[:PROBE_ELEMENTS]
+    idx[-1] = flat.numel() - 1  # the last element too
+    part = flat.index_select(0, idx).cpu().contiguous()
+    return part.view(torch.uint8).numpy().tobytes()
+
+
+def _state_key(sd: Mapping[str, torch.Tensor]) -> Optional[tuple]:
+    """What must stay equal for a cached fingerprint to hold; ``None`` when it cannot be told (no cache).
+
+    Per tensor: its name, the tensor object itself (compared by identity through a weak reference), device,
+    data pointer, storage offset, dtype, shape, strides, autograd's in-place version counter (bumped by every
+    in-place op: ``load_state_dict``, optimiser steps, ``copy_``/``add_`` under ``no_grad`` or inference mode)
+    and a few sampled values. Inference tensors have no version counter: no key.
+    """
+    key = []
+    for name, t in sd.items():
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta" or t.is_inference():
+            return None
+        key.append((name, t.device, t.data_ptr(), t.storage_offset(), t.dtype, tuple(t.shape), t.stride(),
+                    t._version, _probe(t)))
+    return tuple(key)
+
+
+def clear_fingerprint_cache() -> None:
+    """Forget every cached fingerprint (the next call hashes all weight bytes again)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+def weights_fingerprint(model: Union[nn.Module, Mapping[str, torch.Tensor]],
+                        dtype: Optional[torch.dtype] = None, *, chunk_bytes: int = CHUNK_BYTES,
+                        workers: Optional[int] = None, cache: bool = True) -> str:
+    """SHA-256 (64 hex digits) of all weights of ``model`` (a module or a state dict).
+
+    Each tensor's digest covers its name, shape and dtype and then **all** of its raw bytes (C order, native
+    little-endian), streamed in chunks of at most ``chunk_bytes`` (no full copy is made); the fingerprint is the
+    SHA-256 of those digests in ``state_dict`` order. Tensors are hashed by ``workers`` threads (default: up to
+    8 of the CPUs), so the cost is one pass of SHA-256 over the weight bytes spread over the cores. ``dtype``
+    gives the fingerprint of the weights as that dtype would hold them (floating tensors are cast chunk by
+    chunk: an fp32 model gives the fingerprint of its bf16 copy); ``None`` hashes them as they are.
+
+    For a module (``cache=True``) the result is kept per ``(module, dtype)`` and returned again while every
+    state-dict tensor is unchanged: the same tensor objects with the same data pointer, dtype, shape, strides,
+    in-place version counter (``load_state_dict``, an optimiser step or any in-place op under ``no_grad``
+    bumps it) and sampled values (so ``p.data.copy_(...)``, which bypasses the counter, is also seen when it
+    changes the sampled elements). A write that bypasses the version counter *and* leaves the sampled
+    elements equal is not seen: call :func:`clear_fingerprint_cache` (or pass ``cache=False``) after such
+    writes. Modules holding inference tensors (made under ``torch.inference_mode``) are never cached.
+
+    Raises ``ValueError`` for tensors without data (``meta`` device).
+    """
+    if not (cache and isinstance(model, nn.Module)):
+        sd = model.state_dict() if isinstance(model, nn.Module) else model
+        return _hash_state_dict(sd, dtype, chunk_bytes, workers)
+    sd = model.state_dict(keep_vars=True)  # the tensor objects themselves (state_dict() detaches: new objects)
+    key = _state_key(sd)
+    if key is None:
+        return _hash_state_dict(sd, dtype, chunk_bytes, workers)
+    with _CACHE_LOCK:
+        entry = _CACHE.get(model, {}).get(dtype)
+    if entry is not None and entry["key"] == key and all(
+            r() is t for r, t in zip(entry["refs"], sd.values())):
+        return entry["fingerprint"]
+    fp = _hash_state_dict(sd, dtype, chunk_bytes, workers)
+    if _state_key(sd) == key:  # unchanged while it was hashed (another thread could write)
+        with _CACHE_LOCK:
+            _CACHE.setdefault(model, {})[dtype] = {"key": key, "refs": [weakref.ref(t) for t in sd.values()],
+                                                   "fingerprint": fp}
+    return fp
 
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
