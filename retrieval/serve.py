@@ -61,15 +61,23 @@ STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 
 # ------------------------------------------------------------------------------------------ the app
 def _index_names(index_dirs) -> dict:
+    """``{name: folder, or [folders] of a group}`` from create_app's ``index_dirs`` (a group: a list value, or
+    ``NAME=DIR1,DIR2``; :func:`retrieval.sharded.parse_group`)."""
+    from .sharded import parse_group
+
     if isinstance(index_dirs, dict):
-        return {str(k): os.fspath(v) for k, v in index_dirs.items()}
+        return {str(k): os.fspath(v) if isinstance(v, (str, os.PathLike)) else [os.fspath(x) for x in v]
+                for k, v in index_dirs.items()}
     if isinstance(index_dirs, (str, os.PathLike)):
         index_dirs = [index_dirs]
     names: dict = {}
     for d in index_dirs:
         d = os.fspath(d)
         name, sep, path = d.partition("=")
-        if not sep or not name or os.path.exists(d):
+        group = parse_group(d)
+        if group is not None:
+            name, path = group
+        elif not sep or not name or os.path.exists(d):
             name, path = os.path.basename(os.path.normpath(d)) or "index", d
         base, n = name, 2
         while name in names:
@@ -150,7 +158,8 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
                max_batch: int = 32, reload_interval_s: float = 1.0, image_root: Optional[str] = None,
                loader: Optional[Callable[..., Any]] = None, preload: bool = True, threads: int = 2):
     """The ASGI app (FastAPI) serving ``index_dirs``: a list of folders (named by their base name; ``NAME=DIR``
-    names one) or a ``{name: folder}`` dict.
+    names one; ``NAME=DIR1,DIR2`` is a group) or a ``{name: folder or [folders]}`` dict. A group of folders is
+    served as one index (a :class:`~retrieval.sharded.ShardedRetriever`: global ids, results merged by score).
 
     Each index is loaded now with ``loader(dir, encoder, device=, dtype=, tokenizer=)`` (default
     ``Retriever.load``) and its query encoder built (``preload``), so a broken folder fails here, not at the first

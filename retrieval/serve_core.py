@@ -132,6 +132,7 @@ class IndexState:
     loaded_at: float = field(default_factory=time.time)
     _id_pos: Optional[np.ndarray] = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _members: dict = field(default_factory=dict)  # a group's member states (stored vectors), by folder
 
     @property
     def manifest(self) -> dict:
@@ -139,9 +140,15 @@ class IndexState:
 
     def stored_vector(self, id_: int) -> np.ndarray:
         """The indexed vector of ``id_`` ``(D,)`` float32, reconstructed from the faiss index (exact for Flat
-        and HNSW-Flat storage, the decoded code for PQ/SQ). Raises ``KeyError`` for an unknown id."""
+        and HNSW-Flat storage, the decoded code for PQ/SQ). Raises ``KeyError`` for an unknown id. In a group of
+        folders: the vector of the member that holds the global id."""
         import faiss
 
+        if hasattr(self.retriever, "shard_of"):  # a ShardedRetriever: the member's vector of its local id
+            member, local = self.retriever.shard_of(int(id_))
+            with self._lock:
+                sub = self._members.setdefault(member.index_dir, IndexState(member, self.signature, self.generation))
+            return sub.stored_vector(local)
         index = self.retriever.index
         top = faiss.downcast_index(index)
         with self._lock:
@@ -179,11 +186,17 @@ def manifest_signature(index_dir: str) -> Optional[tuple]:
 
 
 class ServedIndex:
-    """An index folder behind the service: its current :class:`IndexState`, hot reload, image files."""
+    """An index folder behind the service: its current :class:`IndexState`, hot reload, image files.
 
-    def __init__(self, name: str, index_dir: str, *, loader: Callable[..., Any], device=None, dtype=None,
+    ``index_dir`` may be a list of folders: a group searched as one collection (the loader gets the list;
+    ``Retriever.load`` opens a :class:`~retrieval.sharded.ShardedRetriever`). A new commit of any member
+    reloads the whole group; a group whose members fail to load together keeps its current state."""
+
+    def __init__(self, name: str, index_dir, *, loader: Callable[..., Any], device=None, dtype=None,
                  tokenizer: Optional[str] = None, image_root: Optional[str] = None, preload: bool = True) -> None:
-        self.name, self.dir = name, os.path.abspath(index_dir)
+        group = not isinstance(index_dir, (str, os.PathLike))
+        self.members = [os.path.abspath(os.fspath(d)) for d in index_dir] if group else None
+        self.name, self.dir = name, self.members if group else os.path.abspath(index_dir)
         self._loader, self.device, self.dtype, self.tokenizer = loader, device, dtype, tokenizer
         self.image_root = os.path.abspath(image_root) if image_root else os.getcwd()
         self.preload = preload
@@ -198,9 +211,10 @@ class ServedIndex:
         """Load the committed state; raises ``_ChangedWhileLoading`` if the manifest changed meanwhile."""
         from . import IndexMismatchError
 
-        before = manifest_signature(self.dir)
+        before = self._signature()
         if before is None:
-            raise FileNotFoundError(f"{self.dir}: no manifest.json (not a finished index)")
+            missing = [d for d in self.members or [self.dir] if manifest_signature(d) is None]
+            raise FileNotFoundError(f"{missing[0] if missing else self.dir}: no manifest.json (not a finished index)")
         kw = dict(device=self.device, dtype=self.dtype, tokenizer=self.tokenizer)
         encoder = previous.encoder if previous is not None else None
         try:
@@ -208,9 +222,10 @@ class ServedIndex:
         except IndexMismatchError:  # rebuilt with another encoder: load that one
             encoder = None
             retriever = self._loader(self.dir, None, **kw)
-        for entry in retriever.manifest.get("metadata_files", []):  # open every metadata file of this commit now
-            if entry.get("count"):
-                retriever.metadata(entry["first_id"])
+        for r in getattr(retriever, "retrievers", [retriever]):  # open every metadata file of this commit now
+            for entry in r.manifest.get("metadata_files", []):
+                if entry.get("count"):
+                    r.metadata(entry["first_id"])
         error = None
         if self.preload and encoder is None:
             try:
@@ -218,7 +233,7 @@ class ServedIndex:
             except Exception as e:  # noqa: BLE001 - an index without a usable encoder still serves ids/vectors
                 error = str(e).splitlines()[0] if str(e) else type(e).__name__
                 logger.warning("%s: no query encoder (%s); text and image queries are refused", self.name, error)
-        if manifest_signature(self.dir) != before:
+        if self._signature() != before:
             raise _ChangedWhileLoading(f"{self.dir}: the index changed while it was being loaded")
         self._generation += 1
         return IndexState(retriever, before, self._generation, encoder, error)
@@ -227,7 +242,7 @@ class ServedIndex:
         """Load and swap in a new committed state if the manifest changed; ``True`` when swapped. A failed load
         (files of the commit missing, a commit in progress) keeps the current state and is retried once the
         manifest changes again (a load that raced a commit is retried at the next check)."""
-        sig = manifest_signature(self.dir)
+        sig = self._signature()
         if sig is None or sig == self.state.signature or sig == self._failed_signature:
             return False
         try:
@@ -242,6 +257,13 @@ class ServedIndex:
         self.reload_error, self._failed_signature = None, None
         logger.info("%s: reloaded (generation %d, %d vectors)", self.name, new.generation, new.retriever.ntotal)
         return True
+
+    def _signature(self) -> Optional[tuple]:
+        """The committed manifest's signature; a group's: its members' (``None`` when one is absent)."""
+        if self.members is None:
+            return manifest_signature(self.dir)
+        sigs = tuple(manifest_signature(d) for d in self.members)
+        return None if any(s is None for s in sigs) else sigs
 
     def _fail(self, sig: tuple, e: BaseException) -> None:
         self._failed_signature = sig
@@ -263,7 +285,8 @@ class ServedIndex:
                 "model": enc.get("name"), "dim": m.get("dim"), "ntotal": m.get("ntotal"),
                 "index_key": m.get("index_key"), "text_queries": text_ok,
                 "image_queries": st.encoder is not None, "generation": st.generation,
-                "encoder_error": st.encoder_error, "reload_error": self.reload_error}
+                "encoder_error": st.encoder_error, "reload_error": self.reload_error,
+                **({"members": m.get("shards")} if self.members is not None else {})}
 
     def image_file(self, st: IndexState, id_: int) -> str:
         """The image file that id ``id_``'s metadata names, resolved (absolute, or relative to the image root,
@@ -271,13 +294,16 @@ class ServedIndex:
         row = st.retriever.metadata(int(id_))
         if not row:
             raise ApiError(404, f"index {self.name!r} has no id {id_}")
+        base = self.dir  # a group's relative paths: the folder of the member that holds the id
+        if self.members is not None:
+            base = os.path.abspath(st.retriever.shard_of(int(id_))[0].index_dir)
         path = row.get("image_path") or row.get("path")
         if not isinstance(path, str) or not path:
             raise ApiError(404, f"id {id_} has no image path in the metadata")
         if "::" in path:
             raise ApiError(404, f"id {id_} is a tar member; tar members are not served")
         candidates = [path] if os.path.isabs(path) else \
-            [os.path.join(b, path) for b in (self.image_root, self.dir, os.path.dirname(self.dir))]
+            [os.path.join(b, path) for b in (self.image_root, base, os.path.dirname(base))]
         for c in candidates:
             if os.path.splitext(c)[1].lower() in IMAGE_TYPES and os.path.isfile(c):
                 return c

@@ -29,7 +29,29 @@ from .faiss_ops import IndexMismatchError, faiss_module, search_param_names, set
 from .index_folder import read_manifest
 from .search import Retriever, SearchResult
 
-__all__ = ["ShardedRetriever", "check_shards", "set_id_offset", "id_range"]
+__all__ = ["ShardedRetriever", "check_shards", "set_id_offset", "id_range", "parse_group"]
+
+
+def parse_group(spec: str) -> Optional[tuple[str, list[str]]]:
+    """``(name, [folders])`` of a group spec ``NAME=DIR1,DIR2[,...]`` (the search service's and
+    ``tools/serve.py``'s way to serve several folders as one collection), or ``None`` for anything else (a
+    plain ``DIR`` or ``NAME=DIR``; an existing path is always one folder, even with ``,`` or ``=`` in its name).
+    ``ValueError`` (one line) for a comma list without a name, an empty member, or a spec that names both an
+    existing folder and a group."""
+    spec = os.fspath(spec)
+    name, sep, rest = spec.partition("=")
+    if os.path.exists(spec) or "," not in (rest if sep else spec):
+        return None
+    if not sep or not name:
+        raise ValueError(f"{spec}: no such folder; a group of index folders needs a name: NAME=DIR1,DIR2")
+    parts = rest.split(",")
+    if any(not p.strip() for p in parts):
+        raise ValueError(f"{spec}: empty folder name in group {name!r} (write NAME=DIR1,DIR2, no spaces)")
+    if os.path.exists(rest):
+        if all(os.path.exists(p) for p in parts):
+            raise ValueError(f"{spec}: ambiguous: {rest!r} is a folder and a list of folders; rename it")
+        return None
+    return name, parts
 
 
 def id_range(manifest: dict) -> tuple[int, int]:
@@ -118,6 +140,11 @@ class ShardedRetriever:
         self._order = sorted(range(len(dirs)), key=lambda i: self.offsets[i])
         self._encoder = None
         self._pool = ThreadPoolExecutor(max_workers=min(8, len(dirs))) if len(dirs) > 1 else None
+        m = dict(self.retrievers[0].manifest)  # the folders' manifests do not change once loaded: built once
+        m.update(ntotal=self.ntotal, shards=[{"index_dir": d, "id_offset": o, "ntotal": r.ntotal}
+                                             for d, o, r in zip(self.index_dirs, self.offsets, self.retrievers)],
+                 metadata_files=[], index_key=",".join(sorted({r.manifest["index_key"] for r in self.retrievers})))
+        self._manifest = m
 
     @classmethod
     def load(cls, index_dirs: Sequence[Union[str, os.PathLike]], encoder=None, *, device=None, dtype=None,
@@ -139,12 +166,9 @@ class ShardedRetriever:
     # -- what the collection is -------------------------------------------------------------------------
     @property
     def manifest(self) -> dict:
-        """The first folder's manifest with the collection's totals (``ntotal``, ``shards``)."""
-        m = dict(self.retrievers[0].manifest)
-        m.update(ntotal=self.ntotal, shards=[{"index_dir": d, "id_offset": o, "ntotal": r.ntotal}
-                                             for d, o, r in zip(self.index_dirs, self.offsets, self.retrievers)],
-                 metadata_files=[], index_key=",".join(sorted({r.manifest["index_key"] for r in self.retrievers})))
-        return m
+        """The first folder's manifest with the collection's totals (``ntotal``; ``shards``: each folder's
+        ``index_dir``, ``id_offset``, ``ntotal``; ``index_key``: the folders' keys joined by ``,``)."""
+        return self._manifest
 
     @property
     def ntotal(self) -> int:

@@ -4,10 +4,14 @@ back-end API (/indices-list, /knn-service, /metadata), so clip-retrieval's front
 
   python tools/serve.py out/index                        # http://127.0.0.1:1234/
   python tools/serve.py photos=out/img_index captions=out/cap_index --port 8080
+  python tools/serve.py all=parts/a,parts/b,parts/c photos=out/img_index   # a group of folders as one index
   python tools/serve.py out/index --host 0.0.0.0 --allow-remote     # other machines too (no authentication!)
 
-Indexes are named by their folder's base name, or NAME=DIR. An index folder that a later
-`tools/build_index.py --add` (or a rebuild) commits to is reloaded in the background without a restart.
+Indexes are named by their folder's base name, or NAME=DIR. NAME=DIR1,DIR2[,...] serves a group: folders
+holding disjoint parts of one collection (ids made global by each manifest's id_offset; see docs/scale.md),
+searched as one index NAME, results merged by score. An index folder that a later
+`tools/build_index.py --add` (or a rebuild) commits to is reloaded in the background without a restart;
+a commit to any member of a group reloads the whole group.
 See docs/serve.md for the API, the limits and the hot-reload rules.
 """
 import os
@@ -43,7 +47,8 @@ def main(argv=None) -> int:
     import argparse
 
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("index_dirs", nargs="+", metavar="INDEX_DIR", help="index folders (or NAME=DIR)")
+    p.add_argument("index_dirs", nargs="+", metavar="INDEX_DIR",
+                   help="index folders (or NAME=DIR; NAME=DIR1,DIR2,... for a group of folders searched as one)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
     p.add_argument("--port", type=_port, default=1234, help="port (default 1234; 0 = any free port)")
     p.add_argument("--allow-remote", action="store_true",
@@ -72,14 +77,20 @@ def main(argv=None) -> int:
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     args = p.parse_args(argv)
 
-    from retrieval.serve import check_host
+    from retrieval.serve import _index_names, check_host
 
     warning = check_host(args.host, args.allow_remote)  # ValueError -> one error line, exit 2
-    for d in args.index_dirs:
-        path = d.partition("=")[2] if "=" in d and not os.path.exists(d) else d
-        if not os.path.isfile(os.path.join(path, "manifest.json")):
-            raise UsageError(f"{path}: not an index folder (no manifest.json)" if os.path.isdir(path)
-                             else f"{path}: no such folder")
+    names = _index_names(args.index_dirs)  # NAME=DIR1,DIR2 groups; bad group syntax -> one error line
+    for dirs in names.values():
+        for path in [dirs] if isinstance(dirs, str) else dirs:
+            if not os.path.isfile(os.path.join(path, "manifest.json")):
+                raise UsageError(f"{path}: not an index folder (no manifest.json)" if os.path.isdir(path)
+                                 else f"{path}: no such folder")
+        if not isinstance(dirs, str):  # members must answer the same queries, with disjoint id ranges
+            from retrieval.index_folder import read_manifest
+            from retrieval.sharded import check_shards
+
+            check_shards([read_manifest(d) for d in dirs], dirs)
     if args.port:  # a taken port is reported now, before the indexes are loaded
         import socket
 
@@ -104,7 +115,7 @@ def main(argv=None) -> int:
 
     limits = ServeLimits(max_k=args.max_k, max_text_chars=args.max_text_chars, max_upload_bytes=args.max_upload,
                          max_pixels=args.max_pixels)
-    app = create_app(args.index_dirs, device=args.device, dtype=dtype, tokenizer=args.tokenizer, limits=limits,
+    app = create_app(names, device=args.device, dtype=dtype, tokenizer=args.tokenizer, limits=limits,
                      batch_wait_ms=args.batch_wait_ms, max_batch=args.max_batch, threads=args.threads,
                      reload_interval_s=args.reload_interval, image_root=args.image_root)
     if args.port == 0:
