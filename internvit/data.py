@@ -188,10 +188,16 @@ def load_image(path):
     sideways with orientation 6 comes out upright), animated images give their first frame, and every PIL
     mode is converted by :func:`to_rgb` (16-bit / float scaled to 8 bits, transparency composited onto
     white). Raises what PIL raises for a missing, truncated or non-image file (``OSError``,
-    ``PIL.UnidentifiedImageError``, ``ValueError``).
+    ``PIL.UnidentifiedImageError``, ``ValueError``). Plain colour / greyscale JPEGs are decoded by
+    torchvision's libjpeg-turbo when it gives PIL's pixels exactly (:mod:`internvit.jpeg`), otherwise by PIL.
     """
     from PIL import Image, ImageOps
 
+    from .jpeg import load_jpeg_rgb
+
+    fast = load_jpeg_rgb(path)
+    if fast is not None:
+        return fast
     with Image.open(path) as img:
         img.load()
         if img.getexif().get(_EXIF_ORIENTATION, 1) not in (1, None):
