@@ -12,7 +12,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -192,7 +192,8 @@ class ServedIndex:
     ``Retriever.load`` opens a :class:`~retrieval.sharded.ShardedRetriever`). A new commit of any member
     reloads the whole group; a group whose members fail to load together keeps its current state."""
 
-    def __init__(self, name: str, index_dir, *, loader: Callable[..., Any], device=None, dtype=None,
+    def __init__(self, name: str, index_dir: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]], *,
+                 loader: Callable[..., Any], device=None, dtype=None,
                  tokenizer: Optional[str] = None, image_root: Optional[str] = None, preload: bool = True) -> None:
         group = not isinstance(index_dir, (str, os.PathLike))
         self.members = [os.path.abspath(os.fspath(d)) for d in index_dir] if group else None
