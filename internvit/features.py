@@ -238,9 +238,18 @@ class FeatureExtractor:
 
         loader = DataLoader(dataset, batch_sampler=batches, num_workers=self.num_workers,
                             collate_fn=collate_images, pin_memory=self.device.type == "cuda")
-        start, done, nonfinite = time.perf_counter(), 0, 0
+        start, done, nonfinite, waited = time.perf_counter(), 0, 0, 0.0
+        # without workers, a thread reads the next batches while the model runs (decoding and PIL's resize
+        # release the GIL); with workers, the DataLoader's own prefetching does this
+        source = iter(loader) if self.num_workers > 0 else prefetch(loader, depth=2)
         with tqdm(total=total, unit="img", desc="features", disable=not self.progress, smoothing=0.1) as bar:
-            for pixels, ids, errors in loader:
+            while True:
+                t0 = time.perf_counter()
+                batch = next(source, None)
+                waited += time.perf_counter() - t0
+                if batch is None:
+                    break
+                pixels, ids, errors = batch
                 feats = self.encode(pixels).cpu().numpy() if pixels is not None else None
                 if feats is not None:
                     finite = np.isfinite(feats.reshape(len(feats), -1)).all(axis=1)
@@ -261,7 +270,8 @@ class FeatureExtractor:
             logger.warning("%d of %d images gave non-finite features in %s (not stored, listed as errors)",
                            nonfinite, done, self.dtype)
         self.last_stats = {"seconds": round(seconds, 3), "images": done, "nonfinite": nonfinite,
-                           "images_per_s": round(done / seconds, 2) if seconds > 0 else None}
+                           "images_per_s": round(done / seconds, 2) if seconds > 0 else None,
+                           "input_wait_seconds": round(waited, 3)}
 
     def _batches(self, start: int, end: int, dataset: Optional[Dataset] = None) -> list[list[int]]:
         if self.tiling is not None:  # tiles of several images packed up to batch_size tiles
@@ -370,14 +380,16 @@ class FeatureExtractor:
         ds = self._dataset(images)
         paths, n = ds.paths, len(ds)
         columns = _extra_columns(extra_columns, n)
-        info = self.model_info()  # hashes every weight byte: once per write
+        t0 = time.perf_counter()
+        info = self.model_info()  # hashes every weight byte once per model (cached while the weights are unchanged)
+        fingerprint_s = {"fingerprint_seconds": round(time.perf_counter() - t0, 3)}
         job = self.signature(paths, columns, shard_size=shard_size, features_pattern=features_pattern,
                              metadata_pattern=metadata_pattern, metadata_format=metadata_format,
                              manifest_extra=manifest_extra, model_info=info)
         old = read_manifest(out_dir) if os.path.isdir(out_dir) else None
         leftover_parts = os.path.isdir(os.path.join(out_dir, PARTS))
         if old is not None and _same_job(old, job) and not leftover_parts:
-            return dict(old, timing=dict(DONE_STATS))  # finished: nothing is rewritten
+            return dict(old, timing=dict(DONE_STATS, **fingerprint_s))  # finished: nothing is rewritten
         if old is not None and not overwrite and not _same_job(old, job):
             _refuse_other(out_dir, old, job)
         plan = dict(out_dir=out_dir, ds=ds, paths=paths, columns=columns, info=info, job=job, shard_size=shard_size,
@@ -392,13 +404,13 @@ class FeatureExtractor:
         with Store(out_dir, job=job, discard_pending=discard_pending, description="feature folder") as st:
             if st.manifest is not None and _same_job(st.manifest, job):
                 _remove_parts(out_dir)
-                return dict(st.manifest, timing=dict(DONE_STATS))  # another process finished it meanwhile
+                return dict(st.manifest, timing=dict(DONE_STATS, **fingerprint_s))  # finished meanwhile
             if st.manifest is not None and not overwrite:
                 _refuse_other(out_dir, st.manifest, job)
             shards = _plan_shards(plan, st.generation)
             records, stats = self._write_shards(st, plan, shards)
             committed = _commit_features(st, plan, shards, records)
-        return dict(committed, timing=stats)
+        return dict(committed, timing=dict(stats, **fingerprint_s))
 
     def _write_shards(self, st, plan: dict, shards: list[dict]) -> tuple[dict, dict]:
         """Compute and write ``shards`` (those a resumed job has not finished) as data files of the store ``st``.
@@ -455,6 +467,52 @@ class FeatureExtractor:
         for j in waiting:
             finish(by_index[j], *bufs.pop(j)[:3], feature_shape or (0,), _tile_cols(self, tile_cols, j))
         return records, (dict(self.last_stats) if pending else dict(DONE_STATS))
+
+
+def prefetch(iterable, depth: int = 2) -> Iterator:
+    """The items of ``iterable`` in order, produced by a background thread up to ``depth`` items ahead.
+
+    An exception raised while producing an item is raised here, at that item. Closing the generator (or
+    leaving the loop early) stops the thread after the item it is producing.
+    """
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=max(1, int(depth)))
+    stop = threading.Event()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in iterable:
+                if not put(("item", item)):
+                    return
+            put(("end", None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            put(("error", e))
+
+    thread = threading.Thread(target=work, name="internvit-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "item":
+                yield value
+            elif kind == "error":
+                raise value
+            else:
+                return
+    finally:
+        stop.set()
+        thread.join()
 
 
 # ---------------------------------------------------------------------------------------------------
