@@ -20,7 +20,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,54 +68,92 @@ def start_server(index_dir, port, torch_threads, extra):
     raise RuntimeError("server did not start")
 
 
-def run_clients(port, bodies, clients, k):
-    """Send ``bodies`` (JSON dicts) round-robin from ``clients`` threads; returns (latencies, wall, errors)."""
-    lat, errors, lock = [], [], threading.Lock()
-    per = [bodies[i::clients] for i in range(clients)]
-    payloads = [[json.dumps(dict(b, k=k)).encode() for b in part] for part in per]
-    barrier = threading.Barrier(clients + 1)
+def _request_bytes(body, k):
+    data = json.dumps(dict(body, k=k)).encode()
+    return (b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(data)) + data
 
-    def client(part):
-        c = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-        barrier.wait()
-        for body in part:
+
+async def _client(port, reqs, lat, answers, start):
+    """One keep-alive HTTP/1.1 connection sending ``reqs`` (index, raw request) one after the other."""
+    import asyncio
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    await start.wait()
+    try:
+        for i, req in reqs:
             t0 = time.perf_counter()
-            c.request("POST", "/search", body, {"Content-Type": "application/json"})
-            r = c.getresponse()
-            data = r.read()
-            dt = time.perf_counter() - t0
-            with lock:
-                lat.append(dt)
-                if r.status != 200:
-                    errors.append(data[:200])
-        c.close()
-
-    threads = [threading.Thread(target=client, args=(p,)) for p in payloads]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    return lat, time.perf_counter() - t0, errors
+            writer.write(req)
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head.split(b" ", 2)[1])
+            length = None
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            if length is None:
+                raise RuntimeError("the server answered without Content-Length")
+            data = await reader.readexactly(length)
+            lat.append(time.perf_counter() - t0)
+            answers[i] = (status, data)
+    finally:
+        writer.close()
 
 
-def in_process(index_dir, queries, kind, k, torch_threads):
-    import torch
+def run_clients(port, bodies, clients, k):
+    """Send ``bodies`` (JSON dicts) from ``clients`` concurrent keep-alive connections (one asyncio loop: a cheap
+    client that leaves the CPU to the server); returns (latencies, wall, answers as (status, body) by query)."""
+    import asyncio
 
-    from retrieval import Retriever
+    reqs = [(i, _request_bytes(b, k)) for i, b in enumerate(bodies)]
+    lat, answers = [], [None] * len(bodies)
 
-    torch.set_num_threads(torch_threads)
-    r = Retriever.load(index_dir)
+    async def go():
+        start = asyncio.Event()
+        tasks = [asyncio.ensure_future(_client(port, reqs[c::clients], lat, answers, start)) for c in range(clients)]
+        await asyncio.sleep(0.2)  # every connection is open before the clock starts
+        t0 = time.perf_counter()
+        start.set()
+        await asyncio.gather(*tasks)
+        return time.perf_counter() - t0
+
+    wall = asyncio.run(go())
+    return lat, wall, answers
+
+
+def check_answers(answers, expected, name):
+    """Every answer is a 200 whose ids equal the in-process ones (a swap of two results whose scores differ by
+    less than 1e-4 counts as a tie, not an error); returns (identical queries, max |score difference|)."""
+    same, worst = 0, 0.0
+    for i, ((status, data), (ids, scores)) in enumerate(zip(answers, expected)):
+        if status != 200:
+            raise RuntimeError(f"{name}: query {i} answered {status}: {data[:200]!r}")
+        rows = json.loads(data)["results"]
+        got_ids = [r["id"] for r in rows]
+        got = [r["score"] for r in rows]
+        if len(got) != len(scores):
+            raise RuntimeError(f"{name}: query {i}: {len(got)} results, in-process {len(scores)}")
+        worst = max(worst, max(abs(a - b) for a, b in zip(got, scores)))
+        if got_ids == ids:
+            same += 1
+        elif sorted(got_ids) != sorted(ids) or worst > 1e-4:
+            raise RuntimeError(f"{name}: query {i}: ids {got_ids} differ from in-process {ids}")
+    if worst > 1e-4:
+        raise RuntimeError(f"{name}: scores differ from in-process by up to {worst:.2e}")
+    return same, worst
+
+
+def in_process(r, queries, kind, k):
+    """The same queries through ``Retriever`` in this process; returns (latencies, wall, [(ids, scores)])."""
     fn = r.search_text if kind == "text" else r.search_image
-    fn([queries[0]], k)  # warm-up (loads the encoder)
-    lat = []
+    lat, out = [], []
     t0 = time.perf_counter()
     for q in queries:
         t = time.perf_counter()
-        fn([q], k)
+        res = fn([q], k)
         lat.append(time.perf_counter() - t)
-    return lat, time.perf_counter() - t0
+        out.append(([int(x) for x in res.ids[0] if x >= 0], [float(x) for x in res.scores[0][: len(res.rows[0])]]))
+    return lat, time.perf_counter() - t0, out
 
 
 def main(argv=None):
@@ -133,11 +170,14 @@ def main(argv=None):
     p.add_argument("--server-threads", type=positive_int, default=2, help="tools/serve.py --threads")
     p.add_argument("--batch-wait-ms", default="2", help="tools/serve.py --batch-wait-ms")
     p.add_argument("--text", action="store_true", help="text queries (needs a text-capable --index/--model)")
+    p.add_argument("--repeats", type=positive_int, default=3,
+                   help="rounds of (in-process, each client count), interleaved so that drift hits all alike; "
+                        "the median round is reported with the min..max spread (default 3)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks that the benchmark runs")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     if args.quick:
-        args.images, args.queries = min(args.images, 24), min(args.queries, 32)
+        args.images, args.queries, args.repeats = min(args.images, 24), min(args.queries, 32), min(args.repeats, 2)
 
     from retrieval.serve import free_port
 
@@ -166,39 +206,64 @@ def main(argv=None):
                 enc[q] = base64.b64encode(f.read()).decode()
         bodies = [{"image": enc[q]} for q in queries]
 
+    import torch
+
+    from retrieval import Retriever
+
+    torch.set_num_threads(args.torch_threads)
     results = {"index": index_dir, "kind": kind, "k": args.k, "torch_threads": args.torch_threads,
-               "server_threads": args.server_threads, "batch_wait_ms": float(args.batch_wait_ms)}
-    lat, wall = in_process(index_dir, queries, kind, args.k, args.torch_threads)
-    results["in_process"] = _stats(lat, wall)
+               "server_threads": args.server_threads, "batch_wait_ms": float(args.batch_wait_ms),
+               "queries": len(queries), "repeats": args.repeats}
+    retriever = Retriever.load(index_dir)
+    in_process(retriever, queries[:2], kind, args.k)  # warm-up (builds the encoder)
     port = free_port()
     proc = start_server(index_dir, port, args.torch_threads,
                         ["--threads", str(args.server_threads), "--batch-wait-ms", str(args.batch_wait_ms),
                          "--max-k", str(max(args.k, 10))])
+    names = ["in_process"] + [f"service_{c}" for c in args.clients]
+    rounds = {n: [] for n in names}
     try:
         run_clients(port, bodies[: max(4, len(bodies) // 8)], 1, args.k)  # warm-up
-        for c in args.clients:
-            lat, wall, errors = run_clients(port, bodies, c, args.k)
-            if errors:
-                raise RuntimeError(f"{len(errors)} failed queries, e.g. {errors[0]!r}")
-            results[f"service_{c}"] = _stats(lat, wall)
+        for _ in range(args.repeats):
+            lat, wall, expected = in_process(retriever, queries, kind, args.k)
+            rounds["in_process"].append(_stats(lat, wall))
+            for c in args.clients:
+                lat, wall, answers = run_clients(port, bodies, c, args.k)
+                same, worst = check_answers(answers, expected, f"service_{c}")
+                rounds[f"service_{c}"].append(dict(_stats(lat, wall), identical_ids=same, max_score_diff=worst))
     finally:
         proc.terminate()
         proc.wait(timeout=30)
     tmp.cleanup()
 
-    base = results["in_process"]
-    print(f"{'':14} {'QPS':>8} {'mean ms':>8} {'p50 ms':>8} {'p99 ms':>8}")
-    for name in ["in_process"] + [f"service_{c}" for c in args.clients]:
-        s = results[name]
-        print(f"{name:14} {s['qps']:8.1f} {s['mean_ms']:8.2f} {s['p50_ms']:8.2f} {s['p99_ms']:8.2f}")
-    if 1 in args.clients:
-        one = results["service_1"]
-        results["overhead_1_client"] = one["mean_ms"] / base["mean_ms"] - 1
-        print(f"service overhead at 1 client: {100 * results['overhead_1_client']:+.1f}% (goal <= +10%)")
+    def median_round(rs, key):
+        return sorted(rs, key=lambda r: r[key])[len(rs) // 2]
+
+    for n in names:
+        results[n] = dict(median_round(rounds[n], "qps"), rounds=rounds[n])
+    print(f"{len(queries)} {kind} queries, k={args.k}, {args.repeats} rounds; median round (min..max over rounds)")
+    print(f"{'':12} {'QPS':>20} {'mean ms':>20} {'p50 ms':>8} {'p99 ms':>8}  outputs vs in-process")
+    for n in names:
+        s, rs = results[n], rounds[n]
+        q = f"{s['qps']:.1f} ({min(r['qps'] for r in rs):.0f}..{max(r['qps'] for r in rs):.0f})"
+        m = f"{s['mean_ms']:.2f} ({min(r['mean_ms'] for r in rs):.1f}..{max(r['mean_ms'] for r in rs):.1f})"
+        check = "" if n == "in_process" else \
+            f"ids identical {min(r['identical_ids'] for r in rs)}/{len(queries)}, max |score diff| " \
+            f"{max(r['max_score_diff'] for r in rs):.1e}"
+        print(f"{n:12} {q:>20} {m:>20} {s['p50_ms']:8.2f} {s['p99_ms']:8.2f}  {check}")
+    if 1 in args.clients:  # ratios per round (paired: the same load hit both), then their median and range
+        over = sorted(o["mean_ms"] / b["mean_ms"] - 1 for o, b in zip(rounds["service_1"], rounds["in_process"]))
+        results["overhead_1_client"] = over[len(over) // 2]
+        results["overhead_1_client_rounds"] = over
+        print(f"service overhead at 1 client: {100 * over[len(over) // 2]:+.1f}% "
+              f"({100 * over[0]:+.1f}..{100 * over[-1]:+.1f}%) (goal <= +10%)")
         for c in args.clients:
             if c > 1:
-                results[f"speedup_{c}_clients"] = results[f"service_{c}"]["qps"] / one["qps"]
-                print(f"throughput {c} clients / 1 client: {results[f'speedup_{c}_clients']:.2f}x (goal >= 3x)")
+                sp = sorted(m["qps"] / o["qps"] for m, o in zip(rounds[f"service_{c}"], rounds["service_1"]))
+                results[f"speedup_{c}_clients"] = sp[len(sp) // 2]
+                results[f"speedup_{c}_clients_rounds"] = sp
+                print(f"throughput {c} clients / 1 client: {sp[len(sp) // 2]:.2f}x ({sp[0]:.2f}..{sp[-1]:.2f}x) "
+                      f"(goal >= 3x)")
     if args.quick:
         print("(--quick: tiny sizes, the numbers mean nothing)")
     if args.json:

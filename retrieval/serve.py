@@ -146,6 +146,18 @@ class _Guard:
                 await _send_json(guarded_send, e.status, {"error": e.message})
 
 
+def json_bytes(obj: Any) -> bytes:
+    """``obj`` (already JSON-safe: :func:`_jsonable`) as compact UTF-8 JSON, as Starlette's ``JSONResponse``
+    writes it. Raises ``ValueError`` for a NaN or infinity."""
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+
+
+def json_response(obj: Any, status: int = 200) -> Response:
+    """A JSON answer written directly: the hot endpoints skip FastAPI's response validation and
+    ``jsonable_encoder`` (a recursive walk that cost more than the HTTP handling itself)."""
+    return Response(json_bytes(obj), status_code=status, media_type="application/json")
+
+
 async def _send_json(send, status: int, obj: dict) -> None:
     body = json.dumps(obj).encode()
     await send({"type": "http.response.start", "status": status,
@@ -372,7 +384,8 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
             rows, st = await run_query(s, "vector", check_vector(q["embedding"]), k)
         else:
             rows, st = await run_query(s, "id", check_id(q["id"]), k)
-        return {"index": s.name, "generation": st.generation, "k": k, "results": result_rows(s, rows)}
+        return json_response({"index": s.name, "generation": st.generation, "k": k,
+                              "results": result_rows(s, rows)})
 
     async def _image_path(index: str, id_: int) -> tuple:
         s = get_index(index)
@@ -461,9 +474,9 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
             p = r.get("image_path") or r.get("path")
             if "url" not in d and isinstance(p, str) and p and "::" not in p:
                 d["url"] = f"{base}/image/{s.name}/{r['id']}"
-            d["id"], d["similarity"] = int(r["id"]), float(r["score"])
+            d["id"], d["similarity"] = int(r["id"]), _jsonable(float(r["score"]))
             out.append(d)
-        return out
+        return json_response(out)
 
     @app.post("/metadata")
     async def metadata(request: Request):

@@ -388,16 +388,16 @@ class Batcher:
         st = self.served.current()
         out: list = [None] * len(batch)
         vecs: dict[int, np.ndarray] = {}
-        self._decode(batch, out)
+        if st.encoder is None and st.encoder_error is None and any(q.kind in ("text", "image") for q in batch):
+            try:  # preload=False: build it on first use
+                st.encoder = st.retriever.encoder
+            except Exception as e:  # noqa: BLE001
+                st.encoder_error = str(e).splitlines()[0] if str(e) else type(e).__name__
+        self._decode(batch, out, st)
         for kind in ("text", "image"):
             rows = [i for i, q in enumerate(batch) if q.kind == kind and out[i] is None]
             if not rows:
                 continue
-            if st.encoder is None and st.encoder_error is None:  # preload=False: build it on first use
-                try:
-                    st.encoder = st.retriever.encoder
-                except Exception as e:  # noqa: BLE001
-                    st.encoder_error = str(e).splitlines()[0] if str(e) else type(e).__name__
             if st.encoder is None:
                 msg = st.encoder_error or "the index records no encoder"
                 for i in rows:
@@ -440,21 +440,32 @@ class Batcher:
                 out[i] = (res.rows[j], st)
         return out
 
-    def _decode(self, batch: list, out: list) -> None:
-        """Decode the image queries' bytes in place (in parallel when there are several); a bad one gets its
-        ApiError in ``out``. Decoding here, not in the event loop, saves a thread hop per query."""
+    def _decode(self, batch: list, out: list, st: Optional[IndexState] = None) -> None:
+        """Decode the image queries' bytes in place and, given the state ``st`` with an image encoder, apply its
+        preprocessing too: each payload becomes a ``(3, H, W)`` tensor. Images are independent, so a batch's
+        are prepared in parallel (PIL and torch release the GIL); a lone one in this thread (no hop). A bad
+        image gets its ApiError in ``out``."""
         rows = [i for i, q in enumerate(batch) if q.kind == "image" and isinstance(q.payload, bytes)]
+        if not rows:
+            return
+        transform = self._transform(st) if st is not None and st.encoder is not None else None
 
-        def dec(i):
+        def prep(i):
             try:
-                return decode_image(batch[i].payload, self.max_pixels)
+                im = decode_image(batch[i].payload, self.max_pixels)
             except ApiError as e:
                 return e
+            if transform is None:
+                return im
+            try:
+                return transform(im)
+            except Exception as e:  # noqa: BLE001 - isolate the query that fails
+                return ApiError(422, f"could not encode the image query: {str(e).splitlines()[0]}")
 
         if len(rows) > 1 and self.decode_pool is not None:
-            images = list(self.decode_pool.map(dec, rows))
+            images = list(self.decode_pool.map(prep, rows))
         else:
-            images = [dec(i) for i in rows]
+            images = [prep(i) for i in rows]
         for i, im in zip(rows, images):
             if isinstance(im, ApiError):
                 out[i] = im
@@ -462,12 +473,9 @@ class Batcher:
                 batch[i].payload = im
 
     @staticmethod
-    def _encode(st: IndexState, kind: str, payloads: list) -> np.ndarray:
-        if kind == "text":
-            return np.asarray(st.encoder.encode_texts(payloads), np.float32)
-        import torch
-
-        if st.transform is None:  # the encoder's own preprocessing, built once per state
+    def _transform(st: IndexState) -> Callable:
+        """The encoder's own preprocessing (PIL image → ``(3, H, W)`` tensor), built once per state."""
+        if st.transform is None:
             pre = st.encoder.preprocess
             if callable(pre) and not isinstance(pre, dict):
                 st.transform = pre
@@ -475,7 +483,15 @@ class Batcher:
                 from internvit.transforms import build_transform
 
                 st.transform = build_transform(pre)
-        x = torch.stack([st.transform(im) for im in payloads])
+        return st.transform
+
+    @classmethod
+    def _encode(cls, st: IndexState, kind: str, payloads: list) -> np.ndarray:
+        if kind == "text":
+            return np.asarray(st.encoder.encode_texts(payloads), np.float32)
+        import torch
+
+        x = torch.stack([p if isinstance(p, torch.Tensor) else cls._transform(st)(p) for p in payloads])
         return st.encoder.encode_images(x).float().cpu().numpy()
 
 
