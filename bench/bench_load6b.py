@@ -17,7 +17,8 @@ peer's. Then one 224 px bf16 forward (batch 1) of the loaded model, timed, in th
 The files sit in the page cache after writing (or not, if memory is short): the alternation shares that.
 
   python bench/bench_load6b.py --tmp /scratch                        # the real size: ~11.8 GB on disk, RAM >= 16 GB
-  python bench/bench_load6b.py --blocks 2 --max-shard-gb 0.2         # small check that it runs (~0.5 GB, 3 shards)
+  python bench/bench_load6b.py --quick                              # small check that it runs (~0.5 GB, 3 shards)
+                                                                     # (= --blocks 2 --max-shard-gb 0.2)
 """
 import argparse
 import json
@@ -174,7 +175,12 @@ def main(argv=None) -> int:
     p.add_argument("--tmp", default=None, help="where to write the checkpoint (needs ~12 GB at full size)")
     p.add_argument("--keep", action="store_true", help="keep the checkpoint folder (path printed)")
     p.add_argument("--no-forward", action="store_true", help="skip the 224 px bf16 forward")
+    p.add_argument("--quick", action="store_true", help="2 blocks, 0.2 GB shards: checks that it runs")
     args = p.parse_args(argv)
+    if args.quick:
+        args.blocks, args.max_shard_gb = 2, 0.2
+    if args.blocks < 1 or args.max_shard_gb <= 0:
+        p.error("--blocks must be >= 1 and --max-shard-gb > 0")
     folder = tempfile.mkdtemp(prefix="internvit-6b-hf-", dir=args.tmp)
     try:
         t0 = time.perf_counter()
