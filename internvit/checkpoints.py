@@ -407,6 +407,9 @@ class TensorSource(Mapping):
     def __getitem__(self, key: str) -> torch.Tensor:
         return self._where[key]()
 
+    def __contains__(self, key: object) -> bool:  # Mapping's default would read the tensor (self[key])
+        return key in self._where
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
 
