@@ -66,7 +66,8 @@ def agree(fn: Callable[[], Any], rank: int, world: int) -> list:
     """Run ``fn`` on this rank; gather ``(result, error)`` from all ranks; raise on every rank if one failed.
 
     Returns every rank's result (picklable), in rank order. The failing rank raises its own exception, the
-    others ``RuntimeError('rank R of W failed: ...')``. With ``world == 1`` it is ``[fn()]``.
+    others ``RuntimeError('rank R of W failed: ...')``; when a peer died, ``RuntimeError('rank R of W: lost
+    contact ...')``. With ``world == 1`` it is ``[fn()]``.
     """
     if world <= 1:
         return [fn()]
@@ -78,7 +79,12 @@ def agree(fn: Callable[[], Any], rank: int, world: int) -> list:
     except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks have been told
         res, err = None, e
     gathered: list = [None] * world
-    dist.all_gather_object(gathered, (res, None if err is None else f"{type(err).__name__}: {err}"))
+    try:
+        dist.all_gather_object(gathered, (res, None if err is None else f"{type(err).__name__}: {err}"))
+    except RuntimeError as e:  # a peer died (killed, crashed): say so rather than pass on gloo's / NCCL's words
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise RuntimeError(f"rank {rank} of {world}: lost contact with another rank, which died or was stopped "
+                           f"(torchrun names it; rerun the same command to resume): {first}") from e
     if err is not None:
         raise err
     bad = [(r, msg) for r, (_, msg) in enumerate(gathered) if msg]
