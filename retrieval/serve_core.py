@@ -319,6 +319,7 @@ class _Query:
     k: int
     future: asyncio.Future
     state: Optional[IndexState] = None
+    prepared: Optional[tuple] = None  # (encoder, (3, H, W) tensor): an image preprocessed while the worker was busy
 
 
 class Batcher:
@@ -332,6 +333,11 @@ class Batcher:
         self.max_pixels, self.decode_pool = max_pixels, decode_pool
         self.max_batch, self.wait_s = max(1, int(max_batch)), max(0.0, batch_wait_ms) / 1000.0
         self.queue: asyncio.Queue = asyncio.Queue(maxsize=max_queue)
+        self.pending = 0  # queries submitted and not answered (preparing, queued or in the running batch)
+        self.busy = False  # a batch is running in the worker
+        self.preparing = 0  # images being prepared ahead in the decode pool
+        self.prepared_ahead = 0
+        self._prep_lock = threading.Lock()
         self.task: Optional[asyncio.Task] = None
         self.last_batch = 0
         self.batches = 0
@@ -342,13 +348,47 @@ class Batcher:
         self.task = asyncio.get_running_loop().create_task(self._run())
 
     async def submit(self, kind: str, payload: Any, k: int) -> tuple:
-        fut = asyncio.get_running_loop().create_future()
-        try:
-            self.queue.put_nowait(_Query(kind, payload, k, fut))
-        except asyncio.QueueFull:
+        """Queue one query; ``(rows, state)`` once its batch is done. Raises :class:`ApiError` (503 when
+        ``max_queue`` queries are waiting, or the query's own error).
+
+        An image query that arrives while the worker is busy is decoded and preprocessed now, in the decode
+        pool, in parallel with the running batch (its tensor is used if the state's encoder is still the one
+        that prepared it, else it is prepared again); a lone query goes straight to the worker (no extra hop)."""
+        loop = asyncio.get_running_loop()
+        if self.pending >= self.queue.maxsize:
             raise ApiError(503, f"index {self.served.name!r} is overloaded ({self.queue.maxsize} queries "
-                                f"waiting); retry later") from None
-        return await fut
+                                f"waiting); retry later")
+        self.pending += 1
+        try:
+            q = _Query(kind, payload, k, loop.create_future())
+            if kind == "image" and self.decode_pool is not None and (self.busy or not self.queue.empty()) \
+                    and self.preparing < self.max_batch:  # bounded: a prepared image outlives a gone client
+                st = self.served.current()
+                if st.encoder is not None:
+                    with self._prep_lock:
+                        self.preparing += 1
+                    prepared = await loop.run_in_executor(self.decode_pool, self._prep_one, st, payload)
+                    if isinstance(prepared, ApiError):
+                        raise prepared
+                    q.prepared = (st.encoder, prepared)
+                    self.prepared_ahead += 1
+            self.queue.put_nowait(q)
+            return await q.future
+        finally:
+            self.pending -= 1
+
+    def _prep_one(self, st: IndexState, data: bytes):
+        """Image bytes → the encoder's ``(3, H, W)`` input tensor, or the ApiError that answers it."""
+        try:
+            im = decode_image(data, self.max_pixels)
+            return self._transform(st)(im)
+        except ApiError as e:
+            return e
+        except Exception as e:  # noqa: BLE001 - isolate the query that fails
+            return ApiError(422, f"could not encode the image query: {str(e).splitlines()[0]}")
+        finally:
+            with self._prep_lock:
+                self.preparing -= 1
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -367,11 +407,14 @@ class Batcher:
             self.last_batch = len(batch)
             if not batch:
                 continue
+            self.busy = True
             try:
                 results = await loop.run_in_executor(self.executor, self._work, batch)
             except Exception as e:  # noqa: BLE001 - never let the worker die
                 logger.exception("%s: batch failed", self.served.name)
                 results = [ApiError(500, f"search failed: {type(e).__name__}")] * len(batch)
+            finally:
+                self.busy = False
             self.batches += 1
             self.queries += len(batch)
             self.largest_batch = max(self.largest_batch, len(batch))
@@ -445,7 +488,13 @@ class Batcher:
         preprocessing too: each payload becomes a ``(3, H, W)`` tensor. Images are independent, so a batch's
         are prepared in parallel (PIL and torch release the GIL); a lone one in this thread (no hop). A bad
         image gets its ApiError in ``out``."""
-        rows = [i for i, q in enumerate(batch) if q.kind == "image" and isinstance(q.payload, bytes)]
+        rows = []
+        for i, q in enumerate(batch):
+            if q.kind == "image" and isinstance(q.payload, bytes):
+                if q.prepared is not None and st is not None and q.prepared[0] is st.encoder:
+                    q.payload = q.prepared[1]  # prepared by this state's encoder while the worker was busy
+                else:
+                    rows.append(i)
         if not rows:
             return
         transform = self._transform(st) if st is not None and st.encoder is not None else None

@@ -240,6 +240,50 @@ def test_concurrent_queries_are_micro_batched(vit_index, retriever):
     assert b.queries == len(paths) + 1 and b.largest_batch > 1 and b.batches < b.queries
 
 
+def test_images_arriving_while_the_worker_is_busy_are_prepared_ahead(vit_index, retriever):
+    """Image queries that arrive during a running batch are decoded and preprocessed in parallel with it; each
+    still gets exactly its own answer (or its own error), and a lone query is not prepared ahead."""
+    app = create_app([vit_index], batch_wait_ms=0)
+    paths = [_img(vit_index, i) for i in range(6)]
+    bodies = [{"image": _b64(p), "k": 3} for p in paths] + [{"image": base64.b64encode(b"not an image").decode()}]
+    answers: dict = {}
+    gate = threading.Event()
+
+    def client(i):
+        answers[i] = post(url + "/search", bodies[i])[:2]
+
+    with background_server(app) as url:
+        b = app.state.batchers["vit"]
+        assert post(url + "/search", bodies[0])[0] == 200 and b.prepared_ahead == 0  # lone: straight to the worker
+        work = b._work
+
+        def held(batch):  # the first batch holds the worker until every other query has arrived
+            gate.wait(60)
+            return work(batch)
+
+        b._work = held
+        first = threading.Thread(target=client, args=(0,))
+        first.start()
+        deadline = time.monotonic() + 60
+        while not b.busy and time.monotonic() < deadline:
+            time.sleep(0.01)
+        rest = [threading.Thread(target=client, args=(i,)) for i in range(1, len(bodies))]
+        for t in rest:
+            t.start()
+        while (b.pending + len(answers) < len(bodies) or b.preparing) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        gate.set()
+        for t in [first] + rest:
+            t.join(60)
+    assert b.prepared_ahead == len(paths) - 1  # every good image but the one that started the batch
+    for i, p in enumerate(paths):
+        status, body = answers[i]
+        assert status == 200, body
+        _same(body["results"], retriever.search_image([p], k=3).rows[0])
+    status, body = answers[len(paths)]
+    assert status == 422 and "not a readable image" in body["error"]
+
+
 def test_hot_reload_serves_each_commit_whole(tmp_path, vit_index):
     from retrieval.encoders import load_encoder
     from retrieval.pipeline import index_images
