@@ -1,12 +1,13 @@
 """Fast JPEG decoding through ``torchvision.io.decode_jpeg`` (libjpeg-turbo), pixel-identical to PIL's.
 
 :func:`load_jpeg_rgb` is the fast path of :func:`internvit.data.load_image`: it decodes only plain JPEGs whose
-result is known to equal PIL's — colour (``RGB``, i.e. YCbCr) or greyscale (``L``), no EXIF rotation — and
-returns ``None`` for everything else (CMYK, other formats, rotated photos, any decoding error), which PIL then
-reads exactly as before. Whether torchvision and PIL decode alike on this installation (both use the default
-integer IDCT and fancy upsampling of libjpeg-turbo, but they bundle their own copies) is checked once per process
-on generated baseline and progressive, 4:4:4 / 4:2:2 / 4:2:0 and greyscale JPEGs; if any pixel differs, or
-torchvision's image extension is missing, the fast path stays off. ``INTERNVIT_JPEG=pil`` turns it off.
+result is known to equal PIL's — colour (``RGB``, i.e. YCbCr) or greyscale (``L``), no Adobe marker, no EXIF
+rotation — and returns ``None`` for everything else (CMYK, Adobe-marked files, other formats, rotated photos,
+any decoding error), which PIL then reads exactly as before. Whether torchvision and PIL decode alike on this
+installation (both use the default integer IDCT and fancy upsampling of libjpeg-turbo, but each bundles its
+own copy) is checked once per process on generated baseline and progressive, 4:4:4 / 4:2:2 / 4:2:0 and
+greyscale JPEGs; if any pixel differs, or torchvision's image extension is missing, the fast path stays off.
+``INTERNVIT_JPEG=pil`` turns it off.
 """
 from __future__ import annotations
 
@@ -74,9 +75,9 @@ def fast_jpeg_available() -> bool:
 def load_jpeg_rgb(path) -> Optional["PIL.Image.Image"]:  # noqa: F821
     """An 8-bit ``RGB`` PIL image of the JPEG at ``path`` decoded by torchvision, or ``None``.
 
-    ``None`` (read it with PIL instead) unless the file is a JPEG of mode ``RGB`` or ``L`` without an EXIF
-    orientation other than 1 and torchvision decodes it without error; the pixels are those PIL gives for
-    the same file (``Image.open(path).convert('RGB')``). Never raises for a bad file: ``None``.
+    ``None`` (read it with PIL instead) unless the file is a JPEG of mode ``RGB`` or ``L`` without an Adobe
+    marker or an EXIF orientation other than 1, and torchvision decodes it without error; the pixels are those
+    PIL gives for the same file (``Image.open(path).convert('RGB')``). Never raises for a bad file: ``None``.
     """
     if not isinstance(path, (str, os.PathLike)) or not fast_jpeg_available():
         return None
@@ -89,6 +90,8 @@ def load_jpeg_rgb(path) -> Optional["PIL.Image.Image"]:  # noqa: F821
             return None
         with Image.open(io.BytesIO(data)) as head:  # header only: format, mode, EXIF
             if head.format != "JPEG" or head.mode not in ("RGB", "L") or "transparency" in head.info:
+                return None
+            if "adobe" in head.info:  # an Adobe colour transform marker (e.g. RGB stored without YCbCr)
                 return None
             if head.getexif().get(_EXIF_ORIENTATION, 1) not in (1, None):
                 return None
