@@ -158,6 +158,43 @@ def json_response(obj: Any, status: int = 200) -> Response:
     return Response(json_bytes(obj), status_code=status, media_type="application/json")
 
 
+class _FastJson:
+    """ASGI middleware: the JSON query endpoints (``POST /search`` with a JSON body, ``POST /knn-service``)
+    answered directly, without FastAPI's routing, dependency and exception layers (per-request overhead that a
+    one-client query pays in full). Same handlers, same answers and ``{"error": ...}`` errors as the routes,
+    which still serve everything else (the multipart upload, other methods)."""
+
+    def __init__(self, app, routes: dict, parse: Callable[[bytes], dict]) -> None:
+        self.app, self.routes, self.parse = app, routes, parse
+
+    async def __call__(self, scope, receive, send):
+        handler = self.routes.get(scope.get("path")) if scope["type"] == "http" and scope["method"] == "POST" \
+            else None
+        if handler is None or (scope["path"] == "/search" and any(
+                k == b"content-type" and v.startswith(b"multipart/form-data") for k, v in scope["headers"])):
+            return await self.app(scope, receive, send)
+        chunks = []
+        while True:  # the body limit is enforced by the receive the guard hands in
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            chunks.append(msg.get("body", b""))
+            if not msg.get("more_body", False):
+                break
+        try:
+            body = json_bytes(await handler(self.parse(b"".join(chunks)), scope))
+            status = 200
+        except ApiError as e:
+            body, status = json_bytes({"error": e.message}), e.status
+        except Exception as e:  # noqa: BLE001 - as the app's own handler of unexpected errors
+            logger.exception("unexpected error")
+            body, status = json_bytes({"error": f"internal error ({type(e).__name__})"}), 500
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-length", str(len(body)).encode()),
+                                (b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+
+
 async def _send_json(send, status: int, obj: dict) -> None:
     body = json.dumps(obj).encode()
     await send({"type": "http.response.start", "status": status,
@@ -309,7 +346,9 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
         return data  # decoded by the index's batch worker (decode_image: pixel limit, formats)
 
     async def read_json(request: Request) -> dict:
-        body = await request.body()  # the body-limit middleware bounds this
+        return parse_json(await request.body())  # the body-limit middleware bounds the body
+
+    def parse_json(body: bytes) -> dict:
         try:
             obj = json.loads(body)
         except (ValueError, UnicodeDecodeError):
@@ -369,6 +408,11 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
                     raise ApiError(422, "id must be an integer") from None
         else:
             q = await read_json(request)
+            q.pop("_bytes", None)
+        return json_response(await search_query(q))
+
+    async def search_query(q: dict) -> dict:
+        """``POST /search``'s answer to a parsed body (``_bytes``: an uploaded file, set by the multipart form)."""
         s = get_index(q.get("index"))
         k = check_k(q.get("k", 10))
         given = [f for f in ("text", "image", "embedding", "id", "_bytes") if q.get(f) is not None]
@@ -384,8 +428,7 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
             rows, st = await run_query(s, "vector", check_vector(q["embedding"]), k)
         else:
             rows, st = await run_query(s, "id", check_id(q["id"]), k)
-        return json_response({"index": s.name, "generation": st.generation, "k": k,
-                              "results": result_rows(s, rows)})
+        return {"index": s.name, "generation": st.generation, "k": k, "results": result_rows(s, rows)}
 
     async def _image_path(index: str, id_: int) -> tuple:
         s = get_index(index)
@@ -439,6 +482,10 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
     @app.post("/knn-service")
     async def knn_service(request: Request):
         q = await read_json(request)  # clip-retrieval's client posts JSON without a content type
+        return json_response(await knn_query(q, str(request.base_url)))
+
+    async def knn_query(q: dict, base_url: str) -> list:
+        """``POST /knn-service``'s answer to a parsed body; result urls start with ``base_url``."""
         s = get_index(q.get("indice_name"))
         modality = q.get("modality", "image")
         kind = {"img": "image"}.get(s.current().manifest.get("kind", "img"), "text")
@@ -468,7 +515,7 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
         if dedup and len(rows) > 1:
             rows = await asyncio.get_running_loop().run_in_executor(None, _dedup, st, rows)
         out = []
-        base = str(request.base_url).rstrip("/")
+        base = base_url.rstrip("/")
         for r in rows[:num_images]:
             d = {k: _jsonable(v) for k, v in r.items() if k not in ("id", "score")}
             p = r.get("image_path") or r.get("path")
@@ -476,7 +523,7 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
                 d["url"] = f"{base}/image/{s.name}/{r['id']}"
             d["id"], d["similarity"] = int(r["id"]), _jsonable(float(r["score"]))
             out.append(d)
-        return json_response(out)
+        return out
 
     @app.post("/metadata")
     async def metadata(request: Request):
@@ -500,7 +547,15 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
         return FileResponse(os.path.join(STATIC_DIR, "index.html"), media_type="text/html")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    app.add_middleware(_Guard, max_bytes=limits.body_bytes())
+    async def fast_search(q: dict, scope) -> dict:
+        q.pop("_bytes", None)  # set only by the multipart form
+        return await search_query(q)
+
+    async def fast_knn(q: dict, scope) -> list:
+        return await knn_query(q, str(Request(scope).base_url))
+
+    app.add_middleware(_FastJson, routes={"/search": fast_search, "/knn-service": fast_knn}, parse=parse_json)
+    app.add_middleware(_Guard, max_bytes=limits.body_bytes())  # outermost: limits and headers for every route
     return app
 
 

@@ -132,6 +132,18 @@ def test_bad_queries_are_refused_with_json_errors(server, payload, status, messa
     assert message in answer["error"]
 
 
+def test_json_queries_answered_like_the_routes_with_the_security_headers(server, retriever):
+    """JSON queries skip FastAPI's routing layers: same answers, errors, headers; other methods still routed."""
+    url, _ = server
+    status, body, headers = post(url + "/search", {"id": 5, "k": 3, "_bytes": "ignored"})
+    assert status == 200 and headers["content-type"] == "application/json"
+    assert headers["x-content-type-options"] == "nosniff" and "default-src 'self'" in headers["content-security-policy"]
+    _same(body["results"], retriever.search_embedding(retriever.index.index.reconstruct(5), 3).rows[0])
+    status, body, headers = post(url + "/search", b"{not json", headers={"Content-Type": "application/json"})
+    assert status == 400 and "not valid JSON" in body["error"] and headers["x-content-type-options"] == "nosniff"
+    assert get(url + "/search")[0] == 405 and get(url + "/knn-service")[0] == 405
+
+
 def test_size_and_pixel_limits(server):
     url, _ = server
     from PIL import Image
