@@ -117,7 +117,7 @@ def main(argv=None) -> int:
         from retrieval.index import add_to_index, build_index
 
         _check_embeddings_source(args)
-        if int(os.environ.get("RANK", "0")) != 0:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0:
             return 0  # under torchrun: an embeddings folder is indexed once, by rank 0 (--workers adds in parallel)
         if args.add:
             manifest = add_to_index(args.out_dir, args.source, kind=args.kind, use_gpu=args.gpu,
