@@ -188,8 +188,9 @@ def load_image(path):
     sideways with orientation 6 comes out upright), animated images give their first frame, and every PIL
     mode is converted by :func:`to_rgb` (16-bit / float scaled to 8 bits, transparency composited onto
     white). Raises what PIL raises for a missing, truncated or non-image file (``OSError``,
-    ``PIL.UnidentifiedImageError``, ``ValueError``). Plain colour / greyscale JPEGs are decoded by
-    torchvision's libjpeg-turbo when it gives PIL's pixels exactly (:mod:`internvit.jpeg`), otherwise by PIL.
+    ``PIL.UnidentifiedImageError``, ``ValueError``). With ``INTERNVIT_JPEG=torchvision``, plain colour /
+    greyscale JPEGs are decoded by torchvision's libjpeg-turbo when it gives PIL's pixels exactly
+    (:mod:`internvit.jpeg`); otherwise PIL decodes.
     """
     from PIL import Image, ImageOps
 

@@ -7,7 +7,11 @@ any decoding error), which PIL then reads exactly as before. Whether torchvision
 installation (both use the default integer IDCT and fancy upsampling of libjpeg-turbo, but each bundles its
 own copy) is checked once per process on generated baseline and progressive, 4:4:4 / 4:2:2 / 4:2:0 and
 greyscale JPEGs; if any pixel differs, or torchvision's image extension is missing, the fast path stays off.
-``INTERNVIT_JPEG=pil`` turns it off.
+
+It is **off unless** ``INTERNVIT_JPEG=torchvision`` is set: on the development machine (2-core AVX-512 CPU)
+torchvision's decoder took the same time as PIL's (both libjpeg-turbo, ~13 ms for a 640x480 photo under load)
+and the extra copy into a PIL image made ``load_image`` slower, so PIL stays the default.
+``bench/bench_extract.py`` prints both costs so the choice can be re-made on another machine.
 """
 from __future__ import annotations
 
@@ -57,12 +61,13 @@ def _self_check() -> bool:
 
 
 def fast_jpeg_available() -> bool:
-    """Whether :func:`load_jpeg_rgb` decodes (torchvision present and pixel-identical to PIL here)."""
+    """Whether :func:`load_jpeg_rgb` decodes: ``INTERNVIT_JPEG=torchvision`` set, torchvision present and
+    pixel-identical to PIL here (checked once per process)."""
     global _available
     if _available is None:
         with _lock:
             if _available is None:
-                if os.environ.get("INTERNVIT_JPEG", "").lower() == "pil":
+                if os.environ.get("INTERNVIT_JPEG", "pil").lower() != "torchvision":
                     _available = False
                 else:
                     try:

@@ -1,4 +1,4 @@
-"""load_image's torchvision JPEG path gives PIL's pixels exactly, and everything else still goes through PIL."""
+"""load_image's opt-in torchvision JPEG path gives PIL's pixels exactly; everything else still goes through PIL."""
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
@@ -13,6 +13,15 @@ def _photo(h=97, w=131, seed=0):
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     img = np.stack([127 + 100 * np.sin(xx * 0.05 * (c + 1) + yy * 0.03) for c in range(3)], -1)
     return Image.fromarray((img + rng.normal(0, 15, img.shape)).clip(0, 255).astype(np.uint8))
+
+
+@pytest.fixture
+def fast(monkeypatch):
+    """The torchvision path switched on (it is opt-in); skips where it is unavailable here."""
+    monkeypatch.setenv("INTERNVIT_JPEG", "torchvision")
+    monkeypatch.setattr(jpeg, "_available", None)
+    if not jpeg.fast_jpeg_available():
+        pytest.skip("torchvision's JPEG decoder is unavailable or differs from PIL here (PIL is used)")
 
 
 def _pil_reference(path):
@@ -51,9 +60,7 @@ PIL_ONLY = {  # name -> save(path): read by PIL (load_jpeg_rgb returns None)
 
 
 @pytest.mark.parametrize("name", sorted(FAST))
-def test_fast_path_pixels_equal_pil(tmp_path, name):
-    if not jpeg.fast_jpeg_available():
-        pytest.skip("torchvision's JPEG decoder is unavailable or differs from PIL here (PIL is used)")
+def test_fast_path_pixels_equal_pil(tmp_path, name, fast):
     path = str(tmp_path / f"{name}.jpg")
     FAST[name](path)
     fast = jpeg.load_jpeg_rgb(path)
@@ -67,7 +74,7 @@ def test_fast_path_pixels_equal_pil(tmp_path, name):
 
 
 @pytest.mark.parametrize("name", sorted(PIL_ONLY))
-def test_other_images_go_through_pil(tmp_path, name):
+def test_other_images_go_through_pil(tmp_path, name, fast):
     path = str(tmp_path / f"{name}.jpg")
     PIL_ONLY[name](path)
     assert jpeg.load_jpeg_rgb(path) is None
@@ -77,7 +84,7 @@ def test_other_images_go_through_pil(tmp_path, name):
         assert got.shape[:2] == (131, 97)  # upright
 
 
-def test_bad_files_raise_as_before(tmp_path):
+def test_bad_files_raise_as_before(tmp_path, fast):
     good = tmp_path / "good.jpg"
     _photo().save(good, "JPEG", quality=90)
     data = good.read_bytes()
@@ -94,17 +101,19 @@ def test_bad_files_raise_as_before(tmp_path):
     assert jpeg.load_jpeg_rgb(str(truncated)) is None
 
 
-def test_file_objects_and_opt_out(tmp_path, monkeypatch):
+def test_file_objects_and_default_off(tmp_path, monkeypatch, fast):
     path = tmp_path / "a.jpg"
     _photo().save(path, "JPEG", quality=90)
     with open(path, "rb") as f:  # file objects: PIL, same pixels
         assert np.array_equal(np.asarray(load_image(f)), _pil_reference(str(path)))
-    monkeypatch.setenv("INTERNVIT_JPEG", "pil")
-    monkeypatch.setattr(jpeg, "_available", None)
-    assert not jpeg.fast_jpeg_available() and jpeg.load_jpeg_rgb(str(path)) is None
-    monkeypatch.delenv("INTERNVIT_JPEG")
-    monkeypatch.setattr(jpeg, "_available", None)
-    assert jpeg.fast_jpeg_available() == jpeg._self_check()
+    for value in (None, "pil", "PIL", "other"):  # opt-in: anything but 'torchvision' keeps PIL
+        if value is None:
+            monkeypatch.delenv("INTERNVIT_JPEG")
+        else:
+            monkeypatch.setenv("INTERNVIT_JPEG", value)
+        monkeypatch.setattr(jpeg, "_available", None)
+        assert not jpeg.fast_jpeg_available() and jpeg.load_jpeg_rgb(str(path)) is None
+        assert np.array_equal(np.asarray(load_image(str(path))), _pil_reference(str(path)))
 
 
 def test_self_check_is_the_gate(monkeypatch):
@@ -116,6 +125,7 @@ def test_self_check_is_the_gate(monkeypatch):
         a[0, 0, 0] ^= 1
         return a
 
+    monkeypatch.setenv("INTERNVIT_JPEG", "torchvision")
     monkeypatch.setattr(jpeg, "_decode", off_by_one)
     monkeypatch.setattr(jpeg, "_available", None)
     assert jpeg.fast_jpeg_available() is False
