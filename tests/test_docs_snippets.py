@@ -138,6 +138,8 @@ NOT_RUN = {
     "docs/scale.md: python tools/build_index.py part0/": "needs two parts of a user's collection",
     "docs/scale.md: from retrieval.search import Retriever": "continues the block above (indexes idx0, idx1)",
     "docs/scale.md: python tools/build_index.py /data/emb_part$k": "a billion-scale build on M machines",
+    "docs/scale.md: python tools/serve.py all=idx0,idx1": "starts a server that runs until stopped "
+        "(tests/retrieval/test_serve_sharded.py serves a group of folders the same way)",
     "docs/serve.md: pip install -e": "installs packages (the extras are checked against setup.py)",
     "docs/serve.md: from retrieval.serve import": "needs an index at out/index (tests/retrieval/test_serve.py runs "
         "the same calls)",
