@@ -6,10 +6,13 @@ queries run through ``Retriever`` in-process.
   python bench/bench_serve.py --quick         # a small smoke run (checks the script, not the numbers)
   python bench/bench_serve.py --index out/index --queries 500 --json serve.json
 
-The server runs as its own process (``tools/serve.py``), so clients and server do not share a GIL; each client
-keeps one HTTP/1.1 connection. Goals (issue 10): throughput at 16 clients >= 3x the 1-client throughput (micro-
-batching), and mean latency at 1 client <= 1.10x the in-process ``Retriever`` call (service overhead). Both the
-server and the in-process baseline use ``--torch-threads`` intra-op threads.
+The server runs as its own process (``tools/serve.py``), so clients and server do not share a GIL; the clients
+are one asyncio loop, each with one keep-alive HTTP/1.1 connection (cheap: they leave the CPU to the server).
+Goals (issue 10): throughput at 16 clients >= 3x the 1-client throughput (micro-batching), and mean latency at
+1 client <= 1.10x the in-process ``Retriever`` call (service overhead). ``core`` is the worker's own calls
+without HTTP or queueing (the floor). Both the server and the in-process baselines use ``--torch-threads``
+intra-op threads. ``--repeats`` rounds are interleaved; the median round and the min..max are printed, and every
+service answer is checked against the in-process one.
 """
 import argparse
 import base64
