@@ -11,6 +11,7 @@ import base64
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -96,9 +97,11 @@ def main(argv=None) -> int:
         raise UsageError(f"{args.index_dir}: not an index folder (no manifest.json)")
     os.makedirs(args.out, exist_ok=True)
 
-    from retrieval.serve import free_port
-
-    port = free_port()
+    # a free loopback port (as retrieval.serve.free_port, without importing the service's web stack here: the
+    # server is its own process)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     name = os.path.basename(os.path.normpath(args.index_dir))
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tools", "serve.py"), args.index_dir,
