@@ -73,27 +73,28 @@ def decode_image(data: bytes, max_pixels: int):
     """Bytes → RGB ``PIL.Image`` read as the index builder reads files (:func:`internvit.data.load_image`: EXIF
     orientation applied, first frame, every mode to 8-bit RGB), refusing more than ``max_pixels`` decoded pixels
     (checked from the header, before any pixel is decoded, without changing PIL's process-wide limit). Raises
-    :class:`ApiError` (413 too many pixels, 422 not an image)."""
-    import warnings
-
+    :class:`ApiError` (413 too many pixels, 422 not an image). Thread-safe: it runs in parallel in the decode
+    pool, so it touches no process-wide state (no ``warnings.catch_warnings``, which is not thread-safe: PIL's
+    own bomb limit is checked here explicitly instead)."""
     from PIL import Image, ImageOps
 
     from internvit.data import to_rgb
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS)
-            w, h = im.size
-            if w * h > max_pixels:
-                raise ApiError(413, f"image is {w}x{h} = {w * h} pixels, more than the limit of {max_pixels}")
-            if w < 1 or h < 1:
-                raise ApiError(422, "image has no pixels")
-            im.seek(0)
-            im.load()
-            if im.getexif().get(0x0112, 1) not in (1, None):  # EXIF orientation
-                im = ImageOps.exif_transpose(im)
-            return to_rgb(im)
+        im = Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS)
+        w, h = im.size
+        if w * h > max_pixels:
+            raise ApiError(413, f"image is {w}x{h} = {w * h} pixels, more than the limit of {max_pixels}")
+        if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:  # what PIL only warns about
+            raise ApiError(413, f"image too large: {w * h} pixels is over PIL's decompression-bomb limit of "
+                                f"{Image.MAX_IMAGE_PIXELS}")
+        if w < 1 or h < 1:
+            raise ApiError(422, "image has no pixels")
+        im.seek(0)
+        im.load()
+        if im.getexif().get(0x0112, 1) not in (1, None):  # EXIF orientation
+            im = ImageOps.exif_transpose(im)
+        return to_rgb(im)
     except ApiError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

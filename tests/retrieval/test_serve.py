@@ -163,6 +163,29 @@ def test_size_and_pixel_limits(server):
     assert e.value.status == 413
 
 
+def test_decode_image_refuses_pil_bombs_in_parallel_without_global_state(monkeypatch):
+    """Query images are decoded in parallel threads: PIL's bomb limit is enforced without touching the
+    process-wide warning filters, and an image over it is a 413 even when ``max_pixels`` is higher."""
+    import warnings
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (60, 50), (10, 20, 30)).save(buf, format="PNG")
+    data = buf.getvalue()
+    filters = list(warnings.filters)
+    with ThreadPoolExecutor(4) as pool:
+        assert all(im.size == (60, 50) for im in pool.map(lambda _: decode_image(data, 10_000), range(64)))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PIL warns in open(); the refusal must not depend on the filters
+        with pytest.raises(Exception) as e:
+            decode_image(data, 10_000)
+    assert e.value.status == 413 and "decompression-bomb limit of 2000" in e.value.message
+    assert warnings.filters == filters
+
+
 def test_image_files_only_from_metadata(server, vit_index):
     url, _ = server
     status, raw, headers = get(url + "/image/vit/4")
