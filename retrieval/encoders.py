@@ -108,6 +108,8 @@ class Encoder:
             raise ValueError("no images given")
         from .inputs import TarImages
 
+        if isinstance(images, (list, tuple)) and len(images) <= batch_size:
+            return self._embed_few(list(images), strict)
         if isinstance(images, (list, tuple)) and not isinstance(images[0], (str, os.PathLike)):
             images = _PILDataset(images, self._transform())
         elif isinstance(images, TarImages) and images.transform is None:
@@ -120,6 +122,45 @@ class Encoder:
         if len(result.ids) == 0:
             raise ValueError("no readable images")
         return result
+
+    def _embed_few(self, images: list, strict: bool):
+        """One batch of paths / PIL images (queries): the feature extractor's reading, preprocessing, error
+        rules and single-batch math, without building its loader (which costs as much as a small query)."""
+        from internvit.data import _error_text, load_image, to_rgb
+        from internvit.features import NONFINITE_ERROR, FeatureResult
+
+        transform = self._transform()
+        xs, ids, paths, errors = [], [], [], []
+        for i, img in enumerate(images):
+            label = os.fspath(img) if isinstance(img, (str, os.PathLike)) else f"image[{i}]"
+            try:
+                if isinstance(img, (str, os.PathLike)):
+                    img = load_image(img)
+                elif hasattr(img, "mode"):
+                    img = to_rgb(img)
+                xs.append(transform(img))
+            except Exception as e:  # noqa: BLE001 - reported (strict) or listed, as the feature extractor does
+                errors.append({"id": i, "path": label, "error": _error_text(e)})
+                continue
+            ids.append(i)
+            paths.append(label)
+        if xs:
+            feats = self.encode_images(torch.stack(xs)).cpu().numpy()
+            finite = np.isfinite(feats).all(axis=1)
+            for j in np.flatnonzero(~finite):
+                errors.append({"id": ids[j], "path": paths[j], "error": f"{NONFINITE_ERROR} in dtype "
+                               f"{dtype_name(self.dtype)}; try bf16 or fp32)"})
+            feats, ids, paths = feats[finite], [ids[j] for j in np.flatnonzero(finite)], \
+                [paths[j] for j in np.flatnonzero(finite)]
+        else:
+            feats = np.zeros((0, self.dim), np.float32)
+        errors.sort(key=lambda e: e["id"])
+        if strict and errors:
+            e = errors[0]
+            raise ValueError(f"{e['path']}: unreadable image ({e['error']})")
+        if not ids:
+            raise ValueError("no readable images")
+        return FeatureResult(feats.astype(np.float32, copy=False), ids, paths, errors, None)
 
     def _transform(self) -> Callable:
         if callable(self.preprocess) and not isinstance(self.preprocess, dict):

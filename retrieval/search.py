@@ -119,7 +119,8 @@ class Retriever:
                 raise ValueError("a query embedding is all zeros: it has no direction to search for")
             q = q / norms
         scores, ids = self.index.search(np.ascontiguousarray(q), k)
-        rows = [[dict(self.metadata(int(i)), id=int(i), score=float(s)) for i, s in zip(id_row, s_row) if i >= 0]
+        meta = self.metadata_rows(ids[ids >= 0])
+        rows = [[dict(meta[int(i)], id=int(i), score=float(s)) for i, s in zip(id_row, s_row) if i >= 0]
                 for id_row, s_row in zip(ids, scores)]
         return SearchResult(ids=ids, scores=scores, rows=rows, queries=list(queries or range(len(q))))
 
@@ -167,6 +168,23 @@ class Retriever:
             return {}
         table = self._table(entry)
         return table.slice(id_ - entry["first_id"], 1).to_pylist()[0]
+
+    def metadata_rows(self, ids) -> dict:
+        """``{id: metadata row}`` for many ids at once: one ``take`` per metadata file (what a search needs)."""
+        wanted = sorted({int(i) for i in np.asarray(ids).reshape(-1)})
+        out: dict = {}
+        by_file: dict = {}
+        for id_ in wanted:
+            j = bisect.bisect_right(self._meta_starts, id_) - 1
+            if j < 0 or id_ >= self._meta_files[j]["first_id"] + self._meta_files[j]["count"]:
+                out[id_] = {}
+            else:
+                by_file.setdefault(j, []).append(id_)
+        for j, group in by_file.items():
+            entry = self._meta_files[j]
+            rows = self._table(entry).take([i - entry["first_id"] for i in group]).to_pylist()
+            out.update(zip(group, rows))
+        return out
 
     @property
     def ntotal(self) -> int:

@@ -226,7 +226,8 @@ class ShardedRetriever:
             heap.add_result(np.ascontiguousarray(scores, dtype=np.float32), np.ascontiguousarray(ids, np.int64))
         heap.finalize()
         scores, ids = heap.D, heap.I
-        rows = [[dict(self.metadata(int(i)), id=int(i), score=float(s)) for i, s in zip(id_row, s_row) if i >= 0]
+        meta = self.metadata_rows(ids[ids >= 0])
+        rows = [[dict(meta[int(i)], id=int(i), score=float(s)) for i, s in zip(id_row, s_row) if i >= 0]
                 for id_row, s_row in zip(ids, scores)]
         return SearchResult(ids=ids, scores=scores, rows=rows, queries=list(queries or range(len(q))))
 
@@ -266,6 +267,22 @@ class ShardedRetriever:
         except KeyError:
             return {}
         return r.metadata(local)
+
+    def metadata_rows(self, ids) -> dict:
+        """``{global id: metadata row}`` for many ids: one batched lookup per folder."""
+        out: dict = {}
+        by_member: dict = {}
+        for id_ in {int(i) for i in np.asarray(ids).reshape(-1)}:
+            try:
+                r, local = self.shard_of(id_)
+            except KeyError:
+                out[id_] = {}
+                continue
+            by_member.setdefault(id(r), (r, []))[1].append((id_, local))
+        for r, pairs in by_member.values():
+            rows = r.metadata_rows([local for _, local in pairs])
+            out.update((g, rows[local]) for g, local in pairs)
+        return out
 
     def close(self) -> None:
         if self._pool is not None:

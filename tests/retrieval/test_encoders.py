@@ -263,3 +263,29 @@ def test_weight_file_without_tokenizer(tmp_path, images, internvl_fixture_module
     assert _main("search")([str(tmp_path / "idx"), "--text", "a dog", "--tokenizer", tok, "--dtype", "bf16",
                             "-k", "3", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)) == 3
+
+
+def test_query_sized_inputs_match_the_feature_extractor(tmp_path, images, vit_encoder):
+    """A few query images skip the feature extractor's loader (speed) but not its rules: the same features bit
+    for bit, the same error listing, the same strict refusal naming the file."""
+    from PIL import Image
+
+    paths = sorted(os.path.join(images, f) for f in os.listdir(images) if f.endswith(".png"))[:4]
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    mixed = paths[:2] + [str(bad)] + paths[2:]
+    few = vit_encoder.embed_images(mixed, strict=False)                   # the direct path (<= batch_size)
+    many = vit_encoder.embed_images(mixed, strict=False, batch_size=2)    # through FeatureExtractor
+    assert few.ids == many.ids == [0, 1, 3, 4]
+    assert few.paths == many.paths
+    assert [e["id"] for e in few.errors] == [e["id"] for e in many.errors] == [2]
+    assert few.errors[0]["error"] == many.errors[0]["error"]
+    ref = vit_encoder.feature_extractor(batch_size=8).extract(paths).features  # same batch composition
+    assert np.array_equal(few.features, ref)
+    with pytest.raises(ValueError, match="bad.jpg: unreadable image"):
+        vit_encoder.embed_images(mixed, strict=True)
+    pil = [Image.open(p) for p in paths]
+    assert np.array_equal(vit_encoder.embed_images(pil).features, ref)
+    la = pil[0].convert("LA")  # a mode that needs to_rgb: composited the same way on both paths
+    assert np.array_equal(vit_encoder.embed_images([la]).features[0],
+                          vit_encoder.embed_images([la, la], batch_size=1).features[0])
