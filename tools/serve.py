@@ -75,6 +75,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-connections", type=positive_int, default=256,
                    help="concurrent connections before the server answers 503 (default 256)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--access-log", action="store_true",
+                   help="log one line per request (off by default: it costs as much as a small query)")
     args = p.parse_args(argv)
 
     from retrieval.serve import _index_names, check_host
@@ -124,7 +126,7 @@ def main(argv=None) -> int:
         args.port = free_port(args.host)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"serving {', '.join(app.state.served)} on http://{host}:{args.port}/", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log,
                 limit_concurrency=args.max_connections, timeout_keep_alive=5, server_header=False)
     return 0
 
