@@ -348,7 +348,7 @@ def _sh(script: str, cwd: str, timeout: int = 900) -> subprocess.CompletedProces
 def sandbox(tmp_path_factory) -> str:
     """``<tmp>/repo``: the repository's files (linked) plus what `make demo` makes that the runnable blocks use:
     the toy datasets (made by the demo's own commands) and, for the MMSegInferencer snippet, a checkpoint of the
-    toy segmentor at the path the demo's training writes (``work_dirs/demo_seg/iter_300.pth``; same config,
+    toy segmentor at the path the demo's training writes (``work_dirs/demo_seg/iter_150.pth``; same config,
     untrained weights: 300 training iterations are minutes, and the snippet only needs a checkpoint that fits)."""
     import torch
 
@@ -378,7 +378,7 @@ def sandbox(tmp_path_factory) -> str:
     with DefaultScope.overwrite_default_scope("mmseg"):
         model = MODELS.build(cfg.model)
     os.makedirs(repo / "work_dirs" / "demo_seg")
-    torch.save({"state_dict": model.state_dict(), "meta": {}}, repo / "work_dirs" / "demo_seg" / "iter_300.pth")
+    torch.save({"state_dict": model.state_dict(), "meta": {}}, repo / "work_dirs" / "demo_seg" / "iter_150.pth")
     return str(repo)
 
 
