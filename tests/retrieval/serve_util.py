@@ -64,3 +64,15 @@ def multipart(fields: dict, files: dict) -> tuple:
                      f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
     parts.append(f"--{boundary}--\r\n".encode())
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+def poll_search(url: str, index: str, seen: list, errors: list, stop) -> None:
+    """Until ``stop`` is set: search ``index`` by one fixed embedding (k=50) and record each answer's
+    ``(generation, number of results, largest id)`` in ``seen`` (non-200 bodies in ``errors``): what the hot
+    reload tests check for "never a mix of two states"."""
+    while not stop.is_set():
+        status, body, _ = post(url + "/search", {"embedding": [0.125] * 64, "k": 50, "index": index})
+        if status != 200:
+            errors.append(body)
+            continue
+        seen.append((body["generation"], len(body["results"]), max(r["id"] for r in body["results"])))

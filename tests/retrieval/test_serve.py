@@ -16,7 +16,7 @@ pytest.importorskip("uvicorn")
 
 from retrieval.serve import ServeLimits, background_server, create_app, decode_image  # noqa: E402
 
-from .serve_util import EVIL_CAPTIONS, build_index, get, multipart, post  # noqa: E402
+from .serve_util import EVIL_CAPTIONS, build_index, get, multipart, poll_search, post  # noqa: E402
 
 VIT = "internvit:internvit-6b-tiny"
 
@@ -332,17 +332,9 @@ def test_hot_reload_serves_each_commit_whole(tmp_path, vit_index):
     make_images(new_imgs, 4, seed=7)
     seen, stop, errors = [], threading.Event(), []
 
-    def poller():
-        while not stop.is_set():
-            status, body, _ = post(url + "/search", {"embedding": [0.125] * 64, "k": 50, "index": "live"})
-            if status != 200:
-                errors.append(body)
-                continue
-            seen.append((body["generation"], len(body["results"]), max(r["id"] for r in body["results"])))
-
     with background_server(app) as url:
         assert post(url + "/search", {"id": 13, "index": "live"})[0] == 404
-        t = threading.Thread(target=poller)
+        t = threading.Thread(target=poll_search, args=(url, "live", seen, errors, stop))
         t.start()
         index_images(new_imgs, idx, load_encoder(VIT), add=True, progress=False)
         deadline = time.monotonic() + 30

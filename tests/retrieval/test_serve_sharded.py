@@ -19,7 +19,7 @@ from retrieval.serve import background_server, create_app  # noqa: E402
 from retrieval.sharded import ShardedRetriever, parse_group, set_id_offset  # noqa: E402
 
 from .helpers import make_images, mixture  # noqa: E402
-from .serve_util import get, post  # noqa: E402
+from .serve_util import get, poll_search, post  # noqa: E402
 
 VIT = "internvit:internvit-6b-tiny"
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -166,14 +166,6 @@ def test_a_commit_to_any_member_reloads_the_group_whole(tmp_path, parts):
     make_images(str(tmp_path / "more"), 4, seed=9)
     seen, stop, errors = [], threading.Event(), []
 
-    def poller():
-        while not stop.is_set():
-            status, body, _ = post(url + "/search", {"embedding": [0.125] * 64, "k": 50, "index": "all"})
-            if status != 200:
-                errors.append(body)
-                continue
-            seen.append((body["generation"], len(body["results"]), max(r["id"] for r in body["results"])))
-
     def wait(cond, what):
         deadline = time.monotonic() + 30
         while not cond() and time.monotonic() < deadline:
@@ -185,7 +177,7 @@ def test_a_commit_to_any_member_reloads_the_group_whole(tmp_path, parts):
 
     with background_server(app) as url:
         assert post(url + "/search", {"id": 208, "index": "all"})[0] == 404
-        t = threading.Thread(target=poller)
+        t = threading.Thread(target=poll_search, args=(url, "all", seen, errors, stop))
         t.start()
         index_images(str(tmp_path / "more"), copies[2], load_encoder(VIT), add=True, progress=False)  # --add
         wait(lambda: gen() >= 2, "the group did not reload after a member's add")
