@@ -216,6 +216,10 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("port_out_of_range", ["{W}/idx", "--port", "70000"]),
         ("max_k_0", ["{W}/idx", "--max-k", "0"]),
         ("remote_host_without_flag", ["{W}/idx", "--host", "0.0.0.0"]),
+        ("group_without_name", ["{W}/idx,{W}/idx"]),
+        ("group_empty_member", ["g={W}/idx,,{W}/idx"]),
+        ("group_missing_member", ["g={W}/idx,{W}/nope"]),
+        ("group_same_folder_twice", ["g={W}/idx,{W}/idx"]),
         *[(n, ["{W}/idx", *a]) for n, a in DEVICE_CASES + NO_CUDA_CASES],
     ],
 }
