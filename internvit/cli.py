@@ -26,7 +26,7 @@ import re
 import sys
 from typing import Any, Callable, Optional, Sequence
 
-__all__ = ["ArgumentParser", "UsageError", "run", "one_line", "positive_int", "nonnegative_int",
+__all__ = ["ArgumentParser", "UsageError", "run", "one_line", "print_error", "positive_int", "nonnegative_int",
            "positive_float", "fraction", "existing_path", "existing_file", "existing_dir", "device", "check_device",
            "memory_size", "read_json"]
 
@@ -59,6 +59,17 @@ class ArgumentParser(argparse.ArgumentParser):
 USER_ERRORS: tuple = (UsageError, ValueError, OSError, KeyError, TypeError, RuntimeError, EOFError)
 
 
+def print_error(message: str) -> None:
+    """Write ``error: <message>`` to stderr as one line in a single write call.
+
+    ``print(..., file=sys.stderr)`` issues two writes (text, then newline) when Python runs unbuffered
+    (``PYTHONUNBUFFERED=1``, ``python -u``), so the lines of several ranks sharing one stderr pipe under torchrun
+    could interleave mid-line; one write of a short line to a pipe is atomic (POSIX ``PIPE_BUF``).
+    """
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+
+
 def run(main: Callable[..., int], argv: Optional[Sequence[str]] = None,
         user_errors: tuple = USER_ERRORS) -> int:
     """Call ``main(argv)`` and turn user errors into one ``error:`` line with exit status 2.
@@ -69,10 +80,10 @@ def run(main: Callable[..., int], argv: Optional[Sequence[str]] = None,
     try:
         return int(main(argv) or 0) if argv is not None else int(main() or 0)
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        print_error("interrupted")
         return 130
     except user_errors as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        print_error(one_line(e))
         return EXIT_USAGE
 
 

@@ -36,7 +36,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from internvit.cli import one_line
+    from internvit.cli import one_line, print_error
     from internvit.runner import SETUP_ERRORS, build_test_runner, held_back_warnings
 
     try:
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
                                        show_dir=args.show_dir, out=args.out, cfg_options=args.cfg_options,
                                        launcher=args.launcher, local_rank=args.local_rank)
     except SETUP_ERRORS as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        print_error(one_line(e))
         return 2
     metrics = runner.test()
     print(json.dumps({k: round(float(v), 4) if isinstance(v, (int, float)) or hasattr(v, "item") else str(v)

@@ -34,7 +34,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from internvit.cli import one_line
+    from internvit.cli import one_line, print_error
     from internvit.runner import SETUP_ERRORS, build_train_runner, held_back_warnings
 
     try:
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
                                         cfg_options=args.cfg_options, launcher=args.launcher,
                                         local_rank=args.local_rank)
     except SETUP_ERRORS as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        print_error(one_line(e))
         return 2
     runner.train()
     return 0
