@@ -257,6 +257,11 @@ class EmbeddingSource:
             out[order[sel]] = np.asarray(self.shard(int(i))[local], dtype=np.float32)
         return self._finish(out)
 
+    def normalize_rows(self, x: np.ndarray) -> np.ndarray:
+        """``x`` (float32 ``(n, dim)`` rows read raw) as this view reads them: L2-normalised when
+        :attr:`normalize` is set (the same arithmetic as :meth:`rows` / :meth:`take`)."""
+        return self._finish(x)
+
     def checksum(self, batch_rows: int = 65536) -> str:
         """sha256 over the float32 little-endian rows as stored, streamed; identical for identical collections."""
         return self.scan(batch_rows)["checksum"]
@@ -270,18 +275,54 @@ class EmbeddingSource:
         h.update(f"{self.count}x{self.dim}:".encode())
         lo, hi, bad, zero = np.inf, 0.0, None, None
         for start, batch in raw.iter_batches(batch_rows):
-            h.update(batch.astype("<f4", copy=False).tobytes())
-            finite = np.isfinite(batch).all(axis=1)
-            if bad is None and not finite.all():
-                bad = self.locate(start + int(np.argmin(finite)))
-            norms = np.linalg.norm(np.where(finite[:, None], batch, 0), axis=1)
-            if zero is None and (norms == 0).any():
-                zero = self.locate(start + int(np.argmax(norms == 0)))
-            if finite.any():
-                lo, hi = min(lo, float(norms[finite].min())), max(hi, float(norms[finite].max()))
+            h.update(batch if batch.dtype.str == "<f4" else batch.astype("<f4"))  # no copy: the buffer itself
+            f = row_facts(batch)
+            if bad is None and f["nonfinite"] is not None:
+                bad = self.locate(start + f["nonfinite"])
+            if zero is None and f["zero"] is not None:
+                zero = self.locate(start + f["zero"])
+            lo, hi = min(lo, f["min_norm"]), max(hi, f["max_norm"])
         name = (lambda loc: None if loc is None else (self.shard_name(loc[0]), loc[1]))
         return {"checksum": "sha256:" + h.hexdigest(), "min_norm": float(lo), "max_norm": float(hi),
                 "nonfinite": name(bad), "zero": name(zero)}
+
+    def fingerprint(self) -> str:
+        """What identifies this collection's content for resuming a job over it, without reading its rows.
+
+        * A folder written through the store (:func:`write_embeddings`, ``FeatureExtractor.write``): its data
+          files are immutable while the committed manifest lists them, and a rewrite commits a new generation;
+          so the content checksum that manifest recorded (``checksums[kind]``, the same value as
+          :meth:`checksum`) or else ``"store:"`` + a hash of (generation, job id, each shard's name, size and
+          modification time).
+        * Any other folder or ``.npy`` file (e.g. clip-retrieval's output): ``"stat:"`` + a hash of each shard's
+          name, size, inode and modification / status-change times (ns). Any write to a file, or replacing it,
+          changes its status-change time, which no user tool can set back; copying a folder changes it too
+          (then it counts as other content: safe, only a resume is refused).
+        * An in-memory array: :meth:`checksum` (sha256 over its rows).
+        """
+        if any(not isinstance(s, str) for s in self.shards):
+            return self.checksum()
+        base = self.root if self.root and os.path.isdir(self.root) else os.path.dirname(self.shards[0])
+        m = self.manifest() if self.root and os.path.isdir(self.root) else None
+        listed = set(committed_files(m)) if m and "_store" in m else set()
+        rel = [os.path.relpath(s, base) for s in self.shards]
+        if listed and all(os.path.normpath(r) in listed for r in rel):
+            recorded = m.get("checksums") if isinstance(m.get("checksums"), dict) else {}
+            kind = next((k for k, (sub, _) in KINDS.items() if rel[0].startswith(sub + os.sep)), None)
+            if (kind in recorded and m.get("count") == self.count
+                    and (m.get("dims") or {}).get(kind) == self.dim):  # write_embeddings' own record
+                return str(recorded[kind])
+            st = m["_store"]
+            facts = [st.get("generation"), st.get("job_id"), self.count, self.dim]
+            facts += [[r, os.stat(s).st_size, os.stat(s).st_mtime_ns] for r, s in zip(rel, self.shards)]
+            prefix = "store:"
+        else:
+            facts = [self.count, self.dim]
+            for r, s in zip(rel, self.shards):
+                info = os.stat(s)
+                facts.append([r, info.st_size, info.st_ino, info.st_mtime_ns, info.st_ctime_ns])
+            prefix = "stat:"
+        return prefix + hashlib.sha256(json.dumps(facts).encode()).hexdigest()
 
     # -- metadata
     def metadata_table(self):
@@ -309,6 +350,41 @@ class EmbeddingSource:
             except StoreError as e:
                 raise EmbeddingError(str(e)) from None
         return None
+
+
+def row_facts(x: np.ndarray, tolerance: float = UNIT_TOLERANCE) -> dict:
+    """What a build must know about raw float32 rows ``x`` ``(n, dim)``, in about one read of them:
+    ``{'min_norm', 'max_norm'}`` (L2 norms over the finite rows, as ``np.linalg.norm`` computes them; ``inf`` /
+    ``0.0`` when there is none) and the first local row that holds a NaN / inf (``'nonfinite'``), is all zeros
+    (``'zero'``) or is finite but not unit length within ``tolerance`` (``'nonunit'``), each ``None`` when
+    there is none."""
+    sq = np.einsum("ij,ij->i", x, x)  # float32; NaN / inf rows give NaN / inf (so do finite rows that overflow)
+    finite = np.isfinite(sq)
+    first_bad = None
+    if not finite.all():
+        cand = np.flatnonzero(~finite)
+        real = ~np.isfinite(x[cand]).all(axis=1)
+        finite[cand[~real]] = True  # finite values whose square overflows: norm inf, as np.linalg.norm says
+        if real.any():
+            first_bad = int(cand[np.argmax(real)])
+    norms = np.sqrt(sq)
+    # rows near the tolerance edge or at the extremes: the exact np.linalg.norm value (einsum sums in another
+    # order, a few ulp apart), so decisions and recorded norms are those of np.linalg.norm
+    near = np.flatnonzero(finite & (np.abs(np.abs(norms - 1) - tolerance) <= 1e-5))
+    if len(near):
+        norms[near] = np.linalg.norm(x[near], axis=1)
+    out = {"min_norm": np.inf, "max_norm": 0.0, "nonfinite": first_bad, "zero": None, "nonunit": None}
+    fin = np.flatnonzero(finite)
+    if len(fin):
+        nf = norms[fin]
+        ends = fin[[int(np.argmin(nf)), int(np.argmax(nf))]]
+        exact = np.linalg.norm(x[ends], axis=1)
+        out["min_norm"], out["max_norm"] = float(exact[0]), float(exact[1])
+        zero = np.flatnonzero(finite & (sq == 0))
+        out["zero"] = int(zero[0]) if len(zero) else None
+        off = np.flatnonzero(finite & (np.abs(norms - 1) > tolerance))
+        out["nonunit"] = int(off[0]) if len(off) else None
+    return out
 
 
 def to_table(metadata, n: Optional[int] = None):

@@ -26,12 +26,13 @@ import numpy as np
 
 from internvit.store import JOURNAL, PendingJobError, Store, StoreBusyError, generation_name, job_id
 
-from .embeddings import UNIT_TOLERANCE, EmbeddingError, EmbeddingSource, _table_digest, to_table
+from .embeddings import UNIT_TOLERANCE, EmbeddingError, EmbeddingSource, _table_digest, row_facts, to_table
 from .faiss_ops import (
     IndexMismatchError,
     RetrievalError,
     faiss_module,
     gpu_count,
+    hnsw_of,
     maybe_gpu,
     new_index,
     read_index,
@@ -158,29 +159,42 @@ def _checkpoint(st: Store, index, name: str, **state) -> None:
 
 
 def _populate(st: Store, index, source: EmbeddingSource, *, first_id: int, batch_rows: int, stem: str,
-              checkpoint_every_s: float, helper, progress: bool, skip: Optional[np.ndarray] = None) -> None:
+              checkpoint_every_s: float, helper, progress: bool, skip: Optional[np.ndarray] = None,
+              check: Optional["_RowCheck"] = None) -> None:
     """Add ``source`` (but not the sorted rows ``skip``) to ``index`` with ids ``first_id + row``,
-    checkpointing into data files of ``st`` (resumable from ``st.state['rows_done']``)."""
+    checkpointing into data files of ``st`` (resumable from ``st.state['rows_done']``). ``check`` sees every
+    raw batch first (its state is saved with each checkpoint)."""
     done = int(st.state.get("rows_done", 0))
     if done:
         logger.info("resuming from row %d of %d", done, source.count)
     skip = np.zeros(0, np.int64) if skip is None else skip
+    whole = hnsw_of(index) is not None  # an HNSW graph inserts a call's vertices by level: one call per batch
     last = time.monotonic()
-    bar = _progress(source.iter_batches(batch_rows, start=done), progress, "adding",
+    raw = source.normalized(False)
+    bar = _progress(raw.iter_batches(batch_rows, start=done), progress, "adding",
                     total=-(-source.count // batch_rows) - done // batch_rows)
     for start, batch in bar:
+        if check is not None:
+            check.check_batch(start, batch)
+        batch = source.normalize_rows(batch)
         end = start + len(batch)
-        rows = np.arange(start, end, dtype=np.int64)
         lo, hi = np.searchsorted(skip, [start, end])
-        if hi > lo:
-            keep = ~np.isin(rows, skip[lo:hi])
-            batch, rows = np.ascontiguousarray(batch[keep]), rows[keep]
         seed_levels(index, first_id + start)
-        if len(rows):
-            (helper or index).add_with_ids(batch, rows + first_id)
+        if whole and hi > lo:
+            keep = np.setdiff1d(np.arange(len(batch)), skip[lo:hi] - start)
+            if len(keep):
+                (helper or index).add_with_ids(np.ascontiguousarray(batch[keep]), keep + start + first_id)
+        else:  # the runs between skipped rows: slices of the batch, no copy
+            a = 0
+            for c in [*(skip[lo:hi] - start).tolist(), len(batch)]:
+                if c > a:
+                    (helper or index).add_with_ids(batch[a:c], np.arange(start + a, start + c, dtype=np.int64)
+                                                   + first_id)
+                a = c + 1
         done = end
         if done < source.count and time.monotonic() - last >= checkpoint_every_s:
-            _checkpoint(st, index, f"{stem}.partial-{done:012d}.index", rows_done=done)
+            _checkpoint(st, index, f"{stem}.partial-{done:012d}.index", rows_done=done,
+                        **(check.state() if check is not None else {}))
             last = time.monotonic()
 
 
@@ -326,13 +340,14 @@ def build_index(
             or [e.get("count") for e in existing.get("embeddings", [])[:1]] != [n]):
         raise FileExistsError(f"{out_dir}: already holds an index built from other embeddings or arguments "
                               f"(use add_to_index / --add to extend it, or overwrite=True / another folder)")
-    scan, normalize_ = _scan(source, normalize, source.root or "embeddings")
-    checksum = scan["checksum"]
+    # the job's identity without reading the rows (EmbeddingSource.fingerprint); the rows are checked, and the
+    # normalisation decided, by the passes that read them anyway (the training sample, then the add pass)
+    checksum = source.fingerprint()
     encoder = _encoder_of(source, encoder_info)
     job = dict(op="build", checksum=checksum, key=plan.key, train=plan.train_size, target=target_recall, k=k,
                nq=n_tune_queries, tq=None if tune_queries is None else EmbeddingSource.from_array(tune_queries)
-               .checksum(), seed=seed, batch=rows_per_batch, kind=kind, normalize=normalize_,
-               normalize_arg=normalize, skipped=int(len(excluded)), encoder=_without_device(encoder))
+               .checksum(), seed=seed, batch=rows_per_batch, kind=kind, normalize_arg=normalize,
+               skipped=int(len(excluded)), encoder=_without_device(encoder))
     signature = job_id(job)
     if existing is not None and not overwrite:
         if existing.get("build", {}).get("signature") == signature:
@@ -345,33 +360,148 @@ def build_index(
         warnings.warn("use_gpu=True but faiss sees no GPU (faiss-gpu not installed or no device): using the CPU",
                       stacklevel=2)
         use_gpu = False
-    src = source.normalized(normalize_)
-    with Store(out_dir, job=job, discard_pending=overwrite, description="index") as st:
-        gen = st.generation
-        index_file = generation_name(INDEX_FILES[kind], gen)
-        stem = os.path.splitext(index_file)[0]
-        state = st.state
-        timings = dict(state.get("timings", {}))
-        train_rows, held = split_rows(n, plan.train_size if needs_training(plan.key) else 0,
-                                      n_held, seed, excluded)
-        index = helper = None
-        if state.get("stage", "train") == "train":
+    created = not os.path.exists(out_dir)
+    try:
+        with Store(out_dir, job=job, discard_pending=overwrite, description="index") as st:
+            try:
+                return _build_in_store(st, source, kind=kind, plan=plan, n=n, dim=dim, n_held=n_held, seed=seed,
+                                       excluded=excluded, exact=exact, normalize=normalize, tune_queries=tune_queries,
+                                       use_gpu=use_gpu, rows_per_batch=rows_per_batch, target_recall=target_recall,
+                                       k=k, checkpoint_every_s=checkpoint_every_s, progress=progress, parts=parts,
+                                       budget=budget, encoder=encoder, checksum=checksum, signature=signature)
+            except EmbeddingError:
+                st.abort()  # refused input: nothing of this job stays (not even pending)
+                raise
+    except EmbeddingError:
+        if created:
+            _remove_empty_store_folder(out_dir)
+        raise
+
+
+def _remove_empty_store_folder(out_dir: str) -> None:
+    """Remove the folder a refused build created, if the store left nothing in it but its lock."""
+    from internvit.store import LOCK, STORE_DIR
+
+    try:
+        if set(os.listdir(os.path.join(out_dir, STORE_DIR))) <= {os.path.basename(LOCK)}:
+            if os.path.exists(os.path.join(out_dir, LOCK)):
+                os.remove(os.path.join(out_dir, LOCK))
+            os.rmdir(os.path.join(out_dir, STORE_DIR))
+        os.rmdir(out_dir)
+    except OSError:
+        pass  # something else is there: leave it
+
+
+class _NotUnit(Exception):
+    """The add pass met a row that is not unit length after the sample had decided not to normalise."""
+
+
+class _RowCheck:
+    """Checks every raw row a build reads (finite; not all zeros when normalised; unit length when the
+    automatic decision was not to normalise) and keeps the L2 norm range, resumable through the job state."""
+
+    def __init__(self, source: EmbeddingSource, *, normalize: bool, auto: bool, norms=None) -> None:
+        self.source, self.normalize, self.auto = source, normalize, auto
+        self.lo, self.hi = (np.inf, 0.0) if not norms or norms[0] is None else (float(norms[0]), float(norms[1]))
+
+    def state(self) -> dict:
+        return {"norms": [None if self.lo == np.inf else self.lo, self.hi]}
+
+    def where(self, row: int) -> str:
+        i, r = self.source.locate(row)
+        return f"{self.source.shard_name(i)}: row {r}"
+
+    def check(self, rows: np.ndarray, x: np.ndarray) -> None:
+        """``x``: the raw rows ``rows`` (sorted global row numbers). Raises ``EmbeddingError`` / ``_NotUnit``."""
+        f = row_facts(x)
+        if f["nonfinite"] is not None:
+            raise EmbeddingError(f"{self.where(int(rows[f['nonfinite']]))} is not finite (NaN or inf); an index "
+                                 f"cannot hold it (extract again in fp32 / bf16, or drop the row)")
+        self.lo, self.hi = min(self.lo, f["min_norm"]), max(self.hi, f["max_norm"])
+        if f["nonunit"] is not None and not self.normalize and self.auto:
+            if f["zero"] is None:
+                raise _NotUnit()
+            self.normalize = True  # a zero row means normalising, which it cannot be
+        if self.normalize and f["zero"] is not None:
+            raise EmbeddingError(f"{self.where(int(rows[f['zero']]))} is all zeros and cannot be normalised; "
+                                 f"drop it")
+
+    def check_batch(self, start: int, x: np.ndarray) -> None:
+        self.check(np.arange(start, start + len(x), dtype=np.int64), x)
+
+
+def _warn_normalising(where: str, lo: float, hi: float) -> None:
+    logger.warning("%s: vectors are not unit length (L2 norms %.3g to %.3g): normalising them, so inner product = "
+                   "cosine similarity (queries are normalised too; normalize=False keeps raw inner products)",
+                   where, lo, hi)
+
+
+def _build_in_store(st: Store, source: EmbeddingSource, *, kind, plan, n, dim, n_held, seed, excluded, exact,
+                    normalize, tune_queries, use_gpu, rows_per_batch, target_recall, k, checkpoint_every_s, progress,
+                    parts, budget, encoder, checksum, signature) -> dict:
+    """The stages of :func:`build_index` inside its store job: train (on a sample that also decides the
+    normalisation), add (checking every row; a row that contradicts the decision restarts the job
+    normalised), tune, commit."""
+    raw = source.normalized(False)
+    where = source.root or "embeddings"
+    gen = st.generation
+    index_file = generation_name(INDEX_FILES[kind], gen)
+    stem = os.path.splitext(index_file)[0]
+    timings = dict(st.state.get("timings", {}))
+    train_rows, held = split_rows(n, plan.train_size if needs_training(plan.key) else 0, n_held, seed, excluded)
+    index = helper = None
+    while True:
+        if st.state.get("stage", "train") == "train":
             t0 = time.perf_counter()
+            # the sample: the training rows and the held-out rows, else the first rows
+            sample = [r for r in (train_rows, held) if len(r)] or [np.arange(min(n, 4096), dtype=np.int64)]
+            xs = [raw.take(r) for r in sample]
+            decided = st.state.get("normalize")
+            check = _RowCheck(source, normalize=bool(decided), auto=False)
+            facts = [row_facts(x) for x in xs]
+            bad = [int(r[f["nonfinite"]]) for r, f in zip(sample, facts) if f["nonfinite"] is not None]
+            if bad:
+                check.check(np.array([min(bad)]), raw.take(np.array([min(bad)])))
+            if decided is None:
+                decided = bool(normalize) if normalize is not None else any(f["nonunit"] is not None for f in facts)
+                if decided and normalize is None:
+                    _warn_normalising(where, min(f["min_norm"] for f in facts), max(f["max_norm"] for f in facts))
+            if decided:
+                zeros = [int(r[f["zero"]]) for r, f in zip(sample, facts) if f["zero"] is not None]
+                if zeros:
+                    check.normalize = True
+                    check.check(np.array([min(zeros)]), raw.take(np.array([min(zeros)])))
             index = new_index(plan.key, dim)
             helper = maybe_gpu(index, use_gpu)
             if not index.is_trained:
                 logger.info("training %s on %d vectors", plan.key, len(train_rows))
-                (helper or index).train(src.take(train_rows))
+                x = source.normalized(decided).normalize_rows(xs[0])
+                del xs
+                (helper or index).train(x)
+                del x
+            else:
+                del xs
             timings["train_s"] = time.perf_counter() - t0
-            _checkpoint(st, index, f"{stem}.trained.index", stage="add", rows_done=0, timings=timings)
+            _checkpoint(st, index, f"{stem}.trained.index", stage="add", rows_done=0, timings=timings,
+                        normalize=decided, norms=[None, 0.0])
+        normalize_ = bool(st.state["normalize"])
+        src = source.normalized(normalize_)
         if st.state.get("stage") == "add":
             t0 = time.perf_counter()
             if index is None:
                 index = read_index(os.path.join(st.folder, st.state["checkpoint"]))
                 helper = maybe_gpu(index, use_gpu)
             skip = np.union1d(held, excluded).astype(np.int64)
-            _populate(st, index, src, first_id=0, batch_rows=rows_per_batch, stem=stem, skip=skip,
-                      checkpoint_every_s=checkpoint_every_s, helper=helper, progress=progress)
+            check = _RowCheck(source, normalize=normalize_, auto=normalize is None, norms=st.state.get("norms"))
+            try:
+                _populate(st, index, src, first_id=0, batch_rows=rows_per_batch, stem=stem, skip=skip,
+                          checkpoint_every_s=checkpoint_every_s, helper=helper, progress=progress, check=check)
+            except _NotUnit:
+                # the sample was unit length but this row is not: normalise everything, from training on
+                _warn_normalising(where, check.lo, check.hi)
+                st.save_state(stage="train", normalize=True, rows_done=0)
+                index = helper = None
+                continue
             timings["add_s"] = timings.get("add_s", 0.0) + time.perf_counter() - t0
             t0 = time.perf_counter()
             if exact:
@@ -391,14 +521,17 @@ def build_index(
             timings["tune_s"] = time.perf_counter() - t0
             size = _write_final(st, index, index_file)
             st.save_state(stage="commit", tuning=tuning, timings=timings, index_bytes=size,
-                          ntotal=int(index.ntotal))
-        manifest = build_manifest(st.state, kind=kind, index_file=index_file, normalize_=normalize_,
-                                  normalize=normalize, scan=scan, dim=dim, plan=plan, budget=budget,
-                                  target_recall=target_recall, n=n, excluded=excluded, encoder=encoder,
-                                  source=record_source(source, checksum), signature=signature)
-        entries = _store_metadata(st, parts, 0, gen)
-        manifest["metadata_files"] = entries
-        return st.commit(manifest, [index_file] + [e["file"] for e in entries])
+                          ntotal=int(index.ntotal), **check.state())
+        break
+    lo, hi = st.state["norms"]
+    scan = {"min_norm": np.inf if lo is None else lo, "max_norm": hi}
+    manifest = build_manifest(st.state, kind=kind, index_file=index_file, normalize_=normalize_,
+                              normalize=normalize, scan=scan, dim=dim, plan=plan, budget=budget,
+                              target_recall=target_recall, n=n, excluded=excluded, encoder=encoder,
+                              source=record_source(source, checksum), signature=signature)
+    entries = _store_metadata(st, parts, 0, gen)
+    manifest["metadata_files"] = entries
+    return st.commit(manifest, [index_file] + [e["file"] for e in entries])
 
 
 def record_source(source, checksum) -> dict:
