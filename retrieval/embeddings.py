@@ -358,6 +358,11 @@ def row_facts(x: np.ndarray, tolerance: float = UNIT_TOLERANCE) -> dict:
     ``0.0`` when there is none) and the first local row that holds a NaN / inf (``'nonfinite'``), is all zeros
     (``'zero'``) or is finite but not unit length within ``tolerance`` (``'nonunit'``), each ``None`` when
     there is none."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return _row_facts(x, tolerance)
+
+
+def _row_facts(x: np.ndarray, tolerance: float) -> dict:
     sq = np.einsum("ij,ij->i", x, x)  # float32; NaN / inf rows give NaN / inf (so do finite rows that overflow)
     finite = np.isfinite(sq)
     first_bad = None
