@@ -292,8 +292,8 @@ class EmbeddingSource:
         * A folder written through the store (:func:`write_embeddings`, ``FeatureExtractor.write``): its data
           files are immutable while the committed manifest lists them, and a rewrite commits a new generation;
           so the content checksum that manifest recorded (``checksums[kind]``, the same value as
-          :meth:`checksum`) or else ``"store:"`` + a hash of (generation, job id, each shard's name, size and
-          modification time).
+          :meth:`checksum`) or else ``"store:"`` + a hash of (generation, job id, each shard's name and size):
+          what the store committed, identical for identical runs.
         * Any other folder or ``.npy`` file (e.g. clip-retrieval's output): ``"stat:"`` + a hash of each shard's
           name, size, inode and modification / status-change times (ns). Any write to a file, or replacing it,
           changes its status-change time, which no user tool can set back; copying a folder changes it too
@@ -314,7 +314,8 @@ class EmbeddingSource:
                 return str(recorded[kind])
             st = m["_store"]
             facts = [st.get("generation"), st.get("job_id"), self.count, self.dim]
-            facts += [[r, os.stat(s).st_size, os.stat(s).st_mtime_ns] for r, s in zip(rel, self.shards)]
+            facts += [[r, os.stat(s).st_size] for r, s in zip(rel, self.shards)]  # no times: two identical
+            # runs (one process or torchrun ranks) commit the same record and must give the same index manifest
             prefix = "store:"
         else:
             facts = [self.count, self.dim]
