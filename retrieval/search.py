@@ -34,7 +34,76 @@ class SearchResult:
         return out
 
 
-class Retriever:
+class _Queries:
+    """What every searcher shares: query validation, text / image encoding and the result rows. A subclass
+    provides ``manifest``, ``encoder``, ``metadata_rows(ids)`` and ``_search(q, k) -> (scores, ids)``."""
+
+    manifest: dict
+
+    def _prepare(self, embeddings, k) -> tuple[np.ndarray, int]:
+        """``(Q, D)`` float32 contiguous queries (L2-normalised when the index was) and ``k`` as an int.
+
+        Raises ``ValueError`` for an empty, non-finite or all-zero query or ``k < 1``,
+        :class:`IndexMismatchError` for another dim."""
+        q = np.asarray(embeddings, dtype=np.float32)
+        if q.ndim == 1:
+            q = q[None]
+        if q.ndim != 2 or q.shape[0] == 0:
+            raise ValueError(f"query embeddings must be a non-empty (Q, D) array, got shape {q.shape}")
+        dim = self.manifest["dim"]
+        if q.shape[1] != dim:
+            raise IndexMismatchError(f"{self.index_dir}: query dim {q.shape[1]} != index dim {dim}")
+        if not np.isfinite(q).all():
+            raise ValueError("query embeddings contain NaN or inf")
+        if isinstance(k, bool) or int(k) != k or int(k) < 1:
+            raise ValueError(f"k must be an integer >= 1, got {k}")
+        if self.manifest.get("normalize"):
+            norms = np.linalg.norm(q, axis=1, keepdims=True)
+            if (norms == 0).any():
+                raise ValueError("a query embedding is all zeros: it has no direction to search for")
+            q = q / norms
+        return np.ascontiguousarray(q, dtype=np.float32), int(k)
+
+    def search_embedding(self, embeddings, k: int = 10, *, queries: Optional[list] = None) -> SearchResult:
+        """Nearest ids of ``(Q, D)`` (or ``(D,)``) float query vectors: ``ids`` / ``scores`` ``(Q, k)`` (id -1 =
+        fewer than ``k`` hits) and the hits' metadata rows.
+
+        When the index normalised its vectors at build time (manifest ``normalize``), queries are L2-normalised
+        too. Raises ``ValueError`` for an empty, non-finite or all-zero query or ``k < 1``,
+        :class:`IndexMismatchError` for another dim."""
+        q, k = self._prepare(embeddings, k)
+        scores, ids = self._search(q, k)
+        meta = self.metadata_rows(ids[ids >= 0])
+        rows = [[dict(meta[int(i)], id=int(i), score=float(s)) for i, s in zip(id_row, s_row) if i >= 0]
+                for id_row, s_row in zip(ids, scores)]
+        return SearchResult(ids=ids, scores=scores, rows=rows, queries=list(queries or range(len(q))))
+
+    def search_text(self, texts: Union[str, Sequence[str]], k: int = 10) -> SearchResult:
+        """Text queries (text → image over an image index, text → text over a caption index), encoded once.
+        Raises ``ValueError`` for an empty text."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
+            raise ValueError("empty text query")
+        return self.search_embedding(self.encoder.encode_texts(texts), k, queries=texts)
+
+    def search_image(self, images, k: int = 10) -> SearchResult:
+        """Image queries: paths (or PIL images), read through the encoder's preprocessing, encoded once
+        (image → image over an image index, image → text over a caption index). Raises ``FileNotFoundError``
+        for a missing path, ``ValueError`` for an empty list."""
+        if isinstance(images, (str, os.PathLike)):
+            images = [images]
+        images = list(images)
+        if not images:
+            raise ValueError("empty image query")
+        for p in images:
+            if isinstance(p, (str, os.PathLike)) and not os.path.isfile(p):
+                raise FileNotFoundError(f"{os.fspath(p)}: no such image file")
+        res = self.encoder.embed_images(images, strict=True)
+        labels = [os.fspath(p) if isinstance(p, (str, os.PathLike)) else f"image[{i}]" for i, p in enumerate(images)]
+        return self.search_embedding(res.features, k, queries=labels)
+
+
+class Retriever(_Queries):
     """A loaded index folder plus (lazily) the encoder it was built with.
 
     >>> r = Retriever.load("index/")
@@ -95,56 +164,8 @@ class Retriever:
         return self._encoder
 
     # -- search -------------------------------------------------------------------------------------------
-    def search_embedding(self, embeddings, k: int = 10, *, queries: Optional[list] = None) -> SearchResult:
-        """Nearest ids of ``(Q, D)`` (or ``(D,)``) query vectors, with metadata rows.
-
-        When the index normalised its vectors at build time (manifest ``normalize``), queries are L2-normalised
-        too. Raises ``ValueError`` for an empty, non-finite or all-zero query or ``k < 1``,
-        :class:`IndexMismatchError` for another dim."""
-        q = np.asarray(embeddings, dtype=np.float32)
-        if q.ndim == 1:
-            q = q[None]
-        if q.ndim != 2 or q.shape[0] == 0:
-            raise ValueError(f"query embeddings must be a non-empty (Q, D) array, got shape {q.shape}")
-        if q.shape[1] != self.manifest["dim"]:
-            raise IndexMismatchError(f"{self.index_dir}: query dim {q.shape[1]} != index dim {self.manifest['dim']}")
-        if not np.isfinite(q).all():
-            raise ValueError("query embeddings contain NaN or inf")
-        if isinstance(k, bool) or int(k) != k or int(k) < 1:
-            raise ValueError(f"k must be an integer >= 1, got {k}")
-        k = int(k)
-        if self.manifest.get("normalize"):
-            norms = np.linalg.norm(q, axis=1, keepdims=True)
-            if (norms == 0).any():
-                raise ValueError("a query embedding is all zeros: it has no direction to search for")
-            q = q / norms
-        scores, ids = self.index.search(np.ascontiguousarray(q), k)
-        meta = self.metadata_rows(ids[ids >= 0])
-        rows = [[dict(meta[int(i)], id=int(i), score=float(s)) for i, s in zip(id_row, s_row) if i >= 0]
-                for id_row, s_row in zip(ids, scores)]
-        return SearchResult(ids=ids, scores=scores, rows=rows, queries=list(queries or range(len(q))))
-
-    def search_text(self, texts: Union[str, Sequence[str]], k: int = 10) -> SearchResult:
-        """Text queries (text → image over an image index, text → text over a caption index)."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
-            raise ValueError("empty text query")
-        return self.search_embedding(self.encoder.encode_texts(texts), k, queries=texts)
-
-    def search_image(self, images, k: int = 10) -> SearchResult:
-        """Image queries: paths (or PIL images), read through the encoder's preprocessing
-        (image → image over an image index, image → text over a caption index)."""
-        if isinstance(images, (str, os.PathLike)):
-            images = [images]
-        images = list(images)
-        if not images:
-            raise ValueError("empty image query")
-        for p in images:
-            if isinstance(p, (str, os.PathLike)) and not os.path.isfile(p):
-                raise FileNotFoundError(f"{os.fspath(p)}: no such image file")
-        res = self.encoder.embed_images(images, strict=True)
-        labels = [os.fspath(p) if isinstance(p, (str, os.PathLike)) else f"image[{i}]" for i, p in enumerate(images)]
-        return self.search_embedding(res.features, k, queries=labels)
+    def _search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.index.search(q, k)
 
     # -- metadata -----------------------------------------------------------------------------------------
     def _table(self, entry: dict):

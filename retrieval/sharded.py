@@ -27,7 +27,7 @@ from internvit.store import Store, committed_files
 
 from .faiss_ops import IndexMismatchError, faiss_module, search_param_names, set_search_params
 from .index_folder import read_manifest
-from .search import Retriever, SearchResult
+from .search import Retriever, _Queries
 
 __all__ = ["ShardedRetriever", "check_shards", "set_id_offset", "id_range", "parse_group"]
 
@@ -123,7 +123,7 @@ def _apply_params(retrievers: Sequence[Retriever], params: str) -> None:
         raise ValueError(f"search params {params!r}: no index folder has {unused[0].partition('=')[0]!r}")
 
 
-class ShardedRetriever:
+class ShardedRetriever(_Queries):
     """Several :class:`~retrieval.search.Retriever` folders searched as one collection (same API:
     ``search_embedding`` / ``search_text`` / ``search_image`` / ``metadata``; ids are global).
 
@@ -190,30 +190,8 @@ class ShardedRetriever:
         return self._encoder
 
     # -- search -------------------------------------------------------------------------------------------
-    def _prepare(self, embeddings, k) -> tuple[np.ndarray, int]:
-        q = np.asarray(embeddings, dtype=np.float32)
-        if q.ndim == 1:
-            q = q[None]
-        if q.ndim != 2 or q.shape[0] == 0:
-            raise ValueError(f"query embeddings must be a non-empty (Q, D) array, got shape {q.shape}")
-        dim = self.retrievers[0].manifest["dim"]
-        if q.shape[1] != dim:
-            raise IndexMismatchError(f"{self.index_dirs[0]}: query dim {q.shape[1]} != index dim {dim}")
-        if not np.isfinite(q).all():
-            raise ValueError("query embeddings contain NaN or inf")
-        if isinstance(k, bool) or int(k) != k or int(k) < 1:
-            raise ValueError(f"k must be an integer >= 1, got {k}")
-        if self.retrievers[0].manifest.get("normalize"):
-            norms = np.linalg.norm(q, axis=1, keepdims=True)
-            if (norms == 0).any():
-                raise ValueError("a query embedding is all zeros: it has no direction to search for")
-            q = q / norms
-        return np.ascontiguousarray(q, dtype=np.float32), int(k)
-
-    def search_embedding(self, embeddings, k: int = 10, *, queries: Optional[list] = None) -> SearchResult:
-        """Top-``k`` over all folders for ``(Q, D)`` (or ``(D,)``) query vectors: global ids and scores
-        ``(Q, k)`` (id -1 = fewer than ``k`` hits) and metadata rows. Errors as :meth:`Retriever.search_embedding`."""
-        q, k = self._prepare(embeddings, k)
+    def _search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` of every folder (threads: faiss releases the GIL), global ids, merged by score."""
         faiss = faiss_module()
 
         def one(i):
@@ -225,32 +203,7 @@ class ShardedRetriever:
         for scores, ids in parts:
             heap.add_result(np.ascontiguousarray(scores, dtype=np.float32), np.ascontiguousarray(ids, np.int64))
         heap.finalize()
-        scores, ids = heap.D, heap.I
-        meta = self.metadata_rows(ids[ids >= 0])
-        rows = [[dict(meta[int(i)], id=int(i), score=float(s)) for i, s in zip(id_row, s_row) if i >= 0]
-                for id_row, s_row in zip(ids, scores)]
-        return SearchResult(ids=ids, scores=scores, rows=rows, queries=list(queries or range(len(q))))
-
-    def search_text(self, texts: Union[str, Sequence[str]], k: int = 10) -> SearchResult:
-        """Text queries, encoded once and searched in every folder."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
-            raise ValueError("empty text query")
-        return self.search_embedding(self.encoder.encode_texts(texts), k, queries=texts)
-
-    def search_image(self, images, k: int = 10) -> SearchResult:
-        """Image queries (paths or PIL images), encoded once and searched in every folder."""
-        if isinstance(images, (str, os.PathLike)):
-            images = [images]
-        images = list(images)
-        if not images:
-            raise ValueError("empty image query")
-        for p in images:
-            if isinstance(p, (str, os.PathLike)) and not os.path.isfile(p):
-                raise FileNotFoundError(f"{os.fspath(p)}: no such image file")
-        res = self.encoder.embed_images(images, strict=True)
-        labels = [os.fspath(p) if isinstance(p, (str, os.PathLike)) else f"image[{i}]" for i, p in enumerate(images)]
-        return self.search_embedding(res.features, k, queries=labels)
+        return heap.D, heap.I
 
     def shard_of(self, id_: int) -> tuple[Retriever, int]:
         """``(the folder's Retriever, its local id)`` of a global id; ``KeyError`` when no folder holds it."""
