@@ -195,6 +195,24 @@ class _FastJson:
         await send({"type": "http.response.body", "body": body})
 
 
+class _ServiceApp(FastAPI):
+    """The FastAPI app behind the service's own outer layers: ``front`` (the :class:`_Guard` around the
+    :class:`_FastJson` path) sees every request first, so a JSON query goes from uvicorn to its handler without
+    passing through FastAPI's and Starlette's middleware stack (whose error, telemetry and routing layers cost
+    a one-client query more than its HTTP parsing); everything else continues into FastAPI."""
+
+    front: Optional[Callable] = None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if self.front is None:
+            return await super().__call__(scope, receive, send)
+        return await self.front(scope, receive, send)
+
+    async def framework(self, scope, receive, send) -> None:
+        """FastAPI's own ASGI entry (the routes, its middleware and exception handlers)."""
+        return await super().__call__(scope, receive, send)
+
+
 async def _send_json(send, status: int, obj: dict) -> None:
     body = json.dumps(obj).encode()
     await send({"type": "http.response.start", "status": status,
@@ -205,7 +223,8 @@ async def _send_json(send, status: int, obj: dict) -> None:
 def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], *, device=None, dtype=None,
                tokenizer: Optional[str] = None, limits: Optional[ServeLimits] = None, batch_wait_ms: float = 2.0,
                max_batch: int = 32, reload_interval_s: float = 1.0, image_root: Optional[str] = None,
-               loader: Optional[Callable[..., Any]] = None, preload: bool = True, threads: int = 2):
+               loader: Optional[Callable[..., Any]] = None, preload: bool = True, threads: int = 2,
+               inline_ms: float = 20.0):
     """The ASGI app (FastAPI) serving ``index_dirs``: a list of folders (named by their base name; ``NAME=DIR``
     names one; ``NAME=DIR1,DIR2`` is a group) or a ``{name: folder or [folders]}`` dict. A group of folders is
     served as one index (a :class:`~retrieval.sharded.ShardedRetriever`: global ids, results merged by score).
@@ -214,7 +233,10 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
     ``Retriever.load``) and its query encoder built (``preload``), so a broken folder fails here, not at the first
     query. ``device`` / ``dtype`` / ``tokenizer``: as for ``Retriever.load``. ``reload_interval_s``: how often the
     manifests are checked (0: never). ``image_root``: base of relative image paths (default: the current
-    folder). ``threads``: worker threads for encoding and search. Raises ``RetrievalError`` / ``OSError`` for
+    folder). ``threads``: batches encoded and searched at once (each index has one worker thread), and the
+    threads that decode query images in parallel. ``inline_ms``: a lone query on an idle index runs on the event
+    loop thread (no thread hand-off) while lone queries take at most this long (0: always in the worker thread;
+    :class:`~retrieval.serve_core.Batcher`). Raises ``RetrievalError`` / ``OSError`` for
     an unusable index folder, ``ValueError`` for bad arguments.
     """
     from . import Retriever
@@ -233,21 +255,21 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
 
     @contextlib.asynccontextmanager
     async def lifespan(app):  # worker threads live as long as the server (an app can be served again)
-        executor = ThreadPoolExecutor(max_workers=max(1, int(threads)), thread_name_prefix="search")
+        slots = threading.BoundedSemaphore(max(1, int(threads)))  # batches running at once, all indexes
         decode_pool = ThreadPoolExecutor(max_workers=max(1, int(threads)), thread_name_prefix="decode")
         for n, s in served.items():
-            batchers[n] = Batcher(s, executor, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
+            batchers[n] = Batcher(s, slots, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
                                   max_queue=limits.max_queue, max_pixels=limits.max_pixels,
-                                  decode_pool=decode_pool)
+                                  decode_pool=decode_pool, inline_ms=inline_ms)
             batchers[n].start()
         watcher = asyncio.get_running_loop().create_task(_watch()) if reload_interval_s > 0 else None
         try:
             yield
         finally:
-            for t in [b.task for b in batchers.values()] + [watcher]:
-                if t is not None:
-                    t.cancel()
-            executor.shutdown(wait=False, cancel_futures=True)
+            if watcher is not None:
+                watcher.cancel()
+            for b in batchers.values():
+                b.stop()
             decode_pool.shutdown(wait=False, cancel_futures=True)
 
     async def _watch():
@@ -260,7 +282,7 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
                 except Exception:  # noqa: BLE001 - the watcher must survive anything
                     logger.exception("%s: reload check failed", s.name)
 
-    app = FastAPI(title="internvit retrieval", lifespan=lifespan, docs_url=None, redoc_url=None,
+    app = _ServiceApp(title="internvit retrieval", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.served, app.state.batchers, app.state.limits = served, batchers, limits
 
@@ -554,8 +576,9 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
     async def fast_knn(q: dict, scope) -> list:
         return await knn_query(q, str(Request(scope).base_url))
 
-    app.add_middleware(_FastJson, routes={"/search": fast_search, "/knn-service": fast_knn}, parse=parse_json)
-    app.add_middleware(_Guard, max_bytes=limits.body_bytes())  # outermost: limits and headers for every route
+    # outermost: limits and headers for every route; then the JSON queries' direct path; then FastAPI
+    app.front = _Guard(_FastJson(app.framework, routes={"/search": fast_search, "/knn-service": fast_knn},
+                                 parse=parse_json), max_bytes=limits.body_bytes())
     return app
 
 
@@ -570,9 +593,13 @@ def free_port(host: str = "127.0.0.1") -> int:
 def background_server(app, host: str = "127.0.0.1", port: int = 0, *, timeout_s: float = 60.0,
                       log_level: str = "warning", **uvicorn_kw) -> Iterator[str]:
     """Serve ``app`` with uvicorn in a background thread; yields its base URL (``http://host:port``) once it
-    accepts connections, and stops it on exit. ``port=0`` picks a free port."""
+    accepts connections, and stops it on exit. ``port=0`` picks a free port. Responses leave in one send each
+    (:func:`retrieval.serve_http.http_protocol`) unless ``http=`` is given."""
     import uvicorn
 
+    from .serve_http import http_protocol
+
+    uvicorn_kw.setdefault("http", http_protocol())
     port = port or free_port(host)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", **uvicorn_kw)
     server = uvicorn.Server(config)

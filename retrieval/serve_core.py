@@ -8,6 +8,7 @@ import io
 import logging
 import math
 import os
+import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -69,41 +70,61 @@ def check_host(host: str, allow_remote: bool) -> Optional[str]:
             f"images its metadata references")
 
 
-def decode_image(data: bytes, max_pixels: int):
-    """Bytes → RGB ``PIL.Image`` read as the index builder reads files (:func:`internvit.data.load_image`: EXIF
-    orientation applied, first frame, every mode to 8-bit RGB), refusing more than ``max_pixels`` decoded pixels
-    (checked from the header, before any pixel is decoded, without changing PIL's process-wide limit). Raises
-    :class:`ApiError` (413 too many pixels, 422 not an image). Thread-safe: it runs in parallel in the decode
-    pool, so it touches no process-wide state (no ``warnings.catch_warnings``, which is not thread-safe: PIL's
-    own bomb limit is checked here explicitly instead)."""
-    from PIL import Image, ImageOps
-
-    from internvit.data import to_rgb
+def open_image(data: bytes, max_pixels: int):
+    """Bytes → a ``PIL.Image`` whose header is read and checked, no pixel decoded yet (:func:`decode_image`
+    finishes it). Refuses more than ``max_pixels`` pixels (and PIL's own bomb limit, checked explicitly instead
+    of changing or catching its process-wide warning). Raises :class:`ApiError` (413 too many pixels, 422 not an
+    image). Thread-safe."""
+    from PIL import Image
 
     try:
         im = Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS)
         w, h = im.size
-        if w * h > max_pixels:
-            raise ApiError(413, f"image is {w}x{h} = {w * h} pixels, more than the limit of {max_pixels}")
-        if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:  # what PIL only warns about
-            raise ApiError(413, f"image too large: {w * h} pixels is over PIL's decompression-bomb limit of "
-                                f"{Image.MAX_IMAGE_PIXELS}")
-        if w < 1 or h < 1:
-            raise ApiError(422, "image has no pixels")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ApiError(413, f"image too large: {e}") from None
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError, Image.UnidentifiedImageError) as e:
+        raise ApiError(422, f"not a readable image ({type(e).__name__})") from None
+    if w * h > max_pixels:
+        raise ApiError(413, f"image is {w}x{h} = {w * h} pixels, more than the limit of {max_pixels}")
+    if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:  # what PIL only warns about
+        raise ApiError(413, f"image too large: {w * h} pixels is over PIL's decompression-bomb limit of "
+                            f"{Image.MAX_IMAGE_PIXELS}")
+    if w < 1 or h < 1:
+        raise ApiError(422, "image has no pixels")
+    return im
+
+
+def decode_image(data, max_pixels: int):
+    """Bytes (or an image from :func:`open_image`) → RGB ``PIL.Image`` read as the index builder reads files
+    (:func:`internvit.data.load_image`: EXIF orientation applied, first frame, every mode to 8-bit RGB),
+    refusing more than ``max_pixels`` decoded pixels (checked from the header, before any pixel is decoded,
+    without changing PIL's process-wide limit). Raises :class:`ApiError` (413 too many pixels, 422 not an
+    image). Thread-safe: it runs in parallel in the decode pool, so it touches no process-wide state (no
+    ``warnings.catch_warnings``, which is not thread-safe: PIL's own bomb limit is checked here explicitly
+    instead)."""
+    from PIL import Image, ImageOps
+
+    from internvit.data import to_rgb
+
+    im = open_image(data, max_pixels) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    try:
         im.seek(0)
         im.load()
         if im.getexif().get(0x0112, 1) not in (1, None):  # EXIF orientation
             im = ImageOps.exif_transpose(im)
         return to_rgb(im)
-    except ApiError:
-        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ApiError(413, f"image too large: {e}") from None
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError, Image.UnidentifiedImageError) as e:
         raise ApiError(422, f"not a readable image ({type(e).__name__})") from None
 
 
+_PLAIN = frozenset({str, int, bool, type(None)})
+
+
 def _jsonable(v: Any) -> Any:
+    if type(v) in _PLAIN:  # the common case first (metadata strings, ids)
+        return v
     if v is None or isinstance(v, (bool, int, str)):
         return v
     if isinstance(v, float):
@@ -320,69 +341,117 @@ class _Query:
     k: int
     future: asyncio.Future
     state: Optional[IndexState] = None
-    prepared: Optional[tuple] = None  # (encoder, (3, H, W) tensor): an image preprocessed while the worker was busy
+    #: (encoder, concurrent Future of the (3, H, W) tensor or the ApiError): an image being prepared in the decode
+    #: pool while the worker was busy
+    prepared: Optional[tuple] = None
+
+
+_STOP = object()  # the worker's inbox: stop after the queries before it
 
 
 class Batcher:
-    """One queue and one worker per index: queries are encoded together (texts, images) and searched grouped
-    by ``k`` in a worker thread; each caller's future gets ``(rows, state)``."""
+    """One inbox and one worker thread per index: the worker takes every waiting query, encodes them together
+    (texts, images), searches grouped by ``k`` and hands each caller ``(rows, state)``.
 
-    def __init__(self, served: ServedIndex, executor: ThreadPoolExecutor, *, max_batch: int = 32,
+    The loop thread puts a query in a :class:`queue.SimpleQueue` and the worker answers the whole batch with one
+    ``loop.call_soon_threadsafe`` (no asyncio queue task, no executor futures). A lone query on an idle service
+    runs inline on the loop thread instead when lone queries are fast (``inline_ms``, measured on the previous
+    ones; 0: never) and its image small (``inline_pixels``): the loop is held for about that long at most.
+    ``slots`` (a semaphore shared by the indexes) bounds how many batches run at once."""
+
+    def __init__(self, served: ServedIndex, slots: Optional[threading.Semaphore] = None, *, max_batch: int = 32,
                  batch_wait_ms: float = 2.0, max_queue: int = 1024, max_pixels: int = 40_000_000,
-                 decode_pool: Optional[ThreadPoolExecutor] = None) -> None:
-        self.served, self.executor = served, executor
+                 decode_pool: Optional[ThreadPoolExecutor] = None, inline_ms: float = 20.0,
+                 inline_pixels: int = 1 << 20) -> None:
+        self.served, self.slots = served, slots
+        self.inline_s, self.inline_pixels = max(0.0, inline_ms) / 1000.0, int(inline_pixels)
+        self.lone_s: Optional[float] = None  # how long the last batch of one query took (seconds)
+        self.inlined = 0  # queries answered on the event loop thread
         self.max_pixels, self.decode_pool = max_pixels, decode_pool
         self.max_batch, self.wait_s = max(1, int(max_batch)), max(0.0, batch_wait_ms) / 1000.0
-        self.queue: asyncio.Queue = asyncio.Queue(maxsize=max_queue)
+        self.max_queue = max(1, int(max_queue))
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.pending = 0  # queries submitted and not answered (preparing, queued or in the running batch)
         self.busy = False  # a batch is running in the worker
         self.preparing = 0  # images being prepared ahead in the decode pool
         self.prepared_ahead = 0
         self._prep_lock = threading.Lock()
-        self.task: Optional[asyncio.Task] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self.thread: Optional[threading.Thread] = None
         self.last_batch = 0
         self.batches = 0
         self.queries = 0
         self.largest_batch = 0
 
     def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self._run())
+        """Start the worker thread; answers go to the running event loop."""
+        self._loop = asyncio.get_running_loop()
+        self.thread = threading.Thread(target=self._run, name=f"search-{self.served.name}", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Let the worker finish the queries already queued, then exit (it does not wait for it)."""
+        self.inbox.put(_STOP)
 
     async def submit(self, kind: str, payload: Any, k: int) -> tuple:
         """Queue one query; ``(rows, state)`` once its batch is done. Raises :class:`ApiError` (503 when
         ``max_queue`` queries are waiting, or the query's own error).
 
-        An image query that arrives while the worker is busy is decoded and preprocessed now, in the decode
-        pool, in parallel with the running batch (its tensor is used if the state's encoder is still the one
-        that prepared it, else it is prepared again); a lone query goes straight to the worker (no extra hop)."""
-        loop = asyncio.get_running_loop()
-        if self.pending >= self.queue.maxsize:
-            raise ApiError(503, f"index {self.served.name!r} is overloaded ({self.queue.maxsize} queries "
+        A lone query on an idle service whose lone queries take at most ``inline_s`` (and, for an image, has at
+        most ``inline_pixels`` pixels) runs right here, on the event loop thread: no thread hand-off, whose
+        wake-ups cost more than the rest of the service's work on a small model. Anything else goes to the
+        worker thread. An image query that arrives while the worker is busy starts being decoded and
+        preprocessed at once, in the decode pool, in parallel with the running batch (its tensor is used if
+        the state's encoder is still the one that prepared it, else it is prepared again)."""
+        if self.pending >= self.max_queue:
+            raise ApiError(503, f"index {self.served.name!r} is overloaded ({self.max_queue} queries "
                                 f"waiting); retry later")
         self.pending += 1
         try:
-            q = _Query(kind, payload, k, loop.create_future())
-            if kind == "image" and self.decode_pool is not None and (self.busy or not self.queue.empty()) \
+            q = _Query(kind, payload, k, self._loop.create_future())
+            if self._may_inline(kind, payload):
+                if kind == "image":  # the header now (pixels bound the time the loop is held); decoded once
+                    q.payload = open_image(payload, self.max_pixels)
+                await asyncio.sleep(0)  # queries that arrived in the same loop turn reach submit first
+                if self.pending == 1 and not self.busy and self.inbox.empty() and \
+                        (kind != "image" or _pixels(q.payload) <= self.inline_pixels) and \
+                        (self.slots is None or self.slots.acquire(blocking=False)):
+                    try:
+                        r = self._run_batch([q])[0]
+                        self.inlined += 1
+                    finally:
+                        if self.slots is not None:
+                            self.slots.release()
+                    if isinstance(r, BaseException):
+                        raise r
+                    return r
+            if kind == "image" and self.decode_pool is not None and (self.busy or not self.inbox.empty()) \
                     and self.preparing < self.max_batch:  # bounded: a prepared image outlives a gone client
                 st = self.served.current()
                 if st.encoder is not None:
                     with self._prep_lock:
                         self.preparing += 1
-                    prepared = await loop.run_in_executor(self.decode_pool, self._prep_one, st, payload)
-                    if isinstance(prepared, ApiError):
-                        raise prepared
-                    q.prepared = (st.encoder, prepared)
-                    self.prepared_ahead += 1
-            self.queue.put_nowait(q)
+                    q.prepared = (st.encoder, self.decode_pool.submit(self._prep_one, st, q.payload))
+            self.inbox.put(q)
             return await q.future
         finally:
             self.pending -= 1
 
-    def _prep_one(self, st: IndexState, data: bytes):
-        """Image bytes → the encoder's ``(3, H, W)`` input tensor, or the ApiError that answers it."""
+    def _may_inline(self, kind: str, payload: Any) -> bool:
+        """Whether a query may run on the event loop thread: the service is idle (nothing pending but it,
+        the previous batch was one query) and a lone query took at most ``inline_s`` the last time."""
+        return (self.inline_s > 0 and self.pending == 1 and not self.busy and self.last_batch <= 1
+                and self.lone_s is not None and self.lone_s <= self.inline_s
+                and (kind != "image" or len(payload) <= 3 * self.inline_pixels))  # more bytes: not a small image
+
+    def _prep_one(self, st: IndexState, data):
+        """Image bytes (or an opened image) → the encoder's ``(3, H, W)`` input tensor, or the ApiError that
+        answers it."""
         try:
-            im = decode_image(data, self.max_pixels)
-            return self._transform(st)(im)
+            x = self._transform(st)(decode_image(data, self.max_pixels))
+            with self._prep_lock:
+                self.prepared_ahead += 1
+            return x
         except ApiError as e:
             return e
         except Exception as e:  # noqa: BLE001 - isolate the query that fails
@@ -391,41 +460,77 @@ class Batcher:
             with self._prep_lock:
                 self.preparing -= 1
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = [await self.queue.get()]
-            if self.last_batch > 1 and self.wait_s > 0:  # under load: let a batch fill for a few ms
-                deadline = loop.time() + self.wait_s
-                while len(batch) < self.max_batch:
-                    try:
-                        batch.append(await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time())))
-                    except asyncio.TimeoutError:
-                        break
-            while len(batch) < self.max_batch and not self.queue.empty():
-                batch.append(self.queue.get_nowait())
-            batch = [q for q in batch if not q.future.done()]  # the client went away
-            self.last_batch = len(batch)
-            if not batch:
-                continue
-            self.busy = True
+    def _take(self, first) -> tuple:
+        """The batch that starts with ``first``: what is waiting (and, when the previous batch held more than
+        one query, what arrives within ``wait_s``), at most ``max_batch``; ``(batch, stop)``."""
+        batch, stop = [first], False
+        deadline = time.monotonic() + self.wait_s if self.last_batch > 1 and self.wait_s > 0 else None
+        while len(batch) < self.max_batch:
             try:
-                results = await loop.run_in_executor(self.executor, self._work, batch)
-            except Exception as e:  # noqa: BLE001 - never let the worker die
-                logger.exception("%s: batch failed", self.served.name)
-                results = [ApiError(500, f"search failed: {type(e).__name__}")] * len(batch)
-            finally:
-                self.busy = False
-            self.batches += 1
-            self.queries += len(batch)
-            self.largest_batch = max(self.largest_batch, len(batch))
-            for q, r in zip(batch, results):
-                if q.future.done():
-                    continue
-                if isinstance(r, BaseException):
-                    q.future.set_exception(r)
+                if deadline is None:
+                    q = self.inbox.get_nowait()
                 else:
-                    q.future.set_result(r)
+                    left = deadline - time.monotonic()
+                    q = self.inbox.get(timeout=left) if left > 0 else self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            if q is _STOP:
+                stop = True
+                break
+            batch.append(q)
+        return batch, stop
+
+    def _run(self) -> None:
+        """The worker thread: batch, run, answer, until :meth:`stop`."""
+        stop = False
+        while not stop:
+            first = self.inbox.get()
+            if first is _STOP:
+                break
+            batch, stop = self._take(first)
+            batch = [q for q in batch if not q.future.done()]  # the client went away
+            if not batch:
+                self.last_batch = 0
+                continue
+            if self.slots is not None:
+                with self.slots:
+                    results = self._run_batch(batch)
+            else:
+                results = self._run_batch(batch)
+            try:
+                self._loop.call_soon_threadsafe(self._answer, batch, results)
+            except RuntimeError:  # the loop is closed: the server has stopped
+                return
+
+    def _run_batch(self, batch: list) -> list:
+        """Run one batch (in the worker, or inline on the loop thread): a result or an error per query."""
+        self.busy = True
+        t0 = time.perf_counter()
+        try:
+            results = self._work(batch)
+        except Exception as e:  # noqa: BLE001 - never let the worker die
+            logger.exception("%s: batch failed", self.served.name)
+            results = [ApiError(500, f"search failed: {type(e).__name__}")] * len(batch)
+        finally:
+            self.busy = False
+        if len(batch) == 1:
+            self.lone_s = time.perf_counter() - t0
+        self.last_batch = len(batch)
+        self.batches += 1
+        self.queries += len(batch)
+        self.largest_batch = max(self.largest_batch, len(batch))
+        return results
+
+    @staticmethod
+    def _answer(batch: list, results: list) -> None:
+        """In the loop thread: each caller's future gets its result or its error."""
+        for q, r in zip(batch, results):
+            if q.future.done():
+                continue
+            if isinstance(r, BaseException):
+                q.future.set_exception(r)
+            else:
+                q.future.set_result(r)
 
     def _work(self, batch: list) -> list:
         """Encode + search one batch against one state (never a mix): a result or an ApiError per query."""
@@ -491,11 +596,21 @@ class Batcher:
         image gets its ApiError in ``out``."""
         rows = []
         for i, q in enumerate(batch):
-            if q.kind == "image" and isinstance(q.payload, bytes):
-                if q.prepared is not None and st is not None and q.prepared[0] is st.encoder:
-                    q.payload = q.prepared[1]  # prepared by this state's encoder while the worker was busy
-                else:
-                    rows.append(i)
+            if q.kind == "image" and _undecoded(q.payload):
+                if q.prepared is not None:
+                    encoder, prepared = q.prepared
+                    q.prepared = None
+                    try:
+                        x = prepared.result()  # prepared while the worker was busy (an ApiError: not an image)
+                    except Exception:  # noqa: BLE001 - cancelled (the pool is shutting down): prepare it here
+                        x = None
+                    if isinstance(x, ApiError):
+                        out[i] = x
+                        continue
+                    if x is not None and st is not None and encoder is st.encoder:  # this state's encoder
+                        q.payload = x
+                        continue
+                rows.append(i)
         if not rows:
             return
         transform = self._transform(st) if st is not None and st.encoder is not None else None
@@ -543,6 +658,19 @@ class Batcher:
 
         x = torch.stack([p if isinstance(p, torch.Tensor) else cls._transform(st)(p) for p in payloads])
         return st.encoder.encode_images(x).float().cpu().numpy()
+
+
+def _undecoded(payload: Any) -> bool:
+    """An image query's payload before :meth:`Batcher._decode`: bytes, or an image from :func:`open_image`
+    (header only); afterwards it is the encoder's input tensor."""
+    from PIL import Image
+
+    return isinstance(payload, (bytes, bytearray, Image.Image))
+
+
+def _pixels(im) -> int:
+    w, h = im.size
+    return w * h
 
 
 def _dedup(st: IndexState, rows: list) -> list:

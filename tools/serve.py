@@ -69,7 +69,12 @@ def main(argv=None) -> int:
     p.add_argument("--batch-wait-ms", type=_nonneg_float, default=2.0,
                    help="under load, how long a batch waits for more queries (default 2 ms; 0 = never)")
     p.add_argument("--max-batch", type=positive_int, default=32, help="most queries encoded together (default 32)")
-    p.add_argument("--threads", type=positive_int, default=2, help="worker threads for encoding and search")
+    p.add_argument("--threads", type=positive_int, default=2,
+                   help="batches encoded and searched at once (one worker thread per index) and image decoding "
+                        "threads (default 2)")
+    p.add_argument("--inline-ms", type=_nonneg_float, default=20.0,
+                   help="a lone query on an idle index runs on the event loop thread, without a thread "
+                        "hand-off, while lone queries take at most this long (default 20 ms; 0 = never)")
     p.add_argument("--reload-interval", type=_nonneg_float, default=1.0,
                    help="seconds between checks of the index manifests (0 = no hot reload)")
     p.add_argument("--max-connections", type=positive_int, default=256,
@@ -119,6 +124,7 @@ def main(argv=None) -> int:
                          max_pixels=args.max_pixels)
     app = create_app(names, device=args.device, dtype=dtype, tokenizer=args.tokenizer, limits=limits,
                      batch_wait_ms=args.batch_wait_ms, max_batch=args.max_batch, threads=args.threads,
+                     inline_ms=args.inline_ms,
                      reload_interval_s=args.reload_interval, image_root=args.image_root)
     if args.port == 0:
         from retrieval.serve import free_port
@@ -126,8 +132,11 @@ def main(argv=None) -> int:
         args.port = free_port(args.host)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"serving {', '.join(app.state.served)} on http://{host}:{args.port}/", file=sys.stderr, flush=True)
+    from retrieval.serve_http import http_protocol
+
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log,
-                limit_concurrency=args.max_connections, timeout_keep_alive=5, server_header=False)
+                limit_concurrency=args.max_connections, timeout_keep_alive=5, server_header=False,
+                http=http_protocol())
     return 0
 
 

@@ -277,8 +277,9 @@ def test_concurrent_queries_are_micro_batched(vit_index, retriever):
 
 def test_images_arriving_while_the_worker_is_busy_are_prepared_ahead(vit_index, retriever):
     """Image queries that arrive during a running batch are decoded and preprocessed in parallel with it; each
-    still gets exactly its own answer (or its own error), and a lone query is not prepared ahead."""
-    app = create_app([vit_index], batch_wait_ms=0)
+    still gets exactly its own answer (or its own error), and a lone query is not prepared ahead. (inline_ms=0:
+    the first query must hold the worker thread, not the event loop, for the others to arrive.)"""
+    app = create_app([vit_index], batch_wait_ms=0, inline_ms=0)
     paths = [_img(vit_index, i) for i in range(6)]
     bodies = [{"image": _b64(p), "k": 3} for p in paths] + [{"image": base64.b64encode(b"not an image").decode()}]
     answers: dict = {}
@@ -317,6 +318,61 @@ def test_images_arriving_while_the_worker_is_busy_are_prepared_ahead(vit_index, 
         _same(body["results"], retriever.search_image([p], k=3).rows[0])
     status, body = answers[len(paths)]
     assert status == 422 and "not a readable image" in body["error"]
+
+
+def test_lone_queries_run_inline_with_the_same_answers(tmp_path, vit_index, retriever):
+    """On an idle service, once lone queries are known to be fast (the first goes to the worker thread, which
+    times it), a lone query runs on the event loop thread: same answers and errors as the worker's. An image
+    of more than ``inline_pixels`` pixels goes to the worker, and so does every query with inline_ms=0."""
+    from PIL import Image
+
+    paths = [_img(vit_index, i) for i in range(4)]
+    big = str(tmp_path / "big.png")  # 1.1 MP > the default inline_pixels (1 MiP)
+    Image.open(paths[0]).convert("RGB").resize((1100, 1000)).save(big)
+    for inline_ms, inlined in [(60_000.0, len(paths)), (0.0, 0)]:  # 60 s: never too slow on a busy machine
+        app = create_app([vit_index], inline_ms=inline_ms)
+        with background_server(app) as url:
+            b = app.state.batchers["vit"]
+            for p in paths:
+                status, body, _ = post(url + "/search", {"image": _b64(p), "k": 3})
+                assert status == 200, body
+                _same(body["results"], retriever.search_image([p], k=3).rows[0])
+            status, body, _ = post(url + "/search", {"embedding": [0.5] * 64, "k": 2})
+            assert status == 200 and len(body["results"]) == 2
+            assert (b.inlined, b.queries, b.batches) == (inlined, len(paths) + 1, len(paths) + 1)  # all but the 1st
+            status, body, _ = post(url + "/search", {"image": base64.b64encode(b"not an image").decode()})
+            assert status == 422 and "not a readable image" in body["error"]
+            status, body, _ = post(url + "/search", {"image": _b64(big), "k": 3})
+            assert status == 200, body
+            _same(body["results"], retriever.search_image([big], k=3).rows[0])
+            # the bad image: refused from its header on the loop when inline, by the worker otherwise
+            assert b.inlined == inlined and b.queries == len(paths) + 2 + (inline_ms == 0)
+
+
+def test_each_answer_leaves_in_one_send(server, vit_index):
+    """Status line, headers and body of an answer go out in one send (retrieval.serve_http; uvicorn alone
+    writes the head and the body separately): the first read after a request holds the whole answer."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url, _ = server
+    u = urlsplit(url)
+    body = json.dumps({"image": _b64(_img(vit_index, 1)), "k": 3}).encode()
+    requests = [b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                % len(body) + body,
+                b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n",
+                b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"]  # 422 from the fast path
+    with socket.create_connection((u.hostname, u.port), timeout=60) as sk:
+        sk.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(3):
+            for req in requests:
+                sk.sendall(req)
+                data = sk.recv(1 << 20)
+                head, sep, rest = data.partition(b"\r\n\r\n")
+                length = [int(v) for k, _, v in (line.partition(b":") for line in head.split(b"\r\n")[1:])
+                          if k.strip().lower() == b"content-length"]
+                assert sep and length and len(rest) == length[0], data[:200]
+                assert json.loads(rest)
 
 
 def test_hot_reload_serves_each_commit_whole(tmp_path, vit_index):
