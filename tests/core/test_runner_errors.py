@@ -81,12 +81,17 @@ def test_config_errors(tool, configs, tmp_path, capsys):
 
 def _probe_state_dict(**head) -> dict:
     """The linear-probe toy model's own state dict (what its training run saves)."""
+    from mmengine.registry import DefaultScope
+
     from classification import MODELS
     from internvit.runner import load_config
 
     cfg = load_config(CLS_TOY)
     cfg.model.update(head)
-    return MODELS.build(cfg.model).state_dict()
+    # the config's own scope: whatever scope an earlier Runner in this process left current (mmengine's, after
+    # some tests) would send the build to that scope's registry
+    with DefaultScope.overwrite_default_scope(cfg.default_scope):
+        return MODELS.build(cfg.model).state_dict()
 
 
 @pytest.fixture(scope="module")
