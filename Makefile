@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# test processes: one per core (pytest-xdist; whole files per worker, so module fixtures are built once);
+# `make test TEST_WORKERS=0` runs the suite in this one process
+TEST_WORKERS ?= auto
 
 .PHONY: test demo setup lint clean
 
@@ -16,7 +19,7 @@ setup: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 demo: $(STAMP)
 	bash tools/demo.sh $(PY)

@@ -19,7 +19,7 @@ EXTRAS = {
     "video": ["av>=10"],  # zero-shot video classification (classification/video.py)
     "serve": ["fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9", "httptools>=0.6",
               "uvloop>=0.19; sys_platform != 'win32'"],
-    "test": ["pytest>=7", "ruff", "selenium>=4.20"],
+    "test": ["pytest>=7", "pytest-xdist>=3.2", "ruff", "selenium>=4.20"],
 }
 EXTRAS["all"] = sorted({d for k, v in EXTRAS.items() if k != "test" for d in v})
 
