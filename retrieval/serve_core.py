@@ -425,8 +425,8 @@ class Batcher:
                     if isinstance(r, BaseException):
                         raise r
                     return r
-            if kind == "image" and self.decode_pool is not None and (self.busy or not self.inbox.empty()) \
-                    and self.preparing < self.max_batch:  # bounded: a prepared image outlives a gone client
+            if kind == "image" and self.decode_pool is not None and self.preparing < self.max_batch and (
+                    self.busy or self.last_batch > 1 or not self.inbox.empty()):  # bounded: may outlive its client
                 st = self.served.current()
                 if st.encoder is not None:
                     with self._prep_lock:

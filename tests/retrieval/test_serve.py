@@ -252,9 +252,11 @@ def test_concurrent_queries_are_micro_batched(vit_index, retriever):
     paths = [_img(vit_index, i % 12) for i in range(32)]
     expected = {p: retriever.search_image([p], k=3).rows[0] for p in set(paths)}
     answers, errors = {}, []
+    start = threading.Barrier(len(paths))  # concurrent for real: not spread out by thread start-up on a busy host
 
     def client(i):
         try:
+            start.wait(60)
             status, body, _ = post(url + "/search", {"image": _b64(paths[i]), "k": 3})
             assert status == 200, body
             answers[i] = body["results"]
