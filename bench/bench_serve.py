@@ -7,7 +7,9 @@ queries run through ``Retriever`` in-process.
   python bench/bench_serve.py --index out/index --queries 500 --json serve.json
 
 The server runs as its own process (``tools/serve.py``), so clients and server do not share a GIL; the clients
-are one asyncio loop, each with one keep-alive HTTP/1.1 connection (cheap: they leave the CPU to the server).
+are one event loop (uvloop when installed, as the server's; else asyncio's), each with one keep-alive HTTP/1.1
+connection (cheap: they leave the CPU to the server). The peer, ``in_process``, is ``Retriever.search_image`` on
+the image file; the service gets the same file's bytes as base64 in JSON and decodes them itself.
 Goals (issue 10): throughput at 16 clients >= 3x the 1-client throughput (micro-batching), and mean latency at
 1 client <= 1.10x the in-process ``Retriever`` call (service overhead). ``core`` is the worker's own calls
 without HTTP or queueing (the floor). Both the server and the in-process baselines use ``--torch-threads``
@@ -291,7 +293,8 @@ def main(argv=None):
 
     for n in names:
         results[n] = dict(median_round(rounds[n], "qps"), rounds=rounds[n])
-    print(f"{len(queries)} {kind} queries, k={args.k}, {args.repeats} rounds; median round (min..max over rounds)")
+    print(f"{len(queries)} {kind} queries, k={args.k}, {args.repeats} rounds; median round (min..max over rounds); "
+          f"peer: Retriever in-process; client loop: {client_loop()}; torch threads {args.torch_threads} both sides")
     print(f"{'':12} {'QPS':>20} {'mean ms':>20} {'p50 ms':>8} {'p99 ms':>8}  outputs vs in-process")
     for n in names:
         s, rs = results[n], rounds[n]
