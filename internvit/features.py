@@ -435,7 +435,10 @@ class FeatureExtractor:
                 np.save(f, arr)
             with st.open_file(s["metadata"]) as tmp:
                 _write_metadata(tmp, metadata_format, ids, paths, columns, arrow_columns, row_cols)
-            rec = {"count": len(ids), "shape": list(arr.shape[1:]), "errors": sorted([int(i), e] for i, e in errs)}
+            # sha256 of the float32 rows: the shard's content identity, recorded in the manifest (a job over
+            # this folder, e.g. an index build, is resumed only over the same content, without re-reading it)
+            rec = {"count": len(ids), "shape": list(arr.shape[1:]), "errors": sorted([int(i), e] for i, e in errs),
+                   "sha256": hashlib.sha256(arr.data).hexdigest()}
             st.save_state(**{f"shard-{s['index']}": rec})  # the shard is done once this is durable
             records[s["index"]] = json.loads(json.dumps(rec))
 
@@ -580,7 +583,9 @@ def _commit_features(st, plan: dict, shards: list[dict], records: dict) -> dict:
         "num_errors": len(errors),
         "num_nonfinite": sum(1 for _, e in errors if e.startswith(NONFINITE_ERROR)),
         "errors_file": errors_file,
-        "shards": [dict(s, count=int(records[s["index"]]["count"])) for s in shards],
+        "shards": [dict(s, count=int(records[s["index"]]["count"]),
+                        **({"sha256": records[s["index"]]["sha256"]} if "sha256" in records[s["index"]] else {}))
+                   for s in shards],
     })
     manifest.update(job["extra"])
     files = [errors_file] + [s[key] for s in shards for key in ("features", "metadata")]

@@ -292,8 +292,9 @@ class EmbeddingSource:
         * A folder written through the store (:func:`write_embeddings`, ``FeatureExtractor.write``): its data
           files are immutable while the committed manifest lists them, and a rewrite commits a new generation;
           so the content checksum that manifest recorded (``checksums[kind]``, the same value as
-          :meth:`checksum`) or else ``"store:"`` + a hash of (generation, job id, each shard's name and size):
-          what the store committed, identical for identical runs.
+          :meth:`checksum`), or ``"content:"`` + a hash of the per-shard sha256 of the rows that
+          ``FeatureExtractor.write`` recorded, or (a folder written before shards recorded it) ``"store:"`` + a
+          hash of (generation, job id, each shard's name and size): identical for identical runs.
         * Any other folder or ``.npy`` file (e.g. clip-retrieval's output): ``"stat:"`` + a hash of each shard's
           name, size, inode and modification / status-change times (ns). Any write to a file, or replacing it,
           changes its status-change time, which no user tool can set back; copying a folder changes it too
@@ -312,7 +313,12 @@ class EmbeddingSource:
             if (kind in recorded and m.get("count") == self.count
                     and (m.get("dims") or {}).get(kind) == self.dim):  # write_embeddings' own record
                 return str(recorded[kind])
-            st = m["_store"]
+            content = {os.path.normpath(e["features"]): e["sha256"] for e in m.get("shards") or []
+                       if isinstance(e, dict) and isinstance(e.get("features"), str) and e.get("sha256")}
+            if all(os.path.normpath(r) in content for r in rel):  # FeatureExtractor.write's per-shard sha256
+                facts = [self.count, self.dim] + [[r, content[os.path.normpath(r)]] for r in rel]
+                return "content:" + hashlib.sha256(json.dumps(facts).encode()).hexdigest()
+            st = m["_store"]  # a folder written before shards recorded their sha256
             facts = [st.get("generation"), st.get("job_id"), self.count, self.dim]
             facts += [[r, os.stat(s).st_size] for r, s in zip(rel, self.shards)]  # no times: two identical
             # runs (one process or torchrun ranks) commit the same record and must give the same index manifest

@@ -183,3 +183,56 @@ def test_row_facts_match_a_full_numpy_scan():
     off = np.flatnonzero(finite & (np.abs(norms - 1) > 1e-3))
     assert f["nonunit"] == off[0]
     assert row_facts(np.ones((3, 4), np.float32) / 2)["nonunit"] is None
+
+
+def test_extracted_folder_is_identified_by_its_rows_not_by_its_job(tmp_path):
+    """FeatureExtractor.write records each shard's sha256: a folder deleted and extracted again with the same
+    arguments from images whose bytes changed under the same paths is other content (the job id, which hashes
+    paths and options, is the same), so an interrupted build over it is not resumed; the same images give the
+    same identity (a rerun, or torchrun, commits the same record)."""
+    import shutil
+
+    from PIL import Image
+
+    import internvit
+
+    from .helpers import make_images
+
+    paths = make_images(str(tmp_path / "imgs"), 6, captions=False)
+    fx = internvit.FeatureExtractor(internvit.load_model("internvit-6b-tiny"), progress=False)
+    emb = tmp_path / "emb"
+
+    def extract():
+        shutil.rmtree(emb, ignore_errors=True)
+        m = fx.write(paths, emb, shard_size=4, features_pattern="img_emb/img_emb_{shard}.npy",
+                     metadata_pattern="metadata/metadata_{shard}.parquet")
+        return m, EmbeddingSource.from_folder(str(emb)).fingerprint()
+
+    m1, fp1 = extract()
+    assert fp1.startswith("content:") and all(len(s["sha256"]) == 64 for s in m1["shards"])
+    raw = np.load(emb / "img_emb" / "img_emb_0.npy")
+    import hashlib
+
+    assert m1["shards"][0]["sha256"] == hashlib.sha256(np.ascontiguousarray(raw, np.float32).data).hexdigest()
+    m2, fp2 = extract()
+    assert fp2 == fp1 and m2["_store"]["job_id"] == m1["_store"]["job_id"]
+    kw = dict(index_key="Flat", n_tune_queries=0, progress=False)
+
+    class Killed(BaseException):
+        pass
+
+    def killed(self, manifest, files):
+        raise Killed
+
+    commit = Store.commit
+    Store.commit = killed
+    try:
+        with pytest.raises(Killed):
+            build_index(str(emb), tmp_path / "idx", **kw)
+    finally:
+        Store.commit = commit
+    Image.new("RGB", (40, 52), (250, 10, 10)).save(paths[1])  # other bytes under the same path
+    m3, fp3 = extract()
+    assert m3["_store"]["job_id"] == m1["_store"]["job_id"] and fp3 != fp1
+    with pytest.raises(PendingJobError, match="checksum"):
+        build_index(str(emb), tmp_path / "idx", **kw)
