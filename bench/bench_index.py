@@ -107,6 +107,10 @@ def main():
     p.add_argument("--keep", action="store_true")
     p.add_argument("--no-same-key", dest="same_key", action="store_false",
                    help="skip comparison (b): the same index key in autofaiss and ours")
+    p.add_argument("--no-peer", dest="peer", action="store_false",
+                   help="skip autofaiss: only ours vs plain faiss with our key (the wrapper overhead), ours tuned to "
+                        "--target-recall")
+    p.add_argument("--target-recall", type=float, default=0.93, help="ours' target with --no-peer")
     args = p.parse_args()
 
     work = tempfile.mkdtemp(prefix="bench-index-", dir=args.tmp)
@@ -137,7 +141,10 @@ def main():
         peer = {}
         af_dir = os.path.join(work, "af")
         os.makedirs(af_dir)
-        if args.autofaiss_python and os.path.exists(args.autofaiss_python):
+        if not args.peer:
+            peer = {"name": "none (--no-peer)", "key": "", "params": "", "seconds": float("nan"),
+                    "recall": args.target_recall - args.margin, "qps": float("nan")}
+        elif args.autofaiss_python and os.path.exists(args.autofaiss_python):
             out = subprocess.run([args.autofaiss_python, "-c", AUTOFAISS_CHILD, os.path.join(emb, "img_emb"),
                                   os.path.join(af_dir, "knn.index"), os.path.join(af_dir, "infos.json"),
                                   args.budget], capture_output=True, text=True)
@@ -150,6 +157,7 @@ def main():
             peer = {"name": f"autofaiss {info['autofaiss']}", "key": infos["index_key"],
                     "params": infos.get("index_param", ""), "seconds": info["seconds"]}
             peer["recall"], peer["qps"] = recall10(index, queries, truth, peer["params"])
+            del index
         else:
             key = autofaiss_default_key(args.n, args.dim, args.budget)
             t = time.perf_counter()
@@ -163,7 +171,7 @@ def main():
                     "params": "", "seconds": time.perf_counter() - t}
             del x
             peer["recall"], peer["qps"] = recall10(index, queries, truth)
-        del index
+            del index
         print(f"peer: {peer}", flush=True)
 
         # 2. ours
