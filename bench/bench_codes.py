@@ -54,7 +54,7 @@ QUICK_N = 20_000
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=positive_int, default=200_000, help="collection size")
+    p.add_argument("--n", type=positive_int, default=None, help="collection size (default 200,000)")
     p.add_argument("--quick", action="store_true", help=f"a smoke run: n = {QUICK_N:,} (unless --n is given)")
     p.add_argument("--dim", type=positive_int, default=256)
     p.add_argument("--centers", type=positive_int, default=None, help="mixture clusters (default n / 200)")
@@ -196,8 +196,7 @@ def ceiling(index, nlist: int, queries, truth, params: str) -> float:
 # --------------------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.quick and "--n" not in (argv if argv is not None else sys.argv[1:]):
-        args.n = QUICK_N
+    args.n = args.n or (QUICK_N if args.quick else 200_000)
     if not 0.0 < args.target_recall <= 1.0:
         raise UsageError(f"--target-recall must be in (0, 1], got {args.target_recall}")
     args.centers = args.centers or max(16, args.n // 200)  # bench_ondisk.py's default
