@@ -26,8 +26,9 @@ Guarantees (what a kill, a second writer and a reader see):
 
 Fault injection (for tests): with ``INTERNVIT_STORE_FAULT_AT=N`` the process exits with status
 :data:`FAULT_EXIT_CODE` (``os._exit``, no clean-up) at the N-th durable write point; with
-``INTERNVIT_STORE_TRACE=FILE`` every write point appends its name to FILE. ``tests/faults.py`` kills an
-operation at every point in turn.
+``INTERNVIT_STORE_TRACE=FILE`` every write point appends its name to FILE; with ``INTERNVIT_STORE_FAULT_WAIT=FILE``
+the fault first waits (at most 120 s) until FILE exists, so a test can order what several processes reach.
+``tests/faults.py`` kills an operation at every point in turn.
 
 This module imports only the standard library and ``filelock``.
 """
@@ -40,6 +41,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, TypeVar, Union
 
@@ -86,6 +88,10 @@ def _point(name: str) -> None:
             f.write(f"{_points}\t{name}\n")
     at = os.environ.get("INTERNVIT_STORE_FAULT_AT")
     if at and int(at) == _points:
+        wait = os.environ.get("INTERNVIT_STORE_FAULT_WAIT")
+        deadline = time.monotonic() + 120
+        while wait and not os.path.exists(wait) and time.monotonic() < deadline:
+            time.sleep(0.05)  # another process must reach a state first (a test's scenario, made deterministic)
         os._exit(FAULT_EXIT_CODE)
 
 

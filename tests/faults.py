@@ -34,6 +34,7 @@ def _env(extra: Optional[dict] = None) -> dict:
     env = dict(os.environ)
     env.pop("INTERNVIT_STORE_FAULT_AT", None)
     env.pop("INTERNVIT_STORE_TRACE", None)
+    env.pop("INTERNVIT_STORE_FAULT_WAIT", None)
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra or {})

@@ -23,8 +23,9 @@ def _args(imgs, out, *extra):
             "--batch-size", "1", "--quiet", *extra]
 
 
-def _torchrun(imgs, out, *extra, fault_at=None):
-    return run([TORCHRUN, "--standalone", "--nproc_per_node", "2", *_args(imgs, out, *extra)], fault_at=fault_at)
+def _torchrun(imgs, out, *extra, fault_at=None, env=None):
+    return run([TORCHRUN, "--standalone", "--nproc_per_node", "2", *_args(imgs, out, *extra)], fault_at=fault_at,
+               env=env)
 
 
 def _result(out) -> tuple:
@@ -63,10 +64,13 @@ def test_a_killed_rank_resumes_to_the_same_index(reference, tmp_path):
     (points 1-33; rank 1 has nothing left to write and has exited 0), it dies while building the index."""
     root, ref = reference
     out = tmp_path / "out"
-    r = _torchrun(root / "imgs", out, fault_at=13)
+    part1 = out / "embeddings" / ".parts" / "rank-1-of-2"
+    # rank 0 dies at its point 13 only once rank 1 has committed its part (else, on a busy machine, torchrun could
+    # stop rank 1 first and the scenario would be another one)
+    r = _torchrun(root / "imgs", out, fault_at=13, env={"INTERNVIT_STORE_FAULT_WAIT": str(part1 / "manifest.json")})
     assert r.returncode != 0 and str(FAULT_EXIT_CODE) in r.stderr  # torchrun reports the rank's exit code
     assert read_manifest(out / "embeddings") is None and not (out / "manifest.json").exists()
-    assert read_manifest(out / "embeddings" / ".parts" / "rank-1-of-2") is not None
+    assert read_manifest(part1) is not None
 
     r = _torchrun(root / "imgs", out, fault_at=45)
     assert r.returncode != 0 and str(FAULT_EXIT_CODE) in r.stderr
