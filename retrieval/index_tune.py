@@ -126,8 +126,13 @@ def _params_str(name: str, value: int, key: str) -> str:
 
 
 def tune_index(index, key: str, source: EmbeddingSource, queries: np.ndarray, *, exclude: Optional[np.ndarray] = None,
-               target_recall: float = 0.95, k: int = 10, batch_rows: int = 65536, progress: bool = False) -> dict:
+               target_recall: float = 0.95, k: int = 10, batch_rows: int = 65536, progress: bool = False,
+               max_nprobe: Optional[int] = None) -> dict:
     """Smallest nprobe / efSearch whose recall@k against exact search reaches ``target_recall``.
+
+    ``max_nprobe`` bounds the nprobe ladder (an on-disk index reads every probed list from disk: beyond a
+    fraction of the lists a search costs a scan of the collection, and each ladder step doubles the tuning time);
+    when the target is not reached within it, the best setting is kept with the warning below.
 
     ``queries`` must not be in ``index`` (a build holds out collection rows and adds them after tuning;
     in-index queries find themselves and their graph / list neighbours too easily, which overstates recall).
@@ -136,6 +141,9 @@ def tune_index(index, key: str, source: EmbeddingSource, queries: np.ndarray, *,
     compression) the best setting is kept and a warning names the recall reached.
     """
     name, ladder = _param_ladder(key, index)
+    if name == "nprobe" and max_nprobe is not None:
+        ladder = [v for v in ladder if v < max_nprobe] + [max_nprobe] if ladder and ladder[-1] > max_nprobe \
+            else ladder
     lossy = _parse_key(key)["code_bytes"] not in (None, "flat")
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     _, truth = exact_search(source, queries, k, batch_rows=batch_rows, exclude=exclude, progress=progress)

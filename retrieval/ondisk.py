@@ -112,6 +112,12 @@ def choose_ondisk_key(n: int, dim: int, max_index_memory: Union[str, int] = "4G"
                      f"{format_bytes(resident)} in RAM)")
 
 
+def max_ondisk_nprobe(nlist: int) -> int:
+    """The largest nprobe an on-disk build's tuning tries: ``max(64, nlist // 16)`` (a query then reads at most
+    about 1/16 of the lists from disk; beyond that, a scan of the collection would do)."""
+    return max(64, int(nlist) // 16)
+
+
 def plan_ondisk(n: int, dim: int, index_key: Optional[str] = None, max_index_memory: Union[str, int] = "4G"
                 ) -> IndexPlan:
     """The plan of an on-disk build: :func:`choose_ondisk_key`, or ``index_key`` checked (an IVF key faiss
@@ -403,7 +409,8 @@ def build_ondisk_index(
             with st.open_file(scratch) as data_tmp:
                 index = merge_partitions(trained_path, parts_paths, data_tmp)
                 tuning = tune_index(index, plan.key, src, src.take(held), exclude=skip,
-                                    target_recall=target_recall, k=k, batch_rows=rows_per_batch, progress=progress)
+                                    target_recall=target_recall, k=k, batch_rows=rows_per_batch, progress=progress,
+                                    max_nprobe=max_ondisk_nprobe(_parse_key(plan.key)["nlist"]))
                 tuning["queries"] = "held-out collection rows (disjoint from the training sample)"
                 del index
             st.discard(scratch)

@@ -228,3 +228,24 @@ def test_rebuild_is_a_new_generation_and_an_open_reader_keeps_its_lists(tmp_path
     build_ondisk_index(x, tmp_path / "idx", overwrite=True, **kw)  # the next writer removes generation 1
     assert sorted(f for f in os.listdir(tmp_path / "idx") if f.startswith("image.")) == [
         "image.g0002.index", "image.g0002.ivfdata", "image.g0003.index", "image.g0003.ivfdata"]
+
+
+def test_tuning_stops_at_the_nprobe_bound(tmp_path):
+    """An unreachable target no longer climbs the nprobe ladder to a scan of every list (at 10M x 256 each step
+    doubled a tuning that ran for over half an hour): the on-disk build's bound is max(64, nlist / 16), the best
+    setting within it is kept and the recall reached is named in a warning."""
+    from retrieval.index_tune import tune_index
+    from retrieval.ondisk import max_ondisk_nprobe
+
+    assert max_ondisk_nprobe(16384) == 1024 and max_ondisk_nprobe(256) == 64
+    x = mixture(4000, d=16, centers=400, noise=1.5)
+    index = faiss.index_factory(16, "IVF64,Flat", faiss.METRIC_INNER_PRODUCT)
+    index.train(x[:3000])
+    index.add_with_ids(x[:3500], np.arange(3500))
+    src = EmbeddingSource.from_array(x[:3500])
+    with pytest.warns(UserWarning, match="recall@10 reaches only"):
+        capped = tune_index(index, "IVF64,Flat", src, x[3500:], target_recall=0.9999, max_nprobe=6)
+    tried = [int(p.split("=")[1]) for p, _ in capped["curve"]]
+    assert max(tried) == 6 and capped["search_params"] in {f"nprobe={v}" for v in tried}
+    free = tune_index(index, "IVF64,Flat", src, x[3500:], target_recall=0.9999)  # unbounded: reaches every list
+    assert max(int(p.split("=")[1]) for p, _ in free["curve"]) > 6 and free["recall"] >= 0.9999
