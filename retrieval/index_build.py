@@ -36,6 +36,7 @@ from .embeddings import UNIT_TOLERANCE, EmbeddingError, EmbeddingSource, _table_
 from .faiss_ops import (
     IndexMismatchError,
     RetrievalError,
+    add_vectors,
     faiss_module,
     gpu_count,
     maybe_gpu,
@@ -196,7 +197,7 @@ def _populate(st: Store, index, source: EmbeddingSource, *, first_id: int, batch
             cut = skip[lo:hi] - start
             batch, ids = np.delete(batch, cut, axis=0), np.delete(ids, cut)
         if len(ids):
-            (helper or index).add_with_ids(batch, ids)
+            helper.add_with_ids(batch, ids) if helper else add_vectors(index, batch, ids)
         done = end
         if done < source.count and time.monotonic() - last >= wait:
             t = time.monotonic()
@@ -526,7 +527,7 @@ def _build_in_store(st: Store, source: EmbeddingSource, *, kind, plan, n, dim, n
                                      if tune_queries is None else "tune_queries")
                 if len(held):  # the held-out rows join the index now, under their own ids
                     seed_levels(index, n)
-                    index.add_with_ids(queries, held)
+                    add_vectors(index, queries, held)
             timings["tune_s"] = time.perf_counter() - t0
             size = _write_final(st, index, index_file)
             st.save_state(stage="commit", tuning=tuning, timings=timings, index_bytes=size,

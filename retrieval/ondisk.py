@@ -47,7 +47,15 @@ import numpy as np
 from internvit.store import Store, generation_name, job_id
 
 from .embeddings import EmbeddingError, EmbeddingSource, _table_digest, to_table
-from .faiss_ops import RetrievalError, _faiss_message, faiss_module, new_index, read_index, write_index
+from .faiss_ops import (
+    RetrievalError,
+    _faiss_message,
+    add_vectors,
+    faiss_module,
+    new_index,
+    read_index,
+    write_index,
+)
 from .index_plan import (
     MIN_POINTS_PER_CENTROID,
     IndexPlan,
@@ -180,7 +188,7 @@ def add_partition(trained_path: str, source: EmbeddingSource, start: int, end: i
             keep = ~np.isin(rows, lo_skip[lo:hi])
             x, rows = np.ascontiguousarray(x[keep]), rows[keep]
         if len(rows):
-            index.add_with_ids(x, rows)
+            add_vectors(index, x, rows)
         del x
     write_index(index, out_path)
     return int(index.ntotal)
@@ -394,7 +402,7 @@ def build_ondisk_index(
             if n_held and held_part not in st.pending_files:  # tuning queries: added after the other rows
                 with st.open_file(held_part) as tmp:
                     index = read_index(trained_path)
-                    index.add_with_ids(src.take(held), held)
+                    add_vectors(index, src.take(held), held)
                     write_index(index, tmp)
                     del index
             timings["add_s"] = timings.get("add_s", 0.0) + time.perf_counter() - t0
