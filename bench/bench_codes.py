@@ -44,7 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-from internvit.cli import ArgumentParser, UsageError, positive_int, run  # noqa: E402
+from internvit.cli import ArgumentParser, UsageError, positive_int, run, write_json  # noqa: E402
 
 #: what the index file holds beyond the components counted below (fourccs, d, ntotal, metric, nprobe, the
 #: empty direct map, SQ / PQ parameters): a few hundred bytes; more means per-vector data the formula misses
@@ -308,11 +308,9 @@ def main(argv=None) -> int:
                   f"| {r['recall@10_all_lists']:.4f} | {r['qps_batch_median']:.0f} [{r['qps_batch_min']:.0f}-"
                   f"{r['qps_batch_max']:.0f}] |")
         print()
-        line = json.dumps(result)
-        print(line)
+        print(json.dumps(result))
         if args.json:
-            with open(args.json, "w", encoding="utf-8") as f:
-                f.write(line + "\n")
+            write_json(args.json, result)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return 0

@@ -23,7 +23,6 @@ LayerScale multiply and residual add); timm's bf16 error is printed too.
 """
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -50,6 +49,7 @@ from _common import (  # noqa: E402
 
 import internvit  # noqa: E402
 from internvit.checkpoints import hf_to_original_key  # noqa: E402
+from internvit.cli import write_json  # noqa: E402
 from internvit.models.vit import compile_model, pack_support  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -206,9 +206,8 @@ def main(argv=None) -> int:
     print(table(rows, ["input", "dtype", "matmul peak GFLOP/s", "model", "ms/batch", "fraction of peak",
                        "speed vs timm (ratio of medians [per-round min-max])", "goal"]))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(machine=machine(), depth=args.depth, iters=args.iters, results=results,
-                           failures=failures), f, indent=1)
+        write_json(args.json, dict(machine=machine(), depth=args.depth, iters=args.iters, results=results,
+                                   failures=failures), indent=1)
     for msg in failures:
         print(f"FAIL: {msg}", file=sys.stderr)
     return 1 if failures else 0

@@ -40,7 +40,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from internvit.cli import ArgumentParser, UsageError, memory_size, positive_int, run  # noqa: E402
+from internvit.cli import ArgumentParser, UsageError, memory_size, positive_int, run, write_json  # noqa: E402
 
 
 def build_parser() -> ArgumentParser:
@@ -266,11 +266,9 @@ def main(argv=None) -> int:
         if not result["rss_ok"] and peak_anon <= budget + 2**30:
             print("  note: the peak RSS above the goal is file-backed pages of the mapped partition / lists files "
                   "(page cache, reclaimable); the process's own memory stayed within it")
-        line = json.dumps(result)
-        print(line)
+        print(json.dumps(result))
         if args.json:
-            with open(args.json, "w", encoding="utf-8") as f:
-                f.write(line + "\n")
+            write_json(args.json, result)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return 0

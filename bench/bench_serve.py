@@ -324,8 +324,9 @@ def main(argv=None):
     if args.quick:
         print("(--quick: tiny sizes, the numbers mean nothing)")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
+        from internvit.cli import write_json
+
+        write_json(args.json, results, indent=2)
     return 0
 
 

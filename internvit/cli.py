@@ -207,3 +207,19 @@ def read_json(path: str) -> Any:
         raise UsageError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     except UnicodeDecodeError as e:
         raise UsageError(f"{path}: not UTF-8 text ({e.reason})") from None
+
+
+def write_json(path: str, obj: Any, indent: Optional[int] = None) -> None:
+    """Write ``obj`` as JSON (one line unless ``indent``) to ``path`` whole or not at all: a temporary file
+    beside it, flushed and renamed over it, so a reader never sees half a result (``OSError`` as ``open``)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=indent, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

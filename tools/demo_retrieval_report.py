@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from internvit.cli import ArgumentParser, existing_dir, run  # noqa: E402
+from internvit.cli import ArgumentParser, existing_dir, run, write_json  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -82,8 +82,7 @@ def main(argv=None) -> int:
           f"{out['text_to_image_recall@1']:.1%}")
     print(f"  image -> image top-1 same digit: {out['image_to_image_top1_same_digit']:.1%}")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(out, f, indent=2)
+        write_json(args.json, out, indent=2)
     return 0
 
 
