@@ -176,3 +176,75 @@ def write_distributed(fx: "F.FeatureExtractor", plan: dict, rank: int, world: in
         else:
             stats = dict(F.DONE_STATS)
     return dict(read_manifest(out_dir), timing=stats)
+
+
+def write_files(folder: str, job: dict, names: list, write: Callable[[int, str], None], manifest: dict, *,
+                rank: int = 0, world: int = 1, description: str = "folder") -> dict:
+    """Write the data files ``names`` of one store folder, split across the ranks, and commit ``manifest``.
+
+    ``write(i, path)`` writes file ``names[i]`` at ``path``; rank ``r`` writes the files ``i % world == r``.
+    Every rank calls it with the same arguments and gets the committed manifest. With one process the files
+    are written straight through the folder's :class:`~internvit.store.Store`; across ranks as
+    :func:`write_distributed` does (each rank into its own sub-store ``FOLDER/.parts/rank-R-of-W``, resumed after
+    a kill; rank 0, holding the folder's store from the start, links the parts' files in and commits), so the
+    folder is byte-identical either way. A finished folder of the same job is returned as it is. Errors as
+    :func:`agree` (raised on every rank).
+    """
+    from .store import Store, read_manifest
+
+    names = list(names)
+    if world <= 1:
+        with Store(folder, job=job, discard_pending=True, description=description) as st:
+            if st.manifest is not None and F._same_job(st.manifest, job):
+                return st.manifest
+            for i, name in enumerate(names):
+                if name not in st.pending_files:
+                    with st.open_file(name) as tmp:
+                        write(i, tmp)
+            return st.commit(manifest, names)
+    with ExitStack() as stack:
+        def open_main() -> bool:  # rank 0: lock, recover, refuse a different job; True when already done
+            if rank != 0:
+                return False
+            st = stack.enter_context(Store(folder, job=job, discard_pending=True, description=description))
+            stack.st = st
+            return st.manifest is not None and F._same_job(st.manifest, job)
+
+        if _agree(open_main, rank, world)[0]:
+            if rank == 0:
+                F._remove_parts(folder)
+            return read_manifest(folder)
+
+        def write_part() -> None:
+            part = _part_dir(folder, rank, world)
+            mine = [i for i in range(len(names)) if i % world == rank]
+            with Store(part, job=dict(job, part={"rank": rank, "world": world}), discard_pending=True,
+                       description=f"{description} part") as st:
+                if st.manifest is None:
+                    for i in mine:
+                        if names[i] not in st.pending_files:
+                            with st.open_file(names[i]) as tmp:
+                                write(i, tmp)
+                    st.commit({}, [names[i] for i in mine])
+
+        def merge() -> Optional[dict]:
+            if rank != 0:
+                return None
+            st = stack.st
+            for i, name in enumerate(names):
+                if name in st.pending_files:
+                    continue  # linked before an interruption
+                with st.open_file(name) as tmp:
+                    os.remove(tmp)
+                    src = os.path.join(_part_dir(folder, i % world, world), name)
+                    try:
+                        os.link(src, tmp)
+                    except OSError:  # a file system without hard links
+                        shutil.copyfile(src, tmp)
+            committed = st.commit(manifest, names)
+            F._remove_parts(folder)
+            return committed
+
+        _agree(write_part, rank, world)
+        _agree(merge, rank, world)
+    return read_manifest(folder)

@@ -11,8 +11,9 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from internvit.distributed_features import agree as _agree
+from internvit.distributed_features import write_files
 from internvit.features import _dist_rank_world as _rank_world
-from internvit.store import Store, job_id, read_manifest
+from internvit.store import read_manifest
 
 from .embeddings import KINDS, save_npy
 from .encoders import Encoder
@@ -48,7 +49,9 @@ def _check_encoder(out_dir: str, info: dict) -> None:
 
 def _write_text_embeddings(encoder: Encoder, out_dir: str, manifest: dict, width: int) -> dict:
     """Caption embeddings, row-aligned with the image shards, in ``text_emb/`` (its own store folder, so the
-    image folder's committed state is never rewritten). Returns the text folder's manifest."""
+    image folder's committed state is never rewritten). Under ``torch.distributed`` the shards are split across
+    the ranks as the image shards are (:func:`internvit.distributed_features.write_files`: the same folder as
+    one process). Returns the text folder's manifest."""
     import pyarrow.parquet as pq
 
     sub, prefix = KINDS["text"]
@@ -56,22 +59,17 @@ def _write_text_embeddings(encoder: Encoder, out_dir: str, manifest: dict, width
     info = encoder.info()
     job = {"op": "text_emb", "features": (manifest.get("_store") or {}).get("job_id") or manifest.get("count"),
            "encoder": info["name"], "weights": info["weights_fingerprint"], "dtype": info["dtype"]}
-    done = _committed(folder)
-    if done and (done.get("_store") or {}).get("job_id") == job_id(job):
-        return done
-    files = []
-    with Store(folder, job=job, discard_pending=True, description="caption embeddings folder") as st:
-        for shard in manifest["shards"]:
-            name = f"{prefix}{shard['index']:0{width}d}.npy"
-            files.append(name)
-            if name in st.pending_files:
-                continue
-            texts = pq.read_table(os.path.join(out_dir, shard["metadata"]), columns=["caption"])
-            texts = texts.column("caption").to_pylist()
-            emb = encoder.encode_texts(texts) if texts else np.zeros((0, encoder.dim), np.float32)
-            with st.open_file(name) as tmp:
-                save_npy(tmp, emb)
-        return st.commit({"dim": encoder.dim, "count": manifest["count"], "encoder": info}, files)
+    shards = manifest["shards"]
+
+    def write(i: int, path: str) -> None:
+        texts = pq.read_table(os.path.join(out_dir, shards[i]["metadata"]), columns=["caption"])
+        texts = texts.column("caption").to_pylist()
+        save_npy(path, encoder.encode_texts(texts) if texts else np.zeros((0, encoder.dim), np.float32))
+
+    rank, world = _rank_world()
+    return write_files(folder, job, [f"{prefix}{s['index']:0{width}d}.npy" for s in shards], write,
+                       {"dim": encoder.dim, "count": manifest["count"], "encoder": info}, rank=rank, world=world,
+                       description="caption embeddings folder")
 
 
 def embed_collection(encoder: Encoder, images, out_dir: str, *, captions: Optional[Sequence[Optional[str]]] = None,
@@ -88,8 +86,7 @@ def embed_collection(encoder: Encoder, images, out_dir: str, *, captions: Option
 
     Under ``torch.distributed`` (``torchrun``) every rank calls it with the same arguments: the image shards
     are split across the ranks as in distributed feature extraction (:mod:`internvit.distributed_features`,
-    byte-identical to one process); the caption embeddings are then written by rank 0 alone, and only rank 0's
-    manifest carries ``text_emb``.
+    byte-identical to one process), and so are the caption embeddings' shards.
     """
     out_dir = os.fspath(out_dir)
     if isinstance(images, TarImages) and images.transform is None:
@@ -112,7 +109,7 @@ def embed_collection(encoder: Encoder, images, out_dir: str, *, captions: Option
                         features_pattern=f"img_emb/img_emb_{{shard:0{width}d}}.npy",
                         metadata_pattern=f"metadata/metadata_{{shard:0{width}d}}.parquet",
                         extra_columns=extra, manifest_extra={"encoder": info})
-    if captions is not None and encoder.supports_text and manifest.get("count") and _rank_world()[0] == 0:
+    if captions is not None and encoder.supports_text and manifest.get("count"):
         text = _write_text_embeddings(encoder, out_dir, manifest, width)
         manifest = dict(manifest, text_emb={"dim": text["dim"], "count": text["count"]})
     return manifest
