@@ -20,11 +20,9 @@
   python bench/bench_ondisk.py --n 10000000 --dim 256 --max-index-memory 2G \\
       --data /big/bench_ondisk_data --out /big/bench_ondisk_index                 # the issue's size
 
-To *enforce* the bound rather than observe it, run the benchmark in a memory-limited cgroup (page cache
-counts there too, and is reclaimed before the build would be killed)::
-
-  systemd-run --user --scope -p MemoryMax=3G -p MemorySwapMax=0 \
-      python bench/bench_ondisk.py --n 10000000 --dim 256 --max-index-memory 2G --data /big/bo_data
+To *enforce* the bound rather than observe it, ``--memory-limit 3G`` runs the build in a new cgroup v1 memory
+group with that hard limit (as root; page cache counts there too, and is reclaimed before the build would be
+killed; swap is limited too): a build that needed more would be OOM-killed and the benchmark would fail.
 
 Prints a table and one JSON line (``--json FILE`` also writes it).
 """
@@ -58,6 +56,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--index-key", default=None, help="IVF key (default: the automatic on-disk choice)")
     p.add_argument("--workers", type=positive_int, default=1, help="processes adding partitions")
     p.add_argument("--target-recall", type=float, default=0.95)
+    p.add_argument("--memory-limit", type=memory_size, default=None,
+                   help="run the build in a new memory cgroup with this hard limit and no swap (needs root and the "
+                        "cgroup v1 memory controller at /sys/fs/cgroup/memory): the bound enforced, not observed")
     p.add_argument("--data", default=None, help="folder for the generated shards (default: a temporary one)")
     p.add_argument("--out", default=None, help="index folder (default: a temporary one, removed)")
     p.add_argument("--overwrite", action="store_true", help="replace the index in --out")
@@ -155,6 +156,46 @@ def _reset_peak() -> bool:
         return False
 
 
+class MemoryCgroup:
+    """A cgroup v1 memory group with a hard limit (page cache counts and is reclaimed first; no swap), which a
+    process joins with :meth:`join`. ``UsageError`` when it cannot be made (not root, no v1 memory controller)."""
+
+    ROOT = "/sys/fs/cgroup/memory"
+
+    def __init__(self, limit: int) -> None:
+        self.path = os.path.join(self.ROOT, f"bench_ondisk_{os.getpid()}")
+        try:
+            os.mkdir(self.path)
+            self._write("memory.limit_in_bytes", limit)
+            if os.path.exists(os.path.join(self.path, "memory.memsw.limit_in_bytes")):
+                self._write("memory.memsw.limit_in_bytes", limit)
+        except OSError as e:
+            raise UsageError(f"--memory-limit: cannot make a memory cgroup under {self.ROOT} ({e})") from None
+
+    def _write(self, name: str, value) -> None:
+        with open(os.path.join(self.path, name), "w", encoding="ascii") as f:
+            f.write(str(value))
+
+    def _read(self, name: str) -> str:
+        with open(os.path.join(self.path, name), encoding="ascii") as f:
+            return f.read()
+
+    def join(self, pid: int) -> None:
+        self._write("cgroup.procs", pid)
+
+    def report(self) -> dict:
+        oom = dict(line.split() for line in self._read("memory.oom_control").splitlines())
+        return {"limit": int(self._read("memory.limit_in_bytes")),
+                "max_usage": int(self._read("memory.max_usage_in_bytes")),
+                "oom_kills": int(oom.get("oom_kill", 0))}
+
+    def remove(self) -> None:
+        try:
+            os.rmdir(self.path)
+        except OSError:
+            pass
+
+
 def _build_child(data: str, out: str, kw: dict, result_path: str) -> None:
     """The build, measured: wall time, VmHWM (from after the imports), sampled anonymous peak, workers' peak."""
     import pyarrow.parquet  # noqa: F401  (imported by the build; not part of what it allocates)
@@ -207,11 +248,23 @@ def main(argv=None) -> int:
         res_path = os.path.join(scratch, "build.json")
         kw = dict(index_key=args.index_key, max_index_memory=args.max_index_memory, target_recall=args.target_recall,
                   workers=args.workers, seed=args.seed, progress=False, overwrite=args.overwrite)
+        cgroup = MemoryCgroup(args.memory_limit) if args.memory_limit else None
         proc = mp.get_context("spawn").Process(target=_build_child, args=(data, out, kw, res_path))
-        proc.start()
-        proc.join()
+        try:
+            if cgroup is not None:  # this process joins, so the child (and its workers) start inside; then leaves
+                cgroup.join(os.getpid())
+            proc.start()
+            if cgroup is not None:
+                with open(os.path.join(MemoryCgroup.ROOT, "cgroup.procs"), "w", encoding="ascii") as f:
+                    f.write(str(os.getpid()))
+            proc.join()
+            limited = cgroup.report() if cgroup is not None else None
+        finally:
+            if cgroup is not None:
+                cgroup.remove()
         if proc.exitcode != 0:
-            raise RuntimeError(f"the build failed (exit {proc.exitcode}); its error is above")
+            why = f" (the memory cgroup's OOM killer: {limited})" if limited and limited["oom_kills"] else ""
+            raise RuntimeError(f"the build failed (exit {proc.exitcode}){why}; its error is above")
         with open(res_path, encoding="utf-8") as f:
             b = json.load(f)
         build_s, peak, base, peak_anon, children = (b["build_s"], b["peak"], b["base"], b["peak_anon"],
@@ -248,7 +301,7 @@ def main(argv=None) -> int:
             "index_file_bytes": manifest["index_bytes"], "ivfdata_bytes": od["ivfdata_bytes"],
             "bytes_per_vector": manifest["bytes_per_vector"], "tuned_recall": manifest["tuning"]["recall"],
             "recall@10": recall, "qps_batch": qps_batch, "qps_single": qps_single,
-            "exact_search_s": exact_s, "faiss_threads": faiss.omp_get_max_threads(),
+            "exact_search_s": exact_s, "faiss_threads": faiss.omp_get_max_threads(), "memory_cgroup": limited,
         }
         print(f"on-disk build of {args.n} x {args.dim} with budget {format_bytes(budget)}: {manifest['index_key']} "
               f"({od['partitions']} partitions, {args.workers} worker(s))")
@@ -261,6 +314,10 @@ def main(argv=None) -> int:
                 ("recall@10 vs exact", f"{recall:.4f} at {manifest['search_params']} (tuned {result['tuned_recall']})"),
                 ("QPS", f"{qps_batch:.0f} batched, {qps_single:.0f} one query at a time"),
                 ("exact search pass", f"{exact_s:.1f} s")]
+        if limited is not None:
+            rows.insert(3, ("memory cgroup (hard limit)", f"limit {format_bytes(limited['limit'])}, max usage incl. "
+                                                          f"page cache {format_bytes(limited['max_usage'])}, OOM kills "
+                                                          f"{limited['oom_kills']}"))
         for k, v in rows:
             print(f"  {k:<30} {v}")
         if not result["rss_ok"] and peak_anon <= budget + 2**30:
