@@ -321,35 +321,19 @@ def read_safetensors_header(path: str) -> tuple[dict, int]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
 
 
-def _read_safetensors_tensor(path: str, data_start: int, info: dict, drop_cache: bool = False) -> torch.Tensor:
-    """One tensor read with ``readinto`` into its own memory (no memory map stays behind). ``drop_cache``:
-    then drop the bytes just read from the page cache (see :meth:`TensorSource.drop_cache_when_tight`)."""
+def _read_safetensors_tensor(path: str, data_start: int, info: dict) -> torch.Tensor:
+    """One tensor read with ``readinto`` into its own memory (no memory map stays behind)."""
     t = torch.empty(info["shape"], dtype=info["torch_dtype"])
     buf = memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
-    start = data_start + info["data_offsets"][0]
     with open(path, "rb") as f:
-        f.seek(start)
+        f.seek(data_start + info["data_offsets"][0])
         got = 0
         while got < len(buf):
             n = f.readinto(buf[got:])
             if not n:
                 raise CheckpointError(f"{path}: file ends inside tensor data (truncated?)")
             got += n
-        if drop_cache and got and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(f.fileno(), start, got, os.POSIX_FADV_DONTNEED)
     return t
-
-
-def _available_memory() -> Optional[int]:
-    """``MemAvailable`` of ``/proc/meminfo`` in bytes (Linux), else ``None``."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return None
 
 
 def _release_pages(start: int, nbytes: int, mapped: list[tuple[int, int]]) -> None:
@@ -419,19 +403,6 @@ class TensorSource(Mapping):
         self._where: dict[str, Callable[[], torch.Tensor]] = {}
         self._shapes: dict[str, tuple] = {}
         self.files: list[str] = []
-        self._drop_cache = False
-
-    def drop_cache_when_tight(self) -> bool:
-        """Drop each safetensors tensor's bytes from the page cache once copied, when the files and their copy
-        do not both fit in the available memory (Linux ``MemAvailable``): otherwise the kernel, short of
-        memory while the copy grows, evicts the file pages not yet read (the ones just read were referenced
-        again and stay), and the rest of the load reads from disk. Measured on a 6B-size bf16 checkpoint
-        (11.8 GB) on a 24 GiB machine with the files in the page cache: 22.7 s to load without, TO MEASURE
-        with. Returns whether it is on."""
-        total = sum(os.path.getsize(f) for f in self.files if f.endswith(".safetensors"))
-        avail = _available_memory()
-        self._drop_cache = bool(avail is not None and 2 * total > avail)
-        return self._drop_cache
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self._where[key]()
@@ -470,8 +441,7 @@ class TensorSource(Mapping):
         header, data_start = read_safetensors_header(path)
         for k, info in header.items():
             if sys.byteorder == "little":
-                self._where[k] = (lambda info=info: _read_safetensors_tensor(path, data_start, info,
-                                                                            self._drop_cache))
+                self._where[k] = (lambda info=info: _read_safetensors_tensor(path, data_start, info))
             else:  # the format is little-endian: let safetensors swap the bytes, then copy
                 self._where[k] = (lambda k=k: _safetensors_swapped(path, k))
             self._shapes[k] = tuple(info["shape"])
@@ -547,7 +517,6 @@ def open_weights(path: str | os.PathLike) -> TensorSource:
             src._add_safetensors(f)
         else:
             src._add_torch(f)
-    src.drop_cache_when_tight()
     return src
 
 
