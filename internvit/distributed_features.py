@@ -217,9 +217,12 @@ def write_files(folder: str, job: dict, names: list, write: Callable[[int, str],
 
         def write_part() -> None:
             part = _part_dir(folder, rank, world)
+            part_job = dict(job, part={"rank": rank, "world": world})
+            old = read_manifest(part) if os.path.isdir(part) else None
+            if old is not None and not F._same_job(old, part_job):
+                shutil.rmtree(part)  # a finished part of another job (scratch space of this folder): replaced
             mine = [i for i in range(len(names)) if i % world == rank]
-            with Store(part, job=dict(job, part={"rank": rank, "world": world}), discard_pending=True,
-                       description=f"{description} part") as st:
+            with Store(part, job=part_job, discard_pending=True, description=f"{description} part") as st:
                 if st.manifest is None:
                     for i in mine:
                         if names[i] not in st.pending_files:
