@@ -190,10 +190,15 @@ class MemoryCgroup:
                 "oom_kills": int(oom.get("oom_kill", 0))}
 
     def remove(self) -> None:
-        try:
-            os.rmdir(self.path)
-        except OSError:
-            pass
+        """Remove the group once its last process (e.g. a multiprocessing helper still exiting) has left."""
+        for _ in range(100):
+            try:
+                os.rmdir(self.path)
+                return
+            except OSError:
+                time.sleep(0.1)
+        print(f"warning: could not remove the memory cgroup {self.path} (still in use); rmdir it later",
+              file=sys.stderr)
 
 
 def _build_child(data: str, out: str, kw: dict, result_path: str) -> None:
