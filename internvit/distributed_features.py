@@ -100,17 +100,25 @@ def _part_dir(out_dir: str, rank: int, world: int) -> str:
     return os.path.join(out_dir, F.PARTS, f"rank-{rank}-of-{world}")
 
 
-def _write_part(fx: "F.FeatureExtractor", plan: dict, rank: int, world: int) -> dict:
-    """Write this rank's shards into its sub-store (resumed after a kill); returns ``{index: record}``."""
+def _open_part(out_dir: str, job: dict, rank: int, world: int, description: str):
+    """This rank's sub-store ``OUT/.parts/rank-R-of-W`` for ``job`` (a :class:`~internvit.store.Store`, to use as a
+    context manager): resumed when it holds this job's pending or committed part; a part of *another* job (the
+    folder's scratch space, left by an earlier run) is removed first, never reused."""
     from .store import Store, read_manifest
 
-    folder = _part_dir(plan["out_dir"], rank, world)
-    job = dict(plan["job"], part={"rank": rank, "world": world})
+    folder = _part_dir(out_dir, rank, world)
+    part_job = dict(job, part={"rank": rank, "world": world})
     old = read_manifest(folder) if os.path.isdir(folder) else None
-    if old is not None and not F._same_job(old, job):
-        shutil.rmtree(folder)  # a part of another job (scratch space of this folder): replaced
+    if old is not None and not F._same_job(old, part_job):
+        shutil.rmtree(folder)
+    return Store(folder, job=part_job, discard_pending=True, description=description)
+
+
+def _write_part(fx: "F.FeatureExtractor", plan: dict, rank: int, world: int) -> dict:
+    """Write this rank's shards into its sub-store (resumed after a kill); returns ``{index: record}``."""
+
     shards = [s for s in F._plan_shards(plan, 1) if s["index"] % world == rank]
-    with Store(folder, job=job, discard_pending=True, description="feature part") as st:
+    with _open_part(plan["out_dir"], plan["job"], rank, world, "feature part") as st:
         if st.manifest is not None:
             return {int(k): v for k, v in st.manifest["records"].items()}
         records, _ = fx._write_shards(st, plan, shards)
@@ -216,13 +224,8 @@ def write_files(folder: str, job: dict, names: list, write: Callable[[int, str],
             return read_manifest(folder)
 
         def write_part() -> None:
-            part = _part_dir(folder, rank, world)
-            part_job = dict(job, part={"rank": rank, "world": world})
-            old = read_manifest(part) if os.path.isdir(part) else None
-            if old is not None and not F._same_job(old, part_job):
-                shutil.rmtree(part)  # a finished part of another job (scratch space of this folder): replaced
             mine = [i for i in range(len(names)) if i % world == rank]
-            with Store(part, job=part_job, discard_pending=True, description=f"{description} part") as st:
+            with _open_part(folder, job, rank, world, f"{description} part") as st:
                 if st.manifest is None:
                     for i in mine:
                         if names[i] not in st.pending_files:

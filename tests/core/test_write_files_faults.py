@@ -31,3 +31,21 @@ def test_another_job_completes_after_a_kill_and_is_refused_over_a_committed_fold
     r = run(python_cmd(_code(out, "first")))
     assert r.returncode != 0 and "immutable" in r.stderr
     assert _read(out) == (3, {"a.bin": b"other", "b.bin": b"other", "c.bin": b"other"})
+
+
+def test_a_part_of_another_job_is_replaced_and_this_jobs_part_is_resumed(tmp_path):
+    """The one sub-store opener of write_distributed and write_files: a committed part left by another job in the
+    folder's scratch space is removed (never linked into this job's folder); this job's committed part is kept."""
+    from internvit.distributed_features import _open_part
+
+    out = str(tmp_path / "out")
+    with _open_part(out, {"op": "test", "tag": "old"}, 1, 2, "part") as st:
+        with st.open_file("a.bin") as tmp:
+            open(tmp, "wb").write(b"old")
+        st.commit({}, ["a.bin"])
+    part = tmp_path / "out" / ".parts" / "rank-1-of-2"
+    kept = (part / "a.bin").stat().st_ino
+    with _open_part(out, {"op": "test", "tag": "old"}, 1, 2, "part") as st:  # the same job: resumed as committed
+        assert st.manifest is not None and (part / "a.bin").stat().st_ino == kept
+    with _open_part(out, {"op": "test", "tag": "new"}, 1, 2, "part") as st:  # another job: a fresh part
+        assert st.manifest is None and not (part / "a.bin").exists()
