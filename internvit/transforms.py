@@ -5,6 +5,7 @@ import math
 import numbers
 from typing import Optional, Sequence
 
+import torch
 from torchvision import transforms as T
 
 from .config import IMAGENET_MEAN, IMAGENET_STD, InternViTConfig, InternVLConfig
@@ -73,13 +74,41 @@ def build_transform(config=None, *, train: bool = False, **overrides) -> T.Compo
     if isinstance(config, dict):
         p = check_preprocess({**p, **{k: v for k, v in overrides.items() if v is not None}})
     size, mode = p["image_size"], _MODES[p["interpolation"]]
-    norm = [T.ToTensor(), T.Normalize(p["mean"], p["std"])]
+    norm = [ToNormalizedTensor(p["mean"], p["std"])]
     rgb = T.Lambda(_to_rgb)
     if train:
         return T.Compose([rgb, T.RandomResizedCrop(size, interpolation=mode), T.RandomHorizontalFlip(), *norm])
     if p.get("resize_mode", "crop") == "squash":
         return T.Compose([rgb, T.Resize((size, size), interpolation=mode), *norm])
     return T.Compose([rgb, T.Resize(size, interpolation=mode), T.CenterCrop(size), *norm])
+
+
+class ToNormalizedTensor:
+    """8-bit RGB PIL image → ``(3, H, W)`` float32 tensor ``(x / 255 - mean) / std``, contiguous.
+
+    The same values, bit for bit, as ``T.Compose([T.ToTensor(), T.Normalize(mean, std)])`` (the same three
+    float32 operations in the same order), in one uint8 → float32 pass and in-place arithmetic instead of
+    torchvision's copies: 3.3x faster at 56 px, 1.6x at 224 px (measured on the 2-core CPU; the search service
+    prepares each query image alone, so this is on its per-query path). Raises ``ValueError`` for an image
+    that is not 8-bit RGB (the transforms convert with :func:`internvit.data.to_rgb` first).
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.mean = torch.tensor([float(x) for x in mean], dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor([float(x) for x in std], dtype=torch.float32).view(3, 1, 1)
+
+    def __call__(self, img) -> torch.Tensor:
+        if getattr(img, "mode", None) != "RGB":
+            raise ValueError(f"expected an 8-bit RGB image, got mode {getattr(img, 'mode', type(img).__name__)!r}")
+        w, h = img.size
+        if w * h == 0:
+            return torch.empty((3, h, w), dtype=torch.float32)
+        hwc = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(h, w, 3)
+        x = torch.empty((3, h, w), dtype=torch.float32).copy_(hwc.permute(2, 0, 1))
+        return x.div_(255).sub_(self.mean).div_(self.std)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})"
 
 
 def _to_rgb(img):

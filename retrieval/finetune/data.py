@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from internvit.config import IMAGENET_MEAN, IMAGENET_STD
+from internvit.transforms import ToNormalizedTensor
 
 FORMATS = ("auto", "flickr_txt", "coco_json", "images")
 
@@ -145,8 +146,7 @@ def train_transform(image_size: int, scale: Sequence[float] = (0.5, 1.0), hflip:
         T.Lambda(_to_rgb),
         T.RandomResizedCrop(image_size, scale=tuple(scale), interpolation=T.InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(hflip),
-        T.ToTensor(),
-        T.Normalize(mean, std),
+        ToNormalizedTensor(mean, std),  # = ToTensor + Normalize, bit for bit
     ])
 
 
