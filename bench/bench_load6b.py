@@ -169,7 +169,7 @@ def write_checkpoint(folder: str, blocks: int, max_shard_bytes: int) -> int:
 
 
 def cached_bytes(path: str) -> int:
-    """Bytes of ``path`` resident in the page cache (Linux ``mincore`` over a read-only map; -1 elsewhere)."""
+    """Bytes of ``path`` resident in the page cache (Linux ``mincore`` over a private map that touches no page; -1 elsewhere)."""
     size = os.path.getsize(path)
     if not sys.platform.startswith("linux") or size == 0:
         return -1
