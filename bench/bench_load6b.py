@@ -169,7 +169,10 @@ def write_checkpoint(folder: str, blocks: int, max_shard_bytes: int) -> int:
 
 
 def cached_bytes(path: str) -> int:
-    """Bytes of ``path`` resident in the page cache (Linux ``mincore`` over a private map that touches no page; -1 elsewhere)."""
+    """Bytes of ``path`` resident in the page cache, or -1 off Linux.
+
+    Uses ``mincore`` over a private map of the file; the map touches no page.
+    """
     size = os.path.getsize(path)
     if not sys.platform.startswith("linux") or size == 0:
         return -1
