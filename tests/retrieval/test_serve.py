@@ -248,15 +248,18 @@ def test_clip_retrieval_back_end_schema(server, retriever, vit_index):
 
 
 def test_concurrent_queries_are_micro_batched(vit_index, retriever):
+    """Queries that wait while a batch runs are encoded together in the next batch, each with its own answer.
+    Deterministic: the first batch holds the worker until all the other queries are pending (a statistical
+    version, 32 threads released at once, got batches of one on a loaded 2-core CI host: the arrivals spread
+    out by more than a query's service time, so nothing was waiting)."""
     app = create_app([vit_index], batch_wait_ms=20.0)
     paths = [_img(vit_index, i % 12) for i in range(32)]
     expected = {p: retriever.search_image([p], k=3).rows[0] for p in set(paths)}
     answers, errors = {}, []
-    start = threading.Barrier(len(paths))  # concurrent for real: not spread out by thread start-up on a busy host
+    gate = threading.Event()
 
     def client(i):
         try:
-            start.wait(60)
             status, body, _ = post(url + "/search", {"image": _b64(paths[i]), "k": 3})
             assert status == 200, body
             answers[i] = body["results"]
@@ -264,17 +267,33 @@ def test_concurrent_queries_are_micro_batched(vit_index, retriever):
             errors.append(e)
 
     with background_server(app) as url:
-        post(url + "/search", {"image": _b64(paths[0]), "k": 3})  # warm-up
+        b = app.state.batchers["vit"]
+        post(url + "/search", {"image": _b64(paths[0]), "k": 3})  # warm-up: a batch of one
+        work = b._work
+
+        def held(batch):  # the first concurrent batch holds the worker until every other query is pending
+            gate.wait(60)
+            return work(batch)
+
+        b._work = held
         threads = [threading.Thread(target=client, args=(i,)) for i in range(len(paths))]
-        for t in threads:
+        threads[0].start()
+        deadline = time.monotonic() + 60
+        while not b.busy and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for t in threads[1:]:
             t.start()
+        while b.pending < len(paths) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        b._work = work
+        gate.set()
         for t in threads:
-            t.join()
-    assert not errors
+            t.join(60)
+    assert not errors and len(answers) == len(paths)
     for i, p in enumerate(paths):
         _same(answers[i], expected[p])
-    b = app.state.batchers["vit"]
-    assert b.queries == len(paths) + 1 and b.largest_batch > 1 and b.batches < b.queries
+    # warm-up, the held first query, then the 31 that waited: one encoder call for all of them
+    assert (b.queries, b.batches, b.largest_batch) == (len(paths) + 1, 3, len(paths) - 1)
 
 
 def test_images_arriving_while_the_worker_is_busy_are_prepared_ahead(vit_index, retriever):
