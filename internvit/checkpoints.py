@@ -321,12 +321,53 @@ def read_safetensors_header(path: str) -> tuple[dict, int]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
 
 
+#: tensors of at least this many bytes are read by several threads at once (``os.preadv`` releases the GIL): the
+#: copy out of the page cache and the first-touch page faults of the destination run on every core. Measured on a
+#: 2-core VM, 1 GiB from a warm page cache: one ``readinto`` 1.5-1.8 GB/s, two threads 2.9 GB/s.
+PARALLEL_READ_MIN_BYTES = 32 * 1024**2
+_READ_CHUNK_BYTES = 8 * 1024**2
+
+
+def read_threads() -> int:
+    """Threads used for one large tensor read: the CPUs this process may run on, at most 8."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return max(1, min(8, n))
+
+
+def _pread_exact(fd: int, buf: memoryview, offset: int, path: str) -> None:
+    got = 0
+    while got < len(buf):
+        n = os.preadv(fd, [buf[got:]], offset + got)
+        if not n:
+            raise CheckpointError(f"{path}: file ends inside tensor data (truncated?)")
+        got += n
+
+
 def _read_safetensors_tensor(path: str, data_start: int, info: dict) -> torch.Tensor:
-    """One tensor read with ``readinto`` into its own memory (no memory map stays behind)."""
+    """One tensor read into its own memory (no memory map stays behind); large ones by :func:`read_threads`
+    threads, each reading whole chunks with ``os.preadv`` where the platform has it, else one ``readinto``."""
     t = torch.empty(info["shape"], dtype=info["torch_dtype"])
     buf = memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+    start = data_start + info["data_offsets"][0]
+    threads = read_threads() if len(buf) >= PARALLEL_READ_MIN_BYTES and hasattr(os, "preadv") else 1
+    if threads > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        chunks = range(0, len(buf), _READ_CHUNK_BYTES)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            with ThreadPoolExecutor(threads, thread_name_prefix="internvit-read") as pool:
+                for _ in pool.map(lambda a: _pread_exact(fd, buf[a:a + _READ_CHUNK_BYTES], start + a, path),
+                                  chunks):
+                    pass
+        finally:
+            os.close(fd)
+        return t
     with open(path, "rb") as f:
-        f.seek(data_start + info["data_offsets"][0])
+        f.seek(start)
         got = 0
         while got < len(buf):
             n = f.readinto(buf[got:])
