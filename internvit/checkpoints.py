@@ -359,6 +359,8 @@ def _read_safetensors_tensor(path: str, data_start: int, info: dict) -> torch.Te
         chunks = range(0, len(buf), _READ_CHUNK_BYTES)
         fd = os.open(path, os.O_RDONLY)
         try:
+            if hasattr(os, "posix_fadvise"):  # from disk: the kernel reads the whole tensor ahead of the copies
+                os.posix_fadvise(fd, start, len(buf), os.POSIX_FADV_WILLNEED)
             with ThreadPoolExecutor(threads, thread_name_prefix="internvit-read") as pool:
                 for _ in pool.map(lambda a: _pread_exact(fd, buf[a:a + _READ_CHUNK_BYTES], start + a, path),
                                   chunks):
@@ -436,8 +438,10 @@ def _owned_copy(t: torch.Tensor, mapped: list[tuple[int, int]]) -> torch.Tensor:
 class TensorSource(Mapping):
     """Read-only, lazy ``{key: tensor}`` view over one or more weight files; tensors load on access.
 
-    Every tensor it hands out lives in its own memory (never a memory map of the file): the file may be
-    overwritten or deleted afterwards.
+    By default every tensor it hands out lives in its own memory (never a memory map of the file): the file may
+    be overwritten or deleted afterwards. Files added with ``mmap=True`` hand out views of a private
+    (copy-on-write) memory map instead: no copy and no read until a page is touched, but the file must not
+    be modified in place while the tensors live (replacing or deleting it is safe).
     """
 
     def __init__(self) -> None:
@@ -478,27 +482,40 @@ class TensorSource(Mapping):
                 out._shapes[k] = tuple(v.shape)
         return out
 
-    def _add_safetensors(self, path: str) -> None:
+    def _add_safetensors(self, path: str, mmap: bool = False) -> None:
         header, data_start = read_safetensors_header(path)
+        storage = None
+        if mmap and sys.byteorder == "little" and header:
+            storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=os.path.getsize(path))
         for k, info in header.items():
-            if sys.byteorder == "little":
-                self._where[k] = (lambda info=info: _read_safetensors_tensor(path, data_start, info))
-            else:  # the format is little-endian: let safetensors swap the bytes, then copy
+            if sys.byteorder != "little":  # the format is little-endian: let safetensors swap the bytes, then copy
                 self._where[k] = (lambda k=k: _safetensors_swapped(path, k))
+            elif storage is not None and (data_start + info["data_offsets"][0]) % info["torch_dtype"].itemsize == 0:
+                self._where[k] = (lambda info=info: _mapped_safetensors_tensor(storage, data_start, info))
+            else:  # not mapped, or an offset the dtype cannot start at (the format does not promise alignment)
+                self._where[k] = (lambda info=info: _read_safetensors_tensor(path, data_start, info))
             self._shapes[k] = tuple(info["shape"])
         self.files.append(path)
 
-    def _add_torch(self, path: str) -> None:
+    def _add_torch(self, path: str, mmap: bool = False) -> None:
         sd = unwrap_state_dict(torch_load_weights(path, mmap=True), path)
         mapped = _file_mappings(path)  # empty for the legacy format (read into memory, nothing to release)
         for k, v in sd.items():
             if isinstance(v, torch.Tensor):
-                # a memory-mapped tensor is copied out of the map; one read into memory is already its own
+                # a memory-mapped tensor is copied out of the map (unless mmap=True); one read into memory is
+                # already its own
                 storage = v.untyped_storage()
                 in_map = any(lo <= storage.data_ptr() < hi for lo, hi in mapped)
-                self._where[k] = (lambda v=v: _owned_copy(v, mapped)) if in_map else (lambda v=v: v)
+                self._where[k] = (lambda v=v: _owned_copy(v, mapped)) if in_map and not mmap else (lambda v=v: v)
                 self._shapes[k] = tuple(v.shape)
         self.files.append(path)
+
+
+def _mapped_safetensors_tensor(storage: torch.UntypedStorage, data_start: int, info: dict) -> torch.Tensor:
+    """A view of one tensor in the file's private memory map (no copy; pages are read when touched)."""
+    dtype, shape = info["torch_dtype"], tuple(info["shape"])
+    offset = (data_start + info["data_offsets"][0]) // dtype.itemsize  # in elements (callers checked alignment)
+    return torch.empty(0, dtype=dtype).set_(storage, offset, shape)  # contiguous strides
 
 
 def _safetensors_swapped(path: str, key: str) -> torch.Tensor:
@@ -546,8 +563,12 @@ def find_weight_files(directory: str) -> list[str]:
     raise CheckpointError(f"{directory}: no model.safetensors, sharded safetensors or pytorch_model.bin found")
 
 
-def open_weights(path: str | os.PathLike) -> TensorSource:
-    """Lazy tensors of a weight file or a Hugging Face directory."""
+def open_weights(path: str | os.PathLike, *, mmap: bool = False) -> TensorSource:
+    """Lazy tensors of a weight file or a Hugging Face directory.
+
+    ``mmap=True``: the tensors are views of private memory maps of the files (see :class:`TensorSource`).
+    Raises :class:`CheckpointError` for a missing or unreadable file.
+    """
     path = os.fspath(path)
     files = find_weight_files(path) if os.path.isdir(path) else [path]
     src = TensorSource()
@@ -555,9 +576,9 @@ def open_weights(path: str | os.PathLike) -> TensorSource:
         if not os.path.isfile(f):
             raise CheckpointError(f"{f}: no such weight file")
         if f.endswith(".safetensors"):
-            src._add_safetensors(f)
+            src._add_safetensors(f, mmap)
         else:
-            src._add_torch(f)
+            src._add_torch(f, mmap)
     return src
 
 

@@ -126,6 +126,7 @@ def load_model(
     dtype: Optional[torch.dtype] = torch.float32,
     device: str | torch.device = "cpu",
     freeze: bool = False,
+    mmap: bool = False,
 ) -> nn.Module:
     """Load an InternViT or InternVL model.
 
@@ -137,6 +138,12 @@ def load_model(
     holding a text tower (``internvl_c_13b_224px.pth``, InternVL-14B weights) gives an InternVL model.
     ``dtype=None`` keeps the dtypes stored in the checkpoint. A preset's random weights are drawn with
     :func:`preset_seed` of its name (the same in every process; the global RNG is left untouched).
+
+    ``mmap=False`` (default) copies every weight into the model's own memory: the files may change or go away
+    afterwards. ``mmap=True`` makes the weights that need no cast or move views of private (copy-on-write)
+    memory maps of the files, as ``safetensors.torch.load_file`` does: no copy, pages read when first used,
+    shared with the page cache across processes; the files must then not be modified in place while the model
+    lives (replacing or deleting them is safe).
     """
     src = os.fspath(source) if isinstance(source, os.PathLike) else source
     if not isinstance(src, str):
@@ -159,7 +166,7 @@ def load_model(
     elif not src.endswith(WEIGHT_SUFFIXES):
         raise CheckpointError(f"{src}: unknown weight file type (expected {', '.join(WEIGHT_SUFFIXES)})")
 
-    tensors = open_weights(src)
+    tensors = open_weights(src, mmap=mmap)
     try:
         cfg = get_config(config) if config is not None else infer_config(tensors)
         cls = _model_class(cfg)

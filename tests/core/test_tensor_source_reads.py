@@ -48,3 +48,65 @@ def test_large_tensors_read_by_threads_in_chunks_equal_the_file(tmp_path, monkey
     with pytest.raises(ck.CheckpointError, match="truncated"):
         for k in sd:
             src[k]
+
+
+def _in_map(t: torch.Tensor, path: str) -> bool:
+    p = t.untyped_storage().data_ptr()
+    return any(lo <= p < hi for lo, hi in ck._file_mappings(path))
+
+
+def test_load_model_mmap_gives_copy_on_write_views_of_the_file_and_the_same_weights(tmp_path):
+    import internvit
+
+    model = internvit.load_model("internvit-6b-tiny")
+    folder = str(tmp_path / "hf")
+    internvit.save_model(model, folder)
+    path = ck.find_weight_files(folder)[0]
+    copied = internvit.load_model(folder, dtype=None)
+    mapped = internvit.load_model(folder, dtype=None, mmap=True)
+    ref = model.state_dict()
+    for k, v in mapped.state_dict().items():
+        assert torch.equal(v, ref[k]) and torch.equal(copied.state_dict()[k], ref[k]), k
+    assert all(_in_map(p, path) for p in mapped.parameters())
+    assert not any(_in_map(p, path) for p in copied.parameters())
+    before = open(path, "rb").read()
+    x = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        assert torch.equal(mapped(x).last_hidden_state, copied(x).last_hidden_state)
+        for p in mapped.parameters():
+            p.add_(1.0)  # private map: the process's pages change, the file does not
+    assert open(path, "rb").read() == before
+    # a cast needs a copy: nothing is left pointing into the map
+    cast = internvit.load_model(folder, dtype=torch.bfloat16, mmap=True)
+    assert not any(_in_map(p, path) for p in cast.parameters())
+
+
+def test_mmap_falls_back_to_a_copy_for_an_offset_the_dtype_cannot_start_at(tmp_path):
+    """The format does not promise alignment: a header of odd length puts the data at an offset an fp32 tensor
+    cannot be viewed at; that tensor is read into its own memory, the 2-byte one next to it is mapped."""
+    import json
+    import struct
+
+    a, b = torch.arange(6, dtype=torch.float32).reshape(2, 3), torch.tensor([1.5, -2.0], dtype=torch.bfloat16)
+    header = {"a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]},
+              "b": {"dtype": "BF16", "shape": [2], "data_offsets": [24, 28]}}
+    raw = json.dumps(header).encode()
+    raw += b" " * ((2 - (8 + len(raw)) % 4) % 4)  # data starts at 2 (mod 4)
+    path = str(tmp_path / "odd.safetensors")
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + a.numpy().tobytes() + b.view(torch.int16).numpy().tobytes())
+    assert (8 + len(raw)) % 4 == 2
+    src = ck.open_weights(path, mmap=True)
+    ta, tb = src["a"], src["b"]
+    assert torch.equal(ta, a) and torch.equal(tb, b)
+    assert not _in_map(ta, path) and _in_map(tb, path)
+
+
+def test_mmap_torch_checkpoint_tensors_stay_in_the_map(tmp_path):
+    sd = {"w": torch.randn(64, 64), "b": torch.randn(64)}
+    path = str(tmp_path / "w.pth")
+    torch.save(sd, path)
+    mapped, copied = ck.open_weights(path, mmap=True), ck.open_weights(path)
+    for k, v in sd.items():
+        assert torch.equal(mapped[k], v) and torch.equal(copied[k], v)
+    assert _in_map(mapped["w"], path) and not _in_map(copied["w"], path)
