@@ -251,8 +251,10 @@ def test_concurrent_queries_are_micro_batched(vit_index, retriever):
     """Queries that wait while a batch runs are encoded together in the next batch, each with its own answer.
     Deterministic: the first batch holds the worker until all the other queries are pending (a statistical
     version, 32 threads released at once, got batches of one on a loaded 2-core CI host: the arrivals spread
-    out by more than a query's service time, so nothing was waiting)."""
-    app = create_app([vit_index], batch_wait_ms=20.0)
+    out by more than a query's service time, so nothing was waiting). inline_ms=0: once the warm-up showed lone
+    queries are fast, a lone query may run on the event loop thread, and holding it there would hold the loop
+    (no other query could arrive), not the worker."""
+    app = create_app([vit_index], batch_wait_ms=20.0, inline_ms=0)
     paths = [_img(vit_index, i % 12) for i in range(32)]
     expected = {p: retriever.search_image([p], k=3).rows[0] for p in set(paths)}
     answers, errors = {}, []
@@ -289,7 +291,7 @@ def test_concurrent_queries_are_micro_batched(vit_index, retriever):
         gate.set()
         for t in threads:
             t.join(60)
-    assert not errors and len(answers) == len(paths)
+    assert b.inlined == 0 and not errors and len(answers) == len(paths)
     for i, p in enumerate(paths):
         _same(answers[i], expected[p])
     # warm-up, the held first query, then the 31 that waited: one encoder call for all of them
