@@ -486,7 +486,8 @@ class TensorSource(Mapping):
         header, data_start = read_safetensors_header(path)
         storage = None
         if mmap and sys.byteorder == "little" and header:
-            storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=os.path.getsize(path))
+            # positional: the size argument is named `size` or `nbytes` depending on the torch version
+            storage = torch.UntypedStorage.from_file(path, False, os.path.getsize(path))  # MAP_PRIVATE
         for k, info in header.items():
             if sys.byteorder != "little":  # the format is little-endian: let safetensors swap the bytes, then copy
                 self._where[k] = (lambda k=k: _safetensors_swapped(path, k))
