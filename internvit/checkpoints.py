@@ -328,8 +328,9 @@ PARALLEL_READ_MIN_BYTES = 32 * 1024**2
 _READ_CHUNK_BYTES = 8 * 1024**2
 
 
-def read_threads() -> int:
-    """Threads used for one large tensor read: the CPUs this process may run on, at most 8."""
+def io_threads() -> int:
+    """Threads for work that releases the GIL per item (large reads, hashing): the CPUs this process may run on
+    (``os.sched_getaffinity``, else ``os.cpu_count``), from 1 to 8."""
     try:
         n = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -337,45 +338,44 @@ def read_threads() -> int:
     return max(1, min(8, n))
 
 
-def _pread_exact(fd: int, buf: memoryview, offset: int, path: str) -> None:
+def _read_exact(read: Callable[[memoryview, int], int], buf: memoryview, offset: int, path: str) -> None:
+    """Fill ``buf`` with ``read(view, file_offset) -> bytes read``; a short file raises :class:`CheckpointError`."""
     got = 0
     while got < len(buf):
-        n = os.preadv(fd, [buf[got:]], offset + got)
+        n = read(buf[got:], offset + got)
         if not n:
             raise CheckpointError(f"{path}: file ends inside tensor data (truncated?)")
         got += n
 
 
 def _read_safetensors_tensor(path: str, data_start: int, info: dict) -> torch.Tensor:
-    """One tensor read into its own memory (no memory map stays behind); large ones by :func:`read_threads`
+    """One tensor read into its own memory (no memory map stays behind); large ones by :func:`io_threads`
     threads, each reading whole chunks with ``os.preadv`` where the platform has it, else one ``readinto``."""
     t = torch.empty(info["shape"], dtype=info["torch_dtype"])
     buf = memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
     start = data_start + info["data_offsets"][0]
-    threads = read_threads() if len(buf) >= PARALLEL_READ_MIN_BYTES and hasattr(os, "preadv") else 1
-    if threads > 1:
+    if not hasattr(os, "preadv"):  # e.g. Windows: one sequential read
+        with open(path, "rb") as f:
+            f.seek(start)
+            _read_exact(lambda view, _offset: f.readinto(view), buf, start, path)
+        return t
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        threads = io_threads() if len(buf) >= PARALLEL_READ_MIN_BYTES else 1
+        if threads == 1:
+            _read_exact(lambda view, offset: os.preadv(fd, [view], offset), buf, start, path)
+            return t
         from concurrent.futures import ThreadPoolExecutor
 
+        if hasattr(os, "posix_fadvise"):  # from disk: the kernel reads the whole tensor ahead of the copies
+            os.posix_fadvise(fd, start, len(buf), os.POSIX_FADV_WILLNEED)
         chunks = range(0, len(buf), _READ_CHUNK_BYTES)
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            if hasattr(os, "posix_fadvise"):  # from disk: the kernel reads the whole tensor ahead of the copies
-                os.posix_fadvise(fd, start, len(buf), os.POSIX_FADV_WILLNEED)
-            with ThreadPoolExecutor(threads, thread_name_prefix="internvit-read") as pool:
-                for _ in pool.map(lambda a: _pread_exact(fd, buf[a:a + _READ_CHUNK_BYTES], start + a, path),
-                                  chunks):
-                    pass
-        finally:
-            os.close(fd)
-        return t
-    with open(path, "rb") as f:
-        f.seek(start)
-        got = 0
-        while got < len(buf):
-            n = f.readinto(buf[got:])
-            if not n:
-                raise CheckpointError(f"{path}: file ends inside tensor data (truncated?)")
-            got += n
+        with ThreadPoolExecutor(threads, thread_name_prefix="internvit-read") as pool:
+            for _ in pool.map(lambda a: _read_exact(lambda view, offset: os.preadv(fd, [view], offset),
+                                                    buf[a:a + _READ_CHUNK_BYTES], start + a, path), chunks):
+                pass
+    finally:
+        os.close(fd)
     return t
 
 

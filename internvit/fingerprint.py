@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import threading
 import warnings
@@ -26,6 +25,8 @@ from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 from torch import nn
+
+from .checkpoints import io_threads
 
 __all__ = ["weights_fingerprint", "preprocessing_fingerprint", "PreprocessingFingerprintWarning",
            "clear_fingerprint_cache"]
@@ -66,7 +67,7 @@ def _hash_state_dict(sd: Mapping[str, torch.Tensor], dtype: Optional[torch.dtype
     from concurrent.futures import ThreadPoolExecutor
 
     items = list(sd.items())
-    workers = workers or max(1, min(8, os.cpu_count() or 1))
+    workers = workers or io_threads()
     with torch.no_grad():
         if workers == 1 or len(items) < 2:
             digests = [_tensor_digest(k, t, dtype, chunk_bytes) for k, t in items]
