@@ -32,9 +32,7 @@ The page cache is set before every child, the same for both, and the cached byte
                                                                      # (= --blocks 2 --max-shard-gb 0.2)
 """
 import argparse
-import ctypes
 import json
-import mmap
 import os
 import shutil
 import statistics
@@ -43,7 +41,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,6 +50,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 from _common import table  # noqa: E402
 
 import internvit  # noqa: E402
+from internvit.checkpoints import page_cache_bytes  # noqa: E402
 
 #: config.json of OpenGVLab/InternViT-6B-224px as released (reference-spec §5.1 and reference-spec-2 §4)
 HF_CONFIG = {
@@ -171,27 +169,6 @@ def write_checkpoint(folder: str, blocks: int, max_shard_bytes: int) -> int:
     return total
 
 
-def cached_bytes(path: str) -> int:
-    """Bytes of ``path`` resident in the page cache, or -1 off Linux.
-
-    Uses ``mincore`` over a private map of the file; the map touches no page.
-    """
-    size = os.path.getsize(path)
-    if not sys.platform.startswith("linux") or size == 0:
-        return -1
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    page = mmap.PAGESIZE
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as m:
-        head = (ctypes.c_char * 1).from_buffer(m)  # the map's address; no page is touched
-        vec = (ctypes.c_ubyte * ((size + page - 1) // page))()
-        rc = libc.mincore(ctypes.c_void_p(ctypes.addressof(head)), ctypes.c_size_t(size), vec)
-        del head
-    if rc != 0:
-        return -1
-    return int((np.frombuffer(vec, dtype=np.uint8) & 1).sum()) * page
-
-
 def set_cache(files: list, state: str) -> int:
     """Put ``files`` in the page-cache ``state`` (``cold``: their pages dropped after a sync; ``warm``: read
     through once); returns their bytes resident afterwards."""
@@ -206,7 +183,7 @@ def set_cache(files: list, state: str) -> int:
                     pass
         finally:
             os.close(fd)
-    return sum(max(0, cached_bytes(p)) for p in files)
+    return sum(max(0, page_cache_bytes(p)) for p in files)
 
 
 def child(kind: str, path: str, forward: bool) -> dict:

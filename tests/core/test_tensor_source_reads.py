@@ -125,3 +125,54 @@ def test_io_threads_follows_the_cpus_this_process_may_use(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", unavailable, raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: None)
     assert ck.io_threads() == 1
+
+
+def test_drop_behind_when_the_files_and_their_copy_do_not_both_fit(monkeypatch):
+    avail = ck.available_memory()
+    assert avail is None or avail > 0
+    monkeypatch.setattr(ck, "available_memory", lambda: 1000)
+    assert ck.drop_behind_for(451) and not ck.drop_behind_for(450)  # 2 x bytes against 0.9 x available
+    monkeypatch.setattr(ck, "available_memory", lambda: None)  # unknown: never drop
+    assert not ck.drop_behind_for(10**15)
+
+
+def test_a_copying_load_too_big_for_memory_drops_what_it_copied_from_the_page_cache(tmp_path, monkeypatch):
+    """With too little memory for the files and their copy (MemAvailable faked small), a copying load leaves the
+    tensor bytes it copied out of the page cache, threaded chunks and single reads alike, and the tensors are
+    the file's; with room, or with mmap=True, the cached pages stay."""
+    import mmap as mmap_module
+
+    page = mmap_module.PAGESIZE
+    g = torch.Generator().manual_seed(0)
+    sd = {"big": torch.randn(512, 1024, generator=g), "small": torch.randn(3, 5, generator=g)}
+    path = str(tmp_path / "w.safetensors")
+    save_file(sd, path)
+    size = os.path.getsize(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # dirty pages are never dropped: write them back first
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        dropped = ck.page_cache_bytes(path)
+    finally:
+        os.close(fd)
+
+    def warm() -> int:
+        with open(path, "rb") as f:
+            while f.read(1 << 20):
+                pass
+        return ck.page_cache_bytes(path)
+
+    if dropped < 0 or dropped > page or warm() < size - page:
+        pytest.skip(f"the page cache of {tmp_path} cannot be observed or dropped here (tmpfs or not Linux)")
+    monkeypatch.setattr(ck, "PARALLEL_READ_MIN_BYTES", 1 << 20)
+    monkeypatch.setattr(ck, "_READ_CHUNK_BYTES", 64 * 1024 + 100)  # chunks not page-aligned
+    monkeypatch.setattr(ck, "io_threads", lambda: 2)
+    for avail, mmap, cached_after in ((10 * size, False, size), (size, True, size), (size, False, 0)):
+        monkeypatch.setattr(ck, "available_memory", lambda avail=avail: avail)
+        assert warm() >= size - page
+        src = ck.open_weights(path, mmap=mmap)
+        for k, v in sd.items():
+            assert torch.equal(src[k], v), k
+        cached = ck.page_cache_bytes(path)
+        # only pages the reads did not cover whole stay: the header's and those a chunk boundary cuts
+        assert abs(cached - cached_after) <= (2 * 32 + 4) * page, (avail, mmap, cached)
