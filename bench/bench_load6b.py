@@ -50,7 +50,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 from _common import table  # noqa: E402
 
 import internvit  # noqa: E402
-from internvit.checkpoints import page_cache_bytes  # noqa: E402
+from internvit.file_reads import page_cache_bytes  # noqa: E402
 
 #: config.json of OpenGVLab/InternViT-6B-224px as released (reference-spec §5.1 and reference-spec-2 §4)
 HF_CONFIG = {

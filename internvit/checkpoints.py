@@ -1,4 +1,5 @@
-"""Checkpoint reading, key families and loading — the only place that knows checkpoint formats.
+"""Checkpoint reading, key families and loading: with :mod:`internvit.file_reads` (the bytes of safetensors
+files), the only place that knows checkpoint formats.
 
 * Reading never executes code: safetensors (read tensor by tensor into memory), or for ``.pth`` / ``.bin`` a
   pickle whose globals are vetted from its opcodes before ``torch.load(weights_only=True, mmap=True)``, and
@@ -12,9 +13,7 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
-import mmap as mmap_module
 import os
 import re
 import sys
@@ -24,6 +23,18 @@ from typing import Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
 from torch import nn
+
+from .file_reads import (
+    CheckpointError,
+    drop_behind_for,
+    file_mappings,
+    first_line,
+    mapped_safetensors_tensor,
+    owned_copy,
+    read_safetensors_header,
+    read_safetensors_tensor,
+    swapped_safetensors_tensor,
+)
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
@@ -49,10 +60,6 @@ KNOWN_EXTRA_PREFIXES: tuple[str, ...] = (
 
 #: Wrappers around a state dict, unwrapped in this order (DeepSpeed, mmengine, classification heads).
 WRAPPER_KEYS = ("module", "state_dict", "model")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint does not fit the model; the message names the keys or the file."""
 
 
 def _template_regex(template: str) -> re.Pattern:
@@ -162,11 +169,7 @@ def pickled_globals(path: str) -> tuple[list[str], bool]:
         if isinstance(e, OSError) and not os.path.isfile(path):
             raise CheckpointError(f"{path}: no such weight file") from None
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: "
-                              f"{_first_line(e)})") from None
-
-
-def _first_line(e: BaseException) -> str:
-    return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+                              f"{first_line(e)})") from None
 
 
 def refuse_globals(path: str, globals_: Iterable[str], allowed: Callable[[str], bool]) -> None:
@@ -280,218 +283,6 @@ def torch_load_weights(path: str, *, mmap: bool = True) -> dict:
     return safe_torch_load(path, map_location="cpu", mmap=mmap)
 
 
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "C64": torch.complex64,
-    **{k: getattr(torch, v) for k, v in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
-                                          ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"))
-       if hasattr(torch, v)},
-}
-
-
-def read_safetensors_header(path: str) -> tuple[dict, int]:
-    """``({key: {dtype, shape, data_offsets}}, offset of the data section)`` of a safetensors file, checked
-    against the file size (a truncated file is refused here, not at the first tensor access)."""
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if not 2 <= n <= min(size - 8, 100 * 1024**2):
-                raise ValueError(f"header length {n} does not fit a {size}-byte file")
-            header = json.loads(f.read(n))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-        header.pop("__metadata__", None)
-        data_size = size - 8 - n
-        for key, info in header.items():
-            dtype = _SAFETENSORS_DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
-            shape, (begin, end) = info["shape"], info["data_offsets"]
-            if dtype is None:
-                raise ValueError(f"tensor {key}: unsupported dtype ({info!r:.60})")
-            numel = 1
-            for d in shape:
-                numel *= int(d)
-            if not 0 <= begin <= end <= data_size or end - begin != numel * dtype.itemsize:
-                raise ValueError(f"tensor {key}: bytes {begin}..{end} do not fit shape {shape} / the "
-                                 f"{data_size}-byte data section (truncated file?)")
-            info["torch_dtype"] = dtype
-        return header, 8 + n
-    except (ValueError, KeyError, TypeError, OSError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
-
-
-#: tensors of at least this many bytes are read by several threads at once (``os.preadv`` releases the GIL): the
-#: copy out of the page cache and the first-touch page faults of the destination run on every core. Measured on a
-#: 2-core VM, 1 GiB from a warm page cache: one ``readinto`` 1.5-1.8 GB/s, two threads 2.9 GB/s.
-PARALLEL_READ_MIN_BYTES = 32 * 1024**2
-_READ_CHUNK_BYTES = 8 * 1024**2
-
-
-def io_threads() -> int:
-    """Threads for work that releases the GIL per item (large reads, hashing): the CPUs this process may run on
-    (``os.sched_getaffinity``, else ``os.cpu_count``), from 1 to 8."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        n = os.cpu_count() or 1
-    return max(1, min(8, n))
-
-
-def _read_exact(read: Callable[[memoryview, int], int], buf: memoryview, offset: int, path: str) -> None:
-    """Fill ``buf`` with ``read(view, file_offset) -> bytes read``; a short file raises :class:`CheckpointError`."""
-    got = 0
-    while got < len(buf):
-        n = read(buf[got:], offset + got)
-        if not n:
-            raise CheckpointError(f"{path}: file ends inside tensor data (truncated?)")
-        got += n
-
-
-def _read_safetensors_tensor(path: str, data_start: int, info: dict, drop_behind: bool = False) -> torch.Tensor:
-    """One tensor read into its own memory (no memory map stays behind); large ones by :func:`io_threads`
-    threads, each reading whole chunks with ``os.preadv`` where the platform has it, else one ``readinto``.
-
-    ``drop_behind``: each chunk's pages are dropped from the page cache once copied (``POSIX_FADV_DONTNEED``),
-    see :func:`drop_behind_for`.
-    """
-    t = torch.empty(info["shape"], dtype=info["torch_dtype"])
-    buf = memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
-    start = data_start + info["data_offsets"][0]
-    if not hasattr(os, "preadv"):  # e.g. Windows: one sequential read
-        with open(path, "rb") as f:
-            f.seek(start)
-            _read_exact(lambda view, _offset: f.readinto(view), buf, start, path)
-        return t
-    fd = os.open(path, os.O_RDONLY)
-    drop = drop_behind and hasattr(os, "posix_fadvise")
-
-    def read_chunk(a: int, n: int) -> None:
-        _read_exact(lambda view, offset: os.preadv(fd, [view], offset), buf[a:a + n], start + a, path)
-        if drop:
-            os.posix_fadvise(fd, start + a, n, os.POSIX_FADV_DONTNEED)
-
-    try:
-        threads = io_threads() if len(buf) >= PARALLEL_READ_MIN_BYTES else 1
-        if threads == 1:
-            read_chunk(0, len(buf))
-            return t
-        from concurrent.futures import ThreadPoolExecutor
-
-        if hasattr(os, "posix_fadvise"):  # from disk: the kernel reads the whole tensor ahead of the copies
-            os.posix_fadvise(fd, start, len(buf), os.POSIX_FADV_WILLNEED)
-        chunks = range(0, len(buf), _READ_CHUNK_BYTES)
-        with ThreadPoolExecutor(threads, thread_name_prefix="internvit-read") as pool:
-            for _ in pool.map(lambda a: read_chunk(a, min(_READ_CHUNK_BYTES, len(buf) - a)), chunks):
-                pass
-    finally:
-        os.close(fd)
-    return t
-
-
-def available_memory() -> Optional[int]:
-    """Bytes the kernel can give this process without swapping (Linux ``MemAvailable``: free memory plus the
-    reclaimable page cache), or ``None`` where unknown."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def page_cache_bytes(path: str) -> int:
-    """Bytes of ``path`` resident in the page cache (Linux ``mincore`` over a private map of the file, which
-    touches no page), or -1 where that cannot be read (not Linux, an empty file)."""
-    size = os.path.getsize(path)
-    if not sys.platform.startswith("linux") or size == 0:
-        return -1
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    page = mmap_module.PAGESIZE
-    with open(path, "rb") as f, mmap_module.mmap(f.fileno(), size, access=mmap_module.ACCESS_COPY) as m:
-        head = (ctypes.c_char * 1).from_buffer(m)  # the map's address; no page is touched
-        vec = (ctypes.c_ubyte * ((size + page - 1) // page))()
-        rc = libc.mincore(ctypes.c_void_p(ctypes.addressof(head)), ctypes.c_size_t(size), vec)
-        del head
-    if rc != 0:
-        return -1
-    return sum(b & 1 for b in bytes(vec)) * page
-
-
-def drop_behind_for(nbytes: int) -> bool:
-    """Whether a copying load of ``nbytes`` of weight files drops each chunk from the page cache once copied.
-
-    Yes when the files and their copy do not both fit in :func:`available_memory`: ``2 * nbytes`` more than 0.9
-    of it (the kernel keeps some memory free, and the process holds more than its weights). Otherwise the copy
-    must evict file pages as it grows, and the kernel evicts the pages read once before those read twice: on a
-    re-read of a cached checkpoint, exactly the pages about to be read. Dropping what was already copied keeps
-    cache + copy at about one checkpoint (measured: 11.8 GB of shards, 23.5 GiB RAM, warm cache: 30.9 s
-    without, 12.4 s with). When both fit, nothing is dropped: the next load, or another process reading the
-    same files, finds them cached.
-    """
-    avail = available_memory()
-    return avail is not None and 2 * nbytes > 0.9 * avail
-
-
-def _release_pages(start: int, nbytes: int, mapped: list[tuple[int, int]]) -> None:
-    """Drop the resident pages of ``[start, start + nbytes)`` from this process (Linux) when that range lies in
-    one of the ``mapped`` file mappings; they are re-read from the file on the next access. Only whole pages
-    inside the range are released, and never memory outside a file mapping (that would lose its contents)."""
-    global _LIBC
-    if nbytes <= 0 or not any(lo <= start and start + nbytes <= hi for lo, hi in mapped):
-        return
-    if _LIBC is None:
-        _LIBC = ctypes.CDLL(None, use_errno=True)
-        _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    page = mmap_module.PAGESIZE
-    lo, hi = -(-start // page) * page, (start + nbytes) // page * page
-    if hi > lo:
-        _LIBC.madvise(lo, hi - lo, mmap_module.MADV_DONTNEED)
-
-
-def _file_mappings(path: str) -> list[tuple[int, int]]:
-    """Address ranges at which this process maps ``path`` (Linux ``/proc/self/maps``; empty elsewhere)."""
-    if not sys.platform.startswith("linux"):
-        return []
-    real, out = os.path.realpath(path), []
-    try:
-        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                parts = line.rstrip("\n").split(None, 5)
-                if len(parts) == 6 and parts[5] == real:
-                    lo, hi = (int(x, 16) for x in parts[0].split("-"))
-                    out.append((lo, hi))
-    except OSError:
-        return []
-    return out
-
-
-_LIBC = None
-_COPY_CHUNK_BYTES = 16 * 1024**2
-
-
-def _owned_copy(t: torch.Tensor, mapped: list[tuple[int, int]]) -> torch.Tensor:
-    """A copy of a memory-mapped tensor in its own memory, copied in chunks whose mapped pages (inside the
-    ``mapped`` ranges) are released right after: reading a whole file this way peaks at about one copy of the
-    weights plus one chunk."""
-    if not t.is_contiguous() or t.numel() == 0:
-        out = t.clone(memory_format=torch.contiguous_format)
-        storage = t.untyped_storage()
-        _release_pages(storage.data_ptr(), storage.nbytes(), mapped)
-        return out
-    out = torch.empty_like(t, memory_format=torch.contiguous_format)
-    src, dst = t.reshape(-1), out.reshape(-1)
-    step = max(1, _COPY_CHUNK_BYTES // t.element_size())
-    for a in range(0, src.numel(), step):
-        b = min(a + step, src.numel())
-        dst[a:b].copy_(src[a:b])
-        _release_pages(src.data_ptr() + a * t.element_size(), (b - a) * t.element_size(), mapped)
-    return out
-
-
 class TensorSource(Mapping):
     """Read-only, lazy ``{key: tensor}`` view over one or more weight files; tensors load on access.
 
@@ -547,40 +338,26 @@ class TensorSource(Mapping):
             storage = torch.UntypedStorage.from_file(path, False, os.path.getsize(path))  # MAP_PRIVATE
         for k, info in header.items():
             if sys.byteorder != "little":  # the format is little-endian: let safetensors swap the bytes, then copy
-                self._where[k] = (lambda k=k: _safetensors_swapped(path, k))
+                self._where[k] = (lambda k=k: swapped_safetensors_tensor(path, k))
             elif storage is not None and (data_start + info["data_offsets"][0]) % info["torch_dtype"].itemsize == 0:
-                self._where[k] = (lambda info=info: _mapped_safetensors_tensor(storage, data_start, info))
+                self._where[k] = (lambda info=info: mapped_safetensors_tensor(storage, data_start, info))
             else:  # not mapped, or an offset the dtype cannot start at (the format does not promise alignment)
-                self._where[k] = (lambda info=info: _read_safetensors_tensor(path, data_start, info, drop_behind))
+                self._where[k] = (lambda info=info: read_safetensors_tensor(path, data_start, info, drop_behind))
             self._shapes[k] = tuple(info["shape"])
         self.files.append(path)
 
     def _add_torch(self, path: str, mmap: bool = False) -> None:
         sd = unwrap_state_dict(torch_load_weights(path, mmap=True), path)
-        mapped = _file_mappings(path)  # empty for the legacy format (read into memory, nothing to release)
+        mapped = file_mappings(path)  # empty for the legacy format (read into memory, nothing to release)
         for k, v in sd.items():
             if isinstance(v, torch.Tensor):
                 # a memory-mapped tensor is copied out of the map (unless mmap=True); one read into memory is
                 # already its own
                 storage = v.untyped_storage()
                 in_map = any(lo <= storage.data_ptr() < hi for lo, hi in mapped)
-                self._where[k] = (lambda v=v: _owned_copy(v, mapped)) if in_map and not mmap else (lambda v=v: v)
+                self._where[k] = (lambda v=v: owned_copy(v, mapped)) if in_map and not mmap else (lambda v=v: v)
                 self._shapes[k] = tuple(v.shape)
         self.files.append(path)
-
-
-def _mapped_safetensors_tensor(storage: torch.UntypedStorage, data_start: int, info: dict) -> torch.Tensor:
-    """A view of one tensor in the file's private memory map (no copy; pages are read when touched)."""
-    dtype, shape = info["torch_dtype"], tuple(info["shape"])
-    offset = (data_start + info["data_offsets"][0]) // dtype.itemsize  # in elements (callers checked alignment)
-    return torch.empty(0, dtype=dtype).set_(storage, offset, shape)  # contiguous strides
-
-
-def _safetensors_swapped(path: str, key: str) -> torch.Tensor:
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt", device="cpu") as handle:
-        return handle.get_tensor(key).clone()
 
 
 def unwrap_state_dict(obj, path: str = "checkpoint") -> dict:

@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from .checkpoints import io_threads
+from .file_reads import io_threads
 
 __all__ = ["weights_fingerprint", "preprocessing_fingerprint", "PreprocessingFingerprintWarning",
            "clear_fingerprint_cache"]

@@ -1,4 +1,5 @@
-"""TensorSource answers membership from its index: a load reads each tensor's bytes once."""
+"""TensorSource answers membership from its index: a load reads each tensor's bytes once; the reads of
+internvit.file_reads (threaded chunks, memory maps, page-cache drop-behind) give the file's bytes."""
 import os
 
 import pytest
@@ -6,14 +7,15 @@ import torch
 from safetensors.torch import save_file
 
 import internvit.checkpoints as ck
+import internvit.file_reads as fr
 
 
 def test_membership_reads_nothing_and_load_reads_each_tensor_once(tmp_path, monkeypatch):
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "w.safetensors"))
     reads = []
-    real = ck._read_safetensors_tensor
-    monkeypatch.setattr(ck, "_read_safetensors_tensor", lambda *a: reads.append(a[2]) or real(*a))
+    real = ck.read_safetensors_tensor
+    monkeypatch.setattr(ck, "read_safetensors_tensor", lambda *a: reads.append(a[2]) or real(*a))
     src = ck.TensorSource()
     src._add_safetensors(str(tmp_path / "w.safetensors"))
     assert "0.weight" in src and "nope" not in src and reads == []
@@ -33,12 +35,12 @@ def test_large_tensors_read_by_threads_in_chunks_equal_the_file(tmp_path, monkey
           "c": torch.arange(7, dtype=torch.int64)}
     path = str(tmp_path / "w.safetensors")
     save_file(sd, path)
-    monkeypatch.setattr(ck, "PARALLEL_READ_MIN_BYTES", 64)
-    monkeypatch.setattr(ck, "_READ_CHUNK_BYTES", 100)
-    monkeypatch.setattr(ck, "io_threads", lambda: 3)
+    monkeypatch.setattr(fr, "PARALLEL_READ_MIN_BYTES", 64)
+    monkeypatch.setattr(fr, "_READ_CHUNK_BYTES", 100)
+    monkeypatch.setattr(fr, "io_threads", lambda: 3)
     threaded = []
-    real = ck._read_exact
-    monkeypatch.setattr(ck, "_read_exact", lambda *a: threaded.append(len(a[1])) or real(*a))
+    real = fr._read_exact
+    monkeypatch.setattr(fr, "_read_exact", lambda *a: threaded.append(len(a[1])) or real(*a))
     src = ck.open_weights(path)
     for k, v in sd.items():
         assert torch.equal(src[k], v), k
@@ -53,7 +55,7 @@ def test_large_tensors_read_by_threads_in_chunks_equal_the_file(tmp_path, monkey
 
 def _in_map(t: torch.Tensor, path: str) -> bool:
     p = t.untyped_storage().data_ptr()
-    return any(lo <= p < hi for lo, hi in ck._file_mappings(path))
+    return any(lo <= p < hi for lo, hi in fr.file_mappings(path))
 
 
 def test_load_model_mmap_gives_copy_on_write_views_of_the_file_and_the_same_weights(tmp_path):
@@ -115,25 +117,25 @@ def test_mmap_torch_checkpoint_tensors_stay_in_the_map(tmp_path):
 
 def test_io_threads_follows_the_cpus_this_process_may_use(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 3}, raising=False)
-    assert ck.io_threads() == 2
+    assert fr.io_threads() == 2
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
-    assert ck.io_threads() == 8
+    assert fr.io_threads() == 8
 
     def unavailable(pid):
         raise OSError("no affinity here")
 
     monkeypatch.setattr(os, "sched_getaffinity", unavailable, raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: None)
-    assert ck.io_threads() == 1
+    assert fr.io_threads() == 1
 
 
 def test_drop_behind_when_the_files_and_their_copy_do_not_both_fit(monkeypatch):
-    avail = ck.available_memory()
+    avail = fr.available_memory()
     assert avail is None or avail > 0
-    monkeypatch.setattr(ck, "available_memory", lambda: 1000)
-    assert ck.drop_behind_for(451) and not ck.drop_behind_for(450)  # 2 x bytes against 0.9 x available
-    monkeypatch.setattr(ck, "available_memory", lambda: None)  # unknown: never drop
-    assert not ck.drop_behind_for(10**15)
+    monkeypatch.setattr(fr, "available_memory", lambda: 1000)
+    assert fr.drop_behind_for(451) and not fr.drop_behind_for(450)  # 2 x bytes against 0.9 x available
+    monkeypatch.setattr(fr, "available_memory", lambda: None)  # unknown: never drop
+    assert not fr.drop_behind_for(10**15)
 
 
 def test_a_copying_load_too_big_for_memory_drops_what_it_copied_from_the_page_cache(tmp_path, monkeypatch):
@@ -152,7 +154,7 @@ def test_a_copying_load_too_big_for_memory_drops_what_it_copied_from_the_page_ca
     try:
         os.fsync(fd)  # dirty pages are never dropped: write them back first
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        dropped = ck.page_cache_bytes(path)
+        dropped = fr.page_cache_bytes(path)
     finally:
         os.close(fd)
 
@@ -160,19 +162,19 @@ def test_a_copying_load_too_big_for_memory_drops_what_it_copied_from_the_page_ca
         with open(path, "rb") as f:
             while f.read(1 << 20):
                 pass
-        return ck.page_cache_bytes(path)
+        return fr.page_cache_bytes(path)
 
     if dropped < 0 or dropped > page or warm() < size - page:
         pytest.skip(f"the page cache of {tmp_path} cannot be observed or dropped here (tmpfs or not Linux)")
-    monkeypatch.setattr(ck, "PARALLEL_READ_MIN_BYTES", 1 << 20)
-    monkeypatch.setattr(ck, "_READ_CHUNK_BYTES", 64 * 1024 + 100)  # chunks not page-aligned
-    monkeypatch.setattr(ck, "io_threads", lambda: 2)
+    monkeypatch.setattr(fr, "PARALLEL_READ_MIN_BYTES", 1 << 20)
+    monkeypatch.setattr(fr, "_READ_CHUNK_BYTES", 64 * 1024 + 100)  # chunks not page-aligned
+    monkeypatch.setattr(fr, "io_threads", lambda: 2)
     for avail, mmap, cached_after in ((10 * size, False, size), (size, True, size), (size, False, 0)):
-        monkeypatch.setattr(ck, "available_memory", lambda avail=avail: avail)
+        monkeypatch.setattr(fr, "available_memory", lambda avail=avail: avail)
         assert warm() >= size - page
         src = ck.open_weights(path, mmap=mmap)
         for k, v in sd.items():
             assert torch.equal(src[k], v), k
-        cached = ck.page_cache_bytes(path)
+        cached = fr.page_cache_bytes(path)
         # only pages the reads did not cover whole stay: the header's and those a chunk boundary cuts
         assert abs(cached - cached_after) <= (2 * 32 + 4) * page, (avail, mmap, cached)
