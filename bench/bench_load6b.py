@@ -25,7 +25,8 @@ The page cache is set before every child, the same for both, and the cached byte
   root needed): both read from the disk;
 - ``warm``: the shards are read through once right before: both start from a full cache where memory allows.
   On a machine whose RAM holds less than twice the checkpoint, a loader that copies the weights into its own
-  memory (ours) must evict file pages as it goes, while a memory map (the peer) shares them.
+  memory (ours) cannot keep the whole file cached (it drops each chunk it copied: ``file_reads.drop_behind_for``),
+  while a memory map (the peer) shares the cached pages and needs no new memory.
 
   python bench/bench_load6b.py --tmp /scratch                        # the real size: ~11.8 GB on disk, RAM >= 16 GB
   python bench/bench_load6b.py --quick                              # small check that it runs (~0.5 GB, 3 shards)
