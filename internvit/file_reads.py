@@ -141,16 +141,67 @@ def read_safetensors_tensor(path: str, data_start: int, info: dict, drop_behind:
 
 
 def available_memory() -> Optional[int]:
-    """Bytes the kernel can give this process without swapping (Linux ``MemAvailable``: free memory plus the
-    reclaimable page cache), or ``None`` where unknown."""
+    """Bytes this process can get without swapping or hitting a memory limit, page cache counted as free, or
+    ``None`` where unknown: the smaller of Linux ``MemAvailable`` (free memory plus the reclaimable page cache)
+    and what this process's memory cgroups still allow (:func:`cgroup_memory_room`: containers)."""
+    avail = None
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    avail = int(line.split()[1]) * 1024
+                    break
     except (OSError, ValueError, IndexError):
         pass
-    return None
+    room = cgroup_memory_room()
+    return room if avail is None else avail if room is None else min(avail, room)
+
+
+#: a cgroup limit at least this large means "no limit" (cgroup v1 writes 2^63 rounded down to a page)
+_NO_LIMIT = 1 << 62
+
+
+def cgroup_memory_room(proc_cgroup: str = "/proc/self/cgroup", fs_root: str = "/sys/fs/cgroup") -> Optional[int]:
+    """The least ``limit - usage + page cache`` over this process's memory cgroup and its ancestors that set a
+    limit (cgroup v2 ``memory.max`` / ``memory.current`` / ``memory.stat: file``, else v1
+    ``memory.limit_in_bytes`` / ``memory.usage_in_bytes`` / ``memory.stat: total_cache``), in bytes; ``None``
+    when no limit is set or none can be read (not Linux). The page cache is charged to the cgroup, so a
+    container's limit, not the host's memory, decides whether files and their copy both fit."""
+    try:
+        with open(proc_cgroup, encoding="utf-8") as f:
+            entries = [line.rstrip("\n").split(":", 2) for line in f if line.count(":") >= 2]
+    except OSError:
+        return None
+    v2 = os.path.isfile(os.path.join(fs_root, "cgroup.controllers"))
+    if v2:
+        rel = next((e[2] for e in entries if e[0] == "0" and e[1] == ""), None)
+        root, files, cache_keys = fs_root, ("memory.max", "memory.current"), ("file",)
+    else:
+        rel = next((e[2] for e in entries if "memory" in e[1].split(",")), None)
+        root, files, cache_keys = os.path.join(fs_root, "memory"), \
+            ("memory.limit_in_bytes", "memory.usage_in_bytes"), ("total_cache", "cache")
+    if rel is None:
+        return None
+    rooms, level = [], os.path.join(root, rel.strip("/"))
+    while True:
+        try:
+            with open(os.path.join(level, files[0]), encoding="ascii") as f:
+                limit_text = f.read().strip()
+            limit = _NO_LIMIT if limit_text == "max" else int(limit_text)
+            if limit < _NO_LIMIT:
+                with open(os.path.join(level, files[1]), encoding="ascii") as f:
+                    usage = int(f.read())
+                with open(os.path.join(level, "memory.stat"), encoding="ascii") as f:
+                    stat = dict(line.split()[:2] for line in f if len(line.split()) >= 2)
+                cache = next((int(stat[k]) for k in cache_keys if k in stat), 0)
+                rooms.append(max(0, limit - usage + cache))
+        except (OSError, ValueError):
+            pass
+        parent = os.path.dirname(level.rstrip("/"))
+        if os.path.realpath(level) == os.path.realpath(root) or parent == level.rstrip("/"):
+            break
+        level = parent
+    return min(rooms) if rooms else None
 
 
 def page_cache_bytes(path: str) -> int:

@@ -178,3 +178,68 @@ def test_a_copying_load_too_big_for_memory_drops_what_it_copied_from_the_page_ca
         cached = fr.page_cache_bytes(path)
         # only pages the reads did not cover whole stay: the header's and those a chunk boundary cuts
         assert abs(cached - cached_after) <= (2 * 32 + 4) * page, (avail, mmap, cached)
+
+
+def _write_tree(root, files: dict) -> None:
+    for rel, text in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+def test_cgroup_memory_room_takes_the_tightest_limit_of_the_cgroup_and_its_ancestors(tmp_path):
+    """Containers: the page cache is charged to the cgroup, so its limit decides (v2 and v1 layouts)."""
+    v2 = tmp_path / "v2"
+    _write_tree(v2, {"cgroup.controllers": "cpu memory\n",
+                     "pod/memory.max": "10000\n", "pod/memory.current": "8000\n",
+                     "pod/memory.stat": "anon 5000\nfile 3000\n",  # room 10000 - 8000 + 3000 = 5000
+                     "pod/app/memory.max": "max\n", "pod/app/memory.current": "7000\n",
+                     "pod/app/memory.stat": "anon 7000\nfile 0\n"})
+    (tmp_path / "proc_v2").write_text("0::/pod/app\n")
+    assert fr.cgroup_memory_room(str(tmp_path / "proc_v2"), str(v2)) == 5000
+    (v2 / "pod/app/memory.max").write_text("7500\n")  # a tighter limit below: 7500 - 7000 + 0
+    assert fr.cgroup_memory_room(str(tmp_path / "proc_v2"), str(v2)) == 500
+    v1 = tmp_path / "v1"
+    _write_tree(v1, {"memory/memory.limit_in_bytes": "9223372036854771712\n",  # v1's "no limit"
+                     "memory/memory.usage_in_bytes": "1\n", "memory/memory.stat": "total_cache 0\n",
+                     "memory/job/memory.limit_in_bytes": "4096\n", "memory/job/memory.usage_in_bytes": "4000\n",
+                     "memory/job/memory.stat": "cache 10\ntotal_cache 1000\n"})
+    (tmp_path / "proc_v1").write_text("5:devices:/\n4:memory:/job\n0::/\n")
+    assert fr.cgroup_memory_room(str(tmp_path / "proc_v1"), str(v1)) == 4096 - 4000 + 1000
+    (v1 / "memory/job/memory.limit_in_bytes").write_text("9223372036854771712\n")
+    assert fr.cgroup_memory_room(str(tmp_path / "proc_v1"), str(v1)) is None  # no limit anywhere
+    assert fr.cgroup_memory_room(str(tmp_path / "missing"), str(v1)) is None
+
+
+def test_available_memory_inside_a_real_memory_cgroup(tmp_path):
+    """A process in a memory cgroup limited to 2 GiB sees at most that much (root and a writable cgroup
+    file system needed; skipped otherwise)."""
+    import subprocess
+    import sys
+
+    lines = open("/proc/self/cgroup").read().splitlines() if os.path.exists("/proc/self/cgroup") else []
+    v2 = os.path.isfile("/sys/fs/cgroup/cgroup.controllers")
+    rel = next((ln.split(":", 2)[2] for ln in lines
+                if (v2 and ln.startswith("0::")) or (not v2 and "memory" in ln.split(":", 2)[1].split(","))), None)
+    base = os.path.join("/sys/fs/cgroup" if v2 else "/sys/fs/cgroup/memory", (rel or "/").strip("/"))
+    group = os.path.join(base, f"internvit-test-{os.getpid()}")
+    limit = 2 * 1024**3  # the child imports torch
+    try:
+        os.mkdir(group)
+    except OSError as e:
+        pytest.skip(f"cannot create a memory cgroup here ({e.strerror}): needs root and a writable cgroup fs")
+    try:
+        try:
+            with open(os.path.join(group, "memory.max" if v2 else "memory.limit_in_bytes"), "w") as f:
+                f.write(str(limit))
+        except OSError as e:
+            pytest.skip(f"cannot set a memory limit here ({e.strerror})")
+        code = ("import os, sys; open(sys.argv[1], 'w').write(str(os.getpid())); "
+                "import internvit.file_reads as fr; print(fr.available_memory(), fr.cgroup_memory_room())")
+        out = subprocess.run([sys.executable, "-c", code, os.path.join(group, "cgroup.procs")], check=True,
+                             capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(
+                                 os.path.dirname(os.path.abspath(__file__))))).stdout.split()
+        avail, room = int(out[0]), int(out[1])
+        assert 0 < room <= limit and avail == min(room, avail) and avail <= limit
+    finally:
+        os.rmdir(group)
