@@ -346,7 +346,7 @@ class TensorSource(Mapping):
             self._shapes[k] = tuple(info["shape"])
         self.files.append(path)
 
-    def _add_torch(self, path: str, mmap: bool = False) -> None:
+    def _add_torch(self, path: str, mmap: bool = False, drop_behind: bool = False) -> None:
         sd = unwrap_state_dict(torch_load_weights(path, mmap=True), path)
         mapped = file_mappings(path)  # empty for the legacy format (read into memory, nothing to release)
         for k, v in sd.items():
@@ -354,8 +354,9 @@ class TensorSource(Mapping):
                 # a memory-mapped tensor is copied out of the map (unless mmap=True); one read into memory is
                 # already its own
                 storage = v.untyped_storage()
-                in_map = any(lo <= storage.data_ptr() < hi for lo, hi in mapped)
-                self._where[k] = (lambda v=v: owned_copy(v, mapped)) if in_map and not mmap else (lambda v=v: v)
+                in_map = any(lo <= storage.data_ptr() < hi for lo, hi, _ in mapped)
+                self._where[k] = (lambda v=v: owned_copy(v, mapped, path, drop_behind)) if in_map and not mmap \
+                    else (lambda v=v: v)
                 self._shapes[k] = tuple(v.shape)
         self.files.append(path)
 
@@ -410,13 +411,13 @@ def open_weights(path: str | os.PathLike, *, mmap: bool = False) -> TensorSource
     for f in files:
         if not os.path.isfile(f):
             raise CheckpointError(f"{f}: no such weight file")
-    copied = 0 if mmap else sum(os.path.getsize(f) for f in files if f.endswith(".safetensors"))
+    copied = 0 if mmap else sum(os.path.getsize(f) for f in files)
     drop_behind = copied > 0 and drop_behind_for(copied)
     for f in files:
         if f.endswith(".safetensors"):
             src._add_safetensors(f, mmap, drop_behind)
         else:
-            src._add_torch(f, mmap)
+            src._add_torch(f, mmap, drop_behind)
     return src
 
 

@@ -238,12 +238,16 @@ def drop_behind_for(nbytes: int) -> bool:
     return avail is not None and 2 * nbytes > 0.9 * avail
 
 
-def _release_pages(start: int, nbytes: int, mapped: list[tuple[int, int]]) -> None:
+def _release_pages(start: int, nbytes: int, mapped: list[tuple[int, int, int]],
+                   drop_fd: Optional[int] = None) -> None:
     """Drop the resident pages of ``[start, start + nbytes)`` from this process (Linux) when that range lies in
     one of the ``mapped`` file mappings; they are re-read from the file on the next access. Only whole pages
-    inside the range are released, and never memory outside a file mapping (that would lose its contents)."""
+    inside the range are released, and never memory outside a file mapping (that would lose its contents).
+    With ``drop_fd`` (the mapped file, open), those pages also leave the page cache (see :func:`drop_behind_for`).
+    """
     global _LIBC
-    if nbytes <= 0 or not any(lo <= start and start + nbytes <= hi for lo, hi in mapped):
+    where = next(((lo, off) for lo, hi, off in mapped if lo <= start and start + nbytes <= hi), None)
+    if nbytes <= 0 or where is None:
         return
     if _LIBC is None:
         _LIBC = ctypes.CDLL(None, use_errno=True)
@@ -252,10 +256,13 @@ def _release_pages(start: int, nbytes: int, mapped: list[tuple[int, int]]) -> No
     lo, hi = -(-start // page) * page, (start + nbytes) // page * page
     if hi > lo:
         _LIBC.madvise(lo, hi - lo, mmap_module.MADV_DONTNEED)
+        if drop_fd is not None and hasattr(os, "posix_fadvise"):  # unmapped now, so the cache may drop them
+            os.posix_fadvise(drop_fd, lo - where[0] + where[1], hi - lo, os.POSIX_FADV_DONTNEED)
 
 
-def file_mappings(path: str) -> list[tuple[int, int]]:
-    """Address ranges at which this process maps ``path`` (Linux ``/proc/self/maps``; empty elsewhere)."""
+def file_mappings(path: str) -> list[tuple[int, int, int]]:
+    """``(start, end, file offset)`` of each range at which this process maps ``path`` (Linux
+    ``/proc/self/maps``; empty elsewhere)."""
     if not sys.platform.startswith("linux"):
         return []
     real, out = os.path.realpath(path), []
@@ -265,7 +272,7 @@ def file_mappings(path: str) -> list[tuple[int, int]]:
                 parts = line.rstrip("\n").split(None, 5)
                 if len(parts) == 6 and parts[5] == real:
                     lo, hi = (int(x, 16) for x in parts[0].split("-"))
-                    out.append((lo, hi))
+                    out.append((lo, hi, int(parts[2], 16)))
     except OSError:
         return []
     return out
@@ -275,24 +282,30 @@ _LIBC = None
 _COPY_CHUNK_BYTES = 16 * 1024**2
 
 
-def owned_copy(t: torch.Tensor, mapped: list[tuple[int, int]]) -> torch.Tensor:
+def owned_copy(t: torch.Tensor, mapped: list[tuple[int, int, int]], path: Optional[str] = None,
+               drop_behind: bool = False) -> torch.Tensor:
     """A copy of a memory-mapped tensor in its own memory, copied in chunks whose mapped pages (inside the
-    ``mapped`` ranges) are released right after: reading a whole file this way peaks at about one copy of the
-    weights plus one chunk."""
-    if not t.is_contiguous() or t.numel() == 0:
-        out = t.clone(memory_format=torch.contiguous_format)
-        storage = t.untyped_storage()
-        _release_pages(storage.data_ptr(), storage.nbytes(), mapped)
+    ``mapped`` ranges, :func:`file_mappings`) are released right after: reading a whole file this way peaks at
+    about one copy of the weights plus one chunk. ``drop_behind`` (with the mapped file's ``path``): the
+    released pages also leave the page cache, see :func:`drop_behind_for`."""
+    fd = os.open(path, os.O_RDONLY) if drop_behind and path is not None else None
+    try:
+        if not t.is_contiguous() or t.numel() == 0:
+            out = t.clone(memory_format=torch.contiguous_format)
+            storage = t.untyped_storage()
+            _release_pages(storage.data_ptr(), storage.nbytes(), mapped, fd)
+            return out
+        out = torch.empty_like(t, memory_format=torch.contiguous_format)
+        src, dst = t.reshape(-1), out.reshape(-1)
+        step = max(1, _COPY_CHUNK_BYTES // t.element_size())
+        for a in range(0, src.numel(), step):
+            b = min(a + step, src.numel())
+            dst[a:b].copy_(src[a:b])
+            _release_pages(src.data_ptr() + a * t.element_size(), (b - a) * t.element_size(), mapped, fd)
         return out
-    out = torch.empty_like(t, memory_format=torch.contiguous_format)
-    src, dst = t.reshape(-1), out.reshape(-1)
-    step = max(1, _COPY_CHUNK_BYTES // t.element_size())
-    for a in range(0, src.numel(), step):
-        b = min(a + step, src.numel())
-        dst[a:b].copy_(src[a:b])
-        _release_pages(src.data_ptr() + a * t.element_size(), (b - a) * t.element_size(), mapped)
-    return out
-
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def mapped_safetensors_tensor(storage: torch.UntypedStorage, data_start: int, info: dict) -> torch.Tensor:

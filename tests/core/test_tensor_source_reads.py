@@ -55,7 +55,7 @@ def test_large_tensors_read_by_threads_in_chunks_equal_the_file(tmp_path, monkey
 
 def _in_map(t: torch.Tensor, path: str) -> bool:
     p = t.untyped_storage().data_ptr()
-    return any(lo <= p < hi for lo, hi in fr.file_mappings(path))
+    return any(lo <= p < hi for lo, hi, _ in fr.file_mappings(path))
 
 
 def test_load_model_mmap_gives_copy_on_write_views_of_the_file_and_the_same_weights(tmp_path):
@@ -138,17 +138,22 @@ def test_drop_behind_when_the_files_and_their_copy_do_not_both_fit(monkeypatch):
     assert not fr.drop_behind_for(10**15)
 
 
-def test_a_copying_load_too_big_for_memory_drops_what_it_copied_from_the_page_cache(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fmt", ["safetensors", "pth"])
+def test_a_copying_load_too_big_for_memory_drops_what_it_copied_from_the_page_cache(tmp_path, monkeypatch, fmt):
     """With too little memory for the files and their copy (MemAvailable faked small), a copying load leaves the
-    tensor bytes it copied out of the page cache, threaded chunks and single reads alike, and the tensors are
-    the file's; with room, or with mmap=True, the cached pages stay."""
+    tensor bytes it copied out of the page cache (safetensors: threaded chunks and single reads; .pth: chunks
+    copied out of its memory map), and the tensors are the file's; with room, or with mmap=True, the cached
+    pages stay."""
     import mmap as mmap_module
 
     page = mmap_module.PAGESIZE
     g = torch.Generator().manual_seed(0)
     sd = {"big": torch.randn(512, 1024, generator=g), "small": torch.randn(3, 5, generator=g)}
-    path = str(tmp_path / "w.safetensors")
-    save_file(sd, path)
+    path = str(tmp_path / f"w.{fmt}")
+    if fmt == "pth":
+        torch.save(sd, path)
+    else:
+        save_file(sd, path)
     size = os.path.getsize(path)
     fd = os.open(path, os.O_RDONLY)
     try:
