@@ -295,6 +295,7 @@ class TensorSource(Mapping):
     def __init__(self) -> None:
         self._where: dict[str, Callable[[], torch.Tensor]] = {}
         self._shapes: dict[str, tuple] = {}
+        self._file_of: dict[str, str] = {}
         self.files: list[str] = []
 
     def __getitem__(self, key: str) -> torch.Tensor:
@@ -330,6 +331,14 @@ class TensorSource(Mapping):
                 out._shapes[k] = tuple(v.shape)
         return out
 
+    def _claim(self, key: str, path: str) -> None:
+        """Record that ``key`` comes from ``path``; a key in two files of one checkpoint is refused (which
+        copy would load would depend on the order of the files)."""
+        if key in self._file_of:
+            raise CheckpointError(f"{path}: tensor {key} is also in {self._file_of[key]} (each key must be in one "
+                                  f"file of a checkpoint)")
+        self._file_of[key] = path
+
     def _add_safetensors(self, path: str, mmap: bool = False, drop_behind: bool = False) -> None:
         header, data_start = read_safetensors_header(path)
         storage = None
@@ -337,6 +346,7 @@ class TensorSource(Mapping):
             # positional: the size argument is named `size` or `nbytes` depending on the torch version
             storage = torch.UntypedStorage.from_file(path, False, os.path.getsize(path))  # MAP_PRIVATE
         for k, info in header.items():
+            self._claim(k, path)
             if sys.byteorder != "little":  # the format is little-endian: let safetensors swap the bytes, then copy
                 self._where[k] = (lambda k=k: swapped_safetensors_tensor(path, k))
             elif storage is not None and (data_start + info["data_offsets"][0]) % info["torch_dtype"].itemsize == 0:
@@ -351,6 +361,7 @@ class TensorSource(Mapping):
         mapped = file_mappings(path)  # empty for the legacy format (read into memory, nothing to release)
         for k, v in sd.items():
             if isinstance(v, torch.Tensor):
+                self._claim(k, path)
                 # a memory-mapped tensor is copied out of the map (unless mmap=True); one read into memory is
                 # already its own
                 storage = v.untyped_storage()
@@ -380,11 +391,17 @@ def find_weight_files(directory: str) -> list[str]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = os.path.join(directory, index_name)
         if os.path.isfile(index):
-            with open(index, encoding="utf-8") as f:
-                try:
+            try:
+                with open(index, encoding="utf-8") as f:
                     weight_map = json.load(f)["weight_map"]
-                except (json.JSONDecodeError, KeyError) as e:
-                    raise CheckpointError(f"{index}: not a valid shard index ({e})") from None
+                if not isinstance(weight_map, dict) or not weight_map:
+                    raise ValueError("weight_map is not a non-empty JSON object")
+                bad = next((v for v in weight_map.values() if not isinstance(v, str) or not v
+                            or os.path.basename(v) != v or v in (".", "..")), None)
+                if bad is not None:
+                    raise ValueError(f"shard {bad!r:.80} is not a file name in this folder")
+            except (ValueError, KeyError, TypeError, OSError, UnicodeDecodeError, RecursionError) as e:
+                raise CheckpointError(f"{index}: not a valid shard index ({first_line(e)})") from None
             files = sorted({os.path.join(directory, v) for v in weight_map.values()})
             missing = [f for f in files if not os.path.isfile(f)]
             if missing:

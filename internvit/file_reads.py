@@ -55,21 +55,37 @@ def read_safetensors_header(path: str) -> tuple[dict, int]:
             raise ValueError("header is not a JSON object")
         header.pop("__metadata__", None)
         data_size = size - 8 - n
+        ranges = []
         for key, info in header.items():
             dtype = _SAFETENSORS_DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
-            shape, (begin, end) = info["shape"], info["data_offsets"]
             if dtype is None:
                 raise ValueError(f"tensor {key}: unsupported dtype ({info!r:.60})")
+            shape, offsets = info.get("shape"), info.get("data_offsets")
+            if not _int_list(shape) or not _int_list(offsets) or len(offsets) != 2:
+                raise ValueError(f"tensor {key}: shape {shape!r:.60} / data_offsets {offsets!r:.60} are not lists "
+                                 f"of non-negative integers")
+            begin, end = offsets
             numel = 1
             for d in shape:
-                numel *= int(d)
-            if not 0 <= begin <= end <= data_size or end - begin != numel * dtype.itemsize:
+                numel *= d
+            if not begin <= end <= data_size or end - begin != numel * dtype.itemsize:
                 raise ValueError(f"tensor {key}: bytes {begin}..{end} do not fit shape {shape} / the "
                                  f"{data_size}-byte data section (truncated file?)")
             info["torch_dtype"] = dtype
+            if end > begin:
+                ranges.append((begin, end, key))
+        ranges.sort()
+        for (_, end0, key0), (begin1, _, key1) in zip(ranges, ranges[1:]):
+            if begin1 < end0:  # two tensors sharing bytes: one of them would load the other's values
+                raise ValueError(f"tensors {key0} and {key1} overlap in the data section")
         return header, 8 + n
-    except (ValueError, KeyError, TypeError, OSError, UnicodeDecodeError) as e:
+    except (ValueError, KeyError, TypeError, OSError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
+
+
+def _int_list(v) -> bool:
+    """A JSON list of non-negative integers that fit int64 (``bool`` is not an integer here)."""
+    return isinstance(v, list) and all(type(x) is int and 0 <= x < 2**63 for x in v)
 
 
 #: tensors of at least this many bytes are read by several threads at once (``os.preadv`` releases the GIL): the
