@@ -29,7 +29,7 @@ from .config import (
     is_preset,
     read_config_json,
 )
-from .fileio import atomic_write
+from .fileio import atomic_write, save_safetensors
 from .models.vit import InternViT, interpolate_pos_embed
 from .store import replace_folder
 
@@ -197,7 +197,6 @@ def save_model(model: nn.Module, directory: SourceLike, *, max_shard_bytes: int 
     new one, never neither, never a mix. Returns the directory. Raises
     :class:`~internvit.store.StoreBusyError` if another process is replacing the same directory.
     """
-    from safetensors.torch import save_file
 
     directory = os.fspath(directory)
     with replace_folder(directory, description="model directory") as tmp:
@@ -221,12 +220,12 @@ def save_model(model: nn.Module, directory: SourceLike, *, max_shard_bytes: int 
                     .detach().cpu().contiguous() for k in names}
 
         if len(shards) == 1:
-            save_file(materialise(shards[0]), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+            save_safetensors(materialise(shards[0]), os.path.join(tmp, "model.safetensors"), {"format": "pt"})
         else:
             weight_map = {}
             for i, names in enumerate(shards, 1):
                 name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(materialise(names), os.path.join(tmp, name), metadata={"format": "pt"})
+                save_safetensors(materialise(names), os.path.join(tmp, name), {"format": "pt"})
                 weight_map.update({k: name for k in names})
             total = sum(nbytes(v) for v in sd.values())
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
@@ -265,9 +264,7 @@ def convert_checkpoint(src: SourceLike, dst: SourceLike, *, to: str = "hf", conf
         sd.update({name: source[key].contiguous() for key, name in extras.items()})
     with atomic_write(dst) as tmp:
         if dst.endswith(".safetensors"):
-            from safetensors.torch import save_file
-
-            save_file(sd, tmp, metadata={"format": "pt"})
+            save_safetensors(sd, tmp, {"format": "pt"})
         else:
             torch.save({"module": sd}, tmp)
     return dst

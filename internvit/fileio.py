@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 import tempfile
 from contextlib import contextmanager
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
 from .store import _point, _umask, fsync_dir, replace_folder
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "save_safetensors"]
 
 
 @contextmanager
@@ -51,3 +51,13 @@ def atomic_write(path: Union[str, os.PathLike], *, is_dir: bool = False) -> Iter
         raise
     fsync_dir(parent)
     _point("file:renamed")
+
+
+def save_safetensors(tensors: dict, path: str, metadata: Optional[dict] = None) -> None:
+    """``safetensors.torch.save_file(tensors, path, metadata)`` with the usual permissions of a new file (``0o666``
+    less the umask), as every other file we write: safetensors creates its files ``0o600``, which other users of
+    a shared model folder cannot read. Write into an :func:`atomic_write` path for durability."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, path, metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())

@@ -38,6 +38,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if os.path.lexists(args.dst) and not args.overwrite:
         raise UsageError(f"{args.dst}: already exists (pass --overwrite to replace it)")
+    writes_folder = args.command == "to-hf"
+    if os.path.lexists(args.dst) and os.path.isdir(args.dst) != writes_folder:
+        raise UsageError(f"{args.dst}: exists and is {'not ' if writes_folder else ''}a folder, but {args.command} "
+                         f"writes a {'folder' if writes_folder else 'file'} (--overwrite replaces only the same kind)")
     from internvit import CheckpointError
     from internvit.runner import held_back_warnings
 
@@ -63,4 +67,6 @@ def _convert(args) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(run(main, user_errors=(UsageError, OSError, ValueError, KeyError)))
+    from internvit.store import StoreError
+
+    sys.exit(run(main, user_errors=(UsageError, OSError, ValueError, KeyError, StoreError)))

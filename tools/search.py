@@ -33,6 +33,7 @@ def build_parser() -> ArgumentParser:
     q.add_argument("--embedding", type=existing_file, help=".npy file of (Q, D) query vectors")
     p.add_argument("-k", type=positive_int, default=10, help="results per query")
     p.add_argument("--html", default=None, help="write a result grid with thumbnails to this file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --html file")
     p.add_argument("--json", action="store_true", help="print JSON records instead of a table")
     p.add_argument("--model", default=None, help="encoder spec (default: the one in the index manifest)")
     p.add_argument("--mode", default=None, choices=["InternVL-C", "InternVL-G"])
@@ -51,6 +52,8 @@ def main(argv=None) -> int:
         raise UsageError("empty text query")
     if args.html and os.path.isdir(args.html):
         raise UsageError(f"--html {args.html}: is a folder; give a file name")
+    if args.html and os.path.lexists(args.html) and not args.overwrite:
+        raise UsageError(f"--html {args.html}: already exists (pass --overwrite to replace it)")
 
     import numpy as np
 

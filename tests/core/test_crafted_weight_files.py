@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 import internvit
 from internvit import CheckpointError
 from internvit.checkpoints import open_weights
+from internvit.factory import convert_checkpoint
 
 TINY = "internvit-6b-tiny"
 
@@ -131,3 +132,38 @@ def test_convert_cli_gives_one_error_line_for_a_crafted_header(good, tmp_path):
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(err) == 1 and err[0].startswith("error: "), proc.stderr[-2000:]
     assert "w.safetensors" in err[0] and not out.exists()
+
+
+def test_saved_weights_are_as_readable_as_the_config(tmp_path):
+    """safetensors creates files 0o600; ours get 0o666 less the umask like every other file we write."""
+    old = os.umask(0o022)
+    try:
+        folder = internvit.save_model(internvit.load_model(TINY), str(tmp_path / "hf"))
+        flat = convert_checkpoint(folder, str(tmp_path / "flat.safetensors"), to="original")
+    finally:
+        os.umask(old)
+    for path in (os.path.join(folder, "model.safetensors"), flat):
+        assert os.stat(path).st_mode & 0o777 == 0o644, path
+    assert os.stat(os.path.join(folder, "config.json")).st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("command, existing", [("to-hf", "file"), ("to-original", "folder")])
+def test_convert_overwrite_refuses_a_destination_of_the_other_kind(tmp_path, command, existing):
+    """--overwrite replaces a folder by a folder and a file by a file; anything else is one error line, exit 2,
+    and the destination is untouched."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    src = internvit.save_model(internvit.load_model(TINY), str(tmp_path / "hf"))
+    dst = tmp_path / "dst.pth"
+    if existing == "file":
+        dst.write_text("mine")
+    else:
+        dst.mkdir()
+        (dst / "keep.txt").write_text("mine")
+    proc = subprocess.run([sys.executable, os.path.join(root, "tools", "convert_checkpoint.py"), command, src,
+                           str(dst), "--overwrite"], capture_output=True, text=True, cwd=root, timeout=120)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1 and err[0].startswith(f"error: {dst}: exists and is"), proc.stderr
+    assert (dst.read_text() if existing == "file" else (dst / "keep.txt").read_text()) == "mine"

@@ -48,6 +48,22 @@ def test_build_search_html(built, capsys):
     assert [r["rank"] for r in recs] == [1, 2] and recs[0]["path"] == q
 
 
+def test_search_html_never_replaces_a_file_without_overwrite(built, capsys):
+    """--html onto an existing file (here: another image of the folder, or the query itself) is refused with one
+    line and the file is untouched; --overwrite replaces it."""
+    q, other = str(built / "imgs" / "img_002.png"), str(built / "imgs" / "img_001.png")
+    for target in (other, q):
+        before = open(target, "rb").read()
+        assert _main("search")([str(built / "idx"), "--image", q, "-k", "2", "--html", target]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"error: --html {target}: already exists (pass --overwrite to replace it)"]
+        assert open(target, "rb").read() == before
+    page = str(built / "page.html")
+    open(page, "w").write("mine")
+    assert _main("search")([str(built / "idx"), "--image", q, "-k", "2", "--html", page, "--overwrite"]) == 0
+    assert "<img" in open(page).read()
+
+
 def test_rebuild_from_embeddings_folder_without_model(built, capsys):
     assert _main("build_index")([str(built / "idx" / "embeddings"), str(built / "idx2"), "--quiet"]) == 0
     info = json.loads(capsys.readouterr().out)
