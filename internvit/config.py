@@ -23,6 +23,30 @@ def _from_fields(cls, data: Mapping[str, Any]):
     return cls(**{k: copy.deepcopy(v) for k, v in data.items() if k in names})
 
 
+#: upper bounds for the integer sizes of a config, far above every released model (InternViT-6B: width 3200,
+#: 48 layers; QLLaMA: width 4096, 32 layers): a config.json is input from outside, and one that asks for ten
+#: million layers or a million-pixel position grid must be refused at once, not built (hours, terabytes)
+SIZE_LIMITS = {"hidden_size": 65536, "intermediate_size": 1 << 20, "num_hidden_layers": 1024,
+               "num_attention_heads": 4096, "patch_size": 4096, "image_size": 16384, "num_channels": 64,
+               "vocab_size": 1 << 22, "max_position_embeddings": 1 << 20, "cross_attention_frequency": 1024,
+               "vision_hidden_size": 65536, "num_query_token": 65536, "clip_embed_dim": 65536,
+               "attn_pool_num_heads": 4096, "max_txt_len": 1 << 20}
+_MAY_BE_ZERO = ("num_query_token",)  # InternVL-C has no query tokens
+
+
+def check_sizes(config) -> None:
+    """Raise ``ValueError`` naming the field unless every integer size field of ``config`` (a dataclass) is an
+    integer from 1 (``num_query_token``: 0) to its :data:`SIZE_LIMITS` bound."""
+    for f in dataclasses.fields(config):
+        limit = SIZE_LIMITS.get(f.name)
+        v = getattr(config, f.name)
+        if limit is None or (v is None and f.name == "force_image_size"):
+            continue
+        low = 0 if f.name in _MAY_BE_ZERO else 1
+        if type(v) is not int or not low <= v <= limit:
+            raise ValueError(f"config: {f.name} must be an integer from {low} to {limit}, got {v!r}")
+
+
 @dataclass
 class InternViTConfig:
     """Architecture of one InternViT (field names as in the HF ``config.json``, ``model_type: intern_vit_6b``)."""
@@ -56,6 +80,7 @@ class InternViTConfig:
             self.norm_type = "layer_norm"
         if self.norm_type not in ("rms_norm", "layer_norm"):
             raise ValueError(f"config: norm_type must be 'rms_norm' or 'layer_norm', got {self.norm_type!r}")
+        check_sizes(self)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"config: hidden_size {self.hidden_size} is not divisible by "
@@ -108,6 +133,9 @@ class QLLaMAConfig:
     bos_token_id: int = 1
     eos_token_id: int = 2
 
+    def __post_init__(self) -> None:
+        check_sizes(self)
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "QLLaMAConfig":
         return _from_fields(cls, data)
@@ -140,6 +168,8 @@ class InternVLConfig:
             self.qllama_config = QLLaMAConfig.from_dict(q)
         if self.force_image_size:
             self.vision_config.image_size = int(self.force_image_size)
+            check_sizes(self.vision_config)
+        check_sizes(self)
 
     @property
     def image_size(self) -> int:
@@ -233,9 +263,16 @@ def get_config(config: ConfigLike) -> InternViTConfig | InternVLConfig:
             raise ValueError(
                 f"config {s!r} is neither a preset ({', '.join(list_presets())}) nor an existing config.json"
             )
-        config = read_config_json(path)
+        try:
+            return _from_mapping(read_config_json(path))
+        except (ValueError, TypeError) as e:  # name the file (read_config_json's own messages already do)
+            raise ValueError(e if path in str(e) else f"{path}: {e}") from None
     if isinstance(config, Mapping):
-        if config.get("model_type") == "internvl" or "qllama_config" in config:
-            return InternVLConfig.from_dict(config)
-        return InternViTConfig.from_dict(config)
+        return _from_mapping(config)
     raise TypeError(f"config must be a preset name, dict, path or config object, got {type(config).__name__}")
+
+
+def _from_mapping(config: Mapping) -> InternViTConfig | InternVLConfig:
+    if config.get("model_type") == "internvl" or "qllama_config" in config:
+        return InternVLConfig.from_dict(config)
+    return InternViTConfig.from_dict(config)

@@ -27,7 +27,6 @@ from .config import (
     InternVLConfig,
     get_config,
     is_preset,
-    read_config_json,
 )
 from .fileio import atomic_write, save_safetensors
 from .models.vit import InternViT, interpolate_pos_embed
@@ -162,7 +161,7 @@ def load_model(
         if config is None:
             if not os.path.isfile(cfg_path):
                 raise CheckpointError(f"{src}: directory has no config.json (pass config=)")
-            config = read_config_json(cfg_path)
+            config = cfg_path  # get_config reads it and names it in every error
     elif not src.endswith(WEIGHT_SUFFIXES):
         raise CheckpointError(f"{src}: unknown weight file type (expected {', '.join(WEIGHT_SUFFIXES)})")
 

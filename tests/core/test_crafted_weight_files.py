@@ -167,3 +167,24 @@ def test_convert_overwrite_refuses_a_destination_of_the_other_kind(tmp_path, com
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(err) == 1 and err[0].startswith(f"error: {dst}: exists and is"), proc.stderr
     assert (dst.read_text() if existing == "file" else (dst / "keep.txt").read_text()) == "mine"
+
+
+@pytest.mark.parametrize("field, value", [("num_hidden_layers", 10_000_000), ("image_size", 1_400_000),
+                                          ("hidden_size", -64), ("hidden_size", 10**9), ("num_hidden_layers", 0),
+                                          ("intermediate_size", 12.5), ("patch_size", "14")])
+def test_config_json_sizes_are_bounded_before_anything_is_built(tmp_path, field, value):
+    """A config.json asking for ten million layers or a million-pixel grid is refused at once (it used to build
+    for minutes or try a terabyte allocation), naming the file and the field."""
+    folder = internvit.save_model(internvit.load_model(TINY), str(tmp_path / "hf"))
+    cfg_path = os.path.join(folder, "config.json")
+    cfg = json.load(open(cfg_path))
+    cfg[field] = value
+    json.dump(cfg, open(cfg_path, "w"))
+    with pytest.raises(ValueError, match=rf"config\.json: config: {field} must be an integer from 1 to \d+, got"):
+        internvit.load_model(folder)  # raised while reading the config, before a model exists
+
+
+def test_every_preset_is_within_the_bounds():
+    from internvit.config import get_config, list_presets
+
+    assert all(get_config(p) for p in list_presets())
