@@ -39,10 +39,9 @@ def check_sizes(config) -> None:
     integer from 1 (``num_query_token``: 0) to its :data:`SIZE_LIMITS` bound."""
     for f in dataclasses.fields(config):
         limit = SIZE_LIMITS.get(f.name)
-        v = getattr(config, f.name)
-        if limit is None or (v is None and f.name == "force_image_size"):
+        if limit is None:
             continue
-        low = 0 if f.name in _MAY_BE_ZERO else 1
+        v, low = getattr(config, f.name), 0 if f.name in _MAY_BE_ZERO else 1
         if type(v) is not int or not low <= v <= limit:
             raise ValueError(f"config: {f.name} must be an integer from {low} to {limit}, got {v!r}")
 

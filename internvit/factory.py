@@ -196,7 +196,6 @@ def save_model(model: nn.Module, directory: SourceLike, *, max_shard_bytes: int 
     new one, never neither, never a mix. Returns the directory. Raises
     :class:`~internvit.store.StoreBusyError` if another process is replacing the same directory.
     """
-
     directory = os.fspath(directory)
     with replace_folder(directory, description="model directory") as tmp:
         sd = model.state_dict()

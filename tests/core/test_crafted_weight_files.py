@@ -73,8 +73,9 @@ def test_tensors_in_any_disjoint_order_still_load(good, tmp_path):
     is valid and loads each tensor from its own bytes."""
     header, data = good
     h = json.loads(json.dumps(header))
-    a, b = (k for k, v in h.items() if k != "__metadata__" and v["shape"] == h[KNORM]["shape"]
-            and v["dtype"] == h[KNORM]["dtype"] and k != KNORM).__next__(), KNORM
+    b = KNORM
+    a = next(k for k, v in h.items() if k not in ("__metadata__", b) and v["shape"] == h[b]["shape"]
+             and v["dtype"] == h[b]["dtype"])
     h[a]["data_offsets"], h[b]["data_offsets"] = h[b]["data_offsets"], h[a]["data_offsets"]
     path = _craft(tmp_path / "swapped.safetensors", json.dumps(h).encode(), data)
     ref = open_weights(_craft(tmp_path / "plain.safetensors", json.dumps(header).encode(), data))
