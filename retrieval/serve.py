@@ -594,12 +594,15 @@ def background_server(app, host: str = "127.0.0.1", port: int = 0, *, timeout_s:
                       log_level: str = "warning", **uvicorn_kw) -> Iterator[str]:
     """Serve ``app`` with uvicorn in a background thread; yields its base URL (``http://host:port``) once it
     accepts connections, and stops it on exit. ``port=0`` picks a free port. Responses leave in one send each
-    (:func:`retrieval.serve_http.http_protocol`) unless ``http=`` is given."""
+    (:func:`retrieval.serve_http.http_protocol`) unless ``http=`` is given. The process's logging is left as it
+    is (``log_config=None`` unless given): uvicorn's default ``dictConfig`` closes every handler in the process,
+    e.g. the log file of an mmengine runner, whose next write then fails."""
     import uvicorn
 
     from .serve_http import http_protocol
 
     uvicorn_kw.setdefault("http", http_protocol())
+    uvicorn_kw.setdefault("log_config", None)
     port = port or free_port(host)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on", **uvicorn_kw)
     server = uvicorn.Server(config)

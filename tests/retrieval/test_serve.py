@@ -528,3 +528,28 @@ def test_more_like_this_on_every_index_type(tmp_path, key):
             _same(body["results"], r.search_embedding(stored, 5).rows[0])
             assert body["results"][0]["caption"] == f"row {body['results'][0]['id']}"
         assert post(url + "/search", {"id": 300, "k": 5})[0] == 404
+
+
+def test_background_server_leaves_the_process_logging_alone(tmp_path):
+    """An in-process server must not close other handlers: uvicorn's default log config did, and an mmengine
+    runner's log file handler then failed at its next write (seen as init_weights crashing in a later test)."""
+    import logging
+
+    from mmengine.logging import MMLogger
+
+    logger = MMLogger.get_instance(f"serve-logging-{os.getpid()}", log_file=str(tmp_path / "run.log"))
+    handler = next(h for h in logger.handlers if isinstance(h, logging.FileHandler))
+
+    async def app(scope, receive, send):  # the smallest ASGI app: lifespan only
+        while scope["type"] == "lifespan":
+            msg = await receive()
+            await send({"type": msg["type"] + ".complete"})
+            if msg["type"] == "lifespan.shutdown":
+                return
+
+    with background_server(app):
+        pass
+    assert handler.stream is not None and not handler.stream.closed
+    logger.info("still writable")
+    handler.flush()
+    assert "still writable" in (tmp_path / "run.log").read_text()
