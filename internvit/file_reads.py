@@ -220,14 +220,27 @@ def cgroup_memory_room(proc_cgroup: str = "/proc/self/cgroup", fs_root: str = "/
     return min(rooms) if rooms else None
 
 
+_LIBC = None
+
+
+def _libc() -> ctypes.CDLL:
+    """The C library with the signatures of ``madvise`` and ``mincore`` set (loaded once)."""
+    global _LIBC
+    if _LIBC is None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        _LIBC = libc
+    return _LIBC
+
+
 def page_cache_bytes(path: str) -> int:
     """Bytes of ``path`` resident in the page cache (Linux ``mincore`` over a private map of the file, which
     touches no page), or -1 where that cannot be read (not Linux, an empty file)."""
     size = os.path.getsize(path)
     if not sys.platform.startswith("linux") or size == 0:
         return -1
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc = _libc()
     page = mmap_module.PAGESIZE
     with open(path, "rb") as f, mmap_module.mmap(f.fileno(), size, access=mmap_module.ACCESS_COPY) as m:
         head = (ctypes.c_char * 1).from_buffer(m)  # the map's address; no page is touched
@@ -261,17 +274,13 @@ def _release_pages(start: int, nbytes: int, mapped: list[tuple[int, int, int]],
     inside the range are released, and never memory outside a file mapping (that would lose its contents).
     With ``drop_fd`` (the mapped file, open), those pages also leave the page cache (see :func:`drop_behind_for`).
     """
-    global _LIBC
     where = next(((lo, off) for lo, hi, off in mapped if lo <= start and start + nbytes <= hi), None)
     if nbytes <= 0 or where is None:
         return
-    if _LIBC is None:
-        _LIBC = ctypes.CDLL(None, use_errno=True)
-        _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     page = mmap_module.PAGESIZE
     lo, hi = -(-start // page) * page, (start + nbytes) // page * page
     if hi > lo:
-        _LIBC.madvise(lo, hi - lo, mmap_module.MADV_DONTNEED)
+        _libc().madvise(lo, hi - lo, mmap_module.MADV_DONTNEED)
         if drop_fd is not None and hasattr(os, "posix_fadvise"):  # unmapped now, so the cache may drop them
             os.posix_fadvise(drop_fd, lo - where[0] + where[1], hi - lo, os.POSIX_FADV_DONTNEED)
 
@@ -294,7 +303,6 @@ def file_mappings(path: str) -> list[tuple[int, int, int]]:
     return out
 
 
-_LIBC = None
 _COPY_CHUNK_BYTES = 16 * 1024**2
 
 

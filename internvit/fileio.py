@@ -9,11 +9,12 @@ through :class:`internvit.store.Store` instead.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from typing import Iterator, Optional, Union
 
-from .store import _point, _umask, fsync_dir, replace_folder
+from .store import TMP_SUFFIX, FolderLocks, _point, _umask, clear_interrupted, fsync_dir, replace_folder
 
 __all__ = ["atomic_write", "save_safetensors"]
 
@@ -23,10 +24,12 @@ def atomic_write(path: Union[str, os.PathLike], *, is_dir: bool = False) -> Iter
     """Yield a temporary path beside ``path``; when the block succeeds it durably replaces ``path``, when it
     raises it is removed and ``path`` is untouched.
 
-    Files are created empty as ``.{name}.{random}.tmp{ext}`` (the extension stays the last suffix, so e.g.
-    ``np.save`` writes exactly that file), with the usual permissions of a new file (``0o666`` less the umask).
-    Folders (``is_dir=True``) go through :func:`internvit.store.replace_folder` (an existing folder is swapped
-    out atomically; a concurrent replacement of the same folder raises
+    Files are created empty, with the usual permissions of a new file (``0o666`` less the umask) and ``path``'s
+    own name (so e.g. ``np.save`` writes exactly that file), inside a temporary folder
+    ``.{name}.{random}`` + :data:`~internvit.store.TMP_SUFFIX` beside it that the writing process holds a lock
+    on: the temporary folders that killed writes of the same name left behind are removed on entry, a live
+    writer's never. Folders (``is_dir=True``) go through :func:`internvit.store.replace_folder` (an existing
+    folder is swapped out atomically; a concurrent replacement of the same folder raises
     :class:`~internvit.store.StoreBusyError`). The parent folder is created if missing.
     """
     path = os.path.abspath(os.fspath(path))
@@ -36,21 +39,28 @@ def atomic_write(path: Union[str, os.PathLike], *, is_dir: bool = False) -> Iter
         return
     parent, name = os.path.split(path)
     os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{name}.", suffix=f".tmp{os.path.splitext(name)[1]}")
-    os.close(fd)
+    lock = FolderLocks()
     try:
-        os.chmod(tmp, 0o666 & ~_umask())
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        _point("file:written")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.lexists(tmp):
-            os.remove(tmp)
-        raise
-    fsync_dir(parent)
-    _point("file:renamed")
+        clear_interrupted(parent, name, lock, skip=os.path.join(parent, f".{name}.old{TMP_SUFFIX}"))
+        tmp_dir = tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=TMP_SUFFIX)
+        lock(tmp_dir)
+        tmp = os.path.join(tmp_dir, name)
+        try:
+            open(tmp, "wb").close()
+            os.chmod(tmp, 0o666 & ~_umask())
+            yield tmp
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            _point("file:written")
+            os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            raise
+        fsync_dir(parent)
+        _point("file:renamed")
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    finally:
+        lock.release()
 
 
 def save_safetensors(tensors: dict, path: str, metadata: Optional[dict] = None) -> None:

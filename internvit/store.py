@@ -547,6 +547,35 @@ def _lock_dir(path: str) -> Optional[int]:
     return fd
 
 
+class FolderLocks:
+    """Folder locks (:func:`_lock_dir`) taken one by one and released together: ``locks(folder)`` returns the
+    lock's descriptor, or ``None`` if another process holds that folder; :meth:`release` drops them all."""
+
+    def __init__(self) -> None:
+        self.fds: list[int] = []
+
+    def __call__(self, folder: str) -> Optional[int]:
+        fd = _lock_dir(folder)
+        if fd is not None:
+            self.fds.append(fd)
+        return fd
+
+    def release(self) -> None:
+        while self.fds:
+            os.close(self.fds.pop())
+
+
+def clear_interrupted(parent: str, name: str, lock: Callable[[str], Optional[int]], skip: str = "") -> None:
+    """Remove the temporary folders (``.{name}.*`` + :data:`TMP_SUFFIX`) that interrupted replacements of
+    ``name`` left in ``parent``; ``lock(folder)`` returns ``None`` for one a live process holds, which is kept
+    (so is ``skip``)."""
+    for entry in os.listdir(parent):
+        full = os.path.join(parent, entry)
+        if (entry.startswith(f".{name}.") and entry.endswith(TMP_SUFFIX) and full != skip
+                and os.path.isdir(full) and lock(full) is not None):
+            shutil.rmtree(full, ignore_errors=True)
+
+
 @contextmanager
 def replace_folder(path: PathLike, *, description: str = "folder") -> Iterator[str]:
     """Build a folder's new content in a temporary folder beside it, then swap it in atomically.
@@ -567,14 +596,7 @@ def replace_folder(path: PathLike, *, description: str = "folder") -> Iterator[s
     if os.path.lexists(path) and not os.path.isdir(path):
         raise StoreError(f"{path}: exists and is not a folder")
     busy = StoreBusyError(f"{path}: another process is writing this {description}")
-    held: list[int] = []
-
-    def lock(p: str) -> Optional[int]:
-        fd = _lock_dir(p)
-        if fd is not None:
-            held.append(fd)
-        return fd
-
+    lock = FolderLocks()
     try:
         existed = os.path.isdir(path)
         if existed and lock(path) is None:
@@ -589,11 +611,7 @@ def replace_folder(path: PathLike, *, description: str = "folder") -> Iterator[s
                 os.replace(backup, path)
                 existed = True
             fsync_dir(parent)
-        for entry in os.listdir(parent):  # temporary folders of interrupted replacements (not of live ones)
-            full = os.path.join(parent, entry)
-            if (entry.startswith(f".{name}.") and entry.endswith(TMP_SUFFIX) and full != backup
-                    and os.path.isdir(full) and lock(full) is not None):
-                shutil.rmtree(full, ignore_errors=True)
+        clear_interrupted(parent, name, lock, skip=backup)
         tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=TMP_SUFFIX)
         os.chmod(tmp, 0o777 & ~_umask())
         lock(tmp)
@@ -626,5 +644,4 @@ def replace_folder(path: PathLike, *, description: str = "folder") -> Iterator[s
             fsync_dir(parent)
             _point("folder:renamed")
     finally:
-        for fd in held:
-            os.close(fd)
+        lock.release()

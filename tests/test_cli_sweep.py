@@ -53,6 +53,26 @@ BUILD_MODEL = ["{W}/imgs", "{out}", "--model", "internvit:internvit-6b-tiny", "-
 SEARCH = ["{W}/idx", "--embedding", "{W}/q16.npy", "--html", "{out}/r.html"]
 
 
+def _overlapping_copy(src: str, dst: str) -> None:
+    """``src`` with its second tensor's bytes pointing at its first's (same size): a crafted header."""
+    import json
+    import struct
+
+    raw = open(src, "rb").read()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    keys = [k for k in header if k != "__metadata__"]
+    a = next(k for k in keys if any(header[j]["data_offsets"][1] - header[j]["data_offsets"][0]
+                                    == header[k]["data_offsets"][1] - header[k]["data_offsets"][0] > 0
+                                    for j in keys if j != k))
+    b = next(j for j in keys if j != a and header[j]["data_offsets"][1] - header[j]["data_offsets"][0]
+             == header[a]["data_offsets"][1] - header[a]["data_offsets"][0])
+    header[b]["data_offsets"] = header[a]["data_offsets"]
+    hb = json.dumps(header).encode()
+    with open(dst, "wb") as f:
+        f.write(struct.pack("<Q", len(hb)) + hb + raw[8 + n:])
+
+
 def _with(base, **repl):
     """``base`` with the values of some options replaced (``images='x'`` replaces ``--images``'s value)."""
     out = list(base)
@@ -143,6 +163,9 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("k_negative", [*SEARCH, "-k", "-5"]),
         ("bad_params", [*SEARCH, "--params", "foo=bar"]),
         ("nprobe_on_flat", [*SEARCH, "--params", "nprobe=4"]),
+        ("html_onto_an_existing_file", _with(SEARCH, html="{W}/ann.json")),
+        ("html_onto_the_query_image", ["{W}/idx_model", "--image", "{W}/imgs/img_000.png", "--html",
+                                       "{W}/imgs/img_000.png"]),
         *[(n, [*SEARCH, *a]) for n, a in DEVICE_CASES + NO_CUDA_CASES],
     ],
     "build_index": [
@@ -171,6 +194,10 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("wrong_model", ["to-hf", "{W}/model", "{out}", "--config", "no-such-preset"]),
         ("not_a_mmseg_checkpoint", ["mmseg0x", "{W}/other_ckpt.pth", "{out}.pth"]),
         ("existing_destination", ["to-hf", "{W}/model", "{W}/imgs"]),
+        ("overwrite_a_folder_with_a_file", ["to-original", "{W}/model", "{W}/imgs", "--overwrite"]),
+        ("overwrite_a_file_with_a_folder", ["to-hf", "{W}/model", "{W}/ann.json", "--overwrite"]),
+        ("overlapping_tensors", ["to-original", "{W}/overlap.safetensors", "{out}.pth", "--config",
+                                 "internvit-6b-tiny"]),
     ],
     "train": [
         ("missing_config", ["{W}/nope.py", "--work-dir", "{out}"]),
@@ -315,6 +342,7 @@ def W(tmp_path_factory) -> str:  # noqa: N802 - the placeholder's name
     torch.save(model.state_dict(), f"{w}/trunc.pth")
     _truncate(f"{w}/trunc.pth")
     torch.save({"state_dict": {"foo.weight": torch.zeros(2, 2)}, "meta": {}}, f"{w}/other_ckpt.pth")
+    _overlapping_copy(f"{w}/model/model.safetensors", f"{w}/overlap.safetensors")
     # an index over 8 random 16-d vectors, broken copies, query files of the right and the wrong width
     x = rng.standard_normal((8, 16)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)

@@ -10,7 +10,10 @@ def test_replaces_existing_file(tmp_path):
     target = tmp_path / "out.json"
     target.write_text("old")
     with atomic_write(target) as tmp:
-        assert os.path.dirname(tmp) == str(tmp_path) and tmp != str(target)
+        # in a hidden temporary folder beside the target, under the target's own name
+        tmp_dir = os.path.dirname(tmp)
+        assert os.path.dirname(tmp_dir) == str(tmp_path) and os.path.basename(tmp_dir).startswith(".out.json.")
+        assert os.path.basename(tmp) == "out.json" and tmp != str(target)
         with open(tmp, "w", encoding="utf-8") as f:
             f.write("new")
         assert target.read_text() == "old"  # nothing visible until the block ends
@@ -73,9 +76,10 @@ def test_temp_file_keeps_extension(tmp_path):
     target = tmp_path / "emb.npy"
     arr = np.arange(6, dtype=np.float32).reshape(2, 3)
     with atomic_write(target) as tmp:
-        assert tmp.endswith(".npy") and os.path.basename(tmp).startswith(".")
+        assert tmp.endswith(".npy") and os.path.basename(os.path.dirname(tmp)).startswith(".")
         np.save(tmp, arr)  # np.save appends '.npy' unless the name already ends with it
-        assert sorted(os.listdir(tmp_path)) == [os.path.basename(tmp)]
+        assert sorted(os.listdir(tmp_path)) == [os.path.basename(os.path.dirname(tmp))]
+        assert sorted(os.listdir(os.path.dirname(tmp))) == ["emb.npy"]
     assert sorted(os.listdir(tmp_path)) == ["emb.npy"]
     np.testing.assert_array_equal(np.load(target), arr)
 
@@ -91,3 +95,21 @@ def test_result_gets_default_permissions(tmp_path):
         os.umask(mask)
     assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+
+
+def test_a_killed_writes_temporary_folder_is_removed_but_never_a_live_one(tmp_path):
+    """A kill leaves a whole temporary copy beside the target; the next write of that name removes it, while a
+    write still in progress (its folder locked) keeps its own."""
+    from internvit.store import TMP_SUFFIX
+
+    target = tmp_path / "w.bin"
+    stale = tmp_path / f".w.bin.killed{TMP_SUFFIX}"
+    stale.mkdir()
+    (stale / "w.bin").write_bytes(b"x" * 1000)
+    with atomic_write(target) as outer:
+        open(outer, "wb").write(b"outer")
+        assert not stale.exists()  # removed on entry
+        with atomic_write(target) as inner:  # a second writer of the same name meanwhile
+            open(inner, "wb").write(b"inner")
+        assert os.path.exists(outer) and target.read_bytes() == b"inner"
+    assert target.read_bytes() == b"outer" and sorted(os.listdir(tmp_path)) == ["w.bin"]

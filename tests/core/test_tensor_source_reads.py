@@ -169,8 +169,12 @@ def test_a_copying_load_too_big_for_memory_drops_what_it_copied_from_the_page_ca
                 pass
         return fr.page_cache_bytes(path)
 
-    if dropped < 0 or dropped > page or warm() < size - page:
-        pytest.skip(f"the page cache of {tmp_path} cannot be observed or dropped here (tmpfs or not Linux)")
+    if dropped < 0:
+        pytest.skip("the page cache cannot be observed here (not Linux)")
+    assert warm() >= size - page  # mincore sees a file just read
+    if _fs_type(str(tmp_path)) in ("tmpfs", "ramfs"):
+        pytest.skip(f"{tmp_path} is on a memory file system: its pages cannot leave the cache")
+    assert dropped <= page  # POSIX_FADV_DONTNEED after fsync empties it here
     monkeypatch.setattr(fr, "PARALLEL_READ_MIN_BYTES", 1 << 20)
     monkeypatch.setattr(fr, "_READ_CHUNK_BYTES", 64 * 1024 + 100)  # chunks not page-aligned
     monkeypatch.setattr(fr, "io_threads", lambda: 2)
@@ -183,6 +187,18 @@ def test_a_copying_load_too_big_for_memory_drops_what_it_copied_from_the_page_ca
         cached = fr.page_cache_bytes(path)
         # only pages the reads did not cover whole stay: the header's and those a chunk boundary cuts
         assert abs(cached - cached_after) <= (2 * 32 + 4) * page, (avail, mmap, cached)
+
+
+def _fs_type(path: str) -> str:
+    """The type of the file system holding ``path`` (longest mount point of ``/proc/mounts`` above it)."""
+    best, kind = "", ""
+    with open("/proc/mounts", encoding="utf-8") as f:
+        for line in f:
+            parts = line.split()
+            mount = parts[1].replace("\\040", " ")
+            if (path == mount or path.startswith(mount.rstrip("/") + "/")) and len(mount) > len(best):
+                best, kind = mount, parts[2]
+    return kind
 
 
 def _write_tree(root, files: dict) -> None:
