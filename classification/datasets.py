@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from typing import Callable, Optional, Sequence, Union
 
 from torch.utils.data import Dataset
@@ -76,17 +77,57 @@ def scan_folder(root: str, classes: Optional[Sequence[str]] = None) -> tuple[lis
     return samples, list(classes)
 
 
+#: integer CSV labels make the classes 0..max: a bigger max needs a class list (a typo never allocates millions)
+MAX_CLASSES = 1_000_000
 #: a class list beside a CSV that names no classes fixes its label set (make_toy_cls_dataset writes one)
 CLASSES_FILE = "classes.txt"
 
 
+_INDEX = re.compile(r"-?[0-9]+")
+#: first-row headers of a label CSV (lower case): skipped
+CSV_HEADERS = {("path", "label"), ("filepath", "label"), ("image", "label"), ("video", "label")}
+
+
 def _is_index(label: str) -> bool:
-    return label.isdigit() or (label.startswith("-") and label[1:].isdigit())
+    """An integer label (ASCII digits, optional minus): ``'²'`` or ``'٣'`` are names, never indices."""
+    return _INDEX.fullmatch(label) is not None
+
+
+def read_label_rows(path: str) -> list[tuple[int, str, str]]:
+    """``[(line number, path, label)]`` of a ``path,label`` CSV: UTF-8 with or without a byte-order mark
+    (Excel's "CSV UTF-8"), blank and ``#`` comment lines skipped, an optional header (``path,label``,
+    ``image,label``, ``video,label``, ``filepath,label``) on the first row that is not a comment. Paths and
+    labels are stripped, not resolved. Raises ``FileNotFoundError``, or ``ValueError('<file>:<line>: ...')``
+    for a row without two fields or a file that is not UTF-8."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: annotation CSV not found")
+    rows, first = [], True
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        try:
+            for row in reader:
+                lineno = reader.line_num
+                if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
+                    continue
+                if len(row) < 2:
+                    raise ValueError(f"{path}:{lineno}: expected 'path,label', got {','.join(row)!r}")
+                p, label = row[0].strip(), row[1].strip()
+                if first and (p.lower(), label.lower()) in CSV_HEADERS:
+                    first = False
+                    continue
+                first = False
+                rows.append((lineno, p, label))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
+        except csv.Error as e:
+            raise ValueError(f"{path}:{reader.line_num}: not a readable CSV row ({e})") from None
+    return rows
 
 
 def read_csv(path: str, classes: Optional[Sequence[str]] = None,
              image_root: Optional[str] = None) -> tuple[list[tuple[str, int]], list[str]]:
-    """``(samples, classes)`` of a ``path,label`` CSV (optional header ``path,label``).
+    """``(samples, classes)`` of a ``path,label`` CSV (optional header ``path,label``; see
+    :func:`read_label_rows` for the format).
 
     The label set comes from ``classes``, else from a ``classes.txt`` beside the CSV (one name per line),
     else from the labels themselves: all integers are class indices ``0..max``, all non-integers are class
@@ -95,21 +136,9 @@ def read_csv(path: str, classes: Optional[Sequence[str]] = None,
     Labels may be class names or indices into ``classes``. Relative paths resolve against ``image_root``
     (default: the CSV's folder).
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: annotation CSV not found")
     base = image_root if image_root is not None else os.path.dirname(os.path.abspath(path))
-    rows = []
-    with open(path, newline="", encoding="utf-8") as f:
-        for lineno, row in enumerate(csv.reader(f), 1):
-            if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
-                continue
-            if len(row) < 2:
-                raise ValueError(f"{path}:{lineno}: expected 'path,label', got {','.join(row)!r}")
-            p, label = row[0].strip(), row[1].strip()
-            if lineno == 1 and (p.lower(), label.lower()) in {("path", "label"), ("filepath", "label"),
-                                                                ("image", "label")}:
-                continue
-            rows.append((lineno, p if os.path.isabs(p) else os.path.join(base, p), label))
+    rows = [(lineno, p if os.path.isabs(p) else os.path.join(base, p), label)
+            for lineno, p, label in read_label_rows(path)]
     if not rows:
         raise ValueError(f"{path}: no 'path,label' rows")
     where = ""
@@ -123,6 +152,10 @@ def read_csv(path: str, classes: Optional[Sequence[str]] = None,
             lineno, _, label = min(rows, key=lambda r: int(r[2]))
             if int(label) < 0:
                 raise ValueError(f"{path}:{lineno}: unknown label {label!r} (negative class index)")
+            lineno, _, label = max(rows, key=lambda r: int(r[2]))
+            if int(label) >= MAX_CLASSES:
+                raise ValueError(f"{path}:{lineno}: unknown label {label!r} (class indices above {MAX_CLASSES - 1} "
+                                 f"need a class list: pass classes= or write {CLASSES_FILE} beside the CSV)")
             classes = [str(i) for i in range(max(int(r[2]) for r in rows) + 1)]
             return [(p, int(label)) for _, p, label in rows], classes
         if any(is_index):  # indices and names mixed: the minority kind is the odd one out
@@ -137,7 +170,7 @@ def read_csv(path: str, classes: Optional[Sequence[str]] = None,
     for lineno, p, label in rows:
         if label in index:
             samples.append((p, index[label]))
-        elif label.isdigit() and int(label) < len(classes):
+        elif _is_index(label) and 0 <= int(label) < len(classes):
             samples.append((p, int(label)))
         else:
             raise ValueError(f"{path}:{lineno}: unknown label {label!r} (not one of the {len(classes)} "

@@ -265,8 +265,16 @@ def _is_video(name: str) -> bool:
 
 def list_labeled_videos(data: str) -> tuple[list[str], list[str]]:
     """``(paths, raw labels)`` of a ``<root>/<class>/<video>`` folder (recursive per class, sorted) or a
-    ``path,label`` CSV (relative paths against the CSV's folder; optional header). Raises ``ValueError`` /
-    ``FileNotFoundError`` naming the problem."""
+    ``path,label`` CSV (relative paths against the CSV's folder; the format of
+    :func:`classification.datasets.read_label_rows`). Raises ``ValueError`` / ``FileNotFoundError`` naming
+    the problem."""
+    paths, labels, _ = _scan_videos(data)
+    return paths, labels
+
+
+def _scan_videos(data: str) -> tuple[list[str], list[str], list[str]]:
+    """``(paths, raw labels, classes)``: ``classes`` are every class folder (empty ones included: the candidate
+    classes do not depend on which videos are present) or the CSV's distinct labels."""
     if os.path.isdir(data):
         classes = sorted(d for d in os.listdir(data) if os.path.isdir(os.path.join(data, d)) and d[0] != ".")
         paths, labels = [], []
@@ -279,59 +287,41 @@ def list_labeled_videos(data: str) -> tuple[list[str], list[str]]:
             labels.extend([c] * len(found))
         if not paths:
             raise ValueError(f"{data}: no videos ({'/'.join(VIDEO_EXTENSIONS)}) in <root>/<class>/ folders")
-        return paths, labels
+        return paths, labels, classes
     if os.path.isfile(data) and data.lower().endswith(".csv"):
-        import csv
+        from .datasets import _is_index, read_label_rows
 
         base = os.path.dirname(os.path.abspath(data))
-        paths, labels = [], []
-        with open(data, newline="", encoding="utf-8") as f:
-            for lineno, row in enumerate(csv.reader(f), 1):
-                if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
-                    continue
-                if len(row) < 2:
-                    raise ValueError(f"{data}:{lineno}: expected 'path,label', got {','.join(row)!r}")
-                p, label = row[0].strip(), row[1].strip()
-                if lineno == 1 and p.lower() in ("path", "video", "filepath") and label.lower() == "label":
-                    continue
-                paths.append(p if os.path.isabs(p) else os.path.join(base, p))
-                labels.append(label)
-        if not paths:
+        rows = read_label_rows(data)
+        if not rows:
             raise ValueError(f"{data}: no 'path,label' rows")
-        return paths, labels
+        paths = [p if os.path.isabs(p) else os.path.join(base, p) for _, p, _ in rows]
+        labels = [label for _, _, label in rows]
+        if all(_is_index(label) for label in labels):
+            classes = sorted(set(labels), key=int)
+        else:
+            classes = sorted(set(labels))
+        return paths, labels, classes
     raise FileNotFoundError(f"{data}: not a video folder (<root>/<class>/<video>) or a .csv of path,label")
 
 
-def _resolve_video_classnames(spec, raw_labels: Sequence[str]) -> tuple[list[str], list[int]]:
-    """Class names (label order) and the label index of every row."""
-    if spec is None:
-        if all(label.isdigit() for label in raw_labels):
-            raise ValueError("integer labels need class names: pass classnames= (a Kinetics key, a list or a file)")
-        found = sorted(set(raw_labels))
-        names = [c.replace("_", " ") for c in found]
-        index = {c: i for i, c in enumerate(found)}
-        return names, [index[label] for label in raw_labels]
-    if isinstance(spec, str):
-        if os.path.isfile(spec):
-            from .zero_shot import _read_list
+def _resolve_video_classnames(spec, raw_labels: Sequence[str],
+                              classes: Optional[Sequence[str]] = None) -> tuple[list[str], list[int]]:
+    """Class names (the candidates) and the label index of every row; ``classes`` (default: the distinct raw
+    labels) are the data's classes, matched to the names by
+    :func:`classification.zero_shot.resolve_class_index`."""
+    from .datasets import _is_index
+    from .zero_shot import resolve_class_index
 
-            names = _read_list(spec)
-        else:
-            names = load_video_classnames(spec)
-    else:
-        names = [str(n) for n in spec]
-    by_name = {}
-    for i, n in enumerate(names):
-        by_name.setdefault(_norm(n), i)
-    out = []
-    for label in raw_labels:
-        if _norm(label) in by_name:
-            out.append(by_name[_norm(label)])
-        elif label.isdigit() and int(label) < len(names):
-            out.append(int(label))
-        else:
-            raise ValueError(f"label {label!r} is not one of the {len(names)} class names (nor an index)")
-    return names, out
+    if spec is None and all(_is_index(label) for label in raw_labels):
+        raise ValueError("integer labels need class names: pass classnames= (a Kinetics key, a list or a file)")
+    classes = sorted(set(raw_labels)) if classes is None else list(classes)
+    by_key = None
+    if isinstance(spec, str) and not os.path.isfile(spec):
+        by_key = load_video_classnames
+    names, index = resolve_class_index(spec, classes, by_key=by_key)
+    pos = {c: i for i, c in enumerate(classes)}
+    return names, [index[pos[label]] for label in raw_labels]
 
 
 def _resolve_video_templates(spec, dataset: str) -> list[Template]:
@@ -381,8 +371,8 @@ def run_video_zero_shot(
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     model_name = os.fspath(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
-    paths, raw_labels = list_labeled_videos(os.fspath(data))
-    names, labels = _resolve_video_classnames(classnames, raw_labels)
+    paths, raw_labels, data_classes = _scan_videos(os.fspath(data))
+    names, labels = _resolve_video_classnames(classnames, raw_labels, data_classes)
     temps = _resolve_video_templates(templates, dataset)
     if isinstance(model, (str, os.PathLike)):
         if tokenizer is None:

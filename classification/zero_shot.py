@@ -275,30 +275,106 @@ def _list_or_key(spec: str, what: str, by_key: Callable[[str], list]) -> list:
     return by_key(spec)
 
 
-def resolve_classnames(spec: Optional[Union[str, Sequence[str]]], data_classes: Sequence[str],
-                       lang: str = "en") -> list[str]:
-    """Class names for the classes of a dataset, in label order.
+def _norm_class(name: str) -> str:
+    """Class-name matching key: case-insensitive, ``_`` read as a space, runs of white space as one."""
+    return " ".join(str(name).replace("_", " ").split()).casefold()
 
-    ``spec`` is a list, a ``.txt`` (one per line) / ``.json`` file, a shipped dataset key (``imagenet1k``,
-    ``imagenet-a``, ...) or None: ImageNet WordNet-id folders (``n01440764``) then get their shipped names in
-    ``lang``, other folder names are used with ``_`` read as a space.
+
+def match_classes(names: Sequence[str], data_classes: Sequence[str]) -> list[int]:
+    """For each class of a dataset (folder names / CSV labels, in label order), its position in ``names``.
+
+    Rules, in order:
+
+    1. **by name**: every data class equals exactly one name (case-insensitive, ``_`` = space), in any order
+       (``names`` may hold more classes than the data); a class that equals no name may be an index
+       (``3``: the fourth name); no two classes may land on one name;
+    2. **by index**: every data class is an integer (``0``, ``1``, ...) below ``len(names)``;
+    3. **by position** (the torchvision ``ImageFolder`` / CLIP_benchmark convention: names listed in the
+       data's sorted class order, e.g. EuroSAT's ``AnnualCrop`` → ``annual crop land``): as many names as
+       classes, and no data class equals a name at another position.
+
+    Raises ``ValueError`` naming the first class that fits none (a name list in another order than the
+    folders is refused, never paired by position: that scores images against the wrong names).
     """
+    names, data_classes = [str(n) for n in names], [str(c) for c in data_classes]
+    at: dict[str, list[int]] = {}
+    for i, n in enumerate(names):
+        at.setdefault(_norm_class(n), []).append(i)
+    hits = [at.get(_norm_class(c), []) for c in data_classes]
+    from .datasets import _is_index
+
+    def as_index(c: str) -> Optional[int]:
+        return int(c) if _is_index(c) and 0 <= int(c) < len(names) else None
+
+    by_name = [h[0] if len(h) == 1 else (as_index(c) if not h else None) for c, h in zip(data_classes, hits)]
+    if None not in by_name and len(set(by_name)) == len(by_name):
+        return by_name
+    by_index = [as_index(c) for c in data_classes]
+    if None not in by_index:
+        return by_index
+    if len(names) == len(data_classes) and all(not h or j in h for j, h in enumerate(hits)):
+        return list(range(len(names)))
+    for j, (c, h) in enumerate(zip(data_classes, hits)):
+        if len(h) > 1 and (len(names) != len(data_classes) or j not in h):
+            raise ValueError(f"class {c!r} matches {len(h)} class names (positions {h[:3]}): name every class once")
+        if h and j not in h and len(names) == len(data_classes):
+            raise ValueError(f"class {c!r} (label {j}) is class name {h[0]} ({names[h[0]]!r}), but the name at "
+                             f"position {j} is {names[j]!r}: list the class names in the data's class order "
+                             f"(sorted folder names) or give names that match every class")
+    missing = [c for c, h in zip(data_classes, hits) if not h]
+    raise ValueError(f"{len(names)} class names given but the data has {len(data_classes)} classes, and "
+                     f"{len(missing)} of them ({', '.join(map(repr, missing[:3]))}) match no class name "
+                     f"(matched by name, case-insensitive, '_' = space, or by index)")
+
+
+def resolve_class_index(spec: Optional[Union[str, Sequence[str]]], data_classes: Sequence[str],
+                        lang: str = "en", by_key: Optional[Callable[[str], list]] = None
+                        ) -> tuple[list[str], list[int]]:
+    """``(names, index)``: the candidate class names and, for each class of the data (label order), its
+    position in ``names`` (relabel a sample with ``index[label]``).
+
+    ``spec``: ``None`` (the data's own classes: ImageNet WordNet-id folders such as ``n01440764`` get their
+    shipped names in ``lang``, other names are used with ``_`` read as a space), a list, a ``.txt`` / ``.json``
+    file, or a shipped key (``by_key``, default :func:`load_classnames` in ``lang``). WordNet-id classes are
+    matched to an ImageNet key by id; everything else by :func:`match_classes`. Raises ``ValueError`` /
+    ``FileNotFoundError`` naming the problem.
+    """
+    data_classes = [str(c) for c in data_classes]
+    wnid_data = bool(data_classes) and all(_WNID.match(c) for c in data_classes)
     if spec is None:
-        wnids = imagenet_wnids("imagenet1k")
-        if data_classes and all(_WNID.match(c) for c in data_classes):
-            by_wnid = dict(zip(wnids, load_classnames(lang, "imagenet1k")))
+        if wnid_data:
+            by_wnid = dict(zip(imagenet_wnids("imagenet1k"), load_classnames(lang, "imagenet1k")))
             unknown = [c for c in data_classes if c not in by_wnid]
             if unknown:
                 raise ValueError(f"folder classes {unknown[:3]} are not ImageNet-1k WordNet ids; pass --classnames")
-            return [by_wnid[c] for c in data_classes]
-        return [c.replace("_", " ") for c in data_classes]
+            return [by_wnid[c] for c in data_classes], list(range(len(data_classes)))
+        return [c.replace("_", " ") for c in data_classes], list(range(len(data_classes)))
+    key = None
     if isinstance(spec, str):
-        names = _list_or_key(spec, "class names", lambda key: load_classnames(lang, key))
+        names = _list_or_key(spec, "class names", by_key or (lambda k: load_classnames(lang, k)))
+        key = None if os.path.isfile(spec) else spec
     else:
-        names = list(spec)
-    if len(names) != len(data_classes):
-        raise ValueError(f"{len(names)} class names given but the data has {len(data_classes)} classes")
-    return names
+        names = [str(n) for n in spec]
+    if not names:
+        raise ValueError("class names: empty list")
+    if wnid_data and key is not None and by_key is None:
+        wnids = imagenet_wnids(key)
+        if len(wnids) == len(names):  # an ImageNet key: folders are matched by WordNet id
+            pos = {w: i for i, w in enumerate(wnids)}
+            unknown = [c for c in data_classes if c not in pos]
+            if unknown:
+                raise ValueError(f"folder classes {unknown[:3]} are not among the {len(wnids)} WordNet ids of "
+                                 f"{key!r}")
+            return names, [pos[c] for c in data_classes]
+    return names, match_classes(names, data_classes)
+
+
+def resolve_classnames(spec: Optional[Union[str, Sequence[str]]], data_classes: Sequence[str],
+                       lang: str = "en") -> list[str]:
+    """Class names of the classes of a dataset, in label order (see :func:`resolve_class_index` for ``spec``
+    and how names are matched to classes)."""
+    names, index = resolve_class_index(spec, data_classes, lang)
+    return [names[i] for i in index]
 
 
 def resolve_templates(spec: Optional[Union[str, Sequence[Template]]], lang: str = "en",
@@ -327,17 +403,15 @@ def resolve_templates(spec: Optional[Union[str, Sequence[Template]]], lang: str 
     return templates
 
 
-def _load_labeled(data: str, classnames) -> tuple[list[str], list[int], list[str]]:
+def _load_labeled(data: str) -> tuple[list[str], list[int], list[str]]:
+    """``(paths, labels, classes)`` of an image folder (every class folder, empty ones included) or a
+    ``path,label`` CSV (its own label set: see :func:`classification.datasets.read_csv`)."""
     from .datasets import read_csv, scan_folder
 
     if os.path.isdir(data):
         samples, classes = scan_folder(data)
     elif os.path.isfile(data) and data.lower().endswith(".csv"):
-        names = None
-        if classnames is not None:  # CSV labels may be names or indices into the given class list
-            names = classnames if not isinstance(classnames, str) else (
-                _read_list(classnames) if os.path.isfile(classnames) else None)
-        samples, classes = read_csv(data, classes=names)
+        samples, classes = read_csv(data)
     else:
         raise FileNotFoundError(f"{data}: not an image folder (<root>/<class>/<image>) or a .csv of path,label")
     return [p for p, _ in samples], [label for _, label in samples], classes
@@ -392,8 +466,9 @@ def run_zero_shot(
     from internvit.fileio import atomic_write
 
     model_name = os.fspath(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
-    paths, labels, data_classes = _load_labeled(data, classnames)
-    names = resolve_classnames(classnames, data_classes, lang)
+    paths, labels, data_classes = _load_labeled(data)
+    names, index = resolve_class_index(classnames, data_classes, lang)
+    labels = [index[label] for label in labels]
     temps = resolve_templates(templates, lang, dataset)
     if isinstance(model, (str, os.PathLike)):
         if tokenizer is None:
@@ -419,4 +494,5 @@ def run_zero_shot(
 
 __all__ = ["LANGUAGES", "ZERO_SHOT_SCALE", "build_zero_shot_classifier", "classification_metrics",
            "encode_images", "encode_texts", "imagenet_wnids", "list_datasets", "load_classnames",
-           "load_templates", "resolve_classnames", "resolve_templates", "run_zero_shot", "zero_shot_evaluate"]
+           "load_templates", "match_classes", "resolve_class_index", "resolve_classnames", "resolve_templates",
+           "run_zero_shot", "zero_shot_evaluate"]
