@@ -41,7 +41,9 @@ def one_line(exc: BaseException) -> str:
     """The first non-empty line of an exception's message (its type name when it has none)."""
     text = str(exc)
     if isinstance(exc, KeyError) and len(exc.args) == 1:  # KeyError('model') prints as "'model'"
-        text = f"missing key {exc.args[0]!r}"
+        arg = exc.args[0]
+        # a sentence (mmengine's "X is not in the mmseg::model registry ...") is a message, not a key
+        text = arg if isinstance(arg, str) and " " in arg.strip() else f"missing key {arg!r}"
     for line in text.splitlines():
         if line.strip():
             return line.strip()

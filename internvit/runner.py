@@ -15,13 +15,15 @@ Set-up problems raise ``OSError`` / ``ValueError`` (``CheckpointError``) / ``Key
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import os.path as osp
 import re
 import shutil
+import sys
 import warnings
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from internvit import compat
 
@@ -32,12 +34,32 @@ SETUP_ERRORS = (OSError, ValueError, KeyError, TypeError, ImportError)
 
 @contextlib.contextmanager
 def held_back_warnings():
-    """Warnings raised inside the block (libraries announcing things while a runner is built) are shown when
-    the block succeeds and dropped when it raises, so a set-up error is the only line the user sees."""
-    with warnings.catch_warnings(record=True) as caught:
-        yield
+    """Warnings and standard output inside the block (libraries announcing things while a runner is built:
+    mmengine's environment banner, its config dump) are shown when the block succeeds and dropped when it
+    raises, so a set-up error is the only line the user sees. Log handlers created inside the block write to
+    the real standard output afterwards."""
+    real, held = sys.stdout, io.StringIO()
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(held):
+        try:
+            yield
+        finally:
+            _repoint_streams(held, real)
+    real.write(held.getvalue())
+    real.flush()
     for w in caught:
         warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+
+
+def _repoint_streams(old, new) -> None:
+    """Log handlers writing to ``old`` write to ``new`` (every logger, mmengine's ``MMLogger`` instances too)."""
+    from mmengine.logging import MMLogger
+
+    loggers = [logging.getLogger(), *(lg for lg in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(lg, logging.Logger)), *MMLogger._instance_dict.values()]
+    for lg in loggers:
+        for h in lg.handlers:
+            if isinstance(h, logging.StreamHandler) and h.stream is old:
+                h.setStream(new)
 
 
 def cfg_options_action():
@@ -89,7 +111,8 @@ def load_config(config: str, *, cfg_options: Optional[dict] = None, work_dir: Op
     return cfg
 
 
-def build_runner(cfg, checkpoint: Optional[str] = None, dataloaders: tuple = ()):
+def build_runner(cfg, checkpoint: Optional[str] = None, dataloaders: tuple = (),
+                 after_build: Optional[Callable] = None):
     """``Runner.from_cfg``, or the registry's ``runner_type`` (``FlexibleRunner`` for FSDP / DeepSpeed).
 
     Its ``train`` / ``val`` / ``test`` load checkpoints only through :func:`internvit.compat.load_runner_checkpoint`
@@ -98,7 +121,10 @@ def build_runner(cfg, checkpoint: Optional[str] = None, dataloaders: tuple = ())
     does not fit, the files the runner has written (its log folder, a work dir it created) are removed and
     :class:`internvit.CheckpointError` names the keys. ``dataloaders`` (``'train'``, ``'val'``, ``'test'``) are
     built now rather than when the loop starts, so that a dataset's bad input (a missing folder, an unknown
-    label) is a set-up error too (a plain ``Runner`` only; the same call its loops make).
+    label) is a set-up error too (a plain ``Runner`` only; the same call its loops make), and their datasets'
+    class counts are checked against the model's heads (:func:`check_classes`). ``after_build(runner)`` runs
+    last, inside the same clean-up: whatever it raises also removes the runner's files. A failure while the
+    runner itself is being built (an unknown registry type, a bad model argument) removes them too.
     """
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
@@ -106,13 +132,18 @@ def build_runner(cfg, checkpoint: Optional[str] = None, dataloaders: tuple = ())
     ckpt = _read_checkpoint(checkpoint) if checkpoint else None
     work_dir = osp.abspath(cfg.work_dir)
     existing = set(os.listdir(work_dir)) if osp.isdir(work_dir) else None
-    runner = RUNNERS.build(cfg) if "runner_type" in cfg else Runner.from_cfg(cfg)
+    instances = _manager_instances()
     try:
+        runner = RUNNERS.build(cfg) if "runner_type" in cfg else Runner.from_cfg(cfg)
         if ckpt is not None:
             check_fits(runner.model, ckpt, checkpoint)
         _build_dataloaders(runner, dataloaders)
-    except Exception:
-        _discard_run_files(runner, work_dir, existing)
+        for name in dataloaders:
+            check_classes(runner.model, getattr(runner, f"_{name}_dataloader", None), f"{name}_dataloader")
+        if after_build is not None:
+            after_build(runner)
+    except BaseException:
+        _discard_run_files(work_dir, existing, instances)
         raise
     _scope_checkpoint_loading(runner)
     return runner
@@ -186,19 +217,64 @@ def check_fits(model, ckpt, path: str) -> None:
         raise CheckpointError(f"{path} does not fit the config's model: " + "; ".join(problems))
 
 
-def _discard_run_files(runner, work_dir: str, existing: Optional[set]) -> None:
-    """Remove what a runner wrote while being built: the work dir if it made it, else the entries it added
-    (its timestamped log folder, the dumped config)."""
-    for handler in list(getattr(runner.logger, "handlers", [])):
-        if isinstance(handler, logging.FileHandler):
-            handler.close()
-            runner.logger.removeHandler(handler)
-    # mmengine keeps the logger and visualizer as named per-process instances: forget these two, or the next
-    # runner of that name (same config, same second) would reuse them and write into the removed folder
-    for instance in (getattr(runner, "logger", None), getattr(runner, "visualizer", None)):
-        registry = getattr(type(instance), "_instance_dict", None)
-        if registry is not None and registry.get(getattr(instance, "instance_name", None)) is instance:
-            registry.pop(instance.instance_name)
+def _dataset_classes(loader) -> Optional[int]:
+    """The number of classes a built dataloader's dataset declares (``metainfo['classes']``), or None."""
+    ds = getattr(loader, "dataset", None)
+    try:
+        classes = (getattr(ds, "metainfo", None) or {}).get("classes")
+    except Exception:  # noqa: BLE001 - a dataset without metainfo
+        return None
+    return len(classes) if isinstance(classes, (list, tuple)) and classes else None
+
+
+def check_classes(model, loader, what: str) -> None:
+    """Raise ``ValueError`` when a dataset declares more classes than a head of ``model`` predicts
+    (``num_classes`` of its ``head`` / ``decode_head`` / ``auxiliary_head`` modules): those labels could never be
+    predicted, so accuracy / mIoU would be computed against a model that cannot be right (and training fails
+    mid-epoch on the first such label)."""
+    from mmengine.model import is_model_wrapper
+
+    n = _dataset_classes(loader)
+    if n is None or model is None:
+        return
+    if is_model_wrapper(model):
+        model = model.module
+    for name, mod in getattr(model, "named_modules", lambda: [])():
+        k = getattr(mod, "num_classes", None)
+        if name.rsplit(".", 1)[-1] in ("head", "decode_head", "auxiliary_head") and isinstance(k, int) and 0 < k < n:
+            raise ValueError(f"{what}: the dataset has {n} classes but model.{name}.num_classes is {k} "
+                             f"(labels {k}..{n - 1} could never be predicted); set num_classes to {n} or use "
+                             f"the data the model was made for")
+
+
+def _manager_instances() -> dict:
+    """``{id(registry): (registry, its names)}`` of every mmengine ``ManagerMixin`` class (loggers, visualizers,
+    message hubs, default scopes): the per-process named instances a runner creates."""
+    from mmengine.utils import ManagerMixin
+
+    out, todo = {}, [ManagerMixin]
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        reg = cls.__dict__.get("_instance_dict")
+        if isinstance(reg, dict):
+            out[id(reg)] = (reg, set(reg))
+    return out
+
+
+def _discard_run_files(work_dir: str, existing: Optional[set], before: dict) -> None:
+    """Undo what building a runner did: forget the named instances it created (closing its log files; the next
+    runner of that name, same config and second, would otherwise reuse them and write into the removed
+    folder), then remove the work dir if it made it, else the entries it added (its timestamped log folder,
+    the dumped config)."""
+    for key, (reg, names) in _manager_instances().items():
+        old = before.get(key, (None, set()))[1]
+        for name in list(names - old):
+            instance = reg.pop(name, None)
+            for handler in list(getattr(instance, "handlers", [])):
+                if isinstance(handler, logging.FileHandler):
+                    handler.close()
+                    instance.removeHandler(handler)
     if existing is None:
         shutil.rmtree(work_dir, ignore_errors=True)
         return
@@ -275,7 +351,20 @@ def build_train_runner(config: str, *, work_dir: Optional[str] = None, resume: O
             raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
         cfg.resume, cfg.load_from = True, resume
         checkpoint = resume
-    return build_runner(cfg, checkpoint, dataloaders=("train", "val"))
+    return build_runner(cfg, checkpoint, dataloaders=("train", "val"), after_build=_build_optim_wrapper)
+
+
+def _build_optim_wrapper(runner) -> None:
+    """Build the optimizer wrapper now (``Runner.train`` keeps a built one), so that its errors (a layer-decay
+    constructor that does not fit the model, ``AmpOptimWrapper`` without a GPU) are set-up errors."""
+    from mmengine.runner import Runner
+
+    if isinstance(runner, Runner) and type(runner).build_optim_wrapper is Runner.build_optim_wrapper \
+            and isinstance(runner.optim_wrapper, dict):
+        try:
+            runner.optim_wrapper = runner.build_optim_wrapper(runner.optim_wrapper)
+        except AssertionError as e:  # mmengine asserts on its arguments (e.g. AMP needs a GPU)
+            raise ValueError(f"optim_wrapper: {e}") from None
 
 
 def _require(cfg, config: str, keys: tuple, what: str) -> None:
@@ -356,4 +445,10 @@ def build_test_runner(config: str, checkpoint: str, *, work_dir: Optional[str] =
                 raise ValueError(f"--out {out}: predictions of this config are saved as a pickle; use a .pkl name")
             evaluators = cfg.test_evaluator if isinstance(cfg.test_evaluator, list) else [cfg.test_evaluator]
             cfg.test_evaluator = [*evaluators, dict(type="DumpResults", out_file_path=out)]
-    return build_runner(cfg, checkpoint, dataloaders=("test",))
+    return build_runner(cfg, checkpoint, dataloaders=("test",), after_build=_without_training)
+
+
+def _without_training(runner) -> None:
+    """A test runner never trains: hooks that ask for ``runner.iter`` (mmseg's ``SegVisualizationHook``) get 0
+    instead of building the train loop, and with it the training dataset, which need not be on disk."""
+    runner._train_loop = None

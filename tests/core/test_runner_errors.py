@@ -197,3 +197,23 @@ def test_dist_train_finds_the_venv_python(tmp_path):
     bad = subprocess.run(["bash", os.path.join(ROOT, "tools", "dist_train.sh")], env=env, capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.startswith("error: usage")
+
+
+def test_more_dataset_classes_than_the_head_is_an_error(tmp_path, capsys, toy_digits_root):
+    """A test set with classes the head cannot predict used to be scored (accuracy against a model that
+    cannot be right; training failed mid-epoch): a set-up error naming both counts, for test and train."""
+    data = tmp_path / "digits12"
+    shutil.copytree(os.path.join(toy_digits_root, "data", "toy_digits"), data)
+    for split in ("train", "val"):
+        some = sorted((data / split / "0").iterdir())[0]
+        for extra in ("x_extra", "y_extra"):
+            (data / split / extra).mkdir()
+            shutil.copy(some, data / split / extra / some.name)
+    good = str(tmp_path / "good.pth")
+    torch.save({"state_dict": _probe_state_dict()}, good)
+    work = str(tmp_path / "work")
+    roots = [f"{s}_dataloader.dataset.data_root={data}" for s in ("train", "val", "test")]
+    must = ("the dataset has 12 classes but model.head.num_classes is 10",)
+    _fails("test", [CLS_TOY, good, "--work-dir", work, "--cfg-options", *roots], capsys, "test_dataloader", *must)
+    _fails("train", [CLS_TOY, "--work-dir", work, "--cfg-options", *roots], capsys, "train_dataloader", *must)
+    assert not os.path.exists(work)

@@ -145,3 +145,50 @@ def test_tools_train_reports_config_errors_but_not_runtime_errors(uper_run, monk
     with pytest.raises(ValueError, match="mid-training"):
         tool.main([TOY_UPER, "--work-dir", work_dir + "_boom", "--cfg-options",
                    *[f"{k}={v}" for k, v in opts.items()]])
+
+
+def test_show_dir_needs_no_training_data(uper_run, tmp_path):
+    """tools/test.py --show-dir with only the test split on disk: mmseg's visualization hook asks for
+    runner.iter, which used to build the train loop and its (absent) dataset."""
+    from internvit.runner import test
+
+    work_dir, opts = uper_run
+    opts = dict(opts, **{"train_dataloader.dataset.data_root": str(tmp_path / "absent")})
+    show = str(tmp_path / "show")
+    metrics = test(TOY_UPER, os.path.join(work_dir, f"iter_{ITERS}.pth"), work_dir=str(tmp_path / "w"),
+                   show_dir=show, cfg_options=opts)
+    assert metrics["mIoU"] >= 60.0
+    assert len(glob.glob(os.path.join(show, "**", "*.png"), recursive=True)) == 8
+
+
+@pytest.mark.parametrize("tool,extra,must", [
+    ("test", ["model.decode_head.type=NoSuchHead"], "NoSuchHead is not in the"),
+    ("test", ["model.backbone.arch.num_hidden_layers=3"], "out of range for a model with 3 blocks"),
+    ("train", ["optim_wrapper.paramwise_cfg.num_layers=3"], "num_layers=3"),
+    ("train", ["--amp"], "optim_wrapper"),
+])
+def test_setup_errors_leave_nothing_and_print_one_line(uper_run, tmp_path, capsys, tool, extra, must):
+    """Errors raised while the runner is built (registry, model arguments) or while its optimizer is built:
+    one error line, no mmengine banner on stdout, no work dir left behind."""
+    import importlib.util
+
+    from .conftest import ROOT
+
+    if tool == "train" and extra == ["--amp"] and torch.cuda.is_available():
+        pytest.skip("AMP builds on a GPU machine")
+    spec = importlib.util.spec_from_file_location(f"tools_{tool}", os.path.join(ROOT, "tools", f"{tool}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    work_dir, opts = uper_run
+    new_work = str(tmp_path / "work")
+    flags = [e for e in extra if e.startswith("--")]
+    options = [*[f"{k}={v}" for k, v in opts.items()], *[e for e in extra if not e.startswith("--")]]
+    argv = [TOY_UPER, *([os.path.join(work_dir, f"iter_{ITERS}.pth")] if tool == "test" else []),
+            "--work-dir", new_work, *flags, "--cfg-options", *options]
+    capsys.readouterr()
+    assert module.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "", out[:300]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and must in lines[0], err
+    assert not os.path.exists(new_work)

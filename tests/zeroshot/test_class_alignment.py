@@ -5,10 +5,21 @@ from PIL import Image
 
 from classification import video
 from classification.datasets import read_csv
-from classification.zero_shot import (load_classnames, match_classes, resolve_class_index, resolve_classnames,
-                                      run_zero_shot)
-from tests.zeroshot.test_video import DIGIT_WORDS, DigitOracle, digit_frame, digit_tokenizer, make_digit_videos, \
-    to_tensor
+from classification.zero_shot import (
+    load_classnames,
+    match_classes,
+    resolve_class_index,
+    resolve_classnames,
+    run_zero_shot,
+)
+from tests.zeroshot.test_video import (
+    DIGIT_WORDS,
+    DigitOracle,
+    digit_frame,
+    digit_tokenizer,
+    make_digit_videos,
+    to_tensor,
+)
 
 KW = dict(tokenizer=digit_tokenizer, templates=["a photo of {c}."], num_workers=0, mode=None)
 
