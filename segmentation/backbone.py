@@ -177,6 +177,21 @@ class InternViTBackbone(InternViT, BaseModule):
 
     # -- forward ------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(B, 3, H, W)`` normalised images → one ``(B, C, h, w)`` map per ``out_indices`` entry (the pyramid's
+        ×4 / ×2 / ×1 / ×½ scales with ``with_fpn``), ``h = ceil(H / patch)``.
+
+        A side that is not a multiple of the patch size is zero-padded at the bottom / right to the next
+        multiple (mmseg ``PatchEmbed``'s ``padding='corner'``), so every input pixel is seen; without it the
+        patch convolution would drop up to ``patch - 1`` border pixels and the head stretch the rest over them.
+        The shipped configs resize / pad to multiples of 14 in the pipeline, which keeps maps and pixels exactly
+        aligned. Raises ``ValueError`` for an input the pyramid cannot use (a side under two patches)."""
+        p = self.config.patch_size
+        h, w = x.shape[-2:]
+        if self.with_fpn and min(h, w) < 2 * p:  # the ×½ level max-pools the patch grid
+            raise ValueError(f"InternViTBackbone: input of {h}x{w} px is too small: the pyramid needs at least "
+                             f"2 patches ({2 * p} px) per side")
+        if h % p or w % p:
+            x = torch.nn.functional.pad(x, (0, -w % p, 0, -h % p))
         feats = self.forward_intermediates(x, indices=self.out_indices, intermediates_only=True,
                                            output_fmt="NCHW")
         if self.with_fpn:  # in the pyramid's dtype: under FSDP only the blocks compute in bf16

@@ -141,3 +141,24 @@ def test_slide_inference_non_multiple_of_14():
     with torch.no_grad():  # smaller than the crop: one window of a non-multiple-of-14 size
         (pred,) = model.predict(torch.randn(1, 3, 45, 50), [small])
     assert pred.pred_sem_seg.data.shape == (1, 45, 50)
+
+
+def test_border_pixels_beyond_the_last_whole_patch_are_seen():
+    """A side that is not a multiple of 14 is padded, not cropped: changing only the pixels past the last whole
+    patch changes the prediction (before, the patch convolution dropped them and the output did not move)."""
+    bb = _backbone(arch="internvit-6b-tiny", img_size=56, out_indices=[0, 1, 2, 2], with_fpn=True).eval()
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 50, 73)
+    y = x.clone()
+    y[..., 42:, :] = torch.randn(1, 3, 8, 73)  # rows 42..49 and columns 70..72: past the last whole patch
+    y[..., :, 70:] = torch.randn(1, 3, 50, 3)
+    with torch.no_grad():
+        a, b = bb(x), bb(y)
+    assert [tuple(o.shape[-2:]) for o in a] == [(16, 24), (8, 12), (4, 6), (2, 3)]  # ceil(50/14)=4, ceil(73/14)=6
+    assert all((p - q).abs().max() > 1e-3 for p, q in zip(a, b))
+    # a multiple of 14 is untouched: the same as padding by hand is not applied
+    z = torch.randn(1, 3, 56, 42)
+    with torch.no_grad():
+        assert torch.equal(bb(z)[2], bb.forward_intermediates(z, indices=[2], intermediates_only=True)[0])
+    with pytest.raises(ValueError, match=r"input of 20x60 px is too small: the pyramid needs at least 2 patches"):
+        bb(torch.randn(1, 3, 20, 60))
