@@ -9,7 +9,8 @@ did not change between 0.x and 1.x, so head keys are kept as they are.
 from __future__ import annotations
 
 import os
-from typing import Union
+import warnings
+from typing import Optional, Union
 
 import torch
 
@@ -19,8 +20,11 @@ from internvit.fileio import atomic_write
 HEAD_PREFIXES = ("decode_head.", "auxiliary_head.")
 
 
-def convert_mmseg0x_state_dict(state_dict: dict) -> dict:
-    """Rename a 0.x segmentor state dict to our mmseg 1.x segmentor's names (see the module docstring)."""
+def convert_mmseg0x_state_dict(state_dict: dict, dropped: Optional[list] = None) -> dict:
+    """Rename a 0.x segmentor state dict to our mmseg 1.x segmentor's names (see the module docstring).
+
+    Backbone keys the segmentor has no place for (the classification ``head``, a final ``norm``, ...) are left
+    out; their names are appended to ``dropped`` when a list is given."""
     sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
     backbone_keys = [k for k in sd if k.startswith("backbone.")]
     if not backbone_keys:
@@ -28,6 +32,8 @@ def convert_mmseg0x_state_dict(state_dict: dict) -> dict:
                               f"{', '.join(list(sd)[:5])})")
     mapping, _, ignored = vision_key_map(backbone_keys, prefix="backbone.")
     out = {mapping[k]: sd[k] for k in backbone_keys if k in mapping}
+    if dropped is not None:
+        dropped.extend(k for k in sd if k.startswith("backbone.") and k not in mapping)
     for k, v in sd.items():
         if k.startswith(HEAD_PREFIXES):
             out[k] = v
@@ -41,13 +47,18 @@ def convert_mmseg0x(src: Union[str, os.PathLike], dst: Union[str, os.PathLike]) 
     ``{'meta': ..., 'state_dict': ...}`` to ``dst`` atomically. Returns ``dst``.
 
     The result loads with ``mmengine.runner.load_checkpoint`` / ``tools/test.py`` into the matching config
-    (``InternViTBackbone`` + ``InternViTFCNHead`` / ``UPerHead``).
+    (``InternViTBackbone`` + ``InternViTFCNHead`` / ``UPerHead``). Backbone keys it leaves out are named in a
+    ``UserWarning``.
     """
     src, dst = os.fspath(src), os.fspath(dst)
     if not os.path.isfile(src):
         raise FileNotFoundError(f"{src}: no such checkpoint file")
     sd = unwrap_state_dict(torch_load_weights(src), src)
-    out = convert_mmseg0x_state_dict(sd)
+    dropped: list = []
+    out = convert_mmseg0x_state_dict(sd, dropped)
+    if dropped:
+        warnings.warn(f"{src}: left out {len(dropped)} backbone keys the mmseg 1.x segmentor does not use: "
+                      f"{', '.join(dropped[:6])}{' ...' if len(dropped) > 6 else ''}", stacklevel=2)
     ckpt = {"meta": {"converted_from": os.path.basename(src), "source_format": "mmseg 0.x (InternVL release)",
                      "converter": "segmentation.convert_0x.convert_mmseg0x"},
             "state_dict": {k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in out.items()}}

@@ -79,3 +79,24 @@ def test_convert_rejects_non_segmentor(vit_fixture, tmp_path):
     assert not (tmp_path / "x.pth").exists() and not (tmp_path / "x.pth.tmp").exists()
     with pytest.raises(FileNotFoundError):
         convert_mmseg0x(tmp_path / "missing.pth", tmp_path / "y.pth")
+
+
+def test_mmseg0x_names_the_backbone_keys_it_leaves_out(vit_fixture, tmp_path):
+    """A released segmentor holding keys the 1.x model has no place for (a final norm, a classification head):
+    the conversion still fits the model, and the keys it drops are named (before, silently)."""
+    from segmentation.convert_0x import convert_mmseg0x
+
+    donor = build_segmentor(segmentor_cfg("linear", pretrained=os.path.join(vit_fixture, "model.safetensors")))
+    src, dst = tmp_path / "released.pth", tmp_path / "converted.pth"
+    _released_style_checkpoint(vit_fixture, donor, src)
+    ckpt = torch.load(src, weights_only=True)
+    sd = ckpt.get("state_dict", ckpt)
+    sd.update({"backbone.norm.weight": torch.ones(64), "backbone.head.weight": torch.zeros(10, 64)})
+    torch.save(ckpt, src)
+    with pytest.warns(UserWarning, match=r"left out 2 backbone keys .*backbone.norm.weight, backbone.head.weight"):
+        convert_mmseg0x(src, dst)
+    assert set(torch.load(dst, weights_only=True)["state_dict"]) == set(build_segmentor(segmentor_cfg("linear"))
+                                                                        .state_dict())
+    dst.unlink()
+    with pytest.warns(UserWarning, match="backbone.norm.weight"):  # the CLI shows it (after a successful write)
+        assert _load_convert_tool().main(["mmseg0x", str(src), str(dst)]) == 0
