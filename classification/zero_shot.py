@@ -400,6 +400,13 @@ def resolve_templates(spec: Optional[Union[str, Sequence[Template]]], lang: str 
     bad = [t for t in templates if isinstance(t, str) and "{c}" not in t and "{}" not in t]
     if bad:
         raise ValueError(f"template {bad[0]!r} has no '{{c}}' placeholder")
+    for t in templates:
+        if isinstance(t, str):
+            try:
+                _format(t, "x")
+            except (KeyError, IndexError, ValueError) as e:  # '{x}', '{1}', an unmatched brace
+                what = f"unknown field {{{e.args[0]}}}" if isinstance(e, KeyError) else str(e)
+                raise ValueError(f"template {t!r}: {what} (only {{c}} or {{}} is filled in)") from None
     return templates
 
 

@@ -126,3 +126,17 @@ def test_csv_format_details(tmp_path):
     p.write_bytes("a.png,caf\xe9\n".encode("latin-1"))
     with pytest.raises(ValueError, match="not a UTF-8 text file"):
         read_csv(str(p))
+
+
+@pytest.mark.parametrize("template,msg", [
+    ("a photo of {x}.", r"template 'a photo of \{x\}.': unknown field \{x\}"),
+    ("a {c} in {1}", r"template 'a \{c\} in \{1\}'"),
+    ("a {c} and a {", r"template 'a \{c\} and a \{'"),
+    ("no field", r"has no '\{c\}' placeholder"),
+])
+def test_bad_templates_are_named(template, msg):
+    from classification.zero_shot import resolve_templates
+
+    with pytest.raises(ValueError, match=msg):
+        resolve_templates([template])
+    assert resolve_templates(["a photo of a {c}.", "{}"]) == ["a photo of a {c}.", "{}"]
