@@ -129,7 +129,7 @@ def test_csv_format_details(tmp_path):
 
 
 @pytest.mark.parametrize("template,msg", [
-    ("a photo of {x}.", r"template 'a photo of \{x\}.': unknown field \{x\}"),
+    ("a {c} of {x}.", r"template 'a \{c\} of \{x\}.': unknown field \{x\}"),
     ("a {c} in {1}", r"template 'a \{c\} in \{1\}'"),
     ("a {c} and a {", r"template 'a \{c\} and a \{'"),
     ("no field", r"has no '\{c\}' placeholder"),
