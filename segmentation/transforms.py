@@ -55,3 +55,37 @@ class SETRResize(BaseTransform):
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}(short_side={self.short_side}, size_divisor={self.size_divisor}, "
                 f"interpolation={self.interpolation!r})")
+
+
+@TRANSFORMS.register_module()
+class CheckSegLabels(BaseTransform):
+    """Refuse a segmentation map the metric would silently mis-score: a label value that is neither a class
+    (``0 .. num_classes - 1``, after ``reduce_zero_label``) nor ``ignore_index``, or a map whose size differs
+    from the image's original size (``ori_shape``; mmseg's ``IoUMetric`` excludes out-of-range values from
+    every class's areas without a word, and fails on a size mismatch deep in the test loop).
+
+    Place it after ``LoadAnnotations``. Raises ``ValueError`` naming the annotation file. Modifies nothing.
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
+        if int(num_classes) < 1:
+            raise ValueError(f"CheckSegLabels: num_classes must be >= 1, got {num_classes}")
+        self.num_classes, self.ignore_index = int(num_classes), int(ignore_index)
+
+    def transform(self, results: dict) -> dict:
+        seg = results.get("gt_seg_map")
+        if seg is None:
+            return results
+        where = results.get("seg_map_path", "the segmentation map")
+        shape = results.get("ori_shape")
+        if shape is not None and tuple(seg.shape[:2]) != tuple(shape[:2]):
+            raise ValueError(f"{where}: {seg.shape[0]}x{seg.shape[1]} label map for a {shape[0]}x{shape[1]} image")
+        values = np.unique(seg)
+        bad = values[((values < 0) | (values >= self.num_classes)) & (values != self.ignore_index)]
+        if bad.size:
+            raise ValueError(f"{where}: label values {bad[:5].tolist()} are neither classes 0..{self.num_classes - 1} "
+                             f"nor the ignore index {self.ignore_index}")
+        return results
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(num_classes={self.num_classes}, ignore_index={self.ignore_index})"

@@ -22,6 +22,7 @@ model = dict(
 train_pipeline = [
     dict(type='LoadImageFromFile'),
     dict(type='LoadAnnotations'),
+    dict(type='CheckSegLabels', num_classes=num_classes),
     dict(type='RandomFlip', prob=0.5),
     dict(type='PackSegInputs'),
 ]
@@ -29,6 +30,7 @@ test_pipeline = [
     dict(type='LoadImageFromFile'),
     dict(type='SETRResize', short_side=112, size_divisor=14),
     dict(type='LoadAnnotations'),
+    dict(type='CheckSegLabels', num_classes=num_classes),
     dict(type='PackSegInputs'),
 ]
 dataset_type = 'BaseSegDataset'

@@ -64,3 +64,35 @@ def test_few_shot_subset_seeded_recorded_and_reproducible(toy_data, tmp_path):
     (tmp_path / "bad.txt").write_text("toy_9999.png\n")
     with pytest.raises(FileNotFoundError, match="toy_9999"):
         _few_shot(toy_data, subset_file=str(tmp_path / "bad.txt"))
+
+
+def test_labels_the_metric_would_miscount_are_refused(tmp_path):
+    """mmseg's IoUMetric silently leaves label values >= num_classes out of every class's areas (a metric on
+    fewer pixels than the data has) and fails on a size mismatch deep in the test loop: the toy and ADE20K
+    pipelines check each map right after loading it, naming the file."""
+    from mmengine.config import Config
+    from mmseg.registry import DATASETS
+    from PIL import Image
+
+    from segmentation.toy_data import make_toy_seg_dataset
+
+    root = make_toy_seg_dataset(str(tmp_path / "toy"), num_train=1, num_val=2, seed=1)
+    cfg = Config.fromfile(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "toy",
+                                       "upernet_internvit_tiny_toy.py"))
+    assert any(t["type"] == "CheckSegLabels" for t in cfg.test_pipeline)
+    ds_cfg = dict(cfg.test_dataloader.dataset, data_root=root)
+    ann = os.path.join(root, "annotations", "validation")
+    first, second = sorted(os.listdir(ann))[:2]
+    assert len(DATASETS.build(ds_cfg)[0]["data_samples"].gt_sem_seg.data.shape) == 3  # the data as made loads
+    label = np.array(Image.open(os.path.join(ann, first)))
+    label[0, :3] = [7, 255, 9]  # 255 is the ignore index: allowed; 7 and 9 are no class of 4
+    Image.fromarray(label).save(os.path.join(ann, first))
+    with pytest.raises(ValueError, match=rf"{first}: label values \[7, 9\] are neither classes 0..3"):
+        DATASETS.build(ds_cfg)[0]
+    Image.fromarray(np.zeros((10, 12), np.uint8)).save(os.path.join(ann, second))
+    with pytest.raises(ValueError, match=rf"{second}: 10x12 label map for a 120x150 image"):
+        DATASETS.build(ds_cfg)[1]
+    for name in ("ade20k_504x504.py", "ade20k_504x504_few_shot.py"):
+        ade = Config.fromfile(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "segmentation",
+                                           "_base_", "datasets", name))
+        assert dict(type="CheckSegLabels", num_classes=150) in [dict(t) for t in ade.test_pipeline]

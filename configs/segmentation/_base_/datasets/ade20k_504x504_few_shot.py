@@ -7,6 +7,7 @@ test_pipeline = [
     dict(type='Resize', scale=(2016, 504), keep_ratio=True),
     dict(type='ResizeToMultiple', size_divisor=14),
     dict(type='LoadAnnotations', reduce_zero_label=True),
+    dict(type='CheckSegLabels', num_classes=150),
     dict(type='PackSegInputs'),
 ]
 train_dataloader = dict(dataset=dict(type='FewShotADE20KDataset', subset_divisor=16, subset_seed=0))
