@@ -4,6 +4,11 @@ a FAISS index, and an index-quality report (ANN recall vs exact, latency, QPS, b
 Recall follows CLIP_benchmark / the InternVL protocol (reference-spec §8): captions cleaned by
 :func:`pre_caption`, L2-normalised embeddings, score = text·image, a query counts as a hit at k if any of its
 positives is in the top k. ``image_retrieval_recall@k`` is text → image, ``text_retrieval_recall@k`` image → text.
+
+Ties (equal scores: duplicate captions or images) are counted pessimistically, by score and never by id or by
+the order a search returned them in: a query's rank is 1 + the number of non-positives scoring at least as high
+as its best positive. The exact numbers and those through a Flat index are therefore the same (numpy's stable
+sort puts the lower id first on a tie, faiss' ``IndexFlatIP`` the higher one).
 """
 from __future__ import annotations
 
@@ -25,9 +30,40 @@ from .index import (
     new_index,
     open_index,
     parse_memory,
-    recall_at_k,
     set_search_params,
 )
+from .search import _Queries
+
+
+class _QueryRules(_Queries):
+    """The query validation of :class:`~retrieval.search.Retriever` (``_Queries._prepare``: shape, dim,
+    NaN / inf, all-zero queries of a normalised index, normalisation) for an index opened without one."""
+
+    def __init__(self, manifest: dict, index_dir: str) -> None:
+        self.manifest, self.index_dir = manifest, index_dir
+
+
+def knn_recall(found: np.ndarray, truth: np.ndarray, k: int) -> dict:
+    """ANN quality against exact neighbours, as faiss / autofaiss define it, per query then averaged.
+
+    ``recall@k`` (k-recall@k): |found[:k] ∩ truth[:k]| / min(k, retrievable neighbours), the denominator being
+    the number of exact neighbours the query has (``truth`` entries other than ``-1``), so k larger than the
+    collection does not cap the score below 1. ``1-recall@k``: the exact nearest neighbour is in found[:k].
+    ``-1`` ("no result") is never a hit; a query with no retrievable neighbour at all is not counted
+    (``n_evaluated`` says how many were). ``ValueError`` when no query has one."""
+    recalls, ones = [], []
+    for f, t in zip(found, truth):
+        t = [int(x) for x in t[:k] if x >= 0]
+        if not t:
+            continue
+        f = {int(x) for x in f[:k] if x >= 0}
+        recalls.append(len(f & set(t)) / len(t))
+        ones.append(t[0] in f)
+    if not recalls:
+        raise ValueError("no query has a neighbour in the index to retrieve (a 1-vector index searched "
+                         "leave-one-out has none): give held-out queries")
+    return {f"recall@{k}": float(np.mean(recalls)), f"1-recall@{k}": float(np.mean(ones)),
+            "n_evaluated": len(recalls)}
 
 _PUNCT = re.compile(r"[.!\"()*#:;~]")
 _RUNS = re.compile(r"\s{2,}")
@@ -124,36 +160,112 @@ def load_annotations(path: str, image_root: Optional[str] = None, *, split: Opti
     return images, captions, t2i
 
 
-def _recall_from_topk(topk: np.ndarray, positives: Sequence[set], ks: Sequence[int]) -> dict:
-    out = {}
-    for k in ks:
-        hits = [bool(pos & set(row[:k].tolist())) for row, pos in zip(topk, positives)]
-        out[k] = float(np.mean(hits))
-    return out
+def _exact_ranks(queries: np.ndarray, base: np.ndarray, positives: Sequence[set], chunk: int = 1024) -> np.ndarray:
+    """Rank of each query's best positive over the whole ``base`` (1 + non-positives scoring >= it; ties
+    counted against the query). Scores are computed in float64 and rounded to float32, so identical vectors
+    score identically wherever they sit in the matrix. ``inf`` for a query without positives."""
+    ranks = np.full(len(queries), np.inf)
+    base64 = np.asarray(base, np.float64)
+    for s in range(0, len(queries), chunk):
+        scores = (np.asarray(queries[s:s + chunk], np.float64) @ base64.T).astype(np.float32)
+        for r, row in enumerate(scores, s):
+            pos = np.fromiter(positives[r], np.int64)
+            if len(pos):
+                best = row[pos].max()
+                ranks[r] = 1 + int((row >= best).sum()) - int((row[pos] >= best).sum())
+    return ranks
+
+
+def _list_ranks(ids: np.ndarray, scores: Optional[np.ndarray], positives: Sequence[set]) -> np.ndarray:
+    """Rank of each query's best positive in a returned list (``-1`` ids = no result, skipped). With
+    ``scores``: 1 + the listed non-positives scoring >= the best listed positive (the tie rule of
+    :func:`_exact_ranks`; exact whenever the list holds every item scoring that high); without: its position
+    among the valid ids. ``inf`` when no positive is listed."""
+    ranks = np.full(len(ids), np.inf)
+    for r, (row, pos) in enumerate(zip(ids, positives)):
+        valid = row >= 0
+        row = row[valid]
+        is_pos = np.fromiter((int(i) in pos for i in row), bool, len(row))
+        if not is_pos.any():
+            continue
+        if scores is None:
+            ranks[r] = 1 + int(np.argmax(is_pos))
+        else:
+            sc = np.asarray(scores[r])[valid]
+            best = sc[is_pos].max()
+            ranks[r] = 1 + int(((sc >= best) & ~is_pos).sum())
+    return ranks
+
+
+def _recall_from_ranks(ranks: np.ndarray, positives: Sequence[set], ks: Sequence[int]) -> dict:
+    """recall@k = share of the queries that have a positive whose rank is <= k (queries without a positive
+    are not counted: there is nothing to retrieve)."""
+    has = np.array([bool(p) for p in positives], bool)
+    if not has.any():
+        raise ValueError("no query has a positive to retrieve")
+    return {k: float(np.mean(ranks[has] <= k)) for k in ks}
 
 
 def retrieval_recall(image_emb: np.ndarray, text_emb: np.ndarray, text_to_image: Sequence[int],
                      ks: Sequence[int] = (1, 5, 10), *, image_topk: Optional[np.ndarray] = None,
-                     text_topk: Optional[np.ndarray] = None) -> dict:
+                     text_topk: Optional[np.ndarray] = None, image_topk_scores: Optional[np.ndarray] = None,
+                     text_topk_scores: Optional[np.ndarray] = None) -> dict:
     """CLIP-style recall@k. Exact (dot products) unless ranked lists are given: ``image_topk`` (texts × K,
-    image ids per text query) and ``text_topk`` (images × K, text ids per image query), e.g. from an index."""
+    image ids per text query) and ``text_topk`` (images × K, text ids per image query), e.g. from an index,
+    ``-1`` = no result (a miss). With their ``*_scores``, ties are counted as the exact path counts them (see
+    the module docstring): a list must then hold every item scoring as high as the k-th one
+    (:func:`_search_closed`); without scores the list order is the ranking. An image without captions is not
+    an image → text query. k larger than the gallery: every query with a positive is a hit."""
     t2i = np.asarray(text_to_image)
-    kmax = max(ks)
-    if image_topk is None:
-        scores = text_emb @ image_emb.T
-        image_topk = np.argsort(-scores, axis=1, kind="stable")[:, :kmax]
-    if text_topk is None:
-        scores = image_emb @ text_emb.T
-        text_topk = np.argsort(-scores, axis=1, kind="stable")[:, :kmax]
+    if t2i.ndim != 1 or len(t2i) != len(text_emb) or (len(t2i) and (t2i.min() < 0 or t2i.max() >= len(image_emb))):
+        raise ValueError(f"text_to_image must give one image id in [0, {len(image_emb)}) per caption "
+                         f"({len(text_emb)} captions)")
+    if not ks or any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 for k in ks):
+        raise ValueError(f"ks must be integers >= 1, got {list(ks)}")
     i2t: list[set] = [set() for _ in range(len(image_emb))]
     for t, i in enumerate(t2i):
-        i2t[i].add(t)
-    ir = _recall_from_topk(image_topk, [{int(i)} for i in t2i], ks)
-    tr = _recall_from_topk(text_topk, i2t, ks)
+        i2t[int(i)].add(t)
+    t_pos = [{int(i)} for i in t2i]
+    if image_topk is None:
+        image_ranks = _exact_ranks(text_emb, image_emb, t_pos)
+    else:
+        image_ranks = _list_ranks(np.asarray(image_topk), image_topk_scores, t_pos)
+    if text_topk is None:
+        text_ranks = _exact_ranks(image_emb, text_emb, i2t)
+    else:
+        text_ranks = _list_ranks(np.asarray(text_topk), text_topk_scores, i2t)
+    ir = _recall_from_ranks(image_ranks, t_pos, ks)
+    tr = _recall_from_ranks(text_ranks, i2t, ks)
     out = {f"image_retrieval_recall@{k}": ir[k] for k in ks}
     out.update({f"text_retrieval_recall@{k}": tr[k] for k in ks})
     out["mean_recall"] = float(np.mean(list(ir.values()) + list(tr.values())))
     return out
+
+
+def _search_closed(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(scores, ids)`` of the top ``k`` and at least one more, extended (doubling, per query) until the
+    items tied with the k-th score are all listed or the index is exhausted, so that a score-based rank
+    (:func:`_list_ranks`) up to ``k`` is exact whatever order the index returns ties in. Rows are padded with
+    ``-1`` ids / ``-inf`` scores."""
+    n = int(index.ntotal)
+    width = min(k + 1, n)
+    d, i = index.search(queries, width)
+    rows = {r: (d[r], i[r]) for r in range(len(queries))}
+    while width < n:
+        open_rows = [r for r, (dr, ir) in rows.items()
+                     if len(ir) > k and ir[-1] >= 0 and dr[k - 1] == dr[-1]]
+        if not open_rows:
+            break
+        width = min(2 * width, n)
+        d2, i2 = index.search(np.ascontiguousarray(queries[open_rows]), width)
+        for j, r in enumerate(open_rows):
+            rows[r] = (d2[j], i2[j])
+    width = max(len(ir) for _, ir in rows.values())
+    scores = np.full((len(queries), width), -np.inf, np.float32)
+    ids = np.full((len(queries), width), -1, np.int64)
+    for r, (dr, ir) in rows.items():
+        scores[r, :len(dr)], ids[r, :len(ir)] = np.where(ir >= 0, dr, -np.inf), ir
+    return scores, ids
 
 
 def check_eval_settings(encoder, n_images: int, n_texts: int, *, ks: Sequence[int] = (1, 5, 10),
@@ -223,16 +335,21 @@ def evaluate_retrieval(
                             target_recall=target_recall, k=min(kmax, len(base)), encoder_info=encoder.info(),
                             n_tune_queries=min(1000, len(base)), progress=progress, overwrite=True)
             index, _ = open_index(out)
-            _, ids = index.search(np.ascontiguousarray(queries), kmax)
+            topk[name] = _search_closed(index, np.ascontiguousarray(queries, dtype=np.float32), kmax)
             keys[name] = {"index_key": m["index_key"], "search_params": m["search_params"],
                           "tuned_recall": m["tuning"]["recall"]}
-            topk[name] = ids
-        via_index = retrieval_recall(img, txt, t2i, ks, image_topk=topk["image"], text_topk=topk["text"])
+        via_index = retrieval_recall(img, txt, t2i, ks, image_topk=topk["image"][1], text_topk=topk["text"][1],
+                                     image_topk_scores=topk["image"][0], text_topk_scores=topk["text"][0])
     finally:
         if tmp is not None:
             tmp.cleanup()
     return {"exact": exact, "index": via_index, "index_keys": keys, "n_images": len(images),
             "n_texts": len(captions), "encoder": encoder.name}
+
+
+RECALL_DEFINITION = ("recall@k = |found top-k ∩ exact top-k| / min(k, neighbours the query has); 1-recall@k = the "
+                     "exact nearest neighbour is in the found top k; -1 (no result) is a miss; queries with no "
+                     "neighbour are not counted")
 
 
 def index_quality(index_dir: str, embeddings=None, *, queries=None, k: int = 10, n_queries: int = 1000,
@@ -243,9 +360,11 @@ def index_quality(index_dir: str, embeddings=None, *, queries=None, k: int = 10,
     ``embeddings``: the folder or array the index was built from (default: the folder recorded in its
     manifest), needed for the exact ground truth. ``queries``: query vectors (array or ``.npy``) that are not
     in the index — the honest measure; without them ``n_queries`` indexed rows are searched leave-one-out,
-    which overstates graph (HNSW) recall, and the report says so. Reports ``recall@k`` (k-recall@k vs exact),
-    ``1-recall@k`` (the exact nearest neighbour is in the top k), single-query latency p50/p99 in ms, batch
-    QPS, bytes per vector and the index size; ``tuned_recall`` is the build's held-out measurement.
+    which overstates graph (HNSW) recall, and the report says so. Given queries go through Retriever's
+    validation (``ValueError`` for NaN / inf, an all-zero query of a normalised index, another dim). Reports
+    ``recall@k`` and ``1-recall@k`` as :func:`knn_recall` defines them (``recall_definition`` states it),
+    single-query latency p50/p99 in ms, batch QPS, bytes per vector and the index size; ``tuned_recall`` is
+    the build's held-out measurement.
     """
     index, manifest = open_index(index_dir)
     if search_params:
@@ -261,11 +380,8 @@ def index_quality(index_dir: str, embeddings=None, *, queries=None, k: int = 10,
                              f"{source.count}; give the embeddings of exactly the indexed rows")
     if queries is not None:
         q = np.load(queries, allow_pickle=False) if isinstance(queries, (str, os.PathLike)) else queries
-        q = np.ascontiguousarray(q, dtype=np.float32)
-        if q.ndim != 2 or q.shape[1] != source.dim:
-            raise ValueError(f"queries must be (Q, {source.dim}), got shape {q.shape}")
-        if normalize:  # the index normalised its vectors, and normalises queries
-            q = np.ascontiguousarray(q / np.linalg.norm(q, axis=1, keepdims=True), dtype=np.float32)
+        # Retriever's own rules: (Q, D) of the index's dim, finite, not all-zero when normalised; normalised
+        q, _ = _QueryRules(manifest, index_dir)._prepare(q, k)
         rows, mode = None, "given queries (not in the index)"
     else:
         present = np.setdiff1d(np.arange(source.count), absent)
@@ -279,7 +395,7 @@ def index_quality(index_dir: str, embeddings=None, *, queries=None, k: int = 10,
     _, found = index.search(q, kk)
     batch_s = time.perf_counter() - t0
     truth_k, found_k = _drop_self(truth, rows, k), _drop_self(found, rows, k)
-    one_recall = float(np.mean([t[0] in set(f.tolist()) for t, f in zip(truth_k, found_k)]))
+    scores = knn_recall(found_k, truth_k, k)
     lat = []
     for v in q[:n_latency]:
         t = time.perf_counter()
@@ -294,8 +410,10 @@ def index_quality(index_dir: str, embeddings=None, *, queries=None, k: int = 10,
         "k": k,
         "queries": mode,
         "n_queries": len(q),
-        f"recall@{k}": recall_at_k(found_k, truth_k, k),
-        f"1-recall@{k}": one_recall,
+        "n_evaluated": scores["n_evaluated"],
+        f"recall@{k}": scores[f"recall@{k}"],
+        f"1-recall@{k}": scores[f"1-recall@{k}"],
+        "recall_definition": RECALL_DEFINITION,
         "tuned_recall": manifest.get("tuning", {}).get("recall"),
         "latency_ms_p50": float(np.percentile(lat, 50)),
         "latency_ms_p99": float(np.percentile(lat, 99)),

@@ -50,9 +50,11 @@ from .serve_core import (  # noqa: F401 - re-exported: the service's public name
     ServeLimits,
     _dedup,
     _jsonable,
+    as_int,
     check_host,
     decode_image,
     manifest_signature,
+    parse_json_body,
 )
 
 logger = logging.getLogger("retrieval.serve")
@@ -71,6 +73,7 @@ def _index_names(index_dirs) -> dict:
     if isinstance(index_dirs, (str, os.PathLike)):
         index_dirs = [index_dirs]
     names: dict = {}
+    given: dict = {}
     for d in index_dirs:
         d = os.fspath(d)
         name, sep, path = d.partition("=")
@@ -79,10 +82,10 @@ def _index_names(index_dirs) -> dict:
             name, path = group
         elif not sep or not name or os.path.exists(d):
             name, path = os.path.basename(os.path.normpath(d)) or "index", d
-        base, n = name, 2
-        while name in names:
-            name, n = f"{base}-{n}", n + 1
-        names[name] = path
+        if name in names:  # a renamed duplicate would serve one of them under a name nobody chose
+            raise ValueError(f"two indexes are named {name!r} ({given[name]} and {d}): give each its own name "
+                             f"with NAME=DIR")
+        names[name], given[name] = path, d
     if not names:
         raise ValueError("no index folders given")
     return names
@@ -316,14 +319,10 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
             raise ApiError(404, f"no index named {str(name)[:100]!r} (served: {', '.join(served)})")
         return served[name]
 
-    def check_k(k: Any) -> int:
-        if isinstance(k, bool) or not isinstance(k, int):
-            if isinstance(k, str) and k.strip().isdigit():
-                k = int(k.strip())
-            else:
-                raise ApiError(422, "k must be an integer")
+    def check_k(k: Any, name: str = "k") -> int:
+        k = as_int(k, name)  # the one integer rule (serve_core.as_int): JSON and form fields alike
         if not 1 <= k <= limits.max_k:
-            raise ApiError(422, f"k must be between 1 and {limits.max_k}, got {k}")
+            raise ApiError(422, f"{name} must be between 1 and {limits.max_k}, got {k}")
         return k
 
     def check_text(t: Any) -> str:
@@ -356,8 +355,9 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
         return arr
 
     def check_id(v: Any) -> int:
-        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**62:
-            raise ApiError(422, "id must be a non-negative integer")
+        v = as_int(v, "id")
+        if not 0 <= v < 2**62:
+            raise ApiError(422, f"id must be a non-negative integer, got {v}")
         return v
 
     def check_image_bytes(data: bytes) -> bytes:
@@ -370,14 +370,7 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
     async def read_json(request: Request) -> dict:
         return parse_json(await request.body())  # the body-limit middleware bounds the body
 
-    def parse_json(body: bytes) -> dict:
-        try:
-            obj = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise ApiError(400, "the request body is not valid JSON") from None
-        if not isinstance(obj, dict):
-            raise ApiError(422, "the request body must be a JSON object")
-        return obj
+    parse_json = parse_json_body  # every JSON body (both paths, /search, /knn-service, /metadata) parses here
 
     def result_rows(s: ServedIndex, rows: list) -> list:
         out = []
@@ -424,10 +417,7 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
             elif "text" in fields:
                 q["text"] = fields["text"]
             elif "id" in fields:
-                try:
-                    q["id"] = int(fields["id"])
-                except ValueError:
-                    raise ApiError(422, "id must be an integer") from None
+                q["id"] = fields["id"]  # checked by search_query's rule, as a JSON id
         else:
             q = await read_json(request)
             q.pop("_bytes", None)
@@ -520,10 +510,12 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
         if q.get("image_url"):
             raise ApiError(422, "image_url is not supported (the service never fetches URLs): send the image "
                                 "as base64 in 'image'")
-        num_images = check_k(q.get("num_images", 100))
+        num_images = check_k(q.get("num_images", 100), "num_images")
         num_ids = q.get("num_result_ids")
-        num_ids = num_images if num_ids is None else check_k(num_ids)
-        dedup = bool(q.get("deduplicate", False))
+        num_ids = num_images if num_ids is None else check_k(num_ids, "num_result_ids")
+        dedup = q.get("deduplicate")
+        if dedup is not None and not isinstance(dedup, bool):
+            raise ApiError(422, "deduplicate must be true or false")
         search_k = min(limits.max_k, max(num_images, num_ids))
         text, img, emb = q.get("text"), q.get("image"), q.get("embedding_input")
         if text not in (None, ""):
@@ -552,10 +544,11 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
         q = await read_json(request)
         s = get_index(q.get("indice_name"))
         ids = q.get("ids")
-        if not isinstance(ids, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
+        if not isinstance(ids, list):
             raise ApiError(422, "ids must be a list of integers")
         if len(ids) > limits.max_ids:
             raise ApiError(413, f"{len(ids)} ids is over the limit of {limits.max_ids}")
+        ids = [as_int(i, "ids[]") for i in ids]
         st = s.current()
 
         def work():

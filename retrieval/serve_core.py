@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import io
+import ipaddress
+import json
 import logging
 import math
 import os
 import queue
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -58,10 +61,57 @@ class ApiError(Exception):
         self.status, self.message = status, message
 
 
+# ------------------------------------------------------------------------------------------ request values
+def parse_json_body(body: bytes) -> dict:
+    """A request body as a JSON object. Anything the parser cannot turn into Python values is a 400: invalid
+    JSON or UTF-8, and nesting too deep for the parser (``RecursionError``) — never a 5xx; valid JSON that is
+    not an object is a 422."""
+    try:
+        obj = json.loads(body)
+    except Exception:  # noqa: BLE001 - ValueError, UnicodeDecodeError, RecursionError (deep nesting), ...:
+        raise ApiError(400, "the request body is not valid JSON") from None  # a bad body, never our error
+    if not isinstance(obj, dict):
+        raise ApiError(422, "the request body must be a JSON object")
+    return obj
+
+
+_INT_TEXT = re.compile(r"-?[0-9]{1,30}")
+
+
+def as_int(v: Any, name: str) -> int:
+    """The service's one rule for integer fields (``k``, ``num_images``, ``num_result_ids``, ``id``, ``ids``, in
+    JSON bodies and multipart forms alike): a JSON integer, or a string of ASCII decimal digits (what an HTML
+    form sends), optionally with a leading ``-``. A boolean, a number with a fraction or exponent (``2.5``,
+    ``5.0``), ``null`` or any other string is refused with a 422 naming the field."""
+    if isinstance(v, str) and _INT_TEXT.fullmatch(v):
+        return int(v)
+    if isinstance(v, bool) or not isinstance(v, int):
+        shown = repr(v) if isinstance(v, (str, float, bool)) or v is None else f"a JSON {_json_type(v)}"
+        raise ApiError(422, f"{name} must be an integer, got {shown[:60]}")
+    return v
+
+
+def _json_type(v: Any) -> str:
+    return {dict: "object", list: "array"}.get(type(v), type(v).__name__)
+
+
 # ------------------------------------------------------------------------------------------ host / images
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address: ``localhost``, any of 127.0.0.0/8 or ``::1`` (also as an
+    IPv4-mapped ``::ffff:127.x.y.z``)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return bool(ip.is_loopback or (mapped is not None and mapped.is_loopback))
+
+
 def check_host(host: str, allow_remote: bool) -> Optional[str]:
     """Refuse a non-loopback ``host`` unless ``allow_remote``; returns a warning line for an allowed one."""
-    if host in LOOPBACK:
+    if is_loopback(host):
         return None
     if not allow_remote:
         raise ValueError(f"--host {host} is not a loopback address: the service has no authentication; pass "

@@ -6,6 +6,11 @@
       --annotations dataset_flickr30k.json --images flickr30k-images/ [--index-key HNSW32] [--out res.json]
   # index quality (autofaiss score_index style): ANN recall vs exact, latency p50/p99, QPS, bytes/vector
   python tools/eval_retrieval.py index out/index [--embeddings out/index/embeddings] [-k 10]
+
+recall@k (index) = |found top-k & exact top-k| / min(k, neighbours the query has); 1-recall@k = the exact
+nearest neighbour is in the found top k; a -1 (no result) is a miss. Query vectors are checked as Retriever
+checks them (NaN / inf, all-zero on a normalised index, dim). Image<->text recall counts ties (equal scores)
+against the query, the same way exactly and through the index.
 """
 import argparse
 import json

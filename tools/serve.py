@@ -102,8 +102,12 @@ def main(argv=None) -> int:
         import socket
 
         with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as sock:
+            # as uvicorn binds (SO_REUSEADDR, then listen): connections of a stopped server left in TIME-WAIT do
+            # not block a restart on the same port, a listening process does
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind((args.host, args.port))
+                sock.listen(1)
             except OSError as e:
                 raise UsageError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     if args.image_root and not os.path.isdir(args.image_root):
