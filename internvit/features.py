@@ -8,6 +8,7 @@ store (:mod:`internvit.store`: resumed after a kill, byte-identical to an uninte
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -15,6 +16,7 @@ import math
 import os
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
@@ -25,11 +27,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .data import ImageDataset, ImagesLike, IndexedDataset, collate_images, list_images
-from .fingerprint import preprocessing_fingerprint, weights_fingerprint
+from .fingerprint import dataset_fingerprint, preprocessing_fingerprint, weights_fingerprint
 from .transforms import build_transform, preprocess_config
 
 __all__ = ["FeatureExtractor", "FeatureResult", "read_features", "open_features", "MappedFeatures", "parse_dtype",
-           "weights_fingerprint", "inputs_checksum"]
+           "weights_fingerprint", "inputs_checksum", "output_text"]
 
 logger = logging.getLogger("internvit")
 
@@ -40,6 +42,113 @@ MANIFEST = "manifest.json"
 ERRORS = "errors.jsonl"
 #: the ``error`` of a row whose features hold NaN or infinity (not stored; listed in ``errors.jsonl``)
 NONFINITE_ERROR = "non-finite features (NaN or infinity"
+
+
+def output_text(value: Union[str, bytes, os.PathLike]) -> str:
+    """The text written to every output (metadata, ``errors.jsonl``) for a path or other string ``value``.
+
+    A path that is valid UTF-8 is returned unchanged. A file name that is not (Python holds its undecodable
+    bytes as lone surrogates, ``os.fsdecode``'s ``surrogateescape``) is written with each undecodable byte as
+    ``\\xNN``: ``os.fsencode(p).decode('utf-8', 'backslashreplace')``, so ``b'bad\\xff.png'`` becomes the text
+    ``bad\\xff.png``. Other lone surrogates become ``\\uXXXX``. The row keeps its ``id`` (input row), so it
+    stays aligned with the inputs, and manifests count such paths (``num_escaped_paths``). Never raises for
+    a ``str``/``bytes``/path-like.
+    """
+    v = os.fspath(value) if isinstance(value, os.PathLike) else value
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "backslashreplace")
+    try:
+        v.encode("utf-8")
+        return v
+    except UnicodeEncodeError:
+        pass
+    try:
+        return v.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that is not an escaped byte
+        return v.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _output_value(v: Any) -> Any:
+    """An extra-column value as written: strings through :func:`output_text`, the rest unchanged."""
+    return output_text(v) if isinstance(v, str) else v
+
+
+def _nonfinite_reason(dtype: torch.dtype) -> str:
+    """The ``error`` of a row with non-finite features computed in ``dtype`` (what to try depends on it)."""
+    name = str(dtype).replace("torch.", "")
+    hint = {"float16": "try bf16 or fp32", "bfloat16": "try fp32"}.get(
+        name, "they are not a precision overflow: check the weights and the image")
+    return f"{NONFINITE_ERROR} in dtype {name}; {hint})"
+
+
+def _patch_size(model: Optional[nn.Module]) -> Optional[int]:
+    """The patch size of ``model``'s vision tower (from its config), ``None`` when it has none."""
+    for obj in (model, getattr(model, "vision_model", None)):
+        config = getattr(obj, "config", None)
+        for cfg in (config, getattr(config, "vision_config", None)):
+            size = getattr(cfg, "patch_size", None)
+            if isinstance(size, int) and size > 0:
+                return size
+    return None
+
+
+def _check_not_empty(name: str, value: Any) -> None:
+    """Raise ``ValueError('NAME: empty path')`` for ``''`` (which would mean the current folder)."""
+    if isinstance(value, (str, bytes, os.PathLike)) and not os.fspath(value):
+        raise ValueError(f"{name}: empty path")
+
+
+@contextmanager
+def _writing(path: str) -> Iterator[None]:
+    """Re-raise an ``OSError`` of writing ``path`` naming the file and the reason (``errno``).
+
+    numpy reports a short write as ``'N requested and M written'`` and pyarrow wraps the system error in its
+    own text; both become ``OSError(errno, '<strerror> (<ENAME>) while writing <path>; ...')``.
+    """
+    try:
+        yield
+    except OSError as e:
+        code = e.errno
+        text = str(e)
+        if code is None:
+            m = re.search(r"errno\s*(\d+)", text, re.IGNORECASE)
+            code = int(m.group(1)) if m else None
+        if code is None and ("No space left on device" in text or re.search(r"\d+ requested and \d+ written", text)):
+            code = errno.ENOSPC  # a short write: the file system is full
+        if code is None:
+            raise OSError(f"{path}: {text}") from e
+        hint = "; free some space and rerun the same command to resume" if code in (
+            errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else ""
+        raise OSError(code, f"{os.strerror(code)} ({errno.errorcode.get(code, code)}) while writing {path}{hint}"
+                      ) from e
+
+
+class _ChunkedSink:
+    """A file-like wrapper that makes ``np.save`` write in chunks through ``write`` (whose errors carry the
+    ``errno``) rather than ``ndarray.tofile`` (whose short writes carry none)."""
+
+    def __init__(self, f) -> None:
+        self.f = f
+
+    def write(self, data) -> int:
+        return self.f.write(data)
+
+
+class _RawEncoder:
+    """``fx`` seen by the tile runner: the same settings, but ``encode`` does not normalise (the extractor
+    normalises each *output* row, after the tiles of an image were pooled)."""
+
+    def __init__(self, fx: "FeatureExtractor") -> None:
+        self.__dict__["_fx"] = fx
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fx, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self.__dict__[name] = value  # e.g. last_stats: read back by the extractor
+
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self._fx.encode(pixel_values, normalize=False)
 
 
 @dataclass
@@ -79,16 +188,23 @@ class FeatureExtractor:
             cast to ``dtype``. May be ``None`` when ``embed_fn`` and ``preprocess`` are given.
         preprocess: ``None`` (the model's preset), a dict as made by :func:`internvit.preprocess_config`
             (fields override the preset) or a callable PIL → tensor transform.
-        pool: ``'cls'``, ``'mean'`` (mean of patch tokens), ``'cls_mean'`` (both, concatenated) or ``'grid'``
-            (``(C, h, w)`` patch maps).
+        pool: ``'cls'`` (the default), ``'mean'`` (mean of patch tokens), ``'cls_mean'`` (both, concatenated) or
+            ``'grid'`` (``(C, h, w)`` patch maps). Not with ``projector_input`` (which outputs tokens).
         layers: block indices (negatives allowed); several are concatenated on the channel axis. ``None`` =
             last block.
         embed_fn: ``callable(pixel_values) -> (B, D)``, replaces pooling (e.g. ``InternVL.encode_image``).
-        normalize: L2-normalise each output vector (for ``'grid'``: each position's channel vector).
+        normalize: L2-normalise each output row (for ``'grid'``: each position's channel vector); with
+            ``tile_pool`` the pooled row of an image (so it has unit norm).
         tiles, min_tiles, use_thumbnail, tile_pool, projector_input, downsample_ratio: dynamic-resolution tiles
             (InternVL-Chat preprocessing, :mod:`internvit.tiling`): ``tiles=MAX_NUM`` turns them on; rows are
             then tiles (or images with ``tile_pool='mean'``/``'thumbnail'``) and ``batch_size`` counts tiles.
-            See docs/features.md.
+            ``min_tiles`` (default 1), ``use_thumbnail`` (default ``True``) and ``tile_pool`` need ``tiles``;
+            ``downsample_ratio`` (default 0.5) needs ``projector_input``. See docs/features.md.
+
+    Raises ``ValueError`` for arguments that do not fit together (naming them), e.g. a preprocessing
+    ``image_size`` that is not a multiple of the model's patch size (the patch embedding would drop the border
+    pixels; with ``projector_input`` a multiple of ``patch_size / downsample_ratio``), or a tile argument
+    without ``tiles``.
     """
 
     def __init__(
@@ -96,7 +212,7 @@ class FeatureExtractor:
         model: Optional[nn.Module],
         preprocess: Union[None, Mapping[str, Any], Callable] = None,
         *,
-        pool: str = "cls",
+        pool: Optional[str] = None,
         layers: Optional[Sequence[int]] = None,
         batch_size: int = 32,
         num_workers: int = 0,
@@ -107,12 +223,23 @@ class FeatureExtractor:
         progress: bool = True,
         model_name: Optional[str] = None,
         tiles: Optional[int] = None,
-        min_tiles: int = 1,
-        use_thumbnail: bool = True,
+        min_tiles: Optional[int] = None,
+        use_thumbnail: Optional[bool] = None,
         tile_pool: Optional[str] = None,
         projector_input: bool = False,
-        downsample_ratio: float = 0.5,
+        downsample_ratio: Optional[float] = None,
     ) -> None:
+        if tiles is None:  # flags that only apply with tiles are refused, never silently ignored
+            given = [n for n, v in (("min_tiles", min_tiles), ("use_thumbnail", use_thumbnail),
+                                    ("tile_pool", tile_pool)) if v is not None]
+            if given:
+                raise ValueError(f"{given[0]} needs tiles=MAX_NUM (it only applies to dynamic-resolution tiles)")
+        if downsample_ratio is not None and not projector_input:
+            raise ValueError("downsample_ratio needs projector_input=True (it is the projector input's pixel shuffle)")
+        if projector_input and pool is not None:
+            raise ValueError(f"pool={pool!r} with projector_input=True: the projector input is the block's patch "
+                             f"tokens, not pooled; leave pool unset")
+        pool = "cls" if pool is None else pool
         if pool not in POOLS:
             raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
         if model is None and embed_fn is None:
@@ -150,13 +277,37 @@ class FeatureExtractor:
         if tiles is not None or projector_input:
             from .tiling import tile_settings
 
-            self.tiling = tile_settings(self, tiles, min_tiles=min_tiles, use_thumbnail=use_thumbnail,
+            self.tiling = tile_settings(self, tiles, min_tiles=1 if min_tiles is None else min_tiles,
+                                        use_thumbnail=True if use_thumbnail is None else use_thumbnail,
                                         tile_pool=tile_pool, projector_input=projector_input,
-                                        downsample_ratio=downsample_ratio)
+                                        downsample_ratio=0.5 if downsample_ratio is None else downsample_ratio)
+        self.pool = None if projector_input else self.pool  # what the rows are made of (None: projector tokens)
+        self.patch_size = None if self.embed_fn is not None else (_patch_size(self.backbone) or _patch_size(model))
+        self._check_image_size()
 
     # -- set-up ----------------------------------------------------------------------------------------
+    def _check_image_size(self) -> None:
+        """The preprocessing's ``image_size`` must be a whole number of patches (of ``1/downsample_ratio``
+        patches with ``projector_input``): else the patch embedding silently drops the border pixels."""
+        size = self.preprocessing.get("image_size") if self._preset_preprocessing else None
+        patch = self.patch_size
+        if size is None or patch is None or self.embed_fn is not None:
+            return
+        if size % patch:
+            raise ValueError(f"image_size {size} is not a multiple of the model's patch size {patch}: the patch "
+                             f"embedding would drop the last {size % patch} pixel rows and columns "
+                             f"(use e.g. {size - size % patch} or {size - size % patch + patch})")
+        if self.tiling is not None and self.tiling.projector_input:
+            unit = patch * round(1 / self.tiling.downsample_ratio)
+            if size % unit:
+                raise ValueError(f"projector_input: image_size {size} must be a multiple of {unit} (patch size "
+                                 f"{patch} / downsample_ratio {self.tiling.downsample_ratio}) so that the token "
+                                 f"grid can be pixel-shuffled (use e.g. {max(unit, size - size % unit)})")
+
     def _resolve_preprocess(self, preprocess) -> tuple[Callable, dict]:
-        if preprocess is not None and callable(preprocess) and not isinstance(preprocess, Mapping):
+        self._preset_preprocessing = not (preprocess is not None and callable(preprocess)
+                                          and not isinstance(preprocess, Mapping))
+        if not self._preset_preprocessing:
             return preprocess, preprocessing_fingerprint(preprocess)
         config = getattr(self.model, "config", None)
         p = preprocess_config(config)
@@ -187,7 +338,11 @@ class FeatureExtractor:
         }
 
     def _dataset(self, images: Union[ImagesLike, Dataset]) -> Dataset:
+        _check_not_empty("images", images)
         if self.tiling is not None:
+            if isinstance(images, ImageDataset) and images.transform is not None:
+                raise ValueError("tiles are read with the extractor's preprocessing, not an ImageDataset's own "
+                                 "transform: pass the paths (or an ImageDataset without a transform)")
             return self.tiling.dataset(images, self.transform)
         if isinstance(images, ImageDataset):
             return images if images.transform is not None else ImageDataset(images.paths, self.transform)
@@ -205,10 +360,33 @@ class FeatureExtractor:
         mean = patches.float().mean(1)
         return mean if self.pool == "mean" else torch.cat([cls, mean], dim=-1)
 
+    def input_preprocessing(self, images: Union[ImagesLike, Dataset]) -> dict:
+        """What made the pixels of ``images`` (recorded in the manifest as ``preprocessing``, part of the job).
+
+        Paths (and an ``ImageDataset`` without a transform) are read with the extractor's preprocessing; an
+        ``ImageDataset``'s own transform replaces it; any other ``Dataset`` yields ready tensors and is
+        described by its class (and its ``transform`` attribute, if any). Callables whose parameters cannot
+        be read are listed under ``unverified_callables`` (see :func:`~internvit.fingerprint.dataset_fingerprint`).
+        """
+        if self.tiling is None and isinstance(images, ImageDataset):
+            return self.preprocessing if images.transform is None else preprocessing_fingerprint(images.transform)
+        if self.tiling is None and isinstance(images, Dataset):
+            return dataset_fingerprint(images)
+        return self.preprocessing
+
     @torch.inference_mode()
-    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Features of a preprocessed batch ``(B, 3, H, W)`` as a float32 tensor on ``device``."""
+    def encode(self, pixel_values: torch.Tensor, *, normalize: Optional[bool] = None) -> torch.Tensor:
+        """Features of a preprocessed batch ``(B, 3, H, W)`` as a float32 tensor on ``device``.
+
+        ``normalize`` (default: the extractor's) L2-normalises each row. Raises ``ValueError`` when ``H`` or
+        ``W`` is not a multiple of the model's patch size (the patch embedding would drop border pixels).
+        """
         x = pixel_values.to(self.device, non_blocking=True)
+        if self.embed_fn is None and self.patch_size and x.ndim == 4 and (
+                x.shape[-1] % self.patch_size or x.shape[-2] % self.patch_size):
+            raise ValueError(f"pixel_values of {x.shape[-2]}x{x.shape[-1]} px: not a multiple of the patch size "
+                             f"{self.patch_size} (the patch embedding would drop the border pixels); make the "
+                             f"preprocessing output a multiple")
         if x.is_floating_point():
             x = x.to(self.dtype)
         if self.embed_fn is not None:
@@ -224,15 +402,28 @@ class FeatureExtractor:
                                                         stop_early=True)
             parts = [self._pool(patches, prefix) for patches, prefix in inter]
             out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        if self.normalize:
+        if self.normalize if normalize is None else normalize:
             out = F.normalize(out, dim=1)
         return out
+
+    def _run_tiles(self, dataset: Dataset, batches: list[list[int]], total: int) -> Iterator[tuple]:
+        """The tile runner's batches, each output row normalised *after* the tiles of an image were pooled."""
+        raw = _RawEncoder(self)
+        try:
+            for ids, feats, errors, columns in self.tiling.run(raw, dataset, batches, total):
+                if feats is not None and self.normalize and len(feats):
+                    feats = F.normalize(torch.from_numpy(np.ascontiguousarray(feats)), dim=1).numpy()
+                errors = [(i, _nonfinite_reason(self.dtype) if e.startswith(NONFINITE_ERROR) else e)
+                          for i, e in errors]
+                yield ids, feats, errors, columns
+        finally:
+            self.last_stats = dict(raw.__dict__.get("last_stats") or {})
 
     def _run(self, dataset: Dataset, batches: list[list[int]], total: int
              ) -> Iterator[tuple[list[int], np.ndarray, list[tuple[int, str]]]]:
         """Yield ``(ids, features, errors)`` per batch; batches are lists of dataset indices."""
         if self.tiling is not None:  # yields (ids, features, errors, per-row tile columns)
-            yield from self.tiling.run(self, dataset, batches, total)
+            yield from self._run_tiles(dataset, batches, total)
             return
         from tqdm.auto import tqdm
 
@@ -254,8 +445,7 @@ class FeatureExtractor:
                 if feats is not None:
                     finite = np.isfinite(feats.reshape(len(feats), -1)).all(axis=1)
                     if not finite.all():  # e.g. fp16 overflow: never stored as features, listed as errors
-                        reason = (f"{NONFINITE_ERROR} in dtype {str(self.dtype).replace('torch.', '')}; "
-                                  f"try bf16 or fp32)")
+                        reason = _nonfinite_reason(self.dtype)
                         errors = sorted(list(errors) + [(ids[j], reason) for j in np.flatnonzero(~finite)])
                         ids = [ids[j] for j in np.flatnonzero(finite)]
                         feats = feats[finite]
@@ -297,23 +487,30 @@ class FeatureExtractor:
     # -- write -----------------------------------------------------------------------------------------
     def signature(self, paths: Sequence[str], extra_columns: Optional[Mapping[str, Sequence]], *,
                   shard_size: int, features_pattern: str, metadata_pattern: str, metadata_format: str,
-                  manifest_extra: Optional[Mapping[str, Any]] = None, model_info: Optional[dict] = None) -> dict:
+                  manifest_extra: Optional[Mapping[str, Any]] = None, model_info: Optional[dict] = None,
+                  preprocessing: Optional[Mapping[str, Any]] = None, preprocess_id: Optional[str] = None) -> dict:
         """The job identity of :meth:`write` (JSON-normalised): everything that decides the output's bytes.
 
         The model is identified by class, config and :func:`~internvit.fingerprint.weights_fingerprint` (all
         weight bytes), not by its name or path; the inputs by a streamed SHA-256 of every path and extra value.
+        ``preprocessing`` is what made the pixels (:meth:`input_preprocessing`; default: the extractor's own),
+        with ``preprocess_id`` added when given. ``dtype`` comes before ``model``: the model is cast to the
+        dtype before its weights are fingerprinted, so a dtype change is named as such.
         """
         model = model_info if model_info is not None else self.model_info()
         if model is not None:
             model = {k: v for k, v in model.items() if k != "name"}
+        pre = dict(self.preprocessing if preprocessing is None else preprocessing)
+        if preprocess_id is not None:
+            pre["preprocess_id"] = str(preprocess_id)
         sig = {
+            "dtype": str(self.dtype).replace("torch.", ""),
             "model": model,
             "embed_fn": None if self.embed_fn is None else getattr(self.embed_fn, "__qualname__",
                                                                   _stable_repr(self.embed_fn)),
-            "preprocessing": self.preprocessing,
+            "preprocessing": pre,
             "pool": "embed_fn" if self.embed_fn is not None else self.pool,
             "layers": self.layers,
-            "dtype": str(self.dtype).replace("torch.", ""),
             "normalize": self.normalize,
             "shard_size": int(shard_size),
             "num_inputs": len(paths),
@@ -325,6 +522,10 @@ class FeatureExtractor:
         }
         if self.tiling is not None:  # only with tiles, so whole-image job ids are unchanged
             sig["tiling"] = self.tiling.params()
+            if self.normalize and sig["tiling"].get("tile_pool") == "mean":
+                # rows are normalised after pooling the tiles (before 2026-12-02: each tile, then the mean, not
+                # a unit vector): a folder begun the old way is another job, never resumed into
+                sig["normalize_after"] = "tile_pool"
         return json.loads(json.dumps(sig, default=str))
 
     def write(
@@ -340,6 +541,7 @@ class FeatureExtractor:
         manifest_extra: Optional[Mapping[str, Any]] = None,
         overwrite: bool = False,
         discard_pending: bool = False,
+        preprocess_id: Optional[str] = None,
     ) -> dict:
         """Write features as shards of ``shard_size`` input rows through the durable store; returns the manifest.
 
@@ -353,14 +555,24 @@ class FeatureExtractor:
         folder ends byte-identical to an uninterrupted run. The returned dict is the committed manifest plus a
         ``timing`` entry that is *not* stored (timings would make reruns differ).
 
-        Raises ``ValueError`` when the folder holds committed features of another job (naming the first field
-        that differs; ``overwrite=True`` replaces them with a new generation), and
-        :class:`~internvit.store.PendingJobError` when an interrupted *different* job is pending
-        (``discard_pending=True`` drops it), :class:`~internvit.store.StoreBusyError` when another process
-        writes the folder.
-        """
-        from .store import Store, read_manifest
+        The manifest's ``preprocessing`` is what made the pixels (:meth:`input_preprocessing`): the
+        extractor's, or the transform of an ``ImageDataset`` / the class of another ``Dataset`` passed as
+        ``images``. When it includes a callable whose parameters cannot be read (``unverified_callables``),
+        a finished or interrupted folder of the same job is *not* reused or resumed (``ValueError``): pass
+        ``preprocess_id='...'``, a name you change whenever that preprocessing changes, to make it part of the
+        job identity (and allow resume), or use a new folder. Paths that are not valid UTF-8 are written
+        escaped (:func:`output_text`; counted in ``num_escaped_paths``).
 
+        Raises ``ValueError`` for an empty ``out_dir`` and when the folder holds committed features of another
+        job (naming the first field that differs; ``overwrite=True`` replaces them with a new generation),
+        :class:`~internvit.store.PendingJobError` when an interrupted *different* job is pending
+        (``discard_pending=True``, ``--discard-pending`` in the CLI, drops it),
+        :class:`~internvit.store.StoreBusyError` when another process writes the folder, and ``OSError``
+        naming the file and the ``errno`` (e.g. ``ENOSPC``) when a file cannot be written.
+        """
+        from .store import PendingJobError, Store, read_manifest
+
+        _check_not_empty("out_dir", out_dir)
         out_dir = os.fspath(out_dir)
         if int(shard_size) < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
@@ -385,31 +597,36 @@ class FeatureExtractor:
         fingerprint_s = {"fingerprint_seconds": round(time.perf_counter() - t0, 3)}
         job = self.signature(paths, columns, shard_size=shard_size, features_pattern=features_pattern,
                              metadata_pattern=metadata_pattern, metadata_format=metadata_format,
-                             manifest_extra=manifest_extra, model_info=info)
+                             manifest_extra=manifest_extra, model_info=info,
+                             preprocessing=self.input_preprocessing(images), preprocess_id=preprocess_id)
         old = read_manifest(out_dir) if os.path.isdir(out_dir) else None
         leftover_parts = os.path.isdir(os.path.join(out_dir, PARTS))
-        if old is not None and _same_job(old, job) and not leftover_parts:
-            return dict(old, timing=dict(DONE_STATS, **fingerprint_s))  # finished: nothing is rewritten
         if old is not None and not overwrite and not _same_job(old, job):
             _refuse_other(out_dir, old, job)
+        _refuse_unverified_reuse(out_dir, old, job)
+        if old is not None and _same_job(old, job) and not leftover_parts:
+            return dict(old, timing=dict(DONE_STATS, **fingerprint_s))  # finished: nothing is rewritten
         plan = dict(out_dir=out_dir, ds=ds, paths=paths, columns=columns, info=info, job=job, shard_size=shard_size,
                     features_pattern=features_pattern, metadata_pattern=metadata_pattern,
                     metadata_format=metadata_format, overwrite=overwrite, discard_pending=discard_pending)
         rank, world = _dist_rank_world()
-        if world > 1:
-            from .distributed_features import write_distributed
+        try:
+            if world > 1:
+                from .distributed_features import write_distributed
 
-            return write_distributed(self, plan, rank, world)
+                return write_distributed(self, plan, rank, world)
 
-        with Store(out_dir, job=job, discard_pending=discard_pending, description="feature folder") as st:
-            if st.manifest is not None and _same_job(st.manifest, job):
-                _remove_parts(out_dir)
-                return dict(st.manifest, timing=dict(DONE_STATS, **fingerprint_s))  # finished meanwhile
-            if st.manifest is not None and not overwrite:
-                _refuse_other(out_dir, st.manifest, job)
-            shards = _plan_shards(plan, st.generation)
-            records, stats = self._write_shards(st, plan, shards)
-            committed = _commit_features(st, plan, shards, records)
+            with Store(out_dir, job=job, discard_pending=discard_pending, description="feature folder") as st:
+                if st.manifest is not None and _same_job(st.manifest, job):
+                    _remove_parts(out_dir)
+                    return dict(st.manifest, timing=dict(DONE_STATS, **fingerprint_s))  # finished meanwhile
+                if st.manifest is not None and not overwrite:
+                    _refuse_other(out_dir, st.manifest, job)
+                shards = _plan_shards(plan, st.generation)
+                records, stats = self._write_shards(st, plan, shards)
+                committed = _commit_features(st, plan, shards, records)
+        except PendingJobError as e:
+            raise PendingJobError(_pending_message(out_dir, job, e)) from None
         return dict(committed, timing=dict(stats, **fingerprint_s))
 
     def _write_shards(self, st, plan: dict, shards: list[dict]) -> tuple[dict, dict]:
@@ -431,15 +648,18 @@ class FeatureExtractor:
         def finish(s: dict, feats: list, ids: list, errs: list, shape: tuple, row_cols=None) -> None:
             arr = np.concatenate(feats) if feats else np.zeros((0, *shape), np.float32)
             arr = np.ascontiguousarray(arr, dtype=np.float32)
-            with st.open_file(s["features"]) as tmp, open(tmp, "wb") as f:
-                np.save(f, arr)
-            with st.open_file(s["metadata"]) as tmp:
-                _write_metadata(tmp, metadata_format, ids, paths, columns, arrow_columns, row_cols)
+            with _writing(os.path.join(st.folder, s["features"])):
+                with st.open_file(s["features"]) as tmp, open(tmp, "wb") as f:
+                    np.save(_ChunkedSink(f), arr)
+            with _writing(os.path.join(st.folder, s["metadata"])):
+                with st.open_file(s["metadata"]) as tmp:
+                    _write_metadata(tmp, metadata_format, ids, paths, columns, arrow_columns, row_cols)
             # sha256 of the float32 rows: the shard's content identity, recorded in the manifest (a job over
             # this folder, e.g. an index build, is resumed only over the same content, without re-reading it)
             rec = {"count": len(ids), "shape": list(arr.shape[1:]), "errors": sorted([int(i), e] for i, e in errs),
                    "sha256": hashlib.sha256(arr.data).hexdigest()}
-            st.save_state(**{f"shard-{s['index']}": rec})  # the shard is done once this is durable
+            with _writing(os.path.join(st.folder, ".store", "journal.jsonl")):
+                st.save_state(**{f"shard-{s['index']}": rec})  # the shard is done once this is durable
             records[s["index"]] = json.loads(json.dumps(rec))
 
         pending = [s for s in shards if s["index"] not in records]
@@ -570,9 +790,10 @@ def _commit_features(st, plan: dict, shards: list[dict], records: dict) -> dict:
     gen = st.generation
     errors = sorted((i, e) for rec in records.values() for i, e in rec["errors"])
     errors_file = ERRORS if gen == 1 else generation_name(ERRORS, gen)
-    st.write_bytes(errors_file, "".join(
-        json.dumps({"id": i, "path": paths[i], "error": e}, ensure_ascii=False) + "\n"
-        for i, e in errors).encode("utf-8"))  # also when empty: same files on every run
+    with _writing(os.path.join(st.folder, errors_file)):
+        st.write_bytes(errors_file, "".join(
+            json.dumps({"id": i, "path": output_text(paths[i]), "error": output_text(e)}, ensure_ascii=False) + "\n"
+            for i, e in errors).encode("utf-8"))  # also when empty: same files on every run
     feature_shape = list(_known_shape(records[s["index"]] for s in shards) or (0,))
     manifest = {k: v for k, v in job.items() if k != "extra"}
     manifest["model"] = plan["info"]  # with its name (not part of the job identity)
@@ -582,6 +803,7 @@ def _commit_features(st, plan: dict, shards: list[dict], records: dict) -> dict:
         "count": int(sum(int(r["count"]) for r in records.values())),
         "num_errors": len(errors),
         "num_nonfinite": sum(1 for _, e in errors if e.startswith(NONFINITE_ERROR)),
+        "num_escaped_paths": sum(1 for p in paths if output_text(p) != p),
         "errors_file": errors_file,
         "shards": [dict(s, count=int(records[s["index"]]["count"]),
                         **({"sha256": records[s["index"]]["sha256"]} if "sha256" in records[s["index"]] else {}))
@@ -589,7 +811,8 @@ def _commit_features(st, plan: dict, shards: list[dict], records: dict) -> dict:
     })
     manifest.update(job["extra"])
     files = [errors_file] + [s[key] for s in shards for key in ("features", "metadata")]
-    committed = st.commit(manifest, files)
+    with _writing(os.path.join(st.folder, MANIFEST)):
+        committed = st.commit(manifest, files)
     _remove_parts(plan["out_dir"])
     return committed
 
@@ -641,6 +864,63 @@ def _refuse_other(out_dir: str, manifest: Mapping[str, Any], job: Mapping[str, A
                      f"output folder or delete it")
 
 
+def _pending_header(out_dir: str) -> Optional[dict]:
+    """The ``begin`` record of the job pending in ``out_dir``'s store journal (``None`` when there is none or it
+    belongs to an already committed generation). Read only: no lock is taken."""
+    from .store import JOURNAL, STORE_KEY
+
+    try:
+        with open(os.path.join(out_dir, JOURNAL), encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    header = None
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and rec.get("op") == "begin":
+            header = rec
+    if header is None:
+        return None
+    from .store import read_manifest
+
+    base = int(((read_manifest(out_dir) or {}).get(STORE_KEY) or {}).get("generation") or 0)
+    return header if header.get("generation") == base else None
+
+
+def _refuse_unverified_reuse(out_dir: str, old: Optional[dict], job: Mapping[str, Any]) -> None:
+    """Refuse to reuse or resume a job whose preprocessing includes callables known only by name."""
+    from .store import job_id
+
+    names = (job.get("preprocessing") or {}).get("unverified_callables")
+    if not names or "preprocess_id" in job["preprocessing"]:
+        return
+    header = _pending_header(out_dir) if os.path.isdir(out_dir) else None
+    finished = old is not None and _same_job(old, job)
+    pending = header is not None and header.get("job_id") == job_id(job)
+    if finished or pending:
+        raise ValueError(
+            f"{out_dir} holds {'features' if finished else 'an interrupted job'} made with a preprocessing that "
+            f"includes {', '.join(names)}, whose parameters cannot be recorded, so it cannot be told whether "
+            f"they match this call's; pass preprocess_id='...' (a name you change whenever that preprocessing "
+            f"changes) to {'reuse' if finished else 'resume'} it, or use another output folder or delete it")
+
+
+def _pending_message(out_dir: str, job: Mapping[str, Any], e: BaseException) -> str:
+    """The message of a refused pending job, naming the field that differs and how to drop the job."""
+    from .store import _first_difference
+
+    header = _pending_header(out_dir) or {}
+    d = _first_difference(header.get("job") or {}, dict(job)) if header else None
+    what = f" ({d[0]}: {_short(d[1])} there, {_short(d[2])} now)" if d else ""
+    if not d:
+        return str(e)
+    return (f"{out_dir}: an interrupted job is pending in this feature folder and this one differs{what}; rerun "
+            f"the interrupted command to finish it, or drop it with --discard-pending (discard_pending=True)")
+
+
 def _known_shape(records) -> Optional[tuple]:
     for rec in records:
         if rec["count"] > 0 or rec["shape"] != [0]:
@@ -664,7 +944,7 @@ def _arrow_columns(columns: dict) -> dict:
     """Each extra column converted to Arrow once (per shard only the rows are taken: linear in total)."""
     import pyarrow as pa
 
-    return {k: pa.array(v) for k, v in columns.items()}
+    return {k: pa.array([_output_value(x) for x in v]) for k, v in columns.items()}
 
 
 def _to_json_value(v: Any) -> Any:
@@ -681,8 +961,8 @@ def _write_metadata(path: str, fmt: str, ids: list[int], paths: Sequence[str], c
     if fmt == "jsonl":
         with open(path, "w", encoding="utf-8") as f:
             for j, i in enumerate(ids):
-                row = {"id": int(i), "path": paths[i]}
-                row.update({k: _to_json_value(v[i]) for k, v in columns.items()})
+                row = {"id": int(i), "path": output_text(paths[i])}
+                row.update({k: _output_value(_to_json_value(v[i])) for k, v in columns.items()})
                 row.update({k: _to_json_value(v[j]) for k, v in row_columns.items()})
                 f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
         return
@@ -691,7 +971,7 @@ def _write_metadata(path: str, fmt: str, ids: list[int], paths: Sequence[str], c
 
     arrow_columns = arrow_columns if arrow_columns is not None else _arrow_columns(columns)
     take = pa.array(ids, pa.int64())
-    data = {"id": take, "path": pa.array([paths[i] for i in ids], pa.string())}
+    data = {"id": take, "path": pa.array([output_text(paths[i]) for i in ids], pa.string())}
     for k, full in arrow_columns.items():
         data[k] = full.take(take)
     for k, v in row_columns.items():

@@ -28,8 +28,8 @@ from torch import nn
 
 from .file_reads import io_threads
 
-__all__ = ["weights_fingerprint", "preprocessing_fingerprint", "PreprocessingFingerprintWarning",
-           "clear_fingerprint_cache"]
+__all__ = ["weights_fingerprint", "preprocessing_fingerprint", "dataset_fingerprint",
+           "PreprocessingFingerprintWarning", "clear_fingerprint_cache"]
 
 #: bytes hashed per step (a tensor is cast / copied to the CPU at most this much at a time)
 CHUNK_BYTES = 64 * 1024 * 1024
@@ -225,4 +225,30 @@ def preprocessing_fingerprint(preprocess: Union[Mapping[str, Any], Callable]) ->
                       f"({', '.join(sorted(set(unknown)))}): resumes and index checks identify them by name "
                       f"only; pass a preprocessing dict to identify them exactly",
                       PreprocessingFingerprintWarning, stacklevel=2)
+    return json.loads(json.dumps(out, default=str))
+
+
+def dataset_fingerprint(dataset: Any) -> dict:
+    """A JSON-able dict that identifies what a ``Dataset`` of ready tensors does to its images.
+
+    ``{'dataset': 'module.qualname', 'transform': preprocessing_fingerprint(dataset.transform)}`` (the
+    ``transform`` entry only when the dataset has a callable ``transform`` attribute). A dataset class from
+    outside this project is known by its name only: it is listed in ``'unverified_callables'`` (with those of
+    its transform) and a :class:`PreprocessingFingerprintWarning` is emitted, as for an arbitrary callable.
+    """
+    name = _qualname(type(dataset))
+    out: dict = {"dataset": name}
+    unknown = [] if _is_ours(type(dataset)) else [name]
+    transform = getattr(dataset, "transform", None)
+    if callable(transform):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PreprocessingFingerprintWarning)  # one warning below names them all
+            fp = preprocessing_fingerprint(transform)
+        unknown += fp.pop("unverified_callables", [])
+        out["transform"] = fp
+    if unknown:
+        out["unverified_callables"] = sorted(set(unknown))
+        warnings.warn(f"the dataset's preprocessing includes callables whose parameters cannot be recorded "
+                      f"({', '.join(out['unverified_callables'])}): identified by name only; pass "
+                      f"preprocess_id= to write() to identify them", PreprocessingFingerprintWarning, stacklevel=2)
     return json.loads(json.dumps(out, default=str))

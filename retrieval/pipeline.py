@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -105,10 +106,15 @@ def embed_collection(encoder: Encoder, images, out_dir: str, *, captions: Option
     if captions is not None:
         extra["caption"] = ["" if c is None else str(c) for c in captions]
     fx = encoder.feature_extractor(batch_size=batch_size, num_workers=num_workers, progress=progress)
+    # the encoder (its spec, weights and the repr of its preprocessing) names what made the pixels, also where
+    # that preprocessing holds plain functions (open_clip's) whose parameters cannot be read
+    pre_id = "encoder:" + hashlib.sha256(json.dumps({k: info[k] for k in ("spec", "preprocess",
+                                                                          "weights_fingerprint")},
+                                                    sort_keys=True, default=str).encode()).hexdigest()[:16]
     manifest = fx.write(images, out_dir, shard_size=shard_size,
                         features_pattern=f"img_emb/img_emb_{{shard:0{width}d}}.npy",
                         metadata_pattern=f"metadata/metadata_{{shard:0{width}d}}.parquet",
-                        extra_columns=extra, manifest_extra={"encoder": info})
+                        extra_columns=extra, manifest_extra={"encoder": info}, preprocess_id=pre_id)
     if captions is not None and encoder.supports_text and manifest.get("count"):
         text = _write_text_embeddings(encoder, out_dir, manifest, width)
         manifest = dict(manifest, text_emb={"dim": text["dim"], "count": text["count"]})

@@ -29,9 +29,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--images", required=True, help="image folder (recursive) or .txt/.lst list of paths")
     p.add_argument("--out", required=True, help="output folder (resumed if it holds a run with the same arguments)")
     p.add_argument("--layers", type=int, nargs="+", default=None, help="block indices, e.g. 11 23 -1 (default: last)")
-    p.add_argument("--pool", default="cls", choices=["cls", "mean", "cls_mean", "grid"])
-    p.add_argument("--image-size", type=positive_int, default=None, help="override the preset's input size")
-    p.add_argument("--resize-mode", default="crop", choices=["crop", "squash"])
+    p.add_argument("--pool", default=None, choices=["cls", "mean", "cls_mean", "grid"],
+                   help="default cls (not with --projector-input)")
+    p.add_argument("--image-size", type=positive_int, default=None,
+                   help="override the preset's input size (a multiple of the patch size, 14)")
+    p.add_argument("--resize-mode", default=None, choices=["crop", "squash"], help="default crop (not with --tiles)")
     p.add_argument("--normalize", action="store_true", help="L2-normalise the feature vectors")
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--num-workers", type=nonnegative_int, default=0)
@@ -40,38 +42,88 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--device", type=device, default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--metadata-format", default="parquet", choices=["parquet", "jsonl"])
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--discard-pending", action="store_true",
+                   help="drop an interrupted job of other arguments in --out instead of refusing")
     t = p.add_argument_group("dynamic-resolution tiles (docs/features.md); --batch-size then counts tiles")
     t.add_argument("--tiles", type=positive_int, default=None, metavar="MAX_NUM",
                    help="cut each image into at most MAX_NUM tiles of --image-size (InternVL-Chat rule)")
-    t.add_argument("--min-tiles", type=positive_int, default=1, metavar="MIN_NUM", help="default 1")
+    t.add_argument("--min-tiles", type=positive_int, default=None, metavar="MIN_NUM", help="default 1")
     t.add_argument("--no-thumbnail", action="store_true", help="no whole-image thumbnail after multi-tile grids")
     t.add_argument("--tile-pool", default=None, choices=["mean", "thumbnail"],
                    help="one row per image (mean over its tiles, or the thumbnail) instead of one row per tile")
     t.add_argument("--projector-input", action="store_true",
                    help="per tile, the MLLM projector's input: patch tokens pixel-shuffled to (256, 4C) at 448 px")
-    t.add_argument("--downsample-ratio", type=float, default=0.5, help="pixel-shuffle ratio (default 0.5)")
+    t.add_argument("--downsample-ratio", type=float, default=None,
+                   help="pixel-shuffle ratio of --projector-input (default 0.5)")
     return p
 
 
 def _check_tiles(args) -> None:
-    """Tile arguments, checked before the model is loaded."""
+    """Tile arguments, checked before the model is loaded: a flag that does not apply in the mode asked for is
+    refused (never silently ignored)."""
     if args.tiles is None:
-        used = [f for f, on in (("--min-tiles", args.min_tiles != 1), ("--no-thumbnail", args.no_thumbnail),
-                                ("--tile-pool", args.tile_pool), ("--projector-input", args.projector_input))
+        used = [f for f, on in (("--min-tiles", args.min_tiles is not None), ("--no-thumbnail", args.no_thumbnail),
+                                ("--tile-pool", args.tile_pool), ("--projector-input", args.projector_input),
+                                ("--downsample-ratio", args.downsample_ratio is not None))
                 if on]
         if used:
             raise UsageError(f"{used[0]} needs --tiles MAX_NUM")
         return
+    if args.resize_mode is not None:
+        raise UsageError("--resize-mode does not apply with --tiles (each tile is already --image-size square)")
+    if args.downsample_ratio is not None and not args.projector_input:
+        raise UsageError("--downsample-ratio needs --projector-input (it is the projector input's pixel shuffle)")
+    if args.projector_input and args.pool is not None:
+        raise UsageError("--pool does not apply with --projector-input (its rows are the block's patch tokens, "
+                         "not pooled)")
     from internvit.tiling import TileSettings
 
     try:
-        TileSettings(max_num=args.tiles, min_num=args.min_tiles, image_size=1, use_thumbnail=not args.no_thumbnail,
-                     tile_pool=args.tile_pool, projector_input=args.projector_input,
-                     downsample_ratio=args.downsample_ratio)
+        TileSettings(max_num=args.tiles, min_num=1 if args.min_tiles is None else args.min_tiles, image_size=1,
+                     use_thumbnail=not args.no_thumbnail, tile_pool=args.tile_pool,
+                     projector_input=args.projector_input,
+                     downsample_ratio=0.5 if args.downsample_ratio is None else args.downsample_ratio)
     except ValueError as e:
-        raise UsageError(str(e).replace("max_num", "--tiles").replace("min_num", "--min-tiles")) from None
+        raise UsageError(str(e).replace("max_num", "--tiles").replace("min_num", "--min-tiles")
+                         .replace("downsample_ratio", "--downsample-ratio")) from None
     if args.projector_input and (args.normalize or (args.layers is not None and len(args.layers) != 1)):
         raise UsageError("--projector-input takes raw tokens of one block: no --normalize, at most one --layers")
+
+
+def _vision_config(args):
+    """The vision config of --config / --model when it can be read without loading weights (a preset, a
+    folder or a config.json), else ``None`` (a bare weight file: checked when the model is built)."""
+    from internvit.config import get_config, is_preset
+
+    spec = args.config if args.config is not None else args.model
+    if not (is_preset(spec) or os.path.isdir(spec) or spec.endswith(".json")):
+        return None
+    try:
+        cfg = get_config(spec)
+    except (ValueError, TypeError, OSError):
+        return None  # reported by load_model, naming the file
+    return getattr(cfg, "vision_config", cfg)
+
+
+def _check_image_size(args) -> None:
+    """--image-size (or the preset's size) must be a whole number of patches: of ``patch_size /
+    downsample_ratio`` with --projector-input, whose token grid is pixel-shuffled."""
+    cfg = _vision_config(args)
+    patch = getattr(cfg, "patch_size", None)
+    if not patch:
+        return
+    size = args.image_size if args.image_size is not None else getattr(cfg, "image_size", None)
+    if size is None:
+        return
+    if size % patch:
+        raise UsageError(f"--image-size {size}: must be a multiple of the patch size {patch} (the patch embedding "
+                         f"would drop the last {size % patch} pixel rows and columns); "
+                         f"e.g. {size - size % patch or patch}")
+    if args.projector_input:
+        unit = patch * round(1 / (0.5 if args.downsample_ratio is None else args.downsample_ratio))
+        if size % unit:
+            raise UsageError(f"--image-size {size}: --projector-input needs a multiple of {unit} (patch size {patch} "
+                             f"/ --downsample-ratio); e.g. {max(unit, size - size % unit)}")
 
 
 def _check_model_spec(value: str, what: str) -> None:
@@ -103,9 +155,13 @@ def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import internvit
     from internvit.data import list_images
-    from internvit.features import FeatureExtractor, parse_dtype
+    from internvit.features import FeatureExtractor, output_text, parse_dtype
 
     # every check before the model is loaded or anything is written
+    for flag, value in (("--model", args.model), ("--config", args.config), ("--images", args.images),
+                        ("--out", args.out)):
+        if value is not None and not value:
+            raise UsageError(f"{flag}: empty path")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out {args.out}: exists and is not a folder")
     if os.path.isdir(args.out) and os.listdir(args.out) and not any(
@@ -116,27 +172,30 @@ def _main(argv=None) -> int:
     if args.config is not None:
         _check_model_spec(args.config, "--config")
     _check_tiles(args)
+    _check_image_size(args)
     images = list_images(args.images)
     if not images:
         raise UsageError(f"--images {args.images}: no images found (looked for {', '.join(_extensions())})")
     dist = _init_distributed(args)  # under torchrun: each rank writes whole shards, rank 0 commits
     model = internvit.load_model(args.model, args.config, dtype=parse_dtype(args.dtype), device=args.device)
-    fx = FeatureExtractor(model, dict(image_size=args.image_size, resize_mode=args.resize_mode),
+    fx = FeatureExtractor(model, dict(image_size=args.image_size, resize_mode=args.resize_mode or "crop"),
                           pool=args.pool, layers=args.layers, batch_size=args.batch_size,
                           num_workers=args.num_workers, device=args.device, dtype=args.dtype,
                           normalize=args.normalize, progress=not args.no_progress, model_name=args.model,
-                          tiles=args.tiles, min_tiles=args.min_tiles, use_thumbnail=not args.no_thumbnail,
+                          tiles=args.tiles, min_tiles=args.min_tiles,
+                          use_thumbnail=None if args.tiles is None else not args.no_thumbnail,
                           tile_pool=args.tile_pool, projector_input=args.projector_input,
                           downsample_ratio=args.downsample_ratio)
     m = fx.write(images, args.out, shard_size=args.shard_size, metadata_format=args.metadata_format,
-                 metadata_pattern="metadata/part-{shard:05d}." + args.metadata_format)
+                 metadata_pattern="metadata/part-{shard:05d}." + args.metadata_format,
+                 discard_pending=args.discard_pending)
     if dist is not None:
         dist.destroy_process_group()
         if int(os.environ.get("RANK", "0")) != 0:
             return 0
     speed = m["timing"].get("images_per_s")
     rows = "" if args.tiles is None else (" (one per tile)" if args.tile_pool is None else " (one per image)")
-    print(f"wrote {m['count']} features{rows} of shape {tuple(m['feature_shape'])} to {args.out} "
+    print(f"wrote {m['count']} features{rows} of shape {tuple(m['feature_shape'])} to {output_text(args.out)} "
           f"({len(m['shards'])} shards, {m['num_errors']} errors, "
           f"{f'{speed:.1f} images/s' if speed else 'nothing left to compute'})")
     return 0
