@@ -26,7 +26,7 @@ def is_image_file(path: str) -> bool:
 def _read_list_file(path: str) -> list[str]:
     base = os.path.dirname(os.path.abspath(path))
     out = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
             line = line.strip()
             if not line or line.startswith("#"):
@@ -37,27 +37,19 @@ def _read_list_file(path: str) -> list[str]:
 
 
 def _walk_images(top: str) -> list[str]:
-    """Image files under ``top``, each real file once, on any symlink layout.
+    """Image files under ``top``: every file path once, on any symlink layout.
 
-    Symlinked folders and files are followed, but each folder is entered once per ``(st_dev, st_ino)`` (so
-    ``self -> .`` or ``sub/up -> ..`` loops end) and a file reached through several paths is listed once.
-    Real (non-link) folders and files are visited before symlinks, so a file is listed under its own path
-    when it lies inside ``top`` and under a link's path only when it is reached through links alone. Hidden
-    names (``.x``) are skipped; broken links are listed like any other path (they become per-image read
-    errors when read).
+    Symlinked folders and files are followed. Each *folder* is entered once per ``(st_dev, st_ino)``, so
+    ``self -> .`` or ``sub/up -> ..`` loops end; real (non-link) folders are entered before symlinked ones,
+    so a folder inside ``top`` is listed under its own path and under a link's path only when it is reached
+    through links alone. *Files* are not de-duplicated: every path is its own row, so hard links and file
+    symlinks to one inode are each listed (as img2dataset / clip-retrieval list them). Hidden names
+    (``.x``) are skipped; broken links are listed like any other path (they become per-image read errors
+    when read). Names that are not valid UTF-8 come as ``os.scandir`` gives them (surrogate escapes).
     """
     found: list[str] = []
     seen_dirs: set[tuple[int, int]] = set()
-    seen_files: set[tuple[int, int]] = set()
-    real_dirs, linked_dirs, linked_files = [top], [], []
-
-    def add_file(path: str, key: Optional[tuple[int, int]]) -> None:
-        if key is not None:
-            if key in seen_files:
-                return
-            seen_files.add(key)
-        found.append(path)
-
+    real_dirs, linked_dirs = [top], []
     while real_dirs or linked_dirs:
         folder = real_dirs.pop() if real_dirs else linked_dirs.pop(0)
         try:
@@ -83,30 +75,22 @@ def _walk_images(top: str) -> list[str]:
             if is_dir:
                 (linked_dirs if is_link else subdirs).append(e.path)
             elif is_image_file(e.name):
-                if is_link:
-                    linked_files.append(e.path)
-                else:  # a file lives on its folder's device; DirEntry.inode() needs no extra system call
-                    add_file(e.path, (st.st_dev, e.inode()))
+                found.append(e.path)
         real_dirs.extend(reversed(subdirs))  # depth first, in name order
-    for path in linked_files:
-        try:
-            target = os.stat(path)
-            key: Optional[tuple[int, int]] = (target.st_dev, target.st_ino)
-        except OSError:  # a broken link: keep it, reading it reports the error
-            key = None
-        add_file(path, key)
     return found
 
 
 def list_images(source: ImagesLike) -> list[str]:
     """Image paths of a folder (recursive, sorted), a ``.txt`` / ``.lst`` list file, or a list of paths.
 
-    A folder is walked recursively following symlinks, visiting each real folder and each real file once
-    (by device and inode), so any symlink layout terminates and gives each image once. In a list file, one
-    path per line; relative paths resolve against the file's folder; blank lines and ``#`` comments are
-    skipped. Listed paths are not checked here: a missing or unreadable file becomes a per-image error when
-    it is read (see :class:`ImageDataset`). A missing folder / list file raises ``FileNotFoundError`` naming
-    it; anything that is not a path or list of paths raises ``TypeError``.
+    A folder is walked recursively following symlinks, entering each real folder once (by device and
+    inode), so any symlink layout terminates; every file path found is listed (hard links and symlinks to
+    one file are separate rows). In a list file (UTF-8; bytes that are not UTF-8 are kept as surrogate
+    escapes, as ``os.listdir`` gives such names), one path per line; relative paths resolve against the
+    file's folder; blank lines and ``#`` comments are skipped. Listed paths are not checked here: a missing
+    or unreadable file becomes a per-image error when it is read (see :class:`ImageDataset`). A missing
+    folder / list file raises ``FileNotFoundError`` naming it; anything that is not a path or list of paths
+    raises ``TypeError``.
     """
     if isinstance(source, (list, tuple)):
         bad = next((p for p in source if not isinstance(p, (str, os.PathLike))), None)

@@ -53,24 +53,34 @@ def validate_tile_args(min_num: int = 1, max_num: int = 12, image_size: int = 44
 
 
 def candidate_grids(min_num: int = 1, max_num: int = 12) -> list[tuple[int, int]]:
-    """Every ``(cols, rows)`` with ``min_num <= cols·rows <= max_num``, by ascending tile count.
+    """Every ``(cols, rows)`` with ``min_num <= cols·rows <= max_num``, in upstream's order.
 
-    Within one tile count the order is by ``cols`` (upstream's order there comes from set iteration; it never
-    changes the selected grid, reference-spec-2 §1.2).
+    Upstream collects the pairs in a Python ``set`` and stable-sorts them by tile count, so within one tile
+    count the order is the set's iteration order (reference-spec-2 §1.2). That order decides exact ties
+    between grids of one tile count, which do occur once ``min_num > 1`` (500×200 with ``min_num = max_num
+    = 4``: ``(2, 2)`` and ``(4, 1)`` are equally close; upstream keeps ``(4, 1)``). It is reproduced by
+    building the same set: pairs added shell by shell (first those with both sides ``<= min_num``, then
+    those whose larger side is ``min_num + 1``, ``+ 2``, ...; within a shell by cols, then rows) — CPython's
+    set order for these small-int tuples depends only on that insertion sequence. Raises ``ValueError`` for
+    bad arguments.
     """
     validate_tile_args(min_num, max_num, 1)
-    grids = [(c, r) for c in range(1, max_num + 1) for r in range(1, max_num // c + 1) if min_num <= c * r]
-    return sorted(grids, key=lambda g: (g[0] * g[1], g[0]))
+    pairs = [(c, r) for c in range(1, max_num + 1) for r in range(1, max_num // c + 1) if min_num <= c * r]
+    grids = set()
+    for g in sorted(pairs, key=lambda g: (max(g[0], g[1], min_num), g)):
+        grids.add(g)
+    return sorted(grids, key=lambda g: g[0] * g[1])  # stable: keeps the set order within one tile count
 
 
 def tile_grid(width: int, height: int, *, min_num: int = 1, max_num: int = 12,
               image_size: int = 448) -> tuple[int, int]:
     """The tile grid ``(cols, rows)`` InternVL-Chat picks for a ``width × height`` image.
 
-    Rule (reference-spec-2 §1.3): walk :func:`candidate_grids` in order, keep the grid whose ratio
-    ``cols/rows`` is closest (float64 ``|W/H − cols/rows|``) to the image's; on an exactly equal distance,
-    a later (larger) grid replaces the kept one only if the image has more than half the grid canvas'
-    pixels (``W·H > 0.5·S²·cols·rows``). Raises ``ValueError`` for a non-positive size or bad arguments.
+    Rule (reference-spec-2 §1.3): walk :func:`candidate_grids` in upstream's order, keep the grid whose
+    ratio ``cols/rows`` is closest (float64 ``|W/H − cols/rows|``) to the image's; on an exactly equal
+    distance, a later grid replaces the kept one only if the image has more than half the grid canvas'
+    pixels (``W·H > 0.5·S²·cols·rows``; the kept distance is unchanged). Sizes are in pixels, ``S`` is
+    ``image_size``. Raises ``ValueError`` for a non-positive size or bad arguments.
     """
     validate_tile_args(min_num, max_num, image_size)
     if int(width) <= 0 or int(height) <= 0:
@@ -147,7 +157,8 @@ def dynamic_tiles(image, *, min_num: int = 1, max_num: int = 12, image_size: int
     :func:`tile_grid`'s grid and cut into ``cols·rows`` ``image_size``-square tiles, row-major (left to
     right, rows top to bottom); when the grid has more than one tile and ``use_thumbnail`` is on, the
     original image squashed to ``image_size × image_size`` follows as the last item. Returns a list of PIL
-    images (mode as given; upstream converts to RGB first).
+    images of ``image_size × image_size`` pixels (mode as given; upstream converts to RGB first). Every resize
+    outputs at most the canvas (``max_num`` tiles). Raises ``ValueError`` for bad arguments.
     """
     layout = tile_layout(image.width, image.height, min_num=min_num, max_num=max_num, image_size=image_size,
                          use_thumbnail=use_thumbnail)
@@ -442,7 +453,9 @@ class TileSettings:
             raise ValueError(f"downsample_ratio must be 1/k for an integer k >= 1, got {self.downsample_ratio}")
 
     def params(self) -> dict:
-        return {"rule": "InternVL-Chat dynamic_preprocess", "max_num": self.max_num, "min_num": self.min_num,
+        # min_num > 1: exact ties between grids follow upstream's candidate order since 2026-12-02 (another job)
+        rule = "InternVL-Chat dynamic_preprocess" + (" (upstream tie order)" if self.min_num > 1 else "")
+        return {"rule": rule, "max_num": self.max_num, "min_num": self.min_num,
                 "image_size": self.image_size, "use_thumbnail": self.use_thumbnail, "tile_pool": self.tile_pool,
                 "projector_input": self.projector_input,
                 "downsample_ratio": self.downsample_ratio if self.projector_input else None}

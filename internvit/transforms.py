@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 
 import torch
 from torchvision import transforms as T
+from torchvision.transforms import functional as F
 
 from .config import IMAGENET_MEAN, IMAGENET_STD, InternViTConfig, InternVLConfig
 from .tiling import dynamic_tiles, tile_grid  # noqa: F401 - public here (issue 13)
@@ -67,8 +68,11 @@ def build_transform(config=None, *, train: bool = False, **overrides) -> T.Compo
     """PIL image → normalised tensor.
 
     Eval ``resize_mode='crop'``: resize the short side to S (bicubic) and centre-crop S×S (classification,
-    HF image processors). ``'squash'``: resize to S×S (retrieval protocol). Train: RandomResizedCrop + flip.
-    ``config`` may be a model config or a dict made by :func:`preprocess_config`.
+    HF image processors; :class:`ResizeCenterCrop`). ``'squash'``: resize to S×S (retrieval protocol).
+    Train: RandomResizedCrop + flip. ``config`` may be a model config or a dict made by
+    :func:`preprocess_config`. The returned callable maps a PIL image to a ``(3, S, S)`` float32 tensor;
+    memory and time per image are ``O(source pixels + S²)`` whatever the aspect ratio (a 1×20000 PNG does not
+    make a 448 × 8 960 000 intermediate).
     """
     p = dict(config) if isinstance(config, dict) else preprocess_config(config, **overrides)
     if isinstance(config, dict):
@@ -80,7 +84,47 @@ def build_transform(config=None, *, train: bool = False, **overrides) -> T.Compo
         return T.Compose([rgb, T.RandomResizedCrop(size, interpolation=mode), T.RandomHorizontalFlip(), *norm])
     if p.get("resize_mode", "crop") == "squash":
         return T.Compose([rgb, T.Resize((size, size), interpolation=mode), *norm])
-    return T.Compose([rgb, T.Resize(size, interpolation=mode), T.CenterCrop(size), *norm])
+    return T.Compose([rgb, ResizeCenterCrop(size, mode), *norm])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resizing with bounded work
+# ---------------------------------------------------------------------------------------------------
+#: short-side resize + centre crop runs as torchvision's Resize + CenterCrop (the reference pixels) while the
+#: long side is at most this many times the short one; beyond, only the crop window is resampled
+WORK_FACTOR = 4
+_PIL_RESAMPLE = {T.InterpolationMode.BICUBIC: 3, T.InterpolationMode.BILINEAR: 2, T.InterpolationMode.NEAREST: 0}
+
+
+class ResizeCenterCrop:
+    """Resize the short side to ``size`` and centre-crop ``size × size``; PIL image in, PIL image out.
+
+    Up to an aspect ratio of :data:`WORK_FACTOR` this is ``T.Compose([T.Resize(size, interpolation),
+    T.CenterCrop(size)])`` itself. A thinner image would be resized to ``size × size·aspect`` first (a 1×20000
+    PNG at 448 px: a 448 × 8 960 000 image, 12 GB); instead Pillow resamples only the crop window, given as a
+    source box (``Image.resize(..., box=)``: the same resized long side ``int(size·long/short)`` and crop
+    offset ``round((resized − size) / 2)``; its filter still reads the source pixels around the box), so work
+    is ``O(source + size²)`` and pixels are within a few levels of the full resize (Pillow takes the box in
+    float32). ``interpolation``: a ``torchvision`` ``InterpolationMode`` (bicubic, bilinear, nearest).
+    """
+
+    def __init__(self, size: int, interpolation: T.InterpolationMode = T.InterpolationMode.BICUBIC) -> None:
+        self.size, self.interpolation = int(size), interpolation
+
+    def __call__(self, img):
+        s = self.size
+        w, h = img.size
+        if min(w, h) == 0 or max(w, h) <= WORK_FACTOR * min(w, h):
+            return F.center_crop(F.resize(img, [s], self.interpolation), [s, s])
+        long = max(w, h)
+        rw, rh = (s, int(s * long / w)) if w <= h else (int(s * long / h), s)
+        left, top = int(round((rw - s) / 2.0)), int(round((rh - s) / 2.0))
+        sx, sy = w / rw, h / rh
+        box = (left * sx, top * sy, (left + s) * sx, (top + s) * sy)
+        return img.resize((s, s), _PIL_RESAMPLE[self.interpolation], box=box)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, interpolation={self.interpolation.value})"
 
 
 class ToNormalizedTensor:

@@ -1,4 +1,5 @@
-"""Folder listing: each real image once, on any symlink layout, and every layout terminates."""
+"""Folder listing: every file path once (hard links and file symlinks included), folders entered once, so every
+symlink layout terminates."""
 from __future__ import annotations
 
 import os
@@ -68,12 +69,36 @@ def test_links_pointing_elsewhere_are_followed(tmp_path):
     assert d not in found  # listed under the path inside the folder
 
 
-def test_file_reached_twice_is_listed_once(tmp_path):
+def test_every_file_path_is_its_own_row(tmp_path):
+    """File symlinks to one file are each listed (img2dataset / clip-retrieval list paths, not inodes)."""
     a = _img(tmp_path / "a.png")
     os.symlink(a, tmp_path / "b.png")
     os.makedirs(tmp_path / "sub")
     os.symlink(a, tmp_path / "sub" / "c.png")
-    assert list_images(str(tmp_path)) == [a]
+    assert list_images(str(tmp_path)) == [a, str(tmp_path / "b.png"), str(tmp_path / "sub" / "c.png")]
+
+
+def test_hard_links_are_all_listed(tmp_path):
+    """The report: ``ln h/a/x.png h/b/hard.png`` listed only h/a/x.png, silently."""
+    x = _img(tmp_path / "a" / "x.png")
+    os.makedirs(tmp_path / "b")
+    os.link(x, tmp_path / "b" / "hard.png")
+    os.link(x, tmp_path / "a" / "y.png")
+    assert os.stat(x).st_nlink == 3
+    assert _list_in_time(tmp_path) == sorted([x, str(tmp_path / "a" / "y.png"), str(tmp_path / "b" / "hard.png")])
+
+
+def test_hard_links_and_loops_together(tmp_path):
+    """Folders stay de-duplicated (loops end, a folder reached by a link and for real is listed once) while
+    hard-linked files are each listed."""
+    x = _img(tmp_path / "a" / "x.png")
+    os.makedirs(tmp_path / "b")
+    hard = str(tmp_path / "b" / "hard.png")
+    os.link(x, hard)
+    os.symlink("..", tmp_path / "a" / "up")
+    os.symlink(str(tmp_path / "b"), tmp_path / "a" / "to_b")
+    os.symlink(".", tmp_path / "self")
+    assert _list_in_time(tmp_path) == sorted([x, hard])
 
 
 def test_dangling_link_is_kept_as_a_path(tmp_path):

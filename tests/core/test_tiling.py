@@ -1,4 +1,5 @@
 """Dynamic-resolution tiling (reference-spec-2 §1.2–1.7): grid rule, tiles, dataset, packing, pooling, shuffle."""
+import functools
 import itertools
 from fractions import Fraction
 
@@ -47,7 +48,12 @@ def test_candidate_order_and_count():
         assert len(grids) == count == len(set(grids))
         prods = [c * r for c, r in grids]
         assert prods == sorted(prods)
-    assert tiling.candidate_grids(4, 4) == [(1, 4), (2, 2), (4, 1)]
+    assert sorted(tiling.candidate_grids(4, 4)) == [(1, 4), (2, 2), (4, 1)]
+    # reference-spec-2 §1.2: upstream's order (CPython set iteration within one tile count)
+    assert tiling.candidate_grids(1, 6) == [(1, 1), (1, 2), (2, 1), (3, 1), (1, 3), (4, 1), (1, 4), (2, 2), (1, 5),
+                                            (5, 1), (6, 1), (2, 3), (1, 6), (3, 2)]
+    assert tiling.candidate_grids(1, 12)[:16] == [(1, 1), (1, 2), (2, 1), (3, 1), (1, 3), (2, 2), (4, 1), (1, 4),
+                                                  (5, 1), (1, 5), (1, 6), (6, 1), (3, 2), (2, 3), (7, 1), (1, 7)]
 
 
 def _tie_sizes():
@@ -72,6 +78,51 @@ def test_sweep_matches_brute_force():
     for (w, h), (mn, mx), s in itertools.product(sizes, ((1, 6), (1, 12), (1, 24), (2, 9)), (448, 224)):
         assert tile_grid(w, h, min_num=mn, max_num=mx, image_size=s) == brute_force_grid(w, h, mn, mx, s), \
             (w, h, mn, mx, s)
+
+
+@functools.lru_cache(maxsize=None)
+def _upstream_candidates(min_num, max_num):
+    candidates = set()
+    for n in range(min_num, max_num + 1):
+        for i in range(1, n + 1):
+            for j in range(1, n + 1):
+                if min_num <= i * j <= max_num:
+                    candidates.add((i, j))
+    return tuple(sorted(candidates, key=lambda g: g[0] * g[1]))
+
+
+def upstream_grid(w, h, min_num, max_num, size):
+    """The rule as reference-spec-2 §1.2-1.3 states it: the candidates collected in a Python set (every
+    ``(i, j)`` with ``i, j <= n`` for ``n = min_num … max_num`` and ``min_num <= i·j <= max_num``), stable-sorted
+    by ``i·j``; walk them keeping the first strictly closer ratio, and on an exactly equal distance take the
+    later candidate only if ``W·H > 0.5·S²·i·j``."""
+    best, best_diff = (1, 1), float("inf")
+    for i, j in _upstream_candidates(min_num, max_num):
+        diff = abs(w / h - i / j)
+        if diff < best_diff:
+            best, best_diff = (i, j), diff
+        elif diff == best_diff and w * h > 0.5 * size * size * i * j:
+            best = (i, j)
+    return best
+
+
+def test_ties_with_min_num_follow_upstream_order():
+    """The tester's cases: with min_num > 1 grids of one tile count tie exactly; upstream's set order decides."""
+    assert tile_grid(500, 200, min_num=4, max_num=4) == (4, 1)
+    assert tile_grid(1300, 500, min_num=5, max_num=5) == (1, 5)
+    pairs = [(mn, mx) for mx in range(1, 41) for mn in range(1, mx + 1)]
+    for mn, mx in pairs:
+        assert tiling.candidate_grids(mn, mx) == list(_upstream_candidates(mn, mx)), (mn, mx)
+    ratios = sorted({Fraction(c, r) for c in range(1, 17) for r in range(1, 17) if c * r <= 16})
+    targets = set(ratios) | {(a + b) / 2 for a, b in zip(ratios, ratios[1:])}  # on a ratio and midway: ties
+    sizes = {(t.numerator * k, t.denominator * k) for t in targets for k in (1, 2, 100, 700)}
+    sizes |= {(w, h) for w in range(1, 3000, 197) for h in range(1, 3000, 211)}
+    sizes = sorted((w, h) for w, h in sizes if w <= 20000 and h <= 20000)
+    combos = [(mn, mx) for mx in range(2, 17) for mn in range(2, mx + 1)] + [(1, 6), (1, 12), (1, 40)]
+    mismatches = [(w, h, mn, mx) for mn, mx in combos for w, h in sizes
+                  if tile_grid(w, h, min_num=mn, max_num=mx) != upstream_grid(w, h, mn, mx, 448)]
+    assert not mismatches, mismatches[:10]
+    assert len(sizes) * len(combos) > 50_000
 
 
 def test_ties_use_the_area_test():
