@@ -7,6 +7,7 @@ that notice is about faiss's packaging, not the user's input, so :func:`faiss_mo
 from __future__ import annotations
 
 import logging
+import math
 import re
 from typing import Optional
 
@@ -55,7 +56,15 @@ def new_index(key: str, dim: int):
     inner = faiss.downcast_index(ivf if ivf is not None else index)
     if hasattr(inner, "do_polysemous_training"):
         inner.do_polysemous_training = False  # search never uses Hamming thresholds; this training is slow
-    return index if _native_ids(index) else faiss.IndexIDMap(index)
+    return index if _native_ids(index) or _has_id_map(index) else faiss.IndexIDMap(index)
+
+
+def _has_id_map(index) -> bool:
+    """Whether ``index`` already holds an id map that ``add_with_ids`` reaches (a key such as ``IDMap,Flat`` or
+    ``PCA8,IDMap2,Flat``): wrapping it in another would make the outer map call the inner one's plain ``add``,
+    which faiss refuses."""
+    faiss = faiss_module()
+    return any(isinstance(layer, faiss.IndexIDMap) for layer in _layers(index))
 
 
 #: up to this many lists an add assigns vectors by brute force over the centroids; beyond, through the HNSW
@@ -173,6 +182,8 @@ def search_param_names(index) -> list[str]:
     names = []
     for layer in _layers(index):
         if isinstance(layer, faiss.IndexRefine):
+            names.append("k_factor_rf")  # faiss's name for IndexRefine's k_factor ("k_factor" is IVFPQR's)
+        if isinstance(layer, faiss.IndexIVFPQR):
             names.append("k_factor")
         if isinstance(layer, faiss.IndexIVF):
             names += ["nprobe", "max_codes"]
@@ -183,8 +194,41 @@ def search_param_names(index) -> list[str]:
     return names
 
 
+#: the C++ type behind each search parameter, as ``ParameterSpace.set_index_parameter`` stores it: ``int``
+#: (``nprobe``, ``efSearch``, the quantizer's ``efSearch``, IndexRefine's ``k_factor_rf``), ``float``
+#: (IndexIVFPQR's ``k_factor``) or ``size_t`` from a ``double`` (``max_codes``, 0 = no limit). A value beyond
+#: the type's range would wrap (``efSearch=4294967297`` became 1), so it is refused instead.
+INT_MAX = 2**31 - 1
+SEARCH_PARAM_RANGES = {
+    "nprobe": (1, INT_MAX, "int"),
+    "efSearch": (1, INT_MAX, "int"),
+    "quantizer_efSearch": (1, INT_MAX, "int"),
+    "k_factor_rf": (1, INT_MAX, "int"),
+    "k_factor": (1, 2**24, "float, exact integers up to 2**24"),
+    "max_codes": (0, 2**53, "size_t set through a double, exact up to 2**53"),
+}
+
+
+def _param_value(text: str) -> Optional[int]:
+    """An integer written as ``64`` or ``64.0`` / ``1e3`` (exact: big values are parsed as integers, not
+    through a double); ``None`` when it is not one."""
+    text = text.strip()
+    try:
+        return int(text, 10)
+    except ValueError:
+        pass
+    try:
+        v = float(text)
+    except ValueError:
+        return None
+    return int(v) if math.isfinite(v) and v == int(v) else None
+
+
 def check_search_params(index, params: str) -> str:
-    """Validate a ``name=value,...`` string against ``index``; ``ValueError`` naming the bad part."""
+    """Validate a ``name=value,...`` string against ``index``; ``ValueError`` naming the bad part: a parameter
+    the index does not have, a value that is not an integer, or one outside the range of the C++ field faiss
+    stores it in (:data:`SEARCH_PARAM_RANGES`). The one validator behind ``Retriever.load(search_params=)``,
+    ``tools/search.py --params``, ``tools/eval_retrieval.py --params`` and the tuned parameters of a manifest."""
     params = (params or "").strip()
     if not params:
         return ""
@@ -197,12 +241,17 @@ def check_search_params(index, params: str) -> str:
         if name not in allowed:
             hint = ", ".join(allowed) if allowed else "none: it is searched exhaustively"
             raise ValueError(f"search params {params!r}: this index does not have {name!r} (it accepts {hint})")
-        try:
-            v = float(value)
-        except ValueError:
-            raise ValueError(f"search params {params!r}: {name} must be a number, got {value!r}") from None
-        if v < 1 or v != int(v):
-            raise ValueError(f"search params {params!r}: {name} must be an integer >= 1, got {value!r}")
+        v = _param_value(value)
+        low, high, ctype = SEARCH_PARAM_RANGES.get(name, (1, INT_MAX, "int"))
+        if v is None:
+            try:
+                float(value)
+            except ValueError:
+                raise ValueError(f"search params {params!r}: {name} must be a number, got {value!r}") from None
+            raise ValueError(f"search params {params!r}: {name} must be an integer, got {value.strip()!r}")
+        if not low <= v <= high:
+            raise ValueError(f"search params {params!r}: {name} must be an integer from {low} to {high} "
+                             f"(faiss stores it as {ctype}), got {value.strip()}")
     return params
 
 
@@ -235,6 +284,47 @@ def supports_remove(index) -> bool:
     if isinstance(inner, faiss.IndexIDMap):
         return isinstance(faiss.downcast_index(inner.index), faiss.IndexFlat)
     return isinstance(inner, faiss.IndexFlat)
+
+
+#: the largest id faiss can hold (``idx_t`` is int64); a folder's global ids ``id_offset + i`` must stay below it
+MAX_ID = 2**63 - 1
+
+
+def as_ids(ids, what: str = "ids") -> np.ndarray:
+    """``ids`` (one id, or a sequence / array of them) as a 1-d int64 array, checked: every element must be an
+    integer (Python ``int`` or a numpy integer; not ``bool``, ``float`` such as ``1.5`` or ``1.0``, ``str`` or
+    ``None``) within int64. ``ValueError('ids must be integers ...')`` otherwise: a lossy
+    ``np.asarray(ids, np.int64)`` would turn ``1.5`` and ``True`` into id 1 and act on another id."""
+    if isinstance(ids, np.ndarray):
+        if ids.dtype.kind not in "iu":
+            raise ValueError(f"{what} must be integers, got an array of {ids.dtype}")
+        if ids.dtype.kind == "u" and ids.size and int(ids.max()) > MAX_ID:
+            raise ValueError(f"{what} must be integers from {-MAX_ID - 1} to {MAX_ID}, got {int(ids.max())}")
+        return ids.astype(np.int64).reshape(-1)
+    items = [ids] if isinstance(ids, (str, bytes, int, np.integer, float, np.floating, bool, np.bool_)) \
+        or ids is None or not hasattr(ids, "__iter__") else list(ids)
+    out = []
+    for v in items:
+        if isinstance(v, np.ndarray) and v.ndim == 0:
+            v = v[()]
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+            raise ValueError(f"{what} must be integers, got {v!r}")
+        if not -MAX_ID - 1 <= int(v) <= MAX_ID:
+            raise ValueError(f"{what} must be integers from {-MAX_ID - 1} to {MAX_ID}, got {int(v)}")
+        out.append(int(v))
+    return np.array(out, dtype=np.int64)
+
+
+def as_id(id_, what: str = "id") -> int:
+    """One id as an ``int``, checked like :func:`as_ids` (``ValueError`` for ``1.5``, ``True``, ``'3'``, beyond
+    int64)."""
+    if isinstance(id_, np.ndarray) and id_.ndim == 0:
+        id_ = id_[()]
+    if isinstance(id_, (bool, np.bool_)) or not isinstance(id_, (int, np.integer)):
+        raise ValueError(f"{what} must be an integer, got {id_!r}")
+    if not -MAX_ID - 1 <= int(id_) <= MAX_ID:
+        raise ValueError(f"{what} must be an integer from {-MAX_ID - 1} to {MAX_ID} (int64), got {int(id_)}")
+    return int(id_)
 
 
 def stored_ids(index) -> np.ndarray:

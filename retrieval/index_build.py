@@ -37,6 +37,7 @@ from .faiss_ops import (
     IndexMismatchError,
     RetrievalError,
     add_vectors,
+    as_ids,
     faiss_module,
     gpu_count,
     maybe_gpu,
@@ -48,13 +49,13 @@ from .faiss_ops import (
     supports_remove,
     write_index,
 )
-from .index_folder import FORMAT_VERSION, INDEX_FILES, read_manifest
+from .index_folder import FORMAT_VERSION, INDEX_FILES, check_id_offset, read_manifest
 from .index_plan import format_bytes, needs_training, parse_memory, plan_index
 from .index_tune import _progress, split_rows, tune_index
 
 logger = logging.getLogger("retrieval")
 
-__all__ = ["build_index", "add_to_index", "remove_from_index", "check_build_args"]
+__all__ = ["build_index", "add_to_index", "remove_from_index", "check_build_args", "discard_pending"]
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -236,8 +237,43 @@ def _store_metadata(st: Store, parts, first_id: int, generation: int) -> list[di
 
 
 def _source_record(source: EmbeddingSource, checksum: str, first_id: int) -> dict:
+    """The manifest's record of one build / add source: where it came from, its ``checksum`` (what the job
+    was identified by), its ``fingerprint`` (:func:`_fingerprint`: the same kind for a build and an add, so an
+    add of a source the index already holds is recognised), row count and first id."""
     root = os.path.abspath(source.root) if source.root else "array"
-    return {"source": root, "checksum": checksum, "count": source.count, "first_id": first_id}
+    return {"source": root, "checksum": checksum, "fingerprint": _fingerprint(source, checksum),
+            "count": source.count, "first_id": first_id}
+
+
+def _in_memory(source: EmbeddingSource) -> bool:
+    return any(not isinstance(s, str) for s in source.shards)
+
+
+def _fingerprint(source: EmbeddingSource, checksum: Optional[str] = None) -> str:
+    """:meth:`EmbeddingSource.fingerprint` (the content checksum a store-written folder recorded, else a stat
+    fingerprint of its files; an array's row checksum), reusing ``checksum`` for an array (it is that value
+    already: a build's fingerprint or an add's full scan) instead of reading the rows again."""
+    if _in_memory(source) and checksum is not None and checksum.startswith("sha256:"):
+        return checksum
+    return source.fingerprint()
+
+
+def _identities(record: dict) -> set:
+    """What identifies a recorded source's content: its fingerprint and its checksum (a build recorded its
+    fingerprint as checksum, an add its full-scan checksum; both kinds are prefixed, so they never collide)."""
+    return {v for v in (record.get("fingerprint"), record.get("checksum")) if isinstance(v, str) and v}
+
+
+def _already_indexed(manifest: dict, identities: set) -> Optional[str]:
+    """How the committed index already holds a source with one of ``identities`` (``'the build (ids
+    0..299)'`` / ``'add #2 (ids 300..339)'``), else ``None``."""
+    for i, rec in enumerate(manifest.get("embeddings") or []):
+        if _identities(rec) & identities:
+            first = int(rec.get("first_id", 0)) + int(manifest.get("id_offset", 0))
+            what = "the build" if i == 0 else f"add #{i}"
+            where = f" from {rec['source']}" if rec.get("source") not in (None, "array") else ""
+            return f"{what}{where} (ids {first}..{first + int(rec.get('count', 0)) - 1})"
+    return None
 
 
 def _tidy(out_dir: str, job: dict) -> None:
@@ -256,6 +292,20 @@ def _committed_or_none(out_dir: str) -> Optional[dict]:
         return read_manifest(out_dir)
     except RetrievalError:
         return None
+
+
+def discard_pending(out_dir: str) -> bool:
+    """Drop the interrupted job pending in ``out_dir`` (its files are removed; the committed index is kept);
+    ``True`` when there was one. What ``overwrite=True`` / ``discard_pending=True`` do before their own job,
+    and ``tools/build_index.py --overwrite`` with ``--model``. ``StoreBusyError`` while a writer is active."""
+    from .index_folder import pending_job
+
+    out_dir = os.fspath(out_dir)
+    if not os.path.isdir(out_dir) or pending_job(out_dir) is None:
+        return False
+    with Store(out_dir, job={"op": "discard"}, discard_pending=True, description="index"):
+        pass
+    return True
 
 
 # --------------------------------------------------------------------------------------------- build
@@ -281,6 +331,7 @@ def build_index(
     progress: bool = True,
     on_disk: Optional[bool] = None,
     workers: int = 1,
+    id_offset: Optional[int] = None,
 ) -> dict:
     """Build a tuned inner-product index over ``embeddings`` into ``out_dir``; returns the committed manifest.
 
@@ -298,6 +349,16 @@ def build_index(
     ``on_disk``: build an IVF index whose inverted lists live on disk (:mod:`retrieval.ondisk`; ``workers``
     processes add its partitions); ``None`` chooses it when the codes exceed ``max_index_memory`` (an explicit
     IVF ``index_key`` too large for it, or no in-memory index fits), ``False`` never.
+
+    ``id_offset``: the global id of row 0 (folders searched as one collection,
+    :mod:`retrieval.sharded`), recorded in the same commit as the index; ``None`` keeps the folder's recorded
+    offset (0 for a new folder). Refused (``ValueError``, before any work) when it is negative or the last id
+    ``id_offset + N - 1`` exceeds ``2**63 - 1``. Rerunning a finished build with another ``id_offset`` only
+    records the new offset.
+
+    A build that fails on a deterministic error (bad input found while reading, an index faiss cannot fill)
+    rolls back what it wrote: the folder is left as it was (a new folder is removed). A kill leaves the job
+    pending for the rerun to resume; ``overwrite=True`` also discards a pending job of other arguments.
 
     Raises ``EmbeddingError`` naming shard and row for a NaN / inf vector, ``ValueError`` for a bad argument
     or index key, ``FileExistsError`` when ``out_dir`` holds another index (``overwrite=True`` replaces it, as
@@ -319,6 +380,9 @@ def build_index(
         tune_queries = np.ascontiguousarray(tune_queries, dtype=np.float32)
         if tune_queries.ndim != 2 or tune_queries.shape[1] != dim or not len(tune_queries):
             raise ValueError(f"tune_queries must be a non-empty (Q, {dim}) array, got shape {tune_queries.shape}")
+    existing = _committed_or_none(out_dir)
+    recorded_offset = int((existing or {}).get("id_offset", 0))
+    offset = check_id_offset(recorded_offset if id_offset is None else id_offset, n, out_dir)
     from .ondisk import build_ondisk_index, wants_on_disk
 
     if on_disk or (on_disk is None and wants_on_disk(indexed, dim, index_key, budget)):
@@ -329,7 +393,7 @@ def build_index(
                                   target_recall=target_recall, metadata=metadata, kind=kind, k=k,
                                   n_tune_queries=n_tune_queries, encoder_info=encoder_info, overwrite=overwrite,
                                   batch_rows=batch_rows, seed=seed, normalize=normalize, workers=workers,
-                                  progress=progress)
+                                  id_offset=offset, progress=progress)
     # plan on the rows that can train: a non-exact index holds out its tuning queries first
     plan = plan_index(indexed, dim, index_key, budget)
     exact = plan.key == "Flat"
@@ -344,7 +408,6 @@ def build_index(
         logger.warning("index %s for %d×%d needs about %s, more than max_index_memory=%s", plan.key, n, dim,
                        format_bytes(plan.estimated_bytes), format_bytes(budget))
     rows_per_batch = _batch_rows(dim, budget, batch_rows)
-    existing = _committed_or_none(out_dir)
     if existing is not None and not overwrite and (
             existing.get("kind") != kind or existing.get("index_key") != plan.key
             or [e.get("count") for e in existing.get("embeddings", [])[:1]] != [n]):
@@ -363,6 +426,10 @@ def build_index(
         if existing.get("build", {}).get("signature") == signature:
             logger.info("%s: index already built with these arguments", out_dir)
             _tidy(out_dir, job)
+            if offset != recorded_offset:
+                from .sharded import set_id_offset
+
+                return set_id_offset(out_dir, offset)
             return existing
         raise FileExistsError(f"{out_dir}: already holds an index built from other embeddings or arguments "
                               f"(use add_to_index / --add to extend it, or overwrite=True / another folder)")
@@ -378,14 +445,22 @@ def build_index(
                                        excluded=excluded, exact=exact, normalize=normalize, tune_queries=tune_queries,
                                        use_gpu=use_gpu, rows_per_batch=rows_per_batch, target_recall=target_recall,
                                        k=k, checkpoint_every_s=checkpoint_every_s, progress=progress, parts=parts,
-                                       budget=budget, encoder=encoder, checksum=checksum, signature=signature)
-            except EmbeddingError:
-                st.abort()  # refused input: nothing of this job stays (not even pending)
+                                       budget=budget, encoder=encoder, checksum=checksum, signature=signature,
+                                       id_offset=offset)
+            except DETERMINISTIC_ERRORS:
+                st.abort()  # refused input / a failure a rerun would repeat: nothing of this job stays
                 raise
-    except EmbeddingError:
+    except DETERMINISTIC_ERRORS:
         if created:
             _remove_empty_store_folder(out_dir)
         raise
+
+
+#: errors a rerun of the same job would meet again (refused rows, faiss refusing the index, a bad argument
+#: found late): the job is rolled back instead of left pending. A kill (no exception), ``KeyboardInterrupt``,
+#: ``OSError`` (disk full, I/O) and ``MemoryError`` keep it pending, so the rerun resumes. The store's own
+#: refusals (busy, another job pending) are raised before the job starts.
+DETERMINISTIC_ERRORS = (ValueError, RuntimeError, TypeError, AssertionError, LookupError)
 
 
 def _remove_empty_store_folder(out_dir: str) -> None:
@@ -448,7 +523,7 @@ def _warn_normalising(where: str, lo: float, hi: float) -> None:
 
 def _build_in_store(st: Store, source: EmbeddingSource, *, kind, plan, n, dim, n_held, seed, excluded, exact,
                     normalize, tune_queries, use_gpu, rows_per_batch, target_recall, k, checkpoint_every_s, progress,
-                    parts, budget, encoder, checksum, signature) -> dict:
+                    parts, budget, encoder, checksum, signature, id_offset: int = 0) -> dict:
     """The stages of :func:`build_index` inside its store job: train (on a sample that also decides the
     normalisation), add (checking every row; a row that contradicts the decision restarts the job
     normalised), tune, commit."""
@@ -539,6 +614,7 @@ def _build_in_store(st: Store, source: EmbeddingSource, *, kind, plan, n, dim, n
                               normalize=normalize, scan=scan, dim=dim, plan=plan, budget=budget,
                               target_recall=target_recall, n=n, excluded=excluded, encoder=encoder,
                               source=record_source(source, checksum), signature=signature)
+    manifest["id_offset"] = int(id_offset)
     entries = _store_metadata(st, parts, 0, gen)
     manifest["metadata_files"] = entries
     return st.commit(manifest, [index_file] + [e["file"] for e in entries])
@@ -628,17 +704,19 @@ def check_kind(manifest: dict, kind: Optional[str], where: str) -> str:
     return have
 
 
-def _last_added(manifest: dict, job: dict, checksum: str) -> bool:
+def _last_added(manifest: dict, job: dict, identities: set) -> bool:
     """Whether the committed state already ends with this add (rerun after a commit: nothing to do)."""
     if (manifest.get("_store") or {}).get("job_id") == job_id(job):
         return True
     last = (manifest.get("embeddings") or [{}])[-1]
-    return len(manifest.get("embeddings") or []) > 1 and last.get("checksum") == checksum
+    return len(manifest.get("embeddings") or []) > 1 and bool(_identities(last) & identities)
 
 
 def add_to_index(out_dir: str, embeddings, metadata=None, *, kind: Optional[str] = None,
                  encoder_info: Optional[dict] = None, checkpoint_every_s: float = 300.0,
-                 batch_rows: Optional[int] = None, use_gpu: bool = False, progress: bool = True) -> dict:
+                 batch_rows: Optional[int] = None, use_gpu: bool = False, progress: bool = True,
+                 id_offset: Optional[int] = None, allow_duplicate: bool = False,
+                 discard_pending: bool = False) -> dict:
     """Append ``embeddings`` (folder or array, same dim, kind and encoder) to an existing index without
     rebuilding; returns the committed manifest.
 
@@ -647,7 +725,15 @@ def add_to_index(out_dir: str, embeddings, metadata=None, *, kind: Optional[str]
     defaults to the index's (``'img'`` / ``'text'``); another kind raises :class:`IndexMismatchError`, as do
     another dim or encoder. Non-finite vectors raise ``EmbeddingError`` naming shard and row. Resumable and
     crash-safe like :func:`build_index`; rerunning the add that was committed last is a no-op, and a different
-    add while one is pending raises ``PendingJobError``.
+    add while one is pending raises ``PendingJobError`` (``discard_pending=True`` drops that job instead).
+
+    Embeddings the index already holds (the build's or an earlier add's source: same fingerprint or content
+    checksum, as recorded in the manifest's ``embeddings``) are refused with a ``ValueError`` naming that
+    build / add, since every row would be indexed twice; ``allow_duplicate=True`` adds them anyway.
+
+    ``id_offset``: record a new global id of row 0 in the same commit (``None`` keeps the folder's); refused
+    before any work when the grown folder's last global id ``id_offset + next_id - 1`` exceeds ``2**63 - 1``.
+    A deterministic failure (refused rows, faiss refusing the vectors) rolls the add back.
     """
     out_dir = os.fspath(out_dir)
     manifest = read_manifest(out_dir)
@@ -664,53 +750,97 @@ def add_to_index(out_dir: str, embeddings, metadata=None, *, kind: Optional[str]
     scan, normalize = _scan(source, manifest.get("normalize", False) if explicit or manifest.get("normalize")
                             else None, source.root or "embeddings")
     checksum = scan["checksum"]
+    identities = {checksum, _fingerprint(source, checksum)}
     rows_per_batch = _batch_rows(source.dim, manifest.get("max_index_memory", parse_memory("4G")), batch_rows)
     job = dict(op="add", checksum=checksum, kind=kind, batch=rows_per_batch, normalize=normalize,
                metadata=None if metadata is None else _table_digest(to_table(metadata, source.count)),
                skipped=int(len(excluded)))
-    if _last_added(manifest, job, checksum):
+    _check_add_offset(manifest, id_offset, source.count, out_dir)
+    if _last_added(manifest, job, identities):
         logger.info("%s: these embeddings were the last ones added; nothing to do", out_dir)
         _tidy(out_dir, job)
+        if id_offset is not None and int(id_offset) != int(manifest.get("id_offset", 0)):
+            from .sharded import set_id_offset
+
+            return set_id_offset(out_dir, id_offset)
         return manifest
-    with Store(out_dir, job=job, description="index") as st:
-        manifest = st.manifest
-        if _last_added(manifest, job, checksum):
-            return manifest
-        gen, first_id = st.generation, int(manifest["next_id"])
-        index_file = generation_name(INDEX_FILES[kind], gen)
-        stem = os.path.splitext(index_file)[0]
-        if st.state.get("stage", "add") == "add":
-            ckpt = st.state.get("checkpoint") if st.state.get("rows_done") else None
-            index = read_index(os.path.join(st.folder, ckpt or manifest["index_file"]))
-            helper = maybe_gpu(index, use_gpu)
-            _populate(st, index, source.normalized(normalize), first_id=first_id, batch_rows=rows_per_batch,
-                      stem=stem, skip=excluded, checkpoint_every_s=checkpoint_every_s, helper=helper,
-                      progress=progress)
-            set_search_params(index, manifest.get("search_params", ""))
-            size = _write_final(st, index, index_file)
-            st.save_state(stage="commit", index_bytes=size, ntotal=int(index.ntotal))
-        new = dict(manifest)
-        new.update(index_file=index_file, ntotal=st.state["ntotal"], next_id=first_id + source.count,
-                   normalize=bool(manifest.get("normalize")) or normalize,
-                   index_bytes=st.state["index_bytes"],
-                   bytes_per_vector=st.state["index_bytes"] / max(st.state["ntotal"], 1))
-        new["skipped"] = {"empty_caption": int((manifest.get("skipped") or {}).get("empty_caption", 0))
-                          + int(len(excluded))}
-        new["embeddings"] = manifest["embeddings"] + [_source_record(source, checksum, first_id)]
-        entries = _store_metadata(st, parts, first_id, gen)
-        new["metadata_files"] = list(manifest.get("metadata_files", [])) + entries
-        return st.commit(new, [index_file] + [e["file"] for e in new["metadata_files"]])
+    _refuse_duplicate(manifest, identities, allow_duplicate, out_dir)
+    with Store(out_dir, job=job, discard_pending=discard_pending, description="index") as st:
+        try:
+            return _add_in_store(st, job, source, parts, excluded, normalize, identities, checksum, id_offset,
+                                 allow_duplicate, kind=kind, rows_per_batch=rows_per_batch, use_gpu=use_gpu,
+                                 checkpoint_every_s=checkpoint_every_s, progress=progress, where=out_dir)
+        except DETERMINISTIC_ERRORS:
+            st.abort()  # a rerun would fail the same way: nothing of this add stays (not even pending)
+            raise
+
+
+def _check_add_offset(manifest: dict, id_offset: Optional[int], count: int, where: str) -> int:
+    """The offset an add commits (``id_offset``, or the recorded one), checked against the grown folder."""
+    offset = int(manifest.get("id_offset", 0)) if id_offset is None else id_offset
+    return check_id_offset(offset, int(manifest["next_id"]) + int(count), where)
+
+
+def _refuse_duplicate(manifest: dict, identities: set, allow: bool, where: str, warn: bool = True) -> None:
+    """``ValueError`` naming the build / add that already indexed a source with these identities (a warning
+    instead with ``allow``)."""
+    held = _already_indexed(manifest, identities)
+    if held and not allow:
+        raise ValueError(f"{where}: these embeddings are already in the index, added by {held}; adding them "
+                         f"again would index every row twice (pass allow_duplicate=True to add them anyway)")
+    if held and warn:
+        logger.warning("%s: these embeddings are already in the index (%s); adding them again as asked", where,
+                       held)
+
+
+def _add_in_store(st: Store, job: dict, source: EmbeddingSource, parts, excluded, normalize: bool, identities: set,
+                  checksum: str, id_offset: Optional[int], allow_duplicate: bool, *, kind: str, rows_per_batch: int,
+                  use_gpu: bool, checkpoint_every_s: float, progress: bool, where: str) -> dict:
+    """The stages of :func:`add_to_index` inside its store job: add the rows to a copy of the index, commit."""
+    # the committed state may have moved since the checks above (another writer finished first)
+    manifest = st.manifest
+    if _last_added(manifest, job, identities):
+        return manifest
+    _refuse_duplicate(manifest, identities, allow_duplicate, where, warn=False)
+    offset = _check_add_offset(manifest, id_offset, source.count, where)
+    gen, first_id = st.generation, int(manifest["next_id"])
+    index_file = generation_name(INDEX_FILES[kind], gen)
+    stem = os.path.splitext(index_file)[0]
+    if st.state.get("stage", "add") == "add":
+        ckpt = st.state.get("checkpoint") if st.state.get("rows_done") else None
+        index = read_index(os.path.join(st.folder, ckpt or manifest["index_file"]))
+        helper = maybe_gpu(index, use_gpu)
+        _populate(st, index, source.normalized(normalize), first_id=first_id, batch_rows=rows_per_batch,
+                  stem=stem, skip=excluded, checkpoint_every_s=checkpoint_every_s, helper=helper,
+                  progress=progress)
+        set_search_params(index, manifest.get("search_params", ""))
+        size = _write_final(st, index, index_file)
+        st.save_state(stage="commit", index_bytes=size, ntotal=int(index.ntotal))
+    new = dict(manifest)
+    new.update(index_file=index_file, ntotal=st.state["ntotal"], next_id=first_id + source.count,
+               id_offset=offset, normalize=bool(manifest.get("normalize")) or normalize,
+               index_bytes=st.state["index_bytes"],
+               bytes_per_vector=st.state["index_bytes"] / max(st.state["ntotal"], 1))
+    new["skipped"] = {"empty_caption": int((manifest.get("skipped") or {}).get("empty_caption", 0))
+                      + int(len(excluded))}
+    new["embeddings"] = manifest["embeddings"] + [_source_record(source, checksum, first_id)]
+    entries = _store_metadata(st, parts, first_id, gen)
+    new["metadata_files"] = list(manifest.get("metadata_files", [])) + entries
+    return st.commit(new, [index_file] + [e["file"] for e in new["metadata_files"]])
 
 
 # --------------------------------------------------------------------------------------------- remove
 def remove_from_index(out_dir: str, ids: Sequence[int]) -> dict:
     """Remove ``ids`` from the index (IVF and Flat indexes; HNSW graphs cannot delete); returns the committed
-    manifest. Ids are never reused; their metadata rows stay on disk but are never returned.
+    manifest. ``ids`` are the folder's global ids, as searches return them (``id_offset + row``; the row
+    numbers themselves when no offset is recorded). Ids are never reused; their metadata rows stay on disk but
+    are never returned (:meth:`~retrieval.search.Retriever.metadata` gives ``{}``, search by id ``KeyError``).
 
-    Raises ``ValueError`` naming ids that are not in the index (never assigned, already removed, or skipped
-    at build), :class:`RetrievalError` for an index type that cannot delete. Crash-safe like
-    :func:`build_index`: a kill leaves the old state, rerunning finishes it with every id removed exactly
-    once; rerunning the remove that was committed last is a no-op.
+    Raises ``ValueError`` for ids that are not integers (``1.5``, ``True``: never rounded to another id) and
+    naming ids that are not in the index (never assigned, already removed, or skipped at build),
+    :class:`RetrievalError` for an index type that cannot delete. Crash-safe like :func:`build_index`: a kill
+    leaves the old state, rerunning finishes it with every id removed exactly once; rerunning the remove that
+    was committed last is a no-op.
     """
     import hashlib
 
@@ -718,11 +848,7 @@ def remove_from_index(out_dir: str, ids: Sequence[int]) -> dict:
     manifest = read_manifest(out_dir)
     _check_format(manifest, out_dir)
     _refuse_on_disk(manifest, out_dir, "shrunk")
-    try:
-        arr = np.asarray(list(ids), dtype=np.int64)
-    except (TypeError, ValueError, OverflowError):
-        raise ValueError(f"ids must be integers, got {list(ids)[:5]!r}") from None
-    ids = np.unique(arr)
+    ids = np.unique(as_ids(ids))  # 1.5 or True is refused, not turned into id 1
     if not len(ids):
         raise ValueError("no ids to remove")
     job = dict(op="remove", ids=hashlib.sha256(ids.tobytes()).hexdigest(), count=int(len(ids)))
@@ -731,27 +857,36 @@ def remove_from_index(out_dir: str, ids: Sequence[int]) -> dict:
         _tidy(out_dir, job)
         return manifest
     with Store(out_dir, job=job, description="index") as st:
-        manifest = st.manifest
-        if (manifest.get("_store") or {}).get("job_id") == job_id(job):
-            return manifest
-        index_file = generation_name(INDEX_FILES[manifest.get("kind", "img")], st.generation)
-        if st.state.get("stage") != "commit":
-            index = read_index(os.path.join(st.folder, manifest["index_file"]))
-            if not supports_remove(index):
-                raise RetrievalError(f"{out_dir}: index {manifest['index_key']} does not support removing ids "
-                                     f"(HNSW graphs cannot delete); rebuild without those rows")
-            present = stored_ids(index)
-            missing = np.setdiff1d(ids, present)
-            if len(missing):
-                shown = ", ".join(str(int(i)) for i in missing[:10]) + (", ..." if len(missing) > 10 else "")
-                raise ValueError(f"{out_dir}: {len(missing)} of the {len(ids)} ids to remove are not in the index "
-                                 f"(never assigned, already removed or skipped): {shown}")
-            removed = int(index.remove_ids(ids))
-            size = _write_final(st, index, index_file)
-            st.save_state(stage="commit", removed=removed, index_bytes=size, ntotal=int(index.ntotal))
-        s = st.state
-        new = dict(manifest, index_file=index_file, ntotal=s["ntotal"],
-                   removed=int(manifest.get("removed", 0)) + s["removed"], index_bytes=s["index_bytes"],
-                   bytes_per_vector=s["index_bytes"] / max(s["ntotal"], 1))
-        return st.commit(new, [index_file] + [e["file"] for e in manifest.get("metadata_files", [])])
+        try:
+            return _remove_in_store(st, job, ids, out_dir)
+        except DETERMINISTIC_ERRORS:
+            st.abort()  # nothing of a refused remove stays pending
+            raise
 
+
+def _remove_in_store(st: Store, job: dict, ids: np.ndarray, out_dir: str) -> dict:
+    manifest = st.manifest
+    if (manifest.get("_store") or {}).get("job_id") == job_id(job):
+        return manifest
+    offset = int(manifest.get("id_offset", 0))
+    index_file = generation_name(INDEX_FILES[manifest.get("kind", "img")], st.generation)
+    if st.state.get("stage") != "commit":
+        index = read_index(os.path.join(st.folder, manifest["index_file"]))
+        if not supports_remove(index):
+            raise RetrievalError(f"{out_dir}: index {manifest['index_key']} does not support removing ids "
+                                 f"(HNSW graphs cannot delete); rebuild without those rows")
+        local = ids[ids >= offset] - offset  # global ids below the offset are not this folder's
+        present = stored_ids(index)
+        missing = np.union1d(ids[ids < offset], np.setdiff1d(local, present) + offset)
+        if len(missing):
+            shown = ", ".join(str(int(i)) for i in missing[:10]) + (", ..." if len(missing) > 10 else "")
+            raise ValueError(f"{out_dir}: {len(missing)} of the {len(ids)} ids to remove are not in the index "
+                             f"(never assigned, already removed or skipped): {shown}")
+        removed = int(index.remove_ids(local))
+        size = _write_final(st, index, index_file)
+        st.save_state(stage="commit", removed=removed, index_bytes=size, ntotal=int(index.ntotal))
+    s = st.state
+    new = dict(manifest, index_file=index_file, ntotal=s["ntotal"],
+               removed=int(manifest.get("removed", 0)) + s["removed"], index_bytes=s["index_bytes"],
+               bytes_per_vector=s["index_bytes"] / max(s["ntotal"], 1))
+    return st.commit(new, [index_file] + [e["file"] for e in manifest.get("metadata_files", [])])

@@ -15,17 +15,47 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+import numpy as np
+
 from internvit import store as _store
 
-from .faiss_ops import IndexMismatchError, RetrievalError, read_index, set_search_params
+from .faiss_ops import MAX_ID, IndexMismatchError, RetrievalError, read_index, set_search_params
 
 __all__ = ["MANIFEST", "FORMAT_VERSION", "INDEX_FILES", "RetrievalError", "IndexMismatchError", "read_manifest",
-           "open_index", "check_metadata", "pending_job"]
+           "open_index", "check_metadata", "pending_job", "id_range", "check_id_offset"]
 
 MANIFEST = _store.MANIFEST
 FORMAT_VERSION = 2
 INDEX_FILES = {"img": "image.index", "text": "text.index"}
 REQUIRED = ("index_file", "dim", "ntotal", "next_id", "kind", "index_key")
+
+
+def check_id_offset(id_offset, next_id: int, where: Optional[str] = None) -> int:
+    """``id_offset`` as an int, checked for a folder whose local ids run below ``next_id``: an integer >= 0 whose
+    last global id ``id_offset + next_id - 1`` fits faiss's int64 ids (at most ``2**63 - 1``). ``ValueError``
+    (one line, naming the largest offset that fits) otherwise."""
+    if isinstance(id_offset, bool) or not isinstance(id_offset, (int, np.integer)) or id_offset < 0:
+        raise ValueError(f"id_offset must be an integer >= 0, got {id_offset!r}")
+    last = int(id_offset) + max(int(next_id), 1) - 1
+    if last > MAX_ID:
+        prefix = f"{where}: " if where else ""
+        raise ValueError(f"{prefix}id_offset {int(id_offset)} + {int(next_id)} ids would give global ids up to "
+                         f"{last}, beyond the largest id faiss can hold (2**63 - 1 = {MAX_ID}); use an id_offset "
+                         f"<= {MAX_ID - max(int(next_id), 1) + 1}")
+    return int(id_offset)
+
+
+def id_range(manifest: dict, where: str = "index") -> tuple[int, int]:
+    """``[first, end)`` of the global ids a folder can hold: ``id_offset`` to ``id_offset + next_id``.
+    :class:`RetrievalError` (one line) for a recorded offset that is negative, not an integer, or puts ids
+    beyond int64 (a manifest written before offsets were checked)."""
+    off = manifest.get("id_offset", 0)
+    try:
+        off = check_id_offset(off, int(manifest["next_id"]))
+    except ValueError as e:
+        raise RetrievalError(f"{where}/{MANIFEST}: {e} (record a valid one with set_id_offset / "
+                             f"--id-offset)") from None
+    return off, off + int(manifest["next_id"])
 
 
 def pending_job(index_dir: str) -> Optional[str]:

@@ -149,7 +149,7 @@ def check_index_key(key: str, n: int, dim: int) -> None:
     key = str(key).strip()
     if not key:
         raise ValueError("index_key is empty")
-    new_index(key, dim)  # "invalid index_key ..." when faiss cannot build it at this dim
+    index = new_index(key, dim)  # "invalid index_key ..." when faiss cannot build it at this dim
     p = _parse_key(key)
     for name, m in (("HNSW", p["hnsw"]), ("the HNSW coarse quantizer", p["quantizer_hnsw"])):
         if m and m < 2:
@@ -164,6 +164,28 @@ def check_index_key(key: str, n: int, dim: int) -> None:
         raise ValueError(f"index_key {key!r}: product quantisation with {p['pq_bits']}-bit codes needs at least "
                          f"{2 ** p['pq_bits']} training vectors but there are only {n}; use Flat, SQ8 or "
                          f"fewer bits (e.g. PQ{p['pq'] or 4}x4)")
+    _check_adds_with_ids(index, key, dim)  # last: faiss crashes adding to some keys refused above (HNSW1)
+
+
+def _check_adds_with_ids(index, key: str, dim: int) -> None:
+    """``ValueError`` unless ``index`` (fresh from :func:`~retrieval.faiss_ops.new_index`) takes vectors with
+    ids, as every build and add does: a key that faiss builds but cannot fill (an id map that only accepts
+    plain adds, say) would otherwise fail mid-build with a raw faiss message. An index that needs training is
+    not probed (it cannot add before training); its ids are the IVF's own or those of the id map that
+    :func:`~retrieval.faiss_ops.new_index` keeps or adds."""
+    import numpy as np
+
+    from .faiss_ops import _faiss_message
+
+    if not index.is_trained:
+        return
+    x = np.zeros((1, dim), dtype=np.float32)
+    x[0, 0] = 1.0
+    try:
+        index.add_with_ids(x, np.zeros(1, dtype=np.int64))
+    except RuntimeError as e:
+        raise ValueError(f"index_key {key!r}: faiss builds this index but cannot add vectors with ids to it "
+                         f"({_faiss_message(e)}); omit the id map from the key (ids are added for you)") from None
 
 
 def choose_index_key(n: int, dim: int, max_index_memory: Union[str, int] = "4G") -> IndexPlan:

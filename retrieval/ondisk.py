@@ -56,6 +56,7 @@ from .faiss_ops import (
     read_index,
     write_index,
 )
+from .index_folder import check_id_offset
 from .index_plan import (
     MIN_POINTS_PER_CENTROID,
     IndexPlan,
@@ -337,6 +338,7 @@ def build_ondisk_index(
             raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
     source = EmbeddingSource.open(embeddings, kind)
     n, dim = source.count, source.dim
+    check_id_offset(id_offset, n, out_dir)  # its last global id must fit faiss's int64 ids
     parts = ib._metadata_parts(source, metadata)
     excluded = ib._empty_caption_rows(parts, kind)
     indexed = n - len(excluded)

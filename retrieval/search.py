@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import bisect
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from .faiss_ops import IndexMismatchError, RetrievalError, set_search_params
-from .index_folder import open_index
+from .faiss_ops import IndexMismatchError, RetrievalError, as_id, as_ids, faiss_module, set_search_params, stored_ids
+from .index_folder import id_range, open_index
 
 
 @dataclass
@@ -106,6 +107,12 @@ class _Queries:
 class Retriever(_Queries):
     """A loaded index folder plus (lazily) the encoder it was built with.
 
+    Ids are global everywhere (results, :meth:`metadata`, :meth:`metadata_rows`, :meth:`stored_vector`): a
+    folder's local id ``i`` (its row number in the faiss index and metadata) is the global id
+    ``id_offset + i``, with ``id_offset`` from the manifest (0 unless set with ``--id-offset`` /
+    :func:`~retrieval.sharded.set_id_offset`). :meth:`_search` and :meth:`_local` are the one place the offset
+    is applied; a :class:`~retrieval.sharded.ShardedRetriever` only routes global ids to its folders.
+
     >>> r = Retriever.load("index/")
     >>> res = r.search_text(["a dog on a beach"], k=5)
     >>> res.rows[0][0]["path"], res.scores[0, 0]
@@ -116,12 +123,16 @@ class Retriever(_Queries):
         self.index = index
         self.manifest = manifest
         self.index_dir = index_dir
+        self.id_offset, self.id_end = id_range(manifest, index_dir)
         self.device, self.dtype, self.tokenizer = device, dtype, tokenizer
         self._encoder = encoder
         self._tables: dict[str, object] = {}
         files = sorted(manifest.get("metadata_files", []), key=lambda e: e["first_id"])
         self._meta_starts = [e["first_id"] for e in files]
         self._meta_files = files
+        self._present: Optional[np.ndarray] = None  # sorted local ids in the index, when some rows are not
+        self._id_pos: Optional[tuple] = None  # (sorted ids, positions) of an id map, for stored_vector
+        self._lock = threading.Lock()
         if encoder is not None:
             encoder.check_compatible(manifest, index_dir)
 
@@ -136,7 +147,7 @@ class Retriever(_Queries):
         recorded tokenizer. ``search_params`` overrides the tuned ones (e.g. ``'nprobe=64'``; a parameter the
         index does not have, or a bad value, raises ``ValueError``). ``mmap`` maps the index file instead of
         reading it (IVF indexes). Raises :class:`RetrievalError` (one line) for a missing, unfinished,
-        truncated or corrupt index folder (index file or metadata).
+        truncated or corrupt index folder (index file or metadata), or a recorded ``id_offset`` out of range.
 
         A list of folders opens them as one collection (:class:`~retrieval.sharded.ShardedRetriever`: global
         ids from each manifest's ``id_offset``, results merged by score)."""
@@ -163,9 +174,71 @@ class Retriever(_Queries):
             self._encoder = enc
         return self._encoder
 
-    # -- search -------------------------------------------------------------------------------------------
+    # -- ids ----------------------------------------------------------------------------------------------
     def _search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.index.search(q, k)
+        """Top-``k`` of the index, as global ids (-1 = no hit)."""
+        scores, ids = self.index.search(q, k)
+        if self.id_offset:
+            ids = np.where(ids >= 0, ids + self.id_offset, -1)
+        return scores, ids
+
+    def _local(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(local ids, held)`` of global int64 ids: ``held`` is False where the id is outside this folder's
+        range, or its row is not in the index (removed, or a skipped empty caption)."""
+        local = ids - self.id_offset if self.id_offset else ids.copy()
+        inside = (ids >= self.id_offset) & (local < self.id_end - self.id_offset)
+        present = self._present_ids()
+        if present is not None and len(present):
+            inside &= present[np.minimum(np.searchsorted(present, local), len(present) - 1)] == local
+        elif present is not None:
+            inside[:] = False
+        return local, inside
+
+    def _present_ids(self) -> Optional[np.ndarray]:
+        """Sorted local ids the index holds, when that is not every id below ``next_id`` (rows removed or
+        skipped); ``None`` when it is. Read once from the index (its id map or inverted lists)."""
+        m = self.manifest
+        if not int(m.get("removed", 0)) and int(m.get("ntotal", 0)) == int(m["next_id"]):
+            return None
+        with self._lock:
+            if self._present is None:
+                ids = stored_ids(self.index)  # None: an index type that keeps no ids (every row counts)
+                self._present = np.arange(int(m["next_id"]), dtype=np.int64) if ids is None else ids
+            return self._present
+
+    def holds(self, id_: int) -> bool:
+        """Whether the global id ``id_`` is in the index (assigned here, neither removed nor skipped)."""
+        return bool(self._local(np.array([as_id(id_)], np.int64))[1][0])
+
+    def stored_vector(self, id_: int) -> np.ndarray:
+        """The indexed vector of the global id ``id_`` ``(D,)`` float32 (search by id), reconstructed from the
+        index (exact for Flat / HNSW storage, the decoded code for PQ / SQ). ``KeyError`` for an id the folder
+        does not hold (outside its range, removed, skipped), ``ValueError`` for a non-integer id."""
+        id_ = as_id(id_)
+        local, held = self._local(np.array([id_], np.int64))
+        if not held[0]:
+            raise KeyError(id_)
+        local = int(local[0])
+        faiss = faiss_module()
+        top = faiss.downcast_index(self.index)
+        with self._lock:
+            if isinstance(top, faiss.IndexIDMap):
+                if self._id_pos is None:
+                    ids = faiss.vector_to_array(top.id_map)
+                    order = np.argsort(ids, kind="stable")
+                    self._id_pos = (ids[order], order)
+                ids, order = self._id_pos
+                j = int(np.searchsorted(ids, local))
+                if j >= len(ids) or ids[j] != local:
+                    raise KeyError(id_)
+                return np.asarray(faiss.downcast_index(top.index).reconstruct(int(order[j])), np.float32)
+            ivf = faiss.try_extract_index_ivf(self.index)
+            if ivf is not None and ivf.direct_map.type == faiss.DirectMap.NoMap:
+                ivf.make_direct_map(True)  # hash map: ids need not be contiguous
+            try:
+                return np.asarray(self.index.reconstruct(local), np.float32)
+            except RuntimeError:
+                raise KeyError(id_) from None
 
     # -- metadata -----------------------------------------------------------------------------------------
     def _table(self, entry: dict):
@@ -179,32 +252,32 @@ class Retriever(_Queries):
             t = self._tables[entry["file"]] = pq.read_table(path, memory_map=True)
         return t
 
+    def open_metadata(self) -> None:
+        """Open every metadata file of the loaded commit now (a server does, so a later commit that retires
+        files cannot break lookups in this state)."""
+        for entry in self._meta_files:
+            self._table(entry)
+
     def metadata(self, id_: int) -> dict:
-        """The stored metadata row of an id (empty dict when the index has no metadata for it)."""
-        j = bisect.bisect_right(self._meta_starts, id_) - 1
-        if j < 0:
-            return {}
-        entry = self._meta_files[j]
-        if id_ >= entry["first_id"] + entry["count"]:
-            return {}
-        table = self._table(entry)
-        return table.slice(id_ - entry["first_id"], 1).to_pylist()[0]
+        """The stored metadata row of a global id (empty dict when the index does not hold it: never assigned
+        here, removed, or a skipped empty caption; ``ValueError`` for a non-integer id)."""
+        return self.metadata_rows(np.array([as_id(id_)], np.int64))[int(id_)]
 
     def metadata_rows(self, ids) -> dict:
-        """``{id: metadata row}`` for many ids at once: one ``take`` per metadata file (what a search needs)."""
-        wanted = sorted({int(i) for i in np.asarray(ids).reshape(-1)})
-        out: dict = {}
+        """``{global id: metadata row}`` for many ids at once (an empty dict for an id the index does not hold):
+        one ``take`` per metadata file (what a search needs). ``ValueError`` for non-integer ids."""
+        wanted = np.unique(as_ids(ids))
+        local, held = self._local(wanted)
+        out: dict = {int(i): {} for i in wanted}
         by_file: dict = {}
-        for id_ in wanted:
+        for g, id_ in zip(wanted[held].tolist(), local[held].tolist()):
             j = bisect.bisect_right(self._meta_starts, id_) - 1
-            if j < 0 or id_ >= self._meta_files[j]["first_id"] + self._meta_files[j]["count"]:
-                out[id_] = {}
-            else:
-                by_file.setdefault(j, []).append(id_)
+            if j >= 0 and id_ < self._meta_files[j]["first_id"] + self._meta_files[j]["count"]:
+                by_file.setdefault(j, []).append((g, id_))
         for j, group in by_file.items():
             entry = self._meta_files[j]
-            rows = self._table(entry).take([i - entry["first_id"] for i in group]).to_pylist()
-            out.update(zip(group, rows))
+            rows = self._table(entry).take([i - entry["first_id"] for _, i in group]).to_pylist()
+            out.update((g, dict(row, id=g) if "id" in row else row) for (g, _), row in zip(group, rows))
         return out
 
     @property
@@ -217,18 +290,30 @@ class Retriever(_Queries):
                 f"params={m.get('search_params')!r})")
 
 
+#: characters that would break a table row (line breaks of str.splitlines, tabs, other controls), escaped
+_CELL_ESCAPES = {**{c: f"\\x{c:02x}" for c in range(32)}, 0x7f: "\\x7f", ord("\n"): "\\n", ord("\r"): "\\r",
+                 ord("\t"): "\\t", 0x85: "\\x85", 0x2028: "\\u2028", 0x2029: "\\u2029", ord("\\"): "\\\\"}
+
+
+def _cell(value) -> str:
+    """``value`` as one table cell: newlines and other control characters escaped (``\\n``), so a caption
+    spanning lines stays on its row."""
+    return str(value).translate(_CELL_ESCAPES)
+
+
 def format_table(result: SearchResult, columns: Sequence[str] = ("path", "caption"), width: int = 60) -> str:
-    """A plain-text table of a :class:`SearchResult` (what ``tools/search.py`` prints)."""
+    """A plain-text table of a :class:`SearchResult` (what ``tools/search.py`` prints): one line per hit, with
+    line breaks and other control characters inside cells (and query labels) escaped."""
     lines = []
     for q, hits in enumerate(result.rows):
         label = result.queries[q] if q < len(result.queries) else q
-        lines.append(f"query {q}: {label}")
+        lines.append(f"query {q}: {_cell(label)}")
         present = [c for c in columns if any(c in h and h[c] not in (None, "") for h in hits)]
         lines.append("  " + "  ".join([f"{'rank':>4}", f"{'id':>8}", f"{'score':>7}"] + [c for c in present]))
         for rank, h in enumerate(hits, 1):
             cells = [f"{rank:>4}", f"{h['id']:>8}", f"{h['score']:7.4f}"]
             for c in present:
-                v = str(h.get(c, "") or "")
+                v = _cell(h.get(c, "") or "")
                 cells.append(v if len(v) <= width else "…" + v[-(width - 1):])
             lines.append("  " + "  ".join(cells))
         if not hits:

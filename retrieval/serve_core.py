@@ -202,45 +202,16 @@ class IndexState:
     encoder_error: Optional[str] = None
     transform: Any = None
     loaded_at: float = field(default_factory=time.time)
-    _id_pos: Optional[np.ndarray] = None
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _members: dict = field(default_factory=dict)  # a group's member states (stored vectors), by folder
 
     @property
     def manifest(self) -> dict:
         return self.retriever.manifest
 
     def stored_vector(self, id_: int) -> np.ndarray:
-        """The indexed vector of ``id_`` ``(D,)`` float32, reconstructed from the faiss index (exact for Flat
-        and HNSW-Flat storage, the decoded code for PQ/SQ). Raises ``KeyError`` for an unknown id. In a group of
-        folders: the vector of the member that holds the global id."""
-        import faiss
-
-        if hasattr(self.retriever, "shard_of"):  # a ShardedRetriever: the member's vector of its local id
-            member, local = self.retriever.shard_of(int(id_))
-            with self._lock:
-                sub = self._members.setdefault(member.index_dir, IndexState(member, self.signature, self.generation))
-            return sub.stored_vector(local)
-        index = self.retriever.index
-        top = faiss.downcast_index(index)
-        with self._lock:
-            if isinstance(top, faiss.IndexIDMap):
-                if self._id_pos is None:
-                    ids = faiss.vector_to_array(top.id_map)
-                    order = np.argsort(ids, kind="stable")
-                    self._id_pos = np.stack([ids[order], order])
-                ids, order = self._id_pos
-                j = int(np.searchsorted(ids, id_))
-                if j >= len(ids) or ids[j] != id_:
-                    raise KeyError(id_)
-                return np.asarray(faiss.downcast_index(top.index).reconstruct(int(order[j])), np.float32)
-            ivf = faiss.try_extract_index_ivf(index)
-            if ivf is not None and ivf.direct_map.type == faiss.DirectMap.NoMap:
-                ivf.make_direct_map(True)  # hash map: ids need not be contiguous
-            try:
-                return np.asarray(index.reconstruct(int(id_)), np.float32)
-            except RuntimeError:
-                raise KeyError(id_) from None
+        """The indexed vector of the global id ``id_`` ``(D,)`` float32 (search by id): the retriever's own
+        (:meth:`retrieval.search.Retriever.stored_vector`, a group's member that holds it). Raises ``KeyError``
+        for an id the index does not hold."""
+        return self.retriever.stored_vector(int(id_))
 
 
 class _ChangedWhileLoading(RuntimeError):
@@ -295,10 +266,7 @@ class ServedIndex:
         except IndexMismatchError:  # rebuilt with another encoder: load that one
             encoder = None
             retriever = self._loader(self.dir, None, **kw)
-        for r in getattr(retriever, "retrievers", [retriever]):  # open every metadata file of this commit now
-            for entry in r.manifest.get("metadata_files", []):
-                if entry.get("count"):
-                    r.metadata(entry["first_id"])
+        retriever.open_metadata()  # every metadata file of this commit, now: a later commit cannot retire them
         error = None
         if self.preload and encoder is None:
             try:

@@ -17,6 +17,7 @@ The folders must agree on what a query means: same dimension, metric, kind, norm
 """
 from __future__ import annotations
 
+import bisect
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Sequence, Union
@@ -25,11 +26,11 @@ import numpy as np
 
 from internvit.store import Store, committed_files
 
-from .faiss_ops import IndexMismatchError, faiss_module, search_param_names, set_search_params
-from .index_folder import read_manifest
+from .faiss_ops import IndexMismatchError, as_id, as_ids, faiss_module, search_param_names, set_search_params
+from .index_folder import check_id_offset, id_range, read_manifest
 from .search import Retriever, _Queries
 
-__all__ = ["ShardedRetriever", "check_shards", "set_id_offset", "id_range", "parse_group"]
+__all__ = ["ShardedRetriever", "check_shards", "set_id_offset", "id_range", "parse_group"]  # id_range: index_folder
 
 
 def parse_group(spec: str) -> Optional[tuple[str, list[str]]]:
@@ -52,12 +53,6 @@ def parse_group(spec: str) -> Optional[tuple[str, list[str]]]:
             raise ValueError(f"{spec}: ambiguous: {rest!r} is a folder and a list of folders; rename it")
         return None
     return name, parts
-
-
-def id_range(manifest: dict) -> tuple[int, int]:
-    """``[first, end)`` of the global ids a folder can hold: ``id_offset`` to ``id_offset + next_id``."""
-    off = int(manifest.get("id_offset", 0))
-    return off, off + int(manifest["next_id"])
 
 
 def check_shards(manifests: Sequence[dict], dirs: Sequence[str]) -> None:
@@ -85,7 +80,7 @@ def check_shards(manifests: Sequence[dict], dirs: Sequence[str]) -> None:
         fa, fb = ea.get("weights_fingerprint"), eb.get("weights_fingerprint")
         if fa and fb and fa != fb and ea.get("dtype") == eb.get("dtype"):
             raise IndexMismatchError(f"{d}: built with other weights of encoder {eb.get('name')!r} than {where}")
-    ranges = sorted((id_range(m), d) for m, d in zip(manifests, dirs))
+    ranges = sorted((id_range(m, d), d) for m, d in zip(manifests, dirs))
     for ((a0, a1), da), ((b0, b1), db) in zip(ranges, ranges[1:]):
         if b0 < a1:
             raise IndexMismatchError(f"{db}: ids {b0}..{b1 - 1} overlap {da}'s {a0}..{a1 - 1}; give each folder "
@@ -95,15 +90,18 @@ def check_shards(manifests: Sequence[dict], dirs: Sequence[str]) -> None:
 
 def set_id_offset(index_dir: Union[str, os.PathLike], id_offset: int) -> dict:
     """Record ``id_offset`` (the global id of the folder's id 0) in an index folder's manifest, as a new
-    committed generation (same data files); returns the manifest. ``ValueError`` for a negative offset."""
-    if isinstance(id_offset, bool) or not isinstance(id_offset, (int, np.integer)) or id_offset < 0:
-        raise ValueError(f"id_offset must be an integer >= 0, got {id_offset!r}")
+    committed generation (same data files); returns the manifest. ``ValueError`` for an offset that is not an
+    integer >= 0 or puts the folder's last id (``id_offset + next_id - 1``) beyond ``2**63 - 1``.
+    (:func:`~retrieval.index_build.build_index` / :func:`~retrieval.index_build.add_to_index` take
+    ``id_offset=`` too, and record it in the same commit as the rows.)"""
     index_dir = os.fspath(index_dir)
     manifest = read_manifest(index_dir)
-    if int(manifest.get("id_offset", 0)) == int(id_offset):
+    id_offset = check_id_offset(id_offset, int(manifest["next_id"]), index_dir)
+    if int(manifest.get("id_offset", 0)) == id_offset:
         return manifest
-    with Store(index_dir, job={"op": "set_id_offset", "id_offset": int(id_offset)}, description="index") as st:
-        new = dict(st.manifest, id_offset=int(id_offset))
+    with Store(index_dir, job={"op": "set_id_offset", "id_offset": id_offset}, description="index") as st:
+        check_id_offset(id_offset, int(st.manifest["next_id"]), index_dir)  # the committed state may have grown
+        new = dict(st.manifest, id_offset=id_offset)
         return st.commit(new, committed_files(st.manifest))
 
 
@@ -135,15 +133,17 @@ class ShardedRetriever(_Queries):
         self.retrievers = list(retrievers)
         dirs = [r.index_dir for r in self.retrievers]
         check_shards([r.manifest for r in self.retrievers], dirs)
-        self.offsets = [int(r.manifest.get("id_offset", 0)) for r in self.retrievers]
+        self.offsets = [r.id_offset for r in self.retrievers]
         self.index_dirs = dirs
         self._order = sorted(range(len(dirs)), key=lambda i: self.offsets[i])
+        self._starts = [self.retrievers[i].id_offset for i in self._order]
         self._encoder = None
         self._pool = ThreadPoolExecutor(max_workers=min(8, len(dirs))) if len(dirs) > 1 else None
         m = dict(self.retrievers[0].manifest)  # the folders' manifests do not change once loaded: built once
         m.update(ntotal=self.ntotal, shards=[{"index_dir": d, "id_offset": o, "ntotal": r.ntotal}
                                              for d, o, r in zip(self.index_dirs, self.offsets, self.retrievers)],
                  metadata_files=[], index_key=",".join(sorted({r.manifest["index_key"] for r in self.retrievers})))
+        m.pop("id_offset", None)  # the members' offsets are in shards; the group's ids are global already
         self._manifest = m
 
     @classmethod
@@ -191,12 +191,12 @@ class ShardedRetriever(_Queries):
 
     # -- search -------------------------------------------------------------------------------------------
     def _search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` of every folder (threads: faiss releases the GIL), global ids, merged by score."""
+        """Top-``k`` of every folder (threads: faiss releases the GIL), global ids (each folder's
+        :meth:`Retriever._search` applies its offset), merged by score."""
         faiss = faiss_module()
 
         def one(i):
-            scores, ids = self.retrievers[i].index.search(q, k)
-            return scores, np.where(ids >= 0, ids + self.offsets[i], -1)
+            return self.retrievers[i]._search(q, k)
 
         parts = list(self._pool.map(one, self._order)) if self._pool else [one(i) for i in self._order]
         heap = faiss.ResultHeap(len(q), k, keep_max=True)
@@ -205,36 +205,56 @@ class ShardedRetriever(_Queries):
         heap.finalize()
         return heap.D, heap.I
 
+    def _member(self, id_: int) -> Optional[Retriever]:
+        """The folder whose global id range holds ``id_`` (``None``: none does)."""
+        j = bisect.bisect_right(self._starts, id_) - 1
+        if j < 0:
+            return None
+        r = self.retrievers[self._order[j]]
+        return r if id_ < r.id_end else None
+
     def shard_of(self, id_: int) -> tuple[Retriever, int]:
-        """``(the folder's Retriever, its local id)`` of a global id; ``KeyError`` when no folder holds it."""
-        for i in self._order:
-            lo, hi = id_range(self.retrievers[i].manifest)
-            if lo <= id_ < hi:
-                return self.retrievers[i], id_ - lo
-        raise KeyError(f"id {id_} is in none of the folders' id ranges")
+        """``(the folder's Retriever, its local id)`` of a global id; ``KeyError`` when no folder's range holds
+        it, ``ValueError`` for a non-integer id. (The folder's own methods take the global id.)"""
+        id_ = as_id(id_)
+        r = self._member(id_)
+        if r is None:
+            raise KeyError(f"id {id_} is in none of the folders' id ranges")
+        return r, id_ - r.id_offset
+
+    def holds(self, id_: int) -> bool:
+        """Whether a folder holds the global id ``id_`` (in its range, neither removed nor skipped)."""
+        r = self._member(as_id(id_))
+        return r is not None and r.holds(id_)
+
+    def stored_vector(self, id_: int) -> np.ndarray:
+        """The indexed vector of a global id (search by id); ``KeyError`` when no folder holds it."""
+        r = self._member(as_id(id_))
+        if r is None:
+            raise KeyError(int(id_))
+        return r.stored_vector(id_)
+
+    def open_metadata(self) -> None:
+        """Open every metadata file of every folder now (see :meth:`Retriever.open_metadata`)."""
+        for r in self.retrievers:
+            r.open_metadata()
 
     def metadata(self, id_: int) -> dict:
-        """The stored metadata row of a global id (empty dict when there is none)."""
-        try:
-            r, local = self.shard_of(int(id_))
-        except KeyError:
-            return {}
-        return r.metadata(local)
+        """The stored metadata row of a global id (empty dict when no folder holds it)."""
+        return self.metadata_rows(np.array([as_id(id_)], np.int64))[int(id_)]
 
     def metadata_rows(self, ids) -> dict:
         """``{global id: metadata row}`` for many ids: one batched lookup per folder."""
         out: dict = {}
         by_member: dict = {}
-        for id_ in {int(i) for i in np.asarray(ids).reshape(-1)}:
-            try:
-                r, local = self.shard_of(id_)
-            except KeyError:
+        for id_ in np.unique(as_ids(ids)).tolist():
+            r = self._member(id_)
+            if r is None:
                 out[id_] = {}
-                continue
-            by_member.setdefault(id(r), (r, []))[1].append((id_, local))
-        for r, pairs in by_member.values():
-            rows = r.metadata_rows([local for _, local in pairs])
-            out.update((g, rows[local]) for g, local in pairs)
+            else:
+                by_member.setdefault(id(r), (r, []))[1].append(id_)
+        for r, group in by_member.values():
+            out.update(r.metadata_rows(np.asarray(group, np.int64)))
         return out
 
     def close(self) -> None:

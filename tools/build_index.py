@@ -11,7 +11,10 @@
   python tools/build_index.py embeddings/ out/index --max-index-memory 4G --target-recall 0.95
 
 Every argument is checked before any work (bad input: one `error:` line, exit status 2, nothing written).
-Rerunning an interrupted command with the same arguments resumes it.
+Rerunning an interrupted command with the same arguments resumes it; --overwrite discards an interrupted job
+of other arguments (and, from an embeddings folder, replaces an index built from other embeddings).
+Adding embeddings the index already holds (its build's or an earlier add's) is refused unless
+--allow-duplicate; --add keeps the folder's --id-offset unless one is given.
 
   # the embedding stage across processes / machines (gloo on CPU, NCCL with --device cuda): each rank embeds
   # whole shards, rank 0 commits the embeddings and builds the index; the same result as one process
@@ -37,6 +40,31 @@ from internvit.cli import (  # noqa: E402
 )
 
 DTYPES = ("fp32", "bf16", "fp16", "float32", "bfloat16", "float16")
+MAX_ID = 2**63 - 1  # faiss ids are int64
+
+
+def id_offset(value: str) -> int:
+    """An integer from 0 to 2**63 - 1 (the folder's ids must also fit: checked against its size later)."""
+    v = nonnegative_int(value)
+    if v > MAX_ID:
+        raise argparse.ArgumentTypeError(f"must be <= 2**63 - 1 = {MAX_ID} (faiss ids are int64), got {v}")
+    return v
+
+
+#: the library's messages name Python arguments; from the command line, the flags that do the same
+CLI_HINTS = (("add_to_index / --add", "--add"), ("overwrite=True", "--overwrite"),
+             ("allow_duplicate=True", "--allow-duplicate"), ("set_id_offset / --id-offset", "--id-offset"),
+             ("discard it explicitly", "pass --overwrite to discard it"))
+
+
+def cli_message(e: BaseException) -> str:
+    """The first line of ``e``'s message with the Python arguments it names replaced by their flags."""
+    from internvit.cli import one_line
+
+    text = one_line(e)
+    for python, flag in CLI_HINTS:
+        text = text.replace(python, flag)
+    return text
 
 
 def build_parser() -> ArgumentParser:
@@ -69,8 +97,13 @@ def build_parser() -> ArgumentParser:
                         "--max-index-memory); embeddings folders only")
     p.add_argument("--workers", type=positive_int, default=1, help="processes adding the partitions of an "
                                                                    "on-disk build")
-    p.add_argument("--id-offset", type=nonnegative_int, default=0, help="global id of this folder's first row, "
-                   "for searching several folders as one collection (tools/search.py DIR1 DIR2 ...)")
+    p.add_argument("--id-offset", type=id_offset, default=None, help="global id of this folder's first row, "
+                   "for searching several folders as one collection (tools/search.py DIR1 DIR2 ...); default: "
+                   "0 for a new folder, the recorded one for --add / a rebuild")
+    p.add_argument("--overwrite", action="store_true", help="discard an interrupted job of other arguments; from "
+                   "an embeddings folder, also replace an index built from other embeddings (as a new generation)")
+    p.add_argument("--allow-duplicate", action="store_true", help="with --add: add embeddings even if the index "
+                   "already holds them (every row would be indexed twice)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -102,8 +135,38 @@ def _check_embeddings_source(args) -> None:
             plan_index(src.count, src.dim, args.index_key, args.max_index_memory)
 
 
+def _committed_index(out_dir: str) -> bool:
+    from retrieval.index_build import _committed_or_none
+
+    return _committed_or_none(out_dir) is not None
+
+
 def main(argv=None) -> int:
+    from internvit.cli import USER_ERRORS
+
     args = build_parser().parse_args(argv)
+    try:
+        return _main(args)
+    except USER_ERRORS as e:  # one line, naming this tool's flags where the library names Python arguments
+        raise UsageError(cli_message(e)) from None
+
+
+def _check_model_offset(args) -> None:
+    """With --model: the folder's last id under --id-offset must fit int64; checked before anything is
+    embedded (the number of inputs is known from the listing)."""
+    from retrieval.index_folder import check_id_offset
+    from retrieval.inputs import image_inputs
+
+    images, _ = image_inputs(args.source, path_column=args.path_column, caption_column=args.caption_column)
+    n = len(images.paths if hasattr(images, "paths") else images)
+    if args.add:
+        from retrieval.index import read_manifest
+
+        n += int(read_manifest(args.out_dir)["next_id"])
+    check_id_offset(args.id_offset, n, args.out_dir)
+
+
+def _main(args) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     if args.add and args.index_key:
         raise UsageError("--index-key cannot be used with --add (the index keeps its key)")
@@ -112,6 +175,11 @@ def main(argv=None) -> int:
     if args.model is not None and (args.on_disk or args.workers > 1):
         raise UsageError("--on-disk / --workers build from an embeddings folder: extract the features first "
                          "(tools/extract_features.py), then build from that folder")
+    if args.allow_duplicate and not args.add:
+        raise UsageError("--allow-duplicate is for --add")
+    if args.allow_duplicate and args.model is not None:
+        raise UsageError("--allow-duplicate adds from an embeddings folder: extract the features first "
+                         "(tools/extract_features.py), then --add that folder")
 
     if args.model is None:
         from retrieval.index import add_to_index, build_index
@@ -119,14 +187,16 @@ def main(argv=None) -> int:
         _check_embeddings_source(args)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0:
             return 0  # under torchrun: an embeddings folder is indexed once, by rank 0 (--workers adds in parallel)
+        # --id-offset (or the recorded one, without it) is committed with the rows, in one commit
         if args.add:
             manifest = add_to_index(args.out_dir, args.source, kind=args.kind, use_gpu=args.gpu,
-                                    progress=not args.quiet)
+                                    progress=not args.quiet, id_offset=args.id_offset,
+                                    allow_duplicate=args.allow_duplicate, discard_pending=args.overwrite)
         else:
             manifest = build_index(args.source, args.out_dir, kind=args.kind, index_key=args.index_key,
                                    max_index_memory=args.max_index_memory, target_recall=args.target_recall,
                                    use_gpu=args.gpu, progress=not args.quiet, on_disk=args.on_disk,
-                                   workers=args.workers)
+                                   workers=args.workers, id_offset=args.id_offset, overwrite=args.overwrite)
     else:
         from internvit.distributed_features import agree, init_from_env, leave
         from internvit.features import parse_dtype
@@ -137,6 +207,17 @@ def main(argv=None) -> int:
             from retrieval.index import read_manifest
 
             read_manifest(args.out_dir)  # a missing / unfinished index is reported before the model loads
+        if args.id_offset is not None:
+            _check_model_offset(args)
+        if args.overwrite:
+            from retrieval.index_build import discard_pending
+
+            if not args.add and _committed_index(args.out_dir):
+                raise UsageError(f"{args.out_dir}: --overwrite with --model only discards an interrupted job; "
+                                 f"to replace the index there, build into another folder (or from an "
+                                 f"embeddings folder with --overwrite)")
+            if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: once, before the ranks join
+                discard_pending(args.out_dir)
         # under torchrun (WORLD_SIZE > 1): join the group; every rank embeds whole shards, rank 0 builds the index
         rank, world, args.device = init_from_env(args.device)
         loaded: list = []  # a model that cannot be loaded is reported on every rank
@@ -153,10 +234,10 @@ def main(argv=None) -> int:
         leave()
         if manifest is None:
             return 0  # a rank > 0 under torchrun: the embeddings are committed, rank 0 builds the index
-    if args.id_offset or manifest.get("id_offset"):
-        from retrieval.sharded import set_id_offset
+        if args.id_offset is not None:  # retrieval.pipeline.index_images does not take id_offset yet
+            from retrieval.sharded import set_id_offset
 
-        manifest = set_id_offset(args.out_dir, args.id_offset)
+            manifest = set_id_offset(args.out_dir, args.id_offset)
     summary = {k: manifest.get(k) for k in ("index_key", "search_params", "ntotal", "dim", "bytes_per_vector",
                                             "normalize", "skipped")}
     summary["tuned_recall@10"] = manifest.get("tuning", {}).get("recall")

@@ -274,3 +274,18 @@ def test_relative_image_paths_resolve_in_the_member_that_holds_the_id(tmp_path, 
             assert status == 200 and raw == (tmp_path / m / "pics" / "img_001.png").read_bytes()
     assert (tmp_path / "m1" / "pics" / "img_001.png").read_bytes() != \
         (tmp_path / "m2" / "pics" / "img_001.png").read_bytes()
+
+
+def test_a_member_served_alone_answers_with_its_global_ids(parts):
+    """A folder with an id_offset served on its own: results, search by id, metadata and images use the same
+    global ids as in its group (search by id used to reconstruct the local row of the global id)."""
+    part_b = parts[1]
+    with background_server(create_app([part_b])) as url:
+        status, body, _ = post(url + "/search", {"id": 103, "k": 3, "index": "part_b"})
+        assert status == 200, body
+        assert body["results"][0]["id"] == 103 and body["results"][0]["score"] == pytest.approx(1.0, abs=1e-5)
+        assert all(100 <= r["id"] < 100 + N for r in body["results"])
+        assert post(url + "/search", {"id": 3, "k": 3, "index": "part_b"})[0] == 404  # a local row is no id here
+        status, body, _ = post(url + "/metadata", {"ids": [103], "indice_name": "part_b"})
+        assert status == 200 and body[0]["id"] == 103 and body[0]["metadata"]["id"] == 103, body
+        assert get(url + "/image/part_b/103")[0] == 200 and get(url + "/image/part_b/3")[0] == 404
