@@ -153,8 +153,11 @@ def tune_index(index, key: str, source: EmbeddingSource, queries: np.ndarray, *,
         _, found = index.search(queries, k)
         return recall_at_k(found, truth, k)
 
-    if not name:
+    if not name:  # nothing to tune (Flat, PCA + Flat, ...): the recall it has, and a warning when it misses
         r = measure("")
+        if r < target_recall:
+            warnings.warn(f"index {key}: recall@{k} is only {r:.3f} < target {target_recall} (it has no search "
+                          f"parameter to raise); give another index_key", stacklevel=2)
         return {"search_params": "", "recall": r, "k": k, "n_queries": len(queries), "curve": [["", r]]}
     curve, best, prev = [], None, None
     for value in _progress(ladder, progress, f"tuning {name}"):

@@ -154,6 +154,7 @@ def index_images(
     caption_column: Optional[str] = None,
     use_gpu: bool = False,
     progress: bool = True,
+    id_offset: Optional[int] = None,
 ) -> Optional[dict]:
     """Embed a folder / list / parquet / tars of images with ``encoder`` and build (or ``add`` to) an index.
 
@@ -162,7 +163,9 @@ def index_images(
     ``kind='text'`` indexes the captions instead (image → text search); ``None``: ``'img'`` for a build, the
     index's kind for an add. Everything that can be checked without embedding is checked first (arguments,
     index key against the number of inputs, the index's model / dim / kind for an add, an output folder that
-    holds another index), so a refused run writes nothing. Returns the index manifest.
+    holds another index), so a refused run writes nothing. ``id_offset`` (``None``: 0 for a build, the recorded
+    one for an add) is committed with the rows (:func:`~retrieval.index_build.build_index`). Returns the index
+    manifest.
 
     Under ``torch.distributed`` (``torchrun``; every rank calls it with the same arguments) the checks run on
     every rank (a refusal is raised on each), the images are embedded across the ranks (whole shards per rank,
@@ -202,9 +205,10 @@ def index_images(
         return None  # the embeddings are committed; rank 0 builds the index alone
     if add:
         return add_to_index(out_dir, embeddings_dir, kind=kind, encoder_info=encoder.info(), use_gpu=use_gpu,
-                            progress=progress)
+                            progress=progress, id_offset=id_offset)
     return build_index(embeddings_dir, out_dir, kind=kind, index_key=index_key, max_index_memory=budget,
-                       target_recall=target_recall, encoder_info=encoder.info(), use_gpu=use_gpu, progress=progress)
+                       target_recall=target_recall, encoder_info=encoder.info(), use_gpu=use_gpu, progress=progress,
+                       id_offset=id_offset)
 
 
 def _prepare(source, out_dir: str, encoder: Encoder, *, add: bool, kind: Optional[str],

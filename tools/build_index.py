@@ -230,14 +230,10 @@ def _main(args) -> int:
                                 batch_size=args.batch_size, shard_size=args.shard_size,
                                 num_workers=args.num_workers, path_column=args.path_column,
                                 caption_column=args.caption_column, use_gpu=args.gpu,
-                                progress=not args.quiet)
+                                progress=not args.quiet, id_offset=args.id_offset)
         leave()
         if manifest is None:
             return 0  # a rank > 0 under torchrun: the embeddings are committed, rank 0 builds the index
-        if args.id_offset is not None:  # retrieval.pipeline.index_images does not take id_offset yet
-            from retrieval.sharded import set_id_offset
-
-            manifest = set_id_offset(args.out_dir, args.id_offset)
     summary = {k: manifest.get(k) for k in ("index_key", "search_params", "ntotal", "dim", "bytes_per_vector",
                                             "normalize", "skipped")}
     summary["tuned_recall@10"] = manifest.get("tuning", {}).get("recall")

@@ -305,3 +305,32 @@ def test_table_keeps_one_line_per_hit_with_newlines_in_captions():
     assert len(lines) == 4
     assert lines[0] == "query 0: a\\nquery"
     assert lines[2].endswith("two\\nlines") and lines[3].endswith("cr\\r\\u2028end\\ttab")
+
+
+def test_model_builds_commit_the_id_offset_with_the_rows(tmp_path):
+    """build_index.py --model ... --id-offset: the offset lands in the build's own commit (it used to be a
+    second commit, so readers could see the folder with offset 0 in between), and --add keeps it."""
+    from .helpers import make_images
+
+    imgs, more = tmp_path / "imgs", tmp_path / "more"
+    make_images(str(imgs), 6)
+    make_images(str(more), 3, seed=5)
+    out = tmp_path / "idx"
+    common = ["--model", "internvit:internvit-6b-tiny", "--quiet"]
+    assert build_cli([imgs, out, *common, "--id-offset", 500]) == 0
+    m = read_manifest(str(out))
+    assert (m["id_offset"], m["next_id"], _generation(out)) == (500, 6, 1)
+    assert build_cli([more, out, *common, "--add"]) == 0
+    m = read_manifest(str(out))
+    assert (m["id_offset"], m["next_id"]) == (500, 9)
+    hits = Retriever.load(str(out)).search_embedding(np.ones(Retriever.load(str(out)).manifest["dim"], "f4"), 9)
+    assert sorted(hits.ids[0].tolist()) == list(range(500, 509))
+
+
+def test_untunable_key_below_the_target_recall_warns(parts):
+    """PCA4,Flat has no search parameter: its recall on a 16-d mixture is far below 0.95, which used to pass
+    without a word (keys with nprobe / efSearch already warned)."""
+    tmp, _ = parts
+    with pytest.warns(UserWarning, match=r"index PCA4,Flat: recall@10 is only 0\.\d+ < target 0.95"):
+        m = build_index(str(tmp / "A"), str(tmp / "pca"), index_key="PCA4,Flat", progress=False)
+    assert m["tuning"]["recall"] < 0.95
