@@ -357,6 +357,17 @@ def resolve_class_index(spec: Optional[Union[str, Sequence[str]]], data_classes:
         names = [str(n) for n in spec]
     if not names:
         raise ValueError("class names: empty list")
+    if key is None:  # a list of your own (shipped lists keep their known quirks, e.g. ImageNet's two 'missile')
+        seen: dict = {}
+        for n in names:
+            seen[_norm_class(n)] = seen.get(_norm_class(n), 0) + 1
+        twice = [n for n, c in seen.items() if c > 1]
+        if twice or "" in seen:
+            import warnings
+
+            what = f"{twice[:3]} appear more than once" if twice else "an empty name is listed"
+            warnings.warn(f"class names: {what}: those classes get identical text classifiers and cannot be told "
+                          f"apart (the first one wins every tie)", stacklevel=2)
     if wnid_data and key is not None and by_key is None:
         wnids = imagenet_wnids(key)
         if len(wnids) == len(names):  # an ImageNet key: folders are matched by WordNet id

@@ -140,3 +140,15 @@ def test_bad_templates_are_named(template, msg):
     with pytest.raises(ValueError, match=msg):
         resolve_templates([template])
     assert resolve_templates(["a photo of a {c}.", "{}"]) == ["a photo of a {c}.", "{}"]
+
+
+def test_duplicate_or_empty_names_of_your_own_warn():
+    with pytest.warns(UserWarning, match=r"\['cat'\] appear more than once"):
+        resolve_class_index(["cat", "dog", "Cat"], ["0", "1", "2"])
+    with pytest.warns(UserWarning, match="an empty name"):
+        resolve_class_index(["cat", " "], ["0", "1"])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resolve_class_index("imagenet1k", [str(i) for i in range(1000)])  # shipped quirks: no warning
