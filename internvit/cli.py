@@ -51,7 +51,20 @@ def one_line(exc: BaseException) -> str:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """``argparse.ArgumentParser`` whose errors are one ``error: ...`` line (no usage block), exit status 2."""
+    """``argparse.ArgumentParser`` whose errors are one ``error: ...`` line (no usage block), exit status 2.
+
+    An empty (or blank) value is refused for every argument (``--out ''`` from an unset ``$OUT`` would mean
+    the current folder; ``''`` is never a meaningful path, name or number); arguments listed in
+    ``allow_empty`` (their ``dest``) may be empty."""
+
+    def __init__(self, *args, allow_empty: Sequence[str] = (), **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.allow_empty = set(allow_empty)
+
+    def _get_value(self, action, arg_string):  # argparse's one conversion point of every value string
+        if isinstance(arg_string, str) and not arg_string.strip() and action.dest not in self.allow_empty:
+            raise argparse.ArgumentError(action, f"empty value {arg_string!r}")
+        return super()._get_value(action, arg_string)
 
     def error(self, message: str) -> None:  # noqa: D102 - argparse API
         self.exit(EXIT_USAGE, f"error: {message.splitlines()[0] if message else 'bad arguments'}\n")

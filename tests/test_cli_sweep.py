@@ -87,6 +87,7 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("existing_user_folder", ["{W}/imgs", "--num-train", "2", "--num-val", "1"]),
         ("existing_file", ["{W}/ann.json", "--num-train", "2"]),
         ("out_of_range_num_train", ["{out}", "--num-train", "0"]),
+        ("out_empty", ["", "--num-train", "2"]),
         ("not_a_number", ["{out}", "--seed", "x"]),
     ],
     "make_toy_cls_dataset": [
@@ -118,6 +119,7 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("downsample_ratio_without_projector", [*EXTRACT, "--tiles", "2", "--downsample-ratio", "0.25"]),
         ("pool_with_projector_input", [*EXTRACT, "--tiles", "2", "--projector-input", "--pool", "mean"]),
         ("resize_mode_with_tiles", [*EXTRACT, "--tiles", "2", "--resize-mode", "squash"]),
+        ("blank_out", _with(EXTRACT, out=" ")),
         *[(n, [*EXTRACT, *a]) for n, a in DEVICE_CASES + NO_CUDA_CASES],
     ],
     "zeroshot_eval": [
@@ -133,6 +135,7 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("workers_negative", _with(ZEROSHOT, workers="-1")),
         ("output_is_a_folder", _with(ZEROSHOT, output="{W}/imgs")),
         ("output_is_a_user_file", _with(ZEROSHOT, output="{W}/ann.json")),
+        ("output_empty", _with(ZEROSHOT, output="")),
         *[(n, [*ZEROSHOT, *a]) for n, a in DEVICE_CASES + NO_CUDA_CASES],
     ],
     "eval_retrieval": [
@@ -156,6 +159,8 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("index_queries_0", ["index", "{W}/idx", "--queries", "0", "--out", "{out}.json"]),
         ("index_wrong_dims", ["index", "{W}/idx", "--query-embeddings", "{W}/q7.npy", "--out", "{out}.json"]),
         ("index_bad_params", ["index", "{W}/idx", "--params", "foo=bar", "--out", "{out}.json"]),
+        ("index_out_empty", ["index", "{W}/idx", "--out", ""]),
+        ("recall_out_empty", _with(RECALL, out="")),
     ],
     "search": [
         ("missing_index", ["{W}/nope", "--text", "a dog"]),
@@ -176,6 +181,7 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("html_onto_an_existing_file", _with(SEARCH, html="{W}/ann.json")),
         ("html_onto_the_query_image", ["{W}/idx_model", "--image", "{W}/imgs/img_000.png", "--html",
                                        "{W}/imgs/img_000.png"]),
+        ("html_empty", _with(SEARCH, html="")),
         *[(n, [*SEARCH, *a]) for n, a in DEVICE_CASES + NO_CUDA_CASES],
     ],
     "build_index": [
@@ -195,6 +201,8 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("id_offset_negative", [*BUILD, "--id-offset", "-1"]),
         ("num_workers_negative", [*BUILD_MODEL, "--num-workers", "-1"]),
         ("bad_dtype", [*BUILD_MODEL, "--dtype", "fp8"]),
+        ("dst_empty", ["{W}/emb", "", "--quiet"]),
+        ("src_empty", ["", "{out}", "--quiet"]),
         *[(n, [*BUILD_MODEL, *a]) for n, a in DEVICE_CASES + NO_CUDA_CASES],
     ],
     "convert_checkpoint": [
@@ -208,6 +216,8 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("overwrite_a_file_with_a_folder", ["to-hf", "{W}/model", "{W}/ann.json", "--overwrite"]),
         ("overlapping_tensors", ["to-original", "{W}/overlap.safetensors", "{out}.pth", "--config",
                                  "internvit-6b-tiny"]),
+        ("mmseg0x_src_empty", ["mmseg0x", "", "{out}.pth"]),
+        ("dst_empty", ["to-hf", "{W}/model", ""]),
     ],
     "train": [
         ("missing_config", ["{W}/nope.py", "--work-dir", "{out}"]),
@@ -215,6 +225,7 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("config_without_model", ["{W}/no_model.py", "--work-dir", "{out}"]),
         ("truncated_resume_checkpoint", ["{seg}", "--work-dir", "{out}", "--resume", "{W}/trunc.pth"]),
         ("bad_cfg_option", ["{seg}", "--work-dir", "{out}", "--cfg-options", "novalue"]),
+        ("work_dir_empty", ["{seg}", "--work-dir", ""]),
         ("csv_unknown_label", ["{cls}", "--work-dir", "{out}", "--cfg-options",
                                "train_dataloader.dataset.data_root={W}/digits",
                                "train_dataloader.dataset.ann_file=bad.csv",
@@ -227,6 +238,7 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("other_models_checkpoint", ["{seg}", "{W}/other_ckpt.pth", "--work-dir", "{out}"]),
         ("config_syntax_error", ["{W}/syntax_error.py", "{W}/other_ckpt.pth", "--work-dir", "{out}"]),
         ("config_without_model", ["{W}/no_model.py", "{W}/other_ckpt.pth", "--work-dir", "{out}"]),
+        ("work_dir_empty", ["{seg}", "{W}/other_ckpt.pth", "--work-dir", ""]),
     ],
     "demo_serve": [
         ("missing_index", ["{W}/nope", "--out", "{out}"]),
@@ -257,6 +269,7 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("group_empty_member", ["g={W}/idx,,{W}/idx"]),
         ("group_missing_member", ["g={W}/idx,{W}/nope"]),
         ("group_same_folder_twice", ["g={W}/idx,{W}/idx"]),
+        ("index_empty", [""]),
         *[(n, ["{W}/idx", *a]) for n, a in DEVICE_CASES + NO_CUDA_CASES],
     ],
 }

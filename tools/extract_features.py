@@ -157,11 +157,7 @@ def _main(argv=None) -> int:
     from internvit.data import list_images
     from internvit.features import FeatureExtractor, output_text, parse_dtype
 
-    # every check before the model is loaded or anything is written
-    for flag, value in (("--model", args.model), ("--config", args.config), ("--images", args.images),
-                        ("--out", args.out)):
-        if value is not None and not value:
-            raise UsageError(f"{flag}: empty path")
+    # every check before the model is loaded or anything is written (an empty value: refused by the parser)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out {args.out}: exists and is not a folder")
     if os.path.isdir(args.out) and os.listdir(args.out) and not any(

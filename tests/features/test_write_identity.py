@@ -35,7 +35,10 @@ def _cli(argv):
     spec.loader.exec_module(mod)
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        rc = mod.main([str(a) for a in argv])
+        try:
+            rc = mod.main([str(a) for a in argv])
+        except SystemExit as e:  # the parser's own errors (one line, status 2)
+            rc = e.code
     return rc, err.getvalue()
 
 
@@ -206,7 +209,7 @@ def test_cli_empty_path_arguments(nine_images, tmp_path, monkeypatch, flag):
     args = {"--model": "internvit-6b-tiny", "--images": nine_images[0], "--out": "o", "--config": None}
     args[flag] = ""
     rc, err = _cli([x for k, v in args.items() if v is not None for x in (k, v)] + ["--no-progress"])
-    assert rc == 2 and err == f"error: {flag}: empty path\n"
+    assert rc == 2 and err == f"error: argument {flag}: empty value ''\n"
     assert os.listdir(tmp_path) == []
 
 

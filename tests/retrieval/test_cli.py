@@ -72,7 +72,7 @@ def test_rebuild_from_embeddings_folder_without_model(built, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["search", "{root}/nope", "--text", "x"], "nope: index folder does not exist"),
-    (["search", "{root}/idx", "--text", " "], "empty text query"),
+    (["search", "{root}/idx", "--text", " "], "argument --text: empty value ' '"),
     (["search", "{root}/idx", "--image", "{root}/missing.jpg"], "missing.jpg: no such image file"),
     (["search", "{root}/idx", "--text", "a dog"], "image-only"),
     (["search", "{root}/idx", "--image", "{root}/imgs/img_000.png", "--model", "internvit:internvit-300m-tiny"],
