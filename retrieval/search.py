@@ -58,10 +58,10 @@ class _Queries:
             raise ValueError("query embeddings contain NaN or inf")
         if isinstance(k, bool) or int(k) != k or int(k) < 1:
             raise ValueError(f"k must be an integer >= 1, got {k}")
+        norms = np.linalg.norm(q, axis=1, keepdims=True)
+        if (norms == 0).any():  # every score would be 0 (inner product) or the ranking its distance to 0 (L2)
+            raise ValueError("a query embedding is all zeros: it has no direction to search for")
         if self.manifest.get("normalize"):
-            norms = np.linalg.norm(q, axis=1, keepdims=True)
-            if (norms == 0).any():
-                raise ValueError("a query embedding is all zeros: it has no direction to search for")
             q = q / norms
         return np.ascontiguousarray(q, dtype=np.float32), int(k)
 

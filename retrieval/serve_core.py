@@ -602,9 +602,16 @@ class Batcher:
                     out[i] = ApiError(422, f"index {self.served.name!r} cannot return stored vectors: {e}")
         for k in sorted({batch[i].k for i in vecs}):
             rows = [i for i in vecs if batch[i].k == k]
-            res = st.retriever.search_embedding(np.stack([vecs[i] for i in rows]), k)
-            for j, i in enumerate(rows):
-                out[i] = (res.rows[j], st)
+            try:
+                res = st.retriever.search_embedding(np.stack([vecs[i] for i in rows]), k)
+                for j, i in enumerate(rows):
+                    out[i] = (res.rows[j], st)
+            except ValueError:  # a query the Retriever refuses (all zeros, ...): isolate it, answer the others
+                for i in rows:
+                    try:
+                        out[i] = (st.retriever.search_embedding(vecs[i][None], k).rows[0], st)
+                    except ValueError as e:
+                        out[i] = ApiError(422, str(e).splitlines()[0])
         return out
 
     def _decode(self, batch: list, out: list, st: Optional[IndexState] = None) -> None:

@@ -26,12 +26,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 @pytest.fixture(scope="module")
 def indexes(tmp_path_factory):
-    """i0: Flat over 300 mixture rows; i1: Flat over 1 row; i2: Flat over non-unit rows (normalised)."""
+    """i0: Flat over 300 mixture rows; i1: Flat over 1 row; i2: Flat over non-unit rows (normalised); i3: the
+    same rows, not normalised (``normalize=False``)."""
     root = tmp_path_factory.mktemp("eval_edges")
     x = mixture(400, 16)
     for name, rows in (("i0", x[:300]), ("i1", x[:1]), ("i2", 3 * x[:300])):
         write_embeddings(root / f"{name}_emb", rows)
         build_index(str(root / f"{name}_emb"), root / name, progress=False)
+    build_index(str(root / "i2_emb"), root / "i3", normalize=False, progress=False)
     np.save(root / "q.npy", x[[0, 300, 331]])
     return root, x
 
@@ -68,16 +70,20 @@ def test_queries_are_validated_as_retriever_validates_them(indexes, tmp_path):
     from retrieval.search import Retriever
 
     root, x = indexes
-    r = Retriever.load(str(root / "i2"))
-    assert r.manifest["normalize"]
-    for name, q, msg in (("zero", np.zeros((2, 16), np.float32), "all zeros"),
-                         ("nan", np.full((1, 16), np.nan, np.float32), "NaN or inf"),
-                         ("inf", np.full((1, 16), np.inf, np.float32), "NaN or inf")):
-        with pytest.raises(ValueError, match=msg):
-            r.search_embedding(q, 5)
-        np.save(tmp_path / f"{name}.npy", q)
-        with pytest.raises(ValueError, match=msg):
-            index_quality(str(root / "i2"), queries=str(tmp_path / f"{name}.npy"))
+    # on a normalising index and on one that is not: a zero query has no direction (inner product scores it 0
+    # against everything), whatever the index does to its queries
+    for index in ("i2", "i3"):
+        r = Retriever.load(str(root / index))
+        assert r.manifest["normalize"] == (index == "i2")
+        for name, q, msg in (("zero", np.zeros((2, 16), np.float32), "all zeros"),
+                             ("one_zero_row", np.vstack([x[:1], np.zeros((1, 16), np.float32)]), "all zeros"),
+                             ("nan", np.full((1, 16), np.nan, np.float32), "NaN or inf"),
+                             ("inf", np.full((1, 16), np.inf, np.float32), "NaN or inf")):
+            with pytest.raises(ValueError, match=msg):
+                r.search_embedding(q, 5)
+            np.save(tmp_path / f"{name}.npy", q)
+            with pytest.raises(ValueError, match=msg):
+                index_quality(str(root / index), queries=str(tmp_path / f"{name}.npy"))
     out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "eval_retrieval.py"), "index",
                           str(root / "i2"), "--query-embeddings", str(tmp_path / "zero.npy")],
                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))

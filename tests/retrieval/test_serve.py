@@ -122,6 +122,7 @@ def test_embedding_and_id_queries(server, retriever):
     ({"image": base64.b64encode(b"x" * 200_001).decode()}, 413, "over the limit of 200000"),
     ({"embedding": [1.0, float("nan")]}, 422, "NaN or inf"),
     ({"embedding": [1.0, "a"]}, 422, "list of numbers"),
+    ({"embedding": [0.0] * 64}, 422, "all zeros"),
     ([1, 2], 422, "JSON object"),
 ])
 def test_bad_queries_are_refused_with_json_errors(server, payload, status, message):
@@ -130,6 +131,23 @@ def test_bad_queries_are_refused_with_json_errors(server, payload, status, messa
     got, answer, headers = post(url + "/search", body, headers={"Content-Type": "application/json"})
     assert (got, headers["content-type"]) == (status, "application/json"), answer
     assert message in answer["error"]
+
+
+def test_a_refused_query_fails_alone_in_its_batch(server, retriever):
+    """A query the Retriever refuses (all zeros) that shares a micro-batch with good ones gets its 422; the
+    others their answers (the batch's one joint search used to fail all of them with a 500)."""
+    from retrieval.serve_core import _Query
+
+    _, app = server
+    rng = np.random.default_rng(3)
+    good = rng.standard_normal((2, 64)).astype(np.float32)
+    batch = [_Query("vector", good[0], 3, None), _Query("vector", np.zeros(64, np.float32), 3, None),
+             _Query("vector", good[1], 3, None), _Query("id", 5, 3, None)]
+    out = app.state.batchers["vit"]._work(batch)
+    assert out[1].status == 422 and "all zeros" in out[1].message
+    for i, v in ((0, good[0]), (2, good[1]), (3, retriever.index.index.reconstruct(5))):
+        rows, _ = out[i]
+        assert [r["id"] for r in rows] == [r["id"] for r in retriever.search_embedding(v, 3).rows[0]]
 
 
 def test_json_queries_answered_like_the_routes_with_the_security_headers(server, retriever):
@@ -193,8 +211,9 @@ def test_image_files_only_from_metadata(server, vit_index):
         assert status == 200 and raw == f.read() and headers["content-type"] == "image/png"
     status, raw, headers = get(url + "/thumb/vit/4")
     assert status == 200 and headers["content-type"] == "image/jpeg" and raw[:2] == b"\xff\xd8"
-    for path in ("/image/vit/99", "/image/vit/-1", "/image/nope/1"):
-        assert get(url + path)[0] == 404
+    for path in ("/image/vit/99", "/image/vit/-1", "/image/nope/1",  # ids past int64: no id, not a 500
+                 f"/image/vit/{2 ** 63}", f"/thumb/vit/{2 ** 64 + 4}", f"/image/vit/{-2 ** 63 - 1}"):
+        assert get(url + path)[0] == 404, path
     for path in ("/image/vit/..%2F..%2Fetc%2Fpasswd", "/image/vit/1.5", "/image/vit/%2e%2e"):
         assert get(url + path)[0] in (404, 422)
     assert get(url + "/image/vit/1/../../../../etc/passwd")[0] == 404
