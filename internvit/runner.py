@@ -132,6 +132,9 @@ def build_runner(cfg, checkpoint: Optional[str] = None, dataloaders: tuple = (),
     ckpt = _read_checkpoint(checkpoint) if checkpoint else None
     work_dir = osp.abspath(cfg.work_dir)
     existing = set(os.listdir(work_dir)) if osp.isdir(work_dir) else None
+    created = work_dir  # the highest folder of work_dir's path that does not exist yet (Runner makes them all)
+    while not osp.exists(osp.dirname(created)) and osp.dirname(created) != created:
+        created = osp.dirname(created)
     instances = _manager_instances()
     try:
         runner = RUNNERS.build(cfg) if "runner_type" in cfg else Runner.from_cfg(cfg)
@@ -143,7 +146,7 @@ def build_runner(cfg, checkpoint: Optional[str] = None, dataloaders: tuple = (),
         if after_build is not None:
             after_build(runner)
     except BaseException:
-        _discard_run_files(work_dir, existing, instances)
+        _discard_run_files(work_dir, existing, instances, created)
         raise
     _scope_checkpoint_loading(runner)
     return runner
@@ -262,11 +265,12 @@ def _manager_instances() -> dict:
     return out
 
 
-def _discard_run_files(work_dir: str, existing: Optional[set], before: dict) -> None:
+def _discard_run_files(work_dir: str, existing: Optional[set], before: dict, created: Optional[str] = None) -> None:
     """Undo what building a runner did: forget the named instances it created (closing its log files; the next
     runner of that name, same config and second, would otherwise reuse them and write into the removed
-    folder), then remove the work dir if it made it, else the entries it added (its timestamped log folder,
-    the dumped config)."""
+    folder), then remove the work dir if it made it (from ``created``, the highest of its parent folders that
+    did not exist before: ``work_dirs/`` of ``work_dirs/run1``), else the entries it added (its timestamped
+    log folder, the dumped config)."""
     for key, (reg, names) in _manager_instances().items():
         old = before.get(key, (None, set()))[1]
         for name in list(names - old):
@@ -276,7 +280,7 @@ def _discard_run_files(work_dir: str, existing: Optional[set], before: dict) -> 
                     handler.close()
                     instance.removeHandler(handler)
     if existing is None:
-        shutil.rmtree(work_dir, ignore_errors=True)
+        shutil.rmtree(created or work_dir, ignore_errors=True)
         return
     for name in set(os.listdir(work_dir)) - existing if osp.isdir(work_dir) else ():
         path = osp.join(work_dir, name)

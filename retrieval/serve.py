@@ -444,7 +444,7 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
 
     async def _image_path(index: str, id_: int) -> tuple:
         s = get_index(index)
-        if id_ < 0:
+        if not 0 <= id_ < 2 ** 63:  # ids are int64: anything else is no id of any index (not a server error)
             raise ApiError(404, f"index {index!r} has no id {id_}")
         st = s.current()
         path = await asyncio.get_running_loop().run_in_executor(None, s.image_file, st, id_)

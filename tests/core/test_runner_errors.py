@@ -110,7 +110,7 @@ def test_checkpoint_of_another_model_is_an_error(tmp_path, capsys, monkeypatch, 
     in a work dir the tool created; a fitting one builds."""
     from internvit.runner import build_test_runner
 
-    work = str(tmp_path / "work")
+    work = str(tmp_path / "runs" / "work")  # its parent does not exist either: the Runner makes both
     good = str(tmp_path / "good.pth")
     torch.save({"meta": {"epoch": 10}, "state_dict": _probe_state_dict()}, good)
     other = str(tmp_path / "other.pth")  # a segmentor's keys
@@ -127,7 +127,8 @@ def test_checkpoint_of_another_model_is_an_error(tmp_path, capsys, monkeypatch, 
            "checkpoint [5")
     _fails("train", [CLS_TOY, "--work-dir", work, "--cfg-options", f"load_from={other}"], capsys, "does not fit")
     _fails("train", [CLS_TOY, "--work-dir", work, "--resume", fewer_classes], capsys, "mis-shaped keys")
-    assert not os.path.exists(work)  # the runner's log folder and the work dir it created are gone again
+    # the runner's log folder, the work dir it created and the parent it created are gone again
+    assert not os.path.exists(tmp_path / "runs")
 
     runner = build_test_runner(CLS_TOY, good, work_dir=work)  # a fitting checkpoint builds
     assert runner.model is not None
