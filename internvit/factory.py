@@ -1,12 +1,13 @@
 """``load_model`` / ``save_model`` / ``build_model``: from presets, Hugging Face directories and weight files."""
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import logging
 import os
 import shutil
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -75,7 +76,12 @@ def build_model(config: ConfigLike, *, device: str | torch.device = "cpu",
 
 
 def infer_vision_config(source: TensorSource) -> InternViTConfig:
-    """Read the architecture off the tensor shapes; the head count comes from the preset of that width."""
+    """Read the architecture off the tensor shapes; the head count comes from the preset of that width.
+
+    The weights do not record the head count (the q/k norms span the whole width). Every released model of a
+    width has the same head count (3200: 25, 1024: 16), which is then the right one; for another width it is
+    an assumption, and a warning says so (naming the preset it came from): pass ``config=`` to be sure.
+    """
     mapping, _, _ = InternViT.checkpoint_key_map(source.keys())
     shapes = {model_key: source.shape(ck) for ck, model_key in mapping.items()}
     try:
@@ -91,11 +97,17 @@ def infer_vision_config(source: TensorSource) -> InternViTConfig:
     if not same_width:
         raise CheckpointError(f"checkpoint width {c} matches no preset, so the head count is unknown: pass "
                               f"config= (a preset name, dict or config.json)")
-    base = dict(same_width[0])
-    base.update(hidden_size=c, num_hidden_layers=layers, patch_size=patch, image_size=grid * patch,
+    read = dict(hidden_size=c, num_hidden_layers=layers, patch_size=patch, image_size=grid * patch,
                 intermediate_size=ffn, qkv_bias="encoder.layers.0.attn.qkv.bias" in shapes,
                 qk_normalization="encoder.layers.0.attn.q_norm.weight" in shapes,
                 norm_type="layer_norm" if "encoder.layers.0.norm1.bias" in shapes else "rms_norm")
+    released = [n for n, p in VISION_PRESETS.items() if p["hidden_size"] == c and "tiny" not in n]
+    name = released[0] if released else next(n for n, p in VISION_PRESETS.items() if p is same_width[0])
+    base = dict(VISION_PRESETS[name], **read)
+    if not released:
+        logger.warning("the weights do not record the number of attention heads: assumed %d (from the preset %r "
+                       "of width %d); pass config= (a preset name, dict or config.json) if the model had another",
+                       base["num_attention_heads"], name, c)
     return InternViTConfig(**base)
 
 
@@ -187,16 +199,48 @@ def load_model(
     return model.freeze() if freeze else model
 
 
+#: what :func:`save_model` writes (besides the model's ``extra_files``): the only entries it replaces
+MODEL_FILE_PATTERNS = ("config.json", "model.safetensors", "model.safetensors.index.json",
+                       "model-[0-9]*-of-[0-9]*.safetensors")
+
+
+def _check_model_destination(directory: str, overwrite: bool, own: Sequence[str]) -> None:
+    """Refuse to replace a folder that is not empty unless ``overwrite``, and, even then, one that holds
+    anything :func:`save_model` does not write (the whole folder is replaced: those files would be lost)."""
+    if not os.path.isdir(directory) or not os.listdir(directory):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{directory}: already exists and is not empty (pass overwrite=True to replace "
+                              f"the model in it)")
+    patterns = (*MODEL_FILE_PATTERNS, *own)
+    foreign = sorted(n for n in os.listdir(directory) if not os.path.isfile(os.path.join(directory, n))
+                     or not any(fnmatch.fnmatchcase(n, p) for p in patterns))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f", ... ({len(foreign)} in all)" if len(foreign) > 5 else "")
+        raise FileExistsError(f"{directory}: holds entries that saving a model does not write ({shown}); the "
+                              f"whole folder would be replaced and they would be lost: save to another folder "
+                              f"or move them out first")
+
+
 def save_model(model: nn.Module, directory: SourceLike, *, max_shard_bytes: int = 5 * 1024**3,
-               dtype: Optional[torch.dtype] = None) -> str:
+               dtype: Optional[torch.dtype] = None, overwrite: bool = False) -> str:
     """Write an HF-style directory (``config.json`` + safetensors, sharded past ``max_shard_bytes``).
 
     Built in a temporary folder next to ``directory`` and swapped in with
     :func:`internvit.store.replace_folder`: a kill at any point leaves the complete old model or the complete
-    new one, never neither, never a mix. Returns the directory. Raises
+    new one, never neither, never a mix. Returns the directory.
+
+    ``directory`` must be new or empty, or, with ``overwrite=True``, hold only what saving a model writes
+    (:data:`MODEL_FILE_PATTERNS` and the names of the model's ``extra_files``, which are copied in): the whole
+    folder is replaced, so any other file in it is refused rather than deleted. Raises ``FileExistsError``
+    for those, :class:`~internvit.store.StoreError` when ``directory`` is a file, and
     :class:`~internvit.store.StoreBusyError` if another process is replacing the same directory.
     """
     directory = os.fspath(directory)
+    if not directory:
+        raise ValueError("directory: empty path")
+    own = [os.path.basename(e) for e in getattr(model, "extra_files", ())]
+    _check_model_destination(directory, overwrite, own)
     with replace_folder(directory, description="model directory") as tmp:
         sd = model.state_dict()
         itemsize = torch.empty((), dtype=dtype).element_size() if dtype is not None else None
@@ -235,12 +279,14 @@ def save_model(model: nn.Module, directory: SourceLike, *, max_shard_bytes: int 
     return directory
 
 
-def convert_checkpoint(src: SourceLike, dst: SourceLike, *, to: str = "hf", config: ConfigLike = None) -> str:
+def convert_checkpoint(src: SourceLike, dst: SourceLike, *, to: str = "hf", config: ConfigLike = None,
+                       overwrite: bool = False) -> str:
     """Convert a vision checkpoint between key families.
 
-    ``to='hf'`` writes a Hugging Face directory (``config.json`` + safetensors); ``to='original'`` writes the
-    original InternVL family (``cls_token``, ``blocks.N.*``, ``ls1.gamma``) as ``{'module': state_dict}`` to a
-    ``.pth`` file (or a flat ``.safetensors`` file). Written atomically.
+    ``to='hf'`` writes a Hugging Face directory (``config.json`` + safetensors, :func:`save_model`);
+    ``to='original'`` writes the original InternVL family (``cls_token``, ``blocks.N.*``, ``ls1.gamma``) as
+    ``{'module': state_dict}`` to a ``.pth`` file (or a flat ``.safetensors`` file). Written atomically. An
+    existing ``dst`` is replaced only with ``overwrite=True`` (else ``FileExistsError``).
     """
     from .checkpoints import hf_to_original_key, strip_prefix
 
@@ -252,8 +298,10 @@ def convert_checkpoint(src: SourceLike, dst: SourceLike, *, to: str = "hf", conf
     if to == "hf":  # an HF InternVisionModel directory has no place for extra heads: they are reported
         if model.load_report.ignored:
             logger.warning("%s: not carried into the HF directory: %s", src, model.load_report.summary())
-        return save_model(model, dst)
+        return save_model(model, dst, overwrite=overwrite)
     dst = os.fspath(dst)
+    if os.path.lexists(dst) and not overwrite:
+        raise FileExistsError(f"{dst}: already exists (pass overwrite=True to replace it)")
     sd = {hf_to_original_key(k): v.contiguous() for k, v in model.state_dict().items()}
     # known heads next to the ViT (e.g. clip_projector.* in intern_vit_6b_224px.pth) keep their names
     extras = strip_prefix(model.load_report.ignored, ("module.",))

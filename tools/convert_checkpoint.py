@@ -63,7 +63,7 @@ def _convert(args) -> str:
         return convert_mmseg0x(args.src, args.dst)
     from internvit.factory import convert_checkpoint
 
-    return convert_checkpoint(args.src, args.dst, to=args.command[3:], config=args.config)
+    return convert_checkpoint(args.src, args.dst, to=args.command[3:], config=args.config, overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os.path as osp
+import tempfile
 from typing import Optional, Sequence
 
 import numpy as np
@@ -103,10 +104,14 @@ class SaveHFModelHook(Hook):
             return
         target = self._target(runner)
         dtype = parse_dtype(self.dtype) if self.dtype else None
-        module.save_pretrained(target, state_dict=state_dict, dtype=dtype)
-        with open(osp.join(target, MARKER), "w", encoding="utf-8") as f:
-            json.dump({"work_dir": osp.abspath(runner.work_dir), "iter": runner.iter,
-                       "recipe": module.flags, "pretrained": module.pretrained}, f, indent=2)
+        # the marker goes in with the model, in the same atomic swap (a kill never leaves a model folder without
+        # it, which the next run would refuse); a folder of an earlier run (checked at before_train) is replaced
+        with tempfile.TemporaryDirectory() as tmp:
+            marker = osp.join(tmp, MARKER)
+            with open(marker, "w", encoding="utf-8") as f:
+                json.dump({"work_dir": osp.abspath(runner.work_dir), "iter": runner.iter,
+                           "recipe": module.flags, "pretrained": module.pretrained}, f, indent=2)
+            module.save_pretrained(target, state_dict=state_dict, dtype=dtype, overwrite=True, extra_files=[marker])
         runner.logger.info(f"fine-tuned model saved to {target}")
 
 

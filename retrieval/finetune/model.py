@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -339,16 +339,19 @@ class InternVLRetrievalFinetune(BaseModel):
         return out
 
     def save_pretrained(self, directory: str, *, state_dict: Optional[dict] = None,
-                        dtype: Optional[torch.dtype] = None) -> str:
+                        dtype: Optional[torch.dtype] = None, overwrite: bool = False,
+                        extra_files: Sequence[str] = ()) -> str:
         """Write an HF directory :func:`internvit.load_model` reads (config with ``force_image_size``,
-        safetensors, the tokenizer when known); returns it."""
+        safetensors, the tokenizer when known, and ``extra_files`` copied in, all in the one atomic swap);
+        returns it. ``overwrite``: as in :func:`internvit.save_model` (a folder that is not empty is replaced
+        only with ``overwrite=True``, and only when it holds nothing but what saving a model writes)."""
         from internvit.factory import save_model
 
-        extra = list(self.model.extra_files)
+        extra = [*self.model.extra_files, *extra_files]
         if self.tokenizer_path and "tokenizer.model" not in {os.path.basename(e) for e in extra}:
             extra.append(self.tokenizer_path)
         export = _Export(self.model.config, self.hf_state_dict(state_dict), extra)
-        return save_model(export, directory, dtype=dtype)
+        return save_model(export, directory, dtype=dtype, overwrite=overwrite)
 
 
 class _Export:

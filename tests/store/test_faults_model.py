@@ -10,7 +10,7 @@ from .zygote import Zygote
 SAVE = """
 import sys, torch, internvit
 model = internvit.build_model("internvit-6b-tiny", seed=int(sys.argv[2]))
-internvit.save_model(model, sys.argv[1])
+internvit.save_model(model, sys.argv[1], overwrite=True)
 """
 
 
