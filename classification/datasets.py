@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence, Union
 
 from torch.utils.data import Dataset
 
-from internvit.data import is_image_file, list_images, load_image
+from internvit.data import DataError, is_image_file, list_images, load_image
 from internvit.fileio import atomic_write
 from internvit.transforms import build_transform, preprocess_config
 
@@ -236,7 +236,7 @@ class ImageFolderDataset(Dataset):
         try:
             img = load_image(path)
         except Exception as e:  # noqa: BLE001 - name the file
-            raise RuntimeError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
+            raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
         return dict(inputs=self.transform(img), data_samples=dict(gt_label=label, index=idx))
 
 

@@ -102,7 +102,9 @@ def _check_errors(out_dir: str, manifest: dict) -> None:
     if manifest.get("num_errors"):
         with open(os.path.join(out_dir, manifest.get("errors_file", "errors.jsonl")), encoding="utf-8") as f:
             first = json.loads(f.readline())
-        raise RuntimeError(f"{manifest['num_errors']} images could not be read or gave non-finite features "
+        from internvit.data import DataError
+
+        raise DataError(f"{manifest['num_errors']} images could not be read or gave non-finite features "
                            f"(first: {first['path']}: {first['error']}); fix or remove them, then rerun")
 
 

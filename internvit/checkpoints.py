@@ -168,8 +168,21 @@ def pickled_globals(path: str) -> tuple[list[str], bool]:
     except (ValueError, EOFError, OSError, zipfile.BadZipFile, UnicodeDecodeError) as e:
         if isinstance(e, OSError) and not os.path.isfile(path):
             raise CheckpointError(f"{path}: no such weight file") from None
+        if _is_safetensors(path):
+            raise CheckpointError(f"{path}: a safetensors file, not a torch checkpoint (.pth / .bin, made by "
+                                  f"torch.save) as this reader needs") from None
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: "
                               f"{first_line(e)})") from None
+
+
+def _is_safetensors(path: str) -> bool:
+    """Whether ``path`` starts like a safetensors file: an 8-byte little-endian header size, then ``{``."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < (1 << 32)
 
 
 def refuse_globals(path: str, globals_: Iterable[str], allowed: Callable[[str], bool]) -> None:

@@ -38,8 +38,15 @@ class UsageError(ValueError):
 
 
 def one_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception's message (its type name when it has none)."""
+    """The first non-empty line of an exception's message (its type name when it has none).
+
+    An error raised in a ``DataLoader`` worker arrives re-raised with the worker's traceback as its message
+    (``Caught X in DataLoader worker process N.`` first, ``module.X: message`` last): its own message is the
+    last line, without the type name."""
     text = str(exc)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if lines and re.match(r"Caught \w+ in DataLoader worker process \d+\.?$", lines[0]):
+        return re.sub(r"^[\w.]+: ", "", lines[-1], count=1)
     if isinstance(exc, KeyError) and len(exc.args) == 1:  # KeyError('model') prints as "'model'"
         arg = exc.args[0]
         # a sentence (mmengine's "X is not in the mmseg::model registry ...") is a message, not a key

@@ -18,6 +18,11 @@ LIST_EXTENSIONS: tuple[str, ...] = (".txt", ".lst")
 ImagesLike = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
 
 
+class DataError(ValueError):
+    """The input data is bad (an image that cannot be read, a label the dataset does not know): found while a
+    job runs, it is reported like a bad argument, as one ``error:`` line naming the file (exit status 2)."""
+
+
 def is_image_file(path: str) -> bool:
     """Whether ``path`` has one of :data:`IMAGE_EXTENSIONS` (case-insensitive)."""
     return path.lower().endswith(IMAGE_EXTENSIONS)

@@ -112,7 +112,7 @@ def load_config(config: str, *, cfg_options: Optional[dict] = None, work_dir: Op
 
 
 def build_runner(cfg, checkpoint: Optional[str] = None, dataloaders: tuple = (),
-                 after_build: Optional[Callable] = None):
+                 after_build: Optional[Callable] = None, checkpoint_classes: bool = False):
     """``Runner.from_cfg``, or the registry's ``runner_type`` (``FlexibleRunner`` for FSDP / DeepSpeed).
 
     Its ``train`` / ``val`` / ``test`` load checkpoints only through :func:`internvit.compat.load_runner_checkpoint`
@@ -122,7 +122,9 @@ def build_runner(cfg, checkpoint: Optional[str] = None, dataloaders: tuple = (),
     :class:`internvit.CheckpointError` names the keys. ``dataloaders`` (``'train'``, ``'val'``, ``'test'``) are
     built now rather than when the loop starts, so that a dataset's bad input (a missing folder, an unknown
     label) is a set-up error too (a plain ``Runner`` only; the same call its loops make), and their datasets'
-    class counts are checked against the model's heads (:func:`check_classes`). ``after_build(runner)`` runs
+    class counts are checked against the model's heads (:func:`check_classes`) and their class lists against
+    each other (:func:`check_same_classes`) and, with ``checkpoint_classes`` (testing, resuming), against the
+    classes the checkpoint was trained on (its ``meta.dataset_meta``). ``after_build(runner)`` runs
     last, inside the same clean-up: whatever it raises also removes the runner's files. A failure while the
     runner itself is being built (an unknown registry type, a bad model argument) removes them too.
     """
@@ -143,6 +145,14 @@ def build_runner(cfg, checkpoint: Optional[str] = None, dataloaders: tuple = (),
         _build_dataloaders(runner, dataloaders)
         for name in dataloaders:
             check_classes(runner.model, getattr(runner, f"_{name}_dataloader", None), f"{name}_dataloader")
+        lists = {f"{n}_dataloader": _dataset_class_names(getattr(runner, f"_{n}_dataloader", None))
+                 for n in dataloaders}
+        if checkpoint_classes and isinstance(ckpt, dict):
+            meta = ckpt.get("meta") if isinstance(ckpt.get("meta"), dict) else {}
+            names = (meta.get("dataset_meta") or {}).get("classes") if isinstance(meta.get("dataset_meta"),
+                                                                                 dict) else None
+            lists[f"checkpoint {checkpoint} (its dataset_meta)"] = _class_list(names)
+        check_same_classes(lists)
         if after_build is not None:
             after_build(runner)
     except BaseException:
@@ -220,14 +230,42 @@ def check_fits(model, ckpt, path: str) -> None:
         raise CheckpointError(f"{path} does not fit the config's model: " + "; ".join(problems))
 
 
-def _dataset_classes(loader) -> Optional[int]:
-    """The number of classes a built dataloader's dataset declares (``metainfo['classes']``), or None."""
+def _class_list(classes: Any) -> Optional[tuple]:
+    """``classes`` as a tuple of names, or None when it is not a non-empty list of them."""
+    return tuple(str(c) for c in classes) if isinstance(classes, (list, tuple)) and classes else None
+
+
+def _dataset_class_names(loader) -> Optional[tuple]:
+    """The class names a built dataloader's dataset declares (``metainfo['classes']``), or None."""
     ds = getattr(loader, "dataset", None)
     try:
-        classes = (getattr(ds, "metainfo", None) or {}).get("classes")
+        return _class_list((getattr(ds, "metainfo", None) or {}).get("classes"))
     except Exception:  # noqa: BLE001 - a dataset without metainfo
         return None
-    return len(classes) if isinstance(classes, (list, tuple)) and classes else None
+
+
+def _dataset_classes(loader) -> Optional[int]:
+    """The number of classes a built dataloader's dataset declares (``metainfo['classes']``), or None."""
+    names = _dataset_class_names(loader)
+    return len(names) if names else None
+
+
+def check_same_classes(lists: dict) -> None:
+    """Raise ``ValueError`` when two of the class lists ``{what: names or None}`` differ (``None``: unknown,
+    not compared). Label ``i`` means class ``names[i]``: a split whose folders lack a class numbers the
+    others one lower, and its accuracy would be computed against the wrong classes."""
+    known = [(what, names) for what, names in lists.items() if names]
+    for what, names in known[1:]:
+        ref_what, ref = known[0]
+        if names != ref:
+            i = next((i for i, (a, b) in enumerate(zip(names, ref)) if a != b), min(len(names), len(ref)))
+            here = repr(names[i]) if i < len(names) else "missing"
+            there = repr(ref[i]) if i < len(ref) else "missing"
+            extra = sorted(set(ref) - set(names))[:3]
+            hint = f" (no {', '.join(map(repr, extra))} here)" if extra else ""
+            raise ValueError(f"{what}: its classes differ from those of {ref_what}: {len(names)} vs {len(ref)} "
+                             f"classes, label {i} is {here} here and {there} there{hint}; labels would be scored "
+                             f"against the wrong classes: give every split the same class list (classes=...)")
 
 
 def check_classes(model, loader, what: str) -> None:
@@ -355,7 +393,8 @@ def build_train_runner(config: str, *, work_dir: Optional[str] = None, resume: O
             raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
         cfg.resume, cfg.load_from = True, resume
         checkpoint = resume
-    return build_runner(cfg, checkpoint, dataloaders=("train", "val"), after_build=_build_optim_wrapper)
+    return build_runner(cfg, checkpoint, dataloaders=("train", "val"), after_build=_build_optim_wrapper,
+                        checkpoint_classes=bool(cfg.get("resume")))
 
 
 def _build_optim_wrapper(runner) -> None:
@@ -449,7 +488,8 @@ def build_test_runner(config: str, checkpoint: str, *, work_dir: Optional[str] =
                 raise ValueError(f"--out {out}: predictions of this config are saved as a pickle; use a .pkl name")
             evaluators = cfg.test_evaluator if isinstance(cfg.test_evaluator, list) else [cfg.test_evaluator]
             cfg.test_evaluator = [*evaluators, dict(type="DumpResults", out_file_path=out)]
-    return build_runner(cfg, checkpoint, dataloaders=("test",), after_build=_without_training)
+    return build_runner(cfg, checkpoint, dataloaders=("test",), after_build=_without_training,
+                        checkpoint_classes=True)
 
 
 def _without_training(runner) -> None:

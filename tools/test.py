@@ -5,8 +5,9 @@
                                          [--cfg-options k=v ...] [--launcher none|pytorch|slurm|mpi]
 
 The checkpoint is read without running code and must fit the config's model (missing, unexpected or
-mis-shaped keys are an error). Set-up problems are one ``error: ...`` line and exit status 2; a failure while
-testing keeps its traceback. Prints the metrics as one JSON line.
+mis-shaped keys are an error), and its classes must be the test set's. Set-up problems are one ``error: ...``
+line and exit status 2, and so is bad input data met while testing (an image that cannot be read: the file is
+named); any other failure while testing keeps its traceback. Prints the metrics as one JSON line.
 """
 import argparse
 import json
@@ -37,6 +38,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from internvit.cli import one_line, print_error
+    from internvit.data import DataError
     from internvit.runner import SETUP_ERRORS, build_test_runner, held_back_warnings
 
     try:
@@ -47,7 +49,11 @@ def main(argv=None) -> int:
     except SETUP_ERRORS as e:
         print_error(one_line(e))
         return 2
-    metrics = runner.test()
+    try:
+        metrics = runner.test()
+    except DataError as e:  # bad input data met while testing (an unreadable image): one line, the file named
+        print_error(one_line(e))
+        return 2
     print(json.dumps({k: round(float(v), 4) if isinstance(v, (int, float)) or hasattr(v, "item") else str(v)
                       for k, v in metrics.items()}))
     return 0

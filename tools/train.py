@@ -5,7 +5,8 @@
                                [--launcher none|pytorch|slurm|mpi] [--local_rank N]
 
 Set-up problems (a missing or broken config, a checkpoint that is refused or does not fit the model) are one
-``error: ...`` line and exit status 2; a failure while training keeps its traceback.
+``error: ...`` line and exit status 2, and so is bad input data met while training (an image that cannot be
+read: the file is named); any other failure while training keeps its traceback.
 """
 import argparse
 import os
@@ -35,6 +36,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from internvit.cli import one_line, print_error
+    from internvit.data import DataError
     from internvit.runner import SETUP_ERRORS, build_train_runner, held_back_warnings
 
     try:
@@ -45,7 +47,11 @@ def main(argv=None) -> int:
     except SETUP_ERRORS as e:
         print_error(one_line(e))
         return 2
-    runner.train()
+    try:
+        runner.train()
+    except DataError as e:  # bad input data met while training (an unreadable image): one line, the file named
+        print_error(one_line(e))
+        return 2
     return 0
 
 
