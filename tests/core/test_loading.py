@@ -151,3 +151,42 @@ def test_300m_matches_timm(tmp_path):
     x = torch.randn(2, 3, 56, 56)
     with torch.no_grad():
         torch.testing.assert_close(ours.forward_features(x), ref.forward_features(x), atol=1e-4, rtol=0)
+
+
+def test_bare_weights_of_an_unreleased_width_say_the_head_count_is_assumed(tmp_path, caplog):
+    """A 64-wide model with 8 heads, saved without its config: the weights do not record the head count, so
+    the 4 of the tiny preset of that width is an assumption, and a warning says so (outputs differed by 1.7
+    silently); config= gives the right model; a released width (1024: 16 heads in every release) is silent."""
+    import logging
+
+    from internvit.factory import convert_checkpoint
+
+    cfg = dict(internvit.get_config("internvit-6b-tiny").to_dict(), num_attention_heads=8)
+    model = internvit.build_model(cfg, seed=0)
+    pth = convert_checkpoint(internvit.save_model(model, tmp_path / "hf"), tmp_path / "o.pth", to="original")
+    with caplog.at_level(logging.WARNING, logger="internvit"):
+        guessed = internvit.load_model(pth)
+    assert guessed.config.num_attention_heads == 4
+    assert "do not record the number of attention heads: assumed 4 (from the preset 'internvit-6b-tiny'" in caplog.text
+    right = internvit.load_model(pth, cfg)
+    x = torch.randn(1, 3, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(right(x).last_hidden_state, model.eval()(x).last_hidden_state)
+    caplog.clear()
+    from internvit.factory import infer_vision_config  # the 300M width (1024): no warning
+
+    class Shapes:
+        def __init__(self, sd):
+            self.sd = sd
+
+        def keys(self):
+            return list(self.sd)
+
+        def shape(self, k):
+            return tuple(self.sd[k].shape)
+
+    wide = internvit.build_model(dict(internvit.get_config("internvit-300m-tiny").to_dict(), hidden_size=1024,
+                                      num_attention_heads=16, intermediate_size=64, num_hidden_layers=1), seed=0)
+    with caplog.at_level(logging.WARNING, logger="internvit"):
+        assert infer_vision_config(Shapes(wide.state_dict())).num_attention_heads == 16
+    assert "attention heads" not in caplog.text
