@@ -322,8 +322,9 @@ def match_classes(names: Sequence[str], data_classes: Sequence[str]) -> list[int
                              f"position {j} is {names[j]!r}: list the class names in the data's class order "
                              f"(sorted folder names) or give names that match every class")
     missing = [c for c, h in zip(data_classes, hits) if not h]
+    shown = ", ".join(map(repr, missing[:3])) + (", ..." if len(missing) > 3 else "")
     raise ValueError(f"{len(names)} class names given but the data has {len(data_classes)} classes, and "
-                     f"{len(missing)} of them ({', '.join(map(repr, missing[:3]))}) match no class name "
+                     f"{len(missing)} of them ({shown}) match no class name "
                      f"(matched by name, case-insensitive, '_' = space, or by index)")
 
 

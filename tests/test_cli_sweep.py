@@ -136,6 +136,8 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("output_is_a_folder", _with(ZEROSHOT, output="{W}/imgs")),
         ("output_is_a_user_file", _with(ZEROSHOT, output="{W}/ann.json")),
         ("output_empty", _with(ZEROSHOT, output="")),
+        ("num_frames_without_video", [*ZEROSHOT, "--num-frames", "4"]),
+        ("resize_mode_without_video", [*ZEROSHOT, "--resize-mode", "squash"]),
         *[(n, [*ZEROSHOT, *a]) for n, a in DEVICE_CASES + NO_CUDA_CASES],
     ],
     "eval_retrieval": [
@@ -218,6 +220,7 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
                                  "internvit-6b-tiny"]),
         ("mmseg0x_src_empty", ["mmseg0x", "", "{out}.pth"]),
         ("dst_empty", ["to-hf", "{W}/model", ""]),
+        ("overwrite_a_user_folder", ["to-hf", "{W}/model", "{W}/imgs", "--overwrite"]),
     ],
     "train": [
         ("missing_config", ["{W}/nope.py", "--work-dir", "{out}"]),
@@ -239,6 +242,7 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("config_syntax_error", ["{W}/syntax_error.py", "{W}/other_ckpt.pth", "--work-dir", "{out}"]),
         ("config_without_model", ["{W}/no_model.py", "{W}/other_ckpt.pth", "--work-dir", "{out}"]),
         ("work_dir_empty", ["{seg}", "{W}/other_ckpt.pth", "--work-dir", ""]),
+        ("safetensors_checkpoint", ["{seg}", "{W}/model/model.safetensors", "--work-dir", "{out}"]),
     ],
     "demo_serve": [
         ("missing_index", ["{W}/nope", "--out", "{out}"]),

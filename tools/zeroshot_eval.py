@@ -42,18 +42,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workers", type=nonnegative_int, default=2)
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--device", type=device, default="cpu")
-    p.add_argument("--output", default="zeroshot_results.json",
-                   help="JSON file to write (atomically; an existing file that is not a zero-shot result needs "
-                        "--overwrite)")
+    p.add_argument("--output", default=None,
+                   help="JSON file to write as well (atomically; an existing file that is not a zero-shot result "
+                        "needs --overwrite); default: the result is only printed")
     p.add_argument("--overwrite", action="store_true", help="replace --output whatever it holds")
     v = p.add_argument_group("video (docs/classification.md, 'Zero-shot video classification')")
     v.add_argument("--video", action="store_true", help="--data holds videos: <root>/<class>/<video> or a CSV of "
                    "path,label; --classnames may be kinetics400/kinetics600/kinetics700")
-    v.add_argument("--num-frames", type=positive_int, default=8,
+    v.add_argument("--num-frames", type=positive_int, default=None,
                    help="frames sampled per video (default 8; 1 = middle)")
-    v.add_argument("--resize-mode", default="crop", choices=("crop", "squash"),
+    v.add_argument("--resize-mode", default=None, choices=("crop", "squash"),
                    help="frame preprocessing: short-side resize + centre crop (default) or squash")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.video:  # video options are refused without --video, never silently ignored
+        given = [f for f, v in (("--num-frames", args.num_frames), ("--resize-mode", args.resize_mode)) if v]
+        if given:
+            p.error(f"{given[0]} applies to videos only: add --video")
+    args.num_frames = args.num_frames or 8
+    args.resize_mode = args.resize_mode or "crop"
+    return args
 
 
 def _is_own_result(path: str) -> bool:
@@ -85,7 +92,10 @@ def _main(argv=None) -> int:
     args = parse_args(argv)
     if not os.path.exists(args.data):
         raise UsageError(f"--data {args.data}: no such folder or CSV file")
-    _check_output(args.output, args.overwrite)
+    if args.output is not None:
+        _check_output(args.output, args.overwrite)
+    elif args.overwrite:
+        raise UsageError("--overwrite without --output: nothing is written")
     if not os.path.exists(args.model) and os.sep in args.model:
         raise UsageError(f"--model {args.model}: no such file or folder")
     if args.tokenizer is not None and not os.path.exists(args.tokenizer):

@@ -195,6 +195,13 @@ def test_cli_folder_and_csv(fx, tmp_path):
     assert zeroshot_eval.main(cmd[2:5] + [str(csv), "--output", str(res_csv), "--workers", "0", "--mode",
                                           "InternVL-G", "--templates", str(tmp_path / "t.txt")]) == 0
     assert json.loads(res_csv.read_text())["acc1"] == res["acc1"]  # same images, same labels, same classifier
+    # without --output the result is printed, and nothing is written (it used to land in ./zeroshot_results.json)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    r = subprocess.run(cmd[:cmd.index("--output")] + cmd[cmd.index("--output") + 2:], capture_output=True,
+                       text=True, cwd=str(cwd), env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["acc1"] == res["acc1"] and os.listdir(cwd) == []
 
 
 def test_cli_errors(fx, tmp_path, capsys):
