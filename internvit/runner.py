@@ -103,6 +103,10 @@ def load_config(config: str, *, cfg_options: Optional[dict] = None, work_dir: Op
         cfg.work_dir = work_dir
     elif cfg.get("work_dir") is None:
         cfg.work_dir = osp.join("./work_dirs", osp.splitext(osp.basename(config))[0])
+    dump = osp.join(osp.abspath(cfg.work_dir), osp.basename(config))  # where the Runner writes its flat copy
+    if osp.isfile(dump) and osp.samefile(dump, config):
+        raise ValueError(f"work dir {cfg.work_dir}: holds the config {config} itself, which the run would replace "
+                         f"with its flattened copy (the _base_ lines lost): use another work dir")
     if cfg.get("default_scope") == "mmseg":
         compat.apply(mmseg=True)
         from mmseg.utils import register_all_modules
@@ -124,7 +128,8 @@ def build_runner(cfg, checkpoint: Optional[str] = None, dataloaders: tuple = (),
     label) is a set-up error too (a plain ``Runner`` only; the same call its loops make), and their datasets'
     class counts are checked against the model's heads (:func:`check_classes`) and their class lists against
     each other (:func:`check_same_classes`) and, with ``checkpoint_classes`` (testing, resuming), against the
-    classes the checkpoint was trained on (its ``meta.dataset_meta``). ``after_build(runner)`` runs
+    classes the checkpoint was trained on (its ``meta.dataset_meta``); hooks with a ``check_setup(runner)``
+    method run it. ``after_build(runner)`` runs
     last, inside the same clean-up: whatever it raises also removes the runner's files. A failure while the
     runner itself is being built (an unknown registry type, a bad model argument) removes them too.
     """
@@ -153,6 +158,9 @@ def build_runner(cfg, checkpoint: Optional[str] = None, dataloaders: tuple = (),
                                                                                  dict) else None
             lists[f"checkpoint {checkpoint} (its dataset_meta)"] = _class_list(names)
         check_same_classes(lists)
+        for hook in getattr(runner, "hooks", ()):  # a hook's own set-up checks (e.g. an output folder it would fill)
+            if callable(getattr(hook, "check_setup", None)):
+                hook.check_setup(runner)
         if after_build is not None:
             after_build(runner)
     except BaseException:
@@ -459,15 +467,18 @@ def _single_process_runner(cfg) -> None:
 
 def build_test_runner(config: str, checkpoint: str, *, work_dir: Optional[str] = None,
                       show_dir: Optional[str] = None, out: Optional[str] = None, cfg_options: Optional[dict] = None,
-                      launcher: str = "none", local_rank: Optional[int] = None):
+                      launcher: str = "none", local_rank: Optional[int] = None, overwrite: bool = False):
     """The test runner of ``config`` evaluating ``checkpoint``, built but not started.
 
     With ``launcher='none'`` a config for ``FlexibleRunner`` with a distributed strategy (FSDP, DeepSpeed)
     is tested with a plain single-process ``Runner``.
 
     ``show_dir`` writes prediction overlays (mmseg's ``SegVisualizationHook``); ``out`` stores the raw
-    predictions: for mmseg configs a directory of label PNGs (``IoUMetric(output_dir=...)``), otherwise a
-    pickle file (mmengine's ``DumpResults``).
+    predictions: for mmseg configs a directory of label PNGs (``IoUMetric(output_dir=...)``, one
+    ``<image stem>.png`` per test image), otherwise a pickle file (mmengine's ``DumpResults``). Both replace
+    same-named files, so an existing ``out`` file, or a ``show_dir`` / ``out`` folder that is not empty, needs
+    ``overwrite=True`` (pointed at an annotation folder, the predictions replaced the ground truth), and test
+    images whose names would collide there (``a/x.png`` and ``b/x.png``) are refused. Raises ``ValueError``.
     """
     _set_local_rank(local_rank)
     if _is_local(checkpoint) and not osp.isfile(checkpoint):
@@ -477,10 +488,14 @@ def build_test_runner(config: str, checkpoint: str, *, work_dir: Optional[str] =
     cfg.load_from = checkpoint
     if launcher == "none":
         _single_process_runner(cfg)
+    seg = cfg.get("default_scope") == "mmseg"
+    for flag, path, folder in (("--show-dir", show_dir, True), ("--out", out, seg)):
+        if path:
+            _check_output_path(flag, path, folder, overwrite)
     if show_dir:
         _enable_visualization(cfg, osp.abspath(show_dir))
     if out:
-        if cfg.get("default_scope") == "mmseg":
+        if seg:
             cfg.test_evaluator["output_dir"] = out
             cfg.test_evaluator["keep_results"] = True
         else:
@@ -488,8 +503,46 @@ def build_test_runner(config: str, checkpoint: str, *, work_dir: Optional[str] =
                 raise ValueError(f"--out {out}: predictions of this config are saved as a pickle; use a .pkl name")
             evaluators = cfg.test_evaluator if isinstance(cfg.test_evaluator, list) else [cfg.test_evaluator]
             cfg.test_evaluator = [*evaluators, dict(type="DumpResults", out_file_path=out)]
-    return build_runner(cfg, checkpoint, dataloaders=("test",), after_build=_without_training,
-                        checkpoint_classes=True)
+    after = _without_training
+    if seg and (show_dir or out):
+        def after(runner) -> None:
+            _without_training(runner)
+            _check_unique_names(runner, "--out" if out else "--show-dir")
+    return build_runner(cfg, checkpoint, dataloaders=("test",), after_build=after, checkpoint_classes=True)
+
+
+def _check_output_path(flag: str, path: str, folder: bool, overwrite: bool) -> None:
+    """A test output path: a folder (``folder``) or a file; an existing file, or a folder that is not empty,
+    only with ``overwrite`` (their same-named files would be replaced)."""
+    if os.path.lexists(path) and os.path.isdir(path) != folder:
+        raise ValueError(f"{flag} {path}: exists and is {'not ' if folder else ''}a folder (give "
+                         f"{'a folder' if folder else 'a file path'})")
+    if overwrite:
+        return
+    if folder and os.path.isdir(path) and os.listdir(path):
+        raise ValueError(f"{flag} {path}: a folder that is not empty; its same-named files would be replaced "
+                         f"(give a new or empty folder, or pass --overwrite)")
+    if not folder and os.path.lexists(path):
+        raise ValueError(f"{flag} {path}: already exists (pass --overwrite to replace it)")
+
+
+def _check_unique_names(runner, flag: str) -> None:
+    """mmseg names each prediction / overlay after its image's file name: two test images of one name (in
+    different folders) would write one file, the first silently replaced."""
+    ds = getattr(getattr(runner, "_test_dataloader", None), "dataset", None)
+    if not callable(getattr(ds, "get_data_info", None)):  # mmengine's BaseDataset (its data_list may be serialised)
+        return
+    seen: dict[str, str] = {}
+    for i in range(len(ds)):
+        item = ds.get_data_info(i)
+        path = item.get("img_path") if isinstance(item, dict) else None
+        if not isinstance(path, str):
+            continue
+        stem = osp.splitext(osp.basename(path))[0]
+        if stem in seen:
+            raise ValueError(f"{flag}: test images {seen[stem]} and {path} have the same name {stem!r}: their "
+                             f"predictions would be written to one file (rename one, or leave {flag} out)")
+        seen[stem] = path
 
 
 def _without_training(runner) -> None:

@@ -28,6 +28,8 @@ def parse_args(argv=None):
     parser.add_argument("--work-dir", help="the dir to save logs and metrics")
     parser.add_argument("--show-dir", help="write prediction overlays (image | prediction) to this dir")
     parser.add_argument("--out", help="save predictions: a dir of label PNGs (mmseg configs) or a .pkl file")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="let --out / --show-dir replace an existing file or write into a non-empty folder")
     parser.add_argument("--cfg-options", nargs="+", action=cfg_options_action(),
                         help="override config settings, key=value")
     parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
@@ -45,7 +47,7 @@ def main(argv=None) -> int:
         with held_back_warnings():  # a set-up error is the only line the user sees
             runner = build_test_runner(args.config, args.checkpoint, work_dir=args.work_dir,
                                        show_dir=args.show_dir, out=args.out, cfg_options=args.cfg_options,
-                                       launcher=args.launcher, local_rank=args.local_rank)
+                                       launcher=args.launcher, local_rank=args.local_rank, overwrite=args.overwrite)
     except SETUP_ERRORS as e:
         print_error(one_line(e))
         return 2

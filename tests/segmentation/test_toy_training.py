@@ -2,6 +2,7 @@
 real learning, overlays, resume, frozen backbone, few-shot list, MMSegInferencer."""
 import glob
 import os
+import shutil
 
 import pytest
 import torch
@@ -58,6 +59,42 @@ def test_toy_upernet_learns_and_writes_overlays(uper_run, toy_data):
     assert metrics["mIoU"] >= 60.0, metrics
     assert len(glob.glob(os.path.join(show, "**", "*.png"), recursive=True)) == 8
     assert len(glob.glob(os.path.join(work_dir, "preds", "*.png"))) == 8
+
+
+def test_test_outputs_never_replace_files_they_did_not_write(uper_run, toy_data, tmp_path):
+    """--out pointed at the annotation folder replaced the ground truth with the predictions (the next test
+    scored mIoU 100); a user's file in --out / --show-dir, an existing --out file, and two test images of one
+    name (one prediction file) are refused at set-up; --overwrite lets an output folder be reused."""
+    from internvit.runner import test
+
+    work_dir, opts = uper_run
+    ckpt = os.path.join(work_dir, f"iter_{ITERS}.pth")
+    ann = os.path.join(toy_data, "annotations", "validation")
+    before = {n: open(os.path.join(ann, n), "rb").read() for n in os.listdir(ann)}
+    for kw in (dict(out=ann), dict(show_dir=ann), dict(out=os.path.join(ann, sorted(before)[0]))):
+        with pytest.raises(ValueError, match="not empty|not a folder"):
+            test(TOY_UPER, ckpt, work_dir=str(tmp_path / "w"), cfg_options=opts, **kw)
+    assert {n: open(os.path.join(ann, n), "rb").read() for n in os.listdir(ann)} == before
+    assert not os.path.exists(tmp_path / "w")
+    mine = tmp_path / "preds"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty"):
+        test(TOY_UPER, ckpt, work_dir=str(tmp_path / "w"), cfg_options=opts, out=str(mine))
+    test(TOY_UPER, ckpt, work_dir=str(tmp_path / "w"), cfg_options=opts, out=str(mine), overwrite=True)
+    assert len(os.listdir(mine)) == 9 and (mine / "notes.txt").read_text() == "mine"
+    # a/x.png and b/x.png: one prediction file for two images
+    twin = tmp_path / "twin"
+    for kind in ("images", "annotations"):
+        src = os.path.join(toy_data, kind, "validation")
+        name = sorted(os.listdir(src))[0]
+        for sub in ("a", "b"):
+            os.makedirs(twin / kind / "validation" / sub)
+            shutil.copy(os.path.join(src, name), twin / kind / "validation" / sub / name)
+    twin_opts = dict(opts, **{"test_dataloader.dataset.data_root": str(twin)})
+    with pytest.raises(ValueError, match=f"have the same name {os.path.splitext(name)[0]!r}"):
+        test(TOY_UPER, ckpt, work_dir=str(tmp_path / "w2"), cfg_options=twin_opts, out=str(tmp_path / "o2"))
+    assert not os.path.exists(tmp_path / "o2")
 
 
 def test_resume_continues_iteration_count(uper_run):
