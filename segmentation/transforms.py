@@ -1,6 +1,7 @@
 """Data transforms of the published InternViT segmentation pipelines (mmseg 1.x ``TRANSFORMS``)."""
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import mmcv
@@ -62,10 +63,15 @@ class CheckSegLabels(BaseTransform):
     """Refuse a segmentation map the metric would silently mis-score: a label value that is neither a class
     (``0 .. num_classes - 1``, after ``reduce_zero_label``) nor ``ignore_index``, or a map whose size differs
     from the image's original size (``ori_shape``; mmseg's ``IoUMetric`` excludes out-of-range values from
-    every class's areas without a word, and fails on a size mismatch deep in the test loop).
+    every class's areas without a word, and fails on a size mismatch deep in the test loop), or a file that is
+    not one 8-bit channel (mode ``L``, ``P`` or ``1``): ``LoadAnnotations`` casts a 16-bit map to ``uint8``
+    (257 became class 1, scored as such) and keeps the channels of an RGB / LA map (the metric failed with an
+    ``IndexError``).
 
     Place it after ``LoadAnnotations``. Raises ``ValueError`` naming the annotation file. Modifies nothing.
     """
+
+    LABEL_MODES = ("L", "P", "1")
 
     def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
         if int(num_classes) < 1:
@@ -77,6 +83,12 @@ class CheckSegLabels(BaseTransform):
         if seg is None:
             return results
         where = results.get("seg_map_path", "the segmentation map")
+        mode = _image_mode(where) if isinstance(where, str) else None
+        if mode is not None and mode not in self.LABEL_MODES:
+            raise ValueError(f"{where}: a label map must be one 8-bit channel (PNG mode L or P), this file is mode "
+                             f"{mode!r}: its values would be cast to uint8 or its channels kept")
+        if seg.ndim != 2:
+            raise ValueError(f"{where}: a label map must have one channel, this one has shape {tuple(seg.shape)}")
         shape = results.get("ori_shape")
         if shape is not None and tuple(seg.shape[:2]) != tuple(shape[:2]):
             raise ValueError(f"{where}: {seg.shape[0]}x{seg.shape[1]} label map for a {shape[0]}x{shape[1]} image")
@@ -89,3 +101,16 @@ class CheckSegLabels(BaseTransform):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(num_classes={self.num_classes}, ignore_index={self.ignore_index})"
+
+
+def _image_mode(path: str) -> Optional[str]:
+    """The PIL mode of a local image file from its header (``None`` when it is not a local file PIL reads)."""
+    if not os.path.isfile(path):
+        return None
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.mode
+    except Exception:  # noqa: BLE001 - LoadAnnotations has already read it; leave other formats alone
+        return None

@@ -92,6 +92,18 @@ def test_labels_the_metric_would_miscount_are_refused(tmp_path):
     Image.fromarray(np.zeros((10, 12), np.uint8)).save(os.path.join(ann, second))
     with pytest.raises(ValueError, match=rf"{second}: 10x12 label map for a 120x150 image"):
         DATASETS.build(ds_cfg)[1]
+    # a 16-bit map (257 was cast to 1 and scored as class 1) and multi-channel maps (RGB, LA: the metric failed)
+    good = np.zeros((120, 150), np.uint8)
+    good[:10] = 2
+    Image.fromarray(good).save(os.path.join(ann, second))
+    assert DATASETS.build(ds_cfg)[1] is not None
+    wide = good.astype(np.uint16)
+    wide[0, 0] = 257
+    for _kind, im in (("16-bit", Image.fromarray(wide)), ("RGB", Image.fromarray(np.stack([good] * 3, -1))),
+                     ("LA", Image.fromarray(good).convert("LA"))):
+        im.save(os.path.join(ann, second))
+        with pytest.raises(ValueError, match=rf"{second}: a label map must be one 8-bit channel.*mode '{im.mode}'"):
+            DATASETS.build(ds_cfg)[1]
     for name in ("ade20k_504x504.py", "ade20k_504x504_few_shot.py"):
         ade = Config.fromfile(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "segmentation",
                                            "_base_", "datasets", name))
