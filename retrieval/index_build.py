@@ -49,7 +49,7 @@ from .faiss_ops import (
     supports_remove,
     write_index,
 )
-from .index_folder import FORMAT_VERSION, INDEX_FILES, check_id_offset, read_manifest
+from .index_folder import FORMAT_VERSION, INDEX_FILES, check_id_offset, check_index_destination, read_manifest
 from .index_plan import format_bytes, needs_training, parse_memory, plan_index
 from .index_tune import _progress, split_rows, tune_index
 
@@ -381,6 +381,8 @@ def build_index(
         if tune_queries.ndim != 2 or tune_queries.shape[1] != dim or not len(tune_queries):
             raise ValueError(f"tune_queries must be a non-empty (Q, {dim}) array, got shape {tune_queries.shape}")
     existing = _committed_or_none(out_dir)
+    if existing is None:
+        check_index_destination(out_dir)  # a user's folder: refused before the index is trained
     recorded_offset = int((existing or {}).get("id_offset", 0))
     offset = check_id_offset(recorded_offset if id_offset is None else id_offset, n, out_dir)
     from .ondisk import build_ondisk_index, wants_on_disk

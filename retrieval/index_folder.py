@@ -30,6 +30,20 @@ INDEX_FILES = {"img": "image.index", "text": "text.index"}
 REQUIRED = ("index_file", "dim", "ntotal", "next_id", "kind", "index_key")
 
 
+def check_index_destination(out_dir: str) -> None:
+    """Refuse, before any work, an ``out_dir`` that is a folder holding files but no index build (no committed
+    or interrupted index, no embeddings of one): a build writes its files by name and would fail on, or
+    replace, a user's. Raises ``FileExistsError``."""
+    if not os.path.isdir(out_dir):
+        return
+    names = os.listdir(out_dir)
+    ours = {".store", "manifest.json", "embeddings"}
+    if names and not any(n in ours or n.startswith("embeddings-add-") for n in names):
+        shown = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
+        raise FileExistsError(f"{out_dir}: a folder that is not empty ({shown}) and holds no index: give a new or "
+                              f"empty folder (or the folder of an index to extend with --add)")
+
+
 def check_id_offset(id_offset, next_id: int, where: Optional[str] = None) -> int:
     """``id_offset`` as an int, checked for a folder whose local ids run below ``next_id``: an integer >= 0 whose
     last global id ``id_offset + next_id - 1`` fits faiss's int64 ids (at most ``2**63 - 1``). ``ValueError``

@@ -19,6 +19,7 @@ from internvit.store import read_manifest
 from .embeddings import KINDS, save_npy
 from .encoders import Encoder
 from .index_build import add_to_index, build_index, check_build_args, check_kind
+from .index_folder import check_index_destination
 from .index_folder import read_manifest as read_index_manifest
 from .index_plan import plan_index
 from .inputs import TarImages, image_inputs
@@ -229,6 +230,7 @@ def _prepare(source, out_dir: str, encoder: Encoder, *, add: bool, kind: Optiona
         encoder.check_compatible(manifest, out_dir)  # before embedding anything
     else:
         kind = kind or "img"
+        check_index_destination(out_dir)  # a user's folder: refused before anything is embedded into it
         plan_index(len(paths), encoder.dim, index_key, budget)  # e.g. IVF1024 on 300 images: refused now
     if kind == "text" and not encoder.supports_text:
         raise ValueError(f"kind='text' needs an encoder that embeds text; {encoder.name!r} cannot (image-only, "
