@@ -205,6 +205,8 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("bad_dtype", [*BUILD_MODEL, "--dtype", "fp8"]),
         ("dst_empty", ["{W}/emb", "", "--quiet"]),
         ("src_empty", ["", "{out}", "--quiet"]),
+        ("out_a_user_folder_with_model", ["{W}/imgs", "{W}/cls", "--model", "internvit:internvit-6b-tiny", "--quiet"]),
+        ("out_a_user_folder", ["{W}/emb", "{W}/cls", "--quiet"]),
         *[(n, [*BUILD_MODEL, *a]) for n, a in DEVICE_CASES + NO_CUDA_CASES],
     ],
     "convert_checkpoint": [
@@ -243,6 +245,8 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("config_without_model", ["{W}/no_model.py", "{W}/other_ckpt.pth", "--work-dir", "{out}"]),
         ("work_dir_empty", ["{seg}", "{W}/other_ckpt.pth", "--work-dir", ""]),
         ("safetensors_checkpoint", ["{seg}", "{W}/model/model.safetensors", "--work-dir", "{out}"]),
+        ("out_onto_a_user_file", ["{seg}", "{W}/other_ckpt.pth", "--work-dir", "{out}", "--out", "{W}/ann.json"]),
+        ("show_dir_a_user_folder", ["{seg}", "{W}/other_ckpt.pth", "--work-dir", "{out}", "--show-dir", "{W}/imgs"]),
     ],
     "demo_serve": [
         ("missing_index", ["{W}/nope", "--out", "{out}"]),

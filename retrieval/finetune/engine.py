@@ -76,6 +76,10 @@ class SaveHFModelHook(Hook):
     def _target(self, runner) -> str:
         return osp.abspath(self.out_dir or osp.join(runner.work_dir, "hf_model"))
 
+    def check_setup(self, runner) -> None:
+        """Called by :func:`internvit.runner.build_runner` at set-up (one ``error:`` line, nothing written)."""
+        self.before_train(runner)
+
     def before_train(self, runner) -> None:
         target = self._target(runner)
         if osp.exists(target) and not osp.isfile(osp.join(target, MARKER)):

@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -271,12 +272,32 @@ def test_an_unreadable_image_met_while_training_is_one_line(tmp_path, capsys, to
             list(DataLoader(ds, batch_size=2, num_workers=workers))
         assert one_line(e.value).startswith(f"{bad}: cannot read image (UnidentifiedImageError"), one_line(e.value)
     roots = [f"{s}_dataloader.dataset.data_root={data}" for s in ("train", "val", "test")]
-    _fails("train", [CLS_TOY, "--work-dir", str(tmp_path / "work"), "--cfg-options", *roots,
-                     "train_cfg.max_epochs=1", "train_dataloader.batch_size=2", "model.head.num_classes=2"], capsys,
-           f"{bad}: cannot read image")
+    # a fresh process, as a user runs it (a training run in this process would log through the handlers that
+    # earlier tests' runners bound to their captured, now closed, streams)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "train.py"), CLS_TOY, "--work-dir",
+                           str(tmp_path / "work"), "--cfg-options", *roots, "train_cfg.max_epochs=1",
+                           "train_dataloader.batch_size=2", "model.head.num_classes=2"],
+                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and errors == [f"error: {bad}: cannot read image (UnidentifiedImageError: cannot "
+                                               f"identify image file {str(bad)!r})"], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
 
 
 def test_a_safetensors_file_as_the_checkpoint_is_named_as_such(tmp_path, capsys, vit_fixture):
     st = os.path.join(vit_fixture, "model.safetensors")
     _fails("test", [CLS_TOY, st, "--work-dir", str(tmp_path / "w")], capsys,
            f"{st}: a safetensors file, not a torch checkpoint")  # was: "opcode b'\\xe0' unknown"
+
+
+def test_a_work_dir_holding_the_config_itself_is_refused(tmp_path, capsys):
+    """--work-dir the config's own folder: the Runner's flattened dump replaced the user's config."""
+    mine = tmp_path / "cfgs"
+    mine.mkdir()
+    shutil.copy(CLS_TOY, mine / "probe.py")
+    text = (mine / "probe.py").read_text()
+    (tmp_path / "ckpt.pth").write_bytes(b"")
+    for tool, extra in (("train", []), ("test", [str(tmp_path / "ckpt.pth")])):
+        _fails(tool, [str(mine / "probe.py"), *extra, "--work-dir", str(mine)], capsys,
+               "holds the config", "itself")
+    assert (mine / "probe.py").read_text() == text and sorted(os.listdir(mine)) == ["probe.py"]
