@@ -12,11 +12,12 @@ sort puts the lower id first on a tie, faiss' ``IndexFlatIP`` the higher one).
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tempfile
 import time
-from typing import Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
@@ -33,6 +34,8 @@ from .index import (
     set_search_params,
 )
 from .search import _Queries
+
+logger = logging.getLogger("retrieval")
 
 
 class _QueryRules(_Queries):
@@ -83,30 +86,88 @@ def pre_caption(caption: str, max_words: int = 50) -> str:
     return " ".join(words[:max_words]) if len(words) > max_words else caption
 
 
-def _entries_json(path: str, data, split: Optional[str]) -> list[tuple[str, list]]:
+class AnnotationEntry(NamedTuple):
+    """One entry of an annotation file: ``where`` names it in messages (``'entry 3'``, ``'line 5'``,
+    ``'images[2]'``), ``image`` is the path as written, ``captions`` the raw caption strings, ``image_id`` the
+    explicit image id as a string (``None`` when the entry gives none)."""
+
+    where: str
+    image: str
+    captions: list
+    image_id: Optional[str]
+
+
+def parse_splits(split: Union[None, str, Sequence[str]]) -> Optional[frozenset]:
+    """Karpathy split names to keep: ``None`` (all), one name, a comma-separated string (``'train,restval'``)
+    or a sequence of names. ``ValueError`` for an empty selection or a name that is not a string."""
+    if split is None:
+        return None
+    names = split.split(",") if isinstance(split, str) else list(split)
+    if not all(isinstance(s, str) for s in names):
+        raise ValueError(f"split must be a name, a comma-separated string or a sequence of names, got {split!r}")
+    out = frozenset(s.strip() for s in names if s.strip())
+    if not out:
+        raise ValueError(f"split names no split: {split!r}")
+    return out
+
+
+def _caption_list(path: str, where: str, value, key: str) -> list:
+    """``value`` (a string or a list of strings) as a list; ``ValueError`` naming the file and the entry for
+    anything else (``null``, a number: they used to become the text 'none' / '3')."""
+    caps = value if isinstance(value, list) else [value]
+    for c in caps:
+        if not isinstance(c, str):
+            raise ValueError(f"{path}: {where}: {key} {c!r} is not a string")
+    return caps
+
+
+def _explicit_id(path: str, where: str, value) -> Optional[str]:
+    """An entry's ``image_id`` as a string (whole, e.g. ``'coco_391895'``); ``None`` when absent."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValueError(f"{path}: {where}: image_id {value!r} is not a string or an integer")
+    return str(value)
+
+
+def _entries_json(path: str, data, split: Union[None, str, Sequence[str]]) -> list[AnnotationEntry]:
+    splits = parse_splits(split)
     if isinstance(data, dict) and isinstance(data.get("images"), list):
-        entries = []
+        entries, restval = [], 0
         for n, im in enumerate(data["images"]):
+            where = f"images[{n}]"
             if not isinstance(im, dict) or "filename" not in im:
-                raise ValueError(f"{path}: images[{n}] has no 'filename'")
-            if split is not None and im.get("split", split) != split:
+                raise ValueError(f"{path}: {where} has no 'filename'")
+            restval += im.get("split") == "restval"
+            if splits is not None and "split" in im and im["split"] not in splits:
                 continue
+            if not isinstance(im["filename"], str) or not isinstance(im.get("filepath", ""), str):
+                raise ValueError(f"{path}: {where}: image path {im['filename']!r} is not a string")
             rel = os.path.join(im.get("filepath", ""), im["filename"])
-            entries.append((rel, [s["raw"] if isinstance(s, dict) else s for s in im.get("sentences", [])]))
+            sentences = im.get("sentences", [])
+            if not isinstance(sentences, list):
+                raise ValueError(f"{path}: {where}: 'sentences' is not a list")
+            raw = [s.get("raw") if isinstance(s, dict) else s for s in sentences]
+            entries.append(AnnotationEntry(where, rel, _caption_list(path, where, raw, "sentence"),
+                                           _explicit_id(path, where, im.get("imgid"))))
+        if splits == frozenset({"train"}) and restval:
+            logger.warning("%s: %d images of the 'restval' split are left out (Karpathy's standard training "
+                           "set is train + restval: give split='train,restval' to include them)", path, restval)
         return entries
     if isinstance(data, list):
         entries = []
         for n, e in enumerate(data):
+            where = f"entry {n}"
             if not isinstance(e, dict) or "image" not in e or "caption" not in e:
-                raise ValueError(f"{path}: entry {n} is not an {{'image', 'caption'}} object")
-            caps = e["caption"] if isinstance(e["caption"], list) else [e["caption"]]
-            entries.append((e["image"], caps))
+                raise ValueError(f"{path}: {where} is not an {{'image', 'caption'}} object")
+            entries.append(AnnotationEntry(where, e["image"], _caption_list(path, where, e["caption"], "caption"),
+                                           _explicit_id(path, where, e.get("image_id"))))
         return entries
     raise ValueError(f"{path}: unknown annotation format (expected Karpathy's {{'images': [...]}} or a list "
                      f"of {{'image', 'caption'}})")
 
 
-def _entries_txt(path: str) -> list[tuple[str, list]]:
+def _entries_txt(path: str) -> list[AnnotationEntry]:
     """clip_benchmark's Flickr30K text format (reference-spec-2 §2.4): a header line, then one
     ``<id>.jpg,<caption>`` line per caption, split at the first ``.jpg,``."""
     entries = []
@@ -116,46 +177,111 @@ def _entries_txt(path: str) -> list[tuple[str, list]]:
                 continue
             image, sep, caption = line.partition(".jpg,")
             if not sep:
-                raise ValueError(f"{path}:{lineno}: expected '<id>.jpg,<caption>'")
-            entries.append((image + ".jpg", [caption]))
+                raise ValueError(f"{path}:{lineno}: expected '<id>.jpg,<caption>', got {line[:60]!r}")
+            entries.append(AnnotationEntry(f"line {lineno}", image + ".jpg", [caption], None))
     return entries
 
 
-def load_annotations(path: str, image_root: Optional[str] = None, *, split: Optional[str] = "test",
-                     max_words: int = 50) -> tuple[list[str], list[str], list[int]]:
+def read_entries(path: str, split: Union[None, str, Sequence[str]] = None, *,
+                 format: Optional[str] = None) -> list[AnnotationEntry]:
+    """The entries of an annotation file, for training and evaluation alike. ``format``: ``'flickr_txt'``,
+    ``'coco_json'`` or ``None`` (by extension: ``.txt`` is Flickr text, anything else JSON). ``split`` filters
+    Karpathy's ``dataset_*.json`` (see :func:`parse_splits`); with exactly ``'train'`` and ``restval`` images
+    in the file, a warning says they are left out."""
+    from internvit.cli import read_json
+
+    if format is None:
+        format = "flickr_txt" if path.lower().endswith(".txt") else "coco_json"
+    if format == "flickr_txt":
+        return _entries_txt(path)
+    return _entries_json(path, read_json(path), split)
+
+
+def resolve_image(image, root: str, path: str = "", where: str = "") -> str:
+    """The normalised path of an image named in an annotation: ``os.path.normpath`` of ``image`` resolved
+    against ``root`` (kept when absolute), so ``./c.png``, ``x//c.png`` and ``c.png`` spellings meet.
+    ``ValueError`` naming the file and entry when ``image`` is not a string."""
+    if not isinstance(image, str):
+        raise ValueError(f"{path}: {where}: image path {image!r} is not a string")
+    return os.path.normpath(image if os.path.isabs(image) else os.path.join(root, image))
+
+
+def image_identities(path: str, entries: Sequence[AnnotationEntry], root: str, *,
+                     one_image_per_id: bool) -> tuple[list[str], list[int]]:
+    """``(normalised image paths, image ids)`` of ``entries``, one each: the one rule of image identity shared
+    by training (:func:`retrieval.finetune.load_pairs`) and evaluation (:func:`load_annotations`).
+
+    Rule: an image's identity is its explicit ``image_id`` (the whole string: ``coco_5`` and ``flickr_5`` are
+    two images) when the annotation gives one — an entry without one naming a path that another entry gives
+    an id to takes that id — else its normalised path (:func:`resolve_image`). Identities are numbered
+    densely ``0..N-1`` in order of first appearance. One path with two different ``image_id`` s is
+    ambiguous: ``ValueError`` naming both entries. One ``image_id`` on several paths declares them one
+    identity (true positives of each other's captions, as the demo's per-digit ids do): allowed unless
+    ``one_image_per_id`` (evaluation, whose gallery holds one image per identity), where it is a
+    ``ValueError`` naming both entries.
+    """
+    fulls = [resolve_image(e.image, root, path, e.where) for e in entries]
+    id_of_path: dict[str, tuple[str, str]] = {}
+    path_of_id: dict[str, tuple[str, str]] = {}
+    for e, full in zip(entries, fulls):
+        if e.image_id is None:
+            continue
+        seen_id, seen_at = id_of_path.setdefault(full, (e.image_id, e.where))
+        if seen_id != e.image_id:
+            raise ValueError(f"{path}: {seen_at} and {e.where} give the same image {full} two image_ids "
+                             f"({seen_id!r} and {e.image_id!r}): ambiguous")
+        seen_path, seen_at = path_of_id.setdefault(e.image_id, (full, e.where))
+        if one_image_per_id and seen_path != full:
+            raise ValueError(f"{path}: {seen_at} and {e.where} give image_id {e.image_id!r} to two images "
+                             f"({seen_path} and {full}): ambiguous (an evaluation gallery holds one image per id)")
+    numbers: dict[tuple[str, str], int] = {}
+    ids = []
+    for full in fulls:
+        given = id_of_path.get(full)
+        key = ("id", given[0]) if given is not None else ("path", full)
+        ids.append(numbers.setdefault(key, len(numbers)))
+    return fulls, ids
+
+
+def group_by_image(path: str, entries: Sequence[AnnotationEntry], root: str,
+                   max_words: int = 50) -> tuple[list[str], list[list[str]]]:
+    """``(images, captions per image)``: entries grouped by :func:`image_identities` (one image per id),
+    images in order of first appearance, captions cleaned by :func:`pre_caption` in file order. An image
+    without captions stays (a gallery distractor, no image → text query)."""
+    fulls, ids = image_identities(path, entries, root, one_image_per_id=True)
+    images: list[str] = []
+    groups: list[list[str]] = []
+    for e, full, i in zip(entries, fulls, ids):
+        if i == len(images):
+            images.append(full)
+            groups.append([])
+        groups[i].extend(pre_caption(c, max_words) for c in e.captions)
+    return images, groups
+
+
+def load_annotations(path: str, image_root: Optional[str] = None, *,
+                     split: Union[None, str, Sequence[str]] = "test", max_words: int = 50,
+                     format: Optional[str] = None) -> tuple[list[str], list[str], list[int]]:
     """``(image_paths, captions, text_to_image)`` from a retrieval annotation file.
 
     Accepted: Karpathy's ``dataset_{flickr30k,coco}.json`` (``{'images': [{'filename', 'filepath'?, 'split',
-    'sentences': [{'raw'}]}]}``, filtered to ``split``), the BLIP / CLIP_benchmark list ``[{'image': path,
-    'caption': [..] or str}]`` (one entry per image, or one per caption), or clip_benchmark's Flickr30K
-    ``.txt`` (``<id>.jpg,<caption>`` lines after a header). Entries are grouped by image as CLIP_benchmark
-    does: an image listed several times is one gallery item holding all its captions (images keep the order
-    of their first appearance, captions their file order). Paths resolve against ``image_root`` (default:
-    the annotation file's folder). Captions go through :func:`pre_caption`. Raises ``ValueError`` naming
-    the file for an unknown format, a malformed entry or no captioned images.
+    'sentences': [{'raw'}], 'imgid'?}]}``, filtered to ``split``: a name, ``'train,restval'`` or a sequence),
+    the BLIP / CLIP_benchmark list ``[{'image': path, 'caption': [..] or str, 'image_id'?}]`` (one entry per
+    image, or one per caption), or clip_benchmark's Flickr30K ``.txt`` (``<id>.jpg,<caption>`` lines after a
+    header). Entries are grouped by image identity (:func:`image_identities`, the rule training uses): an
+    image listed several times is one gallery item holding all its captions (images keep the order of their
+    first appearance, captions their file order). An image without captions stays in the gallery as a
+    distractor (it is no image → text query). Paths resolve against ``image_root`` (default: the annotation
+    file's folder). Captions go through :func:`pre_caption`. Raises ``ValueError`` naming the file for an
+    unknown format, a malformed entry (a caption or image path that is not a string names the entry), an
+    ambiguous identity, or no captions at all.
     """
-    from internvit.cli import read_json
-
-    if path.lower().endswith(".txt"):
-        entries = _entries_txt(path)
-    else:
-        entries = _entries_json(path, read_json(path), split)
+    entries = read_entries(path, split, format=format)
     root = image_root or os.path.dirname(os.path.abspath(path))
-    by_image: dict[str, list[str]] = {}
-    for rel, caps in entries:
-        if not isinstance(rel, str):
-            raise ValueError(f"{path}: image path {rel!r} is not a string")
-        full = os.path.normpath(rel if os.path.isabs(rel) else os.path.join(root, rel))
-        by_image.setdefault(full, []).extend(str(c) for c in caps)
-    images, captions, t2i = [], [], []
-    for full, caps in by_image.items():
-        if not caps:
-            continue
-        images.append(full)
-        for c in caps:
-            captions.append(pre_caption(c, max_words))
-            t2i.append(len(images) - 1)
-    if not images:
+    images, groups = group_by_image(path, entries, root, max_words)
+    captions = [c for caps in groups for c in caps]
+    t2i = [i for i, caps in enumerate(groups) for _ in caps]
+    if not captions:
         raise ValueError(f"{path}: no images with captions" + (f" in split {split!r}" if split else ""))
     return images, captions, t2i
 

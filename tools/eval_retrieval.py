@@ -41,7 +41,8 @@ def build_parser() -> ArgumentParser:
     r.add_argument("--annotations", required=True,
                    help="Karpathy dataset_*.json, [{'image','caption'}] JSON or clip_benchmark's Flickr30K .txt")
     r.add_argument("--images", default=None, help="image root (default: the annotation file's folder)")
-    r.add_argument("--split", default="test", help="Karpathy split to evaluate ('none' = all)")
+    r.add_argument("--split", default="test",
+                   help="Karpathy split(s) to evaluate, comma-separated (e.g. test,restval; 'none' = all)")
     r.add_argument("--index-key", default=None, help="faiss index_factory string (default: automatic)")
     r.add_argument("--max-index-memory", type=memory_size, default="4G")
     r.add_argument("--target-recall", type=fraction, default=0.95)

@@ -1,25 +1,28 @@
 """Image-caption pairs for retrieval fine-tuning (reference-spec-2 §2.4–2.5).
 
-Annotation formats (:func:`load_pairs`):
+Annotation formats (:func:`load_pairs`), read by the loader of evaluation
+(:func:`retrieval.evaluate.read_entries`):
 
 * ``flickr_txt`` — the Flickr30K / Flickr30K-CN Karpathy text files: a header line, then
-  ``<numeric id>.jpg,<caption>`` per line (split on the first ``.jpg,``); image id = the file stem.
+  ``<numeric id>.jpg,<caption>`` per line (split on the first ``.jpg,``).
 * ``coco_json`` — the BLIP / LAVIS list ``[{"image": rel_path, "caption": str | [str], "image_id": "coco_123"}]``
-  (image id = the integer after the last ``_``; by image path when absent) or Karpathy's
-  ``dataset_*.json`` (``{"images": [...]}``, filtered to ``split``).
+  or Karpathy's ``dataset_*.json`` (``{"images": [...]}``, filtered to ``split``: one name, ``'train,restval'``
+  or a sequence; ``imgid`` is the image id).
 * ``images`` — any image collection :func:`retrieval.inputs.image_inputs` reads (a folder with ``.txt``
-  captions beside the images, a parquet of paths + captions, a list file, webdataset tars); image id = the
-  image's position.
+  captions beside the images, a parquet of paths + captions, a list file).
+
+Image identity, one rule for training and evaluation (:func:`retrieval.evaluate.image_identities`): the
+entry's whole ``image_id`` string when given, else the image's normalised path (``os.path.normpath`` of the
+path resolved against ``image_root``); identities are numbered densely 0..N-1 in order of first appearance.
+Captions and image paths must be strings (``null`` or a number is refused, naming the entry).
 
 Every caption goes through the protocol's clean-up :func:`retrieval.evaluate.pre_caption`. One training sample
 per caption (an image with 5 captions appears 5 times).
 """
 from __future__ import annotations
 
-import json
 import os
 import random
-from collections import OrderedDict
 from typing import Optional, Sequence, Union
 
 import torch
@@ -41,62 +44,10 @@ def _detect(annotation: str) -> str:
     return "images"
 
 
-def _flickr_txt(path: str, image_root: str) -> list[tuple[str, str, int]]:
-    out = []
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    for n, line in enumerate(lines[1:], 2):  # the first line is a header
-        if not line.strip():
-            continue
-        if ".jpg," not in line:
-            raise ValueError(f"{path}:{n}: expected '<id>.jpg,<caption>', got {line[:60]!r}")
-        name, caption = line.split(".jpg,", 1)
-        try:
-            image_id = int(os.path.basename(name))
-        except ValueError:
-            raise ValueError(f"{path}:{n}: image name {name!r} is not numeric") from None
-        out.append((os.path.join(image_root, name + ".jpg"), caption, image_id))
-    return out
-
-
-def _coco_json(path: str, image_root: str, split: Optional[str]) -> list[tuple[str, str, int]]:
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-    entries = []
-    if isinstance(data, dict) and "images" in data:  # Karpathy's dataset_{flickr30k,coco}.json
-        for im in data["images"]:
-            if split is not None and im.get("split", split) != split:
-                continue
-            caps = [s["raw"] if isinstance(s, dict) else s for s in im.get("sentences", [])]
-            entries.append((os.path.join(im.get("filepath", ""), im["filename"]), caps, im.get("imgid")))
-    elif isinstance(data, list):
-        for i, e in enumerate(data):
-            if not isinstance(e, dict) or "image" not in e or "caption" not in e:
-                raise ValueError(f"{path}: entry {i} is not a {{'image', 'caption'}} object")
-            caps = e["caption"] if isinstance(e["caption"], list) else [e["caption"]]
-            entries.append((e["image"], caps, e.get("image_id")))
-    else:
-        raise ValueError(f"{path}: unknown annotation format (a list of {{'image', 'caption', 'image_id'}} or "
-                         f"Karpathy's {{'images': [...]}})")
-    out, by_path = [], {}
-    for rel, caps, raw_id in entries:
-        full = rel if os.path.isabs(rel) else os.path.join(image_root, rel)
-        image_id = None
-        if raw_id is not None:
-            try:
-                image_id = int(str(raw_id).rsplit("_", 1)[-1])
-            except ValueError:
-                image_id = None
-        if image_id is None:
-            image_id = by_path.setdefault(full, len(by_path))
-        out.extend((full, c, image_id) for c in caps)
-    return out
-
-
-def _image_collection(source: str) -> list[tuple[str, str, int]]:
+def _image_collection(source: str) -> list:
+    """The entries of an image collection; its paths made absolute first (they are relative to the working
+    directory, not to the annotation's folder)."""
+    from retrieval.evaluate import AnnotationEntry
     from retrieval.inputs import image_inputs
 
     images, captions = image_inputs(source)
@@ -104,17 +55,14 @@ def _image_collection(source: str) -> list[tuple[str, str, int]]:
         raise ValueError(f"{source}: fine-tuning reads image files (a folder, list or parquet), not tar members")
     if captions is None:
         raise ValueError(f"{source}: no captions (put a .txt beside each image, or use a parquet caption column)")
-    return [(p, c, i) for i, (p, c) in enumerate(zip(images, captions)) if c]
+    return [AnnotationEntry(f"image {i}", os.path.abspath(p) if isinstance(p, str) else p, [c] if c else [], None)
+            for i, (p, c) in enumerate(zip(images, captions))]
 
 
-def load_pairs(annotation: str, image_root: Optional[str] = None, *, format: str = "auto",
-               split: Optional[str] = None, max_words: int = 50) -> list[tuple[str, str, int]]:
-    """``[(image_path, cleaned_caption, image_id)]``, one per caption, in file order.
-
-    ``image_root`` defaults to the annotation's folder. Raises ``FileNotFoundError`` for a missing file,
-    ``ValueError`` for an unknown format or malformed lines (naming file and line).
-    """
-    from retrieval.evaluate import pre_caption
+def _read(annotation: str, image_root: Optional[str], format: str,
+          split: Union[None, str, Sequence[str]]) -> tuple[list, str]:
+    """``(entries, root)`` of an annotation file or image collection (:func:`retrieval.evaluate.read_entries`)."""
+    from retrieval.evaluate import read_entries
 
     if format not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
@@ -123,16 +71,41 @@ def load_pairs(annotation: str, image_root: Optional[str] = None, *, format: str
         raise FileNotFoundError(f"{annotation}: no such annotation file or image collection")
     fmt = _detect(annotation) if format == "auto" else format
     root = image_root or (annotation if os.path.isdir(annotation) else os.path.dirname(os.path.abspath(annotation)))
-    if fmt == "flickr_txt":
-        pairs = _flickr_txt(annotation, root)
-    elif fmt == "coco_json":
-        pairs = _coco_json(annotation, root, split)
-    else:
-        pairs = _image_collection(annotation)
-    pairs = [(p, pre_caption(c, max_words), i) for p, c, i in pairs]
+    if fmt == "images":
+        return _image_collection(annotation), root
+    return read_entries(annotation, split, format=fmt), root
+
+
+def load_pairs(annotation: str, image_root: Optional[str] = None, *, format: str = "auto",
+               split: Union[None, str, Sequence[str]] = None, max_words: int = 50) -> list[tuple[str, str, int]]:
+    """``[(image_path, cleaned_caption, image_id)]``, one per caption, in file order.
+
+    ``image_path`` is normalised (``os.path.normpath``) and resolved against ``image_root`` (default: the
+    annotation's folder). ``image_id`` follows the identity rule evaluation uses
+    (:func:`retrieval.evaluate.image_identities`): the entry's whole ``image_id`` string when given, else the
+    normalised path, numbered densely ``0..N-1`` in order of first appearance; one ``image_id`` may name
+    several images (declared positives of each other), one path with two ``image_id`` s is refused.
+    ``split`` (Karpathy's ``dataset_*.json`` only): a name, a comma-separated string (``'train,restval'``)
+    or a sequence of names. Raises ``FileNotFoundError`` for a missing file, ``ValueError`` for an unknown
+    format, malformed lines or entries (naming file and line or entry: a caption or image path that is not
+    a string included) or an ambiguous identity.
+    """
+    from retrieval.evaluate import image_identities, pre_caption
+
+    entries, root = _read(annotation, image_root, format, split)
+    fulls, ids = image_identities(os.fspath(annotation), entries, root, one_image_per_id=False)
+    pairs = [(full, pre_caption(c, max_words), i) for e, full, i in zip(entries, fulls, ids) for c in e.captions]
     if not pairs:
         raise ValueError(f"{annotation}: no image-caption pairs" + (f" in split {split!r}" if split else ""))
     return pairs
+
+
+def _check_images_exist(annotation: str, paths) -> None:
+    """``FileNotFoundError`` naming the first listed image that is not a file, and how many are missing."""
+    missing = [p for p in dict.fromkeys(paths) if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"{annotation}: {len(missing)} listed image(s) do not exist, the first: "
+                                f"{missing[0]} (check image_root)")
 
 
 def _to_rgb(img):
@@ -186,22 +159,29 @@ class ImageTextPairs(Dataset):
     'neg_ids', 'neg_mask' (a random caption of another image, redrawn until the image differs)}}``.
 
     ``mode='eval'``: one item per image (squash resize): ``{'inputs', 'data_samples': {'index', 'text_ids'
-    (k, max_length) of its captions, tokenised as the encoders do}}`` (use ``pseudo_collate``). JSON files are
-    read by :func:`retrieval.evaluate.load_annotations`, the loader of ``tools/eval_retrieval.py``.
+    (k, max_length) of its captions, tokenised as the encoders do}}`` (use ``pseudo_collate``). Images are
+    grouped as :func:`retrieval.evaluate.load_annotations` (``tools/eval_retrieval.py recall``) groups them,
+    by the identity rule training uses; an image without captions stays as a gallery distractor.
+
+    Every listed image must be a file: ``FileNotFoundError`` at construction names the first missing one and
+    how many are missing (instead of a crash mid-training).
 
     Args:
         annotation: annotation file or image collection (see :func:`load_pairs`).
         tokenizer: ``tokenizer.model`` path (or its folder, or ``dict(path=..., max_length=...)``).
         image_root: folder the annotation's image names are relative to (default: the annotation's folder).
         format: ``'auto'`` (by extension), ``'flickr_txt'``, ``'coco_json'`` or ``'images'``.
-        split: Karpathy split to keep (``dataset_*.json`` only; default: train for training, test for eval).
+        split: Karpathy split(s) to keep (``dataset_*.json`` only): a name, a comma-separated string
+            (``'train,restval'``, Karpathy's standard training set) or a sequence of names; default: train for
+            training (a warning says when ``restval`` images are left out), test for eval.
         image_size: the model input size ``S`` (the recipe: 364 full, 224 head).
         scale / hflip: RandomResizedCrop scale range and flip probability (training).
         max_length: token budget (80 in the recipe).
     """
 
     def __init__(self, annotation: str, tokenizer: Union[str, dict], image_root: Optional[str] = None,
-                 format: str = "auto", mode: str = "train", split: Optional[str] = None, image_size: int = 224,
+                 format: str = "auto", mode: str = "train", split: Union[None, str, Sequence[str]] = None,
+                 image_size: int = 224,
                  scale: Sequence[float] = (0.5, 1.0), hflip: float = 0.5, max_length: int = 80,
                  max_words: int = 50) -> None:
         if mode not in ("train", "eval"):
@@ -213,27 +193,24 @@ class ImageTextPairs(Dataset):
             self.pairs = load_pairs(annotation, image_root, format=format, split=split, max_words=max_words)
             if len({i for _, _, i in self.pairs}) < 2:
                 raise ValueError(f"{annotation}: training needs captions of at least two images (negatives)")
+            _check_images_exist(os.fspath(annotation), (p for p, _, _ in self.pairs))
             self.transform = train_transform(image_size, scale, hflip)
         else:
             self.images, self.captions = self._eval_groups(annotation, image_root, format, split, max_words)
+            _check_images_exist(os.fspath(annotation), self.images)
             self.transform = eval_transform(image_size)
 
     @staticmethod
-    def _eval_groups(annotation, image_root, format, split, max_words):
-        fmt = _detect(os.fspath(annotation)) if format == "auto" else format
-        if fmt == "coco_json":
-            from retrieval.evaluate import load_annotations
+    def _eval_groups(annotation, image_root, format, split, max_words) -> tuple[list[str], list[list[str]]]:
+        """Images and their captions by :func:`retrieval.evaluate.group_by_image`, the grouping of
+        :func:`retrieval.evaluate.load_annotations` (``tools/eval_retrieval.py recall``), for every format."""
+        from retrieval.evaluate import group_by_image
 
-            images, captions, t2i = load_annotations(annotation, image_root, split=split, max_words=max_words)
-            groups: list[list[str]] = [[] for _ in images]
-            for c, i in zip(captions, t2i):
-                groups[i].append(c)
-            return images, groups
-        by_id: "OrderedDict[int, tuple[str, list[str]]]" = OrderedDict()
-        for path, cap, image_id in load_pairs(annotation, image_root, format=fmt, split=split,
-                                              max_words=max_words):
-            by_id.setdefault(image_id, (path, []))[1].append(cap)
-        return [p for p, _ in by_id.values()], [c for _, c in by_id.values()]
+        entries, root = _read(annotation, image_root, format, split)
+        images, groups = group_by_image(os.fspath(annotation), entries, root, max_words)
+        if not any(groups):
+            raise ValueError(f"{annotation}: no images with captions" + (f" in split {split!r}" if split else ""))
+        return images, groups
 
     def __len__(self) -> int:
         return len(self.pairs) if self.mode == "train" else len(self.images)
@@ -251,7 +228,9 @@ class ImageTextPairs(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         if self.mode == "eval":
-            ids = torch.stack([encode_padded(self.tokenizer, c, True)[0] for c in self.captions[i]])
+            ids = torch.zeros((0, self.tokenizer.max_length), dtype=torch.long)  # no captions: a distractor
+            if self.captions[i]:
+                ids = torch.stack([encode_padded(self.tokenizer, c, True)[0] for c in self.captions[i]])
             return dict(inputs=self._load(self.images[i]), data_samples=dict(index=i, text_ids=ids))
         path, caption, image_id = self.pairs[i]
         text_ids, text_mask = encode_padded(self.tokenizer, caption, True)

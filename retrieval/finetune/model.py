@@ -313,13 +313,18 @@ class InternVLRetrievalFinetune(BaseModel):
     @torch.no_grad()
     def predict(self, pixel_values: torch.Tensor, samples) -> list[dict]:
         """One record per image: ``index``, ``image`` (``{mode: (D,)}``) and ``text`` (``(k, D)``, its captions
-        encoded by ``InternVLModel.encode_text``, L2-normalised)."""
+        encoded by ``InternVLModel.encode_text``, L2-normalised; ``(0, D)`` for an image without captions, a
+        gallery distractor)."""
         if isinstance(samples, dict):  # default_collate of single-caption records
             samples = [{k: v[i] for k, v in samples.items()} for i in range(len(pixel_values))]
         images = self.image_embeddings(pixel_values)
         counts = [len(s["text_ids"]) for s in samples]
         ids = torch.cat([s["text_ids"] for s in samples]).to(pixel_values.device)
-        text = F.normalize(self.model.encode_text(ids).float(), dim=-1).split(counts)
+        if len(ids):
+            text = F.normalize(self.model.encode_text(ids).float(), dim=-1).split(counts)
+        else:  # a batch of images without captions: nothing to encode
+            dim = next(iter(images.values())).shape[-1]
+            text = [pixel_values.new_zeros((0, dim), dtype=torch.float32) for _ in samples]
         return [dict(index=int(s["index"]), image={k: v[i] for k, v in images.items()}, text=text[i])
                 for i, s in enumerate(samples)]
 

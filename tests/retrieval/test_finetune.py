@@ -148,15 +148,15 @@ def test_annotation_formats(tmp_path):
     (tmp_path / "f.txt").write_text("image,caption\n1000.jpg,A Dog (running)!  on  grass.\n"
                                     "1000.jpg,second caption\n2000.jpg,other: image~\n", encoding="utf-8")
     pairs = load_pairs(str(tmp_path / "f.txt"), str(tmp_path / "Images"))
-    assert pairs == [(str(tmp_path / "Images" / "1000.jpg"), "a dog running on grass", 1000),
-                     (str(tmp_path / "Images" / "1000.jpg"), "second caption", 1000),
-                     (str(tmp_path / "Images" / "2000.jpg"), "other image", 2000)]
+    assert pairs == [(str(tmp_path / "Images" / "1000.jpg"), "a dog running on grass", 0),
+                     (str(tmp_path / "Images" / "1000.jpg"), "second caption", 0),
+                     (str(tmp_path / "Images" / "2000.jpg"), "other image", 1)]  # identities numbered densely
     coco = [{"image": "train2014/a_1.jpg", "caption": "A cat.", "image_id": "coco_391895"},
             {"image": "val2014/b.jpg", "caption": ["x", "y"]}]
     (tmp_path / "c.json").write_text(json.dumps(coco), encoding="utf-8")
     pairs = load_pairs(str(tmp_path / "c.json"))
     assert [(os.path.relpath(p, tmp_path), c, i) for p, c, i in pairs] == [
-        ("train2014/a_1.jpg", "a cat", 391895), ("val2014/b.jpg", "x", 0), ("val2014/b.jpg", "y", 0)]
+        ("train2014/a_1.jpg", "a cat", 0), ("val2014/b.jpg", "x", 1), ("val2014/b.jpg", "y", 1)]
     (tmp_path / "bad.txt").write_text("header\nno separator here\n", encoding="utf-8")
     with pytest.raises(ValueError, match="bad.txt:2"):
         load_pairs(str(tmp_path / "bad.txt"))
@@ -183,7 +183,7 @@ def test_demo_data_and_tokenizer(tmp_path):
     item = ds[0]
     s = item["data_samples"]
     assert item["inputs"].shape == (3, 28, 28)
-    assert int(s["image_id"]) == int(train[0]["image_id"].rsplit("_", 1)[1])
+    assert int(s["image_id"]) == 0  # the first identity (image_id strings are numbered densely)
     assert tok.decode(s["text_ids"]) == "summarize:" + train[0]["caption"]
     assert tok.decode(s["match_ids"]) == train[0]["caption"]
     assert tok.decode(s["neg_ids"]) not in {e["caption"] for e in train if e["image_id"] == train[0]["image_id"]}
