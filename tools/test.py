@@ -56,8 +56,9 @@ def main(argv=None) -> int:
     except DataError as e:  # bad input data met while testing (an unreadable image): one line, the file named
         print_error(one_line(e))
         return 2
-    print(json.dumps({k: round(float(v), 4) if isinstance(v, (int, float)) or hasattr(v, "item") else str(v)
-                      for k, v in metrics.items()}))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank has the gathered metrics: print once
+        print(json.dumps({k: round(float(v), 4) if isinstance(v, (int, float)) or hasattr(v, "item") else str(v)
+                          for k, v in metrics.items()}))
     return 0
 
 
