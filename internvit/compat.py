@@ -10,6 +10,10 @@
   :func:`load_runner_checkpoint` reads them without running code on every torch version;
   :func:`safe_checkpoint_loading` makes mmengine's ``CheckpointLoader`` use it *inside a block only*
   (``internvit.runner`` runs its Runners in that block). Pretrained weights load via :mod:`internvit.checkpoints`.
+* mmengine writes checkpoints in place (``open('wb')``), rewrites ``iter_N.pth`` after a new best one while
+  ``last_checkpoint`` names it, and removes old checkpoints *before* writing the new one: a kill during a save
+  could leave no loadable checkpoint. :func:`durable_checkpoint_saving` makes every checkpoint write atomic
+  and the removals follow the save, inside a block only (``internvit.runner`` runs its Runners in it).
 
 :func:`apply` (what ``import segmentation`` runs) installs only the mmcv fixes, and they are no-ops where they
 are not needed (full mmcv present). It is idempotent.
@@ -251,6 +255,133 @@ def safe_checkpoint_loading():
         yield
     finally:
         CheckpointLoader._schemes = saved
+
+
+class _DeferredRemovals:
+    """A checkpoint hook's file backend whose ``remove`` / ``rmtree`` are recorded instead of done (everything
+    else is the real backend's)."""
+
+    def __init__(self, backend, pending: list) -> None:
+        self._backend = backend
+        self._pending = pending
+
+    def __getattr__(self, name: str):
+        return getattr(self._backend, name)
+
+    def remove(self, filepath) -> None:
+        self._pending.append(("remove", filepath))
+
+    def rmtree(self, dir_path) -> None:
+        self._pending.append(("rmtree", dir_path))
+
+
+def _open_last_checkpoint_atomically(file, mode: str = "r", *args, **kwargs):
+    """``open`` as mmengine's checkpoint hook sees it: its ``last_checkpoint`` is written through
+    :func:`internvit.fileio.atomic_write` (a kill leaves the previous complete pointer); anything else is
+    the built-in ``open``."""
+    import builtins
+
+    if "w" in mode and os.path.basename(os.fspath(file)) == "last_checkpoint":
+        return _atomic_text(os.fspath(file), mode, *args, **kwargs)
+    return builtins.open(file, mode, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def _atomic_text(path: str, mode: str, *args, **kwargs):
+    from internvit.fileio import atomic_write
+
+    with atomic_write(path) as tmp, open(tmp, mode, *args, **kwargs) as f:
+        yield f
+
+
+def _protected_paths(hook) -> set:
+    """The checkpoints a hook's state names now (the last one, the best ones): never removed."""
+    paths = {getattr(hook, "last_ckpt", None), getattr(hook, "best_ckpt_path", None),
+             *(getattr(hook, "best_ckpt_path_dict", None) or {}).values()}
+    return {os.path.abspath(str(p)) for p in paths if p}
+
+
+def _removing_after_save(method):
+    """Wrap a ``CheckpointHook`` save method: the old checkpoints it removes (``max_keep_ckpts``, a replaced
+    best checkpoint) are removed only after the whole save has returned, i.e. after the new checkpoint and
+    ``last_checkpoint`` are complete (a save that raises removes nothing)."""
+    def save(self, *args, **kwargs):
+        if getattr(self, "_internvit_pending", None) is not None:  # nested (the best save re-saves iter_N)
+            return method(self, *args, **kwargs)
+        pending: list = []
+        backend = self.file_backend
+        self._internvit_pending, self.file_backend = pending, _DeferredRemovals(backend, pending)
+        try:
+            result = method(self, *args, **kwargs)
+        finally:
+            self.file_backend, self._internvit_pending = backend, None
+        _remove_old_checkpoints(backend, pending, _protected_paths(self))
+        return result
+
+    save.__name__, save.__doc__ = method.__name__, method.__doc__
+    save._internvit_original = method
+    return save
+
+
+def _remove_old_checkpoints(backend, pending: list, keep: set) -> None:
+    from internvit.store import _point
+
+    for op, path in pending:
+        if os.path.abspath(str(path)) in keep:
+            continue
+        if op == "remove" and backend.isfile(path):
+            backend.remove(path)
+        elif op == "rmtree" and backend.isdir(path):
+            backend.rmtree(path)
+        else:
+            continue
+        _point("checkpoint:removed")
+
+
+def _atomic_put(self, obj: bytes, filepath) -> None:
+    """``LocalBackend.put`` through :func:`internvit.fileio.atomic_write`: the file at ``filepath`` is the
+    complete old or the complete new bytes at every instant."""
+    from internvit.fileio import atomic_write
+
+    with atomic_write(filepath) as tmp, open(tmp, "wb") as f:
+        f.write(obj)
+
+
+@contextlib.contextmanager
+def durable_checkpoint_saving():
+    """Inside the block, mmengine writes checkpoints crash-safely (``internvit.runner`` runs every Runner it
+    builds inside this block); the previous methods are back afterwards.
+
+    * every file written through mmengine's ``LocalBackend.put`` (``save_checkpoint``: ``iter_N.pth``,
+      ``epoch_N.pth``, ``best_*.pth``, published checkpoints) goes through :func:`internvit.fileio.atomic_write`
+      (temporary file beside it, ``fsync``, rename, ``fsync`` of the folder): a checkpoint rewritten in place
+      (mmengine re-saves ``iter_N.pth`` after a new best one) is never seen half-written;
+    * ``CheckpointHook`` writes ``last_checkpoint`` the same way, after the checkpoint it names is complete;
+    * the checkpoints ``CheckpointHook`` removes (``max_keep_ckpts``, the previous best) are removed only after
+      the new checkpoint and ``last_checkpoint`` are complete (mmengine removes them first).
+    """
+    from mmengine.fileio.backends import LocalBackend
+    from mmengine.hooks import checkpoint_hook
+
+    hook_cls = checkpoint_hook.CheckpointHook
+    saved_put = LocalBackend.__dict__["put"]
+    saved_methods = {n: hook_cls.__dict__[n] for n in ("_save_checkpoint_with_step", "_save_best_checkpoint")}
+    had_open, saved_open = hasattr(checkpoint_hook, "open"), getattr(checkpoint_hook, "open", None)
+    LocalBackend.put = _atomic_put
+    for name, method in saved_methods.items():
+        if not hasattr(method, "_internvit_original"):
+            setattr(hook_cls, name, _removing_after_save(method))
+    checkpoint_hook.open = _open_last_checkpoint_atomically
+    try:
+        yield
+    finally:
+        LocalBackend.put = saved_put
+        for name, method in saved_methods.items():
+            setattr(hook_cls, name, method)
+        if had_open:
+            checkpoint_hook.open = saved_open
+        else:
+            del checkpoint_hook.open
 
 
 def apply(mmseg: bool = True) -> None:

@@ -7,7 +7,9 @@ Order of events: the OpenMMLab compatibility fixes (:func:`internvit.compat.appl
 (:func:`internvit.compat.load_runner_checkpoint`) → a ``Runner`` (or the config's ``runner_type``, e.g.
 ``FlexibleRunner``) → the checkpoint's state dict is checked against the model (missing, unexpected and
 mis-shaped keys are a :class:`internvit.CheckpointError`; the files the new runner wrote are removed again).
-The runner's ``train`` / ``val`` / ``test`` run inside :func:`internvit.compat.safe_checkpoint_loading`.
+The runner's ``train`` / ``val`` / ``test`` run inside :func:`internvit.compat.safe_checkpoint_loading` and
+:func:`internvit.compat.durable_checkpoint_saving` (checkpoints are written atomically, old ones removed after
+the new one is complete).
 
 Set-up problems raise ``OSError`` / ``ValueError`` (``CheckpointError``) / ``KeyError`` / ``TypeError`` /
 ``ImportError`` with a one-line message naming the file or key; the tools report them as ``error: ...``.
@@ -338,13 +340,13 @@ def _discard_run_files(work_dir: str, existing: Optional[set], before: dict, cre
 
 
 def _scope_checkpoint_loading(runner) -> None:
-    """Make the runner's ``train`` / ``val`` / ``test`` run inside :func:`compat.safe_checkpoint_loading`
-    (its class's methods, looked up at call time)."""
+    """Make the runner's ``train`` / ``val`` / ``test`` run inside :func:`compat.safe_checkpoint_loading` and
+    :func:`compat.durable_checkpoint_saving` (its class's methods, looked up at call time)."""
     cls = type(runner)
 
     def scoped(name: str):
         def call(*args, **kwargs):
-            with compat.safe_checkpoint_loading():
+            with compat.safe_checkpoint_loading(), compat.durable_checkpoint_saving():
                 return getattr(cls, name)(runner, *args, **kwargs)
 
         call.__name__ = name
@@ -391,10 +393,10 @@ def build_train_runner(config: str, *, work_dir: Optional[str] = None, resume: O
                        local_rank: Optional[int] = None):
     """The training runner of ``config``, built (config, model, checkpoint paths checked) but not started.
 
-    ``resume='auto'`` continues from the latest checkpoint in ``work_dir``; a path resumes from that
-    checkpoint. The checkpoint (or the config's ``load_from``) is read without running code and must fit the
-    model (:func:`build_runner`). ``amp`` switches an ``OptimWrapper`` to ``AmpOptimWrapper`` (dynamic loss
-    scale).
+    ``resume='auto'`` continues from the latest complete checkpoint in ``work_dir``
+    (:func:`latest_complete_checkpoint`); a path resumes from that checkpoint. The checkpoint (or the config's
+    ``load_from``) is read without running code and must fit the model (:func:`build_runner`). ``amp`` switches
+    an ``OptimWrapper`` to ``AmpOptimWrapper`` (dynamic loss scale).
     """
     from mmengine.logging import print_log
 
@@ -412,10 +414,9 @@ def build_train_runner(config: str, *, work_dir: Optional[str] = None, resume: O
     _require(cfg, config, ("train_dataloader", "train_cfg", "optim_wrapper"), "training")
     checkpoint = cfg.get("load_from")
     if resume == "auto":
-        from mmengine.runner import find_latest_checkpoint
-
         cfg.resume, cfg.load_from = True, None
-        checkpoint = find_latest_checkpoint(cfg.work_dir) if osp.isdir(cfg.work_dir) else None
+        checkpoint = latest_complete_checkpoint(cfg) if osp.isdir(cfg.work_dir) else None
+        cfg.load_from = checkpoint  # None: nothing to resume, training starts from scratch (as mmengine does)
     elif resume:
         if not osp.isfile(resume):
             raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
@@ -423,6 +424,57 @@ def build_train_runner(config: str, *, work_dir: Optional[str] = None, resume: O
         checkpoint = resume
     return build_runner(cfg, checkpoint, dataloaders=("train", "val"), after_build=_build_optim_wrapper,
                         checkpoint_classes=bool(cfg.get("resume")))
+
+
+def _checkpoint_steps(cfg, work_dir: str) -> list[tuple[int, str]]:
+    """``[(step, path)]`` of the periodic checkpoints in ``work_dir`` (``iter_N.pth`` / ``epoch_N.pth``, or the
+    checkpoint hook's ``filename_tmpl``), newest first; best and published checkpoints are not among them."""
+    hook = (cfg.get("default_hooks") or {}).get("checkpoint") or {}
+    templates = [hook["filename_tmpl"]] if hook.get("filename_tmpl") else ["iter_{}.pth", "epoch_{}.pth"]
+    patterns = [re.compile("^" + re.escape(t).replace(r"\{\}", r"(\d+)") + "$") for t in templates]
+    found = []
+    for name in os.listdir(work_dir):
+        for pattern in patterns:
+            m = pattern.match(name)
+            if m and osp.isfile(osp.join(work_dir, name)):
+                found.append((int(m.group(1)), osp.join(work_dir, name)))
+    return sorted(found, reverse=True)
+
+
+def _readable(path: str) -> Optional[str]:
+    """None when ``path`` is a checkpoint that loads (without running code), else why not (one line)."""
+    if not osp.isfile(path):
+        return "no such file"
+    try:
+        compat.load_runner_checkpoint(path, "cpu", mmap=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read makes it unusable for resuming
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
+def latest_complete_checkpoint(cfg) -> Optional[str]:
+    """The checkpoint ``--resume`` (auto) continues from: the one ``work_dir/last_checkpoint`` names when it
+    loads; else (a missing or unreadable file, e.g. after a kill during a save by a version that wrote in
+    place) the newest periodic checkpoint of the work dir, by iteration / epoch number, that loads, with a
+    warning naming it. None when the work dir has no checkpoint at all; when it has some but none loads, the
+    one ``last_checkpoint`` names (or the newest) is returned, and reading it reports why."""
+    from mmengine.logging import print_log
+    from mmengine.runner import find_latest_checkpoint
+
+    work_dir = cfg.work_dir
+    named = find_latest_checkpoint(work_dir) or None
+    why = _readable(named) if named else "work_dir/last_checkpoint is missing or empty"
+    if named and why is None:
+        return named
+    candidates = _checkpoint_steps(cfg, work_dir)
+    for _, path in candidates:
+        if named and osp.abspath(path) == osp.abspath(named):
+            continue
+        if _readable(path) is None:
+            print_log(f"--resume: {named or 'last_checkpoint'} cannot be used ({why}); resuming from {path}, "
+                      f"the newest complete checkpoint in {work_dir}", logger="current", level=logging.WARNING)
+            return path
+    return named or (candidates[0][1] if candidates else None)
 
 
 def _build_optim_wrapper(runner) -> None:
