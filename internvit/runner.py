@@ -109,6 +109,9 @@ def load_config(config: str, *, cfg_options: Optional[dict] = None, work_dir: Op
     if osp.isfile(dump) and osp.samefile(dump, config):
         raise ValueError(f"work dir {cfg.work_dir}: holds the config {config} itself, which the run would replace "
                          f"with its flattened copy (the _base_ lines lost): use another work dir")
+    mode = ((cfg.get("model") or {}).get("test_cfg") or {}).get("mode")
+    if cfg.get("default_scope") == "mmseg" and mode not in (None, "whole", "slide"):  # else an error at batch 1
+        raise ValueError(f"{config}: model.test_cfg.mode must be 'whole' or 'slide', got {mode!r}")
     if cfg.get("default_scope") == "mmseg":
         compat.apply(mmseg=True)
         from mmseg.utils import register_all_modules
@@ -553,6 +556,9 @@ def build_test_runner(config: str, checkpoint: str, *, work_dir: Optional[str] =
     images whose names would collide there (``a/x.png`` and ``b/x.png``) are refused. Raises ``ValueError``.
     """
     _set_local_rank(local_rank)
+    if _is_local(checkpoint) and osp.isdir(checkpoint):
+        raise IsADirectoryError(f"{checkpoint}: a folder, not a checkpoint file (give the .pth file that "
+                                f"tools/train.py saved)")
     if _is_local(checkpoint) and not osp.isfile(checkpoint):
         raise FileNotFoundError(f"{checkpoint}: no such checkpoint file")
     cfg = load_config(config, cfg_options=cfg_options, work_dir=work_dir, launcher=launcher)

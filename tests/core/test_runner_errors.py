@@ -301,3 +301,14 @@ def test_a_work_dir_holding_the_config_itself_is_refused(tmp_path, capsys):
         _fails(tool, [str(mine / "probe.py"), *extra, "--work-dir", str(mine)], capsys,
                "holds the config", "itself")
     assert (mine / "probe.py").read_text() == text and sorted(os.listdir(mine)) == ["probe.py"]
+
+
+def test_a_test_mode_mmseg_does_not_know_is_a_setup_error(tmp_path, capsys):
+    """model.test_cfg.mode=sliding was an AssertionError traceback at the first test batch."""
+    _fails("train", [SEG_TOY, "--work-dir", str(tmp_path / "w"), "--cfg-options", "model.test_cfg.mode=sliding"],
+           capsys, "model.test_cfg.mode must be 'whole' or 'slide', got 'sliding'")
+    folder = tmp_path / "ckpt_dir"
+    folder.mkdir()
+    _fails("test", [SEG_TOY, str(folder), "--work-dir", str(tmp_path / "w")], capsys,
+           f"{folder}: a folder, not a checkpoint file")
+    assert not (tmp_path / "w").exists()
