@@ -77,6 +77,11 @@ class InternVLTokenizer:
         """Ids of one text: BOS, the prefixed text, EOS (not truncated, not padded)."""
         if not isinstance(text, str):
             raise TypeError(f"texts must be str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate (text read with surrogateescape): sentencepiece's
+            # own error is a pybind11 cast message naming nothing
+            raise ValueError(f"text {text[:40]!r} is not valid Unicode ({e.reason} at position {e.start})") from None
         ids = []
         for chunk in self._split.split((self.prefix if add_prefix else "") + text):
             if not chunk:
@@ -105,14 +110,17 @@ class InternVLTokenizer:
         """``(len(texts), context_length)`` int64 ids of a text or a list/tuple of texts.
 
         Raises ``TypeError`` for anything but a ``str`` or a list/tuple of ``str`` (a dict, bytes, numbers),
-        ``ValueError`` for a ``context_length`` too short to hold BOS, EOS and one token.
+        ``ValueError`` for a text that is not valid Unicode and for a ``context_length`` too short to hold
+        BOS, the prefix, EOS and one token of text (shorter, every text became the same ids).
         """
         texts = check_texts(texts)
         length = self.max_length if context_length is None else context_length
         if isinstance(length, bool) or not isinstance(length, int):
             raise TypeError(f"context_length must be an int, got {type(length).__name__}")
-        if length < int(self.add_bos) + int(self.add_eos) + 1:
-            raise ValueError(f"context_length={length} leaves no room for text tokens")
+        fixed = len(self.encode(""))  # BOS + the prefix's tokens + EOS
+        if length < fixed + 1:
+            raise ValueError(f"context_length={length} leaves no room for text tokens (BOS, the prefix "
+                             f"{self.prefix!r} and EOS take {fixed}; give at least {fixed + 1})")
         out = torch.zeros(len(texts), length, dtype=torch.long)  # pad id 0, right padding
         for i, text in enumerate(texts):
             ids = self.truncate(self.encode(text), length)

@@ -106,6 +106,20 @@ def test_tokenizer_long_and_short_texts(fx, tok):
     assert internvit.get_tokenizer(os.path.join(fx, "tokenizer.model"), max_length=16)([long_text]).shape == (1, 16)
 
 
+def test_tokenizer_refuses_lone_surrogates_and_lengths_without_room_for_text(tok):
+    """A lone surrogate gave sentencepiece's pybind11 cast error naming nothing; context lengths 3-5 left no
+    room after BOS + 'summarize:' + EOS, so every text became the same ids."""
+    with pytest.raises(ValueError, match=r"'bad\\udcff name' is not valid Unicode \(surrogates not allowed at "
+                                         r"position 3"):
+        tok(["ok", "bad\udcff name"])
+    fixed = len(tok.encode(""))
+    assert fixed > 2  # the prefix has tokens of its own
+    with pytest.raises(ValueError, match=f"context_length={fixed} leaves no room .* at least {fixed + 1}"):
+        tok(["a dog"], context_length=fixed)
+    a, b = tok(["dog", "cat"], context_length=fixed + 1)
+    assert not torch.equal(a, b)
+
+
 def test_tokenizer_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="has no tokenizer.model"):
         internvit.get_tokenizer(tmp_path)
