@@ -1,0 +1,150 @@
+"""The set-up checks of a runner the tools build (:mod:`internvit.runner`), each raising before anything is
+trained, tested or written: a checkpoint that does not fit the model, class lists that disagree or outnumber
+a head, test outputs that would replace files the run did not write.
+
+Split out of :mod:`internvit.runner` (which builds and scopes runners): these functions only look at a built
+runner, its model and its datasets, and at paths.
+"""
+from __future__ import annotations
+
+import os
+import os.path as osp
+import re
+from typing import Any, Optional
+
+__all__ = ["check_fits", "check_classes", "check_same_classes", "class_list", "dataset_class_names",
+           "check_output_path", "check_unique_names"]
+
+
+def check_fits(model, ckpt, path: str) -> None:
+    """Raise :class:`internvit.CheckpointError` unless the checkpoint's state dict fits ``model``.
+
+    As mmengine loads it: the ``state_dict`` entry (or the whole dict), ``module.`` prefixes removed. Missing
+    keys are those the model's own ``state_dict()`` has (a model may leave out parts it rebuilds itself, such
+    as a frozen pretrained backbone); unexpected keys are those that name no parameter or persistent buffer;
+    mis-shaped keys differ in shape. A model that is not built yet (``FlexibleRunner`` builds it when training
+    starts) is not checked.
+    """
+    import torch
+    from mmengine.model import is_model_wrapper
+
+    from internvit.checkpoints import CheckpointError, _fmt_keys
+
+    if is_model_wrapper(model):
+        model = model.module
+    if not isinstance(model, torch.nn.Module):
+        return
+    sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(sd, dict) or not any(isinstance(v, torch.Tensor) for v in sd.values()):
+        top = ", ".join(map(str, list(ckpt)[:8])) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path}: no state dict of tensors (top-level keys: {top})")
+    sd = {re.sub(r"^module\.", "", k): v for k, v in sd.items()}
+    required = model.state_dict()
+    accepted = dict(model.named_parameters(remove_duplicate=False))
+    for prefix, mod in model.named_modules(remove_duplicate=False):
+        for name, buf in mod._buffers.items():
+            if buf is not None and name not in mod._non_persistent_buffers_set:
+                accepted[f"{prefix}.{name}" if prefix else name] = buf
+    accepted.update(required)
+    missing = sorted(k for k in required if k not in sd)
+    unexpected = sorted(k for k in sd if k not in accepted)
+    mis_shaped = sorted(f"{k} (checkpoint {list(v.shape)} vs model {list(accepted[k].shape)})"
+                        for k, v in sd.items() if k in accepted and isinstance(v, torch.Tensor)
+                        and isinstance(accepted[k], torch.Tensor) and tuple(v.shape) != tuple(accepted[k].shape))
+    problems = [f"{what}: {_fmt_keys(keys, 6)}" for what, keys in (("missing keys", missing),
+                                                                     ("unexpected keys", unexpected),
+                                                                     ("mis-shaped keys", mis_shaped)) if keys]
+    if problems:
+        raise CheckpointError(f"{path} does not fit the config's model: " + "; ".join(problems))
+
+
+def class_list(classes: Any) -> Optional[tuple]:
+    """``classes`` as a tuple of names, or None when it is not a non-empty list of them."""
+    return tuple(str(c) for c in classes) if isinstance(classes, (list, tuple)) and classes else None
+
+
+def dataset_class_names(loader) -> Optional[tuple]:
+    """The class names a built dataloader's dataset declares (``metainfo['classes']``), or None."""
+    ds = getattr(loader, "dataset", None)
+    try:
+        return class_list((getattr(ds, "metainfo", None) or {}).get("classes"))
+    except Exception:  # noqa: BLE001 - a dataset without metainfo
+        return None
+
+
+def _dataset_classes(loader) -> Optional[int]:
+    """The number of classes a built dataloader's dataset declares (``metainfo['classes']``), or None."""
+    names = dataset_class_names(loader)
+    return len(names) if names else None
+
+
+def check_same_classes(lists: dict) -> None:
+    """Raise ``ValueError`` when two of the class lists ``{what: names or None}`` differ (``None``: unknown,
+    not compared). Label ``i`` means class ``names[i]``: a split whose folders lack a class numbers the
+    others one lower, and its accuracy would be computed against the wrong classes."""
+    known = [(what, names) for what, names in lists.items() if names]
+    for what, names in known[1:]:
+        ref_what, ref = known[0]
+        if names != ref:
+            i = next((i for i, (a, b) in enumerate(zip(names, ref)) if a != b), min(len(names), len(ref)))
+            here = repr(names[i]) if i < len(names) else "missing"
+            there = repr(ref[i]) if i < len(ref) else "missing"
+            extra = sorted(set(ref) - set(names))[:3]
+            hint = f" (no {', '.join(map(repr, extra))} here)" if extra else ""
+            raise ValueError(f"{what}: its classes differ from those of {ref_what}: {len(names)} vs {len(ref)} "
+                             f"classes, label {i} is {here} here and {there} there{hint}; labels would be scored "
+                             f"against the wrong classes: give every split the same class list (classes=...)")
+
+
+def check_classes(model, loader, what: str) -> None:
+    """Raise ``ValueError`` when a dataset declares more classes than a head of ``model`` predicts
+    (``num_classes`` of its ``head`` / ``decode_head`` / ``auxiliary_head`` modules): those labels could never be
+    predicted, so accuracy / mIoU would be computed against a model that cannot be right (and training fails
+    mid-epoch on the first such label)."""
+    from mmengine.model import is_model_wrapper
+
+    n = _dataset_classes(loader)
+    if n is None or model is None:
+        return
+    if is_model_wrapper(model):
+        model = model.module
+    for name, mod in getattr(model, "named_modules", lambda: [])():
+        k = getattr(mod, "num_classes", None)
+        if name.rsplit(".", 1)[-1] in ("head", "decode_head", "auxiliary_head") and isinstance(k, int) and 0 < k < n:
+            raise ValueError(f"{what}: the dataset has {n} classes but model.{name}.num_classes is {k} "
+                             f"(labels {k}..{n - 1} could never be predicted); set num_classes to {n} or use "
+                             f"the data the model was made for")
+
+
+def check_output_path(flag: str, path: str, folder: bool, overwrite: bool) -> None:
+    """A test output path: a folder (``folder``) or a file; an existing file, or a folder that is not empty,
+    only with ``overwrite`` (their same-named files would be replaced)."""
+    if os.path.lexists(path) and os.path.isdir(path) != folder:
+        raise ValueError(f"{flag} {path}: exists and is {'not ' if folder else ''}a folder (give "
+                         f"{'a folder' if folder else 'a file path'})")
+    if overwrite:
+        return
+    if folder and os.path.isdir(path) and os.listdir(path):
+        raise ValueError(f"{flag} {path}: a folder that is not empty; its same-named files would be replaced "
+                         f"(give a new or empty folder, or pass --overwrite)")
+    if not folder and os.path.lexists(path):
+        raise ValueError(f"{flag} {path}: already exists (pass --overwrite to replace it)")
+
+
+def check_unique_names(runner, flag: str) -> None:
+    """mmseg names each prediction / overlay after its image's file name: two test images of one name (in
+    different folders) would write one file, the first silently replaced."""
+    ds = getattr(getattr(runner, "_test_dataloader", None), "dataset", None)
+    if not callable(getattr(ds, "get_data_info", None)):  # mmengine's BaseDataset (its data_list may be serialised)
+        return
+    seen: dict[str, str] = {}
+    for i in range(len(ds)):
+        item = ds.get_data_info(i)
+        path = item.get("img_path") if isinstance(item, dict) else None
+        if not isinstance(path, str):
+            continue
+        stem = osp.splitext(osp.basename(path))[0]
+        if stem in seen:
+            raise ValueError(f"{flag}: test images {seen[stem]} and {path} have the same name {stem!r}: their "
+                             f"predictions would be written to one file (rename one, or leave {flag} out)")
+        seen[stem] = path
