@@ -35,7 +35,10 @@ def test_tokenizer_refuses_a_dict(tokenizer):
 def test_tokenizer_context_length_zero_is_an_error(tokenizer):
     with pytest.raises(ValueError, match="context_length=0"):
         tokenizer(["a"], context_length=0)
-    assert tokenizer(["a"], context_length=5).shape == (1, 5)
+    fixed = len(tokenizer.encode(""))  # BOS + the prefix + EOS: a shorter length leaves no room for text
+    with pytest.raises(ValueError, match=f"context_length={fixed} leaves no room"):
+        tokenizer(["a"], context_length=fixed)
+    assert tokenizer(["a"], context_length=fixed + 1).shape == (1, fixed + 1)
 
 
 def test_check_texts():
