@@ -131,20 +131,35 @@ def check_output_path(flag: str, path: str, folder: bool, overwrite: bool) -> No
         raise ValueError(f"{flag} {path}: already exists (pass --overwrite to replace it)")
 
 
-def check_unique_names(runner, flag: str) -> None:
-    """mmseg names each prediction / overlay after its image's file name: two test images of one name (in
-    different folders) would write one file, the first silently replaced."""
+def check_unique_names(runner, outputs: dict) -> None:
+    """The test outputs ``{flag: path}`` against the test set. mmseg names each prediction / overlay after its
+    image's file name: two test images of one name (in different folders) would write one file, the first
+    silently replaced. And an output folder may not be, or lie inside, a folder of the test set's images or
+    label maps (the predictions replaced the ground truth even with ``--overwrite``; overlays became test
+    images)."""
     ds = getattr(getattr(runner, "_test_dataloader", None), "dataset", None)
     if not callable(getattr(ds, "get_data_info", None)):  # mmengine's BaseDataset (its data_list may be serialised)
         return
     seen: dict[str, str] = {}
+    data_dirs: set = set()
     for i in range(len(ds)):
         item = ds.get_data_info(i)
-        path = item.get("img_path") if isinstance(item, dict) else None
+        if not isinstance(item, dict):
+            continue
+        data_dirs.update(osp.dirname(osp.abspath(p)) for p in (item.get("img_path"), item.get("seg_map_path"))
+                         if isinstance(p, str))
+        path = item.get("img_path")
         if not isinstance(path, str):
             continue
         stem = osp.splitext(osp.basename(path))[0]
         if stem in seen:
+            flag = next(iter(outputs))
             raise ValueError(f"{flag}: test images {seen[stem]} and {path} have the same name {stem!r}: their "
                              f"predictions would be written to one file (rename one, or leave {flag} out)")
         seen[stem] = path
+    for flag, out in outputs.items():
+        target = osp.abspath(out)
+        for d in sorted(data_dirs):
+            if target == d or target.startswith(d + os.sep):
+                raise ValueError(f"{flag} {out}: inside the test set's data folder {d}: the outputs would mix with "
+                                 f"(or replace) its images and label maps; give a folder outside the dataset")

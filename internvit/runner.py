@@ -115,6 +115,8 @@ def load_config(config: str, *, cfg_options: Optional[dict] = None, work_dir: Op
         cfg.work_dir = work_dir
     elif cfg.get("work_dir") is None:
         cfg.work_dir = osp.join("./work_dirs", osp.splitext(osp.basename(config))[0])
+    if not isinstance(cfg.work_dir, str) or not cfg.work_dir.strip():  # '' would be the current folder
+        raise ValueError(f"work_dir must be a folder path, got {cfg.work_dir!r}")
     dump = osp.join(osp.abspath(cfg.work_dir), osp.basename(config))  # where the Runner writes its flat copy
     if osp.isfile(dump) and osp.samefile(dump, config):
         raise ValueError(f"work dir {cfg.work_dir}: holds the config {config} itself, which the run would replace "
@@ -207,6 +209,8 @@ def _read_checkpoint(path: str):
     """A local checkpoint, read without running code and memory-mapped (only shapes are looked at)."""
     if not _is_local(path):
         return None  # a URL or a package scheme: read (safely) by the runner when it loads it
+    if osp.isdir(path):
+        raise IsADirectoryError(f"{path}: a folder, not a checkpoint file")
     if not osp.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     return compat.load_runner_checkpoint(path, "cpu", mmap=True)
@@ -331,6 +335,9 @@ def build_train_runner(config: str, *, work_dir: Optional[str] = None, resume: O
         checkpoint = latest_complete_checkpoint(cfg) if osp.isdir(cfg.work_dir) else None
         cfg.load_from = checkpoint  # None: nothing to resume, training starts from scratch (as mmengine does)
     elif resume:
+        if osp.isdir(resume):
+            raise IsADirectoryError(f"--resume {resume}: a folder, not a checkpoint file (give the .pth file, or "
+                                    f"--resume alone for the latest one in the work dir)")
         if not osp.isfile(resume):
             raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
         cfg.resume, cfg.load_from = True, resume
@@ -492,11 +499,29 @@ def build_test_runner(config: str, checkpoint: str, *, work_dir: Optional[str] =
             evaluators = cfg.test_evaluator if isinstance(cfg.test_evaluator, list) else [cfg.test_evaluator]
             cfg.test_evaluator = [*evaluators, dict(type="DumpResults", out_file_path=out)]
     after = _without_training
-    if seg and (show_dir or out):
+    outputs = {flag: p for flag, p in (("--out", out), ("--show-dir", show_dir)) if p}
+    if seg and outputs:
         def after(runner) -> None:
             _without_training(runner)
-            check_unique_names(runner, "--out" if out else "--show-dir")
-    return build_runner(cfg, checkpoint, dataloaders=("test",), after_build=after, checkpoint_classes=True)
+            check_unique_names(runner, outputs)
+    made = [_first_missing(p) for p in outputs.values()]  # removed again when the set-up fails
+    try:
+        return build_runner(cfg, checkpoint, dataloaders=("test",), after_build=after, checkpoint_classes=True)
+    except BaseException:
+        for path in made:
+            if path is not None:
+                shutil.rmtree(path, ignore_errors=True)
+        raise
+
+
+def _first_missing(path: str) -> Optional[str]:
+    """The highest folder of ``path`` (itself included) that does not exist yet; None when ``path`` exists."""
+    path = osp.abspath(path)
+    if osp.lexists(path):
+        return None
+    while not osp.lexists(osp.dirname(path)) and osp.dirname(path) != path:
+        path = osp.dirname(path)
+    return path
 
 
 def _without_training(runner) -> None:

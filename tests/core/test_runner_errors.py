@@ -312,3 +312,18 @@ def test_a_test_mode_mmseg_does_not_know_is_a_setup_error(tmp_path, capsys):
     _fails("test", [SEG_TOY, str(folder), "--work-dir", str(tmp_path / "w")], capsys,
            f"{folder}: a folder, not a checkpoint file")
     assert not (tmp_path / "w").exists()
+
+
+def test_an_empty_work_dir_or_a_folder_as_the_checkpoint_is_refused(tmp_path, capsys, monkeypatch):
+    """--cfg-options work_dir= trained into the current folder; --resume FOLDER said 'no such checkpoint'."""
+    monkeypatch.chdir(tmp_path)
+    for value in ("", " "):
+        _fails("train", [CLS_TOY, "--cfg-options", f"work_dir={value}"], capsys, "work_dir must be a folder path")
+    assert os.listdir(tmp_path) == []
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    _fails("train", [CLS_TOY, "--work-dir", str(tmp_path / "w"), "--resume", str(folder)], capsys,
+           f"--resume {folder}: a folder, not a checkpoint file")
+    _fails("train", [CLS_TOY, "--work-dir", str(tmp_path / "w"), "--cfg-options", f"load_from={folder}"], capsys,
+           f"{folder}: a folder, not a checkpoint file")
+    assert sorted(os.listdir(tmp_path)) == ["ckpts"]

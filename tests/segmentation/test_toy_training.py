@@ -74,6 +74,12 @@ def test_test_outputs_never_replace_files_they_did_not_write(uper_run, toy_data,
     for kw in (dict(out=ann), dict(show_dir=ann), dict(out=os.path.join(ann, sorted(before)[0]))):
         with pytest.raises(ValueError, match="not empty|not a folder"):
             test(TOY_UPER, ckpt, work_dir=str(tmp_path / "w"), cfg_options=opts, **kw)
+    # with --overwrite as well: the test set's own folders are never an output (the next test scored mIoU 100;
+    # overlays written among the images became test images)
+    for kw in (dict(out=ann), dict(show_dir=os.path.join(toy_data, "images", "validation", "vis"))):
+        with pytest.raises(ValueError, match="inside the test set's data folder"):
+            test(TOY_UPER, ckpt, work_dir=str(tmp_path / "w"), cfg_options=opts, overwrite=True, **kw)
+    assert not os.path.exists(os.path.join(toy_data, "images", "validation", "vis"))
     assert {n: open(os.path.join(ann, n), "rb").read() for n in os.listdir(ann)} == before
     assert not os.path.exists(tmp_path / "w")
     mine = tmp_path / "preds"
@@ -93,8 +99,9 @@ def test_test_outputs_never_replace_files_they_did_not_write(uper_run, toy_data,
             shutil.copy(os.path.join(src, name), twin / kind / "validation" / sub / name)
     twin_opts = dict(opts, **{"test_dataloader.dataset.data_root": str(twin)})
     with pytest.raises(ValueError, match=f"have the same name {os.path.splitext(name)[0]!r}"):
-        test(TOY_UPER, ckpt, work_dir=str(tmp_path / "w2"), cfg_options=twin_opts, out=str(tmp_path / "o2"))
-    assert not os.path.exists(tmp_path / "o2")
+        test(TOY_UPER, ckpt, work_dir=str(tmp_path / "w2"), cfg_options=twin_opts, out=str(tmp_path / "o2"),
+             show_dir=str(tmp_path / "s2" / "sub"))
+    assert not os.path.exists(tmp_path / "o2") and not os.path.exists(tmp_path / "s2")  # the visualizer made s2
 
 
 def test_resume_continues_iteration_count(uper_run):
