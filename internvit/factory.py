@@ -206,7 +206,11 @@ MODEL_FILE_PATTERNS = ("config.json", "model.safetensors", "model.safetensors.in
 
 def _check_model_destination(directory: str, overwrite: bool, own: Sequence[str]) -> None:
     """Refuse to replace a folder that is not empty unless ``overwrite``, and, even then, one that holds
-    anything :func:`save_model` does not write (the whole folder is replaced: those files would be lost)."""
+    anything :func:`save_model` does not write (the whole folder is replaced: those files would be lost), and a
+    symbolic link (the swap would replace the link, not the folder it points to)."""
+    if os.path.islink(os.path.normpath(directory)):  # normpath: 'link/' names the link too
+        raise FileExistsError(f"{directory}: a symbolic link (to {os.path.realpath(directory)}): save to the folder "
+                              f"itself")
     if not os.path.isdir(directory) or not os.listdir(directory):
         return
     if not overwrite:

@@ -63,3 +63,14 @@ def test_convert_checkpoint_refuses_an_existing_destination(tmp_path, model):
     convert_checkpoint(src, dst, to="original", overwrite=True)
     with pytest.raises(FileExistsError, match="overwrite=True"):
         convert_checkpoint(str(dst), src, to="hf")
+
+
+def test_a_symbolic_link_is_refused(tmp_path, model):
+    """The swap replaced the link with a real folder (the folder it pointed to untouched) and left a temporary
+    link behind."""
+    real = internvit.save_model(model, tmp_path / "real")
+    os.symlink(real, tmp_path / "link")
+    for path in (tmp_path / "link", str(tmp_path / "link") + "/"):
+        with pytest.raises(FileExistsError, match="a symbolic link"):
+            internvit.save_model(model, path, overwrite=True)
+    assert os.path.islink(tmp_path / "link") and sorted(os.listdir(tmp_path)) == ["link", "real"]
