@@ -248,6 +248,10 @@ def _prepare(source, out_dir: str, encoder: Encoder, *, add: bool, kind: Optiona
             if os.path.abspath(embeddings_dir) not in recorded:
                 raise FileExistsError(f"{out_dir}: already holds an index built from other embeddings (use --add "
                                       f"to extend it, or another folder)")
+    if os.path.isdir(embeddings_dir) and os.listdir(embeddings_dir) and not any(
+            os.path.exists(os.path.join(embeddings_dir, n)) for n in ("manifest.json", ".store")):
+        raise FileExistsError(f"{embeddings_dir}: a folder that is not empty and holds no embeddings: give a new or "
+                              f"empty folder for the embeddings")
     _check_encoder(embeddings_dir, encoder.info())
     return dict(images=images, captions=captions, paths=paths, kind=kind, budget=budget,
                 embeddings_dir=embeddings_dir)

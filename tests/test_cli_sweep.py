@@ -207,6 +207,7 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("src_empty", ["", "{out}", "--quiet"]),
         ("out_a_user_folder_with_model", ["{W}/imgs", "{W}/cls", "--model", "internvit:internvit-6b-tiny", "--quiet"]),
         ("out_a_user_folder", ["{W}/emb", "{W}/cls", "--quiet"]),
+        ("embeddings_into_a_user_folder", [*BUILD_MODEL, "--embeddings", "{W}/cls"]),
         *[(n, [*BUILD_MODEL, *a]) for n, a in DEVICE_CASES + NO_CUDA_CASES],
     ],
     "convert_checkpoint": [
