@@ -113,11 +113,15 @@ def parse_splits(split: Union[None, str, Sequence[str]]) -> Optional[frozenset]:
 
 def _caption_list(path: str, where: str, value, key: str) -> list:
     """``value`` (a string or a list of strings) as a list; ``ValueError`` naming the file and the entry for
-    anything else (``null``, a number: they used to become the text 'none' / '3')."""
+    anything else (``null``, a number: they used to become the text 'none' / '3') and for a blank string (a
+    text query or training positive without text; an index build skips such captions, evaluation counted
+    them as queries)."""
     caps = value if isinstance(value, list) else [value]
     for c in caps:
         if not isinstance(c, str):
             raise ValueError(f"{path}: {where}: {key} {c!r} is not a string")
+        if not c.strip():
+            raise ValueError(f"{path}: {where}: {key} {c!r} is blank")
     return caps
 
 
@@ -178,6 +182,8 @@ def _entries_txt(path: str) -> list[AnnotationEntry]:
             image, sep, caption = line.partition(".jpg,")
             if not sep:
                 raise ValueError(f"{path}:{lineno}: expected '<id>.jpg,<caption>', got {line[:60]!r}")
+            if not caption.strip():
+                raise ValueError(f"{path}:{lineno}: caption {caption.rstrip(chr(13) + chr(10))!r} is blank")
             entries.append(AnnotationEntry(f"line {lineno}", image + ".jpg", [caption], None))
     return entries
 

@@ -139,6 +139,16 @@ def test_null_or_non_string_captions_and_paths_are_refused(tmp_path):
             load(number)
         with pytest.raises(ValueError, match=r"k\.json: images\[0\]: sentence None is not a string"):
             load(karpathy, split="test")
+    # blank captions: evaluation counted them as text queries (n_texts 3), an index build skips them
+    blank = _json(tmp_path / "blank.json", [{"image": "a.png", "caption": ["a", "   "]},
+                                            {"image": "b.png", "caption": "b"}])
+    txt = tmp_path / "blank.txt"
+    txt.write_text("image,caption\n1.jpg,one\n2.jpg,\n", encoding="utf-8")
+    for load in (load_pairs, load_annotations):
+        with pytest.raises(ValueError, match=r"blank\.json: entry 0: caption '   ' is blank"):
+            load(blank)
+        with pytest.raises(ValueError, match=r"blank\.txt:3: caption '' is blank"):
+            load(str(txt))
 
 
 def test_karpathy_train_and_restval(tmp_path, caplog):
