@@ -157,9 +157,7 @@ def build_runner(cfg, checkpoint: Optional[str] = None, dataloaders: tuple = (),
     _cpu_process_group(cfg)
     work_dir = osp.abspath(cfg.work_dir)
     existing = set(os.listdir(work_dir)) if osp.isdir(work_dir) else None
-    created = work_dir  # the highest folder of work_dir's path that does not exist yet (Runner makes them all)
-    while not osp.exists(osp.dirname(created)) and osp.dirname(created) != created:
-        created = osp.dirname(created)
+    created = _first_missing(work_dir)  # the Runner makes every missing folder of the path
     instances = _manager_instances()
     try:
         runner = RUNNERS.build(cfg) if "runner_type" in cfg else Runner.from_cfg(cfg)

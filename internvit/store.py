@@ -43,11 +43,11 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, TypeVar, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, TypeVar, Union
 
 __all__ = ["Store", "StoreError", "StoreBusyError", "PendingJobError", "read_manifest", "committed_files",
-           "read_consistent", "replace_folder", "generation_name", "job_id", "fsync_dir", "MANIFEST",
-           "FAULT_EXIT_CODE"]
+           "read_consistent", "replace_folder", "refuse_foreign_folder", "generation_name", "job_id", "fsync_dir",
+           "MANIFEST", "FAULT_EXIT_CODE"]
 
 MANIFEST = "manifest.json"
 STORE_DIR = ".store"
@@ -155,6 +155,23 @@ def _atomic_json(path: str, obj: Any, point: str) -> None:
         raise
     fsync_dir(os.path.dirname(path) or ".")
     _point(f"{point}:renamed")
+
+
+def refuse_foreign_folder(path: PathLike, markers: Sequence[str], what: str) -> None:
+    """Raise ``FileExistsError`` when ``path`` is a folder that holds files but none of ``markers`` (``fnmatch``
+    patterns of the entries a writer of ``what`` leaves: ``manifest.json``, ``.store``, ...): a user's folder,
+    which a job writing its files by name would fill, fail on or replace. Checked before any work; a missing
+    or empty folder, or one of a finished or interrupted job of that kind, passes."""
+    import fnmatch
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        return
+    names = sorted(os.listdir(path))
+    if names and not any(fnmatch.fnmatchcase(n, m) for n in names for m in markers):
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise FileExistsError(f"{path}: a folder that is not empty ({shown}) and holds no {what}: give a new or "
+                              f"empty folder (or the folder of a {what} to resume or extend)")
 
 
 def generation_name(name: str, generation: int) -> str:

@@ -33,15 +33,8 @@ REQUIRED = ("index_file", "dim", "ntotal", "next_id", "kind", "index_key")
 def check_index_destination(out_dir: str) -> None:
     """Refuse, before any work, an ``out_dir`` that is a folder holding files but no index build (no committed
     or interrupted index, no embeddings of one): a build writes its files by name and would fail on, or
-    replace, a user's. Raises ``FileExistsError``."""
-    if not os.path.isdir(out_dir):
-        return
-    names = os.listdir(out_dir)
-    ours = {".store", "manifest.json", "embeddings"}
-    if names and not any(n in ours or n.startswith("embeddings-add-") for n in names):
-        shown = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
-        raise FileExistsError(f"{out_dir}: a folder that is not empty ({shown}) and holds no index: give a new or "
-                              f"empty folder (or the folder of an index to extend with --add)")
+    replace, a user's. Raises ``FileExistsError`` (:func:`internvit.store.refuse_foreign_folder`)."""
+    _store.refuse_foreign_folder(out_dir, (".store", "manifest.json", "embeddings", "embeddings-add-*"), "index")
 
 
 def check_id_offset(id_offset, next_id: int, where: Optional[str] = None) -> int:

@@ -14,7 +14,7 @@ import numpy as np
 from internvit.distributed_features import agree as _agree
 from internvit.distributed_features import write_files
 from internvit.features import _dist_rank_world as _rank_world
-from internvit.store import read_manifest
+from internvit.store import read_manifest, refuse_foreign_folder
 
 from .embeddings import KINDS, save_npy
 from .encoders import Encoder
@@ -248,10 +248,7 @@ def _prepare(source, out_dir: str, encoder: Encoder, *, add: bool, kind: Optiona
             if os.path.abspath(embeddings_dir) not in recorded:
                 raise FileExistsError(f"{out_dir}: already holds an index built from other embeddings (use --add "
                                       f"to extend it, or another folder)")
-    if os.path.isdir(embeddings_dir) and os.listdir(embeddings_dir) and not any(
-            os.path.exists(os.path.join(embeddings_dir, n)) for n in ("manifest.json", ".store")):
-        raise FileExistsError(f"{embeddings_dir}: a folder that is not empty and holds no embeddings: give a new or "
-                              f"empty folder for the embeddings")
+    refuse_foreign_folder(embeddings_dir, ("manifest.json", ".store"), "embeddings folder")
     _check_encoder(embeddings_dir, encoder.info())
     return dict(images=images, captions=captions, paths=paths, kind=kind, budget=budget,
                 embeddings_dir=embeddings_dir)

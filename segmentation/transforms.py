@@ -77,16 +77,19 @@ class CheckSegLabels(BaseTransform):
         if int(num_classes) < 1:
             raise ValueError(f"CheckSegLabels: num_classes must be >= 1, got {num_classes}")
         self.num_classes, self.ignore_index = int(num_classes), int(ignore_index)
+        self._mode_ok: set = set()  # label files whose header was read once (not again every epoch)
 
     def transform(self, results: dict) -> dict:
         seg = results.get("gt_seg_map")
         if seg is None:
             return results
         where = results.get("seg_map_path", "the segmentation map")
-        mode = _image_mode(where) if isinstance(where, str) else None
-        if mode is not None and mode not in self.LABEL_MODES:
-            raise ValueError(f"{where}: a label map must be one 8-bit channel (PNG mode L or P), this file is mode "
-                             f"{mode!r}: its values would be cast to uint8 or its channels kept")
+        if isinstance(where, str) and where not in self._mode_ok:
+            mode = _image_mode(where)
+            if mode is not None and mode not in self.LABEL_MODES:
+                raise ValueError(f"{where}: a label map must be one 8-bit channel (PNG mode L or P), this file is "
+                                 f"mode {mode!r}: its values would be cast to uint8 or its channels kept")
+            self._mode_ok.add(where)
         if seg.ndim != 2:
             raise ValueError(f"{where}: a label map must have one channel, this one has shape {tuple(seg.shape)}")
         shape = results.get("ori_shape")

@@ -138,6 +138,8 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("output_empty", _with(ZEROSHOT, output="")),
         ("num_frames_without_video", [*ZEROSHOT, "--num-frames", "4"]),
         ("resize_mode_without_video", [*ZEROSHOT, "--resize-mode", "squash"]),
+        ("overwrite_without_output", [*[a for a in ZEROSHOT if a not in ("--output", "{out}/res.json")],
+                                      "--overwrite"]),
         *[(n, [*ZEROSHOT, *a]) for n, a in DEVICE_CASES + NO_CUDA_CASES],
     ],
     "eval_retrieval": [

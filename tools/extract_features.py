@@ -156,14 +156,15 @@ def _main(argv=None) -> int:
     import internvit
     from internvit.data import list_images
     from internvit.features import FeatureExtractor, output_text, parse_dtype
+    from internvit.store import refuse_foreign_folder
 
     # every check before the model is loaded or anything is written (an empty value: refused by the parser)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out {args.out}: exists and is not a folder")
-    if os.path.isdir(args.out) and os.listdir(args.out) and not any(
-            os.path.exists(os.path.join(args.out, n)) for n in ("manifest.json", ".store", "progress.json")):
-        raise UsageError(f"--out {args.out}: a non-empty folder that holds no feature extraction; give a new or "
-                         f"empty folder (or the folder of a run to resume)")
+    try:
+        refuse_foreign_folder(args.out, ("manifest.json", ".store", "progress.json"), "feature extraction")
+    except FileExistsError as e:
+        raise UsageError(f"--out {e}") from None
     _check_model_spec(args.model, "--model")
     if args.config is not None:
         _check_model_spec(args.config, "--config")

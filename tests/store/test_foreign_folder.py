@@ -1,0 +1,20 @@
+"""store.refuse_foreign_folder: the one check that a job's output folder is not a user's folder."""
+import pytest
+
+from internvit.store import refuse_foreign_folder
+
+
+def test_refuses_only_a_non_empty_folder_without_the_markers(tmp_path):
+    markers = ("manifest.json", ".store", "embeddings-add-*")
+    refuse_foreign_folder(tmp_path / "missing", markers, "index")
+    (tmp_path / "empty").mkdir()
+    refuse_foreign_folder(tmp_path / "empty", markers, "index")
+    user = tmp_path / "user"
+    user.mkdir()
+    for n in ("b.txt", "a.txt", "c.txt", "d.txt"):
+        (user / n).write_text("mine")
+    with pytest.raises(FileExistsError, match=r"user: a folder that is not empty \(a.txt, b.txt, c.txt, \.\.\.\) and "
+                                              r"holds no index"):
+        refuse_foreign_folder(user, markers, "index")
+    (user / "embeddings-add-1a2b").mkdir()  # a pattern marker: an interrupted --add of ours
+    refuse_foreign_folder(user, markers, "index")
