@@ -13,7 +13,10 @@ import re
 from typing import Any, Optional
 
 __all__ = ["check_fits", "check_classes", "check_same_classes", "class_list", "dataset_class_names",
-           "check_output_path", "check_unique_names"]
+           "check_output_path", "check_unique_names", "check_data_files", "name_data_errors", "NamedLoadErrors"]
+
+#: the keys of an mmengine dataset entry that name a file the pipeline reads (image, label map)
+DATA_FILE_KEYS = ("img_path", "seg_map_path")
 
 
 def check_fits(model, ckpt, path: str) -> None:
@@ -37,7 +40,13 @@ def check_fits(model, ckpt, path: str) -> None:
     sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict) or not any(isinstance(v, torch.Tensor) for v in sd.values()):
         top = ", ".join(map(str, list(ckpt)[:8])) if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise CheckpointError(f"{path}: no state dict of tensors (top-level keys: {top})")
+        nested = [k for k, v in ckpt.items() if isinstance(v, dict) and any(isinstance(t, torch.Tensor)
+                                                                           for t in v.values())] \
+            if isinstance(ckpt, dict) else []
+        hint = (f"; its tensors are under {nested[0]!r} (a backbone or DeepSpeed checkpoint?): mmengine reads "
+                f"'state_dict' or the top level; give the checkpoint tools/train.py saved, or convert a released "
+                f"mmseg 0.x segmentor with tools/convert_checkpoint.py mmseg0x") if nested else ""
+        raise CheckpointError(f"{path}: no state dict of tensors (top-level keys: {top}){hint}")
     sd = {re.sub(r"^module\.", "", k): v for k, v in sd.items()}
     required = model.state_dict()
     accepted = dict(model.named_parameters(remove_duplicate=False))
@@ -163,3 +172,91 @@ def check_unique_names(runner, outputs: dict) -> None:
             if target == d or target.startswith(d + os.sep):
                 raise ValueError(f"{flag} {out}: inside the test set's data folder {d}: the outputs would mix with "
                                  f"(or replace) its images and label maps; give a folder outside the dataset")
+
+
+def _leaf_datasets(ds) -> list:
+    """The datasets inside mmengine's wrappers (``ConcatDataset.datasets``, ``RepeatDataset.dataset``, ...)."""
+    if ds is None:
+        return []
+    if isinstance(getattr(ds, "datasets", None), (list, tuple)):
+        return [leaf for d in ds.datasets for leaf in _leaf_datasets(d)]
+    inner = getattr(ds, "dataset", None)
+    return _leaf_datasets(inner) if inner is not None and hasattr(inner, "__getitem__") else [ds]
+
+
+def check_data_files(loader, what: str) -> None:
+    """Every local file a built dataloader's dataset lists exists (the ``img_path`` and ``seg_map_path`` of each
+    entry of an mmengine ``BaseDataset``): mmseg lists a label map for every image by name without looking, so a
+    missing annotation surfaced as a ``FileNotFoundError`` traceback when the loop reached it (for a validation
+    set, after the first training interval). Raises :class:`internvit.data.DataError` naming the first missing
+    file and how many are missing. One ``stat`` per file; datasets that are not fully initialised (``lazy_init``)
+    are skipped."""
+    from internvit.data import DataError
+
+    for ds in _leaf_datasets(getattr(loader, "dataset", None)):
+        if not callable(getattr(ds, "get_data_info", None)) or not getattr(ds, "_fully_initialized", True):
+            continue
+        missing: list[tuple[str, str]] = []
+        n = len(ds)
+        for i in range(n):
+            item = ds.get_data_info(i)
+            if not isinstance(item, dict):
+                continue
+            for key in DATA_FILE_KEYS:
+                path = item.get(key)
+                if isinstance(path, str) and "://" not in path and not osp.isfile(path):
+                    missing.append((key, path))
+        if missing:
+            key, path = missing[0]
+            kind = "label map" if key == "seg_map_path" else "image"
+            raise DataError(f"{what}: {path}: no such {kind} file ({len(missing)} of the files its {n} entries "
+                            f"list are missing; {key} is built from data_root, data_prefix and the suffixes)")
+
+
+class NamedLoadErrors:
+    """A loading transform (``LoadImageFromFile``, ``LoadAnnotations``, ...) whose failure names the file it
+    was reading: any exception it raises becomes :class:`internvit.data.DataError` ``"<file>: cannot read the
+    image / label map (<type>: <message>)"`` (mmcv raised ``AssertionError: failed to load image`` for a garbage
+    image and ``OSError: image file is truncated`` for a truncated label PNG, naming no file), which the tools
+    report as one ``error:`` line. Everything else is the wrapped transform's (attributes, ``repr``)."""
+
+    def __init__(self, transform) -> None:
+        self.transform = transform
+
+    def __call__(self, results):
+        from internvit.data import DataError
+
+        try:
+            return self.transform(results)
+        except DataError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a loader's failure is about its file, whatever the type
+            annotation = "annotation" in type(self.transform).__name__.lower()
+            key = "seg_map_path" if annotation else "img_path"
+            path = results.get(key) if isinstance(results, dict) else None
+            if not isinstance(path, str):
+                raise
+            message = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+            raise DataError(f"{path}: cannot read the {'label map' if annotation else 'image'} "
+                            f"({type(self.transform).__name__}: {type(e).__name__}"
+                            f"{': ' + message if message else ''})") from e
+
+    def __getattr__(self, name: str):
+        if name == "transform":  # not set yet (unpickling)
+            raise AttributeError(name)
+        return getattr(self.transform, name)
+
+    def __repr__(self) -> str:
+        return repr(self.transform)
+
+
+def name_data_errors(loader) -> None:
+    """Wrap the loading transforms (class name ``Load...``) of a built dataloader's datasets' pipelines in
+    :class:`NamedLoadErrors`, so that an unreadable file met while the loop runs is reported by name."""
+    for ds in _leaf_datasets(getattr(loader, "dataset", None)):
+        transforms = getattr(getattr(ds, "pipeline", None), "transforms", None)
+        if not isinstance(transforms, list):
+            continue
+        for i, t in enumerate(transforms):
+            if type(t).__name__.startswith("Load") and not isinstance(t, NamedLoadErrors):
+                transforms[i] = NamedLoadErrors(t)

@@ -31,12 +31,14 @@ from typing import Any, Callable, Optional
 from internvit import compat
 from internvit.run_checks import (
     check_classes,
+    check_data_files,
     check_fits,
     check_output_path,
     check_same_classes,
     check_unique_names,
     class_list,
     dataset_class_names,
+    name_data_errors,
 )
 
 #: what building a runner raises for bad input (configs, checkpoints, model arguments): the tools report these
@@ -165,7 +167,10 @@ def build_runner(cfg, checkpoint: Optional[str] = None, dataloaders: tuple = (),
             check_fits(runner.model, ckpt, checkpoint)
         _build_dataloaders(runner, dataloaders)
         for name in dataloaders:
-            check_classes(runner.model, getattr(runner, f"_{name}_dataloader", None), f"{name}_dataloader")
+            loader = getattr(runner, f"_{name}_dataloader", None)
+            check_classes(runner.model, loader, f"{name}_dataloader")
+            check_data_files(loader, f"{name}_dataloader")
+            name_data_errors(loader)
         lists = {f"{n}_dataloader": dataset_class_names(getattr(runner, f"_{n}_dataloader", None))
                  for n in dataloaders}
         if checkpoint_classes and isinstance(ckpt, dict):

@@ -9,6 +9,8 @@ import numpy as np
 from mmcv.transforms import BaseTransform
 from mmseg.registry import TRANSFORMS
 
+from internvit.data import DataError
+
 
 def setr_resize_shape(h: int, w: int, short_side: int) -> tuple[int, int]:
     """``(new_h, new_w)``: short side to ``short_side``, long side proportional (rounded half up, as mmcv)."""
@@ -68,7 +70,8 @@ class CheckSegLabels(BaseTransform):
     (257 became class 1, scored as such) and keeps the channels of an RGB / LA map (the metric failed with an
     ``IndexError``).
 
-    Place it after ``LoadAnnotations``. Raises ``ValueError`` naming the annotation file. Modifies nothing.
+    Place it after ``LoadAnnotations``. Raises :class:`internvit.data.DataError` (a ``ValueError``) naming the
+    annotation file, which the tools report as one ``error:`` line. Modifies nothing.
     """
 
     LABEL_MODES = ("L", "P", "1")
@@ -87,18 +90,18 @@ class CheckSegLabels(BaseTransform):
         if isinstance(where, str) and where not in self._mode_ok:
             mode = _image_mode(where)
             if mode is not None and mode not in self.LABEL_MODES:
-                raise ValueError(f"{where}: a label map must be one 8-bit channel (PNG mode L or P), this file is "
+                raise DataError(f"{where}: a label map must be one 8-bit channel (PNG mode L or P), this file is "
                                  f"mode {mode!r}: its values would be cast to uint8 or its channels kept")
             self._mode_ok.add(where)
         if seg.ndim != 2:
-            raise ValueError(f"{where}: a label map must have one channel, this one has shape {tuple(seg.shape)}")
+            raise DataError(f"{where}: a label map must have one channel, this one has shape {tuple(seg.shape)}")
         shape = results.get("ori_shape")
         if shape is not None and tuple(seg.shape[:2]) != tuple(shape[:2]):
-            raise ValueError(f"{where}: {seg.shape[0]}x{seg.shape[1]} label map for a {shape[0]}x{shape[1]} image")
+            raise DataError(f"{where}: {seg.shape[0]}x{seg.shape[1]} label map for a {shape[0]}x{shape[1]} image")
         values = np.unique(seg)
         bad = values[((values < 0) | (values >= self.num_classes)) & (values != self.ignore_index)]
         if bad.size:
-            raise ValueError(f"{where}: label values {bad[:5].tolist()} are neither classes 0..{self.num_classes - 1} "
+            raise DataError(f"{where}: label values {bad[:5].tolist()} are neither classes 0..{self.num_classes - 1} "
                              f"nor the ignore index {self.ignore_index}")
         return results
 

@@ -236,3 +236,93 @@ def test_setup_errors_leave_nothing_and_print_one_line(uper_run, tmp_path, capsy
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and must in lines[0], err
     assert not os.path.exists(new_work)
+
+
+def _load_tool(name: str):
+    import importlib.util
+
+    from .conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location(f"tools_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("fault,workers,where,must", [
+    ("garbage image", 0, "images", "cannot read the image (LoadImageFromFile: AssertionError"),
+    ("garbage image", 2, "images", "cannot read the image (LoadImageFromFile: AssertionError"),
+    ("zero-byte image", 0, "images", "cannot read the image (LoadImageFromFile"),
+    ("truncated label map", 0, "annotations", "cannot read the label map (LoadAnnotations: OSError"),
+    ("label value out of range", 2, "annotations", "label values [9] are neither classes 0..3"),
+    ("missing label map", 0, "annotations", "no such label map file (1 of the files"),
+])
+def test_bad_data_files_are_one_error_line_naming_the_file(uper_run, toy_data, tmp_path, capsys, fault, workers,
+                                                          where, must):
+    """A file of the test set that cannot be read (mmcv's ``AssertionError: failed to load image``, PIL's
+    ``OSError: image file is truncated`` naming no file, a missing annotation's ``FileNotFoundError``) was a
+    traceback from deep in the loop (for validation, after the first training interval); now one ``error:``
+    line naming the file, exit 2 — also through DataLoader workers. A missing annotation is found at set-up."""
+    import numpy as np
+    from PIL import Image
+
+    data = str(tmp_path / "data")
+    shutil.copytree(toy_data, data)
+    name = sorted(os.listdir(os.path.join(data, "annotations", "validation")))[1]
+    path = os.path.join(data, where, "validation", name)
+    if fault == "garbage image":
+        with open(path, "wb") as f:
+            f.write(b"not an image at all")
+    elif fault == "zero-byte image":
+        open(path, "wb").close()
+    elif fault == "truncated label map":
+        with open(path, "rb") as f:
+            head = f.read(120)
+        with open(path, "wb") as f:
+            f.write(head)
+    elif fault == "label value out of range":
+        label = np.array(Image.open(path))
+        label[0, 0] = 9
+        Image.fromarray(label).save(path)
+    else:  # missing label map
+        os.remove(path)
+    work_dir, opts = uper_run
+    opts = dict(opts, **{f"{s}_dataloader.dataset.data_root": data for s in ("train", "val", "test")},
+                **{"test_dataloader.num_workers": workers, "test_dataloader.persistent_workers": False})
+    new_work = str(tmp_path / "work")
+    argv = [TOY_UPER, os.path.join(work_dir, f"iter_{ITERS}.pth"), "--work-dir", new_work, "--cfg-options",
+            *[f"{k}={v}" for k, v in opts.items()]]
+    if workers:  # DataLoader worker processes: the real CLI (forked workers would inherit pytest's captured streams)
+        import subprocess
+        import sys
+
+        from .conftest import ROOT
+
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "test.py"), *argv], capture_output=True,
+                              text=True, timeout=600, env=dict(os.environ, PYTHONPATH=ROOT))
+        rc, err = proc.returncode, proc.stderr
+    else:
+        capsys.readouterr()
+        rc = _load_tool("test").main(argv)
+        err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert rc == 2 and len(lines) == 1 and must in lines[0] and path in lines[0], err[-800:]
+    assert "Traceback" not in err, err[-800:]
+    if fault == "missing label map":  # refused at set-up: nothing written
+        assert not os.path.exists(new_work)
+
+
+def test_backbone_checkpoint_given_to_test_is_named(uper_run, tmp_path, capsys):
+    """An original-family ``{'module': state_dict}`` file (a backbone, not a segmentor) was refused as "no state
+    dict of tensors (top-level keys: module)": the message now says where its tensors are and what to give."""
+    work_dir, opts = uper_run
+    from internvit.runner import _read_checkpoint
+
+    sd = _read_checkpoint(os.path.join(work_dir, f"iter_{ITERS}.pth"))["state_dict"]
+    ckpt = str(tmp_path / "backbone.pth")
+    torch.save({"module": sd}, ckpt)
+    capsys.readouterr()
+    rc = _load_tool("test").main([TOY_UPER, ckpt, "--work-dir", str(tmp_path / "w"), "--cfg-options",
+                                  *[f"{k}={v}" for k, v in opts.items()]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "its tensors are under 'module'" in err[0], err
