@@ -102,7 +102,10 @@ def infer_vision_config(source: TensorSource) -> InternViTConfig:
                 qk_normalization="encoder.layers.0.attn.q_norm.weight" in shapes,
                 norm_type="layer_norm" if "encoder.layers.0.norm1.bias" in shapes else "rms_norm")
     released = [n for n, p in VISION_PRESETS.items() if p["hidden_size"] == c and "tiny" not in n]
-    name = released[0] if released else next(n for n, p in VISION_PRESETS.items() if p is same_width[0])
+    style = ("norm_type", "qk_normalization", "qkv_bias")  # name the preset of the same family (300M vs 6B)
+    alike = [n for n, p in VISION_PRESETS.items() if p["hidden_size"] == c
+             and all(p.get(k) == read[k] for k in style)]
+    name = released[0] if released else (alike or [n for n, p in VISION_PRESETS.items() if p is same_width[0]])[0]
     base = dict(VISION_PRESETS[name], **read)
     if not released:
         logger.warning("the weights do not record the number of attention heads: assumed %d (from the preset %r "

@@ -161,10 +161,17 @@ def refuse_foreign_folder(path: PathLike, markers: Sequence[str], what: str) -> 
     """Raise ``FileExistsError`` when ``path`` is a folder that holds files but none of ``markers`` (``fnmatch``
     patterns of the entries a writer of ``what`` leaves: ``manifest.json``, ``.store``, ...): a user's folder,
     which a job writing its files by name would fill, fail on or replace. Checked before any work; a missing
-    or empty folder, or one of a finished or interrupted job of that kind, passes."""
+    or empty folder, or one of a finished or interrupted job of that kind, passes. A ``path`` that is a file, or lies
+    under one, raises ``NotADirectoryError`` naming that file."""
     import fnmatch
 
     path = os.fspath(path)
+    existing = os.path.abspath(path)
+    while not os.path.lexists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if os.path.lexists(existing) and not os.path.isdir(existing):
+        where = path if existing == os.path.abspath(path) else f"{path}: {existing}"
+        raise NotADirectoryError(f"{where}: a file, not a folder: give a new or empty folder for the {what}")
     if not os.path.isdir(path):
         return
     names = sorted(os.listdir(path))

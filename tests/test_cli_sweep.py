@@ -109,6 +109,7 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("image_size_0", [*EXTRACT, "--image-size", "0"]),
         ("out_is_a_file", _with(EXTRACT, out="{W}/ann.json")),
         ("out_is_a_user_folder", _with(EXTRACT, out="{W}/imgs")),
+        ("out_under_a_file", _with(EXTRACT, out="{W}/ann.json/feats")),
         ("out_empty", _with(EXTRACT, out="")),
         ("images_empty", _with(EXTRACT, images="")),
         ("model_empty", _with(EXTRACT, model="")),
@@ -210,6 +211,9 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("out_a_user_folder_with_model", ["{W}/imgs", "{W}/cls", "--model", "internvit:internvit-6b-tiny", "--quiet"]),
         ("out_a_user_folder", ["{W}/emb", "{W}/cls", "--quiet"]),
         ("embeddings_into_a_user_folder", [*BUILD_MODEL, "--embeddings", "{W}/cls"]),
+        ("out_a_file", ["{W}/emb", "{W}/ann.json", "--quiet"]),
+        ("out_under_a_file_with_model", ["{W}/imgs", "{W}/ann.json/idx", "--model", "internvit:internvit-6b-tiny",
+                                         "--quiet"]),
         *[(n, [*BUILD_MODEL, *a]) for n, a in DEVICE_CASES + NO_CUDA_CASES],
     ],
     "convert_checkpoint": [

@@ -168,6 +168,14 @@ def test_bare_weights_of_an_unreleased_width_say_the_head_count_is_assumed(tmp_p
         guessed = internvit.load_model(pth)
     assert guessed.config.num_attention_heads == 4
     assert "do not record the number of attention heads: assumed 4 (from the preset 'internvit-6b-tiny'" in caplog.text
+    # a 300M-style (layer norm, qkv bias, no QK-norm) file of the same width names the 300M tiny preset
+    cfg300 = dict(internvit.get_config("internvit-300m-tiny").to_dict(), num_attention_heads=8)
+    pth300 = convert_checkpoint(internvit.save_model(internvit.build_model(cfg300, seed=0), tmp_path / "hf3"),
+                                tmp_path / "o3.pth", to="original")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="internvit"):
+        assert internvit.load_model(pth300).config.norm_type == "layer_norm"
+    assert "(from the preset 'internvit-300m-tiny'" in caplog.text, caplog.text
     right = internvit.load_model(pth, cfg)
     x = torch.randn(1, 3, 28, 28)
     with torch.no_grad():

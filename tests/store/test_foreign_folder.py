@@ -18,3 +18,15 @@ def test_refuses_only_a_non_empty_folder_without_the_markers(tmp_path):
         refuse_foreign_folder(user, markers, "index")
     (user / "embeddings-add-1a2b").mkdir()  # a pattern marker: an interrupted --add of ours
     refuse_foreign_folder(user, markers, "index")
+
+
+def test_a_file_or_a_path_under_a_file_is_named(tmp_path):
+    """An output "folder" that is a file (or lies under one) failed deep in the job with "[Errno 20] Not a
+    directory: '.../embeddings'" (a path the user never gave): refused naming the file."""
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(NotADirectoryError, match=r"afile: a file, not a folder: give a new or empty folder for the "
+                                                 r"index"):
+        refuse_foreign_folder(tmp_path / "afile", ("manifest.json",), "index")
+    with pytest.raises(NotADirectoryError, match=rf"sub: {tmp_path / 'afile'}: a file, not a folder"):
+        refuse_foreign_folder(tmp_path / "afile" / "deeper" / "sub", ("manifest.json",), "index")
+    assert (tmp_path / "afile").read_text() == "mine"
