@@ -7,13 +7,17 @@ runner, its model and its datasets, and at paths.
 """
 from __future__ import annotations
 
+import math
 import os
 import os.path as osp
 import re
 from typing import Any, Optional
 
+from mmengine.hooks import Hook
+
 __all__ = ["check_fits", "check_classes", "check_same_classes", "class_list", "dataset_class_names",
-           "check_output_path", "check_unique_names", "check_data_files", "name_data_errors", "NamedLoadErrors"]
+           "check_output_path", "check_unique_names", "check_data_files", "name_data_errors", "NamedLoadErrors",
+           "check_option_keys", "check_train_loop", "NonFiniteError", "NonFiniteCheckHook"]
 
 #: the keys of an mmengine dataset entry that name a file the pipeline reads (image, label map)
 DATA_FILE_KEYS = ("img_path", "seg_map_path")
@@ -119,10 +123,10 @@ def check_classes(model, loader, what: str) -> None:
         model = model.module
     for name, mod in getattr(model, "named_modules", lambda: [])():
         k = getattr(mod, "num_classes", None)
-        if name.rsplit(".", 1)[-1] in ("head", "decode_head", "auxiliary_head") and isinstance(k, int) and 0 < k < n:
+        if name.rsplit(".", 1)[-1] in ("head", "decode_head", "auxiliary_head") and isinstance(k, int) and k < n:
             raise ValueError(f"{what}: the dataset has {n} classes but model.{name}.num_classes is {k} "
-                             f"(labels {k}..{n - 1} could never be predicted); set num_classes to {n} or use "
-                             f"the data the model was made for")
+                             f"(labels {max(k, 0)}..{n - 1} could never be predicted); set num_classes to {n} or "
+                             f"use the data the model was made for")
 
 
 def check_output_path(flag: str, path: str, folder: bool, overwrite: bool) -> None:
@@ -260,3 +264,136 @@ def name_data_errors(loader) -> None:
         for i, t in enumerate(transforms):
             if type(t).__name__.startswith("Load") and not isinstance(t, NamedLoadErrors):
                 transforms[i] = NamedLoadErrors(t)
+
+
+#: top-level config keys an mmengine ``Runner`` / ``FlexibleRunner`` reads besides the config's own
+RUNNER_KEYS = frozenset((
+    "model", "work_dir", "train_dataloader", "val_dataloader", "test_dataloader", "train_cfg", "val_cfg",
+    "test_cfg", "auto_scale_lr", "optim_wrapper", "param_scheduler", "val_evaluator", "test_evaluator",
+    "default_hooks", "custom_hooks", "data_preprocessor", "load_from", "resume", "launcher", "env_cfg",
+    "log_processor", "log_level", "visualizer", "default_scope", "randomness", "experiment_name", "strategy",
+    "compile", "runner_type", "custom_imports", "activation_checkpointing", "efficient_conv_bn_eval"))
+
+
+def check_option_keys(cfg, options: dict) -> None:
+    """Refuse a ``--cfg-options`` key whose first part is neither a key of the config nor one the runner reads
+    (``ValueError`` naming the closest key): mmengine adds unknown keys silently, so ``train_cfgs.max_epochs=1``
+    trained the config's full schedule. Deeper parts are checked where they are used (a misspelt loop or
+    dataloader argument is a ``TypeError`` while the runner is set up)."""
+    import difflib
+
+    known = set(cfg.keys()) | RUNNER_KEYS
+    for key in options:
+        top = str(key).split(".", 1)[0]
+        if top not in known:
+            close = difflib.get_close_matches(top, sorted(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"--cfg-options {key}: the config has no key {top!r} and the runner reads none"
+                             f"{hint}")
+
+
+def check_train_loop(loop, ckpt: Any = None) -> None:
+    """Refuse a built training loop with nothing to train (``max_epochs`` / ``max_iters`` < 1: mmengine exited
+    0 without a step, checkpoint or metric), a ``val_interval`` < 1 (a ``ZeroDivisionError`` after the first
+    epoch), or a resumed checkpoint ``ckpt`` already at the loop's end (its ``meta`` epoch / iteration). Raises
+    ``ValueError``."""
+    if loop is None or isinstance(loop, dict):
+        return
+    epochs, iters = getattr(loop, "max_epochs", None), getattr(loop, "max_iters", None)
+    by_epoch = "Epoch" in type(loop).__name__ and isinstance(epochs, int)
+    if by_epoch and epochs < 1:
+        raise ValueError(f"train_cfg.max_epochs={epochs}: nothing to train (give 1 or more)")
+    if isinstance(iters, int) and iters < 1:
+        what = f"{iters} iterations (max_epochs={epochs} x an empty epoch: is the batch larger than the " \
+               f"dataset with drop_last?)" if by_epoch else f"train_cfg.max_iters={iters}"
+        raise ValueError(f"{what}: nothing to train")
+    interval = getattr(loop, "val_interval", 1)
+    if isinstance(interval, (int, float)) and not isinstance(interval, bool) and interval < 1:
+        raise ValueError(f"train_cfg.val_interval={interval}: must be 1 or more")
+    meta = ckpt.get("meta") if isinstance(ckpt, dict) and isinstance(ckpt.get("meta"), dict) else {}
+    done, end, unit = (meta.get("epoch"), epochs, "epoch") if by_epoch else (meta.get("iter"), iters, "iteration")
+    if isinstance(done, int) and isinstance(end, int) and done >= end:
+        raise ValueError(f"the checkpoint to resume is at {unit} {done} and the config trains to {unit} {end}: "
+                         f"nothing left to train (raise train_cfg.max_{unit.replace('iteration', 'iter')}s)")
+
+
+class NonFiniteError(FloatingPointError):
+    """Training or evaluation met a NaN or infinite loss or model output: the run stops, naming where, rather
+    than saving NaN weights or computing a metric over NaN scores (the tools report one ``error:`` line)."""
+
+
+def _non_finite(obj, name: str = "", depth: int = 0) -> Optional[str]:
+    """The name of the first floating tensor in ``obj`` (a tensor, dict, list or mmengine data element,
+    nested) that holds a NaN or infinity, else None."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return name or "output" if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else None
+    if isinstance(obj, float):
+        return None if math.isfinite(obj) else name or "output"
+    if depth > 3:
+        return None
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = ((str(i), v) for i, v in enumerate(obj))
+    elif callable(getattr(obj, "items", None)) and callable(getattr(obj, "all_keys", None)):  # BaseDataElement
+        items = obj.items()
+    elif isinstance(getattr(obj, "data", None), torch.Tensor):  # PixelData without items()
+        items = (("data", obj.data),)
+    else:
+        return None
+    for key, value in items:
+        found = _non_finite(value, f"{name}.{key}" if name else str(key), depth + 1)
+        if found:
+            return found
+    return None
+
+
+def _sample_file(data_batch, index: int, dataset=None) -> str:
+    """`` for <image file>`` of sample ``index`` of a batch: mmseg / mmpretrain data samples carry it
+    (``img_path``); our probes' collated ``data_samples`` carry the dataset ``index`` of ``dataset.samples``."""
+    samples = data_batch.get("data_samples") if isinstance(data_batch, dict) else None
+    path = None
+    try:
+        if isinstance(samples, dict) and "index" in samples:
+            path = dataset.samples[int(samples["index"][index])][0]
+        else:
+            path = samples[index].metainfo.get("img_path")
+    except Exception:  # noqa: BLE001 - no per-sample record
+        return ""
+    return f" for {path}" if isinstance(path, str) else ""
+
+
+class NonFiniteCheckHook(Hook):
+    """Stops a run at the first non-finite value a metric or checkpoint would take in: the training losses
+    (the outputs whose name holds ``loss``, every iteration, before the checkpoint hook runs: no checkpoint
+    of NaN weights is written) and every floating output of a validation / test step (``seg_logits``,
+    ``pred_score``: a NaN score argmaxes to class 0 and was scored as a prediction). Raises
+    :class:`NonFiniteError`. mmengine's ``CheckInvalidLossHook`` checks only the loss, every 50 iterations,
+    with an ``AssertionError``."""
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+        losses = {k: v for k, v in outputs.items() if "loss" in str(k)} if isinstance(outputs, dict) else {}
+        bad = _non_finite(losses)
+        if bad:
+            value = losses[bad]
+            value = float(value.detach()) if hasattr(value, "detach") else value
+            raise NonFiniteError(f"training diverged: {bad} is {value} at iteration {runner.iter + 1} (learning "
+                                 f"rate too high, or the data or initial weights hold NaN/inf); the run stopped "
+                                 f"before saving a checkpoint of it")
+
+    def _check_outputs(self, what: str, loop, batch_idx: int, data_batch, outputs) -> None:
+        for i, sample in enumerate(outputs if isinstance(outputs, (list, tuple)) else ()):
+            bad = _non_finite(sample)
+            if bad:
+                dataset = getattr(getattr(loop, "dataloader", None), "dataset", None)
+                raise NonFiniteError(f"{what}: the model's output {bad} is not finite (NaN/inf)"
+                                     f"{_sample_file(data_batch, i, dataset)} (batch {batch_idx}): no metric is "
+                                     f"computed over it; check the checkpoint's weights and the input")
+
+    def after_val_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+        self._check_outputs("validation", runner.val_loop, batch_idx, data_batch, outputs)
+
+    def after_test_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+        self._check_outputs("test", runner.test_loop, batch_idx, data_batch, outputs)

@@ -29,12 +29,16 @@ import warnings
 from typing import Any, Callable, Optional
 
 from internvit import compat
+from internvit.cli import one_line
 from internvit.run_checks import (
+    NonFiniteCheckHook,
     check_classes,
     check_data_files,
     check_fits,
+    check_option_keys,
     check_output_path,
     check_same_classes,
+    check_train_loop,
     check_unique_names,
     class_list,
     dataset_class_names,
@@ -111,6 +115,7 @@ def load_config(config: str, *, cfg_options: Optional[dict] = None, work_dir: Op
     # Config.fromfile ignores format_python_code=False, so switch it off on the instance.
     object.__setattr__(cfg, "_format_python_code", False)
     if cfg_options:
+        check_option_keys(cfg, cfg_options)
         cfg.merge_from_dict(cfg_options)
     cfg.launcher = launcher
     if work_dir is not None:
@@ -148,9 +153,12 @@ def build_runner(cfg, checkpoint: Optional[str] = None, dataloaders: tuple = (),
     class counts are checked against the model's heads (:func:`check_classes`) and their class lists against
     each other (:func:`check_same_classes`) and, with ``checkpoint_classes`` (testing, resuming), against the
     classes the checkpoint was trained on (its ``meta.dataset_meta``); hooks with a ``check_setup(runner)``
-    method run it. ``after_build(runner)`` runs
-    last, inside the same clean-up: whatever it raises also removes the runner's files. A failure while the
-    runner itself is being built (an unknown registry type, a bad model argument) removes them too.
+    method run it. ``after_build(runner, checkpoint_dict_or_None)`` runs last, inside the same clean-up:
+    whatever it raises also removes the runner's files (and puts back the config copy of an earlier run in
+    that work dir, which the Runner rewrote). A :class:`internvit.run_checks.NonFiniteCheckHook` is registered:
+    a non-finite training loss or model output stops the run (:class:`internvit.run_checks.NonFiniteError`).
+    A failure while the runner itself is being built (an unknown registry type, a bad model argument) removes
+    them too.
     """
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
@@ -161,6 +169,8 @@ def build_runner(cfg, checkpoint: Optional[str] = None, dataloaders: tuple = (),
     existing = set(os.listdir(work_dir)) if osp.isdir(work_dir) else None
     created = _first_missing(work_dir)  # the Runner makes every missing folder of the path
     instances = _manager_instances()
+    dump = osp.join(work_dir, osp.basename(cfg.filename)) if cfg.filename else None
+    old_dump = _read_bytes(dump) if dump and existing is not None else None  # the Runner rewrites it
     try:
         runner = RUNNERS.build(cfg) if "runner_type" in cfg else Runner.from_cfg(cfg)
         if ckpt is not None:
@@ -183,12 +193,25 @@ def build_runner(cfg, checkpoint: Optional[str] = None, dataloaders: tuple = (),
             if callable(getattr(hook, "check_setup", None)):
                 hook.check_setup(runner)
         if after_build is not None:
-            after_build(runner)
+            after_build(runner, ckpt)
     except BaseException:
         _discard_run_files(work_dir, existing, instances, created)
+        if old_dump is not None:  # a refused run leaves the previous run's config copy as it was
+            with open(dump, "wb") as f:
+                f.write(old_dump)
         raise
+    if callable(getattr(runner, "register_hook", None)):
+        runner.register_hook(NonFiniteCheckHook(), priority="ABOVE_NORMAL")  # before a checkpoint is saved
     _scope_checkpoint_loading(runner)
     return runner
+
+
+def _read_bytes(path: str) -> Optional[bytes]:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
 
 
 def _build_dataloaders(runner, names: tuple) -> None:
@@ -345,7 +368,7 @@ def build_train_runner(config: str, *, work_dir: Optional[str] = None, resume: O
             raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
         cfg.resume, cfg.load_from = True, resume
         checkpoint = resume
-    return build_runner(cfg, checkpoint, dataloaders=("train", "val"), after_build=_build_optim_wrapper,
+    return build_runner(cfg, checkpoint, dataloaders=("train", "val"), after_build=_prepare_training,
                         checkpoint_classes=bool(cfg.get("resume")))
 
 
@@ -400,17 +423,29 @@ def latest_complete_checkpoint(cfg) -> Optional[str]:
     return named or (candidates[0][1] if candidates else None)
 
 
-def _build_optim_wrapper(runner) -> None:
-    """Build the optimizer wrapper now (``Runner.train`` keeps a built one), so that its errors (a layer-decay
-    constructor that does not fit the model, ``AmpOptimWrapper`` without a GPU) are set-up errors."""
+def _prepare_training(runner, ckpt=None) -> None:
+    """Build the optimizer wrapper and the train / val loops now (``Runner.train`` keeps built ones), so that
+    their errors are set-up errors: a layer-decay constructor that does not fit the model, ``AmpOptimWrapper``
+    without a GPU, a misspelt ``train_cfg`` argument, a batch larger than the dataset with ``drop_last``
+    (mmengine asserted, or failed with ``TypeError`` / ``ZeroDivisionError`` after an epoch). A run with
+    nothing to train (``max_epochs`` / ``max_iters`` < 1, or a resumed checkpoint already at the end) and a
+    ``val_interval`` < 1 are refused (:func:`internvit.run_checks.check_train_loop`). Parameter schedulers are
+    left to ``Runner.train`` (they record the learning rate after its ``auto_scale_lr``)."""
     from mmengine.runner import Runner
 
-    if isinstance(runner, Runner) and type(runner).build_optim_wrapper is Runner.build_optim_wrapper \
-            and isinstance(runner.optim_wrapper, dict):
+    if not isinstance(runner, Runner):
+        return
+    for attr, build, what in (("optim_wrapper", "build_optim_wrapper", "optim_wrapper"),
+                              ("_train_loop", "build_train_loop", "train_cfg"),
+                              ("_val_loop", "build_val_loop", "val_cfg")):
+        if getattr(type(runner), build) is not getattr(Runner, build) or not isinstance(getattr(runner, attr),
+                                                                                       dict):
+            continue
         try:
-            runner.optim_wrapper = runner.build_optim_wrapper(runner.optim_wrapper)
-        except AssertionError as e:  # mmengine asserts on its arguments (e.g. AMP needs a GPU)
-            raise ValueError(f"optim_wrapper: {e}") from None
+            setattr(runner, attr, getattr(runner, build)(getattr(runner, attr)))
+        except (AssertionError, ZeroDivisionError) as e:  # mmengine asserts on its arguments
+            raise ValueError(f"{what}: {one_line(e) if str(e) else type(e).__name__}") from None
+    check_train_loop(runner._train_loop, ckpt if getattr(runner, "_resume", False) else None)
 
 
 def _require(cfg, config: str, keys: tuple, what: str) -> None:
@@ -504,7 +539,7 @@ def build_test_runner(config: str, checkpoint: str, *, work_dir: Optional[str] =
     after = _without_training
     outputs = {flag: p for flag, p in (("--out", out), ("--show-dir", show_dir)) if p}
     if seg and outputs:
-        def after(runner) -> None:
+        def after(runner, ckpt=None) -> None:
             _without_training(runner)
             check_unique_names(runner, outputs)
     made = [_first_missing(p) for p in outputs.values()]  # removed again when the set-up fails
@@ -527,7 +562,7 @@ def _first_missing(path: str) -> Optional[str]:
     return path
 
 
-def _without_training(runner) -> None:
+def _without_training(runner, ckpt=None) -> None:
     """A test runner never trains: hooks that ask for ``runner.iter`` (mmseg's ``SegVisualizationHook``) get 0
     instead of building the train loop, and with it the training dataset, which need not be on disk."""
     runner._train_loop = None

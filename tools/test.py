@@ -7,7 +7,8 @@
 The checkpoint is read without running code and must fit the config's model (missing, unexpected or
 mis-shaped keys are an error), and its classes must be the test set's. Set-up problems are one ``error: ...``
 line and exit status 2, and so is bad input data met while testing (an image that cannot be read: the file is
-named); any other failure while testing keeps its traceback. Prints the metrics as one JSON line.
+named) and a model output that is not finite (NaN/inf: no metric is computed over it); any other failure while
+testing keeps its traceback. Prints the metrics as one JSON line.
 """
 import argparse
 import json
@@ -41,6 +42,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from internvit.cli import one_line, print_error
     from internvit.data import DataError
+    from internvit.run_checks import NonFiniteError
     from internvit.runner import SETUP_ERRORS, build_test_runner, held_back_warnings
 
     try:
@@ -53,7 +55,7 @@ def main(argv=None) -> int:
         return 2
     try:
         metrics = runner.test()
-    except DataError as e:  # bad input data met while testing (an unreadable image): one line, the file named
+    except (DataError, NonFiniteError) as e:  # bad data (an unreadable image) or a NaN loss / output: one line
         print_error(one_line(e))
         return 2
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank has the gathered metrics: print once

@@ -6,7 +6,8 @@
 
 Set-up problems (a missing or broken config, a checkpoint that is refused or does not fit the model) are one
 ``error: ...`` line and exit status 2, and so is bad input data met while training (an image that cannot be
-read: the file is named); any other failure while training keeps its traceback.
+read: the file is named) and a loss that is not finite (the run stops before saving a checkpoint of it); any
+other failure while training keeps its traceback.
 """
 import argparse
 import os
@@ -37,6 +38,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from internvit.cli import one_line, print_error
     from internvit.data import DataError
+    from internvit.run_checks import NonFiniteError
     from internvit.runner import SETUP_ERRORS, build_train_runner, held_back_warnings
 
     try:
@@ -49,7 +51,7 @@ def main(argv=None) -> int:
         return 2
     try:
         runner.train()
-    except DataError as e:  # bad input data met while training (an unreadable image): one line, the file named
+    except (DataError, NonFiniteError) as e:  # bad data (an unreadable image) or a NaN loss / output: one line
         print_error(one_line(e))
         return 2
     return 0

@@ -327,3 +327,89 @@ def test_an_empty_work_dir_or_a_folder_as_the_checkpoint_is_refused(tmp_path, ca
     _fails("train", [CLS_TOY, "--work-dir", str(tmp_path / "w"), "--cfg-options", f"load_from={folder}"], capsys,
            f"{folder}: a folder, not a checkpoint file")
     assert sorted(os.listdir(tmp_path)) == ["ckpts"]
+
+
+@pytest.mark.parametrize("option,must", [
+    ("train_cfgs.max_epochs=1", "no key 'train_cfgs' and the runner reads none (did you mean 'train_cfg'?)"),
+    ("val_evalutor.topk=1", "did you mean 'val_evaluator'?"),
+    ("train_cfg.max_epoch=1", "unexpected keyword argument 'max_epoch'"),
+    ("train_cfg.max_epochs=0", "train_cfg.max_epochs=0: nothing to train"),
+    ("train_cfg.max_epochs=-1", "train_cfg.max_epochs=-1: nothing to train"),
+    ("train_cfg.max_epochs=1.5", "train_cfg: `max_epochs` should be a integer"),
+    ("train_dataloader.batch_size=5000", "is the batch larger than the dataset with drop_last?): nothing to train"),
+    ("train_cfg.val_interval=0", "train_cfg.val_interval=0: must be 1 or more"),
+    ("model.head.num_classes=0", "the dataset has 10 classes but model.head.num_classes is 0"),
+])
+def test_training_settings_that_fail_later_or_train_nothing_are_setup_errors(option, must, tmp_path, capsys,
+                                                                           monkeypatch, toy_digits_root):
+    """A misspelt top-level --cfg-options key was added silently (the full schedule trained); loop arguments
+    failed with tracebacks when training started (a typo, a float epoch count, an empty epoch), after an epoch
+    (val_interval=0: ZeroDivisionError) or mid-epoch (num_classes=0); max_epochs=0 exited 0 having done
+    nothing. Now each is one error line at set-up, and the work dir is not created."""
+    monkeypatch.chdir(toy_digits_root)
+    work = str(tmp_path / "work")
+    _fails("train", [CLS_TOY, "--work-dir", work, "--cfg-options", option], capsys, must)
+    assert not os.path.exists(work)
+
+
+def test_resuming_a_finished_run_is_refused_and_a_refused_run_keeps_the_config_copy(tmp_path, capsys, monkeypatch,
+                                                                                  toy_digits_root):
+    """--resume from a checkpoint at the config's last epoch exited 0 having trained nothing; a refused run
+    rewrote the config copy of the earlier run in the work dir (it then described the refused settings)."""
+    monkeypatch.chdir(toy_digits_root)
+    classes = tuple(str(c) for c in range(10))
+    done = str(tmp_path / "epoch_2.pth")
+    torch.save({"meta": {"epoch": 2, "iter": 90, "dataset_meta": {"classes": classes}},
+                "state_dict": _probe_state_dict()}, done)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "digits_linear_probe.py").write_text("# the copy an earlier run left\n")
+    _fails("train", [CLS_TOY, "--work-dir", str(work), "--resume", done, "--cfg-options", "train_cfg.max_epochs=2"],
+           capsys, "the checkpoint to resume is at epoch 2 and the config trains to epoch 2: nothing left to train")
+    assert sorted(os.listdir(work)) == ["digits_linear_probe.py"]
+    assert (work / "digits_linear_probe.py").read_text() == "# the copy an earlier run left\n"
+    other = str(tmp_path / "other.pth")  # refused for another reason (does not fit): the copy is kept too
+    torch.save({"state_dict": {"decode_head.conv_seg.weight": torch.zeros(4, 64, 1, 1)}}, other)
+    _fails("train", [CLS_TOY, "--work-dir", str(work), "--resume", other], capsys, "does not fit")
+    assert (work / "digits_linear_probe.py").read_text() == "# the copy an earlier run left\n"
+
+
+def _two_class_data(root: str, dest) -> None:
+    for split in ("train", "val"):
+        for c in ("0", "1"):
+            (dest / split / c).mkdir(parents=True)
+            src = os.path.join(root, "data", "toy_digits", split, c)
+            for name in sorted(os.listdir(src))[:4]:
+                shutil.copy(os.path.join(src, name), dest / split / c / name)
+
+
+def test_a_nan_loss_or_output_stops_the_run_with_one_line(tmp_path, toy_digits_root):
+    """A NaN learning rate trained on (loss: nan), saved NaN checkpoints and printed an accuracy, exit 0; a
+    checkpoint with NaN weights was tested to an accuracy (a NaN score argmaxes to class 0). Now the run
+    stops at the first NaN loss before a checkpoint of it is saved, and testing refuses non-finite outputs."""
+    data = tmp_path / "two"
+    _two_class_data(toy_digits_root, data)
+    roots = [f"{s}_dataloader.dataset.data_root={data}" for s in ("train", "val", "test")]
+    small = [*roots, "train_dataloader.batch_size=2", "model.head.num_classes=2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    work = tmp_path / "work"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "train.py"), CLS_TOY, "--work-dir", str(work),
+                           "--cfg-options", *small, "train_cfg.max_epochs=2", "optim_wrapper.optimizer.lr=nan",
+                           "default_hooks.checkpoint.interval=1"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1 and "training diverged: loss is nan at iteration 2" in errors[0], \
+        proc.stderr[-2000:]
+    assert not [n for n in os.listdir(work) if n.endswith(".pth")]  # no checkpoint of NaN weights
+    sd = _probe_state_dict(head=dict(type="ClsPatchConcatHead", num_classes=2))
+    sd = {k: torch.full_like(v, float("nan")) if k.startswith("head.") and v.is_floating_point() else v
+          for k, v in sd.items()}
+    nan_ckpt = str(tmp_path / "nan.pth")
+    torch.save({"meta": {"dataset_meta": {"classes": ("0", "1")}}, "state_dict": sd}, nan_ckpt)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "test.py"), CLS_TOY, nan_ckpt, "--work-dir",
+                           str(tmp_path / "w2"), "--cfg-options", *small],
+                          capture_output=True, text=True, env=env, timeout=600)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    assert "test: the model's output pred_score is not finite (NaN/inf) for " in errors[0], errors
+    assert "accuracy" not in proc.stdout

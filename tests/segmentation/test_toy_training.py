@@ -326,3 +326,20 @@ def test_backbone_checkpoint_given_to_test_is_named(uper_run, tmp_path, capsys):
                                   *[f"{k}={v}" for k, v in opts.items()]])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "its tensors are under 'module'" in err[0], err
+
+
+def test_nan_segmentation_outputs_are_refused_not_scored(uper_run, tmp_path):
+    """A checkpoint with NaN head weights was scored (NaN logits argmax to class 0: mIoU of "all background"):
+    the test stops at the first non-finite output, naming the image."""
+    from internvit.run_checks import NonFiniteError
+    from internvit.runner import _read_checkpoint, test
+
+    work_dir, opts = uper_run
+    ckpt = _read_checkpoint(os.path.join(work_dir, f"iter_{ITERS}.pth"))
+    ckpt = dict(ckpt, state_dict={k: torch.full_like(v, float("nan")) if k == "decode_head.conv_seg.weight" else v
+                                  for k, v in ckpt["state_dict"].items()})
+    path = str(tmp_path / "nan.pth")
+    torch.save(ckpt, path)
+    with pytest.raises(NonFiniteError, match=r"test: the model's output seg_logits\.data is not finite \(NaN/inf\) "
+                                             r"for .*toy_0000\.png \(batch 0\)"):
+        test(TOY_UPER, path, work_dir=str(tmp_path / "w"), cfg_options=opts)
