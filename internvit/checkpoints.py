@@ -30,6 +30,7 @@ from .file_reads import (
     file_mappings,
     first_line,
     mapped_safetensors_tensor,
+    not_a_file_reason,
     owned_copy,
     read_safetensors_header,
     read_safetensors_tensor,
@@ -167,7 +168,7 @@ def pickled_globals(path: str) -> tuple[list[str], bool]:
         raise
     except (ValueError, EOFError, OSError, zipfile.BadZipFile, UnicodeDecodeError) as e:
         if isinstance(e, OSError) and not os.path.isfile(path):
-            raise CheckpointError(f"{path}: no such weight file") from None
+            raise CheckpointError(f"{path}: {not_a_file_reason(path, 'weight file')}") from None
         if _is_safetensors(path):
             raise CheckpointError(f"{path}: a safetensors file, not a torch checkpoint (.pth / .bin, made by "
                                   f"torch.save) as this reader needs") from None
@@ -440,7 +441,7 @@ def open_weights(path: str | os.PathLike, *, mmap: bool = False) -> TensorSource
     src = TensorSource()
     for f in files:
         if not os.path.isfile(f):
-            raise CheckpointError(f"{f}: no such weight file")
+            raise CheckpointError(f"{f}: {not_a_file_reason(f, 'weight file')}")
     copied = 0 if mmap else sum(os.path.getsize(f) for f in files)
     drop_behind = copied > 0 and drop_behind_for(copied)
     for f in files:
@@ -524,8 +525,9 @@ def load_into(
     Tensors are read one at a time, cast to ``dtype`` (``None``: kept as stored) and moved, then assigned
     without a further copy. A key listed in
     ``resizers`` whose shape differs is passed through its function (e.g. position-embedding
-    interpolation). Raises :class:`CheckpointError` naming every missing, unexpected and mis-shaped key.
-    Returns the keys that were resized.
+    interpolation). Raises :class:`CheckpointError` naming every missing, unexpected and mis-shaped key, and
+    a tensor whose kind of dtype (floating point or not) is not the model's (an integer or bool tensor cannot
+    become a weight). Returns the keys that were resized.
     """
     resizers = dict(resizers or {})
     expected = dict(model.state_dict(keep_vars=True))
@@ -550,6 +552,10 @@ def load_into(
 
     for name, target in expected.items():
         t = source[name]
+        if t.is_floating_point() != target.is_floating_point() or t.is_complex() != target.is_complex():
+            raise CheckpointError(f"{origin}: {name} has dtype {str(t.dtype).replace('torch.', '')}, the model "
+                                  f"expects {'floating point' if target.is_floating_point() else target.dtype} "
+                                  f"(a corrupt or foreign checkpoint)")
         if name in resized:
             t = resizers[name](t, tuple(target.shape))
         if t.is_floating_point():

@@ -69,7 +69,8 @@ class ArgumentParser(argparse.ArgumentParser):
         self.allow_empty = set(allow_empty)
 
     def _get_value(self, action, arg_string):  # argparse's one conversion point of every value string
-        if isinstance(arg_string, str) and not arg_string.strip() and action.dest not in self.allow_empty:
+        if isinstance(arg_string, str) and not arg_string.strip() and action.dest not in self.allow_empty \
+                and not isinstance(action, argparse._SubParsersAction):  # a sub-command's parser names its own
             raise argparse.ArgumentError(action, f"empty value {arg_string!r}")
         return super()._get_value(action, arg_string)
 

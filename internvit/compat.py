@@ -219,8 +219,9 @@ def load_runner_checkpoint(filename: str, map_location=None, *, mmap: bool = Fal
 
 def _load_local(filename, map_location=None):
     filename = os.path.expanduser(filename)
-    if not os.path.isfile(filename):
-        raise FileNotFoundError(f"{filename}: no such checkpoint file")
+    from internvit.file_reads import require_file
+
+    require_file(filename, "checkpoint file")
     return load_runner_checkpoint(filename, map_location)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Union
@@ -34,9 +35,23 @@ SIZE_LIMITS = {"hidden_size": 65536, "intermediate_size": 1 << 20, "num_hidden_l
 _MAY_BE_ZERO = ("num_query_token",)  # InternVL-C has no query tokens
 
 
+#: the float fields' allowed ranges ``(low, high, low_inclusive)``; every float field must be a finite number
+FLOAT_RANGES = {"layer_norm_eps": (0.0, 1.0, False), "rms_norm_eps": (0.0, 1.0, False),
+                "drop_path_rate": (0.0, 1.0, True), "rope_theta": (0.0, math.inf, False)}
+
+
 def check_sizes(config) -> None:
     """Raise ``ValueError`` naming the field unless every integer size field of ``config`` (a dataclass) is an
-    integer from 1 (``num_query_token``: 0) to its :data:`SIZE_LIMITS` bound."""
+    integer from 1 (``num_query_token``: 0) to its :data:`SIZE_LIMITS` bound, and every float field is a finite
+    number (within :data:`FLOAT_RANGES` where listed: a NaN ``layer_norm_eps`` made every feature NaN)."""
+    for f in dataclasses.fields(config):
+        if f.type in (float, "float"):
+            v = getattr(config, f.name)
+            low, high, inclusive = FLOAT_RANGES.get(f.name, (-math.inf, math.inf, True))
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                    or not (low <= v if inclusive else low < v) or not v < high:
+                bound = f" in {'[' if inclusive else '('}{low}, {high})" if f.name in FLOAT_RANGES else ""
+                raise ValueError(f"config: {f.name} must be a finite number{bound}, got {v!r}")
     for f in dataclasses.fields(config):
         limit = SIZE_LIMITS.get(f.name)
         if limit is None:

@@ -292,13 +292,17 @@ def convert_checkpoint(src: SourceLike, dst: SourceLike, *, to: str = "hf", conf
 
     ``to='hf'`` writes a Hugging Face directory (``config.json`` + safetensors, :func:`save_model`);
     ``to='original'`` writes the original InternVL family (``cls_token``, ``blocks.N.*``, ``ls1.gamma``) as
-    ``{'module': state_dict}`` to a ``.pth`` file (or a flat ``.safetensors`` file). Written atomically. An
-    existing ``dst`` is replaced only with ``overwrite=True`` (else ``FileExistsError``).
+    ``{'module': state_dict}`` to a ``.pth`` file (or a flat ``.safetensors`` file); a ``dst`` without a
+    weight-file suffix is a ``ValueError``. Written atomically. An existing ``dst`` is replaced only with
+    ``overwrite=True`` (else ``FileExistsError``).
     """
-    from .checkpoints import hf_to_original_key, strip_prefix
+    from .checkpoints import WEIGHT_SUFFIXES, hf_to_original_key, strip_prefix
 
     if to not in ("hf", "original"):
         raise ValueError(f"to must be 'hf' or 'original', got {to!r}")
+    if to == "original" and not os.fspath(dst).lower().endswith(WEIGHT_SUFFIXES):  # load_model reads the suffix
+        raise ValueError(f"{os.fspath(dst)}: the destination needs a weight-file suffix "
+                         f"({', '.join(WEIGHT_SUFFIXES)}), or it cannot be loaded back")
     model = load_model(src, config, dtype=None)  # keep the stored dtypes (16-bit releases stay 16-bit)
     if not isinstance(model, InternViT):
         raise CheckpointError(f"{src}: only vision (InternViT) checkpoints can be converted between families")

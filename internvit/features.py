@@ -16,18 +16,23 @@ import math
 import os
 import re
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .data import ImageDataset, ImagesLike, IndexedDataset, collate_images, list_images
-from .fingerprint import dataset_fingerprint, preprocessing_fingerprint, weights_fingerprint
+from .fingerprint import (
+    PreprocessingFingerprintWarning,
+    dataset_fingerprint,
+    preprocessing_fingerprint,
+    weights_fingerprint,
+)
 from .transforms import build_transform, preprocess_config
 
 __all__ = ["FeatureExtractor", "FeatureResult", "read_features", "open_features", "MappedFeatures", "parse_dtype",
@@ -73,12 +78,24 @@ def _output_value(v: Any) -> Any:
     return output_text(v) if isinstance(v, str) else v
 
 
-def _nonfinite_reason(dtype: torch.dtype) -> str:
+def _nonfinite_reason(dtype: torch.dtype, normalize: bool = False) -> str:
     """The ``error`` of a row with non-finite features computed in ``dtype`` (what to try depends on it)."""
     name = str(dtype).replace("torch.", "")
     hint = {"float16": "try bf16 or fp32", "bfloat16": "try fp32"}.get(
         name, "they are not a precision overflow: check the weights and the image")
+    if normalize:
+        hint += "; or an all-zero feature, which has no direction to normalise"
     return f"{NONFINITE_ERROR} in dtype {name}; {hint})"
+
+
+def l2_normalize(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """``x`` scaled to unit L2 norm along ``dim``, without overflow: each vector is divided by its largest
+    magnitude first (``F.normalize`` squares the values, so a finite float32 row of values ~1e20 has an infinite
+    norm and came out all zeros, silently). A vector that cannot be normalised — all zeros (no direction) or
+    holding NaN/inf — comes out NaN, so it is reported as a non-finite row instead of being stored as zeros."""
+    scale = x.abs().amax(dim=dim, keepdim=True)
+    y = x / scale  # an all-zero vector: 0 / 0 = NaN
+    return y / torch.linalg.vector_norm(y, dim=dim, keepdim=True)
 
 
 def _patch_size(model: Optional[nn.Module]) -> Optional[int]:
@@ -191,7 +208,7 @@ class FeatureExtractor:
         pool: ``'cls'`` (the default), ``'mean'`` (mean of patch tokens), ``'cls_mean'`` (both, concatenated) or
             ``'grid'`` (``(C, h, w)`` patch maps). Not with ``projector_input`` (which outputs tokens).
         layers: block indices (negatives allowed); several are concatenated on the channel axis. ``None`` =
-            last block.
+            last block. A block listed twice (``[-1, 2]`` of 3 blocks) is a ``ValueError``.
         embed_fn: ``callable(pixel_values) -> (B, D)``, replaces pooling (e.g. ``InternVL.encode_image``).
         normalize: L2-normalise each output row (for ``'grid'``: each position's channel vector); with
             ``tile_pool`` the pooled row of an image (so it has unit norm).
@@ -269,7 +286,11 @@ class FeatureExtractor:
             if not self.layers:
                 raise ValueError("layers must list at least one block index (or be None for the last block)")
             if self.backbone is not None:
-                self.backbone.resolve_indices(self.layers)  # raises naming the bad index
+                resolved = self.backbone.resolve_indices(self.layers)  # raises naming the bad index
+                twice = sorted({b for b in resolved if resolved.count(b) > 1})
+                if twice:  # concatenated the same block's features twice, silently
+                    raise ValueError(f"layers {self.layers}: block(s) {twice} listed twice (negative indices count "
+                                     f"from the last of {self.backbone.num_layers} blocks)")
         self.model_name = model_name
         self.transform, self.preprocessing = self._resolve_preprocess(preprocess)
         self.last_stats: dict = {}
@@ -403,17 +424,16 @@ class FeatureExtractor:
             parts = [self._pool(patches, prefix) for patches, prefix in inter]
             out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         if self.normalize if normalize is None else normalize:
-            out = F.normalize(out, dim=1)
+            out = l2_normalize(out, dim=1)
         return out
 
     def _run_tiles(self, dataset: Dataset, batches: list[list[int]], total: int) -> Iterator[tuple]:
-        """The tile runner's batches, each output row normalised *after* the tiles of an image were pooled."""
+        """The tile runner's batches, each output row normalised *after* the tiles of an image were pooled (by
+        the runner, before its non-finite check)."""
         raw = _RawEncoder(self)
         try:
             for ids, feats, errors, columns in self.tiling.run(raw, dataset, batches, total):
-                if feats is not None and self.normalize and len(feats):
-                    feats = F.normalize(torch.from_numpy(np.ascontiguousarray(feats)), dim=1).numpy()
-                errors = [(i, _nonfinite_reason(self.dtype) if e.startswith(NONFINITE_ERROR) else e)
+                errors = [(i, _nonfinite_reason(self.dtype, self.normalize) if e.startswith(NONFINITE_ERROR) else e)
                           for i, e in errors]
                 yield ids, feats, errors, columns
         finally:
@@ -445,7 +465,7 @@ class FeatureExtractor:
                 if feats is not None:
                     finite = np.isfinite(feats.reshape(len(feats), -1)).all(axis=1)
                     if not finite.all():  # e.g. fp16 overflow: never stored as features, listed as errors
-                        reason = _nonfinite_reason(self.dtype)
+                        reason = _nonfinite_reason(self.dtype, self.normalize)
                         errors = sorted(list(errors) + [(ids[j], reason) for j in np.flatnonzero(~finite)])
                         ids = [ids[j] for j in np.flatnonzero(finite)]
                         feats = feats[finite]
@@ -595,10 +615,14 @@ class FeatureExtractor:
         t0 = time.perf_counter()
         info = self.model_info()  # hashes every weight byte once per model (cached while the weights are unchanged)
         fingerprint_s = {"fingerprint_seconds": round(time.perf_counter() - t0, 3)}
+        with warnings.catch_warnings():
+            if preprocess_id is not None:  # the warning asks for it: given, the callables are identified
+                warnings.simplefilter("ignore", PreprocessingFingerprintWarning)
+            preprocessing = self.input_preprocessing(images)
         job = self.signature(paths, columns, shard_size=shard_size, features_pattern=features_pattern,
                              metadata_pattern=metadata_pattern, metadata_format=metadata_format,
                              manifest_extra=manifest_extra, model_info=info,
-                             preprocessing=self.input_preprocessing(images), preprocess_id=preprocess_id)
+                             preprocessing=preprocessing, preprocess_id=preprocess_id)
         old = read_manifest(out_dir) if os.path.isdir(out_dir) else None
         leftover_parts = os.path.isdir(os.path.join(out_dir, PARTS))
         if old is not None and not overwrite and not _same_job(old, job):
@@ -687,9 +711,20 @@ class FeatureExtractor:
                     for j in waiting:
                         finish(by_index[j], *bufs.pop(j)[:3], feature_shape, _tile_cols(self, tile_cols, j))
                     waiting = []
+        if waiting and feature_shape is None:  # no image of the whole job could be read
+            feature_shape = self._blank_output_shape()
         for j in waiting:
             finish(by_index[j], *bufs.pop(j)[:3], feature_shape or (0,), _tile_cols(self, tile_cols, j))
         return records, (dict(self.last_stats) if pending else dict(DONE_STATS))
+
+    def _blank_output_shape(self) -> Optional[tuple]:
+        """The shape of one output row, from a blank image at the preset preprocessing's size: for a job none
+        of whose images could be read (its empty shards and manifest record the model's dimension, not 0).
+        ``None`` when that size is not known here (a custom transform, tiles)."""
+        size = self.preprocessing.get("image_size") if self._preset_preprocessing else None
+        if self.tiling is not None or not isinstance(size, int):
+            return None
+        return tuple(self.encode(torch.zeros(1, 3, size, size), normalize=False).shape[1:])
 
 
 def prefetch(iterable, depth: int = 2) -> Iterator:

@@ -27,6 +27,26 @@ class CheckpointError(ValueError):
     """A checkpoint does not fit the model; the message names the keys or the file."""
 
 
+def not_a_file_reason(path: str, what: str = "file") -> str:
+    """Why ``path`` cannot be read as a ``what`` (it is not a regular file): ``'no such checkpoint file'``, ``'a
+    folder, not a checkpoint file'`` or ``'not a regular file (a device, pipe or socket)'``."""
+    if os.path.isdir(path):
+        return f"a folder, not a {what}"
+    if os.path.exists(path):
+        return "not a regular file (a device, pipe or socket)"
+    return f"no such {what}"
+
+
+def require_file(path: str, what: str = "file") -> None:
+    """Raise ``FileNotFoundError`` / ``IsADirectoryError`` / ``OSError`` (``"<path>: <reason>"``, see
+    :func:`not_a_file_reason`) unless ``path`` is a regular file (a symlink to one counts)."""
+    if os.path.isfile(path):
+        return
+    reason = not_a_file_reason(path, what)
+    error = IsADirectoryError if os.path.isdir(path) else OSError if os.path.exists(path) else FileNotFoundError
+    raise error(f"{path}: {reason}")
+
+
 def first_line(e: BaseException) -> str:
     return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
 

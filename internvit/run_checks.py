@@ -295,8 +295,8 @@ def check_option_keys(cfg, options: dict) -> None:
 def check_train_loop(loop, ckpt: Any = None) -> None:
     """Refuse a built training loop with nothing to train (``max_epochs`` / ``max_iters`` < 1: mmengine exited
     0 without a step, checkpoint or metric), a ``val_interval`` < 1 (a ``ZeroDivisionError`` after the first
-    epoch), or a resumed checkpoint ``ckpt`` already at the loop's end (its ``meta`` epoch / iteration). Raises
-    ``ValueError``."""
+    epoch), or a resumed checkpoint ``ckpt`` beyond the loop's end (its ``meta`` epoch / iteration; one at the
+    end exactly is a run killed after its last checkpoint, resumed to finish). Raises ``ValueError``."""
     if loop is None or isinstance(loop, dict):
         return
     epochs, iters = getattr(loop, "max_epochs", None), getattr(loop, "max_iters", None)
@@ -312,7 +312,9 @@ def check_train_loop(loop, ckpt: Any = None) -> None:
         raise ValueError(f"train_cfg.val_interval={interval}: must be 1 or more")
     meta = ckpt.get("meta") if isinstance(ckpt, dict) and isinstance(ckpt.get("meta"), dict) else {}
     done, end, unit = (meta.get("epoch"), epochs, "epoch") if by_epoch else (meta.get("iter"), iters, "iteration")
-    if isinstance(done, int) and isinstance(end, int) and done >= end:
+    # at the end exactly: a run killed after its last checkpoint (before its best checkpoint or clean-up) is
+    # resumed to finish; beyond it, the config was changed and nothing would be trained
+    if isinstance(done, int) and isinstance(end, int) and done > end:
         raise ValueError(f"the checkpoint to resume is at {unit} {done} and the config trains to {unit} {end}: "
                          f"nothing left to train (raise train_cfg.max_{unit.replace('iteration', 'iter')}s)")
 

@@ -30,6 +30,7 @@ from typing import Any, Callable, Optional
 
 from internvit import compat
 from internvit.cli import one_line
+from internvit.file_reads import require_file
 from internvit.run_checks import (
     NonFiniteCheckHook,
     check_classes,
@@ -235,10 +236,7 @@ def _read_checkpoint(path: str):
     """A local checkpoint, read without running code and memory-mapped (only shapes are looked at)."""
     if not _is_local(path):
         return None  # a URL or a package scheme: read (safely) by the runner when it loads it
-    if osp.isdir(path):
-        raise IsADirectoryError(f"{path}: a folder, not a checkpoint file")
-    if not osp.isfile(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    require_file(path, "checkpoint file")
     return compat.load_runner_checkpoint(path, "cpu", mmap=True)
 
 
@@ -514,8 +512,8 @@ def build_test_runner(config: str, checkpoint: str, *, work_dir: Optional[str] =
     if _is_local(checkpoint) and osp.isdir(checkpoint):
         raise IsADirectoryError(f"{checkpoint}: a folder, not a checkpoint file (give the .pth file that "
                                 f"tools/train.py saved)")
-    if _is_local(checkpoint) and not osp.isfile(checkpoint):
-        raise FileNotFoundError(f"{checkpoint}: no such checkpoint file")
+    if _is_local(checkpoint):
+        require_file(checkpoint, "checkpoint file")
     cfg = load_config(config, cfg_options=cfg_options, work_dir=work_dir, launcher=launcher)
     _require(cfg, config, ("test_dataloader", "test_cfg", "test_evaluator"), "testing")
     cfg.load_from = checkpoint

@@ -181,6 +181,16 @@ def refuse_foreign_folder(path: PathLike, markers: Sequence[str], what: str) -> 
                               f"empty folder (or the folder of a {what} to resume or extend)")
 
 
+def _first_missing_dir(path: str) -> Optional[str]:
+    """The highest folder of ``path`` (itself included) that does not exist yet; None when ``path`` exists."""
+    path = os.path.abspath(path)
+    if os.path.lexists(path):
+        return None
+    while not os.path.lexists(os.path.dirname(path)) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
 def generation_name(name: str, generation: int) -> str:
     """``('image.index', 3)`` → ``'image.g0003.index'``: a new file name for each committed generation."""
     stem, ext = os.path.splitext(name)
@@ -294,6 +304,7 @@ class Store:
         self.pending_files: set[str] = set()
         self._intents: set[str] = set()
         self._journal_started = False
+        self._made: Optional[str] = None
         self._lock = None
         self.committed = False
 
@@ -303,6 +314,7 @@ class Store:
 
         if os.path.exists(self.folder) and not os.path.isdir(self.folder):
             raise StoreError(f"{self.folder}: exists and is not a folder")
+        self._made = _first_missing_dir(os.path.join(self.folder, STORE_DIR))  # removed again if nothing is written
         os.makedirs(os.path.join(self.folder, STORE_DIR), exist_ok=True)
         self._lock = FileLock(os.path.join(self.folder, LOCK), timeout=0)
         try:
@@ -318,8 +330,24 @@ class Store:
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         self._release()
+        if exc_type is not None and self._made and not self._journal_started:
+            self._unmake()
+
+    def _unmake(self) -> None:
+        """Remove the ``.store`` folder (and the output folders) this block created when it fails before writing
+        anything (a refused job): only if nothing but the lock file is in it and the folders it made are empty."""
+        store = os.path.join(self.folder, STORE_DIR)
+        if set(os.listdir(store)) - {os.path.basename(LOCK)}:
+            return
+        shutil.rmtree(store, ignore_errors=True)
+        path = self.folder
+        while self._made != store and os.path.isdir(path) and not os.listdir(path):
+            os.rmdir(path)
+            if path == self._made:
+                break
+            path = os.path.dirname(path)
 
     def _release(self) -> None:
         if self._lock is not None:

@@ -511,6 +511,10 @@ class TileSettings:
                 ids, feats, columns = [], None, {}
                 if pixels is not None:
                     out, ids, columns = encode_tile_batch(encode, pixels, meta, self.tile_pool)
+                    if fx.normalize and len(out):  # each output row, after the tiles of an image were pooled
+                        from .features import l2_normalize
+
+                        out = l2_normalize(out.float(), dim=1)
                     feats = out.float().cpu().numpy()
                     finite = np.isfinite(feats.reshape(len(feats), -1)).all(axis=1)
                     bad = sorted({ids[j] for j in np.flatnonzero(~finite)})

@@ -15,6 +15,7 @@ from typing import Optional, Union
 import torch
 
 from internvit.checkpoints import CheckpointError, torch_load_weights, unwrap_state_dict, vision_key_map
+from internvit.file_reads import require_file
 from internvit.fileio import atomic_write
 
 HEAD_PREFIXES = ("decode_head.", "auxiliary_head.")
@@ -51,8 +52,7 @@ def convert_mmseg0x(src: Union[str, os.PathLike], dst: Union[str, os.PathLike]) 
     ``UserWarning``.
     """
     src, dst = os.fspath(src), os.fspath(dst)
-    if not os.path.isfile(src):
-        raise FileNotFoundError(f"{src}: no such checkpoint file")
+    require_file(src, "checkpoint file")
     sd = unwrap_state_dict(torch_load_weights(src), src)
     dropped: list = []
     out = convert_mmseg0x_state_dict(sd, dropped)

@@ -102,6 +102,11 @@ class Embeddings(nn.Module):
         self.position_embedding = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1] + 1, c))
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        h, wd, p = pixel_values.shape[-2], pixel_values.shape[-1], self.patch_size
+        if pixel_values.dim() != 4 or h % p or wd % p or h < p or wd < p:
+            # the strided convolution dropped the last h % p rows / w % p columns without a word
+            raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)}: expected (B, C, H, W) with H and W "
+                             f"positive multiples of the patch size {p} (resize or pad the image first)")
         w = self.patch_embedding.weight
         x = self.patch_embedding(pixel_values.to(w.dtype))  # B, C, h, w
         hw = (x.shape[2], x.shape[3])
@@ -449,6 +454,10 @@ class InternViT(nn.Module):
         return x
 
     def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False) -> InternViTOutput:
+        """``pixel_values`` ``(B, 3, H, W)`` float, normalised, H and W multiples of the patch size (any size:
+        position embeddings are interpolated); else ``ValueError`` (the convolution would drop the border).
+        Returns tokens ``(B, 1 + H/p * W/p, C)`` (class token first), the pooled class token and, with
+        ``output_hidden_states``, the embeddings and every block's output."""
         x, _ = self.embeddings(pixel_values)
         hidden = [x] if output_hidden_states else None
         for _, out in self._blocks(x):

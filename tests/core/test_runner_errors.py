@@ -354,8 +354,9 @@ def test_training_settings_that_fail_later_or_train_nothing_are_setup_errors(opt
 
 def test_resuming_a_finished_run_is_refused_and_a_refused_run_keeps_the_config_copy(tmp_path, capsys, monkeypatch,
                                                                                   toy_digits_root):
-    """--resume from a checkpoint at the config's last epoch exited 0 having trained nothing; a refused run
-    rewrote the config copy of the earlier run in the work dir (it then described the refused settings)."""
+    """--resume from a checkpoint past the config's last epoch exited 0 having trained nothing (one at the last
+    epoch exactly is a run killed after its last checkpoint: resumed to finish, see test_faults_training); a
+    refused run rewrote the config copy of the earlier run in the work dir (it then described the refused settings)."""
     monkeypatch.chdir(toy_digits_root)
     classes = tuple(str(c) for c in range(10))
     done = str(tmp_path / "epoch_2.pth")
@@ -364,8 +365,8 @@ def test_resuming_a_finished_run_is_refused_and_a_refused_run_keeps_the_config_c
     work = tmp_path / "work"
     work.mkdir()
     (work / "digits_linear_probe.py").write_text("# the copy an earlier run left\n")
-    _fails("train", [CLS_TOY, "--work-dir", str(work), "--resume", done, "--cfg-options", "train_cfg.max_epochs=2"],
-           capsys, "the checkpoint to resume is at epoch 2 and the config trains to epoch 2: nothing left to train")
+    _fails("train", [CLS_TOY, "--work-dir", str(work), "--resume", done, "--cfg-options", "train_cfg.max_epochs=1"],
+           capsys, "the checkpoint to resume is at epoch 2 and the config trains to epoch 1: nothing left to train")
     assert sorted(os.listdir(work)) == ["digits_linear_probe.py"]
     assert (work / "digits_linear_probe.py").read_text() == "# the copy an earlier run left\n"
     other = str(tmp_path / "other.pth")  # refused for another reason (does not fit): the copy is kept too
@@ -413,3 +414,77 @@ def test_a_nan_loss_or_output_stops_the_run_with_one_line(tmp_path, toy_digits_r
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
     assert "test: the model's output pred_score is not finite (NaN/inf) for " in errors[0], errors
     assert "accuracy" not in proc.stdout
+
+
+@pytest.mark.parametrize("argv,must", [
+    (["to-hf", "orig.pth", ""], "argument dst: empty value ''"),
+    (["to-hf", "", "x"], "argument src: empty value ''"),
+    (["mmseg0x", "orig.pth", " "], "argument dst: empty value ' '"),
+])
+def test_convert_empty_paths_name_the_argument(argv, must, tmp_path, capsys, monkeypatch):
+    """An empty path after a sub-command was blamed on the sub-command ("argument command: empty value")."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "orig.pth").write_bytes(b"")
+    _fails("convert_checkpoint", argv, capsys, must)
+    assert os.listdir(tmp_path) == ["orig.pth"]
+
+
+def test_a_checkpoint_tensor_of_another_dtype_kind_is_named(tmp_path, capsys):
+    """An integer or bool tensor where the model has a float weight reached nn.Parameter ("Only Tensors of
+    floating point and complex dtype can require gradients": a traceback from convert_checkpoint, a bare
+    RuntimeError from load_model): a CheckpointError naming the file, the key and both dtypes."""
+    from safetensors.torch import save_file
+
+    model = internvit.load_model("internvit-6b-tiny")
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    pth = str(tmp_path / "v_int.pth")
+    torch.save(dict(sd, **{"embeddings.class_embedding": sd["embeddings.class_embedding"].long()}), pth)
+    st = str(tmp_path / "v_bool.safetensors")
+    save_file(dict(sd, **{"encoder.layers.0.ls1": sd["encoder.layers.0.ls1"].bool()}), st)
+    with pytest.raises(CheckpointError, match=r"v_int.pth: embeddings.class_embedding has dtype int64, the model "
+                                              r"expects floating point"):
+        internvit.load_model(pth, "internvit-6b-tiny")
+    with pytest.raises(CheckpointError, match=r"encoder.layers.0.ls1 has dtype bool"):
+        internvit.load_model(st, "internvit-6b-tiny", dtype=torch.bfloat16)
+    dst = str(tmp_path / "hf")
+    _fails("convert_checkpoint", ["to-hf", pth, dst, "--config", "internvit-6b-tiny"], capsys,
+           "embeddings.class_embedding has dtype int64")
+    assert not os.path.exists(dst)
+
+
+def test_model_inputs_off_the_patch_grid_and_absurd_float_config_values_are_refused():
+    """model(x) with 50x56 px dropped the last 8 pixel rows silently (13x13: a raw conv error); a NaN
+    layer_norm_eps was accepted and made every feature NaN."""
+    from internvit.config import InternViTConfig
+
+    model = internvit.load_model("internvit-6b-tiny")
+    for shape in ((1, 3, 50, 56), (1, 3, 13, 13), (3, 56, 56)):
+        with pytest.raises(ValueError, match=rf"pixel_values of shape \({', '.join(map(str, shape))}\): expected "
+                                             r"\(B, C, H, W\) with H and W positive multiples of the patch size 14"):
+            model(torch.zeros(shape))
+    assert model(torch.zeros(1, 3, 28, 42)).last_hidden_state.shape == (1, 7, 64)
+    for field, value, must in (("layer_norm_eps", float("nan"), r"in \(0.0, 1.0\), got nan"),
+                               ("layer_norm_eps", 0.0, "got 0.0"), ("drop_path_rate", 1.0, r"in \[0.0, 1.0\)"),
+                               ("initializer_range", float("inf"), ", got inf"),
+                               ("layer_norm_eps", True, "got True")):
+        with pytest.raises(ValueError, match=rf"config: {field} must be a finite number.*{must}"):
+            InternViTConfig(**{field: value})
+
+
+def test_special_files_and_suffixless_destinations_are_named(tmp_path, capsys, vit_fixture):
+    """A fifo or a device symlinked as a weight file was "no such weight file" (it exists); a folder given to
+    mmseg0x was "no such checkpoint file"; to-original wrote a file without a weight suffix that load_model
+    then refused."""
+    fifo = str(tmp_path / "fifo.pth")
+    os.mkfifo(fifo)
+    dev = str(tmp_path / "zero.safetensors")
+    os.symlink("/dev/zero", dev)
+    for path in (fifo, dev):
+        with pytest.raises(CheckpointError, match="not a regular file"):
+            internvit.load_model(path, "internvit-6b-tiny")
+    _fails("convert_checkpoint", ["mmseg0x", str(tmp_path), str(tmp_path / "x.pth")], capsys,
+           f"{tmp_path}: a folder, not a checkpoint file")
+    _fails("convert_checkpoint", ["mmseg0x", fifo, str(tmp_path / "x.pth")], capsys, "not a regular file")
+    _fails("convert_checkpoint", ["to-original", vit_fixture, str(tmp_path / "noext")], capsys,
+           "noext: the destination needs a weight-file suffix")
+    assert not os.path.exists(tmp_path / "noext") and not os.path.exists(tmp_path / "x.pth")
