@@ -38,23 +38,40 @@ CACHE_FEATURES = ("cls_mean", "tokens")
 CACHE_KEY = "probe_cache"
 
 
+def _file_stamp(path: str) -> list:
+    """``[size, mtime_ns]`` of a file: one ``os.stat``, no reading (rsync's quick check). Rewriting the file
+    changes them; a copy that keeps modification times (``rsync -a``, ``cp -p``: per-node copies of a dataset)
+    keeps them. The status-change time is left out on purpose: no copy can keep it."""
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
+
+
 def _weights_stamp(path: Optional[str]) -> Optional[list]:
-    """Names, sizes and modification times of the pretrained weight files (cheap change detection)."""
+    """Names, sizes and modification times (ns) of the pretrained weight files."""
     if path is None:
         return None
     files = [os.path.join(path, f) for f in sorted(os.listdir(path))] if os.path.isdir(path) else [path]
-    return [[os.path.basename(f), os.path.getsize(f), int(os.path.getmtime(f))] for f in files if os.path.isfile(f)]
+    return [[os.path.basename(f), *_file_stamp(f)] for f in files if os.path.isfile(f)]
 
 
 def cache_key(spec: dict, feature: str, dataset: ImageFolderDataset) -> dict:
-    """What the cached features depend on: backbone spec and weight files, feature kind, preprocessing, images."""
+    """What the cached features depend on: backbone spec and weight files, feature kind, preprocessing, images.
+
+    The images enter through a checksum over each one's path, label, size and modification time in ns (one
+    ``os.stat`` per image, no reading): an image rewritten under the same path gives another key, so its
+    features are extracted again. Raises ``FileNotFoundError`` naming an image that does not exist.
+    """
     h = hashlib.sha256()
     for p, y in dataset.samples:  # streamed: memory does not grow with the number of images
-        h.update(f"{p}\t{y}\n".encode("utf-8", "surrogateescape"))
-    paths = h.hexdigest()
+        try:
+            size, mtime = _file_stamp(p)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{p}: image listed in the dataset not found") from None
+        h.update(f"{p}\t{y}\t{size}\t{mtime}\n".encode("utf-8", "surrogateescape"))
+    images = h.hexdigest()
     return json.loads(json.dumps(dict(
         backbone=spec, weights=_weights_stamp(spec["pretrained"]), feature=feature,
-        transform=dataset.transform_cfg, num_images=len(dataset), images_checksum=paths), default=str))
+        transform=dataset.transform_cfg, num_images=len(dataset), images_checksum=images), default=str))
 
 
 def extract_features(spec: Union[dict, str], dataset: ImageFolderDataset, out_dir: str, feature: str = "cls_mean",
