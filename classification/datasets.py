@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
+import warnings
 from typing import Callable, Optional, Sequence, Union
 
 from torch.utils.data import Dataset
@@ -58,8 +60,15 @@ def _read_classes(classes: Union[str, Sequence[str], None]) -> Optional[list[str
     return names
 
 
-def scan_folder(root: str, classes: Optional[Sequence[str]] = None) -> tuple[list[tuple[str, int]], list[str]]:
-    """``(samples [(path, label)], classes)`` of a ``root/<class>/<image>`` tree (sorted, recursive per class)."""
+def scan_folder(root: str, classes: Optional[Sequence[str]] = None,
+                allow_empty: bool = True) -> tuple[list[tuple[str, int]], list[str]]:
+    """``(samples [(path, label)], classes)`` of a ``root/<class>/<image>`` tree (sorted, recursive per class).
+
+    Raises ``FileNotFoundError`` for a missing ``root``; ``ValueError`` for a class of ``classes`` without a
+    folder, no class folders, no images at all, or, with ``allow_empty=False`` (what
+    :class:`ImageFolderDataset` passes by default, as torchvision's ``ImageFolder``), class folders without an
+    image, which are named (see :func:`empty_classes`).
+    """
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{root}: no such directory (expected <root>/<class>/<image> folders)")
     found = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
@@ -74,7 +83,24 @@ def scan_folder(root: str, classes: Optional[Sequence[str]] = None) -> tuple[lis
     samples = [(p, label) for label, name in enumerate(classes) for p in list_images(os.path.join(root, name))]
     if not samples:
         raise ValueError(f"{root}: no images found in {len(classes)} class folders")
+    empty = empty_classes(samples, classes)
+    if empty and not allow_empty:
+        raise ValueError(f"{root}: no images for {_empty_text(empty)} (empty class folder"
+                         f"{'s' if len(empty) > 1 else ''}; {len(classes)} classes): the head would never see "
+                         f"them, or mean_recall would average over fewer classes; add the images, or set the "
+                         f"dataset's allow_empty=True to accept it with a warning")
     return samples, list(classes)
+
+
+def empty_classes(samples: Sequence[tuple[str, int]], classes: Sequence[str]) -> list[str]:
+    """The names of ``classes`` that no sample is labelled with."""
+    seen = {label for _, label in samples}
+    return [c for i, c in enumerate(classes) if i not in seen]
+
+
+def _empty_text(empty: Sequence[str]) -> str:
+    shown = ", ".join(repr(c) for c in empty[:10]) + (f", ... ({len(empty)} in all)" if len(empty) > 10 else "")
+    return f"class{'es' if len(empty) > 1 else ''} {shown}"
 
 
 #: integer CSV labels make the classes 0..max: a bigger max needs a class list (a typo never allocates millions)
@@ -133,8 +159,10 @@ def read_csv(path: str, classes: Optional[Sequence[str]] = None,
     else from the labels themselves: all integers are class indices ``0..max``, all non-integers are class
     names (sorted). A label outside the set, a negative index, or a name among index labels raises
     ``ValueError('<file>:<line>: unknown label ...')``; an unknown label never becomes an extra class.
-    Labels may be class names or indices into ``classes``. Relative paths resolve against ``image_root``
-    (default: the CSV's folder).
+    Labels are class names; an integer label that is not a name is an index into the class list, unless some
+    class names are integers themselves (``3,5,7``): then labels are names only and such a label is unknown
+    (``'1'`` is never taken as the second class). Relative paths resolve against ``image_root`` (default: the
+    CSV's folder). Raises ``FileNotFoundError`` for a missing CSV or class file.
     """
     base = image_root if image_root is not None else os.path.dirname(os.path.abspath(path))
     rows = [(lineno, p if os.path.isabs(p) else os.path.join(base, p), label)
@@ -166,15 +194,19 @@ def read_csv(path: str, classes: Optional[Sequence[str]] = None,
                              f"pass classes= or write {CLASSES_FILE} beside the CSV to fix the class list)")
         classes = sorted({label for _, _, label in rows})
     index = {c: i for i, c in enumerate(classes)}
+    # integer class names ('3', '5', '7'): an integer label is a name, never an index (ambiguous otherwise)
+    numeric_names = next((c for c in classes if _is_index(c)), None)
     samples = []
     for lineno, p, label in rows:
         if label in index:
             samples.append((p, index[label]))
-        elif _is_index(label) and 0 <= int(label) < len(classes):
+        elif numeric_names is None and _is_index(label) and 0 <= int(label) < len(classes):
             samples.append((p, int(label)))
         else:
+            why = (f"; the class names are integers (e.g. {numeric_names!r}), so an integer label is a class "
+                   f"name, not an index" if numeric_names is not None and _is_index(label) else "")
             raise ValueError(f"{path}:{lineno}: unknown label {label!r} (not one of the {len(classes)} "
-                             f"classes{where})")
+                             f"classes{where}{why})")
     return samples, list(classes)
 
 
@@ -193,19 +225,35 @@ class ImageFolderDataset(Dataset):
         transform: dict for :func:`build_cls_transform` (``image_size``, ``train``, ``mean``, ``std``,
             ``interpolation``, ``resize_mode``) or a callable.
         check_files: verify that every listed image exists when the dataset is built.
+        allow_empty: accept class folders without an image (folder layout). By default they are refused, as
+            torchvision's ``ImageFolder`` does: an empty folder is more often a failed copy than a choice.
+
+    A class without any sample (an empty folder with ``allow_empty=True``, or a class of the CSV's class list
+    that no row names, the documented way to describe a split that lacks a class) gives one ``UserWarning``
+    naming the classes: a training split then never shows the head that class, and ``accuracy/mean_recall``
+    of an evaluation split averages over fewer classes. ``class_counts`` holds the number of samples per class.
+
+    Raises ``FileNotFoundError`` (a missing folder, CSV, class file or listed image) and ``ValueError`` (bad
+    labels, no images, empty class folders without ``allow_empty``, a bad ``transform``), naming the problem.
     """
 
     def __init__(self, data_root: str, split: Optional[str] = None, ann_file: Optional[str] = None,
                  classes: Union[str, Sequence[str], None] = None, transform: TransformLike = None,
-                 check_files: bool = True) -> None:
+                 check_files: bool = True, allow_empty: bool = False) -> None:
         data_root = os.path.expanduser(os.fspath(data_root))
         names = _read_classes(classes)
         if ann_file is not None:
-            csv_path = ann_file if os.path.isabs(ann_file) else os.path.join(data_root, ann_file)
-            self.samples, self.classes = read_csv(csv_path, names, image_root=data_root)
+            source = ann_file if os.path.isabs(ann_file) else os.path.join(data_root, ann_file)
+            self.samples, self.classes = read_csv(source, names, image_root=data_root)
         else:
-            root = os.path.join(data_root, split) if split else data_root
-            self.samples, self.classes = scan_folder(root, names)
+            source = os.path.join(data_root, split) if split else data_root
+            self.samples, self.classes = scan_folder(source, names, allow_empty=allow_empty)
+        empty = empty_classes(self.samples, self.classes)
+        if empty:
+            warnings.warn(f"{source}: no samples of {_empty_text(empty)} ({len(self.samples)} samples in "
+                          f"{len(self.classes) - len(empty)} of {len(self.classes)} classes): a training split "
+                          f"never shows them to the head; an evaluation split scores mean_recall over the other "
+                          f"classes", UserWarning, stacklevel=2)
         if check_files:
             for p, _ in self.samples:
                 if not os.path.isfile(p):
@@ -228,6 +276,14 @@ class ImageFolderDataset(Dataset):
     def labels(self) -> list[int]:
         return [label for _, label in self.samples]
 
+    @property
+    def class_counts(self) -> dict[str, int]:
+        """The number of samples of each class, in class order (zero for a class without samples)."""
+        counts = dict.fromkeys(self.classes, 0)
+        for _, label in self.samples:
+            counts[self.classes[label]] += 1
+        return counts
+
     def __len__(self) -> int:
         return len(self.samples)
 
@@ -246,6 +302,26 @@ class ImageFolderDataset(Dataset):
 TOY_MANIFEST = "dataset.json"
 
 
+def _check_toy_split(targets, is_val, val_fraction: float) -> None:
+    """Refuse a split that leaves a class without a train or a val image (the split is stratified)."""
+    import numpy as np
+
+    n_val = np.bincount(targets[is_val], minlength=10)
+    n_train = np.bincount(targets[~is_val], minlength=10)
+    short = [(name, c) for name, counts in (("val", n_val), ("train", n_train))
+             for c in range(10) if counts[c] == 0]
+    if not short:
+        return
+    smallest = int(np.bincount(targets).min())  # 1 <= round(n * f) <= n - 1 for every class size n
+    lo, hi = math.ceil(500 / smallest) / 1000, math.floor(1000 - 500 / smallest) / 1000
+    name = short[0][0]
+    classes = [str(c) for split, c in short if split == name]
+    what = f"the {name} split empty" if len(classes) == 10 else f"{len(classes)} classes without a {name} image"
+    raise ValueError(f"val_fraction {val_fraction} (--val-fraction) leaves {what}: {int(n_train.sum())} train / "
+                     f"{int(n_val.sum())} val images (no {name} image of class {', '.join(classes)}); every class "
+                     f"needs an image in each split: use a value between {lo} and {hi}")
+
+
 def make_toy_digits(out_dir: str, *, image_size: int = 32, val_fraction: float = 0.2, seed: int = 0,
                     overwrite: bool = False) -> dict:
     """Render scikit-learn's digits (1797 8×8 images, 10 classes) into ``out_dir`` (no download).
@@ -256,6 +332,10 @@ def make_toy_digits(out_dir: str, *, image_size: int = 32, val_fraction: float =
     ``dataset.json``) it is kept; a missing or empty folder is written; anything else (another toy dataset,
     any other non-empty folder, a file) raises ``FileExistsError`` unless ``overwrite=True``, which replaces
     it. Returns the manifest.
+
+    Every class gets at least one image in each split: a ``val_fraction`` that would leave a class (or a whole
+    split) without images raises ``ValueError`` naming it and the resulting counts, before anything is written;
+    ``image_size`` outside 8..1024 and ``val_fraction`` outside (0, 1) raise ``ValueError`` too.
     """
     import numpy as np
     from PIL import Image
@@ -265,6 +345,16 @@ def make_toy_digits(out_dir: str, *, image_size: int = 32, val_fraction: float =
         raise ValueError(f"image_size must be between 8 and 1024, got {image_size}")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    digits = load_digits()
+    images, targets = digits.images, digits.target
+    rng = np.random.RandomState(seed)
+    split = np.zeros(len(targets), dtype=bool)  # True = val
+    for c in range(10):
+        idx = np.flatnonzero(targets == c)
+        idx = idx[rng.permutation(len(idx))]
+        split[idx[: int(round(len(idx) * val_fraction))]] = True
+    _check_toy_split(targets, split, val_fraction)
+
     manifest = dict(name="sklearn-digits", image_size=image_size, val_fraction=val_fraction, seed=seed,
                     classes=[str(i) for i in range(10)])
     out_dir = os.path.abspath(os.path.expanduser(out_dir))
@@ -280,15 +370,6 @@ def make_toy_digits(out_dir: str, *, image_size: int = 32, val_fraction: float =
         if not overwrite:
             raise FileExistsError(f"{out_dir}: exists and is not this toy dataset; refusing to replace it "
                                   f"(pass --overwrite / overwrite=True)")
-
-    digits = load_digits()
-    images, targets = digits.images, digits.target
-    rng = np.random.RandomState(seed)
-    split = np.zeros(len(targets), dtype=bool)  # True = val
-    for c in range(10):
-        idx = np.flatnonzero(targets == c)
-        idx = idx[rng.permutation(len(idx))]
-        split[idx[: int(round(len(idx) * val_fraction))]] = True
 
     with atomic_write(out_dir, is_dir=True) as tmp:
         rows = {"train": [], "val": []}

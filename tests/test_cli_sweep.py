@@ -94,6 +94,9 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("existing_user_folder", ["{W}/imgs"]),
         ("out_of_range_image_size", ["{out}", "--image-size", "0"]),
         ("out_of_range_val_fraction", ["{out}", "--val-fraction", "1.5"]),
+        ("val_fraction_leaves_val_empty", ["{out}", "--val-fraction", "0.001"]),
+        ("val_fraction_leaves_train_empty", ["{out}", "--val-fraction", "0.999"]),
+        ("val_fraction_leaves_a_class_out_of_val", ["{out}", "--val-fraction", "0.0028"]),
     ],
     "extract_features": [
         ("missing_path", _with(EXTRACT, images="{W}/nope")),

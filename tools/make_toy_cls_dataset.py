@@ -3,6 +3,9 @@
 
     python tools/make_toy_cls_dataset.py data/toy_digits [--image-size 32] [--val-fraction 0.2] [--seed 0]
 
+Every class gets at least one image in each split: a --val-fraction that would leave one without (e.g. 0.001 or
+0.999) is refused, naming the resulting counts.
+
 Rerunning with the same arguments keeps the existing dataset. Any other existing non-empty folder (or file)
 at the output path is refused unless --overwrite is given.
 """
@@ -33,7 +36,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("out_dir", help="output folder (train/<class>/*.png, val/<class>/*.png, train.csv, val.csv)")
     p.add_argument("--image-size", type=_image_size, default=32, help="side of the rendered PNGs (default 32)")
     p.add_argument("--val-fraction", type=float, default=0.2,
-                   help="share of each class in val, in (0, 1) (default 0.2; checked before any work)")
+                   help="share of each class in val, in (0, 1), leaving every class an image in each split "
+                        "(default 0.2; checked before any work)")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the stratified split (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace whatever is at the output path")
     return p
