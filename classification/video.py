@@ -19,7 +19,10 @@ The InternVL repository has no video evaluation (reference-spec-2 §3), so the p
    mean per-class recall, all fractions in [0, 1].
 
 Videos that cannot be opened or decoded, or hold no frame, are skipped, counted (``num_failed``) and listed
-(``failed``: path and error).
+(``failed``: path and error); so are images under a video name (a file FFmpeg reads with an image demuxer, such
+as PNG bytes named ``.mp4``, or a GIF / APNG of one frame). Videos with fewer frames than ``num_frames`` (whose
+sampled frames repeat) are counted in ``num_short_videos``. Non-finite (NaN or infinity) video or text
+embeddings are refused with a ``ValueError``, never scored.
 """
 from __future__ import annotations
 
@@ -37,10 +40,15 @@ from internvit.text import model_device
 from .zero_shot import (
     METADATA_DIR,
     ZERO_SHOT_SCALE,
+    NonFinite,
     Template,
+    _failed_entry,
+    _model_dtype,
     build_zero_shot_classifier,
+    check_finite_classifier,
     classification_metrics,
     encode_images,
+    load_text_model,
     resolve_templates,
 )
 
@@ -119,10 +127,26 @@ def sample_frame_indices(num_frames: int, num_segments: int, *, fps: Optional[fl
     return [int(start_idx + seg / 2 + np.round(seg * k)) for k in range(num_segments)]
 
 
+#: FFmpeg demuxers that read one still picture per file (``*_pipe`` demuxers are all image formats too)
+IMAGE_DEMUXERS = ("image2", "image2pipe")
+#: formats that hold animations or stills: one frame is a picture, not a video
+ANIMATED_IMAGE_FORMATS = ("gif", "apng", "webp")
+
+
+def _format_names(container) -> list[str]:
+    return [n.strip() for n in (getattr(container.format, "name", "") or "").split(",") if n.strip()]
+
+
 def _open(path: str):
+    """The PyAV container of a video. Raises ``ValueError`` for a file without a video stream and for an image
+    (a format FFmpeg reads with an image demuxer: ``image2``, ``png_pipe``, ``jpeg_pipe``, ...)."""
     import av
 
     container = av.open(path)
+    fmt = _format_names(container)
+    if any(n in IMAGE_DEMUXERS or n.endswith("_pipe") for n in fmt):
+        container.close()
+        raise ValueError(f"an image, not a video (FFmpeg reads it with the {','.join(fmt)!r} image demuxer)")
     if not container.streams.video:
         container.close()
         raise ValueError("no video stream")
@@ -152,16 +176,19 @@ def read_video_frames(path: str, num_segments: int, *, bound: Optional[tuple[flo
     The frame count comes from the container header, else from counting the stream's packets (no decoding);
     if fewer frames decode than that count says, the indices are recomputed from the frames that exist.
     Raises (``ValueError``, ``OSError`` or PyAV's errors) for a file that cannot be opened or decoded, has no
-    video stream or no frame.
+    video stream or no frame, or is an image (see :func:`_open`; also a GIF / APNG / WebP of a single frame).
     """
     with _open(path) as container:
         stream = container.streams.video[0]
         n = int(stream.frames or 0)
         fps = float(stream.average_rate) if stream.average_rate else None
-        if n <= 0:
+        fmt = _format_names(container)
+        if n <= 0 or any(f in ANIMATED_IMAGE_FORMATS for f in fmt):
             n = sum(1 for packet in container.demux(stream) if packet.size)
     if n <= 0:
         raise ValueError("the video has no frames")
+    if n == 1 and any(f in ANIMATED_IMAGE_FORMATS for f in fmt):
+        raise ValueError(f"a still image, not a video (a {','.join(fmt)} file of one frame)")
     indices = sample_frame_indices(n, num_segments, fps=fps, bound=bound)
     frames, decoded = _decode_frames(path, set(indices))
     if len(frames) < len(set(indices)):  # the header over-counted: resample from what decodes
@@ -176,17 +203,20 @@ def read_video_frames(path: str, num_segments: int, *, bound: Optional[tuple[flo
 class VideoFrameDataset(Dataset):
     """Videos as stacks of sampled frames: item ``i`` is ``(frames (num_frames, 3, S, S), i, None)``.
 
-    ``transform`` maps a PIL image to a ``(3, S, S)`` tensor. An unreadable, corrupt or empty video gives
-    ``(None, i, 'ErrorType: message')``; use :func:`internvit.data.collate_images` as ``collate_fn``, which
-    drops such items and keeps their errors (batches are ``(B, num_frames, 3, S, S)``).
+    ``transform`` maps a PIL image to a ``(3, S, S)`` tensor. An unreadable, corrupt or empty video (or an image
+    under a video name) gives ``(None, i, 'ErrorType: message')``; use :func:`internvit.data.collate_images` as
+    ``collate_fn``, which drops such items and keeps their errors (batches are ``(B, num_frames, 3, S, S)``).
+    With ``with_info=True`` items have a fourth element, the video's frame count (``None`` for a failed one).
+    Raises ``ValueError`` for ``num_frames < 1``.
     """
 
     def __init__(self, paths: Sequence[str], num_frames: int, transform: Callable, *,
-                 bound: Optional[tuple[float, float]] = None) -> None:
+                 bound: Optional[tuple[float, float]] = None, with_info: bool = False) -> None:
         if int(num_frames) < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
         self.paths = [os.fspath(p) for p in paths]
         self.num_frames, self.transform, self.bound = int(num_frames), transform, bound
+        self.with_info = with_info
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -195,11 +225,11 @@ class VideoFrameDataset(Dataset):
         from internvit.data import _error_text
 
         try:
-            frames, _ = read_video_frames(self.paths[i], self.num_frames, bound=self.bound)
+            frames, info = read_video_frames(self.paths[i], self.num_frames, bound=self.bound)
             x = torch.stack([self.transform(f) for f in frames])
         except Exception as e:  # noqa: BLE001 - a bad video is reported, never fatal
-            return None, i, _error_text(e)
-        return x, i, None
+            return (None, i, _error_text(e), None) if self.with_info else (None, i, _error_text(e))
+        return (x, i, None, info["num_frames"]) if self.with_info else (x, i, None)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -219,26 +249,38 @@ def video_zero_shot_evaluate(model, classifier: torch.Tensor, dataloader, *, mod
                              device: Optional[Union[str, torch.device]] = None,
                              dtype: Optional[torch.dtype] = None,
                              paths: Optional[Sequence[str]] = None) -> dict:
-    """Zero-shot metrics over a loader of ``(frames (B, T, 3, H, W), labels, errors)``.
+    """Zero-shot metrics over a loader of ``(frames (B, T, 3, H, W), labels, errors)``, optionally with a fourth
+    element: ``(ids, short)``, the dataset indices of the videos and those of them with fewer frames than ``T``.
 
     ``errors`` is a list of ``(index, message)`` for skipped videos (``paths[index]`` names them in
-    ``failed``). Returns ``acc1``, ``acc5``, ``acc_mean`` (their mean), ``mean_per_class_recall`` (fractions),
-    ``num_samples``, ``num_failed``, ``failed`` (``[{'path', 'error'}]``) and ``num_classes``. Raises
-    ``ValueError`` when no video could be read or a label is out of range.
+    ``failed``). Returns ``acc1``, ``acc5`` (``None`` below 5 classes), ``acc_mean`` (their mean, ``None``
+    without ``acc5``), ``mean_per_class_recall`` (fractions), ``num_samples``, ``num_failed``, ``failed``
+    (``[{'path', 'error'}]``), ``num_short_videos`` and ``num_classes``. Raises ``ValueError`` when a video
+    embedding or the classifier is not finite (NaN or infinity), when no video could be read or a label is out
+    of range.
     """
     device = torch.device(device) if device is not None else model_device(model)
     if dtype is None:
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        dtype = _model_dtype(model)
     classifier = classifier.to(device=device, dtype=torch.float32)
-    all_logits, all_target, failed = [], [], []
+    check_finite_classifier(classifier)
+    all_logits, all_target, failed, short = [], [], [], 0
+    nonfinite = NonFinite("videos")
     with torch.no_grad():
-        for frames, target, errors in dataloader:
-            failed.extend({"path": paths[i] if paths is not None else str(i), "error": e} for i, e in errors)
+        for batch in dataloader:
+            frames, target, errors = batch[:3]
+            ids, short_ids = batch[3] if len(batch) > 3 else (None, ())
+            failed.extend(_failed_entry(e, paths) for e in errors)
+            short += len(short_ids)
             if frames is None or len(target) == 0:
                 continue
             feats = encode_videos(model, frames.to(device=device, dtype=dtype), mode)
+            names = [paths[i] for i in ids] if ids is not None and paths is not None else None
+            if not bool(nonfinite.keep(feats, names).all()):
+                continue
             all_logits.append((ZERO_SHOT_SCALE * feats @ classifier).cpu())
             all_target.append(torch.as_tensor(target).cpu().long())
+    nonfinite.check(dtype)
     if not all_logits:
         raise ValueError(f"no video could be read ({len(failed)} failed; first: "
                          f"{failed[0]['path'] + ': ' + failed[0]['error'] if failed else 'none given'})")
@@ -246,8 +288,8 @@ def video_zero_shot_evaluate(model, classifier: torch.Tensor, dataloader, *, mod
     if int(target.max()) >= classifier.shape[1] or int(target.min()) < 0:
         raise ValueError(f"label {int(target.max())} out of range for a classifier of {classifier.shape[1]} classes")
     out = classification_metrics(logits, target)
-    out["acc_mean"] = (out["acc1"] + out["acc5"]) / 2
-    out.update(num_samples=int(len(target)), num_failed=len(failed), failed=failed,
+    out["acc_mean"] = (out["acc1"] + out["acc5"]) / 2 if out["acc5"] is not None else None
+    out.update(num_samples=int(len(target)), num_failed=len(failed), failed=failed, num_short_videos=short,
                num_classes=int(classifier.shape[1]))
     return out
 
@@ -324,9 +366,9 @@ def _resolve_video_classnames(spec, raw_labels: Sequence[str],
     return names, [index[pos[label]] for label in raw_labels]
 
 
-def _resolve_video_templates(spec, dataset: str) -> list[Template]:
+def _resolve_video_templates(spec, dataset: Optional[str]) -> list[Template]:
     if spec is None:
-        return load_video_templates(dataset if _canon(dataset) in KINETICS else "kinetics400")
+        return load_video_templates(dataset or "kinetics400")
     if isinstance(spec, str) and not os.path.isfile(spec) and _canon(spec) in KINETICS:
         return load_video_templates(spec)
     return resolve_templates(spec)
@@ -339,7 +381,7 @@ def run_video_zero_shot(
     num_frames: int = 8,
     classnames: Optional[Union[str, Sequence[str]]] = None,
     templates: Optional[Union[str, Sequence[Template]]] = None,
-    dataset: str = "kinetics400",
+    dataset: Optional[str] = None,
     mode: Optional[str] = "InternVL-C",
     tokenizer=None,
     batch_size: int = 8,
@@ -358,9 +400,15 @@ def run_video_zero_shot(
     and ``encode_text``); the tokenizer defaults to the model directory's. ``classnames``: ``None`` (folder /
     CSV label names, ``_`` read as a space), a Kinetics key (``kinetics400``/``600``/``700``; folder or CSV
     labels are matched to it case-insensitively with ``_`` as a space, or are class indices), a list or a
-    ``.txt``/``.json`` file. ``templates``: ``None`` = ``dataset``'s shipped Kinetics templates. ``batch_size``
-    counts videos (a forward pass sees ``batch_size × num_frames`` frames). Returns (and with ``output`` writes
-    atomically as JSON) the metrics of :func:`video_zero_shot_evaluate` plus the settings used.
+    ``.txt``/``.json`` file. ``templates``: ``None`` = ``dataset``'s shipped Kinetics templates (default
+    ``kinetics400``). ``batch_size`` counts videos (a forward pass sees ``batch_size × num_frames`` frames).
+    Returns (and with ``output`` writes atomically as JSON) the metrics of :func:`video_zero_shot_evaluate`
+    plus the settings used.
+
+    Raises ``ValueError`` for ``num_frames`` / ``batch_size`` below 1, a ``dataset`` that is not a Kinetics key or
+    is given with ``templates`` (it would be unused), class names that cannot be matched or repeat, a model
+    without text tower or tokenizer, non-finite embeddings and data none of which can be read;
+    ``FileNotFoundError`` for missing files.
     """
     import internvit
     from internvit.data import collate_images
@@ -370,29 +418,27 @@ def run_video_zero_shot(
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if dataset is not None:
+        if _canon(dataset) not in KINETICS:
+            raise ValueError(f"unknown video dataset {dataset!r}; known: {', '.join(KINETICS)}")
+        if templates is not None:
+            raise ValueError(f"dataset {dataset!r} only picks the default templates, and templates are given: "
+                             f"drop one of them")
     model_name = os.fspath(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
     paths, raw_labels, data_classes = _scan_videos(os.fspath(data))
     names, labels = _resolve_video_classnames(classnames, raw_labels, data_classes)
     temps = _resolve_video_templates(templates, dataset)
-    if isinstance(model, (str, os.PathLike)):
-        if tokenizer is None:
-            tokenizer = internvit.get_tokenizer(model) if os.path.isdir(model) else None
-        model = internvit.load_model(model, dtype=dtype, device=device)
-    if tokenizer is None:
-        raise ValueError("no tokenizer: the model is not a directory with tokenizer.model; pass tokenizer=")
-    if isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = internvit.get_tokenizer(tokenizer)
-    if hasattr(model, "eval"):
-        model.eval()
+    model, tokenizer = load_text_model(model, tokenizer, dtype=dtype, device=device)
     classifier = build_zero_shot_classifier(model, tokenizer, names, temps, batch_size=text_batch_size,
                                             device=device)
     if transform is None:
         transform = internvit.build_transform(model.config, resize_mode=resize_mode)
-    ds = VideoFrameDataset(paths, num_frames, transform, bound=bound)
+    ds = VideoFrameDataset(paths, num_frames, transform, bound=bound, with_info=True)
 
     def collate(batch):
-        frames, ids, errors = collate_images(batch)
-        return frames, torch.tensor([labels[i] for i in ids], dtype=torch.long), errors
+        frames, ids, errors = collate_images([item[:3] for item in batch])
+        short = [i for x, i, _, n in batch if x is not None and n < num_frames]
+        return frames, torch.tensor([labels[i] for i in ids], dtype=torch.long), errors, (ids, short)
 
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
     result = video_zero_shot_evaluate(model, classifier, loader, mode=mode, device=device, dtype=dtype,

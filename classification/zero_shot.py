@@ -10,6 +10,8 @@ import inspect
 import json
 import os
 import re
+import unicodedata
+import warnings
 from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
@@ -116,6 +118,26 @@ def _format(template: Template, classname: str) -> str:
     return template(classname) if callable(template) else template.format(classname, c=classname)
 
 
+def _shown(name: str) -> str:
+    """``repr(name)``, or ``ascii(name)`` for a name that is not NFC-normalised or not printable: names that look
+    alike but are different strings (NFC vs NFD ``'café'``) are told apart in messages."""
+    name = str(name)
+    return repr(name) if unicodedata.is_normalized("NFC", name) and name.isprintable() else ascii(name)
+
+
+def _model_dtype(model) -> torch.dtype:
+    return next((p.dtype for p in getattr(model, "parameters", lambda: [])() if p.is_floating_point()),
+                torch.float32)
+
+
+def _nonfinite_hint(dtype: torch.dtype) -> str:
+    """What to try after non-finite embeddings computed in ``dtype``."""
+    name = str(dtype).replace("torch.", "")
+    return {"float16": "in float16 this may be an overflow: try bfloat16 or float32",
+            "bfloat16": "in bfloat16 this may be an overflow: try float32"}.get(
+        name, f"in {name} this is not a precision overflow: check the model weights")
+
+
 def _accepts(fn, name: str) -> bool:
     try:
         return name in inspect.signature(fn).parameters
@@ -140,6 +162,9 @@ def build_zero_shot_classifier(
     averaged over the templates of its class and renormalised. ``num_classes_per_batch`` (open_clip's
     argument) sets ``batch_size = num_classes_per_batch * len(templates)``. ``use_tqdm`` is accepted for
     signature compatibility.
+
+    Raises ``ValueError`` for an empty class-name or template list, and for text embeddings that are not finite
+    (NaN or infinity: broken weights or a precision overflow), naming the class names that gave them.
     """
     del use_tqdm
     classnames, templates = list(classnames), list(templates)
@@ -153,6 +178,11 @@ def build_zero_shot_classifier(
     n_t = len(templates)
     by_template = [range(j, len(texts), n_t) for j in range(n_t)]  # one template, every class: shared prefix
     emb = encode_texts(model, tokenizer, texts, batch_size=batch_size, device=device, groups=by_template)
+    bad = (~torch.isfinite(emb).all(dim=1)).reshape(len(classnames), n_t).any(dim=1).nonzero().flatten().tolist()
+    if bad:
+        shown = ", ".join(_shown(classnames[i]) for i in bad[:5]) + (", ..." if len(bad) > 5 else "")
+        raise ValueError(f"the text embeddings of {len(bad)} of {len(classnames)} class names are not finite "
+                         f"(NaN or infinity): {shown}; {_nonfinite_hint(_model_dtype(model))}")
     emb = emb.reshape(len(classnames), len(templates), -1).mean(dim=1)
     return F.normalize(emb, dim=-1).t().contiguous()
 
@@ -170,24 +200,73 @@ def encode_images(model, images: torch.Tensor, mode: Optional[str] = None) -> to
 
 
 def classification_metrics(logits: torch.Tensor, target: torch.Tensor) -> dict:
-    """``acc1``, ``acc5`` (top-min(5, C)) and ``mean_per_class_recall`` (over classes present in ``target``)."""
+    """``acc1``, ``acc5`` and ``mean_per_class_recall`` (over classes present in ``target``).
+
+    With fewer than 5 classes top-5 is undefined (every image would count as a hit): ``acc5`` is ``None`` and
+    ``acc5_note`` says why (CLIP_benchmark reports NaN there; JSON has no NaN).
+    """
     n, c = logits.shape
     top = logits.topk(min(5, c), dim=1).indices
     hit = top == target[:, None]
     pred = top[:, 0]
     present = torch.unique(target)
     recalls = torch.stack([(pred[target == k] == k).float().mean() for k in present])
-    return dict(acc1=hit[:, :1].any(1).float().mean().item(), acc5=hit.any(1).float().mean().item(),
-                mean_per_class_recall=recalls.mean().item())
+    out = dict(acc1=hit[:, :1].any(1).float().mean().item(), acc5=hit.any(1).float().mean().item() if c >= 5 else None,
+               mean_per_class_recall=recalls.mean().item())
+    if c < 5:
+        out["acc5_note"] = f"top-5 is undefined with {c} classes (fewer than 5): acc5 is null"
+    return out
 
 
-def _split_batch(batch) -> tuple[Optional[torch.Tensor], torch.Tensor, list]:
+def _split_batch(batch) -> tuple[Optional[torch.Tensor], torch.Tensor, list, Optional[list]]:
     if isinstance(batch, dict):
         images = batch.get("pixel_values", batch.get("inputs", batch.get("images")))
-        return images, torch.as_tensor(batch["labels"] if "labels" in batch else batch["target"]), []
+        return images, torch.as_tensor(batch["labels"] if "labels" in batch else batch["target"]), [], None
     images, target = batch[0], batch[1]
     errors = list(batch[2]) if len(batch) > 2 and isinstance(batch[2], (list, tuple)) else []
-    return images, torch.as_tensor(target), errors
+    ids = list(batch[3]) if len(batch) > 3 and isinstance(batch[3], (list, tuple)) else None
+    return images, torch.as_tensor(target), errors, ids
+
+
+def _failed_entry(error, paths: Optional[Sequence[str]]) -> dict:
+    """``{'path', 'error'}`` of a skipped item: ``error`` is ``(index, message)`` (or a bare message)."""
+    if isinstance(error, (tuple, list)) and len(error) == 2:
+        i, msg = error
+        return {"path": str(paths[i]) if paths is not None and isinstance(i, int) and 0 <= i < len(paths)
+                else str(i), "error": str(msg)}
+    return {"path": "?", "error": str(error)}
+
+
+def check_finite_classifier(classifier: torch.Tensor) -> None:
+    """Raises ``ValueError`` naming the classes (columns) of a classifier that hold NaN or infinity."""
+    bad = (~torch.isfinite(classifier).all(dim=0)).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"the classifier has non-finite (NaN or infinity) weights in {len(bad)} of "
+                         f"{classifier.shape[1]} classes (first: class {bad[0]})")
+
+
+class NonFinite:
+    """Counts embeddings that hold NaN or infinity over a run, remembering the first one's name."""
+
+    def __init__(self, what: str) -> None:
+        self.what, self.count, self.seen, self.first = what, 0, 0, None
+
+    def keep(self, feats: torch.Tensor, names: Optional[Sequence[str]] = None) -> torch.Tensor:
+        """The mask of finite rows of ``feats`` (rows named by ``names``, when given, for the message)."""
+        finite = torch.isfinite(feats).all(dim=1)
+        self.seen += len(feats)
+        if not bool(finite.all()):
+            self.count += int((~finite).sum())
+            if self.first is None and names is not None:
+                self.first = names[int((~finite).nonzero()[0])]
+        return finite
+
+    def check(self, dtype: torch.dtype) -> None:
+        """Raises ``ValueError`` when any embedding was not finite: no metric is computed over them."""
+        if self.count:
+            first = f"; first: {self.first}" if self.first is not None else ""
+            raise ValueError(f"{self.count} of {self.seen} {self.what} gave non-finite embeddings (NaN or "
+                             f"infinity){first}; {_nonfinite_hint(dtype)} (no metric is computed over them)")
 
 
 def zero_shot_evaluate(
@@ -198,42 +277,51 @@ def zero_shot_evaluate(
     mode: Optional[str] = "InternVL-C",
     device: Optional[Union[str, torch.device]] = None,
     dtype: Optional[torch.dtype] = None,
+    paths: Optional[Sequence[str]] = None,
 ) -> dict:
     """Top-1 / top-5 accuracy and mean per-class recall (fractions in [0, 1]) of a zero-shot classifier.
 
-    ``dataloader`` yields ``(images, targets)`` (an optional third element, a list of per-item errors, is
-    counted in ``num_failed``) or dicts with ``pixel_values``/``inputs`` and ``labels``. Image embeddings are
-    L2-normalised and scored as ``100 * feat @ classifier``. ``dtype`` is the dtype the images are cast to
-    (default: the model's).
+    ``dataloader`` yields ``(images, targets)``, optionally with a third element, a list of ``(index, message)``
+    for items that could not be read, and a fourth, the dataset indices of the images (for messages), or dicts
+    with ``pixel_values``/``inputs`` and ``labels``. Skipped items are counted in ``num_failed`` and listed in
+    ``failed`` (``[{'path', 'error'}]``; ``paths[index]`` names them). Image embeddings are L2-normalised and
+    scored as ``100 * feat @ classifier``. ``dtype`` is the dtype the images are cast to (default: the model's).
+
+    Raises ``ValueError`` when an image embedding or the classifier is not finite (NaN or infinity; counted and
+    refused, never scored), when no image could be read, or a label is out of range.
     """
     device = torch.device(device) if device is not None else model_device(model)
     if dtype is None:
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        dtype = _model_dtype(model)
     classifier = classifier.to(device=device, dtype=torch.float32)
-    all_logits, all_target, failed, first_error = [], [], 0, None
+    check_finite_classifier(classifier)
+    all_logits, all_target, failed = [], [], []
+    nonfinite = NonFinite("images")
     with torch.no_grad():
         for batch in dataloader:
-            images, target, errors = _split_batch(batch)
-            failed += len(errors)
-            if errors and first_error is None:
-                first_error = errors[0]
+            images, target, errors, ids = _split_batch(batch)
+            failed.extend(_failed_entry(e, paths) for e in errors)
             if images is None or len(target) == 0:
                 continue
             feats = encode_images(model, images.to(device=device, dtype=dtype), mode)
+            names = [paths[i] for i in ids] if ids is not None and paths is not None else None
+            if not bool(nonfinite.keep(feats, names).all()):
+                continue
             all_logits.append((ZERO_SHOT_SCALE * feats @ classifier).cpu())
             all_target.append(target.cpu().long())
+    nonfinite.check(dtype)
     if not all_logits:
         if failed:
-            detail = first_error[1] if isinstance(first_error, tuple) and len(first_error) == 2 else first_error
-            raise ValueError(f"none of the {failed} images could be read (first: {detail})")
+            raise ValueError(f"none of the {len(failed)} images could be read (first: {failed[0]['path']}: "
+                             f"{failed[0]['error']})")
         raise ValueError("zero_shot_evaluate: the dataloader yielded no images")
     logits, target = torch.cat(all_logits), torch.cat(all_target)
     if int(target.max()) >= classifier.shape[1] or int(target.min()) < 0:
         raise ValueError(f"label {int(target.max())} out of range for a classifier of {classifier.shape[1]} classes")
     out = classification_metrics(logits, target)
-    out.update(num_samples=int(len(target)), num_failed=failed, num_classes=int(classifier.shape[1]))
+    out.update(num_samples=int(len(target)), num_failed=len(failed), failed=failed,
+               num_classes=int(classifier.shape[1]))
     return out
-
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -276,8 +364,54 @@ def _list_or_key(spec: str, what: str, by_key: Callable[[str], list]) -> list:
 
 
 def _norm_class(name: str) -> str:
-    """Class-name matching key: case-insensitive, ``_`` read as a space, runs of white space as one."""
-    return " ".join(str(name).replace("_", " ").split()).casefold()
+    """Class-name matching key: Unicode NFC, case-insensitive, ``_`` read as a space, runs of white space as one."""
+    return " ".join(unicodedata.normalize("NFC", str(name)).replace("_", " ").split()).casefold()
+
+
+def check_class_names(names: Sequence[str], source: str, *, shipped: bool = False,
+                      entries: Optional[Sequence[str]] = None) -> None:
+    """Refuse (or, for a ``shipped`` list, warn about) class names that are empty or equal after matching
+    normalisation (:func:`match_classes`' rule: NFC, case, ``_`` = space): such classes get identical text
+    classifiers, so every image ties between them and the first one wins.
+
+    ``source`` names the list in messages; ``entries`` (default: the names) are what each position is shown as,
+    e.g. the folder names a list was made from. A shipped list (the upstream metadata, kept unchanged for parity
+    with published numbers) gives one ``UserWarning`` naming how many names repeat and the first few, and any
+    empty name by index. Otherwise raises ``ValueError`` naming an empty entry or the first two duplicates.
+    """
+    names = [str(n) for n in names]
+    entries = names if entries is None else [str(e) for e in entries]
+    at: dict[str, list[int]] = {}
+    for i, n in enumerate(names):
+        at.setdefault(_norm_class(n), []).append(i)
+    twice = [pos for key, pos in at.items() if len(pos) > 1 and key]
+    empty = at.get("", [])
+    if shipped:
+        parts = []
+        if twice:
+            shown = ", ".join(_shown(names[p[0]]) for p in twice[:3]) + (", ..." if len(twice) > 3 else "")
+            parts.append(f"{len(twice)} {'name appears' if len(twice) == 1 else 'names appear'} more than once "
+                         f"({sum(map(len, twice))} classes: {shown}); those classes get identical classifiers and "
+                         f"tie (the first one wins)")
+        if empty:
+            parts.append(f"empty class name at index {', '.join(map(str, empty[:5]))}")
+        spaced = [i for i, n in enumerate(names) if n != n.strip()]
+        if spaced:
+            parts.append(f"{len(spaced)} names have leading or trailing white space (first: index {spaced[0]}, "
+                         f"{_shown(names[spaced[0]])}), kept in the prompts")
+        if parts:
+            warnings.warn(f"class names {source} (the upstream list, kept as is for parity): " + "; ".join(parts),
+                          UserWarning, stacklevel=3)
+        return
+    if empty:
+        raise ValueError(f"{source}: empty class name at position {empty[0]} ({_shown(entries[empty[0]])})")
+    if twice:
+        i, j = twice[0][:2]
+        more = f" (and {len(twice) - 1} more duplicates)" if len(twice) > 1 else ""
+        raise ValueError(f"{source}: duplicate class names: {_shown(entries[i])} (position {i}) and "
+                         f"{_shown(entries[j])} (position {j}) are the same name after normalisation (Unicode "
+                         f"NFC, case, '_' = space){more}; they would get identical classifiers: name every class "
+                         f"once")
 
 
 def match_classes(names: Sequence[str], data_classes: Sequence[str]) -> list[int]:
@@ -337,8 +471,10 @@ def resolve_class_index(spec: Optional[Union[str, Sequence[str]]], data_classes:
     ``spec``: ``None`` (the data's own classes: ImageNet WordNet-id folders such as ``n01440764`` get their
     shipped names in ``lang``, other names are used with ``_`` read as a space), a list, a ``.txt`` / ``.json``
     file, or a shipped key (``by_key``, default :func:`load_classnames` in ``lang``). WordNet-id classes are
-    matched to an ImageNet key by id; everything else by :func:`match_classes`. Raises ``ValueError`` /
-    ``FileNotFoundError`` naming the problem.
+    matched to an ImageNet key by id; everything else by :func:`match_classes`. Every list goes through
+    :func:`check_class_names`: the data's own classes and lists of your own with an empty name or two names that
+    normalise to the same one are refused; a shipped list with such names gives a warning. Raises
+    ``ValueError`` / ``FileNotFoundError`` naming the problem.
     """
     data_classes = [str(c) for c in data_classes]
     wnid_data = bool(data_classes) and all(_WNID.match(c) for c in data_classes)
@@ -348,8 +484,12 @@ def resolve_class_index(spec: Optional[Union[str, Sequence[str]]], data_classes:
             unknown = [c for c in data_classes if c not in by_wnid]
             if unknown:
                 raise ValueError(f"folder classes {unknown[:3]} are not ImageNet-1k WordNet ids; pass --classnames")
-            return [by_wnid[c] for c in data_classes], list(range(len(data_classes)))
-        return [c.replace("_", " ") for c in data_classes], list(range(len(data_classes)))
+            names = [by_wnid[c] for c in data_classes]
+            check_class_names(names, f"imagenet1k ({_lang(lang)}) of the WordNet-id folders", shipped=True)
+            return names, list(range(len(data_classes)))
+        check_class_names(data_classes, "the data's classes (folder names / CSV labels)")
+        return [unicodedata.normalize("NFC", c.replace("_", " ")) for c in data_classes], \
+            list(range(len(data_classes)))
     key = None
     if isinstance(spec, str):
         names = _list_or_key(spec, "class names", by_key or (lambda k: load_classnames(lang, k)))
@@ -358,17 +498,9 @@ def resolve_class_index(spec: Optional[Union[str, Sequence[str]]], data_classes:
         names = [str(n) for n in spec]
     if not names:
         raise ValueError("class names: empty list")
-    if key is None:  # a list of your own (shipped lists keep their known quirks, e.g. ImageNet's two 'missile')
-        seen: dict = {}
-        for n in names:
-            seen[_norm_class(n)] = seen.get(_norm_class(n), 0) + 1
-        twice = [n for n, c in seen.items() if c > 1]
-        if twice or "" in seen:
-            import warnings
-
-            what = f"{twice[:3]} appear more than once" if twice else "an empty name is listed"
-            warnings.warn(f"class names: {what}: those classes get identical text classifiers and cannot be told "
-                          f"apart (the first one wins every tie)", stacklevel=2)
+    if key is None:  # a list of your own: duplicates and empty names are refused
+        check_class_names(names, f"class names {spec}" if isinstance(spec, str) else "class names")
+    index = None
     if wnid_data and key is not None and by_key is None:
         wnids = imagenet_wnids(key)
         if len(wnids) == len(names):  # an ImageNet key: folders are matched by WordNet id
@@ -377,8 +509,12 @@ def resolve_class_index(spec: Optional[Union[str, Sequence[str]]], data_classes:
             if unknown:
                 raise ValueError(f"folder classes {unknown[:3]} are not among the {len(wnids)} WordNet ids of "
                                  f"{key!r}")
-            return names, [pos[c] for c in data_classes]
-    return names, match_classes(names, data_classes)
+            index = [pos[c] for c in data_classes]
+    if index is None:
+        index = match_classes(names, data_classes)
+    if key is not None:  # shipped lists keep their upstream quirks (ImageNet's two 'missile'), with a warning
+        check_class_names(names, repr(key) if by_key is not None else f"{key!r} ({_lang(lang)})", shipped=True)
+    return names, index
 
 
 def resolve_classnames(spec: Optional[Union[str, Sequence[str]]], data_classes: Sequence[str],
@@ -451,9 +587,43 @@ class _LabeledImages(torch.utils.data.Dataset):
     def collate(self, batch):
         from internvit.data import collate_images
 
-        pixels, ids, errors = collate_images(batch)
-        errors = [(i, f"{self.images.paths[i]}: {err}") for i, err in errors]  # name the file
-        return pixels, torch.tensor([self.labels[i] for i in ids], dtype=torch.long), errors
+        pixels, ids, errors = collate_images(batch)  # errors: (index, message); paths name them in `failed`
+        return pixels, torch.tensor([self.labels[i] for i in ids], dtype=torch.long), errors, ids
+
+
+def check_dataset(dataset: str) -> str:
+    """``dataset`` if the shipped metadata knows it (any language); raises ``ValueError`` listing the known keys."""
+    if _canon_dataset(dataset) not in _known_datasets():
+        near = difflib.get_close_matches(_canon_dataset(dataset), sorted(_known_datasets()), n=3)
+        raise ValueError(f"unknown dataset {dataset!r}" + (f" (did you mean {', '.join(near)}?)" if near else "")
+                         + f"; known: {', '.join(sorted(_known_datasets()))}")
+    return dataset
+
+
+def load_text_model(model, tokenizer, *, dtype: torch.dtype = torch.float32,
+                    device: Union[str, torch.device] = "cpu"):
+    """``(model, tokenizer)`` for zero-shot: ``model`` loaded from a directory / weight file / preset (or used as
+    given), ``tokenizer`` from its path or the model directory. Raises ``ValueError`` for a model without a text
+    tower (``encode_text``: a vision-only InternViT) or without a tokenizer."""
+    import internvit
+
+    name = os.fspath(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
+    if isinstance(model, (str, os.PathLike)):
+        if tokenizer is None:
+            own = os.path.join(os.fspath(model), "tokenizer.model")
+            tokenizer = internvit.get_tokenizer(own) if os.path.isfile(own) else None
+        model = internvit.load_model(model, dtype=dtype, device=device)
+    if not callable(getattr(model, "encode_text", None)):
+        raise ValueError(f"model {name} has no text tower (encode_text): zero-shot classification needs an "
+                         f"InternVL-C/G (or CLIP-style) model, not a vision-only {type(model).__name__}")
+    if tokenizer is None:
+        raise ValueError(f"no tokenizer: model {name} is not a directory with tokenizer.model; give --tokenizer "
+                         f"(tokenizer= in Python), a tokenizer.model file or its folder")
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = internvit.get_tokenizer(tokenizer)
+    if hasattr(model, "eval"):
+        model.eval()
+    return model, tokenizer
 
 
 def run_zero_shot(
@@ -462,8 +632,8 @@ def run_zero_shot(
     *,
     classnames: Optional[Union[str, Sequence[str]]] = None,
     templates: Optional[Union[str, Sequence[Template]]] = None,
-    lang: str = "en",
-    dataset: str = "imagenet1k",
+    lang: Optional[str] = None,
+    dataset: Optional[str] = None,
     mode: str = "InternVL-C",
     tokenizer=None,
     batch_size: int = 64,
@@ -477,41 +647,57 @@ def run_zero_shot(
 
     ``model`` is an InternVL directory / weight file / preset or a loaded model; the tokenizer defaults to
     the one in the model directory. Images get the classification preprocessing (short-side resize, centre
-    crop). Returns (and, with ``output``, writes atomically as JSON) ``acc1``, ``acc5``,
-    ``mean_per_class_recall`` plus the settings used.
+    crop). ``lang`` (default ``en``) picks the shipped class names / templates; ``dataset`` (default
+    ``imagenet1k``) picks the default templates. Returns (and, with ``output``, writes atomically as JSON)
+    ``acc1``, ``acc5`` (``None`` below 5 classes), ``mean_per_class_recall``, ``num_failed`` and ``failed``
+    (the unreadable images: ``[{'path', 'error'}]``) plus the settings used (``lang`` is ``None`` when no
+    shipped list was used).
+
+    Raises ``ValueError`` for an unknown ``lang`` or ``dataset``, a ``lang`` given but unused (class names and
+    templates all from files / folders), a ``dataset`` given with ``templates``, class names that cannot be
+    matched to the data (or repeat: :func:`check_class_names`), a model without text tower or tokenizer,
+    non-finite embeddings and data none of which can be read; ``FileNotFoundError`` for missing files.
     """
     import internvit
     from internvit.data import collate_images  # noqa: F401 - fail early if the data module is missing
     from internvit.fileio import atomic_write
 
+    if lang is not None:
+        _lang(lang)
+    if dataset is not None:
+        check_dataset(dataset)
+        if templates is not None:
+            raise ValueError(f"dataset {dataset!r} only picks the default templates, and templates are given: "
+                             f"drop one of them")
     model_name = os.fspath(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
     paths, labels, data_classes = _load_labeled(data)
-    names, index = resolve_class_index(classnames, data_classes, lang)
+    names, index = resolve_class_index(classnames, data_classes, lang or "en")
     labels = [index[label] for label in labels]
-    temps = resolve_templates(templates, lang, dataset)
-    if isinstance(model, (str, os.PathLike)):
-        if tokenizer is None:
-            tokenizer = internvit.get_tokenizer(model) if os.path.isdir(model) else None
-        model = internvit.load_model(model, dtype=dtype, device=device)
-    if tokenizer is None:
-        raise ValueError("no tokenizer: the model is not a directory with tokenizer.model; pass tokenizer=")
-    if isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = internvit.get_tokenizer(tokenizer)
-    model.eval()
+    temps = resolve_templates(templates, lang or "en", dataset or "imagenet1k")
+    shipped = (lambda spec: isinstance(spec, str) and not os.path.isfile(spec))
+    lang_used = templates is None or shipped(templates) or shipped(classnames) or (
+        classnames is None and bool(data_classes) and all(_WNID.match(str(c)) for c in data_classes))
+    if lang is not None and not lang_used:
+        raise ValueError(f"--lang / lang= {lang!r} is not used: the class names come from the data or a file and "
+                         f"the templates from a file or a list (drop it)")
+    model, tokenizer = load_text_model(model, tokenizer, dtype=dtype, device=device)
     classifier = build_zero_shot_classifier(model, tokenizer, names, temps, batch_size=text_batch_size,
                                             device=device)
     ds = _LabeledImages(paths, labels, internvit.build_transform(model.config, resize_mode="crop"))
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers,
                                          collate_fn=ds.collate)
-    result = zero_shot_evaluate(model, classifier, loader, mode=mode, device=device, dtype=dtype)
-    result.update(model=model_name, data=os.fspath(data), mode=mode, lang=lang, num_templates=len(temps),
+    result = zero_shot_evaluate(model, classifier, loader, mode=mode, device=device, dtype=dtype,
+                                paths=ds.images.paths)
+    result.update(model=model_name, data=os.fspath(data), mode=mode,
+                  lang=_lang(lang or "en") if lang_used else None, num_templates=len(temps),
                   logit_scale_used=ZERO_SHOT_SCALE)
     if output:
         with atomic_write(output) as tmp, open(tmp, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2, ensure_ascii=False)
     return result
 
-__all__ = ["LANGUAGES", "ZERO_SHOT_SCALE", "build_zero_shot_classifier", "classification_metrics",
-           "encode_images", "encode_texts", "imagenet_wnids", "list_datasets", "load_classnames",
-           "load_templates", "match_classes", "resolve_class_index", "resolve_classnames", "resolve_templates",
-           "run_zero_shot", "zero_shot_evaluate"]
+
+__all__ = ["LANGUAGES", "ZERO_SHOT_SCALE", "build_zero_shot_classifier", "check_class_names", "check_dataset",
+           "classification_metrics", "encode_images", "encode_texts", "imagenet_wnids", "list_datasets",
+           "load_classnames", "load_templates", "load_text_model", "match_classes", "resolve_class_index",
+           "resolve_classnames", "resolve_templates", "run_zero_shot", "zero_shot_evaluate"]

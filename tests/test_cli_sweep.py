@@ -144,6 +144,13 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("resize_mode_without_video", [*ZEROSHOT, "--resize-mode", "squash"]),
         ("overwrite_without_output", [*[a for a in ZEROSHOT if a not in ("--output", "{out}/res.json")],
                                       "--overwrite"]),
+        ("lang_unknown", [*ZEROSHOT, "--lang", "xx"]),
+        ("dataset_mistyped", [*ZEROSHOT, "--dataset", "imagenet_1k"]),
+        ("dataset_mistyped_with_templates", [*ZEROSHOT, "--dataset", "imagenet_1k", "--templates", "imagenet1k"]),
+        ("dataset_unused_with_templates", [*ZEROSHOT, "--dataset", "cifar10", "--templates", "imagenet1k"]),
+        ("lang_with_video", [*ZEROSHOT, "--video", "--lang", "zh"]),
+        ("video_dataset_not_kinetics", [*ZEROSHOT, "--video", "--dataset", "imagenet1k"]),
+        ("vision_only_model", _with(ZEROSHOT, model="internvit-6b-tiny")),
         *[(n, [*ZEROSHOT, *a]) for n, a in DEVICE_CASES + NO_CUDA_CASES],
     ],
     "eval_retrieval": [

@@ -21,6 +21,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from internvit.cli import ArgumentParser, UsageError, device, nonnegative_int, positive_int, run  # noqa: E402
 
 DTYPES = ("float32", "float16", "bfloat16")
+LANGS = ("en", "zh", "ja", "ar", "it", "cn", "jp")
+#: at most this many skipped files are named on stderr (all are listed in --output's "failed")
+MAX_SKIPPED_LINES = 10
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -32,9 +35,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "folder names (ImageNet WordNet-id folders get their ImageNet names)")
     p.add_argument("--templates", default=None, help="shipped key or .txt/.json file (default: --dataset's)")
     p.add_argument("--dataset", default=None,
-                   help="dataset key for the default templates (default: imagenet1k; kinetics400 with --video)")
+                   help="dataset key for the default templates (default: imagenet1k; kinetics400 with --video); "
+                        "refused with --templates (it would be unused)")
     p.add_argument("--mode", default="InternVL-C", choices=("InternVL-C", "InternVL-G"))
-    p.add_argument("--lang", default="en", help="en, zh, ja, ar or it")
+    p.add_argument("--lang", default=None, help="en (default), zh, ja, ar or it (cn/jp accepted): the language of "
+                   "the shipped class names and templates; refused when none is used (files / folder names only)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model or folder (default: the model folder)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="images per batch (default 64); with --video, "
                    "videos per batch (default 8; a forward pass sees batch-size x num-frames frames)")
@@ -43,8 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--device", type=device, default="cpu")
     p.add_argument("--output", default=None,
-                   help="JSON file to write as well (atomically; an existing file that is not a zero-shot result "
-                        "needs --overwrite); default: the result is only printed")
+                   help="JSON file to write as well (atomically; an existing file needs --overwrite); default: the "
+                        "result is only printed")
     p.add_argument("--overwrite", action="store_true", help="replace --output whatever it holds")
     v = p.add_argument_group("video (docs/classification.md, 'Zero-shot video classification')")
     v.add_argument("--video", action="store_true", help="--data holds videos: <root>/<class>/<video> or a CSV of "
@@ -54,6 +59,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     v.add_argument("--resize-mode", default=None, choices=("crop", "squash"),
                    help="frame preprocessing: short-side resize + centre crop (default) or squash")
     args = p.parse_args(argv)
+    if args.lang is not None and args.lang.lower() not in LANGS:
+        p.error(f"--lang {args.lang}: unknown language; known: en, zh, ja, ar, it (cn, jp accepted)")
+    if args.video and args.lang is not None:
+        p.error("--lang applies to images only: the video class names and templates are English")
+    if args.video and args.dataset is not None and args.dataset.strip().lower().replace("-", "").replace("_", "") \
+            not in ("kinetics400", "kinetics600", "kinetics700", "k400", "k600", "k700"):
+        p.error(f"--dataset {args.dataset}: unknown video dataset; known: kinetics400, kinetics600, kinetics700")
     if not args.video:  # video options are refused without --video, never silently ignored
         given = [f for f, v in (("--num-frames", args.num_frames), ("--resize-mode", args.resize_mode)) if v]
         if given:
@@ -76,9 +88,9 @@ def _is_own_result(path: str) -> bool:
 def _check_output(path: str, overwrite: bool = False) -> None:
     if os.path.isdir(path):
         raise UsageError(f"--output {path}: is a folder (give a .json file path)")
-    if os.path.lexists(path) and not overwrite and not _is_own_result(path):
-        raise UsageError(f"--output {path}: exists and is not a zero-shot result; refusing to replace it "
-                         f"(pass --overwrite)")
+    if os.path.lexists(path) and not overwrite:
+        what = "holds a zero-shot result" if _is_own_result(path) else "is not a zero-shot result"
+        raise UsageError(f"--output {path}: exists and {what}; refusing to replace it (pass --overwrite)")
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.isdir(parent):  # the nearest existing folder must be writable (folders are created)
         if os.path.lexists(parent):
@@ -106,15 +118,36 @@ def _main(argv=None) -> int:
 
     if args.video:
         return _video(args)
-    args.dataset = args.dataset or "imagenet1k"
+    if args.dataset is not None:
+        from classification.zero_shot import check_dataset
+
+        check_dataset(args.dataset)
+        if args.templates is not None:
+            raise UsageError(f"--dataset {args.dataset}: only picks the default templates, and --templates is "
+                             f"given (drop one)")
     args.batch_size = args.batch_size or 64
     result = run_zero_shot(
         args.model, args.data, classnames=args.classnames, templates=args.templates, lang=args.lang,
         dataset=args.dataset, mode=args.mode, tokenizer=args.tokenizer, batch_size=args.batch_size,
         text_batch_size=args.text_batch_size, dtype=getattr(torch, args.dtype), device=args.device,
         num_workers=args.workers, output=args.output)
-    print(json.dumps(result, indent=2, ensure_ascii=False))
+    _report(result, args, "images")
     return 0
+
+
+def _report(result: dict, args, what: str) -> None:
+    """Print the result (without the list of skipped files) and name the skipped files on stderr (at most
+    :data:`MAX_SKIPPED_LINES` lines, then a count)."""
+    print(json.dumps({k: v for k, v in result.items() if k != "failed"}, indent=2, ensure_ascii=False))
+    failed = result.get("failed", [])
+    for f in failed[:MAX_SKIPPED_LINES]:
+        print(f"skipped {f['path']}: {f['error']}", file=sys.stderr)
+    if len(failed) > MAX_SKIPPED_LINES:
+        where = f" (all listed in {args.output}, 'failed')" if args.output else " (--output lists them all)"
+        print(f"skipped {len(failed) - MAX_SKIPPED_LINES} more {what}{where}", file=sys.stderr)
+    if result.get("num_short_videos"):
+        print(f"{result['num_short_videos']} of {result['num_samples']} videos have fewer than "
+              f"{result['num_frames']} frames: their sampled frames repeat", file=sys.stderr)
 
 
 def main(argv=None) -> int:
@@ -129,12 +162,10 @@ def _video(args) -> int:
 
     result = run_video_zero_shot(
         args.model, args.data, num_frames=args.num_frames, classnames=args.classnames, templates=args.templates,
-        dataset=args.dataset or "kinetics400", mode=args.mode, tokenizer=args.tokenizer,
+        dataset=args.dataset, mode=args.mode, tokenizer=args.tokenizer,
         batch_size=args.batch_size or 8, text_batch_size=args.text_batch_size, dtype=getattr(torch, args.dtype),
         device=args.device, num_workers=args.workers, resize_mode=args.resize_mode, output=args.output)
-    print(json.dumps({k: v for k, v in result.items() if k != "failed"}, indent=2, ensure_ascii=False))
-    for f in result["failed"]:
-        print(f"skipped {f['path']}: {f['error']}", file=sys.stderr)
+    _report(result, args, "videos")
     return 0
 
 

@@ -146,7 +146,9 @@ def test_zero_shot_evaluate_and_openclip_adapter(model, tok, fx):
     res = zero_shot_evaluate(model, w, loader, mode="InternVL-G")
     logits = 100 * F.normalize(model.encode_image(images, mode="InternVL-G"), dim=-1) @ w
     assert res["acc1"] == pytest.approx((logits.argmax(1) == target).float().mean().item())
-    assert res["num_samples"] == 10 and res["num_failed"] == 1 and res["acc5"] == 1.0
+    assert res["num_samples"] == 10 and res["num_failed"] == 1 and res["failed"] == [{"path": "99",
+                                                                                     "error": "OSError: broken"}]
+    assert res["acc5"] is None and "3 classes" in res["acc5_note"]  # top-5 of 3 classes is undefined
 
     oc, _, preprocess = create_model_and_transforms(fx, mode="InternVL-G")
     assert isinstance(oc, OpenCLIPModel)
@@ -190,7 +192,8 @@ def test_cli_folder_and_csv(fx, tmp_path):
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
     assert res["num_samples"] == 4 and res["num_failed"] == 1 and res["num_templates"] == 2
-    assert 0 <= res["acc1"] <= res["acc5"] == 1.0 and "mean_per_class_recall" in res
+    assert 0 <= res["acc1"] <= 1 and res["acc5"] is None and "mean_per_class_recall" in res
+    assert [os.path.basename(f["path"]) for f in res["failed"]] == ["broken.jpg"] and "broken.jpg" in r.stderr
     res_csv = tmp_path / "csv.json"
     assert zeroshot_eval.main(cmd[2:5] + [str(csv), "--output", str(res_csv), "--workers", "0", "--mode",
                                           "InternVL-G", "--templates", str(tmp_path / "t.txt")]) == 0
