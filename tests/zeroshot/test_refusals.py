@@ -17,7 +17,6 @@ import internvit
 from classification.zero_shot import (
     build_zero_shot_classifier,
     classification_metrics,
-    load_text_model,
     match_classes,
     resolve_class_index,
     run_zero_shot,
@@ -82,7 +81,7 @@ def test_nan_image_embeddings_are_refused_in_one_line(nan_model, tmp_path):
 
 
 def test_nan_text_embeddings_name_the_classes(fx):
-    model, tok = load_text_model(fx, None)
+    model, tok = internvit.load_model(fx).eval(), internvit.get_tokenizer(fx)
     with torch.no_grad():
         dog, zebra = (set(tok([f"a photo of a {c}."])[0].tolist()) for c in ("dog", "zebra"))
         model.qllama.model.embed_tokens.weight[sorted(zebra - dog)] = float("nan")  # the tokens only 'zebra' has
