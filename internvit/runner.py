@@ -401,12 +401,20 @@ def latest_complete_checkpoint(cfg) -> Optional[str]:
     loads; else (a missing or unreadable file, e.g. after a kill during a save by a version that wrote in
     place) the newest periodic checkpoint of the work dir, by iteration / epoch number, that loads, with a
     warning naming it. None when the work dir has no checkpoint at all; when it has some but none loads, the
-    one ``last_checkpoint`` names (or the newest) is returned, and reading it reports why."""
+    one ``last_checkpoint`` names (or the newest) is returned, and reading it reports why. In a copied or moved
+    work dir (``last_checkpoint`` names a file of another folder, and this one has a file of that name) the
+    work dir's own file is used, with a warning."""
     from mmengine.logging import print_log
     from mmengine.runner import find_latest_checkpoint
 
     work_dir = cfg.work_dir
     named = find_latest_checkpoint(work_dir) or None
+    if named and _is_local(named) and osp.abspath(osp.dirname(named)) != osp.abspath(work_dir) \
+            and osp.isfile(osp.join(work_dir, osp.basename(named))):
+        # mmengine records an absolute path: in a copied or moved work dir it names the other folder's file
+        print_log(f"--resume: last_checkpoint names {named}, outside {work_dir} (a copied or moved work dir); "
+                  f"resuming from this work dir's {osp.basename(named)}", logger="current", level=logging.WARNING)
+        named = osp.join(work_dir, osp.basename(named))
     why = _readable(named) if named else "work_dir/last_checkpoint is missing or empty"
     if named and why is None:
         return named

@@ -123,6 +123,20 @@ def test_no_checkpoint_at_all_starts_from_scratch(tmp_path):
     assert _latest(tmp_path) == str(tmp_path / "iter_2.pth")
 
 
+def test_a_copied_work_dir_resumes_from_its_own_checkpoint(tmp_path):
+    """mmengine's last_checkpoint holds an absolute path: a copied work dir resumed from the original folder's
+    checkpoint (another run's, which may since have changed). Its own file of that name is used."""
+    import torch
+
+    orig, copy = tmp_path / "orig", tmp_path / "copy"
+    for d, step in ((orig, 7), (copy, 4)):
+        d.mkdir()
+        torch.save({"meta": {"iter": step}, "state_dict": {"w": torch.zeros(1)}}, d / "iter_4.pth")
+        (d / "last_checkpoint").write_text(str(orig / "iter_4.pth"))
+    assert _latest(orig) == str(orig / "iter_4.pth")
+    assert _latest(copy) == str(copy / "iter_4.pth")
+
+
 def test_durable_saving_is_scoped():
     from mmengine.fileio.backends import LocalBackend
     from mmengine.hooks import CheckpointHook, checkpoint_hook
