@@ -197,8 +197,10 @@ def build_runner(cfg, checkpoint: Optional[str] = None, dataloaders: tuple = (),
             after_build(runner, ckpt)
     except BaseException:
         _discard_run_files(work_dir, existing, instances, created)
-        if old_dump is not None:  # a refused run leaves the previous run's config copy as it was
-            with open(dump, "wb") as f:
+        if old_dump is not None and _read_bytes(dump) != old_dump:  # the earlier run's config copy, as it was
+            from internvit.fileio import atomic_write
+
+            with atomic_write(dump) as tmp, open(tmp, "wb") as f:
                 f.write(old_dump)
         raise
     if callable(getattr(runner, "register_hook", None)):
