@@ -13,6 +13,7 @@ sort puts the lower id first on a tie, faiss' ``IndexFlatIP`` the higher one).
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 import re
 import tempfile
@@ -479,6 +480,16 @@ def evaluate_retrieval(
             "n_texts": len(captions), "encoder": encoder.name}
 
 
+def _load_queries(path) -> np.ndarray:
+    """A ``.npy`` of query vectors; ``ValueError`` naming the file when it is not one (an object array, a
+    pickle, garbage)."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        msg = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{os.fspath(path)}: not a readable .npy array of query vectors ({msg[:120]})") from None
+
+
 RECALL_DEFINITION = ("recall@k = |found top-k ∩ exact top-k| / min(k, neighbours the query has); 1-recall@k = the "
                      "exact nearest neighbour is in the found top k; -1 (no result) is a miss; queries with no "
                      "neighbour are not counted")
@@ -510,8 +521,10 @@ def index_quality(index_dir: str, embeddings=None, *, queries=None, k: int = 10,
         if source.count != manifest["ntotal"] or manifest.get("removed"):
             raise ValueError(f"{index_dir}: the index holds {manifest['ntotal']} vectors but the embeddings have "
                              f"{source.count}; give the embeddings of exactly the indexed rows")
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
     if queries is not None:
-        q = np.load(queries, allow_pickle=False) if isinstance(queries, (str, os.PathLike)) else queries
+        q = _load_queries(queries) if isinstance(queries, (str, os.PathLike)) else queries
         # Retriever's own rules: (Q, D) of the index's dim, finite, not all-zero when normalised; normalised
         q, _ = _QueryRules(manifest, index_dir)._prepare(q, k)
         rows, mode = None, "given queries (not in the index)"
@@ -522,16 +535,19 @@ def index_quality(index_dir: str, embeddings=None, *, queries=None, k: int = 10,
         q, mode = source.take(rows), "indexed rows, leave-one-out (optimistic for HNSW graphs)"
     extra = 0 if rows is None else 1
     kk = min(k + extra, source.count - len(absent))
+    # k beyond the collection: every list is at most the collection (a query has no more neighbours), so memory
+    # is bounded by the index, not by k (recall@k divides by the neighbours a query has: knn_recall)
+    k_eff = min(k, max(kk, 1))
     _, truth = exact_search(source, q, kk, exclude=absent)
     t0 = time.perf_counter()
     _, found = index.search(q, kk)
     batch_s = time.perf_counter() - t0
-    truth_k, found_k = _drop_self(truth, rows, k), _drop_self(found, rows, k)
+    truth_k, found_k = _drop_self(truth, rows, k_eff), _drop_self(found, rows, k_eff)
     scores = knn_recall(found_k, truth_k, k)
     lat = []
     for v in q[:n_latency]:
         t = time.perf_counter()
-        index.search(v[None], k)
+        index.search(v[None], k_eff)
         lat.append((time.perf_counter() - t) * 1000)
     size = os.path.getsize(os.path.join(index_dir, manifest["index_file"]))
     return {

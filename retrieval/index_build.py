@@ -674,6 +674,10 @@ def _check_compatible(manifest: dict, source: EmbeddingSource, encoder_info: Opt
         raise IndexMismatchError(f"{where}: index dim is {manifest['dim']} but the new embeddings have dim "
                                  f"{source.dim}")
     enc_new, enc_old = _encoder_of(source, encoder_info), manifest.get("encoder")
+    if enc_new and not enc_old:  # an index of bare vectors: nothing says the new ones live in the same space
+        raise IndexMismatchError(f"{where}: the index records no model (built from bare embeddings); refusing to "
+                                 f"add embeddings of encoder {enc_new.get('name')!r} to it (they may not share "
+                                 f"its vector space): build a new index with that model")
     if enc_new and enc_old:
         if enc_new.get("name") != enc_old.get("name"):
             raise IndexMismatchError(f"{where}: index was built with encoder {enc_old.get('name')!r} but the new "
@@ -733,8 +737,13 @@ def add_to_index(out_dir: str, embeddings, metadata=None, *, kind: Optional[str]
     checksum, as recorded in the manifest's ``embeddings``) are refused with a ``ValueError`` naming that
     build / add, since every row would be indexed twice; ``allow_duplicate=True`` adds them anyway.
 
-    ``id_offset``: record a new global id of row 0 in the same commit (``None`` keeps the folder's); refused
-    before any work when the grown folder's last global id ``id_offset + next_id - 1`` exceeds ``2**63 - 1``.
+    ``id_offset``: ``None`` or the folder's recorded offset (ids already handed out never change: another
+    value raises ``ValueError`` naming both, before any work; renumbering a folder on purpose is
+    :func:`~retrieval.sharded.set_id_offset`); refused before any work when the grown folder's last global id
+    ``id_offset + next_id - 1`` exceeds ``2**63 - 1``.
+
+    An index that records no encoder (built from bare vectors) refuses embeddings that record one
+    (:class:`IndexMismatchError`): nothing says they share its vector space.
     A deterministic failure (refused rows, faiss refusing the vectors) rolls the add back.
     """
     out_dir = os.fspath(out_dir)
@@ -742,11 +751,13 @@ def add_to_index(out_dir: str, embeddings, metadata=None, *, kind: Optional[str]
     _check_format(manifest, out_dir)
     _refuse_on_disk(manifest, out_dir, "extended")
     kind = check_kind(manifest, kind, out_dir)
+    check_add_offset(manifest, id_offset, out_dir)  # before any row is read
     if batch_rows is not None and (isinstance(batch_rows, bool) or int(batch_rows) < 1):
         raise ValueError(f"batch_rows must be >= 1, got {batch_rows!r}")
     source = EmbeddingSource.open(embeddings, kind)
     _check_compatible(manifest, source, encoder_info, out_dir)
     parts = _metadata_parts(source, metadata)
+    _check_columns(manifest, out_dir, source, metadata)
     excluded = _empty_caption_rows(parts, kind)
     explicit = manifest.get("normalize_mode") == "explicit"
     scan, normalize = _scan(source, manifest.get("normalize", False) if explicit or manifest.get("normalize")
@@ -761,10 +772,6 @@ def add_to_index(out_dir: str, embeddings, metadata=None, *, kind: Optional[str]
     if _last_added(manifest, job, identities):
         logger.info("%s: these embeddings were the last ones added; nothing to do", out_dir)
         _tidy(out_dir, job)
-        if id_offset is not None and int(id_offset) != int(manifest.get("id_offset", 0)):
-            from .sharded import set_id_offset
-
-            return set_id_offset(out_dir, id_offset)
         return manifest
     _refuse_duplicate(manifest, identities, allow_duplicate, out_dir)
     with Store(out_dir, job=job, discard_pending=discard_pending, description="index") as st:
@@ -777,10 +784,57 @@ def add_to_index(out_dir: str, embeddings, metadata=None, *, kind: Optional[str]
             raise
 
 
+def check_add_offset(manifest: dict, id_offset: Optional[int], where: str) -> None:
+    """An add keeps the folder's recorded offset: ``ValueError`` naming both values when ``id_offset`` is given
+    and differs (committing it would renumber every id already handed out)."""
+    recorded = int(manifest.get("id_offset", 0))
+    if id_offset is None:
+        return
+    if isinstance(id_offset, bool) or not isinstance(id_offset, (int, np.integer)):
+        raise ValueError(f"id_offset must be an integer >= 0, got {id_offset!r}")
+    if int(id_offset) != recorded:
+        raise ValueError(f"{where}: id_offset {int(id_offset)} differs from the folder's recorded id_offset "
+                         f"{recorded}; an add keeps the recorded offset (changing it would renumber every id "
+                         f"already handed out): leave id_offset out")
+
+
+#: metadata columns the index itself writes (not the user's)
+_OWN_COLUMNS = frozenset({"id", "source_id"})
+
+
+def _check_columns(manifest: dict, where: str, source: EmbeddingSource, metadata) -> None:
+    """An add's metadata must share a column with the index's: metadata of wholly other columns (``other``
+    instead of ``caption``, a misspelt ``captoin``) would leave the new rows without any of the index's columns
+    while their search results look complete. ``ValueError`` naming both sets. Otherwise the columns are the
+    union: each row has the columns of the build / add that brought it (a column the add lacks is absent from
+    its rows; an image folder with captions added to an index without them brings ``caption``). Rows added
+    without metadata, and an index without metadata columns, accept anything."""
+    import pyarrow.parquet as pq
+
+    have: set = set()
+    for e in manifest.get("metadata_files") or []:
+        try:
+            have |= set(pq.read_schema(os.path.join(where, e["file"])).names)
+        except (OSError, ValueError, KeyError):
+            continue  # a damaged metadata file is reported where it is read
+    have -= _OWN_COLUMNS
+    if metadata is not None:
+        new = set(to_table(metadata, source.count).column_names)
+    elif source.metadata_files:
+        new = set(pq.read_schema(source.metadata_files[0]).names)
+    else:
+        return
+    new -= _OWN_COLUMNS
+    if have and new and not (new & have):
+        raise ValueError(f"{where}: the new metadata's column(s) {', '.join(sorted(new))} share none with the "
+                         f"index's ({', '.join(sorted(have))}); rename them to the index's columns")
+
+
 def _check_add_offset(manifest: dict, id_offset: Optional[int], count: int, where: str) -> int:
-    """The offset an add commits (``id_offset``, or the recorded one), checked against the grown folder."""
-    offset = int(manifest.get("id_offset", 0)) if id_offset is None else id_offset
-    return check_id_offset(offset, int(manifest["next_id"]) + int(count), where)
+    """The offset an add commits (the recorded one; a different ``id_offset`` is refused), checked against the
+    grown folder."""
+    check_add_offset(manifest, id_offset, where)
+    return check_id_offset(int(manifest.get("id_offset", 0)), int(manifest["next_id"]) + int(count), where)
 
 
 def _refuse_duplicate(manifest: dict, identities: set, allow: bool, where: str, warn: bool = True) -> None:

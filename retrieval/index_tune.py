@@ -92,9 +92,17 @@ def exact_search(source: EmbeddingSource, queries: np.ndarray, k: int, *, batch_
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
-    """Mean |found[:, :k] ∩ truth[:, :k]| / k (k-recall@k, "intersection" measure)."""
-    hits = [len(set(f[:k].tolist()) & set(t[:k].tolist()) - {-1}) for f, t in zip(found, truth)]
-    return float(np.mean(hits) / k) if hits else 0.0
+    """Mean |found[:, :k] ∩ truth[:, :k]| / min(k, neighbours the query has) (k-recall@k, "intersection"
+    measure, as :func:`retrieval.evaluate.knn_recall` defines it): the denominator counts the exact neighbours
+    (``truth`` entries other than -1), so a collection smaller than k does not cap the score below 1 (a
+    10-vector build holds one row out to tune: 9 neighbours, all found = 1.0, not 0.9). A -1 result is a miss;
+    a query with no neighbour at all is not counted (1.0 when none has one)."""
+    recalls = []
+    for f, t in zip(found, truth):
+        t = {int(x) for x in t[:k] if x >= 0}
+        if t:
+            recalls.append(len({int(x) for x in f[:k] if x >= 0} & t) / len(t))
+    return float(np.mean(recalls)) if recalls else 1.0
 
 
 def _drop_self(ids: np.ndarray, self_ids: Optional[np.ndarray], k: int) -> np.ndarray:

@@ -76,7 +76,7 @@ def _write_text_embeddings(encoder: Encoder, out_dir: str, manifest: dict, width
 
 def embed_collection(encoder: Encoder, images, out_dir: str, *, captions: Optional[Sequence[Optional[str]]] = None,
                      batch_size: int = 32, shard_size: int = 10_000, num_workers: int = 0,
-                     progress: bool = True) -> dict:
+                     progress: bool = True, overwrite: bool = False) -> dict:
     """Embed ``images`` (and ``captions``) into ``out_dir`` in clip-retrieval's layout; returns the manifest.
 
     Image shards come from :meth:`internvit.FeatureExtractor.write` (committed through the store, resumable,
@@ -84,7 +84,8 @@ def embed_collection(encoder: Encoder, images, out_dir: str, *, captions: Option
     store folder), row-aligned with the images that could be read. Metadata columns: ``id`` (input row),
     ``path``, ``image_path`` and ``caption`` (text embeddings only for encoders with a text tower). Rerunning
     with the same arguments finishes an interrupted job; a folder made by another encoder raises
-    :class:`IndexMismatchError` before anything is embedded.
+    :class:`IndexMismatchError` before anything is embedded. ``overwrite=True`` discards an interrupted job of
+    other arguments pending in ``out_dir`` and replaces its committed embeddings of other arguments.
 
     Under ``torch.distributed`` (``torchrun``) every rank calls it with the same arguments: the image shards
     are split across the ranks as in distributed feature extraction (:mod:`internvit.distributed_features`,
@@ -115,7 +116,8 @@ def embed_collection(encoder: Encoder, images, out_dir: str, *, captions: Option
     manifest = fx.write(images, out_dir, shard_size=shard_size,
                         features_pattern=f"img_emb/img_emb_{{shard:0{width}d}}.npy",
                         metadata_pattern=f"metadata/metadata_{{shard:0{width}d}}.parquet",
-                        extra_columns=extra, manifest_extra={"encoder": info}, preprocess_id=pre_id)
+                        extra_columns=extra, manifest_extra={"encoder": info}, preprocess_id=pre_id,
+                        overwrite=overwrite, discard_pending=overwrite)
     if captions is not None and encoder.supports_text and manifest.get("count"):
         text = _write_text_embeddings(encoder, out_dir, manifest, width)
         manifest = dict(manifest, text_emb={"dim": text["dim"], "count": text["count"]})
@@ -156,6 +158,7 @@ def index_images(
     use_gpu: bool = False,
     progress: bool = True,
     id_offset: Optional[int] = None,
+    overwrite: bool = False,
 ) -> Optional[dict]:
     """Embed a folder / list / parquet / tars of images with ``encoder`` and build (or ``add`` to) an index.
 
@@ -167,6 +170,13 @@ def index_images(
     holds another index), so a refused run writes nothing. ``id_offset`` (``None``: 0 for a build, the recorded
     one for an add) is committed with the rows (:func:`~retrieval.index_build.build_index`). Returns the index
     manifest.
+
+    ``overwrite=True`` discards interrupted jobs of other arguments at every stage (the index's, the embeddings
+    folder's) and, for an add, removes the ``OUT/embeddings-add-*`` folders of other adds that the index does not
+    reference (left by an add killed while embedding; without ``overwrite`` they are named in a warning). It
+    never replaces a committed index. A refused add (e.g. embeddings the index already holds) removes the
+    ``embeddings-add-*`` folder it embedded into, and a refused build the embeddings folder it created, so a
+    refused run leaves nothing behind.
 
     Under ``torch.distributed`` (``torchrun``; every rank calls it with the same arguments) the checks run on
     every rank (a refusal is raised on each), the images are embedded across the ranks (whole shards per rank,
@@ -182,15 +192,32 @@ def index_images(
         prepared.update(_prepare(source, out_dir, encoder, add=add, kind=kind, embeddings_dir=embeddings_dir,
                                  index_key=index_key, max_index_memory=max_index_memory,
                                  target_recall=target_recall, batch_size=batch_size, shard_size=shard_size,
-                                 num_workers=num_workers, path_column=path_column, caption_column=caption_column))
+                                 num_workers=num_workers, path_column=path_column, caption_column=caption_column,
+                                 id_offset=id_offset, overwrite=overwrite))
 
     _agree(prepare, rank, world)  # a refusal is raised on every rank (the same check fails on each)
     images, captions, paths = prepared["images"], prepared["captions"], prepared["paths"]
     kind, budget, embeddings_dir = prepared["kind"], prepared["budget"], prepared["embeddings_dir"]
     created = [d for d in (out_dir, embeddings_dir) if not os.path.exists(d)] if rank == 0 else []
+    if rank == 0:
+        if overwrite:
+            from .index_build import discard_pending
+
+            discard_pending(out_dir)  # the index's interrupted job of other arguments
+        for d in prepared["stale"]:
+            if overwrite:
+                logger.warning("%s: removing the embeddings of an interrupted add of other inputs (--overwrite)", d)
+                shutil.rmtree(d)
+            else:
+                logger.warning("%s: embeddings of an interrupted add of other inputs, not in the index (rerun that "
+                               "add to finish it, or pass --overwrite to remove them)", d)
+    # a re-embed into the folder of this run: the embeddings folder's own job of other arguments goes too, unless
+    # a committed index was built from (or added) that folder
+    replace = overwrite and not prepared["recorded"]
     try:
         emb = embed_collection(encoder, images, embeddings_dir, captions=captions, batch_size=batch_size,
-                               shard_size=shard_size, num_workers=num_workers, progress=progress)
+                               shard_size=shard_size, num_workers=num_workers, progress=progress,
+                               overwrite=replace)
     except (ValueError, LookupError):  # refused input (kills and crashes keep their work for the rerun)
         _remove_if_empty(created)
         raise
@@ -204,18 +231,51 @@ def index_images(
         raise ValueError(message)
     if rank != 0:
         return None  # the embeddings are committed; rank 0 builds the index alone
-    if add:
-        return add_to_index(out_dir, embeddings_dir, kind=kind, encoder_info=encoder.info(), use_gpu=use_gpu,
-                            progress=progress, id_offset=id_offset)
-    return build_index(embeddings_dir, out_dir, kind=kind, index_key=index_key, max_index_memory=budget,
-                       target_recall=target_recall, encoder_info=encoder.info(), use_gpu=use_gpu, progress=progress,
-                       id_offset=id_offset)
+    from internvit.store import StoreError
+
+    from .index_build import DETERMINISTIC_ERRORS
+
+    try:
+        if add:
+            return add_to_index(out_dir, embeddings_dir, kind=kind, encoder_info=encoder.info(), use_gpu=use_gpu,
+                                progress=progress, id_offset=id_offset)
+        return build_index(embeddings_dir, out_dir, kind=kind, index_key=index_key, max_index_memory=budget,
+                           target_recall=target_recall, encoder_info=encoder.info(), use_gpu=use_gpu,
+                           progress=progress, id_offset=id_offset)
+    except StoreError:
+        raise  # another writer / a pending job: this run's embeddings are kept for the rerun
+    except DETERMINISTIC_ERRORS:
+        # refused (duplicate embeddings, rows the index rejects): a rerun would be refused again, so the
+        # embeddings this run made for it go (an add's own folder, or a build's new one; never --embeddings)
+        ours = prepared["default_dir"] and (add or embeddings_dir in created)
+        if ours and not _recorded(out_dir, embeddings_dir):
+            shutil.rmtree(embeddings_dir, ignore_errors=True)
+            _remove_if_empty([d for d in created if d != embeddings_dir])
+        raise
+
+
+def _recorded(out_dir: str, embeddings_dir: str) -> bool:
+    """Whether the committed index in ``out_dir`` was built from (or added) ``embeddings_dir``."""
+    sources = [e.get("source") for e in (_committed(out_dir) or {}).get("embeddings", [])]
+    return os.path.abspath(embeddings_dir) in sources
+
+
+def stale_add_folders(out_dir: str, keep: str) -> list:
+    """``OUT/embeddings-add-*`` folders other than ``keep`` that the committed index does not reference: the
+    embeddings of an add interrupted before it committed (or refused by an older version)."""
+    import glob
+
+    manifest = _committed(out_dir) or {}
+    sources = {e.get("source") for e in manifest.get("embeddings", [])}
+    keep = os.path.abspath(keep)
+    return sorted(d for d in glob.glob(os.path.join(glob.escape(out_dir), "embeddings-add-*"))
+                  if os.path.isdir(d) and os.path.abspath(d) != keep and os.path.abspath(d) not in sources)
 
 
 def _prepare(source, out_dir: str, encoder: Encoder, *, add: bool, kind: Optional[str],
              embeddings_dir: Optional[str], index_key: Optional[str], max_index_memory, target_recall: float,
              batch_size: int, shard_size: int, num_workers: int, path_column: Optional[str],
-             caption_column: Optional[str]) -> dict:
+             caption_column: Optional[str], id_offset: Optional[int] = None, overwrite: bool = False) -> dict:
     """The checks of :func:`index_images` that need no embedding; returns the inputs and resolved settings."""
     budget = check_build_args(kind=kind or "img", target_recall=target_recall, max_index_memory=max_index_memory)
     for name, v, low in (("batch_size", batch_size, 1), ("shard_size", shard_size, 1), ("num_workers", num_workers, 0)):
@@ -227,7 +287,16 @@ def _prepare(source, out_dir: str, encoder: Encoder, *, add: bool, kind: Optiona
     if add:
         manifest = read_index_manifest(out_dir)
         kind = check_kind(manifest, kind, out_dir)
+        if not manifest.get("encoder"):  # bare vectors: the model's embeddings may not share their space
+            from .faiss_ops import IndexMismatchError
+
+            raise IndexMismatchError(f"{out_dir}: the index records no model (built from bare embeddings); refusing "
+                                     f"to add embeddings of encoder {encoder.name!r} to it (they may not share its "
+                                     f"vector space): build a new index with that model")
         encoder.check_compatible(manifest, out_dir)  # before embedding anything
+        from .index_build import check_add_offset
+
+        check_add_offset(manifest, id_offset, out_dir)
     else:
         kind = kind or "img"
         check_index_destination(out_dir)  # a user's folder: refused before anything is embedded into it
@@ -238,6 +307,7 @@ def _prepare(source, out_dir: str, encoder: Encoder, *, add: bool, kind: Optiona
     if kind == "text" and captions is None:
         raise ValueError(f"{source}: kind='text' needs captions (.txt files next to the images, a caption "
                          f"column or .txt tar members), none found")
+    default_dir = embeddings_dir is None
     if embeddings_dir is None:
         embeddings_dir = os.path.join(out_dir, f"embeddings-add-{_inputs_tag(paths)}" if add else "embeddings")
     embeddings_dir = os.fspath(embeddings_dir)
@@ -251,7 +321,9 @@ def _prepare(source, out_dir: str, encoder: Encoder, *, add: bool, kind: Optiona
     refuse_foreign_folder(embeddings_dir, ("manifest.json", ".store"), "embeddings folder")
     _check_encoder(embeddings_dir, encoder.info())
     return dict(images=images, captions=captions, paths=paths, kind=kind, budget=budget,
-                embeddings_dir=embeddings_dir)
+                embeddings_dir=embeddings_dir, default_dir=default_dir,
+                recorded=_recorded(out_dir, embeddings_dir),
+                stale=stale_add_folders(out_dir, embeddings_dir) if add else [])
 
 
 def _first_error(folder: str) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import bisect
+import numbers
 import os
 import threading
 from dataclasses import dataclass, field
@@ -56,18 +57,23 @@ class _Queries:
             raise IndexMismatchError(f"{self.index_dir}: query dim {q.shape[1]} != index dim {dim}")
         if not np.isfinite(q).all():
             raise ValueError("query embeddings contain NaN or inf")
-        if isinstance(k, bool) or int(k) != k or int(k) < 1:
-            raise ValueError(f"k must be an integer >= 1, got {k}")
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {k!r}")
         norms = np.linalg.norm(q, axis=1, keepdims=True)
         if (norms == 0).any():  # every score would be 0 (inner product) or the ranking its distance to 0 (L2)
             raise ValueError("a query embedding is all zeros: it has no direction to search for")
         if self.manifest.get("normalize"):
             q = q / norms
-        return np.ascontiguousarray(q, dtype=np.float32), int(k)
+        # faiss pads a list beyond the index's vectors with -1: never ask for more than there are, so memory is
+        # bounded by the index (k=10**9 on 30 vectors returns 30 results, not a (Q, 10**9) array)
+        total = getattr(self, "ntotal", None)
+        k = int(k) if total is None else min(int(k), max(int(total), 1))
+        return np.ascontiguousarray(q, dtype=np.float32), k
 
     def search_embedding(self, embeddings, k: int = 10, *, queries: Optional[list] = None) -> SearchResult:
-        """Nearest ids of ``(Q, D)`` (or ``(D,)``) float query vectors: ``ids`` / ``scores`` ``(Q, k)`` (id -1 =
-        fewer than ``k`` hits) and the hits' metadata rows.
+        """Nearest ids of ``(Q, D)`` (or ``(D,)``) float query vectors: ``ids`` / ``scores`` ``(Q, k')`` with
+        ``k' = min(k, vectors in the index)`` (id -1 = fewer hits than that, e.g. an IVF search that probed too few
+        lists) and the hits' metadata rows. ``k`` is an integer >= 1 (not a float or bool).
 
         When the index normalised its vectors at build time (manifest ``normalize``), queries are L2-normalised
         too. Raises ``ValueError`` for an empty, non-finite or all-zero query or ``k < 1``,
@@ -259,16 +265,18 @@ class Retriever(_Queries):
             self._table(entry)
 
     def metadata(self, id_: int) -> dict:
-        """The stored metadata row of a global id (empty dict when the index does not hold it: never assigned
-        here, removed, or a skipped empty caption; ``ValueError`` for a non-integer id)."""
+        """The stored metadata row of a global id: at least ``{'id': id}`` for an id the index holds (rows added
+        without metadata have nothing else), an empty dict when the index does not hold it (never assigned
+        here, removed, or a skipped empty caption); ``ValueError`` for a non-integer id."""
         return self.metadata_rows(np.array([as_id(id_)], np.int64))[int(id_)]
 
     def metadata_rows(self, ids) -> dict:
-        """``{global id: metadata row}`` for many ids at once (an empty dict for an id the index does not hold):
-        one ``take`` per metadata file (what a search needs). ``ValueError`` for non-integer ids."""
+        """``{global id: metadata row}`` for many ids at once (``{'id': id}`` at least for an id the index holds,
+        an empty dict for one it does not): one ``take`` per metadata file (what a search needs). ``ValueError``
+        for non-integer ids."""
         wanted = np.unique(as_ids(ids))
         local, held = self._local(wanted)
-        out: dict = {int(i): {} for i in wanted}
+        out: dict = {int(i): ({"id": int(i)} if h else {}) for i, h in zip(wanted, held)}
         by_file: dict = {}
         for g, id_ in zip(wanted[held].tolist(), local[held].tolist()):
             j = bisect.bisect_right(self._meta_starts, id_) - 1

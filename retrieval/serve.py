@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import contextlib
 import io
 import json
@@ -49,7 +50,9 @@ from .serve_core import (  # noqa: F401 - re-exported: the service's public name
     ServedIndex,
     ServeLimits,
     _dedup,
+    _json_type,
     _jsonable,
+    as_id,
     as_int,
     check_host,
     decode_image,
@@ -82,6 +85,8 @@ def _index_names(index_dirs) -> dict:
             name, path = group
         elif not sep or not name or os.path.exists(d):
             name, path = os.path.basename(os.path.normpath(d)) or "index", d
+        if not path:
+            raise ValueError(f"index argument {d!r}: no folder after {name + '=' if sep else ''!r} (give NAME=DIR)")
         if name in names:  # a renamed duplicate would serve one of them under a name nobody chose
             raise ValueError(f"two indexes are named {name!r} ({given[name]} and {d}): give each its own name "
                              f"with NAME=DIR")
@@ -302,7 +307,11 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request, e):
-        return err(422, "invalid request")
+        try:  # name the field: ("query", "size") -> "size"
+            loc = [str(x) for x in e.errors()[0]["loc"] if x not in ("body", "query", "path")]
+        except (IndexError, KeyError, TypeError):
+            loc = []
+        return err(422, f"invalid {'.'.join(loc)}" if loc else "invalid request")
 
     @app.exception_handler(Exception)
     async def _unexpected(request, e):
@@ -310,7 +319,10 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
         return err(500, f"internal error ({type(e).__name__})")
 
     # -- helpers --------------------------------------------------------------------------------------
-    def get_index(name: Optional[str]) -> ServedIndex:
+    def get_index(name: Optional[str], field: str = "index") -> ServedIndex:
+        if name is not None and not isinstance(name, str):
+            shown = repr(name)[:40] if isinstance(name, (int, float)) else "a JSON " + _json_type(name)
+            raise ApiError(422, f"{field} must be a string (an index name), got {shown}")
         if name is None or name == "":
             if len(served) == 1:
                 return next(iter(served.values()))
@@ -354,11 +366,8 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
             raise ApiError(422, "embedding contains NaN or inf")
         return arr
 
-    def check_id(v: Any) -> int:
-        v = as_int(v, "id")
-        if not 0 <= v < 2**62:
-            raise ApiError(422, f"id must be a non-negative integer, got {v}")
-        return v
+    def check_id(v: Any, name: str = "id") -> int:
+        return as_id(v, name)  # the one id rule of every endpoint (serve_core.as_id)
 
     def check_image_bytes(data: bytes) -> bytes:
         if len(data) > limits.max_upload_bytes:
@@ -401,13 +410,29 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
     async def search(request: Request):
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("multipart/form-data"):
-            try:
-                form = await request.form(max_files=1, max_fields=8, max_part_size=64 * 1024)
+            try:  # 2 files: a second image is refused by name below (the body limit bounds both)
+                form = await request.form(max_files=2, max_fields=8, max_part_size=64 * 1024)
             except ApiError:
                 raise
-            except Exception:  # noqa: BLE001 - malformed multipart
-                raise ApiError(400, "malformed multipart body") from None
-            fields = {k: v for k, v in form.multi_items()}
+            except Exception as e:  # noqa: BLE001 - malformed multipart
+                detail = str(getattr(e, "message", "") or e).splitlines()[0][:100] if str(e) else ""
+                if "files" in detail.lower():
+                    raise ApiError(422, "more than one file was sent: send one image in the field 'image'") from None
+                raise ApiError(400, "malformed multipart body" + (f" ({detail})" if detail else "")) from None
+            items = form.multi_items()
+            counts = collections.Counter(k for k, _ in items)
+            repeated = sorted(k for k, c in counts.items() if c > 1)
+            if repeated:
+                await form.close()
+                what = ("two images were sent in the field 'image'" if repeated == ["image"] else
+                        f"field {repeated[0]!r} was given {counts[repeated[0]]} times")
+                raise ApiError(422, f"{what}: give each field once")
+            files = [k for k, v in items if not isinstance(v, str)]
+            if len(files) > 1:
+                await form.close()
+                raise ApiError(422, f"two images were sent (fields {', '.join(map(repr, files))}): send one image "
+                                    f"in the field 'image'")
+            fields = dict(items)
             upload = fields.get("image")
             q: dict = {"index": fields.get("index"), "k": fields.get("k", 10)}
             if upload is not None and not isinstance(upload, str):
@@ -442,25 +467,24 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
             rows, st = await run_query(s, "id", check_id(q["id"]), k)
         return {"index": s.name, "generation": st.generation, "k": k, "results": result_rows(s, rows)}
 
-    async def _image_path(index: str, id_: int) -> tuple:
+    async def _image_path(index: str, id_: str) -> tuple:
         s = get_index(index)
-        if not 0 <= id_ < 2 ** 63:  # ids are int64: anything else is no id of any index (not a server error)
-            raise ApiError(404, f"index {index!r} has no id {id_}")
+        id_ = check_id(id_)  # the id rule of /search and /metadata: "3.0", "abc", -1, 2**63 are a 422 naming id
         st = s.current()
-        path = await asyncio.get_running_loop().run_in_executor(None, s.image_file, st, id_)
-        return s, path
+        path, media = await asyncio.get_running_loop().run_in_executor(None, s.image_file, st, id_)
+        return s, path, media
 
     @app.get("/image/{index}/{id_}")
-    async def image(index: str, id_: int):
-        _, path = await _image_path(index, id_)
-        return FileResponse(path, media_type=IMAGE_TYPES[os.path.splitext(path)[1].lower()],
-                            headers={"Cache-Control": "no-cache"})
+    async def image(index: str, id_: str):
+        _, path, media = await _image_path(index, id_)
+        return FileResponse(path, media_type=media, headers={"Cache-Control": "no-cache"})
 
     @app.get("/thumb/{index}/{id_}")
-    async def thumb(index: str, id_: int, size: int = 256):
+    async def thumb(index: str, id_: str, size: str = "256"):
+        size = as_int(size, "size")
         if not 16 <= size <= 1024:
             raise ApiError(422, "size must be between 16 and 1024")
-        s, path = await _image_path(index, id_)
+        s, path, _ = await _image_path(index, id_)
         st = os.stat(path)
         key = (path, st.st_mtime_ns, st.st_size, size)
         with thumbs_lock:
@@ -474,7 +498,10 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
                 with decode_slots:
                     with open(path, "rb") as fh:
                         raw = fh.read(limits.max_upload_bytes * 4 + 1)
-                    im = decode_image(raw, limits.max_pixels * 4)
+                    try:
+                        im = decode_image(raw, limits.max_pixels * 4)
+                    except ApiError as e:  # the stored file, not the request, is bad: no client error
+                        raise ApiError(404, f"image of id {id_} cannot be read ({e.message})") from None
                 im.thumbnail((size, size), Image.BICUBIC)
                 buf = io.BytesIO()
                 im.save(buf, format="JPEG", quality=85)
@@ -498,7 +525,7 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
 
     async def knn_query(q: dict, base_url: str) -> list:
         """``POST /knn-service``'s answer to a parsed body; result urls start with ``base_url``."""
-        s = get_index(q.get("indice_name"))
+        s = get_index(q.get("indice_name"), "indice_name")
         modality = q.get("modality", "image")
         kind = {"img": "image"}.get(s.current().manifest.get("kind", "img"), "text")
         if modality not in ("image", "text"):
@@ -542,18 +569,18 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
     @app.post("/metadata")
     async def metadata(request: Request):
         q = await read_json(request)
-        s = get_index(q.get("indice_name"))
+        s = get_index(q.get("indice_name"), "indice_name")
         ids = q.get("ids")
         if not isinstance(ids, list):
             raise ApiError(422, "ids must be a list of integers")
         if len(ids) > limits.max_ids:
             raise ApiError(413, f"{len(ids)} ids is over the limit of {limits.max_ids}")
-        ids = [as_int(i, "ids[]") for i in ids]
+        ids = [check_id(v, f"ids[{j}]") for j, v in enumerate(ids)]
         st = s.current()
 
         def work():
             return [{"id": i, "metadata": {k: _jsonable(v) for k, v in
-                                           (st.retriever.metadata(i) if i >= 0 else {}).items()}} for i in ids]
+                                           st.retriever.metadata(i).items()}} for i in ids]
         return await asyncio.get_running_loop().run_in_executor(None, work)
 
     # -- the page ---------------------------------------------------------------------------------------

@@ -91,6 +91,21 @@ def as_int(v: Any, name: str) -> int:
     return v
 
 
+MAX_ID = 2**63 - 1  # ids are faiss int64s
+
+
+def as_id(v: Any, name: str = "id") -> int:
+    """The service's one rule for ids (``/search``'s ``id``, ``/metadata``'s ``ids[i]``, the ``{id}`` of
+    ``/image`` and ``/thumb``): :func:`as_int`'s integer, then 0 to 2**63 - 1. A 422 naming the field otherwise
+    (a negative id: "must be >= 0"; beyond int64: "out of range")."""
+    v = as_int(v, name)
+    if v < 0:
+        raise ApiError(422, f"{name} must be a non-negative integer, got {v}")
+    if v > MAX_ID:
+        raise ApiError(422, f"{name} {str(v)[:40]} is out of range (ids are 0 to 2**63 - 1 = {MAX_ID})")
+    return v
+
+
 def _json_type(v: Any) -> str:
     return {dict: "object", list: "array"}.get(type(v), type(v).__name__)
 
@@ -329,9 +344,12 @@ class ServedIndex:
                 "encoder_error": st.encoder_error, "reload_error": self.reload_error,
                 **({"members": m.get("shards")} if self.members is not None else {})}
 
-    def image_file(self, st: IndexState, id_: int) -> str:
-        """The image file that id ``id_``'s metadata names, resolved (absolute, or relative to the image root,
-        then the index folder, then its parent). Raises :class:`ApiError` 404 when there is none."""
+    def image_file(self, st: IndexState, id_: int) -> tuple:
+        """``(path, media type)`` of the image file that id ``id_``'s metadata names, resolved (absolute, or
+        relative to the image root, then the index folder, then its parent) to the regular file it is. Raises
+        :class:`ApiError` 404 when there is none, when the name is a symlink that leads out of the folder the
+        path names (e.g. an indexed PNG replaced by a link to ``/etc/passwd``), or when the file is not an
+        image (its header is sniffed with PIL; the media type comes from the sniffed format, not the name)."""
         row = st.retriever.metadata(int(id_))
         if not row:
             raise ApiError(404, f"index {self.name!r} has no id {id_}")
@@ -347,8 +365,40 @@ class ServedIndex:
             [os.path.join(b, path) for b in (self.image_root, base, os.path.dirname(base))]
         for c in candidates:
             if os.path.splitext(c)[1].lower() in IMAGE_TYPES and os.path.isfile(c):
-                return c
+                return served_image(c, id_)
         raise ApiError(404, f"image of id {id_} not found ({os.path.basename(path)})")
+
+
+#: PIL format → media type of the files /image serves
+SERVED_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif",
+                  "BMP": "image/bmp", "TIFF": "image/tiff"}
+
+
+def served_image(path: str, id_: int) -> tuple:
+    """``(real path, media type)`` of a stored image file that may be served: the regular file a name resolves
+    to, inside the folder the name is in (a symlink to another image next to it is followed; one leading out
+    of that folder is not), whose header PIL identifies as one of :data:`SERVED_FORMATS`. ``ApiError`` 404
+    otherwise (a server-side file that is not an image is no image of that id)."""
+    import stat
+
+    from PIL import Image
+
+    real = os.path.realpath(path)
+    folder = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    if os.path.commonpath([folder, real]) != folder:
+        raise ApiError(404, f"image of id {id_} not found ({os.path.basename(path)} links out of its folder)")
+    try:
+        if not stat.S_ISREG(os.stat(real).st_mode):
+            raise ApiError(404, f"image of id {id_} not found ({os.path.basename(path)} is not a regular file)")
+        with Image.open(real, formats=tuple(SERVED_FORMATS)) as im:
+            fmt = im.format
+    except ApiError:
+        raise
+    except Exception:  # noqa: BLE001 - unreadable / not an image: PIL raises many kinds
+        fmt = None
+    if fmt not in SERVED_FORMATS:
+        raise ApiError(404, f"image of id {id_} not found ({os.path.basename(path)} is not an image file)")
+    return real, SERVED_FORMATS[fmt]
 
 
 # ------------------------------------------------------------------------------------------ batching

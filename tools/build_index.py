@@ -14,7 +14,9 @@ Every argument is checked before any work (bad input: one `error:` line, exit st
 Rerunning an interrupted command with the same arguments resumes it; --overwrite discards an interrupted job
 of other arguments (and, from an embeddings folder, replaces an index built from other embeddings).
 Adding embeddings the index already holds (its build's or an earlier add's) is refused unless
---allow-duplicate; --add keeps the folder's --id-offset unless one is given.
+--allow-duplicate; --add keeps the folder's id offset (an --id-offset that differs is refused: ids already
+handed out never change). With --add and --overwrite, the embeddings-add-* folders of other interrupted adds
+are removed (without it they are named in a warning); a refused --add leaves no embeddings folder behind.
 
   # the embedding stage across processes / machines (gloo on CPU, NCCL with --device cuda): each rank embeds
   # whole shards, rank 0 commits the embeddings and builds the index; the same result as one process
@@ -54,7 +56,10 @@ def id_offset(value: str) -> int:
 #: the library's messages name Python arguments; from the command line, the flags that do the same
 CLI_HINTS = (("add_to_index / --add", "--add"), ("overwrite=True", "--overwrite"),
              ("allow_duplicate=True", "--allow-duplicate"), ("set_id_offset / --id-offset", "--id-offset"),
-             ("discard it explicitly", "pass --overwrite to discard it"))
+             ("discard it explicitly", "pass --overwrite to discard it"),
+             ("--discard-pending (discard_pending=True)", "--overwrite"),
+             ("leave id_offset out", "leave --id-offset out"),
+             ("discard_pending=True", "--overwrite"))
 
 
 def cli_message(e: BaseException) -> str:
@@ -99,7 +104,7 @@ def build_parser() -> ArgumentParser:
                                                                    "on-disk build")
     p.add_argument("--id-offset", type=id_offset, default=None, help="global id of this folder's first row, "
                    "for searching several folders as one collection (tools/search.py DIR1 DIR2 ...); default: "
-                   "0 for a new folder, the recorded one for --add / a rebuild")
+                   "0 for a new folder, the recorded one for --add / a rebuild (--add refuses another value)")
     p.add_argument("--overwrite", action="store_true", help="discard an interrupted job of other arguments; from "
                    "an embeddings folder, also replace an index built from other embeddings (as a new generation)")
     p.add_argument("--allow-duplicate", action="store_true", help="with --add: add embeddings even if the index "
@@ -166,6 +171,17 @@ def _check_model_offset(args) -> None:
     check_id_offset(args.id_offset, n, args.out_dir)
 
 
+def _check_add_id_offset(args) -> None:
+    """--add keeps the folder's recorded offset: another --id-offset would renumber every id handed out."""
+    from retrieval.index import read_manifest
+
+    recorded = int(read_manifest(args.out_dir).get("id_offset", 0))
+    if args.id_offset != recorded:
+        raise UsageError(f"{args.out_dir}: --id-offset {args.id_offset} differs from the folder's recorded id "
+                         f"offset {recorded}; --add keeps the recorded offset (changing it would renumber every id "
+                         f"already handed out): leave --id-offset out")
+
+
 def _main(args) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     if args.add and args.index_key:
@@ -177,6 +193,8 @@ def _main(args) -> int:
                          "(tools/extract_features.py), then build from that folder")
     if args.allow_duplicate and not args.add:
         raise UsageError("--allow-duplicate is for --add")
+    if args.add and args.id_offset is not None:
+        _check_add_id_offset(args)
     if args.allow_duplicate and args.model is not None:
         raise UsageError("--allow-duplicate adds from an embeddings folder: extract the features first "
                          "(tools/extract_features.py), then --add that folder")
@@ -209,15 +227,10 @@ def _main(args) -> int:
             read_manifest(args.out_dir)  # a missing / unfinished index is reported before the model loads
         if args.id_offset is not None:
             _check_model_offset(args)
-        if args.overwrite:
-            from retrieval.index_build import discard_pending
-
-            if not args.add and _committed_index(args.out_dir):
-                raise UsageError(f"{args.out_dir}: --overwrite with --model only discards an interrupted job; "
-                                 f"to replace the index there, build into another folder (or from an "
-                                 f"embeddings folder with --overwrite)")
-            if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: once, before the ranks join
-                discard_pending(args.out_dir)
+        if args.overwrite and not args.add and _committed_index(args.out_dir):
+            raise UsageError(f"{args.out_dir}: --overwrite with --model only discards an interrupted job; "
+                             f"to replace the index there, build into another folder (or from an "
+                             f"embeddings folder with --overwrite)")
         # under torchrun (WORLD_SIZE > 1): join the group; every rank embeds whole shards, rank 0 builds the index
         rank, world, args.device = init_from_env(args.device)
         loaded: list = []  # a model that cannot be loaded is reported on every rank
@@ -230,7 +243,7 @@ def _main(args) -> int:
                                 batch_size=args.batch_size, shard_size=args.shard_size,
                                 num_workers=args.num_workers, path_column=args.path_column,
                                 caption_column=args.caption_column, use_gpu=args.gpu,
-                                progress=not args.quiet, id_offset=args.id_offset)
+                                progress=not args.quiet, id_offset=args.id_offset, overwrite=args.overwrite)
         leave()
         if manifest is None:
             return 0  # a rank > 0 under torchrun: the embeddings are committed, rank 0 builds the index

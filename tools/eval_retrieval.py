@@ -30,6 +30,16 @@ from internvit.cli import (  # noqa: E402
     run,
 )
 
+MAX_K = 2**31 - 1
+
+
+def k_value(value: str) -> int:
+    """An integer from 1 to 2**31 - 1 (lists are at most the collection anyway)."""
+    v = positive_int(value)
+    if v > MAX_K:
+        raise argparse.ArgumentTypeError(f"must be <= {MAX_K}, got {value}")
+    return v
+
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,7 +68,8 @@ def build_parser() -> ArgumentParser:
                                                       "(default: the folder recorded in its manifest)")
     q.add_argument("--query-embeddings", default=None, help=".npy of query vectors not in the index "
                                                             "(default: indexed rows, leave-one-out)")
-    q.add_argument("-k", type=positive_int, default=10)
+    q.add_argument("-k", type=k_value, default=10, help="recall@k (k above the collection size is scored against "
+                                                       "the neighbours a query has)")
     q.add_argument("--queries", type=positive_int, default=1000)
     q.add_argument("--params", default=None, help="search parameters to score instead of the tuned ones")
     q.add_argument("--out", default=None, help="also write the report as JSON here")
@@ -122,7 +133,17 @@ def _main(argv=None) -> int:
                 raise UsageError(f"--{name.replace('_', '-')} {path}: does not exist")
         from retrieval.evaluate import index_quality
 
-        result = index_quality(args.index_dir, args.embeddings, queries=args.query_embeddings, k=args.k,
+        queries = None
+        if args.query_embeddings is not None:
+            import numpy as np
+
+            try:
+                queries = np.load(args.query_embeddings, allow_pickle=False)
+            except (OSError, ValueError, EOFError) as e:
+                msg = (str(e).splitlines() or [type(e).__name__])[0]
+                raise UsageError(f"--query-embeddings {args.query_embeddings}: not a readable .npy array of query "
+                                 f"vectors ({msg[:120]})") from None
+        result = index_quality(args.index_dir, args.embeddings, queries=queries, k=args.k,
                                n_queries=args.queries, search_params=args.params)
     if args.out:
         atomic_write_json(args.out, result)

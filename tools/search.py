@@ -21,6 +21,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from internvit.cli import ArgumentParser, UsageError, device, existing_file, positive_int, run  # noqa: E402
 
 DTYPES = ("fp32", "bf16", "fp16", "float32", "bfloat16", "float16")
+MAX_K = 2**31 - 1  # faiss' result lists; a search returns at most the index's vector count anyway
+
+
+def k_value(value: str) -> int:
+    """An integer from 1 to 2**31 - 1 (results are at most the number of indexed vectors)."""
+    v = positive_int(value)
+    if v > MAX_K:
+        raise argparse.ArgumentTypeError(f"must be <= {MAX_K}, got {value}")
+    return v
+
+
+#: the library's messages name Python arguments; from the command line, the flags that do the same
+CLI_HINTS = (("pass encoder= to Retriever.load, or query with search_embedding",
+              "pass --model, or query with --embedding"),)
 
 
 def build_parser() -> ArgumentParser:
@@ -31,7 +45,8 @@ def build_parser() -> ArgumentParser:
     q.add_argument("--text", nargs="+", help="text queries")
     q.add_argument("--image", nargs="+", help="image files")
     q.add_argument("--embedding", type=existing_file, help=".npy file of (Q, D) query vectors")
-    p.add_argument("-k", type=positive_int, default=10, help="results per query")
+    p.add_argument("-k", type=k_value, default=10, help="results per query (at most the number of indexed vectors "
+                                                       "are returned)")
     p.add_argument("--html", default=None, help="write a result grid with thumbnails to this file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --html file")
     p.add_argument("--json", action="store_true", help="print JSON records instead of a table")
@@ -47,7 +62,19 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from internvit.cli import USER_ERRORS, one_line
+
     args = build_parser().parse_args(argv)
+    try:
+        return _main(args)
+    except USER_ERRORS as e:  # one line, naming this tool's flags where the library names Python arguments
+        text = one_line(e)
+        for python, flag in CLI_HINTS:
+            text = text.replace(python, flag)
+        raise UsageError(text) from None
+
+
+def _main(args) -> int:
     if args.text is not None and any(not t.strip() for t in args.text):
         raise UsageError("empty text query")
     if args.html and os.path.isdir(args.html):

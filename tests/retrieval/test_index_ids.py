@@ -76,14 +76,24 @@ def test_add_keeps_the_id_offset_and_commits_a_given_one_with_the_rows(parts, ca
     assert m["id_offset"] == 1000 and m["next_id"] == 70 and _generation(tmp / "i1") == 2
     group = Retriever.load([tmp / "i0", tmp / "i1"])  # no overlap: 0..299 and 1000..1069
     assert group.search_embedding(x[345], 1).ids[0, 0] == 1045
-    # an explicit offset is committed together with the added rows: one new generation
-    assert build_cli([tmp / "D", tmp / "i1", "--add", "--id-offset", "2000", "--quiet"]) == 0
+    # another offset on --add would renumber every id already handed out (1045 -> 2045): refused, naming both
+    before = (tmp / "i1" / "manifest.json").read_bytes()
+    assert build_cli([tmp / "D", tmp / "i1", "--add", "--id-offset", "2000", "--quiet"]) == 2
+    line = _error_line(capsys)
+    message = line.split("i1: ", 1)[1]
+    assert "--id-offset 2000" in message and "1000" in message and "id_offset" not in message
+    assert (tmp / "i1" / "manifest.json").read_bytes() == before
+    with pytest.raises(ValueError, match="id_offset 2000 differs from the folder's recorded id_offset 1000"):
+        add_to_index(tmp / "i1", tmp / "D", id_offset=2000, progress=False)
+    # the recorded offset itself is accepted (nothing changes)
+    assert build_cli([tmp / "D", tmp / "i1", "--add", "--id-offset", "1000", "--quiet"]) == 0
     m = read_manifest(str(tmp / "i1"))
-    assert (m["id_offset"], m["next_id"], m["ntotal"], _generation(tmp / "i1")) == (2000, 100, 100, 3)
-    assert Retriever.load(tmp / "i1").search_embedding(x[375], 1).ids[0, 0] == 2075
+    assert (m["id_offset"], m["next_id"], m["ntotal"], _generation(tmp / "i1")) == (1000, 100, 100, 3)
+    r = Retriever.load(tmp / "i1")
+    assert r.search_embedding(x[375], 1).ids[0, 0] == 1075 and r.search_embedding(x[345], 1).ids[0, 0] == 1045
     # the Python API: None keeps the offset
     add_to_index(tmp / "i1", mixture(5, 16, seed=5), progress=False)
-    assert read_manifest(str(tmp / "i1"))["id_offset"] == 2000
+    assert read_manifest(str(tmp / "i1"))["id_offset"] == 1000
 
 
 # ------------------------------------------------------------------------------------------------ bug 2
