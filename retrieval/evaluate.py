@@ -509,6 +509,10 @@ def index_quality(index_dir: str, embeddings=None, *, queries=None, k: int = 10,
     single-query latency p50/p99 in ms, batch QPS, bytes per vector and the index size; ``tuned_recall`` is
     the build's held-out measurement.
     """
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    if isinstance(queries, (str, os.PathLike)):
+        queries = _load_queries(queries)  # a bad file is named before any work
     index, manifest = open_index(index_dir)
     if search_params:
         set_search_params(index, search_params)
@@ -521,8 +525,6 @@ def index_quality(index_dir: str, embeddings=None, *, queries=None, k: int = 10,
         if source.count != manifest["ntotal"] or manifest.get("removed"):
             raise ValueError(f"{index_dir}: the index holds {manifest['ntotal']} vectors but the embeddings have "
                              f"{source.count}; give the embeddings of exactly the indexed rows")
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
     if queries is not None:
         q = _load_queries(queries) if isinstance(queries, (str, os.PathLike)) else queries
         # Retriever's own rules: (Q, D) of the index's dim, finite, not all-zero when normalised; normalised

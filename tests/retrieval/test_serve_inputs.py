@@ -131,7 +131,7 @@ def test_integer_rule_in_multipart_knn_and_metadata(url):
     assert ans[0]["metadata"]["path"].endswith("img_001.png")
     for bad in (1.5, True, "x"):
         status, ans, _ = post(url + "/metadata", {"ids": [0, bad], "indice_name": "vit"})
-        assert status == 422 and ans["error"].startswith("ids[] must be an integer"), ans
+        assert status == 422 and ans["error"].startswith("ids[1] must be an integer"), ans
 
 
 # ------------------------------------------------------------------------------------------ names and hosts
