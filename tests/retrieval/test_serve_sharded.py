@@ -126,8 +126,9 @@ def test_images_by_global_id_come_from_the_member(server, parts):
                 assert status == 200 and raw == f.read() and headers["content-type"] == "image/png"
         status, raw, headers = get(url + f"/thumb/all/{offset + 2}")
         assert status == 200 and headers["content-type"] == "image/jpeg" and raw[:2] == b"\xff\xd8"
-    for path in ("/image/all/8", "/image/all/99", "/image/all/208", "/thumb/all/150", "/image/all/-1"):
+    for path in ("/image/all/8", "/image/all/99", "/image/all/208", "/thumb/all/150"):
         assert get(url + path)[0] == 404
+    assert get(url + "/image/all/-1")[0] == 422  # not an id at all: the id rule of every endpoint
 
 
 def test_clip_retrieval_api_on_the_group(server, sharded, parts):
