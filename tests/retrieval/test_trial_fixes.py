@@ -136,6 +136,7 @@ def test_k_is_clamped_to_the_index_and_must_be_an_integer(tmp_path, capsys):
     _emb_folder(tmp_path / "emb", x)  # a folder: eval_retrieval index reads the ground truth from it
     build_index(tmp_path / "emb", tmp_path / "idx", index_key="Flat", progress=False)
     r = Retriever.load(tmp_path / "idx")
+    assert r.search_embedding(x[:1], k=40).ids.shape == (1, 30)  # checked first: a cheap failure on old code
     res = r.search_embedding(x[:2], k=10**9)  # was a (2, 10**9) allocation
     assert res.ids.shape == (2, 30) and (res.ids >= 0).all() and len(res.rows[0]) == 30
     assert r.search_embedding(x[:1], k=10**30).ids.shape == (1, 30)
