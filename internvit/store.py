@@ -617,6 +617,21 @@ class FolderLocks:
             os.close(self.fds.pop())
 
 
+def remove_folder(path: PathLike) -> None:
+    """Remove a folder as one step: renamed first to a hidden temporary name beside it (``.{name}.removed-*`` +
+    :data:`TMP_SUFFIX`, atomic), then deleted. A kill leaves either the whole folder or a hidden one nothing
+    reads, never a folder of its old name with some of its files gone (which could pass for a complete one)."""
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.lexists(path):
+        return
+    parent, name = os.path.dirname(path), os.path.basename(path)
+    gone = tempfile.mkdtemp(prefix=f".{name}.removed-", suffix=TMP_SUFFIX, dir=parent)
+    os.rename(path, os.path.join(gone, name))
+    fsync_dir(parent)
+    _point("folder:renamed-away")
+    shutil.rmtree(gone, ignore_errors=True)
+
+
 def clear_interrupted(parent: str, name: str, lock: Callable[[str], Optional[int]], skip: str = "") -> None:
     """Remove the temporary folders (``.{name}.*`` + :data:`TMP_SUFFIX`) that interrupted replacements of
     ``name`` left in ``parent``; ``lock(folder)`` returns ``None`` for one a live process holds, which is kept

@@ -6,7 +6,6 @@ import json
 import logging
 import math
 import os
-import shutil
 from typing import Optional, Sequence, Union
 
 import numpy as np
@@ -14,7 +13,7 @@ import numpy as np
 from internvit.distributed_features import agree as _agree
 from internvit.distributed_features import write_files
 from internvit.features import _dist_rank_world as _rank_world
-from internvit.store import read_manifest, refuse_foreign_folder
+from internvit.store import read_manifest, refuse_foreign_folder, remove_folder
 
 from .embeddings import KINDS, save_npy
 from .encoders import Encoder
@@ -207,7 +206,7 @@ def index_images(
         for d in prepared["stale"]:
             if overwrite:
                 logger.warning("%s: removing the embeddings of an interrupted add of other inputs (--overwrite)", d)
-                shutil.rmtree(d)
+                remove_folder(d)
             else:
                 logger.warning("%s: embeddings of an interrupted add of other inputs, not in the index (rerun that "
                                "add to finish it, or pass --overwrite to remove them)", d)
@@ -249,7 +248,7 @@ def index_images(
         # embeddings this run made for it go (an add's own folder, or a build's new one; never --embeddings)
         ours = prepared["default_dir"] and (add or embeddings_dir in created)
         if ours and not _recorded(out_dir, embeddings_dir):
-            shutil.rmtree(embeddings_dir, ignore_errors=True)
+            remove_folder(embeddings_dir)
             _remove_if_empty([d for d in created if d != embeddings_dir])
         raise
 
@@ -345,4 +344,4 @@ def _remove_if_empty(created: list) -> None:
             continue
         committed = [r for r, _, fs in os.walk(d) if "manifest.json" in fs and (_committed(r) or {}).get("count")]
         if not committed:
-            shutil.rmtree(d, ignore_errors=True)
+            remove_folder(d)

@@ -211,3 +211,29 @@ def test_replace_folder_second_writer_busy_and_live_builds_untouched(tmp_path):
             assert os.path.isfile(os.path.join(building, "a"))
     assert (new / "a").read_text() == "y"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "new"]
+
+
+def test_remove_folder_is_one_step_under_every_kill(tmp_path):
+    """A refused or overwritten --add removed its embeddings folder with rmtree: a kill midway left a folder of
+    that name with some files gone (its manifest could outlive its shards). remove_folder renames it away
+    first: a reader sees the whole folder or none, and the rerun ends with none."""
+    import sys
+
+    from tests.faults import kill_sweep
+
+    def prepare(d):
+        emb = d / "out" / "embeddings-add-1"
+        (emb / "img_emb").mkdir(parents=True)
+        for i in range(3):
+            (emb / "img_emb" / f"part-{i}.npy").write_bytes(bytes([i]) * 64)
+        (emb / "manifest.json").write_text('{"count": 3}')
+
+    def read(d):
+        emb = d / "out" / "embeddings-add-1"
+        visible = sorted(n for n in os.listdir(d / "out") if not n.startswith("."))
+        return visible, (sorted(str(p.relative_to(emb)) for p in emb.rglob("*")) if emb.exists() else None)
+
+    code = "import sys; from internvit.store import remove_folder; remove_folder(sys.argv[1])"
+    names = kill_sweep(tmp_path, prepare=prepare, read=read, output=lambda d: d / "out", compare_files=False,
+                       command=lambda d: [sys.executable, "-c", code, str(d / "out" / "embeddings-add-1")])
+    assert names == ["folder:renamed-away"]
