@@ -123,6 +123,9 @@ def load_config(config: str, *, cfg_options: Optional[dict] = None, work_dir: Op
         cfg.work_dir = work_dir
     elif cfg.get("work_dir") is None:
         cfg.work_dir = osp.join("./work_dirs", osp.splitext(osp.basename(config))[0])
+    seed = (cfg.get("randomness") or {}).get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 32):
+        raise ValueError(f"randomness.seed must be an integer from 0 to 2**32 - 1 (or None), got {seed!r}")
     if not isinstance(cfg.work_dir, str) or not cfg.work_dir.strip():  # '' would be the current folder
         raise ValueError(f"work_dir must be a folder path, got {cfg.work_dir!r}")
     dump = osp.join(osp.abspath(cfg.work_dir), osp.basename(config))  # where the Runner writes its flat copy

@@ -339,6 +339,8 @@ def test_an_empty_work_dir_or_a_folder_as_the_checkpoint_is_refused(tmp_path, ca
     ("train_dataloader.batch_size=5000", "is the batch larger than the dataset with drop_last?): nothing to train"),
     ("train_cfg.val_interval=0", "train_cfg.val_interval=0: must be 1 or more"),
     ("model.head.num_classes=0", "the dataset has 10 classes but model.head.num_classes is 0"),
+    ("randomness.seed=abc", "randomness.seed must be an integer from 0 to 2**32 - 1 (or None), got 'abc'"),
+    ("randomness.seed=-1", "randomness.seed must be an integer"),
 ])
 def test_training_settings_that_fail_later_or_train_nothing_are_setup_errors(option, must, tmp_path, capsys,
                                                                            monkeypatch, toy_digits_root):
