@@ -45,6 +45,7 @@ from internvit.run_checks import (
     dataset_class_names,
     name_data_errors,
 )
+from internvit.store import first_missing_dir
 
 #: what building a runner raises for bad input (configs, checkpoints, model arguments): the tools report these
 #: as one ``error:`` line; anything else, and anything raised once training / testing runs, keeps its traceback
@@ -171,7 +172,7 @@ def build_runner(cfg, checkpoint: Optional[str] = None, dataloaders: tuple = (),
     _cpu_process_group(cfg)
     work_dir = osp.abspath(cfg.work_dir)
     existing = set(os.listdir(work_dir)) if osp.isdir(work_dir) else None
-    created = _first_missing(work_dir)  # the Runner makes every missing folder of the path
+    created = first_missing_dir(work_dir)  # the Runner makes every missing folder of the path
     instances = _manager_instances()
     dump = osp.join(work_dir, osp.basename(cfg.filename)) if cfg.filename else None
     old_dump = _read_bytes(dump) if dump and existing is not None else None  # the Runner rewrites it
@@ -439,7 +440,7 @@ def _prepare_training(runner, ckpt=None) -> None:
     their errors are set-up errors: a layer-decay constructor that does not fit the model, ``AmpOptimWrapper``
     without a GPU, a misspelt ``train_cfg`` argument, a batch larger than the dataset with ``drop_last``
     (mmengine asserted, or failed with ``TypeError`` / ``ZeroDivisionError`` after an epoch). A run with
-    nothing to train (``max_epochs`` / ``max_iters`` < 1, or a resumed checkpoint already at the end) and a
+    nothing to train (``max_epochs`` / ``max_iters`` < 1, or a resumed checkpoint past the end) and a
     ``val_interval`` < 1 are refused (:func:`internvit.run_checks.check_train_loop`). Parameter schedulers are
     left to ``Runner.train`` (they record the learning rate after its ``auto_scale_lr``)."""
     from mmengine.runner import Runner
@@ -553,7 +554,7 @@ def build_test_runner(config: str, checkpoint: str, *, work_dir: Optional[str] =
         def after(runner, ckpt=None) -> None:
             _without_training(runner)
             check_unique_names(runner, outputs)
-    made = [_first_missing(p) for p in outputs.values()]  # removed again when the set-up fails
+    made = [first_missing_dir(p) for p in outputs.values()]  # removed again when the set-up fails
     try:
         return build_runner(cfg, checkpoint, dataloaders=("test",), after_build=after, checkpoint_classes=True)
     except BaseException:
@@ -563,17 +564,17 @@ def build_test_runner(config: str, checkpoint: str, *, work_dir: Optional[str] =
         raise
 
 
-def _first_missing(path: str) -> Optional[str]:
-    """The highest folder of ``path`` (itself included) that does not exist yet; None when ``path`` exists."""
-    path = osp.abspath(path)
-    if osp.lexists(path):
-        return None
-    while not osp.lexists(osp.dirname(path)) and osp.dirname(path) != path:
-        path = osp.dirname(path)
-    return path
-
-
 def _without_training(runner, ckpt=None) -> None:
     """A test runner never trains: hooks that ask for ``runner.iter`` (mmseg's ``SegVisualizationHook``) get 0
-    instead of building the train loop, and with it the training dataset, which need not be on disk."""
+    instead of building the train loop, and with it the training dataset, which need not be on disk. Its test
+    loop (and evaluator) is built now, so that a bad ``test_cfg`` / ``test_evaluator`` argument is a set-up
+    error rather than a traceback when testing starts."""
+    from mmengine.runner import Runner
+
     runner._train_loop = None
+    if isinstance(runner, Runner) and type(runner).build_test_loop is Runner.build_test_loop \
+            and isinstance(runner._test_loop, dict):
+        try:
+            runner._test_loop = runner.build_test_loop(runner._test_loop)
+        except AssertionError as e:  # mmengine asserts on its arguments
+            raise ValueError(f"test_cfg: {one_line(e) if str(e) else type(e).__name__}") from None

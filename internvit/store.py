@@ -181,9 +181,10 @@ def refuse_foreign_folder(path: PathLike, markers: Sequence[str], what: str) -> 
                               f"empty folder (or the folder of a {what} to resume or extend)")
 
 
-def _first_missing_dir(path: str) -> Optional[str]:
-    """The highest folder of ``path`` (itself included) that does not exist yet; None when ``path`` exists."""
-    path = os.path.abspath(path)
+def first_missing_dir(path: PathLike) -> Optional[str]:
+    """The highest folder of ``path`` (itself included) that does not exist yet, i.e. the one to remove to undo
+    ``os.makedirs(path)``; None when ``path`` exists."""
+    path = os.path.abspath(os.fspath(path))
     if os.path.lexists(path):
         return None
     while not os.path.lexists(os.path.dirname(path)) and os.path.dirname(path) != path:
@@ -314,7 +315,7 @@ class Store:
 
         if os.path.exists(self.folder) and not os.path.isdir(self.folder):
             raise StoreError(f"{self.folder}: exists and is not a folder")
-        self._made = _first_missing_dir(os.path.join(self.folder, STORE_DIR))  # removed again if nothing is written
+        self._made = first_missing_dir(os.path.join(self.folder, STORE_DIR))  # removed again if nothing is written
         os.makedirs(os.path.join(self.folder, STORE_DIR), exist_ok=True)
         self._lock = FileLock(os.path.join(self.folder, LOCK), timeout=0)
         try:

@@ -490,3 +490,18 @@ def test_special_files_and_suffixless_destinations_are_named(tmp_path, capsys, v
     _fails("convert_checkpoint", ["to-original", vit_fixture, str(tmp_path / "noext")], capsys,
            "noext: the destination needs a weight-file suffix")
     assert not os.path.exists(tmp_path / "noext") and not os.path.exists(tmp_path / "x.pth")
+
+
+@pytest.mark.parametrize("option,must", [
+    ("test_evaluator.topk=0", "Accuracy: topk must be a positive integer"),
+    ("test_cfg.fp17=True", "unexpected keyword argument 'fp17'"),
+])
+def test_test_loop_arguments_are_setup_errors(option, must, tmp_path, capsys, monkeypatch, toy_digits_root):
+    """The test loop and its evaluator were built when testing started: a bad argument was a traceback."""
+    monkeypatch.chdir(toy_digits_root)
+    good = str(tmp_path / "good.pth")
+    torch.save({"meta": {"dataset_meta": {"classes": tuple(str(c) for c in range(10))}},
+                "state_dict": _probe_state_dict()}, good)
+    work = str(tmp_path / "work")
+    _fails("test", [CLS_TOY, good, "--work-dir", work, "--cfg-options", option], capsys, must)
+    assert not os.path.exists(work)
