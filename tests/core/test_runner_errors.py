@@ -105,6 +105,16 @@ def toy_digits_root(tmp_path_factory) -> str:
     return str(root)
 
 
+def _two_class_data(root: str, dest, per_class: int = 4) -> None:
+    """Classes 0 and 1 of the toy digits, ``per_class`` images of each split."""
+    for split in ("train", "val"):
+        for c in ("0", "1"):
+            (dest / split / c).mkdir(parents=True)
+            src = os.path.join(root, "data", "toy_digits", split, c)
+            for name in sorted(os.listdir(src))[:per_class]:
+                shutil.copy(os.path.join(src, name), dest / split / c / name)
+
+
 def test_checkpoint_of_another_model_is_an_error(tmp_path, capsys, monkeypatch, toy_digits_root):
     monkeypatch.chdir(toy_digits_root)  # the toy config reads data/toy_digits relative to the working folder
     """tools/test.py and load_from with a checkpoint that does not fit: one line naming the keys, nothing left
@@ -258,12 +268,7 @@ def test_an_unreadable_image_met_while_training_is_one_line(tmp_path, capsys, to
     from internvit.data import DataError
 
     data = tmp_path / "two"
-    for split in ("train", "val"):
-        for c in ("0", "1"):
-            (data / split / c).mkdir(parents=True)
-            src = os.path.join(toy_digits_root, "data", "toy_digits", split, c)
-            for name in sorted(os.listdir(src))[:2]:
-                shutil.copy(os.path.join(src, name), data / split / c / name)
+    _two_class_data(toy_digits_root, data, per_class=2)
     bad = data / "train" / "1" / "zz_bad.png"
     bad.write_bytes(b"garbage\n")
     ds = ImageFolderDataset(str(data), split="train", transform=dict(image_size=28))
@@ -377,13 +382,6 @@ def test_resuming_a_finished_run_is_refused_and_a_refused_run_keeps_the_config_c
     assert (work / "digits_linear_probe.py").read_text() == "# the copy an earlier run left\n"
 
 
-def _two_class_data(root: str, dest) -> None:
-    for split in ("train", "val"):
-        for c in ("0", "1"):
-            (dest / split / c).mkdir(parents=True)
-            src = os.path.join(root, "data", "toy_digits", split, c)
-            for name in sorted(os.listdir(src))[:4]:
-                shutil.copy(os.path.join(src, name), dest / split / c / name)
 
 
 def test_a_nan_loss_or_output_stops_the_run_with_one_line(tmp_path, toy_digits_root):

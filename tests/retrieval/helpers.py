@@ -1,4 +1,5 @@
-"""Data for the retrieval tests: clustered vectors, brute-force neighbours, generated images."""
+"""Data for the retrieval tests: clustered vectors, brute-force neighbours, generated images; tools as functions."""
+import importlib.util
 import os
 
 import numpy as np
@@ -38,3 +39,19 @@ def make_images(folder: str, n: int, *, size=(40, 52), captions: bool = True, se
                 f.write(f"Picture number {i}: a {['red', 'green', 'blue', 'grey'][i % 4]} pattern.")
         paths.append(p)
     return paths
+
+
+def tool(name: str):
+    """``tools/<name>.py`` as a function ``call(argv) -> exit status``, run the way its ``__main__`` runs it."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(root, "tools", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def call(argv):
+        try:
+            return mod.run(mod.main, [str(a) for a in argv])
+        except SystemExit as e:  # argparse errors
+            return e.code
+
+    return call

@@ -1,7 +1,6 @@
 """Ids of an index folder: global offsets (kept by --add, range-checked), integer-only id arguments, removed ids
 hidden everywhere, duplicate adds refused, search parameters within faiss's C++ types, failed builds rolled
 back, and the CLI's messages naming its own flags."""
-import importlib.util
 import json
 import os
 
@@ -14,27 +13,15 @@ from retrieval.index_folder import read_manifest
 from retrieval.search import Retriever, SearchResult, format_table
 from retrieval.sharded import ShardedRetriever, set_id_offset
 
-from .helpers import mixture
+from .helpers import mixture, tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MAX_ID = 2**63 - 1
 
 
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-
-    def call(argv):
-        try:
-            return mod.run(mod.main, [str(a) for a in argv])
-        except SystemExit as e:  # argparse errors
-            return e.code
-
-    return call
 
 
-build_cli, search_cli = _tool("build_index"), _tool("search")
+build_cli, search_cli = tool("build_index"), tool("search")
 
 
 def _error_line(capsys) -> str:

@@ -1,7 +1,6 @@
 """Findings of a newcomer trial: --add of model embeddings onto an index of bare vectors, --id-offset on --add,
 --overwrite at every stage, what a refused or interrupted --add leaves behind, recall on tiny collections, k
 beyond the index, and the library's rules for k, metadata rows and metadata columns."""
-import importlib.util
 import os
 import warnings
 
@@ -15,27 +14,15 @@ from retrieval.index_folder import read_manifest
 from retrieval.index_tune import recall_at_k
 from retrieval.search import Retriever
 
-from .helpers import make_images, mixture
+from .helpers import make_images, mixture, tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VIT = ["--model", "internvit:internvit-6b-tiny", "--quiet"]  # dim 64, image-only, random weights from a seed
 
 
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-
-    def call(argv):
-        try:
-            return mod.run(mod.main, [str(a) for a in argv])
-        except SystemExit as e:  # argparse errors
-            return e.code
-
-    return call
 
 
-build_cli, search_cli, eval_cli = _tool("build_index"), _tool("search"), _tool("eval_retrieval")
+build_cli, search_cli, eval_cli = tool("build_index"), tool("search"), tool("eval_retrieval")
 
 
 def _error_line(capsys) -> str:

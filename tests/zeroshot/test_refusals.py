@@ -28,13 +28,6 @@ import zeroshot_eval  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def fx():
-    from tests.conftest import fixture_dir
-
-    return fixture_dir("internvl-cg-tiny")
-
-
-@pytest.fixture(scope="module")
 def nan_model(fx, tmp_path_factory):
     """The fixture with one vision weight set to NaN: every image embedding is NaN, text embeddings are fine."""
     model = internvit.load_model(fx)

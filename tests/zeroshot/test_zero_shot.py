@@ -27,13 +27,6 @@ import zeroshot_eval  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def fx():
-    from tests.conftest import fixture_dir
-
-    return fixture_dir("internvl-cg-tiny")
-
-
-@pytest.fixture(scope="module")
 def model(fx):
     return internvit.load_model(fx)
 
