@@ -293,8 +293,8 @@ def convert_checkpoint(src: SourceLike, dst: SourceLike, *, to: str = "hf", conf
     ``to='hf'`` writes a Hugging Face directory (``config.json`` + safetensors, :func:`save_model`);
     ``to='original'`` writes the original InternVL family (``cls_token``, ``blocks.N.*``, ``ls1.gamma``) as
     ``{'module': state_dict}`` to a ``.pth`` file (or a flat ``.safetensors`` file); a ``dst`` without a
-    weight-file suffix is a ``ValueError``. Written atomically. An existing ``dst`` is replaced only with
-    ``overwrite=True`` (else ``FileExistsError``).
+    weight-file suffix is a ``ValueError``, and a weight holding NaN / inf a :class:`CheckpointError` naming it.
+    Written atomically. An existing ``dst`` is replaced only with ``overwrite=True`` (else ``FileExistsError``).
     """
     from .checkpoints import WEIGHT_SUFFIXES, hf_to_original_key, strip_prefix
 
@@ -306,6 +306,10 @@ def convert_checkpoint(src: SourceLike, dst: SourceLike, *, to: str = "hf", conf
     model = load_model(src, config, dtype=None)  # keep the stored dtypes (16-bit releases stay 16-bit)
     if not isinstance(model, InternViT):
         raise CheckpointError(f"{src}: only vision (InternViT) checkpoints can be converted between families")
+    for name, t in model.state_dict().items():  # a converted copy must not carry a damaged weight on silently
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{src}: {name} holds NaN or infinite values (a damaged or diverged "
+                                  f"checkpoint); nothing was written")
     if to == "hf":  # an HF InternVisionModel directory has no place for extra heads: they are reported
         if model.load_report.ignored:
             logger.warning("%s: not carried into the HF directory: %s", src, model.load_report.summary())

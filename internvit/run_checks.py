@@ -292,11 +292,17 @@ def check_option_keys(cfg, options: dict) -> None:
                              f"{hint}")
 
 
-def check_train_loop(loop, ckpt: Any = None) -> None:
+def check_train_loop(loop, ckpt: Any = None, train_cfg: Optional[dict] = None) -> None:
     """Refuse a built training loop with nothing to train (``max_epochs`` / ``max_iters`` < 1: mmengine exited
     0 without a step, checkpoint or metric), a ``val_interval`` < 1 (a ``ZeroDivisionError`` after the first
     epoch), or a resumed checkpoint ``ckpt`` beyond the loop's end (its ``meta`` epoch / iteration; one at the
-    end exactly is a run killed after its last checkpoint, resumed to finish). Raises ``ValueError``."""
+    end exactly is a run killed after its last checkpoint, resumed to finish); ``train_cfg`` (the config's)
+    values of ``max_epochs``, ``max_iters``, ``val_interval`` and ``val_begin`` that are not integers (mmengine
+    cast ``True`` to 1 epoch and ran ``val_interval=1.5`` at epochs 3, 6, 9). Raises ``ValueError``."""
+    for key in ("max_epochs", "max_iters", "val_interval", "val_begin"):  # mmengine casts 1.5 / True / nan
+        v = (train_cfg or {}).get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise ValueError(f"train_cfg.{key}={v!r}: must be an integer")
     if loop is None or isinstance(loop, dict):
         return
     epochs, iters = getattr(loop, "max_epochs", None), getattr(loop, "max_iters", None)

@@ -457,7 +457,8 @@ def _prepare_training(runner, ckpt=None) -> None:
             setattr(runner, attr, getattr(runner, build)(getattr(runner, attr)))
         except (AssertionError, ZeroDivisionError) as e:  # mmengine asserts on its arguments
             raise ValueError(f"{what}: {one_line(e) if str(e) else type(e).__name__}") from None
-    check_train_loop(runner._train_loop, ckpt if getattr(runner, "_resume", False) else None)
+    check_train_loop(runner._train_loop, ckpt if getattr(runner, "_resume", False) else None,
+                     dict(runner.cfg.get("train_cfg") or {}))
 
 
 def _require(cfg, config: str, keys: tuple, what: str) -> None:

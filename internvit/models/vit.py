@@ -103,10 +103,11 @@ class Embeddings(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         h, wd, p = pixel_values.shape[-2], pixel_values.shape[-1], self.patch_size
-        if pixel_values.dim() != 4 or h % p or wd % p or h < p or wd < p:
+        channels = self.patch_embedding.in_channels
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != channels or h % p or wd % p or h < p or wd < p:
             # the strided convolution dropped the last h % p rows / w % p columns without a word
-            raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)}: expected (B, C, H, W) with H and W "
-                             f"positive multiples of the patch size {p} (resize or pad the image first)")
+            raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)}: expected (B, {channels}, H, W) with "
+                             f"H and W positive multiples of the patch size {p} (resize or pad the image first)")
         w = self.patch_embedding.weight
         x = self.patch_embedding(pixel_values.to(w.dtype))  # B, C, h, w
         hw = (x.shape[2], x.shape[3])

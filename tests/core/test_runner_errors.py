@@ -344,6 +344,9 @@ def test_an_empty_work_dir_or_a_folder_as_the_checkpoint_is_refused(tmp_path, ca
     ("train_dataloader.batch_size=5000", "is the batch larger than the dataset with drop_last?): nothing to train"),
     ("train_cfg.val_interval=0", "train_cfg.val_interval=0: must be 1 or more"),
     ("model.head.num_classes=0", "the dataset has 10 classes but model.head.num_classes is 0"),
+    ("train_cfg.val_interval=1.5", "train_cfg.val_interval=1.5: must be an integer"),
+    ("train_cfg.val_interval=nan", "train_cfg.val_interval=nan: must be an integer"),
+    ("train_cfg.max_epochs=True", "train_cfg.max_epochs=True: must be an integer"),
     ("randomness.seed=abc", "randomness.seed must be an integer from 0 to 2**32 - 1 (or None), got 'abc'"),
     ("randomness.seed=-1", "randomness.seed must be an integer"),
 ])
@@ -458,9 +461,9 @@ def test_model_inputs_off_the_patch_grid_and_absurd_float_config_values_are_refu
     from internvit.config import InternViTConfig
 
     model = internvit.load_model("internvit-6b-tiny")
-    for shape in ((1, 3, 50, 56), (1, 3, 13, 13), (3, 56, 56)):
+    for shape in ((1, 3, 50, 56), (1, 3, 13, 13), (3, 56, 56), (1, 4, 56, 56)):
         with pytest.raises(ValueError, match=rf"pixel_values of shape \({', '.join(map(str, shape))}\): expected "
-                                             r"\(B, C, H, W\) with H and W positive multiples of the patch size 14"):
+                                             r"\(B, 3, H, W\) with H and W positive multiples of the patch size 14"):
             model(torch.zeros(shape))
     assert model(torch.zeros(1, 3, 28, 42)).last_hidden_state.shape == (1, 7, 64)
     for field, value, must in (("layer_norm_eps", float("nan"), r"in \(0.0, 1.0\), got nan"),
@@ -503,3 +506,18 @@ def test_test_loop_arguments_are_setup_errors(option, must, tmp_path, capsys, mo
     work = str(tmp_path / "work")
     _fails("test", [CLS_TOY, good, "--work-dir", work, "--cfg-options", option], capsys, must)
     assert not os.path.exists(work)
+
+
+@pytest.mark.parametrize("to", ["to-hf", "to-original"])
+def test_converting_nan_or_inf_weights_is_refused(to, tmp_path, capsys):
+    """convert_checkpoint wrote NaN / inf weights into the converted copy, exit 0."""
+    model = internvit.load_model("internvit-6b-tiny")
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd["encoder.layers.0.mlp.fc1.weight"][0, 0] = float("nan")
+    sd["embeddings.position_embedding"][0, 0, 0] = float("inf")
+    src = str(tmp_path / "damaged.pth")
+    torch.save(sd, src)
+    dst = str(tmp_path / ("hf" if to == "to-hf" else "o.pth"))
+    _fails("convert_checkpoint", [to, src, dst, "--config", "internvit-6b-tiny"], capsys,
+           "holds NaN or infinite values")
+    assert not os.path.exists(dst)
