@@ -192,15 +192,18 @@ def check_data_files(loader, what: str) -> None:
     """Every local file a built dataloader's dataset lists exists (the ``img_path`` and ``seg_map_path`` of each
     entry of an mmengine ``BaseDataset``): mmseg lists a label map for every image by name without looking, so a
     missing annotation surfaced as a ``FileNotFoundError`` traceback when the loop reached it (for a validation
-    set, after the first training interval). Raises :class:`internvit.data.DataError` naming the first missing
-    file and how many are missing. One ``stat`` per file; datasets that are not fully initialised (``lazy_init``)
-    are skipped."""
+    set, after the first training interval), and so is an empty (0-byte) file, the mark of an interrupted copy.
+    Raises :class:`internvit.data.DataError` naming the first such file and how many there are. One ``stat`` per
+    file (other unreadable files are named when the loop reaches them, :class:`NamedLoadErrors`); datasets that
+    are not fully initialised (``lazy_init``) are skipped."""
+    import stat
+
     from internvit.data import DataError
 
     for ds in _leaf_datasets(getattr(loader, "dataset", None)):
         if not callable(getattr(ds, "get_data_info", None)) or not getattr(ds, "_fully_initialized", True):
             continue
-        missing: list[tuple[str, str]] = []
+        bad: list[tuple[str, str, str]] = []
         n = len(ds)
         for i in range(n):
             item = ds.get_data_info(i)
@@ -208,13 +211,21 @@ def check_data_files(loader, what: str) -> None:
                 continue
             for key in DATA_FILE_KEYS:
                 path = item.get(key)
-                if isinstance(path, str) and "://" not in path and not osp.isfile(path):
-                    missing.append((key, path))
-        if missing:
-            key, path = missing[0]
+                if not isinstance(path, str) or "://" in path:
+                    continue
+                try:
+                    st = os.stat(path)
+                except OSError:
+                    st = None
+                if st is None or not stat.S_ISREG(st.st_mode):
+                    bad.append((key, path, "no such {} file"))
+                elif st.st_size == 0:
+                    bad.append((key, path, "an empty {} file (0 bytes)"))
+        if bad:
+            key, path, why = bad[0]
             kind = "label map" if key == "seg_map_path" else "image"
-            raise DataError(f"{what}: {path}: no such {kind} file ({len(missing)} of the files its {n} entries "
-                            f"list are missing; {key} is built from data_root, data_prefix and the suffixes)")
+            raise DataError(f"{what}: {path}: {why.format(kind)} ({len(bad)} of the files its {n} entries list are "
+                            f"missing or empty; {key} is built from data_root, data_prefix and the suffixes)")
 
 
 class NamedLoadErrors:

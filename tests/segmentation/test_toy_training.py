@@ -252,7 +252,8 @@ def _load_tool(name: str):
 @pytest.mark.parametrize("fault,workers,where,must", [
     ("garbage image", 0, "images", "cannot read the image (LoadImageFromFile: AssertionError"),
     ("garbage image", 2, "images", "cannot read the image (LoadImageFromFile: AssertionError"),
-    ("zero-byte image", 0, "images", "cannot read the image (LoadImageFromFile"),
+    ("zero-byte image", 0, "images", "an empty image file (0 bytes) (1 of the files"),
+    ("zero-byte label map", 0, "annotations", "an empty label map file (0 bytes)"),
     ("truncated label map", 0, "annotations", "cannot read the label map (LoadAnnotations: OSError"),
     ("label value out of range", 2, "annotations", "label values [9] are neither classes 0..3"),
     ("missing label map", 0, "annotations", "no such label map file (1 of the files"),
@@ -273,7 +274,7 @@ def test_bad_data_files_are_one_error_line_naming_the_file(uper_run, toy_data, t
     if fault == "garbage image":
         with open(path, "wb") as f:
             f.write(b"not an image at all")
-    elif fault == "zero-byte image":
+    elif fault.startswith("zero-byte"):
         open(path, "wb").close()
     elif fault == "truncated label map":
         with open(path, "rb") as f:
@@ -308,7 +309,7 @@ def test_bad_data_files_are_one_error_line_naming_the_file(uper_run, toy_data, t
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
     assert rc == 2 and len(lines) == 1 and must in lines[0] and path in lines[0], err[-800:]
     assert "Traceback" not in err, err[-800:]
-    if fault == "missing label map":  # refused at set-up: nothing written
+    if fault in ("missing label map", "zero-byte image", "zero-byte label map"):  # refused at set-up: nothing written
         assert not os.path.exists(new_work)
 
 
