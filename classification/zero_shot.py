@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from internvit.features import nonfinite_hint
 from internvit.text import encode_texts, model_device
 
 METADATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metadata")
@@ -130,12 +131,8 @@ def _model_dtype(model) -> torch.dtype:
                 torch.float32)
 
 
-def _nonfinite_hint(dtype: torch.dtype) -> str:
-    """What to try after non-finite embeddings computed in ``dtype``."""
-    name = str(dtype).replace("torch.", "")
-    return {"float16": "in float16 this may be an overflow: try bfloat16 or float32",
-            "bfloat16": "in bfloat16 this may be an overflow: try float32"}.get(
-        name, f"in {name} this is not a precision overflow: check the model weights")
+def _in_dtype_hint(dtype: torch.dtype) -> str:
+    return f"in {str(dtype).replace('torch.', '')}: {nonfinite_hint(dtype)}"
 
 
 def _accepts(fn, name: str) -> bool:
@@ -182,7 +179,7 @@ def build_zero_shot_classifier(
     if bad:
         shown = ", ".join(_shown(classnames[i]) for i in bad[:5]) + (", ..." if len(bad) > 5 else "")
         raise ValueError(f"the text embeddings of {len(bad)} of {len(classnames)} class names are not finite "
-                         f"(NaN or infinity): {shown}; {_nonfinite_hint(_model_dtype(model))}")
+                         f"(NaN or infinity): {shown}; {_in_dtype_hint(_model_dtype(model))}")
     emb = emb.reshape(len(classnames), len(templates), -1).mean(dim=1)
     return F.normalize(emb, dim=-1).t().contiguous()
 
@@ -266,7 +263,7 @@ class NonFinite:
         if self.count:
             first = f"; first: {self.first}" if self.first is not None else ""
             raise ValueError(f"{self.count} of {self.seen} {self.what} gave non-finite embeddings (NaN or "
-                             f"infinity){first}; {_nonfinite_hint(dtype)} (no metric is computed over them)")
+                             f"infinity){first}; {_in_dtype_hint(dtype)} (no metric is computed over them)")
 
 
 def zero_shot_evaluate(

@@ -349,6 +349,35 @@ def _atomic_put(self, obj: bytes, filepath) -> None:
 
 
 @contextlib.contextmanager
+def deferred_config_dump():
+    """Inside the block, a ``Runner`` or ``FlexibleRunner`` being built does not write its config copy into the
+    work dir (mmengine's ``dump_config``, called in place by their ``__init__``, replaced an earlier run's copy
+    even when the set-up was then refused); the runners are collected in the yielded list instead, for
+    :func:`dump_config_atomically` once the caller's set-up checks pass."""
+    from mmengine.runner import FlexibleRunner, Runner
+
+    built: list = []
+    saved = {cls: cls.__dict__["dump_config"] for cls in (Runner, FlexibleRunner)}
+    for cls in saved:
+        cls.dump_config = lambda self: built.append(self)
+    try:
+        yield built
+    finally:
+        for cls, method in saved.items():
+            cls.dump_config = method
+
+
+def dump_config_atomically(runner) -> None:
+    """Write ``runner``'s config copy where mmengine's ``dump_config`` does (``work_dir/<config name>``, or
+    ``<timestamp>.py``), through :func:`internvit.fileio.atomic_write`: a kill never leaves it half-written."""
+    from internvit.fileio import atomic_write
+
+    name = os.path.basename(runner.cfg.filename) if runner.cfg.filename is not None else f"{runner.timestamp}.py"
+    with atomic_write(os.path.join(runner.work_dir, name)) as tmp:
+        runner.cfg.dump(tmp)
+
+
+@contextlib.contextmanager
 def durable_checkpoint_saving():
     """Inside the block, mmengine writes checkpoints crash-safely (``internvit.runner`` runs every Runner it
     builds inside this block); the previous methods are back afterwards.

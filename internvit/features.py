@@ -78,11 +78,17 @@ def _output_value(v: Any) -> Any:
     return output_text(v) if isinstance(v, str) else v
 
 
+def nonfinite_hint(dtype: torch.dtype) -> str:
+    """What to try after NaN / inf features or embeddings computed in ``dtype``: in 16 bits an overflow is likely
+    (``'try fp32'``); in 32 bits it is not, so the weights or the input are at fault."""
+    return {"float16": "try bf16 or fp32", "bfloat16": "try fp32"}.get(
+        str(dtype).replace("torch.", ""), "they are not a precision overflow: check the weights and the image")
+
+
 def _nonfinite_reason(dtype: torch.dtype, normalize: bool = False) -> str:
     """The ``error`` of a row with non-finite features computed in ``dtype`` (what to try depends on it)."""
     name = str(dtype).replace("torch.", "")
-    hint = {"float16": "try bf16 or fp32", "bfloat16": "try fp32"}.get(
-        name, "they are not a precision overflow: check the weights and the image")
+    hint = nonfinite_hint(dtype)
     if normalize:
         hint += "; or an all-zero feature, which has no direction to normalise"
     return f"{NONFINITE_ERROR} in dtype {name}; {hint})"

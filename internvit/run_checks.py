@@ -11,7 +11,7 @@ import math
 import os
 import os.path as osp
 import re
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from mmengine.hooks import Hook
 
@@ -240,6 +240,7 @@ class NamedLoadErrors:
 
     def __call__(self, results):
         from internvit.data import DataError
+        from internvit.file_reads import first_line
 
         try:
             return self.transform(results)
@@ -251,10 +252,10 @@ class NamedLoadErrors:
             path = results.get(key) if isinstance(results, dict) else None
             if not isinstance(path, str):
                 raise
-            message = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+            message = first_line(e)
             raise DataError(f"{path}: cannot read the {'label map' if annotation else 'image'} "
                             f"({type(self.transform).__name__}: {type(e).__name__}"
-                            f"{': ' + message if message else ''})") from e
+                            f"{': ' + message if message != type(e).__name__ else ''})") from e
 
     def __getattr__(self, name: str):
         if name == "transform":  # not set yet (unpickling)
@@ -341,17 +342,20 @@ class NonFiniteError(FloatingPointError):
     than saving NaN weights or computing a metric over NaN scores (the tools report one ``error:`` line)."""
 
 
-def _non_finite(obj, name: str = "", depth: int = 0) -> Optional[str]:
-    """The name of the first floating tensor in ``obj`` (a tensor, dict, list or mmengine data element,
-    nested) that holds a NaN or infinity, else None."""
+def _numbers(obj, name: str = "", depth: int = 0) -> Iterator[tuple[str, Any]]:
+    """``(name, value)`` of every floating tensor and float in ``obj`` (a tensor, dict, list or mmengine data
+    element, nested up to 4 levels)."""
     import torch
 
     if isinstance(obj, torch.Tensor):
-        return name or "output" if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else None
+        if obj.is_floating_point():
+            yield name or "output", obj
+        return
     if isinstance(obj, float):
-        return None if math.isfinite(obj) else name or "output"
+        yield name or "output", obj
+        return
     if depth > 3:
-        return None
+        return
     if isinstance(obj, dict):
         items = obj.items()
     elif isinstance(obj, (list, tuple)):
@@ -361,11 +365,25 @@ def _non_finite(obj, name: str = "", depth: int = 0) -> Optional[str]:
     elif isinstance(getattr(obj, "data", None), torch.Tensor):  # PixelData without items()
         items = (("data", obj.data),)
     else:
-        return None
+        return
     for key, value in items:
-        found = _non_finite(value, f"{name}.{key}" if name else str(key), depth + 1)
-        if found:
-            return found
+        yield from _numbers(value, f"{name}.{key}" if name else str(key), depth + 1)
+
+
+def _non_finite(obj) -> Optional[str]:
+    """The name of the first floating tensor / float in ``obj`` (see :func:`_numbers`) that holds a NaN or
+    infinity, else None. One device synchronisation for the whole of ``obj`` when everything is finite."""
+    import torch
+
+    found = list(_numbers(obj))
+    tensors = [v for _, v in found if isinstance(v, torch.Tensor)]
+    floats_ok = all(math.isfinite(v) for _, v in found if isinstance(v, float))
+    if floats_ok and (not tensors or bool(torch.stack([torch.isfinite(t).all().to(tensors[0].device)
+                                                      for t in tensors]).all())):
+        return None
+    for key, v in found:  # name the first one (only when something is wrong)
+        if not (math.isfinite(v) if isinstance(v, float) else bool(torch.isfinite(v).all())):
+            return key
     return None
 
 
@@ -403,7 +421,9 @@ class NonFiniteCheckHook(Hook):
                                  f"before saving a checkpoint of it")
 
     def _check_outputs(self, what: str, loop, batch_idx: int, data_batch, outputs) -> None:
-        for i, sample in enumerate(outputs if isinstance(outputs, (list, tuple)) else ()):
+        if not isinstance(outputs, (list, tuple)) or _non_finite(outputs) is None:  # one check per batch
+            return
+        for i, sample in enumerate(outputs):
             bad = _non_finite(sample)
             if bad:
                 dataset = getattr(getattr(loop, "dataloader", None), "dataset", None)

@@ -159,11 +159,11 @@ def build_runner(cfg, checkpoint: Optional[str] = None, dataloaders: tuple = (),
     each other (:func:`check_same_classes`) and, with ``checkpoint_classes`` (testing, resuming), against the
     classes the checkpoint was trained on (its ``meta.dataset_meta``); hooks with a ``check_setup(runner)``
     method run it. ``after_build(runner, checkpoint_dict_or_None)`` runs last, inside the same clean-up:
-    whatever it raises also removes the runner's files (and puts back the config copy of an earlier run in
-    that work dir, which the Runner rewrote). A :class:`internvit.run_checks.NonFiniteCheckHook` is registered:
-    a non-finite training loss or model output stops the run (:class:`internvit.run_checks.NonFiniteError`).
-    A failure while the runner itself is being built (an unknown registry type, a bad model argument) removes
-    them too.
+    whatever it raises also removes the runner's files. A failure while the runner itself is being built (an
+    unknown registry type, a bad model argument) removes them too. The run's config copy is written
+    (atomically) only once every check passed: a refused run leaves an earlier run's copy in that work dir as
+    it was. A :class:`internvit.run_checks.NonFiniteCheckHook` is registered: a non-finite training loss or
+    model output stops the run (:class:`internvit.run_checks.NonFiniteError`).
     """
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
@@ -174,10 +174,9 @@ def build_runner(cfg, checkpoint: Optional[str] = None, dataloaders: tuple = (),
     existing = set(os.listdir(work_dir)) if osp.isdir(work_dir) else None
     created = first_missing_dir(work_dir)  # the Runner makes every missing folder of the path
     instances = _manager_instances()
-    dump = osp.join(work_dir, osp.basename(cfg.filename)) if cfg.filename else None
-    old_dump = _read_bytes(dump) if dump and existing is not None else None  # the Runner rewrites it
     try:
-        runner = RUNNERS.build(cfg) if "runner_type" in cfg else Runner.from_cfg(cfg)
+        with compat.deferred_config_dump():  # written below once every check passed
+            runner = RUNNERS.build(cfg) if "runner_type" in cfg else Runner.from_cfg(cfg)
         if ckpt is not None:
             check_fits(runner.model, ckpt, checkpoint)
         _build_dataloaders(runner, dataloaders)
@@ -201,24 +200,12 @@ def build_runner(cfg, checkpoint: Optional[str] = None, dataloaders: tuple = (),
             after_build(runner, ckpt)
     except BaseException:
         _discard_run_files(work_dir, existing, instances, created)
-        if old_dump is not None and _read_bytes(dump) != old_dump:  # the earlier run's config copy, as it was
-            from internvit.fileio import atomic_write
-
-            with atomic_write(dump) as tmp, open(tmp, "wb") as f:
-                f.write(old_dump)
         raise
+    compat.dump_config_atomically(runner)
     if callable(getattr(runner, "register_hook", None)):
         runner.register_hook(NonFiniteCheckHook(), priority="ABOVE_NORMAL")  # before a checkpoint is saved
     _scope_checkpoint_loading(runner)
     return runner
-
-
-def _read_bytes(path: str) -> Optional[bytes]:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError:
-        return None
 
 
 def _build_dataloaders(runner, names: tuple) -> None:

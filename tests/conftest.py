@@ -36,3 +36,24 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _forget_mmengine_loggers():
+    """mmengine keeps every MMLogger a runner made (named instances, "current" = the newest) with its handlers
+    bound to the stderr of the test that made it, which pytest closes afterwards: a later test whose runner is
+    refused (its own logger dropped again) logged through an earlier test's closed stream ("--- Logging error
+    ---" on stderr; seen when pytest-xdist spread one file over two processes). The loggers a test made are
+    closed and forgotten after it, as a new process would have none."""
+    logging_module = sys.modules.get("mmengine.logging")
+    before = set(logging_module.MMLogger._instance_dict) if logging_module else set()
+    yield
+    logging_module = sys.modules.get("mmengine.logging")
+    if logging_module is None:
+        return
+    instances = logging_module.MMLogger._instance_dict
+    for name in set(instances) - before:
+        logger = instances.pop(name)
+        for handler in list(logger.handlers):
+            handler.close()
+            logger.removeHandler(handler)

@@ -105,6 +105,7 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("missing_weights_file", _with(EXTRACT, model="{W}/nope.safetensors")),
         ("truncated_weights_dir", _with(EXTRACT, model="{W}/model_trunc")),
         ("truncated_weights_pth", [*_with(EXTRACT, model="{W}/trunc.pth"), "--config", "internvit-6b-tiny"]),
+        ("integer_weights", [*_with(EXTRACT, model="{W}/int_weights.pth"), "--config", "internvit-6b-tiny"]),
         ("bad_layer", [*EXTRACT, "--layers", "99"]),
         ("batch_size_0", [*EXTRACT, "--batch-size", "0"]),
         ("num_workers_negative", [*EXTRACT, "--num-workers", "-1"]),
@@ -245,6 +246,10 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("mmseg0x_src_empty", ["mmseg0x", "", "{out}.pth"]),
         ("dst_empty", ["to-hf", "{W}/model", ""]),
         ("overwrite_a_user_folder", ["to-hf", "{W}/model", "{W}/imgs", "--overwrite"]),
+        ("to_original_without_weight_suffix", ["to-original", "{W}/model", "{out}"]),
+        ("nan_weights", ["to-hf", "{W}/nan_weights.pth", "{out}", "--config", "internvit-6b-tiny"]),
+        ("integer_weights", ["to-original", "{W}/int_weights.pth", "{out}.pth", "--config", "internvit-6b-tiny"]),
+        ("mmseg0x_src_a_folder", ["mmseg0x", "{W}/model", "{out}.pth"]),
     ],
     "train": [
         ("missing_config", ["{W}/nope.py", "--work-dir", "{out}"]),
@@ -253,6 +258,8 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("truncated_resume_checkpoint", ["{seg}", "--work-dir", "{out}", "--resume", "{W}/trunc.pth"]),
         ("bad_cfg_option", ["{seg}", "--work-dir", "{out}", "--cfg-options", "novalue"]),
         ("work_dir_empty", ["{seg}", "--work-dir", ""]),
+        ("cfg_option_key_misspelt", ["{seg}", "--work-dir", "{out}", "--cfg-options", "train_cfgs.max_iters=1"]),
+        ("seed_not_an_integer", ["{seg}", "--work-dir", "{out}", "--cfg-options", "randomness.seed=abc"]),
         ("csv_unknown_label", ["{cls}", "--work-dir", "{out}", "--cfg-options",
                                "train_dataloader.dataset.data_root={W}/digits",
                                "train_dataloader.dataset.ann_file=bad.csv",
@@ -266,6 +273,8 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("config_syntax_error", ["{W}/syntax_error.py", "{W}/other_ckpt.pth", "--work-dir", "{out}"]),
         ("config_without_model", ["{W}/no_model.py", "{W}/other_ckpt.pth", "--work-dir", "{out}"]),
         ("work_dir_empty", ["{seg}", "{W}/other_ckpt.pth", "--work-dir", ""]),
+        ("cfg_option_key_misspelt", ["{seg}", "{W}/other_ckpt.pth", "--work-dir", "{out}", "--cfg-options",
+                                     "test_evalutor.iou_metrics=[mIoU]"]),
         ("safetensors_checkpoint", ["{seg}", "{W}/model/model.safetensors", "--work-dir", "{out}"]),
         ("checkpoint_is_a_folder", ["{seg}", "{W}/model", "--work-dir", "{out}"]),
         ("bad_test_mode", ["{seg}", "{W}/other_ckpt.pth", "--work-dir", "{out}", "--cfg-options",
@@ -399,6 +408,11 @@ def W(tmp_path_factory) -> str:  # noqa: N802 - the placeholder's name
     torch.save(model.state_dict(), f"{w}/trunc.pth")
     _truncate(f"{w}/trunc.pth")
     torch.save({"state_dict": {"foo.weight": torch.zeros(2, 2)}, "meta": {}}, f"{w}/other_ckpt.pth")
+    damaged = {k: v.clone() for k, v in model.state_dict().items()}
+    damaged["encoder.layers.0.mlp.fc1.weight"][0, 0] = float("nan")
+    torch.save(damaged, f"{w}/nan_weights.pth")
+    damaged["encoder.layers.0.mlp.fc1.weight"] = damaged["encoder.layers.0.mlp.fc1.weight"].long()
+    torch.save(damaged, f"{w}/int_weights.pth")
     _overlapping_copy(f"{w}/model/model.safetensors", f"{w}/overlap.safetensors")
     # an index over 8 random 16-d vectors, broken copies, query files of the right and the wrong width
     x = rng.standard_normal((8, 16)).astype(np.float32)

@@ -30,3 +30,12 @@ def test_a_file_or_a_path_under_a_file_is_named(tmp_path):
     with pytest.raises(NotADirectoryError, match=rf"sub: {tmp_path / 'afile'}: a file, not a folder"):
         refuse_foreign_folder(tmp_path / "afile" / "deeper" / "sub", ("manifest.json",), "index")
     assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_first_missing_dir_is_what_makedirs_would_create(tmp_path):
+    from internvit.store import first_missing_dir
+
+    assert first_missing_dir(tmp_path) is None
+    assert first_missing_dir(tmp_path / "a" / "b" / "c") == str(tmp_path / "a")
+    (tmp_path / "a").mkdir()
+    assert first_missing_dir(tmp_path / "a" / "b" / "c") == str(tmp_path / "a" / "b")

@@ -233,7 +233,14 @@ def test_remove_folder_is_one_step_under_every_kill(tmp_path):
         visible = sorted(n for n in os.listdir(d / "out") if not n.startswith("."))
         return visible, (sorted(str(p.relative_to(emb)) for p in emb.rglob("*")) if emb.exists() else None)
 
+    def another_operation(d, n):  # the next --add lists stale add folders: the half-removed one is never among them
+        from retrieval.pipeline import stale_add_folders
+
+        stale = stale_add_folders(str(d / "out"), keep=str(d / "out" / "embeddings-add-2"))
+        assert stale in ([], [str(d / "out" / "embeddings-add-1")]), (n, stale)
+
     code = "import sys; from internvit.store import remove_folder; remove_folder(sys.argv[1])"
     names = kill_sweep(tmp_path, prepare=prepare, read=read, output=lambda d: d / "out", compare_files=False,
+                       after_kill=another_operation,
                        command=lambda d: [sys.executable, "-c", code, str(d / "out" / "embeddings-add-1")])
     assert names == ["folder:renamed-away"]

@@ -8,9 +8,9 @@ import subprocess
 import sys
 import unicodedata
 
-import numpy as np
 import pytest
 import torch
+import zeroshot_eval  # noqa: E402  (tools/, put on sys.path by conftest.py)
 from PIL import Image
 
 import internvit
@@ -22,9 +22,7 @@ from classification.zero_shot import (
     run_zero_shot,
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-import zeroshot_eval  # noqa: E402
+from .conftest import ROOT, write_images  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +38,6 @@ def nan_model(fx, tmp_path_factory):
     return out
 
 
-def write_images(root, classes, n=1):
-    rng = np.random.default_rng(0)
-    for c in classes:
-        os.makedirs(root / c, exist_ok=True)
-        for i in range(n):
-            Image.fromarray(rng.integers(0, 255, (40, 44, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
-    return root
 
 
 def cli(capsys, *argv):
@@ -278,3 +269,16 @@ def test_vision_only_model_and_missing_tokenizer(fx, tmp_path, capsys):
     rc, _, err = cli(capsys, "--model", bare, "--tokenizer", fx, "--data", data, "--templates", "imagenet1k",
                      "--workers", "0")
     assert rc == 0, err
+
+
+def test_a_classifier_with_nan_weights_is_refused():
+    """A hand-made classifier (D, C) with NaN in some class columns is refused naming them, never scored."""
+    from classification.zero_shot import check_finite_classifier
+
+    w = torch.randn(8, 4)
+    check_finite_classifier(w)
+    w[3, 2] = float("nan")
+    w[0, 3] = float("inf")
+    with pytest.raises(ValueError, match=r"non-finite \(NaN or infinity\) weights in 2 of 4 classes "
+                                         r"\(first: class 2\)"):
+        check_finite_classifier(w)

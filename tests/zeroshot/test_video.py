@@ -2,7 +2,6 @@
 skipped and listed, the video embedding rule, an end-to-end digits task with a known answer, the CLI."""
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -10,6 +9,8 @@ import torch
 import torch.nn.functional as F
 
 av = pytest.importorskip("av", reason="PyAV (the 'video' extra) is needed for video decoding")
+
+import zeroshot_eval  # noqa: E402  (tools/, put on sys.path by conftest.py)
 
 from classification import video  # noqa: E402
 from classification.video import (  # noqa: E402
@@ -20,10 +21,6 @@ from classification.video import (  # noqa: E402
     run_video_zero_shot,
     sample_frame_indices,
 )
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-import zeroshot_eval  # noqa: E402
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -238,13 +235,6 @@ def test_kinetics_metadata():
 
 
 # -- CLI with the tiny InternVL fixture -----------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def fx():
-    from tests.conftest import fixture_dir
-
-    return fixture_dir("internvl-cg-tiny")
-
-
 def test_cli_video_end_to_end(fx, tmp_path, bad_videos, capsys):
     root = tmp_path / "vids"
     for d in range(3):

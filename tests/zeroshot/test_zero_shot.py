@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import zeroshot_eval  # noqa: E402  (tools/, put on sys.path by conftest.py)
 
 import internvit
 from classification.zero_shot import (
@@ -21,9 +22,7 @@ from classification.zero_shot import (
 from internvit.openclip_adapter import OpenCLIPModel, create_model_and_transforms
 from internvit.openclip_adapter import get_tokenizer as oc_get_tokenizer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-import zeroshot_eval  # noqa: E402
+from .conftest import ROOT, write_images  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -160,13 +159,7 @@ def test_zero_shot_evaluate_and_openclip_adapter(model, tok, fx):
 
 # -- CLI ------------------------------------------------------------------------------------------------
 def _write_images(root, classes, n=2):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for c in classes:
-        os.makedirs(root / c, exist_ok=True)
-        for i in range(n):
-            Image.fromarray(rng.integers(0, 255, (64, 72, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    write_images(root, classes, n, size=(64, 72))
 
 
 def test_cli_folder_and_csv(fx, tmp_path):
