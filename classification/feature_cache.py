@@ -204,6 +204,16 @@ class CachedFeatureDataset(Dataset):
         self.cache_dir = cache_dir
 
     @staticmethod
+    def precheck(cfg: dict) -> None:
+        """The cheap checks of a config of this dataset (the runner calls them for every split before any
+        split is built, see :func:`internvit.runner.precheck_datasets`): ``feature``, and the source image
+        dataset (its folder / CSV scan and file checks). Raises what building them raises."""
+        if cfg.get("feature", "cls_mean") not in CACHE_FEATURES:
+            raise ValueError(f"feature must be one of {CACHE_FEATURES}, got {cfg.get('feature')!r}")
+        if isinstance(cfg.get("dataset"), dict):
+            DATASETS.build(cfg["dataset"])
+
+    @staticmethod
     def _read(cache_dir: str, spec: dict, feature: str):
         from internvit.features import open_features
 

@@ -213,6 +213,7 @@ def _build_dataloaders(runner, names: tuple) -> None:
 
     if type(runner).build_dataloader is not Runner.build_dataloader or not isinstance(runner, Runner):
         return
+    precheck_datasets(runner, tuple(f"_{name}_dataloader" for name in names))
     diff_rank_seed = runner._randomness_cfg.get("diff_rank_seed", False)
     for name in names:
         attr = f"_{name}_dataloader"
@@ -446,6 +447,26 @@ def _prepare_training(runner, ckpt=None) -> None:
             raise ValueError(f"{what}: {one_line(e) if str(e) else type(e).__name__}") from None
     check_train_loop(runner._train_loop, ckpt if getattr(runner, "_resume", False) else None,
                      dict(runner.cfg.get("train_cfg") or {}))
+
+
+def precheck_datasets(runner, attrs: tuple) -> None:
+    """Call ``precheck(cfg)`` of each dataset class named by the runner's dataloader configs ``attrs`` (those not
+    built yet), before any of them is built: a dataset whose construction is costly (the classification
+    ``CachedFeatureDataset`` extracts features) checks its cheap parts there, so that a bad val split is refused
+    before the train split's features are extracted. Raises what the prechecks raise."""
+    from mmengine.registry import DATASETS
+
+    for attr in attrs:
+        loader = getattr(runner, attr, None)
+        dataset = loader.get("dataset") if isinstance(loader, dict) else None
+        if not isinstance(dataset, dict) or not isinstance(dataset.get("type"), (str, type)):
+            continue
+        cls = dataset["type"]
+        if isinstance(cls, str):
+            with DATASETS.switch_scope_and_registry(runner.cfg.get("default_scope")) as registry:
+                cls = registry.get(cls)
+        if cls is not None and callable(getattr(cls, "precheck", None)):
+            cls.precheck(dataset)
 
 
 def _require(cfg, config: str, keys: tuple, what: str) -> None:

@@ -190,12 +190,27 @@ def _main(argv=None) -> int:
         dist.destroy_process_group()
         if int(os.environ.get("RANK", "0")) != 0:
             return 0
+    if m["count"] == 0 and m["num_errors"]:
+        raise UsageError(_all_failed_message(args.out, m["num_errors"]))
     speed = m["timing"].get("images_per_s")
     rows = "" if args.tiles is None else (" (one per tile)" if args.tile_pool is None else " (one per image)")
     print(f"wrote {m['count']} features{rows} of shape {tuple(m['feature_shape'])} to {output_text(args.out)} "
           f"({len(m['shards'])} shards, {m['num_errors']} errors, "
           f"{f'{speed:.1f} images/s' if speed else 'nothing left to compute'})")
     return 0
+
+
+def _all_failed_message(out: str, num_errors: int) -> str:
+    """The ``error:`` text of a job in which no image gave a feature (the folder keeps the record of why)."""
+    import json
+
+    from internvit.features import ERRORS, output_text
+
+    path = os.path.join(out, ERRORS)
+    with open(path, encoding="utf-8") as f:
+        first = json.loads(f.readline())
+    return (f"--images: none of the {num_errors} images gave a feature (first: {first['path']}: {first['error']}); "
+            f"every failure is listed in {output_text(path)}")
 
 
 def _extensions() -> list:

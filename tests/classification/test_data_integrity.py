@@ -168,6 +168,29 @@ def test_train_with_an_empty_class_folder_is_one_error_line(tree, tmp_path, caps
     assert not work.exists()
 
 
+def test_cached_probe_refuses_a_bad_val_split_before_extracting_train_features(tree, tmp_path, capsys):
+    """The cached probe config built (and extracted) the train split's features, then refused the val split's
+    empty class folder: every split's source is now checked first (``CachedFeatureDataset.precheck``), so the
+    error comes before any extraction and no cache folder is made."""
+    for split in ("train", "val"):
+        for name in "abc":
+            os.makedirs(tree / split / name, exist_ok=True)
+            if name != "c" or split == "train":
+                _bmp(tree / split / name / "0.bmp", seed=ord(name))
+    cache = tmp_path / "cache"
+    opts = [*(f"{s}_dataloader.dataset.dataset.data_root={tree}" for s in ("train", "val", "test")),
+            f"train_dataloader.dataset.cache_dir={cache}/train", f"val_dataloader.dataset.cache_dir={cache}/val",
+            f"test_dataloader.dataset.cache_dir={cache}/val", "model.head.num_classes=3", "train_cfg.max_epochs=1",
+            "train_dataloader.batch_size=2", "val_dataloader.batch_size=2", "test_dataloader.batch_size=2"]
+    work = tmp_path / "work"
+    rc = run(_tool("train").main, [os.path.join(TOY_CONFIGS, "digits_linear_probe_cached.py"), "--work-dir",
+                                   str(work), "--cfg-options", *opts])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"error: {tree / 'val'}: no images for class 'c' (empty class folder")
+    assert not cache.exists() and not work.exists()
+
+
 # ---------------------------------------------------------------------------------------------------
 # 4. The toy set never leaves a class out of a split
 # ---------------------------------------------------------------------------------------------------

@@ -216,6 +216,26 @@ def test_cli_bad_input(image_dir, tmp_path, case):
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_every_image_failing_is_an_error(tmp_path):
+    """A job in which no image gave a feature is one ``error:`` line naming the first failure, exit 2 (it exited
+    0 with 'wrote 0 features'); the committed folder keeps ``errors.jsonl`` (the record of why), and the re-run
+    says the same."""
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    bad = make_bad_files(str(imgs))
+    argv = ["--model", "internvit-6b-tiny", "--images", str(imgs), "--out", str(tmp_path / "out"), "--no-progress"]
+    for _ in range(2):
+        rc, err = _run_capture(_cli(), argv)
+        assert rc == 2, err
+        assert err.startswith("error: --images: none of the 2 images gave a feature") and err.count("\n") == 1
+        assert bad["corrupt"] in err and "errors.jsonl" in err
+    with open(tmp_path / "out" / "errors.jsonl") as f:
+        assert {json.loads(line)["path"] for line in f} == set(bad.values())
+    shutil.copy(make_images(str(tmp_path / "good"), 1)[0], imgs / "good.png")  # one readable image: a result
+    rc, err = _run_capture(_cli(), argv[:-3] + ["--out", str(tmp_path / "out2"), "--no-progress"])
+    assert rc == 0, err
+
+
 def test_preset_weights_are_the_same_in_every_process(tmp_path):
     """Issue 9: a preset's random weights come from a seed of its name (not the global RNG), so running
     extract_features twice on the same --out resumes/returns instead of refusing 'a different model'."""
