@@ -68,12 +68,12 @@ class Accuracy(BaseMetric):
 
     def _too_large(self, num_classes: int, where: str) -> list:
         """The ``k`` of ``topk`` that ``num_classes`` classes cannot honour (warned about once per count)."""
-        bad = [k for k in self.topk if k > num_classes]
+        bad = [k for k in self.topk if k > 1 and k >= num_classes]  # top-C: every sample is a hit
         if bad and num_classes not in self._warned:
             self._warned.add(num_classes)
             warnings.warn(f"Accuracy: topk={self.topk} but {where} {num_classes} classes: "
                           f"{', '.join(f'top{k}' for k in bad)} would be 100 whatever the model predicts and "
-                          f"is not reported; set the evaluator's topk to values of at most {num_classes}",
+                          f"is not reported; set the evaluator's topk to values below {num_classes}",
                           UserWarning, stacklevel=3)
         return bad
 

@@ -253,7 +253,7 @@ def video_zero_shot_evaluate(model, classifier: torch.Tensor, dataloader, *, mod
     element: ``(ids, short)``, the dataset indices of the videos and those of them with fewer frames than ``T``.
 
     ``errors`` is a list of ``(index, message)`` for skipped videos (``paths[index]`` names them in
-    ``failed``). Returns ``acc1``, ``acc5`` (``None`` below 5 classes), ``acc_mean`` (their mean, ``None``
+    ``failed``). Returns ``acc1``, ``acc5`` (``None`` with 5 classes or fewer), ``acc_mean`` (their mean, ``None``
     without ``acc5``), ``mean_per_class_recall`` (fractions), ``num_samples``, ``num_failed``, ``failed``
     (``[{'path', 'error'}]``), ``num_short_videos`` and ``num_classes``. Raises ``ValueError`` when a video
     embedding or the classifier is not finite (NaN or infinity), when no video could be read or a label is out

@@ -199,8 +199,8 @@ def encode_images(model, images: torch.Tensor, mode: Optional[str] = None) -> to
 def classification_metrics(logits: torch.Tensor, target: torch.Tensor) -> dict:
     """``acc1``, ``acc5`` and ``mean_per_class_recall`` (over classes present in ``target``).
 
-    With fewer than 5 classes top-5 is undefined (every image would count as a hit): ``acc5`` is ``None`` and
-    ``acc5_note`` says why (CLIP_benchmark reports NaN there; JSON has no NaN).
+    With 5 classes or fewer top-5 says nothing (every image would count as a hit): ``acc5`` is ``None`` and
+    ``acc5_note`` says why (CLIP_benchmark reports NaN below 5 classes; JSON has no NaN).
     """
     n, c = logits.shape
     top = logits.topk(min(5, c), dim=1).indices
@@ -208,10 +208,11 @@ def classification_metrics(logits: torch.Tensor, target: torch.Tensor) -> dict:
     pred = top[:, 0]
     present = torch.unique(target)
     recalls = torch.stack([(pred[target == k] == k).float().mean() for k in present])
-    out = dict(acc1=hit[:, :1].any(1).float().mean().item(), acc5=hit.any(1).float().mean().item() if c >= 5 else None,
+    out = dict(acc1=hit[:, :1].any(1).float().mean().item(), acc5=hit.any(1).float().mean().item() if c > 5 else None,
                mean_per_class_recall=recalls.mean().item())
-    if c < 5:
-        out["acc5_note"] = f"top-5 is undefined with {c} classes (fewer than 5): acc5 is null"
+    if c <= 5:
+        out["acc5_note"] = (f"top-5 says nothing with {c} classes (every image is a hit with 5 classes or fewer): "
+                            f"acc5 is null")
     return out
 
 
@@ -452,6 +453,10 @@ def match_classes(names: Sequence[str], data_classes: Sequence[str]) -> list[int
             raise ValueError(f"class {c!r} (label {j}) is class name {h[0]} ({names[h[0]]!r}), but the name at "
                              f"position {j} is {names[j]!r}: list the class names in the data's class order "
                              f"(sorted folder names) or give names that match every class")
+    if all(_is_index(c) for c in data_classes):  # index labels: the classes are 0..max, the max is what overflows
+        top = max(int(c) for c in data_classes)
+        raise ValueError(f"the data's labels are class indices up to {top}, but {len(names)} class names are given "
+                         f"(indices 0..{len(names) - 1}): give a class name for every index")
     missing = [c for c, h in zip(data_classes, hits) if not h]
     shown = ", ".join(map(repr, missing[:3])) + (", ..." if len(missing) > 3 else "")
     raise ValueError(f"{len(names)} class names given but the data has {len(data_classes)} classes, and "
@@ -466,7 +471,8 @@ def resolve_class_index(spec: Optional[Union[str, Sequence[str]]], data_classes:
     position in ``names`` (relabel a sample with ``index[label]``).
 
     ``spec``: ``None`` (the data's own classes: ImageNet WordNet-id folders such as ``n01440764`` get their
-    shipped names in ``lang``, other names are used with ``_`` read as a space), a list, a ``.txt`` / ``.json``
+    shipped names in ``lang``, other names are used with ``_`` read as a space; classes that are all numbers,
+    index labels or folders ``000/``, ``001/``, are refused: they name nothing), a list, a ``.txt`` / ``.json``
     file, or a shipped key (``by_key``, default :func:`load_classnames` in ``lang``). WordNet-id classes are
     matched to an ImageNet key by id; everything else by :func:`match_classes`. Every list goes through
     :func:`check_class_names`: the data's own classes and lists of your own with an empty name or two names that
@@ -484,6 +490,13 @@ def resolve_class_index(spec: Optional[Union[str, Sequence[str]]], data_classes:
             names = [by_wnid[c] for c in data_classes]
             check_class_names(names, f"imagenet1k ({_lang(lang)}) of the WordNet-id folders", shipped=True)
             return names, list(range(len(data_classes)))
+        from .datasets import _is_index
+
+        if all(_is_index(c) for c in data_classes):  # '0', '1' or '000': indices, nothing a prompt can describe
+            shown = ", ".join(map(repr, data_classes[:3])) + (", ..." if len(data_classes) > 3 else "")
+            raise ValueError(f"the data's classes are numbers ({shown}: folder names / CSV labels), class indices "
+                             f"rather than names a text prompt can describe; pass --classnames (a .txt / .json "
+                             f"list in index order, or a shipped list such as imagenet1k)")
         check_class_names(data_classes, "the data's classes (folder names / CSV labels)")
         return [unicodedata.normalize("NFC", c.replace("_", " ")) for c in data_classes], \
             list(range(len(data_classes)))

@@ -245,9 +245,23 @@ def test_top5_of_three_classes_is_not_reported_as_100():
     assert "accuracy/top5" not in out and set(out) == {"accuracy/top1", "accuracy/mean_recall"}
     bare = Accuracy(topk=(1, 3, 5))  # no dataset_meta: the scores themselves tell the class count
     bare.process(None, _scores(12, 3))
-    with pytest.warns(UserWarning, match=r"topk=\(1, 3, 5\) but the model scores 3 classes: top5 would"):
+    with pytest.warns(UserWarning, match=r"topk=\(1, 3, 5\) but the model scores 3 classes: top3, top5 would"):
         out = bare.evaluate(12)
-    assert set(out) == {"accuracy/top1", "accuracy/top3"} and out["accuracy/top3"] == 100.0
+    assert set(out) == {"accuracy/top1"}  # top-3 of 3 classes is a hit for every sample too
+
+
+def test_top5_of_five_classes_is_not_reported_as_100():
+    """The newcomer's case: random scores over exactly 5 classes gave ``top5: 100.0`` (top-C counts every sample
+    as a hit, as top-k above C does); 6 classes report it."""
+    metric = Accuracy(topk=(1, 5))
+    metric.process(None, _scores(50, 5))
+    with pytest.warns(UserWarning, match=r"but the model scores 5 classes: top5 would be 100"):
+        out = metric.evaluate(50)
+    assert set(out) == {"accuracy/top1"}
+    metric = Accuracy(topk=(1, 5))
+    metric.process(None, _scores(50, 6))
+    out = metric.evaluate(50)
+    assert set(out) == {"accuracy/top1", "accuracy/top5"} and out["accuracy/top5"] < 100.0
 
 
 def test_mean_recall_names_classes_without_samples():

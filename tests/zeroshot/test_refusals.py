@@ -94,6 +94,38 @@ def test_folders_that_normalise_to_one_name_are_refused(fx, tmp_path, capsys):
     assert "duplicate class names: 'ice cream' (position 1) and 'ice_cream' (position 2)" in err[0]
 
 
+@pytest.mark.parametrize("layout", ["csv", "folders"])
+def test_number_classes_without_classnames_are_refused(fx, tmp_path, capsys, layout):
+    """Index labels (a CSV of ``path,3``) or number folders (``000/``, ``001/``) without ``--classnames`` were
+    scored with prompts such as 'a photo of 3.' and reported as an accuracy; they name nothing, so they are
+    refused. With names given they are indices (the fourth name for ``3``)."""
+    if layout == "csv":
+        write_images(tmp_path / "imgs", ["a"], n=3)
+        data = tmp_path / "d.csv"
+        data.write_text("".join(f"imgs/a/{i}.png,{label}\n" for i, label in enumerate((3, 1, 0))))
+    else:
+        data = write_images(tmp_path / "d", ["000", "001", "002"])
+    rc, out, err = cli(capsys, "--model", fx, "--data", data, "--workers", "0", "--templates", "imagenet1k")
+    assert rc == 2 and len(err) == 1, err
+    assert "the data's classes are numbers ('0', '1', '2', ...:" in err[0] or "('000', '001', '002':" in err[0]
+    assert "pass --classnames" in err[0]
+    (tmp_path / "names.txt").write_text("red\ngreen\nblue\nyellow\n")
+    rc, out, err = cli(capsys, "--model", fx, "--data", data, "--workers", "0", "--templates", "imagenet1k",
+                       "--classnames", tmp_path / "names.txt")
+    assert rc == 0, err
+
+
+def test_an_index_label_beyond_the_class_names_names_the_index(fx, tmp_path, capsys):
+    """One row labelled 10 with 6 names said 'the data has 11 classes, and 11 of them ... match no class name'."""
+    write_images(tmp_path / "imgs", ["a"])
+    (tmp_path / "d.csv").write_text("imgs/a/0.png,10\n")
+    (tmp_path / "names.json").write_text('["black", "blue", "green", "red", "white", "yellow"]')
+    rc, out, err = cli(capsys, "--model", fx, "--data", tmp_path / "d.csv", "--workers", "0", "--templates",
+                       "imagenet1k", "--classnames", tmp_path / "names.json")
+    assert rc == 2 and len(err) == 1, err
+    assert "labels are class indices up to 10, but 6 class names are given (indices 0..5)" in err[0]
+
+
 def test_a_repeated_name_in_your_list_says_duplicate(fx, tmp_path, capsys):
     data = write_images(tmp_path / "d", ["a", "b"])
     (tmp_path / "names.txt").write_text("a\na\nb\n")
@@ -244,13 +276,16 @@ def test_existing_result_needs_overwrite(fx, tmp_path, capsys):
     assert rc == 0 and json.loads(out.read_text())["num_samples"] == 2
 
 
-# -- 8: top-5 below 5 classes ----------------------------------------------------------------------------------
-def test_top5_is_undefined_below_5_classes():
+# -- 8: top-5 of 5 classes or fewer ----------------------------------------------------------------------------
+def test_top5_is_undefined_with_5_classes_or_fewer():
     logits, target = torch.tensor([[3.0, 2.0, 1.0], [1.0, 2.0, 3.0]]), torch.tensor([2, 0])
     m = classification_metrics(logits, target)
     assert m["acc1"] == 0.0 and m["acc5"] is None and "3 classes" in m["acc5_note"]
-    m = classification_metrics(torch.eye(5)[[4, 0]], torch.tensor([4, 1]))
-    assert m["acc5"] == 1.0 and "acc5_note" not in m
+    m = classification_metrics(torch.eye(5)[[4, 0]], torch.tensor([4, 1]))  # 5 classes: every image is a hit
+    assert m["acc5"] is None and "5 classes" in m["acc5_note"]
+    logits = torch.tensor([[6.0, 5, 4, 3, 2, 1], [6.0, 5, 4, 3, 2, 1]])
+    m = classification_metrics(logits, torch.tensor([4, 5]))  # 6 classes: top-5 holds class 4, not class 5
+    assert m["acc5"] == 0.5 and "acc5_note" not in m
 
 
 # -- 9: wording for a model without text tower or tokenizer ----------------------------------------------------
