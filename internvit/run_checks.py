@@ -284,14 +284,18 @@ RUNNER_KEYS = frozenset((
     "test_cfg", "auto_scale_lr", "optim_wrapper", "param_scheduler", "val_evaluator", "test_evaluator",
     "default_hooks", "custom_hooks", "data_preprocessor", "load_from", "resume", "launcher", "env_cfg",
     "log_processor", "log_level", "visualizer", "default_scope", "randomness", "experiment_name", "strategy",
-    "compile", "runner_type", "custom_imports", "activation_checkpointing", "efficient_conv_bn_eval"))
+    "compile", "runner_type", "custom_imports", "activation_checkpointing", "efficient_conv_bn_eval",
+    "model_wrapper_cfg", "find_unused_parameters", "cfg", "tta_model", "tta_pipeline"))
 
 
 def check_option_keys(cfg, options: dict) -> None:
     """Refuse a ``--cfg-options`` key whose first part is neither a key of the config nor one the runner reads
     (``ValueError`` naming the closest key): mmengine adds unknown keys silently, so ``train_cfgs.max_epochs=1``
-    trained the config's full schedule. Deeper parts are checked where they are used (a misspelt loop or
-    dataloader argument is a ``TypeError`` while the runner is set up)."""
+    trained the config's full schedule. A key of the config file's own variables (``data_root``,
+    ``crop_size``: not one the runner reads) is refused too, naming the keys that hold the variable's value: the
+    file substituted it where it is used when it was read, so mmengine ignored such an override silently.
+    Deeper parts are checked where they are used (a misspelt loop or dataloader argument is a ``TypeError``
+    while the runner is set up)."""
     import difflib
 
     known = set(cfg.keys()) | RUNNER_KEYS
@@ -302,6 +306,55 @@ def check_option_keys(cfg, options: dict) -> None:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"--cfg-options {key}: the config has no key {top!r} and the runner reads none"
                              f"{hint}")
+        if top not in RUNNER_KEYS:
+            raise ValueError(_variable_message(cfg, key, top))
+
+
+def _variable_message(cfg, key: str, top: str) -> str:
+    """Why an override of the config file's own variable ``top`` (``data_root``, ``crop_size``, ``max_iters``)
+    is refused, naming the keys that hold its value (mmengine substituted it there when it read the file, so
+    setting the variable afterwards changed nothing: a test scored the config's data set instead of the one
+    asked for)."""
+    value = cfg[top].to_dict() if hasattr(cfg[top], "to_dict") else cfg[top]
+    holders = [p for p in _paths_of(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg), value)
+               if p.split(".", 1)[0] in RUNNER_KEYS]
+    named = [p for p in holders if p.rsplit(".", 1)[-1] == top]  # data_root=data_root: the likely uses
+    others = [p for p in holders if p not in named]
+
+    def listed(paths: list) -> str:
+        return ", ".join(paths[:6]) + (f", ... ({len(paths)} in all)" if len(paths) > 6 else "")
+
+    also = f" (also holding the same value: {listed(others)})" if named and others else ""
+    where = (f"set the keys that use it instead: {listed(named)}{also}" if named else
+             f"set the keys that use it instead (keys holding the same value: {listed(others)})" if holders else
+             "no key the runner reads holds its value as it is (it may be part of others, such as paths built "
+             "from it): set those keys")
+    return (f"--cfg-options {key}: {top!r} is a variable of the config file, already substituted where the file "
+            f"uses it, so setting it here would change nothing; {where}")
+
+
+def _plain(obj):
+    """``obj`` with tuples as lists, recursively (to compare a config's values however they were parsed)."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    return [_plain(v) for v in obj] if isinstance(obj, (list, tuple)) else obj
+
+
+def _paths_of(obj, value, prefix: str = "", depth: int = 0) -> Iterator[str]:
+    """Dotted keys (list items as ``.N``) under ``obj`` whose value equals ``value``, outermost first."""
+    if depth > 12:
+        return
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        path = f"{prefix}{k}"
+        try:  # a (1, 2) tuple the file wrote is a [1, 2] list after mmengine's parsing; 1 is not True or 1.0
+            same = _plain(v) == _plain(value) and (isinstance(value, (dict, list, tuple)) or type(v) is type(value))
+        except Exception:  # noqa: BLE001 - values that cannot be compared (arrays) are not the variable
+            same = False
+        if same:
+            yield path
+        elif isinstance(v, (dict, list, tuple)):
+            yield from _paths_of(v, value, path + ".", depth + 1)
 
 
 def check_train_loop(loop, ckpt: Any = None, train_cfg: Optional[dict] = None) -> None:

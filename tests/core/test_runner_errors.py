@@ -349,6 +349,15 @@ def test_an_empty_work_dir_or_a_folder_as_the_checkpoint_is_refused(tmp_path, ca
     ("train_cfg.max_epochs=True", "train_cfg.max_epochs=True: must be an integer"),
     ("randomness.seed=abc", "randomness.seed must be an integer from 0 to 2**32 - 1 (or None), got 'abc'"),
     ("randomness.seed=-1", "randomness.seed must be an integer"),
+    ("data_root=elsewhere", "'data_root' is a variable of the config file, already substituted where the file uses "
+                            "it, so setting it here would change nothing; set the keys that use it instead: "
+                            "train_dataloader.dataset.data_root, val_dataloader.dataset.data_root, "
+                            "test_dataloader.dataset.data_root"),
+    ("backbone.arch.image_size=112", "'backbone' is a variable of the config file, already substituted where the "
+                                     "file uses it, so setting it here would change nothing; set the keys that "
+                                     "use it instead: model.backbone"),
+    ("train_images.split=val", "set the keys that use it instead (keys holding the same value: "
+                               "train_dataloader.dataset)"),
 ])
 def test_training_settings_that_fail_later_or_train_nothing_are_setup_errors(option, must, tmp_path, capsys,
                                                                            monkeypatch, toy_digits_root):
