@@ -289,7 +289,8 @@ class EmbeddingSource:
     def fingerprint(self) -> str:
         """What identifies this collection's content for resuming a job over it, without reading its rows.
 
-        * A folder written through the store (:func:`write_embeddings`, ``FeatureExtractor.write``): its data
+        * A folder written through the store (:func:`write_embeddings`, ``FeatureExtractor.write``, or a
+          sub-folder that is its own store folder, such as ``text_emb/``: the deepest one listing the shards): its data
           files are immutable while the committed manifest lists them, and a rewrite commits a new generation;
           so the content checksum that manifest recorded (``checksums[kind]``, the same value as
           :meth:`checksum`), or ``"content:"`` + a hash of the per-shard sha256 of the rows that
@@ -303,11 +304,10 @@ class EmbeddingSource:
         """
         if any(not isinstance(s, str) for s in self.shards):
             return self.checksum()
-        base = self.root if self.root and os.path.isdir(self.root) else os.path.dirname(self.shards[0])
-        m = self.manifest() if self.root and os.path.isdir(self.root) else None
-        listed = set(committed_files(m)) if m and "_store" in m else set()
+        base, m = self._store_folder()
+        listed = set(committed_files(m)) if m else set()
         rel = [os.path.relpath(s, base) for s in self.shards]
-        if listed and all(os.path.normpath(r) in listed for r in rel):
+        if listed:
             recorded = m.get("checksums") if isinstance(m.get("checksums"), dict) else {}
             kind = next((k for k, (sub, _) in KINDS.items() if rel[0].startswith(sub + os.sep)), None)
             if (kind in recorded and m.get("count") == self.count
@@ -348,6 +348,30 @@ class EmbeddingSource:
             raise EmbeddingError(f"{self.root}: metadata has {table.num_rows} rows but the embeddings have "
                                  f"{self.count}")
         return table
+
+    def _store_folder(self) -> tuple[str, Optional[dict]]:
+        """``(folder, its committed store manifest)`` of the store folder whose manifest lists every shard: the
+        collection's root or a sub-folder that is its own store folder (``text_emb/``, written apart from the
+        image shards), deepest first; ``(the root or the shards' folder, None)`` when no store folder lists
+        them (the fingerprint then falls back to ``stat:``)."""
+        if not (self.root and os.path.isdir(self.root)):
+            return os.path.dirname(self.shards[0]), None
+        root = os.path.abspath(self.root)
+        folder, candidates = os.path.dirname(os.path.abspath(self.shards[0])), []
+        while os.path.commonpath([folder, root]) == root:  # from the shards' folder up to the root
+            candidates.append(folder)
+            if folder == root:
+                break
+            folder = os.path.dirname(folder)
+        for folder in candidates or [root]:
+            try:
+                m = read_manifest(folder)
+            except StoreError as e:
+                raise EmbeddingError(str(e)) from None
+            if m and "_store" in m and all(os.path.normpath(os.path.relpath(os.path.abspath(s), folder))
+                                           in set(committed_files(m)) for s in self.shards):
+                return folder, m
+        return self.root, None
 
     def manifest(self) -> Optional[dict]:
         """The collection's ``manifest.json`` (written by the embedding job), if any."""
