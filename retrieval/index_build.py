@@ -264,14 +264,57 @@ def _identities(record: dict) -> set:
     return {v for v in (record.get("fingerprint"), record.get("checksum")) if isinstance(v, str) and v}
 
 
-def _already_indexed(manifest: dict, identities: set) -> Optional[str]:
+def folder_fingerprint(folder: str, kind: str) -> Optional[str]:
+    """:meth:`EmbeddingSource.fingerprint` of the ``kind`` embeddings in ``folder``; ``None`` when it holds
+    none that can be read (missing, empty, or an interrupted job's folder)."""
+    try:
+        return EmbeddingSource.from_folder(os.fspath(folder), kind).fingerprint()
+    except (EmbeddingError, OSError, ValueError):
+        return None
+
+
+def recorded_source(manifest: dict, folder: str) -> Optional[dict]:
+    """The record in the committed index ``manifest`` of the build / add whose source is ``folder``: by path,
+    or (an index folder that was copied or moved, with its ``embeddings`` / ``embeddings-add-*`` folders) a
+    record of a folder of the same name whose content ``folder`` holds (its fingerprint among the record's
+    identities); else ``None``. Another folder with the same content (an add of the build's own images) is not
+    the recorded one."""
+    records = manifest.get("embeddings") or []
+    path = os.path.abspath(folder)
+    for rec in records:
+        if rec.get("source") == path:
+            return rec
+    named = [rec for rec in records if isinstance(rec.get("source"), str) and rec["source"] != "array"
+             and os.path.basename(rec["source"]) == os.path.basename(path)]
+    if not named or not os.path.isdir(path):
+        return None
+    fingerprint = folder_fingerprint(path, manifest.get("kind", "img"))
+    return next((rec for rec in named if fingerprint in _identities(rec)), None)
+
+
+def _shown_source(manifest: dict, rec: dict, out_dir: Optional[str]) -> Optional[str]:
+    """Where a recorded source is now: the folder of the same name in ``out_dir`` when it holds that content
+    and the recorded path is elsewhere (the index folder was copied or moved), else the recorded path."""
+    source = rec.get("source")
+    if source in (None, "array"):
+        return None
+    if out_dir is not None:
+        here = os.path.join(os.path.abspath(out_dir), os.path.basename(source))
+        if here != source and recorded_source(manifest, here) is rec:
+            return here
+    return source
+
+
+def _already_indexed(manifest: dict, identities: set, out_dir: Optional[str] = None) -> Optional[str]:
     """How the committed index already holds a source with one of ``identities`` (``'the build (ids
-    0..299)'`` / ``'add #2 (ids 300..339)'``), else ``None``."""
+    0..299)'`` / ``'add #2 (ids 300..339)'``), else ``None``; a source folder is named where it now is
+    (:func:`_shown_source`, ``out_dir`` the index folder)."""
     for i, rec in enumerate(manifest.get("embeddings") or []):
         if _identities(rec) & identities:
             first = int(rec.get("first_id", 0)) + int(manifest.get("id_offset", 0))
             what = "the build" if i == 0 else f"add #{i}"
-            where = f" from {rec['source']}" if rec.get("source") not in (None, "array") else ""
+            shown = _shown_source(manifest, rec, out_dir)
+            where = f" from {shown}" if shown else ""
             return f"{what}{where} (ids {first}..{first + int(rec.get('count', 0)) - 1})"
     return None
 
@@ -840,7 +883,7 @@ def _check_add_offset(manifest: dict, id_offset: Optional[int], count: int, wher
 def _refuse_duplicate(manifest: dict, identities: set, allow: bool, where: str, warn: bool = True) -> None:
     """``ValueError`` naming the build / add that already indexed a source with these identities (a warning
     instead with ``allow``)."""
-    held = _already_indexed(manifest, identities)
+    held = _already_indexed(manifest, identities, where)
     if held and not allow:
         raise ValueError(f"{where}: these embeddings are already in the index, added by {held}; adding them "
                          f"again would index every row twice (pass allow_duplicate=True to add them anyway)")

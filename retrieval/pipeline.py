@@ -17,7 +17,7 @@ from internvit.store import read_manifest, refuse_foreign_folder, remove_folder
 
 from .embeddings import KINDS, save_npy
 from .encoders import Encoder
-from .index_build import add_to_index, build_index, check_build_args, check_kind
+from .index_build import add_to_index, build_index, check_build_args, check_kind, recorded_source
 from .index_folder import check_index_destination
 from .index_folder import read_manifest as read_index_manifest
 from .index_plan import plan_index
@@ -172,7 +172,8 @@ def index_images(
 
     ``overwrite=True`` discards interrupted jobs of other arguments at every stage (the index's, the embeddings
     folder's) and, for an add, removes the ``OUT/embeddings-add-*`` folders of other adds that the index does not
-    reference (left by an add killed while embedding; without ``overwrite`` they are named in a warning). It
+    reference (left by an add killed while embedding; without ``overwrite`` they are named in a warning; the
+    folder of an add another process is running now, its lock held, is left alone and named as such). It
     never replaces a committed index. A refused add (e.g. embeddings the index already holds) removes the
     ``embeddings-add-*`` folder it embedded into, and a refused build the embeddings folder it created, so a
     refused run leaves nothing behind.
@@ -203,6 +204,9 @@ def index_images(
             from .index_build import discard_pending
 
             discard_pending(out_dir)  # the index's interrupted job of other arguments
+        for d in prepared["busy"]:
+            logger.info("%s: embeddings of another --add of other inputs, being written by another process now "
+                        "(left alone)", d)
         for d in prepared["stale"]:
             if overwrite:
                 logger.warning("%s: removing the embeddings of an interrupted add of other inputs (--overwrite)", d)
@@ -254,21 +258,40 @@ def index_images(
 
 
 def _recorded(out_dir: str, embeddings_dir: str) -> bool:
-    """Whether the committed index in ``out_dir`` was built from (or added) ``embeddings_dir``."""
-    sources = [e.get("source") for e in (_committed(out_dir) or {}).get("embeddings", [])]
-    return os.path.abspath(embeddings_dir) in sources
+    """Whether the committed index in ``out_dir`` was built from (or added) ``embeddings_dir``: by path or by
+    content (:func:`~retrieval.index_build.recorded_source`), so a copied or moved index folder knows its own."""
+    manifest = _committed(out_dir) or {}
+    return "index_file" in manifest and recorded_source(manifest, embeddings_dir) is not None
+
+
+def being_written(folder: str) -> bool:
+    """Whether another process holds ``folder``'s store lock now (a live job, not an interrupted one)."""
+    from filelock import FileLock, Timeout
+
+    from internvit.store import LOCK
+
+    path = os.path.join(folder, LOCK)
+    if not os.path.exists(path):
+        return False
+    lock = FileLock(path, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        return True
+    lock.release()
+    return False
 
 
 def stale_add_folders(out_dir: str, keep: str) -> list:
-    """``OUT/embeddings-add-*`` folders other than ``keep`` that the committed index does not reference: the
-    embeddings of an add interrupted before it committed (or refused by an older version)."""
+    """``OUT/embeddings-add-*`` folders other than ``keep`` that the committed index does not reference (by path
+    or content): the embeddings of an add interrupted before it committed (or refused by an older version), or
+    of an add another process is running now (:func:`being_written`; :func:`index_images` leaves those alone)."""
     import glob
 
     manifest = _committed(out_dir) or {}
-    sources = {e.get("source") for e in manifest.get("embeddings", [])}
     keep = os.path.abspath(keep)
     return sorted(d for d in glob.glob(os.path.join(glob.escape(out_dir), "embeddings-add-*"))
-                  if os.path.isdir(d) and os.path.abspath(d) != keep and os.path.abspath(d) not in sources)
+                  if os.path.isdir(d) and os.path.abspath(d) != keep and recorded_source(manifest, d) is None)
 
 
 def _prepare(source, out_dir: str, encoder: Encoder, *, add: bool, kind: Optional[str],
@@ -310,19 +333,22 @@ def _prepare(source, out_dir: str, encoder: Encoder, *, add: bool, kind: Optiona
     if embeddings_dir is None:
         embeddings_dir = os.path.join(out_dir, f"embeddings-add-{_inputs_tag(paths)}" if add else "embeddings")
     embeddings_dir = os.fspath(embeddings_dir)
-    if not add:
-        existing = _committed(out_dir)
-        if existing and "index_file" in existing:
-            recorded = [e.get("source") for e in existing.get("embeddings", [])]
-            if os.path.abspath(embeddings_dir) not in recorded:
-                raise FileExistsError(f"{out_dir}: already holds an index built from other embeddings (use --add "
-                                      f"to extend it, or another folder)")
+    held = _committed(embeddings_dir) or {}
+    if "index_file" in held:  # --embeddings naming an index folder
+        raise FileExistsError(f"{embeddings_dir}: an index folder, not an embeddings folder: give the embeddings "
+                              f"a new or empty folder (or one of embeddings made with these arguments)")
+    if not add and not _recorded(out_dir, embeddings_dir) and "index_file" in (_committed(out_dir) or {}):
+        # the build's own embeddings are recognised by content too (a copied or moved index folder)
+        raise FileExistsError(f"{out_dir}: already holds an index built from other embeddings (use --add "
+                              f"to extend it, or another folder)")
     refuse_foreign_folder(embeddings_dir, ("manifest.json", ".store"), "embeddings folder")
     _check_encoder(embeddings_dir, encoder.info())
+    others = stale_add_folders(out_dir, embeddings_dir) if add else []
+    busy = {d: being_written(d) for d in others}
     return dict(images=images, captions=captions, paths=paths, kind=kind, budget=budget,
                 embeddings_dir=embeddings_dir, default_dir=default_dir,
                 recorded=_recorded(out_dir, embeddings_dir),
-                stale=stale_add_folders(out_dir, embeddings_dir) if add else [])
+                stale=[d for d in others if not busy[d]], busy=[d for d in others if busy[d]])
 
 
 def _first_error(folder: str) -> str:
