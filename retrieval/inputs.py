@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import io
 import itertools
+import logging
 import os
 import re
 import tarfile
@@ -22,6 +23,8 @@ from internvit.data import is_image_file, list_images, load_image
 
 PATH_COLUMNS = ("path", "image_path", "filepath", "file_name", "filename", "image")
 CAPTION_COLUMNS = ("caption", "text", "captions", "sentence")
+
+logger = logging.getLogger("retrieval")
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -165,11 +168,32 @@ def _parquet_inputs(path: str, path_column: Optional[str], caption_column: Optio
     if caption_column and caption_column not in cols:
         raise ValueError(f"{path}: no caption column {caption_column!r} (columns are {', '.join(cols)})")
     base = os.path.dirname(os.path.abspath(path))
-    paths = [p if os.path.isabs(p) else os.path.join(base, p) for p in table.column(pcol).to_pylist()]
+    raw = table.column(pcol).to_pylist()
+    for row, p in enumerate(raw):
+        if not isinstance(p, str) or not p.strip():
+            what = "null" if p is None else "empty" if isinstance(p, str) else f"{p!r:.40} ({type(p).__name__})"
+            raise ValueError(f"{path}: column {pcol!r} row {row} is {what}: image paths must be non-empty strings")
+    paths = [p if os.path.isabs(p) else os.path.join(base, p) for p in raw]
     caps = table.column(ccol).to_pylist() if ccol else None
     if caps is not None:
-        caps = [c[0] if isinstance(c, list) and c else c for c in caps]  # a list of captions: keep the first
+        caps = [_one_caption(c, path, ccol, row) for row, c in enumerate(caps)]
+        dropped = sum(len(c) - 1 for c in table.column(ccol).to_pylist() if isinstance(c, list) and len(c) > 1)
+        if dropped:  # one row per image (text_emb/ is row-aligned with img_emb/): its first caption is indexed
+            logger.warning("%s: column %r holds lists of captions; each image keeps its first, %d other %s not "
+                           "indexed (one row per caption: give one caption per parquet row)", path, ccol, dropped,
+                           "caption is" if dropped == 1 else "captions are")
     return paths, caps
+
+
+def _one_caption(c, path: str, column: str, row: int) -> Optional[str]:
+    """A caption cell: a string, null (no caption), or a list of strings (its first is kept); ``ValueError``
+    naming file, column and row for anything else."""
+    items = c if isinstance(c, list) else [c]
+    for item in items:
+        if item is not None and not isinstance(item, str):
+            raise ValueError(f"{path}: column {column!r} row {row} holds {item!r:.40} ({type(item).__name__}): "
+                             f"captions must be strings, lists of strings or null")
+    return items[0] if items else None
 
 
 def image_inputs(source: Union[str, os.PathLike, Sequence[str]], *, path_column: Optional[str] = None,
@@ -177,7 +201,14 @@ def image_inputs(source: Union[str, os.PathLike, Sequence[str]], *, path_column:
     """``(images, captions)`` of a folder / list file / parquet / tar pattern / list of paths.
 
     Captions: ``.txt`` files next to the images (clip-retrieval's convention), the parquet caption column,
-    or the ``.txt`` members of webdataset tars; ``None`` when there are none.
+    or the ``.txt`` members of webdataset tars; ``None`` when there are none. A parquet caption cell may be a
+    string, null or a list of strings: one row per image, so a list gives its first caption and the others
+    are counted in a warning.
+
+    Raises ``FileNotFoundError`` for a missing parquet / tar file, ``ValueError`` for a source with no images,
+    a parquet without the path (or the named caption) column, or a parquet cell of the wrong type (a null,
+    empty or non-string path, a caption that is not a string / list of strings / null), naming file, column
+    and row.
     """
     if isinstance(source, (list, tuple)):
         paths = [os.fspath(p) for p in source]
