@@ -133,8 +133,10 @@ def minimum_training_vectors(key: str) -> int:
     (O)PQ codebook (0 when nothing is trained)."""
     p = _parse_key(key)
     need = p["nlist"]
-    if p["pq"] or p["opq"]:
+    if p["pq"]:
         need = max(need, 2 ** p["pq_bits"])
+    if p["opq"]:
+        need = max(need, 256)  # OPQ trains its own 8-bit PQ, whatever the index's PQ uses
     if p["pre_dim"] and not p["opq"]:
         need = max(need, 1)
     return need
@@ -160,11 +162,70 @@ def check_index_key(key: str, n: int, dim: int) -> None:
         raise ValueError(f"index_key {key!r}: {p['nlist']} inverted lists need at least {p['nlist']} vectors "
                          f"to train (faiss recommends {MIN_POINTS_PER_CENTROID} per list) but there are only {n}; "
                          f"use {alt} or omit --index-key")
-    if (p["pq"] or p["opq"]) and n < 2 ** p["pq_bits"]:
-        raise ValueError(f"index_key {key!r}: product quantisation with {p['pq_bits']}-bit codes needs at least "
-                         f"{2 ** p['pq_bits']} training vectors but there are only {n}; use Flat, SQ8 or "
-                         f"fewer bits (e.g. PQ{p['pq'] or 4}x4)")
+    for what, need in training_needs(index):  # every k-means the faiss object runs when it is trained
+        if n >= need:
+            continue
+        if what.startswith("PQ"):
+            bits = int(math.log2(need))
+            raise ValueError(f"index_key {key!r}: product quantisation with {bits}-bit codes needs at least "
+                             f"{need} training vectors but there are only {n}; use Flat, SQ8 or fewer bits "
+                             f"(e.g. PQ{p['pq'] or 4}x4)")
+        raise ValueError(f"index_key {key!r}: {what} needs at least {need} training vectors but there are only "
+                         f"{n}; use Flat, SQ8, a key without it, or omit --index-key")
     _check_adds_with_ids(index, key, dim)  # last: faiss crashes adding to some keys refused above (HNSW1)
+
+
+def training_needs(index) -> list[tuple[str, int]]:
+    """``(what, fewest training vectors)`` for every k-means that training the fresh faiss ``index`` runs
+    (faiss' clustering refuses fewer points than centroids with a C++ assertion): the inverted lists, (O)PQ
+    and residual-quantiser codebooks, through pre-transforms, id maps, refinement, HNSW storage and IVF
+    encoders. Read from the faiss objects, not the key string, so a component the key names implicitly (the
+    8-bit PQ that OPQ trains whatever the index's own PQ uses) is covered."""
+    import faiss
+
+    needs: list[tuple[str, int]] = []
+
+    def codebooks(obj, name: str) -> None:
+        pq = getattr(obj, "pq", None)
+        if isinstance(pq, faiss.ProductQuantizer):
+            needs.append((f"PQ{pq.M}x{pq.nbits} ({name})", int(pq.ksub)))
+        quantizers = [getattr(obj, "rq", None)]
+        prq = getattr(obj, "prq", None)
+        if isinstance(prq, faiss.ProductResidualQuantizer):
+            quantizers += [faiss.downcast_AdditiveQuantizer(prq.subquantizer(i)) for i in range(prq.nsplits)]
+        bits = [max(int(q.nbits.at(i)) for i in range(q.nbits.size()))
+                for q in quantizers if isinstance(q, faiss.ResidualQuantizer) and q.nbits.size()]
+        if bits:  # residual quantisers run k-means per step (local-search ones need no minimum)
+            needs.append((f"the residual quantiser of {name} ({max(bits)}-bit codebooks)", 2 ** max(bits)))
+
+    def visit(ix) -> None:
+        ix = faiss.downcast_index(ix)
+        if isinstance(ix, faiss.IndexPreTransform):
+            for i in range(ix.chain.size()):
+                vt = faiss.downcast_VectorTransform(ix.chain.at(i))
+                if isinstance(vt, faiss.OPQMatrix) and not vt.is_trained:
+                    bits = vt.pq.nbits if vt.pq is not None else 8  # faiss' OPQMatrix::train default: 8 bits
+                    needs.append((f"the OPQ{vt.M} rotation (it trains {bits}-bit PQ codebooks)", 2 ** bits))
+                elif isinstance(vt, faiss.PCAMatrix) and not vt.is_trained:  # n points give n components
+                    needs.append((f"the PCA to {vt.d_out} dimensions", int(min(vt.d_out, vt.d_in))))
+            visit(ix.index)
+        elif isinstance(ix, faiss.IndexIVF):
+            if not ix.is_trained:
+                needs.append((f"{ix.nlist} inverted lists", int(ix.nlist)))
+            visit(ix.quantizer)
+            codebooks(ix, "the inverted lists' codes")
+        elif isinstance(ix, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+            visit(ix.index)
+        elif isinstance(ix, faiss.IndexRefine):
+            visit(ix.base_index)
+            visit(ix.refine_index)
+        elif isinstance(ix, faiss.IndexHNSW):
+            visit(ix.storage)
+        else:
+            codebooks(ix, type(ix).__name__)
+
+    visit(index)
+    return needs
 
 
 def _check_adds_with_ids(index, key: str, dim: int) -> None:
