@@ -226,18 +226,23 @@ def _param_value(text: str) -> Optional[int]:
 
 def check_search_params(index, params: str) -> str:
     """Validate a ``name=value,...`` string against ``index``; ``ValueError`` naming the bad part: a parameter
-    the index does not have, a value that is not an integer, or one outside the range of the C++ field faiss
-    stores it in (:data:`SEARCH_PARAM_RANGES`). The one validator behind ``Retriever.load(search_params=)``,
-    ``tools/search.py --params``, ``tools/eval_retrieval.py --params`` and the tuned parameters of a manifest."""
+    the index does not have or that is given twice, a value that is not an integer, or one outside the range
+    of the C++ field faiss stores it in (:data:`SEARCH_PARAM_RANGES`). The one validator behind
+    ``Retriever.load(search_params=)``, ``tools/search.py --params``, ``tools/eval_retrieval.py --params`` and
+    the tuned parameters of a manifest."""
     params = (params or "").strip()
     if not params:
         return ""
     allowed = search_param_names(index)
+    seen = set()
     for part in params.split(","):
         name, sep, value = part.partition("=")
         name = name.strip()
         if not sep or not name:
             raise ValueError(f"search params {params!r}: expected name=value[,name=value...], got {part!r}")
+        if name in seen:  # faiss would apply both, the last one winning without a word
+            raise ValueError(f"search params {params!r}: {name} is given twice; give each parameter once")
+        seen.add(name)
         if name not in allowed:
             hint = ", ".join(allowed) if allowed else "none: it is searched exhaustively"
             raise ValueError(f"search params {params!r}: this index does not have {name!r} (it accepts {hint})")

@@ -148,10 +148,12 @@ def _committed_index(out_dir: str) -> bool:
 
 def main(argv=None) -> int:
     from internvit.cli import USER_ERRORS
+    from retrieval.cli_warnings import warning_lines
 
     args = build_parser().parse_args(argv)
     try:
-        return _main(args)
+        with warning_lines():  # "warning: ..." lines (tuning that misses the target), not UserWarning + source
+            return _main(args)
     except USER_ERRORS as e:  # one line, naming this tool's flags where the library names Python arguments
         raise UsageError(cli_message(e)) from None
 

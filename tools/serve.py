@@ -145,4 +145,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run(main))
+    from retrieval.cli_warnings import warning_lines
+
+    with warning_lines():  # "warning: ..." lines, not UserWarning with a source line
+        sys.exit(run(main))
