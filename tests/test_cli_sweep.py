@@ -211,6 +211,7 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("wrong_model", ["{W}/imgs", "{out}", "--model", "internvit:no-such-preset", "--quiet"]),
         ("bad_index_key", [*BUILD, "--index-key", "Foo"]),
         ("index_key_too_many_lists", [*BUILD, "--index-key", "IVF1024,Flat"]),
+        ("index_key_opq_too_few_vectors", [*BUILD, "--index-key", "OPQ2,PQ2x2"]),  # OPQ trains 8-bit PQ
         ("bad_index_key_with_model", [*BUILD_MODEL, "--index-key", "Foo"]),
         ("shard_size_0", [*BUILD_MODEL, "--shard-size", "0"]),
         ("batch_size_0", [*BUILD_MODEL, "--batch-size", "0"]),
@@ -227,6 +228,7 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("out_a_user_folder_with_model", ["{W}/imgs", "{W}/cls", "--model", "internvit:internvit-6b-tiny", "--quiet"]),
         ("out_a_user_folder", ["{W}/emb", "{W}/cls", "--quiet"]),
         ("embeddings_into_a_user_folder", [*BUILD_MODEL, "--embeddings", "{W}/cls"]),
+        ("embeddings_into_an_index_folder", [*BUILD_MODEL, "--embeddings", "{W}/idx"]),
         ("out_a_file", ["{W}/emb", "{W}/ann.json", "--quiet"]),
         ("out_under_a_file_with_model", ["{W}/imgs", "{W}/ann.json/idx", "--model", "internvit:internvit-6b-tiny",
                                          "--quiet"]),
