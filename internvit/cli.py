@@ -20,11 +20,13 @@ This module imports nothing heavy (no torch) so ``--help`` and argument errors s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import sys
-from typing import Any, Callable, Optional, Sequence
+import warnings
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 __all__ = ["ArgumentParser", "UsageError", "run", "one_line", "print_error", "positive_int", "nonnegative_int",
            "positive_float", "fraction", "existing_path", "existing_file", "existing_dir", "device", "check_device",
@@ -246,3 +248,23 @@ def write_json(path: str, obj: Any, indent: Optional[int] = None) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+# -- Python warnings as one line each ---------------------------------------------------------------------------
+def warning_line(message, category, filename, lineno, line=None) -> str:
+    """:func:`warnings.formatwarning`'s signature; ``warning: <first line of the message>`` (no category, source
+    file or source line)."""
+    text = next((ln.strip() for ln in str(message).splitlines() if ln.strip()), category.__name__)
+    return f"warning: {text}\n"
+
+
+@contextlib.contextmanager
+def warning_lines() -> Iterator[None]:
+    """Inside the block, Python warnings print as :func:`warning_line` lines; only the text changes: filters,
+    ``-W`` options and ``pytest.warns`` see the same warnings."""
+    previous = warnings.formatwarning
+    warnings.formatwarning = warning_line
+    try:
+        yield
+    finally:
+        warnings.formatwarning = previous

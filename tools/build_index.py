@@ -147,8 +147,7 @@ def _committed_index(out_dir: str) -> bool:
 
 
 def main(argv=None) -> int:
-    from internvit.cli import USER_ERRORS
-    from retrieval.cli_warnings import warning_lines
+    from internvit.cli import USER_ERRORS, warning_lines
 
     args = build_parser().parse_args(argv)
     try:

@@ -62,8 +62,7 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from internvit.cli import USER_ERRORS, one_line
-    from retrieval.cli_warnings import warning_lines
+    from internvit.cli import USER_ERRORS, one_line, warning_lines
 
     args = build_parser().parse_args(argv)
     try:

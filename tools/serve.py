@@ -145,7 +145,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from retrieval.cli_warnings import warning_lines
+    from internvit.cli import warning_lines
 
     with warning_lines():  # "warning: ..." lines, not UserWarning with a source line
         sys.exit(run(main))
