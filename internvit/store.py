@@ -178,7 +178,8 @@ def refuse_foreign_folder(path: PathLike, markers: Sequence[str], what: str) -> 
     if names and not any(fnmatch.fnmatchcase(n, m) for n in names for m in markers):
         shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
         raise FileExistsError(f"{path}: a folder that is not empty ({shown}) and holds no {what}: give a new or "
-                              f"empty folder (or the folder of a {what} to resume or extend)")
+                              f"empty folder (or the folder of {'an' if what[:1] in 'aeiou' else 'a'} {what} to resume or "
+                              f"extend)")
 
 
 def first_missing_dir(path: PathLike) -> Optional[str]:
