@@ -177,9 +177,9 @@ def refuse_foreign_folder(path: PathLike, markers: Sequence[str], what: str) -> 
     names = sorted(os.listdir(path))
     if names and not any(fnmatch.fnmatchcase(n, m) for n in names for m in markers):
         shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        article = "an" if what[:1] in "aeiou" else "a"
         raise FileExistsError(f"{path}: a folder that is not empty ({shown}) and holds no {what}: give a new or "
-                              f"empty folder (or the folder of {'an' if what[:1] in 'aeiou' else 'a'} {what} to resume or "
-                              f"extend)")
+                              f"empty folder (or the folder of {article} {what} to resume or extend)")
 
 
 def first_missing_dir(path: PathLike) -> Optional[str]:
