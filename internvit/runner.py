@@ -457,6 +457,7 @@ def precheck_datasets(runner, attrs: tuple) -> None:
     built yet), before any of them is built: a dataset whose construction is costly (the classification
     ``CachedFeatureDataset`` extracts features) checks its cheap parts there, so that a bad val split is refused
     before the train split's features are extracted. Raises what the prechecks raise."""
+    from mmengine.dataset import BaseDataset
     from mmengine.registry import DATASETS
 
     for attr in attrs:
@@ -470,6 +471,27 @@ def precheck_datasets(runner, attrs: tuple) -> None:
                 cls = registry.get(cls)
         if cls is not None and callable(getattr(cls, "precheck", None)):
             cls.precheck(dataset)
+        elif isinstance(cls, type) and issubclass(cls, BaseDataset):
+            _require_samples(cls, dataset, attr.lstrip("_"))
+
+
+def _require_samples(cls, dataset: dict, what: str) -> None:
+    """Refuse an mmengine dataset config that lists no sample, naming the dataloader and where it looked
+    (mmengine failed with numpy's 'need at least one array to concatenate')."""
+    ds = cls(**{k: v for k, v in dataset.items() if k != "type"}, lazy_init=True)
+    prefix = getattr(ds, "data_prefix", None) or {}
+    folder = str(prefix.get("img_path") or getattr(ds, "data_root", "") or "")  # mmengine joined data_root on
+    try:
+        if ds.load_data_list():
+            return
+    except FileNotFoundError as e:
+        raise ValueError(f"{what}: {e.filename or folder}: no such file or folder") from None
+    if getattr(ds, "ann_file", ""):
+        where = f"its annotation file {ds.ann_file} lists none"
+    else:
+        suffix = getattr(ds, "img_suffix", None)
+        where = f"{folder or '.'} holds no {f'{suffix!r} ' if suffix else ''}images"
+    raise ValueError(f"{what}: no samples: {where}")
 
 
 def _require(cfg, config: str, keys: tuple, what: str) -> None:

@@ -263,6 +263,10 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("cfg_option_key_misspelt", ["{seg}", "--work-dir", "{out}", "--cfg-options", "train_cfgs.max_iters=1"]),
         ("seed_not_an_integer", ["{seg}", "--work-dir", "{out}", "--cfg-options", "randomness.seed=abc"]),
         ("cfg_option_a_config_variable", ["{seg}", "--work-dir", "{out}", "--cfg-options", "max_iters=2"]),
+        ("train_split_missing", ["{seg}", "--work-dir", "{out}", "--cfg-options",
+                                 "train_dataloader.dataset.data_root={W}/empty"]),
+        ("train_split_empty", ["{seg}", "--work-dir", "{out}", "--cfg-options",
+                               "train_dataloader.dataset.data_root={W}/empty_seg"]),
         ("csv_unknown_label", ["{cls}", "--work-dir", "{out}", "--cfg-options",
                                "train_dataloader.dataset.data_root={W}/digits",
                                "train_dataloader.dataset.ann_file=bad.csv",
@@ -279,6 +283,8 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("cfg_option_key_misspelt", ["{seg}", "{W}/other_ckpt.pth", "--work-dir", "{out}", "--cfg-options",
                                      "test_evalutor.iou_metrics=[mIoU]"]),
         ("safetensors_checkpoint", ["{seg}", "{W}/model/model.safetensors", "--work-dir", "{out}"]),
+        ("test_split_empty", ["{seg}", "{W}/other_ckpt.pth", "--work-dir", "{out}", "--cfg-options",
+                              "test_dataloader.dataset.data_root={W}/empty_seg"]),
         ("cfg_option_a_config_variable", ["{seg}", "{W}/other_ckpt.pth", "--work-dir", "{out}", "--cfg-options",
                                           "data_root={W}/imgs"]),
         ("checkpoint_is_a_folder", ["{seg}", "{W}/model", "--work-dir", "{out}"]),
@@ -375,6 +381,9 @@ def W(tmp_path_factory) -> str:  # noqa: N802 - the placeholder's name
         with open(f"{w}/imgs/img_{i:03d}.txt", "w") as f:
             f.write(f"picture {i}")
     os.makedirs(f"{w}/empty")
+    for kind in ("images", "annotations"):  # a segmentation data root whose splits hold no file
+        for split in ("training", "validation"):
+            os.makedirs(f"{w}/empty_seg/{kind}/{split}")
     os.makedirs(f"{w}/bad_imgs")
     for i in range(2):
         with open(f"{w}/bad_imgs/{i}.png", "wb") as f:

@@ -66,3 +66,39 @@ def test_distributed_validation_scores_the_saved_checkpoint(toy_data, tmp_path):
     metrics = test(TOY_LINEAR, str(work / "iter_2.pth"), work_dir=str(tmp_path / "test"), cfg_options=opts)
     assert metrics["mIoU"] == pytest.approx(logged[0]["mIoU"], abs=1e-6)
     assert metrics["aAcc"] == pytest.approx(logged[0]["aAcc"], abs=1e-6)
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_an_empty_or_missing_split_names_the_dataloader_and_folder(toy_data, tmp_path, split):
+    """A split without images failed with numpy's 'need at least one array to concatenate'."""
+    from internvit.runner import build_test_runner, build_train_runner
+
+    empty = tmp_path / "empty"
+    for kind in ("images", "annotations"):
+        for folder in ("training", "validation"):
+            (empty / kind / folder).mkdir(parents=True)
+    sub = "training" if split == "train" else "validation"
+    for root, must in ((empty, f"{split}_dataloader: no samples: {empty}/images/{sub} holds no '.png' images"),
+                       (tmp_path / "nope", f"{split}_dataloader: {tmp_path}/nope/images/{sub}: no such file or "
+                                           f"folder")):
+        opts = toy_options(toy_data, "", **{f"{split}_dataloader.dataset.data_root": str(root)})
+        work = tmp_path / "work"
+        with pytest.raises(ValueError) as e:
+            if split == "test":
+                build_test_runner(TOY_LINEAR, _linear_checkpoint(toy_data, tmp_path), work_dir=str(work),
+                                  cfg_options=opts)
+            else:
+                build_train_runner(TOY_LINEAR, work_dir=str(work), cfg_options=opts)
+        assert str(e.value) == must
+        assert not work.exists()
+
+
+def _linear_checkpoint(toy_data, tmp_path) -> str:
+    """A checkpoint of the toy linear segmentor's initial weights."""
+    from internvit.runner import build_train_runner
+
+    path = tmp_path / "linear.pth"
+    if not path.exists():
+        runner = build_train_runner(TOY_LINEAR, work_dir=str(tmp_path / "init"), cfg_options=toy_options(toy_data, ""))
+        torch.save({"state_dict": runner.model.state_dict()}, path)
+    return str(path)
