@@ -350,31 +350,84 @@ def _atomic_put(self, obj: bytes, filepath) -> None:
 
 @contextlib.contextmanager
 def deferred_config_dump():
-    """Inside the block, a ``Runner`` or ``FlexibleRunner`` being built does not write its config copy into the
-    work dir (mmengine's ``dump_config``, called in place by their ``__init__``, replaced an earlier run's copy
-    even when the set-up was then refused); the runners are collected in the yielded list instead, for
-    :func:`dump_config_atomically` once the caller's set-up checks pass."""
+    """Inside the block, a ``Runner`` or ``FlexibleRunner`` being built writes none of its config copies: not the
+    one in the work dir (mmengine's ``dump_config``, called in place by their ``__init__``, replaced an earlier
+    run's copy even when the set-up was then refused) and not its visualizer's (``visualizer.add_config``, e.g.
+    ``LocalVisBackend``'s ``<save_dir>/vis_data/config.py``: ``tools/test.py --show-dir`` left it in an existing
+    show-dir, even one inside the test images, when the run was refused). The calls are recorded on the runner
+    and the runners collected in the yielded list instead, for :func:`dump_config_atomically` once the caller's
+    set-up checks pass. Every patched method is back afterwards."""
     from mmengine.runner import FlexibleRunner, Runner
 
     built: list = []
-    saved = {cls: cls.__dict__["dump_config"] for cls in (Runner, FlexibleRunner)}
-    for cls in saved:
+    patched: list = []  # visualizers whose add_config is the recorder for now
+    classes = (Runner, FlexibleRunner)
+    saved = {cls: (cls.__dict__["dump_config"], cls.__dict__["build_visualizer"]) for cls in classes}
+
+    def recording_visualizer(build):
+        def build_visualizer(self, *args, **kwargs):
+            visualizer = build(self, *args, **kwargs)
+            calls = self.__dict__.setdefault("_internvit_vis_configs", [])
+
+            def add_config(config, **kw):
+                calls.append((visualizer, config, kw))
+
+            add_config._internvit_recorder = True
+            visualizer.add_config = add_config  # on the instance: whatever class the visualizer is
+            patched.append(visualizer)
+            return visualizer
+
+        build_visualizer.__doc__ = build.__doc__
+        return build_visualizer
+
+    for cls, (_, build) in saved.items():
         cls.dump_config = lambda self: built.append(self)
+        cls.build_visualizer = recording_visualizer(build)
     try:
         yield built
     finally:
-        for cls, method in saved.items():
-            cls.dump_config = method
+        for cls, (dump, build) in saved.items():
+            cls.dump_config, cls.build_visualizer = dump, build
+        for visualizer in patched:
+            if getattr(visualizer.__dict__.get("add_config"), "_internvit_recorder", False):
+                del visualizer.add_config
+
+
+def _atomic_local_vis_config(self, config, **kwargs) -> None:
+    """``LocalVisBackend.add_config`` through :func:`internvit.fileio.atomic_write`."""
+    from mmengine.config import Config
+
+    from internvit.fileio import atomic_write
+
+    assert isinstance(config, Config)
+    with atomic_write(self._config_save_file) as tmp:
+        config.dump(tmp)
 
 
 def dump_config_atomically(runner) -> None:
-    """Write ``runner``'s config copy where mmengine's ``dump_config`` does (``work_dir/<config name>``, or
-    ``<timestamp>.py``), through :func:`internvit.fileio.atomic_write`: a kill never leaves it half-written."""
+    """Write ``runner``'s config copies that :func:`deferred_config_dump` held back, each through
+    :func:`internvit.fileio.atomic_write` (a kill never leaves one half-written): the work dir's, where
+    mmengine's ``dump_config`` writes it (``work_dir/<config name>``, or ``<timestamp>.py``), and its
+    visualizer's (``visualizer.add_config``: ``LocalVisBackend`` writes ``<save_dir>/vis_data/config.py``,
+    other backends record it as they do)."""
+    from mmengine.visualization import LocalVisBackend
+    from mmengine.visualization.vis_backend import force_init_env
+
     from internvit.fileio import atomic_write
 
     name = os.path.basename(runner.cfg.filename) if runner.cfg.filename is not None else f"{runner.timestamp}.py"
     with atomic_write(os.path.join(runner.work_dir, name)) as tmp:
         runner.cfg.dump(tmp)
+    calls = runner.__dict__.pop("_internvit_vis_configs", [])
+    if not calls:
+        return
+    saved = LocalVisBackend.__dict__["add_config"]
+    LocalVisBackend.add_config = force_init_env(_atomic_local_vis_config)
+    try:
+        for visualizer, config, kwargs in calls:
+            visualizer.add_config(config, **kwargs)  # the visualizer's own (master-only) method
+    finally:
+        LocalVisBackend.add_config = saved
 
 
 @contextlib.contextmanager
