@@ -26,6 +26,7 @@ from torch import nn
 
 from .file_reads import (
     CheckpointError,
+    RunnerCheckpointError,
     drop_behind_for,
     file_mappings,
     first_line,
@@ -264,6 +265,25 @@ def check_plain_data(obj, path: str, allowed_types: tuple = ()) -> None:
                                   f"{kind.__module__}.{kind.__qualname__}, not tensor or array data")
 
 
+def runner_checkpoint_keys(path: str, refused: Iterable[str]) -> Optional[list]:
+    """The top-level keys of ``path`` when it is an mmengine runner checkpoint (what ``tools/train.py`` saves: a
+    dict with ``meta``, ``state_dict`` and ``message_hub``) whose ``refused`` globals are only those such a
+    checkpoint pickles; else ``None``. Read with :func:`internvit.compat.load_runner_checkpoint` (memory-mapped),
+    which runs no code: a file it refuses is not one."""
+    from .compat import is_runner_global, load_runner_checkpoint
+
+    if not all(is_runner_global(g) for g in refused):
+        return None
+    try:
+        obj = load_runner_checkpoint(path, "cpu", mmap=True)
+    except CheckpointError:
+        return None
+    if not (isinstance(obj, dict) and isinstance(obj.get("state_dict"), Mapping) and isinstance(obj.get("meta"), dict)
+            and "message_hub" in obj):
+        return None
+    return [str(k) for k in obj]
+
+
 def safe_torch_load(path: str, *, map_location="cpu", mmap: bool = False,
                     allowed: Callable[[str], bool] = is_tensor_global, safe_globals: Iterable = (),
                     allowed_types: tuple = ()):
@@ -276,6 +296,11 @@ def safe_torch_load(path: str, *, map_location="cpu", mmap: bool = False,
     """
     path = os.fspath(path)
     found, is_zip = pickled_globals(path)
+    refused = [g for g in found if not allowed(g)]
+    if refused:
+        keys = runner_checkpoint_keys(path, refused)
+        if keys is not None:
+            raise RunnerCheckpointError(path, keys)
     refuse_globals(path, found, allowed)
     try:
         with only_safe_globals(safe_globals):

@@ -27,6 +27,27 @@ class CheckpointError(ValueError):
     """A checkpoint does not fit the model; the message names the keys or the file."""
 
 
+class RunnerCheckpointError(CheckpointError):
+    """A plain weight file (a state dict of tensors) was expected, and ``path`` is an mmengine runner checkpoint:
+    what ``tools/train.py`` saves (``iter_N.pth``, ``best_*.pth``: ``meta``, ``state_dict``, ``message_hub``,
+    ``optimizer``, ...), which pickles numpy values and history buffers as well. ``keys`` are its top-level keys.
+    The default message says what reads such a file; a tool may say more (what it expected instead)."""
+
+    def __init__(self, path: str, keys: list, message: Optional[str] = None) -> None:
+        self.path, self.keys = path, list(keys)
+        super().__init__(message or f"{path}: an mmengine runner checkpoint ({self.described()}), not a plain "
+                                    f"weight file: {RUNNER_CHECKPOINT_READERS}")
+
+    def described(self) -> str:
+        """``'what tools/train.py saves: meta, state_dict, message_hub, ...'``"""
+        keys = ", ".join(str(k) for k in self.keys[:5]) + (", ..." if len(self.keys) > 5 else "")
+        return f"what tools/train.py saves: {keys}"
+
+
+#: what reads an mmengine runner checkpoint as it is
+RUNNER_CHECKPOINT_READERS = "tools/test.py, and tools/train.py's --resume and load_from, read it directly"
+
+
 def not_a_file_reason(path: str, what: str = "file") -> str:
     """Why ``path`` cannot be read as a ``what`` (it is not a regular file): ``'no such checkpoint file'``, ``'a
     folder, not a checkpoint file'`` or ``'not a regular file (a device, pipe or socket)'``."""

@@ -8,7 +8,9 @@
 The source is read without running code. The destination is written to a temporary name and renamed into
 place, so a failure leaves nothing behind; an existing destination is replaced only with ``--overwrite``.
 Bad input (a missing, corrupt, truncated or refused file, a checkpoint of another family) is one
-``error: ...`` line and exit status 2.
+``error: ...`` line and exit status 2. A checkpoint that ``tools/train.py`` saved (an mmengine runner checkpoint:
+``meta``, ``state_dict``, ``message_hub``, ...) needs no conversion: ``tools/test.py`` and ``tools/train.py``'s
+``--resume`` / ``load_from`` read it directly, and every sub-command says so.
 """
 import argparse
 import os
@@ -43,17 +45,31 @@ def main(argv=None) -> int:
         raise UsageError(f"{args.dst}: exists and is {'not ' if writes_folder else ''}a folder, but {args.command} "
                          f"writes a {'folder' if writes_folder else 'file'} (--overwrite replaces only the same kind)")
     from internvit import CheckpointError
+    from internvit.file_reads import RunnerCheckpointError
     from internvit.runner import held_back_warnings
 
     try:
         with held_back_warnings():  # library notices while importing / reading: shown only if the conversion works
             out = _convert(args)
+    except RunnerCheckpointError as e:  # tools/train.py's own output: say what it is, not that it looks unsafe
+        raise RunnerCheckpointError(e.path, e.keys, _runner_checkpoint_message(args.command, e)) from None
     except CheckpointError as e:  # name the source file in every message
         if args.src not in str(e):
             raise CheckpointError(f"{args.src}: {e}") from None
         raise
     print(f"wrote {out}")
     return 0
+
+
+def _runner_checkpoint_message(command: str, e) -> str:
+    """The error line for an mmengine runner checkpoint (``tools/train.py``'s ``iter_N.pth``) given as ``SRC``."""
+    from internvit.file_reads import RUNNER_CHECKPOINT_READERS
+
+    if command == "mmseg0x":
+        return (f"{e.path}: already an mmseg 1.x checkpoint, nothing to convert: an mmengine runner checkpoint "
+                f"({e.described()}); {RUNNER_CHECKPOINT_READERS}")
+    return (f"{e.path}: an mmengine runner checkpoint ({e.described()}), not InternViT weights (a Hugging Face "
+            f"folder or a weight file of either key family) as {command} converts; {RUNNER_CHECKPOINT_READERS}")
 
 
 def _convert(args) -> str:

@@ -1,11 +1,14 @@
-"""A refused run writes none of its config copies (trial 6a C1)."""
+"""A refused run writes none of its config copies (trial 6a C1), and tools/train.py's own checkpoints given to
+tools/convert_checkpoint.py (or wherever plain weights are expected) are named for what they are (C4)."""
 import glob
 import os
 import runpy
 import shutil
 import sys
 
+import numpy as np
 import pytest
+import torch
 
 import segmentation  # noqa: F401  (applies internvit.compat and registers the plugin)
 
@@ -124,3 +127,44 @@ def test_refused_train_run_writes_no_visualizer_config(linear_run, tmp_path, cap
     assert rc == 2 and str(tmp_path / "no") in line, line
     assert _snapshot(vis) == {"notes.txt": b"mine"}
     assert not os.path.exists(tmp_path / "w")
+
+
+RUNNER_CKPT = "an mmengine runner checkpoint (what tools/train.py saves: meta, state_dict, message_hub"
+READERS = "tools/test.py, and tools/train.py's --resume and load_from, read it directly"
+
+
+@pytest.mark.parametrize("command,dst", [("mmseg0x", "out.pth"), ("to-hf", "out_hf"), ("to-original", "out.pth")])
+def test_convert_checkpoint_names_a_runner_checkpoint(linear_run, tmp_path, capfd, command, dst):
+    """A checkpoint tools/train.py wrote was refused as "it references builtins.getattr, mmengine...HistoryBuffer,
+    ... (unpickling it could run code)": the project's own file called unsafe. It is still refused (mmseg0x: it
+    is mmseg 1.x already; to-hf / to-original: not InternViT weights), saying what it is and what reads it."""
+    _, _, ckpt = linear_run
+    capfd.readouterr()
+    rc = run_tool("convert_checkpoint", [command, ckpt, tmp_path / dst])
+    line = _one_error_line(capfd)
+    assert rc == 2, line
+    assert line.startswith(f"error: {ckpt}: ") and RUNNER_CKPT in line and READERS in line, line
+    assert "could run code" not in line and "refusing" not in line, line
+    if command == "mmseg0x":
+        assert "already an mmseg 1.x checkpoint, nothing to convert" in line, line
+    else:
+        assert f"not InternViT weights (a Hugging Face folder or a weight file of either key family) as {command} " \
+               f"converts" in line, line
+    assert os.listdir(tmp_path) == []
+
+
+def test_weights_reader_names_a_runner_checkpoint_and_still_refuses_other_files(linear_run, tmp_path):
+    """Wherever plain weights are read (load_model, pretrained=...), a runner checkpoint is named as one; a file
+    that pickles the same globals but is no runner checkpoint keeps the refusal."""
+    import internvit
+    from internvit.file_reads import CheckpointError, RunnerCheckpointError
+
+    _, _, ckpt = linear_run
+    with pytest.raises(RunnerCheckpointError) as e:
+        internvit.load_model(ckpt, "internvit-6b-tiny")
+    assert str(e.value).startswith(f"{ckpt}: {RUNNER_CKPT}") and "not a plain weight file" in str(e.value)
+    other = str(tmp_path / "numpy_meta.pth")
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "meta": {"seed": np.int64(0)}}, other)  # no message hub
+    with pytest.raises(CheckpointError, match=r"numpy_meta.pth: refusing to load: it references numpy") as e:
+        internvit.load_model(other, "internvit-6b-tiny")
+    assert not isinstance(e.value, RunnerCheckpointError)
