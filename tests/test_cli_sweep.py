@@ -292,6 +292,10 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
                            "model.test_cfg.mode=sliding"]),
         ("out_onto_a_user_file", ["{seg}", "{W}/other_ckpt.pth", "--work-dir", "{out}", "--out", "{W}/ann.json"]),
         ("show_dir_a_user_folder", ["{seg}", "{W}/other_ckpt.pth", "--work-dir", "{out}", "--show-dir", "{W}/imgs"]),
+        # with --overwrite, refused only once the runner is built (the checkpoint does not fit): the visualizer's
+        # config copy (vis_data/config.py) was written into the folder all the same
+        ("show_dir_a_user_folder_overwrite_unfitting_checkpoint", ["{seg}", "{W}/other_ckpt.pth", "--work-dir",
+                                                                   "{out}", "--show-dir", "{W}/imgs", "--overwrite"]),
     ],
     "demo_serve": [
         ("missing_index", ["{W}/nope", "--out", "{out}"]),
