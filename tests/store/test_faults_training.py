@@ -74,8 +74,9 @@ def test_every_kill_during_training_saves_leaves_a_resumable_work_dir(tmp_path, 
     names = write_points(command(ref), tmp_path)
     assert names.count("checkpoint:removed") == 2, names  # iter_2.pth and the previous best, after the new ones
     assert _checkpoints(ref) == ["best_mIoU_iter_4.pth", "iter_4.pth"]
-    # the run's config copy is written first (atomically, once the set-up passed), then iter_2.pth
-    assert names[:4] == ["file:written", "file:renamed"] * 2, names[:4]
+    # the run's config copies (work dir, then the visualizer's vis_data/config.py) are written first (atomically,
+    # once the set-up passed), then iter_2.pth
+    assert names[:6] == ["file:written", "file:renamed"] * 3, names[:6]
     for n in range(1, len(names) + 1):
         d = tmp_path / f"kill-{n}"
         r = run(command(d), fault_at=n)
@@ -86,7 +87,7 @@ def test_every_kill_during_training_saves_leaves_a_resumable_work_dir(tmp_path, 
         if last.exists():  # names a complete checkpoint
             _load(last.read_text().strip())
         latest = _latest(d)
-        assert latest is not None or n <= 4, f"point {n} ({names[n - 1]}): no checkpoint to resume from"
+        assert latest is not None or n <= 6, f"point {n} ({names[n - 1]}): no checkpoint to resume from"
         r = run(command(d, "--resume"))
         assert r.returncode == 0, f"point {n} ({names[n - 1]}): resume failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
         assert _same_weights(d / f"iter_{ITERS}.pth", ref / f"iter_{ITERS}.pth"), f"point {n} ({names[n - 1]})"
