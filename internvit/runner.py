@@ -328,8 +328,12 @@ def train(config: str, **kwargs):
 
 def build_train_runner(config: str, *, work_dir: Optional[str] = None, resume: Optional[str] = None,
                        amp: bool = False, cfg_options: Optional[dict] = None, launcher: str = "none",
-                       local_rank: Optional[int] = None):
+                       local_rank: Optional[int] = None, overwrite: bool = False):
     """The training runner of ``config``, built (config, model, checkpoint paths checked) but not started.
+
+    A work dir holding files the run would replace is refused unless ``overwrite``
+    (:func:`check_work_dir`: checkpoints of an earlier run when not resuming, or, in a folder no run wrote, a
+    file named like the run's config copy); ``FileExistsError``.
 
     ``resume='auto'`` continues from the latest complete checkpoint in ``work_dir``
     (:func:`latest_complete_checkpoint`); a path resumes from that checkpoint. The checkpoint (or the config's
@@ -363,8 +367,35 @@ def build_train_runner(config: str, *, work_dir: Optional[str] = None, resume: O
             raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
         cfg.resume, cfg.load_from = True, resume
         checkpoint = resume
+    if not overwrite:
+        check_work_dir(cfg.work_dir, osp.basename(config), resuming=bool(cfg.get("resume")))
     return build_runner(cfg, checkpoint, dataloaders=("train", "val"), after_build=_prepare_training,
                         checkpoint_classes=bool(cfg.get("resume")))
+
+
+#: the log folder mmengine makes in the work dir for every run (``20261203_132427``)
+_RUN_FOLDER = re.compile(r"^\d{8}_\d{6}$")
+
+
+def check_work_dir(work_dir: str, config_copy: str, resuming: bool) -> None:
+    """Refuse a training work dir holding files the run would replace (``FileExistsError`` naming them and the
+    ways out): checkpoints (``*.pth``, ``last_checkpoint``) when the run does not resume (mmengine replaced an
+    earlier run's ``iter_N.pth`` / a user's ``epoch_1.pth`` silently), and, in a folder without a run's log
+    folder (``YYYYmmdd_HHMMSS/``, so no run wrote there), a file named like the run's config copy
+    ``config_copy``."""
+    if not osp.isdir(work_dir):
+        return
+    names = sorted(os.listdir(work_dir))
+    held = [n for n in names if (n.endswith(".pth") or n == "last_checkpoint") and not osp.isdir(osp.join(work_dir, n))]
+    if held and not resuming:
+        shown = ", ".join(held[:4]) + (f", ... ({len(held)} in all)" if len(held) > 4 else "")
+        raise FileExistsError(f"--work-dir {work_dir}: holds checkpoints ({shown}) that this run would replace: "
+                              f"--resume to continue that run, --overwrite to train anew over them, or give "
+                              f"another --work-dir")
+    if config_copy in names and not any(_RUN_FOLDER.match(n) for n in names):
+        raise FileExistsError(f"--work-dir {work_dir}: holds {config_copy}, which no run wrote there (no run log "
+                              f"folder), and the run's config copy would replace it: give another --work-dir, or "
+                              f"--overwrite")
 
 
 def _checkpoint_steps(cfg, work_dir: str) -> list[tuple[int, str]]:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train with an mmengine config (segmentation or classification): mmseg's standard CLI.
 
-  python tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT]] [--amp] [--cfg-options k=v ...]
+  python tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT]] [--overwrite] [--amp] [--cfg-options k=v ...]
                                [--launcher none|pytorch|slurm|mpi] [--local_rank N]
 
 Set-up problems (a missing or broken config, a checkpoint that is refused or does not fit the model) are one
@@ -27,6 +27,9 @@ def parse_args(argv=None):
     parser.add_argument("--resume", nargs="?", const="auto", default=None,
                         help="resume: alone, from the latest checkpoint in the work dir; or from the given checkpoint")
     parser.add_argument("--amp", action="store_true", help="automatic mixed precision (AmpOptimWrapper)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="train anew in a work dir that holds checkpoints of an earlier run (replacing them), "
+                             "or files a run would replace")
     parser.add_argument("--cfg-options", nargs="+", action=cfg_options_action(),
                         help="override config settings, key=value")
     parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")
@@ -45,7 +48,7 @@ def main(argv=None) -> int:
         with held_back_warnings():  # a set-up error is the only line the user sees
             runner = build_train_runner(args.config, work_dir=args.work_dir, resume=args.resume, amp=args.amp,
                                         cfg_options=args.cfg_options, launcher=args.launcher,
-                                        local_rank=args.local_rank)
+                                        local_rank=args.local_rank, overwrite=args.overwrite)
     except SETUP_ERRORS as e:
         print_error(one_line(e))
         return 2

@@ -102,3 +102,25 @@ def _linear_checkpoint(toy_data, tmp_path) -> str:
         runner = build_train_runner(TOY_LINEAR, work_dir=str(tmp_path / "init"), cfg_options=toy_options(toy_data, ""))
         torch.save({"state_dict": runner.model.state_dict()}, path)
     return str(path)
+
+
+def test_training_never_replaces_checkpoints_or_a_users_file_without_overwrite(toy_data, tmp_path):
+    """A work dir with an earlier run's (or a user's) checkpoints, or, where no run wrote, a file named like the
+    config copy: mmengine replaced them silently. Refused without --resume / --overwrite; --overwrite trains."""
+    from internvit.runner import build_train_runner
+
+    opts = toy_options(toy_data, "")
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / os.path.basename(TOY_LINEAR)).write_text("# my notes, not a config\n")
+    (user / "epoch_1.pth").write_bytes(b"mine")
+    with pytest.raises(FileExistsError, match=r"holds checkpoints \(epoch_1.pth\) that this run would replace: "
+                                              r"--resume to continue that run, --overwrite"):
+        build_train_runner(TOY_LINEAR, work_dir=str(user), cfg_options=opts)
+    (user / "epoch_1.pth").unlink()
+    with pytest.raises(FileExistsError, match=r"holds linear_internvit_tiny_toy.py, which no run wrote there"):
+        build_train_runner(TOY_LINEAR, work_dir=str(user), cfg_options=opts)
+    assert os.listdir(user) == ["linear_internvit_tiny_toy.py"]
+    assert (user / "linear_internvit_tiny_toy.py").read_text() == "# my notes, not a config\n"
+    build_train_runner(TOY_LINEAR, work_dir=str(user), cfg_options=opts, overwrite=True)
+    assert (user / "linear_internvit_tiny_toy.py").read_text() != "# my notes, not a config\n"
