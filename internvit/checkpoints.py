@@ -582,7 +582,10 @@ def load_into(
                                   f"expects {'floating point' if target.is_floating_point() else target.dtype} "
                                   f"(a corrupt or foreign checkpoint)")
         if name in resized:
-            t = resizers[name](t, tuple(target.shape))
+            try:
+                t = resizers[name](t, tuple(target.shape))
+            except CheckpointError as e:  # e.g. a position grid that is not square: named with the file
+                raise CheckpointError(f"{origin}: {e}") from None
         if t.is_floating_point():
             t = t.to(device=device, dtype=dtype if dtype is not None else t.dtype)
         else:

@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Union
@@ -38,6 +39,15 @@ _MAY_BE_ZERO = ("num_query_token",)  # InternVL-C has no query tokens
 #: the float fields' allowed ranges ``(low, high, low_inclusive)``; every float field must be a finite number
 FLOAT_RANGES = {"layer_norm_eps": (0.0, 1.0, False), "rms_norm_eps": (0.0, 1.0, False),
                 "drop_path_rate": (0.0, 1.0, True), "rope_theta": (0.0, math.inf, False)}
+
+
+def check_mean_std(key: str, value: Any) -> None:
+    """Raise ``ValueError`` unless ``value`` is 3 finite numbers (``key`` ``'std'`` or ending in ``_std``: > 0)."""
+    std = key.endswith("std")
+    ok = isinstance(value, (list, tuple)) and len(value) == 3 and all(
+        isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) for x in value)
+    if not ok or (std and min(value) <= 0):
+        raise ValueError(f"{key} must be 3 finite numbers{' > 0' if std else ''}, got {value!r}")
 
 
 def check_sizes(config) -> None:
@@ -102,6 +112,8 @@ class InternViTConfig:
             )
         if self.hidden_act != "gelu":
             raise ValueError(f"config: only hidden_act='gelu' is supported, got {self.hidden_act!r}")
+        check_mean_std("config: image_mean", self.image_mean)  # a zero std only failed when a transform was built
+        check_mean_std("config: image_std", self.image_std)
         self.image_mean = tuple(self.image_mean)
         self.image_std = tuple(self.image_std)
 
@@ -286,7 +298,15 @@ def get_config(config: ConfigLike) -> InternViTConfig | InternVLConfig:
     raise TypeError(f"config must be a preset name, dict, path or config object, got {type(config).__name__}")
 
 
+#: the ``model_type`` of the configs this package reads (InternViT, InternVL-C/G, InternVL-Chat's vision part)
+MODEL_TYPES = ("intern_vit_6b", "internvl", "internvl_chat")
+
+
 def _from_mapping(config: Mapping) -> InternViTConfig | InternVLConfig:
+    model_type = config.get("model_type")
+    if model_type is not None and model_type not in MODEL_TYPES:
+        raise ValueError(f"config: model_type {model_type!r} is not one this package reads "
+                         f"({', '.join(MODEL_TYPES)}): not an InternViT / InternVL config")
     if config.get("model_type") == "internvl" or "qllama_config" in config:
         return InternVLConfig.from_dict(config)
     return InternViTConfig.from_dict(config)

@@ -882,7 +882,11 @@ def _same_job(manifest: Mapping[str, Any], job: Mapping[str, Any]) -> bool:
 
 
 def _refuse_other(out_dir: str, manifest: Mapping[str, Any], job: Mapping[str, Any]) -> None:
-    """Raise ``ValueError`` naming the first field in which committed features differ from ``job``."""
+    """Raise ``ValueError`` naming the first field in which committed features differ from ``job`` (or saying
+    that the folder's ``manifest.json`` is not one a feature extraction wrote)."""
+    if "shards" not in manifest or "_store" not in manifest:
+        raise ValueError(f"{out_dir}: its manifest.json is not a feature folder's (no 'shards'): a folder no "
+                         f"feature extraction wrote; give a new or empty folder")
     for key, b in job.items():
         if key == "extra":
             a = {k: manifest.get(k) for k in b}

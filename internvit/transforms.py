@@ -1,7 +1,6 @@
 """Preprocessing presets shared by every task (feature extraction, zero-shot, retrieval, probes)."""
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Optional, Sequence
 
@@ -9,7 +8,7 @@ import torch
 from torchvision import transforms as T
 from torchvision.transforms import functional as F
 
-from .config import IMAGENET_MEAN, IMAGENET_STD, InternViTConfig, InternVLConfig
+from .config import IMAGENET_MEAN, IMAGENET_STD, InternViTConfig, InternVLConfig, check_mean_std
 from .tiling import dynamic_tiles, tile_grid  # noqa: F401 - public here (issue 13)
 
 _MODES = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR,
@@ -51,10 +50,7 @@ def check_preprocess(p: dict) -> dict:
     p["image_size"] = int(size)
     for key in ("mean", "std"):
         v = p.get(key)
-        ok = isinstance(v, (list, tuple)) and len(v) == 3 and all(
-            isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) for x in v)
-        if not ok or (key == "std" and min(v) <= 0):
-            raise ValueError(f"{key} must be 3 finite numbers{' > 0' if key == 'std' else ''}, got {v!r}")
+        check_mean_std(key, v)
         p[key] = [float(x) for x in v]
     if p.get("interpolation") not in _MODES:
         raise ValueError(f"interpolation must be one of {sorted(_MODES)}, got {p.get('interpolation')!r}")

@@ -114,6 +114,7 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("out_is_a_file", _with(EXTRACT, out="{W}/ann.json")),
         ("out_is_a_user_folder", _with(EXTRACT, out="{W}/imgs")),
         ("out_under_a_file", _with(EXTRACT, out="{W}/ann.json/feats")),
+        ("out_holds_a_foreign_manifest", _with(EXTRACT, out="{W}/foreign_manifest")),
         ("out_empty", _with(EXTRACT, out="")),
         ("images_empty", _with(EXTRACT, images="")),
         ("model_empty", _with(EXTRACT, model="")),
@@ -387,6 +388,9 @@ def W(tmp_path_factory) -> str:  # noqa: N802 - the placeholder's name
         with open(f"{w}/imgs/img_{i:03d}.txt", "w") as f:
             f.write(f"picture {i}")
     os.makedirs(f"{w}/empty")
+    os.makedirs(f"{w}/foreign_manifest")
+    with open(f"{w}/foreign_manifest/manifest.json", "w") as f:  # some other tool's manifest
+        f.write('{"mine": 1}')
     for kind in ("images", "annotations"):  # a segmentation data root whose splits hold no file
         for split in ("training", "validation"):
             os.makedirs(f"{w}/empty_seg/{kind}/{split}")

@@ -216,6 +216,19 @@ def test_cli_bad_input(image_dir, tmp_path, case):
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_out_with_another_tools_manifest_says_so(image_dir, tmp_path):
+    """A folder holding some other tool's manifest.json was called 'features made with different arguments
+    (dtype: null there ...); ... delete it': the folder is not a feature extraction's, and it is left alone."""
+    out = tmp_path / "theirs"
+    out.mkdir()
+    (out / "manifest.json").write_text('{"mine": 1}')
+    rc, err = _run_capture(_cli(), ["--model", "internvit-6b-tiny", "--images", image_dir["folder"], "--out", str(out),
+                                    "--no-progress"])
+    assert rc == 2 and err == (f"error: {out}: its manifest.json is not a feature folder's (no 'shards'): a folder "
+                               f"no feature extraction wrote; give a new or empty folder\n")
+    assert os.listdir(out) == ["manifest.json"] and (out / "manifest.json").read_text() == '{"mine": 1}'
+
+
 def test_cli_every_image_failing_is_an_error(tmp_path):
     """A job in which no image gave a feature is one ``error:`` line naming the first failure, exit 2 (it exited
     0 with 'wrote 0 features'); the committed folder keeps ``errors.jsonl`` (the record of why), and the re-run
