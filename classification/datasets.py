@@ -123,11 +123,13 @@ def read_label_rows(path: str) -> list[tuple[int, str, str]]:
     """``[(line number, path, label)]`` of a ``path,label`` CSV: UTF-8 with or without a byte-order mark
     (Excel's "CSV UTF-8"), blank and ``#`` comment lines skipped, an optional header (``path,label``,
     ``image,label``, ``video,label``, ``filepath,label``) on the first row that is not a comment. Paths and
-    labels are stripped, not resolved. Raises ``FileNotFoundError``, or ``ValueError('<file>:<line>: ...')``
-    for a row without two fields or a file that is not UTF-8."""
+    labels are stripped, not resolved; columns after the second are allowed only when the header names them
+    (empty trailing fields always). Raises ``FileNotFoundError``, or ``ValueError('<file>:<line>: ...')`` for a
+    row without two fields, a row with more fields than the header (or two) names, or a file that is not
+    UTF-8."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: annotation CSV not found")
-    rows, first = [], True
+    rows, first, width = [], True, 2
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         try:
@@ -139,9 +141,14 @@ def read_label_rows(path: str) -> list[tuple[int, str, str]]:
                     raise ValueError(f"{path}:{lineno}: expected 'path,label', got {','.join(row)!r}")
                 p, label = row[0].strip(), row[1].strip()
                 if first and (p.lower(), label.lower()) in CSV_HEADERS:
-                    first = False
+                    first, width = False, len(row)  # a header may name more columns; they are not read
                     continue
                 first = False
+                extra = [x for x in row[width:] if x.strip()]
+                if extra:  # a comma in an unquoted path shifts the label: never read a shifted row quietly
+                    raise ValueError(f"{path}:{lineno}: expected 'path,label', got {len(row)} fields "
+                                     f"{','.join(row)!r} (quote a path holding a comma; more columns need a header "
+                                     f"row naming them, e.g. path,label,split)")
                 rows.append((lineno, p, label))
         except UnicodeDecodeError as e:
             raise ValueError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None

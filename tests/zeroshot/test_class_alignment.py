@@ -122,6 +122,16 @@ def test_csv_format_details(tmp_path):
     p.write_text("a.png,0\nb.png,99999999999\n")
     with pytest.raises(ValueError, match=r"huge.csv:2: unknown label '99999999999' \(class indices above"):
         read_csv(str(p))
+    p = tmp_path / "extra.csv"  # a third field without a header naming it: refused (a shifted row), not dropped
+    p.write_text("a.png,red,extra\n")
+    with pytest.raises(ValueError, match=r"extra.csv:1: expected 'path,label', got 3 fields 'a.png,red,extra' "
+                                         r"\(quote a path holding a comma; more columns need a header row"):
+        read_csv(str(p))
+    p.write_text("path,label,split\na.png,red,val\nb.png,blue,\n")  # named by the header; trailing empties
+    assert read_csv(str(p))[1] == ["blue", "red"]
+    p.write_text("path,label\na.png,red,val\n")
+    with pytest.raises(ValueError, match=r"extra.csv:2: expected 'path,label', got 3 fields"):
+        read_csv(str(p))
     p = tmp_path / "latin1.csv"
     p.write_bytes("a.png,caf\xe9\n".encode("latin-1"))
     with pytest.raises(ValueError, match="not a UTF-8 text file"):
