@@ -55,3 +55,11 @@ def tool(name: str):
             return e.code
 
     return call
+
+
+def error_line(capsys) -> str:
+    """The one ``error:`` line a tool printed on stderr (asserted to be exactly one)."""
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1, err
+    return lines[0]

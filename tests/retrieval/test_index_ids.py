@@ -13,7 +13,7 @@ from retrieval.index_folder import read_manifest
 from retrieval.search import Retriever, SearchResult, format_table
 from retrieval.sharded import ShardedRetriever, set_id_offset
 
-from .helpers import mixture, tool
+from .helpers import error_line, mixture, tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MAX_ID = 2**63 - 1
@@ -22,13 +22,6 @@ MAX_ID = 2**63 - 1
 
 
 build_cli, search_cli = tool("build_index"), tool("search")
-
-
-def _error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 @pytest.fixture()
@@ -66,7 +59,7 @@ def test_add_keeps_the_id_offset_and_commits_a_given_one_with_the_rows(parts, ca
     # another offset on --add would renumber every id already handed out (1045 -> 2045): refused, naming both
     before = (tmp / "i1" / "manifest.json").read_bytes()
     assert build_cli([tmp / "D", tmp / "i1", "--add", "--id-offset", "2000", "--quiet"]) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     message = line.split("i1: ", 1)[1]
     assert "--id-offset 2000" in message and "1000" in message and "id_offset" not in message
     assert (tmp / "i1" / "manifest.json").read_bytes() == before
@@ -88,10 +81,10 @@ def test_global_ids_beyond_int64_are_refused_before_anything_is_written(parts, c
     tmp, x = parts
     # 40 rows from 2**63 - 8: the last id would be 2**63 + 31
     assert build_cli([tmp / "B", tmp / "big", "--id-offset", str(MAX_ID - 7), "--quiet"]) == 2
-    assert "beyond the largest id faiss can hold" in _error_line(capsys)
+    assert "beyond the largest id faiss can hold" in error_line(capsys)
     assert not os.path.exists(tmp / "big")
     assert build_cli([tmp / "B", tmp / "big", "--id-offset", str(2**63), "--quiet"]) == 2
-    assert "--id-offset" in _error_line(capsys) and not os.path.exists(tmp / "big")
+    assert "--id-offset" in error_line(capsys) and not os.path.exists(tmp / "big")
     # the largest offset that fits is accepted, and its ids come back exact (not negative, not dropped)
     assert build_cli([tmp / "B", tmp / "big", "--id-offset", str(MAX_ID - 39), "--quiet"]) == 0
     assert build_cli([tmp / "A", tmp / "i0", "--quiet"]) == 0
@@ -100,7 +93,7 @@ def test_global_ids_beyond_int64_are_refused_before_anything_is_written(parts, c
     # an add that would grow past int64 is refused, the folder unchanged
     before = (tmp / "big" / "manifest.json").read_bytes()
     assert build_cli([tmp / "C", tmp / "big", "--add", "--quiet"]) == 2
-    assert "beyond the largest id" in _error_line(capsys)
+    assert "beyond the largest id" in error_line(capsys)
     assert (tmp / "big" / "manifest.json").read_bytes() == before
     assert not os.path.exists(tmp / "big" / ".store" / "journal.jsonl")
     with pytest.raises(ValueError, match="beyond the largest id"):
@@ -153,7 +146,7 @@ def test_search_params_beyond_their_cpp_type_are_refused(parts, capsys):
     np.save(tmp / "q.npy", x[:2])
     assert search_cli([tmp / "hnsw", "--embedding", tmp / "q.npy", "-k", "3", "--params",
                        "efSearch=4294967297"]) == 2
-    assert "efSearch must be an integer from 1 to 2147483647" in _error_line(capsys)
+    assert "efSearch must be an integer from 1 to 2147483647" in error_line(capsys)
     # the largest value of the type is taken as it is (faiss probes at most nlist lists)
     r = Retriever.load(tmp / "ivf", search_params="nprobe=2147483647")
     assert r.index.nprobe == 2**31 - 1 and r.search_embedding(x[:2], 3).ids[:, 0].tolist() == [0, 1]
@@ -205,12 +198,12 @@ def test_id_map_key_builds_and_a_failed_build_rolls_back(parts, capsys, monkeypa
     monkeypatch.undo()
     assert os.path.exists(tmp / "ik2" / ".store" / "journal.jsonl")
     assert build_cli([tmp / "A", tmp / "ik2", "--quiet"]) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "interrupted job is pending" in line and "--overwrite" in line and "overwrite=True" not in line
     assert build_cli([tmp / "A", tmp / "ik2", "--overwrite", "--quiet"]) == 0
     assert read_manifest(str(tmp / "ik2"))["index_key"] == "Flat"
     assert build_cli([tmp / "B", tmp / "ik2", "--quiet"]) == 2  # another index there: the flag, not Python
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "--overwrite" in line and "overwrite=True" not in line
     assert build_cli([tmp / "B", tmp / "ik2", "--overwrite", "--quiet"]) == 0
     assert read_manifest(str(tmp / "ik2"))["ntotal"] == 40
@@ -270,13 +263,13 @@ def test_adding_embeddings_the_index_holds_is_refused(parts, capsys):
     assert build_cli([tmp / "A", tmp / "i0", "--quiet"]) == 0
     before = (tmp / "i0" / "manifest.json").read_bytes()
     assert build_cli([tmp / "A", tmp / "i0", "--add", "--quiet"]) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "already in the index, added by the build" in line and "--allow-duplicate" in line
     assert (tmp / "i0" / "manifest.json").read_bytes() == before
     assert build_cli([tmp / "B", tmp / "i0", "--add", "--quiet"]) == 0
     assert build_cli([tmp / "C", tmp / "i0", "--add", "--quiet"]) == 0
     assert build_cli([tmp / "B", tmp / "i0", "--add", "--quiet"]) == 2  # not the last add: refused, named
-    assert "added by add #1" in _error_line(capsys)
+    assert "added by add #1" in error_line(capsys)
     assert build_cli([tmp / "C", tmp / "i0", "--add", "--quiet"]) == 0  # a rerun of the last add: a no-op
     m = read_manifest(str(tmp / "i0"))
     assert m["ntotal"] == 370 and all(e["fingerprint"] for e in m["embeddings"])

@@ -18,18 +18,11 @@ from retrieval.faiss_ops import check_search_params, new_index
 from retrieval.index_folder import read_manifest
 from retrieval.index_plan import check_index_key
 
-from .helpers import make_images, mixture, tool
+from .helpers import error_line, make_images, mixture, tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VIT = ["--model", "internvit:internvit-6b-tiny", "--quiet"]  # dim 64, image-only, random weights from a seed
 build_cli, search_cli = tool("build_index"), tool("search")
-
-
-def _error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def _text_model() -> list:
@@ -50,7 +43,7 @@ def test_rerun_in_a_copied_index_folder_is_a_no_op_and_names_the_copy(tmp_path, 
     capsys.readouterr()
     listing = sorted(os.listdir(tmp_path / "copy"))
     assert build_cli([tmp_path / "imgs", tmp_path / "copy", "--add"] + args) == 2  # the build's own images
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert f"from {tmp_path / 'copy' / 'embeddings'} " in line and str(tmp_path / "idx") not in line
     assert sorted(os.listdir(tmp_path / "copy")) == listing  # the refused add's folder is removed
 
@@ -59,7 +52,7 @@ def test_a_build_from_other_embeddings_is_still_refused(tmp_path, capsys):
     make_images(str(tmp_path / "imgs"), 4)
     assert build_cli([tmp_path / "imgs", tmp_path / "idx", "--embeddings", tmp_path / "emb"] + VIT) == 0
     assert build_cli([tmp_path / "imgs", tmp_path / "idx"] + VIT) == 2
-    assert "already holds an index built from other embeddings" in _error_line(capsys)
+    assert "already holds an index built from other embeddings" in error_line(capsys)
     assert not os.path.exists(tmp_path / "idx" / "embeddings")
 
 
@@ -90,7 +83,7 @@ def test_parquet_cells_of_the_wrong_type_name_file_column_and_row(tmp_path, caps
     cols[column] = values(paths)
     pq.write_table(pa.table(cols), tmp_path / "in.parquet")
     assert build_cli([tmp_path / "in.parquet", tmp_path / "idx"] + VIT) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert str(tmp_path / "in.parquet") in line and message in line
     assert not os.path.exists(tmp_path / "idx")
 
@@ -126,12 +119,12 @@ def test_every_trained_component_is_checked_before_training(key, n, message):
     new_index(key, 16).train(x[:need])  # faiss agrees: the minimum trains
 
 
-def test_opq_key_on_too_few_vectors_is_one_error_line(tmp_path, capsys):
+def test_opq_key_on_too_few_vectors_is_oneerror_line(tmp_path, capsys):
     emb = tmp_path / "emb"
     os.makedirs(emb / "img_emb")
     np.save(emb / "img_emb" / "img_emb_0.npy", mixture(100, d=16))
     assert build_cli([emb, tmp_path / "opq", "--index-key", "OPQ4,IVF4,PQ4x4", "--quiet"]) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "OPQ4 rotation" in line and "256" in line and "Clustering" not in line
     assert not os.path.exists(tmp_path / "opq")
 
@@ -166,7 +159,7 @@ def test_embeddings_naming_an_index_folder_says_so(tmp_path, capsys):
     build_index(mixture(20, d=64), tmp_path / "other", index_key="Flat", progress=False)
     before = sorted(os.listdir(tmp_path / "other"))
     assert build_cli([tmp_path / "imgs", tmp_path / "idx", "--embeddings", tmp_path / "other"] + VIT) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "an index folder, not an embeddings folder" in line and "dtype" not in line
     assert sorted(os.listdir(tmp_path / "other")) == before and not os.path.exists(tmp_path / "idx")
 
@@ -178,7 +171,7 @@ def test_a_search_parameter_given_twice_is_refused(tmp_path, capsys):
         check_search_params(new_index("IVF4,Flat", 16), "nprobe=1, nprobe=4")
     np.save(tmp_path / "q.npy", mixture(2, d=16))
     assert search_cli([tmp_path / "ivf", "--embedding", tmp_path / "q.npy", "--params", "nprobe=1,nprobe=4"]) == 2
-    assert "nprobe is given twice" in _error_line(capsys)
+    assert "nprobe is given twice" in error_line(capsys)
 
 
 def test_tuning_warnings_are_warning_lines(tmp_path):
