@@ -380,9 +380,9 @@ _RUN_FOLDER = re.compile(r"^\d{8}_\d{6}$")
 def check_work_dir(work_dir: str, config_copy: str, resuming: bool) -> None:
     """Refuse a training work dir holding files the run would replace (``FileExistsError`` naming them and the
     ways out): checkpoints (``*.pth``, ``last_checkpoint``) when the run does not resume (mmengine replaced an
-    earlier run's ``iter_N.pth`` / a user's ``epoch_1.pth`` silently), and, in a folder without a run's log
-    folder (``YYYYmmdd_HHMMSS/``, so no run wrote there), a file named like the run's config copy
-    ``config_copy``."""
+    earlier run's ``iter_N.pth`` / a user's ``epoch_1.pth`` silently), and, when not resuming, in a folder
+    without a run's log folder (``YYYYmmdd_HHMMSS/``, so no run wrote there), a file named like the run's config
+    copy ``config_copy`` (a resumed run continues the run whose checkpoint it reads: its folder)."""
     if not osp.isdir(work_dir):
         return
     names = sorted(os.listdir(work_dir))
@@ -392,7 +392,7 @@ def check_work_dir(work_dir: str, config_copy: str, resuming: bool) -> None:
         raise FileExistsError(f"--work-dir {work_dir}: holds checkpoints ({shown}) that this run would replace: "
                               f"--resume to continue that run, --overwrite to train anew over them, or give "
                               f"another --work-dir")
-    if config_copy in names and not any(_RUN_FOLDER.match(n) for n in names):
+    if config_copy in names and not resuming and not any(_RUN_FOLDER.match(n) for n in names):
         raise FileExistsError(f"--work-dir {work_dir}: holds {config_copy}, which no run wrote there (no run log "
                               f"folder), and the run's config copy would replace it: give another --work-dir, or "
                               f"--overwrite")

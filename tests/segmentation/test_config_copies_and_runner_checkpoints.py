@@ -21,8 +21,11 @@ def linear_run(toy_data, tmp_path_factory):
     from internvit.runner import train
 
     work_dir = str(tmp_path_factory.mktemp("linear"))
+    # a visualizer name of its own: an earlier test's runner in this process left one of the default name, which
+    # mmengine reuses as it is (with that run's save_dir)
     opts = toy_options(toy_data, work_dir, **{"train_cfg.max_iters": 2, "train_cfg.val_interval": 2,
-                                              "default_hooks.checkpoint.interval": 2})
+                                              "default_hooks.checkpoint.interval": 2,
+                                              "visualizer.name": f"linear_run_{id(work_dir)}"})
     train(TOY_LINEAR, work_dir=work_dir, cfg_options=opts)
     return work_dir, opts, os.path.join(work_dir, "iter_2.pth")
 
