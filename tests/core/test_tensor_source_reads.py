@@ -261,6 +261,7 @@ def test_available_memory_inside_a_real_memory_cgroup(tmp_path):
                              capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(
                                  os.path.dirname(os.path.abspath(__file__))))).stdout.split()
         avail, room = int(out[0]), int(out[1])
-        assert 0 < room <= limit and avail == min(room, avail) and avail <= limit
+        # room is read after avail, while the child still allocates: it may have shrunk by a few pages since
+        assert 0 < room <= limit and avail <= room + 64 * 2**20 and avail <= limit
     finally:
         os.rmdir(group)
