@@ -131,6 +131,9 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
     "zeroshot_eval": [
         ("missing_path", _with(ZEROSHOT, data="{W}/nope")),
         ("empty_folder", _with(ZEROSHOT, data="{W}/empty")),
+        ("number_classes_without_classnames", _with(ZEROSHOT, data="{W}/digits/train")),
+        ("label_csv_with_an_unnamed_third_field", [*_with(ZEROSHOT, data="{W}/digits/three_fields.csv"),
+                                                   "--classnames", "{W}/digits/classes.txt"]),
         ("templates_file_missing", [*ZEROSHOT, "--templates", "/nope.txt"]),
         ("templates_name_mistyped", [*ZEROSHOT, "--templates", "imagenet1kk"]),
         ("templates_malformed_json", [*ZEROSHOT, "--templates", "{W}/broken.json"]),
@@ -410,6 +413,8 @@ def W(tmp_path_factory) -> str:  # noqa: N802 - the placeholder's name
         f.write("\n".join(str(c) for c in range(10)) + "\n")
     with open(f"{w}/digits/bad.csv", "w") as f:
         f.write("path,label\ntrain/0/0.png,zero\n")
+    with open(f"{w}/digits/three_fields.csv", "w") as f:
+        f.write("train/0/0.png,0,val\n")
     # annotations, JSON
     with open(f"{w}/ann.json", "w") as f:
         json.dump([{"image": f"imgs/img_{i:03d}.png", "caption": f"picture {i}"} for i in range(4)], f)
