@@ -464,6 +464,10 @@ def match_classes(names: Sequence[str], data_classes: Sequence[str]) -> list[int
                      f"(matched by name, case-insensitive, '_' = space, or by index)")
 
 
+#: a class name that is a number (``3``, ``003``, ``3.0``, ``-1``, ``1e3``): it names nothing for a text prompt
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def resolve_class_index(spec: Optional[Union[str, Sequence[str]]], data_classes: Sequence[str],
                         lang: str = "en", by_key: Optional[Callable[[str], list]] = None
                         ) -> tuple[list[str], list[int]]:
@@ -490,13 +494,13 @@ def resolve_class_index(spec: Optional[Union[str, Sequence[str]]], data_classes:
             names = [by_wnid[c] for c in data_classes]
             check_class_names(names, f"imagenet1k ({_lang(lang)}) of the WordNet-id folders", shipped=True)
             return names, list(range(len(data_classes)))
-        from .datasets import _is_index
-
-        if all(_is_index(c) for c in data_classes):  # '0', '1' or '000': indices, nothing a prompt can describe
-            shown = ", ".join(map(repr, data_classes[:3])) + (", ..." if len(data_classes) > 3 else "")
-            raise ValueError(f"the data's classes are numbers ({shown}: folder names / CSV labels), class indices "
-                             f"rather than names a text prompt can describe; pass --classnames (a .txt / .json "
-                             f"list in index order, or a shipped list such as imagenet1k)")
+        numbers = [c for c in data_classes if _NUMBER.fullmatch(c.strip())]
+        if numbers:  # '0', '000', '3.0': indices (or codes), nothing a text prompt can describe
+            shown = ", ".join(map(repr, numbers[:3])) + (", ..." if len(numbers) > 3 else "")
+            some = "" if len(numbers) == len(data_classes) else f" ({len(numbers)} of {len(data_classes)})"
+            raise ValueError(f"the data's classes are numbers{some} ({shown}: folder names / CSV labels), class "
+                             f"indices rather than names a text prompt can describe; pass --classnames (a .txt / "
+                             f".json list in index order, or a shipped list such as imagenet1k)")
         check_class_names(data_classes, "the data's classes (folder names / CSV labels)")
         return [unicodedata.normalize("NFC", c.replace("_", " ")) for c in data_classes], \
             list(range(len(data_classes)))

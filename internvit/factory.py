@@ -129,10 +129,11 @@ def _pos_embed_resizer(model: nn.Module, key: str):
     def resize(t: torch.Tensor, shape: tuple) -> torch.Tensor:
         n_new = shape[1] - 1
         side = int(round(n_new ** 0.5))
-        n_old = t.shape[1] - 1 if t.ndim == 3 else -1
-        if n_old < 1 or round(n_old ** 0.5) ** 2 != n_old:
+        n_old = t.shape[1] - 1 if t.ndim == 3 and t.shape[0] == 1 and t.shape[2] == shape[2] else -1
+        if n_old < 1 or round(n_old ** 0.5) ** 2 != n_old:  # a grid of the model's width is resized, nothing else
             raise CheckpointError(f"{key}: {list(t.shape)} in the checkpoint is not a square grid of patch rows "
-                                  f"plus a class row, so it cannot be resized to the model's {list(shape)}")
+                                  f"plus a class row of the model's width, so it cannot be resized to the model's "
+                                  f"{list(shape)}")
         return interpolate_pos_embed(t, (side, side))
     return resize
 

@@ -885,8 +885,8 @@ def _refuse_other(out_dir: str, manifest: Mapping[str, Any], job: Mapping[str, A
     """Raise ``ValueError`` naming the first field in which committed features differ from ``job`` (or saying
     that the folder's ``manifest.json`` is not one a feature extraction wrote)."""
     if "shards" not in manifest or "_store" not in manifest:
-        raise ValueError(f"{out_dir}: its manifest.json is not a feature folder's (no 'shards'): a folder no "
-                         f"feature extraction wrote; give a new or empty folder")
+        raise ValueError(f"{out_dir}: its manifest.json is not a feature folder's (no store record and "
+                         f"shards): a folder no feature extraction wrote; give a new or empty folder")
     for key, b in job.items():
         if key == "extra":
             a = {k: manifest.get(k) for k in b}

@@ -306,7 +306,8 @@ def check_option_keys(cfg, options: dict) -> None:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"--cfg-options {key}: the config has no key {top!r} and the runner reads none"
                              f"{hint}")
-        if top not in RUNNER_KEYS:
+        shadowed = top == "data_preprocessor" and "data_preprocessor" in (cfg.get("model") or {})
+        if top not in RUNNER_KEYS or shadowed:  # the runner reads data_preprocessor only for a model without one
             raise ValueError(_variable_message(cfg, key, top))
 
 
@@ -317,7 +318,7 @@ def _variable_message(cfg, key: str, top: str) -> str:
     asked for)."""
     value = cfg[top].to_dict() if hasattr(cfg[top], "to_dict") else cfg[top]
     holders = [p for p in _paths_of(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg), value)
-               if p.split(".", 1)[0] in RUNNER_KEYS]
+               if p.split(".", 1)[0] in RUNNER_KEYS and p != top]
     named = [p for p in holders if p.rsplit(".", 1)[-1] == top]  # data_root=data_root: the likely uses
     others = [p for p in holders if p not in named]
 

@@ -377,17 +377,18 @@ def build_train_runner(config: str, *, work_dir: Optional[str] = None, resume: O
 _RUN_FOLDER = re.compile(r"^\d{8}_\d{6}$")
 
 
-def check_work_dir(work_dir: str, config_copy: str, resuming: bool) -> None:
+def check_work_dir(work_dir: str, config_copy: str, resuming: bool, checkpoints: bool = True) -> None:
     """Refuse a training work dir holding files the run would replace (``FileExistsError`` naming them and the
     ways out): checkpoints (``*.pth``, ``last_checkpoint``) when the run does not resume (mmengine replaced an
     earlier run's ``iter_N.pth`` / a user's ``epoch_1.pth`` silently), and, when not resuming, in a folder
     without a run's log folder (``YYYYmmdd_HHMMSS/``, so no run wrote there), a file named like the run's config
-    copy ``config_copy`` (a resumed run continues the run whose checkpoint it reads: its folder)."""
+    copy ``config_copy`` (a resumed run continues the run whose checkpoint it reads: its folder). A test run
+    (``checkpoints=False``) writes no checkpoint: only the config copy is checked."""
     if not osp.isdir(work_dir):
         return
     names = sorted(os.listdir(work_dir))
     held = [n for n in names if (n.endswith(".pth") or n == "last_checkpoint") and not osp.isdir(osp.join(work_dir, n))]
-    if held and not resuming:
+    if held and checkpoints and not resuming:
         shown = ", ".join(held[:4]) + (f", ... ({len(held)} in all)" if len(held) > 4 else "")
         raise FileExistsError(f"--work-dir {work_dir}: holds checkpoints ({shown}) that this run would replace: "
                               f"--resume to continue that run, --overwrite to train anew over them, or give "
@@ -596,6 +597,8 @@ def build_test_runner(config: str, checkpoint: str, *, work_dir: Optional[str] =
     cfg = load_config(config, cfg_options=cfg_options, work_dir=work_dir, launcher=launcher)
     _require(cfg, config, ("test_dataloader", "test_cfg", "test_evaluator"), "testing")
     cfg.load_from = checkpoint
+    if not overwrite:  # the run's config copy never replaces a user's file of that name
+        check_work_dir(cfg.work_dir, osp.basename(config), resuming=False, checkpoints=False)
     if launcher == "none":
         _single_process_runner(cfg)
     seg = cfg.get("default_scope") == "mmseg"

@@ -267,6 +267,8 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("cfg_option_key_misspelt", ["{seg}", "--work-dir", "{out}", "--cfg-options", "train_cfgs.max_iters=1"]),
         ("seed_not_an_integer", ["{seg}", "--work-dir", "{out}", "--cfg-options", "randomness.seed=abc"]),
         ("cfg_option_a_config_variable", ["{seg}", "--work-dir", "{out}", "--cfg-options", "max_iters=2"]),
+        ("cfg_option_data_preprocessor_the_model_has", ["{seg}", "--work-dir", "{out}", "--cfg-options",
+                                                        "data_preprocessor.mean=[0,0,0]"]),
         ("work_dir_holds_checkpoints", ["{seg}", "--work-dir", "{W}"]),
         ("work_dir_holds_a_file_named_like_the_config_copy", ["{W}/syntax_error.py", "--work-dir", "{W}"]),
         ("train_split_missing", ["{seg}", "--work-dir", "{out}", "--cfg-options",

@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from internvit.cli import ArgumentParser, UsageError, nonnegative_int, run  # noqa: E402
+from internvit.cli import ArgumentParser, UsageError, close_process_group, nonnegative_int, run  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -39,6 +39,14 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    """The exit status (0, or 2 after one ``error:`` line); a process group this run joined is destroyed."""
+    try:
+        return _main(argv)
+    finally:
+        close_process_group()
+
+
+def _main(argv=None) -> int:
     args = parse_args(argv)
     from internvit.cli import one_line, print_error
     from internvit.data import DataError

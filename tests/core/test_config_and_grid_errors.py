@@ -38,14 +38,18 @@ def test_unusable_config_fields_are_refused_at_load(saved, tmp_path, field, valu
     assert str(e.value).startswith(f"{folder}/config.json: ") and must in str(e.value)
 
 
-def test_a_position_grid_that_is_not_square_names_the_file_and_key(saved, tmp_path):
-    folder = tmp_path / "pos11"
+@pytest.mark.parametrize("shape", [(1, 11, 64), (1, 17, 32), (2, 17, 64)])
+def test_a_position_grid_that_cannot_be_resized_names_the_file_and_key(saved, tmp_path, shape):
+    """Not square (11 rows), another width (loaded without a word, then a size error at the first forward
+    naming neither file nor key), or a batch of tables."""
+    folder = tmp_path / "pos"
     folder.mkdir()
     shutil.copy(saved / "config.json", folder)
     state = dict(internvit.load_model(str(saved)).state_dict())
-    state["embeddings.position_embedding"] = torch.randn(1, 11, 64)
+    state["embeddings.position_embedding"] = torch.randn(*shape)
     save_file(state, str(folder / "model.safetensors"))
     with pytest.raises(CheckpointError) as e:
         internvit.load_model(str(folder))
-    assert str(e.value) == (f"{folder}: embeddings.position_embedding: [1, 11, 64] in the checkpoint is not a square "
-                            f"grid of patch rows plus a class row, so it cannot be resized to the model's [1, 17, 64]")
+    assert str(e.value) == (f"{folder}: embeddings.position_embedding: {list(shape)} in the checkpoint is not a "
+                            f"square grid of patch rows plus a class row of the model's width, so it cannot be "
+                            f"resized to the model's [1, 17, 64]")

@@ -124,3 +124,30 @@ def test_training_never_replaces_checkpoints_or_a_users_file_without_overwrite(t
     assert (user / "linear_internvit_tiny_toy.py").read_text() == "# my notes, not a config\n"
     build_train_runner(TOY_LINEAR, work_dir=str(user), cfg_options=opts, overwrite=True)
     assert (user / "linear_internvit_tiny_toy.py").read_text() != "# my notes, not a config\n"
+
+
+def test_a_data_preprocessor_the_model_holds_is_not_overridden_at_the_top():
+    """The runner reads a top-level data_preprocessor only for a model without one: the toy config's model has
+    one, so data_preprocessor.mean=... changed nothing (test.py gave the unchanged mIoU); refused, naming the key."""
+    from internvit.runner import load_config
+
+    with pytest.raises(ValueError, match=r"--cfg-options data_preprocessor.mean: 'data_preprocessor' is a variable "
+                                         r"of the config file, .*set the keys that use it instead: "
+                                         r"model.data_preprocessor"):
+        load_config(TOY_LINEAR, cfg_options={"data_preprocessor.mean": [0, 0, 0]})
+    cfg = load_config(TOY_LINEAR, cfg_options={"model.data_preprocessor.mean": [0, 0, 0]})
+    assert cfg.model.data_preprocessor.mean == [0, 0, 0]
+
+
+def test_testing_never_replaces_a_users_file_named_like_the_config_copy(toy_data, tmp_path):
+    """tools/test.py writes the config copy into its work dir too: a user's file of that name was replaced."""
+    from internvit.runner import build_test_runner
+
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / os.path.basename(TOY_LINEAR)).write_text("# mine\n")
+    ckpt = _linear_checkpoint(toy_data, tmp_path)
+    with pytest.raises(FileExistsError, match=r"holds linear_internvit_tiny_toy.py, which no run wrote there"):
+        build_test_runner(TOY_LINEAR, ckpt, work_dir=str(user), cfg_options=toy_options(toy_data, ""))
+    assert (user / os.path.basename(TOY_LINEAR)).read_text() == "# mine\n"
+    build_test_runner(TOY_LINEAR, ckpt, work_dir=str(user), cfg_options=toy_options(toy_data, ""), overwrite=True)

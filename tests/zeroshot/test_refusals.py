@@ -109,6 +109,17 @@ def test_number_classes_without_classnames_are_refused(fx, tmp_path, capsys, lay
     assert rc == 2 and len(err) == 1, err
     assert "the data's classes are numbers ('0', '1', '2', ...:" in err[0] or "('000', '001', '002':" in err[0]
     assert "pass --classnames" in err[0]
+    if layout == "folders":  # one number among names, or a float label: the same
+        write_images(tmp_path / "d2", ["7", "dog", "n02084071"])
+        rc, out, err = cli(capsys, "--model", fx, "--data", tmp_path / "d2", "--workers", "0", "--templates",
+                           "imagenet1k")
+        assert rc == 2 and "the data's classes are numbers (1 of 3) ('7':" in err[0], err
+    else:
+        (tmp_path / "f.csv").write_text("imgs/a/0.png,3.0\nimgs/a/1.png,1.0\n")
+        rc, out, err = cli(capsys, "--model", fx, "--data", tmp_path / "f.csv", "--workers", "0", "--templates",
+                           "imagenet1k")
+        assert rc == 2 and "the data's classes are numbers ('1.0', '3.0':" in err[0], err
+    assert "pass --classnames" in err[0]
     (tmp_path / "names.txt").write_text("red\ngreen\nblue\nyellow\n")
     rc, out, err = cli(capsys, "--model", fx, "--data", data, "--workers", "0", "--templates", "imagenet1k",
                        "--classnames", tmp_path / "names.txt")
