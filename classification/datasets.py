@@ -190,7 +190,8 @@ def read_csv(path: str, classes: Optional[Sequence[str]] = None,
             lineno, _, label = max(rows, key=lambda r: int(r[2]))
             if int(label) >= MAX_CLASSES:
                 raise ValueError(f"{path}:{lineno}: unknown label {label!r} (class indices above {MAX_CLASSES - 1} "
-                                 f"need a class list: pass classes= or write {CLASSES_FILE} beside the CSV)")
+                                 f"need a class list: the dataset's classes=, zeroshot_eval's --classnames, or "
+                                 f"{CLASSES_FILE} beside the CSV)")
             classes = [str(i) for i in range(max(int(r[2]) for r in rows) + 1)]
             return [(p, int(label)) for _, p, label in rows], classes
         if any(is_index):  # indices and names mixed: the minority kind is the odd one out
@@ -198,7 +199,8 @@ def read_csv(path: str, classes: Optional[Sequence[str]] = None,
             lineno, _, label = next(r for r, k in zip(rows, is_index) if k == odd)
             kind = "class indices" if not odd else "class names"
             raise ValueError(f"{path}:{lineno}: unknown label {label!r} (the other labels are {kind}; "
-                             f"pass classes= or write {CLASSES_FILE} beside the CSV to fix the class list)")
+                             f"fix the class list with the dataset's classes=, zeroshot_eval's --classnames, or "
+                             f"{CLASSES_FILE} beside the CSV)")
         classes = sorted({label for _, _, label in rows})
     index = {c: i for i, c in enumerate(classes)}
     # integer class names ('3', '5', '7'): an integer label is a name, never an index (ambiguous otherwise)

@@ -122,6 +122,12 @@ def test_csv_format_details(tmp_path):
     p.write_text("a.png,0\nb.png,99999999999\n")
     with pytest.raises(ValueError, match=r"huge.csv:2: unknown label '99999999999' \(class indices above"):
         read_csv(str(p))
+    p = tmp_path / "mixed.csv"  # the way out is named for the API and for the CLI (classes= alone is the API's)
+    p.write_text("a.png,2\nb.png,purple\nc.png,1\n")
+    with pytest.raises(ValueError, match=r"mixed.csv:2: unknown label 'purple' \(the other labels are class indices; "
+                                         r"fix the class list with the dataset's classes=, zeroshot_eval's "
+                                         r"--classnames, or classes.txt beside the CSV\)"):
+        read_csv(str(p))
     p = tmp_path / "extra.csv"  # a third field without a header naming it: refused (a shifted row), not dropped
     p.write_text("a.png,red,extra\n")
     with pytest.raises(ValueError, match=r"extra.csv:1: expected 'path,label', got 3 fields 'a.png,red,extra' "
