@@ -44,15 +44,15 @@ def _running_stats(model: torch.nn.Module) -> Iterator[torch.Tensor]:
             yield module.running_var
 
 
-def average_running_stats(model: torch.nn.Module) -> int:
-    """All-reduce (mean over ranks) the running statistics of ``model``'s BatchNorm-style layers in one
-    collective per dtype; returns how many tensors were averaged (0 outside a distributed run)."""
+def average_running_stats(stats: list) -> int:
+    """All-reduce (mean over ranks) ``stats``, the running statistics of a model's BatchNorm-style layers
+    (:func:`_running_stats`), in one collective per dtype and device; returns how many tensors were averaged (0
+    outside a distributed run)."""
     import torch.distributed as dist
 
     world = _world_size()
-    if world == 1:
+    if world == 1 or not stats:
         return 0
-    stats = list(_running_stats(model))
     by_kind: dict = {}
     for t in stats:
         by_kind.setdefault((t.dtype, t.device), []).append(t)
@@ -75,8 +75,14 @@ class RunningStatsSyncHook(Hook):
 
     priority = "ABOVE_NORMAL"
 
+    def __init__(self) -> None:
+        self._stats: list = []
+
+    def before_train(self, runner) -> None:  # the layers are found once, not on every step
+        self._stats = list(_running_stats(runner.model)) if _world_size() > 1 else []
+
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
-        average_running_stats(runner.model)
+        average_running_stats(self._stats)
 
 
 def step_seed(seed: int, *where: int) -> int:

@@ -58,6 +58,13 @@ def _same_weights(a, b) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def _listing(folder) -> dict:
+    """Every file under ``folder`` with its size and modification time (ns)."""
+    return {os.path.relpath(os.path.join(r, f), folder): (os.stat(os.path.join(r, f)).st_size,
+                                                         os.stat(os.path.join(r, f)).st_mtime_ns)
+            for r, _, files in os.walk(folder) for f in files}
+
+
 def _latest(work_dir):
     from mmengine.config import Config
 
@@ -88,6 +95,12 @@ def test_every_kill_during_training_saves_leaves_a_resumable_work_dir(tmp_path, 
             _load(last.read_text().strip())
         latest = _latest(d)
         assert latest is not None or n <= 6, f"point {n} ({names[n - 1]}): no checkpoint to resume from"
+        if latest is not None:  # another operation first: a fresh run (no --resume) is refused, nothing touched
+            before = _listing(d)
+            r = run(command(d))
+            assert r.returncode == 2 and "that this run would replace: --resume to continue" in r.stderr, \
+                f"point {n} ({names[n - 1]}): a fresh run over the killed one: {r.returncode}\n{r.stderr[-2000:]}"
+            assert _listing(d) == before, f"point {n} ({names[n - 1]}): the refused run changed the work dir"
         r = run(command(d, "--resume"))
         assert r.returncode == 0, f"point {n} ({names[n - 1]}): resume failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
         assert _same_weights(d / f"iter_{ITERS}.pth", ref / f"iter_{ITERS}.pth"), f"point {n} ({names[n - 1]})"
