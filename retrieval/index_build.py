@@ -21,6 +21,7 @@ committed last is a no-op. A second concurrent writer gets :class:`internvit.sto
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -242,7 +243,23 @@ def _source_record(source: EmbeddingSource, checksum: str, first_id: int) -> dic
     add of a source the index already holds is recognised), row count and first id."""
     root = os.path.abspath(source.root) if source.root else "array"
     return {"source": root, "checksum": checksum, "fingerprint": _fingerprint(source, checksum),
-            "count": source.count, "first_id": first_id}
+            "head": row_head(source), "count": source.count, "first_id": first_id}
+
+
+#: rows a source record's ``head`` hashes
+HEAD_ROWS = 1024
+
+
+def row_head(source: EmbeddingSource) -> str:
+    """``'head:'`` + sha256 of the row count, the dim and the first :data:`HEAD_ROWS` rows as stored (float32,
+    little-endian): the same for the same rows in any shard layout (``--shard-size``), unlike the fingerprint of a
+    feature folder, which hashes its shards. Equal heads with more rows than that are compared in full by
+    :func:`_already_indexed` where the recorded source can still be read."""
+    h = hashlib.sha256(f"{source.count}x{source.dim}:".encode())
+    for _, batch in source.normalized(False).iter_batches(HEAD_ROWS):
+        h.update(np.ascontiguousarray(batch, dtype="<f4"))
+        break
+    return "head:" + h.hexdigest()
 
 
 def _in_memory(source: EmbeddingSource) -> bool:
@@ -305,18 +322,48 @@ def _shown_source(manifest: dict, rec: dict, out_dir: Optional[str]) -> Optional
     return source
 
 
-def _already_indexed(manifest: dict, identities: set, out_dir: Optional[str] = None) -> Optional[str]:
+def _already_indexed(manifest: dict, identities: set, out_dir: Optional[str] = None,
+                     source: Optional[EmbeddingSource] = None, checksum: Optional[str] = None) -> Optional[str]:
     """How the committed index already holds a source with one of ``identities`` (``'the build (ids
     0..299)'`` / ``'add #2 (ids 300..339)'``), else ``None``; a source folder is named where it now is
-    (:func:`_shown_source`, ``out_dir`` the index folder)."""
+    (:func:`_shown_source`, ``out_dir`` the index folder).
+
+    With ``source`` (and its row ``checksum``), a record with the same :func:`row_head` counts too: the same
+    rows written in another shard layout. When it holds more than :data:`HEAD_ROWS` rows, the recorded source
+    is read in full where it still holds what was indexed (a differing checksum: not a duplicate); where it
+    cannot be read, the answer says the match is on the count and the first rows only."""
+    head = row_head(source) if source is not None else None
     for i, rec in enumerate(manifest.get("embeddings") or []):
-        if _identities(rec) & identities:
+        same = bool(_identities(rec) & identities)
+        partly = False
+        if not same and head is not None and rec.get("head") == head:
+            same, partly = _same_rows(manifest, rec, source, checksum, out_dir)
+        if same:
             first = int(rec.get("first_id", 0)) + int(manifest.get("id_offset", 0))
             what = "the build" if i == 0 else f"add #{i}"
             shown = _shown_source(manifest, rec, out_dir)
             where = f" from {shown}" if shown else ""
-            return f"{what}{where} (ids {first}..{first + int(rec.get('count', 0)) - 1})"
+            note = (f"; compared on the row count and the first {HEAD_ROWS} rows only, since that source "
+                    f"cannot be read any more" if partly else "")
+            return f"{what}{where} (ids {first}..{first + int(rec.get('count', 0)) - 1}{note})"
     return None
+
+
+def _same_rows(manifest: dict, rec: dict, source: EmbeddingSource, checksum: Optional[str],
+               out_dir: Optional[str]) -> tuple[bool, bool]:
+    """``(same, partly)`` for a record whose :func:`row_head` equals ``source``'s: every row is in the head
+    (same), the recorded source still holds what was indexed and its row checksum is (or is not) ``checksum``,
+    or it cannot be read (same, partly: on the head only)."""
+    if source.count <= HEAD_ROWS or checksum is None:
+        return True, source.count > HEAD_ROWS
+    shown = _shown_source(manifest, rec, out_dir)
+    try:
+        held = EmbeddingSource.from_folder(shown, manifest.get("kind", "img")) if shown else None
+        if held is not None and held.fingerprint() in _identities(rec):
+            return held.checksum() == checksum, False
+    except (EmbeddingError, OSError, ValueError):
+        pass
+    return True, True
 
 
 def _tidy(out_dir: str, job: dict) -> None:
@@ -816,7 +863,7 @@ def add_to_index(out_dir: str, embeddings, metadata=None, *, kind: Optional[str]
         logger.info("%s: these embeddings were the last ones added; nothing to do", out_dir)
         _tidy(out_dir, job)
         return manifest
-    _refuse_duplicate(manifest, identities, allow_duplicate, out_dir)
+    _refuse_duplicate(manifest, identities, allow_duplicate, out_dir, source=source, checksum=checksum)
     with Store(out_dir, job=job, discard_pending=discard_pending, description="index") as st:
         try:
             return _add_in_store(st, job, source, parts, excluded, normalize, identities, checksum, id_offset,
@@ -880,10 +927,12 @@ def _check_add_offset(manifest: dict, id_offset: Optional[int], count: int, wher
     return check_id_offset(int(manifest.get("id_offset", 0)), int(manifest["next_id"]) + int(count), where)
 
 
-def _refuse_duplicate(manifest: dict, identities: set, allow: bool, where: str, warn: bool = True) -> None:
-    """``ValueError`` naming the build / add that already indexed a source with these identities (a warning
-    instead with ``allow``)."""
-    held = _already_indexed(manifest, identities, where)
+def _refuse_duplicate(manifest: dict, identities: set, allow: bool, where: str, warn: bool = True,
+                      source: Optional[EmbeddingSource] = None, checksum: Optional[str] = None) -> None:
+    """``ValueError`` naming the build / add that already indexed a source with these identities or (with
+    ``source``) the same rows in another shard layout (:func:`_already_indexed`); a warning instead with
+    ``allow``."""
+    held = _already_indexed(manifest, identities, where, source, checksum)
     if held and not allow:
         raise ValueError(f"{where}: these embeddings are already in the index, added by {held}; adding them "
                          f"again would index every row twice (pass allow_duplicate=True to add them anyway)")
@@ -900,7 +949,7 @@ def _add_in_store(st: Store, job: dict, source: EmbeddingSource, parts, excluded
     manifest = st.manifest
     if _last_added(manifest, job, identities):
         return manifest
-    _refuse_duplicate(manifest, identities, allow_duplicate, where, warn=False)
+    _refuse_duplicate(manifest, identities, allow_duplicate, where, warn=False, source=source, checksum=checksum)
     offset = _check_add_offset(manifest, id_offset, source.count, where)
     gen, first_id = st.generation, int(manifest["next_id"])
     index_file = generation_name(INDEX_FILES[kind], gen)
