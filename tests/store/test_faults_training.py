@@ -37,7 +37,9 @@ def toy(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def zygote():
-    with Zygote(["torch", "mmengine.runner", "segmentation", "internvit.runner"]) as z:
+    # matplotlib: imported by the visualizer of every run (1 s)
+    with Zygote(["torch", "mmengine.runner", "segmentation", "internvit.runner", "matplotlib.figure",
+                 "matplotlib.backends.backend_agg"]) as z:
         yield z
 
 

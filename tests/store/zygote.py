@@ -66,8 +66,13 @@ def _child(req: dict, out_fd: int, err_fd: int) -> int:
 
 
 def serve(sock_path: str, modules: list) -> None:
+    import gc
+
     for m in modules:
         __import__(m)
+    gc.collect()
+    gc.freeze()  # the imported modules' objects: never scanned again by a child's collections (mmengine's
+    # datasets call gc.collect(), 0.24 s each over torch's heap)
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     srv.bind(sock_path)
     srv.listen(4)
