@@ -12,12 +12,24 @@ from retrieval import add_to_index, build_index, remove_from_index, write_embedd
 from retrieval.faiss_ops import stored_ids
 from retrieval.index import RetrievalError
 from retrieval.search import Retriever
-from tests.faults import kill_sweep, python_cmd, run
+from tests.faults import kill_sweep, run
+from tests.store.zygote import Zygote
 
 from .helpers import mixture
 
 N, D = 480, 16
 QUERY_ROWS = [0, 7, 123, 479]
+
+
+@pytest.fixture(scope="module")
+def zygote():
+    """Forks a process that imported faiss and the retrieval package once (a fresh interpreter per command: 3 s)."""
+    with Zygote(["faiss", "pyarrow.parquet", "retrieval", "retrieval.search"]) as z:
+        yield z
+
+
+def _py(z, code: str) -> list:
+    return z.cmd(["-c", code])
 
 
 def _vectors(seed=0, n=N):
@@ -86,14 +98,14 @@ def _pending(idx) -> bool:
     return header is not None and header.get("generation") == committed
 
 
-def test_build_survives_a_kill_at_every_write_point(tmp_path):
-    names = kill_sweep(tmp_path, prepare=lambda d: _emb(d / "emb"), command=lambda d: python_cmd(_build_code(d)),
+def test_build_survives_a_kill_at_every_write_point(tmp_path, zygote):
+    names = kill_sweep(tmp_path, prepare=lambda d: _emb(d / "emb"), command=lambda d: _py(zygote, _build_code(d)),
                        read=lambda d: _reader(d / "idx"), output=lambda d: d / "idx", ignore=_manifest_ignored,
                        min_points=10)
     assert any("partial" in n or n == "journal:state" for n in names)
 
 
-def test_add_survives_a_kill_at_every_write_point_and_refuses_another_add(tmp_path):
+def test_add_survives_a_kill_at_every_write_point_and_refuses_another_add(tmp_path, zygote):
     def prepare(d):
         _emb(d / "emb")
         _emb(d / "emb2", seed=1, tag="b")
@@ -103,23 +115,23 @@ def test_add_survives_a_kill_at_every_write_point_and_refuses_another_add(tmp_pa
     def another_add(d, n):
         if not _pending(d / "idx"):
             return
-        r = run(python_cmd(_add_code(d, "emb3")))
+        r = run(_py(zygote, _add_code(d, "emb3")))
         assert r.returncode != 0 and "interrupted job is pending" in r.stderr and "checksum" in r.stderr, (
             f"point {n}: a different add must be refused while one is pending:\n{r.stderr[-1500:]}")
 
-    kill_sweep(tmp_path, prepare=prepare, command=lambda d: python_cmd(_add_code(d)),
+    kill_sweep(tmp_path, prepare=prepare, command=lambda d: _py(zygote, _add_code(d)),
                read=lambda d: _reader(d / "idx"), output=lambda d: d / "idx", ignore=_ignored_with_retired(tmp_path),
                after_kill=another_add, min_points=8)
 
 
-def test_remove_survives_a_kill_at_every_write_point(tmp_path):
+def test_remove_survives_a_kill_at_every_write_point(tmp_path, zygote):
     def prepare(d):
         _emb(d / "emb")
         build_index(str(d / "emb"), d / "idx", index_key="IVF8,Flat", n_tune_queries=40, progress=False)
 
     code = (lambda d: "from retrieval import remove_from_index\n"
                       f"remove_from_index({str(d / 'idx')!r}, [7, 123, 5])\n")
-    kill_sweep(tmp_path, prepare=prepare, command=lambda d: python_cmd(code(d)), read=lambda d: _reader(d / "idx"),
+    kill_sweep(tmp_path, prepare=prepare, command=lambda d: _py(zygote, code(d)), read=lambda d: _reader(d / "idx"),
                output=lambda d: d / "idx", ignore=_ignored_with_retired(tmp_path), min_points=4)
 
 
