@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import re
 import sys
@@ -99,11 +100,13 @@ def run(main: Callable[..., int], argv: Optional[Sequence[str]] = None,
         user_errors: tuple = USER_ERRORS) -> int:
     """Call ``main(argv)`` and turn user errors into one ``error:`` line with exit status 2.
 
-    Output that a library prints on stderr in the meantime (warnings) is left alone; the error itself is a
-    single line. ``KeyboardInterrupt`` exits 130 with ``error: interrupted``.
+    Meanwhile Python warnings and log records of WARNING and above print as ``warning: ...`` / ``error: ...``
+    lines (:func:`tool_output`); the error itself is a single line. ``KeyboardInterrupt`` exits 130 with
+    ``error: interrupted``.
     """
     try:
-        return int(main(argv) or 0) if argv is not None else int(main() or 0)
+        with tool_output():
+            return int(main(argv) or 0) if argv is not None else int(main() or 0)
     except KeyboardInterrupt:
         print_error("interrupted")
         return 130
@@ -256,6 +259,38 @@ def warning_line(message, category, filename, lineno, line=None) -> str:
     file or source line)."""
     text = next((ln.strip() for ln in str(message).splitlines() if ln.strip()), category.__name__)
     return f"warning: {text}\n"
+
+
+class LevelPrefixFormatter(logging.Formatter):
+    """Log records as the tools' other lines: ``warning: <message>`` for WARNING, ``error: <message>`` for ERROR
+    and above, the bare message below (progress and information)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if record.levelno >= logging.ERROR:
+            return f"error: {text}"
+        return f"warning: {text}" if record.levelno >= logging.WARNING else text
+
+
+@contextlib.contextmanager
+def tool_output() -> Iterator[None]:
+    """Inside the block, Python warnings print as ``warning:`` lines (:func:`warning_lines`) and, unless the
+    process configured logging itself (the root logger has a handler), log records propagating to the root
+    logger print on stderr through :class:`LevelPrefixFormatter` (instead of logging's bare last-resort
+    output); the root logger's level is restored on exit (a tool may lower it to show INFO records)."""
+    root = logging.getLogger()
+    level, handler = root.level, None
+    if not root.handlers:
+        handler = logging.StreamHandler()  # sys.stderr as it is now
+        handler.setFormatter(LevelPrefixFormatter("%(message)s"))
+        root.addHandler(handler)
+    try:
+        with warning_lines():
+            yield
+    finally:
+        if handler is not None:
+            root.removeHandler(handler)
+        root.setLevel(level)
 
 
 @contextlib.contextmanager

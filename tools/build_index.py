@@ -147,12 +147,11 @@ def _committed_index(out_dir: str) -> bool:
 
 
 def main(argv=None) -> int:
-    from internvit.cli import USER_ERRORS, warning_lines
+    from internvit.cli import USER_ERRORS
 
     args = build_parser().parse_args(argv)
     try:
-        with warning_lines():  # "warning: ..." lines (tuning that misses the target), not UserWarning + source
-            return _main(args)
+        return _main(args)
     except USER_ERRORS as e:  # one line, naming this tool's flags where the library names Python arguments
         raise UsageError(cli_message(e)) from None
 
@@ -184,7 +183,7 @@ def _check_add_id_offset(args) -> None:
 
 
 def _main(args) -> int:
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    logging.getLogger().setLevel(logging.WARNING if args.quiet else logging.INFO)  # printed by cli.run's handler
     if args.add and args.index_key:
         raise UsageError("--index-key cannot be used with --add (the index keeps its key)")
     if args.add and (args.on_disk or args.workers > 1):

@@ -153,10 +153,7 @@ def _main(argv=None) -> int:
 
 def main(argv=None) -> int:
     """The exit status: 0, or 2 after one ``error:`` line (argument errors exit 2 from argparse)."""
-    from internvit.cli import warning_lines
-
-    with warning_lines():  # "warning: ..." lines, not UserWarning with a source line
-        return run(_main, argv)
+    return run(_main, argv)  # warnings and log records print as "warning: ..." lines
 
 
 if __name__ == "__main__":

@@ -62,12 +62,11 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from internvit.cli import USER_ERRORS, one_line, warning_lines
+    from internvit.cli import USER_ERRORS, one_line
 
     args = build_parser().parse_args(argv)
     try:
-        with warning_lines():  # "warning: ..." lines, not UserWarning with a source line
-            return _main(args)
+        return _main(args)
     except USER_ERRORS as e:  # one line, naming this tool's flags where the library names Python arguments
         text = one_line(e)
         for python, flag in CLI_HINTS:

@@ -145,7 +145,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from internvit.cli import warning_lines
-
-    with warning_lines():  # "warning: ..." lines, not UserWarning with a source line
-        sys.exit(run(main))
+    sys.exit(run(main))
