@@ -50,7 +50,7 @@ def _read_classes(classes: Union[str, Sequence[str], None]) -> Optional[list[str
         path = os.fspath(classes)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"classes file {path}: not found")
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not part of the first name
             names = [line.strip() for line in f if line.strip()]
     else:
         names = [str(c) for c in classes]

@@ -15,7 +15,7 @@ def mean_per_class_recall(pred: torch.Tensor, labels: torch.Tensor) -> float:
     recalls = []
     for c in labels.unique().tolist():
         m = labels == c
-        recalls.append((pred[m] == c).float().mean().item())
+        recalls.append((pred[m] == c).double().mean().item())
     return 100.0 * sum(recalls) / max(len(recalls), 1)
 
 
@@ -91,7 +91,7 @@ class Accuracy(BaseMetric):
         num_classes = min(r.get("num_classes", pred.shape[1]) for r in results)
         skip = set(self._too_large(num_classes, "the model scores"))
         hit = pred == labels[:, None]
-        out = {f"top{k}": 100.0 * hit[:, :k].any(dim=1).float().mean().item() for k in self.topk if k not in skip}
+        out = {f"top{k}": 100.0 * hit[:, :k].any(dim=1).double().mean().item() for k in self.topk if k not in skip}
         if self.mean_recall:
             out["mean_recall"] = mean_per_class_recall(pred[:, 0], labels)
             classes = (self.dataset_meta or {}).get("classes")

@@ -49,7 +49,9 @@ from .zero_shot import (
     classification_metrics,
     encode_images,
     load_text_model,
+    refuse_missing,
     resolve_templates,
+    warn_empty,
 )
 
 VIDEO_EXTENSIONS: tuple[str, ...] = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv",
@@ -153,12 +155,18 @@ def _open(path: str):
     return container
 
 
+def video_stream(container):
+    """The stream a video is read from: FFmpeg's choice (``av_find_best_stream``, the one its tools play), not
+    the first video stream, which may be a cover picture or thumbnail stored before the video."""
+    return container.streams.best("video") or container.streams.video[0]
+
+
 def _decode_frames(path: str, wanted: set) -> tuple[dict, int]:
     """``({index: RGB PIL image}, frames decoded)``: decodes in order up to the last wanted index."""
     last = max(wanted)
     keep, count = {}, 0
     with _open(path) as container:
-        stream = container.streams.video[0]
+        stream = video_stream(container)
         stream.thread_type = "AUTO"
         for frame in container.decode(stream):
             if count in wanted:
@@ -179,7 +187,7 @@ def read_video_frames(path: str, num_segments: int, *, bound: Optional[tuple[flo
     video stream or no frame, or is an image (see :func:`_open`; also a GIF / APNG / WebP of a single frame).
     """
     with _open(path) as container:
-        stream = container.streams.video[0]
+        stream = video_stream(container)
         n = int(stream.frames or 0)
         fps = float(stream.average_rate) if stream.average_rate else None
         fmt = _format_names(container)
@@ -329,6 +337,7 @@ def _scan_videos(data: str) -> tuple[list[str], list[str], list[str]]:
             labels.extend([c] * len(found))
         if not paths:
             raise ValueError(f"{data}: no videos ({'/'.join(VIDEO_EXTENSIONS)}) in <root>/<class>/ folders")
+        warn_empty(data, [c for c in classes if c not in set(labels)], len(classes), "videos")
         return paths, labels, classes
     if os.path.isfile(data) and data.lower().endswith(".csv"):
         from .datasets import _is_index, read_label_rows
@@ -338,6 +347,7 @@ def _scan_videos(data: str) -> tuple[list[str], list[str], list[str]]:
         if not rows:
             raise ValueError(f"{data}: no 'path,label' rows")
         paths = [p if os.path.isabs(p) else os.path.join(base, p) for _, p, _ in rows]
+        refuse_missing(data, paths, "video")
         labels = [label for _, _, label in rows]
         if all(_is_index(label) for label in labels):
             classes = sorted(set(labels), key=int)

@@ -207,8 +207,8 @@ def classification_metrics(logits: torch.Tensor, target: torch.Tensor) -> dict:
     hit = top == target[:, None]
     pred = top[:, 0]
     present = torch.unique(target)
-    recalls = torch.stack([(pred[target == k] == k).float().mean() for k in present])
-    out = dict(acc1=hit[:, :1].any(1).float().mean().item(), acc5=hit.any(1).float().mean().item() if c > 5 else None,
+    recalls = torch.stack([(pred[target == k] == k).double().mean() for k in present])
+    out = dict(acc1=hit[:, :1].any(1).double().mean().item(), acc5=hit.any(1).double().mean().item() if c > 5 else None,
                mean_per_class_recall=recalls.mean().item())
     if c <= 5:
         out["acc5_note"] = (f"top-5 says nothing with {c} classes (every image is a hit with 5 classes or fewer): "
@@ -332,7 +332,8 @@ _LIST_SUFFIXES = (".txt", ".json")
 
 
 def _read_list(path: str) -> list[str]:
-    """Lines of a ``.txt`` (blank lines skipped) or a JSON list of strings; an empty list is an error."""
+    """Lines of a ``.txt`` (blank lines skipped; a byte-order mark and the white space around each line are not
+    part of an entry) or a JSON list of strings; an empty list is an error."""
     if path.lower().endswith(".json"):
         from internvit.cli import read_json
 
@@ -340,8 +341,8 @@ def _read_list(path: str) -> list[str]:
         if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
             raise ValueError(f"{path}: expected a JSON list of strings")
     else:
-        with open(path, encoding="utf-8") as f:
-            data = [line.rstrip("\n") for line in f if line.strip()]
+        with open(path, encoding="utf-8-sig") as f:
+            data = [line.strip() for line in f if line.strip()]
     if not data:
         raise ValueError(f"{path}: empty (no entries)")
     return data
@@ -544,7 +545,8 @@ def resolve_templates(spec: Optional[Union[str, Sequence[Template]]], lang: str 
     """Templates from a list, a ``.txt`` / ``.json`` file or a shipped dataset key (default: ``dataset``'s).
 
     Raises ``FileNotFoundError`` for a path that does not exist, ``ValueError`` for an unknown key, an empty
-    list or a template without a ``{c}`` placeholder, ``TypeError`` for anything else.
+    list, a template without a ``{c}`` placeholder or one that gives the same prompt for two class names (an
+    escaped ``{{c}}``), ``TypeError`` for anything else.
     """
     if spec is None:
         return load_templates(lang, dataset)
@@ -565,25 +567,59 @@ def resolve_templates(spec: Optional[Union[str, Sequence[Template]]], lang: str 
     for t in templates:
         if isinstance(t, str):
             try:
-                _format(t, "x")
+                filled = [_format(t, name) for name in _PROBE_NAMES]
             except (KeyError, IndexError, ValueError) as e:  # '{x}', '{1}', an unmatched brace
                 what = f"unknown field {{{e.args[0]}}}" if isinstance(e, KeyError) else str(e)
                 raise ValueError(f"template {t!r}: {what} (only {{c}} or {{}} is filled in)") from None
+            hint = " (escaped braces '{{c}}' are not a placeholder)"
+        else:  # a callable may change the name (case, articles): its prompts must only differ
+            filled, hint = [str(t(name)) for name in _PROBE_NAMES], ""
+        if len(set(filled)) < 2 or (isinstance(t, str) and not all(n in f for n, f in zip(_PROBE_NAMES, filled))):
+            # '{{c}}' gives the same prompt for every class: identical classifiers, every image a tie
+            raise ValueError(f"template {t!r} does not put the class name in the prompt: it gives {filled[0]!r} "
+                             f"for every class{hint}, so every class would get the same classifier")
     return templates
 
 
+#: two class names that a template must put into two different prompts (:func:`resolve_templates`)
+_PROBE_NAMES = ("zebra crossing", "tabby cat")
+
+
 def _load_labeled(data: str) -> tuple[list[str], list[int], list[str]]:
-    """``(paths, labels, classes)`` of an image folder (every class folder, empty ones included) or a
-    ``path,label`` CSV (its own label set: see :func:`classification.datasets.read_csv`)."""
-    from .datasets import read_csv, scan_folder
+    """``(paths, labels, classes)`` of an image folder (every class folder, empty ones included: candidate
+    classes, with a warning that ``mean_per_class_recall`` leaves them out) or a ``path,label`` CSV (its own
+    label set: see :func:`classification.datasets.read_csv`). A CSV row naming a file that does not exist is a
+    ``FileNotFoundError`` (a typo or another image root would change the denominator; an existing file that
+    does not decode is skipped and counted, as in a folder)."""
+    from .datasets import empty_classes, read_csv, scan_folder
 
     if os.path.isdir(data):
         samples, classes = scan_folder(data)
     elif os.path.isfile(data) and data.lower().endswith(".csv"):
         samples, classes = read_csv(data)
+        refuse_missing(data, [p for p, _ in samples], "image")
     else:
         raise FileNotFoundError(f"{data}: not an image folder (<root>/<class>/<image>) or a .csv of path,label")
+    warn_empty(data, empty_classes(samples, classes), len(classes), "images")
     return [p for p, _ in samples], [label for _, label in samples], classes
+
+
+def refuse_missing(data: str, paths: Sequence[str], what: str) -> None:
+    """``FileNotFoundError`` naming how many of the ``paths`` a CSV ``data`` lists do not exist, and the first."""
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"{data}: {len(missing)} listed {what}{'s' if len(missing) > 1 else ''} not found "
+                                f"(first: {missing[0]})")
+
+
+def warn_empty(data: str, empty: Sequence[str], num_classes: int, what: str) -> None:
+    """One warning naming the classes of ``data`` without a sample: candidates, left out of the recall mean."""
+    from .datasets import _empty_text
+
+    if empty:
+        warnings.warn(f"{data}: no {what} of {_empty_text(empty)}: candidate classes only, left out of "
+                      f"mean_per_class_recall ({num_classes - len(empty)} of {num_classes} classes have {what})",
+                      UserWarning, stacklevel=3)
 
 
 class _LabeledImages(torch.utils.data.Dataset):

@@ -229,7 +229,7 @@ def memory_size(value: str) -> int:
 def read_json(path: str) -> Any:
     """``json.load`` of a file; a syntax error becomes a :class:`UsageError` naming the file, line and column."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark (Windows editors) is skipped
             return json.load(f)
     except json.JSONDecodeError as e:
         raise UsageError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None

@@ -31,7 +31,7 @@ def is_image_file(path: str) -> bool:
 def _read_list_file(path: str) -> list[str]:
     base = os.path.dirname(os.path.abspath(path))
     out = []
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:  # a BOM (Notepad) is not a path
         for line in f:
             line = line.strip()
             if not line or line.startswith("#"):

@@ -13,11 +13,12 @@ import os.path as osp
 import re
 from typing import Any, Iterator, Optional
 
+import numpy as np
 from mmengine.hooks import Hook
 
 __all__ = ["check_fits", "check_classes", "check_same_classes", "class_list", "dataset_class_names",
            "check_output_path", "check_unique_names", "check_data_files", "name_data_errors", "NamedLoadErrors",
-           "check_option_keys", "check_train_loop", "NonFiniteError", "NonFiniteCheckHook"]
+           "check_option_keys", "check_train_loop", "check_evaluator", "NonFiniteError", "NonFiniteCheckHook"]
 
 #: the keys of an mmengine dataset entry that name a file the pipeline reads (image, label map)
 DATA_FILE_KEYS = ("img_path", "seg_map_path")
@@ -490,3 +491,41 @@ class NonFiniteCheckHook(Hook):
 
     def after_test_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
         self._check_outputs("test", runner.test_loop, batch_idx, data_batch, outputs)
+
+    @staticmethod
+    def _check_metrics(what: str, metrics) -> None:
+        """A summary metric that is NaN / inf is undefined over the split (a segmentation split whose label
+        maps hold only the ignore index: no pixel is counted); it is not reported, nor used by ``save_best``."""
+        bad = {k: v for k, v in (metrics or {}).items() if isinstance(v, (float, int, np.floating, np.integer))
+               and not isinstance(v, bool) and not math.isfinite(float(v))}
+        if bad:
+            shown = ", ".join(f"{k}={float(v)}" for k, v in list(bad.items())[:4])
+            raise NonFiniteError(f"{what}: {shown}: undefined over this split (no sample counted: e.g. every label "
+                                 f"pixel is the ignore index); the metric is not reported")
+
+    def after_val_epoch(self, runner, metrics=None) -> None:
+        self._check_metrics("validation", metrics)
+
+    def after_test_epoch(self, runner, metrics=None) -> None:
+        self._check_metrics("test", metrics)
+
+
+#: the ``iou_metrics`` mmseg's ``IoUMetric`` knows (it checks them only after the whole evaluation)
+IOU_METRICS = ("mIoU", "mDice", "mFscore")
+
+
+def check_evaluator(loop, what: str) -> None:
+    """Refuse evaluator arguments that the metric would reject only after the whole evaluation: mmseg's
+    ``IoUMetric`` with an ``iou_metrics`` entry other than :data:`IOU_METRICS` (a ``KeyError`` after inference
+    over the split, or after the first training interval). ``what``: the config key (``test_evaluator``).
+    Raises ``ValueError`` naming the key and the value."""
+    metrics = getattr(getattr(loop, "evaluator", None), "metrics", None) or []
+    for metric in metrics:
+        if type(metric).__name__ != "IoUMetric" or not type(metric).__module__.startswith("mmseg"):
+            continue
+        names = getattr(metric, "metrics", None)
+        names = [names] if isinstance(names, str) else list(names or [])
+        unknown = [n for n in names if n not in IOU_METRICS]
+        if unknown or not names:
+            raise ValueError(f"{what}.iou_metrics: {unknown[0] if unknown else names!r} is not one of "
+                             f"{', '.join(IOU_METRICS)}")

@@ -35,6 +35,7 @@ from internvit.run_checks import (
     NonFiniteCheckHook,
     check_classes,
     check_data_files,
+    check_evaluator,
     check_fits,
     check_option_keys,
     check_output_path,
@@ -482,6 +483,7 @@ def _prepare_training(runner, ckpt=None) -> None:
             raise ValueError(f"{what}: {one_line(e) if str(e) else type(e).__name__}") from None
     check_train_loop(runner._train_loop, ckpt if getattr(runner, "_resume", False) else None,
                      dict(runner.cfg.get("train_cfg") or {}))
+    check_evaluator(runner._val_loop, "val_evaluator")
 
 
 def precheck_datasets(runner, attrs: tuple) -> None:
@@ -646,3 +648,4 @@ def _without_training(runner, ckpt=None) -> None:
             runner._test_loop = runner.build_test_loop(runner._test_loop)
         except AssertionError as e:  # mmengine asserts on its arguments
             raise ValueError(f"test_cfg: {one_line(e) if str(e) else type(e).__name__}") from None
+    check_evaluator(runner._test_loop, "test_evaluator")

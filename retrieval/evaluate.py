@@ -176,7 +176,7 @@ def _entries_txt(path: str) -> list[AnnotationEntry]:
     """clip_benchmark's Flickr30K text format (reference-spec-2 §2.4): a header line, then one
     ``<id>.jpg,<caption>`` line per caption, split at the first ``.jpg,``."""
     entries = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, 1):
             if lineno == 1 or not line.strip():
                 continue

@@ -87,7 +87,7 @@ class TarImages(Dataset):
                             images[key] = (m.offset_data, m.size, m.name)
                         elif m.name.endswith(".txt"):
                             f = tar.extractfile(m)
-                            texts[key] = f.read().decode("utf-8", errors="replace").strip() if f else None
+                            texts[key] = f.read().decode("utf-8-sig", errors="replace").strip() if f else None
             except tarfile.TarError as e:
                 raise ValueError(f"{path}: not a readable (uncompressed) tar file ({e})") from None
             for key, (offset, size, name) in images.items():
@@ -147,7 +147,7 @@ def _sidecar_captions(paths: Sequence[str]) -> Optional[list[Optional[str]]]:
     for p in paths:
         txt = os.path.splitext(p)[0] + ".txt"
         if os.path.isfile(txt):
-            with open(txt, encoding="utf-8", errors="replace") as f:
+            with open(txt, encoding="utf-8-sig", errors="replace") as f:  # a byte-order mark is not text
                 caps.append(f.read().strip())
             found = True
         else:

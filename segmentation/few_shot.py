@@ -48,7 +48,7 @@ class FewShotMixin:
     def load_data_list(self) -> list[dict]:
         data_list = sorted(super().load_data_list(), key=lambda d: d["img_path"])
         if self.subset_file:
-            with open(self.subset_file, encoding="utf-8") as f:
+            with open(self.subset_file, encoding="utf-8-sig") as f:
                 wanted = [line.strip() for line in f if line.strip()]
             by_name = {self._rel(d): d for d in data_list}
             missing = [w for w in wanted if w not in by_name]

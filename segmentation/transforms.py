@@ -100,6 +100,10 @@ class CheckSegLabels(BaseTransform):
             raise DataError(f"{where}: {seg.shape[0]}x{seg.shape[1]} label map for a {shape[0]}x{shape[1]} image")
         values = np.unique(seg)
         bad = values[((values < 0) | (values >= self.num_classes)) & (values != self.ignore_index)]
+        if bad.size and results.get("reduce_zero_label"):  # name the file's values: each was reduced by one
+            raise DataError(f"{where}: label values {(bad[:5].astype(np.int64) + 1).tolist()} are neither classes "
+                             f"1..{self.num_classes} (reduce_zero_label: 0 is ignored, 1 becomes class 0) nor the "
+                             f"ignore index {self.ignore_index}")
         if bad.size:
             raise DataError(f"{where}: label values {bad[:5].tolist()} are neither classes 0..{self.num_classes - 1} "
                              f"nor the ignore index {self.ignore_index}")
