@@ -137,6 +137,8 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("templates_file_missing", [*ZEROSHOT, "--templates", "/nope.txt"]),
         ("templates_name_mistyped", [*ZEROSHOT, "--templates", "imagenet1kk"]),
         ("templates_malformed_json", [*ZEROSHOT, "--templates", "{W}/broken.json"]),
+        ("template_with_an_escaped_placeholder", [*ZEROSHOT, "--templates", "{W}/t_escaped.txt"]),
+        ("csv_row_naming_a_missing_file", _with(ZEROSHOT, data="{W}/cls_missing_rows.csv")),
         ("wrong_model", _with(ZEROSHOT, model="{W}/nope_model")),
         ("truncated_weights", _with(ZEROSHOT, model="{W}/model_trunc")),
         ("unreadable_image_only", _with(ZEROSHOT, data="{W}/cls_bad")),
@@ -270,6 +272,8 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("cfg_option_data_preprocessor_the_model_has", ["{seg}", "--work-dir", "{out}", "--cfg-options",
                                                         "data_preprocessor.mean=[0,0,0]"]),
         ("work_dir_holds_checkpoints", ["{seg}", "--work-dir", "{W}"]),
+        ("iou_metric_misspelt", ["{seg}", "--work-dir", "{out}", "--cfg-options", "val_evaluator.iou_metrics=[mFoo]",
+                                 *[f"{s}_dataloader.dataset.data_root={{W}}/toy_seg" for s in ("train", "val")]]),
         ("work_dir_holds_a_file_named_like_the_config_copy", ["{W}/syntax_error.py", "--work-dir", "{W}"]),
         ("train_split_missing", ["{seg}", "--work-dir", "{out}", "--cfg-options",
                                  "train_dataloader.dataset.data_root={W}/empty"]),
@@ -417,6 +421,13 @@ def W(tmp_path_factory) -> str:  # noqa: N802 - the placeholder's name
         f.write("path,label\ntrain/0/0.png,zero\n")
     with open(f"{w}/digits/three_fields.csv", "w") as f:
         f.write("train/0/0.png,0,val\n")
+    from segmentation.toy_data import make_toy_seg_dataset
+
+    make_toy_seg_dataset(f"{w}/toy_seg", num_train=2, num_val=1)  # a split that passes the set-up checks
+    with open(f"{w}/cls_missing_rows.csv", "w") as f:  # one row names a file that is not there
+        f.write("path,label\ncls/cat/0.png,cat\ncls/dog/0.png,dog\ncls/dog/typo.png,dog\n")
+    with open(f"{w}/t_escaped.txt", "w") as f:  # an escaped placeholder: the same prompt for every class
+        f.write("a photo of a {{c}}.\n")
     # annotations, JSON
     with open(f"{w}/ann.json", "w") as f:
         json.dump([{"image": f"imgs/img_{i:03d}.png", "caption": f"picture {i}"} for i in range(4)], f)
