@@ -75,8 +75,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+#: the ``written_by`` values of the results run_zero_shot / run_video_zero_shot write (``--output``)
+RESULT_MARKERS = ("classification.zero_shot", "classification.video")
+
+
 def _is_own_result(path: str) -> bool:
-    """Whether ``path`` holds a result this tool wrote (so replacing it needs no --overwrite)."""
+    """Whether ``path`` holds a result this tool wrote: its ``written_by`` field names it (never a guess from
+    other keys; results written before the field was added do not count)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("written_by") in RESULT_MARKERS
+
+
+def _looks_like_old_result(path: str) -> bool:
+    """Whether ``path`` has the keys of an unmarked result (for the wording of a refusal only)."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -85,11 +100,38 @@ def _is_own_result(path: str) -> bool:
     return isinstance(data, dict) and {"acc1", "acc5", "num_samples", "model"} <= set(data)
 
 
+def _managed_folder(path: str):
+    """The folder written by this project's store (an index, embeddings or feature folder: it holds ``.store/``
+    or a committed ``manifest.json`` of the store) that ``path`` lies in, at any depth; ``None`` when none."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while True:
+        if os.path.isdir(os.path.join(folder, ".store")):
+            return folder
+        try:
+            with open(os.path.join(folder, "manifest.json"), encoding="utf-8") as f:
+                m = json.load(f)
+            if isinstance(m, dict) and "_store" in m:
+                return folder
+        except (OSError, ValueError):
+            pass
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return None
+        folder = parent
+
+
 def _check_output(path: str, overwrite: bool = False) -> None:
     if os.path.isdir(path):
         raise UsageError(f"--output {path}: is a folder (give a .json file path)")
+    managed = _managed_folder(path)
+    if managed is not None:  # its files belong to an index / feature folder; manifest.json is its commit point
+        raise UsageError(f"--output {path}: inside {managed}, a folder written by build_index / extract_features; "
+                         f"results are never written there, even with --overwrite: give a path outside it")
     if os.path.lexists(path) and not overwrite:
-        what = "holds a zero-shot result" if _is_own_result(path) else "is not a zero-shot result"
+        # only the wording depends on what it holds: an existing file is never replaced without --overwrite
+        what = ("holds a zero-shot result" if _is_own_result(path) else
+                "holds a zero-shot result written before results were marked ('written_by')"
+                if _looks_like_old_result(path) else "is not a zero-shot result (no 'written_by' field of this tool)")
         raise UsageError(f"--output {path}: exists and {what}; refusing to replace it (pass --overwrite)")
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.isdir(parent):  # the nearest existing folder must be writable (folders are created)
