@@ -12,6 +12,7 @@ sort puts the lower id first on a tie, faiss' ``IndexFlatIP`` the higher one).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import numbers
 import os
@@ -25,7 +26,6 @@ import numpy as np
 from .embeddings import EmbeddingSource
 from .index import (
     _drop_self,
-    _parse_key,
     build_index,
     exact_search,
     indexed_source,
@@ -34,6 +34,7 @@ from .index import (
     parse_memory,
     set_search_params,
 )
+from .index_plan import check_index_key
 from .search import _Queries
 
 logger = logging.getLogger("retrieval")
@@ -135,10 +136,23 @@ def _explicit_id(path: str, where: str, value) -> Optional[str]:
     return str(value)
 
 
+class Entries(list):
+    """The entries of an annotation file; ``has_splits``: whether its format has splits (Karpathy's
+    ``dataset_*.json``), i.e. whether a ``split`` selected anything (other formats ignore it)."""
+
+    has_splits = False
+
+
+def split_note(entries, split) -> str:
+    """``" in split 'test'"`` for messages about a file whose format has splits, else ``""``."""
+    return f" in split {split!r}" if split and getattr(entries, "has_splits", False) else ""
+
+
 def _entries_json(path: str, data, split: Union[None, str, Sequence[str]]) -> list[AnnotationEntry]:
     splits = parse_splits(split)
     if isinstance(data, dict) and isinstance(data.get("images"), list):
-        entries, restval = [], 0
+        entries, restval = Entries(), 0
+        entries.has_splits = True
         for n, im in enumerate(data["images"]):
             where = f"images[{n}]"
             if not isinstance(im, dict) or "filename" not in im:
@@ -160,7 +174,7 @@ def _entries_json(path: str, data, split: Union[None, str, Sequence[str]]) -> li
                            "set is train + restval: give split='train,restval' to include them)", path, restval)
         return entries
     if isinstance(data, list):
-        entries = []
+        entries = Entries()
         for n, e in enumerate(data):
             where = f"entry {n}"
             if not isinstance(e, dict) or "image" not in e or "caption" not in e:
@@ -175,7 +189,7 @@ def _entries_json(path: str, data, split: Union[None, str, Sequence[str]]) -> li
 def _entries_txt(path: str) -> list[AnnotationEntry]:
     """clip_benchmark's Flickr30K text format (reference-spec-2 §2.4): a header line, then one
     ``<id>.jpg,<caption>`` line per caption, split at the first ``.jpg,``."""
-    entries = []
+    entries = Entries()
     with open(path, encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, 1):
             if lineno == 1 or not line.strip():
@@ -289,18 +303,42 @@ def load_annotations(path: str, image_root: Optional[str] = None, *,
     captions = [c for caps in groups for c in caps]
     t2i = [i for i, caps in enumerate(groups) for _ in caps]
     if not captions:
-        raise ValueError(f"{path}: no images with captions" + (f" in split {split!r}" if split else ""))
+        raise ValueError(f"{path}: no images with captions" + split_note(entries, split))
     return images, captions, t2i
 
 
-def _exact_ranks(queries: np.ndarray, base: np.ndarray, positives: Sequence[set], chunk: int = 1024) -> np.ndarray:
+def _faiss_search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``index.search(queries, k)`` in calls of fewer than faiss' ``distance_compute_blas_threshold`` queries,
+    so that a flat (brute-force) index always scores through the same float32 kernel, one query-item pair at a
+    time: faiss scores a call of more queries with BLAS (another summation order), which can make two near-tied
+    items tie in one call and not in another."""
+    import faiss
+
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    step = max(1, int(getattr(faiss.cvar, "distance_compute_blas_threshold", 20)) - 1)
+    if len(queries) <= step:
+        return index.search(queries, k)
+    parts = [index.search(queries[s:s + step], k) for s in range(0, len(queries), step)]
+    return np.concatenate([d for d, _ in parts]), np.concatenate([i for _, i in parts])
+
+
+def _exact_ranks(queries: np.ndarray, base: np.ndarray, positives: Sequence[set], chunk: int = 256) -> np.ndarray:
     """Rank of each query's best positive over the whole ``base`` (1 + non-positives scoring >= it; ties
-    counted against the query). Scores are computed in float64 and rounded to float32, so identical vectors
-    score identically wherever they sit in the matrix. ``inf`` for a query without positives."""
+    counted against the query). Scores are those of faiss' brute-force ``IndexFlatIP`` in float32 (the
+    kernel a Flat index searches with, :func:`_faiss_search`), so a Flat index reproduces these ranks exactly,
+    near-ties within one float32 rounding included, and identical vectors score identically wherever they sit.
+    ``inf`` for a query without positives."""
+    import faiss
+
     ranks = np.full(len(queries), np.inf)
-    base64 = np.asarray(base, np.float64)
+    base = np.ascontiguousarray(base, dtype=np.float32)
+    flat = faiss.IndexFlatIP(base.shape[1])
+    flat.add(base)
+    n = len(base)
     for s in range(0, len(queries), chunk):
-        scores = (np.asarray(queries[s:s + chunk], np.float64) @ base64.T).astype(np.float32)
+        d, i = _faiss_search(flat, queries[s:s + chunk], n)
+        scores = np.empty_like(d)
+        np.put_along_axis(scores, i, d, axis=1)  # back to base order: scores[r, id]
         for r, row in enumerate(scores, s):
             pos = np.fromiter(positives[r], np.int64)
             if len(pos):
@@ -382,7 +420,7 @@ def _search_closed(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.n
     ``-1`` ids / ``-inf`` scores."""
     n = int(index.ntotal)
     width = min(k + 1, n)
-    d, i = index.search(queries, width)
+    d, i = _faiss_search(index, queries, width)
     rows = {r: (d[r], i[r]) for r in range(len(queries))}
     while width < n:
         open_rows = [r for r, (dr, ir) in rows.items()
@@ -390,7 +428,7 @@ def _search_closed(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.n
         if not open_rows:
             break
         width = min(2 * width, n)
-        d2, i2 = index.search(np.ascontiguousarray(queries[open_rows]), width)
+        d2, i2 = _faiss_search(index, queries[open_rows], width)
         for j, r in enumerate(open_rows):
             rows[r] = (d2[j], i2[j])
     width = max(len(ir) for _, ir in rows.values())
@@ -417,12 +455,19 @@ def check_eval_settings(encoder, n_images: int, n_texts: int, *, ks: Sequence[in
     parse_memory(max_index_memory)
     if index_key:
         new_index(index_key, int(encoder.dim))  # ValueError naming the key when faiss cannot build it
-        nlist = _parse_key(index_key)["nlist"]
-        smallest = min(n_images, n_texts)
-        if nlist > smallest:
-            raise ValueError(f"index_key {index_key!r} has {nlist} inverted lists but the "
-                             f"{'image' if n_images <= n_texts else 'caption'} index would hold only {smallest} "
-                             f"vectors (use fewer lists, e.g. IVF{max(1, smallest // 39)},Flat, or Flat)")
+        for what, n in sorted((("image", n_images), ("caption", n_texts)), key=lambda t: t[1]):
+            try:  # the checks build_index makes (check_index_key: lists, PQ / OPQ / PCA training, HNSW M, ...)
+                check_index_key(index_key, n, int(encoder.dim))
+                # a non-exact index holds out its tuning queries (n_tune_queries=min(1000, n)) before training
+                held = 0 if str(index_key).strip() == "Flat" else min(min(1000, n), max(n // 10, 1))
+                if held:
+                    try:
+                        check_index_key(index_key, n - held, int(encoder.dim))
+                    except ValueError as e:
+                        raise ValueError(f"{e} ({held} of the {n} vectors are held out to tune the search "
+                                         f"parameters)") from None
+            except ValueError as e:
+                raise ValueError(f"{e} (the {what} index of this evaluation)") from None
 
 
 def evaluate_retrieval(
@@ -484,15 +529,86 @@ def _load_queries(path) -> np.ndarray:
     """A ``.npy`` of query vectors; ``ValueError`` naming the file when it is not one (an object array, a
     pickle, garbage)."""
     try:
-        return np.load(path, allow_pickle=False)
+        q = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
         msg = (str(e).splitlines() or [type(e).__name__])[0]
         raise ValueError(f"{os.fspath(path)}: not a readable .npy array of query vectors ({msg[:120]})") from None
+    if not isinstance(q, np.ndarray) or q.dtype.kind not in "fiu":
+        raise ValueError(f"{os.fspath(path)}: not an .npy array of query vectors (it holds {q.dtype} values, "
+                         f"not numbers)")
+    return q
 
 
 RECALL_DEFINITION = ("recall@k = |found top-k ∩ exact top-k| / min(k, neighbours the query has); 1-recall@k = the "
                      "exact nearest neighbour is in the found top k; -1 (no result) is a miss; queries with no "
                      "neighbour are not counted")
+
+
+def _part_head(raw: EmbeddingSource, start: int, count: int) -> str:
+    """:func:`~retrieval.index_build.row_head` of rows ``[start, start + count)`` of ``raw`` (rows as stored)."""
+    from .index_build import HEAD_ROWS
+
+    h = hashlib.sha256(f"{count}x{raw.dim}:".encode())
+    if count:
+        h.update(np.ascontiguousarray(raw.rows(start, start + min(count, HEAD_ROWS)), dtype="<f4"))
+    return "head:" + h.hexdigest()
+
+
+def check_unchanged_sources(manifest: dict, kind: Optional[str] = None) -> None:
+    """``ValueError`` (one line naming the folder and what changed) when an embeddings folder the index
+    ``manifest`` records (its build's, then each add's) no longer holds the rows that were indexed from it:
+    the exact ground truth and the leave-one-out queries of :func:`index_quality` are read from them.
+
+    A folder whose fingerprint is the recorded one holds them (a store-written folder's fingerprint is its
+    content checksum). Otherwise (rewritten, re-extracted, shuffled, or only copied or touched: a plain
+    folder's fingerprint hashes its files' status) its row count and first rows are compared with the
+    recorded ``head``, and, where the record has a full row checksum (an add's) or the head covers every row,
+    that decides; a folder whose first rows match but whose other rows cannot be compared is refused too,
+    with the way out (``--embeddings`` names the rows to score against explicitly)."""
+    from .index_build import HEAD_ROWS, _identities, row_head
+
+    kind = kind or manifest.get("kind", "img")
+    for i, rec in enumerate(manifest.get("embeddings") or []):
+        where = rec.get("source")
+        if not where or where == "array":
+            continue  # indexed_source refuses those
+        first = int(rec.get("first_id", 0))
+        what = "the build" if i == 0 else f"add #{i}"
+        ids = f"{what}, ids {first}..{first + int(rec.get('count', 0)) - 1}"
+        part = EmbeddingSource.open(where, kind)
+        if part.fingerprint() in _identities(rec):
+            continue
+        head = rec.get("head")
+        if head is not None and row_head(part) != head:
+            raise ValueError(f"{where}: changed since it was indexed ({ids}): its first rows differ from the "
+                             f"indexed ones (re-extracted or rewritten); rebuild the index, or pass --embeddings "
+                             f"with the indexed vectors")
+        checksum = rec.get("checksum")
+        if isinstance(checksum, str) and checksum.startswith("sha256:"):
+            if part.checksum() == checksum:
+                continue
+            raise ValueError(f"{where}: changed since it was indexed ({ids}): its rows differ from the indexed "
+                             f"ones (row checksum); rebuild the index, or pass --embeddings with the indexed "
+                             f"vectors")
+        if head is not None and part.count <= HEAD_ROWS:
+            continue  # the head covers every row
+        raise ValueError(f"{where}: its files changed since it was indexed ({ids}: rewritten, copied or touched)"
+                         f"{'; its first rows match' if head is not None else ''} but the rest cannot be compared "
+                         f"with what was indexed; pass --embeddings {where} to score against it as it is")
+
+
+def check_same_heads(manifest: dict, source: EmbeddingSource, name: str) -> None:
+    """``ValueError`` when explicit embeddings (all indexed rows, id order) do not start each recorded part
+    (build, adds) with the rows indexed from it (the recorded ``head``: row count and first rows)."""
+    raw = source.normalized(False)
+    for i, rec in enumerate(manifest.get("embeddings") or []):
+        head, first, count = rec.get("head"), int(rec.get("first_id", 0)), int(rec.get("count", 0))
+        if head is None or first + count > raw.count:
+            continue
+        if _part_head(raw, first, count) != head:
+            what = "the build" if i == 0 else f"add #{i}"
+            raise ValueError(f"{name}: rows {first}..{first + count - 1} are not the ones {what} indexed (their "
+                             f"first rows differ); give the embeddings the index was built from")
 
 
 def index_quality(index_dir: str, embeddings=None, *, queries=None, k: int = 10, n_queries: int = 1000,
@@ -519,12 +635,15 @@ def index_quality(index_dir: str, embeddings=None, *, queries=None, k: int = 10,
     normalize = bool(manifest.get("normalize"))
     if embeddings is None:  # every folder the manifest records (build + adds), without removed / skipped ids
         source, absent = indexed_source(manifest, index, kind)
+        check_unchanged_sources(manifest, kind)  # never ground truth (or queries) from rewritten folders
     else:
         source = EmbeddingSource.open(embeddings, kind or manifest.get("kind", "img")).normalized(normalize)
         absent = np.zeros(0, np.int64)
         if source.count != manifest["ntotal"] or manifest.get("removed"):
             raise ValueError(f"{index_dir}: the index holds {manifest['ntotal']} vectors but the embeddings have "
                              f"{source.count}; give the embeddings of exactly the indexed rows")
+        check_same_heads(manifest, source, os.fspath(embeddings) if isinstance(embeddings, (str, os.PathLike))
+                         else "the embeddings")
     if queries is not None:
         q = _load_queries(queries) if isinstance(queries, (str, os.PathLike)) else queries
         # Retriever's own rules: (Q, D) of the index's dim, finite, not all-zero when normalised; normalised

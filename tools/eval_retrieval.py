@@ -51,8 +51,9 @@ def build_parser() -> ArgumentParser:
     r.add_argument("--annotations", required=True,
                    help="Karpathy dataset_*.json, [{'image','caption'}] JSON or clip_benchmark's Flickr30K .txt")
     r.add_argument("--images", default=None, help="image root (default: the annotation file's folder)")
-    r.add_argument("--split", default="test",
-                   help="Karpathy split(s) to evaluate, comma-separated (e.g. test,restval; 'none' = all)")
+    r.add_argument("--split", default=None,
+                   help="Karpathy split(s) to evaluate, comma-separated (e.g. test,restval; 'none' = all; default "
+                        "test); refused for a format without splits (a [{'image','caption'}] list, Flickr .txt)")
     r.add_argument("--index-key", default=None, help="faiss index_factory string (default: automatic)")
     r.add_argument("--max-index-memory", type=memory_size, default="4G")
     r.add_argument("--target-recall", type=fraction, default=0.95)
@@ -77,25 +78,70 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def _is_own_result(path: str) -> bool:
-    """Whether ``path`` holds a report this tool wrote (so replacing it needs no --overwrite)."""
+#: the field every report of this tool carries, naming the tool and the sub-command that wrote it; a file is
+#: replaced without --overwrite only when it carries this tool's marker (never by a guess from its other keys:
+#: an index's manifest.json holds index_key, ntotal, ... too)
+MARKER_KEY = "written_by"
+
+
+def _marker(command: str) -> str:
+    return f"tools/eval_retrieval.py {command}"
+
+
+def _report_kind(path: str):
+    """The sub-command whose report ``path`` holds (``'recall'`` / ``'index'``), or ``None`` when it holds
+    anything else: another tool's file, an index manifest, or a report written before reports carried
+    :data:`MARKER_KEY`."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and ({"exact", "index", "n_images"} <= set(data)
-                                       or {"index_key", "ntotal", "bytes_per_vector"} <= set(data))
+        return None
+    if not isinstance(data, dict):
+        return None
+    return {_marker(c): c for c in ("recall", "index")}.get(data.get(MARKER_KEY))
 
 
-def _check_out(path, overwrite: bool = False) -> None:
+def _managed_folder(path: str):
+    """The folder written by this project's store (an index, embeddings or feature folder: it holds ``.store/``
+    or a committed ``manifest.json`` of the store) that ``path`` lies in, at any depth; ``None`` when none."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while True:
+        if os.path.isdir(os.path.join(folder, ".store")):
+            return folder
+        try:
+            with open(os.path.join(folder, "manifest.json"), encoding="utf-8") as f:
+                m = json.load(f)
+            if isinstance(m, dict) and "_store" in m:
+                return folder
+        except (OSError, ValueError):
+            pass
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return None
+        folder = parent
+
+
+def _check_out(path, command: str, overwrite: bool = False) -> None:
+    """--out must be a file path outside every store-managed folder (even with --overwrite: its files belong to
+    the index or embeddings, and its manifest.json is their commit point), in an existing folder; an existing
+    file is replaced without --overwrite only when it is a report of the same sub-command (its marker)."""
     if path is None:
         return
     if os.path.isdir(path):
         raise UsageError(f"--out {path}: is a folder (give a .json file path)")
-    if os.path.lexists(path) and not overwrite and not _is_own_result(path):
-        raise UsageError(f"--out {path}: exists and is not an eval_retrieval report; refusing to replace it "
-                         f"(pass --overwrite)")
+    managed = _managed_folder(path)
+    if managed is not None:
+        raise UsageError(f"--out {path}: inside {managed}, a folder written by build_index / extract_features "
+                         f"(an index or embeddings folder); reports are never written there, even with "
+                         f"--overwrite: give a path outside it")
+    if os.path.lexists(path) and not overwrite:
+        kind = _report_kind(path)
+        if kind != command:
+            what = (f"holds an eval_retrieval {kind} report, not a {command} report" if kind else
+                    f"is not an eval_retrieval report (no {MARKER_KEY!r}: {_marker(command)!r} field; reports "
+                    f"written before it was added need --overwrite too)")
+            raise UsageError(f"--out {path}: exists and {what}; refusing to replace it (pass --overwrite)")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise UsageError(f"--out {path}: folder {parent} does not exist")
@@ -103,7 +149,7 @@ def _check_out(path, overwrite: bool = False) -> None:
 
 def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    _check_out(args.out, args.overwrite)
+    _check_out(args.out, args.command, args.overwrite)
     from retrieval.embeddings import atomic_write_json
 
     if args.command == "recall":
@@ -116,14 +162,21 @@ def _main(argv=None) -> int:
         from retrieval.evaluate import evaluate_retrieval, load_annotations
 
         dtype = parse_dtype(args.dtype)
-        split = None if args.split.lower() == "none" else args.split
+        split = "test" if args.split is None else None if args.split.strip().lower() == "none" else args.split
         load_annotations(args.annotations, args.images, split=split)  # a bad file fails before the model loads
+        from retrieval.evaluate import read_entries
+
+        has_splits = read_entries(args.annotations, None).has_splits
+        if split is not None and args.split is not None and not has_splits:
+            raise UsageError(f"--split {args.split}: {args.annotations} has no splits (only Karpathy's "
+                             f"dataset_*.json has them): its whole file is evaluated; drop --split")
         encoder = load_encoder(args.model, mode=args.mode, tokenizer=args.tokenizer, device=args.device,
                                dtype=dtype)
         result = evaluate_retrieval(encoder, args.annotations, args.images, split=split,
                                     index_key=args.index_key, max_index_memory=args.max_index_memory,
                                     target_recall=args.target_recall, batch_size=args.batch_size,
                                     num_workers=args.num_workers)
+        result["split"] = (split or "none") if has_splits else None  # what was evaluated (None: no splits)
     else:
         if not os.path.isdir(args.index_dir):
             raise UsageError(f"{args.index_dir}: index folder does not exist")
@@ -143,10 +196,14 @@ def _main(argv=None) -> int:
                 msg = (str(e).splitlines() or [type(e).__name__])[0]
                 raise UsageError(f"--query-embeddings {args.query_embeddings}: not a readable .npy array of query "
                                  f"vectors ({msg[:120]})") from None
+            if queries.dtype.kind not in "fiu":
+                raise UsageError(f"--query-embeddings {args.query_embeddings}: not an .npy array of query vectors "
+                                 f"(it holds {queries.dtype} values, not numbers)")
         result = index_quality(args.index_dir, args.embeddings, queries=queries, k=args.k,
                                n_queries=args.queries, search_params=args.params)
     if args.out:
-        atomic_write_json(args.out, result)
+        _check_out(args.out, args.command, args.overwrite)  # again: the run may have taken hours
+        atomic_write_json(args.out, {MARKER_KEY: _marker(args.command), **result})
     print(json.dumps(result, indent=2))
     return 0
 

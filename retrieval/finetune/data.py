@@ -90,13 +90,13 @@ def load_pairs(annotation: str, image_root: Optional[str] = None, *, format: str
     format, malformed lines or entries (naming file and line or entry: a caption or image path that is not
     a string included) or an ambiguous identity.
     """
-    from retrieval.evaluate import image_identities, pre_caption
+    from retrieval.evaluate import image_identities, pre_caption, split_note
 
     entries, root = _read(annotation, image_root, format, split)
     fulls, ids = image_identities(os.fspath(annotation), entries, root, one_image_per_id=False)
     pairs = [(full, pre_caption(c, max_words), i) for e, full, i in zip(entries, fulls, ids) for c in e.captions]
     if not pairs:
-        raise ValueError(f"{annotation}: no image-caption pairs" + (f" in split {split!r}" if split else ""))
+        raise ValueError(f"{annotation}: no image-caption pairs" + split_note(entries, split))
     return pairs
 
 
@@ -204,12 +204,12 @@ class ImageTextPairs(Dataset):
     def _eval_groups(annotation, image_root, format, split, max_words) -> tuple[list[str], list[list[str]]]:
         """Images and their captions by :func:`retrieval.evaluate.group_by_image`, the grouping of
         :func:`retrieval.evaluate.load_annotations` (``tools/eval_retrieval.py recall``), for every format."""
-        from retrieval.evaluate import group_by_image
+        from retrieval.evaluate import group_by_image, split_note
 
         entries, root = _read(annotation, image_root, format, split)
         images, groups = group_by_image(os.fspath(annotation), entries, root, max_words)
         if not any(groups):
-            raise ValueError(f"{annotation}: no images with captions" + (f" in split {split!r}" if split else ""))
+            raise ValueError(f"{annotation}: no images with captions" + split_note(entries, split))
         return images, groups
 
     def __len__(self) -> int:
