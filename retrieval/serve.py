@@ -326,7 +326,7 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
         if name is None or name == "":
             if len(served) == 1:
                 return next(iter(served.values()))
-            raise ApiError(422, f"several indexes are served ({', '.join(served)}): name one with 'index'")
+            raise ApiError(422, f"several indexes are served ({', '.join(served)}): name one with {field!r}")
         if not isinstance(name, str) or name not in served:
             raise ApiError(404, f"no index named {str(name)[:100]!r} (served: {', '.join(served)})")
         return served[name]
@@ -543,7 +543,9 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
         dedup = q.get("deduplicate")
         if dedup is not None and not isinstance(dedup, bool):
             raise ApiError(422, "deduplicate must be true or false")
-        search_k = min(limits.max_k, max(num_images, num_ids))
+        # clip-back: knn_search(..., num_result_ids), then map_to_metadata(..., num_images) keeps at most
+        # num_images of them, so the answer holds at most min(num_images, num_result_ids) results
+        search_k = min(limits.max_k, num_ids)
         text, img, emb = q.get("text"), q.get("image"), q.get("embedding_input")
         if text not in (None, ""):
             rows, st = await run_query(s, "text", check_text(text), search_k)

@@ -215,6 +215,8 @@ class IndexState:
     generation: int
     encoder: Any = None
     encoder_error: Optional[str] = None
+    #: why text queries are refused while image queries are served (the tokenizer cannot be read)
+    text_error: Optional[str] = None
     transform: Any = None
     loaded_at: float = field(default_factory=time.time)
 
@@ -241,6 +243,48 @@ def manifest_signature(index_dir: str) -> Optional[tuple]:
     except OSError:
         return None
     return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _tokenizer_problem(retriever) -> Optional[str]:
+    """Why the tokenizer the query encoder would use (``--tokenizer``, else the recorded one) cannot be read;
+    ``None`` when there is none to use or it reads."""
+    first = (getattr(retriever, "retrievers", None) or [retriever])[0]
+    path = first.tokenizer or (first.manifest.get("encoder") or {}).get("tokenizer")
+    if not path:
+        return None
+    from internvit import get_tokenizer
+
+    try:
+        get_tokenizer(path)
+    except Exception as e:  # noqa: BLE001 - missing, a folder without tokenizer.model, not a sentencepiece model
+        msg = (str(e).splitlines() or [type(e).__name__])[0]
+        return msg if os.fspath(path) in msg else f"tokenizer {path}: {msg}"
+    return None
+
+
+def query_encoder(retriever) -> tuple:
+    """``(encoder, text_error)`` of a Retriever (or a group's): its query encoder; when that cannot be built
+    because its tokenizer cannot be read, the same model without a tokenizer (image queries only) and why
+    text queries are refused. Other failures raise."""
+    try:
+        return retriever.encoder, None
+    except Exception:
+        problem = _tokenizer_problem(retriever)
+        if problem is None:
+            raise
+    from .encoders import encoder_from_info
+
+    members = getattr(retriever, "retrievers", None) or [retriever]
+    first = members[0]
+    info = {k: v for k, v in (first.manifest.get("encoder") or {}).items() if k != "tokenizer"}
+    enc = encoder_from_info(info, device=first.device, dtype=first.dtype)
+    if hasattr(enc, "tokenizer"):  # a model folder's own tokenizer.model is not the one asked for
+        enc.tokenizer, enc.tokenizer_path = None, None
+    for r in members:
+        enc.check_compatible(r.manifest, r.index_dir)
+        r._encoder = enc
+    retriever._encoder = enc
+    return enc, problem
 
 
 class ServedIndex:
@@ -282,17 +326,23 @@ class ServedIndex:
             encoder = None
             retriever = self._loader(self.dir, None, **kw)
         retriever.open_metadata()  # every metadata file of this commit, now: a later commit cannot retire them
-        error = None
+        error = text_error = None
+        if encoder is not None and previous is not None:
+            text_error = previous.text_error
         if self.preload and encoder is None:
             try:
-                encoder = retriever.encoder
+                encoder, text_error = query_encoder(retriever)
             except Exception as e:  # noqa: BLE001 - an index without a usable encoder still serves ids/vectors
                 error = str(e).splitlines()[0] if str(e) else type(e).__name__
                 logger.warning("%s: no query encoder (%s); text and image queries are refused", self.name, error)
+            else:
+                if text_error:
+                    logger.warning("%s: %s; text queries are refused (image queries are served)", self.name,
+                                   text_error)
         if self._signature() != before:
             raise _ChangedWhileLoading(f"{self.dir}: the index changed while it was being loaded")
         self._generation += 1
-        return IndexState(retriever, before, self._generation, encoder, error)
+        return IndexState(retriever, before, self._generation, encoder, error, text_error)
 
     def reload_if_changed(self) -> bool:
         """Load and swap in a new committed state if the manifest changed; ``True`` when swapped. A failed load
@@ -607,7 +657,7 @@ class Batcher:
         vecs: dict[int, np.ndarray] = {}
         if st.encoder is None and st.encoder_error is None and any(q.kind in ("text", "image") for q in batch):
             try:  # preload=False: build it on first use
-                st.encoder = st.retriever.encoder
+                st.encoder, st.text_error = query_encoder(st.retriever)
             except Exception as e:  # noqa: BLE001
                 st.encoder_error = str(e).splitlines()[0] if str(e) else type(e).__name__
         self._decode(batch, out, st)
@@ -619,6 +669,11 @@ class Batcher:
                 msg = st.encoder_error or "the index records no encoder"
                 for i in rows:
                     out[i] = ApiError(422, f"index {self.served.name!r} cannot encode {kind} queries: {msg}")
+                continue
+            if kind == "text" and st.text_error:
+                for i in rows:
+                    out[i] = ApiError(422, f"index {self.served.name!r} cannot encode text queries: "
+                                           f"{st.text_error}")
                 continue
             if kind == "text" and not getattr(st.encoder, "supports_text", False):
                 for i in rows:

@@ -110,6 +110,15 @@ def main(argv=None) -> int:
                 sock.listen(1)
             except OSError as e:
                 raise UsageError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    if args.tokenizer is not None:  # as search.py: a tokenizer that cannot be read stops the start-up
+        from internvit import get_tokenizer
+
+        try:
+            get_tokenizer(args.tokenizer)
+        except Exception as e:  # noqa: BLE001 - missing file, folder without tokenizer.model, not sentencepiece
+            msg = (str(e).splitlines() or [type(e).__name__])[0]
+            msg = msg[len(args.tokenizer):].lstrip(": ") if msg.startswith(args.tokenizer) else msg
+            raise UsageError(f"--tokenizer {args.tokenizer}: {msg}") from None
     if args.image_root and not os.path.isdir(args.image_root):
         raise UsageError(f"--image-root {args.image_root}: no such folder")
     dtype = None
