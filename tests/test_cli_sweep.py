@@ -146,6 +146,7 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("workers_negative", _with(ZEROSHOT, workers="-1")),
         ("output_is_a_folder", _with(ZEROSHOT, output="{W}/imgs")),
         ("output_is_a_user_file", _with(ZEROSHOT, output="{W}/ann.json")),
+        ("output_onto_index_manifest_overwrite", [*_with(ZEROSHOT, output="{W}/idx/manifest.json"), "--overwrite"]),
         ("output_empty", _with(ZEROSHOT, output="")),
         ("num_frames_without_video", [*ZEROSHOT, "--num-frames", "4"]),
         ("resize_mode_without_video", [*ZEROSHOT, "--resize-mode", "squash"]),
@@ -184,6 +185,15 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("index_bad_params", ["index", "{W}/idx", "--params", "foo=bar", "--out", "{out}.json"]),
         ("index_out_empty", ["index", "{W}/idx", "--out", ""]),
         ("recall_out_empty", _with(RECALL, out="")),
+        # trial 7c: --out inside an index folder (its manifest is the commit point), even with --overwrite
+        ("index_out_onto_index_manifest", ["index", "{W}/idx", "--out", "{W}/idx/manifest.json"]),
+        ("index_out_onto_index_manifest_overwrite", ["index", "{W}/idx", "--out", "{W}/idx/manifest.json",
+                                                     "--overwrite"]),
+        ("index_out_new_file_in_index_folder", ["index", "{W}/idx", "--out", "{W}/idx/report.json"]),
+        ("recall_out_onto_index_manifest", _with(RECALL, out="{W}/idx/manifest.json")),
+        ("recall_index_key_pq8_on_4_images", [*RECALL, "--index-key", "PQ8"]),
+        ("recall_index_key_pca64_on_4_images", [*RECALL, "--index-key", "PCA64,Flat"]),
+        ("recall_split_on_a_list_file", [*RECALL, "--split", "train"]),
     ],
     "search": [
         ("missing_index", ["{W}/nope", "--text", "a dog"]),
@@ -340,6 +350,8 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("group_same_folder_twice", ["g={W}/idx,{W}/idx"]),
         ("index_empty", [""]),
         ("name_without_folder", ["a="]),
+        ("tokenizer_missing", ["{W}/idx", "--tokenizer", "{W}/nope.model"]),
+        ("tokenizer_folder_without_model", ["{W}/idx", "--tokenizer", "{W}/empty"]),
         *[(n, ["{W}/idx", *a]) for n, a in DEVICE_CASES + NO_CUDA_CASES],
     ],
 }
