@@ -201,9 +201,10 @@ def _main(argv=None) -> int:
                                  f"(it holds {queries.dtype} values, not numbers)")
         result = index_quality(args.index_dir, args.embeddings, queries=queries, k=args.k,
                                n_queries=args.queries, search_params=args.params)
+    result = {MARKER_KEY: _marker(args.command), **result}  # printed and written alike
     if args.out:
         _check_out(args.out, args.command, args.overwrite)  # again: the run may have taken hours
-        atomic_write_json(args.out, {MARKER_KEY: _marker(args.command), **result})
+        atomic_write_json(args.out, result)
     print(json.dumps(result, indent=2))
     return 0
 
