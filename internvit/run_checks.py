@@ -136,6 +136,9 @@ def check_output_path(flag: str, path: str, folder: bool, overwrite: bool) -> No
     if os.path.lexists(path) and os.path.isdir(path) != folder:
         raise ValueError(f"{flag} {path}: exists and is {'not ' if folder else ''}a folder (give "
                          f"{'a folder' if folder else 'a file path'})")
+    from internvit.store import check_outside_managed
+
+    check_outside_managed(flag, os.path.join(path, "x") if folder else path)
     if overwrite:
         return
     if folder and os.path.isdir(path) and os.listdir(path):

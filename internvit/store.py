@@ -714,3 +714,36 @@ def replace_folder(path: PathLike, *, description: str = "folder") -> Iterator[s
             _point("folder:renamed")
     finally:
         lock.release()
+
+
+def managed_folder(path: str) -> Optional[str]:
+    """The folder written through this store (an index, embeddings or feature folder: it holds :data:`STORE_DIR`
+    or a committed :data:`MANIFEST` with the store's ``_store`` record) that ``path`` lies in, at any depth;
+    ``None`` when there is none. Tools refuse to write a file of their own there, even with ``--overwrite``: a
+    report written over ``manifest.json`` destroys the folder's commit point."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while True:
+        if os.path.isdir(os.path.join(folder, STORE_DIR)):
+            return folder
+        try:
+            with open(os.path.join(folder, MANIFEST), encoding="utf-8") as f:
+                m = json.load(f)
+            if isinstance(m, dict) and "_store" in m:
+                return folder
+        except (OSError, ValueError):
+            pass
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return None
+        folder = parent
+
+
+def check_outside_managed(flag: str, path: str) -> None:
+    """``ValueError`` when the output file ``path`` of a tool (given as ``flag``) lies inside a folder written
+    through this store (:func:`managed_folder`): such a folder's files are replaced only by the job that owns
+    them, never by another tool's report, not even with ``--overwrite``."""
+    managed = managed_folder(path)
+    if managed is not None:
+        raise ValueError(f"{flag} {path}: inside {managed}, a folder written by this project's tools (an index, "
+                         f"embeddings or feature folder, whose manifest.json is its commit point); other outputs "
+                         f"are never written there, even with --overwrite: give a path outside it")

@@ -102,24 +102,6 @@ def _report_kind(path: str):
     return {_marker(c): c for c in ("recall", "index")}.get(data.get(MARKER_KEY))
 
 
-def _managed_folder(path: str):
-    """The folder written by this project's store (an index, embeddings or feature folder: it holds ``.store/``
-    or a committed ``manifest.json`` of the store) that ``path`` lies in, at any depth; ``None`` when none."""
-    folder = os.path.dirname(os.path.abspath(path))
-    while True:
-        if os.path.isdir(os.path.join(folder, ".store")):
-            return folder
-        try:
-            with open(os.path.join(folder, "manifest.json"), encoding="utf-8") as f:
-                m = json.load(f)
-            if isinstance(m, dict) and "_store" in m:
-                return folder
-        except (OSError, ValueError):
-            pass
-        parent = os.path.dirname(folder)
-        if parent == folder:
-            return None
-        folder = parent
 
 
 def _check_out(path, command: str, overwrite: bool = False) -> None:
@@ -130,11 +112,9 @@ def _check_out(path, command: str, overwrite: bool = False) -> None:
         return
     if os.path.isdir(path):
         raise UsageError(f"--out {path}: is a folder (give a .json file path)")
-    managed = _managed_folder(path)
-    if managed is not None:
-        raise UsageError(f"--out {path}: inside {managed}, a folder written by build_index / extract_features "
-                         f"(an index or embeddings folder); reports are never written there, even with "
-                         f"--overwrite: give a path outside it")
+    from internvit.store import check_outside_managed
+
+    check_outside_managed("--out", path)
     if os.path.lexists(path) and not overwrite:
         kind = _report_kind(path)
         if kind != command:
@@ -188,17 +168,10 @@ def _main(argv=None) -> int:
 
         queries = None
         if args.query_embeddings is not None:
-            import numpy as np
 
-            try:
-                queries = np.load(args.query_embeddings, allow_pickle=False)
-            except (OSError, ValueError, EOFError) as e:
-                msg = (str(e).splitlines() or [type(e).__name__])[0]
-                raise UsageError(f"--query-embeddings {args.query_embeddings}: not a readable .npy array of query "
-                                 f"vectors ({msg[:120]})") from None
-            if queries.dtype.kind not in "fiu":
-                raise UsageError(f"--query-embeddings {args.query_embeddings}: not an .npy array of query vectors "
-                                 f"(it holds {queries.dtype} values, not numbers)")
+            from internvit.cli import read_vectors
+
+            queries = read_vectors("--query-embeddings", args.query_embeddings)
         result = index_quality(args.index_dir, args.embeddings, queries=queries, k=args.k,
                                n_queries=args.queries, search_params=args.params)
     result = {MARKER_KEY: _marker(args.command), **result}  # printed and written alike

@@ -79,20 +79,22 @@ def _main(args) -> int:
         raise UsageError("empty text query")
     if args.html and os.path.isdir(args.html):
         raise UsageError(f"--html {args.html}: is a folder; give a file name")
+    if args.html:
+        from internvit.store import check_outside_managed
+
+        check_outside_managed("--html", args.html)
     if args.html and os.path.lexists(args.html) and not args.overwrite:
         raise UsageError(f"--html {args.html}: already exists (pass --overwrite to replace it)")
 
-    import numpy as np
 
     from internvit.features import parse_dtype
     from retrieval.search import Retriever, format_table
 
     query = None
     if args.embedding is not None:
-        try:
-            query = np.load(args.embedding, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise UsageError(f"{args.embedding}: not a readable .npy file ({str(e).splitlines()[0]})") from None
+        from internvit.cli import read_vectors
+
+        query = read_vectors("--embedding", args.embedding)
     dtype = parse_dtype(args.dtype) if args.dtype else None
     # the index (file, metadata, search params) is opened and checked before any model is loaded
     dirs = args.index_dir[0] if len(args.index_dir) == 1 else args.index_dir

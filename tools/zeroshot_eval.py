@@ -100,33 +100,14 @@ def _looks_like_old_result(path: str) -> bool:
     return isinstance(data, dict) and {"acc1", "acc5", "num_samples", "model"} <= set(data)
 
 
-def _managed_folder(path: str):
-    """The folder written by this project's store (an index, embeddings or feature folder: it holds ``.store/``
-    or a committed ``manifest.json`` of the store) that ``path`` lies in, at any depth; ``None`` when none."""
-    folder = os.path.dirname(os.path.abspath(path))
-    while True:
-        if os.path.isdir(os.path.join(folder, ".store")):
-            return folder
-        try:
-            with open(os.path.join(folder, "manifest.json"), encoding="utf-8") as f:
-                m = json.load(f)
-            if isinstance(m, dict) and "_store" in m:
-                return folder
-        except (OSError, ValueError):
-            pass
-        parent = os.path.dirname(folder)
-        if parent == folder:
-            return None
-        folder = parent
 
 
 def _check_output(path: str, overwrite: bool = False) -> None:
     if os.path.isdir(path):
         raise UsageError(f"--output {path}: is a folder (give a .json file path)")
-    managed = _managed_folder(path)
-    if managed is not None:  # its files belong to an index / feature folder; manifest.json is its commit point
-        raise UsageError(f"--output {path}: inside {managed}, a folder written by build_index / extract_features; "
-                         f"results are never written there, even with --overwrite: give a path outside it")
+    from internvit.store import check_outside_managed
+
+    check_outside_managed("--output", path)
     if os.path.lexists(path) and not overwrite:
         # only the wording depends on what it holds: an existing file is never replaced without --overwrite
         what = ("holds a zero-shot result" if _is_own_result(path) else

@@ -292,6 +292,9 @@ def test_string_query_vectors_name_the_flag_and_file(idx, tmp_path, capsys):
     assert line.startswith(f"error: --query-embeddings {q}: ") and "not numbers" in line
     with pytest.raises(ValueError, match="qstr.npy: not an .npy array of query vectors"):
         index_quality(str(idx / "idx"), queries=str(q))
+    assert tool("search")([idx / "idx", "--embedding", q]) == 2  # the same kind in search.py
+    line = error_line(capsys)
+    assert line.startswith(f"error: --embedding {q}: ") and "not numbers" in line, line
 
 
 def test_split_on_a_list_without_splits_is_refused(tmp_path, capsys):
@@ -310,3 +313,25 @@ def test_empty_list_file_message_names_no_split(tmp_path):
     with pytest.raises(ValueError) as e:
         load_pairs(str(empty), split="train")
     assert str(e.value) == f"{empty}: no image-caption pairs"
+
+
+# -- the same kind in the other tools writing a file of their own ---------------------------------------------------
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_search_html_inside_an_index_folder_is_refused(idx, capsys, overwrite):
+    before = _digest(idx / "idx")
+    argv = [idx / "idx", "--embedding", _query(idx), "-k", "2", "--html", idx / "idx" / "manifest.json"]
+    assert tool("search")(argv + (["--overwrite"] if overwrite else [])) == 2
+    line = error_line(capsys)
+    assert line.startswith(f"error: --html {idx / 'idx' / 'manifest.json'}: inside ") and "even with --overwrite" \
+        in line, line
+    assert _digest(idx / "idx") == before
+
+
+def test_test_outputs_inside_an_index_folder_are_refused(idx):
+    from internvit.run_checks import check_output_path
+
+    for flag, path, folder in (("--out", idx / "idx" / "preds.pkl", False), ("--show-dir", idx / "idx", True),
+                               ("--out", idx / "idx" / "embeddings" / "pngs", True)):
+        with pytest.raises(ValueError, match="inside .*even with --overwrite"):
+            check_output_path(flag, str(path), folder, True)
+    check_output_path("--out", str(idx / "elsewhere.pkl"), False, True)  # outside: allowed
