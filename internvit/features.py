@@ -115,6 +115,20 @@ def _patch_size(model: Optional[nn.Module]) -> Optional[int]:
     return None
 
 
+#: keys of the manifest's ``model`` that describe it without being part of the job identity (the weights
+#: fingerprint already identifies the weights)
+MODEL_DESCRIPTION_KEYS = ("name", "random_init")
+
+
+def _random_init(model: nn.Module) -> Optional[bool]:
+    """``True`` when ``model`` holds a preset's random weights (``load_model(<preset>)``), ``False`` when it was
+    loaded from weight files, ``None`` when that is not known (a model built by the caller)."""
+    report = getattr(model, "load_report", None)
+    if report is None:
+        return None
+    return getattr(report, "family", None) == "random-init"
+
+
 def _check_not_empty(name: str, value: Any) -> None:
     """Raise ``ValueError('NAME: empty path')`` for ``''`` (which would mean the current folder)."""
     if isinstance(value, (str, bytes, os.PathLike)) and not os.fspath(value):
@@ -362,6 +376,7 @@ class FeatureExtractor:
             "class": type(self.model).__name__,
             "config": config.to_dict() if hasattr(config, "to_dict") else None,
             "weights_fingerprint": weights_fingerprint(self.model),
+            "random_init": _random_init(self.model),
         }
 
     def _dataset(self, images: Union[ImagesLike, Dataset]) -> Dataset:
@@ -525,7 +540,7 @@ class FeatureExtractor:
         """
         model = model_info if model_info is not None else self.model_info()
         if model is not None:
-            model = {k: v for k, v in model.items() if k != "name"}
+            model = {k: v for k, v in model.items() if k not in MODEL_DESCRIPTION_KEYS}
         pre = dict(self.preprocessing if preprocessing is None else preprocessing)
         if preprocess_id is not None:
             pre["preprocess_id"] = str(preprocess_id)
@@ -893,7 +908,7 @@ def _refuse_other(out_dir: str, manifest: Mapping[str, Any], job: Mapping[str, A
         else:
             a = manifest.get(key)
         if key == "model" and isinstance(a, dict) and isinstance(b, dict):
-            a = {k: v for k, v in a.items() if k != "name"}
+            a = {k: v for k, v in a.items() if k not in MODEL_DESCRIPTION_KEYS}
             if a != b:
                 diff = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
                 raise ValueError(f"{out_dir} holds features made with a different model ({diff} differs); "

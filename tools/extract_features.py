@@ -1,13 +1,17 @@
 #!/usr/bin/env python
 """Extract InternViT features of a folder / list of images into resumable shards.
 
-  python tools/extract_features.py --model internvit-300m-448px-v2-5 --images photos/ --out feats/
+  python tools/extract_features.py --model /models/InternViT-300M-448px-V2_5 --images photos/ --out feats/
   python tools/extract_features.py --model ckpt.pth --config internvit-6b-224px --images list.txt --out feats/ \\
       --layers 11 23 -1 --pool grid --image-size 448 --dtype bf16 --device cuda
 
 Dynamic-resolution tiles (InternVL-Chat preprocessing; docs/features.md):
   python tools/extract_features.py --model /models/InternViT-300M-448px --images scans/ --out feats/ --tiles 12
       [--no-thumbnail] [--tile-pool mean|thumbnail] [--projector-input]
+
+--model takes the released checkpoint (a Hugging Face folder with config.json, or a weight file with --config).
+A preset name (internvit-300m-448px-v2-5, ...) builds the architecture with RANDOM weights: a dry run whose
+features mean nothing (a warning says so, and the manifest records model.random_init: true).
 
 Rerunning the same command after an interruption continues where it stopped. Under
 ``torchrun --nproc_per_node N tools/extract_features.py ...`` each rank extracts whole shards and rank 0
@@ -24,8 +28,12 @@ from internvit.cli import ArgumentParser, UsageError, device, nonnegative_int, p
 
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="HF directory, weight file (.safetensors/.pth/.bin) or preset")
-    p.add_argument("--config", default=None, help="preset name or config.json for a bare weight file")
+    p.add_argument("--model", required=True,
+                   help="HF directory or weight file (.safetensors/.pth/.bin) of the released weights, or a preset "
+                        "name (random weights: a dry run)")
+    p.add_argument("--config", default=None,
+                   help="preset name or config.json of a bare weight file's architecture (not with a preset "
+                        "--model)")
     p.add_argument("--images", required=True, help="image folder (recursive) or .txt/.lst list of paths")
     p.add_argument("--out", required=True, help="output folder (resumed if it holds a run with the same arguments)")
     p.add_argument("--layers", type=int, nargs="+", default=None, help="block indices, e.g. 11 23 -1 (default: last)")
@@ -139,6 +147,30 @@ def _check_model_spec(value: str, what: str) -> None:
                          f"(presets: {', '.join(internvit.list_presets())})")
 
 
+def _is_preset(value: str) -> bool:
+    """Whether --model names a preset (random weights): not an existing path, and a preset name."""
+    from internvit.config import is_preset
+
+    return not os.path.exists(value) and is_preset(value)
+
+
+def _check_config(args) -> None:
+    """--config describes the architecture of a bare weight file (or overrides a folder's config.json); with a
+    preset --model it would build *another* architecture under the preset's name: refused."""
+    if args.config is not None and _is_preset(args.model):
+        raise UsageError(f"--config applies to a weight file or checkpoint folder, not to a preset: --model "
+                         f"{args.model} is a preset, which names its own architecture (random weights); drop "
+                         f"--config, or give the weight file or folder as --model")
+
+
+def _random_weights_warning(model_arg: str) -> str:
+    """The one warning line of a preset --model (random weights)."""
+    return (f"--model {model_arg} is a preset: its weights are RANDOM (seeded from the name), not the released "
+            f"ones, so these features are a dry run and mean nothing; for the release's features give its "
+            f"checkpoint folder (config.json + safetensors, e.g. --model /models/InternViT-300M-448px-V2_5) or a "
+            f"weight file with --config {model_arg} (the manifest records model.random_init: true)")
+
+
 def _init_distributed(args):
     """Join the ``torchrun`` process group (``WORLD_SIZE`` > 1): gloo on CPU, NCCL on ``cuda:LOCAL_RANK``."""
     from internvit.distributed_features import init_from_env
@@ -168,6 +200,7 @@ def _main(argv=None) -> int:
     _check_model_spec(args.model, "--model")
     if args.config is not None:
         _check_model_spec(args.config, "--config")
+    _check_config(args)
     _check_tiles(args)
     _check_image_size(args)
     images = list_images(args.images)
@@ -183,6 +216,10 @@ def _main(argv=None) -> int:
                           use_thumbnail=None if args.tiles is None else not args.no_thumbnail,
                           tile_pool=args.tile_pool, projector_input=args.projector_input,
                           downsample_ratio=args.downsample_ratio)
+    if _is_preset(args.model) and int(os.environ.get("RANK", "0")) == 0:  # every argument checked: say it once
+        import logging
+
+        logging.getLogger("internvit").warning(_random_weights_warning(args.model))
     m = fx.write(images, args.out, shard_size=args.shard_size, metadata_format=args.metadata_format,
                  metadata_pattern="metadata/part-{shard:05d}." + args.metadata_format,
                  discard_pending=args.discard_pending)

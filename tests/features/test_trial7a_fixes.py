@@ -1,0 +1,87 @@
+"""Trial 7a (notes/trial7a.md): presets are random weights and say so; --config with a preset is refused; the
+torchrun rate is the job's; another spelling of the same image folder is the same job, and a different job is
+named in words; large images get one warning line naming the file and a configurable limit; the Python API
+refuses wrong types before any work; --out write errors name --out.
+
+The CLI runs in a real interpreter (``tests.faults.run``), as a user runs it.
+"""
+import json
+import sys
+
+import pytest
+
+from internvit.features import FeatureExtractor
+from tests.faults import REPO, run
+
+from .images import make_images
+
+CLI = str(REPO / "tools" / "extract_features.py")
+
+
+def _cli(*args, cwd=None, env=None):
+    return run([sys.executable, CLI, "--no-progress", *map(str, args)], cwd=cwd, env=env)
+
+
+def _lines(text: str) -> list:
+    return [ln for ln in text.splitlines() if ln.strip()]
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    root = tmp_path_factory.mktemp("t7a")
+    make_images(str(root / "small"), 3, seed=7)
+    return root
+
+
+# -- 1. a preset is random weights: one warning line, and the manifest says so --------------------------------
+@pytest.mark.parametrize("preset", ["internvit-6b-tiny", "internvit-300m-tiny"])
+def test_a_preset_model_warns_once_and_the_manifest_records_random_weights(small, tmp_path, preset):
+    r = _cli("--model", preset, "--images", small / "small", "--out", tmp_path / "o")
+    assert r.returncode == 0, r.stderr
+    warn = [ln for ln in _lines(r.stderr) if ln.startswith("warning:")]
+    assert len(warn) == 1 and len(_lines(r.stderr)) == 1, r.stderr
+    assert f"--model {preset} is a preset" in warn[0] and "RANDOM" in warn[0] and "checkpoint folder" in warn[0]
+    model = json.loads((tmp_path / "o" / "manifest.json").read_text())["model"]
+    assert model["name"] == preset and model["random_init"] is True
+
+
+def test_loaded_weights_are_recorded_as_not_random_and_give_no_warning(small, tmp_path):
+    import internvit
+
+    internvit.save_model(internvit.load_model("internvit-6b-tiny"), str(tmp_path / "ckpt"))
+    r = _cli("--model", tmp_path / "ckpt", "--images", small / "small", "--out", tmp_path / "o")
+    assert r.returncode == 0 and not _lines(r.stderr), r.stderr
+    model = json.loads((tmp_path / "o" / "manifest.json").read_text())["model"]
+    assert model["random_init"] is False
+
+
+def test_random_init_is_not_part_of_the_job_identity(tiny_model, small, tmp_path):
+    """The field describes the weights (already fingerprinted): a folder written before it existed resumes."""
+    fx = FeatureExtractor(tiny_model, progress=False)
+    job = fx.signature([], None, shard_size=2, features_pattern="f{shard}", metadata_pattern="m{shard}",
+                       metadata_format="jsonl")
+    assert "random_init" not in job["model"] and "name" not in job["model"]
+    assert fx.model_info()["random_init"] is True
+
+
+def test_the_docs_first_cli_example_does_not_present_a_preset_as_released_features():
+    text = (REPO / "docs" / "features.md").read_text()
+    cli = text[text.index("## CLI"):]
+    block = cli[cli.index("```bash"):cli.index("```", cli.index("```bash") + 7)]
+    preset_line = next(ln for ln in block.splitlines() if "--model internvit-300m-448px-v2-5" in ln)
+    before = block[:block.index(preset_line)]
+    assert "RANDOM" in before and "/models/InternViT-300M-448px-V2_5" in block
+
+
+# -- 2. --model <preset> --config <X>: refused -------------------------------------------------------------------
+@pytest.mark.parametrize("config", ["internvit-300m-tiny", "internvit-6b-tiny", "CONFIG_JSON"])
+def test_config_with_a_preset_model_is_refused(small, tmp_path, config):
+    if config == "CONFIG_JSON":
+        from internvit.config import get_config
+
+        config = tmp_path / "config.json"
+        config.write_text(json.dumps(get_config("internvit-300m-tiny").to_dict()))
+    r = _cli("--model", "internvit-6b-tiny", "--config", config, "--images", small / "small", "--out", tmp_path / "o")
+    assert r.returncode == 2 and _lines(r.stderr) == [ln for ln in _lines(r.stderr) if ln.startswith("error: ")]
+    assert len(_lines(r.stderr)) == 1 and "--config" in r.stderr and "internvit-6b-tiny is a preset" in r.stderr
+    assert not (tmp_path / "o").exists()
