@@ -19,6 +19,7 @@ import datetime
 import json
 import os
 import shutil
+import time
 from contextlib import ExitStack
 from typing import Any, Callable, Optional
 
@@ -177,13 +178,30 @@ def write_distributed(fx: "F.FeatureExtractor", plan: dict, rank: int, world: in
 
         done = _agree(open_main, rank, world)[0]
         if not done:
-            parts = _agree(lambda: _write_part(fx, plan, rank, world), rank, world)
-            stats = dict(fx.last_stats) if fx.last_stats else dict(F.DONE_STATS)
-            records = {k: json.loads(json.dumps(v)) for part in parts for k, v in part.items()}
+            start = time.perf_counter()
+
+            def write_part() -> tuple:
+                records = _write_part(fx, plan, rank, world)
+                return records, dict(fx.last_stats) if fx.last_stats else dict(F.DONE_STATS)
+
+            parts = _agree(write_part, rank, world)  # returns once every rank has written its part
+            stats = job_timing([p[1] for p in parts], time.perf_counter() - start)
+            records = {k: json.loads(json.dumps(v)) for part, _ in parts for k, v in part.items()}
             _agree(lambda: _merge(stack.st, plan, world, records) if rank == 0 else None, rank, world)
         else:
-            stats = dict(F.DONE_STATS)
+            stats = job_timing([dict(F.DONE_STATS)] * world, 0.0)
     return dict(read_manifest(out_dir), timing=stats)
+
+
+def job_timing(rank_stats: list, wall_seconds: float) -> dict:
+    """The timing of a distributed write (the same on every rank): ``images`` of all ranks, ``seconds`` of wall
+    time from the start of the ranks' work to the end of the last rank's, ``images_per_s`` the job's rate
+    (``None`` when no rank computed anything), ``scope: 'job'`` and ``world_size``; ``ranks`` keeps each
+    rank's own timing (its ``images_per_s`` is that rank's rate)."""
+    images = sum(int(s.get("images") or 0) for s in rank_stats)
+    return {"seconds": round(wall_seconds, 3), "images": images,
+            "images_per_s": round(images / wall_seconds, 2) if images and wall_seconds > 0 else None,
+            "scope": "job", "world_size": len(rank_stats), "ranks": [dict(s) for s in rank_stats]}
 
 
 def write_files(folder: str, job: dict, names: list, write: Callable[[int, str], None], manifest: dict, *,

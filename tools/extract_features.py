@@ -230,10 +230,12 @@ def _main(argv=None) -> int:
     if m["count"] == 0 and m["num_errors"]:
         raise UsageError(_all_failed_message(args.out, m["num_errors"]))
     speed = m["timing"].get("images_per_s")
+    ranks = m["timing"].get("world_size") if m["timing"].get("scope") == "job" else None
+    rate = f"{speed:.1f} images/s" + (f" over all {ranks} ranks" if ranks else "") if speed else \
+        "nothing left to compute"
     rows = "" if args.tiles is None else (" (one per tile)" if args.tile_pool is None else " (one per image)")
     print(f"wrote {m['count']} features{rows} of shape {tuple(m['feature_shape'])} to {output_text(args.out)} "
-          f"({len(m['shards'])} shards, {m['num_errors']} errors, "
-          f"{f'{speed:.1f} images/s' if speed else 'nothing left to compute'})")
+          f"({len(m['shards'])} shards, {m['num_errors']} errors, {rate})")
     return 0
 
 

@@ -6,6 +6,7 @@ refuses wrong types before any work; --out write errors name --out.
 The CLI runs in a real interpreter (``tests.faults.run``), as a user runs it.
 """
 import json
+import os
 import sys
 
 import pytest
@@ -85,3 +86,45 @@ def test_config_with_a_preset_model_is_refused(small, tmp_path, config):
     assert r.returncode == 2 and _lines(r.stderr) == [ln for ln in _lines(r.stderr) if ln.startswith("error: ")]
     assert len(_lines(r.stderr)) == 1 and "--config" in r.stderr and "internvit-6b-tiny is a preset" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+# -- 3. under torchrun the reported rate is the job's -------------------------------------------------------------
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+needs_torchrun = pytest.mark.skipif(not os.path.isfile(TORCHRUN), reason="torchrun not installed")
+
+RANK_SCRIPT = """
+import json, os, sys, internvit
+from internvit.distributed_features import init_from_env, leave
+init_from_env("cpu")
+fx = internvit.FeatureExtractor(internvit.load_model("internvit-6b-tiny"), batch_size=2, progress=False)
+m = fx.write(sys.argv[1], sys.argv[2], shard_size=2)
+with open(os.path.join(sys.argv[3], "rank%s.json" % os.environ["RANK"]), "w") as f:  # not stdout: ranks interleave
+    json.dump({"rank": int(os.environ["RANK"]), "timing": m["timing"], "count": m["count"]}, f)
+leave()
+"""
+
+
+@needs_torchrun
+def test_torchrun_timing_counts_every_ranks_images(tmp_path):
+    make_images(str(tmp_path / "imgs"), 7, seed=3)  # 4 shards: rank 0 writes 4 images, rank 1 writes 3
+    (tmp_path / "s.py").write_text(RANK_SCRIPT)
+    r = run([TORCHRUN, "--standalone", "--nproc_per_node", "2", str(tmp_path / "s.py"), str(tmp_path / "imgs"),
+             str(tmp_path / "out"), str(tmp_path)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1)]
+    assert sorted(x["rank"] for x in res) == [0, 1]
+    for x in res:  # every rank reports the job: 7 images (not its own 4 or 3) over the wall time
+        t = x["timing"]
+        assert t["scope"] == "job" and t["world_size"] == 2 and t["images"] == 7 and x["count"] == 7
+        assert sorted(rt["images"] for rt in t["ranks"]) == [3, 4]
+        assert t["images_per_s"] == pytest.approx(7 / t["seconds"], rel=0.01)
+
+
+@needs_torchrun
+def test_torchrun_summary_line_says_it_is_the_jobs_rate(tmp_path):
+    make_images(str(tmp_path / "imgs"), 5, seed=3)
+    r = run([TORCHRUN, "--standalone", "--nproc_per_node", "2", CLI, "--model", "internvit-6b-tiny", "--images",
+             str(tmp_path / "imgs"), "--out", str(tmp_path / "out"), "--shard-size", "2", "--no-progress"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("wrote "))
+    assert "wrote 5 features" in line and "images/s over all 2 ranks" in line, line
