@@ -172,7 +172,7 @@ def write_distributed(fx: "F.FeatureExtractor", plan: dict, rank: int, world: in
                 F._remove_parts(out_dir)
                 return True
             if st.manifest is not None and not plan["overwrite"]:
-                F._refuse_other(out_dir, st.manifest, job)
+                F._refuse_other(out_dir, st.manifest, job, plan["paths"])
             stack.st = st
             return False
 

@@ -36,7 +36,7 @@ from .fingerprint import (
 from .transforms import build_transform, preprocess_config
 
 __all__ = ["FeatureExtractor", "FeatureResult", "read_features", "open_features", "MappedFeatures", "parse_dtype",
-           "weights_fingerprint", "inputs_checksum", "output_text"]
+           "weights_fingerprint", "inputs_checksum", "output_text", "canonical_paths", "resolve_input_paths"]
 
 logger = logging.getLogger("internvit")
 
@@ -630,6 +630,10 @@ class FeatureExtractor:
         if os.path.exists(out_dir) and not os.path.isdir(out_dir):
             raise ValueError(f"{out_dir}: exists and is not a folder")
 
+        if isinstance(images, (str, os.PathLike)):  # a folder or list file: recorded with absolute paths
+            _check_not_empty("images", images)
+            listed = list_images(images)
+            images = resolve_input_paths(listed, out_dir, _extra_columns(extra_columns, len(listed)))
         ds = self._dataset(images)
         paths, n = ds.paths, len(ds)
         columns = _extra_columns(extra_columns, n)
@@ -647,7 +651,7 @@ class FeatureExtractor:
         old = read_manifest(out_dir) if os.path.isdir(out_dir) else None
         leftover_parts = os.path.isdir(os.path.join(out_dir, PARTS))
         if old is not None and not overwrite and not _same_job(old, job):
-            _refuse_other(out_dir, old, job)
+            _refuse_other(out_dir, old, job, paths)
         _refuse_unverified_reuse(out_dir, old, job)
         if old is not None and _same_job(old, job) and not leftover_parts:
             return dict(old, timing=dict(DONE_STATS, **fingerprint_s))  # finished: nothing is rewritten
@@ -666,7 +670,7 @@ class FeatureExtractor:
                     _remove_parts(out_dir)
                     return dict(st.manifest, timing=dict(DONE_STATS, **fingerprint_s))  # finished meanwhile
                 if st.manifest is not None and not overwrite:
-                    _refuse_other(out_dir, st.manifest, job)
+                    _refuse_other(out_dir, st.manifest, job, paths)
                 shards = _plan_shards(plan, st.generation)
                 records, stats = self._write_shards(st, plan, shards)
                 committed = _commit_features(st, plan, shards, records)
@@ -890,15 +894,85 @@ def inputs_checksum(paths: Sequence[str], extra_columns: Optional[Mapping[str, S
     return h.hexdigest()
 
 
+def canonical_paths(paths: Sequence[str]) -> list[str]:
+    """``paths`` made absolute, each file's folder by its real path (``os.path.realpath``: ``./many``, ``many``,
+    an absolute path, another working directory or a symlinked folder all give the same text); the file name
+    itself is kept, so a symlinked *file* stays its own row. ``realpath`` runs once per folder."""
+    real: dict[str, str] = {}
+    out = []
+    for p in paths:
+        folder, name = os.path.split(os.path.abspath(os.fspath(p)))
+        if folder not in real:
+            real[folder] = os.path.realpath(folder)
+        out.append(os.path.join(real[folder], name))
+    return out
+
+
+def resolve_input_paths(paths: Sequence[str], out_dir: Union[str, os.PathLike],
+                        extra_columns: Optional[Mapping[str, Sequence]] = None) -> list[str]:
+    """The paths :meth:`FeatureExtractor.write` records for a folder or list file: :func:`canonical_paths`, so
+    another spelling of the same folder is the same job (resumed or reused). A folder ``out_dir`` holding a job
+    (finished or interrupted) whose inputs are ``paths`` as listed (written before paths were made absolute)
+    keeps them as listed, so that job still resumes."""
+    paths = [os.fspath(p) for p in paths]
+    canon = canonical_paths(paths)
+    if canon == paths:
+        return canon
+    out_dir = os.fspath(out_dir)
+    recorded = set()
+    if out_dir and os.path.isdir(out_dir):
+        from .store import read_manifest
+
+        recorded.add((read_manifest(out_dir) or {}).get("inputs_checksum"))
+        recorded.add(((_pending_header(out_dir) or {}).get("job") or {}).get("inputs_checksum"))
+    recorded.discard(None)
+    if recorded and inputs_checksum(canon, extra_columns) not in recorded \
+            and inputs_checksum(paths, extra_columns) in recorded:
+        return paths
+    return canon
+
+
 def _same_job(manifest: Mapping[str, Any], job: Mapping[str, Any]) -> bool:
     from .store import job_id
 
     return (manifest.get("_store") or {}).get("job_id") == job_id(job)
 
 
-def _refuse_other(out_dir: str, manifest: Mapping[str, Any], job: Mapping[str, Any]) -> None:
+#: the end of every refusal of a folder that holds finished features of another job
+FINISHED_HINT = ("use another output folder (this one holds finished features: delete it, or pass overwrite=True, "
+                 "only if you no longer need them)")
+
+
+def _inputs_difference(out_dir: str, manifest: Mapping[str, Any], paths: Optional[Sequence[str]]) -> str:
+    """In words, how the committed inputs of ``manifest`` differ from ``paths`` (same number of inputs, another
+    checksum): the first row whose path differs, read shard by shard from the folder's metadata and
+    ``errors.jsonl`` (it stops at the first difference, usually in the first shard)."""
+    if paths is None:
+        return "the image paths or extra-column values differ"
+    try:
+        errors: dict[int, str] = {}
+        err_file = os.path.join(out_dir, manifest.get("errors_file") or ERRORS)
+        if os.path.isfile(err_file):
+            with open(err_file, encoding="utf-8") as f:
+                errors = {int(r["id"]): r["path"] for r in map(json.loads, f) if r}
+        for s in manifest["shards"]:
+            there = {int(r["id"]): r["path"] for r in _read_rows(out_dir, dict(manifest, shards=[s]), ["id", "path"])}
+            for i in range(int(s["start"]), int(s["end"])):
+                old, now = there.get(i, errors.get(i)), output_text(paths[i])
+                if old is not None and old != now:
+                    return (f"the image paths differ (row {i}: {old!r} there, {now!r} now; give the images of the "
+                            f"finished job: a folder or list file is recorded with absolute paths, so another "
+                            f"spelling of the same folder is the same job)")
+    except (OSError, ValueError, KeyError, TypeError):  # an unreadable record: say what is known
+        return "the image paths or extra-column values differ"
+    return "the image paths are the same, but the extra-column values differ"
+
+
+def _refuse_other(out_dir: str, manifest: Mapping[str, Any], job: Mapping[str, Any],
+                  paths: Optional[Sequence[str]] = None) -> None:
     """Raise ``ValueError`` naming the first field in which committed features differ from ``job`` (or saying
-    that the folder's ``manifest.json`` is not one a feature extraction wrote)."""
+    that the folder's ``manifest.json`` is not one a feature extraction wrote). ``paths`` (this call's inputs)
+    let a difference of inputs name the first row that differs."""
     if "shards" not in manifest or "_store" not in manifest:
         raise ValueError(f"{out_dir}: its manifest.json is not a feature folder's (no store record and "
                          f"shards): a folder no feature extraction wrote; give a new or empty folder")
@@ -912,16 +986,21 @@ def _refuse_other(out_dir: str, manifest: Mapping[str, Any], job: Mapping[str, A
             if a != b:
                 diff = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
                 raise ValueError(f"{out_dir} holds features made with a different model ({diff} differs); "
-                                 f"use another output folder or delete it")
+                                 f"{FINISHED_HINT}")
+        elif key == "num_inputs" and a != b:
+            raise ValueError(f"{out_dir} holds features of another list of images: the number of input images "
+                             f"differs ({a} there, {b} now); {FINISHED_HINT}")
+        elif key == "inputs_checksum" and a != b:
+            raise ValueError(f"{out_dir} holds features of another list of images: "
+                             f"{_inputs_difference(out_dir, manifest, paths)}; {FINISHED_HINT}")
         elif a != b:
             raise ValueError(f"{out_dir} holds features made with different arguments ({key}: "
-                             f"{_short(a)} there, {_short(b)} now); use another output folder or delete it")
+                             f"{_short(a)} there, {_short(b)} now); {FINISHED_HINT}")
     if manifest.get("tiling") != job.get("tiling"):  # tiles vs whole images (only tile jobs carry the key)
         raise ValueError(f"{out_dir} holds features made with different arguments (tiling: "
-                         f"{_short(manifest.get('tiling'))} there, {_short(job.get('tiling'))} now); use another "
-                         f"output folder or delete it")
-    raise ValueError(f"{out_dir} holds features of another job (written by another version?); use another "
-                     f"output folder or delete it")
+                         f"{_short(manifest.get('tiling'))} there, {_short(job.get('tiling'))} now); "
+                         f"{FINISHED_HINT}")
+    raise ValueError(f"{out_dir} holds features of another job (written by another version?); {FINISHED_HINT}")
 
 
 def _pending_header(out_dir: str) -> Optional[dict]:
@@ -974,9 +1053,15 @@ def _pending_message(out_dir: str, job: Mapping[str, Any], e: BaseException) -> 
 
     header = _pending_header(out_dir) or {}
     d = _first_difference(header.get("job") or {}, dict(job)) if header else None
-    what = f" ({d[0]}: {_short(d[1])} there, {_short(d[2])} now)" if d else ""
     if not d:
         return str(e)
+    what = f" ({d[0]}: {_short(d[1])} there, {_short(d[2])} now)"
+    if d[0] == "num_inputs":
+        what = f": the number of input images differs ({d[1]} there, {d[2]} now)"
+    elif d[0] == "inputs_checksum":
+        what = (f": the same number of input images ({job.get('num_inputs')}) but other image paths or "
+                f"extra-column values (another folder or list of images, or its files changed; a folder or list "
+                f"file is recorded with absolute paths, so another spelling of the same folder is the same job)")
     return (f"{out_dir}: an interrupted job is pending in this feature folder and this one differs{what}; rerun "
             f"the interrupted command to finish it, or drop it with --discard-pending (discard_pending=True)")
 

@@ -187,7 +187,7 @@ def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import internvit
     from internvit.data import list_images
-    from internvit.features import FeatureExtractor, output_text, parse_dtype
+    from internvit.features import FeatureExtractor, output_text, parse_dtype, resolve_input_paths
     from internvit.store import refuse_foreign_folder
 
     # every check before the model is loaded or anything is written (an empty value: refused by the parser)
@@ -206,6 +206,7 @@ def _main(argv=None) -> int:
     images = list_images(args.images)
     if not images:
         raise UsageError(f"--images {args.images}: no images found (looked for {', '.join(_extensions())})")
+    images = resolve_input_paths(images, args.out)  # absolute: another spelling of the folder is the same job
     dist = _init_distributed(args)  # under torchrun: each rank writes whole shards, rank 0 commits
     model = internvit.load_model(args.model, args.config, dtype=parse_dtype(args.dtype), device=args.device)
     fx = FeatureExtractor(model, dict(image_size=args.image_size, resize_mode=args.resize_mode or "crop"),

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from internvit.features import FeatureExtractor
-from tests.faults import REPO, run
+from internvit.features import FeatureExtractor, read_features
+from tests.faults import REPO, run, tree_digest
 
 from .images import make_images
 
@@ -128,3 +128,81 @@ def test_torchrun_summary_line_says_it_is_the_jobs_rate(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith("wrote "))
     assert "wrote 5 features" in line and "images/s over all 2 ranks" in line, line
+
+
+# -- 4. another spelling of the same folder is the same job; a different job is named in words ----------------
+def _job(*args, cwd):
+    return _cli("--model", "internvit-6b-tiny", "--shard-size", "2", "--batch-size", "1", *args, cwd=cwd)
+
+
+@pytest.fixture()
+def spelled(tmp_path):
+    make_images(str(tmp_path / "many"), 5, seed=5)
+    (tmp_path / "sub").mkdir()
+    os.symlink(tmp_path / "many", tmp_path / "link")
+    return tmp_path
+
+
+def test_other_spellings_of_the_folder_reuse_the_finished_job(spelled):
+    t = spelled
+    r = _job("--images", "many", "--out", "kk", cwd=t)
+    assert r.returncode == 0, r.stderr
+    before = tree_digest(t / "kk")
+    for images, cwd in (("./many", t), (str(t / "many"), t), ("many/", t), ("../many", t / "sub"),
+                        (str(t / "link"), t / "sub")):
+        r = _job("--images", images, "--out", t / "kk", cwd=cwd)
+        assert r.returncode == 0 and "nothing left to compute" in r.stdout, (images, r.stderr)
+    assert tree_digest(t / "kk") == before
+    _, rows = read_features(str(t / "kk"))
+    assert rows[0]["path"] == str(t / "many" / "img_00.png")  # recorded absolute
+
+
+def test_an_interrupted_job_resumes_under_another_spelling(spelled, tmp_path_factory):
+    t = spelled
+    ref = tmp_path_factory.mktemp("ref")
+    assert _job("--images", t / "many", "--out", ref / "kk", cwd=t).returncode == 0
+    r = run([sys.executable, CLI, "--no-progress", "--model", "internvit-6b-tiny", "--shard-size", "2",
+             "--batch-size", "1", "--images", "many", "--out", "kk"], cwd=t, fault_at=4)
+    assert r.returncode != 0 and not (t / "kk" / "manifest.json").exists()
+    r = _job("--images", "../link/", "--out", "../kk", cwd=t / "sub")
+    assert r.returncode == 0, r.stderr
+    assert tree_digest(t / "kk") == tree_digest(ref / "kk")
+
+
+def test_a_folder_written_with_relative_paths_still_resumes_under_the_same_spelling(tiny_model, spelled,
+                                                                                     monkeypatch):
+    """Folders written before paths were made absolute recorded them as listed: the same command still reuses
+    them (the recorded checksum is matched as listed)."""
+    monkeypatch.chdir(spelled)
+    from internvit.data import list_images
+
+    m = FeatureExtractor(tiny_model, progress=False).write(list_images("many"), "old", shard_size=2)
+    assert read_features("old")[1][0]["path"] == os.path.join("many", "img_00.png")
+    again = FeatureExtractor(tiny_model, progress=False).write("many", "old", shard_size=2)
+    assert again["timing"]["images"] == 0 and again["inputs_checksum"] == m["inputs_checksum"]
+
+
+def test_a_different_finished_job_is_named_in_words_without_a_bare_delete_advice(spelled):
+    t = spelled
+    assert _job("--images", "many", "--out", "kk", cwd=t).returncode == 0
+    make_images(str(t / "other"), 5, seed=5)
+    r = _job("--images", "other", "--out", "kk", cwd=t)
+    err = [ln for ln in _lines(r.stderr) if ln.startswith("error:")]
+    assert r.returncode == 2 and len(err) == 1, r.stderr
+    assert "the image paths differ (row 0:" in err[0] and str(t / "other" / "img_00.png") in err[0]
+    assert "holds finished features" in err[0] and "inputs_checksum" not in err[0]
+    make_images(str(t / "fewer"), 3, seed=5)
+    r = _job("--images", "fewer", "--out", "kk", cwd=t)
+    assert r.returncode == 2 and "the number of input images differs (5 there, 3 now)" in r.stderr, r.stderr
+
+
+def test_a_different_pending_job_is_named_in_words(spelled):
+    t = spelled
+    r = run([sys.executable, CLI, "--no-progress", "--model", "internvit-6b-tiny", "--shard-size", "2",
+             "--batch-size", "1", "--images", "many", "--out", "kk"], cwd=t, fault_at=4)
+    assert r.returncode != 0
+    make_images(str(t / "other"), 5, seed=6)
+    r = _job("--images", "other", "--out", "kk", cwd=t)
+    assert r.returncode == 2 and "an interrupted job is pending" in r.stderr, r.stderr
+    assert "the same number of input images (5) but other image paths" in r.stderr
+    assert "inputs_checksum" not in r.stderr
