@@ -187,12 +187,36 @@ def load_image(path):
 
     fast = load_jpeg_rgb(path)
     if fast is not None:
+        _warn_if_large(path, fast.size)
         return fast
-    with Image.open(path) as img:
-        img.load()
-        if img.getexif().get(_EXIF_ORIENTATION, 1) not in (1, None):
-            img = ImageOps.exif_transpose(img)
-        return to_rgb(img)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            _warn_if_large(path, img.size)
+            if img.getexif().get(_EXIF_ORIENTATION, 1) not in (1, None):
+                img = ImageOps.exif_transpose(img)
+            return to_rgb(img)
+    except Image.DecompressionBombError as e:
+        raise Image.DecompressionBombError(f"{e} (the limit is 2 x PIL.Image.MAX_IMAGE_PIXELS; "
+                                           f"tools/extract_features.py --max-image-pixels N raises it)") from None
+
+
+def _warn_if_large(path, size) -> None:
+    """One ``internvit`` log warning naming the file, for an image over Pillow's decompression-bomb warning
+    threshold (``PIL.Image.MAX_IMAGE_PIXELS``; twice that is refused). Pillow's own
+    ``DecompressionBombWarning`` does not name the file (the tools silence it and keep this line)."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    pixels = int(size[0]) * int(size[1])
+    if limit is None or pixels <= limit:
+        return
+    import logging
+
+    name = os.fspath(path) if isinstance(path, (str, os.PathLike)) else getattr(path, "name", "an image")
+    logging.getLogger("internvit").warning(
+        "%s: %s pixels, over the decompression-bomb warning threshold of %s (PIL.Image.MAX_IMAGE_PIXELS); "
+        "images over %s pixels are refused", name, f"{pixels:,}", f"{int(limit):,}", f"{int(2 * limit):,}")
 
 
 def _error_text(e: BaseException) -> str:

@@ -49,6 +49,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--device", type=device, default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--metadata-format", default="parquet", choices=["parquet", "jsonl"])
+    p.add_argument("--max-image-pixels", type=nonnegative_int, default=None, metavar="N",
+                   help="images of more than N pixels are refused and listed in errors.jsonl (default: Pillow's "
+                        "178956970; 0: no limit); over N/2 a warning line names the file")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--discard-pending", action="store_true",
                    help="drop an interrupted job of other arguments in --out instead of refusing")
@@ -197,6 +200,7 @@ def _main(argv=None) -> int:
         refuse_foreign_folder(args.out, ("manifest.json", ".store", "progress.json"), "feature extraction")
     except FileExistsError as e:
         raise UsageError(f"--out {e}") from None
+    _check_out_writable(args.out)
     _check_model_spec(args.model, "--model")
     if args.config is not None:
         _check_model_spec(args.config, "--config")
@@ -207,6 +211,7 @@ def _main(argv=None) -> int:
     if not images:
         raise UsageError(f"--images {args.images}: no images found (looked for {', '.join(_extensions())})")
     images = resolve_input_paths(images, args.out)  # absolute: another spelling of the folder is the same job
+    _set_pixel_limit(args.max_image_pixels)
     dist = _init_distributed(args)  # under torchrun: each rank writes whole shards, rank 0 commits
     model = internvit.load_model(args.model, args.config, dtype=parse_dtype(args.dtype), device=args.device)
     fx = FeatureExtractor(model, dict(image_size=args.image_size, resize_mode=args.resize_mode or "crop"),
@@ -221,9 +226,14 @@ def _main(argv=None) -> int:
         import logging
 
         logging.getLogger("internvit").warning(_random_weights_warning(args.model))
-    m = fx.write(images, args.out, shard_size=args.shard_size, metadata_format=args.metadata_format,
-                 metadata_pattern="metadata/part-{shard:05d}." + args.metadata_format,
-                 discard_pending=args.discard_pending)
+    try:
+        m = fx.write(images, args.out, shard_size=args.shard_size, metadata_format=args.metadata_format,
+                     metadata_pattern="metadata/part-{shard:05d}." + args.metadata_format,
+                     discard_pending=args.discard_pending,
+                     manifest_extra=None if args.max_image_pixels is None else
+                     {"max_image_pixels": args.max_image_pixels})  # which images are refused: part of the job
+    except OSError as e:
+        raise _out_error(args.out, e) from None
     if dist is not None:
         dist.destroy_process_group()
         if int(os.environ.get("RANK", "0")) != 0:
@@ -238,6 +248,41 @@ def _main(argv=None) -> int:
     print(f"wrote {m['count']} features{rows} of shape {tuple(m['feature_shape'])} to {output_text(args.out)} "
           f"({len(m['shards'])} shards, {m['num_errors']} errors, {rate})")
     return 0
+
+
+def _set_pixel_limit(limit) -> None:
+    """--max-image-pixels: Pillow refuses images over ``2 * Image.MAX_IMAGE_PIXELS`` (and warns over it); its
+    own ``DecompressionBombWarning`` names no file, so it is silenced here (this process and its DataLoader
+    workers) and :func:`internvit.data.load_image` prints one ``warning:`` line naming the file instead."""
+    import warnings
+
+    from PIL import Image
+
+    if limit is not None:
+        Image.MAX_IMAGE_PIXELS = None if limit == 0 else limit / 2
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+def _out_error(out: str, e: OSError) -> OSError:
+    """An ``OSError`` of creating or writing --out that names a path (read-only file system, a folder that cannot
+    be created) as ``--out OUT: ...``; the errors that already say which file and why (no space left) as they
+    are."""
+    if e.filename is None or str(e).startswith("--out"):
+        return e
+    return OSError(f"--out {out}: cannot create or write it: {e.strerror or e} ({e.filename})")
+
+
+def _check_out_writable(out: str) -> None:
+    """--out on a read-only file system, refused before the model is loaded (nothing is created)."""
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    try:
+        readonly = bool(os.statvfs(parent).f_flag & os.ST_RDONLY)
+    except OSError:
+        return
+    if readonly:
+        raise UsageError(f"--out {out}: {parent} is on a read-only file system")
 
 
 def _all_failed_message(out: str, num_errors: int) -> str:
