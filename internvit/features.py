@@ -129,6 +129,24 @@ def _random_init(model: nn.Module) -> Optional[bool]:
     return getattr(report, "family", None) == "random-init"
 
 
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    """``value`` must be an int (not a bool or a float, which were truncated) of at least ``minimum``:
+    ``TypeError`` / ``ValueError`` naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_inputs(dataset: Dataset, images: Any) -> None:
+    """No inputs at all (``[]``, a folder or list file without images, an empty dataset): ``ValueError`` naming
+    ``images``, before any work (the feature dimension of nothing is not known; an output of shape ``(0, 0)``
+    was easy to mistake)."""
+    if len(dataset) == 0:
+        what = f"{os.fspath(images)!r} holds no images" if isinstance(images, (str, os.PathLike)) else "it is empty"
+        raise ValueError(f"images: nothing to extract ({what})")
+
+
 def _check_not_empty(name: str, value: Any) -> None:
     """Raise ``ValueError('NAME: empty path')`` for ``''`` (which would mean the current folder)."""
     if isinstance(value, (str, bytes, os.PathLike)) and not os.fspath(value):
@@ -283,8 +301,18 @@ class FeatureExtractor:
             raise ValueError("FeatureExtractor needs a model (or an embed_fn)")
         if model is None and preprocess is None:
             raise ValueError("FeatureExtractor without a model needs preprocess= (a dict or a transform)")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        _check_int("batch_size", batch_size, 1)
+        _check_int("num_workers", num_workers, 0)
+        if not isinstance(normalize, (bool, np.bool_)):  # "no" is truthy: it would normalise
+            raise TypeError(f"normalize must be True or False, got {type(normalize).__name__} {normalize!r}")
+        if layers is not None:
+            if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):
+                raise TypeError(f"layers must be a list of block indices (ints) or None, got "
+                                f"{type(layers).__name__} {layers!r}")
+            bad = next((i for i in layers if isinstance(i, bool) or not isinstance(i, (int, np.integer))), None)
+            if bad is not None:  # 1.5 became block 1, silently
+                raise TypeError(f"layers must be block indices (ints), got {type(bad).__name__} {bad!r} in "
+                                f"{list(layers)!r}")
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' was requested but CUDA is not available")
@@ -512,6 +540,7 @@ class FeatureExtractor:
     def extract(self, images: Union[ImagesLike, Dataset]) -> FeatureResult:
         """Features of a folder / list file / list of paths / ``Dataset``, in memory (unreadable images skipped)."""
         ds = self._dataset(images)
+        _check_inputs(ds, images)
         paths = ds.paths
         feats, ids, errors, tiles = [], [], [], {}
         for b_ids, b_feats, b_errors, *b_tiles in self._run(ds, self._batches(0, len(ds), ds), len(ds)):
@@ -615,8 +644,7 @@ class FeatureExtractor:
 
         _check_not_empty("out_dir", out_dir)
         out_dir = os.fspath(out_dir)
-        if int(shard_size) < 1:
-            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        _check_int("shard_size", shard_size, 1)
         shard_size = int(shard_size)
         if metadata_format not in ("parquet", "jsonl"):
             raise ValueError(f"metadata_format must be 'parquet' or 'jsonl', got {metadata_format!r}")
@@ -630,11 +658,13 @@ class FeatureExtractor:
         if os.path.exists(out_dir) and not os.path.isdir(out_dir):
             raise ValueError(f"{out_dir}: exists and is not a folder")
 
+        given = images
         if isinstance(images, (str, os.PathLike)):  # a folder or list file: recorded with absolute paths
             _check_not_empty("images", images)
             listed = list_images(images)
             images = resolve_input_paths(listed, out_dir, _extra_columns(extra_columns, len(listed)))
         ds = self._dataset(images)
+        _check_inputs(ds, given)
         paths, n = ds.paths, len(ds)
         columns = _extra_columns(extra_columns, n)
         t0 = time.perf_counter()

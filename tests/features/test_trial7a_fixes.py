@@ -9,7 +9,9 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from internvit.features import FeatureExtractor, read_features
 from tests.faults import REPO, run, tree_digest
@@ -206,3 +208,117 @@ def test_a_different_pending_job_is_named_in_words(spelled):
     assert r.returncode == 2 and "an interrupted job is pending" in r.stderr, r.stderr
     assert "the same number of input images (5) but other image paths" in r.stderr
     assert "inputs_checksum" not in r.stderr
+
+
+# -- 5. large images: one warning line naming the file; the limit can be changed ---------------------------------
+@pytest.fixture(scope="module")
+def bomb(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bomb")
+    Image.new("L", (10000, 10000), 128).save(root / "warn.png")  # 100 Mpx: over the warning threshold
+    Image.new("L", (14000, 14000), 128).save(root / "err.png")  # 196 Mpx: refused by default
+    Image.new("RGB", (30, 30)).save(root / "ok.png")
+    return root
+
+
+@pytest.mark.parametrize("tiles", [[], ["--tiles", "4"]], ids=["whole", "tiles"])
+def test_a_large_image_gives_one_warning_line_naming_the_file(bomb, tmp_path, tiles):
+    r = _cli("--model", "internvit-6b-tiny", "--images", bomb, "--out", tmp_path / "o", *tiles)
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in _lines(r.stderr) if "is a preset" not in ln]
+    assert len(lines) == 1 and lines[0].startswith("warning: ") and str(bomb / "warn.png") in lines[0], r.stderr
+    assert "100,000,000 pixels" in lines[0] and "178,956,970" in lines[0]
+    err = [json.loads(ln) for ln in (tmp_path / "o" / "errors.jsonl").read_text().splitlines()]
+    assert [e["path"] for e in err] == [str(bomb / "err.png")] and "--max-image-pixels" in err[0]["error"]
+
+
+def test_max_image_pixels_raises_the_limit_and_is_part_of_the_job(bomb, tmp_path):
+    r = _cli("--model", "internvit-6b-tiny", "--images", bomb, "--out", tmp_path / "o", "--max-image-pixels",
+             "300000000")
+    assert r.returncode == 0 and "wrote 3 features" in r.stdout and "0 errors" in r.stdout, r.stdout + r.stderr
+    m = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert m["max_image_pixels"] == 300000000
+    r = _cli("--model", "internvit-6b-tiny", "--images", bomb, "--out", tmp_path / "o")  # the default limit
+    assert r.returncode == 2 and "max_image_pixels" in r.stderr
+
+
+def test_load_image_warns_naming_the_file(bomb, caplog):
+    from internvit.data import load_image
+
+    with caplog.at_level("WARNING", logger="internvit"):
+        load_image(str(bomb / "warn.png"))
+        load_image(str(bomb / "ok.png"))
+    assert [r.getMessage() for r in caplog.records if "pixels" in r.getMessage()] == [
+        f"{bomb / 'warn.png'}: 100,000,000 pixels, over the decompression-bomb warning threshold of 89,478,485 "
+        f"(PIL.Image.MAX_IMAGE_PIXELS); images over 178,956,970 pixels are refused"]
+
+
+# -- 8. the Python API refuses wrong types and values before any work -----------------------------------------
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(normalize="no"), TypeError, "normalize must be True or False"),
+    (dict(normalize=1), TypeError, "normalize must be True or False"),
+    (dict(layers=[1.5]), TypeError, r"layers must be block indices \(ints\), got float 1.5"),
+    (dict(layers=1), TypeError, "layers must be a list"),
+    (dict(layers="1"), TypeError, "layers must be a list"),
+    (dict(layers=[True]), TypeError, "layers must be block indices"),
+    (dict(batch_size=2.5), TypeError, "batch_size must be an int, got float 2.5"),
+    (dict(batch_size="4"), TypeError, "batch_size must be an int"),
+    (dict(batch_size=0), ValueError, "batch_size must be >= 1"),
+    (dict(num_workers=-1), ValueError, "num_workers must be >= 0, got -1"),
+    (dict(num_workers=1.0), TypeError, "num_workers must be an int"),
+])
+def test_wrong_arguments_are_refused_at_construction(tiny_model, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        FeatureExtractor(tiny_model, progress=False, **kwargs)
+
+
+def test_numpy_ints_and_bools_are_accepted(tiny_model):
+    fx = FeatureExtractor(tiny_model, progress=False, layers=[np.int64(1)], batch_size=np.int32(2),
+                          normalize=np.bool_(True))
+    assert fx.layers == [1] and fx.batch_size == 2 and fx.normalize is True
+
+
+@pytest.mark.parametrize("shard_size,exc", [(2.5, TypeError), ("2", TypeError), (0, ValueError), (True, TypeError)])
+def test_write_refuses_a_shard_size_that_is_not_a_positive_int(tiny_model, small, tmp_path, shard_size, exc):
+    with pytest.raises(exc, match="shard_size"):
+        FeatureExtractor(tiny_model, progress=False).write(str(small / "small"), str(tmp_path / "o"),
+                                                           shard_size=shard_size)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("images", [[], "EMPTY_FOLDER"])
+def test_no_inputs_is_a_clear_error(tiny_model, tmp_path, images):
+    if images == "EMPTY_FOLDER":
+        (tmp_path / "empty").mkdir()
+        images = str(tmp_path / "empty")
+    fx = FeatureExtractor(tiny_model, progress=False)
+    with pytest.raises(ValueError, match=r"images: nothing to extract"):
+        fx.extract(images)
+    with pytest.raises(ValueError, match=r"images: nothing to extract"):
+        fx.write(images, str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+
+
+# -- 9. errors writing --out name --out ----------------------------------------------------------------------
+def test_an_out_that_cannot_be_created_names_out(small):
+    r = _cli("--model", "internvit-6b-tiny", "--images", small / "small", "--out", "/proc/xx")
+    err = [ln for ln in _lines(r.stderr) if ln.startswith("error:")]
+    assert r.returncode == 2 and len(err) == 1 and err[0].startswith("error: --out /proc/xx: "), r.stderr
+
+
+@pytest.fixture()
+def readonly_dir(tmp_path):
+    import subprocess
+
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a read-only tmpfs")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_an_out_on_a_read_only_file_system_names_out_before_any_work(small, readonly_dir):
+    r = _cli("--model", "internvit-6b-tiny", "--images", small / "small", "--out", readonly_dir / "feats")
+    assert r.returncode == 2 and _lines(r.stderr) == [
+        f"error: --out {readonly_dir / 'feats'}: {readonly_dir} is on a read-only file system"], r.stderr
