@@ -1018,10 +1018,10 @@ def _refuse_other(out_dir: str, manifest: Mapping[str, Any], job: Mapping[str, A
                 raise ValueError(f"{out_dir} holds features made with a different model ({diff} differs); "
                                  f"{FINISHED_HINT}")
         elif key == "num_inputs" and a != b:
-            raise ValueError(f"{out_dir} holds features of another list of images: the number of input images "
-                             f"differs ({a} there, {b} now); {FINISHED_HINT}")
+            raise ValueError(f"{out_dir} holds features of another list of images (num_inputs): the number of "
+                             f"input images differs ({a} there, {b} now); {FINISHED_HINT}")
         elif key == "inputs_checksum" and a != b:
-            raise ValueError(f"{out_dir} holds features of another list of images: "
+            raise ValueError(f"{out_dir} holds features of another list of images (inputs_checksum): "
                              f"{_inputs_difference(out_dir, manifest, paths)}; {FINISHED_HINT}")
         elif a != b:
             raise ValueError(f"{out_dir} holds features made with different arguments ({key}: "
@@ -1087,11 +1087,11 @@ def _pending_message(out_dir: str, job: Mapping[str, Any], e: BaseException) -> 
         return str(e)
     what = f" ({d[0]}: {_short(d[1])} there, {_short(d[2])} now)"
     if d[0] == "num_inputs":
-        what = f": the number of input images differs ({d[1]} there, {d[2]} now)"
+        what = f" (num_inputs): the number of input images differs ({d[1]} there, {d[2]} now)"
     elif d[0] == "inputs_checksum":
-        what = (f": the same number of input images ({job.get('num_inputs')}) but other image paths or "
-                f"extra-column values (another folder or list of images, or its files changed; a folder or list "
-                f"file is recorded with absolute paths, so another spelling of the same folder is the same job)")
+        what = (f" (inputs_checksum): the same number of input images ({job.get('num_inputs')}) but other image "
+                f"paths or extra-column values (another folder or list of images, or its files changed; a folder or "
+                f"list file is recorded with absolute paths, so another spelling of the same folder is the same job)")
     return (f"{out_dir}: an interrupted job is pending in this feature folder and this one differs{what}; rerun "
             f"the interrupted command to finish it, or drop it with --discard-pending (discard_pending=True)")
 

@@ -126,6 +126,8 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("pool_with_projector_input", [*EXTRACT, "--tiles", "2", "--projector-input", "--pool", "mean"]),
         ("resize_mode_with_tiles", [*EXTRACT, "--tiles", "2", "--resize-mode", "squash"]),
         ("blank_out", _with(EXTRACT, out=" ")),
+        ("config_with_a_preset_model", [*EXTRACT, "--config", "internvit-300m-tiny"]),
+        ("max_image_pixels_negative", [*EXTRACT, "--max-image-pixels", "-1"]),
         *[(n, [*EXTRACT, *a]) for n, a in DEVICE_CASES + NO_CUDA_CASES],
     ],
     "zeroshot_eval": [

@@ -192,7 +192,7 @@ def test_a_different_finished_job_is_named_in_words_without_a_bare_delete_advice
     err = [ln for ln in _lines(r.stderr) if ln.startswith("error:")]
     assert r.returncode == 2 and len(err) == 1, r.stderr
     assert "the image paths differ (row 0:" in err[0] and str(t / "other" / "img_00.png") in err[0]
-    assert "holds finished features" in err[0] and "inputs_checksum" not in err[0]
+    assert "holds finished features" in err[0] and "there, \"" not in err[0]  # not two truncated hex strings
     make_images(str(t / "fewer"), 3, seed=5)
     r = _job("--images", "fewer", "--out", "kk", cwd=t)
     assert r.returncode == 2 and "the number of input images differs (5 there, 3 now)" in r.stderr, r.stderr
@@ -207,7 +207,7 @@ def test_a_different_pending_job_is_named_in_words(spelled):
     r = _job("--images", "other", "--out", "kk", cwd=t)
     assert r.returncode == 2 and "an interrupted job is pending" in r.stderr, r.stderr
     assert "the same number of input images (5) but other image paths" in r.stderr
-    assert "inputs_checksum" not in r.stderr
+    assert "there, \"" not in r.stderr  # not two truncated hex strings
 
 
 # -- 5. large images: one warning line naming the file; the limit can be changed ---------------------------------
@@ -322,3 +322,26 @@ def test_an_out_on_a_read_only_file_system_names_out_before_any_work(small, read
     r = _cli("--model", "internvit-6b-tiny", "--images", small / "small", "--out", readonly_dir / "feats")
     assert r.returncode == 2 and _lines(r.stderr) == [
         f"error: --out {readonly_dir / 'feats'}: {readonly_dir} is on a read-only file system"], r.stderr
+
+
+# -- 6/7. the docs describe the real output folder and the skipped hidden names ---------------------------------
+def test_docs_describe_the_output_folder_as_written(small, tmp_path, tiny_model):
+    text = (REPO / "docs" / "features.md").read_text()
+    m = FeatureExtractor(tiny_model, progress=False).write(str(small / "small"), str(tmp_path / "o"))
+    on_disk = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert "timing" not in on_disk and "timing" in m
+    assert ".partial" not in text and "no `errors.jsonl` and no `manifest.json`" in text
+    listed = text[text.index("- `manifest.json` holds:"):text.index("- For clip-retrieval")]
+    for key in on_disk:  # every key of a real manifest is documented
+        assert f"`{key}`" in listed, key
+
+
+def test_docs_say_hidden_names_are_skipped(tmp_path, tiny_model):
+    from internvit.data import list_images
+
+    (tmp_path / "hid" / ".thumbs").mkdir(parents=True)
+    for p in ("a.png", ".b.png", ".thumbs/c.png"):
+        Image.new("RGB", (20, 20)).save(tmp_path / "hid" / p)
+    assert list_images(str(tmp_path / "hid")) == [str(tmp_path / "hid" / "a.png")]
+    text = (REPO / "docs" / "features.md").read_text()
+    assert "**Hidden files and folders**" in text and "`.thumbs/`" in text
