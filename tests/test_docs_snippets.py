@@ -113,12 +113,12 @@ NOT_RUN = {
         "checkpoint",
     "docs/classification.md: from classification.video import": "needs Kinetics videos, a GPU and the 14B checkpoint",
     "docs/features.md: import internvit": CKPT + "; also needs a folder photos/ and a GPU",
-    "docs/features.md: python tools/extract_features.py --model internvit-300m-448px-v2-5 --images photos/":
-        "needs the user's folder photos/ (and a GPU for the second command)",
     "docs/features.md: from internvit.transforms import tile_grid": "continues with the user's image `img`",
     "docs/features.md: fx = internvit.FeatureExtractor(model, tiles=12": "continues with a loaded 448-px model and "
         "the user's folder scans/",
-    "docs/features.md: python tools/extract_features.py --model /models/": CKPT,
+    "docs/features.md: python tools/extract_features.py --model /models/InternViT-300M-448px-V2_5 --images photos/":
+        CKPT + "; also needs the user's folder photos/ and a GPU",
+    "docs/features.md: python tools/extract_features.py --model /models/InternViT-300M-448px --images scans/": CKPT,
     "docs/internvl.md: import internvit": CKPT + "; also needs a GPU",
     "docs/internvl.md: model = internvit.load_model(\"internvl_c_13b_224px.pth\"": CKPT,
     "docs/internvl.md: from internvit.openclip_adapter import": CKPT,
