@@ -3,7 +3,8 @@ torchrun rate is the job's; another spelling of the same image folder is the sam
 named in words; large images get one warning line naming the file and a configurable limit; the Python API
 refuses wrong types before any work; --out write errors name --out.
 
-The CLI runs in a real interpreter (``tests.faults.run``), as a user runs it.
+The CLI runs as a user runs it, in an interpreter of its own: a fork of one that imported torch once
+(``tests/store/zygote.py``; a fresh interpreter per command cost 5 s), torchrun's ranks as real processes.
 """
 import json
 import os
@@ -15,14 +16,25 @@ from PIL import Image
 
 from internvit.features import FeatureExtractor, read_features
 from tests.faults import REPO, run, tree_digest
+from tests.store.zygote import Zygote
 
 from .images import make_images
 
 CLI = str(REPO / "tools" / "extract_features.py")
+_SERVER: list = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fork_server():
+    with Zygote(["torch", "torchvision", "pyarrow.parquet", "tqdm.auto", "internvit.features",
+                 "internvit.models.vit"]) as z:
+        _SERVER.append(z)
+        yield
+        _SERVER.clear()
 
 
 def _cli(*args, cwd=None, env=None):
-    return run([sys.executable, CLI, "--no-progress", *map(str, args)], cwd=cwd, env=env)
+    return run(_SERVER[0].cmd([CLI, "--no-progress", *map(str, args)]), cwd=cwd, env=env)
 
 
 def _lines(text: str) -> list:
