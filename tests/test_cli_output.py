@@ -4,19 +4,33 @@ looks like output, a ``UserWarning`` category or the warning's source line (inte
 import logging
 import os
 import subprocess
-import sys
 
 import numpy as np
+import pytest
 
 from internvit.cli import LevelPrefixFormatter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_SERVER: list = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fork_server():
+    """Each tool runs in an interpreter of its own (logging and warnings as a user's process has them): a fork
+    of one that imported torch, mmengine and the packages once (a fresh interpreter per command cost 5-8 s)."""
+    from tests.store.zygote import Zygote
+
+    with Zygote(["torch", "mmengine.runner", "segmentation", "internvit.runner", "retrieval",
+                 "matplotlib.figure", "matplotlib.backends.backend_agg"]) as z:
+        _SERVER.append(z)
+        yield
+        _SERVER.clear()
 
 
 def _tool(name: str, *args, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", f"{name}.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=300, cwd=cwd,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    from tests.faults import run
+
+    return run(_SERVER[0].cmd([os.path.join(ROOT, "tools", f"{name}.py"), *map(str, args)]), cwd=cwd)
 
 
 def _lines(text: str) -> list:
