@@ -325,6 +325,27 @@ def close_process_group() -> None:
     """Destroy the default ``torch.distributed`` process group if this process joined one (a tool under torchrun;
     nothing is imported otherwise). Left to the interpreter's exit, gloo's threads raced its shutdown: ``terminate
     called without an active exception`` and SIGABRT on rank 0 after the work was done (seen under load)."""
+    global _CLOSED_GROUP
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        _CLOSED_GROUP = True
+
+
+#: whether :func:`close_process_group` destroyed a process group in this process
+_CLOSED_GROUP = False
+
+
+def exit_tool(status: int) -> None:
+    """``sys.exit(status)``, except after a run that joined a process group (:func:`close_process_group`): there,
+    once the logs and streams are flushed, ``os._exit(status)`` skips the interpreter's finalization, which still
+    raced gloo's threads after the group was destroyed (``terminate called without an active exception``,
+    SIGABRT on rank 0 after its work was written; seen under load)."""
+    if _CLOSED_GROUP:
+        import logging
+
+        logging.shutdown()  # flushes and closes every handler (mmengine's log files included)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(int(status))
+    sys.exit(status)

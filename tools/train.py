@@ -15,7 +15,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from internvit.cli import ArgumentParser, UsageError, close_process_group, nonnegative_int, run  # noqa: E402
+from internvit.cli import (  # noqa: E402
+    ArgumentParser,
+    UsageError,
+    close_process_group,
+    exit_tool,
+    nonnegative_int,
+    run,
+)
 
 
 def parse_args(argv=None):
@@ -69,4 +76,4 @@ def _main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run(main, user_errors=(UsageError,)))
+    exit_tool(run(main, user_errors=(UsageError,)))

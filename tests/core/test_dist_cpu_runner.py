@@ -61,3 +61,26 @@ def test_close_process_group_destroys_the_group_a_tool_joined(tmp_path):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_exit_after_a_process_group_flushes_and_keeps_the_status(tmp_path):
+    """tools/train.py / test.py exit through internvit.cli.exit_tool: after a run that joined a process group,
+    os._exit skips the interpreter's finalization (which still raced gloo's threads: SIGABRT on rank 0, seen in a
+    fresh-clone CI run) once the logs and streams are flushed; the exit status is the tool's."""
+    import subprocess
+    import sys
+
+    code = (
+        "import logging, sys\n"
+        "import torch.distributed as dist\n"
+        "from internvit.cli import close_process_group, exit_tool\n"
+        f"dist.init_process_group('gloo', store=dist.FileStore({str(tmp_path / 'store')!r}, 1), rank=0, "
+        "world_size=1)\n"
+        f"log = logging.getLogger('t'); log.addHandler(logging.FileHandler({str(tmp_path / 'run.log')!r}))\n"
+        "log.warning('logged'); print('printed'); sys.stderr.write('to stderr')\n"
+        "close_process_group()\n"
+        "exit_tool(3)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 3, r.stderr
+    assert r.stdout == "printed\n" and r.stderr.endswith("to stderr"), (r.stdout, r.stderr)
+    assert (tmp_path / "run.log").read_text() == "logged\n"
