@@ -15,14 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from internvit.cli import (  # noqa: E402
-    ArgumentParser,
-    UsageError,
-    close_process_group,
-    exit_tool,
-    nonnegative_int,
-    run,
-)
+from internvit.cli import ArgumentParser, UsageError, close_process_group, exit_tool, nonnegative_int, run  # noqa: E402,E501
 
 
 def parse_args(argv=None):
