@@ -12,7 +12,6 @@ sort puts the lower id first on a tie, faiss' ``IndexFlatIP`` the higher one).
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import numbers
 import os
@@ -544,16 +543,6 @@ RECALL_DEFINITION = ("recall@k = |found top-k ∩ exact top-k| / min(k, neighbou
                      "neighbour are not counted")
 
 
-def _part_head(raw: EmbeddingSource, start: int, count: int) -> str:
-    """:func:`~retrieval.index_build.row_head` of rows ``[start, start + count)`` of ``raw`` (rows as stored)."""
-    from .index_build import HEAD_ROWS
-
-    h = hashlib.sha256(f"{count}x{raw.dim}:".encode())
-    if count:
-        h.update(np.ascontiguousarray(raw.rows(start, start + min(count, HEAD_ROWS)), dtype="<f4"))
-    return "head:" + h.hexdigest()
-
-
 def check_unchanged_sources(manifest: dict, kind: Optional[str] = None) -> None:
     """``ValueError`` (one line naming the folder and what changed) when an embeddings folder the index
     ``manifest`` records (its build's, then each add's) no longer holds the rows that were indexed from it:
@@ -600,12 +589,14 @@ def check_unchanged_sources(manifest: dict, kind: Optional[str] = None) -> None:
 def check_same_heads(manifest: dict, source: EmbeddingSource, name: str) -> None:
     """``ValueError`` when explicit embeddings (all indexed rows, id order) do not start each recorded part
     (build, adds) with the rows indexed from it (the recorded ``head``: row count and first rows)."""
+    from .index_build import row_head
+
     raw = source.normalized(False)
     for i, rec in enumerate(manifest.get("embeddings") or []):
         head, first, count = rec.get("head"), int(rec.get("first_id", 0)), int(rec.get("count", 0))
         if head is None or first + count > raw.count:
             continue
-        if _part_head(raw, first, count) != head:
+        if row_head(raw, first, count) != head:
             what = "the build" if i == 0 else f"add #{i}"
             raise ValueError(f"{name}: rows {first}..{first + count - 1} are not the ones {what} indexed (their "
                              f"first rows differ); give the embeddings the index was built from")

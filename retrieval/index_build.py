@@ -250,15 +250,17 @@ def _source_record(source: EmbeddingSource, checksum: str, first_id: int) -> dic
 HEAD_ROWS = 1024
 
 
-def row_head(source: EmbeddingSource) -> str:
+def row_head(source: EmbeddingSource, start: int = 0, count: Optional[int] = None) -> str:
     """``'head:'`` + sha256 of the row count, the dim and the first :data:`HEAD_ROWS` rows as stored (float32,
-    little-endian): the same for the same rows in any shard layout (``--shard-size``), unlike the fingerprint of a
-    feature folder, which hashes its shards. Equal heads with more rows than that are compared in full by
-    :func:`_already_indexed` where the recorded source can still be read."""
-    h = hashlib.sha256(f"{source.count}x{source.dim}:".encode())
-    for _, batch in source.normalized(False).iter_batches(HEAD_ROWS):
-        h.update(np.ascontiguousarray(batch, dtype="<f4"))
-        break
+    little-endian) of ``source`` or of its rows ``[start, start + count)``: the same for the same rows in any shard
+    layout (``--shard-size``), unlike the fingerprint of a feature folder, which hashes its shards. Equal heads
+    with more rows than that are compared in full by :func:`_already_indexed` where the recorded source can still
+    be read."""
+    count = source.count - start if count is None else int(count)
+    h = hashlib.sha256(f"{count}x{source.dim}:".encode())
+    if count:
+        rows = source.normalized(False).rows(start, start + min(count, HEAD_ROWS))
+        h.update(np.ascontiguousarray(rows, dtype="<f4"))
     return "head:" + h.hexdigest()
 
 

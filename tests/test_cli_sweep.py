@@ -199,6 +199,8 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
     ],
     "search": [
         ("missing_index", ["{W}/nope", "--text", "a dog"]),
+        ("html_onto_an_index_manifest", [*SEARCH[:3], "--html", "{W}/idx/manifest.json", "--overwrite"]),
+        ("embedding_file_of_strings", ["{W}/idx", "--embedding", "{W}/qstr.npy"]),
         ("truncated_index", ["{W}/idx_trunc", "--embedding", "{W}/q16.npy"]),
         ("empty_index_file", ["{W}/idx_empty", "--embedding", "{W}/q16.npy"]),
         ("shortened_metadata", ["{W}/idx_meta", "--image", "{W}/imgs/img_000.png"]),
@@ -481,6 +483,7 @@ def W(tmp_path_factory) -> str:  # noqa: N802 - the placeholder's name
         for n in index_files:
             damage(f"{w}/{name}/{n}")
     np.save(f"{w}/q16.npy", x[:2])
+    np.save(f"{w}/qstr.npy", np.array(["a", "b"]))  # query "vectors" of strings
     np.save(f"{w}/q7.npy", rng.standard_normal((2, 7)).astype(np.float32))
     return w
 
