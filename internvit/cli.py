@@ -293,15 +293,23 @@ def tool_output() -> Iterator[None]:
     """Inside the block, Python warnings print as ``warning:`` lines (:func:`warning_lines`) and, unless the
     process configured logging itself (the root logger has a handler), log records propagating to the root
     logger print on stderr through :class:`LevelPrefixFormatter` (instead of logging's bare last-resort
-    output); the root logger's level is restored on exit (a tool may lower it to show INFO records)."""
+    output); the root logger's level is restored on exit (a tool may lower it to show INFO records).
+
+    Under torchrun (``RANK`` set), only rank 0 prints warnings: every rank runs the same code and met the same
+    ones (mmengine's logger does the same); errors print on every rank."""
     root = logging.getLogger()
     level, handler = root.level, None
+    quiet = os.environ.get("RANK", "0").strip() not in ("", "0")
     if not root.handlers:
         handler = logging.StreamHandler()  # sys.stderr as it is now
         handler.setFormatter(LevelPrefixFormatter("%(message)s"))
+        if quiet:
+            handler.setLevel(logging.ERROR)
         root.addHandler(handler)
     try:
-        with warning_lines():
+        with warning_lines(), (warnings.catch_warnings() if quiet else contextlib.nullcontext()):
+            if quiet:
+                warnings.simplefilter("ignore")
             yield
     finally:
         if handler is not None:

@@ -30,6 +30,7 @@ from typing import Any, Callable, Optional
 
 from internvit import compat
 from internvit.cli import one_line
+from internvit.cpu_distributed import join_cpu_process_group
 from internvit.file_reads import require_file
 from internvit.run_checks import (
     NonFiniteCheckHook,
@@ -171,7 +172,7 @@ def build_runner(cfg, checkpoint: Optional[str] = None, dataloaders: tuple = (),
     from mmengine.runner import Runner
 
     ckpt = _read_checkpoint(checkpoint) if checkpoint else None
-    _cpu_process_group(cfg)
+    join_cpu_process_group(cfg)
     work_dir = osp.abspath(cfg.work_dir)
     existing = set(os.listdir(work_dir)) if osp.isdir(work_dir) else None
     created = first_missing_dir(work_dir)  # the Runner makes every missing folder of the path
@@ -294,25 +295,6 @@ def _scope_checkpoint_loading(runner) -> None:
 
     for name in ("train", "val", "test"):
         setattr(runner, name, scoped(name))
-
-
-def _cpu_process_group(cfg) -> None:
-    """``--launcher pytorch`` (torchrun) without CUDA: join the process group with gloo here and wrap the model
-    in DDP without ``device_ids`` (mmengine's own set-up calls ``torch.cuda.set_device`` and passes
-    ``device_ids=[LOCAL_RANK]``, both CUDA-only). A plain ``Runner`` only; with CUDA nothing changes."""
-    import torch
-    import torch.distributed as dist
-
-    if cfg.get("launcher") != "pytorch" or torch.cuda.is_available() or "runner_type" in cfg:
-        return
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")  # env:// (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT from torchrun)
-    wrapper = dict(cfg.get("model_wrapper_cfg") or {})
-    wrapper.setdefault("type", "MMDistributedDataParallel")
-    wrapper.setdefault("device_ids", None)
-    wrapper.setdefault("broadcast_buffers", False)
-    wrapper.setdefault("find_unused_parameters", cfg.get("find_unused_parameters", False))
-    cfg.model_wrapper_cfg = wrapper
 
 
 def _set_local_rank(local_rank: Optional[int]) -> None:
