@@ -253,22 +253,6 @@ def write_json(path: str, obj: Any, indent: Optional[int] = None) -> None:
             os.unlink(tmp)
 
 
-def read_vectors(flag: str, path: str):
-    """The numeric array of a ``.npy`` file given as ``flag`` (query vectors): read without pickles;
-    :class:`UsageError` naming the flag and the file for a file numpy cannot read and for one holding strings,
-    objects or booleans (numpy's own message names neither)."""
-    import numpy as np
-
-    try:
-        array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as e:
-        msg = (str(e).splitlines() or [type(e).__name__])[0]
-        raise UsageError(f"{flag} {path}: not a readable .npy array of vectors ({msg[:120]})") from None
-    if array.dtype.kind not in "fiu":
-        raise UsageError(f"{flag} {path}: not an .npy array of vectors (it holds {array.dtype} values, not numbers)")
-    return array
-
-
 # -- Python warnings as one line each ---------------------------------------------------------------------------
 def warning_line(message, category, filename, lineno, line=None) -> str:
     """:func:`warnings.formatwarning`'s signature; ``warning: <first line of the message>`` (no category, source

@@ -524,9 +524,11 @@ def evaluate_retrieval(
             "n_texts": len(captions), "encoder": encoder.name}
 
 
-def _load_queries(path) -> np.ndarray:
-    """A ``.npy`` of query vectors; ``ValueError`` naming the file when it is not one (an object array, a
-    pickle, garbage)."""
+def load_query_vectors(path: Union[str, os.PathLike]) -> np.ndarray:
+    """The numeric array of a ``.npy`` file of query vectors (any shape; int, uint or float dtype), read without
+    pickles. ``ValueError`` naming the file for a file numpy cannot read (a pickle, an object array, garbage)
+    and for one holding strings, objects or booleans (numpy's own message names neither). The tools prefix
+    the flag that named the file."""
     try:
         q = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
@@ -619,7 +621,7 @@ def index_quality(index_dir: str, embeddings=None, *, queries=None, k: int = 10,
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
     if isinstance(queries, (str, os.PathLike)):
-        queries = _load_queries(queries)  # a bad file is named before any work
+        queries = load_query_vectors(queries)  # a bad file is named before any work
     index, manifest = open_index(index_dir)
     if search_params:
         set_search_params(index, search_params)
@@ -636,7 +638,7 @@ def index_quality(index_dir: str, embeddings=None, *, queries=None, k: int = 10,
         check_same_heads(manifest, source, os.fspath(embeddings) if isinstance(embeddings, (str, os.PathLike))
                          else "the embeddings")
     if queries is not None:
-        q = _load_queries(queries) if isinstance(queries, (str, os.PathLike)) else queries
+        q = load_query_vectors(queries) if isinstance(queries, (str, os.PathLike)) else queries
         # Retriever's own rules: (Q, D) of the index's dim, finite, not all-zero when normalised; normalised
         q, _ = _QueryRules(manifest, index_dir)._prepare(q, k)
         rows, mode = None, "given queries (not in the index)"

@@ -168,10 +168,12 @@ def _main(argv=None) -> int:
 
         queries = None
         if args.query_embeddings is not None:
+            from retrieval.evaluate import load_query_vectors
 
-            from internvit.cli import read_vectors
-
-            queries = read_vectors("--query-embeddings", args.query_embeddings)
+            try:
+                queries = load_query_vectors(args.query_embeddings)
+            except ValueError as e:
+                raise UsageError(f"--query-embeddings {e}") from None
         result = index_quality(args.index_dir, args.embeddings, queries=queries, k=args.k,
                                n_queries=args.queries, search_params=args.params)
     result = {MARKER_KEY: _marker(args.command), **result}  # printed and written alike

@@ -92,9 +92,12 @@ def _main(args) -> int:
 
     query = None
     if args.embedding is not None:
-        from internvit.cli import read_vectors
+        from retrieval.evaluate import load_query_vectors
 
-        query = read_vectors("--embedding", args.embedding)
+        try:
+            query = load_query_vectors(args.embedding)
+        except ValueError as e:
+            raise UsageError(f"--embedding {e}") from None
     dtype = parse_dtype(args.dtype) if args.dtype else None
     # the index (file, metadata, search params) is opened and checked before any model is loaded
     dirs = args.index_dir[0] if len(args.index_dir) == 1 else args.index_dir
