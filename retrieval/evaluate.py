@@ -321,28 +321,26 @@ def _faiss_search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.nd
     return np.concatenate([d for d, _ in parts]), np.concatenate([i for _, i in parts])
 
 
-def _exact_ranks(queries: np.ndarray, base: np.ndarray, positives: Sequence[set], chunk: int = 256) -> np.ndarray:
+def _exact_ranks(queries: np.ndarray, base: np.ndarray, positives: Sequence[set], max_rank: int) -> np.ndarray:
     """Rank of each query's best positive over the whole ``base`` (1 + non-positives scoring >= it; ties
-    counted against the query). Scores are those of faiss' brute-force ``IndexFlatIP`` in float32 (the
-    kernel a Flat index searches with, :func:`_faiss_search`), so a Flat index reproduces these ranks exactly,
-    near-ties within one float32 rounding included, and identical vectors score identically wherever they sit.
-    ``inf`` for a query without positives."""
+    counted against the query) where it is at most ``max_rank``; ``inf`` beyond it (recall@k needs no more
+    for k <= ``max_rank``) and for a query without positives. Scores are those of faiss' brute-force
+    ``IndexFlatIP`` in float32 (the kernel a Flat index searches with, :func:`_faiss_search`), so a Flat index
+    reproduces these ranks exactly, near-ties within one float32 rounding included, and identical vectors score
+    identically wherever they sit. The top ``max_rank`` are listed with every item tied with the last one
+    (:func:`_search_closed`): a listed positive then has every item scoring at least as high listed with it,
+    and a query none of whose positives is listed has ``max_rank`` non-positives scoring above them all.
+    (Scoring every item of the base, as this did before, cost a sort of the whole base per query: 4.5 s for
+    2,000 queries over 5,000 items here.)"""
     import faiss
 
-    ranks = np.full(len(queries), np.inf)
-    base = np.ascontiguousarray(base, dtype=np.float32)
+    if len(queries) == 0 or len(base) == 0:
+        return np.full(len(queries), np.inf)
     flat = faiss.IndexFlatIP(base.shape[1])
-    flat.add(base)
-    n = len(base)
-    for s in range(0, len(queries), chunk):
-        d, i = _faiss_search(flat, queries[s:s + chunk], n)
-        scores = np.empty_like(d)
-        np.put_along_axis(scores, i, d, axis=1)  # back to base order: scores[r, id]
-        for r, row in enumerate(scores, s):
-            pos = np.fromiter(positives[r], np.int64)
-            if len(pos):
-                best = row[pos].max()
-                ranks[r] = 1 + int((row >= best).sum()) - int((row[pos] >= best).sum())
+    flat.add(np.ascontiguousarray(base, dtype=np.float32))
+    scores, ids = _search_closed(flat, np.asarray(queries), int(max_rank))
+    ranks = _list_ranks(ids, scores, positives)
+    ranks[ranks > max_rank] = np.inf  # a tie group read whole can rank a positive further down: not needed
     return ranks
 
 
@@ -397,11 +395,11 @@ def retrieval_recall(image_emb: np.ndarray, text_emb: np.ndarray, text_to_image:
         i2t[int(i)].add(t)
     t_pos = [{int(i)} for i in t2i]
     if image_topk is None:
-        image_ranks = _exact_ranks(text_emb, image_emb, t_pos)
+        image_ranks = _exact_ranks(text_emb, image_emb, t_pos, max(ks))
     else:
         image_ranks = _list_ranks(np.asarray(image_topk), image_topk_scores, t_pos)
     if text_topk is None:
-        text_ranks = _exact_ranks(image_emb, text_emb, i2t)
+        text_ranks = _exact_ranks(image_emb, text_emb, i2t, max(ks))
     else:
         text_ranks = _list_ranks(np.asarray(text_topk), text_topk_scores, i2t)
     ir = _recall_from_ranks(image_ranks, t_pos, ks)

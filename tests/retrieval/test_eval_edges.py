@@ -168,7 +168,48 @@ def test_a_tie_group_cut_by_the_list_is_read_whole():
     index.add(base)
     q = v[None].copy()
     pos = [{1, 2}]
-    assert _exact_ranks(q, base, pos)[0] == 2
+    assert _exact_ranks(q, base, pos, 1)[0] == np.inf  # rank 2: beyond a max_rank of 1
+    assert _exact_ranks(q, base, pos, 2)[0] == 2
     scores, ids = _search_closed(index, q, 1)
     assert set(ids[0][:3].tolist()) == {0, 1, 2}
     assert _list_ranks(ids, scores, pos)[0] == 2
+
+
+def _full_ranks(queries, base, positives):
+    """Every item of the base scored (faiss' float32 flat kernel, one query per call), then 1 + non-positives
+    scoring >= the best positive: the definition, at the cost of a sort of the whole base per query."""
+    import faiss
+
+    flat = faiss.IndexFlatIP(base.shape[1])
+    flat.add(base)
+    ranks = np.full(len(queries), np.inf)
+    for r, q in enumerate(queries):
+        d, i = flat.search(q[None], len(base))
+        row = np.empty(len(base), np.float32)
+        row[i[0]] = d[0]
+        pos = np.fromiter(positives[r], np.int64)
+        if len(pos):
+            best = row[pos].max()
+            ranks[r] = 1 + int((row >= best).sum()) - int((row[pos] >= best).sum())
+    return ranks
+
+
+@pytest.mark.parametrize("max_rank", [1, 3, 10, 500])
+def test_exact_ranks_up_to_max_rank_are_those_of_the_whole_base(max_rank):
+    """The exact path lists the top max_rank (ties at the cut read whole) instead of sorting the whole base per
+    query: every rank up to max_rank equals the full-base rank, ties and several positives included, and every
+    rank beyond it is inf (recall@k for k <= max_rank cannot tell them apart)."""
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal((300, 16)).astype(np.float32)
+    base[100:140] = base[0]  # a tie group of 41 identical items
+    base[200:210] = np.round(base[200:210], 1)
+    queries = np.concatenate([base[:60] + 0.3 * rng.standard_normal((60, 16)).astype(np.float32),
+                              base[[0, 100, 120]]]).astype(np.float32)
+    positives = [set(rng.choice(300, size=int(rng.integers(0, 4)), replace=False).tolist()) for _ in range(60)]
+    positives += [{100, 7}, {139}, set()]
+    full = _full_ranks(queries, base, positives)
+    got = _exact_ranks(queries, base, positives, max_rank)
+    within = full <= max_rank
+    assert within.any() and (~within).any() or max_rank == 500
+    np.testing.assert_array_equal(got[within], full[within])
+    assert np.isinf(got[~within]).all()
