@@ -8,7 +8,6 @@ store (:mod:`internvit.store`: resumed after a kill, byte-identical to an uninte
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
@@ -17,7 +16,6 @@ import os
 import re
 import time
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
@@ -33,6 +31,7 @@ from .fingerprint import (
     preprocessing_fingerprint,
     weights_fingerprint,
 )
+from .store import named_write_errors as _writing
 from .transforms import build_transform, preprocess_config
 
 __all__ = ["FeatureExtractor", "FeatureResult", "read_features", "open_features", "MappedFeatures", "parse_dtype",
@@ -151,31 +150,6 @@ def _check_not_empty(name: str, value: Any) -> None:
     """Raise ``ValueError('NAME: empty path')`` for ``''`` (which would mean the current folder)."""
     if isinstance(value, (str, bytes, os.PathLike)) and not os.fspath(value):
         raise ValueError(f"{name}: empty path")
-
-
-@contextmanager
-def _writing(path: str) -> Iterator[None]:
-    """Re-raise an ``OSError`` of writing ``path`` naming the file and the reason (``errno``).
-
-    numpy reports a short write as ``'N requested and M written'`` and pyarrow wraps the system error in its
-    own text; both become ``OSError(errno, '<strerror> (<ENAME>) while writing <path>; ...')``.
-    """
-    try:
-        yield
-    except OSError as e:
-        code = e.errno
-        text = str(e)
-        if code is None:
-            m = re.search(r"errno\s*(\d+)", text, re.IGNORECASE)
-            code = int(m.group(1)) if m else None
-        if code is None and ("No space left on device" in text or re.search(r"\d+ requested and \d+ written", text)):
-            code = errno.ENOSPC  # a short write: the file system is full
-        if code is None:
-            raise OSError(f"{path}: {text}") from e
-        hint = "; free some space and rerun the same command to resume" if code in (
-            errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else ""
-        raise OSError(code, f"{os.strerror(code)} ({errno.errorcode.get(code, code)}) while writing {path}{hint}"
-                      ) from e
 
 
 class _ChunkedSink:

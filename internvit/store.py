@@ -36,9 +36,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -137,6 +139,37 @@ def _tmp_beside(path: str) -> str:
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())
     return tmp
+
+
+@contextmanager
+def named_write_errors(path: str, space_only: bool = False) -> Iterator[None]:
+    """Re-raise an ``OSError`` of writing ``path`` naming the file and the reason (``errno``); every write of a
+    :class:`Store` (data files, journal, manifest) goes through it.
+
+    numpy reports a short write as ``'N requested and M written'`` and pyarrow wraps the system error in its
+    own text; both become ``OSError(errno, '<strerror> (<ENAME>) while writing <path>; ...')``. With
+    ``space_only``, only a full file system or quota (ENOSPC, EDQUOT, EFBIG, a short write) is reworded and
+    other errors pass as they are (the block may also read, e.g. a source it copies).
+    """
+    try:
+        yield
+    except OSError as e:
+        code = e.errno
+        text = str(e)
+        if code is None:
+            m = re.search(r"errno\s*(\d+)", text, re.IGNORECASE)
+            code = int(m.group(1)) if m else None
+        if code is None and ("No space left on device" in text or re.search(r"\d+ requested and \d+ written", text)):
+            code = errno.ENOSPC  # a short write: the file system is full
+        space = code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        if space_only and not space:
+            raise
+        if code is None:
+            raise OSError(f"{path}: {text}") from e
+        hint = "; free some space and rerun the same command to resume" if space else ""
+        raise OSError(code, f"{os.strerror(code)} ({errno.errorcode.get(code, code)}) while writing {path}{hint}"
+                      ) from e
+
 
 
 def _atomic_json(path: str, obj: Any, point: str) -> None:
@@ -446,7 +479,7 @@ class Store:
             self._append({"op": "begin", "job_id": self.job_id, "generation": gen, "job": self.job})
         path = os.path.join(self.folder, JOURNAL)
         created = not os.path.exists(path)
-        with open(path, "a", encoding="utf-8") as f:
+        with named_write_errors(path), open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps(rec, default=str, separators=(",", ":")) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -483,8 +516,9 @@ class Store:
         path = os.path.join(self.folder, rel)
         tmp = _tmp_beside(path)
         try:
-            yield tmp
-            _fsync_file(tmp)
+            with named_write_errors(path, space_only=True):
+                yield tmp
+                _fsync_file(tmp)
             _point("file:written")
             os.replace(tmp, path)
         except BaseException:
@@ -541,7 +575,8 @@ class Store:
         out[STORE_KEY] = {"generation": self.generation, "job_id": self.job_id, "files": files,
                           "retired": sorted(old - set(files))}
         out = json.loads(json.dumps(out, default=str))
-        _atomic_json(os.path.join(self.folder, MANIFEST), out, "manifest")
+        with named_write_errors(os.path.join(self.folder, MANIFEST)):
+            _atomic_json(os.path.join(self.folder, MANIFEST), out, "manifest")
         self.manifest, self.committed = out, True
         for rel in sorted(self._intents - set(files)):
             self._remove(rel)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 from typing import Optional
 
@@ -154,7 +155,20 @@ def read_index(path: str, mmap: bool = False):
 
 
 def write_index(index, path: str) -> None:
-    faiss_module().write_index(index, path)
+    """Write ``index`` to the file ``path``, fsynced; ``OSError`` when it cannot be written whole.
+
+    The bytes go through a Python file (``faiss.PyCallbackIOWriter``): faiss' own file writer reports a failed
+    final ``fclose`` (the last buffered block not written: a full disk) only as a line on stderr and returns
+    normally, so a short index file was committed as complete and the index could not be opened again."""
+    faiss = faiss_module()
+    with open(path, "wb") as f:
+        writer = faiss.PyCallbackIOWriter(f.write)
+        try:
+            faiss.write_index(index, writer)
+        finally:
+            del writer
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def index_bytes(index) -> int:
