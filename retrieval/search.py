@@ -10,6 +10,8 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from internvit.file_reads import first_line
+
 from .faiss_ops import IndexMismatchError, RetrievalError, as_id, as_ids, faiss_module, set_search_params, stored_ids
 from .index_folder import id_range, open_index
 
@@ -239,12 +241,15 @@ class Retriever(_Queries):
                     raise KeyError(id_)
                 return np.asarray(faiss.downcast_index(top.index).reconstruct(int(order[j])), np.float32)
             ivf = faiss.try_extract_index_ivf(self.index)
-            if ivf is not None and ivf.direct_map.type == faiss.DirectMap.NoMap:
-                ivf.make_direct_map(True)  # hash map: ids need not be contiguous
+            if ivf is not None and ivf.direct_map.type != faiss.DirectMap.Hashtable:
+                # a hash table: removals leave gaps in the ids (make_direct_map(True) is an *array* map, which
+                # faiss refuses for non-sequential ids, and a failed one stayed set: every id then read as absent)
+                ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
             try:
                 return np.asarray(self.index.reconstruct(local), np.float32)
-            except RuntimeError:
-                raise KeyError(id_) from None
+            except RuntimeError as e:  # the id is held (checked above): the index failed, not a missing id
+                raise RetrievalError(f"{self.index_dir}: cannot reconstruct the stored vector of id {id_} "
+                                     f"({first_line(e)})") from None
 
     # -- metadata -----------------------------------------------------------------------------------------
     def _table(self, entry: dict):

@@ -805,11 +805,13 @@ def _pixels(im) -> int:
 
 def _dedup(st: IndexState, rows: list) -> list:
     """clip-retrieval's deduplication: results whose stored vectors are within cosine ``DEDUP_THRESHOLD`` form
-    connected groups; each group keeps its best-ranked member."""
+    connected groups; each group keeps its best-ranked member. ``ApiError`` 422 when the index cannot return a
+    result's stored vector (answering without deduplication would pass duplicates off as deduplicated)."""
     try:
         vecs = np.stack([st.stored_vector(int(r["id"])) for r in rows])
-    except Exception:  # noqa: BLE001 - an index that cannot return vectors is not deduplicated
-        return rows
+    except Exception as e:  # noqa: BLE001 - any failure of the index: named, never a silent "not deduplicated"
+        raise ApiError(422, f"deduplicate: the index cannot return the stored vectors of its results "
+                            f"({type(e).__name__}: {e}); ask without deduplicate") from None
     vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
     close = vecs @ vecs.T >= DEDUP_THRESHOLD
     group = list(range(len(rows)))

@@ -1,0 +1,59 @@
+"""Index lifecycle findings of newcomer trial 8c (notes/trial8c.md).
+
+F3: after a removal, search by id on an IVF index failed for every id: the direct map was built as an *array*
+(faiss refuses it for non-sequential ids) and, once failed, stayed set, so every held id then read as absent
+(404 "has no id"); clip-retrieval's ``deduplicate`` silently stopped deduplicating."""
+import numpy as np
+import pytest
+
+from retrieval import build_index, remove_from_index, write_embeddings
+from retrieval.search import Retriever
+
+from .helpers import mixture
+
+pytest.importorskip("fastapi")
+
+from retrieval.serve import background_server, create_app  # noqa: E402
+
+from .serve_util import post  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ivf_removed(tmp_path_factory):
+    """600 unit vectors + 100 exact duplicates of rows 0..99 (ids 600..699), IVF8,Flat, id 599 removed."""
+    root = tmp_path_factory.mktemp("ivf")
+    x = mixture(600, d=16, seed=2)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x = np.concatenate([x, x[:100]]).astype(np.float32)
+    write_embeddings(str(root / "emb"), x, metadata={"caption": [f"v{i % 600}" for i in range(700)]},
+                     shard_size=700)
+    idx = str(root / "idx")
+    build_index(str(root / "emb"), idx, index_key="IVF8,Flat", progress=False)
+    remove_from_index(idx, [599])
+    return idx, x
+
+
+def test_stored_vectors_after_a_removal_on_an_ivf_index(ivf_removed):
+    idx, x = ivf_removed
+    r = Retriever.load(idx)
+    for i in (2, 0, 598, 600, 699):  # the first call used to fail, and every later one said "absent"
+        np.testing.assert_allclose(r.stored_vector(i), x[i], atol=1e-6)
+    with pytest.raises(KeyError):
+        r.stored_vector(599)
+
+
+def test_served_search_by_id_and_deduplication_after_a_removal(ivf_removed):
+    idx, x = ivf_removed
+    with background_server(create_app([idx, f"grp={idx}"])) as url:
+        for name in ("idx", "grp"):
+            for _ in range(2):
+                status, body, _ = post(f"{url}/search", {"index": name, "id": 2, "k": 2})
+                assert status == 200, body
+                assert {h["id"] for h in body["results"]} == {2, 602}
+        status, body, _ = post(f"{url}/search", {"index": "idx", "id": 599, "k": 2})
+        assert status == 404, body
+        q = {"embedding_input": x[2].tolist(), "num_images": 4, "num_result_ids": 4, "deduplicate": True,
+             "modality": "image", "indice_name": "idx"}
+        status, body, _ = post(f"{url}/knn-service", q)
+        assert status == 200, body
+        assert [h["caption"] for h in body].count("v2") == 1, body  # ids 2 and 602 hold the same vector
