@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -467,26 +467,34 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
             rows, st = await run_query(s, "id", check_id(q["id"]), k)
         return {"index": s.name, "generation": st.generation, "k": k, "results": result_rows(s, rows)}
 
-    async def _image_path(index: str, id_: str) -> tuple:
+    async def _image_file(index: str, id_: str) -> tuple:
+        """``(open file, media type, stat)`` of the image of ``id_`` (:meth:`ServedIndex.image_file`)."""
         s = get_index(index)
         id_ = check_id(id_)  # the id rule of /search and /metadata: "3.0", "abc", -1, 2**63 are a 422 naming id
         st = s.current()
-        path, media = await asyncio.get_running_loop().run_in_executor(None, s.image_file, st, id_)
-        return s, path, media
+        return await asyncio.get_running_loop().run_in_executor(None, s.image_file, st, id_)
 
     @app.get("/image/{index}/{id_}")
     async def image(index: str, id_: str):
-        _, path, media = await _image_path(index, id_)
-        return FileResponse(path, media_type=media, headers={"Cache-Control": "no-cache"})
+        f, media, st = await _image_file(index, id_)
+
+        def chunks():  # the bytes of the file that was checked (never the path opened again)
+            with f:
+                while True:
+                    block = f.read(1 << 16)
+                    if not block:
+                        return
+                    yield block
+
+        return StreamingResponse(chunks(), media_type=media, headers={"Cache-Control": "no-cache"})
 
     @app.get("/thumb/{index}/{id_}")
     async def thumb(index: str, id_: str, size: str = "256"):
         size = as_int(size, "size")
         if not 16 <= size <= 1024:
             raise ApiError(422, "size must be between 16 and 1024")
-        s, path, _ = await _image_path(index, id_)
-        st = os.stat(path)
-        key = (path, st.st_mtime_ns, st.st_size, size)
+        f, _, st = await _image_file(index, id_)
+        key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size, size)
         with thumbs_lock:
             data = thumbs.get(key)
             if data is not None:
@@ -495,9 +503,8 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
             def make() -> bytes:
                 from PIL import Image
 
-                with decode_slots:
-                    with open(path, "rb") as fh:
-                        raw = fh.read(limits.max_upload_bytes * 4 + 1)
+                with decode_slots, f:
+                    raw = f.read(limits.max_upload_bytes * 4 + 1)
                     try:
                         im = decode_image(raw, limits.max_pixels * 4)
                     except ApiError as e:  # the stored file, not the request, is bad: no client error
@@ -511,6 +518,8 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
                 thumbs[key] = data
                 while len(thumbs) > 512:
                     thumbs.popitem(last=False)
+        else:
+            f.close()
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "no-cache"})
 
     # -- clip-retrieval's back-end API ------------------------------------------------------------------

@@ -395,8 +395,9 @@ class ServedIndex:
                 **({"members": m.get("shards")} if self.members is not None else {})}
 
     def image_file(self, st: IndexState, id_: int) -> tuple:
-        """``(path, media type)`` of the image file that id ``id_``'s metadata names, resolved (absolute, or
-        relative to the image root, then the index folder, then its parent) to the regular file it is. Raises
+        """``(open binary file, media type, os.stat_result)`` of the image file that id ``id_``'s metadata names
+        (:func:`served_image`; the caller closes it), resolved (absolute, or relative to the image root, then the
+        index folder, then its parent) to the regular file it is. Raises
         :class:`ApiError` 404 when there is none, when the name is a symlink that leads out of the folder the
         path names (e.g. an indexed PNG replaced by a link to ``/etc/passwd``), or when the file is not an
         image (its header is sniffed with PIL; the media type comes from the sniffed format, not the name)."""
@@ -425,30 +426,57 @@ SERVED_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"
 
 
 def served_image(path: str, id_: int) -> tuple:
-    """``(real path, media type)`` of a stored image file that may be served: the regular file a name resolves
-    to, inside the folder the name is in (a symlink to another image next to it is followed; one leading out
-    of that folder is not), whose header PIL identifies as one of :data:`SERVED_FORMATS`. ``ApiError`` 404
-    otherwise (a server-side file that is not an image is no image of that id)."""
+    """``(open binary file, media type, os.stat_result)`` of a stored image file that may be served: the regular
+    file a name resolves to, inside the folder the name is in (a symlink to another image next to it is
+    followed; one leading out of that folder is not), whose header PIL identifies as one of
+    :data:`SERVED_FORMATS`. ``ApiError`` 404 otherwise (a server-side file that is not an image is no image of
+    that id). The caller closes the file.
+
+    The file is opened once and every check is made on that open file, whose bytes are then served: checking a
+    path and opening it again to send it let a symlink swapped in between (an indexed image replaced by a link
+    to ``/etc/passwd`` and back, in a loop) be sent as an image. The final name is opened without following a
+    link (``O_NOFOLLOW``) or blocking (``O_NONBLOCK``: a FIFO), and where ``/proc/self/fd`` exists the opened
+    file's own path must lie in the folder (a folder of the path swapped for a link)."""
     import stat
 
     from PIL import Image
 
-    real = os.path.realpath(path)
-    folder = os.path.realpath(os.path.dirname(os.path.abspath(path)))
-    if os.path.commonpath([folder, real]) != folder:
-        raise ApiError(404, f"image of id {id_} not found ({os.path.basename(path)} links out of its folder)")
+    name = os.path.basename(path)
+    try:  # realpath raises when a name changes between its islink and readlink (EINVAL)
+        real = os.path.realpath(path)
+        folder = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    except OSError:
+        raise ApiError(404, f"image of id {id_} not found ({name} cannot be resolved)") from None
+
+    def inside(p: str) -> bool:
+        return os.path.commonpath([folder, p]) == folder
+
+    if not inside(real):
+        raise ApiError(404, f"image of id {id_} not found ({name} links out of its folder)")
     try:
-        if not stat.S_ISREG(os.stat(real).st_mode):
-            raise ApiError(404, f"image of id {id_} not found ({os.path.basename(path)} is not a regular file)")
-        with Image.open(real, formats=tuple(SERVED_FORMATS)) as im:
-            fmt = im.format
-    except ApiError:
+        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        raise ApiError(404, f"image of id {id_} not found ({name} cannot be opened)") from None
+    f = os.fdopen(fd, "rb")
+    try:
+        st = os.fstat(fd)
+        opened = f"/proc/self/fd/{fd}"
+        if os.path.islink(opened) and not inside(os.path.realpath(opened)):
+            raise ApiError(404, f"image of id {id_} not found ({name} links out of its folder)")
+        if not stat.S_ISREG(st.st_mode):
+            raise ApiError(404, f"image of id {id_} not found ({name} is not a regular file)")
+        try:
+            with Image.open(f, formats=tuple(SERVED_FORMATS)) as im:
+                fmt = im.format
+        except Exception:  # noqa: BLE001 - unreadable / not an image: PIL raises many kinds
+            fmt = None
+        if fmt not in SERVED_FORMATS:
+            raise ApiError(404, f"image of id {id_} not found ({name} is not an image file)")
+        f.seek(0)
+        return f, SERVED_FORMATS[fmt], st
+    except BaseException:
+        f.close()
         raise
-    except Exception:  # noqa: BLE001 - unreadable / not an image: PIL raises many kinds
-        fmt = None
-    if fmt not in SERVED_FORMATS:
-        raise ApiError(404, f"image of id {id_} not found ({os.path.basename(path)} is not an image file)")
-    return real, SERVED_FORMATS[fmt]
 
 
 # ------------------------------------------------------------------------------------------ batching

@@ -3,6 +3,7 @@
 F3: after a removal, search by id on an IVF index failed for every id: the direct map was built as an *array*
 (faiss refuses it for non-sequential ids) and, once failed, stayed set, so every held id then read as absent
 (404 "has no id"); clip-retrieval's ``deduplicate`` silently stopped deduplicating."""
+
 import numpy as np
 import pytest
 
@@ -57,3 +58,54 @@ def test_served_search_by_id_and_deduplication_after_a_removal(ivf_removed):
         status, body, _ = post(f"{url}/knn-service", q)
         assert status == 200, body
         assert [h["caption"] for h in body].count("v2") == 1, body  # ids 2 and 602 hold the same vector
+
+
+def test_image_route_serves_the_bytes_it_checked_while_a_link_is_swapped_in(tmp_path):
+    """F5: /image checked a path and FileResponse opened it again: an indexed image swapped for a symlink to
+    another file and back, in a loop, was sent as ``200 image/png`` 12-36 times in 1,500 requests. Now the file
+    is opened once and its checked bytes are sent: every answer is the image or a 404, never the other file."""
+    import os
+    import threading
+    import urllib.request
+
+    from .serve_util import build_index as build_served
+
+    idx = build_served(str(tmp_path), "vit", "internvit:internvit-6b-tiny", n=4, evil=False)
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"SECRET-" * 200)
+    r = Retriever.load(idx)
+    target = r.metadata(1).get("image_path") or r.metadata(1)["path"]
+    with open(target, "rb") as fh:
+        png = fh.read()
+    stop = threading.Event()
+
+    def swap():
+        while not stop.is_set():
+            os.symlink(str(secret), target + ".l")
+            os.replace(target + ".l", target)
+            with open(target + ".n", "wb") as out:
+                out.write(png)
+            os.replace(target + ".n", target)
+
+    seen = {"image": 0, "404": 0}
+    with background_server(create_app([idx])) as url:
+        t = threading.Thread(target=swap, daemon=True)
+        t.start()
+        try:
+            for i in range(400):
+                route = "image" if i % 4 else "thumb"
+                try:
+                    with urllib.request.urlopen(f"{url}/{route}/vit/1", timeout=30) as resp:
+                        body = resp.read()
+                except urllib.error.HTTPError as e:
+                    assert e.code == 404, e.code
+                    seen["404"] += 1
+                    continue
+                assert b"SECRET" not in body, (route, i)
+                if route == "image":
+                    assert body == png, i
+                seen["image"] += 1
+        finally:
+            stop.set()
+            t.join()
+    assert seen["image"] and seen["404"], seen  # both states were met
