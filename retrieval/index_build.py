@@ -802,12 +802,21 @@ def check_kind(manifest: dict, kind: Optional[str], where: str) -> str:
     return have
 
 
-def _last_added(manifest: dict, job: dict, identities: set) -> bool:
-    """Whether the committed state already ends with this add (rerun after a commit: nothing to do)."""
+def _last_added(manifest: dict, job: dict, identities: set, source: EmbeddingSource) -> bool:
+    """Whether the committed state already ends with this add (rerun after a commit: nothing to do): the last
+    commit was this very job, or the last add read the same rows from the same place (folder, or an array)
+    with the same metadata. Equal rows from another folder, or with other metadata (the same pictures under
+    other paths or captions), are not a rerun: they are a duplicate (:func:`_refuse_duplicate`); taking them
+    for one dropped the new paths and captions with "nothing to do" and exit 0."""
     if (manifest.get("_store") or {}).get("job_id") == job_id(job):
         return True
-    last = (manifest.get("embeddings") or [{}])[-1]
-    return len(manifest.get("embeddings") or []) > 1 and bool(_identities(last) & identities)
+    records = manifest.get("embeddings") or []
+    if len(records) < 2:
+        return False
+    last = records[-1]
+    place = os.path.abspath(source.root) if source.root else "array"
+    return (bool(_identities(last) & identities) and last.get("source") == place
+            and last.get("metadata") == job.get("metadata"))
 
 
 def add_to_index(out_dir: str, embeddings, metadata=None, *, kind: Optional[str] = None,
@@ -861,7 +870,7 @@ def add_to_index(out_dir: str, embeddings, metadata=None, *, kind: Optional[str]
                metadata=None if metadata is None else _table_digest(to_table(metadata, source.count)),
                skipped=int(len(excluded)))
     _check_add_offset(manifest, id_offset, source.count, out_dir)
-    if _last_added(manifest, job, identities):
+    if _last_added(manifest, job, identities, source):
         logger.info("%s: these embeddings were the last ones added; nothing to do", out_dir)
         _tidy(out_dir, job)
         return manifest
@@ -949,7 +958,7 @@ def _add_in_store(st: Store, job: dict, source: EmbeddingSource, parts, excluded
     """The stages of :func:`add_to_index` inside its store job: add the rows to a copy of the index, commit."""
     # the committed state may have moved since the checks above (another writer finished first)
     manifest = st.manifest
-    if _last_added(manifest, job, identities):
+    if _last_added(manifest, job, identities, source):
         return manifest
     _refuse_duplicate(manifest, identities, allow_duplicate, where, warn=False, source=source, checksum=checksum)
     offset = _check_add_offset(manifest, id_offset, source.count, where)
@@ -973,7 +982,8 @@ def _add_in_store(st: Store, job: dict, source: EmbeddingSource, parts, excluded
                bytes_per_vector=st.state["index_bytes"] / max(st.state["ntotal"], 1))
     new["skipped"] = {"empty_caption": int((manifest.get("skipped") or {}).get("empty_caption", 0))
                       + int(len(excluded))}
-    new["embeddings"] = manifest["embeddings"] + [_source_record(source, checksum, first_id)]
+    new["embeddings"] = manifest["embeddings"] + [dict(_source_record(source, checksum, first_id),
+                                                      metadata=job.get("metadata"))]
     entries = _store_metadata(st, parts, first_id, gen)
     new["metadata_files"] = list(manifest.get("metadata_files", [])) + entries
     return st.commit(new, [index_file] + [e["file"] for e in new["metadata_files"]])

@@ -123,8 +123,11 @@ def test_incremental_add_equals_full_build_on_union(tmp_path):
     np.testing.assert_array_equal(ri.ids, rf.ids)
     np.testing.assert_array_equal(ri.scores, rf.scores)
     assert [r["caption"] for r in ri.rows[3]] == [r["caption"] for r in rf.rows[3]]
-    # the same add again is recognised (by checksum) and not repeated
-    assert add_to_index(tmp_path / "inc", b, progress=False)["ntotal"] == 4500
+    # the same add again (rows and metadata) is recognised (by checksum) and not repeated; the same rows with
+    # other metadata are a duplicate, not a rerun
+    assert add_to_index(tmp_path / "inc", b, metadata=meta_b, progress=False)["ntotal"] == 4500
+    with pytest.raises(ValueError, match="already in the index, added by add #1"):
+        add_to_index(tmp_path / "inc", b, progress=False)
 
 
 def test_incremental_add_to_ivf_keeps_ids_and_matches_exact_search(tmp_path):

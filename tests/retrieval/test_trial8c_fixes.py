@@ -109,3 +109,27 @@ def test_image_route_serves_the_bytes_it_checked_while_a_link_is_swapped_in(tmp_
             stop.set()
             t.join()
     assert seen["image"] and seen["404"], seen  # both states were met
+
+
+def test_an_add_of_equal_rows_from_another_folder_is_a_duplicate_not_a_rerun(tmp_path):
+    """F2: the same vectors as the last add, from another folder with other captions (the same pictures under
+    new paths), were taken for a rerun of that add: "nothing to do", exit 0, the new captions never indexed.
+    They are a duplicate (refused, naming the add; allow_duplicate adds them); the same folder again is still
+    a rerun, also after another commit (a removal)."""
+    from retrieval import add_to_index
+
+    x, y = mixture(40, d=16, seed=5), mixture(30, d=16, seed=6)
+    write_embeddings(str(tmp_path / "a"), x, metadata={"caption": [f"a{i}" for i in range(40)]}, shard_size=40)
+    write_embeddings(str(tmp_path / "b"), y, metadata={"caption": [f"b{i}" for i in range(30)]}, shard_size=30)
+    write_embeddings(str(tmp_path / "b2"), y, metadata={"caption": [f"new{i}" for i in range(30)]}, shard_size=30)
+    idx = str(tmp_path / "idx")
+    build_index(str(tmp_path / "a"), idx, index_key="Flat", progress=False)
+    add_to_index(idx, str(tmp_path / "b"), progress=False)
+    remove_from_index(idx, [0])
+    m = add_to_index(idx, str(tmp_path / "b"), progress=False)  # the same add again: nothing to do
+    assert m["ntotal"] == 69 and len(m["embeddings"]) == 2
+    with pytest.raises(ValueError, match=r"already in the index, added by add #1 .*ids 40\.\.69"):
+        add_to_index(idx, str(tmp_path / "b2"), progress=False)
+    m = add_to_index(idx, str(tmp_path / "b2"), progress=False, allow_duplicate=True)
+    assert m["ntotal"] == 99
+    assert Retriever.load(idx).metadata(70)["caption"] == "new0"
