@@ -401,6 +401,28 @@ def discard_pending(out_dir: str) -> bool:
 
 
 # --------------------------------------------------------------------------------------------- build
+def _refuse_undoing_changes(existing: dict, out_dir: str, source: EmbeddingSource) -> None:
+    """``ValueError`` when an index that was added to or removed from since its build would be replaced by a
+    build (``overwrite``): the new generation would hold only the new source's rows, so removed rows (often a
+    takedown) come back, added rows are dropped, and ``next_id`` restarts, handing ids already given to other
+    items out again (what a served index hot-reloads to; ids are promised never to be reused)."""
+    records = existing.get("embeddings") or []
+    removed = int(existing.get("removed") or 0)
+    adds = records[1:]
+    if not adds and not removed:
+        return
+    what = []
+    if adds:
+        first = int(adds[0].get("first_id", 0)) + int(existing.get("id_offset", 0))
+        last = int(existing.get("next_id", 0)) + int(existing.get("id_offset", 0)) - 1
+        what.append(f"{len(adds)} add(s) (ids {first}..{last})")
+    if removed:
+        what.append(f"{removed} removed id(s)")
+    raise ValueError(f"{out_dir}: the index holds {' and '.join(what)} since its build; replacing it with a build "
+                     f"from {source.root or 'these embeddings'} would undo them (removed rows back, added rows "
+                     f"dropped, their ids handed out again): build into a new folder, or delete {out_dir} first")
+
+
 def build_index(
     embeddings,
     out_dir: str,
@@ -475,6 +497,8 @@ def build_index(
     existing = _committed_or_none(out_dir)
     if existing is None:
         check_index_destination(out_dir)  # a user's folder: refused before the index is trained
+    elif overwrite:
+        _refuse_undoing_changes(existing, out_dir, source)
     recorded_offset = int((existing or {}).get("id_offset", 0))
     offset = check_id_offset(recorded_offset if id_offset is None else id_offset, n, out_dir)
     from .ondisk import build_ondisk_index, wants_on_disk

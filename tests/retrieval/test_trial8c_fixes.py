@@ -133,3 +133,30 @@ def test_an_add_of_equal_rows_from_another_folder_is_a_duplicate_not_a_rerun(tmp
     m = add_to_index(idx, str(tmp_path / "b2"), progress=False, allow_duplicate=True)
     assert m["ntotal"] == 99
     assert Retriever.load(idx).metadata(70)["caption"] == "new0"
+
+
+@pytest.mark.parametrize("change", ["add", "remove"])
+def test_a_rebuild_that_would_undo_adds_or_removals_is_refused(tmp_path, change):
+    """F4: a build with overwrite (the way to change the index key) over an index that was added to or removed
+    from replaced it with the build source's rows alone: removed rows back, added rows dropped and next_id
+    restarted, so the next add handed out ids already given to other items. Refused, naming what it would
+    undo; the index is left as it was. An index without adds or removals is still replaced."""
+    from retrieval import add_to_index
+
+    write_embeddings(str(tmp_path / "a"), mixture(40, d=16, seed=5), shard_size=40)
+    write_embeddings(str(tmp_path / "b"), mixture(30, d=16, seed=6), shard_size=30)
+    idx = str(tmp_path / "idx")
+    build_index(str(tmp_path / "a"), idx, index_key="Flat", progress=False)
+    m = build_index(str(tmp_path / "a"), idx, index_key="HNSW16", overwrite=True, progress=False)
+    assert m["index_key"] == "HNSW16"
+    build_index(str(tmp_path / "a"), idx, index_key="Flat", overwrite=True, progress=False)
+    if change == "add":
+        add_to_index(idx, str(tmp_path / "b"), progress=False)
+        what = r"1 add\(s\) \(ids 40\.\.69\)"
+    else:
+        remove_from_index(idx, [3, 11])
+        what = r"2 removed id\(s\)"
+    before = Retriever.load(idx).manifest
+    with pytest.raises(ValueError, match=what + r" since its build.*build into a new folder"):
+        build_index(str(tmp_path / "a"), idx, index_key="HNSW16", overwrite=True, progress=False)
+    assert Retriever.load(idx).manifest == before
