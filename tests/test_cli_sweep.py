@@ -240,6 +240,8 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("add_to_missing_index", [*BUILD, "--add"]),
         ("workers_0", [*BUILD, "--workers", "0"]),
         ("id_offset_negative", [*BUILD, "--id-offset", "-1"]),
+        ("overwrite_undoing_a_removal", ["{W}/emb", "{W}/idx_removed", "--overwrite", "--index-key", "HNSW16",
+                                         "--quiet"]),
         ("add_with_another_id_offset", ["{W}/emb", "{W}/idx", "--add", "--id-offset", "5", "--quiet"]),
         ("num_workers_negative", [*BUILD_MODEL, "--num-workers", "-1"]),
         ("bad_dtype", [*BUILD_MODEL, "--dtype", "fp8"]),
@@ -398,7 +400,7 @@ def W(tmp_path_factory) -> str:  # noqa: N802 - the placeholder's name
     from PIL import Image
 
     import internvit
-    from retrieval import build_index, write_embeddings
+    from retrieval import build_index, remove_from_index, write_embeddings
 
     w = str(tmp_path_factory.mktemp("sweep"))
     rng = np.random.default_rng(0)
@@ -477,6 +479,8 @@ def W(tmp_path_factory) -> str:  # noqa: N802 - the placeholder's name
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     write_embeddings(f"{w}/emb", x)
     build_index(f"{w}/emb", f"{w}/idx", index_key="Flat", progress=False)
+    shutil.copytree(f"{w}/idx", f"{w}/idx_removed")  # an index with a removal: a rebuild would undo it
+    remove_from_index(f"{w}/idx_removed", [3])
     index_files = [n for n in os.listdir(f"{w}/idx") if n.endswith(".index")]
     for name, damage in (("idx_trunc", _truncate), ("idx_empty", lambda p: _truncate(p, 0.0))):
         shutil.copytree(f"{w}/idx", f"{w}/{name}")
