@@ -1015,8 +1015,8 @@ def _add_in_store(st: Store, job: dict, source: EmbeddingSource, parts, excluded
 
 # --------------------------------------------------------------------------------------------- remove
 def remove_from_index(out_dir: str, ids: Sequence[int]) -> dict:
-    """Remove ``ids`` from the index (IVF and Flat indexes; HNSW graphs cannot delete); returns the committed
-    manifest. ``ids`` are the folder's global ids, as searches return them (``id_offset + row``; the row
+    """Remove ``ids`` from the index (IVF and Flat indexes; HNSW graphs and refine stages cannot delete); returns
+    the committed manifest. ``ids`` are the folder's global ids, as searches return them (``id_offset + row``; the row
     numbers themselves when no offset is recorded). Ids are never reused; their metadata rows stay on disk but
     are never returned (:meth:`~retrieval.search.Retriever.metadata` gives ``{}``, search by id ``KeyError``).
 
@@ -1057,8 +1057,10 @@ def _remove_in_store(st: Store, job: dict, ids: np.ndarray, out_dir: str) -> dic
     if st.state.get("stage") != "commit":
         index = read_index(os.path.join(st.folder, manifest["index_file"]))
         if not supports_remove(index):
-            raise RetrievalError(f"{out_dir}: index {manifest['index_key']} does not support removing ids "
-                                 f"(HNSW graphs cannot delete); rebuild without those rows")
+            raise RetrievalError(f"{out_dir}: index {manifest['index_key']} does not support removing ids (only "
+                                 f"IVF and Flat indexes without a refinement or graph layer delete: HNSW graphs and "
+                                 f"refine stages cannot); build a new index of such a type, or one from "
+                                 f"embeddings without those rows")
         local = ids[ids >= offset] - offset  # global ids below the offset are not this folder's
         present = stored_ids(index)
         missing = np.union1d(ids[ids < offset], np.setdiff1d(local, present) + offset)

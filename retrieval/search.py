@@ -69,7 +69,7 @@ class _Queries:
         # faiss pads a list beyond the index's vectors with -1: never ask for more than there are, so memory is
         # bounded by the index (k=10**9 on 30 vectors returns 30 results, not a (Q, 10**9) array)
         total = getattr(self, "ntotal", None)
-        k = int(k) if total is None else min(int(k), max(int(total), 1))
+        k = int(k) if total is None else min(int(k), int(total))  # 0 for an index emptied by removals
         return np.ascontiguousarray(q, dtype=np.float32), k
 
     def search_embedding(self, embeddings, k: int = 10, *, queries: Optional[list] = None) -> SearchResult:
@@ -81,7 +81,10 @@ class _Queries:
         too. Raises ``ValueError`` for an empty, non-finite or all-zero query or ``k < 1``,
         :class:`IndexMismatchError` for another dim."""
         q, k = self._prepare(embeddings, k)
-        scores, ids = self._search(q, k)
+        if k == 0:  # nothing to find (faiss would answer one id -1 per query)
+            scores, ids = np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
+        else:
+            scores, ids = self._search(q, k)
         meta = self.metadata_rows(ids[ids >= 0])
         rows = [[dict(meta[int(i)], id=int(i), score=float(s)) for i, s in zip(id_row, s_row) if i >= 0]
                 for id_row, s_row in zip(ids, scores)]

@@ -160,3 +160,13 @@ def test_a_rebuild_that_would_undo_adds_or_removals_is_refused(tmp_path, change)
     with pytest.raises(ValueError, match=what + r" since its build.*build into a new folder"):
         build_index(str(tmp_path / "a"), idx, index_key="HNSW16", overwrite=True, progress=False)
     assert Retriever.load(idx).manifest == before
+
+
+def test_an_index_emptied_by_removals_returns_no_hits(tmp_path):
+    """F6b: after every id was removed, a search answered one fake hit per query (id -1, score -3.4e38)."""
+    write_embeddings(str(tmp_path / "a"), mixture(12, d=16, seed=5), shard_size=12)
+    idx = str(tmp_path / "idx")
+    build_index(str(tmp_path / "a"), idx, index_key="Flat", progress=False)
+    remove_from_index(idx, list(range(12)))
+    res = Retriever.load(idx).search_embedding(mixture(2, d=16, seed=1), 3)
+    assert res.ids.shape == res.scores.shape == (2, 0) and res.rows == [[], []]
