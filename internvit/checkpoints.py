@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import sys
@@ -425,30 +426,57 @@ def unwrap_state_dict(obj, path: str = "checkpoint") -> dict:
     return dict(obj)
 
 
+#: the weight sets of a Hugging Face folder, in the order ``transformers`` takes them (safetensors before pickles)
+WEIGHT_SETS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+               "pytorch_model.bin.index.json")
+
+
+def _read_shard_index(index: str) -> list[str]:
+    """The shard files a ``*.index.json`` names (all present), or :class:`CheckpointError`."""
+    directory = os.path.dirname(index)
+    try:
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError("weight_map is not a non-empty JSON object")
+        bad = next((v for v in weight_map.values() if not isinstance(v, str) or not v
+                    or os.path.basename(v) != v or v in (".", "..")), None)
+        if bad is not None:
+            raise ValueError(f"shard {bad!r:.80} is not a file name in this folder")
+    except (ValueError, KeyError, TypeError, OSError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{index}: not a valid shard index ({first_line(e)})") from None
+    files = sorted({os.path.join(directory, v) for v in weight_map.values()})
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise CheckpointError(f"{index}: shard file missing: {missing[0]}")
+    return files
+
+
+def broken_link_reason(path: str) -> Optional[str]:
+    """``'a broken symbolic link (to TARGET)'`` when ``path`` is a symbolic link whose target does not exist."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return f"a broken symbolic link (to {os.readlink(path)})"
+    return None
+
+
 def find_weight_files(directory: str) -> list[str]:
-    """Weight files of a Hugging Face directory: sharded or single safetensors, else ``pytorch_model*.bin``."""
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = os.path.join(directory, index_name)
-        if os.path.isfile(index):
-            try:
-                with open(index, encoding="utf-8") as f:
-                    weight_map = json.load(f)["weight_map"]
-                if not isinstance(weight_map, dict) or not weight_map:
-                    raise ValueError("weight_map is not a non-empty JSON object")
-                bad = next((v for v in weight_map.values() if not isinstance(v, str) or not v
-                            or os.path.basename(v) != v or v in (".", "..")), None)
-                if bad is not None:
-                    raise ValueError(f"shard {bad!r:.80} is not a file name in this folder")
-            except (ValueError, KeyError, TypeError, OSError, UnicodeDecodeError, RecursionError) as e:
-                raise CheckpointError(f"{index}: not a valid shard index ({first_line(e)})") from None
-            files = sorted({os.path.join(directory, v) for v in weight_map.values()})
-            missing = [f for f in files if not os.path.isfile(f)]
-            if missing:
-                raise CheckpointError(f"{index}: shard file missing: {missing[0]}")
-            return files
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if os.path.isfile(os.path.join(directory, name)):
-            return [os.path.join(directory, name)]
+    """Weight files of a Hugging Face directory, taken in ``transformers``' order (:data:`WEIGHT_SETS`:
+    ``model.safetensors``, its shard index, ``pytorch_model.bin``, its shard index), else unindexed
+    ``model-N-of-M.safetensors`` shards. When the folder holds more than one set, a warning names the files not
+    read. Raises :class:`CheckpointError` for a folder without weights, a broken symbolic link in place of a
+    weight file and an invalid or incomplete shard index."""
+    present = [n for n in WEIGHT_SETS if os.path.lexists(os.path.join(directory, n))]
+    if present:
+        chosen = os.path.join(directory, present[0])
+        broken = broken_link_reason(chosen)
+        if broken:
+            raise CheckpointError(f"{chosen}: {broken}")
+        files = _read_shard_index(chosen) if chosen.endswith(".index.json") else [chosen]
+        if len(present) > 1:
+            logging.getLogger("internvit").warning(
+                "%s: holds more than one set of weights: read %s (the order transformers uses), not %s",
+                directory, present[0], ", ".join(present[1:]))
+        return files
     shards = sorted(f for f in os.listdir(directory) if re.match(r"model-\d+-of-\d+\.safetensors$", f))
     if shards:
         return [os.path.join(directory, f) for f in shards]
@@ -466,7 +494,7 @@ def open_weights(path: str | os.PathLike, *, mmap: bool = False) -> TensorSource
     src = TensorSource()
     for f in files:
         if not os.path.isfile(f):
-            raise CheckpointError(f"{f}: {not_a_file_reason(f, 'weight file')}")
+            raise CheckpointError(f"{f}: {broken_link_reason(f) or not_a_file_reason(f, 'weight file')}")
     copied = 0 if mmap else sum(os.path.getsize(f) for f in files)
     drop_behind = copied > 0 and drop_behind_for(copied)
     for f in files:

@@ -96,7 +96,8 @@ INDEXES = {
 @pytest.mark.parametrize("case", sorted(INDEXES))
 def test_malformed_shard_index_is_refused_by_name(tmp_path, case):
     folder = internvit.save_model(internvit.load_model(TINY), str(tmp_path / "hf"))
-    (tmp_path / "hf" / "model.safetensors.index.json").write_bytes(INDEXES[case])
+    (tmp_path / "hf" / "model.safetensors").rename(tmp_path / "hf" / "model-00001-of-00001.safetensors")
+    (tmp_path / "hf" / "model.safetensors.index.json").write_bytes(INDEXES[case])  # read: no model.safetensors
     with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json: not a valid shard index"):
         internvit.load_model(folder)
 
