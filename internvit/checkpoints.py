@@ -159,10 +159,13 @@ def pickled_globals(path: str) -> tuple[list[str], bool]:
                 return found, False
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
-            pkls = [n for n in names if n.endswith(".pkl")]
-            if len(names) != len(set(names)) or not pkls:
-                raise CheckpointError(f"{path}: not a torch checkpoint (zip archive "
-                                      f"{'with duplicate entries' if pkls else 'without data.pkl'})")
+            # torch finds ``data.pkl`` without regard to case (miniz's look-up): every entry that could be it is
+            # vetted, and names that differ only in case (which of them torch reads is not ours to guess) refused
+            pkls = [n for n in names if n.lower().endswith(".pkl")]
+            if len({n.lower() for n in names}) != len(names) or not pkls:
+                why = "without data.pkl" if not pkls else "with duplicate entries" if len(set(names)) != len(names) \
+                    else "with entries whose names differ only in case"
+                raise CheckpointError(f"{path}: not a torch checkpoint (zip archive {why})")
             for name in pkls:
                 _globals_of_pickle(pickletools.genops(z.read(name)), path, found)
         return found, True
@@ -307,13 +310,34 @@ def safe_torch_load(path: str, *, map_location="cpu", mmap: bool = False,
         with only_safe_globals(safe_globals):
             obj = torch.load(path, map_location=map_location, weights_only=True, mmap=bool(mmap and is_zip))
     except Exception as e:  # noqa: BLE001 - whatever torch raises, the user gets one line naming the file
-        text = str(e)
-        if "WeightsUnpickler error:" in text:  # torch's refusal: keep its reason, not its advice
-            text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation of torch.load")[0]
-        detail = " ".join(ln.strip() for ln in text.splitlines() if ln.strip())[:300]
-        raise CheckpointError(f"{path}: cannot read as a torch checkpoint ({type(e).__name__}: {detail})") from None
+        raise CheckpointError(f"{path}: cannot read as a torch checkpoint ({type(e).__name__}: "
+                              f"{torch_load_reason(str(e))})") from None
     check_plain_data(obj, path, allowed_types)
     return obj
+
+
+#: what is said when torch's refusal holds nothing but its advice
+TORCH_REFUSAL = "torch's weights_only unpickler refused the file's contents"
+#: pieces of torch's advice (2.4: "Weights only load failed. Re-running `torch.load` with `weights_only` set to
+#: `False` will likely succeed, ... WeightsUnpickler error: REASON"; 2.6+: the same advice before or after REASON,
+#: then "Check the documentation of torch.load ...")
+_TORCH_ADVICE = re.compile(r"weights_only`? (set to|=) `?False|will likely succeed|trusted source|arbitrary code"
+                           r"|you have two options", re.IGNORECASE)
+
+
+def torch_load_reason(text: str) -> str:
+    """The reason in the text of a ``torch.load`` error (at most 300 characters), without torch's advice to load
+    with ``weights_only=False``: its ``WeightsUnpickler error`` / ``Trying to load unsupported GLOBAL ...`` line,
+    else every line that is not advice, else :data:`TORCH_REFUSAL`."""
+    if "WeightsUnpickler error:" in text:  # torch's refusal: keep its reason, not its advice
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    text = text.split("Check the documentation of torch.load", 1)[0]
+    for advice in (getattr(torch.serialization, "UNSAFE_MESSAGE", None), "Weights only load failed."):
+        text = text.replace(advice, "\n") if advice else text
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    reason = [ln for ln in lines if "GLOBAL" in ln and not _TORCH_ADVICE.search(ln)]
+    detail = " ".join(reason or [ln for ln in lines if not _TORCH_ADVICE.search(ln)])
+    return detail[:300] or TORCH_REFUSAL
 
 
 def torch_load_weights(path: str, *, mmap: bool = True) -> dict:

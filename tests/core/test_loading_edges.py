@@ -83,3 +83,82 @@ def test_dangling_weight_link_is_named(vit_fixture, tmp_path):
     os.symlink("../blobs/abc123", d / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"dang/model\.safetensors: a broken symbolic link \(to \.\./blobs/ab"):
         internvit.load_model(str(d))
+
+
+# ---- F4: every pickle torch may read is vetted; torch's advice is never shown -------------------------------
+def _renamed_pickle(src: bytes, dst: str, payload: bytes) -> None:
+    """torch.save's archive with data.pkl stored as DATA.PKL (``payload``) next to a harmless decoy.pkl."""
+    with zipfile.ZipFile(io.BytesIO(src)) as z, zipfile.ZipFile(dst, "w") as out:
+        for n in z.namelist():
+            if n.endswith("/data.pkl"):
+                out.writestr(n[:-len("data.pkl")] + "DATA.PKL", payload)
+                out.writestr(n[:-len("data.pkl")] + "decoy.pkl", pickle.dumps({"a": 1}, protocol=2))
+            else:
+                out.writestr(n, z.read(n))
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+def test_an_upper_case_pkl_is_vetted_before_torch_reads_it(vit_fixture, tmp_path):
+    buf = io.BytesIO()
+    torch.save(torch.load(os.path.join(vit_fixture, "original_format.pth"), weights_only=True), buf)
+    path = str(tmp_path / "case.pth")
+    _renamed_pickle(buf.getvalue(), path, pickle.dumps(_Payload(), protocol=2))
+    assert any("system" in g for g in pickled_globals(path)[0])
+    with pytest.raises(CheckpointError, match=r"case\.pth: refusing to load: it references (posix|os)\.system"):
+        internvit.load_model(path, "internvit-6b-tiny")
+
+
+def test_a_renamed_sparse_tensor_pickle_is_refused(tmp_path):
+    buf = io.BytesIO()
+    torch.save({"w": torch.sparse_coo_tensor(torch.tensor([[0, 1]]), torch.tensor([1.0, 2.0]), (4,))}, buf)
+    with zipfile.ZipFile(buf) as z:
+        pkl = z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
+    path = str(tmp_path / "sparse_case.pth")
+    _renamed_pickle(buf.getvalue(), path, pkl)
+    with pytest.raises(CheckpointError, match=r"refusing to load: it references torch\._utils\._rebuild_sparse"):
+        safe_torch_load(path)
+
+
+def test_entries_differing_only_in_case_are_refused(tmp_path):
+    path = str(tmp_path / "twice.pth")
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", pickle.dumps({"a": 1}, protocol=2))
+        z.writestr("archive/DATA.pkl", pickle.dumps({"a": 2}, protocol=2))
+    with pytest.raises(CheckpointError, match=r"twice\.pth: not a torch checkpoint .*differ only in case"):
+        pickled_globals(path)
+
+
+def test_torch_refusal_names_the_global_not_the_advice(tmp_path):
+    path = str(tmp_path / "payload.pth")
+    torch.save({"x": _Payload()}, path)
+    with pytest.raises(CheckpointError) as e:
+        safe_torch_load(path, allowed=lambda g: True)  # past the vetting: torch's own refusal is what is shown
+    assert "payload.pth" in str(e.value) and "GLOBAL" in str(e.value) and "system" in str(e.value)
+    assert "weights_only" not in str(e.value) and "likely succeed" not in str(e.value)
+
+
+@pytest.mark.parametrize("text", [
+    # torch 2.4
+    "Weights only load failed. Re-running `torch.load` with `weights_only` set to `False` will likely succeed, but it "
+    "can result in arbitrary code execution.Do it only if you get the file from a trusted source. WeightsUnpickler "
+    "error: Unsupported global: GLOBAL posix.system was not an allowed global by default.",
+    # torch 2.6+ with a blocked module (no WeightsUnpickler marker)
+    "Weights only load failed. In PyTorch 2.6, we changed the default value of the `weights_only` argument in "
+    "`torch.load` from `False` to `True`. Re-running `torch.load` with `weights_only` set to `False` will likely "
+    "succeed, but it can result in arbitrary code execution. Do it only if you got the file from a trusted source.\n\n"
+    "Trying to load unsupported GLOBAL posix.system whose module posix is blocked.\n\nCheck the documentation of "
+    "torch.load to learn more about types accepted by default with weights_only https://pytorch.org/docs.",
+])
+def test_torch_load_reason_keeps_the_reason_line(text):
+    reason = ck.torch_load_reason(text)
+    assert "GLOBAL posix.system" in reason and "likely succeed" not in reason and "weights_only" not in reason
+
+
+def test_torch_load_reason_with_advice_only_is_a_fixed_sentence():
+    advice = ("Weights only load failed. Re-running `torch.load` with `weights_only` set to `False` will likely "
+              "succeed, but it can result in arbitrary code execution.")
+    assert ck.torch_load_reason(advice) == ck.TORCH_REFUSAL
