@@ -551,33 +551,65 @@ class LoadReport:
         return "; ".join(parts)
 
 
-def strip_prefix(keys: Iterable[str], prefixes: Iterable[str]) -> dict[str, str]:
-    """Map each key to itself without the first prefix (of ``prefixes``) shared by the keys that carry one."""
-    keys = list(keys)
-    for p in prefixes:
-        if any(k.startswith(p) for k in keys):
-            return {k: k[len(p):] for k in keys if k.startswith(p)}
-    return {k: k for k in keys}
+def _is_vit_key(key: str) -> bool:
+    """Whether ``key`` (without prefixes) is an InternViT key of either family."""
+    return key in ("cls_token", "pos_embed") or key.startswith(("embeddings.", "encoder.layers.", "blocks.",
+                                                                 "patch_embed."))
+
+
+def _refuse_collisions(renamed: Mapping[str, str]) -> None:
+    """Raise :class:`CheckpointError` when two checkpoint keys become one name once their prefixes are removed."""
+    seen: dict[str, str] = {}
+    for ck, k in renamed.items():
+        if k in seen:
+            raise CheckpointError(f"tensors {seen[k]} and {ck} are both {k} once their prefixes are removed (which "
+                                  f"one to load is not clear)")
+        seen[k] = ck
+
+
+def strip_module_prefix(keys: Iterable[str]) -> dict[str, str]:
+    """Map each key to itself without a leading ``module.`` (DDP / DeepSpeed wrappers), key by key, as timm's
+    ``clean_state_dict`` does: a key without it is kept as it is. Raises :class:`CheckpointError` when ``x`` and
+    ``module.x`` are both there."""
+    out = {k: k[len("module."):] if k.startswith("module.") else k for k in keys}
+    _refuse_collisions(out)
+    return out
+
+
+#: prefixes of the vision tower inside a larger model (InternVL-Chat, an mmseg segmentor), stripped after ``module.``
+TOWER_PREFIXES = ("vision_model.", "backbone.")
 
 
 def vision_key_map(keys: Iterable[str], prefix: str = "") -> tuple[dict[str, str], str, list[str]]:
     """Map checkpoint keys onto ``InternViT`` names (optionally under ``prefix``).
 
-    Accepts either family, ``module.`` / ``vision_model.`` / ``backbone.`` prefixes. Returns
-    ``(mapping ckpt_key → model_key, family, ignored_keys)``.
+    Accepts either family. ``module.`` is removed from every key that has it, then ``vision_model.`` /
+    ``backbone.`` (the first of them that a key has): when the keys carry it, the keys without it that are not
+    InternViT keys (another tower or head) are ignored. Returns ``(mapping ckpt_key → model_key, family,
+    ignored_keys)``. Raises :class:`CheckpointError` when no InternViT key is found or two keys become one.
     """
     keys = list(keys)
-    stripped = strip_prefix(keys, ("module.", "vision_model.", "backbone."))
+    unwrapped = strip_module_prefix(keys)
+    tower = next((p for p in TOWER_PREFIXES if any(k.startswith(p) for k in unwrapped.values())), None)
+    stripped, ignored = {}, []
+    for ck, k in unwrapped.items():
+        if tower and k.startswith(tower):
+            stripped[ck] = k[len(tower):]
+        elif tower is None or _is_vit_key(k):
+            stripped[ck] = k
+        else:
+            ignored.append(ck)
+    _refuse_collisions(stripped)
     vit_keys = {}
-    ignored = [k for k in keys if k not in stripped]
     for ck, k in stripped.items():
         if k.startswith(KNOWN_EXTRA_PREFIXES):
             ignored.append(ck)
         else:
             vit_keys[ck] = k
-    if not vit_keys:
+    if not any(_is_vit_key(k) for k in vit_keys.values()):
         raise CheckpointError(f"no InternViT keys found (neither embeddings.*/encoder.layers.* nor "
-                              f"cls_token/blocks.*); its keys: {_fmt_keys(sorted(keys), 5)}")
+                              f"cls_token/blocks.*, after removing module. / vision_model. / backbone.); its keys: "
+                              f"{_fmt_keys(sorted(keys), 5)}")
     family = detect_family(vit_keys.values())
     rename = original_to_hf_key if family == "original" else (lambda k: k)
     return {ck: prefix + rename(k) for ck, k in vit_keys.items()}, family, ignored
@@ -691,11 +723,10 @@ def internvl_key_map(keys: Iterable[str]) -> tuple[dict[str, str], str, list[str
     unknown keys are mapped to themselves so that loading reports them as unexpected.
     """
     keys = list(keys)
-    stripped = strip_prefix(keys, ("module.",))
-    unprefixed = {v: k for k, v in stripped.items()}  # key without ``module.`` → checkpoint key
+    unprefixed = {v: k for k, v in strip_module_prefix(keys).items()}  # key without ``module.`` → checkpoint key
     vis, vfamily, rest = vision_key_map(list(unprefixed), prefix="vision_model.")
     mapping = {unprefixed[k]: v for k, v in vis.items()}
-    ignored = [k for k in keys if k not in stripped]
+    ignored = []
     for k in rest:
         ck = unprefixed[k]
         if INTERNVL_IGNORED.search(k):

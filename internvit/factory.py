@@ -301,7 +301,7 @@ def convert_checkpoint(src: SourceLike, dst: SourceLike, *, to: str = "hf", conf
     weight-file suffix is a ``ValueError``, and a weight holding NaN / inf a :class:`CheckpointError` naming it.
     Written atomically. An existing ``dst`` is replaced only with ``overwrite=True`` (else ``FileExistsError``).
     """
-    from .checkpoints import WEIGHT_SUFFIXES, hf_to_original_key, strip_prefix
+    from .checkpoints import WEIGHT_SUFFIXES, hf_to_original_key, strip_module_prefix
 
     if to not in ("hf", "original"):
         raise ValueError(f"to must be 'hf' or 'original', got {to!r}")
@@ -324,7 +324,7 @@ def convert_checkpoint(src: SourceLike, dst: SourceLike, *, to: str = "hf", conf
         raise FileExistsError(f"{dst}: already exists (pass overwrite=True to replace it)")
     sd = {hf_to_original_key(k): v.contiguous() for k, v in model.state_dict().items()}
     # known heads next to the ViT (e.g. clip_projector.* in intern_vit_6b_224px.pth) keep their names
-    extras = strip_prefix(model.load_report.ignored, ("module.",))
+    extras = strip_module_prefix(model.load_report.ignored)
     if extras:
         source = open_weights(src)
         sd.update({name: source[key].contiguous() for key, name in extras.items()})

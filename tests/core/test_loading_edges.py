@@ -162,3 +162,27 @@ def test_torch_load_reason_with_advice_only_is_a_fixed_sentence():
     advice = ("Weights only load failed. Re-running `torch.load` with `weights_only` set to `False` will likely "
               "succeed, but it can result in arbitrary code execution.")
     assert ck.torch_load_reason(advice) == ck.TORCH_REFUSAL
+
+
+# ---- F5: module. stripped key by key, then vision_model. / backbone. -------------------------------------------
+def test_flat_ddp_internvl_chat_keys_load(vit_fixture, tmp_path):
+    sd = load_file(os.path.join(vit_fixture, "model.safetensors"))
+    flat = {"module.vision_model." + k: v for k, v in sd.items()}
+    flat["module.mlp1.0.weight"] = torch.ones(4)
+    torch.save(flat, str(tmp_path / "ddp_chat.pth"))
+    m = internvit.load_model(str(tmp_path / "ddp_chat.pth"), "internvit-6b-tiny")
+    assert torch.equal(m.embeddings.class_embedding, sd[CLS]) and m.load_report.ignored == ["module.mlp1.0.weight"]
+
+
+def test_one_stray_prefixed_key_does_not_hide_the_others(vit_fixture, tmp_path):
+    sd = load_file(os.path.join(vit_fixture, "model.safetensors"))
+    torch.save({**sd, "module.extra": torch.zeros(1)}, str(tmp_path / "stray.pth"))
+    with pytest.raises(CheckpointError, match=r"unexpected keys: extra") as e:
+        internvit.load_model(str(tmp_path / "stray.pth"), "internvit-6b-tiny")
+    assert "no InternViT keys" not in str(e.value)
+
+
+def test_no_internvit_keys_message_lists_no_internvit_key(tmp_path):
+    torch.save({"module.vision_model.foo.weight": torch.zeros(1)}, str(tmp_path / "none.pth"))
+    with pytest.raises(CheckpointError, match=r"no InternViT keys found .*module\.vision_model\.foo\.weight"):
+        internvit.load_model(str(tmp_path / "none.pth"), "internvit-6b-tiny")
