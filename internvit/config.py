@@ -34,6 +34,10 @@ SIZE_LIMITS = {"hidden_size": 65536, "intermediate_size": 1 << 20, "num_hidden_l
                "vision_hidden_size": 65536, "num_query_token": 65536, "clip_embed_dim": 65536,
                "attn_pool_num_heads": 4096, "max_txt_len": 1 << 20}
 _MAY_BE_ZERO = ("num_query_token",)  # InternVL-C has no query tokens
+#: bound on the position table a config asks for, ``(image_size / patch_size)² * hidden_size`` elements (1 GiB in
+#: fp32): the per-field limits alone allow a 16384 x 16384 grid, which loading a checkpoint's table would allocate
+#: (resized to the config's grid). The released 6B at 448 px needs 32² * 3200 ≈ 3.3 M.
+MAX_POSITION_TABLE = 1 << 28
 
 
 #: the float fields' allowed ranges ``(low, high, low_inclusive)``; every float field must be a finite number
@@ -112,10 +116,25 @@ class InternViTConfig:
             )
         if self.hidden_act != "gelu":
             raise ValueError(f"config: only hidden_act='gelu' is supported, got {self.hidden_act!r}")
+        self.check_grid()
         check_mean_std("config: image_mean", self.image_mean)  # a zero std only failed when a transform was built
         check_mean_std("config: image_std", self.image_std)
         self.image_mean = tuple(self.image_mean)
         self.image_std = tuple(self.image_std)
+
+    def check_grid(self) -> None:
+        """Raise ``ValueError`` naming the fields when ``image_size`` is not a multiple of ``patch_size`` or the
+        position table the grid needs exceeds :data:`MAX_POSITION_TABLE` elements."""
+        if self.image_size % self.patch_size:
+            fit = self.image_size // self.patch_size * self.patch_size
+            raise ValueError(f"config: image_size {self.image_size} is not a multiple of patch_size {self.patch_size} "
+                             f"(the patch embedding would drop the last {self.image_size - fit} pixel rows and "
+                             f"columns){f'; e.g. {fit}' if fit else ''}")
+        elements = self.grid_size ** 2 * self.hidden_size
+        if elements > MAX_POSITION_TABLE:
+            raise ValueError(f"config: image_size {self.image_size} / patch_size {self.patch_size} gives a "
+                             f"{self.grid_size} x {self.grid_size} position grid of hidden_size {self.hidden_size}: "
+                             f"{elements} elements, over the limit of {MAX_POSITION_TABLE} (1 GiB in fp32)")
 
     @property
     def head_dim(self) -> int:
@@ -138,6 +157,31 @@ class InternViTConfig:
         out["model_type"] = self.model_type
         out["architectures"] = ["InternVisionModel"]
         return out
+
+
+def check_qllama_fields(data: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` naming the field when a ``qllama_config`` (a ``transformers`` LlamaConfig) asks for
+    what the QLLaMA text tower does not implement: ``rope_scaling`` other than null, ``hidden_act`` other than
+    ``silu``, grouped-query attention (``num_key_value_heads`` other than ``num_attention_heads``), biases
+    (``attention_bias`` / ``mlp_bias`` true) or a ``head_dim`` other than ``hidden_size / num_attention_heads``.
+    Absent or null fields take the released values (InternVL-14B: ``rope_scaling: null``, ``hidden_act: silu``)."""
+    def refuse(name: str, want: str) -> None:
+        raise ValueError(f"config: qllama_config.{name} {data[name]!r} is not supported (only {want})")
+
+    if data.get("rope_scaling") is not None:
+        refuse("rope_scaling", "null: plain rotary embeddings")
+    if data.get("hidden_act", "silu") not in ("silu", None):
+        refuse("hidden_act", "'silu'")
+    for name in ("attention_bias", "mlp_bias"):
+        if data.get(name) not in (False, None):
+            refuse(name, "false")
+    heads = data.get("num_attention_heads", QLLaMAConfig.num_attention_heads)
+    if data.get("num_key_value_heads") not in (None, heads):
+        refuse("num_key_value_heads", f"num_attention_heads, {heads!r}: no grouped-query attention")
+    width = data.get("hidden_size", QLLaMAConfig.hidden_size)
+    per_head = width // heads if isinstance(width, int) and isinstance(heads, int) and heads > 0 else None
+    if data.get("head_dim") not in (None, per_head):
+        refuse("head_dim", f"hidden_size / num_attention_heads, {per_head!r}")
 
 
 @dataclass
@@ -164,6 +208,9 @@ class QLLaMAConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "QLLaMAConfig":
+        """Raises ``ValueError`` naming the field for a value of a LLaMA config field that this text tower does
+        not implement (:func:`check_qllama_fields`); other unknown keys are ignored."""
+        check_qllama_fields(data)
         return _from_fields(cls, data)
 
     def to_dict(self) -> dict:
@@ -195,6 +242,7 @@ class InternVLConfig:
         if self.force_image_size:
             self.vision_config.image_size = int(self.force_image_size)
             check_sizes(self.vision_config)
+            self.vision_config.check_grid()
         check_sizes(self)
 
     @property

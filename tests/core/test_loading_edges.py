@@ -186,3 +186,37 @@ def test_no_internvit_keys_message_lists_no_internvit_key(tmp_path):
     torch.save({"module.vision_model.foo.weight": torch.zeros(1)}, str(tmp_path / "none.pth"))
     with pytest.raises(CheckpointError, match=r"no InternViT keys found .*module\.vision_model\.foo\.weight"):
         internvit.load_model(str(tmp_path / "none.pth"), "internvit-6b-tiny")
+
+
+# ---- F3 / F13: the config's grid is bounded and a whole number of patches ---------------------------------------
+def test_config_with_a_huge_position_grid_is_refused_before_anything_is_allocated(vit_fixture, tmp_path):
+    sd = load_file(os.path.join(vit_fixture, "model.safetensors"))
+    sd["embeddings.patch_embedding.weight"] = sd["embeddings.patch_embedding.weight"][:, :, :1, :1].contiguous()
+    sd["embeddings.position_embedding"] = sd["embeddings.position_embedding"][:, :5].contiguous()  # 2 x 2 grid
+    d = _folder(tmp_path / "bomb", vit_fixture, _config(vit_fixture, patch_size=1, image_size=16384), sd)
+    with pytest.raises(ValueError, match=r"bomb/config\.json: config: image_size 16384 / patch_size 1 gives a "
+                                         r"16384 x 16384 position grid of hidden_size 64"):
+        internvit.load_model(d)
+
+
+def test_released_grids_are_within_the_bound():
+    for name in ("internvit-6b-448px-v2-5", "internvit-6b-224px", "internvit-300m-448px", "internvl-14b-224px"):
+        get_config(name)
+
+
+def test_image_size_not_a_multiple_of_the_patch_is_refused_naming_config_json(vit_fixture, tmp_path):
+    d = _folder(tmp_path / "img60", vit_fixture, _config(vit_fixture, image_size=60))
+    with pytest.raises(ValueError, match=r"img60/config\.json: config: image_size 60 is not a multiple of "
+                                         r"patch_size 14.*e\.g\. 56"):
+        internvit.load_model(d)
+
+
+# ---- F9: QLLaMA fields the text tower does not implement are refused ----------------------------------------------
+@pytest.mark.parametrize("field,value", [("rope_scaling", {"type": "linear", "factor": 4.0}), ("hidden_act", "gelu"),
+                                         ("num_key_value_heads", 2), ("attention_bias", True), ("mlp_bias", True),
+                                         ("head_dim", 8)])
+def test_unsupported_qllama_fields_are_refused(internvl_fixture, field, value):
+    c = _config(internvl_fixture)
+    c["qllama_config"] = dict(c["qllama_config"], **{field: value})
+    with pytest.raises(ValueError, match=rf"config: qllama_config\.{field} .* is not supported"):
+        get_config(c)
