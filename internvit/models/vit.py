@@ -90,6 +90,10 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, new_hw: tuple[int, int],
     return torch.cat([cls_row, grid], dim=1)
 
 
+#: the pixel dtypes the model takes (anything else is not normalised pixels: refused, not cast)
+PIXEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 class Embeddings(nn.Module):
     def __init__(self, config: InternViTConfig) -> None:
         super().__init__()
@@ -102,6 +106,12 @@ class Embeddings(nn.Module):
         self.position_embedding = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1] + 1, c))
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Raises ``TypeError`` for pixels that are not float16 / bfloat16 / float32 / float64 (e.g. the uint8 of
+        ``torchvision.io.read_image``: not normalised) and ``ValueError`` for a shape the patches do not tile."""
+        if pixel_values.dtype not in PIXEL_DTYPES:
+            raise TypeError(f"pixel_values of dtype {str(pixel_values.dtype).replace('torch.', '')}: expected "
+                            f"normalised floating-point pixels (float16, bfloat16, float32 or float64), e.g. from "
+                            f"internvit.build_transform(model.config)")
         h, wd, p = pixel_values.shape[-2], pixel_values.shape[-1], self.patch_size
         channels = self.patch_embedding.in_channels
         if pixel_values.dim() != 4 or pixel_values.shape[1] != channels or h % p or wd % p or h < p or wd < p:
@@ -456,7 +466,8 @@ class InternViT(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False) -> InternViTOutput:
         """``pixel_values`` ``(B, 3, H, W)`` float, normalised, H and W multiples of the patch size (any size:
-        position embeddings are interpolated); else ``ValueError`` (the convolution would drop the border).
+        position embeddings are interpolated); else ``ValueError`` (the convolution would drop the border);
+        ``TypeError`` for integer / bool / other non-float16-to-float64 pixels (use ``build_transform``).
         Returns tokens ``(B, 1 + H/p * W/p, C)`` (class token first), the pooled class token and, with
         ``output_hidden_states``, the embeddings and every block's output."""
         x, _ = self.embeddings(pixel_values)

@@ -220,3 +220,12 @@ def test_unsupported_qllama_fields_are_refused(internvl_fixture, field, value):
     c["qllama_config"] = dict(c["qllama_config"], **{field: value})
     with pytest.raises(ValueError, match=rf"config: qllama_config\.{field} .* is not supported"):
         get_config(c)
+
+
+# ---- F10: pixels must be floating point -------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.bool, torch.int64])
+def test_integer_or_bool_pixels_are_a_type_error(dtype):
+    m = internvit.load_model("internvit-6b-tiny")
+    with pytest.raises(TypeError, match=rf"pixel_values of dtype {str(dtype)[6:]}.*build_transform"):
+        m(torch.ones(1, 3, 56, 56, dtype=dtype))
+    assert m(torch.ones(1, 3, 56, 56, dtype=torch.float64)).last_hidden_state.dtype == torch.float32
