@@ -359,6 +359,7 @@ class TensorSource(Mapping):
     def __init__(self) -> None:
         self._where: dict[str, Callable[[], torch.Tensor]] = {}
         self._shapes: dict[str, tuple] = {}
+        self._dtypes: dict[str, torch.dtype] = {}
         self._file_of: dict[str, str] = {}
         self.files: list[str] = []
 
@@ -377,6 +378,10 @@ class TensorSource(Mapping):
     def shape(self, key: str) -> tuple:
         return self._shapes[key]
 
+    def dtype(self, key: str) -> torch.dtype:
+        """The stored dtype of ``key`` (read from the file's header / pickle: no tensor data is read)."""
+        return self._dtypes[key]
+
     def rekey(self, mapping: Mapping[str, str]) -> "TensorSource":
         """A view with keys renamed (``mapping`` old → new); keys not in ``mapping`` are dropped."""
         out = TensorSource()
@@ -384,6 +389,7 @@ class TensorSource(Mapping):
         for old, new in mapping.items():
             out._where[new] = self._where[old]
             out._shapes[new] = self._shapes[old]
+            out._dtypes[new] = self._dtypes[old]
         return out
 
     @classmethod
@@ -393,6 +399,7 @@ class TensorSource(Mapping):
             if isinstance(v, torch.Tensor):
                 out._where[k] = (lambda v=v: v)
                 out._shapes[k] = tuple(v.shape)
+                out._dtypes[k] = v.dtype
         return out
 
     def _claim(self, key: str, path: str) -> None:
@@ -418,6 +425,7 @@ class TensorSource(Mapping):
             else:  # not mapped, or an offset the dtype cannot start at (the format does not promise alignment)
                 self._where[k] = (lambda info=info: read_safetensors_tensor(path, data_start, info, drop_behind))
             self._shapes[k] = tuple(info["shape"])
+            self._dtypes[k] = info["torch_dtype"]
         self.files.append(path)
 
     def _add_torch(self, path: str, mmap: bool = False, drop_behind: bool = False) -> None:
@@ -433,6 +441,7 @@ class TensorSource(Mapping):
                 self._where[k] = (lambda v=v: owned_copy(v, mapped, path, drop_behind)) if in_map and not mmap \
                     else (lambda v=v: v)
                 self._shapes[k] = tuple(v.shape)
+                self._dtypes[k] = v.dtype
         self.files.append(path)
 
 
@@ -540,6 +549,8 @@ class LoadReport:
     ignored: list[str] = field(default_factory=list)
     resized: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
+    #: resized key → (checkpoint's grid side, model's grid side)
+    grids: dict[str, tuple] = field(default_factory=dict)
 
     def summary(self) -> str:
         parts = [f"family={self.family}"]

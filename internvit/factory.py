@@ -5,6 +5,7 @@ import fnmatch
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 from typing import Optional, Sequence, Union
@@ -26,8 +27,11 @@ from .config import (
     ConfigLike,
     InternViTConfig,
     InternVLConfig,
+    _canon,
+    check_sizes,
     get_config,
     is_preset,
+    read_config_json,
 )
 from .fileio import atomic_write, save_safetensors
 from .models.vit import InternViT, interpolate_pos_embed
@@ -47,18 +51,43 @@ def _model_class(config):
 
 
 def preset_seed(name: str) -> int:
-    """The fixed seed a preset's random weights are drawn with (from its name: the same in every process)."""
+    """The fixed seed a preset's random weights are drawn with (from its canonical name: the same in every process
+    and for every accepted spelling of the preset, e.g. ``InternViT-6B-tiny`` and ``internvit_6b_tiny``)."""
+    name = _canon(name) if is_preset(name) else name
     return int.from_bytes(hashlib.sha256(f"internvit-preset:{name}".encode("utf-8")).digest()[:4], "little") >> 1
 
 
+#: the dtypes a model is loaded in (``load_model``'s ``dtype``; strings as the FeatureExtractor spells them)
+MODEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def model_dtype(dtype: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
+    """``dtype`` as a ``torch.dtype`` (``None`` stays ``None``): a string as :func:`internvit.features.parse_dtype`
+    reads it (``'bf16'``, ``'fp32'``, ...; ``ValueError`` for another). Raises ``TypeError`` naming ``dtype`` and
+    the allowed values for anything else, e.g. an integer, bool, complex or float8 dtype (the model cannot run
+    in it)."""
+    from .features import DTYPES, parse_dtype
+
+    if dtype is None:
+        return None
+    parsed = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    if parsed not in MODEL_DTYPES:
+        allowed = ", ".join([*map(str, MODEL_DTYPES), *map(repr, DTYPES), "None"])
+        raise TypeError(f"dtype must be one of {allowed}; got {dtype!r}")
+    return parsed
+
+
 def build_model(config: ConfigLike, *, device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.float32, init: bool = True, seed: Optional[int] = None) -> nn.Module:
+                dtype: Union[str, torch.dtype] = torch.float32, init: bool = True,
+                seed: Optional[int] = None) -> nn.Module:
     """A randomly initialised model for a preset / dict / ``config.json`` (``init=False`` skips init).
 
     ``seed``: draw the weights from ``torch.manual_seed(seed)`` on a forked RNG (the global RNG state is left
     untouched). A preset name defaults to :func:`preset_seed` of the name, so a preset gives the same weights
-    in every process; other configs default to ``None`` (the global RNG).
+    in every process; other configs default to ``None`` (the global RNG). ``dtype``: as :func:`model_dtype`
+    reads it (``TypeError`` / ``ValueError`` for one the model cannot run in).
     """
+    dtype = model_dtype(dtype) or torch.float32
     if seed is None and isinstance(config, str) and is_preset(config) and not os.path.exists(config):
         seed = preset_seed(config)
     cfg = get_config(config)
@@ -138,11 +167,84 @@ def _pos_embed_resizer(model: nn.Module, key: str):
     return resize
 
 
+def _raw_config(config: ConfigLike) -> Optional[dict]:
+    """The ``config.json`` mapping behind ``config`` (a dict, a path or a folder holding one); ``None`` for a preset,
+    a config object or an unreadable file (:func:`get_config` names that)."""
+    if isinstance(config, dict):
+        return config
+    if isinstance(config, (str, os.PathLike)) and not is_preset(str(config)):
+        path = os.path.join(config, "config.json") if os.path.isdir(config) else os.fspath(config)
+        try:
+            return read_config_json(path)
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+            return None
+    return None
+
+
+def _config_torch_dtype(raw: Optional[dict]) -> Optional[torch.dtype]:
+    """The ``torch_dtype`` (or, newer ``transformers``, ``dtype``) a ``config.json`` records, if it names one."""
+    for where in (raw or {}, (raw or {}).get("vision_config") or {}):
+        value = where.get("torch_dtype", where.get("dtype")) if isinstance(where, dict) else None
+        if isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype):
+            return getattr(torch, value)
+    return None
+
+
+def _checkpoint_dtype(source: TensorSource, preferred: Optional[torch.dtype], origin: str) -> Optional[torch.dtype]:
+    """The one dtype a model loaded with ``dtype=None`` gets: ``preferred`` (the config's ``torch_dtype``) when
+    the checkpoint holds floating tensors of it, else the floating dtype holding the most elements. A checkpoint
+    that mixes floating dtypes is logged (WARNING) with the dtype chosen."""
+    sizes: dict[torch.dtype, int] = {}
+    for k in source:
+        dt = source.dtype(k)
+        if dt.is_floating_point:
+            sizes[dt] = sizes.get(dt, 0) + math.prod(source.shape(k))
+    if not sizes:
+        return None
+    chosen = preferred if preferred in sizes else max(sizes, key=lambda d: sizes[d])
+    if len(sizes) > 1:
+        why = "the config's torch_dtype" if chosen == preferred else "the dtype of most of the weights"
+        logger.warning("%s: the checkpoint mixes %s weights: loaded as %s (%s), one dtype for the whole model; "
+                       "pass dtype= to choose another", origin, ", ".join(str(d).replace("torch.", "")
+                                                                          for d in sorted(sizes, key=str)),
+                       str(chosen).replace("torch.", ""), why)
+    return chosen
+
+
+def _grid_of(rows: int) -> Optional[int]:
+    """The side of a square position grid of ``rows`` rows (a class row included), or ``None``."""
+    side = math.isqrt(max(rows - 1, 0))
+    return side if side > 0 and side * side == rows - 1 else None
+
+
+def _image_size_from_checkpoint(cfg, raw: Optional[dict], source: TensorSource, mapping: dict, origin: str) -> None:
+    """A ``config.json`` without ``image_size`` (and without ``force_image_size``): take it from the checkpoint's
+    position table (its grid times ``patch_size``: read off the shape, nothing allocated), else keep the
+    default and warn."""
+    if raw is None or raw.get("force_image_size"):
+        return
+    vision_raw = raw.get("vision_config") if isinstance(raw.get("vision_config"), dict) else raw
+    if "image_size" in vision_raw:
+        return
+    vision = cfg.vision_config if isinstance(cfg, InternVLConfig) else cfg
+    table = next((ck for ck, k in mapping.items() if k.endswith("embeddings.position_embedding")), None)
+    shape = source.shape(table) if table is not None else ()
+    side = _grid_of(shape[1]) if len(shape) == 3 else None
+    if side is None or side * vision.patch_size == vision.image_size:
+        if side is None:
+            logger.warning("%s: config.json has no image_size and the checkpoint's position table does not give "
+                           "one: using the default %d", origin, vision.image_size)
+        return
+    vision.image_size = side * vision.patch_size
+    check_sizes(vision)
+    vision.check_grid()
+
+
 def load_model(
     source: SourceLike,
     config: ConfigLike = None,
     *,
-    dtype: Optional[torch.dtype] = torch.float32,
+    dtype: Union[str, torch.dtype, None] = torch.float32,
     device: str | torch.device = "cpu",
     freeze: bool = False,
     mmap: bool = False,
@@ -155,8 +257,18 @@ def load_model(
     preset name (random weights). A checkpoint that does not match raises :class:`CheckpointError` naming
     the missing, unexpected and mis-shaped keys; known extra heads are logged, not fatal. A weight file
     holding a text tower (``internvl_c_13b_224px.pth``, InternVL-14B weights) gives an InternVL model.
-    ``dtype=None`` keeps the dtypes stored in the checkpoint. A preset's random weights are drawn with
-    :func:`preset_seed` of its name (the same in every process; the global RNG is left untouched).
+    ``dtype``: a floating dtype or its name as the FeatureExtractor spells it (``'bf16'``, ``'fp32'``, ...; see
+    :func:`model_dtype`: ``TypeError`` for an integer, bool, complex or float8 dtype, ``ValueError`` for an
+    unknown name). ``dtype=None`` gives the model one dtype read from the checkpoint: the config's
+    ``torch_dtype`` when the checkpoint holds it, else the floating dtype of most of its weights (a checkpoint
+    that mixes floating dtypes is cast to it, with a warning). A preset's random weights are drawn with
+    :func:`preset_seed` of its canonical name (the same in every process and for every accepted spelling; the
+    global RNG is left untouched), and ``name_or_path`` is that canonical name.
+
+    A ``config.json`` without ``image_size`` takes it from the checkpoint's position table. A position table whose
+    grid differs from the config's is resized (bicubic) to the config's grid, with a warning naming both grids;
+    a config whose grid is not a whole number of patches or too large (``InternViTConfig.check_grid``) is a
+    ``ValueError`` naming its ``config.json``.
 
     ``mmap=False`` (default) copies every weight into the model's own memory: the files may change or go away
     afterwards. ``mmap=True`` makes the weights that need no cast or move views of private (copy-on-write)
@@ -167,12 +279,13 @@ def load_model(
     src = os.fspath(source) if isinstance(source, os.PathLike) else source
     if not isinstance(src, str):
         raise TypeError(f"source must be a path or preset name, got {type(source).__name__}")
+    dtype = model_dtype(dtype)
     if not os.path.exists(src):
         if is_preset(src):
             model = build_model(config if config is not None else src, device=device,
                                 dtype=dtype or torch.float32, seed=preset_seed(src))
             model.load_report = LoadReport(family="random-init")
-            model.name_or_path = src
+            model.name_or_path = _canon(src)
             return model.freeze() if freeze else model
         raise FileNotFoundError(f"{src}: no such file or directory, and not a preset name")
 
@@ -186,22 +299,35 @@ def load_model(
         raise CheckpointError(f"{src}: unknown weight file type (expected {', '.join(WEIGHT_SUFFIXES)})")
 
     tensors = open_weights(src, mmap=mmap)
+    raw = _raw_config(config)
     try:
         cfg = get_config(config) if config is not None else infer_config(tensors)
         cls = _model_class(cfg)
         mapping, family, ignored = cls.checkpoint_key_map(tensors.keys())
     except CheckpointError as e:  # every message names the file
         raise (e if src in str(e) else CheckpointError(f"{src}: {e}")) from None
+    cfg_origin = os.path.join(config, "config.json") if isinstance(config, (str, os.PathLike)) \
+        and os.path.isdir(config) else config if isinstance(config, (str, os.PathLike)) else src
+    _image_size_from_checkpoint(cfg, raw, tensors, mapping, os.fspath(cfg_origin))
     with torch.device("meta"):
         model = cls(cfg)
     pos_keys = [k for k in model.state_dict() if k.endswith("embeddings.position_embedding")]
-    resized = load_into(model, tensors.rekey(mapping), dtype=dtype, device=device,
+    source = tensors.rekey(mapping)
+    if dtype is None:
+        dtype = _checkpoint_dtype(source, _config_torch_dtype(raw), src)
+    resized = load_into(model, source, dtype=dtype, device=device,
                         resizers={k: _pos_embed_resizer(model, k) for k in pos_keys}, origin=src)
     materialize_meta(model, device)
-    report = LoadReport(family=family, ignored=ignored, resized=resized, files=tensors.files)
+    grids = {k: (_grid_of(source.shape(k)[1]), _grid_of(model.state_dict()[k].shape[1])) for k in resized}
+    report = LoadReport(family=family, ignored=ignored, resized=resized, files=tensors.files, grids=grids)
     model.load_report = report
     model.name_or_path = src
-    if ignored or resized:
+    for k, (old, new) in grids.items():
+        vision = cfg.vision_config if isinstance(cfg, InternVLConfig) else cfg
+        logger.warning("%s: the checkpoint's position table (%s) is a %d x %d grid, the config's (image_size %d / "
+                       "patch_size %d) a %d x %d grid: resized (bicubic) to the config's", src, k, old, old,
+                       vision.image_size, vision.patch_size, new, new)
+    if ignored:
         logger.info("%s: %s", src, report.summary())
     model.eval()
     return model.freeze() if freeze else model
@@ -298,8 +424,10 @@ def convert_checkpoint(src: SourceLike, dst: SourceLike, *, to: str = "hf", conf
     ``to='hf'`` writes a Hugging Face directory (``config.json`` + safetensors, :func:`save_model`);
     ``to='original'`` writes the original InternVL family (``cls_token``, ``blocks.N.*``, ``ls1.gamma``) as
     ``{'module': state_dict}`` to a ``.pth`` file (or a flat ``.safetensors`` file); a ``dst`` without a
-    weight-file suffix is a ``ValueError``, and a weight holding NaN / inf a :class:`CheckpointError` naming it.
-    Written atomically. An existing ``dst`` is replaced only with ``overwrite=True`` (else ``FileExistsError``).
+    weight-file suffix is a ``ValueError``, and a weight holding NaN / inf a :class:`CheckpointError` naming it,
+    as is a ``config`` whose grid differs from the checkpoint's position table (converting would resample the
+    table; the conversion renames keys and keeps every weight as stored). Written atomically. An existing
+    ``dst`` is replaced only with ``overwrite=True`` (else ``FileExistsError``).
     """
     from .checkpoints import WEIGHT_SUFFIXES, hf_to_original_key, strip_module_prefix
 
@@ -308,9 +436,14 @@ def convert_checkpoint(src: SourceLike, dst: SourceLike, *, to: str = "hf", conf
     if to == "original" and not os.fspath(dst).lower().endswith(WEIGHT_SUFFIXES):  # load_model reads the suffix
         raise ValueError(f"{os.fspath(dst)}: the destination needs a weight-file suffix "
                          f"({', '.join(WEIGHT_SUFFIXES)}), or it cannot be loaded back")
-    model = load_model(src, config, dtype=None)  # keep the stored dtypes (16-bit releases stay 16-bit)
+    model = load_model(src, config, dtype=None)  # keep the stored dtype (16-bit releases stay 16-bit)
     if not isinstance(model, InternViT):
         raise CheckpointError(f"{src}: only vision (InternViT) checkpoints can be converted between families")
+    for old, new in model.load_report.grids.values():  # a conversion renames keys: it never resamples weights
+        raise CheckpointError(f"{src}: the checkpoint's position table is a {old} x {old} grid, the config's "
+                              f"image_size {model.config.image_size} asks for {new} x {new}: converting would "
+                              f"resample it and nothing was written; pass a --config (config=) whose image_size is "
+                              f"{old * model.config.patch_size}")
     for name, t in model.state_dict().items():  # a converted copy must not carry a damaged weight on silently
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise CheckpointError(f"{src}: {name} holds NaN or infinite values (a damaged or diverged "

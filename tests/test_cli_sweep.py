@@ -128,6 +128,7 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("blank_out", _with(EXTRACT, out=" ")),
         ("config_with_a_preset_model", [*EXTRACT, "--config", "internvit-300m-tiny"]),
         ("max_image_pixels_negative", [*EXTRACT, "--max-image-pixels", "-1"]),
+        ("config_position_grid_too_large", _with(EXTRACT, model="{W}/model_bomb")),
         *[(n, [*EXTRACT, *a]) for n, a in DEVICE_CASES + NO_CUDA_CASES],
     ],
     "zeroshot_eval": [
@@ -274,6 +275,8 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("nan_weights", ["to-hf", "{W}/nan_weights.pth", "{out}", "--config", "internvit-6b-tiny"]),
         ("integer_weights", ["to-original", "{W}/int_weights.pth", "{out}.pth", "--config", "internvit-6b-tiny"]),
         ("mmseg0x_src_a_folder", ["mmseg0x", "{W}/model", "{out}.pth"]),
+        ("config_position_grid_too_large", ["to-hf", "{W}/model_bomb", "{out}"]),
+        ("config_grid_differs_from_the_weights", ["to-hf", "{W}/model", "{out}", "--config", "{W}/cfg448.json"]),
     ],
     "train": [
         ("missing_config", ["{W}/nope.py", "--work-dir", "{out}"]),
@@ -461,6 +464,12 @@ def W(tmp_path_factory) -> str:  # noqa: N802 - the placeholder's name
     # weights: a saved tiny model, a truncated copy, a truncated .pth, another model's checkpoint
     model = internvit.build_model("internvit-6b-tiny")
     internvit.save_model(model, f"{w}/model")
+    # configs asking for a 16384 x 16384 position grid (refused: not allocated) and for another grid than the weights'
+    shutil.copytree(f"{w}/model", f"{w}/model_bomb")
+    with open(f"{w}/model_bomb/config.json", "w") as f:
+        json.dump(dict(model.config.to_dict(), image_size=16384, patch_size=1), f)
+    with open(f"{w}/cfg448.json", "w") as f:
+        json.dump(dict(model.config.to_dict(), image_size=448), f)
     shutil.copytree(f"{w}/model", f"{w}/model_trunc")
     for name in os.listdir(f"{w}/model_trunc"):
         if name.endswith(".safetensors"):

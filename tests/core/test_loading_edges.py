@@ -229,3 +229,77 @@ def test_integer_or_bool_pixels_are_a_type_error(dtype):
     with pytest.raises(TypeError, match=rf"pixel_values of dtype {str(dtype)[6:]}.*build_transform"):
         m(torch.ones(1, 3, 56, 56, dtype=dtype))
     assert m(torch.ones(1, 3, 56, 56, dtype=torch.float64)).last_hidden_state.dtype == torch.float32
+
+
+# ---- F2: dtype=None gives one dtype ---------------------------------------------------------------------------
+def _mixed(vit_fixture, tmp_path, **config):
+    sd = load_file(os.path.join(vit_fixture, "model.safetensors"))
+    mixed = {k: (v if k.endswith(("ls1", "ls2")) else v.bfloat16()) for k, v in sd.items()}
+    return _folder(tmp_path / "mixed", vit_fixture, _config(vit_fixture, **config), mixed)
+
+
+def test_mixed_dtype_checkpoint_loads_as_one_dtype_and_runs(vit_fixture, tmp_path, caplog):
+    d = _mixed(vit_fixture, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="internvit"):
+        m = internvit.load_model(d, dtype=None)
+    assert {p.dtype for p in m.parameters()} == {torch.bfloat16}  # the dtype holding most elements
+    assert m(torch.randn(1, 3, 56, 56).to(m.dtype)).last_hidden_state.dtype == torch.bfloat16
+    msg = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "bfloat16, float32" in msg and "loaded as bfloat16" in msg and "dtype=" in msg
+
+
+def test_mixed_dtype_checkpoint_takes_the_config_torch_dtype(vit_fixture, tmp_path):
+    m = internvit.load_model(_mixed(vit_fixture, tmp_path, torch_dtype="float32"), dtype=None)
+    assert {p.dtype for p in m.parameters()} == {torch.float32}
+
+
+# ---- F6: every spelling of a preset is the same model ---------------------------------------------------------
+def test_preset_spellings_give_the_same_weights_and_name():
+    ref = internvit.load_model("internvit-6b-tiny")
+    for name in ("InternViT-6B-tiny", "internvit_6b_tiny", " internvit-6b-tiny"):
+        m = internvit.load_model(name)
+        assert torch.equal(m.embeddings.class_embedding, ref.embeddings.class_embedding), name
+        assert m.name_or_path == "internvit-6b-tiny"
+    b = internvit.build_model("InternViT-6B-tiny")
+    assert torch.equal(b.embeddings.class_embedding, ref.embeddings.class_embedding)
+
+
+# ---- F8: a resized position table is visible; the converter refuses to resample; image_size from the table ----
+def test_resized_position_table_is_a_warning_naming_both_grids(vit_fixture, tmp_path, caplog):
+    d = _folder(tmp_path / "m448", vit_fixture, _config(vit_fixture, image_size=448))
+    with caplog.at_level(logging.WARNING, logger="internvit"):
+        internvit.load_model(d)
+    assert any("4 x 4" in r.getMessage() and "32 x 32" in r.getMessage() for r in caplog.records
+               if r.levelno == logging.WARNING)
+
+
+def test_convert_refuses_to_resample_the_position_table(vit_fixture, tmp_path):
+    cfg = tmp_path / "cfg448.json"
+    cfg.write_text(json.dumps(_config(vit_fixture, image_size=448)))
+    with pytest.raises(CheckpointError, match=r"4 x 4 grid.*image_size 448 asks for 32 x 32.*image_size is 56"):
+        convert_checkpoint(os.path.join(vit_fixture, "original_format.pth"), str(tmp_path / "out"),
+                           config=str(cfg))
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_without_image_size_takes_it_from_the_position_table(vit_fixture, tmp_path):
+    c = _config(vit_fixture)
+    c.pop("image_size")
+    m = internvit.load_model(_folder(tmp_path / "noimg", vit_fixture, c))
+    assert m.config.image_size == 56 and not m.load_report.resized
+    exp = load_file(os.path.join(vit_fixture, "expected.safetensors"))
+    with torch.no_grad():
+        out = m(exp["native.pixel_values"]).last_hidden_state
+    assert (out - exp["native.last_hidden_state"]).abs().max().item() < 1e-4
+
+
+# ---- F11: load_model's dtype: the extractor's spellings; nothing the model cannot run in ---------------------------
+def test_load_model_takes_the_extractors_dtype_names(vit_fixture):
+    assert internvit.load_model(vit_fixture, dtype="bf16").dtype == torch.bfloat16
+    assert internvit.load_model("internvit-6b-tiny", dtype="fp16").dtype == torch.float16
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool, torch.complex64, torch.float8_e4m3fn])
+def test_load_model_refuses_dtypes_the_model_cannot_run_in(vit_fixture, dtype):
+    with pytest.raises(TypeError, match=r"dtype must be one of torch\.float32.*'bf16'.*got torch\."):
+        internvit.load_model(vit_fixture, dtype=dtype)
