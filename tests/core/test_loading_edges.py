@@ -303,3 +303,11 @@ def test_load_model_takes_the_extractors_dtype_names(vit_fixture):
 def test_load_model_refuses_dtypes_the_model_cannot_run_in(vit_fixture, dtype):
     with pytest.raises(TypeError, match=r"dtype must be one of torch\.float32.*'bf16'.*got torch\."):
         internvit.load_model(vit_fixture, dtype=dtype)
+
+
+# ---- F7: the EXIF orientation is documented as a difference from the reference readers --------------------------
+@pytest.mark.parametrize("doc", ["docs/features.md", "docs/retrieval.md", "docs/internvl.md"])
+def test_exif_orientation_is_documented(doc):
+    with open(os.path.join(ROOT, doc), encoding="utf-8") as f:
+        text = f.read()
+    assert "EXIF" in text and "InternVL-Chat" in text
