@@ -48,7 +48,7 @@ from internvit.run_checks import (
     name_data_errors,
 )
 from internvit.store import first_missing_dir
-from internvit.train_hooks import RunningStatsSyncHook, StepRandomnessHook
+from internvit.train_hooks import RunningStatsSyncHook, StepRandomnessHook, seed_data_loading
 
 #: what building a runner raises for bad input (configs, checkpoints, model arguments): the tools report these
 #: as one ``error:`` line; anything else, and anything raised once training / testing runs, keeps its traceback
@@ -225,6 +225,8 @@ def _build_dataloaders(runner, names: tuple) -> None:
         loader = getattr(runner, attr, None)
         if isinstance(loader, dict):
             setattr(runner, attr, runner.build_dataloader(loader, seed=runner.seed, diff_rank_seed=diff_rank_seed))
+            if name == "train":  # per-sample seeds, in workers too (before a loop starts them)
+                seed_data_loading(getattr(runner, attr), runner.seed)
 
 
 def _is_local(path: str) -> bool:

@@ -13,17 +13,24 @@ resumed run ends where an uninterrupted one does.
   resumed from ``iter_6.pth`` drew other dropout masks than the uninterrupted run from iteration 7 on and ended
   with other weights (mIoU 14.16 instead of 11.48 on the toy UperNet). Derived seeds make every step's
   randomness a function of where it is in the schedule: a resumed run repeats the uninterrupted one exactly.
+* :func:`seed_data_loading` — the random numbers a training sample's loading draws (random crops, flips, a
+  retrieval dataset's ITM negative), in a DataLoader worker or not, come from generators seeded by
+  ``(seed, epoch, position in the epoch, index)`` for each sample. mmengine seeds a worker once, when it starts,
+  with ``seed + worker_id``: a persistent worker carried epoch 1's generator state into epoch 2 while a resumed
+  run started a fresh one there with epoch 1's seed (another model after ``--resume``), and non-persistent
+  workers repeated epoch 1's random stream in every epoch. Per-sample seeds also make the result independent
+  of ``num_workers``.
 """
 from __future__ import annotations
 
 import random
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
 from mmengine.hooks import Hook
 
-__all__ = ["RunningStatsSyncHook", "StepRandomnessHook", "step_seed"]
+__all__ = ["RunningStatsSyncHook", "StepRandomnessHook", "step_seed", "seed_data_loading"]
 
 
 def _world_size() -> int:
@@ -97,6 +104,90 @@ def _seed_all(seed: int) -> None:
     random.seed(seed)
 
 
+class SampleIndex(int):
+    """A dataset index that carries where the sampler yielded it: ``key`` is ``(epoch, position)``, the
+    epoch of the sampler (0 without one) and the index's position in that epoch's order. Behaves as the int."""
+
+    key: tuple = ()
+
+    def __new__(cls, index: int, key: tuple) -> "SampleIndex":
+        obj = super().__new__(cls, index)
+        obj.key = key
+        return obj
+
+    def __reduce__(self):  # sent to the workers with its key
+        return SampleIndex, (int(self), self.key)
+
+
+class KeyedSampler:
+    """Wraps a sampler (a batch sampler's ``sampler``): yields its indices as :class:`SampleIndex` keyed by the
+    wrapped sampler's ``epoch`` (set by mmengine's ``DistSamplerSeedHook`` before the epoch starts) and the
+    position in the epoch. Everything else is the wrapped sampler's."""
+
+    def __init__(self, sampler) -> None:
+        self.sampler = sampler
+
+    def __iter__(self):
+        epoch = getattr(self.sampler, "epoch", 0)
+        epoch = epoch if isinstance(epoch, int) else 0
+        for position, index in enumerate(self.sampler):
+            yield SampleIndex(index, (epoch, position)) if isinstance(index, int) else index
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __getattr__(self, name: str):
+        if name == "sampler":  # not set yet (unpickling)
+            raise AttributeError(name)
+        return getattr(self.sampler, name)
+
+
+class SeededFetch:
+    """The ``__getitems__`` torch's fetcher calls on a dataset (in the worker, or in the main process): loads
+    each sample with the generators (torch, numpy, ``random``) seeded from ``(seed, *index.key, index)``, and
+    gives the process its generators back afterwards."""
+
+    def __init__(self, dataset, seed: int, inner=None) -> None:
+        self.dataset, self.seed, self.inner = dataset, int(seed), inner
+
+    def _load(self, index):
+        return self.inner([index])[0] if self.inner is not None else self.dataset[index]
+
+    def __call__(self, indices):
+        state = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+        try:
+            out = []
+            for index in indices:
+                key = getattr(index, "key", None)
+                if key is not None:
+                    _seed_all(step_seed(self.seed, 3, *key, int(index)))
+                out.append(self._load(int(index) if isinstance(index, int) else index))
+            return out
+        finally:
+            torch.set_rng_state(state[0])
+            np.random.set_state(state[1])
+            random.setstate(state[2])
+
+
+def seed_data_loading(loader, seed: Optional[int]) -> bool:
+    """Make the random numbers each sample's loading draws a function of ``(seed, epoch, position, index)``
+    (see the module docstring): the loader's batch sampler draws from a :class:`KeyedSampler` and its dataset
+    loads through :class:`SeededFetch`. Call it before the loader is first iterated (workers copy the dataset
+    when they start). Returns False (nothing changed) for a loader without a batch sampler of its own
+    sampler, ``seed`` None, or one done already."""
+    from torch.utils.data import DataLoader
+
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    dataset = getattr(loader, "dataset", None)
+    if seed is None or not isinstance(loader, DataLoader) or batch_sampler is None \
+            or not hasattr(batch_sampler, "sampler") or isinstance(batch_sampler.sampler, KeyedSampler):
+        return False
+    inner = getattr(type(dataset), "__getitems__", None)
+    batch_sampler.sampler = KeyedSampler(batch_sampler.sampler)
+    dataset.__getitems__ = SeededFetch(dataset, seed, inner.__get__(dataset) if inner is not None else None)
+    return True
+
+
 class StepRandomnessHook(Hook):
     """Seed the random generators (torch on every device, numpy, ``random``) from ``(seed, iteration)`` for
     each training step and give the data loading its generators back afterwards; at the start of each epoch
@@ -115,6 +206,15 @@ class StepRandomnessHook(Hook):
 
             return (get_rank(), *where)
         return where
+
+    def before_train(self, runner) -> None:
+        """A runner whose train loader was not seeded when it was built (``internvit.runner`` does it then): an
+        epoch-based loop's loader is first iterated after this, so it is seeded here."""
+        from mmengine.runner import EpochBasedTrainLoop
+
+        loop = getattr(runner, "_train_loop", None)
+        if isinstance(loop, EpochBasedTrainLoop):
+            seed_data_loading(loop.dataloader, runner.seed)
 
     def before_train_epoch(self, runner) -> None:
         from mmengine.runner import EpochBasedTrainLoop
