@@ -387,12 +387,44 @@ def check_train_loop(loop, ckpt: Any = None, train_cfg: Optional[dict] = None) -
     if isinstance(interval, (int, float)) and not isinstance(interval, bool) and interval < 1:
         raise ValueError(f"train_cfg.val_interval={interval}: must be 1 or more")
     meta = ckpt.get("meta") if isinstance(ckpt, dict) and isinstance(ckpt.get("meta"), dict) else {}
+    if by_epoch:
+        _check_epoch_boundaries(loop, meta)
     done, end, unit = (meta.get("epoch"), epochs, "epoch") if by_epoch else (meta.get("iter"), iters, "iteration")
     # at the end exactly: a run killed after its last checkpoint (before its best checkpoint or clean-up) is
     # resumed to finish; beyond it, the config was changed and nothing would be trained
     if isinstance(done, int) and isinstance(end, int) and done > end:
         raise ValueError(f"the checkpoint to resume is at {unit} {done} and the config trains to {unit} {end}: "
                          f"nothing left to train (raise train_cfg.max_{unit.replace('iteration', 'iter')}s)")
+
+
+def _check_epoch_boundaries(loop, meta: dict) -> None:
+    """An epoch-based loop resumes only from an epoch boundary: mmengine's ``EpochBasedTrainLoop`` restarts the
+    epoch of a checkpoint saved inside it (its first batches trained twice, the schedule run past its end, the
+    last checkpoint not the final weights). Refuse such a checkpoint to resume (its ``meta`` iteration is not
+    ``epoch x`` the epoch's length), and a checkpoint hook that saves by iteration (``by_epoch=False``: even at
+    an epoch's last iteration its checkpoint records the epoch as not finished). Raises ``ValueError``."""
+    try:
+        n = len(loop.dataloader)
+    except TypeError:
+        return
+    if n < 1:
+        return
+    for hook in getattr(getattr(loop, "runner", None), "hooks", None) or ():
+        if type(hook).__name__ == "CheckpointHook" and getattr(hook, "by_epoch", True) is False:
+            raise ValueError(f"default_hooks.checkpoint.by_epoch=False: checkpoints saved every "
+                             f"{getattr(hook, 'interval', '?')} iterations of an epoch-based loop cannot be resumed "
+                             f"exactly (mmengine's EpochBasedTrainLoop restarts the epoch of such a checkpoint: its "
+                             f"first batches trained twice, the schedule run past its end); save per epoch "
+                             f"(by_epoch=True), or train with an iteration-based loop "
+                             f"(train_cfg=dict(type='IterBasedTrainLoop', max_iters=...))")
+    epoch, it = meta.get("epoch"), meta.get("iter")
+    if isinstance(epoch, int) and isinstance(it, int) and it != epoch * n:
+        inside = it - epoch * n
+        raise ValueError(f"the checkpoint to resume was saved inside epoch {epoch + 1} (iteration {it}: step "
+                         f"{inside} of {n}): an epoch-based loop resumes only from an epoch boundary (it would "
+                         f"train that epoch's first {inside} batches again and run {inside} steps past the "
+                         f"schedule); resume from an epoch checkpoint (epoch_N.pth), or the batch size / data "
+                         f"changed since it was saved")
 
 
 class NonFiniteError(FloatingPointError):
