@@ -48,7 +48,7 @@ from internvit.run_checks import (
     name_data_errors,
 )
 from internvit.store import first_missing_dir
-from internvit.train_hooks import RunningStatsSyncHook, StepRandomnessHook, seed_data_loading
+from internvit.train_hooks import OwedValidationHook, RunningStatsSyncHook, StepRandomnessHook, seed_data_loading
 
 #: what building a runner raises for bad input (configs, checkpoints, model arguments): the tools report these
 #: as one ``error:`` line; anything else, and anything raised once training / testing runs, keeps its traceback
@@ -209,6 +209,7 @@ def build_runner(cfg, checkpoint: Optional[str] = None, dataloaders: tuple = (),
         runner.register_hook(NonFiniteCheckHook(), priority="ABOVE_NORMAL")  # before a checkpoint is saved
         runner.register_hook(RunningStatsSyncHook())  # distributed: what is validated is what is saved
         runner.register_hook(StepRandomnessHook())  # a resumed run draws the numbers the uninterrupted one drew
+        runner.register_hook(OwedValidationHook())  # resumed after a checkpoint, before its validation: run it
     _scope_checkpoint_loading(runner)
     return runner
 

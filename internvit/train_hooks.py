@@ -20,6 +20,9 @@ resumed run ends where an uninterrupted one does.
   run started a fresh one there with epoch 1's seed (another model after ``--resume``), and non-persistent
   workers repeated epoch 1's random stream in every epoch. Per-sample seeds also make the result independent
   of ``num_workers``.
+* :class:`OwedValidationHook` — a run killed after a step's checkpoint was saved but before that step's
+  validation ran (mmengine saves first) runs the validation when it is resumed, so the metric is reported and
+  ``save_best`` sees it, as in the uninterrupted run.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ import numpy as np
 import torch
 from mmengine.hooks import Hook
 
-__all__ = ["RunningStatsSyncHook", "StepRandomnessHook", "step_seed", "seed_data_loading"]
+__all__ = ["RunningStatsSyncHook", "StepRandomnessHook", "OwedValidationHook", "step_seed", "seed_data_loading"]
 
 
 def _world_size() -> int:
@@ -238,3 +241,50 @@ class StepRandomnessHook(Hook):
         np.random.set_state(np_state)
         random.setstate(py_state)
         self._saved = None
+
+
+def owed_validation(loop, val_loop) -> Optional[str]:
+    """``'iteration N'`` / ``'epoch N'`` when the training ``loop``, just resumed at a step that is not its
+    first, stands where the uninterrupted run validated (the loop's own rule: ``val_begin``, ``val_interval``,
+    the last step) and ``val_loop`` exists: the checkpoint was saved before that validation ran (mmengine's
+    checkpoint hook saves first), so the resumed run owes it. None otherwise."""
+    if val_loop is None or loop is None:
+        return None
+    by_epoch = "Epoch" in type(loop).__name__
+    done = getattr(loop, "_epoch" if by_epoch else "_iter", 0)
+    end = getattr(loop, "_max_epochs" if by_epoch else "_max_iters", None)
+    interval, begin = getattr(loop, "val_interval", None), getattr(loop, "val_begin", 1)
+    if not isinstance(done, int) or done < 1 or not isinstance(interval, int) or interval < 1:
+        return None
+    if by_epoch and getattr(loop, "_iter", 0) != done * _epoch_length(loop):
+        return None  # inside an epoch: no validation was due there
+    if done >= begin and (done % interval == 0 or done == end):
+        return f"{'epoch' if by_epoch else 'iteration'} {done}"
+    return None
+
+
+def _epoch_length(loop) -> int:
+    try:
+        return len(loop.dataloader)
+    except TypeError:
+        return -1
+
+
+class OwedValidationHook(Hook):
+    """Run, when a resumed run starts, the validation that the interrupted run owed at its checkpoint's step
+    (:func:`owed_validation`): the checkpoint of a validation step is written before that validation runs, so
+    a kill in between (the final validation over the whole val set is the slowest part of a run) left no metric
+    and ``save_best`` kept an older best; the resumed run continued (or finished) without it. When the killed
+    run had validated already, the validation runs again on the same weights (the same metric)."""
+
+    priority = "LOWEST"  # after every other hook's before_train (the resume is done: runner.iter is restored)
+
+    def before_train(self, runner) -> None:
+        if not getattr(runner, "_resume", False):
+            return
+        where = owed_validation(getattr(runner, "_train_loop", None), getattr(runner, "val_loop", None))
+        if where is None:
+            return
+        runner.logger.info(f"resumed at {where}, whose checkpoint was saved before its validation: validating now")
+        runner.val_loop.run()
+        runner.model.train()

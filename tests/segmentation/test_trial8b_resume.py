@@ -1,0 +1,82 @@
+"""Findings of newcomer trial 8b (training and its crash-safe resume), toy segmentation: the validation a run
+owed when it was killed after a checkpoint (F6), NaN weights from a finite loss (F8), the few-shot subset on a
+resume (F7) and a subset that rounds to no image (F13)."""
+import glob
+import os
+import shutil
+
+import pytest
+from mmengine.hooks import Hook
+
+import segmentation  # noqa: F401  (applies internvit.compat and registers the plugin)
+
+from .conftest import TOY_LINEAR, toy_options
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    from segmentation.toy_data import make_toy_seg_dataset
+
+    return make_toy_seg_dataset(str(tmp_path_factory.mktemp("toy8b") / "toy_seg"), num_train=8, num_val=2)
+
+
+def _opts(data: str, work_dir: str, **extra) -> dict:
+    return toy_options(data, work_dir, **{"train_dataloader.batch_size": 2, "train_cfg.max_iters": 4,
+                                          "train_cfg.val_interval": 2, "default_hooks.checkpoint.interval": 2,
+                                          "default_hooks.checkpoint.save_best": "mIoU",
+                                          "default_hooks.checkpoint.rule": "greater", **extra})
+
+
+def _validated(work_dir: str) -> list:
+    """The mIoU lines of the newest run log of ``work_dir``."""
+    log = sorted(glob.glob(os.path.join(work_dir, "2*", "2*.log")))[-1]
+    with open(log) as f:
+        return [line.split("mIoU:")[1].split()[0] for line in f if "Iter(val)" in line and "mIoU:" in line]
+
+
+class _KeepCheckpointsAsSaved(Hook):
+    """Copies each ``iter_N.pth`` as the checkpoint hook first writes it (before that step's validation, after
+    which mmengine rewrites it when the validation found a new best): what a run killed then leaves."""
+
+    priority = "LOWEST"
+
+    def __init__(self, dest: str) -> None:
+        self.dest = dest
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        path = os.path.join(runner.work_dir, f"iter_{runner.iter + 1}.pth")
+        if os.path.isfile(path):
+            shutil.copy(path, self.dest)
+
+
+@pytest.fixture(scope="module")
+def full_run(small_data, tmp_path_factory):
+    from internvit.runner import build_train_runner
+
+    work, saved = str(tmp_path_factory.mktemp("full8b")), str(tmp_path_factory.mktemp("saved8b"))
+    runner = build_train_runner(TOY_LINEAR, work_dir=work, cfg_options=_opts(small_data, work))
+    runner.register_hook(_KeepCheckpointsAsSaved(saved))
+    runner.train()
+    return work, saved
+
+
+def _killed_after(saved: str, step: int, dest: str) -> str:
+    """A work dir as a run killed once ``iter_<step>.pth`` was saved, before that step's validation, leaves it."""
+    os.makedirs(dest)
+    shutil.copy(os.path.join(saved, f"iter_{step}.pth"), dest)
+    with open(os.path.join(dest, "last_checkpoint"), "w") as f:
+        f.write(os.path.join(dest, f"iter_{step}.pth"))
+    return dest
+
+
+@pytest.mark.parametrize("step", [4, 2])
+def test_resume_runs_the_validation_the_killed_run_owed(full_run, small_data, tmp_path, step):
+    from internvit.runner import train
+
+    full_run, saved = full_run
+    work = _killed_after(saved, step, str(tmp_path / "w"))
+    train(TOY_LINEAR, work_dir=work, resume="auto", cfg_options=_opts(small_data, work))
+    expected = _validated(full_run)  # steps 2 and 4
+    assert _validated(work) == expected[-(4 - step) // 2 - 1:]  # the owed validation, then the later ones
+    best = [os.path.basename(p) for p in glob.glob(os.path.join(full_run, "best_mIoU_*.pth"))]
+    assert [os.path.basename(p) for p in glob.glob(os.path.join(work, "best_mIoU_*.pth"))] == best
