@@ -18,7 +18,8 @@ from mmengine.hooks import Hook
 
 __all__ = ["check_fits", "check_classes", "check_same_classes", "class_list", "dataset_class_names",
            "check_output_path", "check_unique_names", "check_data_files", "name_data_errors", "NamedLoadErrors",
-           "check_option_keys", "check_train_loop", "check_evaluator", "NonFiniteError", "NonFiniteCheckHook"]
+           "check_option_keys", "check_train_loop", "check_learning_rates", "check_evaluator", "NonFiniteError",
+           "NonFiniteCheckHook"]
 
 #: the keys of an mmengine dataset entry that name a file the pipeline reads (image, label map)
 DATA_FILE_KEYS = ("img_path", "seg_map_path")
@@ -386,6 +387,7 @@ def check_train_loop(loop, ckpt: Any = None, train_cfg: Optional[dict] = None) -
     interval = getattr(loop, "val_interval", 1)
     if isinstance(interval, (int, float)) and not isinstance(interval, bool) and interval < 1:
         raise ValueError(f"train_cfg.val_interval={interval}: must be 1 or more")
+    check_learning_rates(getattr(getattr(loop, "runner", None), "optim_wrapper", None), ckpt)
     meta = ckpt.get("meta") if isinstance(ckpt, dict) and isinstance(ckpt.get("meta"), dict) else {}
     if by_epoch:
         _check_epoch_boundaries(loop, meta)
@@ -425,6 +427,34 @@ def _check_epoch_boundaries(loop, meta: dict) -> None:
                          f"train that epoch's first {inside} batches again and run {inside} steps past the "
                          f"schedule); resume from an epoch checkpoint (epoch_N.pth), or the batch size / data "
                          f"changed since it was saved")
+
+
+def _param_groups(optim_wrapper) -> Iterator[tuple[str, dict]]:
+    """``(name, param group)`` of a built optimizer wrapper (or ``OptimWrapperDict``)."""
+    wrappers = getattr(optim_wrapper, "optim_wrappers", None)
+    items = wrappers.items() if isinstance(wrappers, dict) else [("", optim_wrapper)]
+    for name, wrapper in items:
+        for group in getattr(getattr(wrapper, "optimizer", None), "param_groups", None) or ():
+            yield name, group
+
+
+def check_learning_rates(optim_wrapper, ckpt: Any = None) -> None:
+    """Refuse a non-finite learning rate (``lr=inf`` / ``nan``: the first update turns every weight NaN) in the
+    built optimizer wrapper, or in the optimizer state of a checkpoint to resume (mmengine restores its
+    learning rates over the config's). Raises ``ValueError``."""
+    for name, group in _param_groups(optim_wrapper):
+        lr = group.get("lr")
+        if isinstance(lr, (int, float)) and not math.isfinite(lr):
+            where = f"optim_wrapper.{name}.optimizer" if name else "optim_wrapper.optimizer"
+            raise ValueError(f"{where}.lr={lr}: the learning rate must be a finite number")
+    state = ckpt.get("optimizer") if isinstance(ckpt, dict) else None
+    groups = state.get("param_groups") if isinstance(state, dict) else None
+    for group in groups if isinstance(groups, list) else ():
+        lr = group.get("lr") if isinstance(group, dict) else None
+        if isinstance(lr, (int, float)) and not math.isfinite(lr):
+            raise ValueError(f"the checkpoint to resume holds lr={lr} in its optimizer state (which a resume "
+                             f"restores over the config's): it was saved by a diverging run; resume from an "
+                             f"earlier checkpoint, or start anew with load_from= and a finite lr")
 
 
 class NonFiniteError(FloatingPointError):
@@ -495,7 +525,8 @@ def _sample_file(data_batch, index: int, dataset=None) -> str:
 class NonFiniteCheckHook(Hook):
     """Stops a run at the first non-finite value a metric or checkpoint would take in: the training losses
     (the outputs whose name holds ``loss``, every iteration, before the checkpoint hook runs: no checkpoint
-    of NaN weights is written) and every floating output of a validation / test step (``seg_logits``,
+    of NaN weights is written), the weights of every checkpoint before it is written (an update can overflow
+    while the loss before it was finite) and every floating output of a validation / test step (``seg_logits``,
     ``pred_score``: a NaN score argmaxes to class 0 and was scored as a prediction). Raises
     :class:`NonFiniteError`. mmengine's ``CheckInvalidLossHook`` checks only the loss, every 50 iterations,
     with an ``AssertionError``."""
@@ -509,6 +540,20 @@ class NonFiniteCheckHook(Hook):
             raise NonFiniteError(f"training diverged: {bad} is {value} at iteration {runner.iter + 1} (learning "
                                  f"rate too high, or the data or initial weights hold NaN/inf); the run stopped "
                                  f"before saving a checkpoint of it")
+
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        """The weights a checkpoint would hold: an update can turn them non-finite while the loss it was
+        computed from was finite (an infinite gradient or learning rate, an overflow); such a checkpoint would
+        become ``last_checkpoint``, the one ``--resume`` continues from. One check per saved checkpoint."""
+        sd = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+        bad = _non_finite(dict(sd)) if isinstance(sd, dict) else None
+        if bad:
+            meta = checkpoint.get("meta") if isinstance(checkpoint.get("meta"), dict) else {}
+            step = meta.get("iter", runner.iter)
+            raise NonFiniteError(f"training diverged: the weights are not finite (NaN/inf; first: {bad}) after "
+                                 f"iteration {step} (an update overflowed: learning rate too high, or an "
+                                 f"infinite gradient); the run stopped before saving a checkpoint of them: the "
+                                 f"work dir's last checkpoint is the previous one")
 
     def _check_outputs(self, what: str, loop, batch_idx: int, data_batch, outputs) -> None:
         if not isinstance(outputs, (list, tuple)) or _non_finite(outputs) is None:  # one check per batch

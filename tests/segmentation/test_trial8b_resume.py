@@ -80,3 +80,38 @@ def test_resume_runs_the_validation_the_killed_run_owed(full_run, small_data, tm
     assert _validated(work) == expected[-(4 - step) // 2 - 1:]  # the owed validation, then the later ones
     best = [os.path.basename(p) for p in glob.glob(os.path.join(full_run, "best_mIoU_*.pth"))]
     assert [os.path.basename(p) for p in glob.glob(os.path.join(work, "best_mIoU_*.pth"))] == best
+
+
+class _OverflowingUpdate(Hook):
+    """Turns a weight non-finite after the first step, as an overflowing update does (an infinite gradient or
+    learning rate): the loss that step was computed from was finite."""
+
+    priority = "VERY_HIGH"
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        import torch
+
+        with torch.no_grad():
+            next(runner.model.parameters()).fill_(float("inf"))
+
+
+def test_non_finite_weights_are_never_checkpointed(small_data, tmp_path):
+    from internvit.run_checks import NonFiniteError
+    from internvit.runner import build_train_runner
+
+    work = str(tmp_path / "nan")
+    runner = build_train_runner(TOY_LINEAR, work_dir=work, cfg_options=_opts(small_data, work, **{
+        "default_hooks.checkpoint.interval": 1, "default_hooks.checkpoint.save_best": None}))
+    runner.register_hook(_OverflowingUpdate())
+    with pytest.raises(NonFiniteError, match=r"weights are not finite .* after iteration 1 .*stopped before saving"):
+        runner.train()
+    assert not glob.glob(os.path.join(work, "*.pth")) and not os.path.exists(os.path.join(work, "last_checkpoint"))
+
+
+def test_a_non_finite_learning_rate_is_refused_at_set_up(small_data, tmp_path):
+    from internvit.runner import build_train_runner
+
+    work = str(tmp_path / "lr")  # (lr=nan: torch's own 'Invalid learning rate: nan')
+    with pytest.raises(ValueError, match=r"^optim_wrapper.optimizer.lr=inf: the learning rate must be a finite"):
+        build_train_runner(TOY_LINEAR, work_dir=work, cfg_options=_opts(small_data, work, **{
+            "optim_wrapper.optimizer.lr": float("inf")}))
