@@ -27,6 +27,9 @@ def choose_subset(n: int, divisor: int, seed: int) -> list[int]:
     idx = list(range(n))
     if divisor == 1:
         return idx
+    if n and n // divisor == 0:
+        raise ValueError(f"subset_divisor={divisor} keeps {n} // {divisor} = 0 of the {n} images (give a "
+                         f"subset_divisor of at most {n})")
     random.Random(seed).shuffle(idx)
     return sorted(idx[: n // divisor])
 

@@ -115,3 +115,19 @@ def test_a_non_finite_learning_rate_is_refused_at_set_up(small_data, tmp_path):
     with pytest.raises(ValueError, match=r"^optim_wrapper.optimizer.lr=inf: the learning rate must be a finite"):
         build_train_runner(TOY_LINEAR, work_dir=work, cfg_options=_opts(small_data, work, **{
             "optim_wrapper.optimizer.lr": float("inf")}))
+
+
+def _few_shot(data: str, work: str, **extra) -> dict:
+    return _opts(data, work, **{"train_dataloader.dataset.type": "FewShotSegDataset",
+                                "train_dataloader.dataset.subset_divisor": 2,
+                                "custom_hooks": [dict(type="SaveSubsetListHook")], "train_cfg.max_iters": 2,
+                                "default_hooks.checkpoint.save_best": None, **extra})
+
+
+def test_a_subset_of_no_image_names_the_divisor(small_data, tmp_path):
+    from internvit.runner import build_train_runner
+
+    work = str(tmp_path / "zero")
+    with pytest.raises(ValueError, match=r"subset_divisor=100 keeps 8 // 100 = 0 of the 8 images"):
+        build_train_runner(TOY_LINEAR, work_dir=work, cfg_options=_few_shot(small_data, work, **{
+            "train_dataloader.dataset.subset_divisor": 100}))
