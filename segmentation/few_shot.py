@@ -51,8 +51,7 @@ class FewShotMixin:
     def load_data_list(self) -> list[dict]:
         data_list = sorted(super().load_data_list(), key=lambda d: d["img_path"])
         if self.subset_file:
-            with open(self.subset_file, encoding="utf-8-sig") as f:
-                wanted = [line.strip() for line in f if line.strip()]
+            wanted = read_subset_list(self.subset_file)
             by_name = {self._rel(d): d for d in data_list}
             missing = [w for w in wanted if w not in by_name]
             if missing:
@@ -83,17 +82,55 @@ def _find_subset_dataset(dataset):
     return None
 
 
+def read_subset_list(path: str) -> list[str]:
+    """The image names a subset list (``few_shot_subset.txt``, a ``subset_file``) holds, in order."""
+    with open(path, encoding="utf-8-sig") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
 @HOOKS.register_module()
 class SaveSubsetListHook(Hook):
-    """Writes the training subset's file list to ``<work_dir>/few_shot_subset.txt`` (atomically) before training."""
+    """Writes the training subset's file list to ``<work_dir>/few_shot_subset.txt`` (atomically) before training.
+
+    A resumed run keeps the file of the run it continues: its subset must be that list (the data folder may have
+    changed since, and a re-drawn subset would train the rest of the run on other images), else the run is
+    refused at set-up (:meth:`check_setup`), naming the first difference; the file is never rewritten then."""
 
     priority = "VERY_LOW"
+
+    @staticmethod
+    def _recorded(runner) -> Optional[str]:
+        path = os.path.join(runner.work_dir, SUBSET_LIST_NAME)
+        return path if getattr(runner, "_resume", False) and os.path.isfile(path) else None
+
+    def check_setup(self, runner) -> None:
+        loader = getattr(runner, "_train_dataloader", None)
+        ds = _find_subset_dataset(getattr(loader, "dataset", None))
+        path = self._recorded(runner)
+        if ds is None or path is None:
+            return
+        recorded, now = read_subset_list(path), list(ds.subset_files)
+        if recorded == now:
+            return
+        i = next((i for i, (a, b) in enumerate(zip(recorded, now)) if a != b), min(len(recorded), len(now)))
+        if i < len(recorded) and i < len(now):
+            first = f"{recorded[i]} there, {now[i]} now"
+        else:
+            first = f"{recorded[i]} only there" if i < len(recorded) else f"{now[i]} only now"
+        raise ValueError(f"train_dataloader.dataset: the few-shot subset differs from the one this run started "
+                         f"with, recorded in {path} ({len(recorded)} vs {len(now)} images, first difference at "
+                         f"line {i + 1}: {first}): the data folder changed since; resuming would train the rest "
+                         f"of the run on other images. Restore the data, or resume on the recorded subset with "
+                         f"train_dataloader.dataset.subset_file={path} if all its images are still there")
 
     def before_train(self, runner) -> None:
         ds = _find_subset_dataset(getattr(runner.train_dataloader, "dataset", None))
         if ds is None or runner.rank != 0:
             return
         path = os.path.join(runner.work_dir, SUBSET_LIST_NAME)
+        if self._recorded(runner):  # the same list (check_setup): the record of the run's start stays
+            runner.logger.info(f"few-shot subset: {len(ds.subset_files)} images, as recorded in {path}")
+            return
         with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             f.write("\n".join(ds.subset_files) + "\n")
         runner.logger.info(f"few-shot subset: {len(ds.subset_files)} images (divisor {ds.subset_divisor}, "

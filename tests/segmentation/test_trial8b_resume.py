@@ -124,6 +124,37 @@ def _few_shot(data: str, work: str, **extra) -> dict:
                                 "default_hooks.checkpoint.save_best": None, **extra})
 
 
+def test_resume_keeps_the_recorded_few_shot_subset(small_data, tmp_path):
+    from internvit.runner import build_train_runner, train
+    from segmentation.toy_data import make_toy_seg_dataset
+
+    data = str(tmp_path / "data")
+    shutil.copytree(small_data, data)
+    work = str(tmp_path / "fs")
+    train(TOY_LINEAR, work_dir=work, cfg_options=_few_shot(data, work))
+    listed = os.path.join(work, "few_shot_subset.txt")
+    with open(listed) as f:
+        recorded = f.read()
+    assert len(recorded.split()) == 4
+    # unchanged data: the resume is accepted and the list stays
+    build_train_runner(TOY_LINEAR, work_dir=work, resume="auto", cfg_options=_few_shot(data, work))
+    # more images arrive: the re-drawn subset would be another one
+    more = make_toy_seg_dataset(str(tmp_path / "more"), num_train=12, num_val=2)
+    for sub in ("images/training", "annotations/training"):
+        for name in os.listdir(os.path.join(more, sub)):
+            if not os.path.exists(os.path.join(data, sub, name)):
+                shutil.copy(os.path.join(more, sub, name), os.path.join(data, sub, name))
+    with pytest.raises(ValueError, match=r"few-shot subset differs from the one this run started with, recorded "
+                                         r"in .*few_shot_subset.txt \(4 vs 6 images, first difference"):
+        build_train_runner(TOY_LINEAR, work_dir=work, resume="auto", cfg_options=_few_shot(data, work))
+    with open(listed) as f:
+        assert f.read() == recorded
+    # the way out the message names: the recorded list as the subset
+    runner = build_train_runner(TOY_LINEAR, work_dir=work, resume="auto", cfg_options=_few_shot(
+        data, work, **{"train_dataloader.dataset.subset_file": listed}))
+    assert runner.train_dataloader.dataset.subset_files == recorded.split()
+
+
 def test_a_subset_of_no_image_names_the_divisor(small_data, tmp_path):
     from internvit.runner import build_train_runner
 
