@@ -177,7 +177,7 @@ def seed_data_loading(loader, seed: Optional[int]) -> bool:
     (see the module docstring): the loader's batch sampler draws from a :class:`KeyedSampler` and its dataset
     loads through :class:`SeededFetch`. Call it before the loader is first iterated (workers copy the dataset
     when they start). Returns False (nothing changed) for a loader without a batch sampler of its own
-    sampler, ``seed`` None, or one done already."""
+    sampler, a dataset that takes no attribute, ``seed`` None, or one done already."""
     from torch.utils.data import DataLoader
 
     batch_sampler = getattr(loader, "batch_sampler", None)
@@ -186,8 +186,11 @@ def seed_data_loading(loader, seed: Optional[int]) -> bool:
             or not hasattr(batch_sampler, "sampler") or isinstance(batch_sampler.sampler, KeyedSampler):
         return False
     inner = getattr(type(dataset), "__getitems__", None)
+    try:
+        dataset.__getitems__ = SeededFetch(dataset, seed, inner.__get__(dataset) if inner is not None else None)
+    except AttributeError:  # a dataset that takes no attributes (__slots__): left as it is
+        return False
     batch_sampler.sampler = KeyedSampler(batch_sampler.sampler)
-    dataset.__getitems__ = SeededFetch(dataset, seed, inner.__get__(dataset) if inner is not None else None)
     return True
 
 
