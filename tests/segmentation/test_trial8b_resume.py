@@ -6,6 +6,7 @@ import os
 import shutil
 
 import pytest
+import torch
 from mmengine.hooks import Hook
 
 import segmentation  # noqa: F401  (applies internvit.compat and registers the plugin)
@@ -80,6 +81,10 @@ def test_resume_runs_the_validation_the_killed_run_owed(full_run, small_data, tm
     assert _validated(work) == expected[-(4 - step) // 2 - 1:]  # the owed validation, then the later ones
     best = [os.path.basename(p) for p in glob.glob(os.path.join(full_run, "best_mIoU_*.pth"))]
     assert [os.path.basename(p) for p in glob.glob(os.path.join(work, "best_mIoU_*.pth"))] == best
+    # the validation draws none of the training's random numbers: the resumed run ends with the same weights
+    a, b = (torch.load(os.path.join(d, "iter_4.pth"), map_location="cpu", weights_only=False)["state_dict"]
+            for d in (full_run, work))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 class _OverflowingUpdate(Hook):
