@@ -389,14 +389,14 @@ def check_train_loop(loop, ckpt: Any = None, train_cfg: Optional[dict] = None) -
         raise ValueError(f"train_cfg.val_interval={interval}: must be 1 or more")
     check_learning_rates(getattr(getattr(loop, "runner", None), "optim_wrapper", None), ckpt)
     meta = ckpt.get("meta") if isinstance(ckpt, dict) and isinstance(ckpt.get("meta"), dict) else {}
-    if by_epoch:
-        _check_epoch_boundaries(loop, meta)
     done, end, unit = (meta.get("epoch"), epochs, "epoch") if by_epoch else (meta.get("iter"), iters, "iteration")
     # at the end exactly: a run killed after its last checkpoint (before its best checkpoint or clean-up) is
     # resumed to finish; beyond it, the config was changed and nothing would be trained
     if isinstance(done, int) and isinstance(end, int) and done > end:
         raise ValueError(f"the checkpoint to resume is at {unit} {done} and the config trains to {unit} {end}: "
                          f"nothing left to train (raise train_cfg.max_{unit.replace('iteration', 'iter')}s)")
+    if by_epoch:
+        _check_epoch_boundaries(loop, meta)
 
 
 def _check_epoch_boundaries(loop, meta: dict) -> None:
@@ -422,11 +422,13 @@ def _check_epoch_boundaries(loop, meta: dict) -> None:
     epoch, it = meta.get("epoch"), meta.get("iter")
     if isinstance(epoch, int) and isinstance(it, int) and it != epoch * n:
         inside = it - epoch * n
-        raise ValueError(f"the checkpoint to resume was saved inside epoch {epoch + 1} (iteration {it}: step "
-                         f"{inside} of {n}): an epoch-based loop resumes only from an epoch boundary (it would "
-                         f"train that epoch's first {inside} batches again and run {inside} steps past the "
-                         f"schedule); resume from an epoch checkpoint (epoch_N.pth), or the batch size / data "
-                         f"changed since it was saved")
+        where = f" (step {inside} of epoch {epoch + 1})" if 0 < inside < n else ""
+        raise ValueError(f"the checkpoint to resume stands at iteration {it}, not at the end of epoch {epoch} with "
+                         f"this config's {n} iterations per epoch: it was saved inside an epoch{where}, and an "
+                         f"epoch-based loop resumes only from an epoch boundary (it would train that epoch's "
+                         f"first batches again and run past the schedule), or the batch size, the data or the "
+                         f"number of processes changed since; resume from an epoch checkpoint (epoch_N.pth) of "
+                         f"this configuration, or start anew from its weights with load_from=")
 
 
 def _param_groups(optim_wrapper) -> Iterator[tuple[str, dict]]:

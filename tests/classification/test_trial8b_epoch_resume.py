@@ -37,9 +37,11 @@ def test_resume_from_inside_an_epoch_is_refused(toy_digits, tmp_path):
     n = len(runner.train_dataloader)
     ckpt = str(tmp_path / "iter_mid.pth")  # as mmengine saves by iteration: the epoch being trained, the step
     torch.save({"state_dict": runner.model.state_dict(), "meta": {"epoch": 1, "iter": n + 3}}, ckpt)
-    with pytest.raises(ValueError, match=rf"^the checkpoint to resume was saved inside epoch 2 \(iteration {n + 3}: "
-                                         rf"step 3 of {n}\): an epoch-based loop resumes only from an epoch boundary"):
+    with pytest.raises(ValueError, match=rf"^the checkpoint to resume stands at iteration {n + 3}, not at the end of "
+                                         rf"epoch 1 with this config's {n} iterations per epoch: it was saved inside "
+                                         rf"an epoch \(step 3 of epoch 2\), and an epoch-based loop resumes only"):
         build_train_runner(CONFIG, work_dir=str(tmp_path / "r"), resume=ckpt, cfg_options=_options(toy_digits))
     # an epoch boundary is accepted
     torch.save({"state_dict": runner.model.state_dict(), "meta": {"epoch": 1, "iter": n}}, ckpt)
     build_train_runner(CONFIG, work_dir=str(tmp_path / "r"), resume=ckpt, cfg_options=_options(toy_digits))
+
