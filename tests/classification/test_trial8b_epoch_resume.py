@@ -1,7 +1,8 @@
 """trial8b F3: an epoch-based loop (probes, retrieval fine-tuning) resumed from a checkpoint saved inside an
 epoch replayed that epoch from its first batch (extra steps, the schedule run past its end, the last checkpoint
 not the final weights). Such a resume is refused at set-up, and so is a checkpoint hook that saves by iteration
-in an epoch-based loop (its checkpoints would be such checkpoints)."""
+in an epoch-based loop (its checkpoints would be such checkpoints). F8: SGD takes lr=nan (torch checks lr < 0):
+refused at set-up."""
 import os
 
 import pytest
@@ -45,3 +46,10 @@ def test_resume_from_inside_an_epoch_is_refused(toy_digits, tmp_path):
     torch.save({"state_dict": runner.model.state_dict(), "meta": {"epoch": 1, "iter": n}}, ckpt)
     build_train_runner(CONFIG, work_dir=str(tmp_path / "r"), resume=ckpt, cfg_options=_options(toy_digits))
 
+
+def test_a_nan_learning_rate_is_refused_at_set_up(toy_digits, tmp_path):
+    from internvit.runner import build_train_runner
+
+    with pytest.raises(ValueError, match=r"^optim_wrapper.optimizer.lr=nan: the learning rate must be a finite"):
+        build_train_runner(CONFIG, work_dir=str(tmp_path / "w"), cfg_options=_options(toy_digits, **{
+            "optim_wrapper.optimizer.lr": float("nan")}))
