@@ -400,35 +400,24 @@ def check_train_loop(loop, ckpt: Any = None, train_cfg: Optional[dict] = None) -
 
 
 def _check_epoch_boundaries(loop, meta: dict) -> None:
-    """An epoch-based loop resumes only from an epoch boundary: mmengine's ``EpochBasedTrainLoop`` restarts the
-    epoch of a checkpoint saved inside it (its first batches trained twice, the schedule run past its end, the
-    last checkpoint not the final weights). Refuse such a checkpoint to resume (its ``meta`` iteration is not
-    ``epoch x`` the epoch's length), and a checkpoint hook that saves by iteration (``by_epoch=False``: even at
-    an epoch's last iteration its checkpoint records the epoch as not finished). Raises ``ValueError``."""
+    """A checkpoint to resume an epoch-based loop from must stand inside or at the end of its recorded epoch
+    with this config's epoch length: ``0 <= iter - epoch x length <= length``. A checkpoint saved inside an
+    epoch (by iteration) resumes there, after the batches it trained
+    (:func:`internvit.train_hooks.skip_trained_batches`); one outside that range was saved with another batch
+    size, data or number of processes. Raises ``ValueError``."""
     try:
         n = len(loop.dataloader)
     except TypeError:
         return
     if n < 1:
         return
-    for hook in getattr(getattr(loop, "runner", None), "hooks", None) or ():
-        if type(hook).__name__ == "CheckpointHook" and getattr(hook, "by_epoch", True) is False:
-            raise ValueError(f"default_hooks.checkpoint.by_epoch=False: checkpoints saved every "
-                             f"{getattr(hook, 'interval', '?')} iterations of an epoch-based loop cannot be resumed "
-                             f"exactly (mmengine's EpochBasedTrainLoop restarts the epoch of such a checkpoint: its "
-                             f"first batches trained twice, the schedule run past its end); save per epoch "
-                             f"(by_epoch=True), or train with an iteration-based loop "
-                             f"(train_cfg=dict(type='IterBasedTrainLoop', max_iters=...))")
     epoch, it = meta.get("epoch"), meta.get("iter")
-    if isinstance(epoch, int) and isinstance(it, int) and it != epoch * n:
-        inside = it - epoch * n
-        where = f" (step {inside} of epoch {epoch + 1})" if 0 < inside < n else ""
-        raise ValueError(f"the checkpoint to resume stands at iteration {it}, not at the end of epoch {epoch} with "
-                         f"this config's {n} iterations per epoch: it was saved inside an epoch{where}, and an "
-                         f"epoch-based loop resumes only from an epoch boundary (it would train that epoch's "
-                         f"first batches again and run past the schedule), or the batch size, the data or the "
-                         f"number of processes changed since; resume from an epoch checkpoint (epoch_N.pth) of "
-                         f"this configuration, or start anew from its weights with load_from=")
+    if isinstance(epoch, int) and isinstance(it, int) and not 0 <= it - epoch * n <= n:
+        raise ValueError(f"the checkpoint to resume stands at iteration {it} in epoch {epoch + 1}, which this "
+                         f"config's {n} iterations per epoch do not reach ({epoch * n}..{epoch * n + n}): the "
+                         f"batch size, the data or the number of processes changed since it was saved; resume "
+                         f"with the configuration it was trained with, or start anew from its weights with "
+                         f"load_from=")
 
 
 def _param_groups(optim_wrapper) -> Iterator[tuple[str, dict]]:

@@ -129,12 +129,17 @@ class KeyedSampler:
 
     def __init__(self, sampler) -> None:
         self.sampler = sampler
+        #: positions the next pass leaves out (a run resumed inside an epoch: the batches already trained); the
+        #: other positions keep their numbers, so their samples draw what they drew in the uninterrupted run
+        self.skip = 0
 
     def __iter__(self):
         epoch = getattr(self.sampler, "epoch", 0)
         epoch = epoch if isinstance(epoch, int) else 0
+        skip, self.skip = self.skip, 0
         for position, index in enumerate(self.sampler):
-            yield SampleIndex(index, (epoch, position)) if isinstance(index, int) else index
+            if position >= skip:
+                yield SampleIndex(index, (epoch, position)) if isinstance(index, int) else index
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -194,6 +199,42 @@ def seed_data_loading(loader, seed: Optional[int]) -> bool:
     return True
 
 
+def trained_batches(loop) -> int:
+    """How many batches of its current epoch an epoch-based ``loop`` has trained (``iter - epoch x length``): 0
+    at an epoch boundary, more for a run resumed from a checkpoint saved inside an epoch (by iteration), the
+    epoch's length at its last step (an iteration checkpoint records the epoch as unfinished). -1 when the
+    loader has no length."""
+    try:
+        n = len(loop.dataloader)
+    except TypeError:
+        return -1
+    return int(getattr(loop, "_iter", 0)) - int(getattr(loop, "_epoch", 0)) * n
+
+
+def skip_trained_batches(loop) -> int:
+    """Make the next pass of an epoch-based ``loop``'s loader leave out the batches of the current epoch that
+    were trained before the checkpoint it resumed from (mmengine's ``EpochBasedTrainLoop`` restarts the epoch:
+    its first batches trained twice, the schedule run past its end). The samples left out are those the
+    uninterrupted run drew at those positions (the sampler's order is a function of ``(seed, epoch)``; each
+    sample's randomness of ``(seed, epoch, position, index)``, :func:`seed_data_loading`), so the rest of the
+    epoch is the uninterrupted run's; at the epoch's last step nothing is left and the epoch's end (its
+    validation, scheduler step, epoch checkpoint) follows. Returns the number of batches left out.
+    ``ValueError`` when there is something to leave out but the loader cannot (not seeded: no
+    :class:`KeyedSampler`); the set-up checks (:func:`internvit.run_checks.check_train_loop`) refuse a count
+    outside ``[0, epoch length]`` (another batch size, data or number of processes)."""
+    done = trained_batches(loop)
+    if done <= 0:
+        return 0
+    batch_sampler = getattr(loop.dataloader, "batch_sampler", None)
+    sampler = getattr(batch_sampler, "sampler", None)
+    if not isinstance(sampler, KeyedSampler) or not isinstance(getattr(batch_sampler, "batch_size", None), int):
+        raise ValueError(f"resumed inside epoch {loop._epoch + 1} (after {done} of its batches), and the train "
+                         f"loader cannot leave the trained batches out (no seeded batch sampler): resume from an "
+                         f"epoch checkpoint (epoch_N.pth)")
+    sampler.skip = done * batch_sampler.batch_size
+    return done
+
+
 class StepRandomnessHook(Hook):
     """Seed the random generators (torch on every device, numpy, ``random``) from ``(seed, iteration)`` for
     each training step and give the data loading its generators back afterwards; at the start of each epoch
@@ -215,12 +256,15 @@ class StepRandomnessHook(Hook):
 
     def before_train(self, runner) -> None:
         """A runner whose train loader was not seeded when it was built (``internvit.runner`` does it then): an
-        epoch-based loop's loader is first iterated after this, so it is seeded here."""
+        epoch-based loop's loader is first iterated after this, so it is seeded here. A run resumed inside an
+        epoch (a checkpoint saved by iteration) continues that epoch after the batches it trained
+        (:func:`skip_trained_batches`)."""
         from mmengine.runner import EpochBasedTrainLoop
 
         loop = getattr(runner, "_train_loop", None)
         if isinstance(loop, EpochBasedTrainLoop):
             seed_data_loading(loop.dataloader, runner.seed)
+            skip_trained_batches(loop)
 
     def before_train_epoch(self, runner) -> None:
         from mmengine.runner import EpochBasedTrainLoop

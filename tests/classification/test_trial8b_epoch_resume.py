@@ -1,7 +1,7 @@
 """trial8b F3: an epoch-based loop (probes, retrieval fine-tuning) resumed from a checkpoint saved inside an
 epoch replayed that epoch from its first batch (extra steps, the schedule run past its end, the last checkpoint
-not the final weights). Such a resume is refused at set-up, and so is a checkpoint hook that saves by iteration
-in an epoch-based loop (its checkpoints would be such checkpoints). F8: SGD takes lr=nan (torch checks lr < 0):
+not the final weights). It now continues after the batches it trained; a checkpoint its epoch length cannot
+place is refused at set-up. F8: SGD takes lr=nan (torch checks lr < 0):
 refused at set-up."""
 import os
 
@@ -19,32 +19,67 @@ def _options(data: str, **extra) -> dict:
     return opts
 
 
-def test_a_checkpoint_hook_saving_inside_epochs_is_refused(toy_digits, tmp_path):
+def _state(path):
+    from internvit.compat import load_runner_checkpoint
+
+    return load_runner_checkpoint(str(path), "cpu")["state_dict"]
+
+
+#: 2 epochs of 5 steps (1,438 toy images, 256 a batch), random crops, EMA, a checkpoint after every step
+RESUME_OPTS = {"train_cfg.max_epochs": 2, "train_cfg.val_interval": 2, "train_dataloader.batch_size": 256,
+               "train_dataloader.dataset.transform.train": True, "default_hooks.checkpoint.by_epoch": False,
+               "default_hooks.checkpoint.interval": 1, "default_hooks.checkpoint.max_keep_ckpts": -1}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(toy_digits, tmp_path_factory):
+    from internvit.runner import train
+
+    whole = tmp_path_factory.mktemp("whole")
+    runner = train(CONFIG, work_dir=str(whole), cfg_options=_options(toy_digits, **RESUME_OPTS))
+    return whole, len(runner.train_dataloader)
+
+
+@pytest.mark.parametrize("where", ["inside", "last_step"])
+def test_a_run_resumed_inside_an_epoch_ends_with_the_uninterrupted_weights(toy_digits, uninterrupted, tmp_path,
+                                                                           where):
+    """Checkpoints saved by iteration in an epoch-based loop (the published retrieval recipes save every 100
+    steps): mmengine's EpochBasedTrainLoop restarted the epoch of such a checkpoint. Resumed from one inside
+    epoch 2, or from the one at epoch 1's last step (which records epoch 1 as unfinished), the run continues
+    after the batches it trained and ends with the uninterrupted run's weights, without a step past the end."""
+    import shutil
+
+    from internvit.runner import train
+
+    whole, n = uninterrupted
+    assert n >= 4
+    step = n + 2 if where == "inside" else n
+    shutil.copy(whole / f"iter_{step}.pth", tmp_path / f"iter_{step}.pth")  # a run killed right after this save
+    train(CONFIG, work_dir=str(tmp_path), cfg_options=_options(toy_digits, **RESUME_OPTS),
+          resume=str(tmp_path / f"iter_{step}.pth"))
+    last = f"iter_{2 * n}.pth"
+    assert not (tmp_path / f"iter_{2 * n + 1}.pth").exists()
+    a, b = _state(whole / last), _state(tmp_path / last)
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"{len(differ)} tensors differ after the resume, e.g. {differ[:3]}"
+
+
+def test_a_checkpoint_outside_its_epoch_with_this_config_is_refused(toy_digits, tmp_path):
+    """A checkpoint whose iteration this config's epoch length does not put inside its recorded epoch was
+    saved with another batch size, data or number of processes: refused at set-up, naming the range."""
     from internvit.runner import build_train_runner
 
-    work = str(tmp_path / "w")
-    with pytest.raises(ValueError, match=r"^default_hooks.checkpoint.by_epoch=False: checkpoints saved every 5 "
-                                         r"iterations of an epoch-based loop cannot be resumed exactly"):
-        build_train_runner(CONFIG, work_dir=work, cfg_options=_options(toy_digits, **{
-            "default_hooks.checkpoint.by_epoch": False, "default_hooks.checkpoint.interval": 5}))
-    assert not os.path.exists(work)
-
-
-def test_resume_from_inside_an_epoch_is_refused(toy_digits, tmp_path):
-    from internvit.runner import build_train_runner
-
-    work = str(tmp_path / "w")
-    runner = build_train_runner(CONFIG, work_dir=work, cfg_options=_options(toy_digits))
+    runner = build_train_runner(CONFIG, work_dir=str(tmp_path / "w"), cfg_options=_options(toy_digits))
     n = len(runner.train_dataloader)
-    ckpt = str(tmp_path / "iter_mid.pth")  # as mmengine saves by iteration: the epoch being trained, the step
-    torch.save({"state_dict": runner.model.state_dict(), "meta": {"epoch": 1, "iter": n + 3}}, ckpt)
-    with pytest.raises(ValueError, match=rf"^the checkpoint to resume stands at iteration {n + 3}, not at the end of "
-                                         rf"epoch 1 with this config's {n} iterations per epoch: it was saved inside "
-                                         rf"an epoch \(step 3 of epoch 2\), and an epoch-based loop resumes only"):
+    ckpt = str(tmp_path / "iter_far.pth")
+    torch.save({"state_dict": runner.model.state_dict(), "meta": {"epoch": 1, "iter": 2 * n + 3}}, ckpt)
+    with pytest.raises(ValueError, match=rf"^the checkpoint to resume stands at iteration {2 * n + 3} in epoch 2, "
+                                         rf"which this config's {n} iterations per epoch do not reach"):
         build_train_runner(CONFIG, work_dir=str(tmp_path / "r"), resume=ckpt, cfg_options=_options(toy_digits))
-    # an epoch boundary is accepted
-    torch.save({"state_dict": runner.model.state_dict(), "meta": {"epoch": 1, "iter": n}}, ckpt)
-    build_train_runner(CONFIG, work_dir=str(tmp_path / "r"), resume=ckpt, cfg_options=_options(toy_digits))
+    # inside its epoch, or at an epoch boundary: accepted
+    for it in (n + 3, n):
+        torch.save({"state_dict": runner.model.state_dict(), "meta": {"epoch": 1, "iter": it}}, ckpt)
+        build_train_runner(CONFIG, work_dir=str(tmp_path / "r"), resume=ckpt, cfg_options=_options(toy_digits))
 
 
 def test_a_nan_learning_rate_is_refused_at_set_up(toy_digits, tmp_path):
