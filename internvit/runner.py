@@ -340,23 +340,185 @@ def build_train_runner(config: str, *, work_dir: Optional[str] = None, resume: O
             cfg.optim_wrapper.type = "AmpOptimWrapper"
             cfg.optim_wrapper.loss_scale = "dynamic"
     _require(cfg, config, ("train_dataloader", "train_cfg", "optim_wrapper"), "training")
-    checkpoint = cfg.get("load_from")
-    if resume == "auto":
-        cfg.resume, cfg.load_from = True, None
-        checkpoint = latest_complete_checkpoint(cfg) if osp.isdir(cfg.work_dir) else None
-        cfg.load_from = checkpoint  # None: nothing to resume, training starts from scratch (as mmengine does)
-    elif resume:
+    if resume and resume != "auto":
         if osp.isdir(resume):
             raise IsADirectoryError(f"--resume {resume}: a folder, not a checkpoint file (give the .pth file, or "
                                     f"--resume alone for the latest one in the work dir)")
         if not osp.isfile(resume):
             raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
-        cfg.resume, cfg.load_from = True, resume
-        checkpoint = resume
-    if not overwrite:
-        check_work_dir(cfg.work_dir, osp.basename(config), resuming=bool(cfg.get("resume")))
-    return build_runner(cfg, checkpoint, dataloaders=("train", "val"), after_build=_prepare_training,
-                        checkpoint_classes=bool(cfg.get("resume")))
+    work = osp.abspath(cfg.work_dir)
+    made = _make_dirs(work)
+    lock = lock_work_dir(work)  # before anything is read or written there: one training run at a time
+    notes = []  # for the run's log, once it exists
+    try:
+        checkpoint = cfg.get("load_from")
+        if resume == "auto":
+            found = latest_complete_checkpoint(cfg)
+            if found is not None:
+                cfg.resume, cfg.load_from = True, found
+                checkpoint = found
+            else:  # nothing to resume: the run starts as it would without --resume, from the config's load_from
+                cfg.resume = False
+                start = f"from load_from={checkpoint}" if checkpoint else "from the initial weights (no load_from)"
+                notes.append(f"--resume: no checkpoint in {cfg.work_dir} to resume; a new run starts {start}")
+        elif resume:
+            cfg.resume, cfg.load_from = True, resume
+            checkpoint = resume
+        if not overwrite:
+            check_work_dir(cfg.work_dir, osp.basename(config), resuming=bool(cfg.get("resume")))
+        runner = build_runner(cfg, checkpoint, dataloaders=("train", "val"), after_build=_prepare_training,
+                              checkpoint_classes=bool(cfg.get("resume")))
+        if overwrite and not cfg.get("resume"):
+            set_aside_earlier_run(runner, work)
+    except BaseException:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        lock.release()
+        raise
+    for note in notes:
+        runner.logger.warning(note)
+    _release_after_training(runner, lock)
+    return runner
+
+
+class WorkDirBusyError(OSError):
+    """Another training run holds the work dir (:func:`lock_work_dir`)."""
+
+
+#: ``{work dir: FolderLocks}`` of the training runs this process built (a later one in the same folder takes over)
+_WORK_DIR_LOCKS: dict = {}
+
+
+def _make_dirs(path: str) -> Optional[str]:
+    """Make ``path`` and its missing parents; the highest folder this call created (``None``: it existed). A
+    folder another process creates meanwhile is not counted as made here."""
+    missing = []
+    p = path
+    while not osp.isdir(p):
+        missing.append(p)
+        parent = osp.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    made = None
+    for p in reversed(missing):
+        try:
+            os.mkdir(p)
+        except FileExistsError:
+            continue
+        made = made or p
+    return made
+
+
+def _global_rank() -> int:
+    for var in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        value = os.environ.get(var, "").strip()
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def _lock_holder(path: str) -> Optional[int]:
+    """The process id holding a ``flock`` on folder ``path`` (Linux ``/proc/locks``), or ``None``."""
+    try:
+        st = os.stat(path)
+        want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == want and fields[4].isdigit():
+                    return int(fields[4])
+    except OSError:
+        pass
+    return None
+
+
+def lock_work_dir(work_dir: str):
+    """Hold training work dir ``work_dir`` for this run (an exclusive ``flock`` on the folder itself, as the
+    store's folder locks: no lock file, released when the process ends, a kill included); returns the
+    :class:`internvit.store.FolderLocks` to release. Another run holding it is a :class:`WorkDirBusyError`
+    naming that run (its process id and newest log folder). Distributed runs: rank 0 holds it for all ranks.
+    A file system without ``flock`` on folders is not locked."""
+    from internvit.store import FolderLocks
+
+    locks = FolderLocks()
+    if _global_rank() != 0:
+        return locks
+    key = osp.realpath(work_dir)
+    earlier = _WORK_DIR_LOCKS.pop(key, None)
+    if earlier is not None:  # a runner this process built before (not training now): this one takes over
+        earlier.release()
+    try:
+        got = locks(work_dir)
+    except OSError as e:
+        if isinstance(e, BlockingIOError):
+            got = None
+        else:  # no flock on this file system
+            return locks
+    if got is None:
+        pid = _lock_holder(work_dir)
+        logs = sorted(n for n in os.listdir(work_dir) if _RUN_FOLDER.match(n))
+        who = f"pid {pid}" if pid is not None else "another process"
+        log = f", its log folder {osp.join(work_dir, logs[-1])}" if logs else ""
+        raise WorkDirBusyError(f"--work-dir {work_dir}: another training run ({who}{log}) is using this work dir: "
+                               f"wait for it to end, or give another --work-dir")
+    _WORK_DIR_LOCKS[key] = locks
+    return locks
+
+
+def _release_after_training(runner, lock) -> None:
+    """The runner's ``train`` releases the work dir lock when it returns or raises."""
+    train = runner.train
+
+    def call(*args, **kwargs):
+        try:
+            return train(*args, **kwargs)
+        finally:
+            lock.release()
+            for key, held in list(_WORK_DIR_LOCKS.items()):
+                if held is lock:
+                    del _WORK_DIR_LOCKS[key]
+
+    call.__name__, call.__doc__ = "train", getattr(train, "__doc__", None)
+    runner.train = call
+
+
+#: files a training run writes in its work dir besides the periodic checkpoints: ``save_best`` checkpoints
+_BEST_CHECKPOINT = re.compile(r"^best_.+_(iter|epoch)_\d+\.pth$")
+
+
+def set_aside_earlier_run(runner, work_dir: str) -> Optional[str]:
+    """``--overwrite``: move the checkpoints an earlier run wrote in ``work_dir`` (``last_checkpoint``, the
+    periodic ``iter_N.pth`` / ``epoch_N.pth`` (or the checkpoint hook's ``filename_tmpl``), ``best_*_N.pth``)
+    into a new folder ``work_dir/overwritten_<time>/`` before the new run starts, so that a ``--resume`` of the
+    new run never continues the earlier one. Other files (a user's own ``.pth``, logs, ``hf_model``) stay. The
+    log names what moved where; returns that folder (``None``: nothing to move). A ``load_from`` among them (a
+    new run from the earlier run's weights) is read from its new place."""
+    import time
+
+    cfg = runner.cfg
+
+    names = [osp.basename(p) for _, p in _checkpoint_steps(cfg, work_dir)]
+    names += sorted(n for n in os.listdir(work_dir) if _BEST_CHECKPOINT.match(n) and n not in names)
+    if osp.isfile(osp.join(work_dir, "last_checkpoint")):
+        names.insert(0, "last_checkpoint")  # first: a kill in between never leaves it naming a moved file
+    if not names:
+        return None
+    aside = osp.join(work_dir, "overwritten_" + time.strftime("%Y%m%d_%H%M%S"))
+    n = 0
+    while osp.exists(aside + (f"_{n}" if n else "")):
+        n += 1
+    aside += f"_{n}" if n else ""
+    os.mkdir(aside)
+    load_from = getattr(runner, "_load_from", None)
+    for name in names:
+        os.replace(osp.join(work_dir, name), osp.join(aside, name))
+        if load_from and _is_local(load_from) and osp.abspath(load_from) == osp.join(work_dir, name):
+            runner._load_from = cfg.load_from = osp.join(aside, name)
+    shown = ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
+    runner.logger.warning(f"--overwrite: the earlier run's checkpoints ({shown}) moved to {aside} (remove it when "
+                          f"no longer needed)")
+    return aside
 
 
 #: the log folder mmengine makes in the work dir for every run (``20261203_132427``)

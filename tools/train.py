@@ -7,7 +7,8 @@
 Set-up problems (a missing or broken config, a checkpoint that is refused or does not fit the model) are one
 ``error: ...`` line and exit status 2, and so is bad input data met while training (an image that cannot be
 read: the file is named) and a loss that is not finite (the run stops before saving a checkpoint of it); any
-other failure while training keeps its traceback.
+other failure while training keeps its traceback. One training run per work dir at a time: a second one is refused
+(the work dir is locked from set-up until training ends).
 """
 import argparse
 import os
@@ -28,8 +29,8 @@ def parse_args(argv=None):
                         help="resume: alone, from the latest checkpoint in the work dir; or from the given checkpoint")
     parser.add_argument("--amp", action="store_true", help="automatic mixed precision (AmpOptimWrapper)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="train anew in a work dir that holds checkpoints of an earlier run (replacing them), "
-                             "or files a run would replace")
+                        help="train anew in a work dir that holds checkpoints of an earlier run (they are moved "
+                             "to <work-dir>/overwritten_<time>/ before the run starts), or files a run would replace")
     parser.add_argument("--cfg-options", nargs="+", action=cfg_options_action(),
                         help="override config settings, key=value")
     parser.add_argument("--launcher", choices=["none", "pytorch", "slurm", "mpi"], default="none")

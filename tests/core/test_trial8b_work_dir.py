@@ -1,0 +1,146 @@
+"""Trial 8b, training work dirs: one training run per work dir at a time (F4); ``--resume`` with nothing to
+resume keeps the config's ``load_from`` (F5); ``--overwrite`` sets the earlier run's checkpoints aside before the
+new run starts, so that a ``--resume`` never continues the earlier run (F14)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.core.test_runner_errors import SEG_TOY, _fails
+
+SEG_OPTS = {"train_cfg.max_iters": 1, "train_cfg.val_interval": 1, "train_dataloader.batch_size": 2}
+
+
+@pytest.fixture(scope="module")
+def seg_root(tmp_path_factory) -> str:
+    """A folder holding ``data/toy_seg`` (the toy config's relative data_root): 2 training images, 1 val."""
+    from segmentation.toy_data import make_toy_seg_dataset
+
+    root = tmp_path_factory.mktemp("trial8b_seg")
+    make_toy_seg_dataset(str(root / "data" / "toy_seg"), num_train=2, num_val=1)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def seg_checkpoint(seg_root, tmp_path_factory) -> str:
+    """A checkpoint of the toy linear head (weights only: what load_from reads)."""
+    from internvit.runner import build_train_runner
+
+    cwd = os.getcwd()
+    os.chdir(seg_root)
+    try:
+        work = tmp_path_factory.mktemp("trial8b_ckpt")
+        runner = build_train_runner(SEG_TOY, work_dir=str(work / "w"), cfg_options=dict(SEG_OPTS))
+        path = str(work / "weights.pth")
+        torch.save({"meta": {}, "state_dict": {k: v + 1 for k, v in runner.model.state_dict().items()}}, path)
+    finally:
+        os.chdir(cwd)
+    return path
+
+
+def _hold(folder) -> subprocess.Popen:
+    """Another process holding the folder lock a training run takes (as a run in progress does)."""
+    code = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); "
+            "print('held', flush=True); sys.stdin.read()")
+    p = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def _free(p: subprocess.Popen) -> None:
+    p.stdin.close()
+    p.wait(timeout=30)
+
+
+def _locked_elsewhere(folder) -> bool:
+    code = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+            "try:\n    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept BlockingIOError:\n    sys.exit(3)")
+    return subprocess.run([sys.executable, "-c", code, str(folder)]).returncode == 3
+
+
+def test_a_second_run_in_a_busy_work_dir_is_refused_naming_the_other_run(seg_root, tmp_path, capsys, monkeypatch):
+    """F4: two runs in one work dir both exited 0, one's checkpoints and config copy replacing the other's."""
+    monkeypatch.chdir(seg_root)
+    work = tmp_path / "work"
+    (work / "20261203_183251").mkdir(parents=True)  # the other run's log folder
+    holder = _hold(work)
+    try:
+        line = _fails("train", [SEG_TOY, "--work-dir", str(work)], capsys)
+        assert line.startswith(f"error: --work-dir {work}: another training run (pid {holder.pid}, its log folder ")
+        assert "20261203_183251" in line and "another --work-dir" in line, line
+        assert sorted(os.listdir(work)) == ["20261203_183251"]  # nothing written
+        line = _fails("train", [SEG_TOY, "--work-dir", str(work), "--resume"], capsys)  # a requeued job too
+        assert "another training run" in line
+    finally:
+        _free(holder)
+    from internvit.runner import build_train_runner
+
+    runner = build_train_runner(SEG_TOY, work_dir=str(work), cfg_options=dict(SEG_OPTS))
+    assert _locked_elsewhere(work)  # held from set-up on, for the run's lifetime
+    runner = build_train_runner(SEG_TOY, work_dir=str(work), cfg_options=dict(SEG_OPTS), overwrite=True)
+    runner.train()  # an earlier runner of this process gives way; training releases the lock at its end
+    assert not _locked_elsewhere(work)
+
+
+def _run_log(work) -> str:
+    import glob
+
+    return "".join(open(p).read() for p in glob.glob(os.path.join(work, "*", "*.log")))
+
+
+def test_resume_with_nothing_to_resume_keeps_load_from(seg_root, seg_checkpoint, tmp_path, monkeypatch):
+    """F5: --resume on a fresh work dir dropped the config's load_from (trained from scratch, 'Auto resumed from
+    the latest checkpoint None.')."""
+    from internvit.runner import build_train_runner
+
+    monkeypatch.chdir(seg_root)
+    opts = dict(SEG_OPTS, load_from=seg_checkpoint)
+    runner = build_train_runner(SEG_TOY, work_dir=str(tmp_path / "fresh"), resume="auto", cfg_options=opts)
+    assert runner._load_from == seg_checkpoint and not runner._resume
+    assert f"--resume: no checkpoint in {tmp_path / 'fresh'} to resume; a new run starts from load_from=" \
+           f"{seg_checkpoint}" in _run_log(tmp_path / "fresh")
+    runner.train()
+    # the weights came from load_from (+1 on every tensor), not from the model's initialisation
+    bias = runner.model.decode_head.conv_seg.bias.detach()
+    assert bias.abs().min() > 0.5, bias
+
+
+def test_overwrite_sets_the_earlier_runs_checkpoints_aside(seg_root, tmp_path, monkeypatch):
+    """F14: --overwrite left the earlier run's checkpoints and last_checkpoint in place until each was replaced:
+    a new run killed before its first checkpoint was 'resumed' from the earlier run's."""
+    from internvit.runner import build_train_runner, latest_complete_checkpoint
+
+    monkeypatch.chdir(seg_root)
+    work = tmp_path / "work"
+    (work / "20261203_183251").mkdir(parents=True)
+    earlier = ["iter_3.pth", "iter_6.pth", "best_mIoU_iter_6.pth", "last_checkpoint"]
+    for name in earlier:
+        (work / name).write_text(str(work / "iter_6.pth") if name == "last_checkpoint" else name)
+    (work / "pretrained.pth").write_text("a user's file")
+    runner = build_train_runner(SEG_TOY, work_dir=str(work), cfg_options=dict(SEG_OPTS), overwrite=True)
+    aside = [n for n in os.listdir(work) if n.startswith("overwritten_")]
+    assert len(aside) == 1 and sorted(os.listdir(work / aside[0])) == sorted(earlier)
+    assert (work / "pretrained.pth").read_text() == "a user's file"
+    assert not any((work / n).exists() for n in earlier)
+    assert latest_complete_checkpoint(runner.cfg) is None  # a --resume now finds nothing of the earlier run
+    assert f"--overwrite: the earlier run's checkpoints (last_checkpoint, iter_6.pth, iter_3.pth, " \
+           f"best_mIoU_iter_6.pth) moved to {work / aside[0]}" in _run_log(work)
+
+
+def test_overwrite_from_the_earlier_runs_weights_reads_them_from_their_new_place(seg_root, seg_checkpoint,
+                                                                                 tmp_path, monkeypatch):
+    import shutil
+
+    from internvit.runner import build_train_runner
+
+    monkeypatch.chdir(seg_root)
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(seg_checkpoint, work / "iter_6.pth")
+    runner = build_train_runner(SEG_TOY, work_dir=str(work), overwrite=True,
+                                cfg_options=dict(SEG_OPTS, load_from=str(work / "iter_6.pth")))
+    assert os.path.basename(os.path.dirname(runner._load_from)).startswith("overwritten_")
+    assert os.path.isfile(runner._load_from)
