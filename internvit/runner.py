@@ -132,6 +132,10 @@ def load_config(config: str, *, cfg_options: Optional[dict] = None, work_dir: Op
         raise ValueError(f"randomness.seed must be an integer from 0 to 2**32 - 1 (or None), got {seed!r}")
     if not isinstance(cfg.work_dir, str) or not cfg.work_dir.strip():  # '' would be the current folder
         raise ValueError(f"work_dir must be a folder path, got {cfg.work_dir!r}")
+    check_work_dir_path(cfg.work_dir, "--work-dir" if work_dir is not None else "work_dir")
+    empty = [k for k, v in (cfg_options or {}).items() if isinstance(v, str) and not v.strip()]
+    if empty:  # mmengine passed '' on: a type error later ("invalid literal for int()"), naming neither key nor flag
+        raise ValueError(f"--cfg-options {empty[0]}=: empty value")
     dump = osp.join(osp.abspath(cfg.work_dir), osp.basename(config))  # where the Runner writes its flat copy
     if osp.isfile(dump) and osp.samefile(dump, config):
         raise ValueError(f"work dir {cfg.work_dir}: holds the config {config} itself, which the run would replace "
@@ -145,6 +149,20 @@ def load_config(config: str, *, cfg_options: Optional[dict] = None, work_dir: Op
 
         register_all_modules(init_default_scope=False)
     return cfg
+
+
+def check_work_dir_path(work_dir: str, flag: str = "--work-dir") -> None:
+    """Refuse a work dir that is a file, or lies below one (``NotADirectoryError`` naming ``flag`` and the file);
+    the Runner failed with ``[Errno 17] File exists`` / ``[Errno 20] Not a directory``."""
+    path = osp.abspath(work_dir)
+    while True:
+        if osp.lexists(path) and not osp.isdir(path):
+            where = "" if path == osp.abspath(work_dir) else f" ({path} is)"
+            raise NotADirectoryError(f"{flag} {work_dir}: a file, not a folder{where}")
+        parent = osp.dirname(path)
+        if parent == path or osp.isdir(path):
+            return
+        path = parent
 
 
 def build_runner(cfg, checkpoint: Optional[str] = None, dataloaders: tuple = (),
@@ -161,13 +179,15 @@ def build_runner(cfg, checkpoint: Optional[str] = None, dataloaders: tuple = (),
     class counts are checked against the model's heads (:func:`check_classes`) and their class lists against
     each other (:func:`check_same_classes`) and, with ``checkpoint_classes`` (testing, resuming), against the
     classes the checkpoint was trained on (its ``meta.dataset_meta``); hooks with a ``check_setup(runner)``
-    method run it. ``after_build(runner, checkpoint_dict_or_None)`` runs last, inside the same clean-up:
-    whatever it raises also removes the runner's files. A failure while the runner itself is being built (an
-    unknown registry type, a bad model argument) removes them too. The run's config copy is written
-    (atomically) only once every check passed: a refused run leaves an earlier run's copy in that work dir as
-    it was. A :class:`internvit.run_checks.NonFiniteCheckHook` is registered: a non-finite training loss or
-    model output stops the run (:class:`internvit.run_checks.NonFiniteError`).
+    method run it, and so does the model (e.g. the retrieval fine-tuning model compares the datasets'
+    tokenizer and image size with its own). ``after_build(runner, checkpoint_dict_or_None)`` runs last,
+    inside the same clean-up: whatever it raises also removes the runner's files. A failure while the runner
+    itself is being built (an unknown registry type, a bad model argument) removes them too. The run's config
+    copy is written (atomically) only once every check passed: a refused run leaves an earlier run's copy in
+    that work dir as it was. A :class:`internvit.run_checks.NonFiniteCheckHook` is registered: a non-finite
+    training loss or model output stops the run (:class:`internvit.run_checks.NonFiniteError`).
     """
+    from mmengine.model import is_model_wrapper
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
 
@@ -199,6 +219,10 @@ def build_runner(cfg, checkpoint: Optional[str] = None, dataloaders: tuple = (),
         for hook in getattr(runner, "hooks", ()):  # a hook's own set-up checks (e.g. an output folder it would fill)
             if callable(getattr(hook, "check_setup", None)):
                 hook.check_setup(runner)
+        model = getattr(runner, "model", None)
+        model = model.module if is_model_wrapper(model) else model
+        if callable(getattr(model, "check_setup", None)):  # the model's checks of the built datasets
+            model.check_setup(runner)
         if after_build is not None:
             after_build(runner, ckpt)
     except BaseException:
@@ -631,6 +655,42 @@ def _prepare_training(runner, ckpt=None) -> None:
     check_train_loop(runner._train_loop, ckpt if getattr(runner, "_resume", False) else None,
                      dict(runner.cfg.get("train_cfg") or {}))
     check_evaluator(runner._val_loop, "val_evaluator")
+    if getattr(runner, "_resume", False):
+        check_resumed_optimizer(runner.optim_wrapper, ckpt, runner.cfg.get("load_from"))
+
+
+def _group_sizes(state) -> Optional[list]:
+    groups = state.get("param_groups") if isinstance(state, dict) else None
+    if not isinstance(groups, (list, tuple)) or not all(isinstance(g, dict) for g in groups):
+        return None
+    return [len(g.get("params") or ()) for g in groups]
+
+
+def check_resumed_optimizer(optim_wrapper, ckpt, path: Optional[str]) -> None:
+    """Refuse a ``--resume`` checkpoint whose optimizer state was saved for other parameter groups than this
+    config's optimizer has (another ``model.recipe``, ``paramwise_cfg``, layer decay: mmengine failed in
+    ``Runner.train`` with a traceback, 'loaded state dict has a different number of parameter groups'):
+    ``ValueError`` naming the checkpoint, both splits and the way out (``load_from`` takes the weights only)."""
+    from mmengine.optim import OptimWrapper
+
+    saved = ckpt.get("optimizer") if isinstance(ckpt, dict) else None
+    if not isinstance(optim_wrapper, OptimWrapper) or not isinstance(saved, dict):
+        return
+    have, want = _group_sizes(saved), [len(g["params"]) for g in optim_wrapper.optimizer.param_groups]
+    if have is None or have == want:
+        return
+
+    if len(have) == len(want):
+        i = next(i for i, (a, b) in enumerate(zip(have, want)) if a != b)
+        differs = (f"{len(have)} parameter groups, group {i} of {have[i]} tensors, this config's optimizer's of "
+                   f"{want[i]}")
+    else:
+        differs = (f"{len(have)} parameter group(s) ({sum(have)} tensors), this config's optimizer {len(want)} "
+                   f"({sum(want)} tensors)")
+    raise ValueError(f"--resume {path}: its optimizer state has {differs} (model.recipe, paramwise_cfg or layer "
+                     f"decay changed?): a resume continues "
+                     f"the same training; to start a new run from its weights use --cfg-options load_from={path} "
+                     f"without --resume")
 
 
 def precheck_datasets(runner, attrs: tuple) -> None:

@@ -298,6 +298,20 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
                                  "train_dataloader.dataset.data_root={W}/empty"]),
         ("train_split_empty", ["{seg}", "--work-dir", "{out}", "--cfg-options",
                                "train_dataloader.dataset.data_root={W}/empty_seg"]),
+        # trial 8b: a work dir another run holds, one that is a file (or below one), an empty option value
+        ("work_dir_in_use_by_another_run", ["{seg}", "--work-dir", "{W}/busy_work_dir"]),
+        ("work_dir_is_a_file", ["{seg}", "--work-dir", "{W}/ann.json"]),
+        ("work_dir_below_a_file", ["{seg}", "--work-dir", "{W}/ann.json/sub"]),
+        ("cfg_option_empty_value", ["{seg}", "--work-dir", "{out}", "--cfg-options", "train_cfg.max_iters="]),
+        # retrieval fine-tuning: dataset arguments, a tokenizer other than the model's, a resume of other groups
+        ("pairs_scale_reversed", ["{W}/ret.py", "--work-dir", "{out}", "--cfg-options",
+                                  "train_dataloader.dataset.scale=[0.9,0.2]"]),
+        ("pairs_hflip_not_a_probability", ["{W}/ret.py", "--work-dir", "{out}", "--cfg-options",
+                                           "train_dataloader.dataset.hflip=2.0"]),
+        ("pairs_image_size_off_the_patch_grid", ["{W}/ret.py", "--work-dir", "{out}", "--cfg-options",
+                                                 "train_dataloader.dataset.image_size=30"]),
+        ("resume_with_other_parameter_groups", ["{W}/ret.py", "--work-dir", "{out}", "--resume",
+                                                "{W}/ret_other_groups.pth"]),
         ("csv_unknown_label", ["{cls}", "--work-dir", "{out}", "--cfg-options",
                                "train_dataloader.dataset.data_root={W}/digits",
                                "train_dataloader.dataset.ann_file=bad.csv",
@@ -319,6 +333,9 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("cfg_option_a_config_variable", ["{seg}", "{W}/other_ckpt.pth", "--work-dir", "{out}", "--cfg-options",
                                           "data_root={W}/imgs"]),
         ("checkpoint_is_a_folder", ["{seg}", "{W}/model", "--work-dir", "{out}"]),
+        ("work_dir_is_a_file", ["{seg}", "{W}/other_ckpt.pth", "--work-dir", "{W}/ann.json"]),
+        ("cfg_option_empty_value", ["{seg}", "{W}/other_ckpt.pth", "--work-dir", "{out}", "--cfg-options",
+                                    "test_dataloader.batch_size="]),
         ("bad_test_mode", ["{seg}", "{W}/other_ckpt.pth", "--work-dir", "{out}", "--cfg-options",
                            "model.test_cfg.mode=sliding"]),
         ("out_onto_a_user_file", ["{seg}", "{W}/other_ckpt.pth", "--work-dir", "{out}", "--out", "{W}/ann.json"]),
@@ -395,6 +412,49 @@ def _truncate(path: str, fraction: float = 0.5) -> None:
         f.truncate(int(size * fraction))
 
 
+#: folder locks this test process holds for the module: ``{W}/busy_work_dir`` is "in use by another run"
+_HELD_FDS: list = []
+
+
+def _retrieval_inputs(w: str) -> None:
+    """``{W}/ret.py``: the toy retrieval fine-tuning config on a small digits set; ``{W}/tok80``: another
+    tokenizer; ``{W}/ret_other_groups.pth``: a checkpoint of its model whose optimizer state has two parameter
+    groups; ``{W}/busy_work_dir``: a work dir another training run holds (its folder lock)."""
+    import fcntl
+
+    import torch
+    from mmengine.registry import DefaultScope
+
+    from retrieval.finetune.demo_data import all_captions, make_digit_pairs, train_tokenizer
+
+    os.makedirs(f"{w}/busy_work_dir")
+    fd = os.open(f"{w}/busy_work_dir", os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    _HELD_FDS.append(fd)
+    make_digit_pairs(f"{w}/digit_pairs", per_class=2)
+    os.makedirs(f"{w}/tok80")
+    train_tokenizer(f"{w}/tok80/tokenizer.model", all_captions(), vocab_size=80)
+    base = os.path.join(ROOT, "configs", "retrieval", "toy", "digits_internvl_tiny.py")
+    with open(f"{w}/ret.py", "w") as f:
+        f.write(f"_base_ = [{base!r}]\ndata_root = {w + '/digit_pairs'!r}\ntokenizer = data_root + '/tokenizer.model'\n"
+                "model = dict(tokenizer=tokenizer, config='internvl-tiny')\n"
+                "train_dataloader = dict(num_workers=0, persistent_workers=False, dataset=dict("
+                "annotation=data_root + '/train.json', tokenizer=tokenizer, image_size=28))\n"
+                "val_dataloader = dict(dataset=dict(annotation=data_root + '/val_10.json', tokenizer=tokenizer, "
+                "image_size=28))\ntest_dataloader = val_dataloader\n")
+    from mmengine.registry import MODELS
+
+    import retrieval.finetune  # noqa: F401  (registers the model)
+    from internvit.runner import load_config
+
+    cfg = load_config(f"{w}/ret.py")
+    with DefaultScope.overwrite_default_scope(cfg.get("default_scope")):
+        state = MODELS.build(cfg.model).state_dict()
+    torch.save({"meta": {"epoch": 1, "iter": 2}, "state_dict": state,
+                "optimizer": {"state": {}, "param_groups": [{"params": [0], "lr": 1e-3}, {"params": [1], "lr": 1e-3}]}},
+               f"{w}/ret_other_groups.pth")
+
+
 @pytest.fixture(scope="module")
 def W(tmp_path_factory) -> str:  # noqa: N802 - the placeholder's name
     import json
@@ -461,6 +521,7 @@ def W(tmp_path_factory) -> str:  # noqa: N802 - the placeholder's name
         f.write("model = dict(type='EncoderDecoder'\n")
     with open(f"{w}/no_model.py", "w") as f:
         f.write("default_scope = 'mmseg'\nx = 1\n")
+    _retrieval_inputs(w)
     # weights: a saved tiny model, a truncated copy, a truncated .pth, another model's checkpoint
     model = internvit.build_model("internvit-6b-tiny")
     internvit.save_model(model, f"{w}/model")

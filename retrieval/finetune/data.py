@@ -21,6 +21,7 @@ per caption (an image with 5 captions appears 5 times).
 """
 from __future__ import annotations
 
+import math
 import os
 import random
 from typing import Optional, Sequence, Union
@@ -123,6 +124,28 @@ def train_transform(image_size: int, scale: Sequence[float] = (0.5, 1.0), hflip:
     ])
 
 
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_transform_args(image_size, scale, hflip, mode: str = "train") -> None:
+    """Refuse what :class:`ImageTextPairs` would fail on at the first batch, or use silently (``ValueError``
+    naming the argument): an ``image_size`` that is not a positive integer; in training a ``scale`` that is not
+    an increasing pair within (0, 1] (RandomResizedCrop's area range: a reversed one failed in a data-loader
+    worker) and an ``hflip`` that is not a probability. The model checks ``image_size`` against its patch size
+    (:meth:`retrieval.finetune.model.InternVLRetrievalFinetune.check_setup`)."""
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"ImageTextPairs: image_size={image_size!r} is not a positive integer (pixels)")
+    if mode != "train":
+        return
+    pair = tuple(scale) if isinstance(scale, (list, tuple)) else None
+    if pair is None or len(pair) != 2 or not all(_number(v) for v in pair) or not 0 < pair[0] <= pair[1] <= 1:
+        raise ValueError(f"ImageTextPairs: scale={scale!r} must be an increasing pair (min, max) of area "
+                         f"fractions within (0, 1], e.g. (0.5, 1.0)")
+    if not _number(hflip) or not 0 <= hflip <= 1:
+        raise ValueError(f"ImageTextPairs: hflip={hflip!r} is not a probability (0 to 1)")
+
+
 def eval_transform(image_size: int):
     """The retrieval protocol's evaluation transform (squash resize, bicubic), as the index builder uses."""
     from internvit.transforms import build_transform, preprocess_config
@@ -186,7 +209,9 @@ class ImageTextPairs(Dataset):
                  max_words: int = 50) -> None:
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+        check_transform_args(image_size, scale, hflip, mode)
         self.mode = mode
+        self.image_size = int(image_size)
         self.tokenizer = _tokenizer(tokenizer, max_length)
         split = split if split is not None else ("train" if mode == "train" else "test")
         if mode == "train":

@@ -178,6 +178,25 @@ class InternVLRetrievalFinetune(BaseModel):
             self.model.logit_scale = nn.Parameter(scale.detach().reshape(1).clone())
         self.apply_recipe()
 
+    # -- set-up checks (internvit.runner.build_runner calls them with the dataloaders built) -----------------
+    def check_setup(self, runner) -> None:
+        """Compare each built dataloader's :class:`~retrieval.finetune.data.ImageTextPairs` with this model
+        (``ValueError`` naming the dataloader): its ``image_size`` must be a multiple of the patch size (the
+        model refused such batches only at the first step)."""
+        from .data import ImageTextPairs
+
+        patch = int(self.model.config.vision_config.patch_size)
+        for name in ("train", "val", "test"):
+            loader = getattr(runner, f"_{name}_dataloader", None)
+            dataset = getattr(loader, "dataset", None)
+            for ds in getattr(dataset, "datasets", None) or [dataset]:
+                if not isinstance(ds, ImageTextPairs):
+                    continue
+                where = f"{name}_dataloader.dataset"
+                if ds.image_size % patch:
+                    raise ValueError(f"{where}: image_size={ds.image_size} is not a multiple of the model's patch "
+                                     f"size {patch}")
+
     # -- trainable / frozen --------------------------------------------------------------------------------
     def _frozen_modules(self) -> list[nn.Module]:
         out = []

@@ -1,6 +1,7 @@
 """Trial 8b, training work dirs: one training run per work dir at a time (F4); ``--resume`` with nothing to
 resume keeps the config's ``load_from`` (F5); ``--overwrite`` sets the earlier run's checkpoints aside before the
-new run starts, so that a ``--resume`` never continues the earlier run (F14)."""
+new run starts, so that a ``--resume`` never continues the earlier run (F14); a work dir that is a file and an
+empty ``--cfg-options`` value name the flag (F15)."""
 import os
 import subprocess
 import sys
@@ -144,3 +145,18 @@ def test_overwrite_from_the_earlier_runs_weights_reads_them_from_their_new_place
                                 cfg_options=dict(SEG_OPTS, load_from=str(work / "iter_6.pth")))
     assert os.path.basename(os.path.dirname(runner._load_from)).startswith("overwritten_")
     assert os.path.isfile(runner._load_from)
+
+
+@pytest.mark.parametrize("argv,must", [
+    (["--work-dir", "{file}"], "error: --work-dir {file}: a file, not a folder"),
+    (["--work-dir", "{file}/sub"], "error: --work-dir {file}/sub: a file, not a folder ({file} is)"),
+    (["--work-dir", "{tmp}/w", "--cfg-options", "train_cfg.max_iters="],
+     "error: --cfg-options train_cfg.max_iters=: empty value"),
+])
+def test_work_dir_file_and_empty_option_value_name_the_flag(argv, must, tmp_path, capsys):
+    """F15: '[Errno 17] File exists', '[Errno 20] Not a directory', "invalid literal for int() ... ''"."""
+    (tmp_path / "afile").write_text("x")
+    fill = dict(file=str(tmp_path / "afile"), tmp=str(tmp_path))
+    line = _fails("train", [SEG_TOY, *[a.format(**fill) for a in argv]], capsys)
+    assert line == must.format(**fill) or line.startswith(must.format(**fill)), line
+    assert (tmp_path / "afile").read_text() == "x" and not (tmp_path / "w").exists()

@@ -1,0 +1,72 @@
+"""Trial 8b, retrieval fine-tuning: bad ImageTextPairs arguments are set-up errors (F10); --resume of a
+checkpoint whose optimizer state has other parameter groups (another recipe) is one error line naming it (F11)."""
+import os
+
+import pytest
+import torch
+
+from retrieval.finetune.demo_data import make_digit_pairs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BASE = os.path.join(ROOT, "configs", "retrieval", "toy", "digits_internvl_tiny.py")
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory) -> str:
+    """The toy retrieval config on a small digits set (2 scans a digit), no data-loader workers."""
+    tmp = tmp_path_factory.mktemp("trial8b_ret")
+    data = tmp / "digits"
+    make_digit_pairs(str(data), per_class=2)
+    path = tmp / "cfg.py"
+    path.write_text(f"_base_ = [{BASE!r}]\ndata_root = {str(data)!r}\ntokenizer = data_root + '/tokenizer.model'\n"
+                    "model = dict(tokenizer=tokenizer, config='internvl-tiny')\n"
+                    "train_dataloader = dict(num_workers=0, persistent_workers=False, dataset=dict("
+                    "annotation=data_root + '/train.json', tokenizer=tokenizer, image_size=28))\n"
+                    "val_dataloader = dict(dataset=dict(annotation=data_root + '/val_10.json', tokenizer=tokenizer, "
+                    "image_size=28))\ntest_dataloader = val_dataloader\n", encoding="utf-8")
+    return str(path)
+
+
+def _train_fails(argv: list, capsys) -> str:
+    from internvit.cli import UsageError, run
+    from tests.core.test_runner_errors import _tool
+
+    capsys.readouterr()
+    rc = run(_tool("train").main, argv, user_errors=(UsageError,))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: "), (rc, lines)
+    return lines[0]
+
+
+@pytest.mark.parametrize("option,must", [
+    ("train_dataloader.dataset.scale=[0.9,0.2]", "scale=[0.9, 0.2] must be an increasing pair"),
+    ("train_dataloader.dataset.scale=[0,1]", "scale=[0, 1] must be an increasing pair"),
+    ("train_dataloader.dataset.hflip=2.0", "hflip=2.0 is not a probability"),
+    ("train_dataloader.dataset.image_size=30", "train_dataloader.dataset: image_size=30 is not a multiple of the "
+                                               "model's patch size 14"),
+    ("val_dataloader.dataset.image_size=0", "image_size=0 is not a positive integer"),
+])
+def test_bad_image_text_pairs_arguments_are_setup_errors(option, must, cfg, tmp_path, capsys):
+    """F10: a reversed scale and an image size off the patch grid failed at the first batch (traceback, rc 1);
+    hflip=2.0 was accepted. Now one error line at set-up, and the work dir is not created."""
+    work = tmp_path / "work"
+    line = _train_fails([cfg, "--work-dir", str(work), "--cfg-options", option], capsys)
+    assert must in line, line
+    assert not work.exists()
+
+
+def test_resume_with_other_parameter_groups_is_one_line_naming_the_checkpoint(cfg, tmp_path, capsys):
+    """F11: --resume of a full-recipe checkpoint with model.recipe=head: a 30-line traceback from runner.train
+    ('loaded state dict has a different number of parameter groups'); now refused at set-up."""
+    from internvit.runner import build_train_runner
+
+    runner = build_train_runner(cfg, work_dir=str(tmp_path / "first"))
+    ckpt = tmp_path / "epoch_1.pth"
+    torch.save({"meta": {"epoch": 1, "iter": 2}, "state_dict": runner.model.state_dict(),
+                "optimizer": runner.optim_wrapper.state_dict()}, ckpt)
+    work = tmp_path / "work"
+    line = _train_fails([cfg, "--work-dir", str(work), "--resume", str(ckpt), "--cfg-options", "model.recipe=head"],
+                        capsys)
+    assert line.startswith(f"error: --resume {ckpt}: its optimizer state has ") and "this config's optimizer 1" in line
+    assert f"load_from={ckpt}" in line, line
+    assert not work.exists()
