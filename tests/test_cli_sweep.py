@@ -310,6 +310,8 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
                                            "train_dataloader.dataset.hflip=2.0"]),
         ("pairs_image_size_off_the_patch_grid", ["{W}/ret.py", "--work-dir", "{out}", "--cfg-options",
                                                  "train_dataloader.dataset.image_size=30"]),
+        ("model_tokenizer_not_the_datasets", ["{W}/ret.py", "--work-dir", "{out}", "--cfg-options",
+                                              "model.tokenizer={W}/tok80"]),
         ("resume_with_other_parameter_groups", ["{W}/ret.py", "--work-dir", "{out}", "--resume",
                                                 "{W}/ret_other_groups.pth"]),
         ("csv_unknown_label", ["{cls}", "--work-dir", "{out}", "--cfg-options",

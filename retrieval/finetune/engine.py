@@ -25,7 +25,9 @@ class RetrievalRecall(BaseMetric):
     """Image → text and text → image recall@k of every image embedding mode, computed by
     :func:`retrieval.evaluate.retrieval_recall` (the code of ``tools/eval_retrieval.py``, CLIP_benchmark's
     protocol). Keys: ``{C|G}/text_retrieval_recall@k`` (image → text), ``{C|G}/image_retrieval_recall@k``
-    (text → image), ``{C|G}/mean_recall``; with the default prefix ``retrieval/``."""
+    (text → image), ``{C|G}/mean_recall``; with the default prefix ``retrieval/``. A recall@k with k at least
+    the gallery (the number of images for text → image, of captions for image → text) is 1.0 for any model: it
+    is left out (a ``UserWarning`` names it) and not averaged into ``mean_recall``."""
 
     default_prefix = "retrieval"
 
@@ -49,12 +51,30 @@ class RetrievalRecall(BaseMetric):
         text = torch.cat([r["text"] for r in rows]).numpy()
         t2i = np.concatenate([np.full(len(r["text"]), n) for n, r in enumerate(rows)])
         out = {}
+        trivial = self._trivial_keys(len(rows), len(text))
         for mode in rows[0]["image"]:
             image = torch.stack([r["image"][mode] for r in rows]).numpy()
             rec = retrieval_recall(image, text, t2i, self.ks)
+            kept = {k: v for k, v in rec.items() if k != "mean_recall" and k not in trivial}
+            if kept:  # the mean of the recalls that measure something
+                kept["mean_recall"] = float(np.mean(list(kept.values())))
             tag = mode.split("-")[-1]
-            out.update({f"{tag}/{k}": v for k, v in rec.items()})
+            out.update({f"{tag}/{k}": v for k, v in kept.items()})
         return out
+
+    def _trivial_keys(self, n_images: int, n_texts: int) -> set:
+        """The recall@k keys that are 1.0 whatever the model (k >= the gallery: text → image over ``n_images``
+        images, image → text over ``n_texts`` captions): left out of the report and of ``mean_recall``, with a
+        warning (as classification's ``Accuracy`` leaves out a top-k not below the number of classes)."""
+        import warnings
+
+        left = [f"image_retrieval_recall@{k}" for k in self.ks if k >= n_images]
+        left += [f"text_retrieval_recall@{k}" for k in self.ks if k >= n_texts]
+        if left:
+            warnings.warn(f"RetrievalRecall: {', '.join(left)} not reported (k >= the gallery: {n_images} images, "
+                          f"{n_texts} captions; every query is a hit), nor averaged into mean_recall; choose ks "
+                          f"smaller than the gallery", UserWarning, stacklevel=2)
+        return set(left)
 
 
 # -- export ----------------------------------------------------------------------------------------------

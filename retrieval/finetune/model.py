@@ -101,6 +101,19 @@ def _read_itm_head(src: str) -> Optional[dict]:
     return out or None
 
 
+def _same_file(a: str, b: str) -> bool:
+    """The same file, or two files of the same bytes (a copy of the tokenizer in another folder)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        if os.path.getsize(a) != os.path.getsize(b):
+            return False
+        with open(a, "rb") as fa, open(b, "rb") as fb:
+            return fa.read() == fb.read()
+    except OSError:
+        return False
+
+
 @MODELS.register_module()
 class InternVLRetrievalFinetune(BaseModel):
     """InternVL-C/G retrieval fine-tuning (losses of reference-spec-2 §2.3) for mmengine runners.
@@ -182,7 +195,9 @@ class InternVLRetrievalFinetune(BaseModel):
     def check_setup(self, runner) -> None:
         """Compare each built dataloader's :class:`~retrieval.finetune.data.ImageTextPairs` with this model
         (``ValueError`` naming the dataloader): its ``image_size`` must be a multiple of the patch size (the
-        model refused such batches only at the first step)."""
+        model refused such batches only at the first step), and its tokenizer must be the one
+        :meth:`save_pretrained` ships in ``hf_model`` (``model.tokenizer``): trained on one and exported with
+        another, the saved folder tokenized captions with other ids than the model learnt."""
         from .data import ImageTextPairs
 
         patch = int(self.model.config.vision_config.patch_size)
@@ -196,6 +211,11 @@ class InternVLRetrievalFinetune(BaseModel):
                 if ds.image_size % patch:
                     raise ValueError(f"{where}: image_size={ds.image_size} is not a multiple of the model's patch "
                                      f"size {patch}")
+                theirs = ds.tokenizer.model_file
+                if self.tokenizer_path is not None and not _same_file(theirs, self.tokenizer_path):
+                    raise ValueError(f"{where}.tokenizer ({theirs}) is not model.tokenizer ({self.tokenizer_path}): "
+                                     f"the saved hf_model would not tokenize as the run trained and validated: "
+                                     f"give the model and every dataset the same tokenizer")
 
     # -- trainable / frozen --------------------------------------------------------------------------------
     def _frozen_modules(self) -> list[nn.Module]:

@@ -119,8 +119,13 @@ def test_predict_batch_of_caption_less_images():
     samples[0]["text_ids"] = torch.tensor([[1, 5, 2, 0, 0, 0, 0, 0, 0, 0]])
     metric = RetrievalRecall(ks=(1, 2))
     metric.process(None, model.predict(torch.randn(2, 3, 28, 28), samples))
-    res = metric.compute_metrics(metric.results)
-    assert res["G/text_retrieval_recall@1"] == 1.0 and res["G/image_retrieval_recall@2"] == 1.0  # 1 query each
+    trivial = "image_retrieval_recall@2, text_retrieval_recall@1, text_retrieval_recall@2 not reported"
+    with pytest.warns(UserWarning, match=trivial):
+        res = metric.compute_metrics(metric.results)
+    # 2 images (one a caption-less distractor), 1 caption: image -> text @1/@2 and text -> image @2 are 1.0 for any
+    # model (trial 8b F9: left out); text -> image @1 is what measures anything, and is the mean
+    assert sorted(k for k in res if k.startswith("G/")) == ["G/image_retrieval_recall@1", "G/mean_recall"]
+    assert res["G/mean_recall"] == res["G/image_retrieval_recall@1"] in (0.0, 1.0)
 
 
 def test_null_or_non_string_captions_and_paths_are_refused(tmp_path):
