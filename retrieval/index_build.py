@@ -832,15 +832,16 @@ def _last_added(manifest: dict, job: dict, identities: set, source: EmbeddingSou
     with the same metadata. Equal rows from another folder, or with other metadata (the same pictures under
     other paths or captions), are not a rerun: they are a duplicate (:func:`_refuse_duplicate`); taking them
     for one dropped the new paths and captions with "nothing to do" and exit 0."""
-    if (manifest.get("_store") or {}).get("job_id") == job_id(job):
-        return True
     records = manifest.get("embeddings") or []
     if len(records) < 2:
         return False
     last = records[-1]
     place = os.path.abspath(source.root) if source.root else "array"
-    return (bool(_identities(last) & identities) and last.get("source") == place
-            and last.get("metadata") == job.get("metadata"))
+    if last.get("source") != place:  # the job does not name its folder: equal rows elsewhere give an equal job
+        return False
+    if (manifest.get("_store") or {}).get("job_id") == job_id(job):
+        return True
+    return bool(_identities(last) & identities) and last.get("metadata") == job.get("metadata")
 
 
 def add_to_index(out_dir: str, embeddings, metadata=None, *, kind: Optional[str] = None,

@@ -125,8 +125,11 @@ def test_an_add_of_equal_rows_from_another_folder_is_a_duplicate_not_a_rerun(tmp
     idx = str(tmp_path / "idx")
     build_index(str(tmp_path / "a"), idx, index_key="Flat", progress=False)
     add_to_index(idx, str(tmp_path / "b"), progress=False)
+    assert add_to_index(idx, str(tmp_path / "b"), progress=False)["ntotal"] == 70  # the same add: nothing to do
+    with pytest.raises(ValueError, match=r"already in the index, added by add #1 .*ids 40\.\.69"):
+        add_to_index(idx, str(tmp_path / "b2"), progress=False)  # right after that add (the last commit)
     remove_from_index(idx, [0])
-    m = add_to_index(idx, str(tmp_path / "b"), progress=False)  # the same add again: nothing to do
+    m = add_to_index(idx, str(tmp_path / "b"), progress=False)  # the same add again, after another commit
     assert m["ntotal"] == 69 and len(m["embeddings"]) == 2
     with pytest.raises(ValueError, match=r"already in the index, added by add #1 .*ids 40\.\.69"):
         add_to_index(idx, str(tmp_path / "b2"), progress=False)
