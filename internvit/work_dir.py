@@ -17,6 +17,7 @@ import logging
 import os
 import os.path as osp
 import re
+import time
 from typing import Optional
 
 from internvit import compat
@@ -92,12 +93,35 @@ def _lock_holder(path: str) -> Optional[int]:
     return None
 
 
+#: seconds a new run waits for a work dir whose locking run is dead (its forked DataLoader workers, which share
+#: the lock, notice and exit within a few seconds)
+ORPHAN_WAIT_S = 30.0
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, killed and not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+    except OSError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def lock_work_dir(work_dir: str):
     """Hold training work dir ``work_dir`` for this run (an exclusive ``flock`` on the folder itself, as the
     store's folder locks: no lock file, released when the process ends, a kill included); returns the
     :class:`internvit.store.FolderLocks` to release. Another run holding it is a :class:`WorkDirBusyError`
-    naming that run (its process id and newest log folder). Distributed runs: rank 0 holds it for all ranks.
-    A file system without ``flock`` on folders is not locked."""
+    naming that run (its process id and newest log folder). When the process that took the lock is dead (killed:
+    its forked DataLoader workers share the lock until they notice and exit), the lock is waited for, up to
+    :data:`ORPHAN_WAIT_S` seconds, so a ``--resume`` right after a kill is not refused. Distributed runs: rank 0
+    holds it for all ranks. A file system without ``flock`` on folders is not locked."""
     from internvit.store import FolderLocks
 
     locks = FolderLocks()
@@ -107,15 +131,21 @@ def lock_work_dir(work_dir: str):
     earlier = _WORK_DIR_LOCKS.pop(key, None)
     if earlier is not None:  # a runner this process built before (not training now): this one takes over
         earlier.release()
-    try:
-        got = locks(work_dir)
-    except OSError as e:
-        if isinstance(e, BlockingIOError):
-            got = None
-        else:  # no flock on this file system
-            return locks
+    deadline = time.monotonic() + ORPHAN_WAIT_S
+    while True:
+        try:
+            got = locks(work_dir)
+        except OSError as e:
+            if isinstance(e, BlockingIOError):
+                got = None
+            else:  # no flock on this file system
+                return locks
+        pid = None if got is not None else _lock_holder(work_dir)
+        if got is not None or pid is None or _alive(pid) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)  # the run that took it was killed; its DataLoader workers (forked: they share the lock)
+        # are still exiting: a --resume right after the kill waits for them instead of being refused
     if got is None:
-        pid = _lock_holder(work_dir)
         logs = sorted(n for n in os.listdir(work_dir) if _RUN_FOLDER.match(n))
         who = f"pid {pid}" if pid is not None else "another process"
         log = f", its log folder {osp.join(work_dir, logs[-1])}" if logs else ""

@@ -160,3 +160,40 @@ def test_work_dir_file_and_empty_option_value_name_the_flag(argv, must, tmp_path
     line = _fails("train", [SEG_TOY, *[a.format(**fill) for a in argv]], capsys)
     assert line == must.format(**fill) or line.startswith(must.format(**fill)), line
     assert (tmp_path / "afile").read_text() == "x" and not (tmp_path / "w").exists()
+
+
+def test_a_run_killed_while_its_workers_live_on_does_not_lock_the_next_run_out(tmp_path):
+    """The lock is a flock on the folder, which forked DataLoader workers share: right after a kill -9 of a run,
+    its orphaned workers still held it for a few seconds and an immediate --resume was refused, naming the dead
+    run (verify round of trial 8b F4). A lock whose taker is dead is waited for; a live holder is still refused."""
+    import signal
+    import time
+
+    from internvit.work_dir import WorkDirBusyError, lock_work_dir
+
+    work = tmp_path / "w"
+    work.mkdir()
+    code = ("import os, sys, time\n"
+            "from internvit.work_dir import lock_work_dir\n"
+            f"lock_work_dir({str(work)!r})\n"
+            "parent = os.getpid()\n"
+            "if os.fork() == 0:\n"  # a 'DataLoader worker': shares the lock, exits 2 s after its parent is gone
+            "    while os.getppid() == parent: time.sleep(0.05)\n"
+            "    time.sleep(2); os._exit(0)\n"
+            "print('locked', flush=True); time.sleep(60)\n")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(WorkDirBusyError, match=rf"pid {proc.pid}"):  # alive: refused at once
+            lock_work_dir(str(work))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        t = time.monotonic()
+        lock_work_dir(str(work)).release()  # its worker lives on ~2 s, holding the lock: waited for
+        assert 0.5 < time.monotonic() - t < 20
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
