@@ -396,6 +396,11 @@ def check_train_loop(loop, ckpt: Any = None, train_cfg: Optional[dict] = None) -
         raise ValueError(f"the checkpoint to resume is at {unit} {done} and the config trains to {unit} {end}: "
                          f"nothing left to train (raise train_cfg.max_{unit.replace('iteration', 'iter')}s)")
     if by_epoch:
+        it = meta.get("iter")
+        if isinstance(it, int) and isinstance(iters, int) and it > iters:  # a checkpoint saved by iteration
+            raise ValueError(f"the checkpoint to resume is at iteration {it} and the config trains {iters} "
+                             f"iterations ({epochs} epochs of {iters // max(epochs, 1)}): nothing left to train "
+                             f"(raise train_cfg.max_epochs)")
         _check_epoch_boundaries(loop, meta)
 
 

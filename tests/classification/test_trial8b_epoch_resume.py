@@ -76,6 +76,11 @@ def test_a_checkpoint_outside_its_epoch_with_this_config_is_refused(toy_digits, 
     with pytest.raises(ValueError, match=rf"^the checkpoint to resume stands at iteration {2 * n + 3} in epoch 2, "
                                          rf"which this config's {n} iterations per epoch do not reach"):
         build_train_runner(CONFIG, work_dir=str(tmp_path / "r"), resume=ckpt, cfg_options=_options(toy_digits))
+    # inside an epoch past the schedule's end (saved by iteration): nothing left to train
+    torch.save({"state_dict": runner.model.state_dict(), "meta": {"epoch": 10, "iter": 10 * n + 3}}, ckpt)
+    with pytest.raises(ValueError, match=rf"^the checkpoint to resume is at iteration {10 * n + 3} and the config "
+                                         rf"trains {10 * n} iterations \(10 epochs of {n}\): nothing left"):
+        build_train_runner(CONFIG, work_dir=str(tmp_path / "r"), resume=ckpt, cfg_options=_options(toy_digits))
     # inside its epoch, or at an epoch boundary: accepted
     for it in (n + 3, n):
         torch.save({"state_dict": runner.model.state_dict(), "meta": {"epoch": 1, "iter": it}}, ckpt)
