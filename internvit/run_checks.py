@@ -434,15 +434,20 @@ def _param_groups(optim_wrapper) -> Iterator[tuple[str, dict]]:
             yield name, group
 
 
+#: the largest float32 (an lr above it overflowed at the first update: "value cannot be converted ... overflow")
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def check_learning_rates(optim_wrapper, ckpt: Any = None) -> None:
     """Refuse a non-finite learning rate (``lr=inf`` / ``nan``: the first update turns every weight NaN) in the
     built optimizer wrapper, or in the optimizer state of a checkpoint to resume (mmengine restores its
     learning rates over the config's). Raises ``ValueError``."""
     for name, group in _param_groups(optim_wrapper):
         lr = group.get("lr")
-        if isinstance(lr, (int, float)) and not math.isfinite(lr):
+        if isinstance(lr, (int, float)) and not (math.isfinite(lr) and abs(lr) <= FLOAT32_MAX):
             where = f"optim_wrapper.{name}.optimizer" if name else "optim_wrapper.optimizer"
-            raise ValueError(f"{where}.lr={lr}: the learning rate must be a finite number")
+            raise ValueError(f"{where}.lr={lr}: the learning rate must be a finite number (at most "
+                             f"{FLOAT32_MAX:.3g}: the update is computed in float32)")
     state = ckpt.get("optimizer") if isinstance(ckpt, dict) else None
     groups = state.get("param_groups") if isinstance(state, dict) else None
     for group in groups if isinstance(groups, list) else ():

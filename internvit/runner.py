@@ -356,6 +356,7 @@ def build_train_runner(config: str, *, work_dir: Optional[str] = None, resume: O
             cfg.optim_wrapper.type = "AmpOptimWrapper"
             cfg.optim_wrapper.loss_scale = "dynamic"
     _require(cfg, config, ("train_dataloader", "train_cfg", "optim_wrapper"), "training")
+    check_train_loop(None, train_cfg=cfg.get("train_cfg"))  # e.g. max_iters='abc': before the loop casts it
     if resume and resume != "auto":
         if osp.isdir(resume):
             raise IsADirectoryError(f"--resume {resume}: a folder, not a checkpoint file (give the .pth file, or "

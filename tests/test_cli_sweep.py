@@ -287,6 +287,8 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("work_dir_empty", ["{seg}", "--work-dir", ""]),
         ("cfg_option_key_misspelt", ["{seg}", "--work-dir", "{out}", "--cfg-options", "train_cfgs.max_iters=1"]),
         ("seed_not_an_integer", ["{seg}", "--work-dir", "{out}", "--cfg-options", "randomness.seed=abc"]),
+        ("max_iters_not_an_integer", ["{seg}", "--work-dir", "{out}", "--cfg-options", "train_cfg.max_iters=abc"]),
+        ("lr_beyond_float32", ["{seg}", "--work-dir", "{out}", "--cfg-options", "optim_wrapper.optimizer.lr=1e300"]),
         ("cfg_option_a_config_variable", ["{seg}", "--work-dir", "{out}", "--cfg-options", "max_iters=2"]),
         ("cfg_option_data_preprocessor_the_model_has", ["{seg}", "--work-dir", "{out}", "--cfg-options",
                                                         "data_preprocessor.mean=[0,0,0]"]),
