@@ -152,6 +152,10 @@ def test_overwrite_from_the_earlier_runs_weights_reads_them_from_their_new_place
     (["--work-dir", "{file}/sub"], "error: --work-dir {file}/sub: a file, not a folder ({file} is)"),
     (["--work-dir", "{tmp}/w", "--cfg-options", "train_cfg.max_iters="],
      "error: --cfg-options train_cfg.max_iters=: empty value"),
+    (["--work-dir", "{tmp}/w", "--cfg-options", "train_cfg.max_iters=abc"],
+     "error: train_cfg.max_iters='abc': must be an integer"),
+    (["--work-dir", "{tmp}/w", "--cfg-options", "optim_wrapper.optimizer.lr=1e300"],
+     "error: optim_wrapper.optimizer.lr="),
 ])
 def test_work_dir_file_and_empty_option_value_name_the_flag(argv, must, tmp_path, capsys):
     """F15: '[Errno 17] File exists', '[Errno 20] Not a directory', "invalid literal for int() ... ''"."""
