@@ -439,8 +439,9 @@ FLOAT32_MAX = 3.4028234663852886e38
 
 
 def check_learning_rates(optim_wrapper, ckpt: Any = None) -> None:
-    """Refuse a non-finite learning rate (``lr=inf`` / ``nan``: the first update turns every weight NaN) in the
-    built optimizer wrapper, or in the optimizer state of a checkpoint to resume (mmengine restores its
+    """Refuse a non-finite learning rate (``lr=inf`` / ``nan``: the first update turns every weight NaN), or one
+    beyond :data:`FLOAT32_MAX` (finite in Python, an overflow at the first update), in the built optimizer
+    wrapper, or a non-finite one in the optimizer state of a checkpoint to resume (mmengine restores its
     learning rates over the config's). Raises ``ValueError``."""
     for name, group in _param_groups(optim_wrapper):
         lr = group.get("lr")
