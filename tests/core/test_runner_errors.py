@@ -340,7 +340,7 @@ def test_an_empty_work_dir_or_a_folder_as_the_checkpoint_is_refused(tmp_path, ca
     ("train_cfg.max_epoch=1", "unexpected keyword argument 'max_epoch'"),
     ("train_cfg.max_epochs=0", "train_cfg.max_epochs=0: nothing to train"),
     ("train_cfg.max_epochs=-1", "train_cfg.max_epochs=-1: nothing to train"),
-    ("train_cfg.max_epochs=1.5", "train_cfg: `max_epochs` should be a integer"),
+    ("train_cfg.max_epochs=1.5", "train_cfg.max_epochs=1.5: must be an integer"),
     ("train_dataloader.batch_size=5000", "is the batch larger than the dataset with drop_last?): nothing to train"),
     ("train_cfg.val_interval=0", "train_cfg.val_interval=0: must be 1 or more"),
     ("model.head.num_classes=0", "the dataset has 10 classes but model.head.num_classes is 0"),

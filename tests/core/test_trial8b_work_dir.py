@@ -101,9 +101,11 @@ def test_resume_with_nothing_to_resume_keeps_load_from(seg_root, seg_checkpoint,
     opts = dict(SEG_OPTS, load_from=seg_checkpoint)
     runner = build_train_runner(SEG_TOY, work_dir=str(tmp_path / "fresh"), resume="auto", cfg_options=opts)
     assert runner._load_from == seg_checkpoint and not runner._resume
+    runner.train()
+    for handler in runner.logger.handlers:
+        handler.flush()
     assert f"--resume: no checkpoint in {tmp_path / 'fresh'} to resume; a new run starts from load_from=" \
            f"{seg_checkpoint}" in _run_log(tmp_path / "fresh")
-    runner.train()
     # the weights came from load_from (+1 on every tensor), not from the model's initialisation
     bias = runner.model.decode_head.conv_seg.bias.detach()
     assert bias.abs().min() > 0.5, bias
@@ -154,8 +156,6 @@ def test_overwrite_from_the_earlier_runs_weights_reads_them_from_their_new_place
      "error: --cfg-options train_cfg.max_iters=: empty value"),
     (["--work-dir", "{tmp}/w", "--cfg-options", "train_cfg.max_iters=abc"],
      "error: train_cfg.max_iters='abc': must be an integer"),
-    (["--work-dir", "{tmp}/w", "--cfg-options", "optim_wrapper.optimizer.lr=1e300"],
-     "error: optim_wrapper.optimizer.lr="),
 ])
 def test_work_dir_file_and_empty_option_value_name_the_flag(argv, must, tmp_path, capsys):
     """F15: '[Errno 17] File exists', '[Errno 20] Not a directory', "invalid literal for int() ... ''"."""
