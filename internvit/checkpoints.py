@@ -326,9 +326,9 @@ _TORCH_ADVICE = re.compile(r"weights_only`? (set to|=) `?False|will likely succe
 
 
 def torch_load_reason(text: str) -> str:
-    """The reason in the text of a ``torch.load`` error (at most 300 characters), without torch's advice to load
-    with ``weights_only=False``: its ``WeightsUnpickler error`` / ``Trying to load unsupported GLOBAL ...`` line,
-    else every line that is not advice, else :data:`TORCH_REFUSAL`."""
+    """The reason in the text of a ``torch.load`` error (at most 300 characters), without torch's advice to turn
+    weights-only loading off (this module never does): its ``WeightsUnpickler error`` / ``Trying to load
+    unsupported GLOBAL ...`` line, else every line that is not advice, else :data:`TORCH_REFUSAL`."""
     if "WeightsUnpickler error:" in text:  # torch's refusal: keep its reason, not its advice
         text = text.split("WeightsUnpickler error:", 1)[1]
     text = text.split("Check the documentation of torch.load", 1)[0]
