@@ -193,6 +193,7 @@ def build_runner(cfg, checkpoint: Optional[str] = None, dataloaders: tuple = (),
     existing = set(os.listdir(work_dir)) if osp.isdir(work_dir) else None
     created = first_missing_dir(work_dir)  # the Runner makes every missing folder of the path
     instances = _manager_instances()
+    _distinct_experiment_name(cfg, instances)
     try:
         with compat.deferred_config_dump():  # written below once every check passed
             runner = RUNNERS.build(cfg) if "runner_type" in cfg else Runner.from_cfg(cfg)
@@ -271,6 +272,35 @@ def _manager_instances() -> dict:
         if isinstance(reg, dict):
             out[id(reg)] = (reg, set(reg))
     return out
+
+
+_STAMP = re.compile(r"(?:^|_)\d{8}_\d{6}$")  # the Runner's experiment name: '{name}_{YYYYmmdd_HHMMSS}'
+
+
+def _distinct_experiment_name(cfg, instances: dict) -> None:
+    """Give ``cfg`` an ``experiment_name`` no earlier runner of this process used. The Runner names its logger,
+    message hub and visualizer ``{experiment_name}_{second}``, and mmengine hands out an existing instance of a
+    name: a second runner of the same config built in the same second logged into the first run's log file and
+    wrote its scalars to the first run's ``vis_data``. A name already used gets a suffix (``toy_2``); a
+    visualizer name already used (mmseg's configs name theirs ``'visualizer'``) is dropped, so that the visualizer
+    takes the experiment's name and this run's log folder."""
+    if cfg.get("experiment_name") is not None:
+        base = str(cfg.experiment_name)
+    elif cfg.filename is not None:
+        base = osp.splitext(osp.basename(cfg.filename))[0]
+    else:
+        base = ""  # the Runner's name is the bare timestamp
+    vis = cfg.get("visualizer")
+    if isinstance(vis, dict) and vis.get("name") is not None and any(vis["name"] in names for _, names in
+                                                                     instances.values()):
+        vis.pop("name")  # a fixed name ('visualizer', mmseg's configs): the first runner's, with its save_dir
+    used = {_STAMP.sub("", name) for _, names in instances.values() for name in names if _STAMP.search(name)}
+    if base not in used:
+        return
+    base, n = base or "run", 2
+    while f"{base}_{n}" in used:
+        n += 1
+    cfg.experiment_name = f"{base}_{n}"
 
 
 def _discard_run_files(work_dir: str, existing: Optional[set], before: dict, created: Optional[str] = None) -> None:

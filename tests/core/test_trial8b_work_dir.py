@@ -111,6 +111,35 @@ def test_resume_with_nothing_to_resume_keeps_load_from(seg_root, seg_checkpoint,
     assert bias.abs().min() > 0.5, bias
 
 
+def test_two_runners_of_one_config_in_one_second_log_to_their_own_files(seg_root, tmp_path, monkeypatch):
+    """CI, session 16: a runner built in the same second as an earlier one of the same config (a fixture's
+    runner, then the test's) got the earlier runner's logger (mmengine names it '{config}_{second}' and hands out
+    an existing instance of a name): its log lines went to the other run's log file, its own log stayed empty."""
+    import time
+    import types
+
+    import mmengine.runner.runner as mm_runner
+
+    from internvit.runner import build_train_runner
+
+    monkeypatch.chdir(seg_root)
+    frozen = types.SimpleNamespace(time=lambda: 1764800000.0, strftime=time.strftime, localtime=time.localtime)
+    monkeypatch.setattr(mm_runner, "time", frozen)  # both runners in one second
+    runners = [build_train_runner(SEG_TOY, work_dir=str(tmp_path / name), cfg_options=dict(SEG_OPTS))
+               for name in ("a", "b")]
+    assert runners[0].timestamp == runners[1].timestamp
+    for name, runner in zip("ab", runners):
+        runner.logger.info(f"line of run {name}")
+        for handler in runner.logger.handlers:
+            handler.flush()
+    logs = {name: _run_log(tmp_path / name) for name in "ab"}
+    assert "line of run a" in logs["a"] and "line of run b" not in logs["a"], logs["a"]
+    assert "line of run b" in logs["b"] and "line of run a" not in logs["b"], logs["b"]
+    for name, runner in zip("ab", runners):  # scalars go to each run's own vis_data (mmseg names its 'visualizer')
+        dirs = [backend._save_dir for backend in runner.visualizer._vis_backends.values()]
+        assert dirs and all(d.startswith(str(tmp_path / name) + os.sep) for d in dirs), dirs
+
+
 def test_overwrite_sets_the_earlier_runs_checkpoints_aside(seg_root, tmp_path, monkeypatch):
     """F14: --overwrite left the earlier run's checkpoints and last_checkpoint in place until each was replaced:
     a new run killed before its first checkpoint was 'resumed' from the earlier run's."""
