@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 __all__ = ["ArgumentParser", "UsageError", "run", "one_line", "print_error", "positive_int", "nonnegative_int",
            "positive_float", "fraction", "existing_path", "existing_file", "existing_dir", "device", "check_device",
-           "memory_size", "read_json"]
+           "memory_size", "read_json", "DTYPE_NAMES", "dtype_arg"]
 
 EXIT_USAGE = 2
 
@@ -210,6 +210,21 @@ def device(value: str) -> str:
         return check_device(value)
     except UsageError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+#: the dtype names every tool's ``--dtype`` and :func:`internvit.features.parse_dtype` accept → ``torch``'s name
+DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+               "fp16": "float16", "float16": "float16", "fp64": "float64", "float64": "float64"}
+
+
+def dtype_arg(value: str) -> str:
+    """argparse type for ``--dtype``: one of :data:`DTYPE_NAMES` (any case, ``torch.`` allowed) → torch's name
+    (``'bf16'`` → ``'bfloat16'``)."""
+    name = str(value).strip().lower()
+    name = name[len("torch."):] if name.startswith("torch.") else name
+    if name not in DTYPE_NAMES:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(DTYPE_NAMES)}, got {value!r}")
+    return DTYPE_NAMES[name]
 
 
 _MEM = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)

@@ -8,6 +8,7 @@ store (:mod:`internvit.store`: resumed after a kill, byte-identical to an uninte
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .cli import DTYPE_NAMES, dtype_arg
 from .data import ImageDataset, ImagesLike, IndexedDataset, collate_images, list_images
 from .fingerprint import (
     PreprocessingFingerprintWarning,
@@ -40,8 +42,7 @@ __all__ = ["FeatureExtractor", "FeatureResult", "read_features", "open_features"
 logger = logging.getLogger("internvit")
 
 POOLS = ("cls", "mean", "cls_mean", "grid")
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, torch_name) for name, torch_name in DTYPE_NAMES.items()}
 MANIFEST = "manifest.json"
 ERRORS = "errors.jsonl"
 #: the ``error`` of a row whose features hold NaN or infinity (not stored; listed in ``errors.jsonl``)
@@ -196,13 +197,14 @@ class FeatureResult:
 
 
 def parse_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
-    """``torch.float32`` / ``'fp32'`` / ``'bf16'`` / ... → ``torch.dtype``."""
+    """``torch.float32`` / ``'fp32'`` / ``'bf16'`` / ``'torch.bfloat16'`` / ... → ``torch.dtype`` (the names in
+    :data:`DTYPES`, any case, with or without ``torch.``). Raises ``ValueError`` naming the allowed names."""
     if isinstance(dtype, torch.dtype):
         return dtype
     try:
-        return DTYPES[str(dtype).lower()]
-    except KeyError:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}") from None
+        return getattr(torch, dtype_arg(dtype))
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(f"dtype {e}") from None
 
 
 def _stable_repr(obj: Any) -> str:

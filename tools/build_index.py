@@ -34,6 +34,7 @@ from internvit.cli import (  # noqa: E402
     ArgumentParser,
     UsageError,
     device,
+    dtype_arg,
     fraction,
     memory_size,
     nonnegative_int,
@@ -41,7 +42,6 @@ from internvit.cli import (  # noqa: E402
     run,
 )
 
-DTYPES = ("fp32", "bf16", "fp16", "float32", "bfloat16", "float16")
 MAX_ID = 2**63 - 1  # faiss ids are int64
 
 
@@ -93,7 +93,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--shard-size", type=positive_int, default=10_000, help="images per embedding shard")
     p.add_argument("--num-workers", type=nonnegative_int, default=0, help="image-reading worker processes")
     p.add_argument("--device", type=device, default="cpu")
-    p.add_argument("--dtype", default="fp32", choices=DTYPES, help="fp32, bf16 or fp16")
+    p.add_argument("--dtype", default="float32", type=dtype_arg, help="fp32, bf16, fp16, fp64 or torch's names")
     p.add_argument("--path-column", default=None, help="parquet column holding image paths")
     p.add_argument("--caption-column", default=None, help="parquet column holding captions")
     p.add_argument("--gpu", action="store_true", help="train / add with faiss-gpu when a GPU is present")

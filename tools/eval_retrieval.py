@@ -23,6 +23,7 @@ from internvit.cli import (  # noqa: E402
     ArgumentParser,
     UsageError,
     device,
+    dtype_arg,
     fraction,
     memory_size,
     nonnegative_int,
@@ -60,7 +61,7 @@ def build_parser() -> ArgumentParser:
     r.add_argument("--batch-size", type=positive_int, default=32)
     r.add_argument("--num-workers", type=nonnegative_int, default=0)
     r.add_argument("--device", type=device, default="cpu")
-    r.add_argument("--dtype", default="fp32")
+    r.add_argument("--dtype", default="float32", type=dtype_arg, help="fp32, bf16, fp16, fp64 or torch's names")
     r.add_argument("--out", default=None, help="also write the results as JSON here")
     r.add_argument("--overwrite", action="store_true", help="replace --out even if it is not one of our reports")
     q = sub.add_parser("index", help="index-quality report of a built index")

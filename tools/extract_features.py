@@ -23,7 +23,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from internvit.cli import ArgumentParser, UsageError, device, nonnegative_int, positive_int, run  # noqa: E402
+from internvit.cli import ArgumentParser, UsageError, device, dtype_arg, nonnegative_int, positive_int, run  # noqa: E402
 
 
 def build_parser() -> ArgumentParser:
@@ -46,7 +46,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--num-workers", type=nonnegative_int, default=0)
     p.add_argument("--shard-size", type=positive_int, default=1000)
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--dtype", default="float32", type=dtype_arg, help="fp32, bf16, fp16, fp64 or torch's names")
     p.add_argument("--device", type=device, default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--metadata-format", default="parquet", choices=["parquet", "jsonl"])
     p.add_argument("--max-image-pixels", type=nonnegative_int, default=None, metavar="N",

@@ -18,9 +18,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from internvit.cli import ArgumentParser, UsageError, device, existing_file, positive_int, run  # noqa: E402
+from internvit.cli import ArgumentParser, UsageError, device, dtype_arg, existing_file, positive_int, run  # noqa: E402
 
-DTYPES = ("fp32", "bf16", "fp16", "float32", "bfloat16", "float16")
 MAX_K = 2**31 - 1  # faiss' result lists; a search returns at most the index's vector count anyway
 
 
@@ -57,7 +56,8 @@ def build_parser() -> ArgumentParser:
                                                   "e.g. nprobe=64 or efSearch=128")
     p.add_argument("--device", type=device, default=None,
                    help="default: the one the index was built on (cpu without CUDA)")
-    p.add_argument("--dtype", default=None, choices=DTYPES, help="default: the one the index was built in")
+    p.add_argument("--dtype", default=None, type=dtype_arg,
+                   help="fp32, bf16, fp16, fp64 or torch's names; default: the one the index was built in")
     return p
 
 

@@ -19,7 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from internvit.cli import ArgumentParser, UsageError, device, memory_size, nonnegative_int, positive_int, run  # noqa: E402
+from internvit.cli import ArgumentParser, UsageError, device, dtype_arg, memory_size, nonnegative_int, positive_int, run  # noqa: E402
 
 
 def _nonneg_float(value: str) -> float:
@@ -55,7 +55,8 @@ def main(argv=None) -> int:
                    help="allow a --host that is not loopback (the service has no authentication)")
     p.add_argument("--device", type=device, default=None,
                    help="device of the query encoders (default: the one each index was built on, cpu without CUDA)")
-    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: the one each index was built in)")
+    p.add_argument("--dtype", default=None, type=dtype_arg,
+                   help="fp32, bf16, fp16, fp64 or torch's names; default: the one each index was built in")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model for InternVL text queries (overrides the "
                                                      "recorded one)")
     p.add_argument("--image-root", default=None, help="base folder of relative image paths in the metadata "

@@ -18,9 +18,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from internvit.cli import ArgumentParser, UsageError, device, nonnegative_int, positive_int, run  # noqa: E402
+from internvit.cli import ArgumentParser, UsageError, device, dtype_arg, nonnegative_int, positive_int, run  # noqa: E402
 
-DTYPES = ("float32", "float16", "bfloat16")
 LANGS = ("en", "zh", "ja", "ar", "it", "cn", "jp")
 #: at most this many skipped files are named on stderr (all are listed in --output's "failed")
 MAX_SKIPPED_LINES = 10
@@ -45,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "videos per batch (default 8; a forward pass sees batch-size x num-frames frames)")
     p.add_argument("--text-batch-size", type=positive_int, default=256)
     p.add_argument("--workers", type=nonnegative_int, default=2)
-    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--dtype", default="float32", type=dtype_arg, help="fp32, bf16, fp16, fp64 or torch's names")
     p.add_argument("--device", type=device, default="cpu")
     p.add_argument("--output", default=None,
                    help="JSON file to write as well (atomically; an existing file needs --overwrite); default: the "

@@ -297,6 +297,16 @@ def test_config_without_image_size_takes_it_from_the_position_table(vit_fixture,
 def test_load_model_takes_the_extractors_dtype_names(vit_fixture):
     assert internvit.load_model(vit_fixture, dtype="bf16").dtype == torch.bfloat16
     assert internvit.load_model("internvit-6b-tiny", dtype="fp16").dtype == torch.float16
+    # every spelling a model accepts as a torch.dtype is a name too (session 15: 'float64' was refused while
+    # torch.float64 loaded); torch's own spelling and any case as well; the tools' --dtype reads the same names
+    from internvit.cli import dtype_arg
+
+    for name, dtype in [("float64", torch.float64), ("FP64", torch.float64), ("torch.bfloat16", torch.bfloat16),
+                        (" Float32 ", torch.float32)]:
+        assert internvit.load_model("internvit-6b-tiny", dtype=name).dtype == dtype
+        assert getattr(torch, dtype_arg(name)) == dtype
+    with pytest.raises(ValueError, match=r"dtype must be one of fp32, .*fp64, float64, got 'int8'"):
+        internvit.load_model("internvit-6b-tiny", dtype="int8")
 
 
 @pytest.mark.parametrize("dtype", [torch.int8, torch.bool, torch.complex64, torch.float8_e4m3fn])
