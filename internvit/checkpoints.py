@@ -485,13 +485,6 @@ def _read_shard_index(index: str) -> list[str]:
     return files
 
 
-def broken_link_reason(path: str) -> Optional[str]:
-    """``'a broken symbolic link (to TARGET)'`` when ``path`` is a symbolic link whose target does not exist."""
-    if os.path.islink(path) and not os.path.exists(path):
-        return f"a broken symbolic link (to {os.readlink(path)})"
-    return None
-
-
 def find_weight_files(directory: str) -> list[str]:
     """Weight files of a Hugging Face directory, taken in ``transformers``' order (:data:`WEIGHT_SETS`:
     ``model.safetensors``, its shard index, ``pytorch_model.bin``, its shard index), else unindexed
@@ -501,9 +494,8 @@ def find_weight_files(directory: str) -> list[str]:
     present = [n for n in WEIGHT_SETS if os.path.lexists(os.path.join(directory, n))]
     if present:
         chosen = os.path.join(directory, present[0])
-        broken = broken_link_reason(chosen)
-        if broken:
-            raise CheckpointError(f"{chosen}: {broken}")
+        if not os.path.exists(chosen):
+            raise CheckpointError(f"{chosen}: {not_a_file_reason(chosen, 'weight file')}")
         files = _read_shard_index(chosen) if chosen.endswith(".index.json") else [chosen]
         if len(present) > 1:
             logging.getLogger("internvit").warning(
@@ -527,7 +519,7 @@ def open_weights(path: str | os.PathLike, *, mmap: bool = False) -> TensorSource
     src = TensorSource()
     for f in files:
         if not os.path.isfile(f):
-            raise CheckpointError(f"{f}: {broken_link_reason(f) or not_a_file_reason(f, 'weight file')}")
+            raise CheckpointError(f"{f}: {not_a_file_reason(f, 'weight file')}")
     copied = 0 if mmap else sum(os.path.getsize(f) for f in files)
     drop_behind = copied > 0 and drop_behind_for(copied)
     for f in files:

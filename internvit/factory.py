@@ -33,6 +33,7 @@ from .config import (
     is_preset,
     read_config_json,
 )
+from .file_reads import not_a_file_reason
 from .fileio import atomic_write, save_safetensors
 from .models.vit import InternViT, interpolate_pos_embed
 from .store import replace_folder
@@ -292,6 +293,9 @@ def load_model(
     if os.path.isdir(src):
         cfg_path = os.path.join(src, "config.json")
         if config is None:
+            if os.path.lexists(cfg_path) and not os.path.isfile(cfg_path):
+                reason = not_a_file_reason(cfg_path, "config file")
+                raise CheckpointError(f"{src}: config.json is {reason} (pass config=)")
             if not os.path.isfile(cfg_path):
                 raise CheckpointError(f"{src}: directory has no config.json (pass config=)")
             config = cfg_path  # get_config reads it and names it in every error

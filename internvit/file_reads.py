@@ -50,7 +50,10 @@ RUNNER_CHECKPOINT_READERS = "tools/test.py, and tools/train.py's --resume and lo
 
 def not_a_file_reason(path: str, what: str = "file") -> str:
     """Why ``path`` cannot be read as a ``what`` (it is not a regular file): ``'no such checkpoint file'``, ``'a
-    folder, not a checkpoint file'`` or ``'not a regular file (a device, pipe or socket)'``."""
+    folder, not a checkpoint file'``, ``'a broken symbolic link (to TARGET)'`` or ``'not a regular file (a device,
+    pipe or socket)'``."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return f"a broken symbolic link (to {os.readlink(path)})"
     if os.path.isdir(path):
         return f"a folder, not a {what}"
     if os.path.exists(path):

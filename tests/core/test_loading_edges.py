@@ -83,6 +83,18 @@ def test_dangling_weight_link_is_named(vit_fixture, tmp_path):
     os.symlink("../blobs/abc123", d / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"dang/model\.safetensors: a broken symbolic link \(to \.\./blobs/ab"):
         internvit.load_model(str(d))
+    # a dangling config.json (a Hugging Face cache folder whose blob is gone) read "directory has no config.json"
+    c = tmp_path / "dangcfg"
+    c.mkdir()
+    shutil.copy(os.path.join(vit_fixture, "model.safetensors"), c)
+    os.symlink("../blobs/cfg999", c / "config.json")
+    with pytest.raises(CheckpointError, match=r"dangcfg: config\.json is a broken symbolic link \(to \.\./blobs/cf"):
+        internvit.load_model(str(c))
+    # and every other file read names a dangling link the same way (one reason function)
+    from internvit.file_reads import require_file
+
+    with pytest.raises(FileNotFoundError, match=r"a broken symbolic link \(to \.\./blobs/cfg999\)"):
+        require_file(str(c / "config.json"), "config file")
 
 
 # ---- F4: every pickle torch may read is vetted; torch's advice is never shown -------------------------------
