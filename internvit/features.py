@@ -238,6 +238,13 @@ class FeatureExtractor:
     without ``tiles``.
     """
 
+    #: what :meth:`write` logs (rank 0, once every check passed, before computing) when the model has random
+    #: weights (a preset name given to :func:`internvit.load_model`); ``{name}``: the model's name; ``None``: quiet
+    random_init_warning: Optional[str] = (
+        "model {name} has RANDOM weights (a preset built without a checkpoint), not the released ones: these "
+        "features are a dry run and mean nothing; load the release's checkpoint folder (config.json + "
+        "safetensors) or a weight file with its config (the manifest records model.random_init: true)")
+
     def __init__(
         self,
         model: Optional[nn.Module],
@@ -665,6 +672,8 @@ class FeatureExtractor:
                     features_pattern=features_pattern, metadata_pattern=metadata_pattern,
                     metadata_format=metadata_format, overwrite=overwrite, discard_pending=discard_pending)
         rank, world = _dist_rank_world()
+        if info is not None and info.get("random_init") and self.random_init_warning and rank == 0:
+            logger.warning(self.random_init_warning.format(name=info.get("name")))  # after every refusal
         try:
             if world > 1:
                 from .distributed_features import write_distributed

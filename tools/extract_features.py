@@ -222,10 +222,7 @@ def _main(argv=None) -> int:
                           use_thumbnail=None if args.tiles is None else not args.no_thumbnail,
                           tile_pool=args.tile_pool, projector_input=args.projector_input,
                           downsample_ratio=args.downsample_ratio)
-    if _is_preset(args.model) and int(os.environ.get("RANK", "0")) == 0:  # every argument checked: say it once
-        import logging
-
-        logging.getLogger("internvit").warning(_random_weights_warning(args.model))
+    fx.random_init_warning = _random_weights_warning(args.model).replace("{", "{{").replace("}", "}}")  # see write
     try:
         m = fx.write(images, args.out, shard_size=args.shard_size, metadata_format=args.metadata_format,
                      metadata_pattern="metadata/part-{shard:05d}." + args.metadata_format,

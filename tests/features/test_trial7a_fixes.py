@@ -60,6 +60,31 @@ def test_a_preset_model_warns_once_and_the_manifest_records_random_weights(small
     assert model["name"] == preset and model["random_init"] is True
 
 
+def test_a_preset_run_refused_by_the_output_folder_prints_only_the_error(small, tmp_path):
+    """Session 15's list: a refusal found inside ``write`` (the folder holds another job) came after the
+    random-weights warning: two lines for one bad input."""
+    assert _cli("--model", "internvit-6b-tiny", "--images", small / "small", "--out", tmp_path / "o").returncode == 0
+    r = _cli("--model", "internvit-6b-tiny", "--images", small / "small", "--out", tmp_path / "o", "--pool", "mean")
+    assert r.returncode == 2 and len(_lines(r.stderr)) == 1, r.stderr
+    assert r.stderr.startswith(f"error: {tmp_path / 'o'} holds features made with different arguments (pool:")
+
+
+def test_the_api_warns_about_random_weights_when_it_writes(small, tmp_path, caplog):
+    import logging
+
+    import internvit
+
+    fx = FeatureExtractor(internvit.load_model("internvit-6b-tiny"), progress=False)
+    with caplog.at_level(logging.WARNING, logger="internvit"):
+        fx.write(str(small / "small"), str(tmp_path / "o"), shard_size=2)
+    warned = [r.getMessage() for r in caplog.records if "RANDOM" in r.getMessage()]
+    assert warned == [FeatureExtractor.random_init_warning.format(name="internvit-6b-tiny")], caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="internvit"):
+        fx.write(str(small / "small"), str(tmp_path / "o"), shard_size=2)  # finished: nothing computed, no warning
+    assert not [r for r in caplog.records if "RANDOM" in r.getMessage()]
+
+
 def test_loaded_weights_are_recorded_as_not_random_and_give_no_warning(small, tmp_path):
     import internvit
 
