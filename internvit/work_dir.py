@@ -182,15 +182,22 @@ def set_aside_earlier_run(runner, work_dir: str) -> Optional[str]:
     into a new folder ``work_dir/overwritten_<time>/`` before the new run starts, so that a ``--resume`` of the
     new run never continues the earlier one. Other files (a user's own ``.pth``, logs, ``hf_model``) stay. The
     log names what moved where; returns that folder (``None``: nothing to move). A ``load_from`` among them (a
-    new run from the earlier run's weights) is read from its new place."""
+    new run from the earlier run's weights) is read from its new place.
+
+    Killed part way (each move is one ``rename``), nothing is lost and the work dir is a state of the earlier
+    run: the best and older checkpoints move first, then ``last_checkpoint``, then the newest checkpoint, so a
+    ``--resume`` continues the earlier run from its newest checkpoint or, once that moved, starts anew; a rerun
+    with ``--overwrite`` moves what is left into another ``overwritten_<time>/``."""
     import time
 
     cfg = runner.cfg
 
-    names = [osp.basename(p) for _, p in _checkpoint_steps(cfg, work_dir)]
-    names += sorted(n for n in os.listdir(work_dir) if _BEST_CHECKPOINT.match(n) and n not in names)
+    periodic = [osp.basename(p) for _, p in _checkpoint_steps(cfg, work_dir)][::-1]  # oldest first
+    names = sorted(n for n in os.listdir(work_dir) if _BEST_CHECKPOINT.match(n) and n not in periodic)
+    names += periodic[:-1]
     if osp.isfile(osp.join(work_dir, "last_checkpoint")):
-        names.insert(0, "last_checkpoint")  # first: a kill in between never leaves it naming a moved file
+        names.append("last_checkpoint")
+    names += periodic[-1:]  # last: until it moves, a --resume continues the earlier run from its newest checkpoint
     if not names:
         return None
     aside = osp.join(work_dir, "overwritten_" + time.strftime("%Y%m%d_%H%M%S"))

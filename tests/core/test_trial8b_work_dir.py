@@ -158,8 +158,64 @@ def test_overwrite_sets_the_earlier_runs_checkpoints_aside(seg_root, tmp_path, m
     assert (work / "pretrained.pth").read_text() == "a user's file"
     assert not any((work / n).exists() for n in earlier)
     assert latest_complete_checkpoint(runner.cfg) is None  # a --resume now finds nothing of the earlier run
-    assert f"--overwrite: the earlier run's checkpoints (last_checkpoint, iter_6.pth, iter_3.pth, " \
-           f"best_mIoU_iter_6.pth) moved to {work / aside[0]}" in _run_log(work)
+    assert f"--overwrite: the earlier run's checkpoints (best_mIoU_iter_6.pth, iter_3.pth, last_checkpoint, " \
+           f"iter_6.pth) moved to {work / aside[0]}" in _run_log(work)
+
+
+class _Killed(BaseException):
+    """The process ends here (nothing after the rename runs; build_train_runner's clean-up only removes a work dir
+    it made, and this one existed)."""
+
+
+@pytest.mark.parametrize("kill_after", range(4))
+def test_overwrite_killed_at_each_move_loses_nothing_and_resumes_the_earlier_runs_newest(
+        seg_root, seg_checkpoint, tmp_path, monkeypatch, kill_after):
+    """Kill sweep of the set-aside moves (one rename each: every write point): after a kill, a --resume continues
+    the earlier run from its newest checkpoint (never an older one: moved last; once it moved, nothing is found,
+    as the test above shows), and a rerun with
+    --overwrite leaves every earlier file, byte for byte, in an overwritten_* folder and none in the work dir."""
+    import glob
+    import shutil
+
+    import internvit.work_dir as wd
+    from internvit.runner import build_train_runner, latest_complete_checkpoint
+
+    monkeypatch.chdir(seg_root)
+    work = tmp_path / "work"
+    (work / "20261203_183251").mkdir(parents=True)
+    for name in ("iter_3.pth", "iter_6.pth", "best_mIoU_iter_6.pth"):
+        shutil.copy(seg_checkpoint, work / name)
+        with open(work / name, "ab") as f:
+            f.write(name.encode())  # torch.load reads the zip's central directory from the end: still loads
+    (work / "last_checkpoint").write_text(str(work / "iter_6.pth"))
+    earlier = {n: (work / n).read_bytes() for n in os.listdir(work) if not n.startswith("2026")}
+    real, moves = os.replace, []
+
+    def replace(src, dst):  # the set-aside's moves (the config copy is written through a rename too)
+        if os.path.basename(src) in earlier and len(moves) == kill_after:
+            raise _Killed
+        real(src, dst)
+        if os.path.basename(src) in earlier:
+            moves.append(os.path.basename(src))
+
+    monkeypatch.setattr(wd.os, "replace", replace)
+    with pytest.raises(_Killed):
+        build_train_runner(SEG_TOY, work_dir=str(work), cfg_options=dict(SEG_OPTS), overwrite=True)
+    monkeypatch.setattr(wd.os, "replace", real)
+    assert len(moves) == kill_after
+    from mmengine.config import Config
+
+    cfg = Config(dict(work_dir=str(work), default_hooks={}))
+    found = latest_complete_checkpoint(cfg)  # what a --resume would continue from now
+    assert found == str(work / "iter_6.pth"), found
+
+    build_train_runner(SEG_TOY, work_dir=str(work), cfg_options=dict(SEG_OPTS), overwrite=True)
+    assert not any((work / n).exists() for n in earlier)
+    kept = {}
+    for path in glob.glob(str(work / "overwritten_*" / "*")):
+        assert os.path.basename(path) not in kept, path  # each earlier file once
+        kept[os.path.basename(path)] = open(path, "rb").read()
+    assert kept == earlier
 
 
 def test_overwrite_from_the_earlier_runs_weights_reads_them_from_their_new_place(seg_root, seg_checkpoint,
