@@ -332,6 +332,10 @@ class OwedValidationHook(Hook):
         where = owed_validation(getattr(runner, "_train_loop", None), getattr(runner, "val_loop", None))
         if where is None:
             return
-        runner.logger.info(f"resumed at {where}, whose checkpoint was saved before its validation: validating now")
+        loop = runner.train_loop
+        done = getattr(loop, "_iter", 0) >= getattr(loop, "_max_iters", float("inf"))  # both loops count iterations
+        runner.logger.info(f"resumed at {where}{' (the end of training)' if done else ''}: its checkpoint is written "
+                           f"before that step's validation, which the earlier run may not have finished: validating "
+                           f"now (the same weights give the same metric)")
         runner.val_loop.run()
         runner.model.train()

@@ -133,9 +133,9 @@ def _tools_round_trip(toy_digits, tmp_path, capsys):
                           cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = str(work / "epoch_10.pth")
-    import torch
+    from internvit.compat import load_runner_checkpoint
 
-    saved = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    saved = load_runner_checkpoint(ckpt, "cpu")["state_dict"]
     assert saved and all(k.startswith("head.") for k in saved)  # the frozen pretrained backbone is not saved
 
     test = _tool("test")

@@ -79,11 +79,15 @@ def test_resume_runs_the_validation_the_killed_run_owed(full_run, small_data, tm
     train(TOY_LINEAR, work_dir=work, resume="auto", cfg_options=_opts(small_data, work))
     expected = _validated(full_run)  # steps 2 and 4
     assert _validated(work) == expected[-(4 - step) // 2 - 1:]  # the owed validation, then the later ones
+    end = " (the end of training)" if step == 4 else ""
+    assert f"resumed at iteration {step}{end}: its checkpoint is written before that step's validation" in \
+        "".join(open(p).read() for p in glob.glob(os.path.join(work, "*", "*.log")))
     best = [os.path.basename(p) for p in glob.glob(os.path.join(full_run, "best_mIoU_*.pth"))]
     assert [os.path.basename(p) for p in glob.glob(os.path.join(work, "best_mIoU_*.pth"))] == best
     # the validation draws none of the training's random numbers: the resumed run ends with the same weights
-    a, b = (torch.load(os.path.join(d, "iter_4.pth"), map_location="cpu", weights_only=False)["state_dict"]
-            for d in (full_run, work))
+    from internvit.compat import load_runner_checkpoint
+
+    a, b = (load_runner_checkpoint(os.path.join(d, "iter_4.pth"), "cpu")["state_dict"] for d in (full_run, work))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
