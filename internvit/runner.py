@@ -47,11 +47,10 @@ from internvit.run_checks import (
     dataset_class_names,
     name_data_errors,
 )
-from internvit.store import first_missing_dir
+from internvit.store import first_missing_dir, make_dirs
 from internvit.train_hooks import OwedValidationHook, RunningStatsSyncHook, StepRandomnessHook, seed_data_loading
 from internvit.work_dir import (  # noqa: F401 - latest_complete_checkpoint: part of the runner API
     _is_local,
-    _make_dirs,
     _release_after_training,
     check_work_dir,
     check_work_dir_path,
@@ -394,7 +393,7 @@ def build_train_runner(config: str, *, work_dir: Optional[str] = None, resume: O
         if not osp.isfile(resume):
             raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
     work = osp.abspath(cfg.work_dir)
-    made = _make_dirs(work)
+    made = make_dirs(work)
     lock = lock_work_dir(work)  # before anything is read or written there: one training run at a time
     notes = []  # for the run's log, once it exists
     try:

@@ -226,6 +226,29 @@ def first_missing_dir(path: PathLike) -> Optional[str]:
     return path
 
 
+def make_dirs(path: PathLike) -> Optional[str]:
+    """``os.makedirs(path, exist_ok=True)`` that says what it made: the highest folder this call created
+    (the one to remove to undo it), ``None`` when ``path`` existed. A folder another process creates meanwhile
+    is not counted as made here (so a refused job never removes another's folder)."""
+    path = os.path.abspath(os.fspath(path))
+    missing = []
+    p = path
+    while not os.path.isdir(p):
+        missing.append(p)
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    made = None
+    for p in reversed(missing):
+        try:
+            os.mkdir(p)
+        except FileExistsError:
+            continue
+        made = made or p
+    return made
+
+
 def generation_name(name: str, generation: int) -> str:
     """``('image.index', 3)`` → ``'image.g0003.index'``: a new file name for each committed generation."""
     stem, ext = os.path.splitext(name)
@@ -349,8 +372,7 @@ class Store:
 
         if os.path.exists(self.folder) and not os.path.isdir(self.folder):
             raise StoreError(f"{self.folder}: exists and is not a folder")
-        self._made = first_missing_dir(os.path.join(self.folder, STORE_DIR))  # removed again if nothing is written
-        os.makedirs(os.path.join(self.folder, STORE_DIR), exist_ok=True)
+        self._made = make_dirs(os.path.join(self.folder, STORE_DIR))  # removed again if nothing is written
         self._lock = FileLock(os.path.join(self.folder, LOCK), timeout=0)
         try:
             self._lock.acquire()

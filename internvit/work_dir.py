@@ -49,27 +49,6 @@ class WorkDirBusyError(OSError):
 _WORK_DIR_LOCKS: dict = {}
 
 
-def _make_dirs(path: str) -> Optional[str]:
-    """Make ``path`` and its missing parents; the highest folder this call created (``None``: it existed). A
-    folder another process creates meanwhile is not counted as made here."""
-    missing = []
-    p = path
-    while not osp.isdir(p):
-        missing.append(p)
-        parent = osp.dirname(p)
-        if parent == p:
-            break
-        p = parent
-    made = None
-    for p in reversed(missing):
-        try:
-            os.mkdir(p)
-        except FileExistsError:
-            continue
-        made = made or p
-    return made
-
-
 def _global_rank() -> int:
     for var in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
         value = os.environ.get(var, "").strip()

@@ -39,3 +39,31 @@ def test_first_missing_dir_is_what_makedirs_would_create(tmp_path):
     assert first_missing_dir(tmp_path / "a" / "b" / "c") == str(tmp_path / "a")
     (tmp_path / "a").mkdir()
     assert first_missing_dir(tmp_path / "a" / "b" / "c") == str(tmp_path / "a" / "b")
+
+
+def test_make_dirs_counts_only_the_folders_it_made(tmp_path, monkeypatch):
+    """A folder another process creates between the look and the mkdir is not this call's to remove: a refused
+    job (Store.__exit__, a training set-up) would otherwise delete the other process's output folder."""
+    import os
+
+    from internvit.store import Store, make_dirs
+
+    assert make_dirs(tmp_path) is None
+    assert make_dirs(tmp_path / "a" / "b" / "c") == str(tmp_path / "a") and (tmp_path / "a" / "b" / "c").is_dir()
+    real_mkdir = os.mkdir
+    theirs = str(tmp_path / "x")
+
+    def racing_mkdir(path, *args, **kwargs):
+        if os.fspath(path) == theirs:  # the other process wins the race for this level
+            real_mkdir(path)
+            (tmp_path / "x" / "their_file").write_text("theirs")
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", racing_mkdir)
+    assert make_dirs(tmp_path / "x" / "y") == str(tmp_path / "x" / "y")
+    # a store block refused before writing removes what it made (x/z/.store, x/z), never x (theirs)
+    with pytest.raises(RuntimeError):
+        with Store(tmp_path / "x" / "z"):
+            raise RuntimeError("refused")
+    monkeypatch.setattr(os, "mkdir", real_mkdir)
+    assert not (tmp_path / "x" / "z").exists() and (tmp_path / "x" / "their_file").read_text() == "theirs"
