@@ -232,6 +232,14 @@ def skip_trained_batches(loop) -> int:
                          f"loader cannot leave the trained batches out (no seeded batch sampler): resume from an "
                          f"epoch checkpoint (epoch_N.pth)")
     sampler.skip = done * batch_sampler.batch_size
+    epoch, run_iter = loop._epoch, loop.run_iter
+
+    def resumed_run_iter(idx: int, data_batch) -> None:
+        """The resumed epoch's batches keep their numbers (``batch_idx`` of the hooks: the log's
+        ``[epoch][batch/len]``, the logger's end-of-epoch test), as in the uninterrupted run."""
+        return run_iter(idx + done if loop._epoch == epoch else idx, data_batch)
+
+    loop.run_iter = resumed_run_iter
     return done
 
 

@@ -4,6 +4,7 @@ not the final weights). It now continues after the batches it trained; a checkpo
 place is refused at set-up. F8: SGD takes lr=nan (torch checks lr < 0):
 refused at set-up."""
 import os
+import re
 
 import pytest
 import torch
@@ -55,8 +56,13 @@ def test_a_run_resumed_inside_an_epoch_ends_with_the_uninterrupted_weights(toy_d
     assert n >= 4
     step = n + 2 if where == "inside" else n
     shutil.copy(whole / f"iter_{step}.pth", tmp_path / f"iter_{step}.pth")  # a run killed right after this save
-    train(CONFIG, work_dir=str(tmp_path), cfg_options=_options(toy_digits, **RESUME_OPTS),
+    train(CONFIG, work_dir=str(tmp_path), cfg_options=_options(toy_digits, **RESUME_OPTS,
+                                                              **{"default_hooks.logger.interval": 1}),
           resume=str(tmp_path / f"iter_{step}.pth"))
+    # the resumed epoch's batches are logged with their numbers in the epoch (they restarted at 1)
+    log = "".join(open(p).read() for p in tmp_path.glob("*/*.log"))
+    logged = re.findall(r"Epoch\(train\)\s*\[(\d+)\]\[\s*(\d+)/(\d+)\]", log)
+    assert [(int(e), int(b), int(t)) for e, b, t in logged] == [(2, b, n) for b in range(step - n + 1, n + 1)]
     last = f"iter_{2 * n}.pth"
     assert not (tmp_path / f"iter_{2 * n + 1}.pth").exists()
     a, b = _state(whole / last), _state(tmp_path / last)
