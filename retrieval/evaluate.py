@@ -410,6 +410,30 @@ def retrieval_recall(image_emb: np.ndarray, text_emb: np.ndarray, text_to_image:
     return out
 
 
+def trivial_recall_keys(ks: Sequence[int], n_images: int, n_texts: int, *, who: str) -> set:
+    """The recall@k keys that are 1.0 whatever the model: k at least the gallery (text → image over
+    ``n_images`` images, image → text over ``n_texts`` captions). They are left out of a report and of its
+    ``mean_recall`` (as classification's ``Accuracy`` leaves out a top-k not below the number of classes), with
+    a ``UserWarning`` naming them (``who``: the reporter, e.g. ``'RetrievalRecall'``)."""
+    import warnings
+
+    left = [f"image_retrieval_recall@{k}" for k in ks if k >= n_images]
+    left += [f"text_retrieval_recall@{k}" for k in ks if k >= n_texts]
+    if left:
+        warnings.warn(f"{who}: {', '.join(left)} not reported (k >= the gallery: {n_images} images, {n_texts} "
+                      f"captions; every query is a hit), nor averaged into mean_recall; choose ks smaller than "
+                      f"the gallery", UserWarning, stacklevel=3)
+    return set(left)
+
+
+def without_keys(recall: dict, keys: set) -> dict:
+    """``recall`` (a :func:`retrieval_recall` result) without ``keys``, its ``mean_recall`` over the rest."""
+    kept = {k: v for k, v in recall.items() if k != "mean_recall" and k not in keys}
+    if kept:
+        kept["mean_recall"] = float(np.mean(list(kept.values())))
+    return kept
+
+
 def _search_closed(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """``(scores, ids)`` of the top ``k`` and at least one more, extended (doubling, per query) until the
     items tied with the k-th score are all listed or the index is exhausted, so that a score-based rank
@@ -444,6 +468,9 @@ def check_eval_settings(encoder, n_images: int, n_texts: int, *, ks: Sequence[in
     the image or caption index has vectors)."""
     if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
         raise ValueError(f"ks must be integers >= 1, got {list(ks)}")
+    if min(ks) >= max(n_images, n_texts):
+        raise ValueError(f"ks={list(ks)}: every k is at least the gallery ({n_images} images, {n_texts} captions): "
+                         f"each recall would be 1.0 for any model; choose ks smaller than the gallery")
     for name, v, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
@@ -486,12 +513,15 @@ def evaluate_retrieval(
 
     Two indexes are built in ``work_dir`` (a temporary folder by default): images (text → image) and captions
     (image → text), with ``index_key`` or the automatic choice. Returns ``{'exact': {...}, 'index': {...},
-    'index_keys': {...}, 'n_images', 'n_texts'}``; the gap between the two shows what the ANN index costs.
+    'index_keys': {...}, 'n_images', 'n_texts'}``; the gap between the two shows what the ANN index costs. A
+    recall@k with k at least the gallery is left out, with a warning (:func:`trivial_recall_keys`);
+    ``ValueError`` (:func:`check_eval_settings`) when every k is.
     """
     images, captions, t2i = load_annotations(annotations, image_root, split=split)
     check_eval_settings(encoder, len(images), len(captions), ks=ks, index_key=index_key,
                         max_index_memory=max_index_memory, target_recall=target_recall, batch_size=batch_size,
                         num_workers=num_workers)
+    trivial = trivial_recall_keys(ks, len(images), len(captions), who="recall")
     res = encoder.embed_images(images, batch_size=batch_size, num_workers=num_workers, progress=progress,
                                strict=True)
     img = res.features
@@ -518,6 +548,7 @@ def evaluate_retrieval(
     finally:
         if tmp is not None:
             tmp.cleanup()
+    exact, via_index = without_keys(exact, trivial), without_keys(via_index, trivial)
     return {"exact": exact, "index": via_index, "index_keys": keys, "n_images": len(images),
             "n_texts": len(captions), "encoder": encoder.name}
 

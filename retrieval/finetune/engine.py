@@ -42,7 +42,7 @@ class RetrievalRecall(BaseMetric):
                                      image={k: v.float().cpu() for k, v in s["image"].items()}))
 
     def compute_metrics(self, results: list) -> dict:
-        from retrieval.evaluate import retrieval_recall
+        from retrieval.evaluate import retrieval_recall, without_keys
 
         by_index = {}
         for r in results:  # distributed samplers may repeat items to pad shards
@@ -54,27 +54,16 @@ class RetrievalRecall(BaseMetric):
         trivial = self._trivial_keys(len(rows), len(text))
         for mode in rows[0]["image"]:
             image = torch.stack([r["image"][mode] for r in rows]).numpy()
-            rec = retrieval_recall(image, text, t2i, self.ks)
-            kept = {k: v for k, v in rec.items() if k != "mean_recall" and k not in trivial}
-            if kept:  # the mean of the recalls that measure something
-                kept["mean_recall"] = float(np.mean(list(kept.values())))
+            kept = without_keys(retrieval_recall(image, text, t2i, self.ks), trivial)
             tag = mode.split("-")[-1]
             out.update({f"{tag}/{k}": v for k, v in kept.items()})
         return out
 
     def _trivial_keys(self, n_images: int, n_texts: int) -> set:
-        """The recall@k keys that are 1.0 whatever the model (k >= the gallery: text → image over ``n_images``
-        images, image → text over ``n_texts`` captions): left out of the report and of ``mean_recall``, with a
-        warning (as classification's ``Accuracy`` leaves out a top-k not below the number of classes)."""
-        import warnings
+        """The recall@k keys that are 1.0 whatever the model (:func:`retrieval.evaluate.trivial_recall_keys`)."""
+        from retrieval.evaluate import trivial_recall_keys
 
-        left = [f"image_retrieval_recall@{k}" for k in self.ks if k >= n_images]
-        left += [f"text_retrieval_recall@{k}" for k in self.ks if k >= n_texts]
-        if left:
-            warnings.warn(f"RetrievalRecall: {', '.join(left)} not reported (k >= the gallery: {n_images} images, "
-                          f"{n_texts} captions; every query is a hit), nor averaged into mean_recall; choose ks "
-                          f"smaller than the gallery", UserWarning, stacklevel=2)
-        return set(left)
+        return trivial_recall_keys(self.ks, n_images, n_texts, who="RetrievalRecall")
 
 
 # -- export ----------------------------------------------------------------------------------------------
