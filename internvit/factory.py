@@ -241,6 +241,15 @@ def _image_size_from_checkpoint(cfg, raw: Optional[dict], source: TensorSource, 
     vision.check_grid()
 
 
+#: marks the log record of a resized position table (convert_checkpoint refuses the resize instead of warning)
+_RESIZED = "internvit_position_table_resized"
+
+
+class _WithoutResizeWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, _RESIZED, False)
+
+
 def load_model(
     source: SourceLike,
     config: ConfigLike = None,
@@ -330,7 +339,7 @@ def load_model(
         vision = cfg.vision_config if isinstance(cfg, InternVLConfig) else cfg
         logger.warning("%s: the checkpoint's position table (%s) is a %d x %d grid, the config's (image_size %d / "
                        "patch_size %d) a %d x %d grid: resized (bicubic) to the config's", src, k, old, old,
-                       vision.image_size, vision.patch_size, new, new)
+                       vision.image_size, vision.patch_size, new, new, extra={_RESIZED: True})
     if ignored:
         logger.info("%s: %s", src, report.summary())
     model.eval()
@@ -440,7 +449,12 @@ def convert_checkpoint(src: SourceLike, dst: SourceLike, *, to: str = "hf", conf
     if to == "original" and not os.fspath(dst).lower().endswith(WEIGHT_SUFFIXES):  # load_model reads the suffix
         raise ValueError(f"{os.fspath(dst)}: the destination needs a weight-file suffix "
                          f"({', '.join(WEIGHT_SUFFIXES)}), or it cannot be loaded back")
-    model = load_model(src, config, dtype=None)  # keep the stored dtype (16-bit releases stay 16-bit)
+    quiet = _WithoutResizeWarning()  # a resize is refused below: its warning would precede the error line
+    logger.addFilter(quiet)
+    try:
+        model = load_model(src, config, dtype=None)  # keep the stored dtype (16-bit releases stay 16-bit)
+    finally:
+        logger.removeFilter(quiet)
     if not isinstance(model, InternViT):
         raise CheckpointError(f"{src}: only vision (InternViT) checkpoints can be converted between families")
     for old, new in model.load_report.grids.values():  # a conversion renames keys: it never resamples weights

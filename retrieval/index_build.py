@@ -130,15 +130,16 @@ def _scan(source: EmbeddingSource, normalize: Optional[bool], where: str) -> tup
         raise EmbeddingError(f"{shard}: row {row} is not finite (NaN or inf); an index cannot hold it (extract "
                              f"again in fp32 / bf16, or drop the row)")
     unit = abs(scan["min_norm"] - 1) <= UNIT_TOLERANCE and abs(scan["max_norm"] - 1) <= UNIT_TOLERANCE
-    if normalize is None:
+    decided = normalize is None
+    if decided:
         normalize = not unit
-        if normalize:
-            logger.warning("%s: vectors are not unit length (L2 norms %.3g to %.3g): normalising them, so inner "
-                           "product = cosine similarity (queries are normalised too; normalize=False keeps "
-                           "raw inner products)", where, scan["min_norm"], scan["max_norm"])
-    if normalize and scan["zero"] is not None:
+    if normalize and scan["zero"] is not None:  # refused before the warning: a refused run prints one line
         shard, row = scan["zero"]
         raise EmbeddingError(f"{shard}: row {row} is all zeros and cannot be normalised; drop it")
+    if decided and normalize:
+        logger.warning("%s: vectors are not unit length (L2 norms %.3g to %.3g): normalising them, so inner "
+                       "product = cosine similarity (queries are normalised too; normalize=False keeps "
+                       "raw inner products)", where, scan["min_norm"], scan["max_norm"])
     return scan, bool(normalize)
 
 
@@ -665,15 +666,16 @@ def _build_in_store(st: Store, source: EmbeddingSource, *, kind, plan, n, dim, n
             bad = [int(r[f["nonfinite"]]) for r, f in zip(sample, facts) if f["nonfinite"] is not None]
             if bad:
                 check.check(np.array([min(bad)]), raw.take(np.array([min(bad)])))
+            warn = decided is None and normalize is None
             if decided is None:
                 decided = bool(normalize) if normalize is not None else any(f["nonunit"] is not None for f in facts)
-                if decided and normalize is None:
-                    _warn_normalising(where, min(f["min_norm"] for f in facts), max(f["max_norm"] for f in facts))
-            if decided:
+            if decided:  # a zero row is refused before the normalising warning (a refused run prints one line)
                 zeros = [int(r[f["zero"]]) for r, f in zip(sample, facts) if f["zero"] is not None]
                 if zeros:
                     check.normalize = True
                     check.check(np.array([min(zeros)]), raw.take(np.array([min(zeros)])))
+                if warn:
+                    _warn_normalising(where, min(f["min_norm"] for f in facts), max(f["max_norm"] for f in facts))
             index = new_index(plan.key, dim)
             helper = maybe_gpu(index, use_gpu)
             if not index.is_trained:

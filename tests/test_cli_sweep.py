@@ -16,6 +16,7 @@ process prints (import-time notices such as faiss' AVX512 loader message).
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import runpy
 import shutil
@@ -239,6 +240,7 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("max_index_memory_bad", [*BUILD, "--max-index-memory", "lots"]),
         ("target_recall_1_5", [*BUILD, "--target-recall", "1.5"]),
         ("add_to_missing_index", [*BUILD, "--add"]),
+        ("all_zero_row", ["{W}/emb_zero_row", "{out}", "--quiet"]),  # refused before the normalising warning
         ("workers_0", [*BUILD, "--workers", "0"]),
         ("id_offset_negative", [*BUILD, "--id-offset", "-1"]),
         ("overwrite_undoing_a_removal", ["{W}/emb", "{W}/idx_removed", "--overwrite", "--index-key", "HNSW16",
@@ -552,6 +554,9 @@ def W(tmp_path_factory) -> str:  # noqa: N802 - the placeholder's name
     x = rng.standard_normal((8, 16)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     write_embeddings(f"{w}/emb", x)
+    zero_row = 3 * x  # not unit length (so normalised, with its warning) and one row that cannot be
+    zero_row[5] = 0
+    write_embeddings(f"{w}/emb_zero_row", zero_row)
     build_index(f"{w}/emb", f"{w}/idx", index_key="Flat", progress=False)
     shutil.copytree(f"{w}/idx", f"{w}/idx_removed")  # an index with a removal: a rebuild would undo it
     remove_from_index(f"{w}/idx_removed", [3])
@@ -606,6 +611,11 @@ def run_tool(tool: str, argv: list[str]) -> int:
     """``python tools/<tool>.py argv`` in this process: the exit status (an uncaught exception propagates)."""
     saved_argv = sys.argv
     sys.argv = [os.path.join(ROOT, "tools", f"{tool}.py"), *argv]
+    # pytest's log capture puts handlers on the root logger, which would make the tools' log warnings
+    # invisible here (cli.tool_output prints records only when the process configured no logging itself)
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    root.handlers.clear()
     try:
         with warnings.catch_warnings():  # Python's default warning filters, printed to stderr as a user sees them
             warnings.resetwarnings()
@@ -620,6 +630,8 @@ def run_tool(tool: str, argv: list[str]) -> int:
         return 0
     finally:
         sys.argv = saved_argv
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
 
 
 def _fill(argv, **values):
