@@ -554,19 +554,20 @@ def evaluate_retrieval(
 
 
 def load_query_vectors(path: Union[str, os.PathLike]) -> np.ndarray:
-    """The numeric array of a ``.npy`` file of query vectors (any shape; int, uint or float dtype), read without
-    pickles. ``ValueError`` naming the file for a file numpy cannot read (a pickle, an object array, garbage)
-    and for one holding strings, objects or booleans (numpy's own message names neither). The tools prefix
-    the flag that named the file."""
+    """The float32 array of a ``.npy`` file of query vectors (any shape; any float dtype), read without pickles.
+    ``ValueError`` naming the file for a file numpy cannot read (a pickle, an object array, garbage) and, by
+    :func:`~retrieval.search.check_query_dtype`, for one holding anything but finite floats (integers, complex
+    numbers, strings, NaN), naming its dtype. The tools prefix the flag that named the file."""
+    from .search import check_query_dtype
+
     try:
         q = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
         msg = (str(e).splitlines() or [type(e).__name__])[0]
         raise ValueError(f"{os.fspath(path)}: not a readable .npy array of query vectors ({msg[:120]})") from None
-    if not isinstance(q, np.ndarray) or q.dtype.kind not in "fiu":
-        raise ValueError(f"{os.fspath(path)}: not an .npy array of query vectors (it holds {q.dtype} values, "
-                         f"not numbers)")
-    return q
+    if not isinstance(q, np.ndarray):
+        raise ValueError(f"{os.fspath(path)}: not an .npy array of query vectors")
+    return check_query_dtype(q, path)
 
 
 RECALL_DEFINITION = ("recall@k = |found top-k ∩ exact top-k| / min(k, neighbours the query has); 1-recall@k = the "

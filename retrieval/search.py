@@ -38,6 +38,43 @@ class SearchResult:
         return out
 
 
+_KINDS = {"i": "integers", "u": "unsigned integers", "b": "booleans", "c": "complex numbers"}
+
+
+def check_query_dtype(embeddings, source: Optional[str] = None) -> np.ndarray:
+    """The one rule for query vectors' values (the search CLI's ``--embedding`` file, ``Retriever`` and
+    ``index_quality`` queries): floating point of any width (float16/32/64, a float torch tensor), returned as
+    float32. Refused with a ``ValueError`` naming ``source`` (a file; else "query embeddings") and the dtype:
+    integers or booleans (ids or labels saved by mistake would be searched as directions), complex numbers
+    (the imaginary part would be dropped), strings / objects, and NaN or infinity (also values beyond float32's
+    range, which become infinity)."""
+    where = f"{os.fspath(source)}: " if source is not None else ""
+    if hasattr(embeddings, "detach") and callable(getattr(embeddings, "is_floating_point", None)) \
+            and embeddings.is_floating_point():
+        embeddings = embeddings.detach().float().cpu().numpy()  # bf16 has no numpy dtype
+    try:
+        q = np.asarray(embeddings)
+    except (ValueError, TypeError) as e:  # ragged lists
+        raise ValueError(f"{where}query embeddings are not an array of numbers ({first_line(e)[:80]})") from None
+    if q.dtype.kind not in "fiucb":
+        raise ValueError(f"{where}not an {'.npy ' if source is not None else ''}array of query vectors (it holds "
+                         f"{q.dtype} values, not numbers)")
+    if q.dtype.kind != "f":
+        what = _KINDS.get(q.dtype.kind, "values")
+        hint = {"i": "; if they really are vectors, convert them with .astype('float32')",
+                "u": "; if they really are vectors, convert them with .astype('float32')",
+                "c": ": the imaginary part would be dropped"}.get(q.dtype.kind, "")
+        raise ValueError(f"{where}query embeddings must be floating-point numbers, got {q.dtype} ({what}){hint}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = q.astype(np.float32)
+    finite = np.isfinite(out)
+    if not finite.all():
+        row = int(np.argwhere(~finite)[0][0]) if out.ndim else 0
+        cause = "values beyond float32's range" if np.isfinite(q).all() else "NaN or inf"
+        raise ValueError(f"{where}query embeddings contain {cause} ({q.dtype}, row {row})")
+    return out
+
+
 class _Queries:
     """What every searcher shares: query validation, text / image encoding and the result rows. A subclass
     provides ``manifest``, ``encoder``, ``metadata_rows(ids)`` and ``_search(q, k) -> (scores, ids)``."""
@@ -49,7 +86,7 @@ class _Queries:
 
         Raises ``ValueError`` for an empty, non-finite or all-zero query or ``k < 1``,
         :class:`IndexMismatchError` for another dim."""
-        q = np.asarray(embeddings, dtype=np.float32)
+        q = check_query_dtype(embeddings)
         if q.ndim == 1:
             q = q[None]
         if q.ndim != 2 or q.shape[0] == 0:
@@ -57,8 +94,6 @@ class _Queries:
         dim = self.manifest["dim"]
         if q.shape[1] != dim:
             raise IndexMismatchError(f"{self.index_dir}: query dim {q.shape[1]} != index dim {dim}")
-        if not np.isfinite(q).all():
-            raise ValueError("query embeddings contain NaN or inf")
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
         norms = np.linalg.norm(q, axis=1, keepdims=True)
