@@ -54,6 +54,7 @@ from .serve_core import (  # noqa: F401 - re-exported: the service's public name
     _jsonable,
     as_id,
     as_int,
+    check_fields,
     check_host,
     decode_image,
     manifest_signature,
@@ -64,6 +65,43 @@ logger = logging.getLogger("retrieval.serve")
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 
+#: the fields of each request body (anything else is a 422 naming it: a typo is never silently ignored)
+SEARCH_FIELDS = ("index", "k", "text", "image", "embedding", "id")
+FORM_FIELDS = ("index", "k", "text", "image", "id")
+#: clip-retrieval's ClipClient and front end send all of these (the filters they name are not implemented:
+#: use_mclip and image_url are refused when set; the safety / violence / aesthetic options are accepted and ignored)
+KNN_FIELDS = ("text", "image", "image_url", "embedding_input", "deduplicate", "use_safety_model",
+              "use_violence_detector", "indice_name", "use_mclip", "aesthetic_score", "aesthetic_weight", "modality",
+              "num_images", "num_result_ids")
+METADATA_FIELDS = ("indice_name", "ids")
+
+
+class _NotUtf8(Exception):
+    """A multipart text field that is not UTF-8 (Starlette would decode it as latin-1: mojibake searched)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def _strict_form_parser():
+    """Starlette's multipart parser with text fields decoded as UTF-8 strictly (:class:`_NotUtf8` otherwise)."""
+    from starlette.formparsers import MultiPartParser
+
+    class StrictForm(MultiPartParser):
+        def on_part_end(self) -> None:
+            part = self._current_part
+            if part.file is None:
+                try:
+                    bytes(part.data).decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise _NotUtf8(f"form field {part.field_name[:40]!r} is not UTF-8 text (byte "
+                                   f"0x{part.data[e.start]:02x} at offset {e.start})") from None
+            super().on_part_end()
+
+    return StrictForm
+
+
 # ------------------------------------------------------------------------------------------ the app
 def _index_names(index_dirs) -> dict:
     """``{name: folder, or [folders] of a group}`` from create_app's ``index_dirs`` (a group: a list value, or
@@ -71,8 +109,13 @@ def _index_names(index_dirs) -> dict:
     from .sharded import parse_group
 
     if isinstance(index_dirs, dict):
-        return {str(k): os.fspath(v) if isinstance(v, (str, os.PathLike)) else [os.fspath(x) for x in v]
-                for k, v in index_dirs.items()}
+        out = {str(k): os.fspath(v) if isinstance(v, (str, os.PathLike)) else [os.fspath(x) for x in v]
+               for k, v in index_dirs.items()}
+        for name in out:
+            check_index_name(name, name)
+        if not out:
+            raise ValueError("no index folders given")
+        return out
     if isinstance(index_dirs, (str, os.PathLike)):
         index_dirs = [index_dirs]
     names: dict = {}
@@ -83,8 +126,9 @@ def _index_names(index_dirs) -> dict:
         group = parse_group(d)
         if group is not None:
             name, path = group
-        elif not sep or not name or os.path.exists(d):
-            name, path = os.path.basename(os.path.normpath(d)) or "index", d
+        elif not sep or not name or os.path.exists(d):  # named by the folder (".": the current folder's name)
+            name, path = os.path.basename(os.path.abspath(d)) or "index", d
+        check_index_name(name, d)
         if not path:
             raise ValueError(f"index argument {d!r}: no folder after {name + '=' if sep else ''!r} (give NAME=DIR)")
         if name in names:  # a renamed duplicate would serve one of them under a name nobody chose
@@ -94,6 +138,27 @@ def _index_names(index_dirs) -> dict:
     if not names:
         raise ValueError("no index folders given")
     return names
+
+
+def check_index_name(name: str, given: str) -> None:
+    """Refuse an index name the service cannot route (``ValueError`` naming the argument ``given``): empty,
+    ``.`` / ``..`` (clients resolve them away in ``/image/{index}/{id}``), or holding ``/`` (a path separator even
+    when percent-encoded) or a control character. Every other name works: URLs carry it percent-encoded
+    (:func:`index_url`)."""
+    why = ("is empty" if not name else "is '.' or '..'" if name in (".", "..") else
+           "contains '/'" if "/" in name else
+           "contains a control character" if any(ord(c) < 32 or ord(c) == 127 for c in name) else None)
+    if why:
+        raise ValueError(f"index argument {given!r}: the index name {name!r} {why}, so it cannot appear in the "
+                         f"service's URLs; give another name with NAME=DIR")
+
+
+def index_url(route: str, name: str, id_: int) -> str:
+    """The path ``/{route}/{name}/{id}`` of an index's item, the name percent-encoded (a name may hold spaces,
+    ``#``, ``?``, ``%`` or non-ASCII letters)."""
+    from urllib.parse import quote
+
+    return f"/{route}/{quote(name, safe='')}/{int(id_)}"
 
 
 SECURITY_HEADERS = [
@@ -127,6 +192,10 @@ class _Guard:
 
         if sum(len(k) + len(v) for k, v in headers) + len(scope.get("raw_path") or b"") > self.max_header_bytes:
             return await _send_json(guarded_send, 431, {"error": f"request head over {self.max_header_bytes} bytes"})
+        repeated = _repeated_params(scope.get("query_string") or b"")
+        if repeated:
+            return await _send_json(guarded_send, 422, {"error": f"query parameter {repeated!r} is given more "
+                                                                 f"than once: give each parameter once"})
         for k, v in headers:
             if k == b"content-length":
                 try:
@@ -154,6 +223,23 @@ class _Guard:
                 await _send_json(guarded_send, e.status, {"error": e.message})
 
 
+def _repeated_params(query_string: bytes) -> Optional[str]:
+    """The first query-string parameter given more than once (``?size=64&size=512``: which one counts is up to
+    the framework; the service refuses to guess), else ``None``."""
+    from urllib.parse import parse_qsl
+
+    names = [k for k, _ in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)]
+    dup = [k for k, c in collections.Counter(names).items() if c > 1]
+    return dup[0][:40] if dup else None
+
+
+def is_multipart(content_type: Union[str, bytes]) -> bool:
+    """Whether a Content-Type header names a multipart form (media types are case-insensitive: RFC 9110)."""
+    if isinstance(content_type, bytes):
+        content_type = content_type.decode("latin-1")
+    return content_type.strip().lower().startswith("multipart/form-data")
+
+
 def json_bytes(obj: Any) -> bytes:
     """``obj`` (already JSON-safe: :func:`_jsonable`) as compact UTF-8 JSON, as Starlette's ``JSONResponse``
     writes it. Raises ``ValueError`` for a NaN or infinity."""
@@ -179,7 +265,7 @@ class _FastJson:
         handler = self.routes.get(scope.get("path")) if scope["type"] == "http" and scope["method"] == "POST" \
             else None
         if handler is None or (scope["path"] == "/search" and any(
-                k == b"content-type" and v.startswith(b"multipart/form-data") for k, v in scope["headers"])):
+                k == b"content-type" and is_multipart(v) for k, v in scope["headers"])):
             return await self.app(scope, receive, send)
         chunks = []
         while True:  # the body limit is enforced by the receive the guard hands in
@@ -294,16 +380,16 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
                   openapi_url=None)
     app.state.served, app.state.batchers, app.state.limits = served, batchers, limits
 
-    def err(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
+    def err(status: int, message: str, headers: Optional[dict] = None) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
 
     @app.exception_handler(ApiError)
     async def _api_error(request, e: ApiError):
         return err(e.status, e.message)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request, e):
-        return err(e.status_code, str(e.detail))
+    async def _http_error(request, e):  # its headers too: a 405 says what is allowed (Allow)
+        return err(e.status_code, str(e.detail), getattr(e, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request, e):
@@ -349,6 +435,8 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
             raise ApiError(422, "image must be a base64 string")
         if s.startswith("data:"):
             s = s.partition(",")[2]
+        if any(c in s for c in " \t\r\n"):  # MIME base64 (and many encoders) break lines every 76 characters
+            s = "".join(s.split())
         if len(s) > (limits.max_upload_bytes * 4) // 3 + 8:
             raise ApiError(413, f"image is over the limit of {limits.max_upload_bytes} bytes")
         try:
@@ -385,10 +473,11 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
         out = []
         for r in rows:
             d = {k: _jsonable(v) for k, v in r.items()}
+            d["id_str"] = str(int(r["id"]))  # exact in JavaScript too (a JSON number above 2**53 is rounded)
             p = r.get("image_path") or r.get("path")
             if isinstance(p, str) and p and "::" not in p:
-                d["image_url"] = f"/image/{s.name}/{r['id']}"
-                d["thumb_url"] = f"/thumb/{s.name}/{r['id']}"
+                d["image_url"] = index_url("image", s.name, r["id"])
+                d["thumb_url"] = index_url("thumb", s.name, r["id"])
             out.append(d)
         return out
 
@@ -398,74 +487,96 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
         return await batchers[s.name].submit(kind, payload, k)
 
     # -- our API --------------------------------------------------------------------------------------
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "indices": {n: s.current().generation for n, s in served.items()}}
+    def get_route(path: str):  # GET routes answer HEAD too (FastAPI's own routes answer GET only)
+        return app.api_route(path, methods=["GET", "HEAD"])
 
-    @app.get("/indices")
+    @get_route("/health")
+    async def health():
+        errors = {n: s.reload_error for n, s in served.items() if s.reload_error}
+        return {"status": "degraded" if errors else "ok",
+                "indices": {n: s.current().generation for n, s in served.items()},
+                **({"reload_errors": errors} if errors else {})}
+
+    @get_route("/indices")
     async def indices():
-        return {"indices": [s.describe() for s in served.values()]}
+        return {"indices": [s.describe() for s in served.values()],
+                "limits": {"max_k": limits.max_k, "max_text_chars": limits.max_text_chars,
+                           "max_upload_bytes": limits.max_upload_bytes, "max_pixels": limits.max_pixels}}
 
     @app.post("/search")
     async def search(request: Request):
-        ctype = request.headers.get("content-type", "")
-        if ctype.startswith("multipart/form-data"):
-            try:  # 2 files: a second image is refused by name below (the body limit bounds both)
-                form = await request.form(max_files=2, max_fields=8, max_part_size=64 * 1024)
-            except ApiError:
-                raise
-            except Exception as e:  # noqa: BLE001 - malformed multipart
-                detail = str(getattr(e, "message", "") or e).splitlines()[0][:100] if str(e) else ""
-                if "files" in detail.lower():
-                    raise ApiError(422, "more than one file was sent: send one image in the field 'image'") from None
-                raise ApiError(400, "malformed multipart body" + (f" ({detail})" if detail else "")) from None
+        if is_multipart(request.headers.get("content-type", "")):
+            return json_response(await search_query(*await read_form(request)))
+        return json_response(await search_query(await read_json(request)))
+
+    async def read_form(request: Request) -> tuple:
+        """A multipart ``/search`` form as ``(fields, image file bytes or None)``: the JSON body it stands for,
+        checked by the same rules in :func:`search_query` (one query, known fields, limits)."""
+        # a text field may hold max_text_chars characters of up to 4 UTF-8 bytes: longer is a 413 below
+        part_limit = max(64 * 1024, 4 * limits.max_text_chars + 1024)
+        parser = _strict_form_parser()(request.headers, request.stream(), max_files=2, max_fields=8,
+                                       max_part_size=part_limit)
+        try:  # 2 files: a second image is refused by name below (the body limit bounds both)
+            form = await parser.parse()
+        except ApiError:
+            raise
+        except Exception as e:  # noqa: BLE001 - malformed multipart
+            detail = str(getattr(e, "message", "") or e).splitlines()[0][:100] if str(e) else ""
+            if "files" in detail.lower():
+                raise ApiError(422, "more than one file was sent: send one image in the field 'image'") from None
+            if "exceeded maximum size" in detail:
+                raise ApiError(413, f"a form field is over the limit of {part_limit} bytes (text queries: "
+                                    f"{limits.max_text_chars} characters)") from None
+            if isinstance(e, _NotUtf8):
+                raise ApiError(422, detail) from None
+            raise ApiError(400, "malformed multipart body" + (f" ({detail})" if detail else "")) from None
+        try:
             items = form.multi_items()
             counts = collections.Counter(k for k, _ in items)
             repeated = sorted(k for k, c in counts.items() if c > 1)
             if repeated:
-                await form.close()
                 what = ("two images were sent in the field 'image'" if repeated == ["image"] else
                         f"field {repeated[0]!r} was given {counts[repeated[0]]} times")
                 raise ApiError(422, f"{what}: give each field once")
             files = [k for k, v in items if not isinstance(v, str)]
             if len(files) > 1:
-                await form.close()
                 raise ApiError(422, f"two images were sent (fields {', '.join(map(repr, files))}): send one image "
                                     f"in the field 'image'")
             fields = dict(items)
-            upload = fields.get("image")
-            q: dict = {"index": fields.get("index"), "k": fields.get("k", 10)}
-            if upload is not None and not isinstance(upload, str):
-                data = await upload.read(limits.max_upload_bytes + 1)
-                await form.close()
-                q["_bytes"] = data
-            elif "text" in fields:
-                q["text"] = fields["text"]
-            elif "id" in fields:
-                q["id"] = fields["id"]  # checked by search_query's rule, as a JSON id
-        else:
-            q = await read_json(request)
-            q.pop("_bytes", None)
-        return json_response(await search_query(q))
+            check_fields(fields, FORM_FIELDS, "the search form")
+            if files and files[0] != "image":
+                raise ApiError(422, f"a file was sent in the field {files[0]!r}: send the image in the field 'image'")
+            upload = fields.pop("image", None)
+            if isinstance(upload, str):
+                raise ApiError(422, "the field 'image' must be a file upload (or send base64 in a JSON body)")
+            data = None if upload is None else await upload.read(limits.max_upload_bytes + 1)
+            return fields, data  # text, id, index, k: checked as the JSON fields are
+        finally:
+            await form.close()
 
-    async def search_query(q: dict) -> dict:
-        """``POST /search``'s answer to a parsed body (``_bytes``: an uploaded file, set by the multipart form)."""
+    async def search_query(q: dict, upload: Optional[bytes] = None) -> dict:
+        """``POST /search``'s answer to a parsed body (``upload``: the image file of a multipart form). The one
+        place of /search's rules: known fields only, exactly one query, the limits."""
+        check_fields(q, SEARCH_FIELDS, "/search")
         s = get_index(q.get("index"))
         k = check_k(q.get("k", 10))
-        given = [f for f in ("text", "image", "embedding", "id", "_bytes") if q.get(f) is not None]
+        given = [f for f in ("text", "image", "embedding", "id") if q.get(f) is not None or
+                 (f == "image" and upload is not None)]
         if len(given) != 1:
-            raise ApiError(422, "give exactly one of text, image, embedding or id")
+            raise ApiError(422, "give exactly one of text, image, embedding or id" +
+                           (f" (got {' and '.join(given)})" if given else ""))
         f = given[0]
         if f == "text":
             rows, st = await run_query(s, "text", check_text(q["text"]), k)
-        elif f in ("image", "_bytes"):
-            data = q["_bytes"] if f == "_bytes" else b64_image(q["image"])
+        elif f == "image":
+            data = upload if upload is not None else b64_image(q["image"])
             rows, st = await run_query(s, "image", data, k)
         elif f == "embedding":
             rows, st = await run_query(s, "vector", check_vector(q["embedding"]), k)
         else:
             rows, st = await run_query(s, "id", check_id(q["id"]), k)
         return {"index": s.name, "generation": st.generation, "k": k, "results": result_rows(s, rows)}
+
 
     async def _image_file(index: str, id_: str) -> tuple:
         """``(open file, media type, stat)`` of the image of ``id_`` (:meth:`ServedIndex.image_file`)."""
@@ -474,7 +585,7 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
         st = s.current()
         return await asyncio.get_running_loop().run_in_executor(None, s.image_file, st, id_)
 
-    @app.get("/image/{index}/{id_}")
+    @get_route("/image/{index}/{id_}")
     async def image(index: str, id_: str):
         f, media, st = await _image_file(index, id_)
 
@@ -488,7 +599,7 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
 
         return StreamingResponse(chunks(), media_type=media, headers={"Cache-Control": "no-cache"})
 
-    @app.get("/thumb/{index}/{id_}")
+    @get_route("/thumb/{index}/{id_}")
     async def thumb(index: str, id_: str, size: str = "256"):
         size = as_int(size, "size")
         if not 16 <= size <= 1024:
@@ -523,7 +634,7 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "no-cache"})
 
     # -- clip-retrieval's back-end API ------------------------------------------------------------------
-    @app.get("/indices-list")
+    @get_route("/indices-list")
     async def indices_list():
         return list(served)
 
@@ -534,6 +645,7 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
 
     async def knn_query(q: dict, base_url: str) -> list:
         """``POST /knn-service``'s answer to a parsed body; result urls start with ``base_url``."""
+        check_fields(q, KNN_FIELDS, "/knn-service")
         s = get_index(q.get("indice_name"), "indice_name")
         modality = q.get("modality", "image")
         kind = {"img": "image"}.get(s.current().manifest.get("kind", "img"), "text")
@@ -546,7 +658,10 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
         if q.get("image_url"):
             raise ApiError(422, "image_url is not supported (the service never fetches URLs): send the image "
                                 "as base64 in 'image'")
-        num_images = check_k(q.get("num_images", 100), "num_images")
+        # clip-retrieval's default (100), within this service's k limit: a client that sends none gets the most
+        # it may have, not a 422 about a value it never sent
+        num_images = check_k(q["num_images"], "num_images") if q.get("num_images") is not None else \
+            min(100, limits.max_k)
         num_ids = q.get("num_result_ids")
         num_ids = num_images if num_ids is None else check_k(num_ids, "num_result_ids")
         dedup = q.get("deduplicate")
@@ -572,14 +687,16 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
             d = {k: _jsonable(v) for k, v in r.items() if k not in ("id", "score")}
             p = r.get("image_path") or r.get("path")
             if "url" not in d and isinstance(p, str) and p and "::" not in p:
-                d["url"] = f"{base}/image/{s.name}/{r['id']}"
-            d["id"], d["similarity"] = int(r["id"]), _jsonable(float(r["score"]))
+                d["url"] = base + index_url("image", s.name, r["id"])
+            d["id"], d["id_str"] = int(r["id"]), str(int(r["id"]))
+            d["similarity"] = _jsonable(float(r["score"]))
             out.append(d)
         return out
 
     @app.post("/metadata")
     async def metadata(request: Request):
         q = await read_json(request)
+        check_fields(q, METADATA_FIELDS, "/metadata")
         s = get_index(q.get("indice_name"), "indice_name")
         ids = q.get("ids")
         if not isinstance(ids, list):
@@ -590,18 +707,17 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
         st = s.current()
 
         def work():
-            return [{"id": i, "metadata": {k: _jsonable(v) for k, v in
+            return [{"id": i, "id_str": str(i), "metadata": {k: _jsonable(v) for k, v in
                                            st.retriever.metadata(i).items()}} for i in ids]
         return await asyncio.get_running_loop().run_in_executor(None, work)
 
     # -- the page ---------------------------------------------------------------------------------------
-    @app.get("/")
+    @get_route("/")
     async def page():
         return FileResponse(os.path.join(STATIC_DIR, "index.html"), media_type="text/html")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     async def fast_search(q: dict, scope) -> dict:
-        q.pop("_bytes", None)  # set only by the multipart form
         return await search_query(q)
 
     async def fast_knn(q: dict, scope) -> list:

@@ -63,16 +63,33 @@ class ApiError(Exception):
 
 # ------------------------------------------------------------------------------------------ request values
 def parse_json_body(body: bytes) -> dict:
-    """A request body as a JSON object. Anything the parser cannot turn into Python values is a 400: invalid
-    JSON or UTF-8, and nesting too deep for the parser (``RecursionError``) — never a 5xx; valid JSON that is
-    not an object is a 422."""
+    """A request body as a JSON object. A body that is not UTF-8 (RFC 8259: JSON is UTF-8; a leading BOM is
+    allowed) is a 422 naming the first bad byte; anything else the parser cannot turn into Python values is a
+    400: invalid JSON, and nesting too deep for the parser (``RecursionError``) — never a 5xx; valid JSON that
+    is not an object is a 422."""
     try:
-        obj = json.loads(body)
-    except Exception:  # noqa: BLE001 - ValueError, UnicodeDecodeError, RecursionError (deep nesting), ...:
+        text = bytes(body).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(422, f"the request body is not UTF-8 text (byte 0x{body[e.start]:02x} at offset {e.start}): "
+                            f"send JSON encoded as UTF-8") from None
+    try:
+        obj = json.loads(text.removeprefix("\ufeff"))
+    except Exception:  # noqa: BLE001 - ValueError, RecursionError (deep nesting), ...:
         raise ApiError(400, "the request body is not valid JSON") from None  # a bad body, never our error
     if not isinstance(obj, dict):
         raise ApiError(422, "the request body must be a JSON object")
     return obj
+
+
+def check_fields(q: dict, allowed: Sequence[str], where: str) -> None:
+    """The service's one rule for a request's field names: a field ``where`` does not know (a typo such as
+    ``"txt"`` or ``"K"``, which would otherwise be ignored and the query answered as if it were not sent) is a
+    422 naming the unknown fields and the known ones."""
+    unknown = [str(k) for k in q if k not in allowed]
+    if unknown:
+        shown = ", ".join(repr(k[:40]) for k in sorted(unknown)[:5]) + (" ..." if len(unknown) > 5 else "")
+        raise ApiError(422, f"{where}: unknown field{'s' if len(unknown) > 1 else ''} {shown} (known: "
+                            f"{', '.join(allowed)})")
 
 
 _INT_TEXT = re.compile(r"-?[0-9]{1,30}")
@@ -150,7 +167,8 @@ def open_image(data: bytes, max_pixels: int):
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError, Image.UnidentifiedImageError) as e:
         raise ApiError(422, f"not a readable image ({type(e).__name__})") from None
     if w * h > max_pixels:
-        raise ApiError(413, f"image is {w}x{h} = {w * h} pixels, more than the limit of {max_pixels}")
+        raise ApiError(413, f"image is {w}x{h} = {w * h} pixels, more than the server's limit of {max_pixels} "
+                            f"pixels (--max-pixels)")
     if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:  # what PIL only warns about
         raise ApiError(413, f"image too large: {w * h} pixels is over PIL's decompression-bomb limit of "
                             f"{Image.MAX_IMAGE_PIXELS}")
@@ -349,7 +367,20 @@ class ServedIndex:
         (files of the commit missing, a commit in progress) keeps the current state and is retried once the
         manifest changes again (a load that raced a commit is retried at the next check)."""
         sig = self._signature()
-        if sig is None or sig == self.state.signature or sig == self._failed_signature:
+        if sig is None:  # the folder (or its manifest) was deleted or cannot be read: keep serving, say so
+            missing = self._unreadable()
+            if self._failed_signature != ("missing", missing):
+                self._failed_signature = ("missing", missing)
+                self.reload_error = (f"{missing}: the index folder is gone or cannot be read (no manifest.json); "
+                                     f"still serving generation {self.state.generation}, as loaded")
+                logger.warning("%s: %s", self.name, self.reload_error)
+            return False
+        if sig == self.state.signature:
+            if self._failed_signature is not None and self._failed_signature[0] == "missing":
+                self.reload_error, self._failed_signature = None, None  # back as it was
+                logger.info("%s: the index folder is readable again", self.name)
+            return False
+        if sig == self._failed_signature:
             return False
         try:
             new = self._load(self.state)
@@ -370,6 +401,10 @@ class ServedIndex:
             return manifest_signature(self.dir)
         sigs = tuple(manifest_signature(d) for d in self.members)
         return None if any(s is None for s in sigs) else sigs
+
+    def _unreadable(self) -> str:
+        """The first folder (of a group: member) whose manifest cannot be read now."""
+        return next((d for d in self.members or [self.dir] if manifest_signature(d) is None), str(self.dir))
 
     def _fail(self, sig: tuple, e: BaseException) -> None:
         self._failed_signature = sig

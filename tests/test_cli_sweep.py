@@ -203,6 +203,8 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("missing_index", ["{W}/nope", "--text", "a dog"]),
         ("html_onto_an_index_manifest", [*SEARCH[:3], "--html", "{W}/idx/manifest.json", "--overwrite"]),
         ("embedding_file_of_strings", ["{W}/idx", "--embedding", "{W}/qstr.npy"]),
+        ("embedding_file_of_ints", ["{W}/idx", "--embedding", "{W}/qint.npy"]),
+        ("embedding_file_of_nans", ["{W}/idx", "--embedding", "{W}/qnan.npy"]),
         ("truncated_index", ["{W}/idx_trunc", "--embedding", "{W}/q16.npy"]),
         ("empty_index_file", ["{W}/idx_empty", "--embedding", "{W}/q16.npy"]),
         ("shortened_metadata", ["{W}/idx_meta", "--image", "{W}/imgs/img_000.png"]),
@@ -382,6 +384,9 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("group_same_folder_twice", ["g={W}/idx,{W}/idx"]),
         ("index_empty", [""]),
         ("name_without_folder", ["a="]),
+        ("name_with_a_slash", ["a/b={W}/idx"]),
+        ("name_dot_dot", ["..={W}/idx"]),
+        ("max_pixels_over_the_decoder_limit", ["{W}/idx", "--max-pixels", "1000000000000"]),
         ("tokenizer_missing", ["{W}/idx", "--tokenizer", "{W}/nope.model"]),
         ("tokenizer_folder_without_model", ["{W}/idx", "--tokenizer", "{W}/empty"]),
         *[(n, ["{W}/idx", *a]) for n, a in DEVICE_CASES + NO_CUDA_CASES],
@@ -567,6 +572,8 @@ def W(tmp_path_factory) -> str:  # noqa: N802 - the placeholder's name
             damage(f"{w}/{name}/{n}")
     np.save(f"{w}/q16.npy", x[:2])
     np.save(f"{w}/qstr.npy", np.array(["a", "b"]))  # query "vectors" of strings
+    np.save(f"{w}/qint.npy", np.arange(32).reshape(2, 16))  # integers (ids saved by mistake?)
+    np.save(f"{w}/qnan.npy", np.full((2, 16), np.nan))
     np.save(f"{w}/q7.npy", rng.standard_normal((2, 7)).astype(np.float32))
     return w
 

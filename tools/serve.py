@@ -120,6 +120,11 @@ def main(argv=None) -> int:
             msg = (str(e).splitlines() or [type(e).__name__])[0]
             msg = msg[len(args.tokenizer):].lstrip(": ") if msg.startswith(args.tokenizer) else msg
             raise UsageError(f"--tokenizer {args.tokenizer}: {msg}") from None
+    from PIL import Image
+
+    if Image.MAX_IMAGE_PIXELS and args.max_pixels > Image.MAX_IMAGE_PIXELS:  # the decoder refuses more anyway
+        raise UsageError(f"--max-pixels {args.max_pixels}: over the image decoder's (PIL's) limit of "
+                         f"{Image.MAX_IMAGE_PIXELS} pixels; give at most that")
     if args.image_root and not os.path.isdir(args.image_root):
         raise UsageError(f"--image-root {args.image_root}: no such folder")
     dtype = None

@@ -30,10 +30,12 @@
     const list = $("results");
     list.replaceChildren();
     data.results.forEach((h, i) => {
+      // id_str: the exact id (a JSON number above 2**53 is rounded by JavaScript: another item's id)
+      const id = h.id_str !== undefined ? String(h.id_str) : String(h.id);
       const li = el("li");
       const card = el("button", "hit");
       card.type = "button";
-      card.dataset.id = String(h.id);
+      card.dataset.id = id;
       const caption = h.caption || "";
       const path = h.image_path || h.path || "";
       card.setAttribute("aria-label", "Result " + (i + 1) + ": more like this" + (caption ? " (" + caption + ")" : ""));
@@ -46,11 +48,11 @@
       }
       const head = el("div");
       head.append(el("span", "score", "#" + (i + 1) + " " + Number(h.score).toFixed(4)), " ",
-                  el("span", "meta", "id " + h.id));
+                  el("span", "meta", "id " + id));
       card.append(head);
       if (caption) card.append(el("div", "cap", caption));
       if (path) card.append(el("div", "meta", path));
-      card.addEventListener("click", () => run({id: h.id}, false, "more like id " + h.id));
+      card.addEventListener("click", () => run({id: id}, false, "more like id " + id));
       li.append(card);
       list.append(li);
     });
@@ -78,10 +80,25 @@
     run(form, true, "image " + (file.name || ""));
   }
 
+  // the server's limits (GET /indices): the longest text query and the most results it answers
+  function applyLimits(limits) {
+    if (limits.max_text_chars) $("text").maxLength = limits.max_text_chars;
+    const maxK = Number(limits.max_k);
+    if (!maxK) return;
+    const k = $("k");
+    const over = [...k.options].filter((o) => Number(o.value) > maxK);
+    if (!over.length) return;
+    const selected = over.includes(k.selectedOptions[0]);
+    over.forEach((o) => o.remove());
+    if (![...k.options].some((o) => Number(o.value) === maxK)) k.append(el("option", null, String(maxK)));
+    if (selected) k.selectedIndex = k.options.length - 1;
+  }
+
   async function init() {
     try {
       const r = await fetch("/indices");
       const data = await r.json();
+      applyLimits(data.limits || {});
       for (const ix of data.indices) {
         const o = el("option", null, ix.name + " (" + ix.kind + ", " + ix.ntotal + ")");
         o.value = ix.name;

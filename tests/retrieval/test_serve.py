@@ -153,7 +153,9 @@ def test_a_refused_query_fails_alone_in_its_batch(server, retriever):
 def test_json_queries_answered_like_the_routes_with_the_security_headers(server, retriever):
     """JSON queries skip FastAPI's routing layers: same answers, errors, headers; other methods still routed."""
     url, _ = server
-    status, body, headers = post(url + "/search", {"id": 5, "k": 3, "_bytes": "ignored"})
+    status, body, _ = post(url + "/search", {"id": 5, "k": 3, "_bytes": "not a field"})  # no way to fake an upload
+    assert status == 422 and "'_bytes'" in body["error"], body
+    status, body, headers = post(url + "/search", {"id": 5, "k": 3})
     assert status == 200 and headers["content-type"] == "application/json"
     assert headers["x-content-type-options"] == "nosniff" and "default-src 'self'" in headers["content-security-policy"]
     _same(body["results"], retriever.search_embedding(retriever.index.index.reconstruct(5), 3).rows[0])

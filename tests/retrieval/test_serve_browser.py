@@ -122,3 +122,50 @@ def test_page_in_headless_chromium(tmp_path):
             assert not [e for e in logs if "/search" not in e.get("message", "")], logs
     finally:
         driver.quit()
+
+
+@pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))
+def test_page_with_ids_above_2_53_an_encoded_name_and_the_server_limits(tmp_path):
+    """Trial 9c: ids above 2**53 are shown and searched exactly (JavaScript numbers round them: "more like this"
+    on id 2**53 + 1 searched id 2**53); an index name needing percent-encoding gets its thumbnails; the k choices
+    and the text length come from the server's limits (/indices), not from the page."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from retrieval.serve import ServeLimits
+    from retrieval.sharded import set_id_offset
+
+    big = 2**53
+    idx = build_index(str(tmp_path), "photos", "internvit:internvit-6b-tiny", n=6, evil=False)
+    set_id_offset(idx, big)
+    imgs = os.path.join(str(tmp_path), "photos_imgs")
+    app = create_app({"my photos #1 %": idx}, limits=ServeLimits(max_k=10, max_text_chars=50))
+    driver = chrome(str(tmp_path / "chrome-profile"))
+    wait = WebDriverWait(driver, 60)
+    try:
+        with background_server(app) as url:
+            driver.get(url + "/")
+            wait.until(lambda d: len(Select(d.find_element(By.ID, "index")).options) == 1)
+            assert [o.text for o in Select(driver.find_element(By.ID, "k")).options] == ["5", "10"]
+            assert driver.find_element(By.ID, "text").get_attribute("maxLength") == "50"
+
+            def results():
+                return driver.find_elements(By.CSS_SELECTOR, "#results .hit")
+
+            def status():
+                return driver.find_element(By.ID, "status").text
+
+            driver.find_element(By.ID, "file").send_keys(os.path.join(imgs, "img_001.png"))
+            wait.until(lambda d: "image img_001.png" in status())
+            first = results()[0]
+            assert first.get_attribute("data-id") == str(big + 1)
+            assert first.find_element(By.CSS_SELECTOR, ".meta").text == f"id {big + 1}"
+            wait.until(lambda d: d.execute_script(
+                "return [...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)"))
+
+            target = next(h for h in results() if h.get_attribute("data-id") == str(big + 3))
+            target.click()
+            wait.until(lambda d: f"more like id {big + 3}" in status())
+            assert results()[0].get_attribute("data-id") == str(big + 3)
+    finally:
+        driver.quit()

@@ -46,7 +46,7 @@ def _nested(depth: int) -> str:
 
 # ------------------------------------------------------------------------------------------ JSON bodies
 def test_parse_json_body_turns_every_parser_failure_into_400():
-    for body in (b"{", b"\xff\xfe", ('{"embedding": ' + _nested(2000) + "}").encode(),
+    for body in (b"{", b"\xef\xbb\xbf", ('{"embedding": ' + _nested(2000) + "}").encode(),
                  ('{"a": ' + "{\"a\": " * 5000 + "1" + "}" * 5001).encode()):
         with pytest.raises(ApiError) as e:
             parse_json_body(body)
@@ -54,6 +54,9 @@ def test_parse_json_body_turns_every_parser_failure_into_400():
     with pytest.raises(ApiError) as e:
         parse_json_body(b"[1]")
     assert e.value.status == 422
+    with pytest.raises(ApiError) as e:  # not UTF-8 (trial 9c): a 422 that says so
+        parse_json_body(b"\xff\xfe")
+    assert e.value.status == 422 and "not UTF-8" in e.value.message
     assert parse_json_body(b'{"k": 1}') == {"k": 1}
 
 
