@@ -72,7 +72,7 @@ FORM_FIELDS = ("index", "k", "text", "image", "id")
 #: use_mclip and image_url are refused when set; the safety / violence / aesthetic options are accepted and ignored)
 KNN_FIELDS = ("text", "image", "image_url", "embedding_input", "deduplicate", "use_safety_model",
               "use_violence_detector", "indice_name", "use_mclip", "aesthetic_score", "aesthetic_weight", "modality",
-              "num_images", "num_result_ids")
+              "num_images", "num_result_ids", "verbose")
 METADATA_FIELDS = ("indice_name", "ids")
 
 

@@ -66,18 +66,36 @@ def parse_json_body(body: bytes) -> dict:
     """A request body as a JSON object. A body that is not UTF-8 (RFC 8259: JSON is UTF-8; a leading BOM is
     allowed) is a 422 naming the first bad byte; anything else the parser cannot turn into Python values is a
     400: invalid JSON, and nesting too deep for the parser (``RecursionError``) — never a 5xx; valid JSON that
-    is not an object is a 422."""
+    is not an object, or an object giving a field twice (``{"k": 5, "k": 500}``: which one counts would be the
+    parser's choice), is a 422."""
     try:
         text = bytes(body).decode("utf-8")
     except UnicodeDecodeError as e:
         raise ApiError(422, f"the request body is not UTF-8 text (byte 0x{body[e.start]:02x} at offset {e.start}): "
                             f"send JSON encoded as UTF-8") from None
     try:
-        obj = json.loads(text.removeprefix("\ufeff"))
+        obj = json.loads(text.removeprefix("\ufeff"), object_pairs_hook=_unique_keys)
+    except _RepeatedField as e:
+        raise ApiError(422, f"field {e.name[:40]!r} is given more than once: give each field once") from None
     except Exception:  # noqa: BLE001 - ValueError, RecursionError (deep nesting), ...:
         raise ApiError(400, "the request body is not valid JSON") from None  # a bad body, never our error
     if not isinstance(obj, dict):
         raise ApiError(422, "the request body must be a JSON object")
+    return obj
+
+
+class _RepeatedField(ValueError):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+def _unique_keys(pairs: list) -> dict:
+    """``json.loads``' object hook: the object, refusing a key given twice (:class:`_RepeatedField`)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set = set()
+        raise _RepeatedField(next(k for k, _ in pairs if k in seen or seen.add(k)))
     return obj
 
 

@@ -106,9 +106,9 @@ def test_a_name_needing_percent_encoding_works_end_to_end(img_index):
         status, res, _ = post(url + "/search", body, headers={"Content-Type": ctype})
         assert status == 200, res
         top = res["results"][0]
-        assert top["id_str"] == str(BIG + 2)
         quoted = urllib.parse.quote(name, safe="")
         assert top["thumb_url"] == f"/thumb/{quoted}/{BIG + 2}"
+        assert top["image_url"] == f"/image/{quoted}/{BIG + 2}"
         for u in (top["image_url"], top["thumb_url"]):
             status, raw, h = get(url + u)
             assert status == 200 and h["content-type"].startswith("image/"), raw
@@ -148,11 +148,16 @@ def test_unknown_json_fields_are_named(vec_url, vec_index):
                               ("/metadata", {"indice_name": "v", "ids": [BIG], "id": 3}, "'id'")):
         status, res, _ = post(vec_url + path, body)
         assert status == 422 and field in res["error"] and "unknown field" in res["error"], (path, res)
+    # a field given twice in JSON (as in a form or a query string): which one counts is not guessed
+    status, res, _ = post(vec_url + "/search", b'{"embedding": %s, "k": 2, "k": 9}' % json.dumps(q).encode(),
+                          headers={"Content-Type": "application/json"})
+    assert status == 422 and "'k' is given more than once" in res["error"], res
     # what clip-retrieval's ClipClient sends is known
     status, res, _ = post(vec_url + "/knn-service", {
         "text": None, "image": None, "image_url": None, "embedding_input": q, "deduplicate": False,
         "use_safety_model": True, "use_violence_detector": True, "indice_name": "v", "use_mclip": False,
-        "aesthetic_score": 9, "aesthetic_weight": 0.5, "modality": "image", "num_images": 3, "num_result_ids": 3})
+        "aesthetic_score": 9, "aesthetic_weight": 0.5, "modality": "image", "num_images": 3, "num_result_ids": 3,
+        "verbose": False})
     assert status == 200 and len(res) == 3, res
 
 
