@@ -32,6 +32,7 @@ import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from urllib.parse import urlsplit
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -151,6 +152,34 @@ def check_index_name(name: str, given: str) -> None:
     if why:
         raise ValueError(f"index argument {given!r}: the index name {name!r} {why}, so it cannot appear in the "
                          f"service's URLs; give another name with NAME=DIR")
+
+
+def check_public_url(url: str) -> str:
+    """``url`` (the address clients reach the service at, behind a proxy) without its trailing ``/``, checked:
+    ``http`` or ``https``, a host (and a valid port), no user name, query or fragment. ``ValueError`` saying what is
+    wrong otherwise."""
+    if not isinstance(url, str) or not url.strip():
+        raise ValueError("the public URL is empty")
+    parts = urlsplit(url.strip())
+    why = None
+    if parts.scheme not in ("http", "https"):
+        why = "must start with http:// or https://"
+    elif not parts.hostname:
+        why = "has no host name"
+    elif parts.username is not None or parts.password is not None:
+        why = "must not hold a user name or password"
+    elif parts.query or parts.fragment or "?" in url or "#" in url:
+        why = "must not hold a query (?) or fragment (#)"
+    elif any(c.isspace() or ord(c) < 32 for c in url.strip()):
+        why = "must not hold spaces or control characters"
+    if why is None:
+        try:
+            parts.port  # noqa: B018 - raises for a port that is not a number 0..65535
+        except ValueError:
+            why = "has an invalid port"
+    if why:
+        raise ValueError(f"public URL {url!r} {why} (e.g. https://example.org/search/)")
+    return url.strip().rstrip("/")
 
 
 def index_url(route: str, name: str, id_: int) -> str:
@@ -318,7 +347,7 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
                tokenizer: Optional[str] = None, limits: Optional[ServeLimits] = None, batch_wait_ms: float = 2.0,
                max_batch: int = 32, reload_interval_s: float = 1.0, image_root: Optional[str] = None,
                loader: Optional[Callable[..., Any]] = None, preload: bool = True, threads: int = 2,
-               inline_ms: float = 20.0):
+               inline_ms: float = 20.0, public_url: Optional[str] = None):
     """The ASGI app (FastAPI) serving ``index_dirs``: a list of folders (named by their base name; ``NAME=DIR``
     names one; ``NAME=DIR1,DIR2`` is a group) or a ``{name: folder or [folders]}`` dict. A group of folders is
     served as one index (a :class:`~retrieval.sharded.ShardedRetriever`: global ids, results merged by score).
@@ -330,12 +359,17 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
     folder). ``threads``: batches encoded and searched at once (each index has one worker thread), and the
     threads that decode query images in parallel. ``inline_ms``: a lone query on an idle index runs on the event
     loop thread (no thread hand-off) while lone queries take at most this long (0: always in the worker thread;
-    :class:`~retrieval.serve_core.Batcher`). Raises ``RetrievalError`` / ``OSError`` for
-    an unusable index folder, ``ValueError`` for bad arguments.
+    :class:`~retrieval.serve_core.Batcher`). ``public_url``: the URL clients reach the service at when it runs
+    behind a reverse proxy (``https://example.org/search/``; :func:`check_public_url`): ``/knn-service`` result
+    ``url`` values start with it (default: the URL the request came to), and ``/search``'s ``image_url`` /
+    ``thumb_url`` start with its path. Raises ``RetrievalError`` / ``OSError`` for an unusable index folder,
+    ``ValueError`` for bad arguments.
     """
     from . import Retriever
 
     limits = limits or ServeLimits()
+    public_url = check_public_url(public_url) if public_url is not None else None
+    prefix = urlsplit(public_url).path if public_url else ""  # the proxy's path in front of ours
     if loader is None:
         def loader(d, enc, **kw):
             return Retriever.load(d, enc, **kw)
@@ -476,8 +510,8 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
             d["id_str"] = str(int(r["id"]))  # exact in JavaScript too (a JSON number above 2**53 is rounded)
             p = r.get("image_path") or r.get("path")
             if isinstance(p, str) and p and "::" not in p:
-                d["image_url"] = index_url("image", s.name, r["id"])
-                d["thumb_url"] = index_url("thumb", s.name, r["id"])
+                d["image_url"] = prefix + index_url("image", s.name, r["id"])
+                d["thumb_url"] = prefix + index_url("thumb", s.name, r["id"])
             out.append(d)
         return out
 
@@ -682,7 +716,7 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
         if dedup and len(rows) > 1:
             rows = await asyncio.get_running_loop().run_in_executor(None, _dedup, st, rows)
         out = []
-        base = base_url.rstrip("/")
+        base = public_url or base_url.rstrip("/")
         for r in rows[:num_images]:
             d = {k: _jsonable(v) for k, v in r.items() if k not in ("id", "score")}
             p = r.get("image_path") or r.get("path")

@@ -387,6 +387,8 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("name_with_a_slash", ["a/b={W}/idx"]),
         ("name_dot_dot", ["..={W}/idx"]),
         ("max_pixels_over_the_decoder_limit", ["{W}/idx", "--max-pixels", "1000000000000"]),
+        ("public_url_not_http", ["{W}/idx", "--public-url", "ftp://example.org/"]),
+        ("public_url_with_a_query", ["{W}/idx", "--public-url", "https://example.org/?a=1"]),
         ("tokenizer_missing", ["{W}/idx", "--tokenizer", "{W}/nope.model"]),
         ("tokenizer_folder_without_model", ["{W}/idx", "--tokenizer", "{W}/empty"]),
         *[(n, ["{W}/idx", *a]) for n, a in DEVICE_CASES + NO_CUDA_CASES],

@@ -80,14 +80,23 @@ def main(argv=None) -> int:
                    help="seconds between checks of the index manifests (0 = no hot reload)")
     p.add_argument("--max-connections", type=positive_int, default=256,
                    help="concurrent connections before the server answers 503 (default 256)")
+    p.add_argument("--public-url", default=None,
+                   help="the URL clients reach the service at when it runs behind a reverse proxy, e.g. "
+                        "https://example.org/search/ (result URLs start with it; default: the URL each request "
+                        "came to)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--access-log", action="store_true",
                    help="log one line per request (off by default: it costs as much as a small query)")
     args = p.parse_args(argv)
 
-    from retrieval.serve import _index_names, check_host
+    from retrieval.serve import _index_names, check_host, check_public_url
 
     warning = check_host(args.host, args.allow_remote)  # ValueError -> one error line, exit 2
+    if args.public_url is not None:
+        try:
+            args.public_url = check_public_url(args.public_url)
+        except ValueError as e:
+            raise UsageError(f"--public-url: {e}") from None
     names = _index_names(args.index_dirs)  # NAME=DIR1,DIR2 groups; bad group syntax -> one error line
     for dirs in names.values():
         for path in [dirs] if isinstance(dirs, str) else dirs:
@@ -143,7 +152,7 @@ def main(argv=None) -> int:
                          max_pixels=args.max_pixels)
     app = create_app(names, device=args.device, dtype=dtype, tokenizer=args.tokenizer, limits=limits,
                      batch_wait_ms=args.batch_wait_ms, max_batch=args.max_batch, threads=args.threads,
-                     inline_ms=args.inline_ms,
+                     inline_ms=args.inline_ms, public_url=args.public_url,
                      reload_interval_s=args.reload_interval, image_root=args.image_root)
     if args.port == 0:
         from retrieval.serve import free_port

@@ -1,4 +1,5 @@
-// The search page: every value from the server is put in the page as text (textContent), never as HTML.
+// The search page: every value from the server is put in the page as text (textContent), never as HTML. URLs are
+// relative to the page, so it works behind a reverse proxy that serves it under a path (tools/serve.py --public-url).
 "use strict";
 (function () {
   const $ = (id) => document.getElementById(id);
@@ -11,7 +12,7 @@
     const opts = {method: "POST", body: isForm ? body : JSON.stringify(body)};
     if (!isForm) opts.headers = {"Content-Type": "application/json"};
     const t0 = performance.now();
-    const r = await fetch("/search", opts);
+    const r = await fetch("search", opts);
     let data = null;
     try { data = await r.json(); } catch (e) { data = null; }
     if (!r.ok) throw new Error((data && data.error) || ("HTTP " + r.status));
@@ -96,7 +97,7 @@
 
   async function init() {
     try {
-      const r = await fetch("/indices");
+      const r = await fetch("indices");
       const data = await r.json();
       applyLimits(data.limits || {});
       for (const ix of data.indices) {

@@ -286,3 +286,21 @@ def test_too_many_pixels_names_the_option(img_index, capsys):
     assert tool("serve")([idx, "--max-pixels", str(10**12)]) == 2
     line = error_line(capsys)
     assert line.startswith("error: --max-pixels 1000000000000: ") and "PIL" in line, line
+
+
+def test_public_url_for_a_service_behind_a_proxy(img_index, capsys):
+    from retrieval.serve import check_public_url
+
+    idx, imgs = img_index
+    png = base64.b64encode(open(os.path.join(imgs, "img_003.png"), "rb").read()).decode()
+    with background_server(create_app({"p": idx}, public_url="https://example.org/img-search/")) as url:
+        status, res, _ = post(url + "/knn-service", {"image": png, "indice_name": "p", "num_images": 1})
+        assert status == 200 and res[0]["url"] == f"https://example.org/img-search/image/p/{BIG + 3}", res
+        status, res, _ = post(url + "/search", {"image": png, "k": 1})
+        assert status == 200 and res["results"][0]["thumb_url"] == f"/img-search/thumb/p/{BIG + 3}", res
+    for bad in ("ftp://example.org/", "example.org", "http://", "https://a:99999/", "http://u:p@a/",
+                "http://a/?x=1", "http://a/#top", ""):
+        with pytest.raises(ValueError, match="public URL"):
+            check_public_url(bad)
+    assert tool("serve")([idx, "--public-url", "example.org/search"]) == 2
+    assert error_line(capsys).startswith("error: --public-url: public URL 'example.org/search' must start with")
