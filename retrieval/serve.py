@@ -221,10 +221,9 @@ class _Guard:
 
         if sum(len(k) + len(v) for k, v in headers) + len(scope.get("raw_path") or b"") > self.max_header_bytes:
             return await _send_json(guarded_send, 431, {"error": f"request head over {self.max_header_bytes} bytes"})
-        repeated = _repeated_params(scope.get("query_string") or b"")
-        if repeated:
-            return await _send_json(guarded_send, 422, {"error": f"query parameter {repeated!r} is given more "
-                                                                 f"than once: give each parameter once"})
+        problem = query_problem(scope.get("path", ""), scope.get("query_string") or b"")
+        if problem:
+            return await _send_json(guarded_send, 422, {"error": problem})
         for k, v in headers:
             if k == b"content-length":
                 try:
@@ -252,14 +251,27 @@ class _Guard:
                 await _send_json(guarded_send, e.status, {"error": e.message})
 
 
-def _repeated_params(query_string: bytes) -> Optional[str]:
-    """The first query-string parameter given more than once (``?size=64&size=512``: which one counts is up to
-    the framework; the service refuses to guess), else ``None``."""
+#: the query-string parameters each API route reads (the page and its static files take any: links may carry some)
+QUERY_PARAMS = {"/thumb/": ("size",)}
+
+
+def query_problem(path: str, query_string: bytes) -> Optional[str]:
+    """Why the query string of a request to ``path`` is refused, else ``None``: a parameter the route does not
+    read (``POST /search?k=5`` would be answered with the default k as if it were not sent) or one given twice
+    (``?size=64&size=512``: which one counts would be the framework's choice)."""
+    if not query_string or path == "/" or path.startswith("/static/"):
+        return None
     from urllib.parse import parse_qsl
 
     names = [k for k, _ in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)]
+    allowed = next((v for p, v in QUERY_PARAMS.items() if path.startswith(p)), ())
+    unknown = [k for k in names if k not in allowed]
+    if unknown:
+        return (f"unknown query parameter {unknown[0][:40]!r} for {path[:60]} (" +
+                (f"it reads {', '.join(allowed)}" if allowed else "it reads none: send the fields in the JSON body")
+                + ")")
     dup = [k for k, c in collections.Counter(names).items() if c > 1]
-    return dup[0][:40] if dup else None
+    return f"query parameter {dup[0][:40]!r} is given more than once: give each parameter once" if dup else None
 
 
 def is_multipart(content_type: Union[str, bytes]) -> bool:

@@ -174,6 +174,12 @@ def test_repeated_query_parameters_are_refused(img_index):
         assert get(f"{url}/thumb/p/{BIG}?size=64")[0] == 200
         status, res, _ = get(f"{url}/thumb/p/{BIG}?size=64&size=512")
         assert status == 422 and "'size'" in res["error"], res
+        # a parameter the route does not read is named, not ignored (k=1 was answered with the default k=10)
+        status, res, _ = post(f"{url}/search?k=1", {"id": BIG})
+        assert status == 422 and "unknown query parameter 'k'" in res["error"], res
+        status, res, _ = get(f"{url}/thumb/p/{BIG}?sizes=64")
+        assert status == 422 and "'sizes'" in res["error"] and "size" in res["error"], res
+        assert get(f"{url}/?utm_source=x")[0] == 200  # the page takes any (links may carry some)
 
 
 def test_content_types_are_case_insensitive_and_bodies_must_be_utf8(vec_url, vec_index):
