@@ -310,3 +310,22 @@ def test_public_url_for_a_service_behind_a_proxy(img_index, capsys):
             check_public_url(bad)
     assert tool("serve")([idx, "--public-url", "example.org/search"]) == 2
     assert error_line(capsys).startswith("error: --public-url: public URL 'example.org/search' must start with")
+
+
+def test_a_deleted_group_member_keeps_the_group_and_names_the_member(tmp_path):
+    x = mixture(40, d=16, seed=5)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    members = []
+    for j in range(2):
+        write_embeddings(str(tmp_path / f"emb{j}"), x[20 * j:20 * (j + 1)], shard_size=20)
+        members.append(str(tmp_path / f"m{j}"))
+        build_index(str(tmp_path / f"emb{j}"), members[-1], progress=False, id_offset=20 * j)
+    with background_server(create_app({"g": members}, reload_interval_s=0.05)) as url:
+        shutil.rmtree(members[1])
+        deadline = time.monotonic() + 30
+        while get(url + "/health")[1]["status"] == "ok" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        health = get(url + "/health")[1]
+        assert health["status"] == "degraded" and members[1] in health["reload_errors"]["g"], health
+        status, res, _ = post(url + "/search", {"embedding": x[33].tolist(), "k": 1})
+        assert status == 200 and res["results"][0]["id"] == 33, res
