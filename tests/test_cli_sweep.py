@@ -186,6 +186,7 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("index_k_huge", ["index", "{W}/idx", "-k", "99999999999999999999999", "--out", "{out}.json"]),
         ("index_queries_0", ["index", "{W}/idx", "--queries", "0", "--out", "{out}.json"]),
         ("index_wrong_dims", ["index", "{W}/idx", "--query-embeddings", "{W}/q7.npy", "--out", "{out}.json"]),
+        ("index_integer_queries", ["index", "{W}/idx", "--query-embeddings", "{W}/qint.npy", "--out", "{out}.json"]),
         ("index_bad_params", ["index", "{W}/idx", "--params", "foo=bar", "--out", "{out}.json"]),
         ("index_out_empty", ["index", "{W}/idx", "--out", ""]),
         ("recall_out_empty", _with(RECALL, out="")),
