@@ -268,8 +268,8 @@ def query_problem(path: str, query_string: bytes) -> Optional[str]:
     unknown = [k for k in names if k not in allowed]
     if unknown:
         return (f"unknown query parameter {unknown[0][:40]!r} for {path[:60]} (" +
-                (f"it reads {', '.join(allowed)}" if allowed else "it reads none: send the fields in the JSON body")
-                + ")")
+                (f"it reads {', '.join(allowed)}" if allowed else "it takes no query parameters; a query's fields "
+                 "go in the request body") + ")")
     dup = [k for k, c in collections.Counter(names).items() if c > 1]
     return f"query parameter {dup[0][:40]!r} is given more than once: give each parameter once" if dup else None
 
@@ -622,7 +622,6 @@ def create_app(index_dirs: Union[Sequence[Union[str, os.PathLike]], dict, str], 
         else:
             rows, st = await run_query(s, "id", check_id(q["id"]), k)
         return {"index": s.name, "generation": st.generation, "k": k, "results": result_rows(s, rows)}
-
 
     async def _image_file(index: str, id_: str) -> tuple:
         """``(open file, media type, stat)`` of the image of ``id_`` (:meth:`ServedIndex.image_file`)."""
