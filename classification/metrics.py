@@ -7,11 +7,23 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from mmengine.evaluator import BaseMetric
 
+from .checks import check_label, check_labels, check_scores
 from .registry import METRICS
 
 
 def mean_per_class_recall(pred: torch.Tensor, labels: torch.Tensor) -> float:
-    """Balanced accuracy: the mean over the classes present in ``labels`` of the per-class recall (×100)."""
+    """Balanced accuracy: the mean over the classes present in ``labels`` of the per-class recall (×100).
+
+    Raises ``ValueError`` (:mod:`classification.checks`) for predictions or labels that are not integer class
+    indices, or a negative one, and for ``pred`` and ``labels`` of different lengths."""
+    pred, labels = check_labels(pred, what="mean_per_class_recall: predictions"), \
+        check_labels(labels, what="mean_per_class_recall: labels")
+    if len(pred) != len(labels):
+        raise ValueError(f"mean_per_class_recall: {len(pred)} predictions for {len(labels)} labels")
+    negative = [(w, t) for w, t in (("predictions", pred), ("labels", labels)) if len(t) and int(t.min()) < 0]
+    if negative:
+        raise ValueError(f"mean_per_class_recall: negative class index {int(negative[0][1].min())} in the "
+                         f"{negative[0][0]}")
     recalls = []
     for c in labels.unique().tolist():
         m = labels == c
@@ -42,7 +54,8 @@ class Accuracy(BaseMetric):
     list has classes without a sample there, a ``UserWarning`` names them.
 
     Raises ``ValueError`` naming ``topk`` when it is not a positive integer or a non-empty list of them
-    (checked when the metric is built).
+    (checked when the metric is built), and (:mod:`classification.checks`) for a NaN or infinite score or a
+    label that is not an integer in ``[0, num_classes)``, naming the sample: never a number computed over them.
     """
 
     default_prefix: Optional[str] = "accuracy"
@@ -78,12 +91,17 @@ class Accuracy(BaseMetric):
         return bad
 
     def process(self, data_batch: Any, data_samples: Sequence[dict]) -> None:
+        """Keep each sample's top-k classes and label. Raises ``ValueError`` (:mod:`classification.checks`)
+        for a NaN or infinite score, and for a label that is not an integer or not in ``[0, num_classes)``
+        (the number of scores), naming the sample (its position in the evaluation so far)."""
         maxk = max(self.topk)
         for s in data_samples:
-            score = torch.as_tensor(s["pred_score"]).detach().float().cpu()
+            where = f"Accuracy: sample {len(self.results)}"
+            score = check_scores(torch.as_tensor(s["pred_score"]).detach().float().cpu().reshape(-1),
+                                 f"{where} pred_score")
+            label = check_label(s["gt_label"], score.numel(), f"{where} gt_label")
             k = min(maxk, score.numel())
-            self.results.append(dict(topk=score.topk(k).indices, gt_label=int(s["gt_label"]),
-                                     num_classes=score.numel()))
+            self.results.append(dict(topk=score.topk(k).indices, gt_label=label, num_classes=score.numel()))
 
     def compute_metrics(self, results: list) -> dict:
         labels = torch.tensor([r["gt_label"] for r in results])

@@ -37,6 +37,7 @@ from torch.utils.data import Dataset
 
 from internvit.text import model_device
 
+from .checks import check_labels
 from .zero_shot import (
     METADATA_DIR,
     ZERO_SHOT_SCALE,
@@ -287,14 +288,12 @@ def video_zero_shot_evaluate(model, classifier: torch.Tensor, dataloader, *, mod
             if not bool(nonfinite.keep(feats, names).all()):
                 continue
             all_logits.append((ZERO_SHOT_SCALE * feats @ classifier).cpu())
-            all_target.append(torch.as_tensor(target).cpu().long())
+            all_target.append(check_labels(torch.as_tensor(target).cpu(), what="labels"))
     nonfinite.check(dtype)
     if not all_logits:
         raise ValueError(f"no video could be read ({len(failed)} failed; first: "
                          f"{failed[0]['path'] + ': ' + failed[0]['error'] if failed else 'none given'})")
     logits, target = torch.cat(all_logits), torch.cat(all_target)
-    if int(target.max()) >= classifier.shape[1] or int(target.min()) < 0:
-        raise ValueError(f"label {int(target.max())} out of range for a classifier of {classifier.shape[1]} classes")
     out = classification_metrics(logits, target)
     out["acc_mean"] = (out["acc1"] + out["acc5"]) / 2 if out["acc5"] is not None else None
     out.update(num_samples=int(len(target)), num_failed=len(failed), failed=failed, num_short_videos=short,

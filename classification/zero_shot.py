@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from internvit.features import nonfinite_hint
 from internvit.text import encode_texts, model_device
 
+from .checks import check_labels, check_scores_and_labels
+
 METADATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metadata")
 #: languages of the published multilingual ImageNet table, and the CLIP_benchmark spellings accepted too
 LANGUAGES = ("en", "zh", "ja", "ar", "it")
@@ -200,8 +202,11 @@ def classification_metrics(logits: torch.Tensor, target: torch.Tensor) -> dict:
     """``acc1``, ``acc5`` and ``mean_per_class_recall`` (over classes present in ``target``).
 
     With 5 classes or fewer top-5 says nothing (every image would count as a hit): ``acc5`` is ``None`` and
-    ``acc5_note`` says why (CLIP_benchmark reports NaN below 5 classes; JSON has no NaN).
+    ``acc5_note`` says why (CLIP_benchmark reports NaN below 5 classes; JSON has no NaN). Raises ``ValueError``
+    (:func:`classification.checks.check_scores_and_labels`) for NaN / infinite logits and for targets that are
+    not integers in ``[0, num_classes)``.
     """
+    logits, target = check_scores_and_labels(logits, target, "zero-shot metrics")
     n, c = logits.shape
     top = logits.topk(min(5, c), dim=1).indices
     hit = top == target[:, None]
@@ -306,17 +311,15 @@ def zero_shot_evaluate(
             if not bool(nonfinite.keep(feats, names).all()):
                 continue
             all_logits.append((ZERO_SHOT_SCALE * feats @ classifier).cpu())
-            all_target.append(target.cpu().long())
+            all_target.append(check_labels(target.cpu(), what="labels"))
     nonfinite.check(dtype)
     if not all_logits:
         if failed:
             raise ValueError(f"none of the {len(failed)} images could be read (first: {failed[0]['path']}: "
                              f"{failed[0]['error']})")
         raise ValueError("zero_shot_evaluate: the dataloader yielded no images")
-    logits, target = torch.cat(all_logits), torch.cat(all_target)
-    if int(target.max()) >= classifier.shape[1] or int(target.min()) < 0:
-        raise ValueError(f"label {int(target.max())} out of range for a classifier of {classifier.shape[1]} classes")
-    out = classification_metrics(logits, target)
+    target = torch.cat(all_target)
+    out = classification_metrics(torch.cat(all_logits), target)
     out.update(num_samples=int(len(target)), num_failed=len(failed), failed=failed,
                num_classes=int(classifier.shape[1]))
     return out
