@@ -43,15 +43,48 @@ def build_cls_transform(transform: TransformLike) -> Callable:
     return build_transform(preprocess_config(None, **cfg), train=train)
 
 
+def not_utf8_error(path: str) -> ValueError:
+    """The ``ValueError('<file>:<line>: not UTF-8 text ...')`` of a text file that does not decode as UTF-8,
+    naming the first line that does not (a Latin-1 / UTF-16 export read some other way would change names)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    for lineno, line in enumerate(raw.split(b"\n"), 1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return ValueError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start} of the line); "
+                              f"save the file as UTF-8")
+    return ValueError(f"{path}: not UTF-8 text; save the file as UTF-8")
+
+
+def read_list_lines(path: str, what: str) -> list[str]:
+    """The entries of a one-entry-per-line text file (class names, templates), white space around each line and a
+    UTF-8 byte-order mark left out. The position of an entry is its meaning (class ``i`` is line ``i + 1``), so
+    a blank line between entries is refused rather than skipped (skipping would shift every later entry by one
+    against the line numbers the file's author counts); blank lines at the end are ignored. Raises
+    ``ValueError('<file>:<line>: ...')`` for such a blank line and for a file that is not UTF-8 (``what`` names
+    the list in the message), ``FileNotFoundError`` for a missing file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} file {path}: not found")
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not part of the first entry
+            lines = [line.strip() for line in f.read().splitlines()]
+    except UnicodeDecodeError:
+        raise not_utf8_error(path) from None
+    while lines and not lines[-1]:
+        lines.pop()
+    blank = next((i for i, line in enumerate(lines) if not line), None)
+    if blank is not None:
+        raise ValueError(f"{path}:{blank + 1}: blank line in the {what} (one entry per line, the line number is "
+                         f"the position: remove the blank line, or write the missing entry)")
+    return lines
+
+
 def _read_classes(classes: Union[str, Sequence[str], None]) -> Optional[list[str]]:
     if classes is None:
         return None
     if isinstance(classes, (str, os.PathLike)):
-        path = os.fspath(classes)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"classes file {path}: not found")
-        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not part of the first name
-            names = [line.strip() for line in f if line.strip()]
+        names = read_list_lines(os.fspath(classes), "class names")
     else:
         names = [str(c) for c in classes]
     if len(set(names)) != len(names):
@@ -110,8 +143,12 @@ CLASSES_FILE = "classes.txt"
 
 
 _INDEX = re.compile(r"-?[0-9]+")
-#: first-row headers of a label CSV (lower case): skipped
-CSV_HEADERS = {("path", "label"), ("filepath", "label"), ("image", "label"), ("video", "label")}
+#: header names (lower case) of the path and the label column of a label CSV; a first row naming one of each
+#: is a header, and the columns are found by these names in any order (``label,path`` works)
+PATH_COLUMNS = ("path", "filepath", "image", "video")
+LABEL_COLUMNS = ("label",)
+#: first-row headers of a label CSV (lower case): the two columns in the usual order
+CSV_HEADERS = {(p, "label") for p in PATH_COLUMNS}
 
 
 def _is_index(label: str) -> bool:
@@ -119,17 +156,36 @@ def _is_index(label: str) -> bool:
     return _INDEX.fullmatch(label) is not None
 
 
+def _header_columns(path: str, lineno: int, row: list[str]) -> Optional[tuple[int, int]]:
+    """``(path column, label column)`` when ``row`` is a header (names one path and one label column), else
+    ``None``. Raises ``ValueError`` for a header naming a column twice."""
+    names = [x.strip().lower() for x in row]
+    cols = [[i for i, n in enumerate(names) if n in group] for group in (PATH_COLUMNS, LABEL_COLUMNS)]
+    if not cols[0] or not cols[1]:
+        return None
+    twice = next((c for c in cols if len(c) > 1), None)
+    if twice is not None:
+        raise ValueError(f"{path}:{lineno}: the header names {len(twice)} columns "
+                         f"{', '.join(repr(row[i].strip()) for i in twice)} for one role (one path column: "
+                         f"{'/'.join(PATH_COLUMNS)}; one label column)")
+    return cols[0][0], cols[1][0]
+
+
 def read_label_rows(path: str) -> list[tuple[int, str, str]]:
     """``[(line number, path, label)]`` of a ``path,label`` CSV: UTF-8 with or without a byte-order mark
-    (Excel's "CSV UTF-8"), blank and ``#`` comment lines skipped, an optional header (``path,label``,
-    ``image,label``, ``video,label``, ``filepath,label``) on the first row that is not a comment. Paths and
-    labels are stripped, not resolved; columns after the second are allowed only when the header names them
-    (empty trailing fields always). Raises ``FileNotFoundError``, or ``ValueError('<file>:<line>: ...')`` for a
-    row without two fields, a row with more fields than the header (or two) names, or a file that is not
-    UTF-8."""
+    (Excel's "CSV UTF-8"), blank and ``#`` comment lines skipped (each row carries its own label: skipping one
+    shifts nothing), an optional header on the first row that is not a comment. A header names a path column
+    (``path``, ``filepath``, ``image`` or ``video``) and a ``label`` column, in any order (``label,path`` is read
+    by name) and may name more columns, which are not read. Without a header the columns are ``path,label``.
+    Paths and labels are stripped, not resolved; columns after the second are allowed only when the header
+    names them (empty trailing fields always).
+
+    Raises ``FileNotFoundError``, or ``ValueError('<file>:<line>: ...')`` for a row without the fields, a row
+    with more fields than the header (or two) names, a file that is not UTF-8 (the first line that is not), and
+    an image listed twice with two different labels (both lines named; the same path, after normalisation)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: annotation CSV not found")
-    rows, first, width = [], True, 2
+    rows, first, width, cols = [], True, 2, (0, 1)
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         try:
@@ -137,24 +193,40 @@ def read_label_rows(path: str) -> list[tuple[int, str, str]]:
                 lineno = reader.line_num
                 if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
                     continue
-                if len(row) < 2:
-                    raise ValueError(f"{path}:{lineno}: expected 'path,label', got {','.join(row)!r}")
-                p, label = row[0].strip(), row[1].strip()
-                if first and (p.lower(), label.lower()) in CSV_HEADERS:
-                    first, width = False, len(row)  # a header may name more columns; they are not read
-                    continue
-                first = False
+                if first:
+                    first = False
+                    header = _header_columns(path, lineno, row)
+                    if header is not None:  # a header may name more columns; they are not read
+                        cols, width = header, len(row)
+                        continue
+                if len(row) <= max(cols):
+                    want = "'path,label'" if cols == (0, 1) else f"the {max(cols) + 1} fields the header names"
+                    raise ValueError(f"{path}:{lineno}: expected {want}, got {','.join(row)!r}")
                 extra = [x for x in row[width:] if x.strip()]
                 if extra:  # a comma in an unquoted path shifts the label: never read a shifted row quietly
                     raise ValueError(f"{path}:{lineno}: expected 'path,label', got {len(row)} fields "
                                      f"{','.join(row)!r} (quote a path holding a comma; more columns need a header "
                                      f"row naming them, e.g. path,label,split)")
-                rows.append((lineno, p, label))
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
+                rows.append((lineno, row[cols[0]].strip(), row[cols[1]].strip()))
+        except UnicodeDecodeError:
+            raise not_utf8_error(path) from None
         except csv.Error as e:
             raise ValueError(f"{path}:{reader.line_num}: not a readable CSV row ({e})") from None
+    _refuse_conflicting_labels(path, rows)
     return rows
+
+
+def _refuse_conflicting_labels(path: str, rows: Sequence[tuple[int, str, str]]) -> None:
+    """``ValueError`` naming both lines when one file is listed with two different labels: which label it has
+    would depend on the row order (and it counts twice, once against each class)."""
+    seen: dict[str, tuple[int, str]] = {}
+    for lineno, p, label in rows:
+        key = os.path.normcase(os.path.normpath(p))
+        if key in seen and seen[key][1] != label:
+            first, other = seen[key]
+            raise ValueError(f"{path}:{lineno}: {p} is labelled {label!r} here and {other!r} on line {first}; "
+                             f"a file has one label: remove one of the two rows")
+        seen.setdefault(key, (lineno, label))
 
 
 def read_csv(path: str, classes: Optional[Sequence[str]] = None,

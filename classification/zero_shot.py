@@ -334,9 +334,10 @@ _WNID = re.compile(r"^n\d{8}$")
 _LIST_SUFFIXES = (".txt", ".json")
 
 
-def _read_list(path: str) -> list[str]:
-    """Lines of a ``.txt`` (blank lines skipped; a byte-order mark and the white space around each line are not
-    part of an entry) or a JSON list of strings; an empty list is an error."""
+def _read_list(path: str, what: str = "list") -> list[str]:
+    """Lines of a ``.txt`` (:func:`classification.datasets.read_list_lines`: a byte-order mark and the white space
+    around each line are not part of an entry; a blank line between entries or a file that is not UTF-8 is
+    refused naming the line) or a JSON list of strings; an empty list is an error."""
     if path.lower().endswith(".json"):
         from internvit.cli import read_json
 
@@ -344,8 +345,9 @@ def _read_list(path: str) -> list[str]:
         if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
             raise ValueError(f"{path}: expected a JSON list of strings")
     else:
-        with open(path, encoding="utf-8-sig") as f:
-            data = [line.strip() for line in f if line.strip()]
+        from .datasets import read_list_lines
+
+        data = read_list_lines(path, what)
     if not data:
         raise ValueError(f"{path}: empty (no entries)")
     return data
@@ -359,7 +361,7 @@ def _list_or_key(spec: str, what: str, by_key: Callable[[str], list]) -> list:
     """A file's entries when ``spec`` names an existing file, a shipped key's otherwise; a path that does not
     exist is ``FileNotFoundError``, never read as a key."""
     if os.path.isfile(spec):
-        return _read_list(spec)
+        return _read_list(spec, what)
     if _looks_like_path(spec):
         raise FileNotFoundError(f"{what} file {spec}: not found")
     return by_key(spec)

@@ -31,7 +31,7 @@ def test_unknown_label_among_indices_without_a_class_list(digits_like):
     """The reported case: no class list, labels 0..9 plus a typo used to become an 11th class."""
     os.remove(digits_like / "classes.txt")
     lines = [f"train/{c}/{c}.png,{c}" for c in range(10)]
-    lines.insert(3, "train/0/0.png,zero")
+    lines.insert(3, "train/0/extra.png,zero")  # another file: one file with two labels is refused first
     (digits_like / "bad.csv").write_text("path,label\n" + "\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=r"bad\.csv:5: unknown label 'zero' \(the other labels are class indices"):
         ImageFolderDataset(str(digits_like), ann_file="bad.csv")

@@ -1,6 +1,7 @@
 """Trial 9a: faults a new user met in classification / zero-shot, each refused or warned about, never a
 silent wrong number."""
 import math
+import os
 
 import pytest
 import torch
@@ -79,3 +80,103 @@ def test_zero_shot_evaluate_refuses_a_fractional_label():
     loader = [(torch.zeros(2, 3, 28, 28), torch.tensor([0, 2]))]
     with pytest.raises(ValueError, match=r"outside \[0, 2\) \(first: 2"):
         zero_shot_evaluate(model, classifier, loader, mode=None)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 2. list / annotation files: blank lines in positional lists, non-UTF-8, columns by header, conflicting labels
+# --------------------------------------------------------------------------------------------------------------
+def _images(root, names) -> None:
+    from PIL import Image
+
+    for i, n in enumerate(names):
+        (root / n).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(root / n)
+
+
+def _dataset(root, csv_text: str, classes=None, **kw):
+    from classification.datasets import ImageFolderDataset
+
+    (root / "ann.csv").write_bytes(csv_text if isinstance(csv_text, bytes) else csv_text.encode())
+    return ImageFolderDataset(str(root), ann_file="ann.csv", classes=classes, **kw)
+
+
+def test_a_blank_line_in_a_class_names_file_is_refused_with_its_line(tmp_path):
+    """Skipped, it shifted every later class by one: label 2 meant 'dog' (line 4), not 'bird'."""
+    _images(tmp_path, ["a.png", "b.png"])
+    (tmp_path / "classes.txt").write_text("cat\n\nbird\ndog\n")
+    with pytest.raises(ValueError, match=r"classes.txt:2: blank line in the class names"):
+        _dataset(tmp_path, "a.png,0\nb.png,2\n")
+    (tmp_path / "classes.txt").write_text("cat\n   \nbird\n")  # white space only is blank too
+    with pytest.raises(ValueError, match=r"classes.txt:2: blank line"):
+        _dataset(tmp_path, "a.png,0\nb.png,1\n", classes=str(tmp_path / "classes.txt"))
+    (tmp_path / "classes.txt").write_text("cat\nbird\n\n\n")  # blank lines at the end shift nothing
+    assert _dataset(tmp_path, "a.png,0\nb.png,1\n").classes == ["cat", "bird"]
+
+
+def test_a_blank_line_in_zero_shot_class_names_or_templates_is_refused(tmp_path):
+    from classification.zero_shot import resolve_class_index, resolve_templates
+
+    (tmp_path / "names.txt").write_text("cat\n\ndog\n")
+    with pytest.raises(ValueError, match=r"names.txt:2: blank line in the class names"):
+        resolve_class_index(str(tmp_path / "names.txt"), ["0", "1"])
+    (tmp_path / "t.txt").write_text("a photo of a {c}.\n\nan image of a {c}.\n")
+    with pytest.raises(ValueError, match=r"t.txt:2: blank line in the templates"):
+        resolve_templates(str(tmp_path / "t.txt"))
+
+
+@pytest.mark.parametrize("kind", ["classes", "csv", "names"])
+def test_a_file_that_is_not_utf8_is_refused_with_its_line(tmp_path, kind):
+    from classification.zero_shot import resolve_class_index
+
+    _images(tmp_path, ["a.png", "caf\u00e9.png"])
+    latin1 = "caf\u00e9".encode("latin-1")
+    if kind == "classes":
+        (tmp_path / "classes.txt").write_bytes(b"cat\n" + latin1 + b"\n")
+        with pytest.raises(ValueError, match=r"classes.txt:2: not UTF-8 text"):
+            _dataset(tmp_path, "a.png,0\n")
+    elif kind == "csv":
+        with pytest.raises(ValueError, match=r"ann.csv:3: not UTF-8 text"):
+            _dataset(tmp_path, b"path,label\na.png,0\n" + latin1 + b".png,1\n")
+    else:
+        (tmp_path / "names.txt").write_bytes(b"cat\n" + latin1 + b"\n")
+        with pytest.raises(ValueError, match=r"names.txt:2: not UTF-8 text"):
+            resolve_class_index(str(tmp_path / "names.txt"), ["0", "1"])
+
+
+@pytest.mark.parametrize("header", ["label,path", "Label, Image", "split,label,filepath"])
+def test_csv_columns_are_read_by_header_name(tmp_path, header):
+    _images(tmp_path, ["x/a.png", "x/b.png", "x/c.png"])
+    cols = [h.strip().lower() for h in header.split(",")]
+    rows = [dict(label=y, path=p, image=p, filepath=p, split="train")
+            for p, y in (("x/a.png", "cat"), ("x/b.png", "dog"), ("x/c.png", "cat"))]
+    text = header + "\n" + "".join(",".join(r[c] for c in cols) + "\n" for r in rows)
+    ds = _dataset(tmp_path, text)
+    assert ds.classes == ["cat", "dog"]
+    assert [(os.path.basename(p), y) for p, y in ds.samples] == [("a.png", 0), ("b.png", 1), ("c.png", 0)]
+
+
+def test_a_csv_header_naming_two_path_columns_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"ann.csv:1: the header names 2 columns 'path', 'image' for one role"):
+        _dataset(tmp_path, "path,image,label\na.png,a.png,0\n")
+
+
+@pytest.mark.parametrize("second", ["a.png", "./a.png", "sub/../a.png"])
+def test_one_image_listed_with_two_labels_is_refused_naming_both_lines(tmp_path, second):
+    _images(tmp_path, ["a.png", "b.png", "sub/c.png"])
+    with pytest.raises(ValueError, match=r"ann.csv:4: .*a.png is labelled 'dog' here and 'cat' on line 2"):
+        _dataset(tmp_path, f"path,label\na.png,cat\nb.png,dog\n{second},dog\n")
+    ds = _dataset(tmp_path, f"path,label\na.png,cat\nb.png,dog\n{second},cat\n")  # the same label: one class
+    assert ds.labels == [0, 1, 0]
+
+
+def test_video_csv_reads_columns_by_header_and_refuses_conflicts(tmp_path):
+    from classification.video import list_labeled_videos
+
+    for n in ("a.mp4", "b.mp4"):
+        (tmp_path / n).write_bytes(b"")
+    (tmp_path / "v.csv").write_text("label,video\ncat,a.mp4\ndog,b.mp4\n")
+    paths, labels = list_labeled_videos(str(tmp_path / "v.csv"))
+    assert [os.path.basename(p) for p in paths] == ["a.mp4", "b.mp4"] and labels == ["cat", "dog"]
+    (tmp_path / "v.csv").write_text("path,label\na.mp4,cat\na.mp4,dog\n")
+    with pytest.raises(ValueError, match=r"v.csv:3: .*a.mp4 is labelled 'dog' here and 'cat' on line 2"):
+        list_labeled_videos(str(tmp_path / "v.csv"))

@@ -140,7 +140,7 @@ def test_csv_format_details(tmp_path):
         read_csv(str(p))
     p = tmp_path / "latin1.csv"
     p.write_bytes("a.png,caf\xe9\n".encode("latin-1"))
-    with pytest.raises(ValueError, match="not a UTF-8 text file"):
+    with pytest.raises(ValueError, match="latin1.csv:1: not UTF-8 text"):
         read_csv(str(p))
 
 
