@@ -52,6 +52,7 @@ from .zero_shot import (
     load_text_model,
     refuse_missing,
     resolve_templates,
+    warn_emptied_classes,
     warn_empty,
 )
 
@@ -257,16 +258,19 @@ def encode_videos(model, frames: torch.Tensor, mode: Optional[str] = None) -> to
 def video_zero_shot_evaluate(model, classifier: torch.Tensor, dataloader, *, mode: Optional[str] = "InternVL-C",
                              device: Optional[Union[str, torch.device]] = None,
                              dtype: Optional[torch.dtype] = None,
-                             paths: Optional[Sequence[str]] = None) -> dict:
+                             paths: Optional[Sequence[str]] = None, labels: Optional[Sequence[int]] = None,
+                             classnames: Optional[Sequence[str]] = None) -> dict:
     """Zero-shot metrics over a loader of ``(frames (B, T, 3, H, W), labels, errors)``, optionally with a fourth
     element: ``(ids, short)``, the dataset indices of the videos and those of them with fewer frames than ``T``.
 
     ``errors`` is a list of ``(index, message)`` for skipped videos (``paths[index]`` names them in
     ``failed``). Returns ``acc1``, ``acc5`` (``None`` with 5 classes or fewer), ``acc_mean`` (their mean, ``None``
     without ``acc5``), ``mean_per_class_recall`` (fractions), ``num_samples``, ``num_failed``, ``failed``
-    (``[{'path', 'error'}]``), ``num_short_videos`` and ``num_classes``. Raises ``ValueError`` when a video
-    embedding or the classifier is not finite (NaN or infinity), when no video could be read or a label is out
-    of range.
+    (``[{'path', 'error'}]``), ``num_short_videos``, ``num_classes`` and ``emptied_classes`` (the classes of
+    ``labels``, every video's label, whose every video was skipped: named in a ``UserWarning`` too, see
+    :func:`classification.zero_shot.warn_emptied_classes`; ``classnames`` names them). Raises ``ValueError``
+    when a video embedding or the classifier is not finite (NaN or infinity), when no video could be read or a
+    label is not an integer in range.
     """
     device = torch.device(device) if device is not None else model_device(model)
     if dtype is None:
@@ -297,7 +301,8 @@ def video_zero_shot_evaluate(model, classifier: torch.Tensor, dataloader, *, mod
     out = classification_metrics(logits, target)
     out["acc_mean"] = (out["acc1"] + out["acc5"]) / 2 if out["acc5"] is not None else None
     out.update(num_samples=int(len(target)), num_failed=len(failed), failed=failed, num_short_videos=short,
-               num_classes=int(classifier.shape[1]))
+               num_classes=int(classifier.shape[1]),
+               emptied_classes=warn_emptied_classes(target, labels, classnames, "videos"))
     return out
 
 
@@ -451,7 +456,7 @@ def run_video_zero_shot(
 
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
     result = video_zero_shot_evaluate(model, classifier, loader, mode=mode, device=device, dtype=dtype,
-                                      paths=paths)
+                                      paths=paths, labels=labels, classnames=names)
     result.update(model=model_name, data=os.fspath(data), mode=mode, num_frames=int(num_frames),
                   frame_sampling=FRAME_SAMPLING, frame_combination=FRAME_COMBINATION,
                   num_templates=len(temps), logit_scale_used=ZERO_SHOT_SCALE, resize_mode=resize_mode,

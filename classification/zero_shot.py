@@ -281,6 +281,8 @@ def zero_shot_evaluate(
     device: Optional[Union[str, torch.device]] = None,
     dtype: Optional[torch.dtype] = None,
     paths: Optional[Sequence[str]] = None,
+    labels: Optional[Sequence[int]] = None,
+    classnames: Optional[Sequence[str]] = None,
 ) -> dict:
     """Top-1 / top-5 accuracy and mean per-class recall (fractions in [0, 1]) of a zero-shot classifier.
 
@@ -290,8 +292,12 @@ def zero_shot_evaluate(
     ``failed`` (``[{'path', 'error'}]``; ``paths[index]`` names them). Image embeddings are L2-normalised and
     scored as ``100 * feat @ classifier``. ``dtype`` is the dtype the images are cast to (default: the model's).
 
+    ``labels`` (the label of every dataset index) and ``classnames`` (the classifier's) let skipped images be
+    told apart by class: a class whose every listed image was skipped is named in one ``UserWarning`` and in
+    ``emptied_classes`` (:func:`warn_emptied_classes`); ``mean_per_class_recall`` leaves it out.
+
     Raises ``ValueError`` when an image embedding or the classifier is not finite (NaN or infinity; counted and
-    refused, never scored), when no image could be read, or a label is out of range.
+    refused, never scored), when no image could be read, or a label is not an integer in range.
     """
     device = torch.device(device) if device is not None else model_device(model)
     if dtype is None:
@@ -321,8 +327,30 @@ def zero_shot_evaluate(
     target = torch.cat(all_target)
     out = classification_metrics(torch.cat(all_logits), target)
     out.update(num_samples=int(len(target)), num_failed=len(failed), failed=failed,
-               num_classes=int(classifier.shape[1]))
+               num_classes=int(classifier.shape[1]),
+               emptied_classes=warn_emptied_classes(target, labels, classnames, "images"))
     return out
+
+
+def warn_emptied_classes(scored: torch.Tensor, labels: Optional[Sequence[int]],
+                         classnames: Optional[Sequence[str]], what: str) -> list[str]:
+    """The classes that have samples in ``labels`` (every listed sample's label) but none among the ``scored``
+    labels: all their files were skipped as unreadable. One ``UserWarning`` names them (a recall averaged over
+    the other classes, or an accuracy without them, is not the number of the data as listed). Classes are
+    named by ``classnames`` (else by index). Returns the names (empty without ``labels``)."""
+    if labels is None:
+        return []
+    present = set(torch.as_tensor(scored).reshape(-1).tolist())
+    gone = sorted({int(y) for y in labels} - present)
+    names = [str(classnames[i]) if classnames is not None and 0 <= i < len(classnames) else str(i) for i in gone]
+    if names:
+        from .datasets import _empty_text
+
+        warnings.warn(f"every {what[:-1]} of {_empty_text(names)} was skipped as unreadable: "
+                      f"{'those classes have' if len(names) > 1 else 'that class has'} no sample in the metrics "
+                      f"(left out of mean_per_class_recall, {len(present)} of {len({int(y) for y in labels})} "
+                      f"listed classes scored); fix or remove the unreadable {what}", UserWarning, stacklevel=3)
+    return names
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -742,7 +770,7 @@ def run_zero_shot(
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers,
                                          collate_fn=ds.collate)
     result = zero_shot_evaluate(model, classifier, loader, mode=mode, device=device, dtype=dtype,
-                                paths=ds.images.paths)
+                                paths=ds.images.paths, labels=labels, classnames=names)
     result.update(model=model_name, data=os.fspath(data), mode=mode,
                   lang=_lang(lang or "en") if lang_used else None, num_templates=len(temps),
                   logit_scale_used=ZERO_SHOT_SCALE)

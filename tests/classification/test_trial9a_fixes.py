@@ -180,3 +180,52 @@ def test_video_csv_reads_columns_by_header_and_refuses_conflicts(tmp_path):
     (tmp_path / "v.csv").write_text("path,label\na.mp4,cat\na.mp4,dog\n")
     with pytest.raises(ValueError, match=r"v.csv:3: .*a.mp4 is labelled 'dog' here and 'cat' on line 2"):
         list_labeled_videos(str(tmp_path / "v.csv"))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 3. a class emptied by unreadable files is named (zero-shot skips unreadable images / videos)
+# --------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fx():
+    from tests.conftest import fixture_dir
+
+    return fixture_dir("internvl-cg-tiny")
+
+
+def test_a_class_whose_every_image_is_unreadable_is_named(fx, tmp_path):
+    from classification.zero_shot import run_zero_shot
+    from tests.zeroshot.conftest import write_images
+
+    data = write_images(tmp_path / "d", ["cat", "dog", "bird"])
+    os.remove(data / "dog" / "0.png")
+    for i in range(2):
+        (data / "dog" / f"bad{i}.jpg").write_bytes(b"not an image")
+    with pytest.warns(UserWarning, match=r"every image of class 'dog' was skipped as unreadable.*2 of 3 listed "
+                                         r"classes scored"):
+        res = run_zero_shot(fx, str(data), templates=["a photo of a {c}."], num_workers=0)
+    assert res["emptied_classes"] == ["dog"] and res["num_failed"] == 2 and res["num_samples"] == 2
+
+
+def test_a_class_whose_every_video_is_unreadable_is_named(tmp_path):
+    pytest.importorskip("av")
+    from classification import video
+    from tests.zeroshot.test_video import (
+        DIGIT_WORDS,
+        DigitOracle,
+        digit_frame,
+        digit_tokenizer,
+        to_tensor,
+        write_video,
+    )
+
+    root = tmp_path / "v"
+    for d in range(3):
+        os.makedirs(root / DIGIT_WORDS[d])
+        if d != 1:
+            write_video(root / DIGIT_WORDS[d] / "a.mkv", [digit_frame(d)] * 4)
+    (root / "one" / "broken.mp4").write_bytes(b"not a video")
+    with pytest.warns(UserWarning, match=r"every video of class 'one' was skipped as unreadable"):
+        res = video.run_video_zero_shot(DigitOracle(), str(root), num_frames=2, classnames=DIGIT_WORDS[:3],
+                                        templates=["{c}"], tokenizer=digit_tokenizer, transform=to_tensor,
+                                        num_workers=0, mode=None)
+    assert res["emptied_classes"] == ["one"] and res["num_failed"] == 1

@@ -200,10 +200,11 @@ def test_digits_end_to_end_with_bad_and_short_videos(tmp_path, bad_videos):
 
 
 def test_csv_with_kinetics_names(tmp_path):
-    write_video(tmp_path / "a.mkv", gray_frames(4))
-    (tmp_path / "list.csv").write_text("path,label\na.mkv,air_drumming\na.mkv,Abseiling\na.mkv,3\n")
+    for n in "abc":  # one file per row: one file listed with two labels is refused
+        write_video(tmp_path / f"{n}.mkv", gray_frames(4))
+    (tmp_path / "list.csv").write_text("path,label\na.mkv,air_drumming\nb.mkv,Abseiling\nc.mkv,3\n")
     paths, raw = video.list_labeled_videos(str(tmp_path / "list.csv"))
-    assert paths == [str(tmp_path / "a.mkv")] * 3
+    assert paths == [str(tmp_path / f"{n}.mkv") for n in "abc"]
     names, labels = video._resolve_video_classnames("kinetics400", raw)
     assert len(names) == 400 and labels == [1, 0, 3]
     with pytest.raises(ValueError, match="'flying a plane'.*match no class name"):
