@@ -39,6 +39,7 @@ from internvit.text import model_device
 
 from .checks import check_labels
 from .zero_shot import (
+    MAX_NUM_FRAMES,
     METADATA_DIR,
     ZERO_SHOT_SCALE,
     NonFinite,
@@ -47,13 +48,16 @@ from .zero_shot import (
     _model_dtype,
     build_zero_shot_classifier,
     check_finite_classifier,
+    check_zero_shot_inputs,
     classification_metrics,
     encode_images,
     load_text_model,
     refuse_missing,
+    refuse_output_onto_input,
     resolve_templates,
     warn_emptied_classes,
     warn_empty,
+    zero_shot_inputs,
 )
 
 VIDEO_EXTENSIONS: tuple[str, ...] = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv",
@@ -217,13 +221,13 @@ class VideoFrameDataset(Dataset):
     under a video name) gives ``(None, i, 'ErrorType: message')``; use :func:`internvit.data.collate_images` as
     ``collate_fn``, which drops such items and keeps their errors (batches are ``(B, num_frames, 3, S, S)``).
     With ``with_info=True`` items have a fourth element, the video's frame count (``None`` for a failed one).
-    Raises ``ValueError`` for ``num_frames < 1``.
+    Raises ``ValueError`` for ``num_frames`` outside 1..:data:`classification.zero_shot.MAX_NUM_FRAMES`.
     """
 
     def __init__(self, paths: Sequence[str], num_frames: int, transform: Callable, *,
                  bound: Optional[tuple[float, float]] = None, with_info: bool = False) -> None:
-        if int(num_frames) < 1:
-            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        if not 1 <= int(num_frames) <= MAX_NUM_FRAMES:
+            raise ValueError(f"num_frames must be between 1 and {MAX_NUM_FRAMES}, got {num_frames}")
         self.paths = [os.fspath(p) for p in paths]
         self.num_frames, self.transform, self.bound = int(num_frames), transform, bound
         self.with_info = with_info
@@ -370,7 +374,8 @@ def _resolve_video_classnames(spec, raw_labels: Sequence[str],
     from .zero_shot import resolve_class_index
 
     if spec is None and all(_is_index(label) for label in raw_labels):
-        raise ValueError("integer labels need class names: pass classnames= (a Kinetics key, a list or a file)")
+        raise ValueError("the labels are class indices, which name nothing a text prompt can describe: pass "
+                         "--classnames (classnames= in Python): a Kinetics key, a .txt / .json list in index order")
     classes = sorted(set(raw_labels)) if classes is None else list(classes)
     by_key = None
     if isinstance(spec, str) and not os.path.isfile(spec):
@@ -416,28 +421,27 @@ def run_video_zero_shot(
     labels are matched to it case-insensitively with ``_`` as a space, or are class indices), a list or a
     ``.txt``/``.json`` file. ``templates``: ``None`` = ``dataset``'s shipped Kinetics templates (default
     ``kinetics400``). ``batch_size`` counts videos (a forward pass sees ``batch_size × num_frames`` frames).
-    Returns (and with ``output`` writes atomically as JSON) the metrics of :func:`video_zero_shot_evaluate`
+    Returns (and with ``output`` writes atomically as JSON; an ``output`` that is one of the inputs is refused
+    first) the metrics of :func:`video_zero_shot_evaluate`
     plus the settings used.
 
-    Raises ``ValueError`` for ``num_frames`` / ``batch_size`` below 1, a ``dataset`` that is not a Kinetics key or
-    is given with ``templates`` (it would be unused), class names that cannot be matched or repeat, a model
-    without text tower or tokenizer, non-finite embeddings and data none of which can be read;
-    ``FileNotFoundError`` for missing files.
-    """
+    Raises ``ValueError`` for ``num_frames`` below 1 or above :data:`classification.zero_shot.MAX_NUM_FRAMES`
+    (naming the memory it would need), ``batch_size`` below 1, the input problems of
+    :func:`classification.zero_shot.zero_shot_input_errors` (a ``dataset`` that is not a Kinetics key or is given
+    with ``templates``, a bad template or class-name list) before any data is read, class names that cannot be
+    matched or repeat, a model without text tower or tokenizer, non-finite embeddings and data none of which can be
+    read; ``FileNotFoundError`` for missing files."""
     import internvit
     from internvit.data import collate_images
     from internvit.fileio import atomic_write
 
-    if int(num_frames) < 1:
-        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if dataset is not None:
-        if _canon(dataset) not in KINETICS:
-            raise ValueError(f"unknown video dataset {dataset!r}; known: {', '.join(KINETICS)}")
-        if templates is not None:
-            raise ValueError(f"dataset {dataset!r} only picks the default templates, and templates are given: "
-                             f"drop one of them")
+    check_zero_shot_inputs(classnames=classnames, templates=templates, dataset=dataset, video=True,
+                           num_frames=num_frames, batch_size=batch_size, model=model)
+    if output:
+        refuse_output_onto_input(output, zero_shot_inputs(os.fspath(data), classnames=classnames,
+                                                          templates=templates, model=model, tokenizer=tokenizer))
     model_name = os.fspath(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
     paths, raw_labels, data_classes = _scan_videos(os.fspath(data))
     names, labels = _resolve_video_classnames(classnames, raw_labels, data_classes)

@@ -577,9 +577,10 @@ def resolve_templates(spec: Optional[Union[str, Sequence[Template]]], lang: str 
                       dataset: str = "imagenet1k") -> list[Template]:
     """Templates from a list, a ``.txt`` / ``.json`` file or a shipped dataset key (default: ``dataset``'s).
 
-    Raises ``FileNotFoundError`` for a path that does not exist, ``ValueError`` for an unknown key, an empty
-    list, a template without a ``{c}`` placeholder or one that gives the same prompt for two class names (an
-    escaped ``{{c}}``), ``TypeError`` for anything else.
+    A template names the class as ``{c}``, ``{}`` or ``{0}`` (``a photo of a {0}.``). Raises
+    ``FileNotFoundError`` for a path that does not exist, ``ValueError`` for an unknown key, an empty list, a
+    template without a class-name field, with any other field (``{1}``, ``{name}``) or one that gives the same
+    prompt for two class names (an escaped ``{{c}}``), naming the template; ``TypeError`` for anything else.
     """
     if spec is None:
         return load_templates(lang, dataset)
@@ -594,16 +595,13 @@ def resolve_templates(spec: Optional[Union[str, Sequence[Template]]], lang: str 
     odd = next((t for t in templates if not (isinstance(t, str) or callable(t))), None)
     if odd is not None:
         raise TypeError(f"a template must be a format string or a callable, got {type(odd).__name__}")
-    bad = [t for t in templates if isinstance(t, str) and "{c}" not in t and "{}" not in t]
-    if bad:
-        raise ValueError(f"template {bad[0]!r} has no '{{c}}' placeholder")
     for t in templates:
         if isinstance(t, str):
+            _check_template_fields(t)
             try:
                 filled = [_format(t, name) for name in _PROBE_NAMES]
-            except (KeyError, IndexError, ValueError) as e:  # '{x}', '{1}', an unmatched brace
-                what = f"unknown field {{{e.args[0]}}}" if isinstance(e, KeyError) else str(e)
-                raise ValueError(f"template {t!r}: {what} (only {{c}} or {{}} is filled in)") from None
+            except (KeyError, IndexError, ValueError) as e:  # '{}' and '{0}' mixed
+                raise ValueError(f"template {t!r}: {e} ({_PLACEHOLDERS} is filled in)") from None
             hint = " (escaped braces '{{c}}' are not a placeholder)"
         else:  # a callable may change the name (case, articles): its prompts must only differ
             filled, hint = [str(t(name)) for name in _PROBE_NAMES], ""
@@ -616,6 +614,26 @@ def resolve_templates(spec: Optional[Union[str, Sequence[Template]]], lang: str 
 
 #: two class names that a template must put into two different prompts (:func:`resolve_templates`)
 _PROBE_NAMES = ("zebra crossing", "tabby cat")
+#: the fields a template may hold: the class name as ``{c}`` (CLIP_benchmark), ``{}`` or ``{0}`` (str.format)
+TEMPLATE_FIELDS = ("c", "", "0")
+_PLACEHOLDERS = "only the class name, as {c}, {} or {0},"
+
+
+def _check_template_fields(template: str) -> None:
+    """Raise ``ValueError`` naming ``template`` when it has no class-name field (``{c}``, ``{}`` or ``{0}``), a field
+    of another name or number (``{1}``, ``{name}``, ``{c.upper}``) or an unmatched brace."""
+    import string
+
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:  # 'a {c} and a {'
+        raise ValueError(f"template {template!r}: {e} ({_PLACEHOLDERS} is filled in)") from None
+    other = next((f for f in fields if f not in TEMPLATE_FIELDS), None)
+    if other is not None:
+        raise ValueError(f"template {template!r}: unknown field {{{other}}} ({_PLACEHOLDERS} is filled in)")
+    if not fields and "{{" not in template:  # an escaped '{{c}}' is named by resolve_templates' prompt check
+        raise ValueError(f"template {template!r} has no '{{c}}' placeholder (nor '{{}}' or '{{0}}') for the class "
+                         f"name: every class would get the same prompt")
 
 
 def _load_labeled(data: str) -> tuple[list[str], list[int], list[str]]:
@@ -683,6 +701,132 @@ def check_dataset(dataset: str) -> str:
     return dataset
 
 
+#: the most frames per video ``num_frames`` / ``--num-frames`` may ask for (InternVL-style evaluations use 8-32)
+MAX_NUM_FRAMES = 1024
+#: the input side a frame memory estimate assumes when the model's is not known
+_DEFAULT_IMAGE_SIZE = 224
+
+
+def _image_size_of(model) -> int:
+    """The input side of ``model`` (a loaded model, or a path / preset whose config can be read), else 224."""
+    cfg = getattr(model, "config", None)
+    if cfg is None and isinstance(model, (str, os.PathLike)):
+        from internvit.config import get_config
+
+        try:
+            cfg = get_config(model)
+        except (ValueError, TypeError, OSError):
+            cfg = None
+    size = getattr(cfg, "image_size", None)
+    return int(size) if isinstance(size, int) and size > 0 else _DEFAULT_IMAGE_SIZE
+
+
+def zero_shot_input_errors(*, classnames=None, templates=None, dataset: Optional[str] = None,
+                           lang: Optional[str] = None, video: bool = False, num_frames: Optional[int] = None,
+                           batch_size: Optional[int] = None, model=None) -> list[tuple[tuple[str, ...], str, type]]:
+    """Every refusal of the zero-shot inputs that needs neither the data nor a loaded model, for images and videos
+    alike (``tools/zeroshot_eval.py``, :func:`run_zero_shot` and :func:`classification.video.run_video_zero_shot`
+    share it): ``[(options, message, error class)]``, ``options`` being the command-line options a problem is about
+    (``('--templates',)``; both for a conflict), in this order: ``--classnames`` (a shipped key, or a readable list
+    without empty or duplicate names), ``--templates`` (a key or a readable list whose every template names the
+    class as ``{c}``, ``{}`` or ``{0}`` and nothing else: :func:`resolve_templates`), ``--dataset`` (a known key:
+    ImageNet-style keys for images, Kinetics keys for videos), ``--dataset`` with ``--templates`` (it would be
+    unused), ``--lang`` (images only), ``--num-frames`` (videos: 1..:data:`MAX_NUM_FRAMES`; the message gives the
+    memory a batch of ``batch_size`` videos of that many frames would need at ``model``'s input size).
+    :func:`check_zero_shot_inputs` raises the first."""
+    from . import video as vid
+
+    errors: list[tuple[tuple[str, ...], str, type]] = []
+
+    def attempt(options: tuple, fn: Callable[[], object]) -> None:
+        try:
+            fn()
+        except (ValueError, FileNotFoundError, TypeError) as e:
+            errors.append((options, str(e), type(e)))
+
+    lang_ok = lang is None or lang.lower() in LANGUAGES or lang.lower() in _LANG_ALIASES
+    key_lang = lang if lang is not None and lang_ok and not video else "en"  # a bad --lang is its own error
+    known_dataset = dataset is None or (vid._canon(dataset) in vid.KINETICS if video
+                                        else _canon_dataset(dataset) in _known_datasets())
+    if classnames is not None:
+        def names() -> None:
+            if isinstance(classnames, str):
+                by_key = vid.load_video_classnames if video else (lambda k: load_classnames(_lang(key_lang), k))
+                listed = _list_or_key(classnames, "class names", by_key)
+                if os.path.isfile(classnames):
+                    check_class_names(listed, f"class names {classnames}")
+            else:
+                check_class_names([str(n) for n in classnames], "class names")
+
+        attempt(("--classnames",), names)
+    if templates is not None:
+        attempt(("--templates",), lambda: vid._resolve_video_templates(templates, None) if video
+                else resolve_templates(templates, _lang(key_lang)))
+    if dataset is not None and not known_dataset:
+        attempt(("--dataset",), lambda: vid.load_video_templates(dataset) if video else check_dataset(dataset))
+    if dataset is not None and templates is not None:
+        errors.append((("--dataset", "--templates"), "only picks the default templates, and templates are given "
+                                                     "as well: drop one of them", ValueError))
+    if lang is not None:
+        if video:
+            errors.append((("--lang",), "applies to images only: the video class names and templates are English",
+                           ValueError))
+        elif not lang_ok:
+            errors.append((("--lang",), f"unknown language; known: {', '.join(LANGUAGES)} "
+                                        f"({', '.join(_LANG_ALIASES)} accepted)", ValueError))
+    if video and num_frames is not None:
+        n, b = int(num_frames), int(batch_size or 8)
+        if n < 1:
+            errors.append((("--num-frames",), f"must be at least 1, got {n}", ValueError))
+        elif n > MAX_NUM_FRAMES:
+            side = _image_size_of(model)
+            gib = b * n * 3 * side * side * 4 / 2**30
+            errors.append((("--num-frames",), f"{n} frames per video is more than {MAX_NUM_FRAMES}: a batch of {b} "
+                                               f"videos would hold {b * n} frames, {gib:.1f} GiB as float32 "
+                                               f"{side}x{side} inputs before the model runs; use at most "
+                                               f"{MAX_NUM_FRAMES} (8 to 32 is usual)", ValueError))
+    return errors
+
+
+def zero_shot_inputs(data: str, **named) -> list[tuple[str, str]]:
+    """``[(name, path)]`` of the files and folders a zero-shot run reads: ``data`` (and the ``classes.txt`` beside a
+    CSV, which :func:`classification.datasets.read_csv` reads) and every ``named`` value that is an existing path
+    (``classnames``, ``templates``, ``model``, ``tokenizer``; shipped keys are not paths)."""
+    from .datasets import CLASSES_FILE
+
+    out = [("data", os.fspath(data))]
+    if os.path.isfile(data):
+        out.append(("data", os.path.join(os.path.dirname(os.path.abspath(data)), CLASSES_FILE)))
+    out += [(k, os.fspath(v)) for k, v in named.items() if isinstance(v, (str, os.PathLike)) and os.fspath(v)]
+    return [(k, v) for k, v in out if os.path.exists(v)]
+
+
+def refuse_output_onto_input(output: str, inputs: Sequence[tuple[str, str]]) -> None:
+    """Raise ``ValueError`` when ``output`` is one of the ``inputs`` (``[(name, path)]``, e.g. from
+    :func:`zero_shot_inputs`) or an existing file inside an input folder (a model's ``config.json``, an image):
+    writing the result would replace a file the run reads, so it is refused before anything is written, even
+    with overwriting allowed."""
+    out = os.path.realpath(output)
+    for name, path in inputs:
+        real = os.path.realpath(path)
+        inside = os.path.isdir(real) and os.path.isfile(out) and out.startswith(real.rstrip(os.sep) + os.sep)
+        same = out == real or (os.path.exists(out) and os.path.exists(real) and os.path.samefile(out, real))
+        if same or inside:
+            where = "is" if same else "is a file inside"
+            raise ValueError(f"{output}: {where} the {name} input {path}; the result would overwrite it: write it "
+                             f"elsewhere")
+
+
+def check_zero_shot_inputs(**kwargs) -> None:
+    """Raise the first problem :func:`zero_shot_input_errors` finds (``ValueError``, ``FileNotFoundError`` for a
+    missing list file, ``TypeError``), prefixed with the Python argument and its value (``templates=[...]:``)."""
+    errors = zero_shot_input_errors(**kwargs)
+    if errors:
+        options, message, cls = errors[0]
+        keyword = options[0][2:].replace("-", "_")
+        raise cls(f"{keyword}={kwargs.get(keyword)!r}: {message}")
+
+
 def load_text_model(model, tokenizer, *, dtype: torch.dtype = torch.float32,
                     device: Union[str, torch.device] = "cpu"):
     """``(model, tokenizer)`` for zero-shot: ``model`` loaded from a directory / weight file / preset (or used as
@@ -731,7 +875,8 @@ def run_zero_shot(
     ``model`` is an InternVL directory / weight file / preset or a loaded model; the tokenizer defaults to
     the one in the model directory. Images get the classification preprocessing (short-side resize, centre
     crop). ``lang`` (default ``en``) picks the shipped class names / templates; ``dataset`` (default
-    ``imagenet1k``) picks the default templates. Returns (and, with ``output``, writes atomically as JSON)
+    ``imagenet1k``) picks the default templates. Returns (and, with ``output``, writes atomically as JSON; an
+    ``output`` that is one of the inputs is refused first: :func:`refuse_output_onto_input`)
     ``acc1``, ``acc5`` (``None`` below 5 classes), ``mean_per_class_recall``, ``num_failed`` and ``failed``
     (the unreadable images: ``[{'path', 'error'}]``) plus the settings used (``lang`` is ``None`` when no
     shipped list was used).
@@ -745,13 +890,10 @@ def run_zero_shot(
     from internvit.data import collate_images  # noqa: F401 - fail early if the data module is missing
     from internvit.fileio import atomic_write
 
-    if lang is not None:
-        _lang(lang)
-    if dataset is not None:
-        check_dataset(dataset)
-        if templates is not None:
-            raise ValueError(f"dataset {dataset!r} only picks the default templates, and templates are given: "
-                             f"drop one of them")
+    check_zero_shot_inputs(classnames=classnames, templates=templates, dataset=dataset, lang=lang)
+    if output:
+        refuse_output_onto_input(output, zero_shot_inputs(data, classnames=classnames, templates=templates,
+                                                          model=model, tokenizer=tokenizer))
     model_name = os.fspath(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
     paths, labels, data_classes = _load_labeled(data)
     names, index = resolve_class_index(classnames, data_classes, lang or "en")

@@ -163,6 +163,18 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("lang_with_video", [*ZEROSHOT, "--video", "--lang", "zh"]),
         ("video_dataset_not_kinetics", [*ZEROSHOT, "--video", "--dataset", "imagenet1k"]),
         ("vision_only_model", _with(ZEROSHOT, model="internvit-6b-tiny")),
+        # trial 9a
+        ("video_num_frames_5000", [*ZEROSHOT, "--video", "--num-frames", "5000"]),
+        ("template_without_a_placeholder", [*ZEROSHOT, "--templates", "{W}/t_none.txt"]),
+        ("template_with_a_second_field", [*ZEROSHOT, "--templates", "{W}/t_field.txt"]),
+        ("video_template_without_a_placeholder", [*ZEROSHOT, "--video", "--templates", "{W}/t_none.txt"]),
+        ("classnames_with_a_blank_line", [*ZEROSHOT, "--classnames", "{W}/names_blank.txt"]),
+        ("csv_one_image_two_labels", _with(ZEROSHOT, data="{W}/cls_two_labels.csv")),
+        # valid inputs: the output clash is the only fault (the old code overwrote the input with the result)
+        ("output_onto_the_templates_file", [*_with(ZEROSHOT, output="{W}/t_ok.txt"), "--templates", "{W}/t_ok.txt",
+                                            "--overwrite"]),
+        ("output_onto_the_data_csv", [*_with(ZEROSHOT, data="{W}/cls_ok.csv", output="{W}/cls_ok.csv"),
+                                      "--overwrite"]),
         *[(n, [*ZEROSHOT, *a]) for n, a in DEVICE_CASES + NO_CUDA_CASES],
     ],
     "eval_retrieval": [
@@ -523,6 +535,15 @@ def W(tmp_path_factory) -> str:  # noqa: N802 - the placeholder's name
         f.write("path,label\ncls/cat/0.png,cat\ncls/dog/0.png,dog\ncls/dog/typo.png,dog\n")
     with open(f"{w}/t_escaped.txt", "w") as f:  # an escaped placeholder: the same prompt for every class
         f.write("a photo of a {{c}}.\n")
+    # trial 9a: templates without a placeholder / with another field, class names with a blank line between them,
+    # a CSV listing one image with two labels
+    for name, text in (("t_none.txt", "a photo of something.\n"), ("t_field.txt", "a photo of a {0} in {1}.\n"),
+                       ("names_blank.txt", "cat\n\ndog\n"), ("t_ok.txt", "a photo of a {c}.\n"),
+                       ("cls_ok.csv", "path,label\ncls/cat/0.png,cat\ncls/dog/0.png,dog\n")):
+        with open(f"{w}/{name}", "w") as f:
+            f.write(text)
+    with open(f"{w}/cls_two_labels.csv", "w") as f:
+        f.write("path,label\ncls/cat/0.png,cat\ncls/dog/0.png,dog\ncls/cat/0.png,dog\n")
     # annotations, JSON
     with open(f"{w}/ann.json", "w") as f:
         json.dump([{"image": f"imgs/img_{i:03d}.png", "caption": f"picture {i}"} for i in range(4)], f)

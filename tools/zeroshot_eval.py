@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -20,7 +21,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from internvit.cli import ArgumentParser, UsageError, device, dtype_arg, nonnegative_int, positive_int, run  # noqa: E402
 
-LANGS = ("en", "zh", "ja", "ar", "it", "cn", "jp")
 #: at most this many skipped files are named on stderr (all are listed in --output's "failed")
 MAX_SKIPPED_LINES = 10
 
@@ -58,13 +58,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     v.add_argument("--resize-mode", default=None, choices=("crop", "squash"),
                    help="frame preprocessing: short-side resize + centre crop (default) or squash")
     args = p.parse_args(argv)
-    if args.lang is not None and args.lang.lower() not in LANGS:
-        p.error(f"--lang {args.lang}: unknown language; known: en, zh, ja, ar, it (cn, jp accepted)")
-    if args.video and args.lang is not None:
-        p.error("--lang applies to images only: the video class names and templates are English")
-    if args.video and args.dataset is not None and args.dataset.strip().lower().replace("-", "").replace("_", "") \
-            not in ("kinetics400", "kinetics600", "kinetics700", "k400", "k600", "k700"):
-        p.error(f"--dataset {args.dataset}: unknown video dataset; known: kinetics400, kinetics600, kinetics700")
     if not args.video:  # video options are refused without --video, never silently ignored
         given = [f for f, v in (("--num-frames", args.num_frames), ("--resize-mode", args.resize_mode)) if v]
         if given:
@@ -122,31 +115,88 @@ def _check_output(path: str, overwrite: bool = False) -> None:
         raise UsageError(f"--output {path}: {parent} is not writable")
 
 
+def _position(argv: list, options: tuple) -> float:
+    """Where the last of ``options`` is given on the command line (``--opt value`` or ``--opt=value``; an option
+    given twice counts where its value is taken, the last time)."""
+    def given(opt: str) -> float:
+        return max((i for i, a in enumerate(argv) if a == opt or a.startswith(opt + "=")), default=math.inf)
+
+    return max(given(o) for o in options)
+
+
+def _path_checks(args) -> list:
+    """``[(options, check)]`` of the paths the command line names (each check raises :class:`UsageError`)."""
+    def data() -> None:
+        if not os.path.exists(args.data):
+            raise UsageError(f"--data {args.data}: no such folder or CSV file")
+
+    def output() -> None:
+        if args.output is not None:
+            _check_not_an_input(args)  # first: --overwrite would not help
+            _check_output(args.output, args.overwrite)
+        elif args.overwrite:
+            raise UsageError("--overwrite without --output: nothing is written")
+
+    def model() -> None:
+        if not os.path.exists(args.model) and os.sep in args.model:
+            raise UsageError(f"--model {args.model}: no such file or folder")
+
+    def tokenizer() -> None:
+        if args.tokenizer is not None and not os.path.exists(args.tokenizer):
+            raise UsageError(f"--tokenizer {args.tokenizer}: no such file or folder")
+
+    return [(("--model",), model), (("--data",), data), (("--tokenizer",), tokenizer),
+            (("--output",) if args.output is not None else ("--overwrite",), output)]
+
+
+def check_inputs(args, argv: list) -> None:
+    """The one input check of the image and the video command (``--video``): the paths, then everything
+    :func:`classification.zero_shot.zero_shot_input_errors` refuses (class names, templates, dataset, language,
+    frames), all before any data is read or any model loaded. Of the problems found, the one about the option
+    given first on the command line is raised (a :class:`UsageError` naming that option and its value)."""
+    from classification.zero_shot import zero_shot_input_errors
+
+    problems = []
+    for options, check in _path_checks(args):
+        try:
+            check()
+        except UsageError as e:
+            problems.append((_position(argv, options), str(e)))
+    values = {"--classnames": args.classnames, "--templates": args.templates, "--dataset": args.dataset,
+              "--lang": args.lang, "--num-frames": args.num_frames}
+    for options, message, _ in zero_shot_input_errors(
+            classnames=args.classnames, templates=args.templates, dataset=args.dataset, lang=args.lang,
+            video=args.video, num_frames=args.num_frames, batch_size=args.batch_size, model=args.model):
+        flag = options[0]
+        problems.append((_position(argv, options), f"{flag} {values[flag]}: {message}"))
+    if problems:
+        raise UsageError(min(problems, key=lambda p: p[0])[1])  # min keeps the first of equal positions
+
+
+def _check_not_an_input(args) -> None:
+    """Refuse an ``--output`` that is one of the files the run reads (it would be replaced by the result)."""
+    from classification.zero_shot import refuse_output_onto_input, zero_shot_inputs
+
+    inputs = zero_shot_inputs(args.data, classnames=args.classnames, templates=args.templates, model=args.model,
+                              tokenizer=args.tokenizer)
+    try:
+        refuse_output_onto_input(args.output, [(f"--{name}", path) for name, path in inputs])
+    except ValueError as e:
+        raise UsageError(f"--output {e}") from None
+
+
 def _main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    if not os.path.exists(args.data):
-        raise UsageError(f"--data {args.data}: no such folder or CSV file")
-    if args.output is not None:
-        _check_output(args.output, args.overwrite)
-    elif args.overwrite:
-        raise UsageError("--overwrite without --output: nothing is written")
-    if not os.path.exists(args.model) and os.sep in args.model:
-        raise UsageError(f"--model {args.model}: no such file or folder")
-    if args.tokenizer is not None and not os.path.exists(args.tokenizer):
-        raise UsageError(f"--tokenizer {args.tokenizer}: no such file or folder")
+    if args.video:
+        args.batch_size = args.batch_size or 8
+    check_inputs(args, argv)
     import torch
 
     from classification.zero_shot import run_zero_shot
 
     if args.video:
         return _video(args)
-    if args.dataset is not None:
-        from classification.zero_shot import check_dataset
-
-        check_dataset(args.dataset)
-        if args.templates is not None:
-            raise UsageError(f"--dataset {args.dataset}: only picks the default templates, and --templates is "
-                             f"given (drop one)")
     args.batch_size = args.batch_size or 64
     result = run_zero_shot(
         args.model, args.data, classnames=args.classnames, templates=args.templates, lang=args.lang,
@@ -185,7 +235,7 @@ def _video(args) -> int:
     result = run_video_zero_shot(
         args.model, args.data, num_frames=args.num_frames, classnames=args.classnames, templates=args.templates,
         dataset=args.dataset, mode=args.mode, tokenizer=args.tokenizer,
-        batch_size=args.batch_size or 8, text_batch_size=args.text_batch_size, dtype=getattr(torch, args.dtype),
+        batch_size=args.batch_size, text_batch_size=args.text_batch_size, dtype=getattr(torch, args.dtype),
         device=args.device, num_workers=args.workers, resize_mode=args.resize_mode, output=args.output)
     _report(result, args, "videos")
     return 0

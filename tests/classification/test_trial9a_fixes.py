@@ -229,3 +229,141 @@ def test_a_class_whose_every_video_is_unreadable_is_named(tmp_path):
                                         templates=["{c}"], tokenizer=digit_tokenizer, transform=to_tensor,
                                         num_workers=0, mode=None)
     assert res["emptied_classes"] == ["one"] and res["num_failed"] == 1
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 4-6. zero-shot inputs: one check for images and videos, {0} templates, option names, argument order,
+#      --num-frames bound, --output onto an input
+# --------------------------------------------------------------------------------------------------------------
+def _zeroshot(capsys, *argv):
+    import sys
+
+    tools = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "tools")
+    if tools not in sys.path:
+        sys.path.insert(0, tools)
+    import zeroshot_eval
+
+    try:
+        rc = zeroshot_eval.main([str(a) for a in argv])
+    except SystemExit as e:
+        rc = e.code
+    captured = capsys.readouterr()
+    return rc, captured.out, [line for line in captured.err.splitlines() if line.strip()]
+
+
+@pytest.fixture
+def two_classes(tmp_path):
+    from tests.zeroshot.conftest import write_images
+
+    return write_images(tmp_path / "d", ["cat", "dog"])
+
+
+def test_templates_with_a_numbered_placeholder_work_like_the_others(fx, two_classes):
+    """'a photo of a {0}.' was refused as having no placeholder; it is str.format's own spelling of '{}'."""
+    import json
+
+    from classification.zero_shot import run_zero_shot
+
+    results = [run_zero_shot(fx, str(two_classes), templates=[t], num_workers=0)
+               for t in ("a photo of a {0}.", "a photo of a {}.", "a photo of a {c}.")]
+    assert len({json.dumps({k: r[k] for k in ("acc1", "mean_per_class_recall")}) for r in results}) == 1
+
+
+@pytest.mark.parametrize("template,msg", [
+    ("a photo", r"template 'a photo' has no '\{c\}' placeholder \(nor '\{\}' or '\{0\}'\)"),
+    ("a {1}", r"template 'a \{1\}': unknown field \{1\}"),
+    ("a {0} and {1}", r"template 'a \{0\} and \{1\}': unknown field \{1\}"),
+    ("a {name}", r"template 'a \{name\}': unknown field \{name\}"),
+    ("a {c.upper}", r"unknown field \{c.upper\}"),
+    ("{} or {0}", r"template '\{\} or \{0\}': cannot switch"),
+])
+@pytest.mark.parametrize("video", [False, True])
+def test_bad_templates_are_refused_by_the_one_check_for_images_and_videos(fx, two_classes, tmp_path, capsys,
+                                                                         template, msg, video):
+    (tmp_path / "t.txt").write_text(template + "\n")
+    rc, out, err = _zeroshot(capsys, "--model", fx, "--data", two_classes, "--templates", tmp_path / "t.txt",
+                             "--workers", "0", *(["--video"] if video else []))
+    assert rc == 2 and len(err) == 1 and out == "", err
+    assert err[0].startswith(f"error: --templates {tmp_path / 't.txt'}: ") and __import__("re").search(msg, err[0])
+
+
+def test_video_messages_name_the_option_not_the_keyword(fx, tmp_path, capsys):
+    (tmp_path / "v" / "0").mkdir(parents=True)
+    (tmp_path / "v" / "0" / "a.mp4").write_bytes(b"")
+    rc, _, err = _zeroshot(capsys, "--video", "--model", fx, "--data", tmp_path / "v", "--workers", "0")
+    assert rc == 2 and len(err) == 1 and "pass --classnames" in err[0] and "classnames=" not in \
+        err[0].replace("(classnames= in Python)", ""), err
+
+
+@pytest.mark.parametrize("video", [False, True])
+def test_the_first_error_is_about_the_first_bad_option_on_the_command_line(fx, two_classes, tmp_path, capsys,
+                                                                          video):
+    (tmp_path / "t.txt").write_text("a photo\n")
+    bad_dataset = ["--dataset", "imagenet_1k"]
+    bad_templates = ["--templates", tmp_path / "t.txt"]
+    extra = ["--video"] if video else []
+    base = ["--model", fx, "--data", two_classes, "--workers", "0", *extra]
+    rc, _, err = _zeroshot(capsys, *base, *bad_dataset, *bad_templates)
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: --dataset imagenet_1k: "), err
+    rc, _, err = _zeroshot(capsys, *base, *bad_templates, *bad_dataset)
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: --templates "), err
+    # a valid dataset with templates: the conflict is named once both are given
+    rc, _, err = _zeroshot(capsys, *base, "--dataset", "kinetics400" if video else "cifar10", "--templates",
+                           "imagenet1k" if not video else "kinetics400")
+    assert rc == 2 and len(err) == 1 and "only picks the default templates" in err[0], err
+    rc, _, err = _zeroshot(capsys, *base, *bad_dataset, "--data", tmp_path / "nope")  # --data given last
+    assert rc == 2 and err[0].startswith("error: --dataset imagenet_1k"), err
+
+
+@pytest.mark.parametrize("n", [1025, 5000, 10**9])
+def test_num_frames_above_1024_is_refused_with_the_memory_it_needs(fx, two_classes, capsys, n):
+    """Not run on the old code: it started to allocate the frames (about 7.5 GB at 5000)."""
+    rc, out, err = _zeroshot(capsys, "--video", "--model", fx, "--data", two_classes, "--num-frames", n,
+                             "--batch-size", "2", "--workers", "0")
+    assert rc == 2 and len(err) == 1 and out == "", err
+    assert err[0].startswith(f"error: --num-frames {n}: {n} frames per video is more than 1024: a batch of 2 "
+                             f"videos would hold {2 * n} frames, ") and "GiB as float32 56x56 inputs" in err[0]
+
+
+def test_num_frames_bound_in_python(fx, two_classes):
+    from classification.video import VideoFrameDataset, run_video_zero_shot
+
+    with pytest.raises(ValueError, match=r"num_frames=2000: 2000 frames per video is more than 1024"):
+        run_video_zero_shot(fx, str(two_classes), num_frames=2000, num_workers=0)
+    with pytest.raises(ValueError, match="num_frames must be between 1 and 1024, got 1025"):
+        VideoFrameDataset([], 1025, lambda x: x)
+    assert len(VideoFrameDataset([], 1024, lambda x: x)) == 0
+
+
+@pytest.mark.parametrize("which", ["classnames", "templates", "csv", "classes_beside_csv", "model_config"])
+def test_output_onto_an_input_is_refused_before_anything_is_written(fx, tmp_path, capsys, which):
+    import shutil
+
+    from tests.zeroshot.conftest import write_images
+
+    write_images(tmp_path, ["cat", "dog"])
+    (tmp_path / "names.txt").write_text("cat\ndog\n")
+    (tmp_path / "t.txt").write_text("a photo of a {c}.\n")
+    (tmp_path / "list.csv").write_text("path,label\ncat/0.png,cat\ndog/0.png,dog\n")
+    (tmp_path / "classes.txt").write_text("cat\ndog\n")
+    model = tmp_path / "model"
+    shutil.copytree(fx, model)
+    target = {"classnames": "names.txt", "templates": "t.txt", "csv": "list.csv",
+              "classes_beside_csv": "classes.txt", "model_config": "model/config.json"}[which]
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    rc, out, err = _zeroshot(capsys, "--model", model, "--data", tmp_path / "list.csv", "--classnames",
+                             tmp_path / "names.txt", "--templates", tmp_path / "t.txt", "--workers", "0",
+                             "--output", tmp_path / target, "--overwrite")
+    assert rc == 2 and len(err) == 1 and out == "", err
+    assert err[0].startswith(f"error: --output {tmp_path / target}: is ") and "the result would overwrite it" in err[0]
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_output_onto_an_input_is_refused_in_python_too(fx, two_classes, tmp_path):
+    from classification.zero_shot import run_zero_shot
+
+    (tmp_path / "t.txt").write_text("a photo of a {c}.\n")
+    with pytest.raises(ValueError, match=r"t.txt: is the templates input"):
+        run_zero_shot(fx, str(two_classes), templates=str(tmp_path / "t.txt"), output=str(tmp_path / "t.txt"),
+                      num_workers=0)
+    assert (tmp_path / "t.txt").read_text() == "a photo of a {c}.\n"
