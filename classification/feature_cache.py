@@ -166,6 +166,10 @@ class CachedFeatureDataset(Dataset):
     indexing; ``np.asarray`` copies it into RAM), ``labels`` an int64 array.
     """
 
+    #: its items are backbone features, not images: only a ``from_features=True`` model takes them
+    #: (:func:`internvit.run_checks.check_input_kind`)
+    gives_features = True
+
     def __init__(self, dataset: Union[dict, ImageFolderDataset], backbone: Union[dict, str], cache_dir: str,
                  feature: str = "cls_mean", batch_size: int = 64, num_workers: int = 0, device: str = "auto",
                  progress: bool = True) -> None:

@@ -16,7 +16,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 from mmengine.hooks import Hook
 
-__all__ = ["check_fits", "check_classes", "check_same_classes", "class_list", "dataset_class_names",
+__all__ = ["check_fits", "check_classes", "check_input_kind", "check_same_classes", "class_list", "dataset_class_names",
            "check_output_path", "check_unique_names", "check_data_files", "name_data_errors", "NamedLoadErrors",
            "check_option_keys", "check_train_loop", "check_learning_rates", "check_evaluator", "NonFiniteError",
            "NonFiniteCheckHook"]
@@ -129,6 +129,34 @@ def check_classes(model, loader, what: str) -> None:
             raise ValueError(f"{what}: the dataset has {n} classes but model.{name}.num_classes is {k} "
                              f"(labels {max(k, 0)}..{n - 1} could never be predicted); set num_classes to {n} or "
                              f"use the data the model was made for")
+
+
+def check_input_kind(model, loader, what: str) -> None:
+    """Raise ``ValueError`` naming both sides when a model that takes cached backbone features
+    (``model.from_features=True``, :class:`classification.InternViTClassifier`) is given a dataset of images, or a
+    model that runs its backbone is given cached features (a dataset whose ``gives_features`` is true, such as
+    :class:`classification.CachedFeatureDataset`): either way the head met inputs of the wrong shape only once
+    training started, as a traceback. Models without a ``from_features`` flag are not checked."""
+    from mmengine.model import is_model_wrapper
+
+    if model is None:
+        return
+    if is_model_wrapper(model):
+        model = model.module
+    wants = getattr(model, "from_features", None)
+    if not isinstance(wants, bool):
+        return
+    for ds in _leaf_datasets(getattr(loader, "dataset", None)):
+        gives = bool(getattr(ds, "gives_features", False))
+        if wants and not gives:
+            raise ValueError(f"{what}: model.from_features=True takes cached backbone features, but its dataset "
+                             f"({type(ds).__name__}) gives images: wrap it in a CachedFeatureDataset (as "
+                             f"configs/classification/toy/digits_linear_probe_cached.py does) or set "
+                             f"model.from_features=False")
+        if gives and not wants:
+            raise ValueError(f"{what}: its dataset ({type(ds).__name__}) gives cached backbone features, but "
+                             f"model.from_features=False runs the backbone on its inputs, which must be images: "
+                             f"set model.from_features=True or give the image dataset itself")
 
 
 def check_output_path(flag: str, path: str, folder: bool, overwrite: bool) -> None:

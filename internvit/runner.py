@@ -38,6 +38,7 @@ from internvit.run_checks import (
     check_data_files,
     check_evaluator,
     check_fits,
+    check_input_kind,
     check_option_keys,
     check_output_path,
     check_same_classes,
@@ -171,7 +172,8 @@ def build_runner(cfg, checkpoint: Optional[str] = None, dataloaders: tuple = (),
     :class:`internvit.CheckpointError` names the keys. ``dataloaders`` (``'train'``, ``'val'``, ``'test'``) are
     built now rather than when the loop starts, so that a dataset's bad input (a missing folder, an unknown
     label) is a set-up error too (a plain ``Runner`` only; the same call its loops make), and their datasets'
-    class counts are checked against the model's heads (:func:`check_classes`) and their class lists against
+    class counts are checked against the model's heads (:func:`check_classes`), their kind of input (images or
+    cached features) against the model's (:func:`check_input_kind`), and their class lists against
     each other (:func:`check_same_classes`) and, with ``checkpoint_classes`` (testing, resuming), against the
     classes the checkpoint was trained on (its ``meta.dataset_meta``); hooks with a ``check_setup(runner)``
     method run it, and so does the model (e.g. the retrieval fine-tuning model compares the datasets'
@@ -202,6 +204,7 @@ def build_runner(cfg, checkpoint: Optional[str] = None, dataloaders: tuple = (),
         for name in dataloaders:
             loader = getattr(runner, f"_{name}_dataloader", None)
             check_classes(runner.model, loader, f"{name}_dataloader")
+            check_input_kind(runner.model, loader, f"{name}_dataloader")
             check_data_files(loader, f"{name}_dataloader")
             name_data_errors(loader)
         lists = {f"{n}_dataloader": dataset_class_names(getattr(runner, f"_{n}_dataloader", None))

@@ -333,6 +333,11 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
                                               "model.tokenizer={W}/tok80"]),
         ("resume_with_other_parameter_groups", ["{W}/ret.py", "--work-dir", "{out}", "--resume",
                                                 "{W}/ret_other_groups.pth"]),
+        # trial 9a: a probe that takes cached features given the image dataset (crashed in the head's forward)
+        ("from_features_with_an_image_dataset", ["{cls}", "--work-dir", "{out}", "--cfg-options",
+                                                 "model.from_features=True",
+                                                 *[f"{s}_dataloader.dataset.data_root={{W}}/digits"
+                                                   for s in ("train", "val", "test")]]),
         ("csv_unknown_label", ["{cls}", "--work-dir", "{out}", "--cfg-options",
                                "train_dataloader.dataset.data_root={W}/digits",
                                "train_dataloader.dataset.ann_file=bad.csv",

@@ -367,3 +367,35 @@ def test_output_onto_an_input_is_refused_in_python_too(fx, two_classes, tmp_path
         run_zero_shot(fx, str(two_classes), templates=str(tmp_path / "t.txt"), output=str(tmp_path / "t.txt"),
                       num_workers=0)
     assert (tmp_path / "t.txt").read_text() == "a photo of a {c}.\n"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 7. a probe model and a dataset of the other kind of input (images vs cached features): a set-up error
+# --------------------------------------------------------------------------------------------------------------
+def test_from_features_with_an_image_dataset_is_a_set_up_error(toy_digits, tmp_path):
+    """It crashed in the head's first forward ('expected (B, N, 64) tokens ... got (64, 3, 56, 56)')."""
+    from internvit.runner import build_train_runner
+
+    from .conftest import TOY_CONFIGS
+
+    roots = {f"{s}_dataloader.dataset.data_root": toy_digits for s in ("train", "val", "test")}
+    with pytest.raises(ValueError, match=r"train_dataloader: model.from_features=True takes cached backbone "
+                                         r"features, but its dataset \(ImageFolderDataset\) gives images"):
+        build_train_runner(os.path.join(TOY_CONFIGS, "digits_linear_probe.py"), work_dir=str(tmp_path / "w"),
+                           cfg_options={"model.from_features": True, **roots})
+    assert not (tmp_path / "w").exists()
+
+
+def test_cached_features_for_a_model_that_runs_its_backbone_is_a_set_up_error(toy_digits, tmp_path):
+    from internvit.runner import build_train_runner
+
+    from .conftest import TOY_CONFIGS
+
+    opts = {"model.from_features": False}
+    for s in ("train", "val"):
+        opts[f"{s}_dataloader.dataset.dataset.data_root"] = toy_digits
+        opts[f"{s}_dataloader.dataset.cache_dir"] = str(tmp_path / "cache" / s)
+    with pytest.raises(ValueError, match=r"train_dataloader: its dataset \(CachedFeatureDataset\) gives cached "
+                                         r"backbone features, but model.from_features=False"):
+        build_train_runner(os.path.join(TOY_CONFIGS, "digits_linear_probe_cached.py"), work_dir=str(tmp_path / "w"),
+                           cfg_options=opts)
