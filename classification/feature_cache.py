@@ -5,7 +5,9 @@ with its eval transform). On first use it runs :class:`internvit.FeatureExtracto
 writes the features with :meth:`~internvit.features.FeatureExtractor.write`, which commits through the durable
 store (:mod:`internvit.store`): the cache key (:func:`cache_key`) is part of the committed manifest, so the cache
 is valid exactly when its manifest is committed with this key; a run killed at any point is finished by the
-next run, never refused. Later runs memory-map the features (:func:`internvit.features.open_features`): every
+next run, never refused. A cache made for other inputs is replaced whole: the new one is extracted beside it
+and swapped in once complete, so a re-extraction that fails leaves the earlier valid cache in place. Later runs
+memory-map the features (:func:`internvit.features.open_features`): every
 rank shares the page cache instead of holding its own copy. What is cached is exactly what the probe head
 consumes from the frozen backbone:
 
@@ -149,6 +151,21 @@ def _is_cache(cache_dir: str, manifest: Optional[dict]) -> bool:
     return not [e for e in os.listdir(cache_dir) if e != ".store"]
 
 
+def _replace_cache(spec: dict, dataset: ImageFolderDataset, cache_dir: str, feature: str, kwargs: dict) -> dict:
+    """Extract a new cache into a temporary folder beside ``cache_dir`` and swap it in whole
+    (:func:`internvit.store.replace_folder`) once it is complete and every image was read; returns its manifest.
+
+    Until then ``cache_dir`` keeps its committed cache: an extraction that fails part way (an unreadable image,
+    non-finite features, a crash, a kill) leaves the earlier valid cache usable, and the data it was made for
+    finds it again, instead of a folder committed with the failure. A killed replacement starts over (its
+    temporary folder is removed by the next one)."""
+    from internvit.store import read_manifest, replace_folder
+
+    with replace_folder(cache_dir, description="probe feature cache") as tmp:
+        extract_features(spec, dataset, tmp, feature, **kwargs)  # raises (naming the image) before the swap
+    return read_manifest(cache_dir)
+
+
 @DATASETS.register_module()
 class CachedFeatureDataset(Dataset):
     """Cached frozen-backbone features of an image dataset, extracted on first use.
@@ -157,8 +174,8 @@ class CachedFeatureDataset(Dataset):
         dataset: the image dataset (config dict or instance), with an eval (``train=False``) transform.
         backbone: the backbone spec of the model (same dict as ``model.backbone``).
         cache_dir: where the features live; a cache made for other inputs (see :func:`cache_key`) is
-            re-extracted as a new generation of the folder, a folder that is not a cache is never touched
-            (``FileExistsError``).
+            re-extracted beside it and swapped in only once complete (a failed re-extraction leaves it as it
+            was), a folder that is not a cache is never touched (``FileExistsError``).
         feature: ``'cls_mean'`` (linear probe) or ``'tokens'`` (attention pooling).
         batch_size, num_workers, device: for the extraction.
 
@@ -197,9 +214,11 @@ class CachedFeatureDataset(Dataset):
                 raise RuntimeError(f"CachedFeatureDataset: {cache_dir} is missing or stale; distributed runs do not "
                                    f"extract features: fill the cache with one single-process run of the same "
                                    f"config first (python tools/train.py CONFIG), then relaunch")
-            manifest = extract_features(spec, dataset, cache_dir, feature, batch_size=batch_size,
-                                        num_workers=num_workers, device=device, progress=progress, key=key,
-                                        replace=True)
+            kwargs = dict(batch_size=batch_size, num_workers=num_workers, device=device, progress=progress, key=key)
+            if manifest is not None:  # a committed cache of other inputs: kept until the new one is complete
+                manifest = _replace_cache(spec, dataset, cache_dir, feature, kwargs)
+            else:  # nothing valid to keep: extracted in place (a killed run is resumed by the next one)
+                manifest = extract_features(spec, dataset, cache_dir, feature, replace=True, **kwargs)
             self.extracted = True
         _check_errors(cache_dir, manifest)
         self.features, self.labels = self._read(cache_dir, spec, feature)

@@ -399,3 +399,43 @@ def test_cached_features_for_a_model_that_runs_its_backbone_is_a_set_up_error(to
                                          r"backbone features, but model.from_features=False"):
         build_train_runner(os.path.join(TOY_CONFIGS, "digits_linear_probe_cached.py"), work_dir=str(tmp_path / "w"),
                            cfg_options=opts)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 8. a failed re-extraction of a feature cache leaves the previous valid cache in place
+# --------------------------------------------------------------------------------------------------------------
+def test_a_failed_re_extraction_keeps_the_valid_cache(toy_digits, tmp_path):
+    """The re-extraction committed a manifest with the unreadable image counted, then raised: the valid cache of
+    the earlier images was gone (reverting the data re-extracted everything) and the folder held a failed one."""
+    import shutil
+
+    import numpy as np
+
+    from classification import CachedFeatureDataset, ImageFolderDataset
+    from classification.feature_cache import CACHE_KEY
+    from internvit.data import DataError
+    from internvit.store import read_manifest
+
+    from .conftest import toy_config
+
+    data = tmp_path / "data"
+    for c in ("0", "1"):
+        shutil.copytree(os.path.join(toy_digits, "val", c), data / c)
+    backbone = toy_config("digits_linear_probe.py", toy_digits, str(tmp_path)).backbone.to_dict()
+    cache = str(tmp_path / "cache")
+
+    def build():
+        images = ImageFolderDataset(str(data), transform=dict(image_size=56))
+        return CachedFeatureDataset(images, backbone, cache, progress=False)
+
+    good = build()
+    before = np.asarray(good.features).copy()
+    key = read_manifest(cache)[CACHE_KEY]
+    (data / "1" / "zz_corrupt.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="zz_corrupt.png"):
+        build()
+    assert read_manifest(cache)[CACHE_KEY] == key  # still the valid cache of the earlier images
+    assert sorted(os.listdir(tmp_path)) == ["cache", "data"]  # nothing left beside it
+    os.remove(data / "1" / "zz_corrupt.png")
+    again = build()
+    assert not again.extracted and np.array_equal(np.asarray(again.features), before)
