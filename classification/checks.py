@@ -6,7 +6,7 @@ and :func:`check_scores_and_labels` refuse them with a ``ValueError`` naming wha
 first offending position and how many there are). :class:`classification.metrics.Accuracy`,
 :func:`classification.metrics.mean_per_class_recall` and the zero-shot metrics
 (:func:`classification.zero_shot.classification_metrics`, the image and video evaluations) all call them; the
-CLIs turn the ``ValueError`` into their ``error:`` line.
+CLIs turn the error (:class:`MetricInputError`, a ``ValueError``) into their ``error:`` line.
 """
 from __future__ import annotations
 
@@ -15,7 +15,15 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["check_label", "check_labels", "check_scores", "check_scores_and_labels"]
+from internvit.data import DataError
+
+__all__ = ["MetricInputError", "check_label", "check_labels", "check_scores", "check_scores_and_labels"]
+
+
+class MetricInputError(DataError):
+    """Scores or labels a metric refuses (a ``ValueError``). A :class:`internvit.data.DataError`, so that
+    ``tools/train.py`` / ``tools/test.py``, which meet it while a loop runs, report it as one ``error:`` line
+    (exit status 2) like any other bad data; ``tools/zeroshot_eval.py`` reports every ``ValueError`` so."""
 
 
 def _where(positions: list, total: int, unit: str) -> str:
@@ -38,7 +46,7 @@ def check_scores(scores: Any, what: str = "scores") -> torch.Tensor:
         kinds = " and ".join(k for k, m in (("NaN", torch.isnan(scores)), ("infinity", torch.isinf(scores)))
                              if bool(m.any()))
         unit = "rows" if scores.ndim > 1 else "values"
-        raise ValueError(f"{what}: {_where(bad, len(rows), unit)} hold {kinds}; no metric is computed "
+        raise MetricInputError(f"{what}: {_where(bad, len(rows), unit)} hold {kinds}; no metric is computed "
                          f"over non-finite scores")
     return scores
 
@@ -49,13 +57,14 @@ def check_labels(labels: Any, num_classes: Optional[int] = None, what: str = "la
     ``num_classes``, for labels outside ``[0, num_classes)``."""
     t = torch.as_tensor(labels)
     if t.dtype == torch.bool or t.is_complex():
-        raise ValueError(f"{what}: expected integer class indices, got {str(t.dtype).replace('torch.', '')} values")
+        kind = str(t.dtype).replace("torch.", "")
+        raise MetricInputError(f"{what}: expected integer class indices, got {kind} values")
     t = t.reshape(-1)
     if t.is_floating_point():
         frac = ~torch.isfinite(t) | (t != torch.round(t))
         if bool(frac.any()):
             bad = frac.nonzero().flatten().tolist()
-            raise ValueError(f"{what}: {_where(bad, len(t), 'labels')} are not integers "
+            raise MetricInputError(f"{what}: {_where(bad, len(t), 'labels')} are not integers "
                              f"(first: {t[bad[0]].item()!r}); class labels are integer indices, never rounded "
                              f"or truncated")
     t = t.long()
@@ -63,7 +72,7 @@ def check_labels(labels: Any, num_classes: Optional[int] = None, what: str = "la
         out = (t < 0) | (t >= int(num_classes))
         if bool(out.any()):
             bad = out.nonzero().flatten().tolist()
-            raise ValueError(f"{what}: {_where(bad, len(t), 'labels')} are outside [0, {int(num_classes)}) "
+            raise MetricInputError(f"{what}: {_where(bad, len(t), 'labels')} are outside [0, {int(num_classes)}) "
                              f"(first: {int(t[bad[0]])}; the scores have {int(num_classes)} classes)")
     return t
 
@@ -74,13 +83,13 @@ def check_label(label: Any, num_classes: Optional[int] = None, what: str = "labe
     ``num_classes``, not in ``[0, num_classes)``."""
     t = torch.as_tensor(label)
     if t.numel() != 1 or t.dtype == torch.bool or t.is_complex():
-        raise ValueError(f"{what}: expected one integer class index, got {label!r}")
+        raise MetricInputError(f"{what}: expected one integer class index, got {label!r}")
     v = t.reshape(-1)[0].item()
     if isinstance(v, float) and not (math.isfinite(v) and v == int(v)):
-        raise ValueError(f"{what} {v!r} is not an integer class index (labels are never rounded or truncated)")
+        raise MetricInputError(f"{what} {v!r} is not an integer class index (labels are never rounded or truncated)")
     v = int(v)
     if num_classes is not None and not 0 <= v < int(num_classes):
-        raise ValueError(f"{what} {v} is outside [0, {int(num_classes)}) (the scores have {int(num_classes)} "
+        raise MetricInputError(f"{what} {v} is outside [0, {int(num_classes)}) (the scores have {int(num_classes)} "
                          f"classes)")
     return v
 
@@ -92,10 +101,10 @@ def check_scores_and_labels(scores: Any, labels: Any, what: str = "") -> tuple[t
     pre = f"{what}: " if what else ""
     scores = torch.as_tensor(scores)
     if scores.ndim != 2:
-        raise ValueError(f"{pre}scores must be (num_samples, num_classes), got shape {tuple(scores.shape)}")
+        raise MetricInputError(f"{pre}scores must be (num_samples, num_classes), got shape {tuple(scores.shape)}")
     labels = torch.as_tensor(labels)
     if labels.ndim != 1 or len(labels) != len(scores):
-        raise ValueError(f"{pre}{len(scores)} score rows but labels of shape {tuple(labels.shape)}")
+        raise MetricInputError(f"{pre}{len(scores)} score rows but labels of shape {tuple(labels.shape)}")
     if not len(scores):
-        raise ValueError(f"{pre}no samples to score")
+        raise MetricInputError(f"{pre}no samples to score")
     return check_scores(scores, f"{pre}scores"), check_labels(labels, scores.shape[1], f"{pre}labels")

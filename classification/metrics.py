@@ -7,7 +7,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from mmengine.evaluator import BaseMetric
 
-from .checks import check_label, check_labels, check_scores
+from .checks import MetricInputError, check_label, check_labels, check_scores
 from .registry import METRICS
 
 
@@ -19,10 +19,10 @@ def mean_per_class_recall(pred: torch.Tensor, labels: torch.Tensor) -> float:
     pred, labels = check_labels(pred, what="mean_per_class_recall: predictions"), \
         check_labels(labels, what="mean_per_class_recall: labels")
     if len(pred) != len(labels):
-        raise ValueError(f"mean_per_class_recall: {len(pred)} predictions for {len(labels)} labels")
+        raise MetricInputError(f"mean_per_class_recall: {len(pred)} predictions for {len(labels)} labels")
     negative = [(w, t) for w, t in (("predictions", pred), ("labels", labels)) if len(t) and int(t.min()) < 0]
     if negative:
-        raise ValueError(f"mean_per_class_recall: negative class index {int(negative[0][1].min())} in the "
+        raise MetricInputError(f"mean_per_class_recall: negative class index {int(negative[0][1].min())} in the "
                          f"{negative[0][0]}")
     recalls = []
     for c in labels.unique().tolist():

@@ -35,6 +35,17 @@ def test_accuracy_refuses_bad_scores_and_labels(score, label, match):
         _accuracy([([0.7, 0.2, 0.1], 0), (score, label)][1:])
 
 
+def test_metric_refusals_are_data_errors_which_train_and_test_report_in_one_line():
+    """tools/train.py and tools/test.py turn a DataError met while a loop runs into one 'error:' line; a plain
+    ValueError from the metric was a traceback."""
+    from internvit.data import DataError
+
+    with pytest.raises(DataError, match="gt_label 1.5 is not an integer"):
+        _accuracy([([0.1, 0.8, 0.1], 1.5)])
+    with pytest.raises(DataError, match="hold NaN"):
+        classification_metrics(torch.tensor([[NAN, 1.0]]), torch.tensor([0]))
+
+
 def test_accuracy_names_the_sample_and_keeps_good_input_working():
     with pytest.raises(ValueError, match="sample 1 gt_label 9"):
         _accuracy([([0.7, 0.2, 0.1], 0), ([0.7, 0.2, 0.1], 9)])
