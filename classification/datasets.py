@@ -145,8 +145,9 @@ CLASSES_FILE = "classes.txt"
 _INDEX = re.compile(r"-?[0-9]+")
 #: header names (lower case) of the path and the label column of a label CSV; a first row naming one of each
 #: is a header, and the columns are found by these names in any order (``label,path`` works)
-PATH_COLUMNS = ("path", "filepath", "image", "video")
-LABEL_COLUMNS = ("label",)
+PATH_COLUMNS = ("path", "filepath", "filename", "file", "image", "image_path", "img", "img_path", "video",
+                "video_path")
+LABEL_COLUMNS = ("label", "class", "category", "target")
 #: first-row headers of a label CSV (lower case): the two columns in the usual order
 CSV_HEADERS = {(p, "label") for p in PATH_COLUMNS}
 
@@ -175,8 +176,9 @@ def read_label_rows(path: str) -> list[tuple[int, str, str]]:
     """``[(line number, path, label)]`` of a ``path,label`` CSV: UTF-8 with or without a byte-order mark
     (Excel's "CSV UTF-8"), blank and ``#`` comment lines skipped (each row carries its own label: skipping one
     shifts nothing), an optional header on the first row that is not a comment. A header names a path column
-    (``path``, ``filepath``, ``image`` or ``video``) and a ``label`` column, in any order (``label,path`` is read
-    by name) and may name more columns, which are not read. Without a header the columns are ``path,label``.
+    (:data:`PATH_COLUMNS`: ``path``, ``filename``, ``image``, ``video``, ...) and a label column
+    (:data:`LABEL_COLUMNS`: ``label``, ``class``, ...), in any order (``label,path`` is read by name) and may name
+    more columns, which are not read. Without a header the columns are ``path,label``.
     Paths and labels are stripped, not resolved; columns after the second are allowed only when the header
     names them (empty trailing fields always).
 

@@ -154,11 +154,11 @@ def test_a_file_that_is_not_utf8_is_refused_with_its_line(tmp_path, kind):
             resolve_class_index(str(tmp_path / "names.txt"), ["0", "1"])
 
 
-@pytest.mark.parametrize("header", ["label,path", "Label, Image", "split,label,filepath"])
+@pytest.mark.parametrize("header", ["label,path", "Label, Image", "split,label,filepath", "class,filename"])
 def test_csv_columns_are_read_by_header_name(tmp_path, header):
     _images(tmp_path, ["x/a.png", "x/b.png", "x/c.png"])
     cols = [h.strip().lower() for h in header.split(",")]
-    rows = [dict(label=y, path=p, image=p, filepath=p, split="train")
+    rows = [dict(label=y, path=p, image=p, filepath=p, filename=p, split="train", **{"class": y})
             for p, y in (("x/a.png", "cat"), ("x/b.png", "dog"), ("x/c.png", "cat"))]
     text = header + "\n" + "".join(",".join(r[c] for c in cols) + "\n" for r in rows)
     ds = _dataset(tmp_path, text)
