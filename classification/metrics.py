@@ -91,19 +91,30 @@ class Accuracy(BaseMetric):
         return bad
 
     def process(self, data_batch: Any, data_samples: Sequence[dict]) -> None:
-        """Keep each sample's top-k classes and label. Raises ``ValueError`` (:mod:`classification.checks`)
-        for a NaN or infinite score, and for a label that is not an integer or not in ``[0, num_classes)``
-        (the number of scores), naming the sample (its position in the evaluation so far)."""
+        """Keep each sample's top-k classes and label. Raises :class:`classification.checks.MetricInputError`
+        (a ``ValueError``) for a label that is not an integer or not in ``[0, num_classes)`` (the number of
+        scores), naming the sample (its position in the evaluation so far). A NaN or infinite score is kept as
+        an error that :meth:`compute_metrics` raises: the runner's non-finite check, which names the image, sees
+        the batch first (it runs after the evaluator has processed it)."""
         maxk = max(self.topk)
         for s in data_samples:
             where = f"Accuracy: sample {len(self.results)}"
-            score = check_scores(torch.as_tensor(s["pred_score"]).detach().float().cpu().reshape(-1),
-                                 f"{where} pred_score")
+            score = torch.as_tensor(s["pred_score"]).detach().float().cpu().reshape(-1)
             label = check_label(s["gt_label"], score.numel(), f"{where} gt_label")
+            try:
+                check_scores(score, f"{where} pred_score")
+            except MetricInputError as e:
+                self.results.append(dict(error=str(e)))
+                continue
             k = min(maxk, score.numel())
             self.results.append(dict(topk=score.topk(k).indices, gt_label=label, num_classes=score.numel()))
 
     def compute_metrics(self, results: list) -> dict:
+        """The metrics of ``results``; raises :class:`classification.checks.MetricInputError` naming the first
+        sample whose scores were not finite (never a number computed without or over it)."""
+        refused = next((r["error"] for r in results if "error" in r), None)
+        if refused is not None:
+            raise MetricInputError(refused)
         labels = torch.tensor([r["gt_label"] for r in results])
         pred = torch.stack([r["topk"] for r in results])
         num_classes = min(r.get("num_classes", pred.shape[1]) for r in results)

@@ -46,6 +46,16 @@ def test_metric_refusals_are_data_errors_which_train_and_test_report_in_one_line
         classification_metrics(torch.tensor([[NAN, 1.0]]), torch.tensor([0]))
 
 
+def test_nan_scores_are_refused_when_the_metrics_are_computed():
+    """A NaN score is refused by compute_metrics: in a runner, its non-finite check (naming the image) runs after
+    the evaluator's process and so speaks first."""
+    m = Accuracy(topk=(1,))
+    m.process(None, [dict(pred_score=torch.tensor([0.7, 0.2, 0.1]), gt_label=0),
+                     dict(pred_score=torch.tensor([NAN, 0.2, 0.1]), gt_label=0)])
+    with pytest.raises(ValueError, match=r"sample 1 pred_score: 1 of 3 values \(position 0\) hold NaN"):
+        m.compute_metrics(m.results)
+
+
 def test_accuracy_names_the_sample_and_keeps_good_input_working():
     with pytest.raises(ValueError, match="sample 1 gt_label 9"):
         _accuracy([([0.7, 0.2, 0.1], 0), ([0.7, 0.2, 0.1], 9)])
