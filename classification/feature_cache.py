@@ -161,6 +161,7 @@ def _replace_cache(spec: dict, dataset: ImageFolderDataset, cache_dir: str, feat
     temporary folder is removed by the next one)."""
     from internvit.store import read_manifest, replace_folder
 
+    cache_dir = os.path.realpath(cache_dir)  # a link to a cache on another disk: replaced there, the link kept
     with replace_folder(cache_dir, description="probe feature cache") as tmp:
         extract_features(spec, dataset, tmp, feature, **kwargs)  # raises (naming the image) before the swap
     return read_manifest(cache_dir)

@@ -460,3 +460,26 @@ def test_a_failed_re_extraction_keeps_the_valid_cache(toy_digits, tmp_path):
     os.remove(data / "1" / "zz_corrupt.png")
     again = build()
     assert not again.extracted and np.array_equal(np.asarray(again.features), before)
+
+
+def test_a_linked_cache_is_replaced_where_it_lies(toy_digits, tmp_path):
+    """A cache folder that is a link (to another disk) is re-extracted there; the link stays a link."""
+    import shutil
+
+    from classification import CachedFeatureDataset, ImageFolderDataset
+    from internvit.store import read_manifest
+
+    from .conftest import toy_config
+
+    data = tmp_path / "data"
+    shutil.copytree(os.path.join(toy_digits, "val", "0"), data / "0")
+    shutil.copytree(os.path.join(toy_digits, "val", "1"), data / "1")
+    backbone = toy_config("digits_linear_probe.py", toy_digits, str(tmp_path)).backbone.to_dict()
+    (tmp_path / "disk" / "cache").mkdir(parents=True)
+    os.symlink(tmp_path / "disk" / "cache", tmp_path / "cache")
+    images = ImageFolderDataset(str(data), transform=dict(image_size=56))
+    CachedFeatureDataset(images, backbone, str(tmp_path / "cache"), progress=False)
+    again = CachedFeatureDataset(images, dict(backbone, init_seed=3), str(tmp_path / "cache"), progress=False)
+    assert again.extracted and os.path.islink(tmp_path / "cache")
+    assert read_manifest(str(tmp_path / "disk" / "cache"))["probe_cache"]["backbone"]["init_seed"] == 3
+
