@@ -228,7 +228,17 @@ class ClsDataPreprocessor(BaseDataPreprocessor):
         return data
 
     def forward(self, data: dict, training: bool = False) -> dict:
-        data = self.cast_data(self._stack(data))
+        """Stack and move the batch; its ``gt_label`` must be integer class indices in ``[0, num_classes)``
+        (:func:`classification.checks.check_labels`: a ``1.5`` is refused, never truncated into the loss or the
+        metrics); with Mixup / CutMix in training, add ``soft_label``."""
+        data = self._stack(data)
+        samples = data.get("data_samples")
+        if isinstance(samples, dict) and samples.get("gt_label") is not None:
+            from .checks import check_labels
+
+            data["data_samples"] = dict(samples, gt_label=check_labels(
+                samples["gt_label"], self.num_classes, "ClsDataPreprocessor: gt_label"))
+        data = self.cast_data(data)
         if training and self.mixing and data.get("data_samples") is not None:
             samples = dict(data["data_samples"])
             data["inputs"], samples["soft_label"] = self.mix(data["inputs"], samples["gt_label"])

@@ -75,6 +75,21 @@ def test_zero_shot_metrics_refuse_bad_scores_and_labels(logits, target, match):
         classification_metrics(torch.tensor(logits), torch.tensor(target))
 
 
+def test_the_probe_preprocessor_refuses_labels_the_loss_would_truncate():
+    """The loss took gt_label.long(): a 1.5 trained as class 1."""
+    from classification.probes import ClsDataPreprocessor
+
+    pre = ClsDataPreprocessor(num_classes=3)
+    batch = {"inputs": torch.zeros(2, 3, 4, 4), "data_samples": {"gt_label": torch.tensor([0.0, 1.5])}}
+    with pytest.raises(ValueError, match=r"ClsDataPreprocessor: gt_label: 1 of 2 labels \(position 1\) are not"):
+        pre(batch, training=True)
+    batch["data_samples"]["gt_label"] = torch.tensor([0, 3])
+    with pytest.raises(ValueError, match=r"outside \[0, 3\) \(first: 3"):
+        pre(batch)
+    batch["data_samples"]["gt_label"] = torch.tensor([0.0, 2.0])
+    assert pre(batch)["data_samples"]["gt_label"].tolist() == [0, 2]
+
+
 def test_mean_per_class_recall_refuses_fractional_and_negative_labels():
     with pytest.raises(ValueError, match="labels: 1 of 2 labels .* not integers"):
         mean_per_class_recall(torch.tensor([0, 1]), torch.tensor([0.0, 1.5]))
