@@ -11,7 +11,9 @@ shards, rows, metadata and manifest (the world size is not part of the job).
 
 A failure on any rank is reported on every rank (``RuntimeError`` naming the rank and its error; the failing
 rank raises its own error); a rank that dies is reported by ``torchrun``. Rerunning the same command finishes
-the job.
+the job: rank 0's store is held (:meth:`~internvit.store.Store.hold`) from the moment the ranks start their
+parts, so a rank killed at any point leaves a folder that is still this job's (its ``.store`` and ``.parts``),
+resumed by the same command with any number of ranks (one process included).
 """
 from __future__ import annotations
 
@@ -173,6 +175,7 @@ def write_distributed(fx: "F.FeatureExtractor", plan: dict, rank: int, world: in
                 return True
             if st.manifest is not None and not plan["overwrite"]:
                 F._refuse_other(out_dir, st.manifest, job, plan["paths"])
+            st.hold()  # the ranks now write their parts here: a rank's death leaves the folder this job's
             stack.st = st
             return False
 
@@ -234,7 +237,10 @@ def write_files(folder: str, job: dict, names: list, write: Callable[[int, str],
                 return False
             st = stack.enter_context(Store(folder, job=job, discard_pending=True, description=description))
             stack.st = st
-            return st.manifest is not None and F._same_job(st.manifest, job)
+            done = st.manifest is not None and F._same_job(st.manifest, job)
+            if not done:
+                st.hold()  # the ranks now write their parts here: a rank's death leaves the folder this job's
+            return done
 
         if _agree(open_main, rank, world)[0]:
             if rank == 0:

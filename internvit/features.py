@@ -33,6 +33,7 @@ from .fingerprint import (
     preprocessing_fingerprint,
     weights_fingerprint,
 )
+from .store import PARTS  # where the ranks of a distributed write keep their parts until rank 0 commits
 from .store import named_write_errors as _writing
 from .transforms import build_transform, preprocess_config
 
@@ -818,8 +819,6 @@ def prefetch(iterable, depth: int = 2) -> Iterator:
 # ---------------------------------------------------------------------------------------------------
 #: timing of a call that computed nothing
 DONE_STATS = {"seconds": 0.0, "images": 0, "images_per_s": None}
-#: where the ranks of a distributed write keep their parts until rank 0 commits the folder
-PARTS = ".parts"
 
 
 def _dist_rank_world() -> tuple[int, int]:

@@ -55,6 +55,9 @@ MANIFEST = "manifest.json"
 STORE_DIR = ".store"
 JOURNAL = os.path.join(STORE_DIR, "journal.jsonl")
 LOCK = os.path.join(STORE_DIR, "lock")
+#: the scratch folder of a job written by several processes (``torchrun`` ranks): ``PARTS/rank-R-of-W`` holds
+#: rank R's own sub-store until the folder's writer merges and removes it (:mod:`internvit.distributed_features`)
+PARTS = ".parts"
 TMP_SUFFIX = ".store-tmp"
 STORE_KEY = "_store"
 FAULT_EXIT_CODE = 75
@@ -192,10 +195,11 @@ def _atomic_json(path: str, obj: Any, point: str) -> None:
 
 def refuse_foreign_folder(path: PathLike, markers: Sequence[str], what: str) -> None:
     """Raise ``FileExistsError`` when ``path`` is a folder that holds files but none of ``markers`` (``fnmatch``
-    patterns of the entries a writer of ``what`` leaves: ``manifest.json``, ``.store``, ...): a user's folder,
-    which a job writing its files by name would fill, fail on or replace. Checked before any work; a missing
-    or empty folder, or one of a finished or interrupted job of that kind, passes. A ``path`` that is a file, or lies
-    under one, raises ``NotADirectoryError`` naming that file."""
+    patterns of the entries a writer of ``what`` leaves: ``manifest.json``, ...) nor the store's own entries
+    (:data:`STORE_DIR`, and :data:`PARTS`, which the ranks of a distributed job killed before its merge leave):
+    a user's folder, which a job writing its files by name would fill, fail on or replace. Checked before any
+    work; a missing or empty folder, or one of a finished or interrupted job of that kind, passes. A ``path``
+    that is a file, or lies under one, raises ``NotADirectoryError`` naming that file."""
     import fnmatch
 
     path = os.fspath(path)
@@ -208,6 +212,7 @@ def refuse_foreign_folder(path: PathLike, markers: Sequence[str], what: str) -> 
     if not os.path.isdir(path):
         return
     names = sorted(os.listdir(path))
+    markers = (*markers, STORE_DIR, PARTS)
     if names and not any(fnmatch.fnmatchcase(n, m) for n in names for m in markers):
         shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
         article = "an" if what[:1] in "aeiou" else "a"
@@ -364,6 +369,7 @@ class Store:
         self._journal_started = False
         self._made: Optional[str] = None
         self._lock = None
+        self._held = False
         self.committed = False
 
     # -- entering: lock + recovery ------------------------------------------------------------------------
@@ -389,8 +395,18 @@ class Store:
 
     def __exit__(self, exc_type, *exc) -> None:
         self._release()
-        if exc_type is not None and self._made and not self._journal_started:
+        if exc_type is not None and self._made and not self._journal_started and not self._held:
             self._unmake()
+
+    def hold(self) -> None:
+        """Keep the folder's ownership (its :data:`STORE_DIR`) even if the block ends in an error before this
+        job wrote anything: call it once other processes start writing into the folder for this job (the ranks
+        of a distributed job, each into its own sub-store under :data:`PARTS`). Without it, a refused job's
+        ``.store`` is removed again, and a rank killed before the merge left only ``.parts``, which the next run
+        took for a user's folder and refused."""
+        if self._lock is None:
+            raise StoreError(f"{self.folder}: hold() outside the `with Store(...)` block")
+        self._held = True
 
     def _unmake(self) -> None:
         """Remove the ``.store`` folder (and the output folders) this block created when it fails before writing

@@ -197,7 +197,7 @@ def _main(argv=None) -> int:
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out {args.out}: exists and is not a folder")
     try:
-        refuse_foreign_folder(args.out, ("manifest.json", ".store", "progress.json"), "feature extraction")
+        refuse_foreign_folder(args.out, ("manifest.json", "progress.json"), "feature extraction")
     except FileExistsError as e:
         raise UsageError(f"--out {e}") from None
     _check_out_writable(args.out)

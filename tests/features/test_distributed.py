@@ -65,3 +65,34 @@ def test_killed_ranks_resume_to_the_same_folder(reference, tmp_path, fault_at, p
     assert _torchrun(root / "imgs", out, fault_at=6).returncode != 0
     r = run([sys.executable, *_args(root / "imgs", out)])
     assert r.returncode == 0 and tree_digest(out) == ref, r.stderr[-2000:]
+
+
+_ONE_RANK_DIES = """import os, runpy, sys
+if os.environ.get("RANK") == os.environ["KILL_RANK"]:
+    os.environ["INTERNVIT_STORE_FAULT_AT"] = os.environ["KILL_AT"]
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("kill_rank,kill_at", [(1, 3), (1, 6), (1, 12), (0, 4)])
+def test_one_rank_killed_leaves_a_folder_the_rerun_resumes(reference, tmp_path, kill_rank, kill_at):
+    """Only one rank dies (at a write point of its part); the other loses contact and fails. The folder must stay
+    the job's (rank 0 removed its '.store' on that failure, leaving only '.parts', which the rerun refused as a
+    user's folder): the same command, with 2 ranks or one process, ends in the uninterrupted folder."""
+    root, ref = reference
+    wrapper = tmp_path / "one_rank_dies.py"
+    wrapper.write_text(_ONE_RANK_DIES)
+    out = tmp_path / "out"
+    r = run([TORCHRUN, "--standalone", "--nproc_per_node", "2", str(wrapper), *_args(root / "imgs", out)],
+            env={"KILL_RANK": str(kill_rank), "KILL_AT": str(kill_at)})
+    assert r.returncode != 0 and str(FAULT_EXIT_CODE) in r.stderr, r.stderr[-2000:]
+    assert read_manifest(out) is None and (out / ".store").is_dir() and (out / ".parts").is_dir()
+    snapshot = tmp_path / "snapshot"
+    shutil.copytree(out, snapshot, symlinks=True)
+    r = _torchrun(root / "imgs", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert tree_digest(out) == ref and not (out / ".parts").exists()
+    r = run([sys.executable, *_args(root / "imgs", snapshot)])  # one process finishes what two started
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert tree_digest(snapshot) == ref
