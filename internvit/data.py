@@ -18,6 +18,56 @@ LIST_EXTENSIONS: tuple[str, ...] = (".txt", ".lst")
 ImagesLike = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
 
 
+#: the environment variable that carries :func:`set_max_image_pixels`'s limit to processes started by ``spawn`` or
+#: ``forkserver`` (DataLoader workers on macOS / Windows, or with ``multiprocessing_context='spawn'``): they import
+#: this module afresh, with Pillow's default limit, and apply the variable on import
+MAX_IMAGE_PIXELS_ENV = "INTERNVIT_MAX_IMAGE_PIXELS"
+_PIL_DEFAULT_MAX_PIXELS: Optional[float] = None  # Pillow's own MAX_IMAGE_PIXELS, kept at the first change
+
+
+def set_max_image_pixels(limit: Optional[int]) -> None:
+    """The decompression-bomb limit of every image this project reads (:func:`load_image`, the tiles, their
+    counts): an image of more than ``limit`` pixels is refused from the size in its file header, before any
+    pixel is decoded (``PIL.Image.DecompressionBombError`` naming the size and the limit; the extractors list it
+    in ``errors.jsonl``), and one over ``limit / 2`` gets a warning line naming the file. ``0``: no limit;
+    ``None``: Pillow's default (refused over 178,956,970 pixels).
+
+    The one place the limit is set (``tools/extract_features.py --max-image-pixels N`` calls it). It sets
+    ``PIL.Image.MAX_IMAGE_PIXELS`` to ``limit / 2`` (Pillow refuses over twice its value) and the environment
+    variable :data:`MAX_IMAGE_PIXELS_ENV`, so DataLoader workers see it however they are started: forked ones
+    inherit Pillow's setting, spawned ones apply the variable when they import this module. Pillow's own
+    ``DecompressionBombWarning`` (which names no file) is silenced in favour of that warning line.
+    """
+    import warnings
+
+    from PIL import Image
+
+    global _PIL_DEFAULT_MAX_PIXELS
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"max_image_pixels must be an int >= 0 (0: no limit) or None, got {limit!r}")
+    if _PIL_DEFAULT_MAX_PIXELS is None:
+        _PIL_DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+    if limit is None:
+        os.environ.pop(MAX_IMAGE_PIXELS_ENV, None)
+        Image.MAX_IMAGE_PIXELS = _PIL_DEFAULT_MAX_PIXELS
+    else:
+        os.environ[MAX_IMAGE_PIXELS_ENV] = str(int(limit))
+        Image.MAX_IMAGE_PIXELS = None if limit == 0 else limit / 2
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+def _limit_from_env() -> None:
+    """Apply :data:`MAX_IMAGE_PIXELS_ENV` in a process that imports this module (a spawned DataLoader worker)."""
+    value = os.environ.get(MAX_IMAGE_PIXELS_ENV)
+    if value is None:
+        return
+    try:
+        limit = int(value)
+    except ValueError:
+        raise ValueError(f"{MAX_IMAGE_PIXELS_ENV}={value!r}: not a number of pixels (an int >= 0)") from None
+    set_max_image_pixels(limit)
+
+
 class DataError(ValueError):
     """The input data is bad (an image that cannot be read, a label the dataset does not know): found while a
     job runs, it is reported like a bad argument, as one ``error:`` line naming the file (exit status 2)."""
@@ -197,8 +247,23 @@ def load_image(path):
                 img = ImageOps.exif_transpose(img)
             return to_rgb(img)
     except Image.DecompressionBombError as e:
-        raise Image.DecompressionBombError(f"{e} (the limit is 2 x PIL.Image.MAX_IMAGE_PIXELS; "
-                                           f"tools/extract_features.py --max-image-pixels N raises it)") from None
+        raise Image.DecompressionBombError(_bomb_text(e)) from None
+
+
+def _bomb_text(e: BaseException) -> str:
+    """Pillow's refusal of a large image (its size read from the header, nothing decoded) in the project's words:
+    the pixels, the limit and how to change it."""
+    import re
+
+    from PIL import Image
+
+    m = re.search(r"\((\d+) pixels\)", str(e))
+    limit = Image.MAX_IMAGE_PIXELS
+    if not m or not limit:
+        return f"{e} (the limit is 2 x PIL.Image.MAX_IMAGE_PIXELS; --max-image-pixels N raises it)"
+    return (f"{int(m.group(1)):,} pixels, over the limit of {int(2 * limit):,} (a decompression-bomb guard, "
+            f"checked from the file header before decoding; tools/extract_features.py --max-image-pixels N or "
+            f"internvit.data.set_max_image_pixels(N) changes it)")
 
 
 def _warn_if_large(path, size) -> None:
@@ -280,3 +345,6 @@ def collate_images(batch):
     errors = [(i, err) for x, i, err in batch if x is None]
     pixels = torch.stack([x for x, _ in ok]) if ok else None
     return pixels, [i for _, i in ok], errors
+
+
+_limit_from_env()

@@ -189,7 +189,7 @@ def _init_distributed(args):
 def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import internvit
-    from internvit.data import list_images
+    from internvit.data import list_images, set_max_image_pixels
     from internvit.features import FeatureExtractor, output_text, parse_dtype, resolve_input_paths
     from internvit.store import refuse_foreign_folder
 
@@ -211,7 +211,7 @@ def _main(argv=None) -> int:
     if not images:
         raise UsageError(f"--images {args.images}: no images found (looked for {', '.join(_extensions())})")
     images = resolve_input_paths(images, args.out)  # absolute: another spelling of the folder is the same job
-    _set_pixel_limit(args.max_image_pixels)
+    set_max_image_pixels(args.max_image_pixels)  # this process and its DataLoader workers
     dist = _init_distributed(args)  # under torchrun: each rank writes whole shards, rank 0 commits
     model = internvit.load_model(args.model, args.config, dtype=parse_dtype(args.dtype), device=args.device)
     fx = FeatureExtractor(model, dict(image_size=args.image_size, resize_mode=args.resize_mode or "crop"),
@@ -245,19 +245,6 @@ def _main(argv=None) -> int:
     print(f"wrote {m['count']} features{rows} of shape {tuple(m['feature_shape'])} to {output_text(args.out)} "
           f"({len(m['shards'])} shards, {m['num_errors']} errors, {rate})")
     return 0
-
-
-def _set_pixel_limit(limit) -> None:
-    """--max-image-pixels: Pillow refuses images over ``2 * Image.MAX_IMAGE_PIXELS`` (and warns over it); its
-    own ``DecompressionBombWarning`` names no file, so it is silenced here (this process and its DataLoader
-    workers) and :func:`internvit.data.load_image` prints one ``warning:`` line naming the file instead."""
-    import warnings
-
-    from PIL import Image
-
-    if limit is not None:
-        Image.MAX_IMAGE_PIXELS = None if limit == 0 else limit / 2
-    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def _out_error(out: str, e: OSError) -> OSError:

@@ -37,3 +37,88 @@ def test_a_held_store_keeps_its_marker_when_the_block_fails(tmp_path):
     assert (out / ".store").is_dir()
     with pytest.raises(StoreError, match="outside"):
         Store(out).hold()
+
+
+# -- 2. --max-image-pixels: one place, from the header, in every DataLoader worker ----------------------------
+_SPAWN = """
+import sys
+from torch.utils.data import DataLoader
+from torchvision.transforms import ToTensor
+from internvit.data import ImageDataset, collate_images, set_max_image_pixels
+if __name__ == "__main__":
+    set_max_image_pixels(int(sys.argv[2]))
+    ds = ImageDataset([sys.argv[1]], ToTensor())
+    for ctx in ("fork", "spawn"):
+        for pixels, ids, errors in DataLoader(ds, batch_size=1, num_workers=1, collate_fn=collate_images,
+                                              multiprocessing_context=ctx):
+            print(ctx, ids, errors[0][1] if errors else None)
+"""
+
+
+def _image(path, w=60, h=40):
+    from PIL import Image
+
+    Image.new("RGB", (w, h), (10, 20, 30)).save(path)
+    return str(path)
+
+
+def test_the_pixel_limit_reaches_spawned_dataloader_workers(tmp_path):
+    """A spawned worker imports PIL afresh (Pillow's default limit): the 2,400-pixel image was read there."""
+    import sys
+
+    from tests.faults import run
+
+    img = _image(tmp_path / "a.png")
+    script = tmp_path / "spawn.py"
+    script.write_text(_SPAWN)
+    r = run([sys.executable, str(script), img, "1000"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert [ln.split(" [")[0] for ln in lines] == ["fork", "spawn"]
+    for line in lines:
+        assert "[] DecompressionBombError: 2,400 pixels, over the limit of 1,000" in line, r.stdout
+
+
+def test_set_max_image_pixels_is_the_one_place(tmp_path):
+    from PIL import Image
+
+    from internvit.data import MAX_IMAGE_PIXELS_ENV, load_image, set_max_image_pixels
+
+    img = _image(tmp_path / "a.png")
+    default = Image.MAX_IMAGE_PIXELS
+    try:
+        set_max_image_pixels(2000)
+        assert os.environ[MAX_IMAGE_PIXELS_ENV] == "2000"
+        with pytest.raises(Image.DecompressionBombError, match="2,400 pixels, over the limit of 2,000 .*header"):
+            load_image(img)
+        set_max_image_pixels(0)
+        assert load_image(img).size == (60, 40)
+        with pytest.raises(ValueError, match="max_image_pixels"):
+            set_max_image_pixels(-1)
+    finally:
+        set_max_image_pixels(None)
+    assert Image.MAX_IMAGE_PIXELS == default and MAX_IMAGE_PIXELS_ENV not in os.environ
+
+
+def test_the_limit_is_checked_from_the_header_before_decoding(tmp_path):
+    """A PNG whose header claims 30000 x 30000 pixels and holds almost no data: refused as too large (from the
+    header), not read as a truncated file (which would mean it was being decoded)."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    from internvit.data import load_image, set_max_image_pixels
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path = tmp_path / "bomb.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + chunk(b"IEND", b""))
+    try:
+        set_max_image_pixels(10 ** 8)
+        with pytest.raises(Image.DecompressionBombError, match="900,000,000 pixels, over the limit of 100,000,000"):
+            load_image(str(path))
+    finally:
+        set_max_image_pixels(None)
