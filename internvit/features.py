@@ -38,7 +38,8 @@ from .store import named_write_errors as _writing
 from .transforms import build_transform, preprocess_config
 
 __all__ = ["FeatureExtractor", "FeatureResult", "read_features", "open_features", "MappedFeatures", "parse_dtype",
-           "weights_fingerprint", "inputs_checksum", "output_text", "canonical_paths", "resolve_input_paths"]
+           "weights_fingerprint", "inputs_checksum", "output_text", "canonical_paths", "resolve_input_paths",
+           "refuse_foreign_out"]
 
 logger = logging.getLogger("internvit")
 
@@ -619,6 +620,8 @@ class FeatureExtractor:
 
         Raises ``ValueError`` for an empty ``out_dir`` and when the folder holds committed features of another
         job (naming the first field that differs; ``overwrite=True`` replaces them with a new generation),
+        ``FileExistsError`` when ``out_dir`` is a folder of files no feature extraction wrote
+        (:func:`refuse_foreign_out`, also with ``overwrite=True``: only features this project wrote are replaced),
         :class:`~internvit.store.PendingJobError` when an interrupted *different* job is pending
         (``discard_pending=True``, ``--discard-pending`` in the CLI, drops it),
         :class:`~internvit.store.StoreBusyError` when another process writes the folder, and ``OSError``
@@ -641,6 +644,7 @@ class FeatureExtractor:
                 raise ValueError(f"{name} {pattern!r}: must be a relative path containing {{shard}}")
         if os.path.exists(out_dir) and not os.path.isdir(out_dir):
             raise ValueError(f"{out_dir}: exists and is not a folder")
+        refuse_foreign_out(out_dir)  # a user's folder is never filled, not even with overwrite=True
 
         given = images
         if isinstance(images, (str, os.PathLike)):  # a folder or list file: recorded with absolute paths
@@ -946,6 +950,21 @@ def resolve_input_paths(paths: Sequence[str], out_dir: Union[str, os.PathLike],
     return canon
 
 
+#: entries that make a folder a feature extraction's (besides the store's own ``.store`` and ``.parts``)
+FEATURE_FOLDER_MARKERS = (MANIFEST, "progress.json")
+
+
+def refuse_foreign_out(out_dir: Union[str, os.PathLike]) -> None:
+    """Refuse an output folder that holds files but no feature extraction (a user's photos, another tool's
+    output): ``FileExistsError`` naming a few of its entries; ``NotADirectoryError`` when ``out_dir`` is a file
+    or lies under one. A missing or empty folder, or one of a finished or interrupted feature extraction (any
+    job: another job's finished features are then refused or replaced by :meth:`FeatureExtractor.write`), passes.
+    The one check of :meth:`FeatureExtractor.write` and ``tools/extract_features.py``, before any work."""
+    from .store import refuse_foreign_folder
+
+    refuse_foreign_folder(out_dir, FEATURE_FOLDER_MARKERS, "feature extraction")
+
+
 def _same_job(manifest: Mapping[str, Any], job: Mapping[str, Any]) -> bool:
     from .store import job_id
 
@@ -953,8 +972,8 @@ def _same_job(manifest: Mapping[str, Any], job: Mapping[str, Any]) -> bool:
 
 
 #: the end of every refusal of a folder that holds finished features of another job
-FINISHED_HINT = ("use another output folder (this one holds finished features: delete it, or pass overwrite=True, "
-                 "only if you no longer need them)")
+FINISHED_HINT = ("use another output folder (this one holds finished features: delete it, or pass --overwrite "
+                 "(overwrite=True), only if you no longer need them)")
 
 
 def _inputs_difference(out_dir: str, manifest: Mapping[str, Any], paths: Optional[Sequence[str]]) -> str:

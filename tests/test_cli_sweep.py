@@ -116,6 +116,8 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("out_is_a_user_folder", _with(EXTRACT, out="{W}/imgs")),
         ("out_under_a_file", _with(EXTRACT, out="{W}/ann.json/feats")),
         ("out_holds_a_foreign_manifest", _with(EXTRACT, out="{W}/foreign_manifest")),
+        ("out_holds_a_user_folder_with_overwrite", [*_with(EXTRACT, out="{W}/imgs"), "--overwrite"]),
+        ("out_holds_another_jobs_features", [*_with(EXTRACT, out="{W}/feats"), "--normalize"]),
         ("out_empty", _with(EXTRACT, out="")),
         ("images_empty", _with(EXTRACT, images="")),
         ("model_empty", _with(EXTRACT, model="")),
@@ -565,6 +567,9 @@ def W(tmp_path_factory) -> str:  # noqa: N802 - the placeholder's name
     # weights: a saved tiny model, a truncated copy, a truncated .pth, another model's checkpoint
     model = internvit.build_model("internvit-6b-tiny")
     internvit.save_model(model, f"{w}/model")
+    from internvit.features import FeatureExtractor
+
+    FeatureExtractor(model, progress=False).write(f"{w}/imgs", f"{w}/feats")  # finished features of one job
     # configs asking for a 16384 x 16384 position grid (refused: not allocated) and for another grid than the weights'
     shutil.copytree(f"{w}/model", f"{w}/model_bomb")
     with open(f"{w}/model_bomb/config.json", "w") as f:

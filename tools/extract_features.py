@@ -53,6 +53,9 @@ def build_parser() -> ArgumentParser:
                    help="images of more than N pixels are refused and listed in errors.jsonl (default: Pillow's "
                         "178956970; 0: no limit); over N/2 a warning line names the file")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the finished (or drop the interrupted) features of another job in --out (committed "
+                        "as a new generation; without it they are refused). Never a folder of other files")
     p.add_argument("--discard-pending", action="store_true",
                    help="drop an interrupted job of other arguments in --out instead of refusing")
     t = p.add_argument_group("dynamic-resolution tiles (docs/features.md); --batch-size then counts tiles")
@@ -190,14 +193,19 @@ def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import internvit
     from internvit.data import list_images, set_max_image_pixels
-    from internvit.features import FeatureExtractor, output_text, parse_dtype, resolve_input_paths
-    from internvit.store import refuse_foreign_folder
+    from internvit.features import (
+        FeatureExtractor,
+        output_text,
+        parse_dtype,
+        refuse_foreign_out,
+        resolve_input_paths,
+    )
 
     # every check before the model is loaded or anything is written (an empty value: refused by the parser)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out {args.out}: exists and is not a folder")
     try:
-        refuse_foreign_folder(args.out, ("manifest.json", "progress.json"), "feature extraction")
+        refuse_foreign_out(args.out)
     except FileExistsError as e:
         raise UsageError(f"--out {e}") from None
     _check_out_writable(args.out)
@@ -226,7 +234,7 @@ def _main(argv=None) -> int:
     try:
         m = fx.write(images, args.out, shard_size=args.shard_size, metadata_format=args.metadata_format,
                      metadata_pattern="metadata/part-{shard:05d}." + args.metadata_format,
-                     discard_pending=args.discard_pending,
+                     discard_pending=args.discard_pending or args.overwrite, overwrite=args.overwrite,
                      manifest_extra=None if args.max_image_pixels is None else
                      {"max_image_pixels": args.max_image_pixels})  # which images are refused: part of the job
     except OSError as e:

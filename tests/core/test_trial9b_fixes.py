@@ -122,3 +122,59 @@ def test_the_limit_is_checked_from_the_header_before_decoding(tmp_path):
             load_image(str(path))
     finally:
         set_max_image_pixels(None)
+
+
+# -- 3. the Python API refuses a user's folder as the CLI does; the CLI's --overwrite -------------------------
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Four small images and the tiny preset model."""
+    import internvit
+    from tests.features.images import make_images
+
+    root = tmp_path_factory.mktemp("t9b")
+    make_images(str(root / "imgs"), 4, seed=9)
+    return root, internvit.load_model("internvit-6b-tiny")
+
+
+def _tree(folder):
+    return sorted(os.path.relpath(os.path.join(d, n), folder) for d, ds, fs in os.walk(folder) for n in ds + fs)
+
+
+def test_api_write_refuses_a_folder_of_other_files(tiny, tmp_path):
+    from internvit.features import FeatureExtractor
+
+    root, model = tiny
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    fx = FeatureExtractor(model, progress=False)
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match=r"user: a folder that is not empty \(notes.txt\)"):
+            fx.write(root / "imgs", user, overwrite=overwrite)
+        assert _tree(user) == ["notes.txt"]
+    m = fx.write(root / "imgs", tmp_path / "new")  # a new folder, and then the same one again
+    assert m["count"] == 4 and fx.write(root / "imgs", tmp_path / "new")["count"] == 4
+
+
+def test_cli_overwrite_replaces_another_jobs_features(tiny, tmp_path):
+    import json
+    import sys
+
+    from tests.faults import REPO, run
+
+    root, _ = tiny
+    cmd = [sys.executable, str(REPO / "tools" / "extract_features.py"), "--model", "internvit-6b-tiny", "--images",
+           str(root / "imgs"), "--out", str(tmp_path / "o"), "--no-progress"]
+    assert run(cmd).returncode == 0
+    r = run([*cmd, "--normalize"])
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "--overwrite" in lines[0]
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["normalize"] is False
+    r = run([*cmd, "--normalize", "--overwrite"])
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert m["normalize"] is True and m["count"] == 4 and m["_store"]["generation"] == 2
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "a.txt").write_text("mine")
+    r = run([*cmd[:-3], "--out", str(tmp_path / "user"), "--no-progress", "--overwrite"])
+    assert r.returncode == 2 and r.stderr.startswith("error: --out") and _tree(tmp_path / "user") == ["a.txt"]
