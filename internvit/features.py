@@ -628,6 +628,7 @@ class FeatureExtractor:
         naming the file and the ``errno`` (e.g. ``ENOSPC``) when a file cannot be written.
         """
         from .store import PendingJobError, Store, read_manifest
+        from .tiling import row_columns
 
         _check_not_empty("out_dir", out_dir)
         out_dir = os.fspath(out_dir)
@@ -647,14 +648,18 @@ class FeatureExtractor:
         refuse_foreign_out(out_dir)  # a user's folder is never filled, not even with overwrite=True
 
         given = images
+        reserved = ("id", "path") + (tuple(row_columns(self.tiling)) if self.tiling is not None else ())
         if isinstance(images, (str, os.PathLike)):  # a folder or list file: recorded with absolute paths
             _check_not_empty("images", images)
             listed = list_images(images)
-            images = resolve_input_paths(listed, out_dir, _extra_columns(extra_columns, len(listed)))
+            images = resolve_input_paths(listed, out_dir, _extra_columns(extra_columns, len(listed), reserved))
         ds = self._dataset(images)
         _check_inputs(ds, given)
         paths, n = ds.paths, len(ds)
-        columns = _extra_columns(extra_columns, n)
+        columns = _extra_columns(extra_columns, n, reserved)
+        arrow_columns = _arrow_columns(columns) if metadata_format == "parquet" else None  # refused before work
+        if metadata_format == "jsonl":
+            _check_json_columns(columns)
         t0 = time.perf_counter()
         info = self.model_info()  # hashes every weight byte once per model (cached while the weights are unchanged)
         fingerprint_s = {"fingerprint_seconds": round(time.perf_counter() - t0, 3)}
@@ -673,7 +678,8 @@ class FeatureExtractor:
         _refuse_unverified_reuse(out_dir, old, job)
         if old is not None and _same_job(old, job) and not leftover_parts:
             return dict(old, timing=dict(DONE_STATS, **fingerprint_s))  # finished: nothing is rewritten
-        plan = dict(out_dir=out_dir, ds=ds, paths=paths, columns=columns, info=info, job=job, shard_size=shard_size,
+        plan = dict(out_dir=out_dir, ds=ds, paths=paths, columns=columns, arrow_columns=arrow_columns, info=info,
+                    job=job, shard_size=shard_size,
                     features_pattern=features_pattern, metadata_pattern=metadata_pattern,
                     metadata_format=metadata_format, overwrite=overwrite, discard_pending=discard_pending)
         rank, world = _dist_rank_world()
@@ -712,7 +718,7 @@ class FeatureExtractor:
             if rec is not None and {s["features"], s["metadata"]} <= st.pending_files:
                 records[s["index"]] = rec
         feature_shape = _known_shape(records.values())
-        arrow_columns = _arrow_columns(columns) if metadata_format == "parquet" else None
+        arrow_columns = plan["arrow_columns"]
 
         def finish(s: dict, feats: list, ids: list, errs: list, shape: tuple, row_cols=None) -> None:
             arr = np.concatenate(feats) if feats else np.zeros((0, *shape), np.float32)
@@ -1106,11 +1112,16 @@ def _known_shape(records) -> Optional[tuple]:
     return None
 
 
-def _extra_columns(extra_columns: Optional[Mapping[str, Sequence]], n: int) -> dict:
+def _extra_columns(extra_columns: Optional[Mapping[str, Sequence]], n: int,
+                   reserved: Sequence[str] = ("id", "path")) -> dict:
+    """The extra metadata columns as lists of ``n`` values; ``ValueError`` for a name among ``reserved`` (the
+    columns the job writes itself: ``id``, ``path`` and, with tiles, the tile columns, which took the place of a
+    user's column of that name silently) or a column of another length."""
     out = {}
     for name, values in (extra_columns or {}).items():
-        if name in ("id", "path"):
-            raise ValueError(f"extra_columns: {name!r} is a reserved column name")
+        if name in reserved:
+            raise ValueError(f"extra_columns: {name!r} is a reserved column name (this job writes "
+                             f"{', '.join(reserved)} itself); rename it")
         values = list(values)
         if len(values) != n:
             raise ValueError(f"extra_columns[{name!r}] has {len(values)} values for {n} images")
@@ -1118,11 +1129,83 @@ def _extra_columns(extra_columns: Optional[Mapping[str, Sequence]], n: int) -> d
     return out
 
 
+def _plain(v: Any) -> Any:
+    """An extra-column value as it must read back: NumPy scalars and arrays as Python values, tuples as lists,
+    strings as written (:func:`output_text`)."""
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return _output_value(v)
+
+
+def _kept(want: Any, got: Any) -> bool:
+    """Whether ``got`` (read back from Arrow) is ``want`` with its types: ``1`` read back as ``1.0``, ``'a'`` as
+    ``b'a'`` or a missing key as ``None`` is not."""
+    if type(want) is not type(got):
+        return False
+    if isinstance(want, list):
+        return len(want) == len(got) and all(_kept(a, b) for a, b in zip(want, got))
+    if isinstance(want, dict):
+        return want.keys() == got.keys() and all(_kept(want[k], got[k]) for k in want)
+    return want == got or (want != want and got != got)  # NaN is kept as NaN
+
+
+def _json_native(v: Any) -> bool:
+    """Whether JSON holds ``v`` as it is (``None``, bool, int, float, str, lists and str-keyed dicts of them)."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return True
+    if isinstance(v, list):
+        return all(_json_native(x) for x in v)
+    return isinstance(v, dict) and all(isinstance(k, str) and _json_native(x) for k, x in v.items())
+
+
+def _check_json_columns(columns: dict) -> None:
+    """``ValueError`` naming the column and row of a value JSON lines would store as another (``b'a'`` as the
+    text ``"b'a'"``, a path object as text, an int dict key as a str key)."""
+    for k, v in columns.items():
+        for i, x in enumerate(v):
+            x = _plain(x)
+            if not _json_native(x):
+                raise ValueError(f"extra_columns[{k!r}]: row {i} holds {x!r} ({type(x).__name__}), which a JSON "
+                                 f"lines metadata file would store as another value (e.g. its text); give "
+                                 f"None, bool, int, float, str, lists or str-keyed dicts of them")
+
+
 def _arrow_columns(columns: dict) -> dict:
-    """Each extra column converted to Arrow once (per shard only the rows are taken: linear in total)."""
+    """Each extra column converted to Arrow once (per shard only the rows are taken: linear in total).
+
+    A parquet column holds one type: a column whose values Arrow would store as another type (ints among floats
+    read back as floats, strings among bytes as bytes) or cannot store together (ints and strings) is refused
+    with ``ValueError`` naming the column and its first row that would not be kept, never coerced silently."""
     import pyarrow as pa
 
-    return {k: pa.array([_output_value(x) for x in v]) for k, v in columns.items()}
+    out = {}
+    for k, v in columns.items():
+        values = [_plain(x) for x in v]
+        advice = ("give the column values of one type (e.g. all str), or write metadata_format='jsonl', which "
+                  "keeps each value's type")
+        try:
+            arr = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError) as e:
+            kinds = {}
+            for i, x in enumerate(values):
+                kinds.setdefault(type(x).__name__, i)
+            found = ", ".join(f"{t} (first at row {i})" for t, i in kinds.items())
+            raise ValueError(f"extra_columns[{k!r}]: cannot be stored in one parquet column: values of types "
+                             f"{found} ({str(e).splitlines()[0]}); {advice}") from None
+        back = arr.to_pylist()
+        bad = next((i for i, (a, b) in enumerate(zip(values, back)) if not _kept(a, b)), None)
+        if bad is not None:
+            raise ValueError(f"extra_columns[{k!r}]: row {bad} holds {values[bad]!r} "
+                             f"({type(values[bad]).__name__}), which a parquet column of {arr.type} stores as "
+                             f"{back[bad]!r}; {advice}")
+        out[k] = arr
+    return out
 
 
 def _to_json_value(v: Any) -> Any:

@@ -178,3 +178,56 @@ def test_cli_overwrite_replaces_another_jobs_features(tiny, tmp_path):
     (tmp_path / "user" / "a.txt").write_text("mine")
     r = run([*cmd[:-3], "--out", str(tmp_path / "user"), "--no-progress", "--overwrite"])
     assert r.returncode == 2 and r.stderr.startswith("error: --out") and _tree(tmp_path / "user") == ["a.txt"]
+
+
+# -- 4. metadata columns: the tile columns are reserved; a parquet column keeps its values' types ---------------
+@pytest.mark.parametrize("name,kw", [("tile_index", dict(tiles=2)), ("cols", dict(tiles=2, tile_pool="mean")),
+                                     ("num_tiles", dict(tiles=2, tile_pool="mean")), ("path", {})])
+def test_a_column_named_like_one_the_job_adds_is_refused(tiny, tmp_path, name, kw):
+    """A user's 'tile_index' column was replaced by the tiler's, silently (parquet and jsonl)."""
+    from internvit.features import FeatureExtractor
+
+    root, model = tiny
+    fx = FeatureExtractor(model, progress=False, **kw)
+    with pytest.raises(ValueError, match=rf"extra_columns: '{name}' is a reserved column name \(this job writes "
+                                         rf"id, path"):
+        fx.write(root / "imgs", tmp_path / "o", extra_columns={name: [7, 7, 7, 7]})
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("values,match", [
+    ([1, 2.5, 3, 4], r"row 0 holds 1 \(int\), which a parquet column of double stores as 1.0"),
+    ([1, "a", 3, 4], r"values of types int \(first at row 0\), str \(first at row 1\)"),
+    (["a", b"b", "c", "d"], r"row 0 holds 'a' \(str\), which a parquet column of binary stores as b'a'"),
+    ([True, 2, 3, 4], r"values of types bool \(first at row 0\), int \(first at row 1\)"),
+    ([{"a": 1}, {"b": 2}, {}, {}], r"row 0 holds \{'a': 1\} \(dict\)"),
+])
+def test_a_parquet_column_of_mixed_types_is_refused_not_coerced(tiny, tmp_path, values, match):
+    from internvit.features import FeatureExtractor, read_features
+
+    root, model = tiny
+    fx = FeatureExtractor(model, progress=False)
+    with pytest.raises(ValueError, match=r"extra_columns\['x'\]: .*" + match + ".*metadata_format='jsonl'"):
+        fx.write(root / "imgs", tmp_path / "o", extra_columns={"x": values})
+    assert not (tmp_path / "o").exists()
+    jsonl = dict(metadata_format="jsonl", metadata_pattern="metadata/part-{shard:05d}.jsonl")
+    if any(isinstance(v, bytes) for v in values):  # JSON has no bytes: written as the text "b'b'" before
+        with pytest.raises(ValueError, match=r"extra_columns\['x'\]: row 1 holds b'b' \(bytes\), which a JSON"):
+            fx.write(root / "imgs", tmp_path / "j", extra_columns={"x": values}, **jsonl)
+        assert not (tmp_path / "j").exists()
+        return
+    fx.write(root / "imgs", tmp_path / "j", extra_columns={"x": values}, **jsonl)  # JSON keeps each type
+    assert [(type(r["x"]), r["x"]) for r in read_features(tmp_path / "j")[1]] == [(type(v), v) for v in values]
+
+
+def test_a_parquet_column_of_one_type_is_kept(tiny, tmp_path):
+    import numpy as np
+
+    from internvit.features import FeatureExtractor, read_features
+
+    root, model = tiny
+    cols = {"label": np.arange(4), "score": [0.5, float("nan"), None, 2.0], "tags": [("a",), ["b"], [], None]}
+    FeatureExtractor(model, progress=False).write(root / "imgs", tmp_path / "o", extra_columns=cols)
+    rows = read_features(tmp_path / "o")[1]
+    assert [r["label"] for r in rows] == [0, 1, 2, 3] and [r["tags"] for r in rows] == [["a"], ["b"], [], None]
+    assert rows[0]["score"] == 0.5 and rows[1]["score"] != rows[1]["score"] and rows[2]["score"] is None
