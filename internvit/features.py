@@ -683,8 +683,6 @@ class FeatureExtractor:
                     features_pattern=features_pattern, metadata_pattern=metadata_pattern,
                     metadata_format=metadata_format, overwrite=overwrite, discard_pending=discard_pending)
         rank, world = _dist_rank_world()
-        if info is not None and info.get("random_init") and self.random_init_warning and rank == 0:
-            logger.warning(self.random_init_warning.format(name=info.get("name")))  # after every refusal
         try:
             if world > 1:
                 from .distributed_features import write_distributed
@@ -697,12 +695,20 @@ class FeatureExtractor:
                     return dict(st.manifest, timing=dict(DONE_STATS, **fingerprint_s))  # finished meanwhile
                 if st.manifest is not None and not overwrite:
                     _refuse_other(out_dir, st.manifest, job, paths)
+                self._warn_random_init(info)
                 shards = _plan_shards(plan, st.generation)
                 records, stats = self._write_shards(st, plan, shards)
                 committed = _commit_features(st, plan, shards, records)
         except PendingJobError as e:
             raise PendingJobError(_pending_message(out_dir, job, e)) from None
         return dict(committed, timing=dict(stats, **fingerprint_s))
+
+    def _warn_random_init(self, info: Optional[dict]) -> None:
+        """Log :attr:`random_init_warning` when the model has random weights: once the job is accepted (after
+        every check, the store's refusal of a different pending job included) and is about to compute, so a
+        refused call reports only its error."""
+        if info is not None and info.get("random_init") and self.random_init_warning:
+            logger.warning(self.random_init_warning.format(name=info.get("name")))
 
     def _write_shards(self, st, plan: dict, shards: list[dict]) -> tuple[dict, dict]:
         """Compute and write ``shards`` (those a resumed job has not finished) as data files of the store ``st``.

@@ -231,3 +231,23 @@ def test_a_parquet_column_of_one_type_is_kept(tiny, tmp_path):
     rows = read_features(tmp_path / "o")[1]
     assert [r["label"] for r in rows] == [0, 1, 2, 3] and [r["tags"] for r in rows] == [["a"], ["b"], [], None]
     assert rows[0]["score"] == 0.5 and rows[1]["score"] != rows[1]["score"] and rows[2]["score"] is None
+
+
+# -- 5. the random-weights warning comes only once the job is accepted ---------------------------------------
+def test_a_refused_run_prints_only_its_error_line(tiny, tmp_path):
+    """A different job pending in --out is refused by the store: the preset's random-weights warning was
+    printed before that refusal, so the refused run printed two lines."""
+    import sys
+
+    from internvit.store import FAULT_EXIT_CODE
+    from tests.faults import REPO, run
+
+    root, _ = tiny
+    cmd = [sys.executable, str(REPO / "tools" / "extract_features.py"), "--model", "internvit-6b-tiny", "--images",
+           str(root / "imgs"), "--out", str(tmp_path / "o"), "--no-progress", "--shard-size", "2"]
+    assert run(cmd, fault_at=4).returncode == FAULT_EXIT_CODE
+    r = run([*cmd, "--normalize"])
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "an interrupted job is pending" in lines[0], r.stderr
+    r = run(cmd)  # the same job resumes: now the warning, then the work
+    assert r.returncode == 0 and r.stderr.count("RANDOM") == 1 and "wrote 4 features" in r.stdout, r.stderr
