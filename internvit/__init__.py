@@ -11,7 +11,7 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _LAZY = {
-    "CheckpointError": ".checkpoints",
+    "CheckpointError": ".checkpoints", "LossyModelCastWarning": ".checkpoints",
     "InternViTConfig": ".config", "InternVLConfig": ".config", "QLLaMAConfig": ".config", "get_config": ".config",
     "list_presets": ".config",
     "build_model": ".factory", "load_model": ".factory", "save_model": ".factory",

@@ -623,6 +623,55 @@ def _fmt_keys(keys: list[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
+class LossyModelCastWarning(UserWarning):
+    """Weights cast to a floating dtype that cannot hold them exactly (e.g. float32 weights to bfloat16 or
+    float16): the model computes other numbers than its checkpoint's. Emitted once per cast (naming the first
+    weight that changes); filter it with ``warnings.filterwarnings('ignore', category=LossyModelCastWarning)``.
+    Weights that the lower precision holds exactly (bfloat16 weights stored as float32, and cast back) give
+    none."""
+
+
+def _holds_every_value(dst: torch.dtype, src: torch.dtype) -> bool:
+    """Whether the floating dtype ``dst`` represents every value of ``src`` (finer or equal precision, range
+    and smallest normal): float16 / bfloat16 -> float32 -> float64."""
+    a, b = torch.finfo(dst), torch.finfo(src)
+    return a.eps <= b.eps and a.max >= b.max and a.smallest_normal <= b.smallest_normal
+
+
+def cast_changes(t: torch.Tensor, dtype: Optional[torch.dtype]) -> bool:
+    """Whether casting the tensor ``t`` to the floating ``dtype`` changes any of its values (NaN stays NaN); cheap
+    when ``dtype`` holds every value of ``t``'s dtype (no cast is made)."""
+    if dtype is None or not t.is_floating_point() or t.dtype == dtype or _holds_every_value(dtype, t.dtype):
+        return False
+    back = t.detach().to(dtype).to(t.dtype)
+    same = (back == t) | (back.isnan() & t.isnan())
+    return not bool(same.all())
+
+
+def warn_lossy_cast(first: Optional[tuple[str, torch.dtype]], dtype: torch.dtype, origin: str) -> None:
+    """One :class:`LossyModelCastWarning` for a cast to ``dtype`` whose first changed weight is ``first``
+    (``(name, its dtype)``; ``None``: nothing changed, no warning)."""
+    if first is None:
+        return
+    import warnings
+
+    name, src = first
+    src_name, dst_name = (str(d).replace("torch.", "") for d in (src, dtype))
+    warnings.warn(f"{origin}: casting the weights from {src_name} to {dst_name} changes their values (first: "
+                  f"{name}): the model's outputs differ from the checkpoint's; keep {src_name} for the exact "
+                  f"model, or filter LossyModelCastWarning to accept it",
+                  LossyModelCastWarning, stacklevel=3)
+
+
+def lossy_model_cast(model: nn.Module, dtype: torch.dtype) -> Optional[tuple[str, torch.dtype]]:
+    """``(name, dtype)`` of the first parameter or buffer of ``model`` whose values casting it to ``dtype``
+    would change (:func:`cast_changes`), ``None`` when the cast keeps every value."""
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.device.type != "meta" and cast_changes(t, dtype):
+            return name, t.dtype
+    return None
+
+
 def load_into(
     model: nn.Module,
     source: TensorSource,
@@ -635,8 +684,8 @@ def load_into(
     """Assign ``source`` (already in model key names) to ``model`` (usually on the meta device), strictly.
 
     Tensors are read one at a time, cast to ``dtype`` (``None``: kept as stored) and moved, then assigned
-    without a further copy. A key listed in
-    ``resizers`` whose shape differs is passed through its function (e.g. position-embedding
+    without a further copy; a cast that changes a weight's values gives one :class:`LossyModelCastWarning`. A
+    key listed in ``resizers`` whose shape differs is passed through its function (e.g. position-embedding
     interpolation). Raises :class:`CheckpointError` naming every missing, unexpected and mis-shaped key, and
     a tensor whose kind of dtype (floating point or not) is not the model's (an integer or bool tensor cannot
     become a weight). Returns the keys that were resized.
@@ -662,6 +711,7 @@ def load_into(
             msg.append(f"mis-shaped keys: {_fmt_keys(sorted(mis_shaped))}")
         raise CheckpointError(f"{origin} does not match the model config: " + "; ".join(msg))
 
+    lossy: Optional[tuple[str, torch.dtype]] = None  # the first weight the cast to ``dtype`` changes
     for name, target in expected.items():
         t = source[name]
         if t.is_floating_point() != target.is_floating_point() or t.is_complex() != target.is_complex():
@@ -674,11 +724,14 @@ def load_into(
             except CheckpointError as e:  # e.g. a position grid that is not square: named with the file
                 raise CheckpointError(f"{origin}: {e}") from None
         if t.is_floating_point():
+            if lossy is None and cast_changes(t, dtype):
+                lossy = (name, t.dtype)
             t = t.to(device=device, dtype=dtype if dtype is not None else t.dtype)
         else:
             t = t.to(device=device)
         _assign(model, name, t)
         del t
+    warn_lossy_cast(lossy, dtype, origin)
     return resized
 
 

@@ -235,6 +235,7 @@ def load_image(path):
 
     from .jpeg import load_jpeg_rgb
 
+    _refuse_broken_link(path)
     fast = load_jpeg_rgb(path)
     if fast is not None:
         _warn_if_large(path, fast.size)
@@ -248,6 +249,14 @@ def load_image(path):
             return to_rgb(img)
     except Image.DecompressionBombError as e:
         raise Image.DecompressionBombError(_bomb_text(e)) from None
+
+
+def _refuse_broken_link(path) -> None:
+    """``FileNotFoundError`` naming ``path`` as a broken symbolic link and its missing target (a bare
+    'No such file or directory' left the user looking for a file that the folder listing shows)."""
+    if isinstance(path, (str, os.PathLike)) and os.path.islink(path) and not os.path.exists(path):
+        raise FileNotFoundError(f"{os.fspath(path)}: a broken symbolic link (to {os.readlink(path)}, which does "
+                                f"not exist)")
 
 
 def _bomb_text(e: BaseException) -> str:

@@ -182,7 +182,7 @@ def write_distributed(fx: "F.FeatureExtractor", plan: dict, rank: int, world: in
         done = _agree(open_main, rank, world)[0]
         if not done:
             if rank == 0:
-                fx._warn_random_init(plan["info"])  # every rank has passed every check
+                fx._warn_accepted(plan["info"])  # every rank has passed every check
             start = time.perf_counter()
 
             def write_part() -> tuple:

@@ -247,6 +247,10 @@ class FeatureExtractor:
         "features are a dry run and mean nothing; load the release's checkpoint folder (config.json + "
         "safetensors) or a weight file with its config (the manifest records model.random_init: true)")
 
+    #: warnings (``warnings.WarningMessage``) of setting up the job, e.g. a :class:`LossyModelCastWarning` the CLI
+    #: held while loading the model: :meth:`write` emits them once the job is accepted (see ``_warn_accepted``)
+    held_warnings: list = []
+
     def __init__(
         self,
         model: Optional[nn.Module],
@@ -305,6 +309,10 @@ class FeatureExtractor:
         self.pool, self.batch_size, self.num_workers = pool, int(batch_size), int(num_workers)
         self.embed_fn, self.normalize, self.progress = embed_fn, bool(normalize), progress
         if model is not None:
+            from .checkpoints import lossy_model_cast, warn_lossy_cast
+
+            warn_lossy_cast(lossy_model_cast(model, self.dtype), self.dtype,
+                            f"FeatureExtractor(dtype={str(self.dtype).replace('torch.', '')})")
             model = model.to(device=self.device, dtype=self.dtype).eval()
         self.model = model
         self.backbone = None
@@ -483,7 +491,7 @@ class FeatureExtractor:
 
         loader = DataLoader(dataset, batch_sampler=batches, num_workers=self.num_workers,
                             collate_fn=collate_images, pin_memory=self.device.type == "cuda")
-        start, done, nonfinite, waited = time.perf_counter(), 0, 0, 0.0
+        start, done, nonfinite, waited, skipped = time.perf_counter(), 0, 0, 0.0, 0
         # without workers, a thread reads the next batches while the model runs (decoding and PIL's resize
         # release the GIL); with workers, the DataLoader's own prefetching does this
         source = iter(loader) if self.num_workers > 0 else prefetch(loader, depth=2)
@@ -506,14 +514,15 @@ class FeatureExtractor:
                         nonfinite += int((~finite).sum())
                 done += len(ids) + len(errors)
                 bar.update(len(ids) + len(errors))
-                if errors:
-                    bar.set_postfix(errors=len(errors), refresh=False)
+                if errors:  # the run's total so far (it showed the last batch's count)
+                    skipped += len(errors)
+                    bar.set_postfix(skipped=skipped, refresh=False)
                 yield ids, feats, errors
         seconds = time.perf_counter() - start
         if nonfinite:
             logger.warning("%d of %d images gave non-finite features in %s (not stored, listed as errors)",
                            nonfinite, done, self.dtype)
-        self.last_stats = {"seconds": round(seconds, 3), "images": done, "nonfinite": nonfinite,
+        self.last_stats = {"seconds": round(seconds, 3), "images": done, "nonfinite": nonfinite, "skipped": skipped,
                            "images_per_s": round(done / seconds, 2) if seconds > 0 else None,
                            "input_wait_seconds": round(waited, 3)}
 
@@ -535,7 +544,9 @@ class FeatureExtractor:
             for k, v in (b_tiles[0] if b_tiles else {}).items():
                 tiles.setdefault(k, []).extend(v)
             errors.extend({"id": i, "path": paths[i], "error": e} for i, e in b_errors)
-        features = np.concatenate(feats) if feats else np.zeros((0, 0), np.float32)
+        # no readable image: (0, D) with the model's D, as a run with readable images has (not (0, 0))
+        features = np.concatenate(feats) if feats else np.zeros((0, *(self._blank_output_shape() or (0,))),
+                                                                np.float32)
         return FeatureResult(features.astype(np.float32, copy=False), ids, [paths[i] for i in ids], errors,
                              tiles if self.tiling is not None else None)
 
@@ -695,7 +706,7 @@ class FeatureExtractor:
                     return dict(st.manifest, timing=dict(DONE_STATS, **fingerprint_s))  # finished meanwhile
                 if st.manifest is not None and not overwrite:
                     _refuse_other(out_dir, st.manifest, job, paths)
-                self._warn_random_init(info)
+                self._warn_accepted(info)
                 shards = _plan_shards(plan, st.generation)
                 records, stats = self._write_shards(st, plan, shards)
                 committed = _commit_features(st, plan, shards, records)
@@ -703,10 +714,15 @@ class FeatureExtractor:
             raise PendingJobError(_pending_message(out_dir, job, e)) from None
         return dict(committed, timing=dict(stats, **fingerprint_s))
 
-    def _warn_random_init(self, info: Optional[dict]) -> None:
-        """Log :attr:`random_init_warning` when the model has random weights: once the job is accepted (after
-        every check, the store's refusal of a different pending job included) and is about to compute, so a
-        refused call reports only its error."""
+    def _warn_accepted(self, info: Optional[dict]) -> None:
+        """Once :meth:`write` has accepted the job (every check passed, the store's refusal of a different pending
+        job included) and is about to compute: re-emit :attr:`held_warnings` and log :attr:`random_init_warning`
+        when the model has random weights, so that a refused call reports only its error."""
+        import warnings as _warnings
+
+        held, self.held_warnings = list(self.held_warnings), []
+        for w in held:
+            _warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         if info is not None and info.get("random_init") and self.random_init_warning:
             logger.warning(self.random_init_warning.format(name=info.get("name")))
 
@@ -775,13 +791,17 @@ class FeatureExtractor:
         return records, (dict(self.last_stats) if pending else dict(DONE_STATS))
 
     def _blank_output_shape(self) -> Optional[tuple]:
-        """The shape of one output row, from a blank image at the preset preprocessing's size: for a job none
-        of whose images could be read (its empty shards and manifest record the model's dimension, not 0).
-        ``None`` when that size is not known here (a custom transform, tiles)."""
+        """The shape of one output row, from a blank image (with tiles: a blank tile) at the preset
+        preprocessing's size: for a job none of whose images could be read (its empty features and manifest
+        record the model's dimension, ``(0, D)``, not ``(0, 0)``). ``None`` when that size is not known here (a
+        custom transform)."""
         size = self.preprocessing.get("image_size") if self._preset_preprocessing else None
-        if self.tiling is not None or not isinstance(size, int):
+        if not isinstance(size, int):
             return None
-        return tuple(self.encode(torch.zeros(1, 3, size, size), normalize=False).shape[1:])
+        blank = torch.zeros(1, 3, size, size)
+        if self.tiling is not None:  # pooling the tiles of an image keeps the row shape of one tile
+            return tuple(self.tiling.encoder(_RawEncoder(self))(blank).shape[1:])
+        return tuple(self.encode(blank, normalize=False).shape[1:])
 
 
 def prefetch(iterable, depth: int = 2) -> Iterator:

@@ -481,6 +481,20 @@ class TileSettings:
         counts = _LazyCounts(dataset)
         return pack_batches(counts, max_tiles, start=start, end=end)
 
+    def encoder(self, fx) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``tiles (T, 3, S, S) -> one row per tile`` for a FeatureExtractor ``fx``: ``fx.encode``, or with
+        ``projector_input`` the MLLM projector's input of ``fx``'s block."""
+        if not self.projector_input:
+            return fx.encode
+        proj = projector_encoder(fx.backbone, layer=(fx.layers or [-1])[0], downsample_ratio=self.downsample_ratio)
+
+        def encode(pixels: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                x = pixels.to(fx.device, non_blocking=True).to(fx.dtype)
+                return proj(x)
+
+        return encode
+
     def run(self, fx, dataset: "TileDataset", batches: list[list[int]], total: int):
         """Yield ``(ids, features, errors, columns)`` per packed batch for a FeatureExtractor ``fx``.
 
@@ -494,18 +508,10 @@ class TileSettings:
         from torch.utils.data import DataLoader
         from tqdm.auto import tqdm
 
-        encode = fx.encode
-        if self.projector_input:
-            proj = projector_encoder(fx.backbone, layer=(fx.layers or [-1])[0], downsample_ratio=self.downsample_ratio)
-
-            def encode(pixels):
-                with torch.inference_mode():
-                    x = pixels.to(fx.device, non_blocking=True).to(fx.dtype)
-                    return proj(x)
-
+        encode = self.encoder(fx)
         loader = DataLoader(dataset, batch_sampler=batches, num_workers=fx.num_workers, collate_fn=collate_tiles,
                             pin_memory=fx.device.type == "cuda")
-        start, done, nonfinite = time.perf_counter(), 0, 0
+        start, done, nonfinite, skipped = time.perf_counter(), 0, 0, 0
         with tqdm(total=total, unit="img", desc="tile features", disable=not fx.progress, smoothing=0.1) as bar:
             for pixels, images, errors, meta in loader:
                 ids, feats, columns = [], None, {}
@@ -529,9 +535,12 @@ class TileSettings:
                 n_images = len(set(images) | {i for i, _ in errors})
                 done += n_images
                 bar.update(n_images)
+                if errors:  # the run's total so far
+                    skipped += len(errors)
+                    bar.set_postfix(skipped=skipped, refresh=False)
                 yield ids, feats, errors, columns
         seconds = time.perf_counter() - start
-        fx.last_stats = {"seconds": round(seconds, 3), "images": done, "nonfinite": nonfinite,
+        fx.last_stats = {"seconds": round(seconds, 3), "images": done, "nonfinite": nonfinite, "skipped": skipped,
                          "images_per_s": round(done / seconds, 2) if seconds > 0 else None}
 
 

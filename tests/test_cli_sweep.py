@@ -102,6 +102,7 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
     "extract_features": [
         ("missing_path", _with(EXTRACT, images="{W}/nope")),
         ("empty_folder", _with(EXTRACT, images="{W}/empty")),
+        ("images_not_a_folder_list_or_image", _with(EXTRACT, images="{W}/ann.json")),
         ("wrong_model", _with(EXTRACT, model="internvit-9b-nonexistent")),
         ("missing_weights_file", _with(EXTRACT, model="{W}/nope.safetensors")),
         ("truncated_weights_dir", _with(EXTRACT, model="{W}/model_trunc")),

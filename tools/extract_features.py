@@ -191,7 +191,10 @@ def _init_distributed(args):
 
 def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    import warnings
+
     import internvit
+    from internvit.checkpoints import LossyModelCastWarning
     from internvit.data import list_images, set_max_image_pixels
     from internvit.features import (
         FeatureExtractor,
@@ -200,13 +203,14 @@ def _main(argv=None) -> int:
         refuse_foreign_out,
         resolve_input_paths,
     )
+    from internvit.store import StoreError
 
     # every check before the model is loaded or anything is written (an empty value: refused by the parser)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out {args.out}: exists and is not a folder")
     try:
         refuse_foreign_out(args.out)
-    except FileExistsError as e:
+    except (FileExistsError, NotADirectoryError) as e:
         raise UsageError(f"--out {e}") from None
     _check_out_writable(args.out)
     _check_model_spec(args.model, "--model")
@@ -215,21 +219,32 @@ def _main(argv=None) -> int:
     _check_config(args)
     _check_tiles(args)
     _check_image_size(args)
-    images = list_images(args.images)
+    try:
+        images = list_images(args.images)
+    except (OSError, ValueError, TypeError) as e:  # a missing folder, a file of another kind, an unreadable list
+        raise UsageError(f"--images {e}") from None
     if not images:
         raise UsageError(f"--images {args.images}: no images found (looked for {', '.join(_extensions())})")
     images = resolve_input_paths(images, args.out)  # absolute: another spelling of the folder is the same job
     set_max_image_pixels(args.max_image_pixels)  # this process and its DataLoader workers
     dist = _init_distributed(args)  # under torchrun: each rank writes whole shards, rank 0 commits
-    model = internvit.load_model(args.model, args.config, dtype=parse_dtype(args.dtype), device=args.device)
-    fx = FeatureExtractor(model, dict(image_size=args.image_size, resize_mode=args.resize_mode or "crop"),
-                          pool=args.pool, layers=args.layers, batch_size=args.batch_size,
-                          num_workers=args.num_workers, device=args.device, dtype=args.dtype,
-                          normalize=args.normalize, progress=not args.no_progress, model_name=args.model,
-                          tiles=args.tiles, min_tiles=args.min_tiles,
-                          use_thumbnail=None if args.tiles is None else not args.no_thumbnail,
-                          tile_pool=args.tile_pool, projector_input=args.projector_input,
-                          downsample_ratio=args.downsample_ratio)
+    with warnings.catch_warnings(record=True) as held:  # e.g. a lossy cast: printed once the job is accepted
+        warnings.simplefilter("always", LossyModelCastWarning)
+        model = internvit.load_model(args.model, args.config, dtype=parse_dtype(args.dtype), device=args.device)
+    try:
+        fx = FeatureExtractor(model, dict(image_size=args.image_size, resize_mode=args.resize_mode or "crop"),
+                              pool=args.pool, layers=args.layers, batch_size=args.batch_size,
+                              num_workers=args.num_workers, device=args.device, dtype=args.dtype,
+                              normalize=args.normalize, progress=not args.no_progress, model_name=args.model,
+                              tiles=args.tiles, min_tiles=args.min_tiles,
+                              use_thumbnail=None if args.tiles is None else not args.no_thumbnail,
+                              tile_pool=args.tile_pool, projector_input=args.projector_input,
+                              downsample_ratio=args.downsample_ratio)
+    except ValueError as e:  # the block indices can only be checked against the loaded model
+        if args.layers is not None and "block" in str(e):
+            raise UsageError(f"--layers {' '.join(map(str, args.layers))}: {e}") from None
+        raise
+    fx.held_warnings = held
     fx.random_init_warning = _random_weights_warning(args.model).replace("{", "{{").replace("}", "}}")  # see write
     try:
         m = fx.write(images, args.out, shard_size=args.shard_size, metadata_format=args.metadata_format,
@@ -239,6 +254,8 @@ def _main(argv=None) -> int:
                      {"max_image_pixels": args.max_image_pixels})  # which images are refused: part of the job
     except OSError as e:
         raise _out_error(args.out, e) from None
+    except (ValueError, StoreError) as e:  # the folder holds another job's features, finished or pending
+        raise (UsageError(f"--out {e}") if str(e).startswith(args.out) else e) from None
     if dist is not None:
         dist.destroy_process_group()
         if int(os.environ.get("RANK", "0")) != 0:
@@ -251,8 +268,23 @@ def _main(argv=None) -> int:
         "nothing left to compute"
     rows = "" if args.tiles is None else (" (one per tile)" if args.tile_pool is None else " (one per image)")
     print(f"wrote {m['count']} features{rows} of shape {tuple(m['feature_shape'])} to {output_text(args.out)} "
-          f"({len(m['shards'])} shards, {m['num_errors']} errors, {rate})")
+          f"({len(m['shards'])} shards, {_skipped_text(args.out, m)}, {rate})")
     return 0
+
+
+def _skipped_text(out: str, m: dict) -> str:
+    """The summary's count of the inputs the job skipped, by reason, and where they are listed:
+    ``'2 unreadable images skipped (listed in OUT/errors.jsonl)'``; ``'no image skipped'``."""
+    from internvit.features import output_text
+
+    nonfinite = int(m.get("num_nonfinite") or 0)
+    unreadable = int(m["num_errors"]) - nonfinite
+    parts = [f"{n} {what}{'s' if n != 1 else ''}{how}" for n, what, how in (
+        (unreadable, "unreadable image", ""), (nonfinite, "image", " with non-finite features")) if n]
+    if not parts:
+        return "no image skipped"
+    where = output_text(os.path.join(out, m.get("errors_file") or "errors.jsonl"))
+    return f"{' and '.join(parts)} skipped (listed in {where})"
 
 
 def _out_error(out: str, e: OSError) -> OSError:

@@ -251,3 +251,97 @@ def test_a_refused_run_prints_only_its_error_line(tiny, tmp_path):
     assert r.returncode == 2 and len(lines) == 1 and "an interrupted job is pending" in lines[0], r.stderr
     r = run(cmd)  # the same job resumes: now the warning, then the work
     assert r.returncode == 0 and r.stderr.count("RANDOM") == 1 and "wrote 4 features" in r.stdout, r.stderr
+
+
+# -- 6. lossy casts warn once; no readable image gives (0, D); skipped images counted; broken links named -------
+def test_a_lossy_cast_warns_once_with_its_own_class(tiny, tmp_path):
+    import warnings
+
+    import torch
+
+    import internvit
+    from internvit import LossyModelCastWarning
+    from internvit.features import FeatureExtractor
+
+    _, model = tiny
+    internvit.save_model(model, tmp_path / "fp32")
+    exact = internvit.load_model("internvit-6b-tiny").to(torch.bfloat16).to(torch.float32)  # bf16 values in fp32
+    internvit.save_model(exact, tmp_path / "bf16_in_fp32")
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        internvit.load_model(tmp_path / "fp32", dtype="bf16")
+        internvit.load_model(tmp_path / "fp32", dtype="fp64")  # widening: nothing lost
+        internvit.load_model(tmp_path / "bf16_in_fp32", dtype="bf16")  # every value fits: nothing lost
+        FeatureExtractor(internvit.load_model(tmp_path / "fp32"), dtype="fp16", progress=False)
+        FeatureExtractor(internvit.load_model(tmp_path / "fp32", dtype="fp16"), dtype="fp16", progress=False)
+    lossy = [w for w in got if issubclass(w.category, LossyModelCastWarning)]
+    assert [str(w.message).split(": casting")[0] for w in lossy] == [str(tmp_path / "fp32"),
+                                                                      "FeatureExtractor(dtype=float16)",
+                                                                      str(tmp_path / "fp32")]
+    assert "from float32 to bfloat16 changes their values (first: " in str(lossy[0].message)
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", category=LossyModelCastWarning)
+        FeatureExtractor(internvit.load_model(tmp_path / "fp32"), dtype="bf16", progress=False)
+    assert not [w for w in got if issubclass(w.category, LossyModelCastWarning)]
+
+
+def test_cli_lossy_cast_one_warning_line_after_the_checks(tiny, tmp_path):
+    import sys
+
+    import internvit
+    from tests.faults import REPO, run
+
+    root, model = tiny
+    internvit.save_model(model, tmp_path / "fp32")
+    cmd = [sys.executable, str(REPO / "tools" / "extract_features.py"), "--model", str(tmp_path / "fp32"),
+           "--images", str(root / "imgs"), "--out", str(tmp_path / "o"), "--no-progress", "--dtype", "bf16"]
+    r = run(cmd)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 0 and len(lines) == 1 and lines[0].startswith("warning: ") and \
+        "from float32 to bfloat16 changes their values" in lines[0], r.stderr
+    r = run([*cmd, "--normalize"])  # refused (another job's features): only the error line
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: --out "), r.stderr
+
+
+@pytest.mark.parametrize("kw,shape", [({}, (0, 64)), (dict(pool="grid"), (0, 64, 4, 4)), (dict(tiles=2), (0, 64)),
+                                      (dict(tiles=2, tile_pool="mean"), (0, 64)),
+                                      (dict(tiles=2, projector_input=True), (0, 4, 256))])
+def test_no_readable_image_gives_zero_rows_of_the_models_dimension(tiny, tmp_path, kw, shape):
+    """extract() gave (0, 0) and a tile folder recorded feature_shape [0]: not the model's D."""
+    from internvit.features import FeatureExtractor, read_features
+
+    _, model = tiny
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.jpg").write_text("not an image")
+    (bad / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    fx = FeatureExtractor(model, progress=False, **kw)
+    r = fx.extract(bad)
+    assert r.features.shape == shape and len(r.errors) == 2
+    m = fx.write(bad, tmp_path / "o")
+    assert tuple(m["feature_shape"]) == shape[1:] and read_features(tmp_path / "o")[0].shape == shape
+
+
+def test_skipped_images_are_counted_and_broken_links_named(tiny, tmp_path):
+    import json
+    import shutil
+    import sys
+
+    from tests.faults import REPO, run
+
+    root, _ = tiny
+    imgs = tmp_path / "imgs"
+    shutil.copytree(root / "imgs", imgs)
+    (imgs / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (imgs / "text.jpg").write_text("not an image")
+    r = run([sys.executable, str(REPO / "tools" / "extract_features.py"), "--model", "internvit-6b-tiny",
+             "--images", str(imgs), "--out", str(tmp_path / "o"), "--batch-size", "1"])
+    assert r.returncode == 0, r.stderr
+    assert f"(1 shards, 2 unreadable images skipped (listed in {tmp_path / 'o' / 'errors.jsonl'})" in r.stdout
+    assert "skipped=2]" in r.stderr.replace("\r", "\n").splitlines()[-1]  # the bar's total, not the batch's
+    errors = [json.loads(line) for line in (tmp_path / "o" / "errors.jsonl").read_text().splitlines()]
+    assert errors[0]["path"] == str(imgs / "gone.png") and errors[0]["error"] == (
+        f"FileNotFoundError: {imgs / 'gone.png'}: a broken symbolic link (to {tmp_path / 'nowhere.png'}, which "
+        f"does not exist)")
