@@ -30,7 +30,7 @@ def set_max_image_pixels(limit: Optional[int]) -> None:
     counts): an image of more than ``limit`` pixels is refused from the size in its file header, before any
     pixel is decoded (``PIL.Image.DecompressionBombError`` naming the size and the limit; the extractors list it
     in ``errors.jsonl``), and one over ``limit / 2`` gets a warning line naming the file. ``0``: no limit;
-    ``None``: Pillow's default (refused over 178,956,970 pixels).
+    ``None``: Pillow's default (refused over 178,956,970 pixels; the variable is then ``pillow``).
 
     The one place the limit is set (``tools/extract_features.py --max-image-pixels N`` calls it). It sets
     ``PIL.Image.MAX_IMAGE_PIXELS`` to ``limit / 2`` (Pillow refuses over twice its value) and the environment
@@ -48,7 +48,7 @@ def set_max_image_pixels(limit: Optional[int]) -> None:
     if _PIL_DEFAULT_MAX_PIXELS is None:
         _PIL_DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
     if limit is None:
-        os.environ.pop(MAX_IMAGE_PIXELS_ENV, None)
+        os.environ[MAX_IMAGE_PIXELS_ENV] = "pillow"  # spawned workers silence Pillow's warning too
         Image.MAX_IMAGE_PIXELS = _PIL_DEFAULT_MAX_PIXELS
     else:
         os.environ[MAX_IMAGE_PIXELS_ENV] = str(int(limit))
@@ -60,6 +60,9 @@ def _limit_from_env() -> None:
     """Apply :data:`MAX_IMAGE_PIXELS_ENV` in a process that imports this module (a spawned DataLoader worker)."""
     value = os.environ.get(MAX_IMAGE_PIXELS_ENV)
     if value is None:
+        return
+    if value == "pillow":
+        set_max_image_pixels(None)
         return
     try:
         limit = int(value)

@@ -97,7 +97,7 @@ def test_set_max_image_pixels_is_the_one_place(tmp_path):
             set_max_image_pixels(-1)
     finally:
         set_max_image_pixels(None)
-    assert Image.MAX_IMAGE_PIXELS == default and MAX_IMAGE_PIXELS_ENV not in os.environ
+    assert Image.MAX_IMAGE_PIXELS == default and os.environ.pop(MAX_IMAGE_PIXELS_ENV) == "pillow"
 
 
 def test_the_limit_is_checked_from_the_header_before_decoding(tmp_path):
@@ -108,7 +108,7 @@ def test_the_limit_is_checked_from_the_header_before_decoding(tmp_path):
 
     from PIL import Image
 
-    from internvit.data import load_image, set_max_image_pixels
+    from internvit.data import MAX_IMAGE_PIXELS_ENV, load_image, set_max_image_pixels
 
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
@@ -122,6 +122,7 @@ def test_the_limit_is_checked_from_the_header_before_decoding(tmp_path):
             load_image(str(path))
     finally:
         set_max_image_pixels(None)
+        os.environ.pop(MAX_IMAGE_PIXELS_ENV)
 
 
 # -- 3. the Python API refuses a user's folder as the CLI does; the CLI's --overwrite -------------------------
