@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 __all__ = ["ArgumentParser", "UsageError", "run", "one_line", "print_error", "positive_int", "nonnegative_int",
            "positive_float", "fraction", "existing_path", "existing_file", "existing_dir", "device", "check_device",
-           "memory_size", "read_json", "DTYPE_NAMES", "dtype_arg"]
+           "memory_size", "read_json", "DTYPE_NAMES", "dtype_arg", "hold_warnings", "emit_held"]
 
 EXIT_USAGE = 2
 
@@ -314,6 +314,47 @@ def tool_output() -> Iterator[None]:
         if handler is not None:
             root.removeHandler(handler)
         root.setLevel(level)
+
+
+@contextlib.contextmanager
+def hold_warnings(logger_name: str = "internvit") -> Iterator[list]:
+    """Hold the Python warnings and the ``logger_name`` log records of WARNING and above emitted inside the block
+    (in order, in the yielded list) instead of printing them; :func:`emit_held` prints them later.
+
+    A tool sets up a job (loads a model: a lossy cast, a resized position table) before the last checks that may
+    refuse it (the output folder holds another job); holding the set-up's warnings until the job is accepted
+    keeps a refused run to its one ``error:`` line. Warning filters apply as usual (a filtered warning is not
+    held); records below WARNING pass through."""
+    held: list = []
+    logger = logging.getLogger(logger_name)
+
+    def hold_record(record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        held.append(record)
+        return False
+
+    def hold_warning(message, category, filename, lineno, file=None, line=None) -> None:
+        held.append(warnings.WarningMessage(message, category, filename, lineno, file, line))
+
+    logger.addFilter(hold_record)
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = hold_warning
+            yield held
+    finally:
+        logger.removeFilter(hold_record)
+
+
+def emit_held(held: list) -> None:
+    """Print what :func:`hold_warnings` held, in order (warnings through the filters in force now); empties
+    ``held``."""
+    items, held[:] = list(held), []
+    for item in items:
+        if isinstance(item, logging.LogRecord):
+            logging.getLogger(item.name).handle(item)
+        else:
+            warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
 
 
 @contextlib.contextmanager

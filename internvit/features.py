@@ -247,8 +247,9 @@ class FeatureExtractor:
         "features are a dry run and mean nothing; load the release's checkpoint folder (config.json + "
         "safetensors) or a weight file with its config (the manifest records model.random_init: true)")
 
-    #: warnings (``warnings.WarningMessage``) of setting up the job, e.g. a :class:`LossyModelCastWarning` the CLI
-    #: held while loading the model: :meth:`write` emits them once the job is accepted (see ``_warn_accepted``)
+    #: warnings and log records of setting up the job (:func:`internvit.cli.hold_warnings`), e.g. a
+    #: :class:`~internvit.checkpoints.LossyModelCastWarning` the CLI held while loading the model: :meth:`write`
+    #: emits them once the job is accepted (see ``_warn_accepted``)
     held_warnings: list = []
 
     def __init__(
@@ -718,11 +719,10 @@ class FeatureExtractor:
         """Once :meth:`write` has accepted the job (every check passed, the store's refusal of a different pending
         job included) and is about to compute: re-emit :attr:`held_warnings` and log :attr:`random_init_warning`
         when the model has random weights, so that a refused call reports only its error."""
-        import warnings as _warnings
+        from .cli import emit_held
 
         held, self.held_warnings = list(self.held_warnings), []
-        for w in held:
-            _warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        emit_held(held)
         if info is not None and info.get("random_init") and self.random_init_warning:
             logger.warning(self.random_init_warning.format(name=info.get("name")))
 

@@ -23,7 +23,16 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from internvit.cli import ArgumentParser, UsageError, device, dtype_arg, nonnegative_int, positive_int, run  # noqa: E402
+from internvit.cli import (  # noqa: E402
+    ArgumentParser,
+    UsageError,
+    device,
+    dtype_arg,
+    hold_warnings,
+    nonnegative_int,
+    positive_int,
+    run,
+)
 
 
 def build_parser() -> ArgumentParser:
@@ -191,10 +200,7 @@ def _init_distributed(args):
 
 def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    import warnings
-
     import internvit
-    from internvit.checkpoints import LossyModelCastWarning
     from internvit.data import list_images, set_max_image_pixels
     from internvit.features import (
         FeatureExtractor,
@@ -228,8 +234,7 @@ def _main(argv=None) -> int:
     images = resolve_input_paths(images, args.out)  # absolute: another spelling of the folder is the same job
     set_max_image_pixels(args.max_image_pixels)  # this process and its DataLoader workers
     dist = _init_distributed(args)  # under torchrun: each rank writes whole shards, rank 0 commits
-    with warnings.catch_warnings(record=True) as held:  # e.g. a lossy cast: printed once the job is accepted
-        warnings.simplefilter("always", LossyModelCastWarning)
+    with hold_warnings() as held:  # a lossy cast, a resized position table: printed once the job is accepted
         model = internvit.load_model(args.model, args.config, dtype=parse_dtype(args.dtype), device=args.device)
     try:
         fx = FeatureExtractor(model, dict(image_size=args.image_size, resize_mode=args.resize_mode or "crop"),

@@ -346,3 +346,25 @@ def test_skipped_images_are_counted_and_broken_links_named(tiny, tmp_path):
     assert errors[0]["path"] == str(imgs / "gone.png") and errors[0]["error"] == (
         f"FileNotFoundError: {imgs / 'gone.png'}: a broken symbolic link (to {tmp_path / 'nowhere.png'}, which "
         f"does not exist)")
+
+
+def test_load_warnings_of_a_refused_run_are_not_printed(tiny, tmp_path):
+    """A checkpoint whose position table is resized for its config.json: the load's warning line was printed
+    before the refusal of --out (another job's features), so the refused run printed two lines."""
+    import json
+    import sys
+
+    import internvit
+    from tests.faults import REPO, run
+
+    root, model = tiny
+    internvit.save_model(model, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps(dict(cfg, image_size=112)))
+    cmd = [sys.executable, str(REPO / "tools" / "extract_features.py"), "--model", str(tmp_path / "m"),
+           "--images", str(root / "imgs"), "--out", str(tmp_path / "o"), "--no-progress"]
+    r = run(cmd)
+    assert r.returncode == 0 and r.stderr.count("resized (bicubic)") == 1, r.stderr
+    r = run([*cmd, "--normalize"])
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: --out "), r.stderr
