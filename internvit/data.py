@@ -166,6 +166,7 @@ def list_images(source: ImagesLike) -> list[str]:
         if is_image_file(src):
             return [src]
         raise ValueError(f"{src}: not a folder, a list file ({'/'.join(LIST_EXTENSIONS)}) or an image")
+    _refuse_broken_link(src)
     raise FileNotFoundError(f"{src}: no such folder or list file")
 
 

@@ -103,6 +103,7 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("missing_path", _with(EXTRACT, images="{W}/nope")),
         ("empty_folder", _with(EXTRACT, images="{W}/empty")),
         ("images_not_a_folder_list_or_image", _with(EXTRACT, images="{W}/ann.json")),
+        ("images_a_broken_symlink", _with(EXTRACT, images="{W}/broken_link")),
         ("wrong_model", _with(EXTRACT, model="internvit-9b-nonexistent")),
         ("missing_weights_file", _with(EXTRACT, model="{W}/nope.safetensors")),
         ("truncated_weights_dir", _with(EXTRACT, model="{W}/model_trunc")),
@@ -512,6 +513,7 @@ def W(tmp_path_factory) -> str:  # noqa: N802 - the placeholder's name
         with open(f"{w}/imgs/img_{i:03d}.txt", "w") as f:
             f.write(f"picture {i}")
     os.makedirs(f"{w}/empty")
+    os.symlink(f"{w}/nowhere", f"{w}/broken_link")
     os.makedirs(f"{w}/foreign_manifest")
     with open(f"{w}/foreign_manifest/manifest.json", "w") as f:  # some other tool's manifest
         f.write('{"mine": 1}')
