@@ -1212,11 +1212,11 @@ def _arrow_columns(columns: dict) -> dict:
 
     out = {}
     for k, v in columns.items():
-        values = [_plain(x) for x in v]
+        values = [_plain(x) for x in v]  # what must read back
         advice = ("give the column values of one type (e.g. all str), or write metadata_format='jsonl', which "
                   "keeps each value's type")
         try:
-            arr = pa.array(values)
+            arr = pa.array([_output_value(x) for x in v])  # NumPy scalars keep their Arrow type (float32, ...)
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError) as e:
             kinds = {}
             for i, x in enumerate(values):
