@@ -182,7 +182,7 @@ def write_distributed(fx: "F.FeatureExtractor", plan: dict, rank: int, world: in
         done = _agree(open_main, rank, world)[0]
         if not done:
             if rank == 0:
-                fx._warn_accepted(plan["info"])  # every rank has passed every check
+                fx._arm_warnings(plan["info"])  # every rank has passed every check
             start = time.perf_counter()
 
             def write_part() -> tuple:
@@ -191,6 +191,8 @@ def write_distributed(fx: "F.FeatureExtractor", plan: dict, rank: int, world: in
 
             parts = _agree(write_part, rank, world)  # returns once every rank has written its part
             stats = job_timing([p[1] for p in parts], time.perf_counter() - start)
+            if rank == 0 and stats["images"]:  # another rank computed features while this one read none
+                fx._fire_warnings()
             records = {k: json.loads(json.dumps(v)) for part, _ in parts for k, v in part.items()}
             _agree(lambda: _merge(stack.st, plan, world, records) if rank == 0 else None, rank, world)
         else:

@@ -240,7 +240,7 @@ class FeatureExtractor:
     without ``tiles``.
     """
 
-    #: what :meth:`write` logs (rank 0, once every check passed, before computing) when the model has random
+    #: what :meth:`write` logs (rank 0, every check passed, with the job's first features) when the model has random
     #: weights (a preset name given to :func:`internvit.load_model`); ``{name}``: the model's name; ``None``: quiet
     random_init_warning: Optional[str] = (
         "model {name} has RANDOM weights (a preset built without a checkpoint), not the released ones: these "
@@ -249,7 +249,7 @@ class FeatureExtractor:
 
     #: warnings and log records of setting up the job (:func:`internvit.cli.hold_warnings`), e.g. a
     #: :class:`~internvit.checkpoints.LossyModelCastWarning` the CLI held while loading the model: :meth:`write`
-    #: emits them once the job is accepted (see ``_warn_accepted``)
+    #: emits them when the accepted job first computes features (see ``_arm_warnings``)
     held_warnings: list = []
 
     def __init__(
@@ -707,22 +707,33 @@ class FeatureExtractor:
                     return dict(st.manifest, timing=dict(DONE_STATS, **fingerprint_s))  # finished meanwhile
                 if st.manifest is not None and not overwrite:
                     _refuse_other(out_dir, st.manifest, job, paths)
-                self._warn_accepted(info)
+                self._arm_warnings(info)
                 shards = _plan_shards(plan, st.generation)
                 records, stats = self._write_shards(st, plan, shards)
                 committed = _commit_features(st, plan, shards, records)
         except PendingJobError as e:
             raise PendingJobError(_pending_message(out_dir, job, e)) from None
+        finally:
+            self._armed = None
         return dict(committed, timing=dict(stats, **fingerprint_s))
 
-    def _warn_accepted(self, info: Optional[dict]) -> None:
-        """Once :meth:`write` has accepted the job (every check passed, the store's refusal of a different pending
-        job included) and is about to compute: re-emit :attr:`held_warnings` and log :attr:`random_init_warning`
-        when the model has random weights, so that a refused call reports only its error."""
+    def _arm_warnings(self, info: Optional[dict]) -> None:
+        """:meth:`write` has accepted the job (every check passed, the store's refusal of a different pending job
+        included): the warnings about the model (:attr:`held_warnings`; :attr:`random_init_warning` when it has
+        random weights) print when it first computes features (:meth:`_fire_warnings`), so that a refused call,
+        one whose images are all unreadable included, reports only its error."""
+        self._armed = (info,)
+
+    def _fire_warnings(self) -> None:
+        """Print what :meth:`_arm_warnings` armed, once."""
         from .cli import emit_held
 
+        armed, self._armed = getattr(self, "_armed", None), None
+        if armed is None:
+            return
         held, self.held_warnings = list(self.held_warnings), []
         emit_held(held)
+        info = armed[0]
         if info is not None and info.get("random_init") and self.random_init_warning:
             logger.warning(self.random_init_warning.format(name=info.get("name")))
 
@@ -772,6 +783,7 @@ class FeatureExtractor:
                 tile_cols.setdefault(k, {}).setdefault(key, []).extend(v)
             f_list, id_list, err_list, seen = bufs[k]
             if feats is not None:
+                self._fire_warnings()  # the first features of the job: the model's warnings print now
                 f_list.append(feats)
                 feature_shape = feature_shape or tuple(feats.shape[1:])
             id_list.extend(ids)
