@@ -272,19 +272,9 @@ def test_a_class_whose_every_video_is_unreadable_is_named(tmp_path):
 #      --num-frames bound, --output onto an input
 # --------------------------------------------------------------------------------------------------------------
 def _zeroshot(capsys, *argv):
-    import sys
+    from tests.zeroshot.test_trial7b_fixes import _cli  # tools/zeroshot_eval.py main(): (rc, stdout, stderr lines)
 
-    tools = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "tools")
-    if tools not in sys.path:
-        sys.path.insert(0, tools)
-    import zeroshot_eval
-
-    try:
-        rc = zeroshot_eval.main([str(a) for a in argv])
-    except SystemExit as e:
-        rc = e.code
-    captured = capsys.readouterr()
-    return rc, captured.out, [line for line in captured.err.splitlines() if line.strip()]
+    return _cli(capsys, *argv)
 
 
 @pytest.fixture
