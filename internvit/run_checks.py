@@ -344,6 +344,50 @@ def check_option_keys(cfg, options: dict) -> None:
             raise ValueError(_variable_message(cfg, key, top))
 
 
+_MISSING = object()
+#: the split-specific top-level keys (``val_dataloader`` / ``test_dataloader`` ...), by their suffix
+_SPLIT_SUFFIXES = ("dataloader", "evaluator", "cfg")
+
+
+def _value_at(obj: Any, path: str) -> Any:
+    """The value under the dotted ``path`` of ``obj`` (dicts, and lists by ``.N``), or ``_MISSING``."""
+    for part in path.split(".") if path else ():
+        if isinstance(obj, dict) and part in obj:
+            obj = obj[part]
+        elif isinstance(obj, (list, tuple)) and part.isdigit() and int(part) < len(obj):
+            obj = obj[int(part)]
+        else:
+            return _MISSING
+    return obj
+
+
+def check_split_options(cfg, options: dict, evaluates: str) -> None:
+    """Refuse a ``--cfg-options`` key of the split the run does not evaluate (``val_*`` for a test, ``test_*``
+    for training, which validates on ``val_*``) that leaves the same setting of the evaluated split as the
+    config has it while the config gives both splits the same value there (``test_dataloader = val_dataloader``,
+    as the toy and published configs do): ``tools/test.py ... val_dataloader.dataset.data_root=X`` scored the
+    config's data, not ``X``, and exited 0. ``evaluates`` is ``'test'`` or ``'val'``. Call it before the
+    options are merged. Raises ``ValueError`` naming the option and the key to set."""
+    other = {"test": "val", "val": "test"}[evaluates]
+    plain = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    for key in options:
+        top, _, rest = str(key).partition(".")
+        if top not in {f"{other}_{s}" for s in _SPLIT_SUFFIXES}:
+            continue
+        twin_top = f"{evaluates}_{top.split('_', 1)[1]}"
+        twin = f"{twin_top}.{rest}" if rest else twin_top
+        if any(k == twin or twin.startswith(f"{k}.") or str(k).startswith(f"{twin}.") for k in options):
+            continue
+        if not isinstance(plain.get(twin_top), (dict, list)):
+            continue  # the run has no such split to evaluate
+        mine, theirs = _value_at(plain.get(top), rest), _value_at(plain.get(twin_top), rest)
+        if _plain(mine) == _plain(theirs):  # both _MISSING: a key neither split has, added to one
+            run = "a test evaluates" if evaluates == "test" else "training validates on"
+            raise ValueError(f"--cfg-options {key}: {run} {twin_top}, which this option leaves as it is (the "
+                             f"config gives {twin} the same value as {top}{'.' + rest if rest else ''}): set "
+                             f"{twin} instead, or as well")
+
+
 def _variable_message(cfg, key: str, top: str) -> str:
     """Why an override of the config file's own variable ``top`` (``data_root``, ``crop_size``, ``max_iters``)
     is refused, naming the keys that hold its value (mmengine substituted it there when it read the file, so

@@ -42,6 +42,7 @@ from internvit.run_checks import (
     check_option_keys,
     check_output_path,
     check_same_classes,
+    check_split_options,
     check_train_loop,
     check_unique_names,
     class_list,
@@ -111,8 +112,12 @@ def cfg_options_action():
 
 
 def load_config(config: str, *, cfg_options: Optional[dict] = None, work_dir: Optional[str] = None,
-                launcher: str = "none"):
-    """Read an mmengine config with the compatibility fixes applied first; returns the ``Config``."""
+                launcher: str = "none", evaluates: Optional[str] = None):
+    """Read an mmengine config with the compatibility fixes applied first; returns the ``Config``.
+
+    ``evaluates`` (``'val'`` for training, ``'test'`` for a test) refuses ``cfg_options`` that change only the
+    other split where the config gives both the same setting (:func:`internvit.run_checks.check_split_options`).
+    """
     if not osp.isfile(config):
         raise FileNotFoundError(f"{config}: no such config file")
     compat.apply(mmseg=False)
@@ -131,6 +136,8 @@ def load_config(config: str, *, cfg_options: Optional[dict] = None, work_dir: Op
     object.__setattr__(cfg, "_format_python_code", False)
     if cfg_options:
         check_option_keys(cfg, cfg_options)
+        if evaluates:
+            check_split_options(cfg, cfg_options, evaluates)
         cfg.merge_from_dict(cfg_options)
     cfg.launcher = launcher
     if work_dir is not None:
@@ -377,7 +384,7 @@ def build_train_runner(config: str, *, work_dir: Optional[str] = None, resume: O
     from mmengine.logging import print_log
 
     _set_local_rank(local_rank)
-    cfg = load_config(config, cfg_options=cfg_options, work_dir=work_dir, launcher=launcher)
+    cfg = load_config(config, cfg_options=cfg_options, work_dir=work_dir, launcher=launcher, evaluates="val")
     if amp:
         wrapper = cfg.optim_wrapper.get("type", "OptimWrapper")
         if wrapper == "AmpOptimWrapper":
@@ -603,7 +610,7 @@ def build_test_runner(config: str, checkpoint: str, *, work_dir: Optional[str] =
                                 f"tools/train.py saved)")
     if _is_local(checkpoint):
         require_file(checkpoint, "checkpoint file")
-    cfg = load_config(config, cfg_options=cfg_options, work_dir=work_dir, launcher=launcher)
+    cfg = load_config(config, cfg_options=cfg_options, work_dir=work_dir, launcher=launcher, evaluates="test")
     _require(cfg, config, ("test_dataloader", "test_cfg", "test_evaluator"), "testing")
     cfg.load_from = checkpoint
     if not overwrite:  # the run's config copy never replaces a user's file of that name

@@ -347,6 +347,9 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
                                "train_dataloader.dataset.ann_file=bad.csv",
                                "val_dataloader.dataset.data_root={W}/digits",
                                "test_dataloader.dataset.data_root={W}/digits"]),
+        # trial 10a: an option of the split training does not validate on (validation scored the config's data)
+        ("cfg_option_of_the_test_split_only", ["{seg}", "--work-dir", "{out}", "--cfg-options",
+                                               "test_dataloader.dataset.data_root={W}/toy_seg"]),
     ],
     "test": [
         ("missing_checkpoint", ["{seg}", "{W}/nope.pth", "--work-dir", "{out}"]),
@@ -368,6 +371,11 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
                                     "test_dataloader.batch_size="]),
         ("bad_test_mode", ["{seg}", "{W}/other_ckpt.pth", "--work-dir", "{out}", "--cfg-options",
                            "model.test_cfg.mode=sliding"]),
+        # trial 10a: an option of the val split only (the test scored the config's data set, exit 0)
+        ("cfg_option_of_the_val_split_only", ["{seg}", "{W}/other_ckpt.pth", "--work-dir", "{out}", "--cfg-options",
+                                              "val_dataloader.dataset.data_root={W}/toy_seg"]),
+        ("cfg_option_of_the_val_evaluator_only", ["{seg}", "{W}/other_ckpt.pth", "--work-dir", "{out}",
+                                                  "--cfg-options", "val_evaluator.iou_metrics=[mDice]"]),
         ("out_onto_a_user_file", ["{seg}", "{W}/other_ckpt.pth", "--work-dir", "{out}", "--out", "{W}/ann.json"]),
         ("show_dir_a_user_folder", ["{seg}", "{W}/other_ckpt.pth", "--work-dir", "{out}", "--show-dir", "{W}/imgs"]),
         # with --overwrite, refused only once the runner is built (the checkpoint does not fit): the visualizer's

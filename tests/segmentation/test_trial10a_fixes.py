@@ -1,0 +1,85 @@
+"""Findings of newcomer trial 10a (segmentation train / test workflows).
+
+A1: ``tools/test.py CONFIG CKPT --cfg-options val_dataloader.dataset.data_root=X`` (or ``val_evaluator...``) on a
+config whose ``test_dataloader = val_dataloader`` scored the config's own data set (the test reads only
+``test_*``), printed its metrics and exited 0; ``tools/train.py ... test_dataloader.dataset.data_root=X`` validated
+on the config's data the same way. Both are now refused at set-up, naming the key to set.
+"""
+import os
+
+import pytest
+
+import segmentation  # noqa: F401  (applies internvit.compat and registers the plugin)
+
+from .conftest import TOY_LINEAR, toy_options
+from .test_trial7b_fixes import _run
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 2-iteration toy linear run (its checkpoint) and two data sets: the one it trained on and another."""
+    from internvit.runner import train
+    from segmentation.toy_data import make_toy_seg_dataset
+
+    base = tmp_path_factory.mktemp("toy10a")
+    data = make_toy_seg_dataset(str(base / "toy_seg"), num_train=4, num_val=3)
+    other = make_toy_seg_dataset(str(base / "other"), num_train=4, num_val=2, seed=1)
+    work_dir = str(tmp_path_factory.mktemp("lin10a"))
+    train(TOY_LINEAR, work_dir=work_dir, cfg_options=toy_options(data, work_dir, **{
+        "train_cfg.max_iters": 2, "train_cfg.val_interval": 1000, "default_hooks.checkpoint.interval": 2}))
+    return data, other, os.path.join(work_dir, "iter_2.pth")
+
+
+def _opts(**options) -> list:
+    return ["--cfg-options", "default_hooks.visualization.draw=False", *[f"{k}={v}" for k, v in options.items()]]
+
+
+def test_a_val_option_of_a_test_is_refused(trained, tmp_path, capsys):
+    data, other, ckpt = trained
+    work = tmp_path / "t"
+    base = {"train_dataloader.dataset.data_root": data}  # the config's test data (data/toy_seg) is not needed
+    rc, errors = _run(capsys, "test", [TOY_LINEAR, ckpt, "--work-dir", work,
+                                       *_opts(**base, **{"val_dataloader.dataset.data_root": other})])
+    assert rc == 2 and errors == [
+        "error: --cfg-options val_dataloader.dataset.data_root: a test evaluates test_dataloader, which this option "
+        "leaves as it is (the config gives test_dataloader.dataset.data_root the same value as "
+        "val_dataloader.dataset.data_root): set test_dataloader.dataset.data_root instead, or as well"]
+    assert not os.path.exists(work)
+    rc, errors = _run(capsys, "test", [TOY_LINEAR, ckpt, "--work-dir", work,
+                                       *_opts(**base, **{"val_evaluator.iou_metrics": "[mDice]"})])
+    assert rc == 2 and errors and "set test_evaluator.iou_metrics instead" in errors[0]
+
+
+def test_the_same_option_for_both_splits_tests_the_data_asked_for(trained, tmp_path, capsys):
+    data, other, ckpt = trained
+    rc, errors = _run(capsys, "test", [TOY_LINEAR, ckpt, "--work-dir", tmp_path / "t",
+                                       *_opts(**{f"{s}_dataloader.dataset.data_root": other for s in ("val", "test")})])
+    assert rc == 0 and not errors
+
+
+def test_a_test_option_of_a_training_run_is_refused(trained, tmp_path, capsys):
+    data, other, _ = trained
+    work = tmp_path / "w"
+    rc, errors = _run(capsys, "train", [TOY_LINEAR, "--work-dir", work, *_opts(**{
+        "train_dataloader.dataset.data_root": data, "test_dataloader.dataset.data_root": other,
+        "train_cfg.max_iters": 1})])
+    assert rc == 2 and errors == [
+        "error: --cfg-options test_dataloader.dataset.data_root: training validates on val_dataloader, which this "
+        "option leaves as it is (the config gives val_dataloader.dataset.data_root the same value as "
+        "test_dataloader.dataset.data_root): set val_dataloader.dataset.data_root instead, or as well"]
+    assert not os.path.exists(work)
+
+
+def test_splits_the_config_sets_apart_take_their_own_options(tmp_path):
+    """Where the config gives the two splits different values, an option of the other split is the user's own
+    business (it is kept in the run's config copy): not refused."""
+    from mmengine.config import Config
+
+    from internvit.run_checks import check_split_options
+
+    cfg = Config(dict(val_dataloader=dict(dataset=dict(data_root="a", split="val")),
+                      test_dataloader=dict(dataset=dict(data_root="a", split="test"))))
+    check_split_options(cfg, {"val_dataloader.dataset.split": "val2"}, "test")
+    with pytest.raises(ValueError, match="set test_dataloader.dataset.data_root instead"):
+        check_split_options(cfg, {"val_dataloader.dataset.data_root": "b"}, "test")
+    check_split_options(cfg, {"val_dataloader.dataset": dict(data_root="b"), "test_dataloader": {}}, "test")
