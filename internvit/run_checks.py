@@ -211,6 +211,19 @@ def check_unique_names(runner, outputs: dict) -> None:
                                  f"(or replace) its images and label maps; give a folder outside the dataset")
 
 
+def check_one_process_draws(outputs: dict) -> None:
+    """Refuse ``--show-dir`` (a key of the test outputs ``{flag: path}``) in a run of more than one process:
+    mmengine's visualizer draws and saves on rank 0 only, so each other rank's share of the test images got no
+    overlay (2 of 3 toy images under ``torchrun --nproc_per_node 2``), silently. Raises ``ValueError``."""
+    from mmengine.dist import get_world_size
+
+    world = get_world_size()
+    if "--show-dir" in outputs and world > 1:
+        raise ValueError(f"--show-dir {outputs['--show-dir']}: overlays are drawn by rank 0 only, so the "
+                         f"images of the other {world - 1} of {world} processes would get none; run the test "
+                         f"with --show-dir in one process (--launcher none), or leave --show-dir out")
+
+
 def _leaf_datasets(ds) -> list:
     """The datasets inside mmengine's wrappers (``ConcatDataset.datasets``, ``RepeatDataset.dataset``, ...)."""
     if ds is None:

@@ -39,6 +39,7 @@ from internvit.run_checks import (
     check_evaluator,
     check_fits,
     check_input_kind,
+    check_one_process_draws,
     check_option_keys,
     check_output_path,
     check_same_classes,
@@ -638,6 +639,7 @@ def build_test_runner(config: str, checkpoint: str, *, work_dir: Optional[str] =
         def after(runner, ckpt=None) -> None:
             _without_training(runner)
             check_unique_names(runner, outputs)
+            check_one_process_draws(outputs)
     made = [first_missing_dir(p) for p in outputs.values()]  # removed again when the set-up fails
     try:
         return build_runner(cfg, checkpoint, dataloaders=("test",), after_build=after, checkpoint_classes=True)

@@ -83,3 +83,37 @@ def test_splits_the_config_sets_apart_take_their_own_options(tmp_path):
     with pytest.raises(ValueError, match="set test_dataloader.dataset.data_root instead"):
         check_split_options(cfg, {"val_dataloader.dataset.data_root": "b"}, "test")
     check_split_options(cfg, {"val_dataloader.dataset": dict(data_root="b"), "test_dataloader": {}}, "test")
+
+
+# ------------------------------------------------------------------------------------------------ A2
+def test_show_dir_under_torchrun_is_refused(trained, tmp_path):
+    """``torchrun --nproc_per_node 2 tools/test.py ... --show-dir D`` wrote the overlays of rank 0's images only
+    (2 of 3), exit 0: mmengine's visualizer draws on rank 0 alone. Refused now, nothing written; ``--out`` alone
+    still runs on every rank."""
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+    from .test_train_reproducible import _free_port
+
+    data, _, ckpt = trained
+    tool = os.path.join(ROOT, "tools", "test.py")
+
+    def torchrun(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                               "--master_port", str(_free_port()), tool, TOY_LINEAR, ckpt, "--launcher", "pytorch",
+                               *extra, "--cfg-options", f"test_dataloader.dataset.data_root={data}"],
+                              capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+
+    show, work = tmp_path / "show", tmp_path / "w"
+    run = torchrun("--work-dir", str(work), "--show-dir", str(show))
+    assert run.returncode != 0
+    errors = sorted({line for line in run.stderr.splitlines() if line.startswith("error: ")})
+    assert errors == [f"error: --show-dir {show}: overlays are drawn by rank 0 only, so the images of the other 1 "
+                      f"of 2 processes would get none; run the test with --show-dir in one process (--launcher "
+                      f"none), or leave --show-dir out"], run.stderr[-3000:]
+    assert not os.path.exists(show)
+    out = tmp_path / "out"
+    run = torchrun("--work-dir", str(tmp_path / "w2"), "--out", str(out))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(os.listdir(out)) == sorted(os.listdir(os.path.join(data, "images", "validation")))
