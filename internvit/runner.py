@@ -642,12 +642,36 @@ def build_test_runner(config: str, checkpoint: str, *, work_dir: Optional[str] =
             check_one_process_draws(outputs)
     made = [first_missing_dir(p) for p in outputs.values()]  # removed again when the set-up fails
     try:
-        return build_runner(cfg, checkpoint, dataloaders=("test",), after_build=after, checkpoint_classes=True)
+        runner = build_runner(cfg, checkpoint, dataloaders=("test",), after_build=after, checkpoint_classes=True)
     except BaseException:
         for path in made:
             if path is not None:
                 shutil.rmtree(path, ignore_errors=True)
         raise
+    _undo_outputs_on_failure(runner, {osp.abspath(p): osp.abspath(m) for p, m in zip(outputs.values(), made) if m})
+    return runner
+
+
+def _undo_outputs_on_failure(runner, made: dict) -> None:
+    """Make ``runner.test()`` remove the output folders of ``made`` (``{output path: the highest folder this
+    run created for it}``) when the test fails (bad data met in the loop, a NaN output, an interrupt): they held
+    the predictions / overlays of the images before the failure only, which looked like a result and made the
+    rerun refuse the folder without ``--overwrite``. A created folder that holds the work dir (``--out W/out``
+    with a new ``W``) loses only the output itself, so the run's log stays. Folders that existed are left alone."""
+    if not made:
+        return
+    work, test = osp.abspath(runner.work_dir), runner.test
+
+    def test_or_undo():
+        try:
+            return test()
+        except BaseException:
+            for out, top in made.items():
+                holds_work_dir = work == top or work.startswith(top + os.sep)
+                shutil.rmtree(out if holds_work_dir else top, ignore_errors=True)
+            raise
+
+    runner.test = test_or_undo
 
 
 def _without_training(runner, ckpt=None) -> None:

@@ -117,3 +117,38 @@ def test_show_dir_under_torchrun_is_refused(trained, tmp_path):
     run = torchrun("--work-dir", str(tmp_path / "w2"), "--out", str(out))
     assert run.returncode == 0, run.stderr[-3000:]
     assert sorted(os.listdir(out)) == sorted(os.listdir(os.path.join(data, "images", "validation")))
+
+
+# ------------------------------------------------------------------------------------------------ A3
+def test_a_test_that_fails_midway_removes_the_outputs_it_created(trained, tmp_path, capsys):
+    """A label map refused at the 2nd of 3 test images left ``--out`` with the 1st image's prediction and
+    ``--show-dir`` with the visualizer's config copy: a partial result, and the rerun on fixed data was refused
+    (folder not empty) without ``--overwrite``. The folders the run created are removed now; the work dir's log
+    stays, and a folder that existed before the run is left alone."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    data, _, ckpt = trained
+    bad = str(tmp_path / "bad")
+    shutil.copytree(data, bad)
+    folder = os.path.join(bad, "annotations", "validation")
+    second = os.path.join(folder, sorted(os.listdir(folder))[1])
+    label = np.array(Image.open(second))
+    label[0, 0] = 7
+    Image.fromarray(label).save(second)
+    work = tmp_path / "w"
+    argv = [TOY_LINEAR, ckpt, "--work-dir", work, "--out", work / "out", "--show-dir", tmp_path / "show",
+            *_opts(**{"test_dataloader.dataset.data_root": bad})]
+    rc, errors = _run(capsys, "test", argv)
+    assert rc == 2 and errors == [f"error: {second}: label values [7] are neither classes 0..3 nor the ignore "
+                                  f"index 255"]
+    assert not os.path.exists(work / "out") and not os.path.exists(tmp_path / "show")
+    assert [n for n in os.listdir(work) if os.path.isdir(work / n)]  # the run's log folder
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "note.txt").write_text("keep")
+    rc, _ = _run(capsys, "test", [TOY_LINEAR, ckpt, "--work-dir", tmp_path / "w2", "--out", mine, "--overwrite",
+                                  *_opts(**{"test_dataloader.dataset.data_root": bad})])
+    assert rc == 2 and (mine / "note.txt").read_text() == "keep"
