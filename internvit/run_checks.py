@@ -211,6 +211,27 @@ def check_unique_names(runner, outputs: dict) -> None:
                                  f"(or replace) its images and label maps; give a folder outside the dataset")
 
 
+#: the environment variables mmengine's ``init_dist`` reads for each ``--launcher``, and what sets them
+LAUNCHER_ENV = {
+    "pytorch": (("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"),
+                "start the tool with torchrun (or tools/dist_train.sh)"),
+    "slurm": (("SLURM_PROCID", "SLURM_NTASKS", "SLURM_NODELIST"), "start the tool with srun"),
+    "mpi": (("OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "MASTER_ADDR"),
+            "start the tool with Open MPI's mpirun, MASTER_ADDR set"),
+}
+
+
+def check_launcher_env(launcher: str) -> None:
+    """Refuse a ``--launcher`` whose launcher did not start the process (``ValueError`` naming the first
+    missing environment variable and what sets it): mmengine's ``KeyError`` read ``missing key
+    'SLURM_PROCID'``, naming neither the flag nor the way out."""
+    needed, how = LAUNCHER_ENV.get(launcher, ((), ""))
+    missing = next((v for v in needed if not os.environ.get(v, "").strip()), None)
+    if missing is not None:
+        raise ValueError(f"--launcher {launcher}: the environment variable {missing} is not set: {how}, or use "
+                         f"--launcher none for one process")
+
+
 def check_one_process_draws(outputs: dict) -> None:
     """Refuse ``--show-dir`` (a key of the test outputs ``{flag: path}``) in a run of more than one process:
     mmengine's visualizer draws and saves on rank 0 only, so each other rank's share of the test images got no

@@ -39,6 +39,7 @@ from internvit.run_checks import (
     check_evaluator,
     check_fits,
     check_input_kind,
+    check_launcher_env,
     check_one_process_draws,
     check_option_keys,
     check_output_path,
@@ -135,6 +136,7 @@ def load_config(config: str, *, cfg_options: Optional[dict] = None, work_dir: Op
     # mmengine 0.10 re-formats the whole config text with yapf on every dump/checkpoint (seconds each);
     # Config.fromfile ignores format_python_code=False, so switch it off on the instance.
     object.__setattr__(cfg, "_format_python_code", False)
+    check_launcher_env(launcher)
     if cfg_options:
         check_option_keys(cfg, cfg_options)
         if evaluates:

@@ -350,6 +350,7 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         # trial 10a: an option of the split training does not validate on (validation scored the config's data)
         ("cfg_option_of_the_test_split_only", ["{seg}", "--work-dir", "{out}", "--cfg-options",
                                                "test_dataloader.dataset.data_root={W}/toy_seg"]),
+        ("launcher_slurm_outside_srun", ["{seg}", "--work-dir", "{out}", "--launcher", "slurm"]),
     ],
     "test": [
         ("missing_checkpoint", ["{seg}", "{W}/nope.pth", "--work-dir", "{out}"]),
@@ -374,6 +375,7 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         # trial 10a: an option of the val split only (the test scored the config's data set, exit 0)
         ("cfg_option_of_the_val_split_only", ["{seg}", "{W}/other_ckpt.pth", "--work-dir", "{out}", "--cfg-options",
                                               "val_dataloader.dataset.data_root={W}/toy_seg"]),
+        ("launcher_mpi_outside_mpirun", ["{seg}", "{W}/other_ckpt.pth", "--work-dir", "{out}", "--launcher", "mpi"]),
         ("cfg_option_of_the_val_evaluator_only", ["{seg}", "{W}/other_ckpt.pth", "--work-dir", "{out}",
                                                   "--cfg-options", "val_evaluator.iou_metrics=[mDice]"]),
         ("out_onto_a_user_file", ["{seg}", "{W}/other_ckpt.pth", "--work-dir", "{out}", "--out", "{W}/ann.json"]),

@@ -152,3 +152,21 @@ def test_a_test_that_fails_midway_removes_the_outputs_it_created(trained, tmp_pa
     rc, _ = _run(capsys, "test", [TOY_LINEAR, ckpt, "--work-dir", tmp_path / "w2", "--out", mine, "--overwrite",
                                   *_opts(**{"test_dataloader.dataset.data_root": bad})])
     assert rc == 2 and (mine / "note.txt").read_text() == "keep"
+
+
+# ------------------------------------------------------------------------------------------------ A4
+@pytest.mark.parametrize("launcher,variable,how", [
+    ("slurm", "SLURM_PROCID", "start the tool with srun"),
+    ("mpi", "OMPI_COMM_WORLD_LOCAL_RANK", "start the tool with Open MPI's mpirun, MASTER_ADDR set"),
+    ("pytorch", "RANK", "start the tool with torchrun (or tools/dist_train.sh)"),
+])
+def test_a_launcher_that_did_not_start_the_process_is_named(launcher, variable, how, tmp_path, capsys,
+                                                            monkeypatch):
+    """``tools/train.py CONFIG --launcher slurm`` outside srun printed ``error: missing key 'SLURM_PROCID'``."""
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_PROCID", "OMPI_COMM_WORLD_LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    work = tmp_path / "w"
+    rc, errors = _run(capsys, "train", [TOY_LINEAR, "--work-dir", work, "--launcher", launcher])
+    assert rc == 2 and errors == [f"error: --launcher {launcher}: the environment variable {variable} is not set: "
+                                  f"{how}, or use --launcher none for one process"]
+    assert not os.path.exists(work)
