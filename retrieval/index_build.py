@@ -828,22 +828,37 @@ def check_kind(manifest: dict, kind: Optional[str], where: str) -> str:
     return have
 
 
-def _last_added(manifest: dict, job: dict, identities: set, source: EmbeddingSource) -> bool:
+def _last_added(manifest: dict, job: dict, identities: set, source: EmbeddingSource, where: str) -> bool:
     """Whether the committed state already ends with this add (rerun after a commit: nothing to do): the last
     commit was this very job, or the last add read the same rows from the same place (folder, or an array)
     with the same metadata. Equal rows from another folder, or with other metadata (the same pictures under
     other paths or captions), are not a rerun: they are a duplicate (:func:`_refuse_duplicate`); taking them
-    for one dropped the new paths and captions with "nothing to do" and exit 0."""
+    for one dropped the new paths and captions with "nothing to do" and exit 0.
+
+    The same place includes the index folder's own ``embeddings-add-*`` folder after the index folder ``where``
+    was copied or moved (recognised by name and content, :func:`recorded_source`, as a build's rerun is): the
+    rerun of the last ``--add`` in a copy used to be refused as a duplicate of itself."""
     records = manifest.get("embeddings") or []
     if len(records) < 2:
         return False
     last = records[-1]
     place = os.path.abspath(source.root) if source.root else "array"
-    if last.get("source") != place:  # the job does not name its folder: equal rows elsewhere give an equal job
+    # the job does not name its folder: equal rows elsewhere give an equal job
+    if last.get("source") != place and not _own_folder_moved(manifest, last, place, where):
         return False
     if (manifest.get("_store") or {}).get("job_id") == job_id(job):
         return True
     return bool(_identities(last) & identities) and last.get("metadata") == job.get("metadata")
+
+
+def _own_folder_moved(manifest: dict, rec: dict, place: str, where: str) -> bool:
+    """Whether ``place`` is a folder inside the index folder ``where`` that is the recorded source ``rec`` after
+    the index folder was copied or moved (same name, recorded content: :func:`recorded_source`)."""
+    if place == "array" or not isinstance(rec.get("source"), str):
+        return False
+    if os.path.dirname(place) != os.path.abspath(where):
+        return False
+    return recorded_source(manifest, place) is rec
 
 
 def add_to_index(out_dir: str, embeddings, metadata=None, *, kind: Optional[str] = None,
@@ -897,7 +912,7 @@ def add_to_index(out_dir: str, embeddings, metadata=None, *, kind: Optional[str]
                metadata=None if metadata is None else _table_digest(to_table(metadata, source.count)),
                skipped=int(len(excluded)))
     _check_add_offset(manifest, id_offset, source.count, out_dir)
-    if _last_added(manifest, job, identities, source):
+    if _last_added(manifest, job, identities, source, out_dir):
         logger.info("%s: these embeddings were the last ones added; nothing to do", out_dir)
         _tidy(out_dir, job)
         return manifest
@@ -985,7 +1000,7 @@ def _add_in_store(st: Store, job: dict, source: EmbeddingSource, parts, excluded
     """The stages of :func:`add_to_index` inside its store job: add the rows to a copy of the index, commit."""
     # the committed state may have moved since the checks above (another writer finished first)
     manifest = st.manifest
-    if _last_added(manifest, job, identities, source):
+    if _last_added(manifest, job, identities, source, where):
         return manifest
     _refuse_duplicate(manifest, identities, allow_duplicate, where, warn=False, source=source, checksum=checksum)
     offset = _check_add_offset(manifest, id_offset, source.count, where)
