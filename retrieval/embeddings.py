@@ -332,21 +332,59 @@ class EmbeddingSource:
         return prefix + hashlib.sha256(json.dumps(facts).encode()).hexdigest()
 
     # -- metadata
+    def check_metadata_rows(self) -> int:
+        """The metadata shards' row count (0 without metadata), read from the parquet footers and checked: it
+        must equal :attr:`count`, and in clip-retrieval's numbered layout (``img_emb_N.npy`` with
+        ``metadata_N.parquet``, two or more of each) every shard must have the metadata file of its number with
+        as many rows: ``EmbeddingError`` naming the first shard that differs. Equal totals alone let a missing
+        ``img_emb_5`` and a missing ``metadata_7`` (partial inference output) shift the captions and paths of
+        shards 5 and 6 onto other vectors without a word. Rows-less files on either side need no partner."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        rows = []
+        for f in self.metadata_files:
+            try:
+                rows.append(pq.ParquetFile(f).metadata.num_rows)
+            except (pa.ArrowException, OSError) as e:
+                raise EmbeddingError(f"{f}: not a readable parquet file ({str(e).splitlines()[0][:100]})") from None
+        if not rows:
+            return 0
+        if sum(rows) != self.count:
+            raise EmbeddingError(f"{self.root}: metadata has {sum(rows)} rows but the embeddings have {self.count}")
+        shard_nums = [shard_number(s) if isinstance(s, str) else -1 for s in self.shards]
+        meta_nums = [shard_number(f) for f in self.metadata_files]
+        if min(len(shard_nums), len(meta_nums)) < 2 or min(shard_nums + meta_nums) < 0:
+            return sum(rows)  # one metadata table for all shards (or the reverse), or files without numbers
+        meta = {n: (f, r) for n, f, r in zip(meta_nums, self.metadata_files, rows) if r}
+        shards = {n: (s, c) for n, s, c in zip(shard_nums, self.shards, self.counts) if c}
+        for n in sorted(set(meta) | set(shards)):
+            (s, c), (f, r) = shards.get(n, (None, 0)), meta.get(n, (None, 0))
+            if c == r:
+                continue
+            if s is None or f is None:
+                what = (f"{os.path.relpath(f, self.root)} ({r} rows) has no embedding shard {n}" if s is None else
+                        f"{self._name(s)} ({c} rows) has no metadata file {n}")
+            else:
+                what = f"{self._name(s)} has {c} rows but {os.path.relpath(f, self.root)} has {r}"
+            raise EmbeddingError(f"{self.root}: {what} (img_emb_N / text_emb_N go with metadata_N; the "
+                                 f"totals agree, but the metadata would be attached to other rows)")
+        return sum(rows)
+
     def metadata_table(self):
-        """All metadata shards concatenated (a pyarrow Table) or None; row count must equal ``count``."""
+        """All metadata shards concatenated (a pyarrow Table) or None; rows checked against the shards
+        (:meth:`check_metadata_rows`)."""
         if not self.metadata_files:
             return None
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        self.check_metadata_rows()
         tables = [pq.read_table(f) for f in self.metadata_files]
         try:
             table = pa.concat_tables(tables, promote_options="default")
         except TypeError:  # pyarrow < 14
             table = pa.concat_tables(tables, promote=True)
-        if table.num_rows != self.count:
-            raise EmbeddingError(f"{self.root}: metadata has {table.num_rows} rows but the embeddings have "
-                                 f"{self.count}")
         return table
 
     def _store_folder(self) -> tuple[str, Optional[dict]]:

@@ -87,7 +87,6 @@ def _batch_rows(dim: int, budget: int, batch_rows: Optional[int]) -> int:
 
 def _metadata_parts(source: EmbeddingSource, metadata):
     """Metadata as a list of loaders (one per parquet shard, or one in-memory table), row-count checked."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     if metadata is not None:
@@ -95,14 +94,7 @@ def _metadata_parts(source: EmbeddingSource, metadata):
         return [lambda: table]
     if not source.metadata_files:
         return []
-    rows = 0
-    for f in source.metadata_files:
-        try:
-            rows += pq.ParquetFile(f).metadata.num_rows
-        except (pa.ArrowException, OSError) as e:
-            raise EmbeddingError(f"{f}: not a readable parquet file ({str(e).splitlines()[0][:100]})") from None
-    if rows != source.count:
-        raise EmbeddingError(f"{source.root}: metadata has {rows} rows but the embeddings have {source.count}")
+    source.check_metadata_rows()
     return [lambda f=f: pq.read_table(f) for f in source.metadata_files]
 
 

@@ -260,6 +260,7 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("target_recall_1_5", [*BUILD, "--target-recall", "1.5"]),
         ("add_to_missing_index", [*BUILD, "--add"]),
         ("all_zero_row", ["{W}/emb_zero_row", "{out}", "--quiet"]),  # refused before the normalising warning
+        ("metadata_not_paired_with_shards", ["{W}/emb_unpaired", "{out}", "--quiet"]),  # equal totals only
         ("workers_0", [*BUILD, "--workers", "0"]),
         ("id_offset_negative", [*BUILD, "--id-offset", "-1"]),
         ("overwrite_undoing_a_removal", ["{W}/emb", "{W}/idx_removed", "--overwrite", "--index-key", "HNSW16",
@@ -609,6 +610,15 @@ def W(tmp_path_factory) -> str:  # noqa: N802 - the placeholder's name
     zero_row = 3 * x  # not unit length (so normalised, with its warning) and one row that cannot be
     zero_row[5] = 0
     write_embeddings(f"{w}/emb_zero_row", zero_row)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for n, rows in ((0, 3), (1, 5)):  # clip-retrieval's layout, 8 rows of metadata for 8 vectors, paired wrongly
+        os.makedirs(f"{w}/emb_unpaired/img_emb", exist_ok=True)
+        os.makedirs(f"{w}/emb_unpaired/metadata", exist_ok=True)
+        np.save(f"{w}/emb_unpaired/img_emb/img_emb_{n}.npy", x[4 * n:4 * n + 4])
+        pq.write_table(pa.table({"caption": [f"c{n}.{i}" for i in range(rows)]}),
+                       f"{w}/emb_unpaired/metadata/metadata_{n}.parquet")
     build_index(f"{w}/emb", f"{w}/idx", index_key="Flat", progress=False)
     shutil.copytree(f"{w}/idx", f"{w}/idx_removed")  # an index with a removal: a rebuild would undo it
     remove_from_index(f"{w}/idx_removed", [3])
