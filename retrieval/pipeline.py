@@ -221,8 +221,14 @@ def index_images(
         emb = embed_collection(encoder, images, embeddings_dir, captions=captions, batch_size=batch_size,
                                shard_size=shard_size, num_workers=num_workers, progress=progress,
                                overwrite=replace)
-    except (ValueError, LookupError):  # refused input (kills and crashes keep their work for the rerun)
+    except (ValueError, LookupError) as e:  # refused input (kills and crashes keep their work for the rerun)
         _remove_if_empty(created)
+        from internvit.features import FINISHED_HINT
+
+        if prepared["recorded"] and str(e).endswith(FINISHED_HINT):
+            # "delete it, or pass --overwrite" would delete what the index was built from (or added), and
+            # --overwrite leaves such a folder alone: say so instead
+            raise ValueError(str(e)[:-len(FINISHED_HINT)] + recorded_hint(out_dir)) from None
         raise
     if not emb.get("count"):  # the same committed manifest on every rank
         message = f"{source}: none of the {len(paths)} images could be read{_first_error(embeddings_dir)}"
@@ -255,6 +261,13 @@ def index_images(
             remove_folder(embeddings_dir)
             _remove_if_empty([d for d in created if d != embeddings_dir])
         raise
+
+
+def recorded_hint(out_dir: str) -> str:
+    """The end of the refusal of an embeddings folder the committed index in ``out_dir`` was built from (or
+    added) when this run's arguments differ from the ones that made it."""
+    return (f"the index in {out_dir} was built from (or added) these embeddings, so they are kept, also with "
+            f"overwrite=True: rerun with the arguments they were made with, or give another embeddings folder")
 
 
 def _recorded(out_dir: str, embeddings_dir: str) -> bool:

@@ -54,7 +54,8 @@ def id_offset(value: str) -> int:
 
 
 #: the library's messages name Python arguments; from the command line, the flags that do the same
-CLI_HINTS = (("add_to_index / --add", "--add"), ("overwrite=True", "--overwrite"),
+CLI_HINTS = (("add_to_index / --add", "--add"), ("--overwrite (overwrite=True)", "--overwrite"),
+             ("overwrite=True", "--overwrite"), ("another embeddings folder", "another --embeddings folder"),
              ("allow_duplicate=True", "--allow-duplicate"), ("set_id_offset / --id-offset", "--id-offset"),
              ("discard it explicitly", "pass --overwrite to discard it"),
              ("--discard-pending (discard_pending=True)", "--overwrite"),

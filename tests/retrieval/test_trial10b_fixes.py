@@ -2,12 +2,29 @@
 
 F1: rerunning the last ``--add`` in a copied or moved index folder was refused as a duplicate of itself (its
 own ``embeddings-add-*`` folder, now at another path), while the same rerun in place is a no-op (exit 0) and a
-build's rerun in a copy is one too."""
+build's rerun in a copy is one too.
+
+F2: an embeddings folder in clip-retrieval's layout whose metadata files do not pair with its shards
+(``metadata_N`` of another row count than ``img_emb_N``, or of another shard) was indexed whenever the totals
+agreed, attaching captions and paths to other vectors.
+
+F3: rerunning an ``--add`` (or a build) with other embedding arguments (``--shard-size``) than the ones that made
+the embeddings the index holds was told "delete it, or pass --overwrite (--overwrite)" - deleting them loses what
+the index was built from, and ``--overwrite``, which leaves a folder the index holds alone, got the same advice."""
 import json
 import os
 import shutil
 
-from .helpers import error_line, make_images, tool
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from retrieval import add_to_index, build_index
+from retrieval.embeddings import EmbeddingError, EmbeddingSource
+from retrieval.search import Retriever
+
+from .helpers import error_line, make_images, mixture, tool
 
 build = tool("build_index")
 MODEL = "internvit:internvit-6b-tiny"
@@ -34,3 +51,77 @@ def test_rerunning_the_last_add_in_a_copied_index_folder_is_a_no_op(tmp_path, ca
     assert build([tmp_path / "a", copy, "--model", MODEL, "--quiet", "--add"]) == 2
     assert "already in the index" in error_line(capsys)
     assert _manifest(copy) == before
+
+
+def _clip_layout(folder, shards: dict, metadata: dict, d: int = 8) -> np.ndarray:
+    """clip-retrieval's layout: ``img_emb/img_emb_N.npy`` of ``shards[N]`` rows, ``metadata/metadata_N.parquet``
+    of ``metadata[N]`` rows (captions ``rN`` numbering the metadata rows in file order); returns the vectors
+    in shard order."""
+    os.makedirs(os.path.join(folder, "img_emb"))
+    os.makedirs(os.path.join(folder, "metadata"))
+    x = mixture(sum(shards.values()), d=d, seed=4)
+    start = 0
+    for n, rows in sorted(shards.items()):
+        np.save(os.path.join(folder, "img_emb", f"img_emb_{n}.npy"), x[start:start + rows])
+        start += rows
+    start = 0
+    for n, rows in sorted(metadata.items()):
+        pq.write_table(pa.table({"caption": [f"r{start + i}" for i in range(rows)]}),
+                       os.path.join(folder, "metadata", f"metadata_{n}.parquet"))
+        start += rows
+    return x
+
+
+@pytest.mark.parametrize("shards, metadata, named", [
+    # partial inference output: img_emb_5 lost, metadata_7 lost; 33 rows on each side
+    ({n: 3 for n in range(12) if n != 5}, {n: 3 for n in range(12) if n != 7}, "metadata_5.parquet"),
+    # the same number of files and rows, shard 1 of another size than its metadata
+    ({0: 3, 1: 3, 2: 3}, {0: 3, 1: 2, 2: 4}, "img_emb_1.npy"),
+])
+def test_metadata_files_must_pair_with_their_shards(tmp_path, capsys, shards, metadata, named):
+    """F2: equal totals were enough: the captions and paths of one shard were attached to another shard's
+    vectors (a search answered with the wrong image), by build, --add and the on-disk build alike."""
+    _clip_layout(tmp_path / "emb", shards, metadata)
+    assert build([tmp_path / "emb", tmp_path / "idx", "--quiet"]) == 2
+    assert named in error_line(capsys)
+    assert not os.path.exists(tmp_path / "idx")
+    assert build([tmp_path / "emb", tmp_path / "disk", "--quiet", "--on-disk", "--index-key", "IVF2,SQ8"]) == 2
+    assert named in error_line(capsys)
+    ok = tmp_path / "ok"
+    _clip_layout(ok, {0: 4}, {0: 4})
+    build_index(str(ok), str(tmp_path / "grown"), progress=False)
+    with pytest.raises(EmbeddingError, match=named):
+        add_to_index(str(tmp_path / "grown"), str(tmp_path / "emb"), progress=False)
+    with pytest.raises(EmbeddingError, match=named):
+        EmbeddingSource.from_folder(str(tmp_path / "emb")).metadata_table()
+
+
+@pytest.mark.parametrize("shards, metadata", [
+    ({0: 3, 1: 3, 2: 3}, {0: 9}),              # one metadata table for every shard
+    ({0: 3, 1: 0, 2: 3}, {0: 3, 2: 3}),        # a shard without rows needs no metadata file
+    ({0: 3, 1: 3}, {0: 3, 1: 3, 2: 0}),        # nor a metadata file without rows a shard
+])
+def test_layouts_whose_rows_pair_are_accepted(tmp_path, shards, metadata):
+    x = _clip_layout(tmp_path / "emb", shards, metadata)
+    build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), progress=False)
+    r = Retriever.load(str(tmp_path / "idx"))
+    res = r.search_embedding(x, k=1)
+    assert [r.metadata(int(i))["caption"] for i in res.ids[:, 0]] == [f"r{i}" for i in range(len(x))]
+
+
+def test_embeddings_the_index_holds_are_not_offered_for_deletion(tmp_path, capsys):
+    make_images(str(tmp_path / "a"), 4)
+    make_images(str(tmp_path / "b"), 3, seed=3)
+    idx = tmp_path / "idx"
+    assert build([tmp_path / "a", idx, "--model", MODEL, "--quiet", "--shard-size", "2"]) == 0
+    assert build([tmp_path / "b", idx, "--model", MODEL, "--quiet", "--shard-size", "2", "--add"]) == 0
+    before = _manifest(idx)
+    capsys.readouterr()
+    for argv in ([tmp_path / "b", idx, "--add", "--overwrite"], [tmp_path / "b", idx, "--add"],
+                 [tmp_path / "a", idx]):
+        assert build([*argv, "--model", MODEL, "--quiet"]) == 2
+        line = error_line(capsys)
+        assert "shard_size: 2 there, 10000 now" in line and "so they are kept, also with --overwrite" in line
+        assert "delete it" not in line and "(--overwrite)" not in line
+    assert _manifest(idx) == before
+    assert Retriever.load(str(idx)).metadata(6)["image_path"].endswith("img_002.png")
