@@ -86,16 +86,30 @@ def _batch_rows(dim: int, budget: int, batch_rows: Optional[int]) -> int:
 
 
 def _metadata_parts(source: EmbeddingSource, metadata):
-    """Metadata as a list of loaders (one per parquet shard, or one in-memory table), row-count checked."""
+    """Metadata as a list of loaders (one per parquet shard, or one in-memory table), row-count checked and
+    checked for columns that would clash with the index's own (:func:`_check_own_columns`)."""
     import pyarrow.parquet as pq
 
     if metadata is not None:
         table = to_table(metadata, source.count)
+        _check_own_columns(table.column_names, "the metadata")
         return [lambda: table]
     if not source.metadata_files:
         return []
     source.check_metadata_rows()
+    for f in source.metadata_files:
+        _check_own_columns(pq.read_schema(f).names, f)
     return [lambda f=f: pq.read_table(f) for f in source.metadata_files]
+
+
+def _check_own_columns(names: Sequence[str], where: str) -> None:
+    """``EmbeddingError`` when metadata columns ``names`` hold both ``id`` and ``source_id``: the index writes
+    its own ``id`` column and keeps a source's ``id`` as ``source_id`` (:func:`_store_metadata`), so the stored
+    part would hold two ``source_id`` columns, which no reader can read (every search then failed on an index
+    that was built and committed). Checked before anything is written."""
+    if "id" in names and "source_id" in names:
+        raise EmbeddingError(f"{where}: has both an 'id' and a 'source_id' column; the index writes its own 'id' "
+                             f"column and keeps a source's 'id' as 'source_id': rename one of them")
 
 
 def _empty_caption_rows(parts, kind: str) -> np.ndarray:

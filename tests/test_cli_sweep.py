@@ -261,6 +261,7 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("add_to_missing_index", [*BUILD, "--add"]),
         ("all_zero_row", ["{W}/emb_zero_row", "{out}", "--quiet"]),  # refused before the normalising warning
         ("metadata_not_paired_with_shards", ["{W}/emb_unpaired", "{out}", "--quiet"]),  # equal totals only
+        ("metadata_id_and_source_id", ["{W}/emb_id_clash", "{out}", "--quiet"]),  # two source_id columns
         ("workers_0", [*BUILD, "--workers", "0"]),
         ("id_offset_negative", [*BUILD, "--id-offset", "-1"]),
         ("overwrite_undoing_a_removal", ["{W}/emb", "{W}/idx_removed", "--overwrite", "--index-key", "HNSW16",
@@ -619,6 +620,7 @@ def W(tmp_path_factory) -> str:  # noqa: N802 - the placeholder's name
         np.save(f"{w}/emb_unpaired/img_emb/img_emb_{n}.npy", x[4 * n:4 * n + 4])
         pq.write_table(pa.table({"caption": [f"c{n}.{i}" for i in range(rows)]}),
                        f"{w}/emb_unpaired/metadata/metadata_{n}.parquet")
+    write_embeddings(f"{w}/emb_id_clash", x, metadata={"id": [f"k{i}" for i in range(8)], "source_id": list(range(8))})
     build_index(f"{w}/emb", f"{w}/idx", index_key="Flat", progress=False)
     shutil.copytree(f"{w}/idx", f"{w}/idx_removed")  # an index with a removal: a rebuild would undo it
     remove_from_index(f"{w}/idx_removed", [3])

@@ -10,7 +10,11 @@ agreed, attaching captions and paths to other vectors.
 
 F3: rerunning an ``--add`` (or a build) with other embedding arguments (``--shard-size``) than the ones that made
 the embeddings the index holds was told "delete it, or pass --overwrite (--overwrite)" - deleting them loses what
-the index was built from, and ``--overwrite``, which leaves a folder the index holds alone, got the same advice."""
+the index was built from, and ``--overwrite``, which leaves a folder the index holds alone, got the same advice.
+
+F4: metadata with both an ``id`` and a ``source_id`` column (a dataset's own ids) was indexed and committed
+with two ``source_id`` columns (the source's ``id`` is kept as ``source_id``): every search then failed with
+pyarrow's "Multiple matches for FieldRef.Name(source_id)"."""
 import json
 import os
 import shutil
@@ -20,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from retrieval import add_to_index, build_index
+from retrieval import add_to_index, build_index, write_embeddings
 from retrieval.embeddings import EmbeddingError, EmbeddingSource
 from retrieval.search import Retriever
 
@@ -125,3 +129,23 @@ def test_embeddings_the_index_holds_are_not_offered_for_deletion(tmp_path, capsy
         assert "delete it" not in line and "(--overwrite)" not in line
     assert _manifest(idx) == before
     assert Retriever.load(str(idx)).metadata(6)["image_path"].endswith("img_002.png")
+
+
+def test_metadata_with_id_and_source_id_is_refused_before_anything_is_written(tmp_path, capsys):
+    x = mixture(12, d=8, seed=1)
+    meta = {"id": [f"laion-{i}" for i in range(12)], "source_id": list(range(100, 112)), "caption": ["c"] * 12}
+    write_embeddings(str(tmp_path / "emb"), x, metadata=meta)
+    assert build([tmp_path / "emb", tmp_path / "idx", "--quiet"]) == 2
+    assert "both an 'id' and a 'source_id' column" in error_line(capsys)
+    assert not os.path.exists(tmp_path / "idx")
+    build_index(x, str(tmp_path / "ok"), metadata={"caption": ["c"] * 12}, progress=False)
+    before = _manifest(tmp_path / "ok")
+    for call in (lambda: add_to_index(str(tmp_path / "ok"), str(tmp_path / "emb"), progress=False),
+                 lambda: add_to_index(str(tmp_path / "ok"), x, metadata=meta, allow_duplicate=True, progress=False),
+                 lambda: build_index(x, str(tmp_path / "arr"), metadata=meta, progress=False)):
+        with pytest.raises(EmbeddingError, match="source_id"):
+            call()
+    assert _manifest(tmp_path / "ok") == before and not os.path.exists(tmp_path / "arr")
+    # an 'id' alone is kept as source_id, as before
+    build_index(x, str(tmp_path / "own"), metadata={"id": meta["id"]}, progress=False)
+    assert Retriever.load(str(tmp_path / "own")).metadata(3) == {"id": 3, "source_id": "laion-3"}
