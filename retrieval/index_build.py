@@ -102,14 +102,25 @@ def _metadata_parts(source: EmbeddingSource, metadata):
     return [lambda f=f: pq.read_table(f) for f in source.metadata_files]
 
 
+#: fields of a search hit (``SearchResult.rows`` / ``to_records``, the CLI's ``--json``) that a metadata column of
+#: the same name would overwrite or be overwritten by
+RESULT_FIELDS = ("score", "rank", "query")
+
+
 def _check_own_columns(names: Sequence[str], where: str) -> None:
-    """``EmbeddingError`` when metadata columns ``names`` hold both ``id`` and ``source_id``: the index writes
-    its own ``id`` column and keeps a source's ``id`` as ``source_id`` (:func:`_store_metadata`), so the stored
-    part would hold two ``source_id`` columns, which no reader can read (every search then failed on an index
-    that was built and committed). Checked before anything is written."""
+    """``EmbeddingError`` when metadata columns ``names`` clash with the index's own: both ``id`` and
+    ``source_id`` (the index writes its own ``id`` column and keeps a source's ``id`` as ``source_id``,
+    :func:`_store_metadata`, so the stored part would hold two ``source_id`` columns, which no reader can read:
+    every search then failed on an index that was built and committed), or a column named like a search hit's
+    own fields (:data:`RESULT_FIELDS`: a ``rank`` column replaced each hit's rank in ``--json`` records, a
+    ``score`` column was dropped for the hit's score). Checked before anything is written."""
     if "id" in names and "source_id" in names:
         raise EmbeddingError(f"{where}: has both an 'id' and a 'source_id' column; the index writes its own 'id' "
                              f"column and keeps a source's 'id' as 'source_id': rename one of them")
+    clash = [c for c in RESULT_FIELDS if c in names]
+    if clash:
+        raise EmbeddingError(f"{where}: metadata column(s) {', '.join(map(repr, clash))} would clash with the "
+                             f"fields of every search hit ({', '.join(RESULT_FIELDS)}): rename them")
 
 
 def _empty_caption_rows(parts, kind: str) -> np.ndarray:

@@ -34,7 +34,10 @@ class SearchResult:
         out = []
         for q, hits in enumerate(self.rows):
             for rank, row in enumerate(hits, 1):
-                out.append({"query": self.queries[q] if q < len(self.queries) else q, "rank": rank, **row})
+                label = self.queries[q] if q < len(self.queries) else q
+                # a metadata column of an index built before such columns were refused (index_build.RESULT_FIELDS)
+                # never replaces the hit's own query and rank
+                out.append(dict({"query": label, "rank": rank, **row}, query=label, rank=rank))
         return out
 
 

@@ -14,7 +14,10 @@ the index was built from, and ``--overwrite``, which leaves a folder the index h
 
 F4: metadata with both an ``id`` and a ``source_id`` column (a dataset's own ids) was indexed and committed
 with two ``source_id`` columns (the source's ``id`` is kept as ``source_id``): every search then failed with
-pyarrow's "Multiple matches for FieldRef.Name(source_id)"."""
+pyarrow's "Multiple matches for FieldRef.Name(source_id)".
+
+F5: a metadata column named like a search hit's own fields (``rank``, ``query``, ``score``) was indexed; in
+``search.py --json`` a ``rank`` column replaced every hit's rank (and ``query`` its query), silently."""
 import json
 import os
 import shutil
@@ -26,7 +29,7 @@ import pytest
 
 from retrieval import add_to_index, build_index, write_embeddings
 from retrieval.embeddings import EmbeddingError, EmbeddingSource
-from retrieval.search import Retriever
+from retrieval.search import Retriever, SearchResult
 
 from .helpers import error_line, make_images, mixture, tool
 
@@ -149,3 +152,23 @@ def test_metadata_with_id_and_source_id_is_refused_before_anything_is_written(tm
     # an 'id' alone is kept as source_id, as before
     build_index(x, str(tmp_path / "own"), metadata={"id": meta["id"]}, progress=False)
     assert Retriever.load(str(tmp_path / "own")).metadata(3) == {"id": 3, "source_id": "laion-3"}
+
+
+@pytest.mark.parametrize("column", ["rank", "query", "score"])
+def test_metadata_columns_named_like_a_hits_fields_are_refused(tmp_path, capsys, column):
+    x = mixture(6, d=8, seed=2)
+    write_embeddings(str(tmp_path / "emb"), x, metadata={column: list(range(100, 106)), "caption": ["c"] * 6})
+    assert build([tmp_path / "emb", tmp_path / "idx", "--quiet"]) == 2
+    assert f"'{column}' would clash" in error_line(capsys)
+    assert not os.path.exists(tmp_path / "idx")
+    with pytest.raises(EmbeddingError, match=column):
+        build_index(x, str(tmp_path / "arr"), metadata={column: list(range(6))}, progress=False)
+
+
+def test_records_keep_the_hits_own_rank_and_query():
+    """An index built before the refusal may hold a ``rank`` / ``query`` column: the records' own win."""
+    res = SearchResult(ids=np.array([[4, 5]]), scores=np.array([[0.9, 0.5]], np.float32),
+                       rows=[[{"id": 4, "rank": 100, "query": "stored", "score": 0.9},
+                              {"id": 5, "rank": 200, "score": 0.5}]], queries=["a dog"])
+    assert [(r["query"], r["rank"], r["id"], r["score"]) for r in res.to_records()] == [("a dog", 1, 4, 0.9),
+                                                                                       ("a dog", 2, 5, 0.5)]
