@@ -854,11 +854,17 @@ def _last_added(manifest: dict, job: dict, identities: set, source: EmbeddingSou
 
     The same place includes the index folder's own ``embeddings-add-*`` folder after the index folder ``where``
     was copied or moved (recognised by name and content, :func:`recorded_source`, as a build's rerun is): the
-    rerun of the last ``--add`` in a copy used to be refused as a duplicate of itself."""
+    rerun of the last ``--add`` in a copy used to be refused as a duplicate of itself.
+
+    Rows of the last add removed since (:func:`_rows_removed`) mean the state no longer ends with it:
+    re-adding a removed batch used to answer "nothing to do" with exit 0 while none of its rows was back
+    (removals of other ids leave it a rerun)."""
     records = manifest.get("embeddings") or []
     if len(records) < 2:
         return False
     last = records[-1]
+    if int(manifest.get("removed") or 0) and _rows_removed(manifest, last, int(job.get("skipped") or 0), where):
+        return False
     place = os.path.abspath(source.root) if source.root else "array"
     # the job does not name its folder: equal rows elsewhere give an equal job
     if last.get("source") != place and not _own_folder_moved(manifest, last, place, where):
@@ -866,6 +872,18 @@ def _last_added(manifest: dict, job: dict, identities: set, source: EmbeddingSou
     if (manifest.get("_store") or {}).get("job_id") == job_id(job):
         return True
     return bool(_identities(last) & identities) and last.get("metadata") == job.get("metadata")
+
+
+def _rows_removed(manifest: dict, rec: dict, skipped: int, where: str) -> bool:
+    """Whether the committed index in ``where`` lacks rows the build / add of record ``rec`` brought (ids
+    ``first_id .. first_id + count - 1`` less its ``skipped`` rows): some were removed since. Reads the index's
+    ids (only asked when the manifest counts removals)."""
+    ids = stored_ids(read_index(os.path.join(where, manifest["index_file"])))
+    if ids is None:  # an index type that keeps no ids: nothing can have been removed from it
+        return False
+    first, count = int(rec["first_id"]), int(rec["count"])
+    held = int(np.count_nonzero((ids >= first) & (ids < first + count)))
+    return held < count - skipped
 
 
 def _own_folder_moved(manifest: dict, rec: dict, place: str, where: str) -> bool:
@@ -1004,8 +1022,12 @@ def _refuse_duplicate(manifest: dict, identities: set, allow: bool, where: str, 
     ``allow``."""
     held = _already_indexed(manifest, identities, where, source, checksum)
     if held and not allow:
+        removed = int(manifest.get("removed") or 0)
+        since = (f"; {removed} id(s) have been removed from the index: if these rows were among them, pass "
+                 f"allow_duplicate=True to add them again" if removed else
+                 " (pass allow_duplicate=True to add them anyway)")
         raise ValueError(f"{where}: these embeddings are already in the index, added by {held}; adding them "
-                         f"again would index every row twice (pass allow_duplicate=True to add them anyway)")
+                         f"again would index every row twice{since}")
     if held and warn:
         logger.warning("%s: these embeddings are already in the index (%s); adding them again as asked", where,
                        held)

@@ -17,7 +17,10 @@ with two ``source_id`` columns (the source's ``id`` is kept as ``source_id``): e
 pyarrow's "Multiple matches for FieldRef.Name(source_id)".
 
 F5: a metadata column named like a search hit's own fields (``rank``, ``query``, ``score``) was indexed; in
-``search.py --json`` a ``rank`` column replaced every hit's rank (and ``query`` its query), silently."""
+``search.py --json`` a ``rank`` column replaced every hit's rank (and ``query`` its query), silently.
+
+F6: re-adding a batch after removing its ids (``--add`` of the folder added last) answered "nothing to do" with
+exit 0: the removal was not seen, none of the rows came back."""
 import json
 import os
 import shutil
@@ -27,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from retrieval import add_to_index, build_index, write_embeddings
+from retrieval import add_to_index, build_index, remove_from_index, write_embeddings
 from retrieval.embeddings import EmbeddingError, EmbeddingSource
 from retrieval.search import Retriever, SearchResult
 
@@ -172,3 +175,21 @@ def test_records_keep_the_hits_own_rank_and_query():
                               {"id": 5, "rank": 200, "score": 0.5}]], queries=["a dog"])
     assert [(r["query"], r["rank"], r["id"], r["score"]) for r in res.to_records()] == [("a dog", 1, 4, 0.9),
                                                                                        ("a dog", 2, 5, 0.5)]
+
+
+def test_re_adding_the_last_batch_after_removing_it_is_not_a_silent_no_op(tmp_path, capsys):
+    write_embeddings(str(tmp_path / "a"), mixture(20, d=8, seed=1))
+    write_embeddings(str(tmp_path / "b"), mixture(6, d=8, seed=2), metadata={"caption": list("uvwxyz")})
+    idx = str(tmp_path / "idx")
+    assert build([tmp_path / "a", idx, "--quiet"]) == 0
+    assert build([tmp_path / "b", idx, "--quiet", "--add"]) == 0
+    assert build([tmp_path / "b", idx, "--quiet", "--add"]) == 0  # a rerun: nothing to do
+    assert _manifest(idx)["ntotal"] == 26
+    remove_from_index(idx, list(range(20, 26)))
+    capsys.readouterr()
+    assert build([tmp_path / "b", idx, "--quiet", "--add"]) == 2  # was 0, with the 6 rows still removed
+    line = error_line(capsys)
+    assert "6 id(s) have been removed" in line and "--allow-duplicate" in line
+    assert build([tmp_path / "b", idx, "--quiet", "--add", "--allow-duplicate"]) == 0
+    r = Retriever.load(idx)
+    assert r.ntotal == 26 and r.metadata(26)["caption"] == "u" and r.metadata(20) == {}
