@@ -225,7 +225,8 @@ class FeatureExtractor:
             ``'grid'`` (``(C, h, w)`` patch maps). Not with ``projector_input`` (which outputs tokens).
         layers: block indices (negatives allowed); several are concatenated on the channel axis. ``None`` =
             last block. A block listed twice (``[-1, 2]`` of 3 blocks) is a ``ValueError``.
-        embed_fn: ``callable(pixel_values) -> (B, D)``, replaces pooling (e.g. ``InternVL.encode_image``).
+        embed_fn: ``callable(pixel_values) -> (B, D)``, replaces pooling (e.g. ``InternVL.encode_image``);
+            ``pool`` or ``layers`` given with it is a ``ValueError`` (they would not be applied).
         normalize: L2-normalise each output row (for ``'grid'``: each position's channel vector); with
             ``tile_pool`` the pooled row of an image (so it has unit norm).
         tiles, min_tiles, use_thumbnail, tile_pool, projector_input, downsample_ratio: dynamic-resolution tiles
@@ -284,6 +285,12 @@ class FeatureExtractor:
         if projector_input and pool is not None:
             raise ValueError(f"pool={pool!r} with projector_input=True: the projector input is the block's patch "
                              f"tokens, not pooled; leave pool unset")
+        if embed_fn is not None:  # embed_fn makes the rows itself: a pool or layers given were silently unused
+            given = next(((n, v) for n, v in (("pool", pool), ("layers", layers)) if v is not None), None)
+            if given is not None:
+                raise ValueError(f"{given[0]}={given[1]!r} with embed_fn: embed_fn returns the rows itself, so "
+                                 f"{given[0]} would not be applied (and the manifest would record it); leave it "
+                                 f"unset, or pool the blocks you want inside embed_fn")
         pool = "cls" if pool is None else pool
         if pool not in POOLS:
             raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
