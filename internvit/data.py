@@ -352,11 +352,27 @@ class IndexedDataset(Dataset):
         return x, i, None
 
 
+def join_pixels(tensors: Sequence[torch.Tensor], ids: Sequence[int], *, cat: bool = False) -> torch.Tensor:
+    """Stack (``cat=False``) or concatenate (``cat=True``) the pixel tensors of input rows ``ids`` into one
+    batch. Tensors of different sizes (a transform or dataset that keeps each image's own size) raise one
+    ``ValueError`` naming the first two rows and their shapes (torch's ``stack expects each tensor to be equal
+    size`` named neither)."""
+    lead = 1 if cat else 0  # concatenated tensors may differ in their first (tile count) dimension
+    first = tuple(tensors[0].shape[lead:])
+    for x, i in zip(tensors, ids):
+        if tuple(x.shape[lead:]) != first:
+            raise ValueError(f"input rows {ids[0]} and {i} give pixels of shapes {tuple(tensors[0].shape)} and "
+                             f"{tuple(x.shape)}: one batch needs one size; make the transform (or dataset) "
+                             f"output one size, e.g. resize + centre crop, or use batch_size=1")
+    return torch.cat(list(tensors)) if cat else torch.stack(list(tensors))
+
+
 def collate_images(batch):
-    """``(pixel_values or None, ids, errors)``: failed items dropped, errors kept as ``[(id, message)]``."""
+    """``(pixel_values or None, ids, errors)``: failed items dropped, errors kept as ``[(id, message)]``.
+    Items of different sizes are a ``ValueError`` naming them (:func:`join_pixels`)."""
     ok = [(x, i) for x, i, err in batch if x is not None]
     errors = [(i, err) for x, i, err in batch if x is None]
-    pixels = torch.stack([x for x, _ in ok]) if ok else None
+    pixels = join_pixels([x for x, _ in ok], [i for _, i in ok]) if ok else None
     return pixels, [i for _, i in ok], errors
 
 

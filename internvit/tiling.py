@@ -293,6 +293,8 @@ def collate_tiles(batch):
     ``tile_meta`` holds one entry per tile row: ``image_id``, ``tile_index``, ``cols``, ``rows`` (int64
     tensors) and ``is_thumbnail`` (bool); ``ids`` the images that could be read, ``errors`` ``[(id, message)]``.
     """
+    from .data import join_pixels
+
     ok = [(x, i) for x, i, err in batch if x is not None]
     errors = [(i, err) for x, i, err in batch if x is None]
     if not ok:
@@ -305,7 +307,8 @@ def collate_tiles(batch):
         "cols": torch.repeat_interleave(torch.tensor([x["cols"] for x, _ in ok]), torch.tensor(counts)),
         "rows": torch.repeat_interleave(torch.tensor([x["rows"] for x, _ in ok]), torch.tensor(counts)),
     }
-    return torch.cat([x["pixel_values"] for x, _ in ok]), [i for _, i in ok], errors, meta
+    ids = [i for _, i in ok]
+    return join_pixels([x["pixel_values"] for x, _ in ok], ids, cat=True), ids, errors, meta
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -4,9 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import Dataset
 
 import internvit
-from internvit.features import FeatureExtractor
+from internvit.features import FeatureExtractor, read_features
 
 
 @pytest.fixture(scope="module")
@@ -34,3 +35,62 @@ def test_embed_fn_refuses_pool_and_layers_it_would_not_apply(tiny_vit, tmp_path,
     Image.new("RGB", (30, 20), (10, 200, 30)).save(img)
     man = fx.write([str(img)], tmp_path / "out")
     assert man["pool"] == "embed_fn" and man["layers"] is None
+
+
+# -- 2. pixels of different sizes in one batch: torch's 'stack expects each tensor to be equal size' ------------
+class _SizedDataset(Dataset):
+    """Ready pixel tensors whose size varies with the item (as a dataset keeping each image's own size gives)."""
+
+    def __init__(self, sizes: list[int]) -> None:
+        self.sizes = sizes
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.zeros(3, self.sizes[i], self.sizes[i])
+
+
+def test_pixels_of_different_sizes_name_the_rows(tiny_vit):
+    fx = FeatureExtractor(tiny_vit, batch_size=4, progress=False)
+    with pytest.raises(ValueError, match=r"input rows 0 and 2 give pixels of shapes \(3, 56, 56\) and \(3, 84, "
+                                         r"84\).*one size"):
+        fx.extract(_SizedDataset([56, 56, 84]))
+    # one item per batch: every size is its own batch, and the rows are right
+    res = FeatureExtractor(tiny_vit, batch_size=1, progress=False).extract(_SizedDataset([56, 84]))
+    assert res.features.shape == (2, 64) and res.ids == [0, 1]
+
+
+def test_tiles_of_a_size_changing_transform_name_the_rows(tiny_vit, tmp_path):
+    """The tile path (``collate_tiles``) had the same bare torch error for a callable preprocessing whose output
+    size depends on the image."""
+    from torchvision.transforms.functional import to_tensor
+
+    paths = []
+    for k, (w, h) in enumerate([(40, 40), (200, 40)]):
+        paths.append(str(tmp_path / f"{k}.png"))
+        Image.new("RGB", (w, h), (k * 90, 20, 30)).save(paths[-1])
+    calls = {"n": 0}
+
+    def grows(img: Image.Image) -> torch.Tensor:
+        calls["n"] += 1
+        side = 56 if calls["n"] == 1 else 84
+        return to_tensor(img.resize((side, side)))
+
+    fx = FeatureExtractor(tiny_vit, grows, tiles=4, batch_size=16, progress=False)
+    with pytest.raises(ValueError, match=r"input rows 0 and 1 give pixels of shapes \(1, 3, 56, 56\) and"):
+        fx.extract(paths)
+
+
+def test_same_size_batches_are_unchanged(tiny_vit, tmp_path):
+    """The check costs nothing to the usual case: one batch of equal sizes gives the same rows as before."""
+    paths = []
+    for k in range(3):
+        paths.append(str(tmp_path / f"{k}.png"))
+        Image.new("RGB", (30 + 10 * k, 40), (k * 60, 20, 30)).save(paths[-1])
+    fx = FeatureExtractor(tiny_vit, batch_size=8, progress=False)
+    whole = fx.extract(paths).features
+    one = FeatureExtractor(tiny_vit, batch_size=1, progress=False).extract(paths).features
+    torch.testing.assert_close(torch.from_numpy(whole), torch.from_numpy(one), atol=1e-5, rtol=0)
+    fx.write(paths, tmp_path / "out", shard_size=2)
+    assert read_features(tmp_path / "out")[0].shape == (3, 64)
