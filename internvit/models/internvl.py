@@ -117,10 +117,28 @@ class InternVLModel(nn.Module):
         return F.normalize(g, dim=-1) + F.normalize(c, dim=-1)
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """``(B, T)`` token ids (right-padded with 0, EOS last) → ``(B, clip_embed_dim)`` (not normalised)."""
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+        """``(B, T)`` token ids (right-padded with 0, EOS last) → ``(B, clip_embed_dim)`` (not normalised).
+
+        ``input_ids`` must be an integer tensor of ids in ``[0, vocab_size)`` (as the tokenizer gives): float ids
+        (``1.7`` was truncated to token 1), negative ids (taken as padding) and ids past the vocabulary (an
+        ``IndexError`` naming nothing) are a ``ValueError`` / ``TypeError`` naming the row and id. ``B = 0``
+        (the tokenizer's answer to no texts) gives ``(0, clip_embed_dim)``.
+        """
+        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
+            got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be a (B, T) tensor, got {got}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids of dtype {str(input_ids.dtype).replace('torch.', '')}: expected integer "
+                            f"token ids (torch.long), e.g. from internvit.get_tokenizer(...)(texts)")
         input_ids = input_ids.to(device=self.text_projection.device, dtype=torch.long)
+        if input_ids.shape[0] == 0:
+            return self.text_projection.new_zeros((0, self.text_projection.shape[1]))
+        vocab = self.qllama.model.embed_tokens.num_embeddings
+        bad = ((input_ids < 0) | (input_ids >= vocab)).nonzero()
+        if len(bad):
+            row, col = (int(v) for v in bad[0])
+            raise ValueError(f"input_ids row {row}, position {col}: id {int(input_ids[row, col])} is not in the "
+                             f"vocabulary [0, {vocab}) (a tokenizer of another model?)")
         mask = input_ids > 0
         last = mask.sum(1) - 1
         if (last < 0).any():

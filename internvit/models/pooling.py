@@ -44,7 +44,7 @@ class CrossAttention(nn.Module):
         k = self._heads(F.linear(k_in, self.k.weight, self.k_bias))
         v = self._heads(F.linear(v_in, self.v.weight, self.v_bias))
         attn = torch.softmax(((q * self.scale) @ k.transpose(-2, -1)).float(), dim=-1).to(v.dtype)
-        out = (attn @ v).transpose(1, 2).reshape(b, nq, -1)
+        out = (attn @ v).transpose(1, 2).reshape(b, nq, self.num_heads * self.head_dim)  # -1 fails for b = 0
         return self.proj(out)
 
 

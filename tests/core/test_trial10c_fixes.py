@@ -94,3 +94,44 @@ def test_same_size_batches_are_unchanged(tiny_vit, tmp_path):
     torch.testing.assert_close(torch.from_numpy(whole), torch.from_numpy(one), atol=1e-5, rtol=0)
     fx.write(paths, tmp_path / "out", shard_size=2)
     assert read_features(tmp_path / "out")[0].shape == (3, 64)
+
+
+# -- 3. InternVL text ids: floats truncated, negatives taken as padding, ids past the vocabulary; no texts -------
+@pytest.fixture(scope="module")
+def tiny_internvl():
+    """The tiny InternVL-C/G of the parity fixtures with its real LLaMA tokenizer."""
+    from tests.conftest import fixture_dir
+
+    path = fixture_dir("internvl-cg-tiny")
+    return internvit.load_model(path), internvit.get_tokenizer(path)
+
+
+def test_encode_text_refuses_ids_it_cannot_embed(tiny_internvl):
+    model, tok = tiny_internvl
+    ids = tok(["a dog", "a cat"])
+    with pytest.raises(TypeError, match="input_ids of dtype float32: expected integer token ids"):
+        model.encode_text(ids.float() + 0.7)  # was truncated to the ids, silently
+    past = ids.clone()
+    past[1, 3] = 60000
+    with pytest.raises(ValueError, match=r"row 1, position 3: id 60000 is not in the vocabulary \[0, 49954\)"):
+        model.encode_text(past)  # was a bare 'IndexError: index out of range in self'
+    neg = ids.clone()
+    neg[0, 2] = -5
+    with pytest.raises(ValueError, match="row 0, position 2: id -5 is not in the vocabulary"):
+        model.encode_text(neg)  # was taken as padding: the text lost that token, silently
+    with pytest.raises(ValueError, match="holds only padding"):
+        model.encode_text(torch.zeros(1, 80, dtype=torch.long))
+
+
+@pytest.mark.parametrize("mode", ["InternVL-C", "InternVL-G"])
+def test_no_texts_and_no_images_give_empty_embeddings(tiny_internvl, mode):
+    """``tok([])`` is ``(0, 80)``; encoding it (or ``(0, 3, H, W)`` pixels) crashed inside torch (``max()`` of
+    nothing / a reshape to -1 of 0 elements) instead of giving ``(0, D)`` as the ViT does."""
+    model, tok = tiny_internvl
+    txt = model.encode_text(tok([]))
+    img = model.encode_image(torch.zeros(0, 3, 56, 56), mode=mode)
+    assert txt.shape == (0, 32) and img.shape == (0, 32)
+    logits, _ = model(torch.zeros(0, 3, 56, 56), tok(["a dog"]), mode=mode)
+    assert logits.shape == (0, 1)
+    full = model.encode_image(torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(0)), mode=mode)
+    assert torch.isfinite(full).all()
