@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -40,14 +40,19 @@ class InternVLTokenizer:
     their ids, as in the reference tokenizer.
     """
 
-    def __init__(self, model_file: str, max_length: int = DEFAULT_MAX_LENGTH, prefix: str = DEFAULT_PREFIX,
-                 add_bos: bool = True, add_eos: bool = True) -> None:
+    def __init__(self, model_file: str, max_length: int = DEFAULT_MAX_LENGTH,
+                 prefix: Optional[str] = DEFAULT_PREFIX, add_bos: bool = True, add_eos: bool = True) -> None:
         import sentencepiece as spm
 
         if isinstance(max_length, bool) or not isinstance(max_length, int):
             raise TypeError(f"max_length must be an int, got {type(max_length).__name__}")
         if max_length < int(add_bos) + int(add_eos) + 1:
             raise ValueError(f"max_length={max_length} leaves no room for text tokens")
+        if prefix is None:  # no prefix (it was glued as None + text: a TypeError on the first call)
+            prefix = ""
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a str ('' or None for no prefix), got {type(prefix).__name__} "
+                            f"{prefix!r}")
         self.model_file = model_file
         self.sp = spm.SentencePieceProcessor()
         try:
@@ -133,8 +138,9 @@ class InternVLTokenizer:
 
 
 def get_tokenizer(path: Union[str, os.PathLike], max_length: int = DEFAULT_MAX_LENGTH,
-                  prefix: str = DEFAULT_PREFIX) -> InternVLTokenizer:
-    """Tokenizer from a model directory holding ``tokenizer.model`` or from the ``.model`` file itself."""
+                  prefix: Optional[str] = DEFAULT_PREFIX) -> InternVLTokenizer:
+    """Tokenizer from a model directory holding ``tokenizer.model`` or from the ``.model`` file itself.
+    ``prefix``: glued before every text (``''`` or ``None``: none; anything but a str is a ``TypeError``)."""
     path = os.fspath(path)
     model_file = os.path.join(path, "tokenizer.model") if os.path.isdir(path) else path
     if not os.path.isfile(model_file):

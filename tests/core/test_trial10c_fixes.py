@@ -135,3 +135,15 @@ def test_no_texts_and_no_images_give_empty_embeddings(tiny_internvl, mode):
     assert logits.shape == (0, 1)
     full = model.encode_image(torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(0)), mode=mode)
     assert torch.isfinite(full).all()
+
+
+# -- 4. get_tokenizer(prefix=None): 'no prefix' crashed on the first call with "None + str" ---------------------
+def test_tokenizer_prefix_none_is_no_prefix_and_other_types_are_refused():
+    from tests.conftest import fixture_dir
+
+    path = fixture_dir("internvl-cg-tiny")
+    none, empty = internvit.get_tokenizer(path, prefix=None), internvit.get_tokenizer(path, prefix="")
+    assert torch.equal(none(["a dog"]), empty(["a dog"]))
+    assert not torch.equal(none(["a dog"]), internvit.get_tokenizer(path)(["a dog"]))  # the default keeps it
+    with pytest.raises(TypeError, match="prefix must be a str .* got int 5"):
+        internvit.get_tokenizer(path, prefix=5)
