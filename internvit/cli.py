@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 __all__ = ["ArgumentParser", "UsageError", "run", "one_line", "print_error", "positive_int", "nonnegative_int",
            "positive_float", "fraction", "existing_path", "existing_file", "existing_dir", "device", "check_device",
-           "memory_size", "read_json", "DTYPE_NAMES", "dtype_arg", "hold_warnings", "emit_held"]
+           "check_flag", "memory_size", "read_json", "DTYPE_NAMES", "dtype_arg", "hold_warnings", "emit_held"]
 
 EXIT_USAGE = 2
 
@@ -179,6 +179,16 @@ def existing_dir(value: str) -> str:
 
 
 _DEVICE = re.compile(r"^(cpu|cuda|cuda:\d+|mps|xpu|xpu:\d+)$")
+
+
+def check_flag(name: str, value: Any) -> bool:
+    """``value`` as a bool, refusing anything else with a ``TypeError`` naming ``name`` (a string ``'no'`` or
+    ``'false'`` is truthy: taken as a flag it would switch the option on). numpy bools are accepted."""
+    import numpy as np
+
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return bool(value)
 
 
 def check_device(value: Any) -> str:

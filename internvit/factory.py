@@ -285,11 +285,20 @@ def load_model(
     memory maps of the files, as ``safetensors.torch.load_file`` does: no copy, pages read when first used,
     shared with the page cache across processes; the files must then not be modified in place while the model
     lives (replacing or deleting them is safe).
+
+    ``freeze`` and ``mmap`` must be bools (``'no'`` is a ``TypeError``, not a truthy string) and ``device``
+    usable here (``cpu``, ``cuda[:N]``, ``mps``, ``xpu[:N]``; else a ``ValueError`` naming it), checked before
+    anything is read.
     """
+    from .cli import check_device, check_flag
+
     src = os.fspath(source) if isinstance(source, os.PathLike) else source
     if not isinstance(src, str):
         raise TypeError(f"source must be a path or preset name, got {type(source).__name__}")
     dtype = model_dtype(dtype)
+    check_flag("freeze", freeze)  # 'no' is truthy: it would freeze / memory-map
+    check_flag("mmap", mmap)
+    check_device(device)  # 'meta' loaded no weights, silently; 'cuda' without CUDA failed inside torch
     if not os.path.exists(src):
         if is_preset(src):
             model = build_model(config if config is not None else src, device=device,

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .cli import DTYPE_NAMES, dtype_arg
+from .cli import DTYPE_NAMES, check_device, check_flag, dtype_arg
 from .data import ImageDataset, ImagesLike, IndexedDataset, collate_images, list_images
 from .fingerprint import (
     PreprocessingFingerprintWarning,
@@ -300,8 +300,7 @@ class FeatureExtractor:
             raise ValueError("FeatureExtractor without a model needs preprocess= (a dict or a transform)")
         _check_int("batch_size", batch_size, 1)
         _check_int("num_workers", num_workers, 0)
-        if not isinstance(normalize, (bool, np.bool_)):  # "no" is truthy: it would normalise
-            raise TypeError(f"normalize must be True or False, got {type(normalize).__name__} {normalize!r}")
+        check_flag("normalize", normalize)  # "no" is truthy: it would normalise
         if layers is not None:
             if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):
                 raise TypeError(f"layers must be a list of block indices (ints) or None, got "
@@ -310,9 +309,7 @@ class FeatureExtractor:
             if bad is not None:  # 1.5 became block 1, silently
                 raise TypeError(f"layers must be block indices (ints), got {type(bad).__name__} {bad!r} in "
                                 f"{list(layers)!r}")
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device 'cuda' was requested but CUDA is not available")
+        self.device = torch.device(check_device(device))  # 'meta' gave features of no values
         self.dtype = parse_dtype(dtype)
         self.pool, self.batch_size, self.num_workers = pool, int(batch_size), int(num_workers)
         self.embed_fn, self.normalize, self.progress = embed_fn, bool(normalize), progress

@@ -147,3 +147,28 @@ def test_tokenizer_prefix_none_is_no_prefix_and_other_types_are_refused():
     assert not torch.equal(none(["a dog"]), internvit.get_tokenizer(path)(["a dog"]))  # the default keeps it
     with pytest.raises(TypeError, match="prefix must be a str .* got int 5"):
         internvit.get_tokenizer(path, prefix=5)
+
+
+# -- 5. load_model: truthy strings as flags, a meta device (no weights), CUDA absent deep inside torch ----------
+@pytest.mark.parametrize("kw, err, msg", [
+    (dict(mmap="no"), TypeError, "mmap must be True or False, got str 'no'"),   # was: memory-mapped
+    (dict(freeze="false"), TypeError, "freeze must be True or False"),          # was: frozen
+    (dict(device="meta"), ValueError, "device 'meta': expected cpu"),            # was: a model of no weights
+])
+def test_load_model_checks_flags_and_device_first(vit_fixture, kw, err, msg):
+    with pytest.raises(err, match=msg):
+        internvit.load_model(vit_fixture, **kw)
+    with pytest.raises(err, match=msg.split(",")[0]):
+        internvit.load_model("internvit-6b-tiny", **kw)  # the preset path too
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_one_line_in_load_model_and_extractor(vit_fixture, tiny_vit):
+    """``load_model(device='cuda')`` was torch's 'Found no NVIDIA driver ...' after reading the config; the
+    extractor said so only for ``'cuda'``, and took ``'meta'`` (features of no values)."""
+    with pytest.raises(ValueError, match="device 'cuda': CUDA is not available"):
+        internvit.load_model(vit_fixture, device="cuda")
+    for device, msg in (("cuda:1", "CUDA is not available"), ("meta", "expected cpu")):
+        with pytest.raises(ValueError, match=msg):
+            FeatureExtractor(tiny_vit, device=device, progress=False)
+    assert internvit.load_model(vit_fixture, device=torch.device("cpu"), mmap=True, freeze=True) is not None
