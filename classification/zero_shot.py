@@ -163,14 +163,16 @@ def build_zero_shot_classifier(
     signature compatibility.
 
     Raises ``ValueError`` for an empty class-name or template list, and for text embeddings that are not finite
-    (NaN or infinity: broken weights or a precision overflow), naming the class names that gave them.
+    (NaN or infinity: broken weights or a precision overflow), naming the class names that gave them. Templates
+    are checked as :func:`resolve_templates` checks them (``TypeError`` / ``ValueError`` naming the template).
     """
     del use_tqdm
-    classnames, templates = list(classnames), list(templates)
+    classnames = list(classnames)
     if not classnames:
         raise ValueError("classnames is empty")
-    if not templates:
-        raise ValueError("templates is empty")
+    # the CLI's checks (resolve_templates): a None template was an AttributeError, one without the class name
+    # gave every class the same prompt
+    templates = resolve_templates(list(templates))
     if num_classes_per_batch:
         batch_size = num_classes_per_batch * len(templates)
     texts = [_format(t, c) for c in classnames for t in templates]
@@ -592,9 +594,11 @@ def resolve_templates(spec: Optional[Union[str, Sequence[Template]]], lang: str 
         raise TypeError(f"templates must be a key, a file or a list, got {type(spec).__name__}")
     if not templates:
         raise ValueError("templates is empty")
-    odd = next((t for t in templates if not (isinstance(t, str) or callable(t))), None)
+    odd = next((k for k, t in enumerate(templates)  # the position: a None template was taken for "none found"
+                if not (isinstance(t, str) or callable(t))), None)
     if odd is not None:
-        raise TypeError(f"a template must be a format string or a callable, got {type(odd).__name__}")
+        raise TypeError(f"a template must be a format string or a callable, got {type(templates[odd]).__name__} "
+                        f"at position {odd}")
     for t in templates:
         if isinstance(t, str):
             _check_template_fields(t)

@@ -472,10 +472,10 @@ def _read_shard_index(index: str) -> list[str]:
             weight_map = json.load(f)["weight_map"]
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError("weight_map is not a non-empty JSON object")
-        bad = next((v for v in weight_map.values() if not isinstance(v, str) or not v
-                    or os.path.basename(v) != v or v in (".", "..")), None)
+        bad = next((k for k, v in weight_map.items() if not isinstance(v, str) or not v  # the key: a null
+                    or os.path.basename(v) != v or v in (".", "..")), None)  # shard was taken for "none found"
         if bad is not None:
-            raise ValueError(f"shard {bad!r:.80} is not a file name in this folder")
+            raise ValueError(f"shard {weight_map[bad]!r:.80} of {bad!r:.80} is not a file name in this folder")
     except (ValueError, KeyError, TypeError, OSError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointError(f"{index}: not a valid shard index ({first_line(e)})") from None
     files = sorted({os.path.join(directory, v) for v in weight_map.values()})

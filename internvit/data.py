@@ -151,9 +151,11 @@ def list_images(source: ImagesLike) -> list[str]:
     raises ``TypeError``.
     """
     if isinstance(source, (list, tuple)):
-        bad = next((p for p in source if not isinstance(p, (str, os.PathLike))), None)
+        # the index, not the item: a None item was taken for "none found" and reached os.fspath
+        bad = next((i for i, p in enumerate(source) if not isinstance(p, (str, os.PathLike))), None)
         if bad is not None:
-            raise TypeError(f"image paths must be str or os.PathLike, got {type(bad).__name__}")
+            raise TypeError(f"image paths must be str or os.PathLike, got {type(source[bad]).__name__} "
+                            f"{source[bad]!r:.60} at position {bad}")
         return [os.fspath(p) for p in source]
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"images must be a folder, a list file or a list of paths, got {type(source).__name__}")

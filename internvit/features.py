@@ -305,10 +305,11 @@ class FeatureExtractor:
             if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence):
                 raise TypeError(f"layers must be a list of block indices (ints) or None, got "
                                 f"{type(layers).__name__} {layers!r}")
-            bad = next((i for i in layers if isinstance(i, bool) or not isinstance(i, (int, np.integer))), None)
+            bad = next((k for k, i in enumerate(layers)  # the position: a None entry was taken for "none found"
+                        if isinstance(i, bool) or not isinstance(i, (int, np.integer))), None)
             if bad is not None:  # 1.5 became block 1, silently
-                raise TypeError(f"layers must be block indices (ints), got {type(bad).__name__} {bad!r} in "
-                                f"{list(layers)!r}")
+                raise TypeError(f"layers must be block indices (ints), got {type(layers[bad]).__name__} "
+                                f"{layers[bad]!r} in {list(layers)!r}")
         self.device = torch.device(check_device(device))  # 'meta' gave features of no values
         self.dtype = parse_dtype(dtype)
         self.pool, self.batch_size, self.num_workers = pool, int(batch_size), int(num_workers)

@@ -172,3 +172,43 @@ def test_cuda_without_cuda_is_one_line_in_load_model_and_extractor(vit_fixture, 
         with pytest.raises(ValueError, match=msg):
             FeatureExtractor(tiny_vit, device=device, progress=False)
     assert internvit.load_model(vit_fixture, device=torch.device("cpu"), mmap=True, freeze=True) is not None
+
+
+# -- 6. a None entry passed the checks meant to name it ('next(..., None)' found None: "nothing bad") -----------
+def test_a_none_image_path_is_named(tiny_vit):
+    with pytest.raises(TypeError, match="image paths must be str or os.PathLike, got NoneType None at position 1"):
+        FeatureExtractor(tiny_vit, progress=False).extract(["a.png", None])  # was os.fspath's bare TypeError
+
+
+def test_a_none_layer_is_named(tiny_vit):
+    with pytest.raises(TypeError, match=r"layers must be block indices \(ints\), got NoneType None in \[-1, None\]"):
+        FeatureExtractor(tiny_vit, layers=[-1, None], progress=False)  # was int()'s bare TypeError
+
+
+def test_a_null_shard_in_a_safetensors_index_is_named(vit_fixture, tmp_path):
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(f"{vit_fixture}/model.safetensors")
+    shutil.copy(f"{vit_fixture}/config.json", tmp_path)
+    save_file(weights, tmp_path / "model-1-of-1.safetensors")
+    weight_map = {k: "model-1-of-1.safetensors" for k in weights}
+    weight_map["embeddings.class_embedding"] = None
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(internvit.checkpoints.CheckpointError,
+                       match="not a valid shard index .shard None of 'embeddings.class_embedding'"):
+        internvit.load_model(tmp_path)  # was os.path.join's bare TypeError
+
+
+def test_build_zero_shot_classifier_checks_templates_as_the_cli_does(tiny_internvl):
+    from classification import build_zero_shot_classifier
+
+    model, tok = tiny_internvl
+    with pytest.raises(TypeError, match="a template must be a format string or a callable, got NoneType at "
+                                        "position 1"):
+        build_zero_shot_classifier(model, tok, ["dog", "cat"], ["a photo of a {c}.", None])  # an AttributeError
+    with pytest.raises(ValueError, match="has no '{c}' placeholder"):
+        build_zero_shot_classifier(model, tok, ["dog", "cat"], ["a photo of a {c}.", "a photo."])
+    assert build_zero_shot_classifier(model, tok, ["dog", "cat"], ["a {c}.", "a photo of a {}."]).shape == (32, 2)
