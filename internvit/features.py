@@ -651,6 +651,7 @@ class FeatureExtractor:
         out_dir = os.fspath(out_dir)
         _check_int("shard_size", shard_size, 1)
         shard_size = int(shard_size)
+        manifest_extra = check_manifest_extra(manifest_extra)
         if metadata_format not in ("parquet", "jsonl"):
             raise ValueError(f"metadata_format must be 'parquet' or 'jsonl', got {metadata_format!r}")
         for name, pattern in (("features_pattern", features_pattern), ("metadata_pattern", metadata_pattern)):
@@ -1165,6 +1166,11 @@ def _extra_columns(extra_columns: Optional[Mapping[str, Sequence]], n: int,
         if name in reserved:
             raise ValueError(f"extra_columns: {name!r} is a reserved column name (this job writes "
                              f"{', '.join(reserved)} itself); rename it")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"extra_columns: column names must be non-empty str, got {name!r}")
+        if isinstance(values, (str, bytes)):  # 'ab' for 2 images gave 'a' and 'b', silently
+            raise TypeError(f"extra_columns[{name!r}] is a {type(values).__name__}, not one value per image: "
+                            f"give a list ([{values!r:.40}] * n for the same value on every row)")
         values = list(values)
         if len(values) != n:
             raise ValueError(f"extra_columns[{name!r}] has {len(values)} values for {n} images")
@@ -1196,6 +1202,40 @@ def _kept(want: Any, got: Any) -> bool:
     if isinstance(want, dict):
         return want.keys() == got.keys() and all(_kept(want[k], got[k]) for k in want)
     return want == got or (want != want and got != got)  # NaN is kept as NaN
+
+
+#: the fields of a feature folder's manifest that the job writes itself (:meth:`FeatureExtractor.write`; the store
+#: adds ``_store``, ``write`` returns ``timing``): ``manifest_extra`` may not replace them
+MANIFEST_FIELDS = ("dtype", "model", "embed_fn", "preprocessing", "pool", "layers", "normalize", "shard_size",
+                   "num_inputs", "inputs_checksum", "features_pattern", "metadata_pattern", "metadata_format",
+                   "tiling", "normalize_after", "feature_shape", "dim", "count", "num_errors", "num_nonfinite",
+                   "num_escaped_paths", "errors_file", "shards", "_store", "timing")
+
+
+def check_manifest_extra(manifest_extra: Optional[Mapping[str, Any]]) -> dict:
+    """``manifest_extra`` as a dict, checked before any work: a ``Mapping`` of str keys that are not the
+    manifest's own fields (:data:`MANIFEST_FIELDS`: ``{'count': 99}`` replaced the count, ``{'shards': 1}``
+    committed a folder no reader could open) holding JSON values JSON keeps as they are (an ``object()`` was
+    written as its ``repr``, with a memory address that differs on every run; NaN is not JSON)."""
+    if manifest_extra is None:
+        return {}
+    if not isinstance(manifest_extra, Mapping):
+        raise TypeError(f"manifest_extra must be a dict, got {type(manifest_extra).__name__}")
+    own = [k for k in manifest_extra if k in MANIFEST_FIELDS]
+    if own:
+        raise ValueError(f"manifest_extra: {', '.join(map(repr, own))} is a field the job writes itself; use "
+                         f"another name")
+    for k, v in manifest_extra.items():
+        try:
+            json.dumps(v, allow_nan=False)  # no default=: what JSON cannot hold is refused, never its repr
+        except (TypeError, ValueError):
+            ok = False
+        else:
+            ok = isinstance(k, str)
+        if not ok:
+            raise ValueError(f"manifest_extra[{k!r}] = {v!r:.60}: give JSON data (None, bool, int, finite float, "
+                             f"str, lists and dicts of them) under a str key")
+    return dict(manifest_extra)
 
 
 def _json_native(v: Any) -> bool:

@@ -212,3 +212,40 @@ def test_build_zero_shot_classifier_checks_templates_as_the_cli_does(tiny_intern
     with pytest.raises(ValueError, match="has no '{c}' placeholder"):
         build_zero_shot_classifier(model, tok, ["dog", "cat"], ["a photo of a {c}.", "a photo."])
     assert build_zero_shot_classifier(model, tok, ["dog", "cat"], ["a {c}.", "a photo of a {}."]).shape == (32, 2)
+
+
+# -- 7. write(manifest_extra=...) replaced the manifest's own fields; extra_columns of a str ---------------------
+def _two_images(tmp_path) -> list[str]:
+    paths = []
+    for k in range(2):
+        paths.append(str(tmp_path / f"{k}.png"))
+        Image.new("RGB", (30, 20 + 10 * k), (k * 90, 20, 30)).save(paths[-1])
+    return paths
+
+
+@pytest.mark.parametrize("extra, msg", [
+    ({"shards": 1}, "'shards' is a field the job writes itself"),   # committed a folder read_features refused
+    ({"count": 99}, "'count' is a field the job writes itself"),    # a count of 99 for 2 rows, silently
+    ({"model": "mine"}, "'model' is a field"),                      # the model record replaced
+    ({"note": object()}, "give JSON data"),                         # its repr, a memory address: runs differ
+    ({"score": float("nan")}, "give JSON data"),                    # NaN: not JSON
+    ({1: "a"}, "under a str key"),
+])
+def test_manifest_extra_is_checked_before_any_work(tiny_vit, tmp_path, extra, msg):
+    paths = _two_images(tmp_path)
+    with pytest.raises(ValueError, match=msg):
+        FeatureExtractor(tiny_vit, progress=False).write(paths, tmp_path / "out", manifest_extra=extra)
+    assert not (tmp_path / "out").exists()
+    man = FeatureExtractor(tiny_vit, progress=False).write(paths, tmp_path / "ok",
+                                                           manifest_extra={"note": [1, "a", {"b": None}]})
+    assert man["note"] == [1, "a", {"b": None}] and man["count"] == 2
+
+
+def test_an_extra_column_of_one_str_is_refused(tiny_vit, tmp_path):
+    """``{'label': 'ab'}`` for two images wrote 'a' and 'b' (a str is a sequence of its characters)."""
+    paths = _two_images(tmp_path)
+    with pytest.raises(TypeError, match=r"extra_columns\['label'\] is a str, not one value per image"):
+        FeatureExtractor(tiny_vit, progress=False).write(paths, tmp_path / "out", extra_columns={"label": "ab"})
+    with pytest.raises(ValueError, match="column names must be non-empty str"):
+        FeatureExtractor(tiny_vit, progress=False).write(paths, tmp_path / "out", extra_columns={"": [1, 2]})
+    assert not (tmp_path / "out").exists()
