@@ -123,6 +123,16 @@ def _check_own_columns(names: Sequence[str], where: str) -> None:
                              f"fields of every search hit ({', '.join(RESULT_FIELDS)}): rename them")
 
 
+def _skipped_rows(source: EmbeddingSource, parts, kind: str) -> np.ndarray:
+    """The rows a build / add skips (:func:`_empty_caption_rows`); ``EmbeddingError`` when that is every row:
+    nothing to index (an add of only empty captions used to commit nothing, exit 0, its ids spent)."""
+    excluded = _empty_caption_rows(parts, kind)
+    if len(excluded) == source.count:
+        raise EmbeddingError(f"{source.root or 'embeddings'}: all {source.count} captions are empty: nothing to "
+                             f"index")
+    return excluded
+
+
 def _empty_caption_rows(parts, kind: str) -> np.ndarray:
     """Rows of a caption (``text``) collection whose caption is missing or blank: their text embedding is the
     embedding of ``""``, not of a caption, so they are not indexed (sorted int64)."""
@@ -504,10 +514,8 @@ def build_index(
     source = EmbeddingSource.open(embeddings, kind)
     n, dim = source.count, source.dim
     parts = _metadata_parts(source, metadata)
-    excluded = _empty_caption_rows(parts, kind)
+    excluded = _skipped_rows(source, parts, kind)
     indexed = n - len(excluded)
-    if indexed == 0:
-        raise EmbeddingError(f"{source.root or 'embeddings'}: all {n} captions are empty: nothing to index")
     if tune_queries is not None:
         tune_queries = np.ascontiguousarray(tune_queries, dtype=np.float32)
         if tune_queries.ndim != 2 or tune_queries.shape[1] != dim or not len(tune_queries):
@@ -936,7 +944,7 @@ def add_to_index(out_dir: str, embeddings, metadata=None, *, kind: Optional[str]
     _check_compatible(manifest, source, encoder_info, out_dir)
     parts = _metadata_parts(source, metadata)
     _check_columns(manifest, out_dir, source, metadata)
-    excluded = _empty_caption_rows(parts, kind)
+    excluded = _skipped_rows(source, parts, kind)
     explicit = manifest.get("normalize_mode") == "explicit"
     scan, normalize = _scan(source, manifest.get("normalize", False) if explicit or manifest.get("normalize")
                             else None, source.root or "embeddings")

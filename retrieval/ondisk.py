@@ -46,7 +46,7 @@ import numpy as np
 
 from internvit.store import Store, generation_name, job_id
 
-from .embeddings import EmbeddingError, EmbeddingSource, _table_digest, to_table
+from .embeddings import EmbeddingSource, _table_digest, to_table
 from .faiss_ops import (
     RetrievalError,
     _faiss_message,
@@ -340,10 +340,8 @@ def build_ondisk_index(
     n, dim = source.count, source.dim
     check_id_offset(id_offset, n, out_dir)  # its last global id must fit faiss's int64 ids
     parts = ib._metadata_parts(source, metadata)
-    excluded = ib._empty_caption_rows(parts, kind)
+    excluded = ib._skipped_rows(source, parts, kind)
     indexed = n - len(excluded)
-    if indexed == 0:
-        raise EmbeddingError(f"{source.root or 'embeddings'}: all {n} captions are empty: nothing to index")
     n_held = min(n_tune_queries, max(indexed // 10, 1)) if n_tune_queries else 0
     plan = plan_ondisk(indexed - n_held, dim, index_key, budget)
     rows_per_batch = ib._batch_rows(dim, budget, batch_rows)

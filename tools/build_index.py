@@ -120,15 +120,16 @@ def _check_embeddings_source(args) -> None:
     from retrieval.embeddings import EmbeddingSource, find_shards
     from retrieval.index import check_kind, plan_index, read_manifest
 
-    if not os.path.isdir(args.source) or not find_shards(args.source, args.kind or "img"):
-        raise UsageError(f"{args.source}: without --model the source must be an embeddings folder "
-                         f"(img_emb/, text_emb/, metadata/)")
-    if args.add:
+    if args.add:  # the kind defaults to the index's: a caption index takes a folder of text_emb/ only
         manifest = read_manifest(args.out_dir)
         args.kind = check_kind(manifest, args.kind, args.out_dir)
-        if not find_shards(args.source, args.kind):
+    if not os.path.isdir(args.source) or not find_shards(args.source, args.kind or "img"):
+        if args.add and os.path.isdir(args.source) and find_shards(args.source, "img" if args.kind == "text"
+                                                                   else "text"):
             raise UsageError(f"{args.source}: holds no {args.kind}_emb/ shards to add to a {args.kind} index")
-    else:
+        raise UsageError(f"{args.source}: without --model the source must be an embeddings folder "
+                         f"(img_emb/, text_emb/, metadata/)")
+    if not args.add:
         args.kind = args.kind or "img"
         src = EmbeddingSource.from_folder(args.source, args.kind)
         from retrieval.ondisk import plan_ondisk, wants_on_disk

@@ -20,7 +20,13 @@ F5: a metadata column named like a search hit's own fields (``rank``, ``query``,
 ``search.py --json`` a ``rank`` column replaced every hit's rank (and ``query`` its query), silently.
 
 F6: re-adding a batch after removing its ids (``--add`` of the folder added last) answered "nothing to do" with
-exit 0: the removal was not seen, none of the rows came back."""
+exit 0: the removal was not seen, none of the rows came back.
+
+F7: an ``--add`` to a caption index (``--kind text``) whose captions are all empty committed nothing and exited 0
+(its ids spent, a source recorded), where a build of the same rows is refused ("nothing to index").
+
+F8: ``--add`` of a folder holding only ``text_emb/`` to a caption index, without ``--kind`` (documented to default
+to the index's kind), was refused: "without --model the source must be an embeddings folder"."""
 import json
 import os
 import shutil
@@ -193,3 +199,21 @@ def test_re_adding_the_last_batch_after_removing_it_is_not_a_silent_no_op(tmp_pa
     assert build([tmp_path / "b", idx, "--quiet", "--add", "--allow-duplicate"]) == 0
     r = Retriever.load(idx)
     assert r.ntotal == 26 and r.metadata(26)["caption"] == "u" and r.metadata(20) == {}
+
+
+def test_an_add_of_only_empty_captions_is_refused_like_a_build(tmp_path, capsys):
+    t = mixture(10, d=8, seed=3)
+    write_embeddings(str(tmp_path / "caps"), text=t, metadata={"caption": [f"c{i}" for i in range(10)]})
+    write_embeddings(str(tmp_path / "blank"), text=t[:4], metadata={"caption": ["", None, "  ", "\t"]})
+    idx = tmp_path / "idx"
+    assert build([tmp_path / "caps", idx, "--kind", "text", "--quiet"]) == 0
+    before = _manifest(idx)
+    capsys.readouterr()
+    assert build([tmp_path / "blank", idx, "--add", "--quiet"]) == 2  # was 0, nothing added, 4 ids spent
+    assert "all 4 captions are empty" in error_line(capsys)
+    assert _manifest(idx) == before
+    assert build([tmp_path / "blank", tmp_path / "new", "--kind", "text", "--quiet"]) == 2
+    assert "all 4 captions are empty" in error_line(capsys)
+    write_embeddings(str(tmp_path / "more"), text=mixture(3, d=8, seed=5), metadata={"caption": ["x", "y", "z"]})
+    assert build([tmp_path / "more", idx, "--add", "--quiet"]) == 0, capsys.readouterr().err  # F8: the index's kind
+    assert Retriever.load(str(idx)).metadata(12)["caption"] == "z"
