@@ -262,6 +262,8 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("all_zero_row", ["{W}/emb_zero_row", "{out}", "--quiet"]),  # refused before the normalising warning
         ("metadata_not_paired_with_shards", ["{W}/emb_unpaired", "{out}", "--quiet"]),  # equal totals only
         ("metadata_id_and_source_id", ["{W}/emb_id_clash", "{out}", "--quiet"]),  # two source_id columns
+        ("metadata_column_named_rank", ["{W}/emb_rank", "{out}", "--quiet"]),  # would replace each hit's rank
+        ("add_only_empty_captions", ["{W}/txt_blank", "{W}/idx_txt", "--add", "--quiet"]),  # nothing to index
         ("workers_0", [*BUILD, "--workers", "0"]),
         ("id_offset_negative", [*BUILD, "--id-offset", "-1"]),
         ("overwrite_undoing_a_removal", ["{W}/emb", "{W}/idx_removed", "--overwrite", "--index-key", "HNSW16",
@@ -621,6 +623,10 @@ def W(tmp_path_factory) -> str:  # noqa: N802 - the placeholder's name
         pq.write_table(pa.table({"caption": [f"c{n}.{i}" for i in range(rows)]}),
                        f"{w}/emb_unpaired/metadata/metadata_{n}.parquet")
     write_embeddings(f"{w}/emb_id_clash", x, metadata={"id": [f"k{i}" for i in range(8)], "source_id": list(range(8))})
+    write_embeddings(f"{w}/emb_rank", x, metadata={"rank": list(range(8))})
+    write_embeddings(f"{w}/txt", text=x, metadata={"caption": [f"c{i}" for i in range(8)]})
+    build_index(f"{w}/txt", f"{w}/idx_txt", kind="text", index_key="Flat", progress=False)
+    write_embeddings(f"{w}/txt_blank", text=x[:2], metadata={"caption": ["", " "]})
     build_index(f"{w}/emb", f"{w}/idx", index_key="Flat", progress=False)
     shutil.copytree(f"{w}/idx", f"{w}/idx_removed")  # an index with a removal: a rebuild would undo it
     remove_from_index(f"{w}/idx_removed", [3])
