@@ -35,6 +35,7 @@ from internvit.store import JOURNAL, PendingJobError, Store, StoreBusyError, gen
 
 from .embeddings import UNIT_TOLERANCE, EmbeddingError, EmbeddingSource, _table_digest, row_facts, to_table
 from .faiss_ops import (
+    MAX_ID,
     IndexMismatchError,
     RetrievalError,
     add_vectors,
@@ -954,7 +955,7 @@ def add_to_index(out_dir: str, embeddings, metadata=None, *, kind: Optional[str]
     job = dict(op="add", checksum=checksum, kind=kind, batch=rows_per_batch, normalize=normalize,
                metadata=None if metadata is None else _table_digest(to_table(metadata, source.count)),
                skipped=int(len(excluded)))
-    _check_add_offset(manifest, id_offset, source.count, out_dir)
+    check_add_room(manifest, id_offset, source.count, out_dir)
     if _last_added(manifest, job, identities, source, out_dir):
         logger.info("%s: these embeddings were the last ones added; nothing to do", out_dir)
         _tidy(out_dir, job)
@@ -1016,11 +1017,21 @@ def _check_columns(manifest: dict, where: str, source: EmbeddingSource, metadata
                          f"index's ({', '.join(sorted(have))}); rename them to the index's columns")
 
 
-def _check_add_offset(manifest: dict, id_offset: Optional[int], count: int, where: str) -> int:
-    """The offset an add commits (the recorded one; a different ``id_offset`` is refused), checked against the
-    grown folder."""
+def check_add_room(manifest: dict, id_offset: Optional[int], count: int, where: str) -> int:
+    """The offset an add of ``count`` rows commits (the recorded one; a different ``id_offset`` is refused),
+    checked against the grown folder: ``ValueError`` when its last global id would pass ``2**63 - 1``, saying
+    how many rows still fit (an add keeps the offset, so "use a smaller id_offset" would be no advice). Also
+    what ``index_images`` checks before embedding anything for an add (the number of inputs is known)."""
     check_add_offset(manifest, id_offset, where)
-    return check_id_offset(int(manifest.get("id_offset", 0)), int(manifest["next_id"]) + int(count), where)
+    offset, next_id = int(manifest.get("id_offset", 0)), int(manifest["next_id"])
+    room = MAX_ID - (offset + next_id - 1)
+    if int(count) > room:
+        last = offset + next_id + int(count) - 1
+        raise ValueError(f"{where}: adding {int(count)} rows would give global ids up to {last}, "
+                         f"beyond the largest id faiss can hold (2**63 - 1 = {MAX_ID}); the folder's id range "
+                         f"(id_offset {offset}) has room for {room} more: add the rest to a new folder with its own "
+                         f"id_offset")
+    return offset
 
 
 def _refuse_duplicate(manifest: dict, identities: set, allow: bool, where: str, warn: bool = True,
@@ -1050,7 +1061,7 @@ def _add_in_store(st: Store, job: dict, source: EmbeddingSource, parts, excluded
     if _last_added(manifest, job, identities, source, where):
         return manifest
     _refuse_duplicate(manifest, identities, allow_duplicate, where, warn=False, source=source, checksum=checksum)
-    offset = _check_add_offset(manifest, id_offset, source.count, where)
+    offset = check_add_room(manifest, id_offset, source.count, where)
     gen, first_id = st.generation, int(manifest["next_id"])
     index_file = generation_name(INDEX_FILES[kind], gen)
     stem = os.path.splitext(index_file)[0]

@@ -329,9 +329,9 @@ def _prepare(source, out_dir: str, encoder: Encoder, *, add: bool, kind: Optiona
                                      f"to add embeddings of encoder {encoder.name!r} to it (they may not share its "
                                      f"vector space): build a new index with that model")
         encoder.check_compatible(manifest, out_dir)  # before embedding anything
-        from .index_build import check_add_offset
+        from .index_build import check_add_room
 
-        check_add_offset(manifest, id_offset, out_dir)
+        check_add_room(manifest, id_offset, len(paths), out_dir)  # the grown folder's ids fit: before embedding
     else:
         kind = kind or "img"
         check_index_destination(out_dir)  # a user's folder: refused before anything is embedded into it

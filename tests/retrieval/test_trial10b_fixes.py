@@ -26,7 +26,10 @@ F7: an ``--add`` to a caption index (``--kind text``) whose captions are all emp
 (its ids spent, a source recorded), where a build of the same rows is refused ("nothing to index").
 
 F8: ``--add`` of a folder holding only ``text_emb/`` to a caption index, without ``--kind`` (documented to default
-to the index's kind), was refused: "without --model the source must be an embeddings folder"."""
+to the index's kind), was refused: "without --model the source must be an embeddings folder".
+
+F9: ``--add`` with ``--model`` to a folder whose id range is full (ids up to ``2**63 - 1``) embedded every image
+first and was refused only then, advising "use an id_offset <= ..." - which an add cannot change."""
 import json
 import os
 import shutil
@@ -217,3 +220,19 @@ def test_an_add_of_only_empty_captions_is_refused_like_a_build(tmp_path, capsys)
     write_embeddings(str(tmp_path / "more"), text=mixture(3, d=8, seed=5), metadata={"caption": ["x", "y", "z"]})
     assert build([tmp_path / "more", idx, "--add", "--quiet"]) == 0, capsys.readouterr().err  # F8: the index's kind
     assert Retriever.load(str(idx)).metadata(12)["caption"] == "z"
+
+
+def test_an_add_past_the_last_int64_id_is_refused_before_embedding_with_advice_that_applies(tmp_path, capsys):
+    make_images(str(tmp_path / "a"), 4)
+    make_images(str(tmp_path / "b"), 3, seed=3)
+    idx = tmp_path / "idx"
+    assert build([tmp_path / "a", idx, "--model", MODEL, "--quiet", "--id-offset", 2**63 - 6]) == 0  # 2 ids left
+    before = _manifest(idx)
+    capsys.readouterr()
+    assert build([tmp_path / "b", idx, "--model", MODEL, "--quiet", "--add"]) == 2
+    line = error_line(capsys)
+    assert "has room for 2 more" in line and "new folder" in line and "use an id_offset" not in line
+    assert _manifest(idx) == before and sorted(os.listdir(idx)) == sorted(
+        ["embeddings", "image.g0001.index", "manifest.json", "metadata", ".store"])
+    with pytest.raises(ValueError, match="has room for 2 more"):
+        add_to_index(str(idx), mixture(3, d=before["dim"], seed=1), progress=False)
