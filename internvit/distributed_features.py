@@ -173,6 +173,8 @@ def write_distributed(fx: "F.FeatureExtractor", plan: dict, rank: int, world: in
             if st.manifest is not None and F._same_job(st.manifest, job):
                 F._remove_parts(out_dir)
                 return True
+            if st.manifest is not None:
+                F.refuse_not_features(out_dir, st.manifest)  # also with overwrite: only features are replaced
             if st.manifest is not None and not plan["overwrite"]:
                 F._refuse_other(out_dir, st.manifest, job, plan["paths"])
             st.hold()  # the ranks now write their parts here: a rank's death leaves the folder this job's

@@ -691,6 +691,8 @@ class FeatureExtractor:
                              preprocessing=preprocessing, preprocess_id=preprocess_id)
         old = read_manifest(out_dir) if os.path.isdir(out_dir) else None
         leftover_parts = os.path.isdir(os.path.join(out_dir, PARTS))
+        if old is not None:
+            refuse_not_features(out_dir, old)  # also with overwrite: an index folder is not replaced by features
         if old is not None and not overwrite and not _same_job(old, job):
             _refuse_other(out_dir, old, job, paths)
         _refuse_unverified_reuse(out_dir, old, job)
@@ -711,6 +713,8 @@ class FeatureExtractor:
                 if st.manifest is not None and _same_job(st.manifest, job):
                     _remove_parts(out_dir)
                     return dict(st.manifest, timing=dict(DONE_STATS, **fingerprint_s))  # finished meanwhile
+                if st.manifest is not None:
+                    refuse_not_features(out_dir, st.manifest)  # committed meanwhile by another tool
                 if st.manifest is not None and not overwrite:
                     _refuse_other(out_dir, st.manifest, job, paths)
                 self._arm_warnings(info)
@@ -1051,14 +1055,22 @@ def _inputs_difference(out_dir: str, manifest: Mapping[str, Any], paths: Optiona
     return "the image paths are the same, but the extra-column values differ"
 
 
+def refuse_not_features(out_dir: str, manifest: Mapping[str, Any]) -> None:
+    """``ValueError`` when the committed ``manifest.json`` of ``out_dir`` is not a feature folder's (a FAISS index
+    folder of ``tools/build_index.py``, another tool's manifest): with or without ``overwrite`` (which replaced an
+    index folder's manifest by features, leaving its index file orphaned), only features are ever replaced."""
+    if "shards" not in manifest or "_store" not in manifest:
+        raise ValueError(f"{out_dir}: its manifest.json is not a feature folder's (no store record and "
+                         f"shards): a folder no feature extraction wrote (overwrite / --overwrite replaces only "
+                         f"features); give a new or empty folder")
+
+
 def _refuse_other(out_dir: str, manifest: Mapping[str, Any], job: Mapping[str, Any],
                   paths: Optional[Sequence[str]] = None) -> None:
     """Raise ``ValueError`` naming the first field in which committed features differ from ``job`` (or saying
     that the folder's ``manifest.json`` is not one a feature extraction wrote). ``paths`` (this call's inputs)
     let a difference of inputs name the first row that differs."""
-    if "shards" not in manifest or "_store" not in manifest:
-        raise ValueError(f"{out_dir}: its manifest.json is not a feature folder's (no store record and "
-                         f"shards): a folder no feature extraction wrote; give a new or empty folder")
+    refuse_not_features(out_dir, manifest)
     for key, b in job.items():
         if key == "extra":
             a = {k: manifest.get(k) for k in b}

@@ -119,6 +119,8 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("out_under_a_file", _with(EXTRACT, out="{W}/ann.json/feats")),
         ("out_holds_a_foreign_manifest", _with(EXTRACT, out="{W}/foreign_manifest")),
         ("out_holds_a_user_folder_with_overwrite", [*_with(EXTRACT, out="{W}/imgs"), "--overwrite"]),
+        # trial 10c: --overwrite replaced an index folder's manifest by features (its index file orphaned)
+        ("out_is_an_index_folder_with_overwrite", [*_with(EXTRACT, out="{W}/idx"), "--overwrite"]),
         ("out_holds_another_jobs_features", [*_with(EXTRACT, out="{W}/feats"), "--normalize"]),
         ("out_empty", _with(EXTRACT, out="")),
         ("images_empty", _with(EXTRACT, images="")),

@@ -249,3 +249,27 @@ def test_an_extra_column_of_one_str_is_refused(tiny_vit, tmp_path):
     with pytest.raises(ValueError, match="column names must be non-empty str"):
         FeatureExtractor(tiny_vit, progress=False).write(paths, tmp_path / "out", extra_columns={"": [1, 2]})
     assert not (tmp_path / "out").exists()
+
+
+# -- 8. overwrite=True replaced a FAISS index folder's manifest by features --------------------------------------
+def test_overwrite_replaces_only_features_never_an_index_folder(tiny_vit, tmp_path):
+    """The refusal said 'a folder no feature extraction wrote' without ``overwrite``; with it the index folder's
+    manifest became a feature manifest and its index file was orphaned (search: 'not an index manifest')."""
+    import numpy as np
+
+    from retrieval import build_index
+
+    paths = _two_images(tmp_path)
+    emb = tmp_path / "emb"
+    FeatureExtractor(tiny_vit, progress=False, normalize=True).write(
+        paths, emb, features_pattern="img_emb/img_emb_{shard}.npy",
+        metadata_pattern="metadata/metadata_{shard}.parquet")
+    build_index(str(emb), str(tmp_path / "idx"))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "idx").iterdir() if p.is_file()}
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match="not a feature folder's .* replaces only features"):
+            FeatureExtractor(tiny_vit, progress=False).write(paths, tmp_path / "idx", overwrite=overwrite)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "idx").iterdir() if p.is_file()} == before
+    # a feature folder of another job is still replaced with overwrite=True
+    man = FeatureExtractor(tiny_vit, progress=False, pool="mean").write(paths, emb, overwrite=True)
+    assert man["pool"] == "mean" and np.isfinite(read_features(emb)[0]).all()

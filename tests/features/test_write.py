@@ -225,7 +225,8 @@ def test_cli_out_with_another_tools_manifest_says_so(image_dir, tmp_path):
     rc, err = _run_capture(_cli(), ["--model", "internvit-6b-tiny", "--images", image_dir["folder"], "--out", str(out),
                                     "--no-progress"])
     assert rc == 2 and err == (f"error: --out {out}: its manifest.json is not a feature folder's (no store record and "
-                               f"shards): a folder no feature extraction wrote; give a new or empty folder\n")
+                               f"shards): a folder no feature extraction wrote (overwrite / --overwrite replaces "
+                               f"only features); give a new or empty folder\n")
     assert os.listdir(out) == ["manifest.json"] and (out / "manifest.json").read_text() == '{"mine": 1}'
 
 
