@@ -103,9 +103,10 @@ def _metadata_parts(source: EmbeddingSource, metadata):
     return [lambda f=f: pq.read_table(f) for f in source.metadata_files]
 
 
-#: fields of a search hit (``SearchResult.rows`` / ``to_records``, the CLI's ``--json``) that a metadata column of
-#: the same name would overwrite or be overwritten by
-RESULT_FIELDS = ("score", "rank", "query")
+#: fields of a search hit (``SearchResult.rows`` / ``to_records``, the CLI's ``--json``; the service's ``/search``
+#: and clip-retrieval ``/knn-service`` results, :mod:`retrieval.serve`) that a metadata column of the same name
+#: would overwrite or be overwritten by
+RESULT_FIELDS = ("score", "rank", "query", "similarity", "id_str", "image_url", "thumb_url")
 
 
 def _check_own_columns(names: Sequence[str], where: str) -> None:

@@ -166,7 +166,7 @@ def test_metadata_with_id_and_source_id_is_refused_before_anything_is_written(tm
     assert Retriever.load(str(tmp_path / "own")).metadata(3) == {"id": 3, "source_id": "laion-3"}
 
 
-@pytest.mark.parametrize("column", ["rank", "query", "score"])
+@pytest.mark.parametrize("column", ["rank", "query", "score", "similarity", "id_str", "thumb_url"])
 def test_metadata_columns_named_like_a_hits_fields_are_refused(tmp_path, capsys, column):
     x = mixture(6, d=8, seed=2)
     write_embeddings(str(tmp_path / "emb"), x, metadata={column: list(range(100, 106)), "caption": ["c"] * 6})
