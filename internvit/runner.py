@@ -238,6 +238,8 @@ def build_runner(cfg, checkpoint: Optional[str] = None, dataloaders: tuple = (),
         _discard_run_files(work_dir, existing, instances, created)
         raise
     compat.dump_config_atomically(runner)
+    if cfg.get("default_scope") == "mmseg":
+        _split_mixed_size_batches(runner.model)
     if callable(getattr(runner, "register_hook", None)):
         runner.register_hook(NonFiniteCheckHook(), priority="ABOVE_NORMAL")  # before a checkpoint is saved
         runner.register_hook(RunningStatsSyncHook())  # distributed: what is validated is what is saved
@@ -245,6 +247,30 @@ def build_runner(cfg, checkpoint: Optional[str] = None, dataloaders: tuple = (),
         runner.register_hook(OwedValidationHook())  # resumed after a checkpoint, before its validation: run it
     _scope_checkpoint_loading(runner)
     return runner
+
+
+def _split_mixed_size_batches(model) -> None:
+    """Let ``model.val_step`` / ``test_step`` take a batch of images of different sizes one image at a time.
+    mmseg's ``SegDataPreProcessor`` stacks an evaluation batch unpadded and asserted that its images have one
+    size: ``test_dataloader.batch_size=4`` on ADE20K (images of every size) stopped with a traceback at the first
+    mixed batch, after the images before it. One image at a time gives exactly what ``batch_size=1`` gives; a
+    batch of one size runs as one batch as before."""
+    def per_image(step: Callable) -> Callable:
+        def call(data, *args, **kwargs):
+            inputs = data.get("inputs") if isinstance(data, dict) else None
+            if not isinstance(inputs, (list, tuple)) or len({tuple(getattr(x, "shape", ())) for x in inputs}) < 2:
+                return step(data, *args, **kwargs)
+            outputs: list = []
+            for i in range(len(inputs)):
+                one = {k: v[i:i + 1] if isinstance(v, (list, tuple)) and len(v) == len(inputs) else v
+                       for k, v in data.items()}
+                outputs.extend(step(one, *args, **kwargs))
+            return outputs
+        return call
+
+    for name in ("val_step", "test_step"):
+        if callable(getattr(model, name, None)):
+            setattr(model, name, per_image(getattr(model, name)))
 
 
 def _build_dataloaders(runner, names: tuple) -> None:

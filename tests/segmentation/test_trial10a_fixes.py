@@ -170,3 +170,32 @@ def test_a_launcher_that_did_not_start_the_process_is_named(launcher, variable, 
     assert rc == 2 and errors == [f"error: --launcher {launcher}: the environment variable {variable} is not set: "
                                   f"{how}, or use --launcher none for one process"]
     assert not os.path.exists(work)
+
+
+# ------------------------------------------------------------------------------------------------ A5
+def test_a_test_batch_of_images_of_several_sizes_scores_as_one_image_at_a_time(trained, tmp_path):
+    """``test_dataloader.batch_size=3`` on a test set whose images differ in size (ADE20K's do) stopped with
+    mmseg's ``AssertionError: The image size in a batch should be the same.`` (a traceback, after the batches
+    before). Mixed batches now run one image at a time: the metrics and predictions of ``batch_size=1``."""
+    import shutil
+
+    from PIL import Image
+
+    from internvit.runner import test
+
+    data, _, ckpt = trained
+    mixed = str(tmp_path / "mixed")
+    shutil.copytree(data, mixed)
+    for kind, resample in (("images", Image.BILINEAR), ("annotations", Image.NEAREST)):
+        folder = os.path.join(mixed, kind, "validation")
+        path = os.path.join(folder, sorted(os.listdir(folder))[1])
+        Image.open(path).resize((230, 130), resample).save(path)
+    results = {}
+    for batch in (1, 3):
+        out = tmp_path / f"out{batch}"
+        results[batch] = test(TOY_LINEAR, ckpt, work_dir=str(tmp_path / f"w{batch}"), out=str(out), cfg_options={
+            "test_dataloader.dataset.data_root": mixed, "test_dataloader.batch_size": batch,
+            "default_hooks.visualization.draw": False})
+        results[batch]["files"] = {n: (out / n).read_bytes() for n in sorted(os.listdir(out))}
+    assert len(results[3]["files"]) == 3
+    assert results[3] == results[1]
