@@ -7,6 +7,7 @@ runner, its model and its datasets, and at paths.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import os.path as osp
@@ -19,7 +20,7 @@ from mmengine.hooks import Hook
 __all__ = ["check_fits", "check_classes", "check_input_kind", "check_same_classes", "class_list", "dataset_class_names",
            "check_output_path", "check_unique_names", "check_data_files", "name_data_errors", "NamedLoadErrors",
            "check_option_keys", "check_train_loop", "check_learning_rates", "check_evaluator", "NonFiniteError",
-           "NonFiniteCheckHook"]
+           "NonFiniteCheckHook", "check_split_options", "check_one_process_draws", "check_launcher_env"]
 
 #: the keys of an mmengine dataset entry that name a file the pipeline reads (image, label map)
 DATA_FILE_KEYS = ("img_path", "seg_map_path")
@@ -182,7 +183,8 @@ def check_unique_names(runner, outputs: dict) -> None:
     image's file name: two test images of one name (in different folders) would write one file, the first
     silently replaced. And an output folder may not be, or lie inside, a folder of the test set's images or
     label maps (the predictions replaced the ground truth even with ``--overwrite``; overlays became test
-    images)."""
+    images). PNGs already in an ``--out`` folder (``--overwrite``) that no test image will replace are named in
+    a log warning: the folder mixed two test sets' predictions silently."""
     ds = getattr(getattr(runner, "_test_dataloader", None), "dataset", None)
     if not callable(getattr(ds, "get_data_info", None)):  # mmengine's BaseDataset (its data_list may be serialised)
         return
@@ -209,6 +211,16 @@ def check_unique_names(runner, outputs: dict) -> None:
             if target == d or target.startswith(d + os.sep):
                 raise ValueError(f"{flag} {out}: inside the test set's data folder {d}: the outputs would mix with "
                                  f"(or replace) its images and label maps; give a folder outside the dataset")
+    out = outputs.get("--out")
+    stale = sorted(n for n in (os.listdir(out) if out and osp.isdir(out) else ())
+                   if n.endswith(".png") and n[:-4] not in seen)
+    if stale:  # --overwrite of a folder of another test set's predictions: they stay beside this run's
+        from mmengine.logging import print_log
+
+        print_log(f"--out {out}: {len(stale)} prediction file(s) there are not of this test set and stay beside "
+                  f"its predictions ({', '.join(stale[:3])}{', ...' if len(stale) > 3 else ''}): the folder will "
+                  f"mix two runs; give an empty folder to keep one run's predictions", logger="current",
+                  level=logging.WARNING)
 
 
 #: the environment variables mmengine's ``init_dist`` reads for each ``--launcher``, and what sets them
@@ -232,13 +244,18 @@ def check_launcher_env(launcher: str) -> None:
                          f"--launcher none for one process")
 
 
-def check_one_process_draws(outputs: dict) -> None:
-    """Refuse ``--show-dir`` (a key of the test outputs ``{flag: path}``) in a run of more than one process:
-    mmengine's visualizer draws and saves on rank 0 only, so each other rank's share of the test images got no
-    overlay (2 of 3 toy images under ``torchrun --nproc_per_node 2``), silently. Raises ``ValueError``."""
-    from mmengine.dist import get_world_size
+#: the environment variable that holds the number of processes, for each ``--launcher``
+LAUNCHER_WORLD_SIZE = {"pytorch": "WORLD_SIZE", "slurm": "SLURM_NTASKS", "mpi": "OMPI_COMM_WORLD_SIZE"}
 
-    world = get_world_size()
+
+def check_one_process_draws(outputs: dict, launcher: str) -> None:
+    """Refuse ``--show-dir`` (a key of the test outputs ``{flag: path}``) in a run of more than one process
+    (``launcher``'s world size, read from its environment before any process group is joined, so every rank
+    refuses at once): mmengine's visualizer draws and saves on rank 0 only, so each other rank's share of the
+    test images got no overlay (2 of 3 toy images under ``torchrun --nproc_per_node 2``), silently. Raises
+    ``ValueError``."""
+    size = os.environ.get(LAUNCHER_WORLD_SIZE.get(launcher, ""), "1").strip()
+    world = int(size) if size.isdigit() else 1
     if "--show-dir" in outputs and world > 1:
         raise ValueError(f"--show-dir {outputs['--show-dir']}: overlays are drawn by rank 0 only, so the "
                          f"images of the other {world - 1} of {world} processes would get none; run the test "

@@ -647,6 +647,7 @@ def build_test_runner(config: str, checkpoint: str, *, work_dir: Optional[str] =
     if launcher == "none":
         _single_process_runner(cfg)
     seg = cfg.get("default_scope") == "mmseg"
+    check_one_process_draws({"--show-dir": show_dir} if show_dir else {}, launcher)
     for flag, path, folder in (("--show-dir", show_dir, True), ("--out", out, seg)):
         if path:
             check_output_path(flag, path, folder, overwrite)
@@ -667,7 +668,6 @@ def build_test_runner(config: str, checkpoint: str, *, work_dir: Optional[str] =
         def after(runner, ckpt=None) -> None:
             _without_training(runner)
             check_unique_names(runner, outputs)
-            check_one_process_draws(outputs)
     made = [first_missing_dir(p) for p in outputs.values()]  # removed again when the set-up fails
     try:
         runner = build_runner(cfg, checkpoint, dataloaders=("test",), after_build=after, checkpoint_classes=True)

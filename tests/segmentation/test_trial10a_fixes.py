@@ -199,3 +199,25 @@ def test_a_test_batch_of_images_of_several_sizes_scores_as_one_image_at_a_time(t
         results[batch]["files"] = {n: (out / n).read_bytes() for n in sorted(os.listdir(out))}
     assert len(results[3]["files"]) == 3
     assert results[3] == results[1]
+
+
+# ------------------------------------------------------------------------------------------------ A6
+def test_overwriting_another_test_sets_predictions_names_the_ones_that_stay(trained, tmp_path, capsys):
+    """``--out P --overwrite`` on a folder of another test set's predictions replaced the same-named files and
+    kept the rest: the folder mixed two runs, silently. A log warning names the files that stay."""
+    from .test_trial7b_fixes import _tool
+
+    data, other, ckpt = trained
+    out = tmp_path / "preds"
+    out.mkdir()
+    for name in ("toy_0000.png", "stale_a.png", "stale_b.png"):
+        (out / name).write_bytes(b"")
+    capsys.readouterr()
+    assert _tool("test").main([TOY_LINEAR, ckpt, "--work-dir", str(tmp_path / "w"), "--out", str(out),
+                               "--overwrite", *_opts(**{"test_dataloader.dataset.data_root": data})]) == 0
+    captured = capsys.readouterr()
+    lines = [line for line in (captured.out + captured.err).splitlines() if "not of this test set" in line]
+    assert len(lines) == 1 and lines[0].endswith(
+        f"--out {out}: 2 prediction file(s) there are not of this test set and stay beside its predictions "
+        f"(stale_a.png, stale_b.png): the folder will mix two runs; give an empty folder to keep one run's "
+        f"predictions"), lines
