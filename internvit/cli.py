@@ -29,7 +29,7 @@ import sys
 import warnings
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-__all__ = ["ArgumentParser", "UsageError", "run", "one_line", "print_error", "positive_int", "nonnegative_int",
+__all__ = ["ArgumentParser", "UsageError", "run", "flat", "one_line", "print_error", "positive_int", "nonnegative_int",
            "positive_float", "fraction", "existing_path", "existing_file", "existing_dir", "device", "check_device",
            "check_flag", "memory_size", "read_json", "DTYPE_NAMES", "dtype_arg", "hold_warnings", "emit_held"]
 
@@ -40,8 +40,15 @@ class UsageError(ValueError):
     """Bad input from the user (an argument, a file, a folder): reported as one ``error:`` line, exit 2."""
 
 
+def flat(text: str) -> str:
+    """``text`` on one line: its line breaks written as the two characters ``\\n`` (blank lines dropped, each
+    line's surrounding blanks stripped). A message quoting user text that holds a line break (a path named
+    ``a<newline>b``) keeps all of it, and stays one ``error:`` line (it was cut at the break)."""
+    return "\\n".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
 def one_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception's message (its type name when it has none).
+    """An exception's message on one line (:func:`flat`; its type name when it has none).
 
     An error raised in a ``DataLoader`` worker arrives re-raised with the worker's traceback as its message
     (``Caught X in DataLoader worker process N.`` first, ``module.X: message`` last): its own message is the
@@ -54,10 +61,7 @@ def one_line(exc: BaseException) -> str:
         arg = exc.args[0]
         # a sentence (mmengine's "X is not in the mmseg::model registry ...") is a message, not a key
         text = arg if isinstance(arg, str) and " " in arg.strip() else f"missing key {arg!r}"
-    for line in text.splitlines():
-        if line.strip():
-            return line.strip()
-    return type(exc).__name__
+    return flat(text) or type(exc).__name__
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -92,7 +96,7 @@ def print_error(message: str) -> None:
     (``PYTHONUNBUFFERED=1``, ``python -u``), so the lines of several ranks sharing one stderr pipe under torchrun
     could interleave mid-line; one write of a short line to a pipe is atomic (POSIX ``PIPE_BUF``).
     """
-    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.write(f"error: {flat(message)}\n")
     sys.stderr.flush()
 
 
@@ -280,10 +284,9 @@ def write_json(path: str, obj: Any, indent: Optional[int] = None) -> None:
 
 # -- Python warnings as one line each ---------------------------------------------------------------------------
 def warning_line(message, category, filename, lineno, line=None) -> str:
-    """:func:`warnings.formatwarning`'s signature; ``warning: <first line of the message>`` (no category, source
-    file or source line)."""
-    text = next((ln.strip() for ln in str(message).splitlines() if ln.strip()), category.__name__)
-    return f"warning: {text}\n"
+    """:func:`warnings.formatwarning`'s signature; ``warning: <the message on one line>`` (:func:`flat`; no
+    category, source file or source line)."""
+    return f"warning: {flat(message) or category.__name__}\n"
 
 
 class LevelPrefixFormatter(logging.Formatter):
@@ -292,6 +295,8 @@ class LevelPrefixFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
+        if record.levelno >= logging.WARNING and not record.exc_info:
+            text = flat(text)  # one line, a line break of a quoted path included
         if record.levelno >= logging.ERROR:
             return f"error: {text}"
         return f"warning: {text}" if record.levelno >= logging.WARNING else text
