@@ -89,3 +89,35 @@ def test_stale_cache_is_replaced(tmp_path, stale, zygote):
     assert r.returncode == 0 and r.stdout.split() == ["4", "True"], r.stderr[-2000:]
     assert run(zygote.cmd(["-c", CODE, tmp_path / "data", tmp_path / "ref"])).returncode == 0
     assert _read(cache)[:2] == _read(tmp_path / "ref")[:2]
+
+
+def test_stale_cache_replacement_survives_a_kill_at_every_write_point(tmp_path, zygote):
+    """A committed cache of another backbone is re-extracted beside it and swapped in whole: killed at every
+    write point of that, a reader still sees the complete stale cache (never a mix), the stale backbone's own
+    job run next (a different operation) finds its cache intact and computes nothing (killed after the swap: it
+    replaces the new cache back, whole), and the rerun replaces it with the same bytes as an uninterrupted
+    replacement."""
+    _dataset(tmp_path / "data")
+    other_code = CODE.replace('dict(arch="internvit-6b-tiny")', 'dict(arch="internvit-6b-tiny", init_seed=7)')
+
+    def prepare(d):
+        assert run(zygote.cmd(["-c", other_code, tmp_path / "data", d / "cache"])).returncode == 0
+
+    stale = tmp_path / "stale"
+    prepare(stale)
+
+    def other_job_keeps_its_cache(d, n):
+        before = _read(d / "cache")
+        r = run(zygote.cmd(["-c", other_code, tmp_path / "data", d / "cache"]))
+        assert r.returncode == 0, (n, r.stderr[-2000:])
+        # killed before the swap: its cache is intact and read (nothing computed); after it: replaced back, whole
+        computed = before != _read(stale / "cache")
+        assert r.stdout.split() == ["4", str(computed)] and _read(d / "cache") == _read(stale / "cache"), n
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    names = kill_sweep(sweep, prepare=prepare, command=lambda d: zygote.cmd(["-c", CODE, tmp_path / "data",
+                                                                              d / "cache"]),
+                       read=lambda d: _read(d / "cache"), output=lambda d: d / "cache",
+                       after_kill=other_job_keeps_its_cache, min_points=10)
+    assert "folder:written" in names and ({"folder:exchanged", "folder:renamed"} & set(names)), names
