@@ -696,6 +696,8 @@ class FeatureExtractor:
         if old is not None and not overwrite and not _same_job(old, job):
             _refuse_other(out_dir, old, job, paths)
         _refuse_unverified_reuse(out_dir, old, job)
+        if leftover_parts and not discard_pending:
+            _refuse_other_parts(out_dir, job)
         if old is not None and _same_job(old, job) and not leftover_parts:
             return dict(old, timing=dict(DONE_STATS, **fingerprint_s))  # finished: nothing is rewritten
         plan = dict(out_dir=out_dir, ds=ds, paths=paths, columns=columns, arrow_columns=arrow_columns, info=info,
@@ -1122,6 +1124,32 @@ def _pending_header(out_dir: str) -> Optional[dict]:
 
     base = int(((read_manifest(out_dir) or {}).get(STORE_KEY) or {}).get("generation") or 0)
     return header if header.get("generation") == base else None
+
+
+def _refuse_other_parts(out_dir: str, job: Mapping[str, Any]) -> None:
+    """``PendingJobError`` when ``out_dir``'s :data:`PARTS` holds a part of an interrupted distributed job (pending
+    or committed, before rank 0's merge) that is not ``job``'s: a different job took the folder and dropped
+    those parts silently, where an interrupted single-process job is refused (pass ``discard_pending``)."""
+    import re
+
+    from .store import STORE_KEY, PendingJobError, _first_difference, job_id, read_manifest
+
+    parts = os.path.join(out_dir, PARTS)
+    for name in sorted(os.listdir(parts)) if os.path.isdir(parts) else ():
+        m = re.fullmatch(r"rank-(\d+)-of-(\d+)", name)
+        if m is None:
+            continue
+        folder = os.path.join(parts, name)
+        mine = dict(job, part={"rank": int(m[1]), "world": int(m[2])})
+        header = _pending_header(folder)
+        found = (header or {}).get("job_id") or ((read_manifest(folder) or {}).get(STORE_KEY) or {}).get("job_id")
+        if found is None or found == job_id(mine):
+            continue
+        d = _first_difference(header.get("job") or {}, mine) if header else None
+        what = f" ({d[0]}: {_short(d[1])} there, {_short(d[2])} now)" if d else ""
+        raise PendingJobError(f"{out_dir}: an interrupted job of {m[2]} processes is pending in this feature folder "
+                              f"({PARTS}/{name}) and this one differs{what}; rerun the interrupted command to finish "
+                              f"it, or drop it with --discard-pending (discard_pending=True)")
 
 
 def _refuse_unverified_reuse(out_dir: str, old: Optional[dict], job: Mapping[str, Any]) -> None:

@@ -90,6 +90,15 @@ def test_one_rank_killed_leaves_a_folder_the_rerun_resumes(reference, tmp_path, 
     assert read_manifest(out) is None and (out / ".store").is_dir() and (out / ".parts").is_dir()
     snapshot = tmp_path / "snapshot"
     shutil.copytree(out, snapshot, symlinks=True)
+    # a different job (another shard size) without --discard-pending is refused, the interrupted one left as it was
+    before = tree_digest(out)
+    r = run([sys.executable, *_args(root / "imgs", out)[:-5], "--shard-size", "3", "--batch-size", "1",
+             "--no-progress"])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-2000:]
+    # an interrupted job of 2 processes, named with the way out (it took the folder and dropped the parts before)
+    assert "interrupted job of 2 processes" in lines[0] and "--discard-pending" in lines[0], lines
+    assert tree_digest(out) == before
     r = _torchrun(root / "imgs", out)
     assert r.returncode == 0, r.stderr[-3000:]
     assert tree_digest(out) == ref and not (out / ".parts").exists()
