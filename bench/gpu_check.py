@@ -239,20 +239,50 @@ def check_extract(model, device: str, n_images: int, batch: int, workers: int, r
             for _ in range(n_batches):
                 fe.encode(premade).cpu()
 
-        def pipeline():
-            out = fe.extract(d)
-            assert out.features.shape[0] == n_images, out.features.shape
+        outs = {}
 
-        t = interleaved({"bare": bare, "pipeline": pipeline}, rounds, 1, device)
+        def pipeline(fx=fe, key="pipeline"):
+            out = fx.extract(d)
+            assert out.features.shape[0] == n_images, out.features.shape
+            outs[key] = out.features
+
+        # the same extractor normalising in the loader workers (float32 batches), as before 2026-12-04
+        fe_float = FeatureExtractor(model, pool="cls", batch_size=batch, num_workers=workers, device=device,
+                                    dtype=torch.bfloat16, progress=False)
+        fe_float._loader_transform = fe_float.transform
+        t = interleaved({"bare": bare, "pipeline": pipeline,
+                         "pipeline_float_loader": lambda: pipeline(fe_float, "float")}, rounds, 1, device)
     bare_ips = [n_batches * batch / s for s in t["bare"]]
     pipe_ips = [n_images / s for s in t["pipeline"]]
+    float_ips = [n_images / s for s in t["pipeline_float_loader"]]
     ratio = statistics.median(pipe_ips) / statistics.median(bare_ips)
+    diff = float(abs(outs["pipeline"] - outs["float"]).max())
     res = dict(image_size=size, images=n_images, batch=batch, workers=workers, bare_images_per_s=bare_ips,
-               pipeline_images_per_s=pipe_ips, ratio_of_medians=ratio,
-               per_round=[p / b for p, b in zip(pipe_ips, bare_ips)])
+               pipeline_images_per_s=pipe_ips, ratio_of_medians=ratio, uint8_loader=fe._defer_normalize,
+               per_round=[p / b for p, b in zip(pipe_ips, bare_ips)], float_loader_images_per_s=float_ips,
+               float_loader_ratio_of_medians=statistics.median(float_ips) / statistics.median(bare_ips),
+               uint8_vs_float_loader_max_abs_diff=diff)
     log(f"extract {size}px: pipeline {statistics.median(pipe_ips):.1f} img/s vs bare "
-        f"{statistics.median(bare_ips):.1f} img/s = {ratio:.3f} of bare (goal >= 0.90)")
+        f"{statistics.median(bare_ips):.1f} img/s = {ratio:.3f} of bare (goal >= 0.90); float32 loader "
+        f"{statistics.median(float_ips):.1f} img/s; uint8 vs float32 loader features max |diff| {diff:.2e}")
     return res
+
+
+def check_normalize(device: str, rep: Report) -> dict:
+    """``normalize_pixels`` on the device must give the CPU's float32 bits (the uint8 loader path relies on it)."""
+    from internvit.config import IMAGENET_MEAN, IMAGENET_STD
+    from internvit.transforms import normalize_pixels
+
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (8, 3, 64, 64), dtype=torch.uint8, generator=g)
+    pixels[0, 0, 0] = torch.arange(64, dtype=torch.uint8) * 4
+    cpu = normalize_pixels(pixels, IMAGENET_MEAN, IMAGENET_STD)
+    dev = normalize_pixels(pixels.to(device), IMAGENET_MEAN, IMAGENET_STD).cpu()
+    mismatched = int((cpu != dev).sum())
+    log(f"normalize_pixels on {device} vs CPU: {mismatched} of {cpu.numel()} values differ")
+    if mismatched:
+        rep.failure(f"normalize_pixels on {device}: {mismatched} values differ from the CPU's")
+    return {"values": cpu.numel(), "mismatched": mismatched}
 
 
 # -- 4. segmentation backbone training step ----------------------------------------------------------------------
@@ -413,7 +443,7 @@ def main(argv=None) -> int:
     def extract():
         if not full:
             return {"skipped": "needs the full internvit package (torchvision, pillow, tqdm)"}
-        out = {}
+        out = {"normalize_pixels": check_normalize(args.device, rep)}
         for preset, n, b, w in ext:
             model = holder.pop("model", None) if preset == big else None  # reuse the forward section's 6B
             model = model if model is not None else build_random(iv, preset, args.device, torch.bfloat16)

@@ -60,21 +60,26 @@ def check_preprocess(p: dict) -> dict:
     return p
 
 
-def build_transform(config=None, *, train: bool = False, **overrides) -> T.Compose:
-    """PIL image → normalised tensor.
+def build_transform(config=None, *, train: bool = False, output_dtype: torch.dtype = torch.float32,
+                    **overrides) -> T.Compose:
+    """PIL image → normalised tensor (or, with ``output_dtype=torch.uint8``, its 8-bit pixels).
 
     Eval ``resize_mode='crop'``: resize the short side to S (bicubic) and centre-crop S×S (classification,
     HF image processors; :class:`ResizeCenterCrop`). ``'squash'``: resize to S×S (retrieval protocol).
     Train: RandomResizedCrop + flip. ``config`` may be a model config or a dict made by
     :func:`preprocess_config`. The returned callable maps a PIL image to a ``(3, S, S)`` float32 tensor;
     memory and time per image are ``O(source pixels + S²)`` whatever the aspect ratio (a 1×20000 PNG does not
-    make a 448 × 8 960 000 intermediate).
+    make a 448 × 8 960 000 intermediate). ``output_dtype=torch.uint8``: the same resized pixels as a ``(3, S, S)``
+    uint8 tensor, not normalised (:func:`normalize_pixels` gives the float32 values, bit for bit; loaders that
+    normalise on the accelerator move 4x fewer bytes). Raises ``ValueError`` for another ``output_dtype``.
     """
+    if output_dtype not in (torch.float32, torch.uint8):
+        raise ValueError(f"output_dtype must be torch.float32 (normalised) or torch.uint8 (pixels), got {output_dtype}")
     p = dict(config) if isinstance(config, dict) else preprocess_config(config, **overrides)
     if isinstance(config, dict):
         p = check_preprocess({**p, **{k: v for k, v in overrides.items() if v is not None}})
     size, mode = p["image_size"], _MODES[p["interpolation"]]
-    norm = [ToNormalizedTensor(p["mean"], p["std"])]
+    norm = [ToNormalizedTensor(p["mean"], p["std"]) if output_dtype == torch.float32 else ToUInt8Tensor()]
     rgb = T.Lambda(_to_rgb)
     if train:
         return T.Compose([rgb, T.RandomResizedCrop(size, interpolation=mode), T.RandomHorizontalFlip(), *norm])
@@ -123,32 +128,74 @@ class ResizeCenterCrop:
         return f"{type(self).__name__}(size={self.size}, interpolation={self.interpolation.value})"
 
 
+def _chw_uint8(img) -> torch.Tensor:
+    """8-bit RGB PIL image → its ``(3, H, W)`` uint8 view (``ValueError`` for any other mode)."""
+    if getattr(img, "mode", None) != "RGB":
+        raise ValueError(f"expected an 8-bit RGB image, got mode {getattr(img, 'mode', type(img).__name__)!r}")
+    w, h = img.size
+    if w * h == 0:
+        return torch.empty((3, h, w), dtype=torch.uint8)
+    return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(h, w, 3).permute(2, 0, 1)
+
+
+_NORM_CONSTANTS: dict = {}
+
+
+def normalize_pixels(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """``(pixels / 255 - mean) / std`` as a new contiguous float32 tensor on ``pixels``' device.
+
+    ``pixels``: uint8 ``(3, H, W)`` or ``(B, 3, H, W)``. The torchvision ``ToTensor`` + ``Normalize`` formula
+    and operation order, each step a correctly rounded float32 division / subtraction by a tensor (not a
+    multiplication by a reciprocal, which CUDA's scalar path does), so the values are the same bits on every
+    device. Raises ``ValueError`` for a dtype other than uint8 or a channel dimension other than 3.
+    """
+    if pixels.dtype != torch.uint8:
+        raise ValueError(f"pixels must be uint8, got {pixels.dtype}")
+    if pixels.ndim not in (3, 4) or pixels.shape[-3] != 3:
+        raise ValueError(f"pixels must be (3, H, W) or (B, 3, H, W), got {tuple(pixels.shape)}")
+    key = (pixels.device, tuple(float(x) for x in mean), tuple(float(x) for x in std))
+    consts = _NORM_CONSTANTS.get(key)
+    if consts is None:
+        consts = _NORM_CONSTANTS[key] = tuple(
+            torch.tensor(v, dtype=torch.float32, device=pixels.device).view(-1, 1, 1)
+            for v in ([255.0], key[1], key[2]))
+    scale, m, s = consts
+    x = torch.empty(pixels.shape, dtype=torch.float32, device=pixels.device).copy_(pixels)
+    return x.div_(scale).sub_(m).div_(s)
+
+
+class ToUInt8Tensor:
+    """8-bit RGB PIL image → ``(3, H, W)`` uint8 tensor, contiguous: the pixels :class:`ToNormalizedTensor`
+    normalises, for a loader that normalises on the accelerator (:func:`normalize_pixels`). Raises
+    ``ValueError`` for an image that is not 8-bit RGB."""
+
+    def __call__(self, img) -> torch.Tensor:
+        return _chw_uint8(img).contiguous()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
 class ToNormalizedTensor:
     """8-bit RGB PIL image → ``(3, H, W)`` float32 tensor ``(x / 255 - mean) / std``, contiguous.
 
     The same values, bit for bit, as ``T.Compose([T.ToTensor(), T.Normalize(mean, std)])`` (the same three
-    float32 operations in the same order), in one uint8 → float32 pass and in-place arithmetic instead of
-    torchvision's copies: 3.3x faster at 56 px, 1.6x at 224 px (measured on the 2-core CPU; the search service
-    prepares each query image alone, so this is on its per-query path). Raises ``ValueError`` for an image
-    that is not 8-bit RGB (the transforms convert with :func:`internvit.data.to_rgb` first).
+    float32 operations in the same order, :func:`normalize_pixels`), in one uint8 → float32 pass and in-place
+    arithmetic instead of torchvision's copies: 3.3x faster at 56 px, 1.6x at 224 px (measured on the 2-core
+    CPU; the search service prepares each query image alone, so this is on its per-query path). Raises
+    ``ValueError`` for an image that is not 8-bit RGB (the transforms convert with
+    :func:`internvit.data.to_rgb` first).
     """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        self.mean = torch.tensor([float(x) for x in mean], dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor([float(x) for x in std], dtype=torch.float32).view(3, 1, 1)
+        self.mean = [float(x) for x in mean]
+        self.std = [float(x) for x in std]
 
     def __call__(self, img) -> torch.Tensor:
-        if getattr(img, "mode", None) != "RGB":
-            raise ValueError(f"expected an 8-bit RGB image, got mode {getattr(img, 'mode', type(img).__name__)!r}")
-        w, h = img.size
-        if w * h == 0:
-            return torch.empty((3, h, w), dtype=torch.float32)
-        hwc = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(h, w, 3)
-        x = torch.empty((3, h, w), dtype=torch.float32).copy_(hwc.permute(2, 0, 1))
-        return x.div_(255).sub_(self.mean).div_(self.std)
+        return normalize_pixels(_chw_uint8(img), self.mean, self.std)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})"
+        return f"{type(self).__name__}(mean={self.mean}, std={self.std})"
 
 
 def _to_rgb(img):
