@@ -360,13 +360,16 @@ def join_pixels(tensors: Sequence[torch.Tensor], ids: Sequence[int], *, cat: boo
     ``ValueError`` naming the first two rows and their shapes (torch's ``stack expects each tensor to be equal
     size`` named neither)."""
     lead = 1 if cat else 0  # concatenated tensors may differ in their first (tile count) dimension
-    first = tuple(tensors[0].shape[lead:])
-    for x, i in zip(tensors, ids):
-        if tuple(x.shape[lead:]) != first:
-            raise ValueError(f"input rows {ids[0]} and {i} give pixels of shapes {tuple(tensors[0].shape)} and "
-                             f"{tuple(x.shape)}: one batch needs one size; make the transform (or dataset) "
-                             f"output one size, e.g. resize + centre crop, or use batch_size=1")
+    _check_one_size([x.shape[lead:] for x in tensors], [tuple(x.shape) for x in tensors], ids)
     return torch.cat(list(tensors)) if cat else torch.stack(list(tensors))
+
+
+def _check_one_size(sizes: Sequence[tuple], shown: Sequence[tuple], ids: Sequence[int]) -> None:
+    for size, show, i in zip(sizes, shown, ids):
+        if tuple(size) != tuple(sizes[0]):
+            raise ValueError(f"input rows {ids[0]} and {i} give pixels of shapes {shown[0]} and {show}: one batch "
+                             f"needs one size; make the transform (or dataset) output one size, e.g. resize + "
+                             f"centre crop, or use batch_size=1")
 
 
 def collate_images(batch):
@@ -376,6 +379,47 @@ def collate_images(batch):
     errors = [(i, err) for x, i, err in batch if x is None]
     pixels = join_pixels([x for x, _ in ok], [i for _, i in ok]) if ok else None
     return pixels, [i for _, i in ok], errors
+
+
+#: the fewest images a loader worker reads as one unit when a batch is split across workers
+MIN_WORKER_UNIT = 8
+
+
+def worker_units(batches: Sequence[Sequence[int]], num_workers: int) -> tuple[list[list[int]], list[int]]:
+    """Split each batch into consecutive units for the loader workers: ``(units, units_per_batch)``.
+
+    A ``DataLoader`` worker reads a whole ``batch_sampler`` entry, so with batches of ``B`` images the first
+    batch is ready only after one worker decoded all ``B`` (64 JPEGs: ~2 s on a GPU host's CPU, while the model
+    waits) and a batch never uses more than one worker. Split into units of
+    ``max(MIN_WORKER_UNIT, ceil(B / num_workers))`` images, the workers read a batch together; joined in order
+    (:func:`join_units`) the model sees the same batches. ``num_workers <= 1``: the batches themselves.
+    """
+    if num_workers <= 1:
+        return [list(b) for b in batches], [1] * len(batches)
+    units, counts = [], []
+    for b in batches:
+        size = max(MIN_WORKER_UNIT, -(-len(b) // num_workers))
+        parts = [list(b[j:j + size]) for j in range(0, len(b), size)] or [[]]
+        units.extend(parts)
+        counts.append(len(parts))
+    return units, counts
+
+
+def join_units(units: Sequence[tuple], device: Optional[torch.device] = None) -> tuple:
+    """One batch ``(pixel_values or None, ids, errors)`` from the collated units of :func:`worker_units`, in
+    order; pixels are moved to ``device`` unit by unit (pinned memory copies asynchronously) and joined there.
+    Units of different pixel sizes raise :func:`join_pixels`'s ``ValueError`` (naming a row of each)."""
+    if len(units) == 1:
+        return units[0]
+    ok = [(x, ids) for x, ids, _ in units if x is not None]
+    ids = [i for _, unit_ids in ok for i in unit_ids]
+    errors = sorted(e for _, _, errs in units for e in errs)
+    if not ok:
+        return None, [], errors
+    # each unit's images share one size (its collate stacked them): compare the units' first images
+    _check_one_size([x.shape[1:] for x, _ in ok], [tuple(x.shape[1:]) for x, _ in ok], [u[0] for _, u in ok])
+    moved = [x.to(device, non_blocking=True) if device is not None else x for x, _ in ok]
+    return torch.cat(moved), ids, errors
 
 
 _limit_from_env()

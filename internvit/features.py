@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .cli import DTYPE_NAMES, check_device, check_flag, dtype_arg
-from .data import ImageDataset, ImagesLike, IndexedDataset, collate_images, list_images
+from .data import ImageDataset, ImagesLike, IndexedDataset, collate_images, join_units, list_images, worker_units
 from .fingerprint import (
     PreprocessingFingerprintWarning,
     dataset_fingerprint,
@@ -510,20 +510,20 @@ class FeatureExtractor:
             return
         from tqdm.auto import tqdm
 
-        loader = DataLoader(dataset, batch_sampler=batches, num_workers=self.num_workers,
+        # several workers read each batch together (the first one is ready as soon as its units are)
+        units, units_per_batch = worker_units(batches, self.num_workers)
+        loader = DataLoader(dataset, batch_sampler=units, num_workers=self.num_workers,
                             collate_fn=collate_images, pin_memory=self.device.type == "cuda")
         start, done, nonfinite, waited, skipped = time.perf_counter(), 0, 0, 0.0, 0
         # without workers, a thread reads the next batches while the model runs (decoding and PIL's resize
         # release the GIL); with workers, the DataLoader's own prefetching does this
         source = iter(loader) if self.num_workers > 0 else prefetch(loader, depth=2)
         with tqdm(total=total, unit="img", desc="features", disable=not self.progress, smoothing=0.1) as bar:
-            while True:
+            for n_units in units_per_batch:
                 t0 = time.perf_counter()
-                batch = next(source, None)
+                parts = [next(source) for _ in range(n_units)]
                 waited += time.perf_counter() - t0
-                if batch is None:
-                    break
-                pixels, ids, errors = batch
+                pixels, ids, errors = join_units(parts, self.device if n_units > 1 else None)
                 feats = self.encode(pixels).cpu().numpy() if pixels is not None else None
                 if feats is not None:
                     finite = np.isfinite(feats.reshape(len(feats), -1)).all(axis=1)
@@ -539,6 +539,7 @@ class FeatureExtractor:
                     skipped += len(errors)
                     bar.set_postfix(skipped=skipped, refresh=False)
                 yield ids, feats, errors
+            next(source, None)  # the end: the loader stops its workers (the prefetch thread ends)
         seconds = time.perf_counter() - start
         if nonfinite:
             logger.warning("%d of %d images gave non-finite features in %s (not stored, listed as errors)",
