@@ -77,6 +77,11 @@ class PendingJobError(StoreError):
     """The folder holds an interrupted job that differs from the one asked for."""
 
 
+class ForeignFolderError(StoreError):
+    """The folder holds (or a killed job was writing) another kind of content than the writer's
+    ``description``: refused even with ``discard_pending`` (an ``--overwrite`` replaces its own kind only)."""
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Write points (fault injection)
 # ---------------------------------------------------------------------------------------------------------
@@ -215,7 +220,7 @@ def refuse_foreign_folder(path: PathLike, markers: Sequence[str], what: str) -> 
     markers = (*markers, STORE_DIR, PARTS)
     if names and not any(fnmatch.fnmatchcase(n, m) for n in names for m in markers):
         shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-        article = "an" if what[:1] in "aeiou" else "a"
+        article = _article(what)
         raise FileExistsError(f"{path}: a folder that is not empty ({shown}) and holds no {what}: give a new or "
                               f"empty folder (or the folder of {article} {what} to resume or extend)")
 
@@ -331,6 +336,10 @@ def _first_difference(a: Any, b: Any, prefix: str = "") -> Optional[tuple[str, A
     return None if a == b else (prefix.rstrip(".") or "job", a, b)
 
 
+def _article(noun: str) -> str:
+    return "an" if noun[:1] in "aeiou" else "a"
+
+
 def _short(v: Any, limit: int = 60) -> str:
     s = json.dumps(v, default=str)
     return s if len(s) <= limit else s[:limit] + "..."
@@ -344,10 +353,14 @@ class Store:
         job: what identifies this job (a JSON-able dict, e.g. the arguments that decide the output). A pending
             (interrupted) job is resumed only by the same ``job``.
         discard_pending: drop a pending job of another identity (its files are removed) instead of refusing.
-        description: how to name the folder's content in messages (``'feature folder'``, ``'index'``).
+        description: the kind of content (``'feature folder'``, ``'index'``): named in messages, and recorded in
+            the journal and the manifest's ``_store`` block. A folder whose recorded kind differs (committed, or
+            the pending job of a killed first run) is refused with :class:`ForeignFolderError`, also with
+            ``discard_pending``: a writer never replaces another kind of folder (an index with features).
 
     Raises (on entering): :class:`StoreBusyError` if another writer holds the folder, :class:`PendingJobError`
-    if a different job is pending, :class:`StoreError` if the folder cannot be used.
+    if a different job is pending, :class:`ForeignFolderError` if it holds another kind of content,
+    :class:`StoreError` if the folder cannot be used.
 
     Inside the block: :attr:`manifest` (committed, or ``None``), :attr:`state` / :attr:`pending_files` (what an
     interrupted run of the same job left), :meth:`open_file` / :meth:`write_json` / :meth:`write_bytes` for new
@@ -462,7 +475,21 @@ class Store:
             os.remove(path)
             _point("gc:removed")
 
+    def _refuse_foreign(self) -> None:
+        """:class:`ForeignFolderError` when the folder's recorded kind (its committed manifest's, else the
+        pending job's) is not this writer's ``description``; before anything is changed. Folders written before
+        the kind was recorded (2026-12-04) pass (their writers' own checks apply)."""
+        recorded, what = ((read_manifest(self.folder) or {}).get(STORE_KEY) or {}).get("description"), "holds"
+        if recorded is None:
+            recorded, what = (self._read_journal()[0] or {}).get("description"), "holds the interrupted job of"
+        if recorded is not None and recorded != self.description:
+            raise ForeignFolderError(
+                f"{self.folder}: {what} {_article(recorded)} {recorded}, not {_article(self.description)} "
+                f"{self.description}: nothing was changed; give another folder (overwrite / --overwrite replaces "
+                f"only its own kind of folder)")
+
     def _recover(self) -> None:
+        self._refuse_foreign()
         # 1. temporary files of interrupted writes (only names this module makes)
         for root, _dirs, files in os.walk(self.folder):
             for name in files:
@@ -514,7 +541,8 @@ class Store:
         if not self._journal_started:
             self._journal_started = True
             gen = ((self.manifest or {}).get(STORE_KEY) or {}).get("generation") or 0
-            self._append({"op": "begin", "job_id": self.job_id, "generation": gen, "job": self.job})
+            self._append({"op": "begin", "job_id": self.job_id, "generation": gen, "job": self.job,
+                          "description": self.description})
         path = os.path.join(self.folder, JOURNAL)
         created = not os.path.exists(path)
         with named_write_errors(path), open(path, "a", encoding="utf-8") as f:
@@ -611,7 +639,7 @@ class Store:
             raise StoreError(f"{self.folder}: cannot commit {foreign[0]}: not written by this job")
         out = {k: v for k, v in manifest.items() if k != STORE_KEY}
         out[STORE_KEY] = {"generation": self.generation, "job_id": self.job_id, "files": files,
-                          "retired": sorted(old - set(files))}
+                          "retired": sorted(old - set(files)), "description": self.description}
         out = json.loads(json.dumps(out, default=str))
         with named_write_errors(os.path.join(self.folder, MANIFEST)):
             _atomic_json(os.path.join(self.folder, MANIFEST), out, "manifest")
