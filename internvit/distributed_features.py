@@ -23,11 +23,14 @@ import os
 import shutil
 import time
 from contextlib import ExitStack
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 
-from . import features as F
+from . import feature_folder as FF
+
+if TYPE_CHECKING:
+    from .features import FeatureExtractor
 
 #: how long a rank waits for the others at a collective. A resumed job can leave one rank computing its whole
 #: part while the others, done, wait (torch's 30-minute default would time out); a rank that dies is reported
@@ -100,7 +103,7 @@ _agree = agree
 
 
 def _part_dir(out_dir: str, rank: int, world: int) -> str:
-    return os.path.join(out_dir, F.PARTS, f"rank-{rank}-of-{world}")
+    return os.path.join(out_dir, FF.PARTS, f"rank-{rank}-of-{world}")
 
 
 def _open_part(out_dir: str, job: dict, rank: int, world: int, description: str):
@@ -112,15 +115,15 @@ def _open_part(out_dir: str, job: dict, rank: int, world: int, description: str)
     folder = _part_dir(out_dir, rank, world)
     part_job = dict(job, part={"rank": rank, "world": world})
     old = read_manifest(folder) if os.path.isdir(folder) else None
-    if old is not None and not F._same_job(old, part_job):
+    if old is not None and not FF._same_job(old, part_job):
         shutil.rmtree(folder)
     return Store(folder, job=part_job, discard_pending=True, description=description)
 
 
-def _write_part(fx: "F.FeatureExtractor", plan: dict, rank: int, world: int) -> dict:
+def _write_part(fx: "FeatureExtractor", plan: dict, rank: int, world: int) -> dict:
     """Write this rank's shards into its sub-store (resumed after a kill); returns ``{index: record}``."""
 
-    shards = [s for s in F._plan_shards(plan, 1) if s["index"] % world == rank]
+    shards = [s for s in FF._plan_shards(plan, 1) if s["index"] % world == rank]
     with _open_part(plan["out_dir"], plan["job"], rank, world, "feature part") as st:
         if st.manifest is not None:
             return {int(k): v for k, v in st.manifest["records"].items()}
@@ -132,9 +135,9 @@ def _write_part(fx: "F.FeatureExtractor", plan: dict, rank: int, world: int) -> 
 
 def _merge(st, plan: dict, world: int, records: dict) -> dict:
     """Rank 0: link every part's files into the folder's store, then commit (see the module docstring)."""
-    shards = F._plan_shards(plan, st.generation)
-    parts = F._plan_shards(plan, 1)  # names inside the part folders
-    shape = F._known_shape(records[s["index"]] for s in shards)
+    shards = FF._plan_shards(plan, st.generation)
+    parts = FF._plan_shards(plan, 1)  # names inside the part folders
+    shape = FF._known_shape(records[s["index"]] for s in shards)
     for s, p in zip(shards, parts):
         src_dir = _part_dir(plan["out_dir"], s["index"] % world, world)
         rec = records[s["index"]]
@@ -153,10 +156,10 @@ def _merge(st, plan: dict, world: int, records: dict) -> dict:
                     shutil.copyfile(os.path.join(src_dir, p[key]), tmp)
         if shape is not None and rec["count"] == 0:
             records[s["index"]] = dict(rec, shape=list(shape))
-    return F._commit_features(st, plan, shards, records)
+    return FF._commit_features(st, plan, shards, records)
 
 
-def write_distributed(fx: "F.FeatureExtractor", plan: dict, rank: int, world: int) -> dict:
+def write_distributed(fx: "FeatureExtractor", plan: dict, rank: int, world: int) -> dict:
     """The distributed :meth:`FeatureExtractor.write` (every rank calls it with the same arguments)."""
     from .store import Store, read_manifest
 
@@ -170,13 +173,13 @@ def write_distributed(fx: "F.FeatureExtractor", plan: dict, rank: int, world: in
                 return False
             st = stack.enter_context(Store(out_dir, job=job, discard_pending=plan["discard_pending"],
                                            description="feature folder"))
-            if st.manifest is not None and F._same_job(st.manifest, job):
-                F._remove_parts(out_dir)
+            if st.manifest is not None and FF._same_job(st.manifest, job):
+                FF._remove_parts(out_dir)
                 return True
             if st.manifest is not None:
-                F.refuse_not_features(out_dir, st.manifest)  # also with overwrite: only features are replaced
+                FF.refuse_not_features(out_dir, st.manifest)  # also with overwrite: only features are replaced
             if st.manifest is not None and not plan["overwrite"]:
-                F._refuse_other(out_dir, st.manifest, job, plan["paths"])
+                FF._refuse_other(out_dir, st.manifest, job, plan["paths"])
             st.hold()  # the ranks now write their parts here: a rank's death leaves the folder this job's
             stack.st = st
             return False
@@ -189,7 +192,7 @@ def write_distributed(fx: "F.FeatureExtractor", plan: dict, rank: int, world: in
 
             def write_part() -> tuple:
                 records = _write_part(fx, plan, rank, world)
-                return records, dict(fx.last_stats) if fx.last_stats else dict(F.DONE_STATS)
+                return records, dict(fx.last_stats) if fx.last_stats else dict(FF.DONE_STATS)
 
             parts = _agree(write_part, rank, world)  # returns once every rank has written its part
             stats = job_timing([p[1] for p in parts], time.perf_counter() - start)
@@ -198,7 +201,7 @@ def write_distributed(fx: "F.FeatureExtractor", plan: dict, rank: int, world: in
             records = {k: json.loads(json.dumps(v)) for part, _ in parts for k, v in part.items()}
             _agree(lambda: _merge(stack.st, plan, world, records) if rank == 0 else None, rank, world)
         else:
-            stats = job_timing([dict(F.DONE_STATS)] * world, 0.0)
+            stats = job_timing([dict(FF.DONE_STATS)] * world, 0.0)
     return dict(read_manifest(out_dir), timing=stats)
 
 
@@ -230,7 +233,7 @@ def write_files(folder: str, job: dict, names: list, write: Callable[[int, str],
     names = list(names)
     if world <= 1:
         with Store(folder, job=job, discard_pending=True, description=description) as st:
-            if st.manifest is not None and F._same_job(st.manifest, job):
+            if st.manifest is not None and FF._same_job(st.manifest, job):
                 return st.manifest
             for i, name in enumerate(names):
                 if name not in st.pending_files:
@@ -243,14 +246,14 @@ def write_files(folder: str, job: dict, names: list, write: Callable[[int, str],
                 return False
             st = stack.enter_context(Store(folder, job=job, discard_pending=True, description=description))
             stack.st = st
-            done = st.manifest is not None and F._same_job(st.manifest, job)
+            done = st.manifest is not None and FF._same_job(st.manifest, job)
             if not done:
                 st.hold()  # the ranks now write their parts here: a rank's death leaves the folder this job's
             return done
 
         if _agree(open_main, rank, world)[0]:
             if rank == 0:
-                F._remove_parts(folder)
+                FF._remove_parts(folder)
             return read_manifest(folder)
 
         def write_part() -> None:
@@ -278,7 +281,7 @@ def write_files(folder: str, job: dict, names: list, write: Callable[[int, str],
                     except OSError:  # a file system without hard links
                         shutil.copyfile(src, tmp)
             committed = st.commit(manifest, names)
-            F._remove_parts(folder)
+            FF._remove_parts(folder)
             return committed
 
         _agree(write_part, rank, world)

@@ -5,18 +5,20 @@
 store (:mod:`internvit.store`: resumed after a kill, byte-identical to an uninterrupted run), with a
 ``manifest.json`` describing how they were made. :func:`read_features` loads such a folder back,
 :func:`open_features` memory-maps it.
+
+The output folder's code lives in its own modules (re-exported here): :mod:`internvit.feature_write` (what
+``write`` runs), :mod:`internvit.feature_folder` (job identity, refusals, shard plan and commit),
+:mod:`internvit.feature_metadata` (metadata columns and files) and :mod:`internvit.feature_read` (reading a
+finished folder).
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
-import math
 import os
 import re
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
@@ -27,14 +29,40 @@ from torch.utils.data import DataLoader, Dataset
 
 from .cli import DTYPE_NAMES, check_device, check_flag, dtype_arg
 from .data import ImageDataset, ImagesLike, IndexedDataset, collate_images, join_units, list_images, worker_units
-from .fingerprint import (
-    PreprocessingFingerprintWarning,
-    dataset_fingerprint,
-    preprocessing_fingerprint,
-    weights_fingerprint,
+
+# the output folder's code lives in feature_folder / feature_metadata / feature_read / feature_write; the names
+# that were defined here before are re-exported (marked F401), so ``from internvit.features import X`` works
+from .feature_folder import (
+    DONE_STATS,  # noqa: F401
+    FEATURE_FOLDER_MARKERS,  # noqa: F401
+    FINISHED_HINT,  # noqa: F401
+    MANIFEST_FIELDS,  # noqa: F401
+    MODEL_DESCRIPTION_KEYS,
+    NONFINITE_ERROR,
+    _dist_rank_world,  # noqa: F401
+    canonical_paths,
+    check_manifest_extra,  # noqa: F401
+    inputs_checksum,
+    refuse_foreign_out,
+    refuse_not_features,  # noqa: F401
+    resolve_input_paths,
 )
-from .store import PARTS  # where the ranks of a distributed write keep their parts until rank 0 commits
-from .store import named_write_errors as _writing
+from .feature_metadata import output_text
+from .feature_read import (
+    ERRORS,  # noqa: F401
+    MANIFEST,  # noqa: F401
+    MappedFeatures,
+    open_features,
+    read_features,
+)
+from .feature_write import (
+    _ChunkedSink,  # noqa: F401
+    write_features,
+    write_shards,
+)
+from .fingerprint import dataset_fingerprint, preprocessing_fingerprint, weights_fingerprint
+from .store import PARTS  # noqa: F401
+from .store import named_write_errors as _writing  # noqa: F401
 from .transforms import build_transform, normalize_pixels, preprocess_config
 
 __all__ = ["FeatureExtractor", "FeatureResult", "read_features", "open_features", "MappedFeatures", "parse_dtype",
@@ -45,39 +73,6 @@ logger = logging.getLogger("internvit")
 
 POOLS = ("cls", "mean", "cls_mean", "grid")
 DTYPES = {name: getattr(torch, torch_name) for name, torch_name in DTYPE_NAMES.items()}
-MANIFEST = "manifest.json"
-ERRORS = "errors.jsonl"
-#: the ``error`` of a row whose features hold NaN or infinity (not stored; listed in ``errors.jsonl``)
-NONFINITE_ERROR = "non-finite features (NaN or infinity"
-
-
-def output_text(value: Union[str, bytes, os.PathLike]) -> str:
-    """The text written to every output (metadata, ``errors.jsonl``) for a path or other string ``value``.
-
-    A path that is valid UTF-8 is returned unchanged. A file name that is not (Python holds its undecodable
-    bytes as lone surrogates, ``os.fsdecode``'s ``surrogateescape``) is written with each undecodable byte as
-    ``\\xNN``: ``os.fsencode(p).decode('utf-8', 'backslashreplace')``, so ``b'bad\\xff.png'`` becomes the text
-    ``bad\\xff.png``. Other lone surrogates become ``\\uXXXX``. The row keeps its ``id`` (input row), so it
-    stays aligned with the inputs, and manifests count such paths (``num_escaped_paths``). Never raises for
-    a ``str``/``bytes``/path-like.
-    """
-    v = os.fspath(value) if isinstance(value, os.PathLike) else value
-    if isinstance(v, bytes):
-        return v.decode("utf-8", "backslashreplace")
-    try:
-        v.encode("utf-8")
-        return v
-    except UnicodeEncodeError:
-        pass
-    try:
-        return v.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # a surrogate that is not an escaped byte
-        return v.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def _output_value(v: Any) -> Any:
-    """An extra-column value as written: strings through :func:`output_text`, the rest unchanged."""
-    return output_text(v) if isinstance(v, str) else v
 
 
 def nonfinite_hint(dtype: torch.dtype) -> str:
@@ -117,11 +112,6 @@ def _patch_size(model: Optional[nn.Module]) -> Optional[int]:
     return None
 
 
-#: keys of the manifest's ``model`` that describe it without being part of the job identity (the weights
-#: fingerprint already identifies the weights)
-MODEL_DESCRIPTION_KEYS = ("name", "random_init")
-
-
 def _random_init(model: nn.Module) -> Optional[bool]:
     """``True`` when ``model`` holds a preset's random weights (``load_model(<preset>)``), ``False`` when it was
     loaded from weight files, ``None`` when that is not known (a model built by the caller)."""
@@ -153,17 +143,6 @@ def _check_not_empty(name: str, value: Any) -> None:
     """Raise ``ValueError('NAME: empty path')`` for ``''`` (which would mean the current folder)."""
     if isinstance(value, (str, bytes, os.PathLike)) and not os.fspath(value):
         raise ValueError(f"{name}: empty path")
-
-
-class _ChunkedSink:
-    """A file-like wrapper that makes ``np.save`` write in chunks through ``write`` (whose errors carry the
-    ``errno``) rather than ``ndarray.tofile`` (whose short writes carry none)."""
-
-    def __init__(self, f) -> None:
-        self.f = f
-
-    def write(self, data) -> int:
-        return self.f.write(data)
 
 
 class _RawEncoder:
@@ -660,90 +639,10 @@ class FeatureExtractor:
         :class:`~internvit.store.StoreBusyError` when another process writes the folder, and ``OSError``
         naming the file and the ``errno`` (e.g. ``ENOSPC``) when a file cannot be written.
         """
-        from .store import PendingJobError, Store, read_manifest
-        from .tiling import row_columns
-
-        _check_not_empty("out_dir", out_dir)
-        out_dir = os.fspath(out_dir)
-        _check_int("shard_size", shard_size, 1)
-        shard_size = int(shard_size)
-        manifest_extra = check_manifest_extra(manifest_extra)
-        if metadata_format not in ("parquet", "jsonl"):
-            raise ValueError(f"metadata_format must be 'parquet' or 'jsonl', got {metadata_format!r}")
-        for name, pattern in (("features_pattern", features_pattern), ("metadata_pattern", metadata_pattern)):
-            try:
-                a, b = pattern.format(shard=0), pattern.format(shard=1)
-            except (KeyError, IndexError, ValueError) as e:
-                raise ValueError(f"{name} {pattern!r}: must use only the field {{shard}} ({e})") from None
-            if a == b or os.path.isabs(a) or ".." in a.split("/") or a.split("/")[0] in (".store", ERRORS):
-                raise ValueError(f"{name} {pattern!r}: must be a relative path containing {{shard}}")
-        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-            raise ValueError(f"{out_dir}: exists and is not a folder")
-        refuse_foreign_out(out_dir)  # a user's folder is never filled, not even with overwrite=True
-
-        given = images
-        reserved = ("id", "path") + (tuple(row_columns(self.tiling)) if self.tiling is not None else ())
-        if isinstance(images, (str, os.PathLike)):  # a folder or list file: recorded with absolute paths
-            _check_not_empty("images", images)
-            listed = list_images(images)
-            images = resolve_input_paths(listed, out_dir, _extra_columns(extra_columns, len(listed), reserved))
-        ds = self._dataset(images)
-        _check_inputs(ds, given)
-        paths, n = ds.paths, len(ds)
-        columns = _extra_columns(extra_columns, n, reserved)
-        arrow_columns = _arrow_columns(columns) if metadata_format == "parquet" else None  # refused before work
-        if metadata_format == "jsonl":
-            _check_json_columns(columns)
-        t0 = time.perf_counter()
-        info = self.model_info()  # hashes every weight byte once per model (cached while the weights are unchanged)
-        fingerprint_s = {"fingerprint_seconds": round(time.perf_counter() - t0, 3)}
-        with warnings.catch_warnings():
-            if preprocess_id is not None:  # the warning asks for it: given, the callables are identified
-                warnings.simplefilter("ignore", PreprocessingFingerprintWarning)
-            preprocessing = self.input_preprocessing(images)
-        job = self.signature(paths, columns, shard_size=shard_size, features_pattern=features_pattern,
-                             metadata_pattern=metadata_pattern, metadata_format=metadata_format,
-                             manifest_extra=manifest_extra, model_info=info,
-                             preprocessing=preprocessing, preprocess_id=preprocess_id)
-        old = read_manifest(out_dir) if os.path.isdir(out_dir) else None
-        leftover_parts = os.path.isdir(os.path.join(out_dir, PARTS))
-        if old is not None:
-            refuse_not_features(out_dir, old)  # also with overwrite: an index folder is not replaced by features
-        if old is not None and not overwrite and not _same_job(old, job):
-            _refuse_other(out_dir, old, job, paths)
-        _refuse_unverified_reuse(out_dir, old, job)
-        if leftover_parts and not discard_pending:
-            _refuse_other_parts(out_dir, job)
-        if old is not None and _same_job(old, job) and not leftover_parts:
-            return dict(old, timing=dict(DONE_STATS, **fingerprint_s))  # finished: nothing is rewritten
-        plan = dict(out_dir=out_dir, ds=ds, paths=paths, columns=columns, arrow_columns=arrow_columns, info=info,
-                    job=job, shard_size=shard_size,
-                    features_pattern=features_pattern, metadata_pattern=metadata_pattern,
-                    metadata_format=metadata_format, overwrite=overwrite, discard_pending=discard_pending)
-        rank, world = _dist_rank_world()
-        try:
-            if world > 1:
-                from .distributed_features import write_distributed
-
-                return write_distributed(self, plan, rank, world)
-
-            with Store(out_dir, job=job, discard_pending=discard_pending, description="feature folder") as st:
-                if st.manifest is not None and _same_job(st.manifest, job):
-                    _remove_parts(out_dir)
-                    return dict(st.manifest, timing=dict(DONE_STATS, **fingerprint_s))  # finished meanwhile
-                if st.manifest is not None:
-                    refuse_not_features(out_dir, st.manifest)  # committed meanwhile by another tool
-                if st.manifest is not None and not overwrite:
-                    _refuse_other(out_dir, st.manifest, job, paths)
-                self._arm_warnings(info)
-                shards = _plan_shards(plan, st.generation)
-                records, stats = self._write_shards(st, plan, shards)
-                committed = _commit_features(st, plan, shards, records)
-        except PendingJobError as e:
-            raise PendingJobError(_pending_message(out_dir, job, e)) from None
-        finally:
-            self._armed = None
-        return dict(committed, timing=dict(stats, **fingerprint_s))
+        return write_features(self, images, out_dir, shard_size=shard_size, features_pattern=features_pattern,
+                              metadata_pattern=metadata_pattern, metadata_format=metadata_format,
+                              extra_columns=extra_columns, manifest_extra=manifest_extra, overwrite=overwrite,
+                              discard_pending=discard_pending, preprocess_id=preprocess_id)
 
     def _arm_warnings(self, info: Optional[dict]) -> None:
         """:meth:`write` has accepted the job (every check passed, the store's refusal of a different pending job
@@ -766,69 +665,9 @@ class FeatureExtractor:
             logger.warning(self.random_init_warning.format(name=info.get("name")))
 
     def _write_shards(self, st, plan: dict, shards: list[dict]) -> tuple[dict, dict]:
-        """Compute and write ``shards`` (those a resumed job has not finished) as data files of the store ``st``.
-
-        Returns ``({shard index: record}, timing)``; a record (``count``, ``shape``, ``errors``) is saved in the
-        store's journal once both files of its shard are durable.
-        """
-        ds, paths, columns = plan["ds"], plan["paths"], plan["columns"]
-        shard_size, metadata_format = plan["shard_size"], plan["metadata_format"]
-        records: dict[int, dict] = {}
-        for s in shards:  # shards an interrupted run of this job finished (files complete, record saved)
-            rec = st.state.get(f"shard-{s['index']}")
-            if rec is not None and {s["features"], s["metadata"]} <= st.pending_files:
-                records[s["index"]] = rec
-        feature_shape = _known_shape(records.values())
-        arrow_columns = plan["arrow_columns"]
-
-        def finish(s: dict, feats: list, ids: list, errs: list, shape: tuple, row_cols=None) -> None:
-            arr = np.concatenate(feats) if feats else np.zeros((0, *shape), np.float32)
-            arr = np.ascontiguousarray(arr, dtype=np.float32)
-            with _writing(os.path.join(st.folder, s["features"])):
-                with st.open_file(s["features"]) as tmp, open(tmp, "wb") as f:
-                    np.save(_ChunkedSink(f), arr)
-            with _writing(os.path.join(st.folder, s["metadata"])):
-                with st.open_file(s["metadata"]) as tmp:
-                    _write_metadata(tmp, metadata_format, ids, paths, columns, arrow_columns, row_cols)
-            # sha256 of the float32 rows: the shard's content identity, recorded in the manifest (a job over
-            # this folder, e.g. an index build, is resumed only over the same content, without re-reading it)
-            rec = {"count": len(ids), "shape": list(arr.shape[1:]), "errors": sorted([int(i), e] for i, e in errs),
-                   "sha256": hashlib.sha256(arr.data).hexdigest()}
-            with _writing(os.path.join(st.folder, ".store", "journal.jsonl")):
-                st.save_state(**{f"shard-{s['index']}": rec})  # the shard is done once this is durable
-            records[s["index"]] = json.loads(json.dumps(rec))
-
-        pending = [s for s in shards if s["index"] not in records]
-        # batches never cross a shard boundary, so a shard's numbers do not depend on what else is pending
-        batches = [b for s in pending for b in self._batches(s["start"], s["end"], ds)]
-        bufs = {s["index"]: ([], [], [], 0) for s in pending}
-        tile_cols: dict[int, dict] = {}  # tiles: per-row metadata columns of each pending shard
-        waiting = []  # finished shards with no readable image, written once the feature shape is known
-        by_index = {s["index"]: s for s in shards}
-        for ids, feats, errs, *b_tiles in self._run(ds, batches, sum(s["end"] - s["start"] for s in pending)):
-            k = (ids[0] if ids else errs[0][0]) // shard_size
-            for key, v in (b_tiles[0] if b_tiles else {}).items():
-                tile_cols.setdefault(k, {}).setdefault(key, []).extend(v)
-            f_list, id_list, err_list, seen = bufs[k]
-            if feats is not None:
-                self._fire_warnings()  # the first features of the job: the model's warnings print now
-                f_list.append(feats)
-                feature_shape = feature_shape or tuple(feats.shape[1:])
-            id_list.extend(ids)
-            err_list.extend(errs)
-            bufs[k] = (f_list, id_list, err_list, seen + len(set(ids)) + len(errs))  # images (a tile row each)
-            s = by_index[k]
-            if bufs[k][3] == s["end"] - s["start"]:
-                waiting.append(k)
-                if feature_shape is not None:
-                    for j in waiting:
-                        finish(by_index[j], *bufs.pop(j)[:3], feature_shape, _tile_cols(self, tile_cols, j))
-                    waiting = []
-        if waiting and feature_shape is None:  # no image of the whole job could be read
-            feature_shape = self._blank_output_shape()
-        for j in waiting:
-            finish(by_index[j], *bufs.pop(j)[:3], feature_shape or (0,), _tile_cols(self, tile_cols, j))
-        return records, (dict(self.last_stats) if pending else dict(DONE_STATS))
+        """Compute and write ``shards`` (those a resumed job has not finished) as data files of the store ``st``;
+        returns ``({shard index: record}, timing)`` (:func:`internvit.feature_write.write_shards`)."""
+        return write_shards(self, st, plan, shards)
 
     def _blank_output_shape(self) -> Optional[tuple]:
         """The shape of one output row, from a blank image (with tiles: a blank tile) at the preset
@@ -888,606 +727,3 @@ def prefetch(iterable, depth: int = 2) -> Iterator:
     finally:
         stop.set()
         thread.join()
-
-
-# ---------------------------------------------------------------------------------------------------
-# Committing
-# ---------------------------------------------------------------------------------------------------
-#: timing of a call that computed nothing
-DONE_STATS = {"seconds": 0.0, "images": 0, "images_per_s": None}
-
-
-def _dist_rank_world() -> tuple[int, int]:
-    """``(rank, world size)`` of an initialised ``torch.distributed`` group, else ``(0, 1)``."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _remove_parts(out_dir: str) -> None:
-    import shutil
-
-    from .store import fsync_dir
-
-    parts = os.path.join(out_dir, PARTS)
-    if os.path.isdir(parts):
-        shutil.rmtree(parts)
-        fsync_dir(out_dir)
-
-
-def _plan_shards(plan: dict, generation: int) -> list[dict]:
-    """The shards of a write, their rows and their file names (generation 1 keeps the plain names)."""
-    from .store import generation_name
-
-    n, size = len(plan["paths"]), plan["shard_size"]
-
-    def named(pattern: str, k: int) -> str:
-        rel = pattern.format(shard=k)
-        return rel if generation == 1 else generation_name(rel, generation)
-
-    return [{"index": k, "start": k * size, "end": min((k + 1) * size, n),
-             "features": named(plan["features_pattern"], k), "metadata": named(plan["metadata_pattern"], k)}
-            for k in range(math.ceil(n / size))]
-
-
-def _commit_features(st, plan: dict, shards: list[dict], records: dict) -> dict:
-    """Write ``errors.jsonl`` and commit the manifest of a feature folder (every shard written)."""
-    from .store import generation_name
-
-    paths, job = plan["paths"], plan["job"]
-    gen = st.generation
-    errors = sorted((i, e) for rec in records.values() for i, e in rec["errors"])
-    errors_file = ERRORS if gen == 1 else generation_name(ERRORS, gen)
-    with _writing(os.path.join(st.folder, errors_file)):
-        st.write_bytes(errors_file, "".join(
-            json.dumps({"id": i, "path": output_text(paths[i]), "error": output_text(e)}, ensure_ascii=False) + "\n"
-            for i, e in errors).encode("utf-8"))  # also when empty: same files on every run
-    feature_shape = list(_known_shape(records[s["index"]] for s in shards) or (0,))
-    manifest = {k: v for k, v in job.items() if k != "extra"}
-    manifest["model"] = plan["info"]  # with its name (not part of the job identity)
-    manifest.update({
-        "feature_shape": feature_shape,
-        "dim": feature_shape[0],
-        "count": int(sum(int(r["count"]) for r in records.values())),
-        "num_errors": len(errors),
-        "num_nonfinite": sum(1 for _, e in errors if e.startswith(NONFINITE_ERROR)),
-        "num_escaped_paths": sum(1 for p in paths if output_text(p) != p),
-        "errors_file": errors_file,
-        "shards": [dict(s, count=int(records[s["index"]]["count"]),
-                        **({"sha256": records[s["index"]]["sha256"]} if "sha256" in records[s["index"]] else {}))
-                   for s in shards],
-    })
-    manifest.update(job["extra"])
-    files = [errors_file] + [s[key] for s in shards for key in ("features", "metadata")]
-    with _writing(os.path.join(st.folder, MANIFEST)):
-        committed = st.commit(manifest, files)
-    _remove_parts(plan["out_dir"])
-    return committed
-
-
-# ---------------------------------------------------------------------------------------------------
-# Files
-# ---------------------------------------------------------------------------------------------------
-def inputs_checksum(paths: Sequence[str], extra_columns: Optional[Mapping[str, Sequence]] = None) -> str:
-    """SHA-256 of every input path and extra-column value, streamed (memory does not grow with the inputs)."""
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(os.fspath(p).encode("utf-8", "surrogateescape"))
-        h.update(b"\n")
-    for name in sorted(extra_columns or {}):
-        h.update(json.dumps(name).encode("utf-8") + b"\n")
-        for v in (extra_columns or {})[name]:
-            h.update(json.dumps(_to_json_value(v), default=str, ensure_ascii=False).encode("utf-8", "surrogateescape"))
-            h.update(b"\n")
-    return h.hexdigest()
-
-
-def canonical_paths(paths: Sequence[str]) -> list[str]:
-    """``paths`` made absolute, each file's folder by its real path (``os.path.realpath``: ``./many``, ``many``,
-    an absolute path, another working directory or a symlinked folder all give the same text); the file name
-    itself is kept, so a symlinked *file* stays its own row. ``realpath`` runs once per folder."""
-    real: dict[str, str] = {}
-    out = []
-    for p in paths:
-        folder, name = os.path.split(os.path.abspath(os.fspath(p)))
-        if folder not in real:
-            real[folder] = os.path.realpath(folder)
-        out.append(os.path.join(real[folder], name))
-    return out
-
-
-def resolve_input_paths(paths: Sequence[str], out_dir: Union[str, os.PathLike],
-                        extra_columns: Optional[Mapping[str, Sequence]] = None) -> list[str]:
-    """The paths :meth:`FeatureExtractor.write` records for a folder or list file: :func:`canonical_paths`, so
-    another spelling of the same folder is the same job (resumed or reused). A folder ``out_dir`` holding a job
-    (finished or interrupted) whose inputs are ``paths`` as listed (written before paths were made absolute)
-    keeps them as listed, so that job still resumes."""
-    paths = [os.fspath(p) for p in paths]
-    canon = canonical_paths(paths)
-    if canon == paths:
-        return canon
-    out_dir = os.fspath(out_dir)
-    recorded = set()
-    if out_dir and os.path.isdir(out_dir):
-        from .store import read_manifest
-
-        recorded.add((read_manifest(out_dir) or {}).get("inputs_checksum"))
-        recorded.add(((_pending_header(out_dir) or {}).get("job") or {}).get("inputs_checksum"))
-    recorded.discard(None)
-    if recorded and inputs_checksum(canon, extra_columns) not in recorded \
-            and inputs_checksum(paths, extra_columns) in recorded:
-        return paths
-    return canon
-
-
-#: entries that make a folder a feature extraction's (besides the store's own ``.store`` and ``.parts``)
-FEATURE_FOLDER_MARKERS = (MANIFEST, "progress.json")
-
-
-def refuse_foreign_out(out_dir: Union[str, os.PathLike]) -> None:
-    """Refuse an output folder that holds files but no feature extraction (a user's photos, another tool's
-    output): ``FileExistsError`` naming a few of its entries; ``NotADirectoryError`` when ``out_dir`` is a file
-    or lies under one. A missing or empty folder, or one of a finished or interrupted feature extraction (any
-    job: another job's finished features are then refused or replaced by :meth:`FeatureExtractor.write`), passes.
-    The one check of :meth:`FeatureExtractor.write` and ``tools/extract_features.py``, before any work."""
-    from .store import refuse_foreign_folder
-
-    refuse_foreign_folder(out_dir, FEATURE_FOLDER_MARKERS, "feature extraction")
-
-
-def _same_job(manifest: Mapping[str, Any], job: Mapping[str, Any]) -> bool:
-    from .store import job_id
-
-    return (manifest.get("_store") or {}).get("job_id") == job_id(job)
-
-
-#: the end of every refusal of a folder that holds finished features of another job
-FINISHED_HINT = ("use another output folder (this one holds finished features: delete it, or pass --overwrite "
-                 "(overwrite=True), only if you no longer need them)")
-
-
-def _inputs_difference(out_dir: str, manifest: Mapping[str, Any], paths: Optional[Sequence[str]]) -> str:
-    """In words, how the committed inputs of ``manifest`` differ from ``paths`` (same number of inputs, another
-    checksum): the first row whose path differs, read shard by shard from the folder's metadata and
-    ``errors.jsonl`` (it stops at the first difference, usually in the first shard)."""
-    if paths is None:
-        return "the image paths or extra-column values differ"
-    try:
-        errors: dict[int, str] = {}
-        err_file = os.path.join(out_dir, manifest.get("errors_file") or ERRORS)
-        if os.path.isfile(err_file):
-            with open(err_file, encoding="utf-8") as f:
-                errors = {int(r["id"]): r["path"] for r in map(json.loads, f) if r}
-        for s in manifest["shards"]:
-            there = {int(r["id"]): r["path"] for r in _read_rows(out_dir, dict(manifest, shards=[s]), ["id", "path"])}
-            for i in range(int(s["start"]), int(s["end"])):
-                old, now = there.get(i, errors.get(i)), output_text(paths[i])
-                if old is not None and old != now:
-                    return (f"the image paths differ (row {i}: {old!r} there, {now!r} now; give the images of the "
-                            f"finished job: a folder or list file is recorded with absolute paths, so another "
-                            f"spelling of the same folder is the same job)")
-    except (OSError, ValueError, KeyError, TypeError):  # an unreadable record: say what is known
-        return "the image paths or extra-column values differ"
-    return "the image paths are the same, but the extra-column values differ"
-
-
-def refuse_not_features(out_dir: str, manifest: Mapping[str, Any]) -> None:
-    """``ValueError`` when the committed ``manifest.json`` of ``out_dir`` is not a feature folder's (a FAISS index
-    folder of ``tools/build_index.py``, another tool's manifest): with or without ``overwrite`` (which replaced an
-    index folder's manifest by features, leaving its index file orphaned), only features are ever replaced."""
-    if "shards" not in manifest or "_store" not in manifest:
-        raise ValueError(f"{out_dir}: its manifest.json is not a feature folder's (no store record and "
-                         f"shards): a folder no feature extraction wrote (overwrite / --overwrite replaces only "
-                         f"features); give a new or empty folder")
-
-
-def _refuse_other(out_dir: str, manifest: Mapping[str, Any], job: Mapping[str, Any],
-                  paths: Optional[Sequence[str]] = None) -> None:
-    """Raise ``ValueError`` naming the first field in which committed features differ from ``job`` (or saying
-    that the folder's ``manifest.json`` is not one a feature extraction wrote). ``paths`` (this call's inputs)
-    let a difference of inputs name the first row that differs."""
-    refuse_not_features(out_dir, manifest)
-    for key, b in job.items():
-        if key == "extra":
-            a = {k: manifest.get(k) for k in b}
-        else:
-            a = manifest.get(key)
-        if key == "model" and isinstance(a, dict) and isinstance(b, dict):
-            a = {k: v for k, v in a.items() if k not in MODEL_DESCRIPTION_KEYS}
-            if a != b:
-                diff = next(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
-                raise ValueError(f"{out_dir} holds features made with a different model ({diff} differs); "
-                                 f"{FINISHED_HINT}")
-        elif key == "num_inputs" and a != b:
-            raise ValueError(f"{out_dir} holds features of another list of images (num_inputs): the number of "
-                             f"input images differs ({a} there, {b} now); {FINISHED_HINT}")
-        elif key == "inputs_checksum" and a != b:
-            raise ValueError(f"{out_dir} holds features of another list of images (inputs_checksum): "
-                             f"{_inputs_difference(out_dir, manifest, paths)}; {FINISHED_HINT}")
-        elif a != b:
-            raise ValueError(f"{out_dir} holds features made with different arguments ({key}: "
-                             f"{_short(a)} there, {_short(b)} now); {FINISHED_HINT}")
-    if manifest.get("tiling") != job.get("tiling"):  # tiles vs whole images (only tile jobs carry the key)
-        raise ValueError(f"{out_dir} holds features made with different arguments (tiling: "
-                         f"{_short(manifest.get('tiling'))} there, {_short(job.get('tiling'))} now); "
-                         f"{FINISHED_HINT}")
-    raise ValueError(f"{out_dir} holds features of another job (written by another version?); {FINISHED_HINT}")
-
-
-def _pending_header(out_dir: str) -> Optional[dict]:
-    """The ``begin`` record of the job pending in ``out_dir``'s store journal (``None`` when there is none or it
-    belongs to an already committed generation). Read only: no lock is taken."""
-    from .store import JOURNAL, STORE_KEY
-
-    try:
-        with open(os.path.join(out_dir, JOURNAL), encoding="utf-8") as f:
-            lines = f.read().split("\n")
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    header = None
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and rec.get("op") == "begin":
-            header = rec
-    if header is None:
-        return None
-    from .store import read_manifest
-
-    base = int(((read_manifest(out_dir) or {}).get(STORE_KEY) or {}).get("generation") or 0)
-    return header if header.get("generation") == base else None
-
-
-def _refuse_other_parts(out_dir: str, job: Mapping[str, Any]) -> None:
-    """``PendingJobError`` when ``out_dir``'s :data:`PARTS` holds a part of an interrupted distributed job (pending
-    or committed, before rank 0's merge) that is not ``job``'s: a different job took the folder and dropped
-    those parts silently, where an interrupted single-process job is refused (pass ``discard_pending``)."""
-    import re
-
-    from .store import STORE_KEY, PendingJobError, _first_difference, job_id, read_manifest
-
-    parts = os.path.join(out_dir, PARTS)
-    for name in sorted(os.listdir(parts)) if os.path.isdir(parts) else ():
-        m = re.fullmatch(r"rank-(\d+)-of-(\d+)", name)
-        if m is None:
-            continue
-        folder = os.path.join(parts, name)
-        mine = dict(job, part={"rank": int(m[1]), "world": int(m[2])})
-        header = _pending_header(folder)
-        found = (header or {}).get("job_id") or ((read_manifest(folder) or {}).get(STORE_KEY) or {}).get("job_id")
-        if found is None or found == job_id(mine):
-            continue
-        d = _first_difference(header.get("job") or {}, mine) if header else None
-        what = f" ({d[0]}: {_short(d[1])} there, {_short(d[2])} now)" if d else ""
-        raise PendingJobError(f"{out_dir}: an interrupted job of {m[2]} processes is pending in this feature folder "
-                              f"({PARTS}/{name}) and this one differs{what}; rerun the interrupted command to finish "
-                              f"it, or drop it with --discard-pending (discard_pending=True)")
-
-
-def _refuse_unverified_reuse(out_dir: str, old: Optional[dict], job: Mapping[str, Any]) -> None:
-    """Refuse to reuse or resume a job whose preprocessing includes callables known only by name."""
-    from .store import job_id
-
-    names = (job.get("preprocessing") or {}).get("unverified_callables")
-    if not names or "preprocess_id" in job["preprocessing"]:
-        return
-    header = _pending_header(out_dir) if os.path.isdir(out_dir) else None
-    finished = old is not None and _same_job(old, job)
-    pending = header is not None and header.get("job_id") == job_id(job)
-    if finished or pending:
-        raise ValueError(
-            f"{out_dir} holds {'features' if finished else 'an interrupted job'} made with a preprocessing that "
-            f"includes {', '.join(names)}, whose parameters cannot be recorded, so it cannot be told whether "
-            f"they match this call's; pass preprocess_id='...' (a name you change whenever that preprocessing "
-            f"changes) to {'reuse' if finished else 'resume'} it, or use another output folder or delete it")
-
-
-def _pending_message(out_dir: str, job: Mapping[str, Any], e: BaseException) -> str:
-    """The message of a refused pending job, naming the field that differs and how to drop the job."""
-    from .store import _first_difference
-
-    header = _pending_header(out_dir) or {}
-    d = _first_difference(header.get("job") or {}, dict(job)) if header else None
-    if not d:
-        return str(e)
-    what = f" ({d[0]}: {_short(d[1])} there, {_short(d[2])} now)"
-    if d[0] == "num_inputs":
-        what = f" (num_inputs): the number of input images differs ({d[1]} there, {d[2]} now)"
-    elif d[0] == "inputs_checksum":
-        what = (f" (inputs_checksum): the same number of input images ({job.get('num_inputs')}) but other image "
-                f"paths or extra-column values (another folder or list of images, or its files changed; a folder or "
-                f"list file is recorded with absolute paths, so another spelling of the same folder is the same job)")
-    return (f"{out_dir}: an interrupted job is pending in this feature folder and this one differs{what}; rerun "
-            f"the interrupted command to finish it, or drop it with --discard-pending (discard_pending=True)")
-
-
-def _known_shape(records) -> Optional[tuple]:
-    for rec in records:
-        if rec["count"] > 0 or rec["shape"] != [0]:
-            return tuple(rec["shape"])
-    return None
-
-
-def _extra_columns(extra_columns: Optional[Mapping[str, Sequence]], n: int,
-                   reserved: Sequence[str] = ("id", "path")) -> dict:
-    """The extra metadata columns as lists of ``n`` values; ``ValueError`` for a name among ``reserved`` (the
-    columns the job writes itself: ``id``, ``path`` and, with tiles, the tile columns, which took the place of a
-    user's column of that name silently) or a column of another length."""
-    out = {}
-    for name, values in (extra_columns or {}).items():
-        if name in reserved:
-            raise ValueError(f"extra_columns: {name!r} is a reserved column name (this job writes "
-                             f"{', '.join(reserved)} itself); rename it")
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"extra_columns: column names must be non-empty str, got {name!r}")
-        if isinstance(values, (str, bytes)):  # 'ab' for 2 images gave 'a' and 'b', silently
-            raise TypeError(f"extra_columns[{name!r}] is a {type(values).__name__}, not one value per image: "
-                            f"give a list ([{values!r:.40}] * n for the same value on every row)")
-        values = list(values)
-        if len(values) != n:
-            raise ValueError(f"extra_columns[{name!r}] has {len(values)} values for {n} images")
-        out[name] = values
-    return out
-
-
-def _plain(v: Any) -> Any:
-    """An extra-column value as it must read back: NumPy scalars and arrays as Python values, tuples as lists,
-    strings as written (:func:`output_text`)."""
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
-    return _output_value(v)
-
-
-def _kept(want: Any, got: Any) -> bool:
-    """Whether ``got`` (read back from Arrow) is ``want`` with its types: ``1`` read back as ``1.0``, ``'a'`` as
-    ``b'a'`` or a missing key as ``None`` is not."""
-    if type(want) is not type(got):
-        return False
-    if isinstance(want, list):
-        return len(want) == len(got) and all(_kept(a, b) for a, b in zip(want, got))
-    if isinstance(want, dict):
-        return want.keys() == got.keys() and all(_kept(want[k], got[k]) for k in want)
-    return want == got or (want != want and got != got)  # NaN is kept as NaN
-
-
-#: the fields of a feature folder's manifest that the job writes itself (:meth:`FeatureExtractor.write`; the store
-#: adds ``_store``, ``write`` returns ``timing``): ``manifest_extra`` may not replace them
-MANIFEST_FIELDS = ("dtype", "model", "embed_fn", "preprocessing", "pool", "layers", "normalize", "shard_size",
-                   "num_inputs", "inputs_checksum", "features_pattern", "metadata_pattern", "metadata_format",
-                   "tiling", "normalize_after", "feature_shape", "dim", "count", "num_errors", "num_nonfinite",
-                   "num_escaped_paths", "errors_file", "shards", "_store", "timing")
-
-
-def check_manifest_extra(manifest_extra: Optional[Mapping[str, Any]]) -> dict:
-    """``manifest_extra`` as a dict, checked before any work: a ``Mapping`` of str keys that are not the
-    manifest's own fields (:data:`MANIFEST_FIELDS`: ``{'count': 99}`` replaced the count, ``{'shards': 1}``
-    committed a folder no reader could open) holding JSON values JSON keeps as they are (an ``object()`` was
-    written as its ``repr``, with a memory address that differs on every run; NaN is not JSON)."""
-    if manifest_extra is None:
-        return {}
-    if not isinstance(manifest_extra, Mapping):
-        raise TypeError(f"manifest_extra must be a dict, got {type(manifest_extra).__name__}")
-    own = [k for k in manifest_extra if k in MANIFEST_FIELDS]
-    if own:
-        raise ValueError(f"manifest_extra: {', '.join(map(repr, own))} is a field the job writes itself; use "
-                         f"another name")
-    for k, v in manifest_extra.items():
-        try:
-            json.dumps(v, allow_nan=False)  # no default=: what JSON cannot hold is refused, never its repr
-        except (TypeError, ValueError):
-            ok = False
-        else:
-            ok = isinstance(k, str)
-        if not ok:
-            raise ValueError(f"manifest_extra[{k!r}] = {v!r:.60}: give JSON data (None, bool, int, finite float, "
-                             f"str, lists and dicts of them) under a str key")
-    return dict(manifest_extra)
-
-
-def _json_native(v: Any) -> bool:
-    """Whether JSON holds ``v`` as it is (``None``, bool, int, float, str, lists and str-keyed dicts of them)."""
-    if v is None or isinstance(v, (bool, int, float, str)):
-        return True
-    if isinstance(v, list):
-        return all(_json_native(x) for x in v)
-    return isinstance(v, dict) and all(isinstance(k, str) and _json_native(x) for k, x in v.items())
-
-
-def _check_json_columns(columns: dict) -> None:
-    """``ValueError`` naming the column and row of a value JSON lines would store as another (``b'a'`` as the
-    text ``"b'a'"``, a path object as text, an int dict key as a str key)."""
-    for k, v in columns.items():
-        for i, x in enumerate(v):
-            x = _plain(x)
-            if not _json_native(x):
-                raise ValueError(f"extra_columns[{k!r}]: row {i} holds {x!r} ({type(x).__name__}), which a JSON "
-                                 f"lines metadata file would store as another value (e.g. its text); give "
-                                 f"None, bool, int, float, str, lists or str-keyed dicts of them")
-
-
-def _arrow_columns(columns: dict) -> dict:
-    """Each extra column converted to Arrow once (per shard only the rows are taken: linear in total).
-
-    A parquet column holds one type: a column whose values Arrow would store as another type (ints among floats
-    read back as floats, strings among bytes as bytes) or cannot store together (ints and strings) is refused
-    with ``ValueError`` naming the column and its first row that would not be kept, never coerced silently."""
-    import pyarrow as pa
-
-    out = {}
-    for k, v in columns.items():
-        values = [_plain(x) for x in v]  # what must read back
-        advice = ("give the column values of one type (e.g. all str), or write metadata_format='jsonl', which "
-                  "keeps each value's type")
-        try:
-            arr = pa.array([_output_value(x) for x in v])  # NumPy scalars keep their Arrow type (float32, ...)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError) as e:
-            kinds = {}
-            for i, x in enumerate(values):
-                kinds.setdefault(type(x).__name__, i)
-            found = ", ".join(f"{t} (first at row {i})" for t, i in kinds.items())
-            raise ValueError(f"extra_columns[{k!r}]: cannot be stored in one parquet column: values of types "
-                             f"{found} ({str(e).splitlines()[0]}); {advice}") from None
-        back = arr.to_pylist()
-        bad = next((i for i, (a, b) in enumerate(zip(values, back)) if not _kept(a, b)), None)
-        if bad is not None:
-            raise ValueError(f"extra_columns[{k!r}]: row {bad} holds {values[bad]!r} "
-                             f"({type(values[bad]).__name__}), which a parquet column of {arr.type} stores as "
-                             f"{back[bad]!r}; {advice}")
-        out[k] = arr
-    return out
-
-
-def _to_json_value(v: Any) -> Any:
-    return v.item() if isinstance(v, np.generic) else v
-
-
-def _write_metadata(path: str, fmt: str, ids: list[int], paths: Sequence[str], columns: dict,
-                    arrow_columns: Optional[dict] = None, row_columns: Optional[dict] = None) -> None:
-    """Write the metadata rows ``ids`` (input rows) to ``path`` (exactly that file).
-
-    ``row_columns`` (tiles): more columns given per written row (aligned with ``ids``), after the others.
-    """
-    row_columns = row_columns or {}
-    if fmt == "jsonl":
-        with open(path, "w", encoding="utf-8") as f:
-            for j, i in enumerate(ids):
-                row = {"id": int(i), "path": output_text(paths[i])}
-                row.update({k: _output_value(_to_json_value(v[i])) for k, v in columns.items()})
-                row.update({k: _to_json_value(v[j]) for k, v in row_columns.items()})
-                f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
-        return
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    arrow_columns = arrow_columns if arrow_columns is not None else _arrow_columns(columns)
-    take = pa.array(ids, pa.int64())
-    data = {"id": take, "path": pa.array([output_text(paths[i]) for i in ids], pa.string())}
-    for k, full in arrow_columns.items():
-        data[k] = full.take(take)
-    for k, v in row_columns.items():
-        data[k] = pa.array(v)
-    pq.write_table(pa.table(data), path)
-
-
-def _tile_cols(fx: "FeatureExtractor", tile_cols: dict, shard: int) -> Optional[dict]:
-    """The per-row tile columns of a finished shard (``None`` without tiles; empty lists for an empty shard)."""
-    if fx.tiling is None:
-        return None
-    from .tiling import row_columns
-
-    return tile_cols.pop(shard, None) or {k: [] for k in row_columns(fx.tiling)}
-
-
-def _short(v: Any, limit: int = 60) -> str:
-    s = json.dumps(v, default=str)
-    return s if len(s) <= limit else s[:limit] + "..."
-
-
-def _read_rows(out_dir: str, manifest: dict, columns: Optional[Sequence[str]] = None) -> list[dict]:
-    rows = []
-    for s in manifest["shards"]:
-        mpath = os.path.join(out_dir, s["metadata"])
-        if manifest.get("metadata_format", "parquet") == "jsonl":
-            with open(mpath, encoding="utf-8") as f:
-                part = [json.loads(line) for line in f if line.strip()]
-            rows.extend(part if columns is None else [{c: r.get(c) for c in columns} for r in part])
-        else:
-            import pyarrow.parquet as pq
-
-            rows.extend(pq.read_table(mpath, columns=list(columns) if columns else None).to_pylist())
-    return rows
-
-
-def _committed(out_dir: str) -> dict:
-    from .store import read_manifest
-
-    manifest = read_manifest(out_dir)
-    if manifest is None:
-        raise FileNotFoundError(f"{os.path.join(out_dir, MANIFEST)}: no manifest (not a finished feature folder)")
-    if "shards" not in manifest:
-        raise ValueError(f"{os.path.join(out_dir, MANIFEST)}: not a feature folder manifest (no 'shards')")
-    return manifest
-
-
-def read_features(out_dir: Union[str, os.PathLike]) -> tuple[np.ndarray, list[dict]]:
-    """Load a folder written by :meth:`FeatureExtractor.write`: ``(features, metadata rows)`` in input order.
-
-    ``features`` is float32 ``(count, *feature_shape)``; only the files of the committed manifest are read
-    (one consistent state, even while a writer works on the folder). Raises ``FileNotFoundError`` when
-    nothing was committed.
-    """
-    from .store import read_consistent
-
-    out_dir = os.fspath(out_dir)
-    _committed(out_dir)
-
-    def read(manifest: dict):
-        feats = [np.load(os.path.join(out_dir, s["features"])) for s in manifest["shards"]]
-        rows = _read_rows(out_dir, manifest)
-        shape = tuple(manifest.get("feature_shape") or (0,))
-        return (np.concatenate(feats) if feats else np.zeros((0, *shape), np.float32)), rows
-
-    return read_consistent(out_dir, read)
-
-
-class MappedFeatures:
-    """Read-only, memory-mapped features of a committed feature folder (no copy in RAM).
-
-    ``len(m)`` rows; ``m[i]`` is row ``i`` (an ``np.ndarray`` view of ``feature_shape``, float32);
-    ``m.shape`` / ``m.dtype``; ``np.asarray(m)`` materialises all rows. Each shard ``.npy`` is mapped with
-    ``np.load(mmap_mode='r')``; the files stay readable even if a later writer replaces the folder's content.
-    """
-
-    def __init__(self, out_dir: str, manifest: dict) -> None:
-        self.out_dir, self.manifest = out_dir, manifest
-        self.parts = [np.load(os.path.join(out_dir, s["features"]), mmap_mode="r") for s in manifest["shards"]]
-        self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
-        self.shape = (int(self.offsets[-1]), *tuple(manifest.get("feature_shape") or (0,)))
-        self.dtype = np.dtype(np.float32)
-        self.row_shape: Optional[tuple] = None
-
-    def reshape_rows(self, row_shape: Sequence[int]) -> "MappedFeatures":
-        """View every row as ``row_shape`` (one ``-1`` allowed), e.g. flattened tokens as ``(L, C)``; returns self."""
-        row = np.empty(self.shape[1:], np.uint8).reshape(tuple(row_shape))  # raises if the sizes do not fit
-        self.row_shape = row.shape
-        self.shape = (self.shape[0], *row.shape)
-        return self
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        i = int(i)
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(f"row {i} out of range for {len(self)} features")
-        k = int(np.searchsorted(self.offsets, i, side="right")) - 1
-        row = self.parts[k][i - self.offsets[k]]
-        return row if self.row_shape is None else row.reshape(self.row_shape)
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        out = np.concatenate(self.parts) if self.parts else np.zeros(self.shape, np.float32)
-        out = out.reshape(self.shape)
-        return out if dtype is None else out.astype(dtype)
-
-
-def open_features(out_dir: Union[str, os.PathLike], columns: Optional[Sequence[str]] = None
-                  ) -> tuple[MappedFeatures, list[dict]]:
-    """Like :func:`read_features`, but the features are memory-mapped (:class:`MappedFeatures`) and only the
-    metadata ``columns`` (all when ``None``) are read."""
-    from .store import read_consistent
-
-    out_dir = os.fspath(out_dir)
-    _committed(out_dir)
-    return read_consistent(out_dir, lambda m: (MappedFeatures(out_dir, m), _read_rows(out_dir, m, columns)))
