@@ -4,8 +4,10 @@ The work is split by concern; this module re-exports it so ``from retrieval.inde
 
 * :mod:`retrieval.index_plan` — parse an ``index_factory`` key, estimate memory, choose a key, check that a key
   can be built from the vectors at hand;
-* :mod:`retrieval.index_build` — :func:`build_index`, :func:`add_to_index`, :func:`remove_from_index`, each
-  committed through :mod:`internvit.store` (resumable, crash-safe, one writer at a time);
+* :mod:`retrieval.index_build` — :func:`build_index`; :mod:`retrieval.index_add` — :func:`add_to_index`,
+  :func:`remove_from_index`; each committed through :mod:`internvit.store` (resumable, crash-safe, one writer at a
+  time), sharing :mod:`retrieval.index_job` (the add pass, checkpoints, rollback) and :mod:`retrieval.index_source`
+  (metadata, row scan, source records and identity);
 * :mod:`retrieval.index_tune` — exact ground truth, recall@k, held-out queries, nprobe / efSearch tuning;
 * :mod:`retrieval.index_folder` — the committed manifest and :func:`open_index` (what a reader sees);
 * :mod:`retrieval.faiss_ops` — the one place faiss is imported, and small faiss operations.

@@ -272,7 +272,7 @@ def recorded_hint(out_dir: str) -> str:
 
 def _recorded(out_dir: str, embeddings_dir: str) -> bool:
     """Whether the committed index in ``out_dir`` was built from (or added) ``embeddings_dir``: by path or by
-    content (:func:`~retrieval.index_build.recorded_source`), so a copied or moved index folder knows its own."""
+    content (:func:`~retrieval.index_source.recorded_source`), so a copied or moved index folder knows its own."""
     manifest = _committed(out_dir) or {}
     return "index_file" in manifest and recorded_source(manifest, embeddings_dir) is not None
 

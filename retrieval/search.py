@@ -35,7 +35,7 @@ class SearchResult:
         for q, hits in enumerate(self.rows):
             for rank, row in enumerate(hits, 1):
                 label = self.queries[q] if q < len(self.queries) else q
-                # a metadata column of an index built before such columns were refused (index_build.RESULT_FIELDS)
+                # a metadata column of an index built before such columns were refused (index_source.RESULT_FIELDS)
                 # never replaces the hit's own query and rank
                 out.append(dict({"query": label, "rank": rank, **row}, query=label, rank=rank))
         return out

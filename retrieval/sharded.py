@@ -92,7 +92,7 @@ def set_id_offset(index_dir: Union[str, os.PathLike], id_offset: int) -> dict:
     """Record ``id_offset`` (the global id of the folder's id 0) in an index folder's manifest, as a new
     committed generation (same data files); returns the manifest. ``ValueError`` for an offset that is not an
     integer >= 0 or puts the folder's last id (``id_offset + next_id - 1``) beyond ``2**63 - 1``.
-    (:func:`~retrieval.index_build.build_index` / :func:`~retrieval.index_build.add_to_index` take
+    (:func:`~retrieval.index_build.build_index` / :func:`~retrieval.index_add.add_to_index` take
     ``id_offset=`` too, and record it in the same commit as the rows.)"""
     index_dir = os.fspath(index_dir)
     manifest = read_manifest(index_dir)

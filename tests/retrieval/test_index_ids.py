@@ -171,10 +171,12 @@ def test_id_map_key_builds_and_a_failed_build_rolls_back(parts, capsys, monkeypa
     assert r.search_embedding(x[7], 1).ids[0, 0] == 7 and r.metadata(7)["caption"] == "row 7"
     # a deterministic failure mid-build (here: faiss refusing the vectors) leaves nothing behind
     import retrieval.index_build as ib
+    import retrieval.index_job as ij  # the add pass (_populate) lives there; the build adds held-out rows itself
 
     def refuse(index, batch, ids):
         raise RuntimeError("Error in add at Index.cpp:1: refused")
 
+    monkeypatch.setattr(ij, "add_vectors", refuse)
     monkeypatch.setattr(ib, "add_vectors", refuse)
     with pytest.raises(RuntimeError, match="refused"):
         build_index(str(tmp / "A"), tmp / "new", index_key="Flat", progress=False)
@@ -192,6 +194,7 @@ def test_id_map_key_builds_and_a_failed_build_rolls_back(parts, capsys, monkeypa
         calls.append(1)
         raise KeyboardInterrupt
 
+    monkeypatch.setattr(ij, "add_vectors", interrupt)
     monkeypatch.setattr(ib, "add_vectors", interrupt)
     with pytest.raises(KeyboardInterrupt):
         build_index(str(tmp / "A"), tmp / "ik2", index_key="IDMap,Flat", progress=False)
