@@ -33,8 +33,20 @@ REQUIRED = ("index_file", "dim", "ntotal", "next_id", "kind", "index_key")
 def check_index_destination(out_dir: str) -> None:
     """Refuse, before any work, an ``out_dir`` that is a folder holding files but no index build (no committed
     or interrupted index, no embeddings of one): a build writes its files by name and would fail on, or
-    replace, a user's. Raises ``FileExistsError`` (:func:`internvit.store.refuse_foreign_folder`)."""
+    replace, a user's. Raises ``FileExistsError`` (:func:`internvit.store.refuse_foreign_folder`), also for a
+    folder whose committed ``manifest.json`` is not an index's (a feature or embeddings folder written before
+    the store recorded each folder's kind, which :class:`internvit.store.Store` refuses by itself)."""
     _store.refuse_foreign_folder(out_dir, (".store", "manifest.json", "embeddings", "embeddings-add-*"), "index")
+    try:
+        manifest = _store.read_manifest(out_dir) if os.path.isdir(out_dir) else None
+    except _store.StoreError:
+        manifest = None  # unreadable: the index's own reading names it
+    missing = [k for k in REQUIRED if manifest is not None and k not in manifest]
+    if missing:
+        kind = (manifest.get(_store.STORE_KEY) or {}).get("description")
+        what = (f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind}, not an index" if kind else
+                f"a {MANIFEST} that is not an index's (no {missing[0]!r}; a feature or embeddings folder?)")
+        raise FileExistsError(f"{out_dir}: holds {what}: nothing was changed; give another folder")
 
 
 def check_id_offset(id_offset, next_id: int, where: Optional[str] = None) -> int:

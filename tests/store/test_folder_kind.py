@@ -149,3 +149,18 @@ def test_an_index_over_features_is_refused(inputs, tmp_path):
     before = _snapshot(killed_dir)
     _one_error(_build(inputs / "emb", killed_dir, "--overwrite"), "interrupted job of a feature folder")
     assert _snapshot(killed_dir) == before
+
+
+def test_an_index_over_features_from_before_the_kind_was_recorded_is_refused(inputs, tmp_path):
+    """A feature folder written before 2026-12-04 records no kind: the index's own destination check reads its
+    manifest (no index fields) and refuses it, with --overwrite too."""
+    out = tmp_path / "old_features"
+    assert _extract(inputs / "images", out).returncode == 0
+    manifest = read_manifest(out)
+    del manifest[STORE_KEY]["description"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    before = _snapshot(out)
+    for extra in ((), ("--overwrite",)):
+        _one_error(_build(inputs / "emb", out, *extra), "holds a manifest.json that is not an index's",
+                   "nothing was changed")
+    assert _snapshot(out) == before
