@@ -212,6 +212,11 @@ def refuse_not_features(out_dir: str, manifest: Mapping[str, Any]) -> None:
     """``ValueError`` when the committed ``manifest.json`` of ``out_dir`` is not a feature folder's (a FAISS index
     folder of ``tools/build_index.py``, another tool's manifest): with or without ``overwrite`` (which replaced an
     index folder's manifest by features, leaving its index file orphaned), only features are ever replaced."""
+    kind = (manifest.get("_store") or {}).get("description") if isinstance(manifest.get("_store"), dict) else None
+    if kind not in (None, "feature folder"):  # the kind the store recorded (2026-12-04 on)
+        raise ValueError(f"{out_dir}: holds {'an' if kind[:1] in 'aeiou' else 'a'} {kind}, not a feature folder: "
+                         f"nothing was changed (overwrite / --overwrite replaces only features); give a new or "
+                         f"empty folder")
     if "shards" not in manifest or "_store" not in manifest:
         raise ValueError(f"{out_dir}: its manifest.json is not a feature folder's (no store record and "
                          f"shards): a folder no feature extraction wrote (overwrite / --overwrite replaces only "

@@ -267,7 +267,7 @@ def test_overwrite_replaces_only_features_never_an_index_folder(tiny_vit, tmp_pa
     build_index(str(emb), str(tmp_path / "idx"))
     before = {p.name: p.read_bytes() for p in (tmp_path / "idx").iterdir() if p.is_file()}
     for overwrite in (False, True):
-        with pytest.raises(ValueError, match="not a feature folder's .* replaces only features"):
+        with pytest.raises(ValueError, match="holds an index, not a feature folder: .* replaces only features"):
             FeatureExtractor(tiny_vit, progress=False).write(paths, tmp_path / "idx", overwrite=overwrite)
     assert {p.name: p.read_bytes() for p in (tmp_path / "idx").iterdir() if p.is_file()} == before
     # a feature folder of another job is still replaced with overwrite=True

@@ -99,10 +99,34 @@ def _pending(idx) -> bool:
 
 
 def test_build_survives_a_kill_at_every_write_point(tmp_path, zygote):
+    """After each kill, features written with overwrite=True onto the folder are refused (the folder's kind,
+    index, is recorded from the journal's first record on: before 2026-12-04 they took the folder of a killed
+    first build); the index rerun then ends byte-identical."""
+    import internvit
+    from internvit.features import FeatureExtractor
+    from internvit.store import ForeignFolderError
+
+    from ..features.images import make_images
+
+    images = make_images(str(tmp_path / "images"), 2)
+    fx = FeatureExtractor(internvit.load_model("internvit-6b-tiny"), progress=False)
+    refused = []
+
+    def features_refused(d, n):
+        idx = d / "idx"
+        if not ((idx / "manifest.json").exists() or (idx / ".store" / "journal.jsonl").exists()):
+            return  # nothing of the index was written yet
+        before = {p: p.read_bytes() for p in idx.rglob("*") if p.is_file() and p.name != "lock"}
+        with pytest.raises((ForeignFolderError, ValueError, FileExistsError), match="index"):
+            fx.write(images, idx, overwrite=True)
+        assert {p: p.read_bytes() for p in idx.rglob("*") if p.is_file() and p.name != "lock"} == before
+        refused.append(n)
+
     names = kill_sweep(tmp_path, prepare=lambda d: _emb(d / "emb"), command=lambda d: _py(zygote, _build_code(d)),
                        read=lambda d: _reader(d / "idx"), output=lambda d: d / "idx", ignore=_manifest_ignored,
-                       min_points=10)
+                       after_kill=features_refused, min_points=10)
     assert any("partial" in n or n == "journal:state" for n in names)
+    assert len(refused) >= len(names) - 1, (refused, names)  # every point from the journal's first record on
 
 
 def test_add_survives_a_kill_at_every_write_point_and_refuses_another_add(tmp_path, zygote):
