@@ -65,6 +65,14 @@ def test_extraction_survives_a_kill_at_every_write_point(tmp_path, model, zygote
     sweep.mkdir()
     images = sorted(good + list(bad.values()))
 
+    import numpy as np
+
+    from internvit.store import ForeignFolderError
+    from retrieval import build_index, write_embeddings
+
+    write_embeddings(tmp_path / "emb", np.eye(4, 8, dtype=np.float32))
+    refused = []
+
     def different_job_is_refused(d, n):
         before = tree_digest(d / "out", ignore=lambda rel: rel.endswith(TMP_SUFFIX))
         fx = FeatureExtractor(model, dict(image_size=None, resize_mode="crop"), pool="mean", batch_size=1,
@@ -72,12 +80,20 @@ def test_extraction_survives_a_kill_at_every_write_point(tmp_path, model, zygote
         with pytest.raises((ValueError, PendingJobError), match="pool"):
             fx.write(images, d / "out", shard_size=2)
         assert tree_digest(d / "out", ignore=lambda rel: rel.endswith(TMP_SUFFIX)) == before
+        if (d / "out" / "manifest.json").exists() or (d / "out" / ".store" / "journal.jsonl").exists():
+            # another kind of writer, even with overwrite: refused (it took a killed first run's folder, and
+            # committed an index beside finished features, before 2026-12-04)
+            with pytest.raises((ForeignFolderError, FileExistsError), match="feature folder, not an index"):
+                build_index(str(tmp_path / "emb"), str(d / "out"), index_key="Flat", overwrite=True, progress=False)
+            assert tree_digest(d / "out", ignore=lambda rel: rel.endswith(TMP_SUFFIX)) == before
+            refused.append(n)
 
     names = kill_sweep(sweep, prepare=lambda d: None, command=lambda d: _args(d, tmp_path / "imgs", zygote),
                        read=lambda d: _read(d / "out"), output=lambda d: d / "out",
                        after_kill=different_job_is_refused, min_points=20)
     assert names.count("journal:state") == 3 and names[-3:] == ["manifest:written", "manifest:renamed",
                                                                  "journal:dropped"]
+    assert len(refused) >= len(names) - 1, (refused, names)  # every point from the journal's first record on
     feats, rows = read_features(sweep / "reference" / "out")
     manifest = read_manifest(sweep / "reference" / "out")
     assert [r["id"] for r in rows] == [i for i, p in enumerate(images) if p in good]  # no duplicate, none lost
