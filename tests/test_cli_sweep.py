@@ -122,6 +122,8 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         # trial 10c: --overwrite replaced an index folder's manifest by features (its index file orphaned)
         ("out_is_an_index_folder_with_overwrite", [*_with(EXTRACT, out="{W}/idx"), "--overwrite"]),
         ("out_holds_another_jobs_features", [*_with(EXTRACT, out="{W}/feats"), "--normalize"]),
+        # 2026-12-04: --overwrite took the folder of an index build killed before its first commit
+        ("out_is_a_killed_index_build_with_overwrite", [*_with(EXTRACT, out="{W}/idx_killed"), "--overwrite"]),
         ("out_empty", _with(EXTRACT, out="")),
         ("images_empty", _with(EXTRACT, images="")),
         ("model_empty", _with(EXTRACT, model="")),
@@ -268,6 +270,9 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         ("add_only_empty_captions", ["{W}/txt_blank", "{W}/idx_txt", "--add", "--quiet"]),  # nothing to index
         ("workers_0", [*BUILD, "--workers", "0"]),
         ("id_offset_negative", [*BUILD, "--id-offset", "-1"]),
+        # 2026-12-04: --overwrite committed an index beside a feature folder's files / took a killed extraction's
+        ("overwrite_a_feature_folder", ["{W}/emb", "{W}/feats", "--overwrite", "--quiet"]),
+        ("overwrite_a_killed_feature_extraction", ["{W}/emb", "{W}/feats_killed", "--overwrite", "--quiet"]),
         ("overwrite_undoing_a_removal", ["{W}/emb", "{W}/idx_removed", "--overwrite", "--index-key", "HNSW16",
                                          "--quiet"]),
         ("add_with_another_id_offset", ["{W}/emb", "{W}/idx", "--add", "--id-offset", "5", "--quiet"]),
@@ -589,6 +594,12 @@ def W(tmp_path_factory) -> str:  # noqa: N802 - the placeholder's name
     from internvit.features import FeatureExtractor
 
     FeatureExtractor(model, progress=False).write(f"{w}/imgs", f"{w}/feats")  # finished features of one job
+    from internvit.store import Store
+
+    for folder, kind in (("idx_killed", "index"), ("feats_killed", "feature folder")):
+        with Store(f"{w}/{folder}", job={"op": "killed"}, description=kind) as st:  # what a first run killed
+            with st.open_file("part.bin") as tmp, open(tmp, "wb") as f:       # before its commit leaves
+                f.write(b"x")
     # configs asking for a 16384 x 16384 position grid (refused: not allocated) and for another grid than the weights'
     shutil.copytree(f"{w}/model", f"{w}/model_bomb")
     with open(f"{w}/model_bomb/config.json", "w") as f:
