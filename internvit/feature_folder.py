@@ -217,7 +217,7 @@ def refuse_not_features(out_dir: str, manifest: Mapping[str, Any]) -> None:
         raise ValueError(f"{out_dir}: holds {'an' if kind[:1] in 'aeiou' else 'a'} {kind}, not a feature folder: "
                          f"nothing was changed (overwrite / --overwrite replaces only features); give a new or "
                          f"empty folder")
-    if "shards" not in manifest or "_store" not in manifest:
+    if not isinstance(manifest.get("shards"), list) or "_store" not in manifest:  # an embeddings folder: an int
         raise ValueError(f"{out_dir}: its manifest.json is not a feature folder's (no store record and "
                          f"shards): a folder no feature extraction wrote (overwrite / --overwrite replaces only "
                          f"features); give a new or empty folder")

@@ -77,9 +77,10 @@ class PendingJobError(StoreError):
     """The folder holds an interrupted job that differs from the one asked for."""
 
 
-class ForeignFolderError(StoreError):
+class ForeignFolderError(StoreError, ValueError):
     """The folder holds (or a killed job was writing) another kind of content than the writer's
-    ``description``: refused even with ``discard_pending`` (an ``--overwrite`` replaces its own kind only)."""
+    ``description``: refused even with ``discard_pending`` (an ``--overwrite`` replaces its own kind only).
+    Also a ``ValueError``, as the writers' own refusals of a committed folder of another kind are."""
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -149,8 +149,15 @@ def normalize_pixels(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[
     multiplication by a reciprocal, which CUDA's scalar path does), so the values are the same bits on every
     device. Raises ``ValueError`` for a dtype other than uint8 or a channel dimension other than 3.
     """
+    if not isinstance(pixels, torch.Tensor):
+        raise ValueError(f"pixels must be a torch.Tensor, got {type(pixels).__module__}.{type(pixels).__name__}")
     if pixels.dtype != torch.uint8:
         raise ValueError(f"pixels must be uint8, got {pixels.dtype}")
+    for name, v in (("mean", mean), ("std", std)):
+        if isinstance(v, (str, bytes)) or not hasattr(v, "__len__") or len(v) != 3:
+            raise ValueError(f"{name} must be three numbers (one per channel), got {v!r}")
+    if any(not float(x) > 0 for x in std):  # 0 (or NaN) gave inf / NaN pixels silently
+        raise ValueError(f"std must be three numbers > 0, got {list(std)!r}")
     if pixels.ndim not in (3, 4) or pixels.shape[-3] != 3:
         raise ValueError(f"pixels must be (3, H, W) or (B, 3, H, W), got {tuple(pixels.shape)}")
     key = (pixels.device, tuple(float(x) for x in mean), tuple(float(x) for x in std))

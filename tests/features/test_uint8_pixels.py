@@ -93,3 +93,14 @@ def test_extract_with_the_uint8_loader_gives_the_float_loader_features(tiny_mode
     assert got.features.shape == want.features.shape and len(got.ids) >= 6
     assert np.array_equal(got.features, want.features)
     assert got.ids == want.ids and got.errors == want.errors
+
+
+def test_normalize_pixels_names_bad_arguments():
+    """From the newcomer trial: a numpy array said 'must be uint8, got uint8'; std 0 gave inf silently."""
+    x = torch.zeros(3, 2, 2, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="must be a torch.Tensor, got numpy.ndarray"):
+        normalize_pixels(np.zeros((3, 2, 2), np.uint8), IMAGENET_MEAN, IMAGENET_STD)
+    with pytest.raises(ValueError, match="mean must be three numbers"):
+        normalize_pixels(x, (0.5, 0.5), IMAGENET_STD)
+    with pytest.raises(ValueError, match="std must be three numbers > 0"):
+        normalize_pixels(x, IMAGENET_MEAN, (0.2, 0.0, 0.2))

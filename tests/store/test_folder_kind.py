@@ -164,3 +164,25 @@ def test_an_index_over_features_from_before_the_kind_was_recorded_is_refused(inp
         _one_error(_build(inputs / "emb", out, *extra), "holds a manifest.json that is not an index's",
                    "nothing was changed")
     assert _snapshot(out) == before
+
+
+def test_features_over_embeddings_from_before_the_kind_was_recorded_are_refused(tmp_path):
+    """From the newcomer trial: an embeddings folder's manifest has `shards` (a count) and `_store`, which passed
+    for a feature folder's: with overwrite=True the embeddings were replaced by features."""
+    import internvit
+    from internvit.features import FeatureExtractor
+    from retrieval import write_embeddings
+
+    out = tmp_path / "emb"
+    write_embeddings(out, np.eye(3, 8, dtype=np.float32))
+    manifest = read_manifest(out)
+    del manifest[STORE_KEY]["description"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    before = _snapshot(out)
+    fx = FeatureExtractor(internvit.load_model("internvit-6b-tiny"), progress=False)
+    images = make_images(str(tmp_path / "images"), 2)
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match="not a feature folder's"):
+            fx.write(images, out, overwrite=overwrite)
+    assert _snapshot(out) == before
+    assert issubclass(ForeignFolderError, ValueError)  # one exception type for a refused kind, committed or not
