@@ -346,6 +346,36 @@ def _short(v: Any, limit: int = 60) -> str:
     return s if len(s) <= limit else s[:limit] + "..."
 
 
+def refuse_other_kind(folder: PathLike, description: str) -> None:
+    """:class:`ForeignFolderError` when ``folder``'s recorded kind (its committed manifest's, else its pending
+    job's) is not ``description``; reads only, so a tool can check before any work (``Store`` checks on
+    entering). Folders written before the kind was recorded (2026-12-04) pass (their writers' own checks
+    apply)."""
+    folder = os.path.abspath(os.fspath(folder))
+    if not os.path.isdir(folder):
+        return
+    recorded, what = ((read_manifest(folder) or {}).get(STORE_KEY) or {}).get("description"), "holds"
+    if recorded is None:
+        header = None
+        try:
+            with open(os.path.join(folder, JOURNAL), encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    if isinstance(rec, dict) and rec.get("op") == "begin":
+                        header = rec
+        except FileNotFoundError:
+            pass
+        recorded, what = (header or {}).get("description"), "holds the interrupted job of"
+    if recorded is not None and recorded != description:
+        raise ForeignFolderError(
+            f"{folder}: {what} {_article(recorded)} {recorded}, not {_article(description)} {description}: "
+            f"nothing was changed; give another folder (overwrite / --overwrite replaces only its own kind of "
+            f"folder)")
+
+
 class Store:
     """Exclusive, crash-safe writer of one output folder (use as a context manager).
 
@@ -477,17 +507,7 @@ class Store:
             _point("gc:removed")
 
     def _refuse_foreign(self) -> None:
-        """:class:`ForeignFolderError` when the folder's recorded kind (its committed manifest's, else the
-        pending job's) is not this writer's ``description``; before anything is changed. Folders written before
-        the kind was recorded (2026-12-04) pass (their writers' own checks apply)."""
-        recorded, what = ((read_manifest(self.folder) or {}).get(STORE_KEY) or {}).get("description"), "holds"
-        if recorded is None:
-            recorded, what = (self._read_journal()[0] or {}).get("description"), "holds the interrupted job of"
-        if recorded is not None and recorded != self.description:
-            raise ForeignFolderError(
-                f"{self.folder}: {what} {_article(recorded)} {recorded}, not {_article(self.description)} "
-                f"{self.description}: nothing was changed; give another folder (overwrite / --overwrite replaces "
-                f"only its own kind of folder)")
+        refuse_other_kind(self.folder, self.description)
 
     def _recover(self) -> None:
         self._refuse_foreign()

@@ -37,6 +37,7 @@ def check_index_destination(out_dir: str) -> None:
     folder whose committed ``manifest.json`` is not an index's (a feature or embeddings folder written before
     the store recorded each folder's kind, which :class:`internvit.store.Store` refuses by itself)."""
     _store.refuse_foreign_folder(out_dir, (".store", "manifest.json", "embeddings", "embeddings-add-*"), "index")
+    _store.refuse_other_kind(out_dir, "index")  # e.g. a killed feature extraction: before anything is embedded
     try:
         manifest = _store.read_manifest(out_dir) if os.path.isdir(out_dir) else None
     except _store.StoreError:

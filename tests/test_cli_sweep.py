@@ -273,6 +273,9 @@ CASES: dict[str, list[tuple[str, list[str]]]] = {
         # 2026-12-04: --overwrite committed an index beside a feature folder's files / took a killed extraction's
         ("overwrite_a_feature_folder", ["{W}/emb", "{W}/feats", "--overwrite", "--quiet"]),
         ("overwrite_a_killed_feature_extraction", ["{W}/emb", "{W}/feats_killed", "--overwrite", "--quiet"]),
+        # newcomer trial: --model embedded every image into feats_killed/embeddings before the kind was refused
+        ("model_into_a_killed_feature_extraction", ["{W}/imgs", "{W}/feats_killed", "--model",
+                                                    "internvit:internvit-6b-tiny", "--quiet"]),
         ("overwrite_undoing_a_removal", ["{W}/emb", "{W}/idx_removed", "--overwrite", "--index-key", "HNSW16",
                                          "--quiet"]),
         ("add_with_another_id_offset", ["{W}/emb", "{W}/idx", "--add", "--id-offset", "5", "--quiet"]),
