@@ -259,21 +259,9 @@ def _refuse_other(out_dir: str, manifest: Mapping[str, Any], job: Mapping[str, A
 def _pending_header(out_dir: str) -> Optional[dict]:
     """The ``begin`` record of the job pending in ``out_dir``'s store journal (``None`` when there is none or it
     belongs to an already committed generation). Read only: no lock is taken."""
-    from .store import JOURNAL, STORE_KEY
+    from .store import STORE_KEY, journal_records
 
-    try:
-        with open(os.path.join(out_dir, JOURNAL), encoding="utf-8") as f:
-            lines = f.read().split("\n")
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    header = None
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and rec.get("op") == "begin":
-            header = rec
+    header = next((r for r in reversed(journal_records(out_dir)) if r.get("op") == "begin"), None)
     if header is None:
         return None
     from .store import read_manifest

@@ -346,6 +346,25 @@ def _short(v: Any, limit: int = 60) -> str:
     return s if len(s) <= limit else s[:limit] + "..."
 
 
+def journal_records(folder: PathLike) -> list[dict]:
+    """The records of ``folder``'s store journal, in order (``[]`` when there is none); a line torn by a kill
+    mid-append (never acknowledged) is skipped. Read only: no lock is taken."""
+    try:
+        with open(os.path.join(os.fspath(folder), JOURNAL), encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    out = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
 def refuse_other_kind(folder: PathLike, description: str) -> None:
     """:class:`ForeignFolderError` when ``folder``'s recorded kind (its committed manifest's, else its pending
     job's) is not ``description``; reads only, so a tool can check before any work (``Store`` checks on
@@ -356,18 +375,7 @@ def refuse_other_kind(folder: PathLike, description: str) -> None:
         return
     recorded, what = ((read_manifest(folder) or {}).get(STORE_KEY) or {}).get("description"), "holds"
     if recorded is None:
-        header = None
-        try:
-            with open(os.path.join(folder, JOURNAL), encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue
-                    if isinstance(rec, dict) and rec.get("op") == "begin":
-                        header = rec
-        except FileNotFoundError:
-            pass
+        header = next((r for r in reversed(journal_records(folder)) if r.get("op") == "begin"), None)
         recorded, what = (header or {}).get("description"), "holds the interrupted job of"
     if recorded is not None and recorded != description:
         raise ForeignFolderError(
@@ -478,20 +486,8 @@ class Store:
         return os.path.join(self.folder, rel)
 
     def _read_journal(self) -> tuple[Optional[dict], set[str], dict]:
-        path = os.path.join(self.folder, JOURNAL)
         header, intents, state = None, set(), {}
-        try:
-            with open(path, encoding="utf-8") as f:
-                lines = f.read().split("\n")
-        except FileNotFoundError:
-            return None, intents, state
-        for line in lines:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line torn by a kill mid-append: it was never acknowledged
-            if not isinstance(rec, dict):
-                continue
+        for rec in journal_records(self.folder):
             if rec.get("op") == "begin":
                 header = rec
             elif rec.get("op") == "file":

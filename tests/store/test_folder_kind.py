@@ -186,3 +186,18 @@ def test_features_over_embeddings_from_before_the_kind_was_recorded_are_refused(
             fx.write(images, out, overwrite=overwrite)
     assert _snapshot(out) == before
     assert issubclass(ForeignFolderError, ValueError)  # one exception type for a refused kind, committed or not
+
+
+def test_journal_records_and_refuse_other_kind_read_without_a_lock(tmp_path):
+    from internvit.store import journal_records, refuse_other_kind
+
+    assert journal_records(tmp_path / "none") == [] and journal_records(tmp_path / "a_file_not_a_folder") == []
+    _write(tmp_path / "idx", "index", commit=False)
+    with open(tmp_path / "idx" / ".store" / "journal.jsonl", "a") as f:
+        f.write('{"op": "state", "sta')  # a line torn by a kill mid-append
+    recs = journal_records(tmp_path / "idx")
+    assert [r["op"] for r in recs] == ["begin", "file"] and recs[0]["description"] == "index"
+    refuse_other_kind(tmp_path / "idx", "index")  # its own kind passes
+    refuse_other_kind(tmp_path / "missing", "index")
+    with pytest.raises(ForeignFolderError, match="holds the interrupted job of an index, not an embeddings folder"):
+        refuse_other_kind(tmp_path / "idx", "embeddings folder")
